@@ -1,0 +1,138 @@
+/* kd-dispatcher.h: the keyed dispatcher with 2-tier fan-out
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#if !defined(KD_INSIDE) && !defined(KDISPATCH_COMPILATION)
+# error "Only <kdispatch/kdispatch.h> can be included directly."
+#endif
+
+#include <gio/gio.h>
+
+#include "kd-job.h"
+#include "kd-version.h"
+
+G_BEGIN_DECLS
+
+#define KD_TYPE_DISPATCHER (kd_dispatcher_get_type ())
+
+KD_AVAILABLE_IN_ALL
+G_DECLARE_FINAL_TYPE (KdDispatcher, kd_dispatcher, KD, DISPATCHER, GObject)
+
+/**
+ * KdHandlerFunc:
+ * @job: the job to run, borrowed for the duration of the call
+ * @user_data: the data given to kd_dispatcher_new()
+ * @error: return location for the reason the job failed
+ *
+ * Runs one job on a worker thread. Jobs of one key never run at the same
+ * time and run in submission order.
+ *
+ * Returns: %TRUE if the job completed, %FALSE with @error set if it failed
+ */
+typedef gboolean (*KdHandlerFunc) (KdJob    *job,
+                                   gpointer  user_data,
+                                   GError  **error);
+
+/**
+ * KdDoneFunc:
+ * @job: the job that ended, borrowed for the duration of the call
+ * @error: (nullable): %NULL if the job completed; the handler's error if it
+ *   failed; %G_IO_ERROR_CANCELLED if it never ran
+ * @user_data: the data given to kd_dispatcher_set_done_func()
+ *
+ * Called exactly once for every accepted job, when it ends, before the item
+ * is freed.
+ */
+typedef void (*KdDoneFunc) (KdJob        *job,
+                            const GError *error,
+                            gpointer      user_data);
+
+/**
+ * KdStats:
+ * @submitted: jobs accepted
+ * @completed: jobs whose handler returned %TRUE
+ * @failed: jobs whose handler returned %FALSE
+ * @cancelled: jobs that ended without running
+ * @rejected: submit calls refused (closed, full or timed out)
+ * @pending: jobs accepted and not yet ended
+ * @running: handlers running right now
+ * @live_keys: mailboxes in the key table
+ *
+ * A snapshot of a dispatcher's counters, filled by kd_dispatcher_get_stats().
+ * In every snapshot @submitted == @completed + @failed + @cancelled + @pending.
+ */
+typedef struct
+{
+  guint64 submitted;
+  guint64 completed;
+  guint64 failed;
+  guint64 cancelled;
+  guint64 rejected;
+  guint64 pending;
+  guint   running;
+  guint   live_keys;
+} KdStats;
+
+KD_AVAILABLE_IN_ALL
+KdDispatcher *kd_dispatcher_new              (guint           n_workers,
+                                              KdHandlerFunc   handler,
+                                              gpointer        user_data,
+                                              GDestroyNotify  user_data_free) G_GNUC_WARN_UNUSED_RESULT;
+
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_fanout       (KdDispatcher   *self,
+                                              guint           n_dispatchers);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_capacity     (KdDispatcher   *self,
+                                              guint           capacity);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_item_free    (KdDispatcher   *self,
+                                              GDestroyNotify  item_free);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_done_func    (KdDispatcher   *self,
+                                              KdDoneFunc      done,
+                                              gpointer        user_data,
+                                              GDestroyNotify  destroy);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_cancellable  (KdDispatcher   *self,
+                                              GCancellable   *cancellable);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_main_context (KdDispatcher   *self,
+                                              GMainContext   *context);
+KD_AVAILABLE_IN_ALL
+GCancellable *kd_dispatcher_get_cancellable  (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_get_n_workers    (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_get_fanout       (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_get_capacity     (KdDispatcher   *self);
+
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit           (KdDispatcher   *self,
+                                              const char     *key,
+                                              gpointer        item,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_try_submit       (KdDispatcher   *self,
+                                              const char     *key,
+                                              gpointer        item,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_timeout   (KdDispatcher   *self,
+                                              const char     *key,
+                                              gpointer        item,
+                                              gint64          timeout_us,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_wait             (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_close            (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_get_stats        (KdDispatcher   *self,
+                                              KdStats        *stats);
+
+G_END_DECLS

@@ -1,0 +1,27 @@
+/* kd-job.h: what a handler and a done callback see of a job
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#if !defined(KD_INSIDE) && !defined(KDISPATCH_COMPILATION)
+# error "Only <kdispatch/kdispatch.h> can be included directly."
+#endif
+
+#include <gio/gio.h>
+
+#include "kd-version.h"
+
+G_BEGIN_DECLS
+
+typedef struct _KdJob KdJob;
+
+KD_AVAILABLE_IN_ALL
+const char   *kd_job_get_key         (KdJob *job);
+KD_AVAILABLE_IN_ALL
+gpointer      kd_job_get_item        (KdJob *job);
+KD_AVAILABLE_IN_ALL
+GCancellable *kd_job_get_cancellable (KdJob *job);
+
+G_END_DECLS

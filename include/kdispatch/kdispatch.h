@@ -1,0 +1,13 @@
+/* kdispatch.h: the one header users include
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#define KD_INSIDE
+# include "kd-version.h"
+# include "kd-error.h"
+# include "kd-job.h"
+# include "kd-dispatcher.h"
+#undef KD_INSIDE

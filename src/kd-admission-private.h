@@ -1,0 +1,65 @@
+/* kd-admission-private.h: the admission bound, closing and the wait barrier
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+/* The largest bound the admission word can count. */
+#define KD_ADMISSION_CAPACITY_MAX ((1u << 30) - 1)
+
+typedef enum
+{
+  KD_ADMIT_TRY,       /* fail with KD_ERROR_FULL at once */
+  KD_ADMIT_BLOCK,     /* sleep until there is room */
+  KD_ADMIT_DEADLINE,  /* sleep until there is room or the deadline passed */
+} KdAdmitMode;
+
+typedef struct _KdAdmission KdAdmission;
+
+struct _KdAdmission
+{
+  /* Atomic: the two phase counters, the current phase and the flag bits
+   * (see kd-admission.c). */
+  guint64 word;
+
+  /* Set before the first acquire, read-only afterwards */
+  guint capacity;
+
+  /* Serializes barrier waiters; held while one waits. */
+  GMutex barrier_lock;
+
+  /* Protects the sleeping side of the word's waiter bits */
+  GMutex lock;
+  GCond  room_cond;     /* submitters waiting for room */
+  GCond  drained_cond;  /* the barrier waiter, for its phase to drain */
+  GCond  sleepers_cond; /* signalled when n_sleeping changes */
+  guint  n_sleeping;    /* submitters asleep in room_cond */
+};
+
+typedef void (*KdSealedFunc) (gpointer user_data);
+
+void     kd_admission_init           (KdAdmission  *self,
+                                      guint         capacity);
+void     kd_admission_clear          (KdAdmission  *self);
+gboolean kd_admission_acquire        (KdAdmission  *self,
+                                      KdAdmitMode   mode,
+                                      gint64        deadline,
+                                      guint        *phase,
+                                      GError      **error);
+gboolean kd_admission_release        (KdAdmission  *self,
+                                      guint         phase);
+gboolean kd_admission_close          (KdAdmission  *self);
+gboolean kd_admission_is_closed      (KdAdmission  *self);
+guint    kd_admission_get_pending    (KdAdmission  *self);
+void     kd_admission_wait           (KdAdmission  *self,
+                                      KdSealedFunc  sealed,
+                                      gpointer      user_data);
+void     kd_admission_wait_sleepers  (KdAdmission  *self,
+                                      guint         n_sleeping);
+
+G_END_DECLS

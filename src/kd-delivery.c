@@ -1,0 +1,215 @@
+/* kd-delivery.c: done callbacks delivered on a GMainContext
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * A delivery is a GSource attached to the dispatcher's main context, with a
+ * FIFO of ended jobs. Workers push jobs as they end; the source runs the
+ * deliver function (done callback, then item-free) for each, in the
+ * context's thread. One FIFO per dispatcher is enough for per-key order,
+ * because the jobs of one key end one after another on the worker side.
+ *
+ * Pushing only appends under @lock and wakes the context when the queue
+ * goes from empty to non-empty (g_main_context_wakeup() is thread-safe);
+ * prepare and check look at an atomic copy of the length.
+ *
+ * Flushing, when the dispatcher is finalized: the jobs still queued must be
+ * delivered before the last unref returns. If the flushing thread can
+ * acquire the context, no other thread is dispatching it, so it delivers
+ * them itself, as the context's owner, which is what GLib allows. If another
+ * thread owns the context, that thread is iterating it and will deliver
+ * them: the flusher waits, and tries to acquire the context again now and
+ * then in case that thread stops iterating.
+ */
+
+#include "config.h"
+
+#include "kd-delivery-private.h"
+#include "kd-sync-private.h"
+
+/* How long a flush waits for the owning thread before it tries to acquire
+ * the context again. */
+#define FLUSH_RETRY_US (100 * G_TIME_SPAN_MILLISECOND)
+
+struct _KdDelivery
+{
+  GSource       source;
+
+  /* Immutable */
+  KdDeliverFunc func;
+  gpointer      user_data;
+
+  /* Protected by @lock */
+  GMutex        lock;
+  GCond         drained_cond;
+  KdTaskList    jobs;
+  GThread      *dispatching;  /* the thread running deliveries right now */
+
+  gint          n_jobs;       /* atomic copy of jobs.length */
+};
+
+static gboolean
+kd_delivery_prepare (GSource *source,
+                     gint    *timeout)
+{
+  KdDelivery *self = (KdDelivery *) source;
+
+  *timeout = -1;
+  return g_atomic_int_get (&self->n_jobs) > 0;
+}
+
+static gboolean
+kd_delivery_check (GSource *source)
+{
+  KdDelivery *self = (KdDelivery *) source;
+
+  return g_atomic_int_get (&self->n_jobs) > 0;
+}
+
+/* Runs the deliver function for every queued job, in order. */
+static void
+deliver_queued (KdDelivery *self)
+{
+  KdTask *chain;
+  guint n;
+
+  kd_mutex_lock (&self->lock);
+  chain = kd_task_list_take (&self->jobs, self->jobs.length, &n);
+  g_atomic_int_add (&self->n_jobs, -(gint) n);
+  self->dispatching = g_thread_self ();
+  kd_mutex_unlock (&self->lock);
+
+  while (chain != NULL)
+    {
+      KdTask *next = chain->next;
+
+      self->func ((KdJob *) chain, self->user_data);
+      chain = next;
+    }
+
+  kd_mutex_lock (&self->lock);
+  self->dispatching = NULL;
+  if (self->jobs.length == 0)
+    g_cond_broadcast (&self->drained_cond);
+  kd_mutex_unlock (&self->lock);
+}
+
+static gboolean
+kd_delivery_dispatch (GSource     *source,
+                      GSourceFunc  callback,
+                      gpointer     user_data)
+{
+  (void) callback;
+  (void) user_data;
+
+  deliver_queued ((KdDelivery *) source);
+  return G_SOURCE_CONTINUE;
+}
+
+static void
+kd_delivery_finalize (GSource *source)
+{
+  KdDelivery *self = (KdDelivery *) source;
+
+  g_assert (self->jobs.length == 0);
+  g_mutex_clear (&self->lock);
+  g_cond_clear (&self->drained_cond);
+}
+
+static GSourceFuncs kd_delivery_funcs = {
+  .prepare = kd_delivery_prepare,
+  .check = kd_delivery_check,
+  .dispatch = kd_delivery_dispatch,
+  .finalize = kd_delivery_finalize,
+};
+
+KdDelivery *
+kd_delivery_new (GMainContext  *context,
+                 KdDeliverFunc  func,
+                 gpointer       user_data)
+{
+  KdDelivery *self = (KdDelivery *) g_source_new (&kd_delivery_funcs, sizeof (KdDelivery));
+
+  self->func = func;
+  self->user_data = user_data;
+  g_mutex_init (&self->lock);
+  g_cond_init (&self->drained_cond);
+  g_source_set_static_name (&self->source, "kdispatch done delivery");
+  g_source_attach (&self->source, context);
+
+  return self;
+}
+
+/* Any thread. */
+void
+kd_delivery_push (KdDelivery *self,
+                  KdJob      *job)
+{
+  gboolean was_empty;
+
+  kd_mutex_lock (&self->lock);
+  was_empty = self->jobs.length == 0;
+  kd_task_list_push (&self->jobs, &job->task);
+  g_atomic_int_add (&self->n_jobs, 1);
+  kd_mutex_unlock (&self->lock);
+
+  if (was_empty)
+    g_main_context_wakeup (g_source_get_context (&self->source));
+}
+
+/* Whether the calling thread is running deliveries right now, that is,
+ * whether it is inside a done callback of this delivery. */
+gboolean
+kd_delivery_is_dispatching (KdDelivery *self)
+{
+  gboolean dispatching;
+
+  kd_mutex_lock (&self->lock);
+  dispatching = self->dispatching == g_thread_self ();
+  kd_mutex_unlock (&self->lock);
+
+  return dispatching;
+}
+
+/* Returns once every job pushed before the call has been delivered. Not from
+ * inside a delivery. */
+void
+kd_delivery_flush (KdDelivery *self)
+{
+  GMainContext *context = g_source_get_context (&self->source);
+
+  for (;;)
+    {
+      gboolean drained = FALSE;
+
+      if (g_main_context_acquire (context))
+        {
+          deliver_queued (self);
+          g_main_context_release (context);
+          return;
+        }
+
+      kd_mutex_lock (&self->lock);
+      while (!drained)
+        {
+          drained = self->jobs.length == 0 && self->dispatching == NULL;
+          if (drained ||
+              !kd_cond_wait_until (&self->drained_cond, &self->lock,
+                                   g_get_monotonic_time () + FLUSH_RETRY_US))
+            break;
+        }
+      kd_mutex_unlock (&self->lock);
+
+      if (drained)
+        return;
+    }
+}
+
+/* After kd_delivery_flush(): detaches the source. */
+void
+kd_delivery_destroy (KdDelivery *self)
+{
+  g_source_destroy (&self->source);
+  g_source_unref (&self->source);
+}

@@ -1,0 +1,1141 @@
+/* kd-dispatcher.c: the keyed dispatcher with 2-tier fan-out
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * KdDispatcher is the front door. It runs jobs on a bounded set of worker
+ * threads (KdScheduler) and guarantees:
+ *
+ *  - Jobs with the same key run one at a time, in the order they were
+ *    accepted. Each key with work has a mailbox (KdMailbox, a GAsyncQueue of
+ *    its jobs) in the key table; the mailbox, not a thread, is the key's
+ *    actor. A ready mailbox is a task of the scheduler: the worker that
+ *    takes it runs up to MAILBOX_BUDGET of its jobs, then puts it back if it
+ *    still has work, so a hot key cannot starve the others. A mailbox that
+ *    runs empty leaves the table at once, so the table only holds keys with
+ *    work and the thread count never depends on the number of keys.
+ *  - Unkeyed jobs are tasks themselves and fan out over every worker through
+ *    the scheduler's tier-1 input queue and its groups (tier 2).
+ *  - At most `capacity` jobs are pending (accepted and not yet ended). The
+ *    bound, closing and the wait barrier live in one atomic word
+ *    (KdAdmission): a submit that finds the bound reached blocks, fails
+ *    with KD_ERROR_FULL or times out, and a closed dispatcher refuses with
+ *    KD_ERROR_CLOSED. A refused item stays the caller's: nothing is queued
+ *    and no callback runs for it.
+ *  - Every accepted job ends exactly once: completed, failed (the handler's
+ *    GError reaches the done callback) or cancelled. Then the done callback
+ *    runs, then the item-free function, then the job's unit of admission is
+ *    released. With a main context set, the done callback and item-free run
+ *    there (KdDelivery), in per-key order, and the unit is released as soon
+ *    as the handler returned.
+ *  - Cancelling the cancellable closes the dispatcher; every job that has
+ *    not started yet ends cancelled when a worker reaches it, so queued jobs
+ *    are handed back in their per-key order and the accounting still holds.
+ *    Running handlers see the cancellable cancelled at once.
+ *  - Once the dispatcher is closed and nothing is pending, the workers exit;
+ *    wait() and the last unref join them.
+ *
+ * The life of a keyed job: submit acquires a unit of admission, takes
+ * keys_lock, finds or creates the key's mailbox and pushes the job; a new
+ * mailbox is handed to the scheduler after keys_lock is dropped. A worker
+ * pops a batch of the mailbox's jobs and runs them; after the batch, under
+ * keys_lock, it reaps the mailbox if it is empty (producers push under the
+ * same lock, so no job can slip in unseen), and only then releases the last
+ * job's unit, so that live_keys is 0 when wait() returns.
+ *
+ * Workers never block on their own dispatcher: a submit from one of its own
+ * workers that finds the bound reached fails with KD_ERROR_FULL instead of
+ * waiting for a slot that only workers can free.
+ *
+ * Last unref: close, wait for every accepted job to end, join the workers,
+ * flush the main-context deliveries, run the destroy notifies. If it happens
+ * on one of the dispatcher's own threads (inside a handler, or a done
+ * callback on a worker or on the main context) it cannot wait for itself:
+ * dispose then takes a reference back and hands the shutdown to a short-lived
+ * thread, which drops that reference when it is done.
+ *
+ * Lock order: keys_lock, then a mailbox's queue lock. No lock is held while
+ * user code (handler, done callback, item-free, destroy notify) runs.
+ */
+
+#include "config.h"
+
+#include <gio/gio.h>
+#include <string.h>
+
+#include "kd-admission-private.h"
+#include "kd-delivery-private.h"
+#include "kd-dispatcher-private.h"
+#include "kd-error.h"
+#include "kd-job-private.h"
+#include "kd-mailbox-private.h"
+#include "kd-scheduler-private.h"
+#include "kd-sync-private.h"
+
+#define DEFAULT_CAPACITY 1024
+
+/* The most jobs of one key a worker runs before other tasks go first. */
+#define MAILBOX_BUDGET 64
+
+/* How often get_stats re-reads the counters looking for a quiet moment. */
+#define STATS_ATTEMPTS 1000
+
+/* Counters of the jobs one worker ended. Written only by that worker, read
+ * by get_stats; a cache line each so workers do not share lines. */
+typedef struct
+{
+  guint64 completed;
+  guint64 failed;
+  guint64 cancelled;
+  gint    running;
+} __attribute__ ((aligned (64))) KdWorkerStats;
+
+typedef enum
+{
+  SHUTDOWN_NONE,
+  SHUTDOWN_ASYNC,  /* a shutdown thread owns the shutdown */
+  SHUTDOWN_DONE,
+} ShutdownState;
+
+struct _KdDispatcher
+{
+  GObject parent_instance;
+
+  /* Immutable after construction */
+  KdHandlerFunc   handler;
+  gpointer        handler_data;
+  GDestroyNotify  handler_data_free;
+  guint           n_workers;
+  KdWorkerStats  *worker_stats;
+
+  /* Configuration: set before the first submit, read-only afterwards */
+  guint           fanout;
+  GDestroyNotify  item_free;
+  KdDoneFunc      done;
+  gpointer        done_data;
+  GDestroyNotify  done_data_free;
+  GCancellable   *cancellable;
+  gulong          cancelled_id;
+  GMainContext   *context;
+
+  /* Atomic */
+  gint            configured;   /* a submit was made: configuration is over */
+  gint            cancelled;    /* the cancellable fired */
+  gint            shutdown_state;
+  guint64         submitted;
+  guint64         rejected;
+
+  KdAdmission     admission;
+
+  /* Protected by @keys_lock */
+  GMutex          keys_lock;
+  GHashTable     *keys;         /* key → KdMailbox with work */
+
+  /* Set once under @start_lock, then read-only (published atomically) */
+  GMutex          start_lock;
+  KdScheduler    *scheduler;
+  KdDelivery     *delivery;
+};
+
+G_DEFINE_FINAL_TYPE (KdDispatcher, kd_dispatcher, G_TYPE_OBJECT)
+
+static void shutdown_sync (KdDispatcher *self);
+
+/* Whether the calling thread is one of this dispatcher's workers. */
+static gboolean
+is_own_worker (KdDispatcher *self)
+{
+  KdWorker *worker = kd_worker_get_current ();
+
+  return worker != NULL &&
+         kd_worker_get_scheduler (worker) == g_atomic_pointer_get (&self->scheduler);
+}
+
+/* Configuration calls are refused, loudly, once jobs were submitted: the
+ * workers read the configuration without locks. */
+static gboolean
+check_configurable (KdDispatcher *self,
+                    const char   *function)
+{
+  if (G_LIKELY (!g_atomic_int_get (&self->configured)))
+    return TRUE;
+
+  g_critical ("%s: a dispatcher is configured before its first submit; "
+              "this setting is ignored", function);
+  return FALSE;
+}
+
+static inline void
+count_ended (guint64 *counter)
+{
+  /* Only the owning worker writes; the release store publishes the count
+   * before the job's unit of admission is released. */
+  __atomic_store_n (counter, *counter + 1, __ATOMIC_RELEASE);
+}
+
+static void
+shutdown_scheduler (KdDispatcher *self)
+{
+  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+
+  g_debug ("dispatcher %p: closed and drained, stopping workers", (gpointer) self);
+  if (scheduler != NULL)
+    kd_scheduler_shutdown (scheduler);
+}
+
+static void
+release_job (KdDispatcher *self,
+             guint         phase)
+{
+  if (kd_admission_release (&self->admission, phase))
+    shutdown_scheduler (self);
+}
+
+/* Runs the done callback and item-free of an ended job, and frees it. */
+static void
+finish_job (KdDispatcher *self,
+            KdJob        *job,
+            GError       *error)
+{
+  if (self->done != NULL)
+    self->done (job, error, self->done_data);
+  g_clear_error (&error);
+
+  if (self->item_free != NULL && job->item != NULL)
+    self->item_free (job->item);
+
+  /* A job on its way through a main context holds its mailbox, for the key. */
+  if (self->delivery != NULL && job->mailbox != NULL)
+    kd_mailbox_unref (job->mailbox);
+
+  kd_job_free (job);
+}
+
+/* On the main context's thread. */
+static void
+deliver_job (KdJob    *job,
+             gpointer  user_data)
+{
+  KdDispatcher *self = user_data;
+  GError *error = g_steal_pointer (&job->error);
+
+  finish_job (self, job, error);
+}
+
+/* Runs @job's handler, or ends it cancelled if the dispatcher was cancelled
+ * before it started; then ends it. The caller releases its unit of admission
+ * (saved beforehand: @job may be gone on return). */
+static void
+run_job (KdDispatcher  *self,
+         KdWorkerStats *stats,
+         KdJob         *job)
+{
+  GError *error = NULL;
+  guint64 *counter;
+
+  if (G_UNLIKELY (g_atomic_int_get (&self->cancelled)))
+    {
+      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+                                   "The dispatcher was cancelled before the job ran");
+      counter = &stats->cancelled;
+    }
+  else
+    {
+      gboolean completed;
+
+      __atomic_store_n (&stats->running, 1, __ATOMIC_RELAXED);
+      completed = self->handler (job, self->handler_data, &error);
+      __atomic_store_n (&stats->running, 0, __ATOMIC_RELAXED);
+
+      if (completed)
+        {
+          if (G_UNLIKELY (error != NULL))
+            {
+              g_critical ("A kdispatch handler returned TRUE but set an error: %s",
+                          error->message);
+              g_clear_error (&error);
+            }
+          counter = &stats->completed;
+        }
+      else
+        {
+          if (G_UNLIKELY (error == NULL))
+            {
+              g_critical ("A kdispatch handler returned FALSE without setting an error");
+              error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED,
+                                           "The handler failed without saying why");
+            }
+          counter = &stats->failed;
+        }
+    }
+
+  if (self->delivery != NULL)
+    {
+      job->error = error;
+      if (job->mailbox != NULL)
+        kd_mailbox_ref (job->mailbox);
+      count_ended (counter);
+      kd_delivery_push (self->delivery, job);
+    }
+  else
+    {
+      finish_job (self, job, error);
+      count_ended (counter);
+    }
+}
+
+/* Holds @mailbox: runs its jobs in order, up to MAILBOX_BUDGET, then reaps
+ * it if it ran empty or puts it back in the scheduler if not. */
+static void
+run_mailbox (KdDispatcher  *self,
+             KdWorker      *worker,
+             KdWorkerStats *stats,
+             KdMailbox     *mailbox)
+{
+  KdJob *jobs[MAILBOX_BUDGET];
+  guint ran = 0;
+
+  for (;;)
+    {
+      guint n = kd_mailbox_pop_batch (mailbox, jobs, MAILBOX_BUDGET - ran);
+      guint last_phase;
+      gboolean empty;
+      guint i;
+
+      /* Only the holder pops, and the mailbox was not empty under keys_lock. */
+      g_assert (n > 0);
+
+      for (i = 0; i + 1 < n; i++)
+        {
+          guint phase = jobs[i]->phase;
+
+          run_job (self, stats, jobs[i]);
+          release_job (self, phase);
+        }
+      last_phase = jobs[n - 1]->phase;
+      run_job (self, stats, jobs[n - 1]);
+      ran += n;
+
+      kd_mutex_lock (&self->keys_lock);
+      empty = kd_mailbox_is_empty (mailbox);
+      if (empty)
+        g_hash_table_remove (self->keys, kd_mailbox_get_key (mailbox));
+      kd_mutex_unlock (&self->keys_lock);
+
+      if (empty)
+        {
+          kd_mailbox_unref (mailbox);
+          release_job (self, last_phase);
+          return;
+        }
+
+      release_job (self, last_phase);
+
+      if (ran >= MAILBOX_BUDGET)
+        {
+          kd_scheduler_push_local (worker, kd_mailbox_get_task (mailbox));
+          return;
+        }
+    }
+}
+
+static void
+run_task (KdTask   *task,
+          KdWorker *worker,
+          gpointer  user_data)
+{
+  KdDispatcher *self = user_data;
+  KdWorkerStats *stats = &self->worker_stats[kd_worker_get_index (worker)];
+  KdMailbox *mailbox = kd_mailbox_from_task (task);
+
+  if (mailbox != NULL)
+    {
+      run_mailbox (self, worker, stats, mailbox);
+    }
+  else
+    {
+      KdJob *job = (KdJob *) task;
+      guint phase = job->phase;
+
+      run_job (self, stats, job);
+      release_job (self, phase);
+    }
+}
+
+/* Creates the workers (and the main-context delivery) at the first accepted
+ * job, when the configuration is final. */
+static KdScheduler *
+ensure_started (KdDispatcher *self)
+{
+  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+
+  if (G_LIKELY (scheduler != NULL))
+    return scheduler;
+
+  kd_mutex_lock (&self->start_lock);
+  scheduler = self->scheduler;
+  if (scheduler == NULL)
+    {
+      if (self->context != NULL)
+        self->delivery = kd_delivery_new (self->context, deliver_job, self);
+      scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task, self);
+      g_atomic_pointer_set (&self->scheduler, scheduler);
+      g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
+               (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
+               self->admission.capacity);
+    }
+  kd_mutex_unlock (&self->start_lock);
+
+  return scheduler;
+}
+
+static gboolean
+submit_job (KdDispatcher  *self,
+            const char    *key,
+            gpointer       item,
+            KdAdmitMode    mode,
+            gint64         deadline,
+            GError       **error)
+{
+  KdScheduler *scheduler;
+  KdMailbox *mailbox;
+  KdJob *job;
+  gboolean fresh;
+  guint phase;
+
+  if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
+    g_atomic_int_set (&self->configured, TRUE);
+
+  /* A worker waiting for a slot that only workers can free could wait
+   * forever: on its own dispatcher a worker never blocks. */
+  if (mode != KD_ADMIT_TRY && is_own_worker (self))
+    mode = KD_ADMIT_TRY;
+
+  if (!kd_admission_acquire (&self->admission, mode, deadline, &phase, error))
+    {
+      __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+      return FALSE;
+    }
+
+  /* Counted before the job can end, so a stats snapshot never sees it end
+   * before it was submitted. */
+  __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
+
+  scheduler = ensure_started (self);
+  job = kd_job_new (self, item, phase);
+
+  if (key == NULL)
+    {
+      kd_scheduler_push (scheduler, &job->task);
+      return TRUE;
+    }
+
+  kd_mutex_lock (&self->keys_lock);
+  mailbox = g_hash_table_lookup (self->keys, key);
+  fresh = mailbox == NULL;
+  if (fresh)
+    {
+      mailbox = kd_mailbox_new (key);
+      g_hash_table_insert (self->keys, (gpointer) kd_mailbox_get_key (mailbox), mailbox);
+    }
+  job->mailbox = mailbox;
+  kd_mailbox_push (mailbox, job);
+  kd_mutex_unlock (&self->keys_lock);
+
+  /* A mailbox in the table is always scheduled or running; only its
+   * creator schedules it. */
+  if (fresh)
+    kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
+
+  return TRUE;
+}
+
+static void
+on_cancelled (GCancellable *cancellable,
+              gpointer      user_data)
+{
+  KdDispatcher *self = user_data;
+
+  (void) cancellable;
+
+  g_debug ("dispatcher %p: cancelled", (gpointer) self);
+  g_atomic_int_set (&self->cancelled, TRUE);
+  kd_dispatcher_close (self);
+}
+
+/* Close, let every accepted job end, join the workers, deliver what waits
+ * for the main context. Not on one of the dispatcher's own threads. */
+static void
+shutdown_sync (KdDispatcher *self)
+{
+  KdScheduler *scheduler;
+
+  kd_dispatcher_close (self);
+  kd_admission_wait (&self->admission, NULL, NULL);
+
+  scheduler = g_atomic_pointer_get (&self->scheduler);
+  if (scheduler != NULL)
+    kd_scheduler_join (scheduler);
+
+  if (self->delivery != NULL)
+    kd_delivery_flush (self->delivery);
+
+  /* Closed already, so a cancellation now changes nothing; disconnecting
+   * waits for a handler running in another thread. */
+  if (self->cancelled_id != 0)
+    {
+      g_cancellable_disconnect (self->cancellable, self->cancelled_id);
+      self->cancelled_id = 0;
+    }
+
+  g_debug ("dispatcher %p: shut down", (gpointer) self);
+}
+
+static gpointer
+shutdown_thread_main (gpointer data)
+{
+  KdDispatcher *self = data;
+
+  shutdown_sync (self);
+  g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
+  g_object_unref (self);
+
+  return NULL;
+}
+
+static void
+kd_dispatcher_dispose (GObject *object)
+{
+  KdDispatcher *self = KD_DISPATCHER (object);
+
+  switch (g_atomic_int_get (&self->shutdown_state))
+    {
+    case SHUTDOWN_NONE:
+      if (is_own_worker (self) ||
+          (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery)))
+        {
+          /* The last reference went away on one of our own threads, which
+           * cannot wait for itself. Keep the object alive and let a thread
+           * of its own finish the shutdown. */
+          g_debug ("dispatcher %p: last unref on its own thread, shutting down "
+                   "in the background", (gpointer) self);
+          g_atomic_int_set (&self->shutdown_state, SHUTDOWN_ASYNC);
+          kd_dispatcher_close (self);
+          g_thread_unref (g_thread_new ("kd-shutdown", shutdown_thread_main,
+                                        g_object_ref (self)));
+        }
+      else
+        {
+          shutdown_sync (self);
+          g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
+        }
+      break;
+
+    case SHUTDOWN_ASYNC:
+    case SHUTDOWN_DONE:
+      break;
+
+    default:
+      g_assert_not_reached ();
+    }
+
+  G_OBJECT_CLASS (kd_dispatcher_parent_class)->dispose (object);
+}
+
+static void
+kd_dispatcher_finalize (GObject *object)
+{
+  KdDispatcher *self = KD_DISPATCHER (object);
+
+  g_assert (g_atomic_int_get (&self->shutdown_state) == SHUTDOWN_DONE);
+
+  if (self->scheduler != NULL)
+    kd_scheduler_free (self->scheduler);
+  if (self->delivery != NULL)
+    kd_delivery_destroy (self->delivery);
+
+  if (self->handler_data_free != NULL)
+    self->handler_data_free (self->handler_data);
+  if (self->done_data_free != NULL)
+    self->done_data_free (self->done_data);
+
+  g_assert (g_hash_table_size (self->keys) == 0);
+  g_hash_table_unref (self->keys);
+  kd_admission_clear (&self->admission);
+  g_mutex_clear (&self->keys_lock);
+  g_mutex_clear (&self->start_lock);
+  g_clear_object (&self->cancellable);
+  g_clear_pointer (&self->context, g_main_context_unref);
+  g_aligned_free (self->worker_stats);
+
+  G_OBJECT_CLASS (kd_dispatcher_parent_class)->finalize (object);
+}
+
+static void
+kd_dispatcher_class_init (KdDispatcherClass *klass)
+{
+  GObjectClass *object_class = G_OBJECT_CLASS (klass);
+
+  object_class->dispose = kd_dispatcher_dispose;
+  object_class->finalize = kd_dispatcher_finalize;
+}
+
+static void
+kd_dispatcher_init (KdDispatcher *self)
+{
+  self->fanout = 1;
+  kd_admission_init (&self->admission, DEFAULT_CAPACITY);
+  g_mutex_init (&self->keys_lock);
+  g_mutex_init (&self->start_lock);
+  self->keys = g_hash_table_new (g_str_hash, g_str_equal);
+  self->cancellable = g_cancellable_new ();
+  self->cancelled_id = g_cancellable_connect (self->cancellable, G_CALLBACK (on_cancelled),
+                                              self, NULL);
+}
+
+/**
+ * kd_dispatcher_new:
+ * @n_workers: the number of worker threads; 0 for one per processor
+ * @handler: (scope notified) (closure user_data) (destroy user_data_free):
+ *   runs each job on a worker thread
+ * @user_data: data for @handler
+ * @user_data_free: (nullable): frees @user_data once the dispatcher is
+ *   finalized, after every handler returned
+ *
+ * Creates a dispatcher. Configure it with the `kd_dispatcher_set_*()` calls,
+ * then submit jobs from any thread. The worker threads start at the first
+ * accepted job.
+ *
+ * Returns: (transfer full): a new dispatcher
+ *
+ * Since: 0.1
+ */
+KdDispatcher *
+kd_dispatcher_new (guint           n_workers,
+                   KdHandlerFunc   handler,
+                   gpointer        user_data,
+                   GDestroyNotify  user_data_free)
+{
+  KdDispatcher *self;
+
+  g_return_val_if_fail (handler != NULL, NULL);
+
+  if (n_workers == 0)
+    n_workers = g_get_num_processors ();
+
+  self = g_object_new (KD_TYPE_DISPATCHER, NULL);
+  self->handler = handler;
+  self->handler_data = user_data;
+  self->handler_data_free = user_data_free;
+  self->n_workers = n_workers;
+  self->worker_stats = g_aligned_alloc0 (n_workers, sizeof (KdWorkerStats),
+                                         G_ALIGNOF (KdWorkerStats));
+
+  return self;
+}
+
+/**
+ * kd_dispatcher_set_fanout:
+ * @self: a dispatcher
+ * @n_dispatchers: the number of tier-1 dispatchers, at least 1
+ *
+ * Sets how many tier-1 dispatchers share the input queue; the workers are
+ * split among them as evenly as possible, and each feeds its own workers.
+ * More dispatchers mean less contention on the input queue with many
+ * workers. A value above the number of workers is clamped. The default is 1.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_fanout (KdDispatcher *self,
+                          guint         n_dispatchers)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (n_dispatchers > 0);
+
+  if (check_configurable (self, G_STRFUNC))
+    self->fanout = n_dispatchers;
+}
+
+/**
+ * kd_dispatcher_get_fanout:
+ * @self: a dispatcher
+ *
+ * Gets the number of tier-1 dispatchers, after clamping to the number of
+ * workers.
+ *
+ * Returns: the fan-out
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_fanout (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return MIN (self->fanout, self->n_workers);
+}
+
+/**
+ * kd_dispatcher_get_n_workers:
+ * @self: a dispatcher
+ *
+ * Gets the number of worker threads the dispatcher runs jobs on.
+ *
+ * Returns: the number of workers
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_n_workers (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return self->n_workers;
+}
+
+/**
+ * kd_dispatcher_set_capacity:
+ * @self: a dispatcher
+ * @capacity: the most jobs that may be pending at once, at least 1
+ *
+ * Sets the admission bound: jobs accepted and not yet ended, running ones
+ * included. A submit that finds it reached blocks; kd_dispatcher_try_submit()
+ * fails with %KD_ERROR_FULL and kd_dispatcher_submit_timeout() with
+ * %KD_ERROR_TIMEOUT. Values above 2^30 - 1 are clamped. The default is 1024.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_capacity (KdDispatcher *self,
+                            guint         capacity)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (capacity > 0);
+
+  if (check_configurable (self, G_STRFUNC))
+    self->admission.capacity = MIN (capacity, KD_ADMISSION_CAPACITY_MAX);
+}
+
+/**
+ * kd_dispatcher_get_capacity:
+ * @self: a dispatcher
+ *
+ * Gets the admission bound.
+ *
+ * Returns: the most jobs that may be pending at once
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_capacity (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return self->admission.capacity;
+}
+
+/**
+ * kd_dispatcher_set_item_free:
+ * @self: a dispatcher
+ * @item_free: (nullable): frees an item once its job ended
+ *
+ * Sets the function that frees each accepted job's item, exactly once, after
+ * the job's done callback returned. It is not called for %NULL items, nor
+ * for items whose submit was refused: those stay the caller's.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_item_free (KdDispatcher   *self,
+                             GDestroyNotify  item_free)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (check_configurable (self, G_STRFUNC))
+    self->item_free = item_free;
+}
+
+/**
+ * kd_dispatcher_set_done_func:
+ * @self: a dispatcher
+ * @done: (nullable) (scope notified) (closure user_data) (destroy destroy):
+ *   called once for every accepted job when it ends
+ * @user_data: data for @done
+ * @destroy: (nullable): frees @user_data once the dispatcher is finalized
+ *
+ * Sets the callback that sees every job end: with a %NULL error if the
+ * handler completed it, with the handler's error if it failed, with
+ * %G_IO_ERROR_CANCELLED if it never ran. It runs on the worker that ended the
+ * job, or in the main context set with kd_dispatcher_set_main_context(),
+ * and in per-key order in both cases.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_done_func (KdDispatcher   *self,
+                             KdDoneFunc      done,
+                             gpointer        user_data,
+                             GDestroyNotify  destroy)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (self->done_data_free != NULL)
+    self->done_data_free (self->done_data);
+
+  self->done = done;
+  self->done_data = user_data;
+  self->done_data_free = destroy;
+}
+
+/**
+ * kd_dispatcher_set_cancellable:
+ * @self: a dispatcher
+ * @cancellable: the cancellable that shuts the dispatcher down
+ *
+ * Replaces the dispatcher's own cancellable, for example to share one among
+ * several dispatchers. Cancelling it closes the dispatcher, ends every job
+ * that has not started with %G_IO_ERROR_CANCELLED (through the done callback
+ * and the item-free function) and lets running handlers see it through
+ * kd_job_get_cancellable(). If @cancellable is already cancelled, the
+ * dispatcher is closed at once.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_cancellable (KdDispatcher *self,
+                               GCancellable *cancellable)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (G_IS_CANCELLABLE (cancellable));
+
+  if (!check_configurable (self, G_STRFUNC) || cancellable == self->cancellable)
+    return;
+
+  g_cancellable_disconnect (self->cancellable, self->cancelled_id);
+  g_set_object (&self->cancellable, cancellable);
+  self->cancelled_id = g_cancellable_connect (cancellable, G_CALLBACK (on_cancelled),
+                                              self, NULL);
+}
+
+/**
+ * kd_dispatcher_get_cancellable:
+ * @self: a dispatcher
+ *
+ * Gets the cancellable that shuts the dispatcher down. Thread-safe once
+ * configuration is over.
+ *
+ * Returns: (transfer none): the cancellable, never %NULL
+ *
+ * Since: 0.1
+ */
+GCancellable *
+kd_dispatcher_get_cancellable (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
+
+  return self->cancellable;
+}
+
+/**
+ * kd_dispatcher_set_main_context:
+ * @self: a dispatcher
+ * @context: (nullable): where done callbacks run, or %NULL for the workers
+ *
+ * Makes done callbacks (and the item-free function) run in @context, in
+ * per-key order, for example the GTK main loop's. A job delivered there has
+ * ended as soon as its handler returned: it no longer counts against the
+ * bound, and kd_dispatcher_wait() does not wait for its delivery, so the
+ * thread that iterates @context may itself submit. The last unref delivers
+ * what is still queued before it returns.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_main_context (KdDispatcher *self,
+                                GMainContext *context)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (context != NULL)
+    g_main_context_ref (context);
+  g_clear_pointer (&self->context, g_main_context_unref);
+  self->context = context;
+}
+
+/**
+ * kd_dispatcher_submit:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @item: (nullable): the job's item, handed to the handler
+ * @error: return location for a #GError
+ *
+ * Submits a job. Jobs with the same @key run one at a time, in submission
+ * order; unkeyed jobs run in parallel on every worker. The key is copied and
+ * compared as a byte string; the empty string is a key like any other.
+ *
+ * If the admission bound is reached, waits until a job ends. Called from
+ * one of this dispatcher's own workers, it never waits: it fails with
+ * %KD_ERROR_FULL instead, because a worker waiting for a slot that only
+ * workers can free could wait forever.
+ *
+ * On success the dispatcher owns @item until the job ended. On failure
+ * (%KD_ERROR_CLOSED once the dispatcher is closed or cancelled) @item is
+ * still the caller's and no callback runs for it.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit (KdDispatcher  *self,
+                      const char    *key,
+                      gpointer       item,
+                      GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
+}
+
+/**
+ * kd_dispatcher_try_submit:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @item: (nullable): the job's item, handed to the handler
+ * @error: return location for a #GError
+ *
+ * Like kd_dispatcher_submit(), but fails with %KD_ERROR_FULL at once if the
+ * admission bound is reached.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_try_submit (KdDispatcher  *self,
+                          const char    *key,
+                          gpointer       item,
+                          GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return submit_job (self, key, item, KD_ADMIT_TRY, 0, error);
+}
+
+/**
+ * kd_dispatcher_submit_timeout:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @item: (nullable): the job's item, handed to the handler
+ * @timeout_us: how long to wait for room, in microseconds; 0 or less
+ *   does not wait
+ * @error: return location for a #GError
+ *
+ * Like kd_dispatcher_submit(), but fails with %KD_ERROR_TIMEOUT if the
+ * admission bound is still reached after @timeout_us. A closed dispatcher
+ * fails at once with %KD_ERROR_CLOSED.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit_timeout (KdDispatcher  *self,
+                              const char    *key,
+                              gpointer       item,
+                              gint64         timeout_us,
+                              GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return submit_job (self, key, item, KD_ADMIT_DEADLINE,
+                     g_get_monotonic_time () + MAX (timeout_us, 0), error);
+}
+
+/**
+ * kd_dispatcher_wait:
+ * @self: a dispatcher
+ *
+ * Returns once every job accepted before the call has ended: its done
+ * callback and item-free function ran (with a main context, once its
+ * handler returned; the deliveries follow when the context is iterated).
+ * Jobs submitted by other threads during the call do not delay it. It can
+ * be called any number of times: batch, wait, next batch.
+ *
+ * If the dispatcher is closed and nothing is pending when the wait ends,
+ * its worker threads have exited when it returns.
+ *
+ * Thread-safe, but not from the dispatcher's own handlers or done callbacks
+ * running on its workers: a job cannot wait for itself.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_wait (KdDispatcher *self)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  kd_dispatcher_wait_sealed (self, NULL, NULL);
+}
+
+/* kd_dispatcher_wait(), calling @sealed once the jobs to wait for are fixed:
+ * a job accepted after @sealed was called is not waited for. */
+void
+kd_dispatcher_wait_sealed (KdDispatcher *self,
+                           KdSealedFunc  sealed,
+                           gpointer      user_data)
+{
+  KdScheduler *scheduler;
+
+  if (is_own_worker (self))
+    {
+      g_critical ("kd_dispatcher_wait: called from one of the dispatcher's own "
+                  "workers, which would wait for itself");
+      return;
+    }
+
+  kd_admission_wait (&self->admission, sealed, user_data);
+
+  scheduler = g_atomic_pointer_get (&self->scheduler);
+  if (scheduler != NULL &&
+      kd_admission_is_closed (&self->admission) &&
+      kd_admission_get_pending (&self->admission) == 0)
+    kd_scheduler_join (scheduler);
+}
+
+/**
+ * kd_dispatcher_close:
+ * @self: a dispatcher
+ *
+ * Stops accepting jobs: every later submit fails with %KD_ERROR_CLOSED, and
+ * blocked submitters wake up and fail the same way. Jobs already accepted
+ * still run. Once they have ended the worker threads exit.
+ *
+ * Thread-safe and idempotent; may be called from a handler.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_close (KdDispatcher *self)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (kd_admission_close (&self->admission))
+    shutdown_scheduler (self);
+}
+
+/**
+ * kd_dispatcher_get_stats:
+ * @self: a dispatcher
+ * @stats: (out caller-allocates): where to store the counters
+ *
+ * Takes a snapshot of the dispatcher's counters. In every snapshot
+ * `submitted == completed + failed + cancelled + pending`. The counters are
+ * read when no job is ending, if such a moment comes within a few
+ * attempts; under a heavy load @pending may count a job that ended while
+ * the snapshot was being taken.
+ *
+ * Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_get_stats (KdDispatcher *self,
+                         KdStats      *stats)
+{
+  guint64 ended_before = 0;
+  guint attempt;
+  guint i;
+
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (stats != NULL);
+
+  for (attempt = 0; attempt < STATS_ATTEMPTS; attempt++)
+    {
+      guint64 ended_after = 0;
+
+      memset (stats, 0, sizeof *stats);
+      for (i = 0; i < self->n_workers; i++)
+        {
+          KdWorkerStats *worker = &self->worker_stats[i];
+
+          stats->completed += __atomic_load_n (&worker->completed, __ATOMIC_ACQUIRE);
+          stats->failed += __atomic_load_n (&worker->failed, __ATOMIC_ACQUIRE);
+          stats->cancelled += __atomic_load_n (&worker->cancelled, __ATOMIC_ACQUIRE);
+          stats->running += (guint) __atomic_load_n (&worker->running, __ATOMIC_RELAXED);
+        }
+      /* Read after the ended counters: every job counted as ended was
+       * counted as submitted before, so pending cannot go negative. */
+      stats->submitted = __atomic_load_n (&self->submitted, __ATOMIC_ACQUIRE);
+
+      for (i = 0; i < self->n_workers; i++)
+        {
+          KdWorkerStats *worker = &self->worker_stats[i];
+
+          ended_after += __atomic_load_n (&worker->completed, __ATOMIC_ACQUIRE) +
+                         __atomic_load_n (&worker->failed, __ATOMIC_ACQUIRE) +
+                         __atomic_load_n (&worker->cancelled, __ATOMIC_ACQUIRE);
+        }
+
+      ended_before = stats->completed + stats->failed + stats->cancelled;
+      if (ended_after == ended_before)
+        break;
+    }
+
+  stats->pending = stats->submitted - ended_before;
+  stats->rejected = __atomic_load_n (&self->rejected, __ATOMIC_RELAXED);
+
+  kd_mutex_lock (&self->keys_lock);
+  stats->live_keys = g_hash_table_size (self->keys);
+  kd_mutex_unlock (&self->keys_lock);
+}
+
+/* Sleeps until @n_blocked submitters are blocked waiting for room. */
+void
+kd_dispatcher_wait_blocked_submitters (KdDispatcher *self,
+                                       guint         n_blocked)
+{
+  kd_admission_wait_sleepers (&self->admission, n_blocked);
+}
+
+/* The exact number of jobs holding a unit of admission right now. */
+guint
+kd_dispatcher_get_admitted (KdDispatcher *self)
+{
+  return kd_admission_get_pending (&self->admission);
+}

@@ -1,0 +1,31 @@
+/* kd-job-private.h: the job record
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include "kd-dispatcher.h"
+#include "kd-job.h"
+#include "kd-task-private.h"
+
+G_BEGIN_DECLS
+
+typedef struct _KdMailbox KdMailbox;
+
+struct _KdJob
+{
+  KdTask        task;        /* first: an unkeyed job is a scheduler task */
+  KdDispatcher *dispatcher;
+  KdMailbox    *mailbox;     /* NULL for an unkeyed job */
+  gpointer      item;
+  GError       *error;       /* how it ended, kept until a main context delivers it */
+  guint         phase;       /* the admission barrier phase it joined */
+};
+
+KdJob *kd_job_new  (KdDispatcher *dispatcher,
+                    gpointer      item,
+                    guint         phase);
+void   kd_job_free (KdJob        *job);
+
+G_END_DECLS

@@ -1,0 +1,38 @@
+/* kd-scheduler-private.h: the bounded set of worker threads and the 2-tier fan-out
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include <glib.h>
+
+#include "kd-task-private.h"
+
+G_BEGIN_DECLS
+
+typedef struct _KdScheduler KdScheduler;
+typedef struct _KdWorker    KdWorker;
+
+/* Runs one task on @worker's thread. */
+typedef void (*KdTaskFunc) (KdTask   *task,
+                            KdWorker *worker,
+                            gpointer  user_data);
+
+KdScheduler *kd_scheduler_new        (guint        n_workers,
+                                      guint        n_groups,
+                                      KdTaskFunc   func,
+                                      gpointer     user_data);
+void         kd_scheduler_push       (KdScheduler *self,
+                                      KdTask      *task);
+void         kd_scheduler_push_local (KdWorker    *worker,
+                                      KdTask      *task);
+void         kd_scheduler_shutdown   (KdScheduler *self);
+void         kd_scheduler_join       (KdScheduler *self);
+void         kd_scheduler_free       (KdScheduler *self);
+
+KdWorker    *kd_worker_get_current   (void);
+KdScheduler *kd_worker_get_scheduler (KdWorker    *worker);
+guint        kd_worker_get_index     (KdWorker    *worker);
+
+G_END_DECLS

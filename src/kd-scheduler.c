@@ -1,0 +1,546 @@
+/* kd-scheduler.c: the bounded set of worker threads and the 2-tier fan-out
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * The scheduler runs tasks (KdTask: an unkeyed job, or a keyed mailbox that
+ * is ready) on a fixed set of worker threads. It knows nothing about jobs or
+ * keys: its owner gives it a function that runs one task.
+ *
+ * Tier 1 is the input queue: every task pushed from outside the workers
+ * enters it. Tier 2 is the groups, the "dispatchers" of the 2-tier fan-out:
+ * each group has its own queue feeding its own workers. A worker whose group
+ * queue is empty acts as its group's dispatcher: it takes a share of the
+ * input queue (about 1/n_groups of it, at most FETCH_MAX tasks) in one
+ * locked step, runs the first task and leaves the rest in the group queue
+ * for its group mates. The input lock is thus taken once per batch rather
+ * than once per task, and each group's lock is shared only by its workers.
+ * A worker that finds its group queue and the input empty steals half of
+ * another group's queue, so no task waits behind a busy group while another
+ * group's worker is idle.
+ *
+ * Waking a sleeping thread costs microseconds, so it is done only when it
+ * buys parallelism. Idle workers first spin briefly (at most one at a time),
+ * then park on their own GCond. Whoever makes a task visible wakes one
+ * parked worker only if nobody is spinning; a worker that was woken counts
+ * as spinning until it finds a task, and then wakes the next one if more
+ * work is visible. That is the scheme of Go's runtime scheduler, and it
+ * keeps a steady stream of short tasks from paying a wake-up per task.
+ *
+ * The "no lost wake-up" argument is the Dekker pattern on sequentially
+ * consistent atomics: a pusher publishes its task (n_input or a group's
+ * n_tasks) and then reads n_spinning and n_idle; a worker going to sleep
+ * publishes itself (n_idle) and drops n_spinning, and then looks at the
+ * queues again. At least one of the two sees the other.
+ *
+ * Shutdown: once the owner calls kd_scheduler_shutdown(), a worker that
+ * finds no task exits; kd_scheduler_join() waits for all of them. The owner
+ * shuts down only when nothing is pending, so no task is left behind.
+ *
+ * Lock order: a thread holds at most one of input_lock, a group lock and
+ * idle_lock at a time.
+ */
+
+#include "config.h"
+
+#include "kd-scheduler-private.h"
+#include "kd-sync-private.h"
+
+/* The most tasks a group takes from the input queue in one step. */
+#define FETCH_MAX 32
+
+/* How many times the spinning worker looks for a task, yielding the
+ * processor in between, before it parks. */
+#define SPIN_ROUNDS 16
+
+typedef struct
+{
+  GMutex     lock;
+  KdTaskList tasks;    /* protected by @lock */
+  gint       n_tasks;  /* atomic copy of tasks.length, read without the lock */
+} KdGroup;
+
+struct _KdWorker
+{
+  /* Immutable */
+  KdScheduler *scheduler;
+  KdGroup     *group;
+  guint        index;
+  GThread     *thread;
+
+  /* Protected by scheduler->idle_lock */
+  GCond        cond;
+  KdWorker    *next_idle;
+  gboolean     woken;
+};
+
+struct _KdScheduler
+{
+  /* Immutable */
+  KdTaskFunc  func;
+  gpointer    user_data;
+  guint       n_workers;
+  guint       n_groups;
+  KdWorker   *workers;
+  KdGroup    *groups;
+
+  /* Tier 1 */
+  GMutex      input_lock;
+  KdTaskList  input;       /* protected by @input_lock */
+  gint        n_input;     /* atomic copy of input.length */
+
+  /* Idle workers */
+  GMutex      idle_lock;
+  KdWorker   *idle;        /* stack of parked workers, protected by @idle_lock */
+  gint        n_idle;      /* atomic: workers on the stack */
+  gint        n_spinning;  /* atomic: workers awake and looking for a task */
+  gint        shutting_down; /* atomic */
+
+  /* Protected by @join_lock */
+  GMutex      join_lock;
+  gboolean    joined;
+};
+
+static GPrivate current_worker;
+
+static gboolean
+work_visible (KdScheduler *self)
+{
+  guint i;
+
+  if (g_atomic_int_get (&self->n_input) > 0)
+    return TRUE;
+  for (i = 0; i < self->n_groups; i++)
+    if (g_atomic_int_get (&self->groups[i].n_tasks) > 0)
+      return TRUE;
+  return FALSE;
+}
+
+/* Wakes one parked worker, which starts out spinning. Does nothing if a
+ * worker is already spinning: that one will find the work. */
+static void
+wake_one (KdScheduler *self)
+{
+  for (;;)
+    {
+      KdWorker *worker;
+
+      if (g_atomic_int_get (&self->n_idle) == 0 ||
+          !g_atomic_int_compare_and_exchange (&self->n_spinning, 0, 1))
+        return;
+
+      kd_mutex_lock (&self->idle_lock);
+      worker = self->idle;
+      if (worker != NULL)
+        {
+          self->idle = worker->next_idle;
+          g_atomic_int_add (&self->n_idle, -1);
+          worker->woken = TRUE;
+          g_cond_signal (&worker->cond);
+        }
+      kd_mutex_unlock (&self->idle_lock);
+
+      if (worker != NULL)
+        return;
+
+      /* Nobody was parked after all. While we held n_spinning at 1, a
+       * pusher may have skipped its wake-up and a worker may have parked:
+       * look again now that n_spinning is back to 0. */
+      g_atomic_int_add (&self->n_spinning, -1);
+      if (!work_visible (self))
+        return;
+    }
+}
+
+static void
+wake_if_useful (KdScheduler *self)
+{
+  if (g_atomic_int_get (&self->n_spinning) == 0 &&
+      g_atomic_int_get (&self->n_idle) > 0 &&
+      work_visible (self))
+    wake_one (self);
+}
+
+static KdTask *
+group_pop (KdGroup *group)
+{
+  KdTask *task;
+  guint n;
+
+  if (g_atomic_int_get (&group->n_tasks) == 0)
+    return NULL;
+
+  kd_mutex_lock (&group->lock);
+  task = kd_task_list_take (&group->tasks, 1, &n);
+  if (n > 0)
+    g_atomic_int_add (&group->n_tasks, -1);
+  kd_mutex_unlock (&group->lock);
+
+  return task;
+}
+
+/* Keeps the first task of @chain (of @n) and queues the rest in @group. */
+static KdTask *
+keep_first (KdGroup *group,
+            KdTask  *chain,
+            guint    n)
+{
+  if (n > 1)
+    {
+      kd_mutex_lock (&group->lock);
+      kd_task_list_append_chain (&group->tasks, chain->next, n - 1);
+      g_atomic_int_add (&group->n_tasks, (gint) n - 1);
+      kd_mutex_unlock (&group->lock);
+    }
+  chain->next = NULL;
+  return chain;
+}
+
+/* Acts as @group's tier-1 dispatcher: moves a share of the input queue into
+ * the group queue and returns its first task. */
+static KdTask *
+fetch_input (KdScheduler *self,
+             KdGroup     *group)
+{
+  KdTask *chain;
+  guint share;
+  guint n;
+
+  if (g_atomic_int_get (&self->n_input) == 0)
+    return NULL;
+
+  kd_mutex_lock (&self->input_lock);
+  share = (self->input.length + self->n_groups - 1) / self->n_groups;
+  chain = kd_task_list_take (&self->input, CLAMP (share, 1, FETCH_MAX), &n);
+  if (n > 0)
+    g_atomic_int_add (&self->n_input, -(gint) n);
+  kd_mutex_unlock (&self->input_lock);
+
+  return n > 0 ? keep_first (group, chain, n) : NULL;
+}
+
+/* Takes half of another group's queue. */
+static KdTask *
+steal (KdScheduler *self,
+       KdWorker    *worker)
+{
+  guint own = (guint) (worker->group - self->groups);
+  guint i;
+
+  for (i = 1; i < self->n_groups; i++)
+    {
+      KdGroup *victim = &self->groups[(own + i) % self->n_groups];
+      KdTask *chain;
+      guint n;
+
+      if (g_atomic_int_get (&victim->n_tasks) == 0)
+        continue;
+
+      kd_mutex_lock (&victim->lock);
+      chain = kd_task_list_take (&victim->tasks, (victim->tasks.length + 1) / 2, &n);
+      if (n > 0)
+        g_atomic_int_add (&victim->n_tasks, -(gint) n);
+      kd_mutex_unlock (&victim->lock);
+
+      if (n > 0)
+        return keep_first (worker->group, chain, n);
+    }
+
+  return NULL;
+}
+
+static KdTask *
+find_task (KdWorker *worker)
+{
+  KdScheduler *self = worker->scheduler;
+  KdTask *task;
+
+  if ((task = group_pop (worker->group)) != NULL)
+    return task;
+  if ((task = fetch_input (self, worker->group)) != NULL)
+    return task;
+  return steal (self, worker);
+}
+
+static KdTask *
+spin_for_task (KdWorker *worker)
+{
+  guint i;
+
+  for (i = 0; i < SPIN_ROUNDS; i++)
+    {
+      KdTask *task;
+
+      if (g_atomic_int_get (&worker->scheduler->shutting_down))
+        return NULL;
+      g_thread_yield ();
+      if ((task = find_task (worker)) != NULL)
+        return task;
+    }
+
+  return NULL;
+}
+
+/* Sleeps until woken. On return *spinning says whether the waker counted
+ * this worker as spinning. */
+static void
+park (KdWorker *worker,
+      gboolean *spinning)
+{
+  KdScheduler *self = worker->scheduler;
+
+  kd_mutex_lock (&self->idle_lock);
+  worker->woken = FALSE;
+  worker->next_idle = self->idle;
+  self->idle = worker;
+  g_atomic_int_add (&self->n_idle, 1);
+  kd_mutex_unlock (&self->idle_lock);
+
+  if (*spinning)
+    {
+      *spinning = FALSE;
+      g_atomic_int_add (&self->n_spinning, -1);
+    }
+
+  kd_mutex_lock (&self->idle_lock);
+  if (!worker->woken &&
+      (work_visible (self) || g_atomic_int_get (&self->shutting_down)))
+    {
+      /* A task arrived (or shutdown began) while we were announcing
+       * ourselves: take ourselves off the stack and look again. */
+      KdWorker **link = &self->idle;
+
+      while (*link != worker)
+        link = &(*link)->next_idle;
+      *link = worker->next_idle;
+      g_atomic_int_add (&self->n_idle, -1);
+    }
+  else
+    {
+      while (!worker->woken)
+        kd_cond_wait (&worker->cond, &self->idle_lock);
+      *spinning = TRUE;
+    }
+  kd_mutex_unlock (&self->idle_lock);
+}
+
+static gpointer
+worker_main (gpointer data)
+{
+  KdWorker *worker = data;
+  KdScheduler *self = worker->scheduler;
+  gboolean spinning = FALSE;
+
+  kd_tsan_acquire (worker);
+  g_private_set (&current_worker, worker);
+
+  for (;;)
+    {
+      KdTask *task = find_task (worker);
+
+      if (task == NULL && !spinning &&
+          g_atomic_int_compare_and_exchange (&self->n_spinning, 0, 1))
+        spinning = TRUE;
+
+      if (task == NULL && spinning)
+        task = spin_for_task (worker);
+
+      if (task == NULL)
+        {
+          if (g_atomic_int_get (&self->shutting_down))
+            break;
+          park (worker, &spinning);
+          continue;
+        }
+
+      if (spinning)
+        {
+          spinning = FALSE;
+          g_atomic_int_add (&self->n_spinning, -1);
+        }
+      wake_if_useful (self);
+
+      self->func (task, worker, self->user_data);
+    }
+
+  if (spinning)
+    g_atomic_int_add (&self->n_spinning, -1);
+
+  g_private_set (&current_worker, NULL);
+  kd_tsan_release (worker);
+
+  return NULL;
+}
+
+/*
+ * kd_scheduler_new:
+ *
+ * Starts @n_workers threads split into @n_groups groups (at most one group
+ * per worker) as evenly as possible.
+ */
+KdScheduler *
+kd_scheduler_new (guint      n_workers,
+                  guint      n_groups,
+                  KdTaskFunc func,
+                  gpointer   user_data)
+{
+  KdScheduler *self;
+  guint i;
+
+  g_assert (n_workers > 0);
+
+  self = g_new0 (KdScheduler, 1);
+  self->func = func;
+  self->user_data = user_data;
+  self->n_workers = n_workers;
+  self->n_groups = CLAMP (n_groups, 1, n_workers);
+  self->workers = g_new0 (KdWorker, n_workers);
+  self->groups = g_new0 (KdGroup, self->n_groups);
+  g_mutex_init (&self->input_lock);
+  g_mutex_init (&self->idle_lock);
+  g_mutex_init (&self->join_lock);
+
+  for (i = 0; i < self->n_groups; i++)
+    g_mutex_init (&self->groups[i].lock);
+
+  for (i = 0; i < n_workers; i++)
+    {
+      KdWorker *worker = &self->workers[i];
+
+      worker->scheduler = self;
+      /* Worker i goes to group i * n_groups / n_workers: contiguous runs
+       * whose sizes differ by at most one. */
+      worker->group = &self->groups[(guint64) i * self->n_groups / n_workers];
+      worker->index = i;
+      g_cond_init (&worker->cond);
+    }
+
+  for (i = 0; i < n_workers; i++)
+    {
+      KdWorker *worker = &self->workers[i];
+      char name[16];
+
+      g_snprintf (name, sizeof name, "kd-worker-%u", i);
+      kd_tsan_release (worker);
+      worker->thread = g_thread_new (name, worker_main, worker);
+    }
+
+  return self;
+}
+
+/* Any thread. */
+void
+kd_scheduler_push (KdScheduler *self,
+                   KdTask      *task)
+{
+  kd_mutex_lock (&self->input_lock);
+  kd_task_list_push (&self->input, task);
+  g_atomic_int_add (&self->n_input, 1);
+  kd_mutex_unlock (&self->input_lock);
+
+  wake_if_useful (self);
+}
+
+/* On @worker's thread: queues @task in the worker's own group. */
+void
+kd_scheduler_push_local (KdWorker *worker,
+                         KdTask   *task)
+{
+  KdGroup *group = worker->group;
+
+  kd_mutex_lock (&group->lock);
+  kd_task_list_push (&group->tasks, task);
+  g_atomic_int_add (&group->n_tasks, 1);
+  kd_mutex_unlock (&group->lock);
+
+  wake_if_useful (worker->scheduler);
+}
+
+/* Any thread, idempotent: workers exit once they find no task. */
+void
+kd_scheduler_shutdown (KdScheduler *self)
+{
+  g_atomic_int_set (&self->shutting_down, TRUE);
+
+  kd_mutex_lock (&self->idle_lock);
+  while (self->idle != NULL)
+    {
+      KdWorker *worker = self->idle;
+
+      self->idle = worker->next_idle;
+      g_atomic_int_add (&self->n_idle, -1);
+      g_atomic_int_add (&self->n_spinning, 1);
+      worker->woken = TRUE;
+      g_cond_signal (&worker->cond);
+    }
+  kd_mutex_unlock (&self->idle_lock);
+}
+
+/* Waits until every worker exited; after kd_scheduler_shutdown(), from any
+ * thread but a worker. Idempotent. */
+void
+kd_scheduler_join (KdScheduler *self)
+{
+  guint i;
+
+  g_assert (kd_worker_get_current () == NULL ||
+            kd_worker_get_current ()->scheduler != self);
+
+  kd_mutex_lock (&self->join_lock);
+  if (!self->joined)
+    {
+      for (i = 0; i < self->n_workers; i++)
+        {
+          g_thread_join (self->workers[i].thread);
+          self->workers[i].thread = NULL;
+          kd_tsan_acquire (&self->workers[i]);
+        }
+      self->joined = TRUE;
+    }
+  kd_mutex_unlock (&self->join_lock);
+}
+
+/* After kd_scheduler_join(). */
+void
+kd_scheduler_free (KdScheduler *self)
+{
+  guint i;
+
+  g_assert (self->joined);
+  g_assert (self->input.length == 0);
+
+  for (i = 0; i < self->n_groups; i++)
+    {
+      g_assert (self->groups[i].tasks.length == 0);
+      g_mutex_clear (&self->groups[i].lock);
+    }
+  for (i = 0; i < self->n_workers; i++)
+    g_cond_clear (&self->workers[i].cond);
+
+  g_mutex_clear (&self->input_lock);
+  g_mutex_clear (&self->idle_lock);
+  g_mutex_clear (&self->join_lock);
+  g_free (self->groups);
+  g_free (self->workers);
+  g_free (self);
+}
+
+/* The worker running on this thread, or NULL. */
+KdWorker *
+kd_worker_get_current (void)
+{
+  return g_private_get (&current_worker);
+}
+
+KdScheduler *
+kd_worker_get_scheduler (KdWorker *worker)
+{
+  return worker->scheduler;
+}
+
+guint
+kd_worker_get_index (KdWorker *worker)
+{
+  return worker->index;
+}

@@ -1,0 +1,112 @@
+/* kd-sync-private.h: locks that ThreadSanitizer can see, and hand-off marks
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * Debian's GLib is not built with ThreadSanitizer, and GMutex, GCond and
+ * GAsyncQueue are futex-based, so TSan cannot see the ordering they give and
+ * would report races on correct code. Every lock in kdispatch goes through
+ * these wrappers, which tell TSan about each acquire and release; data that
+ * crosses threads inside a GAsyncQueue is marked with kd_tsan_release() before
+ * the push and kd_tsan_acquire() after the pop. Without TSan they compile to
+ * the plain GLib calls.
+ */
+
+#pragma once
+
+#include <glib.h>
+
+#if defined(__SANITIZE_THREAD__)
+# define KD_TSAN 1
+#elif defined(__has_feature)
+# if __has_feature(thread_sanitizer)
+#  define KD_TSAN 1
+# endif
+#endif
+
+#ifdef KD_TSAN
+# include <sanitizer/tsan_interface.h>
+#endif
+
+G_BEGIN_DECLS
+
+static inline void
+kd_mutex_lock (GMutex *mutex)
+{
+#ifdef KD_TSAN
+  __tsan_mutex_pre_lock (mutex, 0);
+#endif
+  g_mutex_lock (mutex);
+#ifdef KD_TSAN
+  __tsan_mutex_post_lock (mutex, 0, 0);
+#endif
+}
+
+static inline void
+kd_mutex_unlock (GMutex *mutex)
+{
+#ifdef KD_TSAN
+  __tsan_mutex_pre_unlock (mutex, 0);
+#endif
+  g_mutex_unlock (mutex);
+#ifdef KD_TSAN
+  __tsan_mutex_post_unlock (mutex, 0);
+#endif
+}
+
+/* The mutex is released while waiting and held again on return, so TSan is
+ * told of an unlock before and a lock after. */
+static inline void
+kd_cond_wait (GCond  *cond,
+              GMutex *mutex)
+{
+#ifdef KD_TSAN
+  __tsan_mutex_pre_unlock (mutex, 0);
+  __tsan_mutex_post_unlock (mutex, 0);
+#endif
+  g_cond_wait (cond, mutex);
+#ifdef KD_TSAN
+  __tsan_mutex_pre_lock (mutex, 0);
+  __tsan_mutex_post_lock (mutex, 0, 0);
+#endif
+}
+
+static inline gboolean
+kd_cond_wait_until (GCond  *cond,
+                    GMutex *mutex,
+                    gint64  end_time)
+{
+  gboolean signalled;
+
+#ifdef KD_TSAN
+  __tsan_mutex_pre_unlock (mutex, 0);
+  __tsan_mutex_post_unlock (mutex, 0);
+#endif
+  signalled = g_cond_wait_until (cond, mutex, end_time);
+#ifdef KD_TSAN
+  __tsan_mutex_pre_lock (mutex, 0);
+  __tsan_mutex_post_lock (mutex, 0, 0);
+#endif
+  return signalled;
+}
+
+static inline void
+kd_tsan_release (gconstpointer addr)
+{
+#ifdef KD_TSAN
+  __tsan_release ((void *) addr);
+#else
+  (void) addr;
+#endif
+}
+
+static inline void
+kd_tsan_acquire (gconstpointer addr)
+{
+#ifdef KD_TSAN
+  __tsan_acquire ((void *) addr);
+#else
+  (void) addr;
+#endif
+}
+
+G_END_DECLS

@@ -1,0 +1,99 @@
+/* kd-task-private.h: the unit of work the scheduler moves, and FIFO lists of it
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+/* Embedded at the start of everything the scheduler runs (an unkeyed job, a
+ * ready mailbox), so queues link them without allocating. */
+typedef struct _KdTask KdTask;
+
+struct _KdTask
+{
+  KdTask *next;
+  guint   kind;  /* a KdTaskKind */
+};
+
+typedef enum
+{
+  KD_TASK_JOB,      /* an unkeyed KdJob */
+  KD_TASK_MAILBOX,  /* a KdMailbox with work */
+} KdTaskKind;
+
+/* A FIFO of tasks; not thread-safe, its owner locks. */
+typedef struct
+{
+  KdTask *head;
+  KdTask *tail;
+  guint   length;
+} KdTaskList;
+
+static inline void
+kd_task_list_push (KdTaskList *list,
+                   KdTask     *task)
+{
+  task->next = NULL;
+  if (list->tail != NULL)
+    list->tail->next = task;
+  else
+    list->head = task;
+  list->tail = task;
+  list->length++;
+}
+
+/* Detaches the first @n tasks (at most the list's length) and returns them
+ * as a NULL-terminated chain; *n_taken says how many. */
+static inline KdTask *
+kd_task_list_take (KdTaskList *list,
+                   guint       n,
+                   guint      *n_taken)
+{
+  KdTask *head = list->head;
+  KdTask *last = head;
+  guint i;
+
+  n = MIN (n, list->length);
+  *n_taken = n;
+  if (n == 0)
+    return NULL;
+
+  for (i = 1; i < n; i++)
+    last = last->next;
+
+  list->head = last->next;
+  if (list->head == NULL)
+    list->tail = NULL;
+  list->length -= n;
+  last->next = NULL;
+
+  return head;
+}
+
+/* Appends a NULL-terminated chain of @n tasks. */
+static inline void
+kd_task_list_append_chain (KdTaskList *list,
+                           KdTask     *chain,
+                           guint       n)
+{
+  KdTask *last = chain;
+
+  if (chain == NULL)
+    return;
+
+  while (last->next != NULL)
+    last = last->next;
+
+  if (list->tail != NULL)
+    list->tail->next = chain;
+  else
+    list->head = chain;
+  list->tail = last;
+  list->length += n;
+}
+
+G_END_DECLS
