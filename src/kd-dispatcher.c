@@ -555,10 +555,10 @@ kd_dispatcher_finalize (GObject *object)
   if (self->delivery != NULL)
     kd_delivery_destroy (self->delivery);
 
-  if (self->handler_data_free != NULL)
-    self->handler_data_free (self->handler_data);
   if (self->done_data_free != NULL)
     self->done_data_free (self->done_data);
+  if (self->handler_data_free != NULL)
+    self->handler_data_free (self->handler_data);
 
   g_assert (g_hash_table_size (self->keys) == 0);
   g_hash_table_unref (self->keys);

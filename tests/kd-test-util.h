@@ -1,0 +1,196 @@
+/* kd-test-util.h: gates, counters and sizes shared by the tests
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * Tests never sleep to wait for something: a thread that must wait blocks on
+ * a KdTestGate or KdTestCounter, and every such wait has a generous deadline
+ * so that a broken guarantee shows up as a failed assertion, not a hang.
+ */
+
+#pragma once
+
+#include <glib.h>
+#include <stdlib.h>
+
+#include "kd-sync-private.h"
+
+/* How long a test waits for something that should happen promptly before it
+ * declares the guarantee broken. */
+#define KD_TEST_DEADLINE_US (60 * G_TIME_SPAN_SECOND)
+
+typedef struct
+{
+  GMutex   lock;
+  GCond    cond;
+  gboolean open;
+} KdTestGate;
+
+static inline void
+kd_test_gate_init (KdTestGate *gate)
+{
+  g_mutex_init (&gate->lock);
+  g_cond_init (&gate->cond);
+  gate->open = FALSE;
+}
+
+static inline void
+kd_test_gate_clear (KdTestGate *gate)
+{
+  g_mutex_clear (&gate->lock);
+  g_cond_clear (&gate->cond);
+}
+
+static inline void
+kd_test_gate_open (KdTestGate *gate)
+{
+  kd_mutex_lock (&gate->lock);
+  gate->open = TRUE;
+  g_cond_broadcast (&gate->cond);
+  kd_mutex_unlock (&gate->lock);
+}
+
+/* Returns FALSE if the gate stayed shut until the deadline. */
+static inline gboolean
+kd_test_gate_wait_for (KdTestGate *gate,
+                       gint64      timeout_us)
+{
+  gint64 deadline = g_get_monotonic_time () + timeout_us;
+  gboolean open;
+
+  kd_mutex_lock (&gate->lock);
+  while (!gate->open && kd_cond_wait_until (&gate->cond, &gate->lock, deadline))
+    ;
+  open = gate->open;
+  kd_mutex_unlock (&gate->lock);
+
+  return open;
+}
+
+static inline gboolean
+kd_test_gate_wait (KdTestGate *gate)
+{
+  return kd_test_gate_wait_for (gate, KD_TEST_DEADLINE_US);
+}
+
+/* A count that threads can wait on. */
+typedef struct
+{
+  GMutex lock;
+  GCond  cond;
+  guint  value;
+} KdTestCounter;
+
+static inline void
+kd_test_counter_init (KdTestCounter *counter)
+{
+  g_mutex_init (&counter->lock);
+  g_cond_init (&counter->cond);
+  counter->value = 0;
+}
+
+static inline void
+kd_test_counter_clear (KdTestCounter *counter)
+{
+  g_mutex_clear (&counter->lock);
+  g_cond_clear (&counter->cond);
+}
+
+static inline guint
+kd_test_counter_add (KdTestCounter *counter,
+                     guint          n)
+{
+  guint value;
+
+  kd_mutex_lock (&counter->lock);
+  value = counter->value += n;
+  g_cond_broadcast (&counter->cond);
+  kd_mutex_unlock (&counter->lock);
+
+  return value;
+}
+
+static inline guint
+kd_test_counter_get (KdTestCounter *counter)
+{
+  guint value;
+
+  kd_mutex_lock (&counter->lock);
+  value = counter->value;
+  kd_mutex_unlock (&counter->lock);
+
+  return value;
+}
+
+/* Returns FALSE if the count stayed below @target until the deadline. */
+static inline gboolean
+kd_test_counter_wait (KdTestCounter *counter,
+                      guint          target)
+{
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gboolean reached;
+
+  kd_mutex_lock (&counter->lock);
+  while (counter->value < target &&
+         kd_cond_wait_until (&counter->cond, &counter->lock, deadline))
+    ;
+  reached = counter->value >= target;
+  kd_mutex_unlock (&counter->lock);
+
+  return reached;
+}
+
+/* Sizes are multiplied by KD_TEST_SCALE (the valgrind setup makes them
+ * smaller) and grow under `-m slow`. */
+static inline guint
+kd_test_size (guint normal,
+              guint slow)
+{
+  const char *scale = g_getenv ("KD_TEST_SCALE");
+  double factor = scale != NULL ? g_ascii_strtod (scale, NULL) : 1.0;
+  guint size = g_test_slow () ? slow : normal;
+
+  if (factor <= 0.0)
+    factor = 1.0;
+
+  return MAX (1, (guint) (size * factor));
+}
+
+/* The number of threads in this process. */
+static inline guint
+kd_test_count_threads (void)
+{
+  GDir *dir = g_dir_open ("/proc/self/task", 0, NULL);
+  guint n = 0;
+
+  g_assert_nonnull (dir);
+  while (g_dir_read_name (dir) != NULL)
+    n++;
+  g_dir_close (dir);
+
+  return n;
+}
+
+/* A small, fast, per-thread pseudo-random generator for job lengths. */
+static inline guint32
+kd_test_xorshift (guint32 *state)
+{
+  guint32 x = *state;
+
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  return *state = x;
+}
+
+/* Busy work the compiler cannot remove: simulates a job's length. */
+static inline guint64
+kd_test_spin (guint iterations)
+{
+  volatile guint64 sink = 0;
+  guint i;
+
+  for (i = 0; i < iterations; i++)
+    sink += i;
+
+  return sink;
+}

@@ -1,0 +1,2126 @@
+/* test-dispatcher.c: the guarantees of KdDispatcher
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#include "config.h"
+
+#include <kdispatch/kdispatch.h>
+#include <malloc.h>
+#include <string.h>
+
+#include "kd-dispatcher-private.h"
+#include "kd-test-util.h"
+
+/* ------------------------------------------------------------------------ */
+/* Per-key FIFO, never two jobs of one key at once                          */
+
+typedef struct
+{
+  guint          n_keys;
+  guint          n_jobs;
+  char         **keys;
+  guint         *job_key;      /* job index → key index */
+  guint         *job_seq;      /* job index → sequence number within its key */
+  gint          *running;      /* per key: 1 while one of its jobs runs */
+  guint         *next_seq;     /* per key: the sequence number expected next */
+  guint         *submitted;    /* per key: jobs submitted */
+  gint           violations;
+  gint           wrong_keys;
+  gint           done_calls;
+} OrderCheck;
+
+static gboolean
+order_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  OrderCheck *check = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+  guint key = check->job_key[i];
+  guint32 rng = i * 2654435761u + 1;
+
+  if (g_strcmp0 (kd_job_get_key (job), check->keys[key]) != 0)
+    g_atomic_int_inc (&check->wrong_keys);
+
+  /* Two jobs of one key at once would both see 0 here. */
+  if (!g_atomic_int_compare_and_exchange (&check->running[key], 0, 1))
+    g_atomic_int_inc (&check->violations);
+
+  if (check->next_seq[key] != check->job_seq[i])
+    g_atomic_int_inc (&check->violations);
+  check->next_seq[key] = check->job_seq[i] + 1;
+
+  /* A random job length, so that keys overtake each other. */
+  kd_test_spin (kd_test_xorshift (&rng) % 2000);
+
+  g_atomic_int_set (&check->running[key], 0);
+  return TRUE;
+}
+
+static void
+order_done (KdJob        *job,
+            const GError *error,
+            gpointer      user_data)
+{
+  OrderCheck *check = user_data;
+
+  g_assert_no_error (error);
+  g_atomic_int_inc (&check->done_calls);
+}
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  OrderCheck   *check;
+  guint         parity;  /* this producer submits the keys of this parity */
+} OrderProducer;
+
+static gpointer
+order_produce (gpointer data)
+{
+  OrderProducer *producer = data;
+  OrderCheck *check = producer->check;
+  guint i;
+
+  for (i = 0; i < check->n_jobs; i++)
+    {
+      GError *error = NULL;
+
+      if (check->job_key[i] % 2 != producer->parity)
+        continue;
+      g_assert_true (kd_dispatcher_submit (producer->dispatcher, check->keys[check->job_key[i]],
+                                           GUINT_TO_POINTER (i), &error));
+      g_assert_no_error (error);
+    }
+
+  return NULL;
+}
+
+static void
+test_per_key_order (void)
+{
+  OrderCheck check = { 0 };
+  OrderProducer producers[2];
+  GThread *threads[2];
+  KdDispatcher *dispatcher;
+  GRand *rand = g_rand_new_with_seed (20261121);
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("Jobs of one key run in submission order and never two at once, "
+                  "with 10,000 keys, 8 workers, 2 producers and random job lengths");
+
+  check.n_keys = 10000;
+  check.n_jobs = kd_test_size (200000, 2000000);
+  check.keys = g_new (char *, check.n_keys);
+  check.job_key = g_new (guint, check.n_jobs);
+  check.job_seq = g_new (guint, check.n_jobs);
+  check.running = g_new0 (gint, check.n_keys);
+  check.next_seq = g_new0 (guint, check.n_keys);
+  check.submitted = g_new0 (guint, check.n_keys);
+
+  for (i = 0; i < check.n_keys; i++)
+    check.keys[i] = g_strdup_printf ("client-%u", i);
+  for (i = 0; i < check.n_jobs; i++)
+    {
+      guint key = g_rand_int_range (rand, 0, (gint32) check.n_keys);
+
+      check.job_key[i] = key;
+      check.job_seq[i] = check.submitted[key]++;
+    }
+
+  dispatcher = kd_dispatcher_new (8, order_handler, &check, NULL);
+  kd_dispatcher_set_fanout (dispatcher, 2);
+  kd_dispatcher_set_done_func (dispatcher, order_done, &check, NULL);
+
+  for (i = 0; i < 2; i++)
+    {
+      producers[i].dispatcher = dispatcher;
+      producers[i].check = &check;
+      producers[i].parity = i;
+      threads[i] = g_thread_new ("producer", order_produce, &producers[i]);
+    }
+  for (i = 0; i < 2; i++)
+    g_thread_join (threads[i]);
+
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (check.violations, ==, 0);
+  g_assert_cmpint (check.wrong_keys, ==, 0);
+  g_assert_cmpint (check.done_calls, ==, check.n_jobs);
+  for (i = 0; i < check.n_keys; i++)
+    g_assert_cmpuint (check.next_seq[i], ==, check.submitted[i]);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, check.n_jobs);
+  g_assert_cmpuint (stats.completed, ==, check.n_jobs);
+  g_assert_cmpuint (stats.failed + stats.cancelled + stats.rejected, ==, 0);
+  g_assert_cmpuint (stats.pending, ==, 0);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+
+  g_object_unref (dispatcher);
+
+  for (i = 0; i < check.n_keys; i++)
+    g_free (check.keys[i]);
+  g_free (check.keys);
+  g_free (check.job_key);
+  g_free (check.job_seq);
+  g_free (check.running);
+  g_free (check.next_seq);
+  g_free (check.submitted);
+  g_rand_free (rand);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Unkeyed jobs really run in parallel                                      */
+
+typedef struct
+{
+  GMutex lock;
+  GCond  cond;
+  guint  arrived;
+  guint  expected;
+  gint   all_met;   /* handlers that saw every other one running */
+} Rendezvous;
+
+static gboolean
+rendezvous_handler (KdJob    *job,
+                    gpointer  user_data,
+                    GError  **error)
+{
+  Rendezvous *rv = user_data;
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+
+  /* Blocks until every expected handler is running at the same time. */
+  kd_mutex_lock (&rv->lock);
+  rv->arrived++;
+  g_cond_broadcast (&rv->cond);
+  while (rv->arrived < rv->expected && kd_cond_wait_until (&rv->cond, &rv->lock, deadline))
+    ;
+  if (rv->arrived >= rv->expected)
+    rv->all_met++;
+  kd_mutex_unlock (&rv->lock);
+
+  return TRUE;
+}
+
+static void
+check_parallel (guint        n_workers,
+                guint        fanout,
+                const char  *key_prefix)
+{
+  Rendezvous rv = { 0 };
+  KdDispatcher *dispatcher;
+  guint i;
+
+  g_mutex_init (&rv.lock);
+  g_cond_init (&rv.cond);
+  rv.expected = n_workers;
+
+  dispatcher = kd_dispatcher_new (n_workers, rendezvous_handler, &rv, NULL);
+  kd_dispatcher_set_fanout (dispatcher, fanout);
+  g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, MIN (fanout, n_workers));
+
+  for (i = 0; i < n_workers; i++)
+    {
+      char *key = key_prefix != NULL ? g_strdup_printf ("%s%u", key_prefix, i) : NULL;
+
+      g_assert_true (kd_dispatcher_submit (dispatcher, key, NULL, NULL));
+      g_free (key);
+    }
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (rv.all_met, ==, n_workers);
+
+  g_object_unref (dispatcher);
+  g_mutex_clear (&rv.lock);
+  g_cond_clear (&rv.cond);
+}
+
+static void
+test_unkeyed_parallel (void)
+{
+  g_test_summary ("With n_workers N, N blocking unkeyed jobs all run at once, for "
+                  "every fan-out (including one larger than N, which is clamped)");
+
+  check_parallel (1, 1, NULL);
+  check_parallel (4, 1, NULL);
+  check_parallel (4, 2, NULL);
+  check_parallel (4, 4, NULL);
+  check_parallel (5, 2, NULL);
+  check_parallel (3, 8, NULL);
+  check_parallel (8, 3, NULL);
+}
+
+static void
+test_keyed_parallel (void)
+{
+  g_test_summary ("Jobs of N different keys run at once on N workers");
+
+  check_parallel (4, 1, "k");
+  check_parallel (6, 3, "k");
+}
+
+/* ------------------------------------------------------------------------ */
+/* The admission bound                                                      */
+
+typedef struct
+{
+  KdDispatcher  *dispatcher;
+  guint          capacity;
+  KdTestCounter  started;
+  KdTestCounter  permits;     /* a handler consumes one permit to finish */
+  guint          consumed;    /* protected by permits.lock */
+  gint           live_items;  /* allocated by the test, not yet freed */
+  gint           max_live;
+  gint           over_bound;  /* times the exact pending count exceeded the bound */
+  gint           freed;
+} Bound;
+
+static Bound *bound_for_item_free;
+
+static gpointer
+bound_item_new (Bound *bound)
+{
+  gint live = g_atomic_int_add (&bound->live_items, 1) + 1;
+  gint max = g_atomic_int_get (&bound->max_live);
+
+  while (live > max && !g_atomic_int_compare_and_exchange (&bound->max_live, max, live))
+    max = g_atomic_int_get (&bound->max_live);
+
+  return g_new0 (guint, 1);
+}
+
+static void
+bound_item_free (gpointer item)
+{
+  g_atomic_int_add (&bound_for_item_free->live_items, -1);
+  g_atomic_int_inc (&bound_for_item_free->freed);
+  g_free (item);
+}
+
+static gboolean
+bound_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Bound *bound = user_data;
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gboolean permitted;
+
+  if (kd_dispatcher_get_admitted (bound->dispatcher) > bound->capacity)
+    g_atomic_int_inc (&bound->over_bound);
+  kd_test_counter_add (&bound->started, 1);
+
+  /* Finish only when the test hands out a permit. */
+  kd_mutex_lock (&bound->permits.lock);
+  while (bound->permits.value == bound->consumed &&
+         kd_cond_wait_until (&bound->permits.cond, &bound->permits.lock, deadline))
+    ;
+  permitted = bound->permits.value > bound->consumed;
+  if (permitted)
+    bound->consumed++;
+  kd_mutex_unlock (&bound->permits.lock);
+
+  g_assert_true (permitted);
+  return TRUE;
+}
+
+static void
+bound_init (Bound *bound,
+            guint  n_workers,
+            guint  capacity)
+{
+  memset (bound, 0, sizeof *bound);
+  kd_test_counter_init (&bound->started);
+  kd_test_counter_init (&bound->permits);
+  bound->capacity = capacity;
+  bound->dispatcher = kd_dispatcher_new (n_workers, bound_handler, bound, NULL);
+  kd_dispatcher_set_capacity (bound->dispatcher, capacity);
+  kd_dispatcher_set_item_free (bound->dispatcher, bound_item_free);
+  bound_for_item_free = bound;
+}
+
+static void
+bound_clear (Bound *bound)
+{
+  g_object_unref (bound->dispatcher);
+  kd_test_counter_clear (&bound->started);
+  kd_test_counter_clear (&bound->permits);
+  bound_for_item_free = NULL;
+}
+
+typedef struct
+{
+  Bound    *bound;
+  gpointer  item;
+  gboolean  accepted;
+  GError   *error;
+} BlockedSubmit;
+
+static gpointer
+blocked_submit_thread (gpointer data)
+{
+  BlockedSubmit *submit = data;
+
+  submit->accepted = kd_dispatcher_submit (submit->bound->dispatcher, "blocked",
+                                           submit->item, &submit->error);
+  return NULL;
+}
+
+static void
+test_bound (void)
+{
+  Bound bound;
+  BlockedSubmit blocked = { 0 };
+  GThread *thread;
+  GError *error = NULL;
+  gpointer refused;
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("Never more than capacity jobs pending: submit blocks until a job "
+                  "ends, try_submit fails with FULL, submit_timeout with TIMEOUT, and "
+                  "a refused item stays the caller's");
+
+  bound_init (&bound, 2, 8);
+
+  for (i = 0; i < 8; i++)
+    {
+      char key[8];
+
+      g_snprintf (key, sizeof key, "k%u", i % 3);
+      g_assert_true (kd_dispatcher_try_submit (bound.dispatcher, i < 6 ? key : NULL,
+                                               bound_item_new (&bound), &error));
+      g_assert_no_error (error);
+    }
+  g_assert_true (kd_test_counter_wait (&bound.started, 2));
+  g_assert_cmpuint (kd_dispatcher_get_admitted (bound.dispatcher), ==, 8);
+
+  refused = bound_item_new (&bound);
+  g_assert_false (kd_dispatcher_try_submit (bound.dispatcher, "k0", refused, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_FULL);
+  g_clear_error (&error);
+
+  g_assert_false (kd_dispatcher_try_submit (bound.dispatcher, NULL, refused, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_FULL);
+  g_clear_error (&error);
+
+  g_assert_false (kd_dispatcher_submit_timeout (bound.dispatcher, "k1", refused, 2000, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_TIMEOUT);
+  g_clear_error (&error);
+
+  g_assert_false (kd_dispatcher_submit_timeout (bound.dispatcher, NULL, refused, 0, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_TIMEOUT);
+  g_clear_error (&error);
+
+  /* Nothing ran or freed the refused item. */
+  g_assert_cmpint (g_atomic_int_get (&bound.freed), ==, 0);
+  kd_dispatcher_get_stats (bound.dispatcher, &stats);
+  g_assert_cmpuint (stats.rejected, ==, 4);
+  g_assert_cmpuint (stats.submitted, ==, 8);
+  g_assert_cmpuint (stats.pending, ==, 8);
+
+  /* A blocking submit sleeps while the bound is reached... */
+  blocked.bound = &bound;
+  blocked.item = refused;
+  thread = g_thread_new ("blocked-submit", blocked_submit_thread, &blocked);
+  kd_dispatcher_wait_blocked_submitters (bound.dispatcher, 1);
+  g_assert_cmpuint (kd_dispatcher_get_admitted (bound.dispatcher), ==, 8);
+
+  /* ...and is admitted as soon as one job ends. */
+  kd_test_counter_add (&bound.permits, 1);
+  g_thread_join (thread);
+  g_assert_true (blocked.accepted);
+  g_assert_no_error (blocked.error);
+  g_assert_cmpuint (kd_dispatcher_get_admitted (bound.dispatcher), <=, 8);
+
+  kd_test_counter_add (&bound.permits, 1000);
+  kd_dispatcher_wait (bound.dispatcher);
+
+  kd_dispatcher_get_stats (bound.dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, 9);
+  g_assert_cmpuint (stats.completed, ==, 9);
+  g_assert_cmpuint (stats.pending, ==, 0);
+  g_assert_cmpint (bound.freed, ==, 9);
+  g_assert_cmpint (bound.live_items, ==, 0);
+  g_assert_cmpint (bound.over_bound, ==, 0);
+
+  bound_clear (&bound);
+}
+
+typedef struct
+{
+  gint  live;
+  gint  max_live;
+  gint  over_bound;
+  guint capacity;
+  KdDispatcher *dispatcher;
+} Flood;
+
+static Flood *flood_for_item_free;
+
+static void
+flood_item_free (gpointer item)
+{
+  g_atomic_int_add (&flood_for_item_free->live, -1);
+  g_free (item);
+}
+
+static gboolean
+slow_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  Flood *flood = user_data;
+
+  if (kd_dispatcher_get_admitted (flood->dispatcher) > flood->capacity)
+    g_atomic_int_inc (&flood->over_bound);
+  kd_test_spin (20000);
+  return TRUE;
+}
+
+static void
+test_bound_flat_memory (void)
+{
+  Flood flood = { 0 };
+  guint n_jobs;
+  guint i;
+  struct mallinfo2 before, after;
+
+  g_test_summary ("A producer that outruns the workers by far keeps memory flat: "
+                  "at most capacity items exist beyond the one in the producer's hand");
+
+  flood.capacity = 16;
+  n_jobs = 100 * flood.capacity;
+  flood_for_item_free = &flood;
+  flood.dispatcher = kd_dispatcher_new (1, slow_handler, &flood, NULL);
+  kd_dispatcher_set_capacity (flood.dispatcher, flood.capacity);
+  kd_dispatcher_set_item_free (flood.dispatcher, flood_item_free);
+
+  before = mallinfo2 ();
+  for (i = 0; i < n_jobs; i++)
+    {
+      gint live = g_atomic_int_add (&flood.live, 1) + 1;
+
+      flood.max_live = MAX (flood.max_live, live);
+      g_assert_true (kd_dispatcher_submit (flood.dispatcher, (i % 2) ? "k" : NULL,
+                                           g_malloc (1024), NULL));
+    }
+  after = mallinfo2 ();
+  kd_dispatcher_wait (flood.dispatcher);
+
+  /* The item being submitted is counted before its submit is admitted. */
+  g_assert_cmpint (flood.max_live, <=, (gint) flood.capacity + 1);
+  g_assert_cmpint (flood.over_bound, ==, 0);
+  g_assert_cmpint (flood.live, ==, 0);
+
+  /* With glibc's allocator, the heap in use grew by less than the 1600 KiB
+   * the items would take if the queue were unbounded. */
+  if (before.uordblks != 0)
+    g_assert_cmpuint (after.uordblks, <, before.uordblks + 256 * 1024);
+
+  g_object_unref (flood.dispatcher);
+  flood_for_item_free = NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* wait is a reusable barrier                                               */
+
+static gboolean
+count_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  g_atomic_int_inc ((gint *) user_data);
+  return TRUE;
+}
+
+static void
+test_wait_batches (void)
+{
+  KdDispatcher *dispatcher;
+  gint ran = 0;
+  guint n_batches = kd_test_size (1000, 10000);
+  guint batch;
+
+  g_test_summary ("wait returns once the batch submitted before it has ended, "
+                  "1,000 batches in a row on one dispatcher");
+
+  dispatcher = kd_dispatcher_new (4, count_handler, &ran, NULL);
+  kd_dispatcher_set_fanout (dispatcher, 2);
+
+  for (batch = 0; batch < n_batches; batch++)
+    {
+      KdStats stats;
+      guint i;
+
+      for (i = 0; i < 20; i++)
+        {
+          char key[16];
+
+          g_snprintf (key, sizeof key, "k%u", (batch + i) % 7);
+          g_assert_true (kd_dispatcher_submit (dispatcher, (i % 3) ? key : NULL, NULL, NULL));
+        }
+      kd_dispatcher_wait (dispatcher);
+
+      g_assert_cmpint (g_atomic_int_get (&ran), ==, (batch + 1) * 20);
+      kd_dispatcher_get_stats (dispatcher, &stats);
+      g_assert_cmpuint (stats.pending, ==, 0);
+      g_assert_cmpuint (stats.live_keys, ==, 0);
+    }
+
+  /* A wait with nothing pending returns at once, any number of times. */
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_wait (dispatcher);
+
+  g_object_unref (dispatcher);
+}
+
+typedef struct
+{
+  KdDispatcher  *dispatcher;
+  KdTestGate     early_gate;   /* holds the last job of the early batch */
+  KdTestGate     late_gate;    /* holds the late jobs until the wait returned */
+  KdTestCounter  late_submitted;
+  gint           early_done;
+  gint           late_done;
+  gint           late_gate_timeouts;
+  gint           stop;
+  GThread       *late_thread;
+} Barrier;
+
+#define EARLY_JOBS 50
+
+static gboolean
+barrier_handler (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  Barrier *barrier = user_data;
+  const char *kind = kd_job_get_item (job);
+
+  if (g_str_equal (kind, "early-last"))
+    {
+      g_assert_true (kd_test_gate_wait (&barrier->early_gate));
+      g_atomic_int_inc (&barrier->early_done);
+    }
+  else if (g_str_equal (kind, "early"))
+    {
+      g_atomic_int_inc (&barrier->early_done);
+    }
+  else
+    {
+      /* Late jobs stay pending until the test saw the wait return; a wait
+       * that waited for them would leave them here until the deadline. */
+      if (g_strcmp0 (kd_job_get_key (job), "late") == 0 &&
+          !kd_test_gate_wait_for (&barrier->late_gate, 10 * G_TIME_SPAN_SECOND))
+        g_atomic_int_inc (&barrier->late_gate_timeouts);
+      g_atomic_int_inc (&barrier->late_done);
+    }
+
+  return TRUE;
+}
+
+static gpointer
+late_submitter (gpointer data)
+{
+  Barrier *barrier = data;
+
+  while (!g_atomic_int_get (&barrier->stop))
+    {
+      g_assert_true (kd_dispatcher_submit (barrier->dispatcher, "late", "late", NULL));
+      g_assert_true (kd_dispatcher_submit (barrier->dispatcher, NULL, "late", NULL));
+      kd_test_counter_add (&barrier->late_submitted, 2);
+    }
+
+  return NULL;
+}
+
+/* Called inside the wait, once the jobs it waits for are fixed. */
+static void
+barrier_sealed (gpointer user_data)
+{
+  Barrier *barrier = user_data;
+
+  barrier->late_thread = g_thread_new ("late-submitter", late_submitter, barrier);
+  g_assert_true (kd_test_counter_wait (&barrier->late_submitted, 200));
+  kd_test_gate_open (&barrier->early_gate);
+}
+
+static void
+test_wait_not_delayed (void)
+{
+  Barrier barrier = { 0 };
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("wait is not delayed by jobs another thread keeps submitting "
+                  "during the call");
+
+  kd_test_gate_init (&barrier.early_gate);
+  kd_test_gate_init (&barrier.late_gate);
+  kd_test_counter_init (&barrier.late_submitted);
+
+  barrier.dispatcher = kd_dispatcher_new (4, barrier_handler, &barrier, NULL);
+  kd_dispatcher_set_capacity (barrier.dispatcher, 1 << 20);
+
+  for (i = 0; i < EARLY_JOBS; i++)
+    g_assert_true (kd_dispatcher_submit (barrier.dispatcher, (i % 2) ? "early" : NULL,
+                                         "early", NULL));
+  g_assert_true (kd_dispatcher_submit (barrier.dispatcher, "early", "early-last", NULL));
+
+  kd_dispatcher_wait_sealed (barrier.dispatcher, barrier_sealed, &barrier);
+
+  /* Every early job ended; the late ones held by the gate are still pending. */
+  g_assert_cmpint (g_atomic_int_get (&barrier.early_done), ==, EARLY_JOBS + 1);
+  kd_dispatcher_get_stats (barrier.dispatcher, &stats);
+  g_assert_cmpuint (stats.pending, >, 0);
+  g_assert_cmpint (g_atomic_int_get (&barrier.late_gate_timeouts), ==, 0);
+
+  g_atomic_int_set (&barrier.stop, TRUE);
+  kd_test_gate_open (&barrier.late_gate);
+  g_thread_join (barrier.late_thread);
+  kd_dispatcher_wait (barrier.dispatcher);
+
+  g_assert_cmpint (barrier.late_done, ==, kd_test_counter_get (&barrier.late_submitted));
+  g_assert_cmpint (barrier.late_gate_timeouts, ==, 0);
+
+  g_object_unref (barrier.dispatcher);
+  kd_test_gate_clear (&barrier.early_gate);
+  kd_test_gate_clear (&barrier.late_gate);
+  kd_test_counter_clear (&barrier.late_submitted);
+}
+
+/* ------------------------------------------------------------------------ */
+/* close                                                                    */
+
+typedef struct
+{
+  KdTestGate    gate;
+  KdTestCounter started;
+  gint          done_calls;
+  gint          freed;
+} Closing;
+
+static gboolean
+gated_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Closing *closing = user_data;
+
+  kd_test_counter_add (&closing->started, 1);
+  g_assert_true (kd_test_gate_wait (&closing->gate));
+  return TRUE;
+}
+
+static void
+closing_done (KdJob        *job,
+              const GError *error,
+              gpointer      user_data)
+{
+  Closing *closing = user_data;
+
+  g_assert_no_error (error);
+  g_atomic_int_inc (&closing->done_calls);
+}
+
+static void
+closing_item_free (gpointer item)
+{
+  g_atomic_int_inc ((gint *) item);
+}
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  gint         *item;
+  gboolean      accepted;
+  GError       *error;
+} ClosedSubmit;
+
+static gpointer
+submit_until_closed (gpointer data)
+{
+  ClosedSubmit *submit = data;
+
+  submit->accepted = kd_dispatcher_submit (submit->dispatcher, NULL, submit->item,
+                                           &submit->error);
+  return NULL;
+}
+
+static void
+test_close (void)
+{
+  Closing closing = { 0 };
+  KdDispatcher *dispatcher;
+  ClosedSubmit blocked = { 0 };
+  GThread *thread;
+  GError *error = NULL;
+  gint refused_item = 0;
+  gint accepted_item = 0;
+  guint threads_before = kd_test_count_threads ();
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("close is idempotent; submits afterwards fail with CLOSED (even when "
+                  "full, and wake blocked submitters), the item untouched and no "
+                  "callback run; accepted jobs still run; then the workers exit");
+
+  kd_test_gate_init (&closing.gate);
+  kd_test_counter_init (&closing.started);
+  dispatcher = kd_dispatcher_new (2, gated_handler, &closing, NULL);
+  kd_dispatcher_set_capacity (dispatcher, 4);
+  kd_dispatcher_set_done_func (dispatcher, closing_done, &closing, NULL);
+  kd_dispatcher_set_item_free (dispatcher, closing_item_free);
+
+  for (i = 0; i < 4; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, (i % 2) ? "k" : NULL, &accepted_item, NULL));
+  g_assert_true (kd_test_counter_wait (&closing.started, 2));
+
+  blocked.dispatcher = dispatcher;
+  blocked.item = &refused_item;
+  thread = g_thread_new ("blocked", submit_until_closed, &blocked);
+  kd_dispatcher_wait_blocked_submitters (dispatcher, 1);
+
+  kd_dispatcher_close (dispatcher);
+  kd_dispatcher_close (dispatcher);
+
+  g_thread_join (thread);
+  g_assert_false (blocked.accepted);
+  g_assert_error (blocked.error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&blocked.error);
+
+  /* Full and closed: closed wins, and the timed submit does not wait. */
+  g_assert_false (kd_dispatcher_submit (dispatcher, "k", &refused_item, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  g_assert_false (kd_dispatcher_try_submit (dispatcher, NULL, &refused_item, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  g_assert_false (kd_dispatcher_submit_timeout (dispatcher, "k", &refused_item,
+                                                G_TIME_SPAN_HOUR, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+
+  kd_test_gate_open (&closing.gate);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (refused_item, ==, 0);
+  g_assert_cmpint (accepted_item, ==, 4);
+  g_assert_cmpint (closing.done_calls, ==, 4);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, 4);
+  g_assert_cmpuint (stats.completed, ==, 4);
+  g_assert_cmpuint (stats.rejected, ==, 4);
+  g_assert_cmpuint (stats.pending, ==, 0);
+
+  /* Closed and drained: wait joined the workers. */
+  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+
+  kd_dispatcher_close (dispatcher);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (refused_item, ==, 0);
+  kd_test_gate_clear (&closing.gate);
+  kd_test_counter_clear (&closing.started);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cancellation                                                             */
+
+#define CANCEL_BLOCKERS 2
+#define CANCEL_QUEUED   300
+#define CANCEL_KEYS     10
+
+typedef struct
+{
+  KdTestCounter  started;
+  gint           saw_cancelled;
+  gint           completed;
+  gint           cancelled_done;
+  gint           other_errors;
+  gint           order_violations;
+  gint           freed[CANCEL_BLOCKERS + CANCEL_QUEUED];
+  gint           last_seq[CANCEL_KEYS];
+  GThread       *main_thread;
+} Cancel;
+
+static void
+wake_on_cancel (GCancellable *cancellable,
+                gpointer      user_data)
+{
+  KdTestGate *gate = user_data;
+
+  kd_test_gate_open (gate);
+}
+
+static gboolean
+cancel_handler (KdJob    *job,
+                gpointer  user_data,
+                GError  **error)
+{
+  Cancel *cancel = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job)) - 1;
+
+  if (i < CANCEL_BLOCKERS)
+    {
+      GCancellable *cancellable = kd_job_get_cancellable (job);
+      KdTestGate gate;
+      gulong id;
+
+      /* Runs until the dispatcher is cancelled, as a long job would. */
+      kd_test_gate_init (&gate);
+      id = g_cancellable_connect (cancellable, G_CALLBACK (wake_on_cancel), &gate, NULL);
+      kd_test_counter_add (&cancel->started, 1);
+      g_assert_true (kd_test_gate_wait (&gate));
+      g_cancellable_disconnect (cancellable, id);
+      kd_test_gate_clear (&gate);
+
+      if (g_cancellable_is_cancelled (cancellable))
+        g_atomic_int_inc (&cancel->saw_cancelled);
+      g_cancellable_set_error_if_cancelled (cancellable, error);
+      return FALSE;
+    }
+
+  g_atomic_int_inc (&cancel->completed);
+  return TRUE;
+}
+
+static void
+cancel_done (KdJob        *job,
+             const GError *error,
+             gpointer      user_data)
+{
+  Cancel *cancel = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job)) - 1;
+  const char *key = kd_job_get_key (job);
+
+  if (!g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
+    {
+      g_atomic_int_inc (&cancel->other_errors);
+      return;
+    }
+
+  if (i >= CANCEL_BLOCKERS)
+    g_atomic_int_inc (&cancel->cancelled_done);
+
+  /* Handed back in per-key order. */
+  if (key != NULL && i >= CANCEL_BLOCKERS)
+    {
+      guint k = (guint) g_ascii_strtoull (key + 1, NULL, 10);
+      gint seq = (gint) (i - CANCEL_BLOCKERS);
+
+      if (cancel->last_seq[k] >= seq)
+        g_atomic_int_inc (&cancel->order_violations);
+      cancel->last_seq[k] = seq;
+    }
+}
+
+static Cancel *cancel_for_item_free;
+
+static void
+cancel_item_free (gpointer item)
+{
+  /* The item is an index + 1. */
+  g_atomic_int_inc (&cancel_for_item_free->freed[GPOINTER_TO_UINT (item) - 1]);
+}
+
+static void
+test_cancel (void)
+{
+  Cancel cancel = { 0 };
+  KdDispatcher *dispatcher;
+  GError *error = NULL;
+  guint threads_before = kd_test_count_threads ();
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("Cancelling the cancellable hands back every queued job with "
+                  "G_IO_ERROR_CANCELLED through the done callback and item_free, in "
+                  "per-key order; running handlers see it; the accounting holds; no "
+                  "thread of the dispatcher is left");
+
+  kd_test_counter_init (&cancel.started);
+  cancel_for_item_free = &cancel;
+  for (i = 0; i < CANCEL_KEYS; i++)
+    cancel.last_seq[i] = -1;
+
+  dispatcher = kd_dispatcher_new (CANCEL_BLOCKERS, cancel_handler, &cancel, NULL);
+  kd_dispatcher_set_done_func (dispatcher, cancel_done, &cancel, NULL);
+  kd_dispatcher_set_item_free (dispatcher, cancel_item_free);
+
+  for (i = 0; i < CANCEL_BLOCKERS; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i + 1), NULL));
+  g_assert_true (kd_test_counter_wait (&cancel.started, CANCEL_BLOCKERS));
+
+  /* Both workers are busy: these all stay queued. */
+  for (i = CANCEL_BLOCKERS; i < CANCEL_BLOCKERS + CANCEL_QUEUED; i++)
+    {
+      char key[8];
+
+      g_snprintf (key, sizeof key, "k%u", i % CANCEL_KEYS);
+      g_assert_true (kd_dispatcher_submit (dispatcher, (i % 4) ? key : NULL,
+                                           GUINT_TO_POINTER (i + 1), NULL));
+    }
+
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
+
+  g_assert_false (kd_dispatcher_submit (dispatcher, "k1", GUINT_TO_POINTER (1), &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (cancel.saw_cancelled, ==, CANCEL_BLOCKERS);
+  g_assert_cmpint (cancel.completed, ==, 0);
+  g_assert_cmpint (cancel.cancelled_done, ==, CANCEL_QUEUED);
+  g_assert_cmpint (cancel.other_errors, ==, 0);
+  g_assert_cmpint (cancel.order_violations, ==, 0);
+  for (i = 0; i < CANCEL_BLOCKERS + CANCEL_QUEUED; i++)
+    g_assert_cmpint (cancel.freed[i], ==, 1);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, CANCEL_BLOCKERS + CANCEL_QUEUED);
+  g_assert_cmpuint (stats.failed, ==, CANCEL_BLOCKERS);
+  g_assert_cmpuint (stats.cancelled, ==, CANCEL_QUEUED);
+  g_assert_cmpuint (stats.completed, ==, 0);
+  g_assert_cmpuint (stats.pending, ==, 0);
+  g_assert_cmpuint (stats.submitted, ==,
+                    stats.completed + stats.failed + stats.cancelled + stats.pending);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+
+  /* No thread of the dispatcher is left. */
+  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+
+  g_object_unref (dispatcher);
+  cancel_for_item_free = NULL;
+  kd_test_counter_clear (&cancel.started);
+}
+
+static void
+test_cancel_before_submit (void)
+{
+  GCancellable *cancellable = g_cancellable_new ();
+  KdDispatcher *dispatcher;
+  GError *error = NULL;
+  gint ran = 0;
+  guint threads_before = kd_test_count_threads ();
+
+  g_test_summary ("A dispatcher given an already cancelled cancellable refuses "
+                  "every submit and never starts a thread");
+
+  g_cancellable_cancel (cancellable);
+  dispatcher = kd_dispatcher_new (2, count_handler, &ran, NULL);
+  kd_dispatcher_set_cancellable (dispatcher, cancellable);
+  g_assert_true (kd_dispatcher_get_cancellable (dispatcher) == cancellable);
+
+  g_assert_false (kd_dispatcher_submit (dispatcher, "k", NULL, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+  g_assert_cmpint (ran, ==, 0);
+
+  g_object_unref (dispatcher);
+  g_object_unref (cancellable);
+}
+
+/* ------------------------------------------------------------------------ */
+/* A failing handler's error                                                */
+
+#define TEST_ERROR (g_quark_from_static_string ("kd-test-error"))
+
+typedef struct
+{
+  GError *raised[100];
+  gint    matched;
+  gint    completed;
+} Failing;
+
+static gboolean
+failing_handler (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  Failing *failing = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  if (i % 2 == 0)
+    return TRUE;
+
+  g_set_error (error, TEST_ERROR, 40 + (gint) i, "job %u failed", i);
+  failing->raised[i] = *error;
+  return FALSE;
+}
+
+static void
+failing_done (KdJob        *job,
+              const GError *error,
+              gpointer      user_data)
+{
+  Failing *failing = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+  char *message;
+
+  if (i % 2 == 0)
+    {
+      g_assert_no_error (error);
+      g_atomic_int_inc (&failing->completed);
+      return;
+    }
+
+  /* The very error the handler set: same object, domain, code and message. */
+  message = g_strdup_printf ("job %u failed", i);
+  g_assert_true (error == failing->raised[i]);
+  g_assert_error (error, TEST_ERROR, 40 + (gint) i);
+  g_assert_cmpstr (error->message, ==, message);
+  g_free (message);
+  g_atomic_int_inc (&failing->matched);
+}
+
+static void
+test_handler_error (void)
+{
+  Failing failing = { 0 };
+  KdDispatcher *dispatcher;
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("A failing handler's GError reaches the done callback unchanged "
+                  "and is freed afterwards");
+
+  dispatcher = kd_dispatcher_new (3, failing_handler, &failing, NULL);
+  kd_dispatcher_set_done_func (dispatcher, failing_done, &failing, NULL);
+
+  for (i = 0; i < 100; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, (i % 3) ? "k" : NULL,
+                                         GUINT_TO_POINTER (i), NULL));
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (failing.matched, ==, 50);
+  g_assert_cmpint (failing.completed, ==, 50);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.failed, ==, 50);
+  g_assert_cmpuint (stats.completed, ==, 50);
+
+  g_object_unref (dispatcher);
+}
+
+static gboolean
+silent_failure_handler (KdJob    *job,
+                        gpointer  user_data,
+                        GError  **error)
+{
+  return FALSE;
+}
+
+static void
+record_error_code (KdJob        *job,
+                   const GError *error,
+                   gpointer      user_data)
+{
+  *(gint *) user_data = error != NULL ? error->code : -1;
+}
+
+static void
+test_handler_error_missing (void)
+{
+  KdDispatcher *dispatcher;
+  gint code = -2;
+
+  g_test_summary ("A handler that fails without setting an error is reported, and "
+                  "its job still ends failed with an error");
+
+  dispatcher = kd_dispatcher_new (1, silent_failure_handler, NULL, NULL);
+  kd_dispatcher_set_done_func (dispatcher, record_error_code, &code, NULL);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*FALSE without setting an error*");
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, NULL, NULL));
+  kd_dispatcher_wait (dispatcher);
+  g_test_assert_expected_messages ();
+
+  g_assert_cmpint (code, ==, G_IO_ERROR_FAILED);
+  g_object_unref (dispatcher);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Done callbacks on a GMainContext                                         */
+
+#define CONTEXT_KEYS 50
+
+typedef struct
+{
+  GThread *context_thread;
+  gint     wrong_thread;
+  gint     order_violations;
+  guint    delivered;
+  guint    freed;
+  gint     last_seq[CONTEXT_KEYS];
+} Delivery;
+
+static Delivery *delivery_for_item_free;
+
+static gboolean
+context_handler (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  Delivery *delivery = user_data;
+
+  if (g_thread_self () == delivery->context_thread)
+    g_atomic_int_inc (&delivery->wrong_thread);
+  return TRUE;
+}
+
+static void
+context_done (KdJob        *job,
+              const GError *error,
+              gpointer      user_data)
+{
+  Delivery *delivery = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job)) - 1;
+  const char *key = kd_job_get_key (job);
+  guint k;
+
+  g_assert_no_error (error);
+  if (g_thread_self () != delivery->context_thread)
+    delivery->wrong_thread++;
+
+  g_assert_nonnull (key);
+  k = (guint) g_ascii_strtoull (key + 1, NULL, 10);
+  g_assert_cmpuint (k, ==, i % CONTEXT_KEYS);
+  if (delivery->last_seq[k] >= (gint) i)
+    delivery->order_violations++;
+  delivery->last_seq[k] = (gint) i;
+  delivery->delivered++;
+}
+
+static void
+context_item_free (gpointer item)
+{
+  if (g_thread_self () != delivery_for_item_free->context_thread)
+    delivery_for_item_free->wrong_thread++;
+  delivery_for_item_free->freed++;
+}
+
+static KdDispatcher *
+context_dispatcher_new (Delivery     *delivery,
+                        GMainContext *context,
+                        guint         capacity)
+{
+  KdDispatcher *dispatcher = kd_dispatcher_new (4, context_handler, delivery, NULL);
+  guint i;
+
+  memset (delivery, 0, sizeof *delivery);
+  delivery->context_thread = g_thread_self ();
+  for (i = 0; i < CONTEXT_KEYS; i++)
+    delivery->last_seq[i] = -1;
+  delivery_for_item_free = delivery;
+
+  kd_dispatcher_set_capacity (dispatcher, capacity);
+  kd_dispatcher_set_main_context (dispatcher, context);
+  kd_dispatcher_set_done_func (dispatcher, context_done, delivery, NULL);
+  kd_dispatcher_set_item_free (dispatcher, context_item_free);
+
+  return dispatcher;
+}
+
+static void
+submit_context_jobs (KdDispatcher *dispatcher,
+                     guint         n_jobs)
+{
+  guint i;
+
+  for (i = 0; i < n_jobs; i++)
+    {
+      char key[8];
+
+      g_snprintf (key, sizeof key, "k%u", i % CONTEXT_KEYS);
+      g_assert_true (kd_dispatcher_submit (dispatcher, key, GUINT_TO_POINTER (i + 1), NULL));
+    }
+}
+
+static void
+test_main_context (void)
+{
+  GMainContext *context = g_main_context_new ();
+  Delivery delivery;
+  KdDispatcher *dispatcher;
+  guint n_jobs = 5000;
+  KdStats stats;
+
+  g_test_summary ("With a main context, done callbacks and item_free run in the "
+                  "context's thread, in per-key order; jobs waiting for delivery "
+                  "no longer count against the bound");
+
+  /* Capacity 8 and 5,000 jobs submitted without iterating the context: a
+   * job waiting for delivery has ended, so the submits never block for good. */
+  dispatcher = context_dispatcher_new (&delivery, context, 8);
+  submit_context_jobs (dispatcher, n_jobs);
+  kd_dispatcher_wait (dispatcher);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, n_jobs);
+  g_assert_cmpuint (stats.pending, ==, 0);
+
+  while (delivery.delivered < n_jobs)
+    g_main_context_iteration (context, TRUE);
+
+  g_assert_cmpuint (delivery.delivered, ==, n_jobs);
+  g_assert_cmpuint (delivery.freed, ==, n_jobs);
+  g_assert_cmpint (delivery.wrong_thread, ==, 0);
+  g_assert_cmpint (delivery.order_violations, ==, 0);
+
+  g_object_unref (dispatcher);
+  g_main_context_unref (context);
+  delivery_for_item_free = NULL;
+}
+
+static void
+test_main_context_unref_delivers (void)
+{
+  GMainContext *context = g_main_context_new ();
+  Delivery delivery;
+  KdDispatcher *dispatcher;
+  guint n_jobs = 500;
+
+  g_test_summary ("The last unref delivers the done callbacks still waiting for the "
+                  "main context before it returns");
+
+  dispatcher = context_dispatcher_new (&delivery, context, 64);
+  submit_context_jobs (dispatcher, n_jobs);
+  g_object_unref (dispatcher);
+
+  g_assert_cmpuint (delivery.delivered, ==, n_jobs);
+  g_assert_cmpuint (delivery.freed, ==, n_jobs);
+  g_assert_cmpint (delivery.wrong_thread, ==, 0);
+  g_assert_cmpint (delivery.order_violations, ==, 0);
+  g_assert_false (g_main_context_pending (context));
+
+  g_main_context_unref (context);
+  delivery_for_item_free = NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* A million distinct keys                                                  */
+
+typedef struct
+{
+  guint    n_workers;
+  guint    threads_before;
+  gint     max_threads;
+  gint     ran;
+} ManyKeys;
+
+static gboolean
+many_keys_handler (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  ManyKeys *many = user_data;
+  gint ran = g_atomic_int_add (&many->ran, 1);
+
+  /* Sample the thread count now and then: it must not follow the keys. */
+  if (ran % 50000 == 0)
+    {
+      gint threads = (gint) kd_test_count_threads ();
+      gint max = g_atomic_int_get (&many->max_threads);
+
+      while (threads > max &&
+             !g_atomic_int_compare_and_exchange (&many->max_threads, max, threads))
+        max = g_atomic_int_get (&many->max_threads);
+    }
+  return TRUE;
+}
+
+static void
+test_many_keys (void)
+{
+  ManyKeys many = { 0 };
+  KdDispatcher *dispatcher;
+  guint n_keys = kd_test_size (1000000, 4000000);
+  struct mallinfo2 before, after;
+  char key[32];
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("1,000,000 distinct keys: the thread count does not follow the "
+                  "keys, and after wait live_keys is 0 and the memory is given back");
+
+  many.n_workers = 4;
+  many.threads_before = kd_test_count_threads ();
+  dispatcher = kd_dispatcher_new (many.n_workers, many_keys_handler, &many, NULL);
+
+  /* Warm up so that the baseline includes the workers and allocator caches. */
+  g_assert_true (kd_dispatcher_submit (dispatcher, "warm-up", NULL, NULL));
+  kd_dispatcher_wait (dispatcher);
+  malloc_trim (0);
+  before = mallinfo2 ();
+
+  for (i = 0; i < n_keys; i++)
+    {
+      /* The buffer is reused at once: keys are copied at submit. */
+      g_snprintf (key, sizeof key, "client-%u", i);
+      g_assert_true (kd_dispatcher_submit (dispatcher, key, NULL, NULL));
+    }
+  kd_dispatcher_wait (dispatcher);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+  g_assert_cmpuint (stats.completed, ==, n_keys + 1);
+  g_assert_cmpint (many.ran, ==, n_keys + 1);
+  g_assert_cmpint (many.max_threads, <=, (gint) (many.threads_before + many.n_workers));
+
+  malloc_trim (0);
+  after = mallinfo2 ();
+  /* A mailbox takes about 100 bytes: keeping them would hold ~100 MB. */
+  if (before.uordblks != 0)
+    g_assert_cmpuint (after.uordblks, <, before.uordblks + 1024 * 1024);
+  else
+    g_test_message ("no heap statistics under this allocator; live_keys checked only");
+
+  g_object_unref (dispatcher);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Last unref                                                               */
+
+typedef struct
+{
+  KdTestGate     gate;
+  KdTestGate     finalized;    /* opened by the user_data destroy notify */
+  KdTestCounter  started;
+  gint           ran;
+  gint           done_calls;
+  gint           freed;
+  gint           done_destroyed;
+  KdDispatcher  *dispatcher;   /* the reference a handler drops */
+  gint           unref_in;     /* 0: a thread; 1: handler; 2: done callback */
+} Unref;
+
+static Unref *unref_for_item_free;
+
+static gboolean
+unref_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Unref *unref = user_data;
+
+  kd_test_counter_add (&unref->started, 1);
+  if (GPOINTER_TO_UINT (kd_job_get_item (job)) == 1)
+    {
+      g_assert_true (kd_test_gate_wait (&unref->gate));
+      if (unref->unref_in == 1)
+        g_object_unref (g_steal_pointer (&unref->dispatcher));
+    }
+  g_atomic_int_inc (&unref->ran);
+  return TRUE;
+}
+
+static void
+unref_done (KdJob        *job,
+            const GError *error,
+            gpointer      user_data)
+{
+  Unref *unref = user_data;
+
+  g_assert_no_error (error);
+  g_atomic_int_inc (&unref->done_calls);
+  if (unref->unref_in == 2 && GPOINTER_TO_UINT (kd_job_get_item (job)) == 1)
+    g_object_unref (g_steal_pointer (&unref->dispatcher));
+}
+
+static void
+unref_item_free (gpointer item)
+{
+  g_atomic_int_inc (&unref_for_item_free->freed);
+}
+
+static void
+unref_user_data_free (gpointer user_data)
+{
+  Unref *unref = user_data;
+
+  kd_test_gate_open (&unref->finalized);
+}
+
+static void
+unref_done_destroy (gpointer user_data)
+{
+  Unref *unref = user_data;
+
+  g_atomic_int_inc (&unref->done_destroyed);
+}
+
+static void
+unref_setup (Unref *unref,
+             gint   unref_in)
+{
+  guint i;
+
+  memset (unref, 0, sizeof *unref);
+  kd_test_gate_init (&unref->gate);
+  kd_test_gate_init (&unref->finalized);
+  kd_test_counter_init (&unref->started);
+  unref->unref_in = unref_in;
+  unref_for_item_free = unref;
+
+  unref->dispatcher = kd_dispatcher_new (2, unref_handler, unref, unref_user_data_free);
+  kd_dispatcher_set_done_func (unref->dispatcher, unref_done, unref, unref_done_destroy);
+  kd_dispatcher_set_item_free (unref->dispatcher, unref_item_free);
+
+  /* Job 1 blocks on the gate; the others queue behind it on its key and
+   * run on the other worker. */
+  for (i = 1; i <= 200; i++)
+    g_assert_true (kd_dispatcher_submit (unref->dispatcher, (i % 2) ? "k" : NULL,
+                                         GUINT_TO_POINTER (i), NULL));
+  g_assert_true (kd_test_counter_wait (&unref->started, 1));
+}
+
+static void
+unref_check_and_clear (Unref *unref)
+{
+  g_assert_cmpint (unref->ran, ==, 200);
+  g_assert_cmpint (unref->done_calls, ==, 200);
+  g_assert_cmpint (unref->freed, ==, 200);
+  g_assert_cmpint (unref->done_destroyed, ==, 1);
+  g_assert_null (unref->dispatcher);
+
+  kd_test_gate_clear (&unref->gate);
+  kd_test_gate_clear (&unref->finalized);
+  kd_test_counter_clear (&unref->started);
+  unref_for_item_free = NULL;
+}
+
+static gpointer
+unref_thread (gpointer data)
+{
+  Unref *unref = data;
+
+  g_object_unref (g_steal_pointer (&unref->dispatcher));
+
+  /* When the last unref returns, every job ended and every notify ran. */
+  g_assert_cmpint (g_atomic_int_get (&unref->freed), ==, 200);
+  g_assert_cmpint (g_atomic_int_get (&unref->done_destroyed), ==, 1);
+  g_assert_true (kd_test_gate_wait_for (&unref->finalized, 0));
+  return NULL;
+}
+
+static void
+test_unref_other_thread (void)
+{
+  Unref unref;
+  GThread *thread;
+
+  g_test_summary ("The last unref from another thread while jobs run closes, lets "
+                  "every accepted job end and joins the workers, without deadlock");
+
+  unref_setup (&unref, 0);
+  thread = g_thread_new ("unref", unref_thread, &unref);
+  kd_test_gate_open (&unref.gate);
+  g_thread_join (thread);
+  unref_check_and_clear (&unref);
+}
+
+static void
+check_unref_inside (gint unref_in)
+{
+  Unref unref;
+
+  unref_setup (&unref, unref_in);
+  kd_test_gate_open (&unref.gate);
+
+  /* The unref inside returned at once; the shutdown completes on its own. */
+  g_assert_true (kd_test_gate_wait (&unref.finalized));
+  unref_check_and_clear (&unref);
+}
+
+static void
+test_unref_in_handler (void)
+{
+  g_test_summary ("The last unref from inside a handler returns at once and the "
+                  "shutdown completes on its own: every job ends, every notify runs");
+
+  check_unref_inside (1);
+}
+
+static void
+test_unref_in_done (void)
+{
+  g_test_summary ("The last unref from inside a done callback on a worker completes "
+                  "the shutdown on its own");
+
+  check_unref_inside (2);
+}
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  GMainContext *context;
+  guint         delivered;
+  gint          finalized;
+} ContextUnref;
+
+static void
+unref_in_context_done (KdJob        *job,
+                       const GError *error,
+                       gpointer      user_data)
+{
+  ContextUnref *cu = user_data;
+
+  if (++cu->delivered == 1)
+    g_object_unref (g_steal_pointer (&cu->dispatcher));
+}
+
+static void
+context_unref_finalized (gpointer user_data)
+{
+  ContextUnref *cu = user_data;
+  GMainContext *context = g_main_context_ref (cu->context);
+
+  /* Runs on the shutdown thread: wake the loop that waits for it. Once
+   * finalized is set the test may return, so touch nothing of it after. */
+  g_atomic_int_set (&cu->finalized, TRUE);
+  g_main_context_wakeup (context);
+  g_main_context_unref (context);
+}
+
+static void
+test_unref_in_context_done (void)
+{
+  GMainContext *context = g_main_context_new ();
+  ContextUnref cu = { 0 };
+  gint ran = 0;
+  guint i;
+
+  g_test_summary ("The last unref from inside a done callback on the main context "
+                  "returns at once; the remaining deliveries still arrive there");
+
+  cu.context = context;
+  cu.dispatcher = kd_dispatcher_new (2, count_handler, &ran, NULL);
+  kd_dispatcher_set_main_context (cu.dispatcher, context);
+  kd_dispatcher_set_done_func (cu.dispatcher, unref_in_context_done, &cu,
+                               context_unref_finalized);
+  for (i = 0; i < 100; i++)
+    g_assert_true (kd_dispatcher_submit (cu.dispatcher, "k", NULL, NULL));
+  kd_dispatcher_wait (cu.dispatcher);
+
+  while (!g_atomic_int_get (&cu.finalized))
+    g_main_context_iteration (context, TRUE);
+
+  g_assert_null (cu.dispatcher);
+  g_assert_cmpuint (cu.delivered, ==, 100);
+  g_assert_cmpint (ran, ==, 100);
+  g_main_context_unref (context);
+}
+
+/* ------------------------------------------------------------------------ */
+/* A worker submitting to its own dispatcher                                */
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  KdTestGate    hold;       /* holds the second job until the first finished */
+  gint          hold_timeouts;
+  gboolean      accepted[3];
+  GError       *errors[3];
+  gint          inner_ran;
+} SelfSubmit;
+
+static gboolean
+self_submit_handler (KdJob    *job,
+                     gpointer  user_data,
+                     GError  **error)
+{
+  SelfSubmit *self_submit = user_data;
+  const char *what = kd_job_get_item (job);
+
+  if (g_str_equal (what, "submitter"))
+    {
+      /* The dispatcher is full (this job and the held one): a worker must
+       * not wait for room that only workers can make. */
+      self_submit->accepted[0] = kd_dispatcher_submit (self_submit->dispatcher, "x", "inner",
+                                                       &self_submit->errors[0]);
+      self_submit->accepted[1] = kd_dispatcher_submit_timeout (self_submit->dispatcher, NULL,
+                                                               "inner", G_TIME_SPAN_HOUR,
+                                                               &self_submit->errors[1]);
+      self_submit->accepted[2] = kd_dispatcher_try_submit (self_submit->dispatcher, NULL,
+                                                           "inner", &self_submit->errors[2]);
+      kd_test_gate_open (&self_submit->hold);
+    }
+  else if (g_str_equal (what, "held"))
+    {
+      if (!kd_test_gate_wait_for (&self_submit->hold, 10 * G_TIME_SPAN_SECOND))
+        g_atomic_int_inc (&self_submit->hold_timeouts);
+    }
+  else
+    {
+      g_atomic_int_inc (&self_submit->inner_ran);
+    }
+
+  return TRUE;
+}
+
+static void
+test_submit_from_worker (void)
+{
+  SelfSubmit self_submit = { 0 };
+  guint i;
+
+  g_test_summary ("A submit from one of the dispatcher's own workers never deadlocks "
+                  "when the bound is reached: it fails with KD_ERROR_FULL at once");
+
+  kd_test_gate_init (&self_submit.hold);
+  self_submit.dispatcher = kd_dispatcher_new (2, self_submit_handler, &self_submit, NULL);
+  kd_dispatcher_set_capacity (self_submit.dispatcher, 2);
+
+  g_assert_true (kd_dispatcher_submit (self_submit.dispatcher, NULL, "held", NULL));
+  g_assert_true (kd_dispatcher_submit (self_submit.dispatcher, NULL, "submitter", NULL));
+  kd_dispatcher_wait (self_submit.dispatcher);
+
+  g_assert_cmpint (self_submit.hold_timeouts, ==, 0);
+  for (i = 0; i < 3; i++)
+    {
+      g_assert_false (self_submit.accepted[i]);
+      g_assert_error (self_submit.errors[i], KD_ERROR, KD_ERROR_FULL);
+      g_clear_error (&self_submit.errors[i]);
+    }
+  g_assert_cmpint (self_submit.inner_ran, ==, 0);
+
+  g_object_unref (self_submit.dispatcher);
+  kd_test_gate_clear (&self_submit.hold);
+}
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  gint          depth_ran;
+} Chain;
+
+static gboolean
+chain_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Chain *chain = user_data;
+  guint depth = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  g_atomic_int_inc (&chain->depth_ran);
+  if (depth < 100)
+    g_assert_true (kd_dispatcher_submit (chain->dispatcher, kd_job_get_key (job),
+                                         GUINT_TO_POINTER (depth + 1), NULL));
+  return TRUE;
+}
+
+static void
+test_submit_from_worker_room (void)
+{
+  Chain chain = { 0 };
+
+  g_test_summary ("A worker may submit to its own dispatcher while there is room");
+
+  chain.dispatcher = kd_dispatcher_new (2, chain_handler, &chain, NULL);
+  kd_dispatcher_set_capacity (chain.dispatcher, 4);
+  g_assert_true (kd_dispatcher_submit (chain.dispatcher, "chain", GUINT_TO_POINTER (1), NULL));
+  g_assert_true (kd_dispatcher_submit (chain.dispatcher, NULL, GUINT_TO_POINTER (1), NULL));
+
+  /* Each job submits the next before it ends; wait until both chains ran. */
+  while (g_atomic_int_get (&chain.depth_ran) < 200)
+    kd_dispatcher_wait (chain.dispatcher);
+  g_assert_cmpint (chain.depth_ran, ==, 200);
+
+  g_object_unref (chain.dispatcher);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Bad input                                                                */
+
+static gboolean
+noop_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  return TRUE;
+}
+
+static void
+test_bad_input_preconditions (void)
+{
+  KdDispatcher *dispatcher;
+  gint item = 0;
+  KdStats stats;
+
+  g_test_summary ("NULL self or handler, capacity 0, fan-out 0 and configuration "
+                  "after the first submit are criticals, and the setting is ignored");
+
+  if (!g_test_undefined ())
+    return;
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*handler != NULL*");
+  g_assert_null (kd_dispatcher_new (1, NULL, NULL, NULL));
+  g_test_assert_expected_messages ();
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*KD_IS_DISPATCHER*");
+  g_assert_false (kd_dispatcher_submit (NULL, "k", &item, NULL));
+  g_test_assert_expected_messages ();
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*KD_IS_DISPATCHER*");
+  g_assert_false (kd_dispatcher_try_submit (NULL, NULL, &item, NULL));
+  g_test_assert_expected_messages ();
+
+  dispatcher = kd_dispatcher_new (1, noop_handler, NULL, NULL);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*capacity > 0*");
+  kd_dispatcher_set_capacity (dispatcher, 0);
+  g_test_assert_expected_messages ();
+  g_assert_cmpuint (kd_dispatcher_get_capacity (dispatcher), ==, 1024);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*n_dispatchers > 0*");
+  kd_dispatcher_set_fanout (dispatcher, 0);
+  g_test_assert_expected_messages ();
+  g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, 1);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*stats != NULL*");
+  kd_dispatcher_get_stats (dispatcher, NULL);
+  g_test_assert_expected_messages ();
+
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", NULL, NULL));
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_dispatcher_set_capacity (dispatcher, 7);
+  g_test_assert_expected_messages ();
+  g_assert_cmpuint (kd_dispatcher_get_capacity (dispatcher), ==, 1024);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_dispatcher_set_fanout (dispatcher, 2);
+  g_test_assert_expected_messages ();
+  g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, 1);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_dispatcher_set_item_free (dispatcher, g_free);
+  g_test_assert_expected_messages ();
+
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, 1);
+  g_assert_cmpint (item, ==, 0);
+
+  g_object_unref (dispatcher);
+}
+
+typedef struct
+{
+  KdTestGate     gate;
+  KdTestCounter  started;
+  GPtrArray     *seen;       /* keys as the handlers saw them, in order per key */
+  GMutex         lock;
+  gint           null_items;
+} Keys;
+
+static gboolean
+keys_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  Keys *keys = user_data;
+  const char *key = kd_job_get_key (job);
+
+  g_assert_nonnull (key);
+  if (kd_job_get_item (job) == NULL)
+    g_atomic_int_inc (&keys->null_items);
+
+  kd_mutex_lock (&keys->lock);
+  g_ptr_array_add (keys->seen, g_strdup (key));
+  kd_mutex_unlock (&keys->lock);
+
+  kd_test_counter_add (&keys->started, 1);
+  g_assert_true (kd_test_gate_wait (&keys->gate));
+  return TRUE;
+}
+
+static void
+item_free_must_not_run (gpointer item)
+{
+  g_error ("item_free ran for a NULL item");
+}
+
+static void
+test_keys_as_bytes (void)
+{
+  static const char *distinct[] = {
+    "", "a", "A", "a\xff", "a\xfe", "\xc3\xa9" /* é, NFC */, "e\xcc\x81" /* é, NFD */,
+    "k", "k ", " k",
+  };
+  Keys keys = { 0 };
+  KdDispatcher *dispatcher;
+  guint n = G_N_ELEMENTS (distinct);
+  char *big_key;
+  gsize big_size = 1024 * 1024;
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("The empty string is a key, a 1 MiB key works, keys are copied at "
+                  "submit and compared as byte strings, NULL items are allowed");
+
+  kd_test_gate_init (&keys.gate);
+  kd_test_counter_init (&keys.started);
+  g_mutex_init (&keys.lock);
+  keys.seen = g_ptr_array_new_with_free_func (g_free);
+
+  dispatcher = kd_dispatcher_new (n + 2, keys_handler, &keys, NULL);
+  kd_dispatcher_set_item_free (dispatcher, item_free_must_not_run);
+
+  for (i = 0; i < n; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, distinct[i], NULL, NULL));
+
+  /* Two 1 MiB keys that differ in their last byte; the buffer is changed
+   * right after each submit. */
+  big_key = g_malloc (big_size + 1);
+  memset (big_key, 'x', big_size);
+  big_key[big_size] = '\0';
+  g_assert_true (kd_dispatcher_submit (dispatcher, big_key, NULL, NULL));
+  big_key[big_size - 1] = 'y';
+  g_assert_true (kd_dispatcher_submit (dispatcher, big_key, NULL, NULL));
+  big_key[big_size - 1] = 'z';
+
+  /* Every key got a mailbox of its own and all run at once. */
+  g_assert_true (kd_test_counter_wait (&keys.started, n + 2));
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.live_keys, ==, n + 2);
+
+  kd_test_gate_open (&keys.gate);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpuint (keys.seen->len, ==, n + 2);
+  for (i = 0; i < n; i++)
+    {
+      guint j, found = 0;
+
+      for (j = 0; j < keys.seen->len; j++)
+        found += strcmp (g_ptr_array_index (keys.seen, j), distinct[i]) == 0;
+      g_assert_cmpuint (found, ==, 1);
+    }
+  for (i = 0; i < 2; i++)
+    {
+      guint j, found = 0;
+
+      big_key[big_size - 1] = i == 0 ? 'x' : 'y';
+      for (j = 0; j < keys.seen->len; j++)
+        found += strcmp (g_ptr_array_index (keys.seen, j), big_key) == 0;
+      g_assert_cmpuint (found, ==, 1);
+    }
+  g_assert_cmpint (keys.null_items, ==, n + 2);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+
+  g_object_unref (dispatcher);
+  g_free (big_key);
+  g_ptr_array_unref (keys.seen);
+  g_mutex_clear (&keys.lock);
+  kd_test_gate_clear (&keys.gate);
+  kd_test_counter_clear (&keys.started);
+}
+
+typedef struct
+{
+  gint next;
+  gint violations;
+} EmptyKey;
+
+static gboolean
+empty_key_handler (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  EmptyKey *empty = user_data;
+
+  g_assert_cmpstr (kd_job_get_key (job), ==, "");
+  if (GPOINTER_TO_INT (kd_job_get_item (job)) != empty->next)
+    empty->violations++;
+  empty->next++;
+  return TRUE;
+}
+
+static void
+test_empty_key_order (void)
+{
+  EmptyKey empty = { 0 };
+  KdDispatcher *dispatcher;
+  gint i;
+
+  g_test_summary ("Jobs keyed by the empty string run in order, one at a time");
+
+  dispatcher = kd_dispatcher_new (4, empty_key_handler, &empty, NULL);
+  for (i = 0; i < 5000; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, "", GINT_TO_POINTER (i), NULL));
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (empty.next, ==, 5000);
+  g_assert_cmpint (empty.violations, ==, 0);
+  g_object_unref (dispatcher);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stats snapshots and logging                                              */
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  guint         capacity;
+  guint         n_workers;
+  gint          stop;
+  gint          bad_snapshots;
+  guint         snapshots;
+} Monitor;
+
+static gpointer
+monitor_thread (gpointer data)
+{
+  Monitor *monitor = data;
+  KdStats last = { 0 };
+
+  while (!g_atomic_int_get (&monitor->stop))
+    {
+      KdStats stats;
+
+      kd_dispatcher_get_stats (monitor->dispatcher, &stats);
+      monitor->snapshots++;
+      if (stats.submitted != stats.completed + stats.failed + stats.cancelled + stats.pending ||
+          stats.pending > monitor->capacity ||
+          stats.running > monitor->n_workers ||
+          stats.submitted < last.submitted ||
+          stats.completed < last.completed)
+        g_atomic_int_inc (&monitor->bad_snapshots);
+      last = stats;
+    }
+
+  return NULL;
+}
+
+static gboolean
+mixed_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  kd_test_spin (i % 500);
+  if (i % 7 == 0)
+    {
+      g_set_error_literal (error, TEST_ERROR, 1, "every seventh job fails");
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static void
+test_stats_snapshots (void)
+{
+  Monitor monitor = { 0 };
+  GThread *thread;
+  guint n_jobs = kd_test_size (100000, 1000000);
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("Every stats snapshot taken during a run satisfies submitted == "
+                  "completed + failed + cancelled + pending, pending <= capacity and "
+                  "running <= n_workers");
+
+  monitor.capacity = 64;
+  monitor.n_workers = 4;
+  monitor.dispatcher = kd_dispatcher_new (monitor.n_workers, mixed_handler, NULL, NULL);
+  kd_dispatcher_set_capacity (monitor.dispatcher, monitor.capacity);
+  thread = g_thread_new ("monitor", monitor_thread, &monitor);
+
+  for (i = 0; i < n_jobs; i++)
+    {
+      char key[8];
+
+      g_snprintf (key, sizeof key, "k%u", i % 100);
+      g_assert_true (kd_dispatcher_submit (monitor.dispatcher, (i % 3) ? key : NULL,
+                                           GUINT_TO_POINTER (i), NULL));
+    }
+  kd_dispatcher_wait (monitor.dispatcher);
+  g_atomic_int_set (&monitor.stop, TRUE);
+  g_thread_join (thread);
+
+  g_assert_cmpuint (monitor.snapshots, >, 0);
+  g_assert_cmpint (monitor.bad_snapshots, ==, 0);
+  kd_dispatcher_get_stats (monitor.dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, n_jobs);
+  g_assert_cmpuint (stats.failed, ==, (n_jobs + 6) / 7);
+  g_assert_cmpuint (stats.completed, ==, n_jobs - (n_jobs + 6) / 7);
+  g_assert_cmpuint (stats.running, ==, 0);
+
+  g_object_unref (monitor.dispatcher);
+}
+
+static void
+test_debug_logging (void)
+{
+  KdDispatcher *dispatcher;
+  GLogLevelFlags fatal_before;
+  GLogLevelFlags fatal_after;
+
+  g_test_summary ("Debug messages go to the kdispatch log domain, and using a "
+                  "dispatcher changes nothing process-wide in logging");
+
+  fatal_before = g_log_set_always_fatal (G_LOG_FATAL_MASK);
+  g_log_set_always_fatal (fatal_before);
+
+  dispatcher = kd_dispatcher_new (1, noop_handler, NULL, NULL);
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_DEBUG, "*started 1 workers*");
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, NULL, NULL));
+  g_test_assert_expected_messages ();
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_DEBUG, "*cancelled*");
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
+  g_test_assert_expected_messages ();
+
+  kd_dispatcher_wait (dispatcher);
+  g_object_unref (dispatcher);
+
+  fatal_after = g_log_set_always_fatal (G_LOG_FATAL_MASK);
+  g_log_set_always_fatal (fatal_after);
+  g_assert_cmpint (fatal_after, ==, fatal_before);
+}
+
+int
+main (int    argc,
+      char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+
+  g_test_add_func ("/kd/dispatcher/per-key-order", test_per_key_order);
+  g_test_add_func ("/kd/dispatcher/unkeyed-parallel", test_unkeyed_parallel);
+  g_test_add_func ("/kd/dispatcher/keyed-parallel", test_keyed_parallel);
+  g_test_add_func ("/kd/dispatcher/bound", test_bound);
+  g_test_add_func ("/kd/dispatcher/bound-flat-memory", test_bound_flat_memory);
+  g_test_add_func ("/kd/dispatcher/wait-batches", test_wait_batches);
+  g_test_add_func ("/kd/dispatcher/wait-not-delayed", test_wait_not_delayed);
+  g_test_add_func ("/kd/dispatcher/close", test_close);
+  g_test_add_func ("/kd/dispatcher/cancel", test_cancel);
+  g_test_add_func ("/kd/dispatcher/cancel-before-submit", test_cancel_before_submit);
+  g_test_add_func ("/kd/dispatcher/handler-error", test_handler_error);
+  g_test_add_func ("/kd/dispatcher/handler-error-missing", test_handler_error_missing);
+  g_test_add_func ("/kd/dispatcher/main-context", test_main_context);
+  g_test_add_func ("/kd/dispatcher/main-context-unref-delivers", test_main_context_unref_delivers);
+  g_test_add_func ("/kd/dispatcher/many-keys", test_many_keys);
+  g_test_add_func ("/kd/dispatcher/unref-other-thread", test_unref_other_thread);
+  g_test_add_func ("/kd/dispatcher/unref-in-handler", test_unref_in_handler);
+  g_test_add_func ("/kd/dispatcher/unref-in-done", test_unref_in_done);
+  g_test_add_func ("/kd/dispatcher/unref-in-context-done", test_unref_in_context_done);
+  g_test_add_func ("/kd/dispatcher/submit-from-worker", test_submit_from_worker);
+  g_test_add_func ("/kd/dispatcher/submit-from-worker-room", test_submit_from_worker_room);
+  g_test_add_func ("/kd/dispatcher/bad-input", test_bad_input_preconditions);
+  g_test_add_func ("/kd/dispatcher/keys-as-bytes", test_keys_as_bytes);
+  g_test_add_func ("/kd/dispatcher/empty-key-order", test_empty_key_order);
+  g_test_add_func ("/kd/dispatcher/stats-snapshots", test_stats_snapshots);
+  g_test_add_func ("/kd/dispatcher/debug-logging", test_debug_logging);
+
+  return g_test_run ();
+}
