@@ -29,6 +29,7 @@ struct _KdAdmission
 
   /* Set before the first acquire, read-only afterwards */
   guint capacity;
+  guint slack;          /* free units that make a release wake submitters */
 
   /* Serializes barrier waiters; held while one waits. */
   GMutex barrier_lock;
@@ -44,6 +45,8 @@ struct _KdAdmission
 typedef void (*KdSealedFunc) (gpointer user_data);
 
 void     kd_admission_init           (KdAdmission  *self,
+                                      guint         capacity);
+void     kd_admission_set_capacity   (KdAdmission  *self,
                                       guint         capacity);
 void     kd_admission_clear          (KdAdmission  *self);
 gboolean kd_admission_acquire        (KdAdmission  *self,

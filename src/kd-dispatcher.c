@@ -721,7 +721,7 @@ kd_dispatcher_set_capacity (KdDispatcher *self,
   g_return_if_fail (capacity > 0);
 
   if (check_configurable (self, G_STRFUNC))
-    self->admission.capacity = MIN (capacity, KD_ADMISSION_CAPACITY_MAX);
+    kd_admission_set_capacity (&self->admission, capacity);
 }
 
 /**

@@ -450,6 +450,41 @@ test_bound (void)
   bound_clear (&bound);
 }
 
+static void
+test_bound_small_gap (void)
+{
+  Bound bound;
+  BlockedSubmit blocked = { 0 };
+  GThread *thread;
+  guint i;
+
+  g_test_summary ("With a large bound, a blocked submit is admitted even when only "
+                  "one slot frees and every other job waits for that submitter");
+
+  bound_init (&bound, 64, 64);
+  for (i = 0; i < 64; i++)
+    g_assert_true (kd_dispatcher_submit (bound.dispatcher, NULL, bound_item_new (&bound), NULL));
+  g_assert_true (kd_test_counter_wait (&bound.started, 64));
+
+  blocked.bound = &bound;
+  blocked.item = bound_item_new (&bound);
+  thread = g_thread_new ("blocked-submit", blocked_submit_thread, &blocked);
+  kd_dispatcher_wait_blocked_submitters (bound.dispatcher, 1);
+
+  /* One slot frees; the other 63 handlers hold theirs until the blocked
+   * submit returned. */
+  kd_test_counter_add (&bound.permits, 1);
+  g_thread_join (thread);
+  g_assert_true (blocked.accepted);
+  g_assert_no_error (blocked.error);
+
+  kd_test_counter_add (&bound.permits, 1000);
+  kd_dispatcher_wait (bound.dispatcher);
+  g_assert_cmpint (bound.freed, ==, 65);
+  g_assert_cmpint (bound.over_bound, ==, 0);
+  bound_clear (&bound);
+}
+
 typedef struct
 {
   gint  live;
@@ -2099,6 +2134,7 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/unkeyed-parallel", test_unkeyed_parallel);
   g_test_add_func ("/kd/dispatcher/keyed-parallel", test_keyed_parallel);
   g_test_add_func ("/kd/dispatcher/bound", test_bound);
+  g_test_add_func ("/kd/dispatcher/bound-small-gap", test_bound_small_gap);
   g_test_add_func ("/kd/dispatcher/bound-flat-memory", test_bound_flat_memory);
   g_test_add_func ("/kd/dispatcher/wait-batches", test_wait_batches);
   g_test_add_func ("/kd/dispatcher/wait-not-delayed", test_wait_not_delayed);

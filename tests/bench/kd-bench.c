@@ -1,0 +1,1277 @@
+/* kd-bench.c: the kdispatch benchmark
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * Runs the workloads of BENCH.md exactly as written there, each one with
+ * kdispatch and with its plain-GLib baseline in the same invocation, and
+ * reports medians over the repetitions and the ratio kdispatch / baseline.
+ * Every run checks its results (order, counts, xor); a failed check makes the
+ * program exit with status 1.
+ *
+ *   W1  1,000,000 unkeyed jobs, slot[i]++; bound 1024; 2 dispatchers x 2 workers
+ *       baseline: g_thread_pool_push to a 4-thread pool
+ *   W2  1,000,000 jobs over 1,000 keys, per-key sequence check; 4 workers
+ *       baseline: a GAsyncQueue mailbox per key, pushed to a 4-thread
+ *       GThreadPool each time it goes from empty to non-empty
+ *   W3  100,000 keys x 10 jobs (key churn), same job and baseline as W2;
+ *       peak RSS, and live keys after wait
+ *   W4  20,000 CPU-bound jobs of ~50 us, 2 workers; efficiency against the
+ *       serial loop time / 2; baseline: a 2-thread GThreadPool
+ *   L1  200,000 keyed jobs over 1,000 keys at 50 % of the measured W2
+ *       capacity; submit->start and submit->done latency percentiles
+ *
+ * Timing runs from just before the first submit until every job has ended;
+ * creating the dispatcher or pool is outside it. Keys ("k%u") are formatted
+ * before timing, and the benchmark allocates nothing per job (the job index
+ * is packed into the item pointer). Peak RSS is VmHWM, reset before each run
+ * through /proc/self/clear_refs.
+ */
+
+#include <kdispatch/kdispatch.h>
+#include <malloc.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define CACHE_LINE 64
+
+typedef struct
+{
+  gint64 value;
+  char   padding[CACHE_LINE - sizeof (gint64)];
+} PaddedLast;
+
+typedef struct
+{
+  double   seconds;
+  double   rate;          /* jobs per second */
+  guint64  peak_rss_kib;
+  gboolean ok;
+  char     check[160];    /* what the check found */
+  double   efficiency;    /* W4: ideal_seconds / seconds */
+  double   ideal_seconds; /* W4: the serial time / 2, measured in the same repetition */
+  double   live_keys;     /* W3, kdispatch only */
+  /* L1, in microseconds */
+  double   start_p50, start_p99, start_p999, start_max;
+  double   done_p50, done_p99, done_p999, done_max;
+  double   offered_rate;
+} RunResult;
+
+typedef struct
+{
+  /* Options */
+  guint    n_jobs;        /* 0: the workload's own size */
+  guint    n_workers;     /* 0: the workload's own count */
+  guint    capacity;
+  gboolean baseline;
+
+  /* W2's measured kdispatch and baseline capacity, for L1 */
+  double   w2_kd_rate;
+  double   w2_glib_rate;
+} Bench;
+
+typedef struct
+{
+  const char *id;
+  const char *title;
+  gboolean  (*run_kd)   (Bench *bench, RunResult *result);
+  gboolean  (*run_glib) (Bench *bench, RunResult *result);
+} Workload;
+
+/* ------------------------------------------------------------------------ */
+/* Clocks and memory                                                         */
+
+static inline gint64
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (gint64) ts.tv_sec * G_GINT64_CONSTANT (1000000000) + ts.tv_nsec;
+}
+
+static void
+reset_peak_rss (void)
+{
+  FILE *file;
+
+  /* Give back what earlier runs freed, then reset VmHWM to the current RSS
+   * (writing 5 to clear_refs, Linux >= 4.0). */
+  malloc_trim (0);
+  file = fopen ("/proc/self/clear_refs", "w");
+
+  if (file != NULL)
+    {
+      fputs ("5", file);
+      fclose (file);
+    }
+}
+
+static guint64
+peak_rss_kib (void)
+{
+  char *status = NULL;
+  guint64 kib = 0;
+  char *line;
+
+  if (!g_file_get_contents ("/proc/self/status", &status, NULL, NULL))
+    return 0;
+  line = strstr (status, "VmHWM:");
+  if (line != NULL)
+    kib = g_ascii_strtoull (line + 6, NULL, 10);
+  g_free (status);
+
+  return kib;
+}
+
+static char **
+format_keys (guint n_keys)
+{
+  char **keys = g_new (char *, n_keys + 1);
+  guint i;
+
+  for (i = 0; i < n_keys; i++)
+    keys[i] = g_strdup_printf ("k%u", i);
+  keys[n_keys] = NULL;
+
+  return keys;
+}
+
+static void
+finish_run (RunResult *result,
+            gint64     start_ns,
+            gint64     end_ns,
+            guint      n_jobs)
+{
+  result->seconds = (double) (end_ns - start_ns) / 1e9;
+  result->rate = n_jobs / result->seconds;
+  result->peak_rss_kib = peak_rss_kib ();
+}
+
+/* ------------------------------------------------------------------------ */
+/* The plain-GLib baselines                                                  */
+
+/* Counts ended jobs; the submitter waits for the last one. */
+typedef struct
+{
+  GMutex lock;
+  GCond  cond;
+  gint   remaining;
+} Completion;
+
+static void
+completion_init (Completion *completion,
+                 guint       n_jobs)
+{
+  g_mutex_init (&completion->lock);
+  g_cond_init (&completion->cond);
+  completion->remaining = (gint) n_jobs;
+}
+
+static void
+completion_clear (Completion *completion)
+{
+  g_mutex_clear (&completion->lock);
+  g_cond_clear (&completion->cond);
+}
+
+static inline void
+completion_done (Completion *completion)
+{
+  if (g_atomic_int_dec_and_test (&completion->remaining))
+    {
+      g_mutex_lock (&completion->lock);
+      g_cond_broadcast (&completion->cond);
+      g_mutex_unlock (&completion->lock);
+    }
+}
+
+static void
+completion_wait (Completion *completion)
+{
+  g_mutex_lock (&completion->lock);
+  while (g_atomic_int_get (&completion->remaining) > 0)
+    g_cond_wait (&completion->cond, &completion->lock);
+  g_mutex_unlock (&completion->lock);
+}
+
+/* The plain-GLib actor: a GAsyncQueue mailbox per key, pushed to a
+ * GThreadPool each time it goes from empty to non-empty. */
+typedef struct _GlibActors GlibActors;
+
+typedef struct
+{
+  GAsyncQueue *queue;
+  gboolean     scheduled;   /* protected by the queue's lock */
+  GlibActors  *actors;
+} GlibMailbox;
+
+typedef void (*GlibJobFunc) (guint index, gpointer user_data);
+
+struct _GlibActors
+{
+  GMutex        lock;        /* protects table */
+  GHashTable   *table;       /* key → GlibMailbox */
+  GThreadPool  *pool;
+  GlibJobFunc   func;
+  gpointer      user_data;
+  Completion    completion;
+};
+
+static void
+glib_mailbox_free (gpointer data)
+{
+  GlibMailbox *mailbox = data;
+
+  g_async_queue_unref (mailbox->queue);
+  g_free (mailbox);
+}
+
+static void
+glib_actor_run (gpointer data,
+                gpointer user_data)
+{
+  GlibMailbox *mailbox = data;
+  GlibActors *actors = mailbox->actors;
+
+  for (;;)
+    {
+      gpointer item;
+
+      g_async_queue_lock (mailbox->queue);
+      item = g_async_queue_try_pop_unlocked (mailbox->queue);
+      if (item == NULL)
+        {
+          mailbox->scheduled = FALSE;
+          g_async_queue_unlock (mailbox->queue);
+          return;
+        }
+      g_async_queue_unlock (mailbox->queue);
+
+      actors->func (GPOINTER_TO_UINT (item) - 1, actors->user_data);
+      completion_done (&actors->completion);
+    }
+}
+
+static void
+glib_actors_init (GlibActors  *actors,
+                  guint        n_workers,
+                  guint        n_jobs,
+                  GlibJobFunc  func,
+                  gpointer     user_data)
+{
+  g_mutex_init (&actors->lock);
+  actors->table = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, glib_mailbox_free);
+  actors->pool = g_thread_pool_new (glib_actor_run, actors, (gint) n_workers, TRUE, NULL);
+  actors->func = func;
+  actors->user_data = user_data;
+  completion_init (&actors->completion, n_jobs);
+}
+
+static void
+glib_actors_submit (GlibActors *actors,
+                    const char *key,
+                    guint       index)
+{
+  GlibMailbox *mailbox;
+  gboolean schedule;
+
+  g_mutex_lock (&actors->lock);
+  mailbox = g_hash_table_lookup (actors->table, key);
+  if (mailbox == NULL)
+    {
+      mailbox = g_new0 (GlibMailbox, 1);
+      mailbox->queue = g_async_queue_new ();
+      mailbox->actors = actors;
+      g_hash_table_insert (actors->table, g_strdup (key), mailbox);
+    }
+  g_mutex_unlock (&actors->lock);
+
+  g_async_queue_lock (mailbox->queue);
+  g_async_queue_push_unlocked (mailbox->queue, GUINT_TO_POINTER (index + 1));
+  schedule = !mailbox->scheduled;
+  mailbox->scheduled = TRUE;
+  g_async_queue_unlock (mailbox->queue);
+
+  if (schedule)
+    g_thread_pool_push (actors->pool, mailbox, NULL);
+}
+
+static void
+glib_actors_clear (GlibActors *actors)
+{
+  g_thread_pool_free (actors->pool, FALSE, TRUE);
+  g_hash_table_unref (actors->table);
+  g_mutex_clear (&actors->lock);
+  completion_clear (&actors->completion);
+}
+
+/* ------------------------------------------------------------------------ */
+/* W1: unkeyed fan-out                                                       */
+
+#define W1_JOBS 1000000
+
+typedef struct
+{
+  guint8     *slots;
+  Completion  completion;
+} W1;
+
+static gboolean
+w1_handler (KdJob    *job,
+            gpointer  user_data,
+            GError  **error)
+{
+  W1 *w1 = user_data;
+
+  w1->slots[GPOINTER_TO_UINT (kd_job_get_item (job))]++;
+  return TRUE;
+}
+
+static void
+w1_pool_func (gpointer data,
+              gpointer user_data)
+{
+  W1 *w1 = user_data;
+
+  w1->slots[GPOINTER_TO_UINT (data) - 1]++;
+  completion_done (&w1->completion);
+}
+
+static gboolean
+w1_check (W1        *w1,
+          guint      n_jobs,
+          RunResult *result)
+{
+  guint bad = 0;
+  guint i;
+
+  for (i = 0; i < n_jobs; i++)
+    bad += w1->slots[i] != 1;
+  g_snprintf (result->check, sizeof result->check, "%u of %u slots != 1", bad, n_jobs);
+  return bad == 0;
+}
+
+static gboolean
+w1_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : W1_JOBS;
+  W1 w1 = { g_new0 (guint8, n_jobs) };
+  KdDispatcher *dispatcher;
+  gint64 start;
+  guint i;
+
+  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, w1_handler, &w1, NULL);
+  kd_dispatcher_set_fanout (dispatcher, 2);
+  kd_dispatcher_set_capacity (dispatcher, bench->capacity ? bench->capacity : 1024);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL);
+  kd_dispatcher_wait (dispatcher);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  g_object_unref (dispatcher);
+  result->ok = w1_check (&w1, n_jobs, result);
+  g_free (w1.slots);
+  return result->ok;
+}
+
+static gboolean
+w1_run_glib (Bench     *bench,
+             RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : W1_JOBS;
+  W1 w1 = { g_new0 (guint8, n_jobs) };
+  GThreadPool *pool;
+  gint64 start;
+  guint i;
+
+  completion_init (&w1.completion, n_jobs);
+  pool = g_thread_pool_new (w1_pool_func, &w1, bench->n_workers ? (gint) bench->n_workers : 4,
+                            TRUE, NULL);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
+  completion_wait (&w1.completion);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  g_thread_pool_free (pool, FALSE, TRUE);
+  completion_clear (&w1.completion);
+  result->ok = w1_check (&w1, n_jobs, result);
+  g_free (w1.slots);
+  return result->ok;
+}
+
+/* ------------------------------------------------------------------------ */
+/* W2 and W3: keyed                                                          */
+
+typedef struct
+{
+  guint       n_keys;
+  guint       n_jobs;
+  char      **keys;
+  PaddedLast *last;
+  gint        violations;
+} Keyed;
+
+static inline void
+keyed_job (Keyed *keyed,
+           guint  i)
+{
+  guint key = i % keyed->n_keys;
+  gint64 seq = i / keyed->n_keys;
+
+  if (keyed->last[key].value != seq - 1)
+    g_atomic_int_inc (&keyed->violations);
+  keyed->last[key].value = seq;
+}
+
+static gboolean
+keyed_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  keyed_job (user_data, GPOINTER_TO_UINT (kd_job_get_item (job)));
+  return TRUE;
+}
+
+static void
+keyed_glib_func (guint    index,
+                 gpointer user_data)
+{
+  keyed_job (user_data, index);
+}
+
+static void
+keyed_init (Keyed *keyed,
+            guint  n_keys,
+            guint  n_jobs)
+{
+  guint i;
+
+  keyed->n_keys = n_keys;
+  keyed->n_jobs = n_jobs;
+  keyed->keys = format_keys (n_keys);
+  keyed->last = g_new (PaddedLast, n_keys);
+  for (i = 0; i < n_keys; i++)
+    keyed->last[i].value = -1;
+  keyed->violations = 0;
+}
+
+static gboolean
+keyed_check (Keyed     *keyed,
+             RunResult *result)
+{
+  gint64 expected = keyed->n_jobs / keyed->n_keys - 1;
+  guint wrong = 0;
+  guint i;
+
+  for (i = 0; i < keyed->n_keys; i++)
+    wrong += keyed->last[i].value != expected;
+  g_snprintf (result->check, sizeof result->check,
+              "%d violations, %u keys with last != %" G_GINT64_FORMAT,
+              keyed->violations, wrong, expected);
+  return keyed->violations == 0 && wrong == 0;
+}
+
+static void
+keyed_clear (Keyed *keyed)
+{
+  g_strfreev (keyed->keys);
+  g_free (keyed->last);
+}
+
+static gboolean
+keyed_run_kd (Bench     *bench,
+              RunResult *result,
+              guint      n_keys,
+              guint      n_jobs)
+{
+  Keyed keyed;
+  KdDispatcher *dispatcher;
+  KdStats stats;
+  gint64 start;
+  guint i;
+
+  keyed_init (&keyed, n_keys, n_jobs);
+  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, keyed_handler,
+                                  &keyed, NULL);
+  if (bench->capacity)
+    kd_dispatcher_set_capacity (dispatcher, bench->capacity);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    kd_dispatcher_submit (dispatcher, keyed.keys[i % n_keys], GUINT_TO_POINTER (i), NULL);
+  kd_dispatcher_wait (dispatcher);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  result->live_keys = stats.live_keys;
+  g_object_unref (dispatcher);
+
+  result->ok = keyed_check (&keyed, result);
+  if (stats.live_keys != 0)
+    {
+      result->ok = FALSE;
+      g_strlcat (result->check, ", live keys after wait != 0", sizeof result->check);
+    }
+  keyed_clear (&keyed);
+  return result->ok;
+}
+
+static gboolean
+keyed_run_glib (Bench     *bench,
+                RunResult *result,
+                guint      n_keys,
+                guint      n_jobs)
+{
+  Keyed keyed;
+  GlibActors actors;
+  gint64 start;
+  guint i;
+
+  keyed_init (&keyed, n_keys, n_jobs);
+  glib_actors_init (&actors, bench->n_workers ? bench->n_workers : 4, n_jobs,
+                    keyed_glib_func, &keyed);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    glib_actors_submit (&actors, keyed.keys[i % n_keys], i);
+  completion_wait (&actors.completion);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  glib_actors_clear (&actors);
+  result->ok = keyed_check (&keyed, result);
+  keyed_clear (&keyed);
+  return result->ok;
+}
+
+#define W2_KEYS 1000
+#define W2_JOBS 1000000
+#define W3_KEYS 100000
+#define W3_ROUNDS 10
+
+static gboolean
+w2_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  gboolean ok = keyed_run_kd (bench, result, W2_KEYS, bench->n_jobs ? bench->n_jobs : W2_JOBS);
+
+  bench->w2_kd_rate = result->rate;
+  return ok;
+}
+
+static gboolean
+w2_run_glib (Bench     *bench,
+             RunResult *result)
+{
+  gboolean ok = keyed_run_glib (bench, result, W2_KEYS, bench->n_jobs ? bench->n_jobs : W2_JOBS);
+
+  bench->w2_glib_rate = result->rate;
+  return ok;
+}
+
+static guint
+w3_keys (Bench *bench)
+{
+  return bench->n_jobs ? MAX (1, bench->n_jobs / W3_ROUNDS) : W3_KEYS;
+}
+
+static gboolean
+w3_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  return keyed_run_kd (bench, result, w3_keys (bench), w3_keys (bench) * W3_ROUNDS);
+}
+
+static gboolean
+w3_run_glib (Bench     *bench,
+             RunResult *result)
+{
+  return keyed_run_glib (bench, result, w3_keys (bench), w3_keys (bench) * W3_ROUNDS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* W4: CPU-bound                                                             */
+
+#define W4_JOBS 20000
+#define W4_ROUNDS 34700
+#define W4_XOR G_GUINT64_CONSTANT (0x74be789cf6d47e06)
+
+typedef struct
+{
+  guint64    *res;
+  guint       n_jobs;
+  Completion  completion;
+} W4;
+
+static G_GNUC_NO_INLINE guint64
+w4_job (guint i)
+{
+  guint64 x = ((guint64) i + 1) * G_GUINT64_CONSTANT (0x9E3779B97F4A7C15);
+  guint r;
+
+  for (r = 0; r < W4_ROUNDS; r++)
+    {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+    }
+  return x;
+}
+
+static gboolean
+w4_handler (KdJob    *job,
+            gpointer  user_data,
+            GError  **error)
+{
+  W4 *w4 = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  w4->res[i] = w4_job (i);
+  return TRUE;
+}
+
+static void
+w4_pool_func (gpointer data,
+              gpointer user_data)
+{
+  W4 *w4 = user_data;
+  guint i = GPOINTER_TO_UINT (data) - 1;
+
+  w4->res[i] = w4_job (i);
+  completion_done (&w4->completion);
+}
+
+/* The serial time of the same jobs, halved: the ideal time on 2 workers.
+ * Measured in every repetition, since the machine's speed drifts. */
+static double
+w4_ideal_seconds (guint n_jobs)
+{
+  volatile guint64 sink = 0;
+  gint64 start = now_ns ();
+  guint i;
+
+  for (i = 0; i < n_jobs; i++)
+    sink ^= w4_job (i);
+  (void) sink;
+
+  return (double) (now_ns () - start) / 1e9 / 2;
+}
+
+static gboolean
+w4_check (W4        *w4,
+          RunResult *result)
+{
+  guint64 x = 0;
+  guint i;
+  gboolean full = w4->n_jobs == W4_JOBS;
+
+  for (i = 0; i < w4->n_jobs; i++)
+    x ^= w4->res[i];
+  result->ideal_seconds = w4_ideal_seconds (w4->n_jobs);
+  result->efficiency = result->ideal_seconds / result->seconds;
+
+  /* The reference xor is for the full 20,000 jobs; a smaller run checks
+   * against the serial results instead. */
+  if (!full)
+    {
+      guint64 expected = 0;
+
+      for (i = 0; i < w4->n_jobs; i++)
+        expected ^= w4_job (i);
+      g_snprintf (result->check, sizeof result->check, "xor %016" G_GINT64_MODIFIER "x, serial %016"
+                  G_GINT64_MODIFIER "x", x, expected);
+      return x == expected;
+    }
+
+  g_snprintf (result->check, sizeof result->check, "xor %016" G_GINT64_MODIFIER "x, expected %016"
+              G_GINT64_MODIFIER "x", x, W4_XOR);
+  return x == W4_XOR;
+}
+
+static gboolean
+w4_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  W4 w4 = { 0 };
+  KdDispatcher *dispatcher;
+  gint64 start;
+  guint i;
+
+  w4.n_jobs = bench->n_jobs ? MIN (bench->n_jobs, W4_JOBS) : W4_JOBS;
+  w4.res = g_new0 (guint64, w4.n_jobs);
+  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 2, w4_handler, &w4, NULL);
+  if (bench->capacity)
+    kd_dispatcher_set_capacity (dispatcher, bench->capacity);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < w4.n_jobs; i++)
+    kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL);
+  kd_dispatcher_wait (dispatcher);
+  finish_run (result, start, now_ns (), w4.n_jobs);
+
+  g_object_unref (dispatcher);
+  result->ok = w4_check (&w4, result);
+  g_free (w4.res);
+  return result->ok;
+}
+
+static gboolean
+w4_run_glib (Bench     *bench,
+             RunResult *result)
+{
+  W4 w4 = { 0 };
+  GThreadPool *pool;
+  gint64 start;
+  guint i;
+
+  w4.n_jobs = bench->n_jobs ? MIN (bench->n_jobs, W4_JOBS) : W4_JOBS;
+  w4.res = g_new0 (guint64, w4.n_jobs);
+  completion_init (&w4.completion, w4.n_jobs);
+  pool = g_thread_pool_new (w4_pool_func, &w4, bench->n_workers ? (gint) bench->n_workers : 2,
+                            TRUE, NULL);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < w4.n_jobs; i++)
+    g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
+  completion_wait (&w4.completion);
+  finish_run (result, start, now_ns (), w4.n_jobs);
+
+  g_thread_pool_free (pool, FALSE, TRUE);
+  completion_clear (&w4.completion);
+  result->ok = w4_check (&w4, result);
+  g_free (w4.res);
+  return result->ok;
+}
+
+/* ------------------------------------------------------------------------ */
+/* L1: latency at 50 % load                                                  */
+
+#define L1_JOBS 200000
+#define L1_KEYS 1000
+
+typedef struct
+{
+  Keyed   keyed;
+  gint64 *submit_ns;
+  gint64 *start_ns;
+  gint64 *done_ns;
+} L1;
+
+static gboolean
+l1_handler (KdJob    *job,
+            gpointer  user_data,
+            GError  **error)
+{
+  L1 *l1 = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  l1->start_ns[i] = now_ns ();
+  keyed_job (&l1->keyed, i);
+  return TRUE;
+}
+
+static void
+l1_done (KdJob        *job,
+         const GError *error,
+         gpointer      user_data)
+{
+  L1 *l1 = user_data;
+
+  l1->done_ns[GPOINTER_TO_UINT (kd_job_get_item (job))] = now_ns ();
+}
+
+static void
+l1_glib_func (guint    index,
+              gpointer user_data)
+{
+  L1 *l1 = user_data;
+
+  l1->start_ns[index] = now_ns ();
+  keyed_job (&l1->keyed, index);
+  l1->done_ns[index] = now_ns ();
+}
+
+static void
+l1_init (L1    *l1,
+         guint  n_jobs)
+{
+  keyed_init (&l1->keyed, L1_KEYS, n_jobs);
+  l1->submit_ns = g_new0 (gint64, n_jobs);
+  l1->start_ns = g_new0 (gint64, n_jobs);
+  l1->done_ns = g_new0 (gint64, n_jobs);
+}
+
+static int
+compare_gint64 (gconstpointer a,
+                gconstpointer b)
+{
+  gint64 x = *(const gint64 *) a;
+  gint64 y = *(const gint64 *) b;
+
+  return (x > y) - (x < y);
+}
+
+static void
+percentiles (gint64 *samples,
+             guint   n,
+             double *p50,
+             double *p99,
+             double *p999,
+             double *max)
+{
+  qsort (samples, n, sizeof (gint64), compare_gint64);
+  *p50 = samples[(gsize) (n * 0.50)] / 1e3;
+  *p99 = samples[MIN (n - 1, (gsize) (n * 0.99))] / 1e3;
+  *p999 = samples[MIN (n - 1, (gsize) (n * 0.999))] / 1e3;
+  *max = samples[n - 1] / 1e3;
+}
+
+static gboolean
+l1_finish (L1        *l1,
+           RunResult *result)
+{
+  guint n = l1->keyed.n_jobs;
+  gint64 *delay = g_new (gint64, n);
+  guint i;
+
+  result->ok = keyed_check (&l1->keyed, result);
+
+  for (i = 0; i < n; i++)
+    delay[i] = l1->start_ns[i] - l1->submit_ns[i];
+  percentiles (delay, n, &result->start_p50, &result->start_p99, &result->start_p999,
+               &result->start_max);
+  for (i = 0; i < n; i++)
+    delay[i] = l1->done_ns[i] - l1->submit_ns[i];
+  percentiles (delay, n, &result->done_p50, &result->done_p99, &result->done_p999,
+               &result->done_max);
+
+  g_free (delay);
+  g_free (l1->submit_ns);
+  g_free (l1->start_ns);
+  g_free (l1->done_ns);
+  keyed_clear (&l1->keyed);
+  return result->ok;
+}
+
+/* Submits job i at start + i / rate. The producer sleeps until each
+ * L1_TICK_NS tick and then submits the jobs that are due, so pacing does
+ * not take a processor away from the workers; each job's submit time is
+ * the moment its submit call began. */
+#define L1_TICK_NS 50000
+
+#define L1_PACE(l1, n_jobs, rate, submit_one)                                  \
+  G_STMT_START {                                                               \
+    double interval_ns = 1e9 / (rate);                                         \
+    gint64 pace_start = now_ns ();                                             \
+    gint64 tick = pace_start;                                                  \
+    guint i = 0;                                                               \
+    while (i < (n_jobs))                                                       \
+      {                                                                        \
+        struct timespec until;                                                 \
+        tick += L1_TICK_NS;                                                    \
+        until.tv_sec = tick / 1000000000;                                      \
+        until.tv_nsec = tick % 1000000000;                                     \
+        clock_nanosleep (CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL);        \
+        for (; i < (n_jobs) &&                                                 \
+               pace_start + (gint64) (i * interval_ns) <= now_ns (); i++)      \
+          {                                                                    \
+            (l1)->submit_ns[i] = now_ns ();                                    \
+            submit_one;                                                        \
+          }                                                                    \
+      }                                                                        \
+  } G_STMT_END
+
+static double
+l1_rate (double measured,
+         double fallback)
+{
+  return (measured > 0 ? measured : fallback) / 2;
+}
+
+static gboolean
+l1_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : L1_JOBS;
+  double rate = l1_rate (bench->w2_kd_rate, 1e6);
+  KdDispatcher *dispatcher;
+  L1 l1;
+  gint64 start;
+
+  l1_init (&l1, n_jobs);
+  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, l1_handler, &l1, NULL);
+  kd_dispatcher_set_done_func (dispatcher, l1_done, &l1, NULL);
+  if (bench->capacity)
+    kd_dispatcher_set_capacity (dispatcher, bench->capacity);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  L1_PACE (&l1, n_jobs, rate,
+           kd_dispatcher_submit (dispatcher, l1.keyed.keys[i % L1_KEYS], GUINT_TO_POINTER (i), NULL));
+  kd_dispatcher_wait (dispatcher);
+  finish_run (result, start, now_ns (), n_jobs);
+  result->offered_rate = rate;
+
+  g_object_unref (dispatcher);
+  return l1_finish (&l1, result);
+}
+
+static gboolean
+l1_run_glib (Bench     *bench,
+             RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : L1_JOBS;
+  double rate = l1_rate (bench->w2_glib_rate, 1e6);
+  GlibActors actors;
+  L1 l1;
+  gint64 start;
+
+  l1_init (&l1, n_jobs);
+  glib_actors_init (&actors, bench->n_workers ? bench->n_workers : 4, n_jobs, l1_glib_func, &l1);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  L1_PACE (&l1, n_jobs, rate, glib_actors_submit (&actors, l1.keyed.keys[i % L1_KEYS], i));
+  completion_wait (&actors.completion);
+  finish_run (result, start, now_ns (), n_jobs);
+  result->offered_rate = rate;
+
+  glib_actors_clear (&actors);
+  return l1_finish (&l1, result);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Driver                                                                    */
+
+static const Workload workloads[] = {
+  { "W1", "fan-out, 1M unkeyed, bound 1024, 2x2 workers", w1_run_kd, w1_run_glib },
+  { "W2", "keyed, 1M jobs over 1,000 keys, 4 workers", w2_run_kd, w2_run_glib },
+  { "W3", "key churn, 100,000 keys x 10, 4 workers", w3_run_kd, w3_run_glib },
+  { "W4", "CPU-bound, 20,000 x 50 us, 2 workers", w4_run_kd, w4_run_glib },
+  { "L1", "latency, 200,000 keyed at 50% of W2 capacity", l1_run_kd, l1_run_glib },
+};
+
+static int
+compare_double (gconstpointer a,
+                gconstpointer b)
+{
+  double x = *(const double *) a;
+  double y = *(const double *) b;
+
+  return (x > y) - (x < y);
+}
+
+static double
+median_of (GArray *runs,
+           gsize   offset)
+{
+  double *values = g_new (double, runs->len);
+  double median;
+  guint i;
+
+  for (i = 0; i < runs->len; i++)
+    values[i] = *(double *) ((char *) &g_array_index (runs, RunResult, i) + offset);
+  qsort (values, runs->len, sizeof (double), compare_double);
+  median = runs->len % 2 ? values[runs->len / 2]
+                         : (values[runs->len / 2 - 1] + values[runs->len / 2]) / 2;
+  g_free (values);
+
+  return median;
+}
+
+#define MEDIAN(runs, field) median_of ((runs), G_STRUCT_OFFSET (RunResult, field))
+
+typedef struct
+{
+  const Workload *workload;
+  GArray         *kd;    /* RunResult per repetition */
+  GArray         *glib;
+  gboolean        ok;
+  char            failed_check[160];
+} Summary;
+
+static double
+max_rss_mib (GArray *runs)
+{
+  guint64 max = 0;
+  guint i;
+
+  for (i = 0; i < runs->len; i++)
+    max = MAX (max, g_array_index (runs, RunResult, i).peak_rss_kib);
+  return max / 1024.0;
+}
+
+static void
+print_table (Summary *summaries,
+             guint    n,
+             guint    repetitions)
+{
+  guint i;
+
+  g_print ("\n%-3s %-46s %12s %12s %7s %9s %9s  %s\n", "id", "workload", "kdispatch", "plain GLib",
+           "ratio", "kd RSS", "GLib RSS", "check");
+  for (i = 0; i < n; i++)
+    {
+      Summary *s = &summaries[i];
+      const char *id = s->workload->id;
+      double kd_rate = MEDIAN (s->kd, rate);
+      double glib_rate = s->glib->len ? MEDIAN (s->glib, rate) : 0;
+      char kd_cell[32], glib_cell[32], ratio_cell[16];
+
+      if (g_str_equal (id, "W4"))
+        {
+          g_snprintf (kd_cell, sizeof kd_cell, "%.1f %% eff",
+                      100 * MEDIAN (s->kd, ideal_seconds) / MEDIAN (s->kd, seconds));
+          g_snprintf (glib_cell, sizeof glib_cell, "%.1f %% eff",
+                      s->glib->len ? 100 * MEDIAN (s->glib, ideal_seconds) / MEDIAN (s->glib, seconds) : 0);
+        }
+      else if (g_str_equal (id, "L1"))
+        {
+          g_snprintf (kd_cell, sizeof kd_cell, "p99 %.1f us", MEDIAN (s->kd, start_p99));
+          g_snprintf (glib_cell, sizeof glib_cell, "p99 %.1f us",
+                      s->glib->len ? MEDIAN (s->glib, start_p99) : 0);
+        }
+      else
+        {
+          g_snprintf (kd_cell, sizeof kd_cell, "%.2f M/s", kd_rate / 1e6);
+          g_snprintf (glib_cell, sizeof glib_cell, "%.2f M/s", glib_rate / 1e6);
+        }
+
+      if (g_str_equal (id, "L1"))
+        g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx",
+                    s->glib->len ? MEDIAN (s->glib, start_p99) / MEDIAN (s->kd, start_p99) : 0);
+      else
+        g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx", glib_rate > 0 ? kd_rate / glib_rate : 0);
+
+      g_print ("%-3s %-46s %12s %12s %7s %6.1f MiB %5.1f MiB  %s\n", id, s->workload->title,
+               kd_cell, glib_cell, s->glib->len ? ratio_cell : "-", max_rss_mib (s->kd),
+               s->glib->len ? max_rss_mib (s->glib) : 0.0, s->ok ? "ok" : "FAILED");
+
+      if (g_str_equal (id, "L1"))
+        {
+          g_print ("    kdispatch  at %.2f M/s: start p50 %.1f p99 %.1f p99.9 %.1f max %.1f us; "
+                   "done p50 %.1f p99 %.1f p99.9 %.1f max %.1f us\n",
+                   MEDIAN (s->kd, offered_rate) / 1e6, MEDIAN (s->kd, start_p50),
+                   MEDIAN (s->kd, start_p99), MEDIAN (s->kd, start_p999), MEDIAN (s->kd, start_max),
+                   MEDIAN (s->kd, done_p50), MEDIAN (s->kd, done_p99), MEDIAN (s->kd, done_p999),
+                   MEDIAN (s->kd, done_max));
+          if (s->glib->len)
+            g_print ("    plain GLib at %.2f M/s: start p50 %.1f p99 %.1f p99.9 %.1f max %.1f us; "
+                     "done p50 %.1f p99 %.1f p99.9 %.1f max %.1f us\n",
+                     MEDIAN (s->glib, offered_rate) / 1e6, MEDIAN (s->glib, start_p50),
+                     MEDIAN (s->glib, start_p99), MEDIAN (s->glib, start_p999),
+                     MEDIAN (s->glib, start_max), MEDIAN (s->glib, done_p50),
+                     MEDIAN (s->glib, done_p99), MEDIAN (s->glib, done_p999),
+                     MEDIAN (s->glib, done_max));
+        }
+      if (g_str_equal (id, "W4"))
+        g_print ("    kdispatch %.2f M/s, plain GLib %.2f M/s\n", kd_rate / 1e6, glib_rate / 1e6);
+      if (!s->ok)
+        g_print ("    check failed: %s\n", s->failed_check);
+    }
+  g_print ("\nmedians of %u repetitions; ratio = kdispatch / plain GLib (for L1: GLib p99 / "
+           "kdispatch p99)\n", repetitions);
+}
+
+static void
+json_runs (GString *json,
+           GArray  *runs)
+{
+  guint i;
+
+  g_string_append (json, "[");
+  for (i = 0; i < runs->len; i++)
+    {
+      RunResult *r = &g_array_index (runs, RunResult, i);
+
+      g_string_append_printf (json,
+                              "%s{\"seconds\": %.6f, \"jobs_per_s\": %.1f, \"peak_rss_kib\": %"
+                              G_GUINT64_FORMAT ", \"ok\": %s, \"efficiency\": %.4f, "
+                              "\"start_us\": [%.2f, %.2f, %.2f, %.2f], "
+                              "\"done_us\": [%.2f, %.2f, %.2f, %.2f], \"offered_rate\": %.1f}",
+                              i ? ", " : "", r->seconds, r->rate, r->peak_rss_kib,
+                              r->ok ? "true" : "false", r->efficiency, r->start_p50, r->start_p99,
+                              r->start_p999, r->start_max, r->done_p50, r->done_p99, r->done_p999,
+                              r->done_max, r->offered_rate);
+    }
+  g_string_append (json, "]");
+}
+
+static void
+print_json (Summary *summaries,
+            guint    n,
+            guint    repetitions)
+{
+  GString *json = g_string_new (NULL);
+  guint i;
+
+  g_string_append_printf (json, "{\"processors\": %u, \"repetitions\": %u, \"workloads\": [",
+                          g_get_num_processors (), repetitions);
+  for (i = 0; i < n; i++)
+    {
+      Summary *s = &summaries[i];
+
+      g_string_append_printf (json, "%s{\"id\": \"%s\", \"ok\": %s, \"kdispatch_median_jobs_per_s\": %.1f",
+                              i ? ", " : "", s->workload->id, s->ok ? "true" : "false",
+                              MEDIAN (s->kd, rate));
+      if (s->glib->len)
+        g_string_append_printf (json, ", \"glib_median_jobs_per_s\": %.1f, \"ratio\": %.3f",
+                                MEDIAN (s->glib, rate), MEDIAN (s->kd, rate) / MEDIAN (s->glib, rate));
+      g_string_append (json, ", \"kdispatch\": ");
+      json_runs (json, s->kd);
+      g_string_append (json, ", \"glib\": ");
+      json_runs (json, s->glib);
+      g_string_append (json, "}");
+    }
+  g_string_append (json, "]}\n");
+  g_print ("%s", json->str);
+  g_string_free (json, TRUE);
+}
+
+int
+main (int    argc,
+      char **argv)
+{
+  char *workload_list = NULL;
+  gint repetitions = 5;
+  gint n_workers = 0;
+  gint capacity = 0;
+  gint n_jobs = 0;
+  gboolean json = FALSE;
+  gboolean no_baseline = FALSE;
+  GOptionEntry entries[] = {
+    { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
+      "Workloads to run, comma-separated (W1,W2,W3,W4,L1; default all)", "LIST" },
+    { "repetitions", 'r', 0, G_OPTION_ARG_INT, &repetitions, "Runs per workload (median reported)", "N" },
+    { "workers", 'n', 0, G_OPTION_ARG_INT, &n_workers, "Worker count (default: the workload's)", "N" },
+    { "capacity", 'c', 0, G_OPTION_ARG_INT, &capacity, "Admission bound (default: the workload's)", "N" },
+    { "jobs", 'j', 0, G_OPTION_ARG_INT, &n_jobs, "Jobs per run (default: the workload's)", "N" },
+    { "no-baseline", 0, 0, G_OPTION_ARG_NONE, &no_baseline, "Skip the plain-GLib baseline", NULL },
+    { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print JSON instead of a table", NULL },
+    { NULL },
+  };
+  GOptionContext *options = g_option_context_new ("- the kdispatch benchmark");
+  GError *error = NULL;
+  Bench bench = { 0 };
+  Summary summaries[G_N_ELEMENTS (workloads)];
+  guint n_summaries = 0;
+  gboolean all_ok = TRUE;
+  char **wanted;
+  guint w;
+
+  g_option_context_add_main_entries (options, entries, NULL);
+  if (!g_option_context_parse (options, &argc, &argv, &error))
+    {
+      g_printerr ("%s\n", error->message);
+      return 2;
+    }
+  g_option_context_free (options);
+  if (repetitions < 1 || n_workers < 0 || capacity < 0 || n_jobs < 0)
+    {
+      g_printerr ("repetitions must be at least 1; workers, capacity and jobs not negative\n");
+      return 2;
+    }
+
+  bench.n_jobs = (guint) n_jobs;
+  bench.n_workers = (guint) n_workers;
+  bench.capacity = (guint) capacity;
+  bench.baseline = !no_baseline;
+  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1", ",", -1);
+
+  for (char **id = wanted; *id != NULL; id++)
+    {
+      gboolean known = FALSE;
+
+      for (w = 0; w < G_N_ELEMENTS (workloads); w++)
+        known |= g_ascii_strcasecmp (*id, workloads[w].id) == 0;
+      if (!known)
+        {
+          g_printerr ("unknown workload %s\n", *id);
+          return 2;
+        }
+    }
+
+  if (!json)
+    g_print ("kd-bench: %u processors, %d repetitions\n", g_get_num_processors (), repetitions);
+
+  for (w = 0; w < G_N_ELEMENTS (workloads); w++)
+    {
+      const Workload *workload = &workloads[w];
+      Summary *s;
+      gint r;
+
+      if (!g_strv_contains ((const char * const *) wanted, workload->id))
+        continue;
+
+      /* L1 paces at half of W2's capacity: measure W2 first if not asked. */
+      if (g_str_equal (workload->id, "L1") && bench.w2_kd_rate == 0)
+        {
+          RunResult scratch = { 0 };
+
+          workloads[1].run_kd (&bench, &scratch);
+          if (bench.baseline)
+            workloads[1].run_glib (&bench, &scratch);
+        }
+
+      s = &summaries[n_summaries++];
+      s->workload = workload;
+      s->kd = g_array_new (FALSE, TRUE, sizeof (RunResult));
+      s->glib = g_array_new (FALSE, TRUE, sizeof (RunResult));
+      s->ok = TRUE;
+
+      for (r = 0; r < repetitions; r++)
+        {
+          RunResult kd = { 0 }, glib = { 0 };
+
+          /* Alternate which one goes first, so neither always runs on a
+           * warmer or cooler machine. */
+          if (r % 2 == 0 || !bench.baseline)
+            workload->run_kd (&bench, &kd);
+          if (bench.baseline)
+            workload->run_glib (&bench, &glib);
+          if (r % 2 == 1 && bench.baseline)
+            workload->run_kd (&bench, &kd);
+
+          g_array_append_val (s->kd, kd);
+          if (bench.baseline)
+            g_array_append_val (s->glib, glib);
+
+          if (!kd.ok || (bench.baseline && !glib.ok))
+            {
+              s->ok = FALSE;
+              g_strlcpy (s->failed_check, !kd.ok ? kd.check : glib.check,
+                         sizeof s->failed_check);
+            }
+          if (!json && bench.baseline)
+            g_printerr ("  %s run %d: kdispatch %.3f s, plain GLib %.3f s (%s)\n",
+                        workload->id, r + 1, kd.seconds, glib.seconds, kd.check);
+          else if (!json)
+            g_printerr ("  %s run %d: kdispatch %.3f s (%s)\n", workload->id, r + 1,
+                        kd.seconds, kd.check);
+        }
+      all_ok &= s->ok;
+    }
+
+  if (json)
+    print_json (summaries, n_summaries, (guint) repetitions);
+  else
+    print_table (summaries, n_summaries, (guint) repetitions);
+
+  g_strfreev (wanted);
+  g_free (workload_list);
+
+  return all_ok ? 0 : 1;
+}
