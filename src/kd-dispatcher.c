@@ -12,7 +12,8 @@
  *    its jobs) in the key table; the mailbox, not a thread, is the key's
  *    actor. A ready mailbox is a task of the scheduler: the worker that
  *    takes it runs up to MAILBOX_BUDGET of its jobs, then puts it back if it
- *    still has work, so a hot key cannot starve the others. A mailbox that
+ *    still has work, at the end of the input queue, so a hot key cannot
+ *    starve the others. A mailbox that
  *    runs empty leaves the table at once, so the table only holds keys with
  *    work and the thread count never depends on the number of keys.
  *  - Unkeyed jobs are tasks themselves and fan out over every worker through
@@ -91,6 +92,18 @@ typedef struct
   gint    running;
 } __attribute__ ((aligned (64))) KdWorkerStats;
 
+/* What the cancellable's handler holds instead of the dispatcher: the
+ * dispatcher clears it when it shuts down and then disconnects without
+ * waiting, so dropping the last reference inside any ::cancelled handler,
+ * on any thread, cannot deadlock, and a handler running on another thread
+ * cannot outlive the dispatcher. */
+typedef struct
+{
+  gint          ref_count;
+  GMutex        lock;
+  KdDispatcher *dispatcher;  /* protected by @lock; NULL once shut down */
+} CancelLink;
+
 typedef enum
 {
   SHUTDOWN_NONE,
@@ -117,11 +130,11 @@ struct _KdDispatcher
   GDestroyNotify  done_data_free;
   GCancellable   *cancellable;
   gulong          cancelled_id;
+  CancelLink     *cancel_link;
   GMainContext   *context;
 
   /* Atomic */
   gint            configured;   /* a submit was made: configuration is over */
-  gint            cancelled;    /* the cancellable fired */
   gint            shutdown_state;
   guint64         submitted;
   guint64         rejected;
@@ -186,9 +199,9 @@ shutdown_scheduler (KdDispatcher *self)
 
 static void
 release_job (KdDispatcher *self,
-             guint         phase)
+             guint         epoch)
 {
-  if (kd_admission_release (&self->admission, phase))
+  if (kd_admission_release (&self->admission, epoch))
     shutdown_scheduler (self);
 }
 
@@ -202,7 +215,7 @@ finish_job (KdDispatcher *self,
     self->done (job, error, self->done_data);
   g_clear_error (&error);
 
-  if (self->item_free != NULL && job->item != NULL)
+  if (self->item_free != NULL)
     self->item_free (job->item);
 
   /* A job on its way through a main context holds its mailbox, for the key. */
@@ -234,7 +247,10 @@ run_job (KdDispatcher  *self,
   GError *error = NULL;
   guint64 *counter;
 
-  if (G_UNLIKELY (g_atomic_int_get (&self->cancelled)))
+  /* The cancellable itself, not our handler's flag: cancellation counts
+   * from the moment g_cancellable_cancel() marks it, even while other
+   * ::cancelled handlers run before ours. */
+  if (G_UNLIKELY (g_cancellable_is_cancelled (self->cancellable)))
     {
       error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
                                    "The dispatcher was cancelled before the job ran");
@@ -299,7 +315,7 @@ run_mailbox (KdDispatcher  *self,
   for (;;)
     {
       guint n = kd_mailbox_pop_batch (mailbox, jobs, MAILBOX_BUDGET - ran);
-      guint last_phase;
+      guint last_epoch;
       gboolean empty;
       guint i;
 
@@ -308,12 +324,12 @@ run_mailbox (KdDispatcher  *self,
 
       for (i = 0; i + 1 < n; i++)
         {
-          guint phase = jobs[i]->phase;
+          guint epoch = jobs[i]->epoch;
 
           run_job (self, stats, jobs[i]);
-          release_job (self, phase);
+          release_job (self, epoch);
         }
-      last_phase = jobs[n - 1]->phase;
+      last_epoch = jobs[n - 1]->epoch;
       run_job (self, stats, jobs[n - 1]);
       ran += n;
 
@@ -326,15 +342,17 @@ run_mailbox (KdDispatcher  *self,
       if (empty)
         {
           kd_mailbox_unref (mailbox);
-          release_job (self, last_phase);
+          release_job (self, last_epoch);
           return;
         }
 
-      release_job (self, last_phase);
+      release_job (self, last_epoch);
 
+      /* Back to the end of the input queue, behind every task that
+       * arrived meanwhile: a key that never runs dry cannot starve them. */
       if (ran >= MAILBOX_BUDGET)
         {
-          kd_scheduler_push_local (worker, kd_mailbox_get_task (mailbox));
+          kd_scheduler_push (kd_worker_get_scheduler (worker), kd_mailbox_get_task (mailbox));
           return;
         }
     }
@@ -356,10 +374,10 @@ run_task (KdTask   *task,
   else
     {
       KdJob *job = (KdJob *) task;
-      guint phase = job->phase;
+      guint epoch = job->epoch;
 
       run_job (self, stats, job);
-      release_job (self, phase);
+      release_job (self, epoch);
     }
 }
 
@@ -369,6 +387,7 @@ static KdScheduler *
 ensure_started (KdDispatcher *self)
 {
   KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+  gboolean started = FALSE;
 
   if (G_LIKELY (scheduler != NULL))
     return scheduler;
@@ -381,11 +400,14 @@ ensure_started (KdDispatcher *self)
         self->delivery = kd_delivery_new (self->context, deliver_job, self);
       scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task, self);
       g_atomic_pointer_set (&self->scheduler, scheduler);
-      g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
-               (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
-               self->admission.capacity);
+      started = TRUE;
     }
   kd_mutex_unlock (&self->start_lock);
+
+  if (started)
+    g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
+             (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
+             self->admission.capacity);
 
   return scheduler;
 }
@@ -402,7 +424,7 @@ submit_job (KdDispatcher  *self,
   KdMailbox *mailbox;
   KdJob *job;
   gboolean fresh;
-  guint phase;
+  guint epoch;
 
   if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
     g_atomic_int_set (&self->configured, TRUE);
@@ -412,7 +434,7 @@ submit_job (KdDispatcher  *self,
   if (mode != KD_ADMIT_TRY && is_own_worker (self))
     mode = KD_ADMIT_TRY;
 
-  if (!kd_admission_acquire (&self->admission, mode, deadline, &phase, error))
+  if (!kd_admission_acquire (&self->admission, mode, deadline, &epoch, error))
     {
       __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
       return FALSE;
@@ -423,7 +445,7 @@ submit_job (KdDispatcher  *self,
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
 
   scheduler = ensure_started (self);
-  job = kd_job_new (self, item, phase);
+  job = kd_job_new (self, item, epoch);
 
   if (key == NULL)
     {
@@ -452,16 +474,69 @@ submit_job (KdDispatcher  *self,
 }
 
 static void
+cancel (KdDispatcher *self)
+{
+  g_debug ("dispatcher %p: cancelled", (gpointer) self);
+  kd_dispatcher_close (self);
+}
+
+static void
+cancel_link_unref (gpointer data)
+{
+  CancelLink *link = data;
+
+  if (g_atomic_int_dec_and_test (&link->ref_count))
+    {
+      g_mutex_clear (&link->lock);
+      g_free (link);
+    }
+}
+
+static void
 on_cancelled (GCancellable *cancellable,
               gpointer      user_data)
 {
-  KdDispatcher *self = user_data;
+  CancelLink *link = user_data;
 
   (void) cancellable;
 
-  g_debug ("dispatcher %p: cancelled", (gpointer) self);
-  g_atomic_int_set (&self->cancelled, TRUE);
-  kd_dispatcher_close (self);
+  kd_mutex_lock (&link->lock);
+  if (link->dispatcher != NULL)
+    cancel (link->dispatcher);
+  kd_mutex_unlock (&link->lock);
+}
+
+static void
+connect_cancellable (KdDispatcher *self)
+{
+  CancelLink *link = g_new0 (CancelLink, 1);
+
+  link->ref_count = 2;  /* the dispatcher's and the handler's */
+  g_mutex_init (&link->lock);
+  link->dispatcher = self;
+  self->cancel_link = link;
+
+  /* Runs on_cancelled at once if the cancellable is already cancelled. */
+  self->cancelled_id = g_cancellable_connect (self->cancellable, G_CALLBACK (on_cancelled),
+                                              link, cancel_link_unref);
+}
+
+/* Once this returns, on_cancelled no longer touches the dispatcher. */
+static void
+disconnect_cancellable (KdDispatcher *self)
+{
+  CancelLink *link = g_steal_pointer (&self->cancel_link);
+
+  kd_mutex_lock (&link->lock);
+  link->dispatcher = NULL;
+  kd_mutex_unlock (&link->lock);
+
+  /* Unlike g_cancellable_disconnect(), this does not wait for an emission
+   * in progress, which may be on this very thread. */
+  if (self->cancelled_id != 0)
+    g_signal_handler_disconnect (self->cancellable, self->cancelled_id);
+  self->cancelled_id = 0;
+  cancel_link_unref (link);
 }
 
 /* Close, let every accepted job end, join the workers, deliver what waits
@@ -481,13 +556,7 @@ shutdown_sync (KdDispatcher *self)
   if (self->delivery != NULL)
     kd_delivery_flush (self->delivery);
 
-  /* Closed already, so a cancellation now changes nothing; disconnecting
-   * waits for a handler running in another thread. */
-  if (self->cancelled_id != 0)
-    {
-      g_cancellable_disconnect (self->cancellable, self->cancelled_id);
-      self->cancelled_id = 0;
-    }
+  disconnect_cancellable (self);
 
   g_debug ("dispatcher %p: shut down", (gpointer) self);
 }
@@ -590,8 +659,7 @@ kd_dispatcher_init (KdDispatcher *self)
   g_mutex_init (&self->start_lock);
   self->keys = g_hash_table_new (g_str_hash, g_str_equal);
   self->cancellable = g_cancellable_new ();
-  self->cancelled_id = g_cancellable_connect (self->cancellable, G_CALLBACK (on_cancelled),
-                                              self, NULL);
+  connect_cancellable (self);
 }
 
 /**
@@ -706,7 +774,7 @@ kd_dispatcher_get_n_workers (KdDispatcher *self)
  * Sets the admission bound: jobs accepted and not yet ended, running ones
  * included. A submit that finds it reached blocks; kd_dispatcher_try_submit()
  * fails with %KD_ERROR_FULL and kd_dispatcher_submit_timeout() with
- * %KD_ERROR_TIMEOUT. Values above 2^30 - 1 are clamped. The default is 1024.
+ * %KD_ERROR_TIMEOUT. Values above 2^28 - 1 are clamped. The default is 1024.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -748,8 +816,9 @@ kd_dispatcher_get_capacity (KdDispatcher *self)
  * @item_free: (nullable): frees an item once its job ended
  *
  * Sets the function that frees each accepted job's item, exactly once, after
- * the job's done callback returned. It is not called for %NULL items, nor
- * for items whose submit was refused: those stay the caller's.
+ * the job's done callback returned, %NULL items included (as GLib's
+ * containers do). It never runs for items whose submit was refused: those
+ * stay the caller's.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -831,10 +900,9 @@ kd_dispatcher_set_cancellable (KdDispatcher *self,
   if (!check_configurable (self, G_STRFUNC) || cancellable == self->cancellable)
     return;
 
-  g_cancellable_disconnect (self->cancellable, self->cancelled_id);
+  disconnect_cancellable (self);
   g_set_object (&self->cancellable, cancellable);
-  self->cancelled_id = g_cancellable_connect (cancellable, G_CALLBACK (on_cancelled),
-                                              self, NULL);
+  connect_cancellable (self);
 }
 
 /**
@@ -965,7 +1033,9 @@ kd_dispatcher_try_submit (KdDispatcher  *self,
  *
  * Like kd_dispatcher_submit(), but fails with %KD_ERROR_TIMEOUT if the
  * admission bound is still reached after @timeout_us. A closed dispatcher
- * fails at once with %KD_ERROR_CLOSED.
+ * fails at once with %KD_ERROR_CLOSED. Called from one of this dispatcher's
+ * own workers it does not wait, like kd_dispatcher_submit(): it fails with
+ * %KD_ERROR_FULL if the bound is reached.
  *
  * Thread-safe.
  *
@@ -980,11 +1050,16 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
                               gint64         timeout_us,
                               GError       **error)
 {
+  gint64 now = g_get_monotonic_time ();
+
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, item, KD_ADMIT_DEADLINE,
-                     g_get_monotonic_time () + MAX (timeout_us, 0), error);
+  /* A deadline past the end of time is no deadline. */
+  if (timeout_us > G_MAXINT64 - now)
+    return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
+
+  return submit_job (self, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0), error);
 }
 
 /**

@@ -20,12 +20,12 @@ struct _KdJob
   KdMailbox    *mailbox;     /* NULL for an unkeyed job */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */
-  guint         phase;       /* the admission barrier phase it joined */
+  guint         epoch;       /* the admission epoch it joined */
 };
 
 KdJob *kd_job_new  (KdDispatcher *dispatcher,
                     gpointer      item,
-                    guint         phase);
+                    guint         epoch);
 void   kd_job_free (KdJob        *job);
 
 G_END_DECLS

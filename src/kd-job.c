@@ -11,7 +11,7 @@
 KdJob *
 kd_job_new (KdDispatcher *dispatcher,
             gpointer      item,
-            guint         phase)
+            guint         epoch)
 {
   KdJob *job = g_new (KdJob, 1);
 
@@ -21,7 +21,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->mailbox = NULL;
   job->item = item;
   job->error = NULL;
-  job->phase = phase;
+  job->epoch = epoch;
 
   return job;
 }

@@ -25,8 +25,6 @@ KdScheduler *kd_scheduler_new        (guint        n_workers,
                                       gpointer     user_data);
 void         kd_scheduler_push       (KdScheduler *self,
                                       KdTask      *task);
-void         kd_scheduler_push_local (KdWorker    *worker,
-                                      KdTask      *task);
 void         kd_scheduler_shutdown   (KdScheduler *self);
 void         kd_scheduler_join       (KdScheduler *self);
 void         kd_scheduler_free       (KdScheduler *self);

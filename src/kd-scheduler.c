@@ -442,21 +442,6 @@ kd_scheduler_push (KdScheduler *self,
   wake_if_useful (self);
 }
 
-/* On @worker's thread: queues @task in the worker's own group. */
-void
-kd_scheduler_push_local (KdWorker *worker,
-                         KdTask   *task)
-{
-  KdGroup *group = worker->group;
-
-  kd_mutex_lock (&group->lock);
-  kd_task_list_push (&group->tasks, task);
-  g_atomic_int_add (&group->n_tasks, 1);
-  kd_mutex_unlock (&group->lock);
-
-  wake_if_useful (worker->scheduler);
-}
-
 /* Any thread, idempotent: workers exit once they find no task. */
 void
 kd_scheduler_shutdown (KdScheduler *self)

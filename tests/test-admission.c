@@ -16,7 +16,7 @@ test_capacity_exact (void)
 {
   KdAdmission admission;
   GError *error = NULL;
-  guint phase;
+  guint epoch;
   guint i;
 
   g_test_summary ("Exactly capacity units can be held; the next try fails with FULL "
@@ -25,23 +25,23 @@ test_capacity_exact (void)
   kd_admission_init (&admission, 5);
   for (i = 0; i < 5; i++)
     {
-      g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, &error));
+      g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, &error));
       g_assert_no_error (error);
-      g_assert_cmpuint (phase, ==, 0);
+      g_assert_cmpuint (epoch, ==, 0);
     }
   g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 5);
 
-  g_assert_false (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, &error));
+  g_assert_false (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, &error));
   g_assert_error (error, KD_ERROR, KD_ERROR_FULL);
   g_clear_error (&error);
 
   g_assert_false (kd_admission_acquire (&admission, KD_ADMIT_DEADLINE,
-                                        g_get_monotonic_time () - 1, &phase, &error));
+                                        g_get_monotonic_time () - 1, &epoch, &error));
   g_assert_error (error, KD_ERROR, KD_ERROR_TIMEOUT);
   g_clear_error (&error);
 
   g_assert_false (kd_admission_release (&admission, 0));
-  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, &error));
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, &error));
 
   for (i = 0; i < 5; i++)
     g_assert_false (kd_admission_release (&admission, 0));
@@ -66,20 +66,20 @@ test_close_drain (void)
 {
   KdAdmission admission;
   GError *error = NULL;
-  guint phase;
+  guint epoch;
 
   g_test_summary ("Closed refuses even when full; exactly one of close and the last "
                   "release reports the drain");
 
   kd_admission_init (&admission, 2);
-  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, NULL));
-  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, NULL));
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
 
   g_assert_false (kd_admission_close (&admission));
   g_assert_false (kd_admission_close (&admission));
   g_assert_true (kd_admission_is_closed (&admission));
 
-  g_assert_false (kd_admission_acquire (&admission, KD_ADMIT_BLOCK, 0, &phase, &error));
+  g_assert_false (kd_admission_acquire (&admission, KD_ADMIT_BLOCK, 0, &epoch, &error));
   g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&error);
 
@@ -98,7 +98,7 @@ typedef struct
   KdAdmission *admission;
   GError      *error;
   gboolean     accepted;
-  guint        phase;
+  guint        epoch;
 } Acquirer;
 
 static gpointer
@@ -107,7 +107,7 @@ acquire_blocking (gpointer data)
   Acquirer *acquirer = data;
 
   acquirer->accepted = kd_admission_acquire (acquirer->admission, KD_ADMIT_BLOCK, 0,
-                                             &acquirer->phase, &acquirer->error);
+                                             &acquirer->epoch, &acquirer->error);
   return NULL;
 }
 
@@ -117,14 +117,14 @@ test_blocked_wake (void)
   KdAdmission admission;
   Acquirer acquirers[3] = { 0 };
   GThread *threads[3];
-  guint phase;
+  guint epoch;
   guint i;
 
   g_test_summary ("Blocked acquirers sleep until a release makes room, and close wakes "
                   "the ones still asleep");
 
   kd_admission_init (&admission, 1);
-  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, NULL));
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
 
   for (i = 0; i < 3; i++)
     {
@@ -196,7 +196,7 @@ test_barrier_phases (void)
   guint early, late, i;
 
   g_test_summary ("The barrier waits for the units acquired before it, not for the "
-                  "ones acquired after it sealed its phase, and is reusable");
+                  "ones acquired after it sealed its epoch, and is reusable");
 
   kd_admission_init (&admission, 100);
   kd_test_counter_init (&waiter.sealed);
@@ -226,14 +226,161 @@ test_barrier_phases (void)
   /* Many rounds on one admission. */
   for (i = 0; i < 1000; i++)
     {
-      guint phase;
+      guint epoch;
 
-      g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &phase, NULL));
-      kd_admission_release (&admission, phase);
+      g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
+      kd_admission_release (&admission, epoch);
       kd_admission_wait (&admission, NULL, NULL);
     }
 
   kd_test_counter_clear (&waiter.sealed);
+  kd_admission_clear (&admission);
+}
+
+typedef struct
+{
+  KdAdmission   *admission;
+  KdTestCounter *sealed;
+  KdTestGate     returned;
+  GThread       *thread;
+} Overlap;
+
+static void
+count_sealed (gpointer user_data)
+{
+  kd_test_counter_add (user_data, 1);
+}
+
+static gpointer
+overlap_thread (gpointer data)
+{
+  Overlap *overlap = data;
+
+  kd_admission_wait (overlap->admission, count_sealed, overlap->sealed);
+  kd_test_gate_open (&overlap->returned);
+  return NULL;
+}
+
+static void
+spawn_waiter (Overlap       *overlap,
+              KdAdmission   *admission,
+              KdTestCounter *sealed)
+{
+  overlap->admission = admission;
+  overlap->sealed = sealed;
+  kd_test_gate_init (&overlap->returned);
+  overlap->thread = g_thread_new ("waiter", overlap_thread, overlap);
+}
+
+/* Starts a waiter and returns once it sealed its epoch. */
+static void
+start_waiter (Overlap       *overlap,
+              KdAdmission   *admission,
+              KdTestCounter *sealed)
+{
+  guint before = kd_test_counter_get (sealed);
+
+  spawn_waiter (overlap, admission, sealed);
+  g_assert_true (kd_test_counter_wait (sealed, before + 1));
+}
+
+static void
+join_waiter (Overlap *overlap)
+{
+  g_thread_join (overlap->thread);
+  kd_test_gate_clear (&overlap->returned);
+}
+
+static void
+test_overlapping_waiters (void)
+{
+  KdAdmission admission;
+  KdTestCounter sealed;
+  Overlap first, second;
+  guint a, b, c;
+
+  g_test_summary ("Two waiters that overlap each wait only for the units acquired "
+                  "before their own call, not for one acquired after the second "
+                  "waiter sealed its epoch");
+
+  kd_admission_init (&admission, 100);
+  kd_test_counter_init (&sealed);
+
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &a, NULL));
+  start_waiter (&first, &admission, &sealed);
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &b, NULL));
+  start_waiter (&second, &admission, &sealed);
+  g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &c, NULL));
+  g_assert_cmpuint (a, !=, b);
+  g_assert_cmpuint (b, !=, c);
+
+  /* The second waiter's epoch drains first, but the first's is older. */
+  kd_admission_release (&admission, b);
+  g_assert_false (kd_test_gate_wait_for (&second.returned, 0));
+  kd_admission_release (&admission, a);
+
+  /* Both return although the unit acquired after them is still held. */
+  g_assert_true (kd_test_gate_wait (&first.returned));
+  g_assert_true (kd_test_gate_wait (&second.returned));
+  join_waiter (&first);
+  join_waiter (&second);
+  g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 1);
+
+  kd_admission_release (&admission, c);
+  kd_test_counter_clear (&sealed);
+  kd_admission_clear (&admission);
+}
+
+#define MANY_WAITERS (3 * KD_ADMISSION_EPOCHS)
+
+static void
+test_many_waiters (void)
+{
+  KdAdmission admission;
+  KdTestCounter sealed;
+  Overlap *waiters = g_new0 (Overlap, MANY_WAITERS);
+  guint held[MANY_WAITERS];
+  guint i;
+
+  g_test_summary ("More overlapping waiters than the ring has epochs: the extra ones "
+                  "wait for a slot, and every epoch still drains exactly");
+
+  kd_admission_init (&admission, 1000);
+  kd_test_counter_init (&sealed);
+
+  /* Each waiter seals an epoch holding one unit. The ones beyond the ring
+   * cannot seal until the oldest epochs drain, so start them in order. */
+  for (i = 0; i < KD_ADMISSION_EPOCHS - 1; i++)
+    {
+      g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &held[i], NULL));
+      start_waiter (&waiters[i], &admission, &sealed);
+    }
+  for (i = KD_ADMISSION_EPOCHS - 1; i < MANY_WAITERS; i++)
+    {
+      /* The ring is full: this waiter cannot seal until the oldest epoch
+       * drains, which happens when the oldest waiter's unit ends. */
+      guint oldest = i - (KD_ADMISSION_EPOCHS - 1);
+
+      g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &held[i], NULL));
+      spawn_waiter (&waiters[i], &admission, &sealed);
+      g_assert_false (kd_test_gate_wait_for (&waiters[oldest].returned, 0));
+      kd_admission_release (&admission, held[oldest]);
+      g_assert_true (kd_test_gate_wait (&waiters[oldest].returned));
+      g_assert_true (kd_test_counter_wait (&sealed, i + 1));
+    }
+  for (i = MANY_WAITERS - (KD_ADMISSION_EPOCHS - 1); i < MANY_WAITERS; i++)
+    kd_admission_release (&admission, held[i]);
+
+  for (i = 0; i < MANY_WAITERS; i++)
+    {
+      g_assert_true (kd_test_gate_wait (&waiters[i].returned));
+      join_waiter (&waiters[i]);
+    }
+  g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 0);
+  g_assert_cmpuint (kd_test_counter_get (&sealed), ==, MANY_WAITERS);
+
+  g_free (waiters);
+  kd_test_counter_clear (&sealed);
   kd_admission_clear (&admission);
 }
 
@@ -248,6 +395,8 @@ main (int    argc,
   g_test_add_func ("/kd/admission/close-drain", test_close_drain);
   g_test_add_func ("/kd/admission/blocked-wake", test_blocked_wake);
   g_test_add_func ("/kd/admission/barrier-phases", test_barrier_phases);
+  g_test_add_func ("/kd/admission/overlapping-waiters", test_overlapping_waiters);
+  g_test_add_func ("/kd/admission/many-waiters", test_many_waiters);
 
   return g_test_run ();
 }

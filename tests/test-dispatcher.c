@@ -355,6 +355,7 @@ typedef struct
 {
   Bound    *bound;
   gpointer  item;
+  gboolean  forever_timeout;  /* submit_timeout (G_MAXINT64) instead of submit */
   gboolean  accepted;
   GError   *error;
 } BlockedSubmit;
@@ -364,8 +365,12 @@ blocked_submit_thread (gpointer data)
 {
   BlockedSubmit *submit = data;
 
-  submit->accepted = kd_dispatcher_submit (submit->bound->dispatcher, "blocked",
-                                           submit->item, &submit->error);
+  if (submit->forever_timeout)
+    submit->accepted = kd_dispatcher_submit_timeout (submit->bound->dispatcher, "blocked",
+                                                     submit->item, G_MAXINT64, &submit->error);
+  else
+    submit->accepted = kd_dispatcher_submit (submit->bound->dispatcher, "blocked",
+                                             submit->item, &submit->error);
   return NULL;
 }
 
@@ -381,8 +386,9 @@ test_bound (void)
   guint i;
 
   g_test_summary ("Never more than capacity jobs pending: submit blocks until a job "
-                  "ends, try_submit fails with FULL, submit_timeout with TIMEOUT, and "
-                  "a refused item stays the caller's");
+                  "ends, try_submit fails with FULL, submit_timeout with TIMEOUT (and waits "
+                  "like submit for a timeout past the end of time), and a refused item "
+                  "stays the caller's");
 
   bound_init (&bound, 2, 8);
 
@@ -422,6 +428,19 @@ test_bound (void)
   g_assert_cmpuint (stats.submitted, ==, 8);
   g_assert_cmpuint (stats.pending, ==, 8);
 
+  /* A timeout past the end of time waits like submit... */
+  blocked.bound = &bound;
+  blocked.item = refused;
+  blocked.forever_timeout = TRUE;
+  thread = g_thread_new ("blocked-submit", blocked_submit_thread, &blocked);
+  kd_dispatcher_wait_blocked_submitters (bound.dispatcher, 1);
+  kd_test_counter_add (&bound.permits, 1);
+  g_thread_join (thread);
+  g_assert_true (blocked.accepted);
+  g_assert_no_error (blocked.error);
+  refused = bound_item_new (&bound);
+  blocked.forever_timeout = FALSE;
+
   /* A blocking submit sleeps while the bound is reached... */
   blocked.bound = &bound;
   blocked.item = refused;
@@ -440,10 +459,10 @@ test_bound (void)
   kd_dispatcher_wait (bound.dispatcher);
 
   kd_dispatcher_get_stats (bound.dispatcher, &stats);
-  g_assert_cmpuint (stats.submitted, ==, 9);
-  g_assert_cmpuint (stats.completed, ==, 9);
+  g_assert_cmpuint (stats.submitted, ==, 10);
+  g_assert_cmpuint (stats.completed, ==, 10);
   g_assert_cmpuint (stats.pending, ==, 0);
-  g_assert_cmpint (bound.freed, ==, 9);
+  g_assert_cmpint (bound.freed, ==, 10);
   g_assert_cmpint (bound.live_items, ==, 0);
   g_assert_cmpint (bound.over_bound, ==, 0);
 
@@ -726,6 +745,109 @@ test_wait_not_delayed (void)
   kd_test_gate_clear (&barrier.early_gate);
   kd_test_gate_clear (&barrier.late_gate);
   kd_test_counter_clear (&barrier.late_submitted);
+}
+
+typedef struct
+{
+  KdTestGate gates[3];      /* one per job: a, b, c */
+  gint       late_timeouts; /* c waited out its deadline */
+} Overlapping;
+
+static gboolean
+overlapping_handler (KdJob    *job,
+                     gpointer  user_data,
+                     GError  **error)
+{
+  Overlapping *ov = user_data;
+  guint which = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  if (!kd_test_gate_wait_for (&ov->gates[which], which == 2 ? 10 * G_TIME_SPAN_SECOND
+                                                              : KD_TEST_DEADLINE_US))
+    g_atomic_int_inc (&ov->late_timeouts);
+  return TRUE;
+}
+
+typedef struct
+{
+  KdDispatcher  *dispatcher;
+  KdTestCounter *sealed;
+  KdTestGate     returned;
+  GThread       *thread;
+} OverlapWaiter;
+
+static void
+overlap_sealed (gpointer user_data)
+{
+  kd_test_counter_add (user_data, 1);
+}
+
+static gpointer
+overlap_wait_thread (gpointer data)
+{
+  OverlapWaiter *waiter = data;
+
+  kd_dispatcher_wait_sealed (waiter->dispatcher, overlap_sealed, waiter->sealed);
+  kd_test_gate_open (&waiter->returned);
+  return NULL;
+}
+
+static void
+overlap_waiter_start (OverlapWaiter *waiter,
+                      KdDispatcher  *dispatcher,
+                      KdTestCounter *sealed)
+{
+  guint before = kd_test_counter_get (sealed);
+
+  waiter->dispatcher = dispatcher;
+  waiter->sealed = sealed;
+  kd_test_gate_init (&waiter->returned);
+  waiter->thread = g_thread_new ("waiter", overlap_wait_thread, waiter);
+  g_assert_true (kd_test_counter_wait (sealed, before + 1));
+}
+
+static void
+test_wait_overlapping (void)
+{
+  Overlapping ov = { 0 };
+  OverlapWaiter first, second;
+  KdTestCounter sealed;
+  KdDispatcher *dispatcher;
+  guint i;
+
+  g_test_summary ("Two overlapping waits from different threads each return once "
+                  "the jobs accepted before their own call ended, not delayed by a "
+                  "job accepted after the second call");
+
+  for (i = 0; i < 3; i++)
+    kd_test_gate_init (&ov.gates[i]);
+  kd_test_counter_init (&sealed);
+  dispatcher = kd_dispatcher_new (3, overlapping_handler, &ov, NULL);
+
+  g_assert_true (kd_dispatcher_submit (dispatcher, "a", GUINT_TO_POINTER (0), NULL));
+  overlap_waiter_start (&first, dispatcher, &sealed);
+  g_assert_true (kd_dispatcher_submit (dispatcher, "b", GUINT_TO_POINTER (1), NULL));
+  overlap_waiter_start (&second, dispatcher, &sealed);
+  g_assert_true (kd_dispatcher_submit (dispatcher, "c", GUINT_TO_POINTER (2), NULL));
+
+  kd_test_gate_open (&ov.gates[1]);
+  kd_test_gate_open (&ov.gates[0]);
+  g_assert_true (kd_test_gate_wait (&first.returned));
+  g_assert_true (kd_test_gate_wait (&second.returned));
+  g_assert_cmpuint (kd_dispatcher_get_admitted (dispatcher), ==, 1);
+  g_assert_cmpint (g_atomic_int_get (&ov.late_timeouts), ==, 0);
+
+  kd_test_gate_open (&ov.gates[2]);
+  g_thread_join (first.thread);
+  g_thread_join (second.thread);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_cmpint (ov.late_timeouts, ==, 0);
+
+  g_object_unref (dispatcher);
+  kd_test_gate_clear (&first.returned);
+  kd_test_gate_clear (&second.returned);
+  kd_test_counter_clear (&sealed);
+  for (i = 0; i < 3; i++)
+    kd_test_gate_clear (&ov.gates[i]);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1771,6 +1893,170 @@ test_submit_from_worker_room (void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* A hot key does not starve the others                                     */
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  KdTestGate    cycling;    /* opened once the hot key has run a while */
+  gint          cold_ran;
+  gint          hot_ran;
+} Hot;
+
+#define HOT_LIMIT 100000
+
+static gboolean
+hot_handler (KdJob    *job,
+             gpointer  user_data,
+             GError  **error)
+{
+  Hot *hot = user_data;
+  gint ran;
+
+  if (g_strcmp0 (kd_job_get_key (job), "hot") != 0)
+    {
+      g_atomic_int_inc (&hot->cold_ran);
+      return TRUE;
+    }
+
+  /* Each hot job queues the next one, so the key never runs dry until the
+   * cold jobs got their turn (or the limit says they never will). */
+  ran = g_atomic_int_add (&hot->hot_ran, 1);
+  if (ran == 1000)
+    kd_test_gate_open (&hot->cycling);
+  if (ran < HOT_LIMIT && g_atomic_int_get (&hot->cold_ran) < 2)
+    g_assert_true (kd_dispatcher_submit (hot->dispatcher, "hot", NULL, NULL));
+  return TRUE;
+}
+
+static void
+test_hot_key_fairness (void)
+{
+  Hot hot = { 0 };
+  guint i;
+
+  g_test_summary ("A key that never runs dry does not starve other keys or unkeyed "
+                  "jobs, even on a single worker");
+
+  kd_test_gate_init (&hot.cycling);
+  hot.dispatcher = kd_dispatcher_new (1, hot_handler, &hot, NULL);
+  for (i = 0; i < 100; i++)
+    g_assert_true (kd_dispatcher_submit (hot.dispatcher, "hot", NULL, NULL));
+
+  /* The cold jobs arrive while the hot key is already going round. */
+  g_assert_true (kd_test_gate_wait (&hot.cycling));
+  g_assert_true (kd_dispatcher_submit (hot.dispatcher, "cold", NULL, NULL));
+  g_assert_true (kd_dispatcher_submit (hot.dispatcher, NULL, NULL, NULL));
+
+  /* The hot jobs keep submitting more until the cold ones ran. */
+  while (g_atomic_int_get (&hot.cold_ran) < 2 && g_atomic_int_get (&hot.hot_ran) < HOT_LIMIT)
+    kd_dispatcher_wait (hot.dispatcher);
+  kd_dispatcher_wait (hot.dispatcher);
+
+  g_assert_cmpint (hot.cold_ran, ==, 2);
+  g_assert_cmpint (hot.hot_ran, <, HOT_LIMIT);
+
+  g_object_unref (hot.dispatcher);
+  kd_test_gate_clear (&hot.cycling);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Last unref inside a ::cancelled handler                                  */
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  KdTestGate    gate;
+  KdTestCounter started;
+  gint          cancelled_done;
+  gint          completed_done;
+} CancelUnref;
+
+static gboolean
+cancel_unref_handler (KdJob    *job,
+                      gpointer  user_data,
+                      GError  **error)
+{
+  CancelUnref *cu = user_data;
+
+  kd_test_counter_add (&cu->started, 1);
+  g_assert_true (kd_test_gate_wait (&cu->gate));
+  return TRUE;
+}
+
+static void
+cancel_unref_done (KdJob        *job,
+                   const GError *error,
+                   gpointer      user_data)
+{
+  CancelUnref *cu = user_data;
+
+  if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
+    g_atomic_int_inc (&cu->cancelled_done);
+  else
+    g_atomic_int_inc (&cu->completed_done);
+}
+
+static void
+drop_dispatcher_on_cancel (GCancellable *cancellable,
+                           gpointer      user_data)
+{
+  CancelUnref *cu = user_data;
+
+  /* The running job must be able to finish while we wait in the unref. */
+  kd_test_gate_open (&cu->gate);
+  g_object_unref (g_steal_pointer (&cu->dispatcher));
+}
+
+static void
+check_unref_in_cancel_handler (gboolean ours_first)
+{
+  CancelUnref cu = { 0 };
+  GCancellable *cancellable = g_cancellable_new ();
+  gulong id = 0;
+  guint i;
+
+  kd_test_gate_init (&cu.gate);
+  kd_test_counter_init (&cu.started);
+
+  /* Handlers run in the order they were connected: ours before or after
+   * the dispatcher's own. */
+  if (ours_first)
+    id = g_cancellable_connect (cancellable, G_CALLBACK (drop_dispatcher_on_cancel), &cu, NULL);
+  cu.dispatcher = kd_dispatcher_new (1, cancel_unref_handler, &cu, NULL);
+  kd_dispatcher_set_cancellable (cu.dispatcher, cancellable);
+  kd_dispatcher_set_done_func (cu.dispatcher, cancel_unref_done, &cu, NULL);
+  if (!ours_first)
+    id = g_cancellable_connect (cancellable, G_CALLBACK (drop_dispatcher_on_cancel), &cu, NULL);
+
+  for (i = 0; i < 50; i++)
+    g_assert_true (kd_dispatcher_submit (cu.dispatcher, (i % 2) ? "k" : NULL, NULL, NULL));
+  g_assert_true (kd_test_counter_wait (&cu.started, 1));
+
+  g_cancellable_cancel (cancellable);
+
+  g_assert_null (cu.dispatcher);
+  g_assert_cmpint (cu.completed_done, ==, 1);
+  g_assert_cmpint (cu.cancelled_done, ==, 49);
+
+  g_cancellable_disconnect (cancellable, id);
+  g_object_unref (cancellable);
+  kd_test_gate_clear (&cu.gate);
+  kd_test_counter_clear (&cu.started);
+}
+
+static void
+test_unref_in_cancel_handler (void)
+{
+  g_test_summary ("The last unref from inside another ::cancelled handler of the "
+                  "dispatcher's cancellable does not deadlock, whichever handler runs "
+                  "first, and queued jobs still end cancelled");
+
+  check_unref_in_cancel_handler (TRUE);
+  check_unref_in_cancel_handler (FALSE);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Bad input                                                                */
 
 static gboolean
@@ -1876,10 +2162,13 @@ keys_handler (KdJob    *job,
   return TRUE;
 }
 
+static gint null_items_freed;
+
 static void
-item_free_must_not_run (gpointer item)
+count_null_item_free (gpointer item)
 {
-  g_error ("item_free ran for a NULL item");
+  g_assert_null (item);
+  g_atomic_int_inc (&null_items_freed);
 }
 
 static void
@@ -1898,7 +2187,8 @@ test_keys_as_bytes (void)
   guint i;
 
   g_test_summary ("The empty string is a key, a 1 MiB key works, keys are copied at "
-                  "submit and compared as byte strings, NULL items are allowed");
+                  "submit and compared as byte strings, NULL items are allowed (and item_free "
+                  "runs on them, once)");
 
   kd_test_gate_init (&keys.gate);
   kd_test_counter_init (&keys.started);
@@ -1906,7 +2196,8 @@ test_keys_as_bytes (void)
   keys.seen = g_ptr_array_new_with_free_func (g_free);
 
   dispatcher = kd_dispatcher_new (n + 2, keys_handler, &keys, NULL);
-  kd_dispatcher_set_item_free (dispatcher, item_free_must_not_run);
+  null_items_freed = 0;
+  kd_dispatcher_set_item_free (dispatcher, count_null_item_free);
 
   for (i = 0; i < n; i++)
     g_assert_true (kd_dispatcher_submit (dispatcher, distinct[i], NULL, NULL));
@@ -1948,6 +2239,7 @@ test_keys_as_bytes (void)
       g_assert_cmpuint (found, ==, 1);
     }
   g_assert_cmpint (keys.null_items, ==, n + 2);
+  g_assert_cmpint (null_items_freed, ==, n + 2);
 
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.live_keys, ==, 0);
@@ -2138,6 +2430,7 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/bound-flat-memory", test_bound_flat_memory);
   g_test_add_func ("/kd/dispatcher/wait-batches", test_wait_batches);
   g_test_add_func ("/kd/dispatcher/wait-not-delayed", test_wait_not_delayed);
+  g_test_add_func ("/kd/dispatcher/wait-overlapping", test_wait_overlapping);
   g_test_add_func ("/kd/dispatcher/close", test_close);
   g_test_add_func ("/kd/dispatcher/cancel", test_cancel);
   g_test_add_func ("/kd/dispatcher/cancel-before-submit", test_cancel_before_submit);
@@ -2152,6 +2445,8 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/unref-in-context-done", test_unref_in_context_done);
   g_test_add_func ("/kd/dispatcher/submit-from-worker", test_submit_from_worker);
   g_test_add_func ("/kd/dispatcher/submit-from-worker-room", test_submit_from_worker_room);
+  g_test_add_func ("/kd/dispatcher/hot-key-fairness", test_hot_key_fairness);
+  g_test_add_func ("/kd/dispatcher/unref-in-cancel-handler", test_unref_in_cancel_handler);
   g_test_add_func ("/kd/dispatcher/bad-input", test_bad_input_preconditions);
   g_test_add_func ("/kd/dispatcher/keys-as-bytes", test_keys_as_bytes);
   g_test_add_func ("/kd/dispatcher/empty-key-order", test_empty_key_order);
