@@ -934,7 +934,11 @@ kd_dispatcher_get_cancellable (KdDispatcher *self)
  * ended as soon as its handler returned: it no longer counts against the
  * bound, and kd_dispatcher_wait() does not wait for its delivery, so the
  * thread that iterates @context may itself submit. The last unref delivers
- * what is still queued before it returns.
+ * what is still queued before it returns: if a thread is iterating @context,
+ * that thread delivers them and the unref waits for it; if no thread owns
+ * @context, the unref acquires it, as GLib lets any thread that owns a
+ * context dispatch it, and runs them in its own thread. So drop the last
+ * reference from the context's thread if the callbacks must run there.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
