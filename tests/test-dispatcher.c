@@ -1899,6 +1899,7 @@ typedef struct
 {
   KdDispatcher *dispatcher;
   KdTestGate    cycling;    /* opened once the hot key has run a while */
+  KdTestGate    cold_in;    /* opened once the cold jobs were submitted */
   gint          cold_ran;
   gint          hot_ran;
 } Hot;
@@ -1921,9 +1922,14 @@ hot_handler (KdJob    *job,
 
   /* Each hot job queues the next one, so the key never runs dry until the
    * cold jobs got their turn (or the limit says they never will). */
+  /* Hold the hot key mid-cycle until the cold jobs are queued, whatever
+   * the scheduling (valgrind runs one thread at a time). */
   ran = g_atomic_int_add (&hot->hot_ran, 1);
   if (ran == 1000)
-    kd_test_gate_open (&hot->cycling);
+    {
+      kd_test_gate_open (&hot->cycling);
+      g_assert_true (kd_test_gate_wait (&hot->cold_in));
+    }
   if (ran < HOT_LIMIT && g_atomic_int_get (&hot->cold_ran) < 2)
     g_assert_true (kd_dispatcher_submit (hot->dispatcher, "hot", NULL, NULL));
   return TRUE;
@@ -1939,6 +1945,7 @@ test_hot_key_fairness (void)
                   "jobs, even on a single worker");
 
   kd_test_gate_init (&hot.cycling);
+  kd_test_gate_init (&hot.cold_in);
   hot.dispatcher = kd_dispatcher_new (1, hot_handler, &hot, NULL);
   for (i = 0; i < 100; i++)
     g_assert_true (kd_dispatcher_submit (hot.dispatcher, "hot", NULL, NULL));
@@ -1947,6 +1954,7 @@ test_hot_key_fairness (void)
   g_assert_true (kd_test_gate_wait (&hot.cycling));
   g_assert_true (kd_dispatcher_submit (hot.dispatcher, "cold", NULL, NULL));
   g_assert_true (kd_dispatcher_submit (hot.dispatcher, NULL, NULL, NULL));
+  kd_test_gate_open (&hot.cold_in);
 
   /* The hot jobs keep submitting more until the cold ones ran. */
   while (g_atomic_int_get (&hot.cold_ran) < 2 && g_atomic_int_get (&hot.hot_ran) < HOT_LIMIT)
@@ -1958,6 +1966,7 @@ test_hot_key_fairness (void)
 
   g_object_unref (hot.dispatcher);
   kd_test_gate_clear (&hot.cycling);
+  kd_test_gate_clear (&hot.cold_in);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -983,7 +983,7 @@ median_of (GArray *runs,
   guint i;
 
   for (i = 0; i < runs->len; i++)
-    values[i] = *(double *) ((char *) &g_array_index (runs, RunResult, i) + offset);
+    memcpy (&values[i], (char *) &g_array_index (runs, RunResult, i) + offset, sizeof (double));
   qsort (values, runs->len, sizeof (double), compare_double);
   median = runs->len % 2 ? values[runs->len / 2]
                          : (values[runs->len / 2 - 1] + values[runs->len / 2]) / 2;
