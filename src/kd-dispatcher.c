@@ -144,6 +144,8 @@ struct _KdDispatcher
   /* Protected by @keys_lock */
   GMutex          keys_lock;
   GHashTable     *keys;         /* key → KdMailbox with work */
+  guint           live_keys;    /* the table's size; written under the lock,
+                                 * read atomically by get_stats */
 
   /* Set once under @start_lock, then read-only (published atomically) */
   GMutex          start_lock;
@@ -336,7 +338,10 @@ run_mailbox (KdDispatcher  *self,
       kd_mutex_lock (&self->keys_lock);
       empty = kd_mailbox_is_empty (mailbox);
       if (empty)
-        g_hash_table_remove (self->keys, kd_mailbox_get_key (mailbox));
+        {
+          g_hash_table_remove (self->keys, kd_mailbox_get_key (mailbox));
+          __atomic_store_n (&self->live_keys, self->live_keys - 1, __ATOMIC_RELEASE);
+        }
       kd_mutex_unlock (&self->keys_lock);
 
       if (empty)
@@ -460,6 +465,7 @@ submit_job (KdDispatcher  *self,
     {
       mailbox = kd_mailbox_new (key);
       g_hash_table_insert (self->keys, (gpointer) kd_mailbox_get_key (mailbox), mailbox);
+      __atomic_store_n (&self->live_keys, self->live_keys + 1, __ATOMIC_RELEASE);
     }
   job->mailbox = mailbox;
   kd_mailbox_push (mailbox, job);
@@ -629,7 +635,7 @@ kd_dispatcher_finalize (GObject *object)
   if (self->handler_data_free != NULL)
     self->handler_data_free (self->handler_data);
 
-  g_assert (g_hash_table_size (self->keys) == 0);
+  g_assert (g_hash_table_size (self->keys) == 0 && self->live_keys == 0);
   g_hash_table_unref (self->keys);
   kd_admission_clear (&self->admission);
   g_mutex_clear (&self->keys_lock);
@@ -1199,9 +1205,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
   stats->pending = stats->submitted - ended_before;
   stats->rejected = __atomic_load_n (&self->rejected, __ATOMIC_RELAXED);
 
-  kd_mutex_lock (&self->keys_lock);
-  stats->live_keys = g_hash_table_size (self->keys);
-  kd_mutex_unlock (&self->keys_lock);
+  stats->live_keys = __atomic_load_n (&self->live_keys, __ATOMIC_ACQUIRE);
 }
 
 /* Sleeps until @n_blocked submitters are blocked waiting for room. */

@@ -172,6 +172,69 @@ test_per_key_order (void)
   g_rand_free (rand);
 }
 
+#define HOT_KEYS 4
+
+typedef struct
+{
+  gint  running[HOT_KEYS];
+  guint next[HOT_KEYS];
+  gint  overlaps;
+  gint  out_of_order;
+} FewKeys;
+
+static gboolean
+few_keys_handler (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  FewKeys *few = user_data;
+  guint i = GPOINTER_TO_UINT (kd_job_get_item (job));
+  guint key = i % HOT_KEYS;
+  guint32 rng = i * 2654435761u + 7;
+
+  g_assert_cmpint (kd_job_get_key (job)[1] - '0', ==, key);
+
+  /* Each job holds its key's flag for a while: a second job of the key
+   * running at the same time, on any worker, finds it taken. */
+  if (!g_atomic_int_compare_and_exchange (&few->running[key], 0, 1))
+    g_atomic_int_inc (&few->overlaps);
+  if (few->next[key] != i / HOT_KEYS)
+    g_atomic_int_inc (&few->out_of_order);
+  few->next[key] = i / HOT_KEYS + 1;
+  kd_test_spin (kd_test_xorshift (&rng) % 3000);
+  g_atomic_int_set (&few->running[key], 0);
+  return TRUE;
+}
+
+static void
+test_few_keys_exclusive (void)
+{
+  FewKeys few = { 0 };
+  KdDispatcher *dispatcher;
+  guint n_jobs = kd_test_size (40000, 400000);
+  guint i;
+
+  g_test_summary ("With 4 hot keys and 8 workers, every worker competes for the same "
+                  "keys, and still no two jobs of one key ever overlap or reorder");
+
+  dispatcher = kd_dispatcher_new (8, few_keys_handler, &few, NULL);
+  kd_dispatcher_set_fanout (dispatcher, 3);
+  for (i = 0; i < n_jobs; i++)
+    {
+      char key[4] = { 'k', (char) ('0' + i % HOT_KEYS), '\0' };
+
+      g_assert_true (kd_dispatcher_submit (dispatcher, key, GUINT_TO_POINTER (i), NULL));
+    }
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (few.overlaps, ==, 0);
+  g_assert_cmpint (few.out_of_order, ==, 0);
+  for (i = 0; i < HOT_KEYS; i++)
+    g_assert_cmpuint (few.next[i], ==, (n_jobs - i + HOT_KEYS - 1) / HOT_KEYS);
+
+  g_object_unref (dispatcher);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Unkeyed jobs really run in parallel                                      */
 
@@ -1422,6 +1485,11 @@ test_main_context (void)
   g_assert_cmpuint (stats.completed, ==, n_jobs);
   g_assert_cmpuint (stats.pending, ==, 0);
 
+  /* Nothing is delivered before the context is iterated. */
+  g_assert_cmpuint (delivery.delivered, ==, 0);
+  g_assert_cmpuint (delivery.freed, ==, 0);
+  g_assert_cmpint (delivery.wrong_thread, ==, 0);
+
   while (delivery.delivered < n_jobs)
     g_main_context_iteration (context, TRUE);
 
@@ -1717,8 +1785,11 @@ typedef struct
 {
   KdDispatcher *dispatcher;
   GMainContext *context;
+  GThread      *context_thread;
   guint         delivered;
   gint          finalized;
+  gint          finalized_inside_unref;
+  gint          finalized_on_context_thread;
 } ContextUnref;
 
 static void
@@ -1729,7 +1800,13 @@ unref_in_context_done (KdJob        *job,
   ContextUnref *cu = user_data;
 
   if (++cu->delivered == 1)
-    g_object_unref (g_steal_pointer (&cu->dispatcher));
+    {
+      g_object_unref (g_steal_pointer (&cu->dispatcher));
+      /* The unref returned at once: the dispatcher cannot be finalized
+       * while its deliveries are still running on this thread. */
+      if (g_atomic_int_get (&cu->finalized))
+        cu->finalized_inside_unref = TRUE;
+    }
 }
 
 static void
@@ -1737,6 +1814,9 @@ context_unref_finalized (gpointer user_data)
 {
   ContextUnref *cu = user_data;
   GMainContext *context = g_main_context_ref (cu->context);
+
+  if (g_thread_self () == cu->context_thread)
+    g_atomic_int_set (&cu->finalized_on_context_thread, TRUE);
 
   /* Runs on the shutdown thread: wake the loop that waits for it. Once
    * finalized is set the test may return, so touch nothing of it after. */
@@ -1757,6 +1837,7 @@ test_unref_in_context_done (void)
                   "returns at once; the remaining deliveries still arrive there");
 
   cu.context = context;
+  cu.context_thread = g_thread_self ();
   cu.dispatcher = kd_dispatcher_new (2, count_handler, &ran, NULL);
   kd_dispatcher_set_main_context (cu.dispatcher, context);
   kd_dispatcher_set_done_func (cu.dispatcher, unref_in_context_done, &cu,
@@ -1771,6 +1852,8 @@ test_unref_in_context_done (void)
   g_assert_null (cu.dispatcher);
   g_assert_cmpuint (cu.delivered, ==, 100);
   g_assert_cmpint (ran, ==, 100);
+  g_assert_false (cu.finalized_inside_unref);
+  g_assert_false (cu.finalized_on_context_thread);
   g_main_context_unref (context);
 }
 
@@ -2263,6 +2346,7 @@ test_keys_as_bytes (void)
 
 typedef struct
 {
+  gint running;
   gint next;
   gint violations;
 } EmptyKey;
@@ -2275,9 +2359,13 @@ empty_key_handler (KdJob    *job,
   EmptyKey *empty = user_data;
 
   g_assert_cmpstr (kd_job_get_key (job), ==, "");
+  if (!g_atomic_int_compare_and_exchange (&empty->running, 0, 1))
+    g_atomic_int_inc (&empty->violations);
   if (GPOINTER_TO_INT (kd_job_get_item (job)) != empty->next)
-    empty->violations++;
+    g_atomic_int_inc (&empty->violations);
   empty->next++;
+  kd_test_spin (GPOINTER_TO_UINT (kd_job_get_item (job)) % 300);
+  g_atomic_int_set (&empty->running, 0);
   return TRUE;
 }
 
@@ -2432,6 +2520,7 @@ main (int    argc,
   g_test_init (&argc, &argv, NULL);
 
   g_test_add_func ("/kd/dispatcher/per-key-order", test_per_key_order);
+  g_test_add_func ("/kd/dispatcher/few-keys-exclusive", test_few_keys_exclusive);
   g_test_add_func ("/kd/dispatcher/unkeyed-parallel", test_unkeyed_parallel);
   g_test_add_func ("/kd/dispatcher/keyed-parallel", test_keyed_parallel);
   g_test_add_func ("/kd/dispatcher/bound", test_bound);
