@@ -139,6 +139,51 @@ kd_test_counter_wait (KdTestCounter *counter,
   return reached;
 }
 
+/* Where handlers stop until the test lets them go: the test can wait until
+ * a number of them have arrived, then open the gate for all. */
+typedef struct
+{
+  KdTestGate    gate;
+  KdTestCounter arrived;
+} KdTestHold;
+
+static inline void
+kd_test_hold_init (KdTestHold *hold)
+{
+  kd_test_gate_init (&hold->gate);
+  kd_test_counter_init (&hold->arrived);
+}
+
+static inline void
+kd_test_hold_clear (KdTestHold *hold)
+{
+  kd_test_gate_clear (&hold->gate);
+  kd_test_counter_clear (&hold->arrived);
+}
+
+/* In a handler: counts itself in, then blocks until the hold is released.
+ * Returns FALSE if the deadline passed first. */
+static inline gboolean
+kd_test_hold_enter (KdTestHold *hold)
+{
+  kd_test_counter_add (&hold->arrived, 1);
+  return kd_test_gate_wait (&hold->gate);
+}
+
+/* Returns FALSE if fewer than @n arrived before the deadline. */
+static inline gboolean
+kd_test_hold_wait_arrived (KdTestHold *hold,
+                           guint       n)
+{
+  return kd_test_counter_wait (&hold->arrived, n);
+}
+
+static inline void
+kd_test_hold_release (KdTestHold *hold)
+{
+  kd_test_gate_open (&hold->gate);
+}
+
 /* Sizes are multiplied by KD_TEST_SCALE (the valgrind setup makes them
  * smaller) and grow under `-m slow`. */
 static inline guint

@@ -918,10 +918,9 @@ test_wait_overlapping (void)
 
 typedef struct
 {
-  KdTestGate    gate;
-  KdTestCounter started;
-  gint          done_calls;
-  gint          freed;
+  KdTestHold hold;
+  gint       done_calls;
+  gint       freed;
 } Closing;
 
 static gboolean
@@ -931,8 +930,7 @@ gated_handler (KdJob    *job,
 {
   Closing *closing = user_data;
 
-  kd_test_counter_add (&closing->started, 1);
-  g_assert_true (kd_test_gate_wait (&closing->gate));
+  g_assert_true (kd_test_hold_enter (&closing->hold));
   return TRUE;
 }
 
@@ -989,8 +987,7 @@ test_close (void)
                   "full, and wake blocked submitters), the item untouched and no "
                   "callback run; accepted jobs still run; then the workers exit");
 
-  kd_test_gate_init (&closing.gate);
-  kd_test_counter_init (&closing.started);
+  kd_test_hold_init (&closing.hold);
   dispatcher = kd_dispatcher_new (2, gated_handler, &closing, NULL);
   kd_dispatcher_set_capacity (dispatcher, 4);
   kd_dispatcher_set_done_func (dispatcher, closing_done, &closing, NULL);
@@ -998,7 +995,7 @@ test_close (void)
 
   for (i = 0; i < 4; i++)
     g_assert_true (kd_dispatcher_submit (dispatcher, (i % 2) ? "k" : NULL, &accepted_item, NULL));
-  g_assert_true (kd_test_counter_wait (&closing.started, 2));
+  g_assert_true (kd_test_hold_wait_arrived (&closing.hold, 2));
 
   blocked.dispatcher = dispatcher;
   blocked.item = &refused_item;
@@ -1025,7 +1022,7 @@ test_close (void)
   g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&error);
 
-  kd_test_gate_open (&closing.gate);
+  kd_test_hold_release (&closing.hold);
   kd_dispatcher_wait (dispatcher);
 
   g_assert_cmpint (refused_item, ==, 0);
@@ -1043,8 +1040,7 @@ test_close (void)
   kd_dispatcher_close (dispatcher);
   g_object_unref (dispatcher);
   g_assert_cmpint (refused_item, ==, 0);
-  kd_test_gate_clear (&closing.gate);
-  kd_test_counter_clear (&closing.started);
+  kd_test_hold_clear (&closing.hold);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -2058,8 +2054,7 @@ test_hot_key_fairness (void)
 typedef struct
 {
   KdDispatcher *dispatcher;
-  KdTestGate    gate;
-  KdTestCounter started;
+  KdTestHold    hold;
   gint          cancelled_done;
   gint          completed_done;
 } CancelUnref;
@@ -2071,8 +2066,7 @@ cancel_unref_handler (KdJob    *job,
 {
   CancelUnref *cu = user_data;
 
-  kd_test_counter_add (&cu->started, 1);
-  g_assert_true (kd_test_gate_wait (&cu->gate));
+  g_assert_true (kd_test_hold_enter (&cu->hold));
   return TRUE;
 }
 
@@ -2096,7 +2090,7 @@ drop_dispatcher_on_cancel (GCancellable *cancellable,
   CancelUnref *cu = user_data;
 
   /* The running job must be able to finish while we wait in the unref. */
-  kd_test_gate_open (&cu->gate);
+  kd_test_hold_release (&cu->hold);
   g_object_unref (g_steal_pointer (&cu->dispatcher));
 }
 
@@ -2108,8 +2102,7 @@ check_unref_in_cancel_handler (gboolean ours_first)
   gulong id = 0;
   guint i;
 
-  kd_test_gate_init (&cu.gate);
-  kd_test_counter_init (&cu.started);
+  kd_test_hold_init (&cu.hold);
 
   /* Handlers run in the order they were connected: ours before or after
    * the dispatcher's own. */
@@ -2123,7 +2116,7 @@ check_unref_in_cancel_handler (gboolean ours_first)
 
   for (i = 0; i < 50; i++)
     g_assert_true (kd_dispatcher_submit (cu.dispatcher, (i % 2) ? "k" : NULL, NULL, NULL));
-  g_assert_true (kd_test_counter_wait (&cu.started, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&cu.hold, 1));
 
   g_cancellable_cancel (cancellable);
 
@@ -2133,8 +2126,7 @@ check_unref_in_cancel_handler (gboolean ours_first)
 
   g_cancellable_disconnect (cancellable, id);
   g_object_unref (cancellable);
-  kd_test_gate_clear (&cu.gate);
-  kd_test_counter_clear (&cu.started);
+  kd_test_hold_clear (&cu.hold);
 }
 
 static void
@@ -2226,8 +2218,7 @@ test_bad_input_preconditions (void)
 
 typedef struct
 {
-  KdTestGate     gate;
-  KdTestCounter  started;
+  KdTestHold     hold;
   GPtrArray     *seen;       /* keys as the handlers saw them, in order per key */
   GMutex         lock;
   gint           null_items;
@@ -2249,8 +2240,7 @@ keys_handler (KdJob    *job,
   g_ptr_array_add (keys->seen, g_strdup (key));
   kd_mutex_unlock (&keys->lock);
 
-  kd_test_counter_add (&keys->started, 1);
-  g_assert_true (kd_test_gate_wait (&keys->gate));
+  g_assert_true (kd_test_hold_enter (&keys->hold));
   return TRUE;
 }
 
@@ -2282,8 +2272,7 @@ test_keys_as_bytes (void)
                   "submit and compared as byte strings, NULL items are allowed (and item_free "
                   "runs on them, once)");
 
-  kd_test_gate_init (&keys.gate);
-  kd_test_counter_init (&keys.started);
+  kd_test_hold_init (&keys.hold);
   g_mutex_init (&keys.lock);
   keys.seen = g_ptr_array_new_with_free_func (g_free);
 
@@ -2305,11 +2294,11 @@ test_keys_as_bytes (void)
   big_key[big_size - 1] = 'z';
 
   /* Every key got a mailbox of its own and all run at once. */
-  g_assert_true (kd_test_counter_wait (&keys.started, n + 2));
+  g_assert_true (kd_test_hold_wait_arrived (&keys.hold, n + 2));
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.live_keys, ==, n + 2);
 
-  kd_test_gate_open (&keys.gate);
+  kd_test_hold_release (&keys.hold);
   kd_dispatcher_wait (dispatcher);
 
   g_assert_cmpuint (keys.seen->len, ==, n + 2);
@@ -2340,8 +2329,7 @@ test_keys_as_bytes (void)
   g_free (big_key);
   g_ptr_array_unref (keys.seen);
   g_mutex_clear (&keys.lock);
-  kd_test_gate_clear (&keys.gate);
-  kd_test_counter_clear (&keys.started);
+  kd_test_hold_clear (&keys.hold);
 }
 
 typedef struct

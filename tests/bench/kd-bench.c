@@ -1015,6 +1015,18 @@ max_rss_mib (GArray *runs)
 }
 
 static void
+print_latency (const char *who,
+               GArray     *runs)
+{
+  g_print ("    %s at %.2f M/s: start p50 %.1f p99 %.1f p99.9 %.1f max %.1f us; "
+           "done p50 %.1f p99 %.1f p99.9 %.1f max %.1f us\n",
+           who, MEDIAN (runs, offered_rate) / 1e6, MEDIAN (runs, start_p50),
+           MEDIAN (runs, start_p99), MEDIAN (runs, start_p999), MEDIAN (runs, start_max),
+           MEDIAN (runs, done_p50), MEDIAN (runs, done_p99), MEDIAN (runs, done_p999),
+           MEDIAN (runs, done_max));
+}
+
+static void
 print_table (Summary *summaries,
              guint    n,
              guint    repetitions)
@@ -1062,20 +1074,9 @@ print_table (Summary *summaries,
 
       if (g_str_equal (id, "L1"))
         {
-          g_print ("    kdispatch  at %.2f M/s: start p50 %.1f p99 %.1f p99.9 %.1f max %.1f us; "
-                   "done p50 %.1f p99 %.1f p99.9 %.1f max %.1f us\n",
-                   MEDIAN (s->kd, offered_rate) / 1e6, MEDIAN (s->kd, start_p50),
-                   MEDIAN (s->kd, start_p99), MEDIAN (s->kd, start_p999), MEDIAN (s->kd, start_max),
-                   MEDIAN (s->kd, done_p50), MEDIAN (s->kd, done_p99), MEDIAN (s->kd, done_p999),
-                   MEDIAN (s->kd, done_max));
+          print_latency ("kdispatch ", s->kd);
           if (s->glib->len)
-            g_print ("    plain GLib at %.2f M/s: start p50 %.1f p99 %.1f p99.9 %.1f max %.1f us; "
-                     "done p50 %.1f p99 %.1f p99.9 %.1f max %.1f us\n",
-                     MEDIAN (s->glib, offered_rate) / 1e6, MEDIAN (s->glib, start_p50),
-                     MEDIAN (s->glib, start_p99), MEDIAN (s->glib, start_p999),
-                     MEDIAN (s->glib, start_max), MEDIAN (s->glib, done_p50),
-                     MEDIAN (s->glib, done_p99), MEDIAN (s->glib, done_p999),
-                     MEDIAN (s->glib, done_max));
+            print_latency ("plain GLib", s->glib);
         }
       if (g_str_equal (id, "W4"))
         g_print ("    kdispatch %.2f M/s, plain GLib %.2f M/s\n", kd_rate / 1e6, glib_rate / 1e6);
