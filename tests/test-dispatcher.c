@@ -2408,6 +2408,10 @@ monitor_thread (gpointer data)
           stats.completed < last.completed)
         g_atomic_int_inc (&monitor->bad_snapshots);
       last = stats;
+
+      /* Let the producer and workers run: under valgrind only one thread
+       * runs at a time, and a monitor that never yields starves them. */
+      g_thread_yield ();
     }
 
   return NULL;
