@@ -8,9 +8,9 @@
  * threads (KdScheduler) and guarantees:
  *
  *  - Jobs with the same key run one at a time, in the order they were
- *    accepted. Each key with work has a mailbox (KdMailbox, a GAsyncQueue of
- *    its jobs) in the key table; the mailbox, not a thread, is the key's
- *    actor. A ready mailbox is a task of the scheduler: the worker that
+ *    accepted. Each key with work has a mailbox (KdMailbox, its queue of
+ *    jobs) in the key table (KdKeyTable, sharded GHashTables); the mailbox,
+ *    not a thread, is the key's actor. A ready mailbox is a task of the scheduler: the worker that
  *    takes it runs up to MAILBOX_BUDGET of its jobs, then puts it back if it
  *    still has work, at the end of the input queue, so a hot key cannot
  *    starve the others. A mailbox that
@@ -37,13 +37,14 @@
  *  - Once the dispatcher is closed and nothing is pending, the workers exit;
  *    wait() and the last unref join them.
  *
- * The life of a keyed job: submit acquires a unit of admission, takes
- * keys_lock, finds or creates the key's mailbox and pushes the job; a new
- * mailbox is handed to the scheduler after keys_lock is dropped. A worker
- * pops a batch of the mailbox's jobs and runs them; after the batch, under
- * keys_lock, it reaps the mailbox if it is empty (producers push under the
- * same lock, so no job can slip in unseen), and only then releases the last
- * job's unit, so that live_keys is 0 when wait() returns.
+ * The life of a keyed job: submit acquires a unit of admission, and the key
+ * table appends the job to the key's mailbox under the key's shard lock,
+ * creating the mailbox if the key had no work; a new mailbox is handed to
+ * the scheduler. A worker pops a batch of the mailbox's jobs and runs them;
+ * after the batch, under the shard lock, it reaps the mailbox if it is empty
+ * (producers push under the same lock, so no job can slip in unseen), and
+ * only then releases the last job's unit, so that live_keys is 0 when
+ * wait() returns.
  *
  * Workers never block on their own dispatcher: a submit from one of its own
  * workers that finds the bound reached fails with KD_ERROR_FULL instead of
@@ -56,8 +57,10 @@
  * dispose then takes a reference back and hands the shutdown to a short-lived
  * thread, which drops that reference when it is done.
  *
- * Lock order: keys_lock, then a mailbox's queue lock. No lock is held while
- * user code (handler, done callback, item-free, destroy notify) runs.
+ * Locks: a key shard's lock, the scheduler's queue locks and the
+ * admission's sleeping lock are each taken alone, never nested. No lock is
+ * held while user code (handler, done callback, item-free, destroy notify)
+ * runs.
  */
 
 #include "config.h"
@@ -70,6 +73,7 @@
 #include "kd-dispatcher-private.h"
 #include "kd-error.h"
 #include "kd-job-private.h"
+#include "kd-key-table-private.h"
 #include "kd-mailbox-private.h"
 #include "kd-scheduler-private.h"
 #include "kd-sync-private.h"
@@ -141,11 +145,7 @@ struct _KdDispatcher
 
   KdAdmission     admission;
 
-  /* Protected by @keys_lock */
-  GMutex          keys_lock;
-  GHashTable     *keys;         /* key → KdMailbox with work */
-  guint           live_keys;    /* the table's size; written under the lock,
-                                 * read atomically by get_stats */
+  KdKeyTable     *keys;         /* key → KdMailbox, keys with work only */
 
   /* Set once under @start_lock, then read-only (published atomically) */
   GMutex          start_lock;
@@ -312,17 +312,14 @@ run_mailbox (KdDispatcher  *self,
              KdMailbox     *mailbox)
 {
   KdJob *jobs[MAILBOX_BUDGET];
+  guint n = kd_key_table_pop (self->keys, mailbox, jobs, MAILBOX_BUDGET);
   guint ran = 0;
 
   for (;;)
     {
-      guint n = kd_mailbox_pop_batch (mailbox, jobs, MAILBOX_BUDGET - ran);
+      gboolean reaped;
       guint last_epoch;
-      gboolean empty;
       guint i;
-
-      /* Only the holder pops, and the mailbox was not empty under keys_lock. */
-      g_assert (n > 0);
 
       for (i = 0; i + 1 < n; i++)
         {
@@ -335,27 +332,18 @@ run_mailbox (KdDispatcher  *self,
       run_job (self, stats, jobs[n - 1]);
       ran += n;
 
-      kd_mutex_lock (&self->keys_lock);
-      empty = kd_mailbox_is_empty (mailbox);
-      if (empty)
-        {
-          g_hash_table_remove (self->keys, kd_mailbox_get_key (mailbox));
-          __atomic_store_n (&self->live_keys, self->live_keys - 1, __ATOMIC_RELEASE);
-        }
-      kd_mutex_unlock (&self->keys_lock);
-
-      if (empty)
-        {
-          kd_mailbox_unref (mailbox);
-          release_job (self, last_epoch);
-          return;
-        }
-
+      /* Reap or take more in one locked step, and only then release the
+       * last job's unit: once wait() returns, its keys have left the table.
+       * A reaped or rescheduled mailbox is not ours to touch any more. */
+      n = kd_key_table_next (self->keys, mailbox, jobs, MAILBOX_BUDGET - ran, &reaped);
       release_job (self, last_epoch);
+
+      if (reaped)
+        return;
 
       /* Back to the end of the input queue, behind every task that
        * arrived meanwhile: a key that never runs dry cannot starve them. */
-      if (ran >= MAILBOX_BUDGET)
+      if (n == 0)
         {
           kd_scheduler_push (kd_worker_get_scheduler (worker), kd_mailbox_get_task (mailbox));
           return;
@@ -428,7 +416,6 @@ submit_job (KdDispatcher  *self,
   KdScheduler *scheduler;
   KdMailbox *mailbox;
   KdJob *job;
-  gboolean fresh;
   guint epoch;
 
   if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
@@ -458,22 +445,10 @@ submit_job (KdDispatcher  *self,
       return TRUE;
     }
 
-  kd_mutex_lock (&self->keys_lock);
-  mailbox = g_hash_table_lookup (self->keys, key);
-  fresh = mailbox == NULL;
-  if (fresh)
-    {
-      mailbox = kd_mailbox_new (key);
-      g_hash_table_insert (self->keys, (gpointer) kd_mailbox_get_key (mailbox), mailbox);
-      __atomic_store_n (&self->live_keys, self->live_keys + 1, __ATOMIC_RELEASE);
-    }
-  job->mailbox = mailbox;
-  kd_mailbox_push (mailbox, job);
-  kd_mutex_unlock (&self->keys_lock);
-
   /* A mailbox in the table is always scheduled or running; only its
    * creator schedules it. */
-  if (fresh)
+  mailbox = kd_key_table_push (self->keys, key, job);
+  if (mailbox != NULL)
     kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
 
   return TRUE;
@@ -635,10 +610,8 @@ kd_dispatcher_finalize (GObject *object)
   if (self->handler_data_free != NULL)
     self->handler_data_free (self->handler_data);
 
-  g_assert (g_hash_table_size (self->keys) == 0 && self->live_keys == 0);
-  g_hash_table_unref (self->keys);
+  kd_key_table_free (self->keys);
   kd_admission_clear (&self->admission);
-  g_mutex_clear (&self->keys_lock);
   g_mutex_clear (&self->start_lock);
   g_clear_object (&self->cancellable);
   g_clear_pointer (&self->context, g_main_context_unref);
@@ -661,9 +634,8 @@ kd_dispatcher_init (KdDispatcher *self)
 {
   self->fanout = 1;
   kd_admission_init (&self->admission, DEFAULT_CAPACITY);
-  g_mutex_init (&self->keys_lock);
   g_mutex_init (&self->start_lock);
-  self->keys = g_hash_table_new (g_str_hash, g_str_equal);
+  self->keys = kd_key_table_new ();
   self->cancellable = g_cancellable_new ();
   connect_cancellable (self);
 }
@@ -1205,7 +1177,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
   stats->pending = stats->submitted - ended_before;
   stats->rejected = __atomic_load_n (&self->rejected, __ATOMIC_RELAXED);
 
-  stats->live_keys = __atomic_load_n (&self->live_keys, __ATOMIC_ACQUIRE);
+  stats->live_keys = kd_key_table_count (self->keys);
 }
 
 /* Sleeps until @n_blocked submitters are blocked waiting for room. */

@@ -5,6 +5,7 @@
 
 #include "config.h"
 
+#include "kd-job-pool-private.h"
 #include "kd-job-private.h"
 #include "kd-mailbox-private.h"
 
@@ -13,7 +14,7 @@ kd_job_new (KdDispatcher *dispatcher,
             gpointer      item,
             guint         epoch)
 {
-  KdJob *job = g_new (KdJob, 1);
+  KdJob *job = kd_job_pool_alloc ();
 
   job->task.next = NULL;
   job->task.kind = KD_TASK_JOB;
@@ -30,7 +31,7 @@ void
 kd_job_free (KdJob *job)
 {
   g_assert (job->error == NULL);
-  g_free (job);
+  kd_job_pool_free (job);
 }
 
 /**

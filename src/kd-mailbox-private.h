@@ -12,19 +12,102 @@
 
 G_BEGIN_DECLS
 
+/* Keys up to this many bytes (with the NUL) live inside the mailbox. */
+#define KD_MAILBOX_INLINE_KEY 40
+
+/* What the key table hashes and compares: the key and its hash, computed
+ * once per submit. */
+typedef struct
+{
+  guint       hash;
+  gsize       length;
+  const char *string;
+} KdKey;
+
 typedef struct _KdMailbox KdMailbox;
 
-KdMailbox  *kd_mailbox_new       (const char *key);
-KdMailbox  *kd_mailbox_ref       (KdMailbox  *self);
-void        kd_mailbox_unref     (KdMailbox  *self);
-KdTask     *kd_mailbox_get_task  (KdMailbox  *self);
-KdMailbox  *kd_mailbox_from_task (KdTask     *task);
-const char *kd_mailbox_get_key   (KdMailbox  *self);
-void        kd_mailbox_push      (KdMailbox  *self,
-                                  KdJob      *job);
-guint       kd_mailbox_pop_batch (KdMailbox  *self,
-                                  KdJob     **jobs,
-                                  guint       max_jobs);
-gboolean    kd_mailbox_is_empty  (KdMailbox  *self);
+struct _KdMailbox
+{
+  KdTask  task;        /* first: the scheduler's link */
+  KdKey   key;         /* key.string points to inline_key or heap_key */
+
+  /* Protected by the lock of the key-table shard that holds the mailbox */
+  KdJob  *head;        /* oldest job, linked through task.next */
+  KdJob  *tail;
+
+  /* Atomic: the key table's reference, and one per job still waiting for a
+   * main context to deliver it (the key must outlive the table entry) */
+  gint    ref_count;
+
+  char   *heap_key;    /* a key too long for inline_key */
+  gsize   heap_size;
+  char    inline_key[KD_MAILBOX_INLINE_KEY];
+};
+
+guint      kd_key_hash            (const char *string,
+                                   gsize      *length);
+
+KdMailbox *kd_mailbox_new         (void);
+void       kd_mailbox_set_key     (KdMailbox  *self,
+                                   const KdKey *key);
+KdMailbox *kd_mailbox_ref         (KdMailbox  *self);
+void       kd_mailbox_unref       (KdMailbox  *self);
+gboolean   kd_mailbox_drop        (KdMailbox  *self);
+void       kd_mailbox_free        (KdMailbox  *self);
+
+KdMailbox *kd_mailbox_from_task   (KdTask     *task);
+
+static inline const char *
+kd_mailbox_get_key (KdMailbox *self)
+{
+  return self->key.string;
+}
+
+static inline KdTask *
+kd_mailbox_get_task (KdMailbox *self)
+{
+  return &self->task;
+}
+
+/* With the shard lock held. */
+static inline void
+kd_mailbox_push_locked (KdMailbox *self,
+                        KdJob     *job)
+{
+  job->task.next = NULL;
+  if (self->tail != NULL)
+    self->tail->task.next = &job->task;
+  else
+    self->head = job;
+  self->tail = job;
+}
+
+static inline gboolean
+kd_mailbox_is_empty_locked (KdMailbox *self)
+{
+  return self->head == NULL;
+}
+
+/* With the shard lock held, by the mailbox's runner only: takes up to
+ * @max_jobs of the oldest jobs. */
+static inline guint
+kd_mailbox_pop_locked (KdMailbox  *self,
+                       KdJob     **jobs,
+                       guint       max_jobs)
+{
+  guint n = 0;
+
+  while (n < max_jobs && self->head != NULL)
+    {
+      KdJob *job = self->head;
+
+      self->head = (KdJob *) job->task.next;
+      jobs[n++] = job;
+    }
+  if (self->head == NULL)
+    self->tail = NULL;
+
+  return n;
+}
 
 G_END_DECLS

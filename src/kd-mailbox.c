@@ -5,16 +5,18 @@
  * DESIGN
  *
  * A mailbox is the per-key "worker" of the actor model without a thread of
- * its own: a GAsyncQueue of the key's jobs in submission order, plus the
- * task header by which the scheduler runs it. A mailbox exists only while
- * its key has work (the dispatcher creates it at the key's first job and
- * reaps it when it runs empty), so memory follows the keys with work, not
- * the keys ever seen.
+ * its own: the key's jobs in submission order (an intrusive list through
+ * each job's task link, so queueing a job allocates nothing), plus the task
+ * header by which the scheduler runs it. A mailbox exists only while its key
+ * has work: the key table (KdKeyTable) creates it at the key's first job and
+ * reaps it when it runs empty, so memory follows the keys with work, not the
+ * keys ever seen. Reaped mailboxes are recycled by the table's shard, key
+ * buffer included.
  *
- * Threads: producers push (the dispatcher's key lock orders them); only the
- * worker that currently runs the mailbox pops, so the key's jobs run one at
- * a time and in order. Emptiness is decided under the dispatcher's key
- * lock, which producers hold while pushing.
+ * Threads: the job list is protected by the lock of the key-table shard that
+ * holds the mailbox. Producers append under it; only the worker that runs
+ * the mailbox pops, so the key's jobs run one at a time and in order; and
+ * emptiness is decided under the same lock, so no job can slip in unseen.
  *
  * The reference count covers the key table's reference and one per job
  * whose done callback still waits for a main context: the key string must
@@ -26,29 +28,65 @@
 #include <string.h>
 
 #include "kd-mailbox-private.h"
-#include "kd-sync-private.h"
 
-struct _KdMailbox
+/* FNV-1a over the bytes, then MurmurHash3's finalizer so that every bit of
+ * the result depends on every byte: the key table picks its shard from the
+ * high bits. Also measures the key, which is copied next. */
+guint
+kd_key_hash (const char *string,
+             gsize      *length)
 {
-  KdTask       task;        /* first: the scheduler's link */
-  GAsyncQueue *jobs;        /* KdJob *, oldest first */
-  gint         ref_count;   /* atomic */
-  char         key[];       /* NUL-terminated copy of the key */
-};
+  const guchar *p = (const guchar *) string;
+  guint32 h = 2166136261u;
+
+  for (; *p != '\0'; p++)
+    h = (h ^ *p) * 16777619u;
+  *length = (gsize) (p - (const guchar *) string);
+
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+
+  return h;
+}
 
 KdMailbox *
-kd_mailbox_new (const char *key)
+kd_mailbox_new (void)
 {
-  gsize key_size = strlen (key) + 1;
-  KdMailbox *self = g_malloc (sizeof (KdMailbox) + key_size);
+  KdMailbox *self = g_new0 (KdMailbox, 1);
 
-  self->task.next = NULL;
   self->task.kind = KD_TASK_MAILBOX;
-  self->jobs = g_async_queue_new ();
-  self->ref_count = 1;
-  memcpy (self->key, key, key_size);
-
   return self;
+}
+
+/* Gives a new or recycled mailbox its key (copied) and its one reference. */
+void
+kd_mailbox_set_key (KdMailbox   *self,
+                    const KdKey *key)
+{
+  char *buffer = self->inline_key;
+
+  if (key->length >= KD_MAILBOX_INLINE_KEY)
+    {
+      if (self->heap_size <= key->length)
+        {
+          g_free (self->heap_key);
+          self->heap_size = key->length + 1;
+          self->heap_key = g_malloc (self->heap_size);
+        }
+      buffer = self->heap_key;
+    }
+  memcpy (buffer, key->string, key->length + 1);
+
+  self->key.hash = key->hash;
+  self->key.length = key->length;
+  self->key.string = buffer;
+  self->task.next = NULL;
+  self->head = NULL;
+  self->tail = NULL;
+  self->ref_count = 1;
 }
 
 KdMailbox *
@@ -58,21 +96,27 @@ kd_mailbox_ref (KdMailbox *self)
   return self;
 }
 
+/* Drops a reference; TRUE if it was the last, and the caller now owns the
+ * memory (to recycle or free). */
+gboolean
+kd_mailbox_drop (KdMailbox *self)
+{
+  return g_atomic_int_dec_and_test (&self->ref_count);
+}
+
 void
 kd_mailbox_unref (KdMailbox *self)
 {
-  if (g_atomic_int_dec_and_test (&self->ref_count))
-    {
-      g_assert (g_async_queue_length (self->jobs) == 0);
-      g_async_queue_unref (self->jobs);
-      g_free (self);
-    }
+  if (kd_mailbox_drop (self))
+    kd_mailbox_free (self);
 }
 
-KdTask *
-kd_mailbox_get_task (KdMailbox *self)
+void
+kd_mailbox_free (KdMailbox *self)
 {
-  return &self->task;
+  g_assert (self->head == NULL);
+  g_free (self->heap_key);
+  g_free (self);
 }
 
 /* NULL if @task is not a mailbox. */
@@ -80,47 +124,4 @@ KdMailbox *
 kd_mailbox_from_task (KdTask *task)
 {
   return task->kind == KD_TASK_MAILBOX ? (KdMailbox *) task : NULL;
-}
-
-const char *
-kd_mailbox_get_key (KdMailbox *self)
-{
-  return self->key;
-}
-
-void
-kd_mailbox_push (KdMailbox *self,
-                 KdJob     *job)
-{
-  kd_tsan_release (job);
-  g_async_queue_push (self->jobs, job);
-}
-
-/* By the mailbox's runner only: takes up to @max_jobs of the oldest jobs. */
-guint
-kd_mailbox_pop_batch (KdMailbox  *self,
-                      KdJob     **jobs,
-                      guint       max_jobs)
-{
-  guint n = 0;
-
-  g_async_queue_lock (self->jobs);
-  while (n < max_jobs)
-    {
-      KdJob *job = g_async_queue_try_pop_unlocked (self->jobs);
-
-      if (job == NULL)
-        break;
-      kd_tsan_acquire (job);
-      jobs[n++] = job;
-    }
-  g_async_queue_unlock (self->jobs);
-
-  return n;
-}
-
-gboolean
-kd_mailbox_is_empty (KdMailbox *self)
-{
-  return g_async_queue_length (self->jobs) <= 0;
 }
