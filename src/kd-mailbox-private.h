@@ -32,8 +32,11 @@ struct _KdMailbox
   KdKey   key;         /* key.string points to inline_key or heap_key */
 
   /* Protected by the lock of the key-table shard that holds the mailbox */
-  KdJob  *head;        /* oldest job, linked through task.next */
-  KdJob  *tail;
+  KdJob     *head;     /* oldest job, linked through task.next */
+  KdJob     *tail;
+  gboolean   dormant;  /* reaped, but kept in the table for reuse */
+  KdMailbox *older;    /* the shard's dormant list, oldest first */
+  KdMailbox *newer;
 
   /* Atomic: the key table's reference, and one per job still waiting for a
    * main context to deliver it (the key must outlive the table entry) */

@@ -10,8 +10,8 @@
  * header by which the scheduler runs it. A mailbox exists only while its key
  * has work: the key table (KdKeyTable) creates it at the key's first job and
  * reaps it when it runs empty, so memory follows the keys with work, not the
- * keys ever seen. Reaped mailboxes are recycled by the table's shard, key
- * buffer included.
+ * keys ever seen. The table keeps a bounded number of reaped mailboxes
+ * dormant, for the next job of their key, and recycles the others.
  *
  * Threads: the job list is protected by the lock of the key-table shard that
  * holds the mailbox. Producers append under it; only the worker that runs
@@ -86,6 +86,9 @@ kd_mailbox_set_key (KdMailbox   *self,
   self->task.next = NULL;
   self->head = NULL;
   self->tail = NULL;
+  self->dormant = FALSE;
+  self->older = NULL;
+  self->newer = NULL;
   self->ref_count = 1;
 }
 
