@@ -50,7 +50,7 @@
 #define SHARD_BITS  5
 #define N_SHARDS    (1u << SHARD_BITS)
 #define DORMANT_MAX 64
-#define SPARES_MAX  16
+#define SPARES_MAX  64
 
 typedef struct
 {
