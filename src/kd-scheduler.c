@@ -102,7 +102,8 @@ struct _KdScheduler
   gboolean    joined;
 };
 
-static GPrivate current_worker;
+/* The worker running on this thread: compiler TLS, read on every submit. */
+static KD_THREAD_LOCAL KdWorker *current_worker;
 
 static gboolean
 work_visible (KdScheduler *self)
@@ -333,7 +334,7 @@ worker_main (gpointer data)
   gboolean spinning = FALSE;
 
   kd_tsan_acquire (worker);
-  g_private_set (&current_worker, worker);
+  current_worker = worker;
 
   for (;;)
     {
@@ -367,7 +368,7 @@ worker_main (gpointer data)
   if (spinning)
     g_atomic_int_add (&self->n_spinning, -1);
 
-  g_private_set (&current_worker, NULL);
+  current_worker = NULL;
   kd_tsan_release (worker);
 
   return NULL;
@@ -515,7 +516,7 @@ kd_scheduler_free (KdScheduler *self)
 KdWorker *
 kd_worker_get_current (void)
 {
-  return g_private_get (&current_worker);
+  return current_worker;
 }
 
 KdScheduler *

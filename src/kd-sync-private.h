@@ -31,6 +31,12 @@
 
 G_BEGIN_DECLS
 
+/* Thread-local variables read on every job: the initial-exec model reads
+ * them straight from the thread pointer instead of calling __tls_get_addr.
+ * kdispatch has two pointers of them, well within the static TLS space
+ * glibc keeps for libraries loaded later (as GObject introspection does). */
+#define KD_THREAD_LOCAL __thread __attribute__ ((tls_model ("initial-exec")))
+
 /* How many times a thread retries a held lock, with a pause between tries,
  * before it sleeps in the kernel. kdispatch holds its locks for tens of
  * nanoseconds; GMutex goes straight to a futex wait on contention, which
