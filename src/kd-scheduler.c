@@ -10,15 +10,16 @@
  *
  * Tier 1 is the input queue: every task pushed from outside the workers
  * enters it. Tier 2 is the groups, the "dispatchers" of the 2-tier fan-out:
- * each group has its own queue feeding its own workers. A worker whose group
- * queue is empty acts as its group's dispatcher: it takes a share of the
- * input queue (about 1/n_groups of it, at most FETCH_MAX tasks) in one
- * locked step, runs the first task and leaves the rest in the group queue
- * for its group mates. The input lock is thus taken once per batch rather
- * than once per task, and each group's lock is shared only by its workers.
- * A worker that finds its group queue and the input empty steals half of
- * another group's queue, so no task waits behind a busy group while another
- * group's worker is idle.
+ * each group has its own queue feeding its own workers. The input queue is a
+ * lock-free stack: a producer pushes with one compare-and-swap and never
+ * waits for a worker. A worker whose group queue is empty acts as its
+ * group's dispatcher: it takes the whole stack with one atomic exchange,
+ * puts it back in arrival order, runs the first task and leaves the rest in
+ * its group queue for its group mates. Nobody pops single tasks off the
+ * shared stack, so there is no ABA hazard, and the input's cache line moves
+ * once per batch rather than once per task. A worker that finds its group
+ * queue and the input empty steals half of another group's queue, so no
+ * task waits behind a busy group while another group's worker is idle.
  *
  * Waking a sleeping thread costs microseconds, so it is done only when it
  * buys parallelism. Idle workers first spin briefly (at most one at a time),
@@ -29,8 +30,8 @@
  * keeps a steady stream of short tasks from paying a wake-up per task.
  *
  * The "no lost wake-up" argument is the Dekker pattern on sequentially
- * consistent atomics: a pusher publishes its task (n_input or a group's
- * n_tasks) and then reads n_spinning and n_idle; a worker going to sleep
+ * consistent atomics: a pusher publishes its task (the input stack or a
+ * group's n_tasks) and then reads n_spinning and n_idle; a worker going to sleep
  * publishes itself (n_idle) and drops n_spinning, and then looks at the
  * queues again. At least one of the two sees the other.
  *
@@ -38,17 +39,14 @@
  * finds no task exits; kd_scheduler_join() waits for all of them. The owner
  * shuts down only when nothing is pending, so no task is left behind.
  *
- * Lock order: a thread holds at most one of input_lock, a group lock and
- * idle_lock at a time.
+ * Lock order: a thread holds at most one of a group lock and idle_lock at a
+ * time.
  */
 
 #include "config.h"
 
 #include "kd-scheduler-private.h"
 #include "kd-sync-private.h"
-
-/* The most tasks a group takes from the input queue in one step. */
-#define FETCH_MAX 32
 
 /* How many times the spinning worker looks for a task, yielding the
  * processor in between, before it parks. */
@@ -85,10 +83,8 @@ struct _KdScheduler
   KdWorker   *workers;
   KdGroup    *groups;
 
-  /* Tier 1 */
-  GMutex      input_lock;
-  KdTaskList  input;       /* protected by @input_lock */
-  gint        n_input;     /* atomic copy of input.length */
+  /* Tier 1: atomic, a stack of tasks linked through task->next, newest first */
+  KdTask     *input;
 
   /* Idle workers */
   GMutex      idle_lock;
@@ -110,7 +106,7 @@ work_visible (KdScheduler *self)
 {
   guint i;
 
-  if (g_atomic_int_get (&self->n_input) > 0)
+  if (__atomic_load_n (&self->input, __ATOMIC_SEQ_CST) != NULL)
     return TRUE;
   for (i = 0; i < self->n_groups; i++)
     if (g_atomic_int_get (&self->groups[i].n_tasks) > 0)
@@ -198,25 +194,30 @@ keep_first (KdGroup *group,
   return chain;
 }
 
-/* Acts as @group's tier-1 dispatcher: moves a share of the input queue into
- * the group queue and returns its first task. */
+/* Acts as @group's tier-1 dispatcher: takes the whole input stack, and
+ * returns its oldest task, leaving the others in the group queue in arrival
+ * order. */
 static KdTask *
 fetch_input (KdScheduler *self,
              KdGroup     *group)
 {
-  KdTask *chain;
-  guint share;
-  guint n;
+  KdTask *newest;
+  KdTask *chain = NULL;
+  guint n = 0;
 
-  if (g_atomic_int_get (&self->n_input) == 0)
+  if (__atomic_load_n (&self->input, __ATOMIC_RELAXED) == NULL)
     return NULL;
 
-  kd_mutex_lock (&self->input_lock);
-  share = (self->input.length + self->n_groups - 1) / self->n_groups;
-  chain = kd_task_list_take (&self->input, CLAMP (share, 1, FETCH_MAX), &n);
-  if (n > 0)
-    g_atomic_int_add (&self->n_input, -(gint) n);
-  kd_mutex_unlock (&self->input_lock);
+  newest = __atomic_exchange_n (&self->input, NULL, __ATOMIC_SEQ_CST);
+  while (newest != NULL)
+    {
+      KdTask *next = newest->next;
+
+      newest->next = chain;
+      chain = newest;
+      newest = next;
+      n++;
+    }
 
   return n > 0 ? keep_first (group, chain, n) : NULL;
 }
@@ -398,7 +399,6 @@ kd_scheduler_new (guint      n_workers,
   self->n_groups = CLAMP (n_groups, 1, n_workers);
   self->workers = g_new0 (KdWorker, n_workers);
   self->groups = g_new0 (KdGroup, self->n_groups);
-  g_mutex_init (&self->input_lock);
   g_mutex_init (&self->idle_lock);
   g_mutex_init (&self->join_lock);
 
@@ -435,10 +435,12 @@ void
 kd_scheduler_push (KdScheduler *self,
                    KdTask      *task)
 {
-  kd_mutex_lock (&self->input_lock);
-  kd_task_list_push (&self->input, task);
-  g_atomic_int_add (&self->n_input, 1);
-  kd_mutex_unlock (&self->input_lock);
+  KdTask *head = __atomic_load_n (&self->input, __ATOMIC_RELAXED);
+
+  do
+    task->next = head;
+  while (!__atomic_compare_exchange_n (&self->input, &head, task, TRUE,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
 
   wake_if_useful (self);
 }
@@ -494,7 +496,7 @@ kd_scheduler_free (KdScheduler *self)
   guint i;
 
   g_assert (self->joined);
-  g_assert (self->input.length == 0);
+  g_assert (self->input == NULL);
 
   for (i = 0; i < self->n_groups; i++)
     {
@@ -504,7 +506,6 @@ kd_scheduler_free (KdScheduler *self)
   for (i = 0; i < self->n_workers; i++)
     g_cond_clear (&self->workers[i].cond);
 
-  g_mutex_clear (&self->input_lock);
   g_mutex_clear (&self->idle_lock);
   g_mutex_clear (&self->join_lock);
   g_free (self->groups);

@@ -70,6 +70,7 @@ typedef struct
   /* W2's measured kdispatch and baseline capacity, for L1 */
   double   w2_kd_rate;
   double   w2_glib_rate;
+  double   l1_rate;       /* jobs/s for L1; 0: half of W2's capacity */
 } Bench;
 
 typedef struct
@@ -910,10 +911,12 @@ l1_finish (L1        *l1,
   } G_STMT_END
 
 static double
-l1_rate (double measured,
-         double fallback)
+l1_rate (Bench  *bench,
+         double  measured)
 {
-  return (measured > 0 ? measured : fallback) / 2;
+  if (bench->l1_rate > 0)
+    return bench->l1_rate;
+  return measured / 2;
 }
 
 static gboolean
@@ -921,7 +924,7 @@ l1_run_kd (Bench     *bench,
            RunResult *result)
 {
   guint n_jobs = bench->n_jobs ? bench->n_jobs : L1_JOBS;
-  double rate = l1_rate (bench->w2_kd_rate, 1e6);
+  double rate = l1_rate (bench, bench->w2_kd_rate);
   KdDispatcher *dispatcher;
   L1 l1;
   gint64 start;
@@ -949,7 +952,7 @@ l1_run_glib (Bench     *bench,
              RunResult *result)
 {
   guint n_jobs = bench->n_jobs ? bench->n_jobs : L1_JOBS;
-  double rate = l1_rate (bench->w2_glib_rate, 1e6);
+  double rate = l1_rate (bench, bench->w2_glib_rate);
   GlibActors actors;
   L1 l1;
   gint64 start;
@@ -1167,6 +1170,7 @@ main (int    argc,
   gint capacity = 0;
   gint n_jobs = 0;
   gboolean json = FALSE;
+  double rate = 0;
   gboolean no_baseline = FALSE;
   GOptionEntry entries[] = {
     { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
@@ -1175,6 +1179,7 @@ main (int    argc,
     { "workers", 'n', 0, G_OPTION_ARG_INT, &n_workers, "Worker count (default: the workload's)", "N" },
     { "capacity", 'c', 0, G_OPTION_ARG_INT, &capacity, "Admission bound (default: the workload's)", "N" },
     { "jobs", 'j', 0, G_OPTION_ARG_INT, &n_jobs, "Jobs per run (default: the workload's)", "N" },
+    { "rate", 0, 0, G_OPTION_ARG_DOUBLE, &rate, "L1's offered load in jobs/s, the same for both (default: half of each one's W2 capacity)", "R" },
     { "no-baseline", 0, 0, G_OPTION_ARG_NONE, &no_baseline, "Skip the plain-GLib baseline", NULL },
     { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print JSON instead of a table", NULL },
     { NULL },
@@ -1195,7 +1200,7 @@ main (int    argc,
       return 2;
     }
   g_option_context_free (options);
-  if (repetitions < 1 || n_workers < 0 || capacity < 0 || n_jobs < 0)
+  if (repetitions < 1 || n_workers < 0 || capacity < 0 || n_jobs < 0 || rate < 0)
     {
       g_printerr ("repetitions must be at least 1; workers, capacity and jobs not negative\n");
       return 2;
@@ -1205,6 +1210,7 @@ main (int    argc,
   bench.n_workers = (guint) n_workers;
   bench.capacity = (guint) capacity;
   bench.baseline = !no_baseline;
+  bench.l1_rate = rate;
   wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1", ",", -1);
 
   for (char **id = wanted; *id != NULL; id++)
@@ -1233,7 +1239,7 @@ main (int    argc,
         continue;
 
       /* L1 paces at half of W2's capacity: measure W2 first if not asked. */
-      if (g_str_equal (workload->id, "L1") && bench.w2_kd_rate == 0)
+      if (g_str_equal (workload->id, "L1") && bench.w2_kd_rate == 0 && bench.l1_rate == 0)
         {
           RunResult scratch = { 0 };
 
