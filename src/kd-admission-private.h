@@ -9,11 +9,15 @@
 
 G_BEGIN_DECLS
 
-/* The largest bound the admission word can count. */
-#define KD_ADMISSION_CAPACITY_MAX ((1u << 28) - 1)
+/* The largest bound the admission counts. */
+#define KD_ADMISSION_CAPACITY_MAX ((guint) G_MAXINT)
 
 /* Epochs the wait barrier tracks at once (see kd-admission.c). */
 #define KD_ADMISSION_EPOCHS 32
+
+/* Releases by a thread that is not one of the releasers the admission was
+ * made for. */
+#define KD_ADMISSION_ANY_RELEASER G_MAXUINT
 
 typedef enum
 {
@@ -22,38 +26,59 @@ typedef enum
   KD_ADMIT_DEADLINE,  /* sleep until there is room or the deadline passed */
 } KdAdmitMode;
 
+/* One releaser's counts, written only by that releaser (the shared one,
+ * last in the array, with atomic additions). */
+typedef struct
+{
+  guint64 released;                            /* units it released */
+  guint64 released_in[KD_ADMISSION_EPOCHS];    /* the same, by epoch slot */
+  guint   since_room_check;                    /* owner only */
+} __attribute__ ((aligned (64))) KdReleaser;
+
 typedef struct _KdAdmission KdAdmission;
 
 struct _KdAdmission
 {
-  /* Atomic: the counts, the current epoch's slot and the flag bits (see
-   * kd-admission.c) */
-  guint64 word;
+  /* Atomic, written by acquirers and close: the acquired count, the current
+   * epoch's slot and CLOSED (see kd-admission.c) */
+  guint64     grant __attribute__ ((aligned (64)));
+  /* Atomic: a recent lower bound of all releases, refreshed by acquirers */
+  guint64     released_view;
 
-  /* Atomic: jobs still pending per sealed epoch, by slot; briefly negative
-   * while a sealer has not added its count yet */
-  gint64  sealed_jobs[KD_ADMISSION_EPOCHS];
+  /* Atomic, read on every release, written only when someone starts or
+   * stops waiting: ROOM_WAITERS, DRAIN_WAITERS, CLOSED */
+  gint        flags __attribute__ ((aligned (64)));
 
   /* Set before the first acquire, read-only afterwards */
-  guint   capacity;
-  guint   slack;          /* free units that make a release wake submitters */
+  guint       capacity;
+  guint       slack;         /* free units that make a release wake submitters */
+  guint       n_releasers;   /* plus the shared one */
+  KdReleaser *releasers;
+
+  gint        drain_claimed; /* atomic: the drain was reported */
 
   /* Protected by @lock */
-  GMutex  lock;
-  GCond   room_cond;      /* submitters waiting for room */
-  GCond   drained_cond;   /* barrier waiters, for epochs to drain */
-  GCond   sleepers_cond;  /* signalled when n_sleeping changes */
-  guint   n_sleeping;     /* submitters asleep in room_cond */
-  guint64 sealed_seq;     /* epochs sealed so far; the current one has this number */
-  guint64 drained_seq;    /* every epoch numbered below it has drained */
+  GMutex      lock;
+  GCond       room_cond;     /* submitters waiting for room */
+  GCond       drained_cond;  /* barrier waiters, for epochs to drain */
+  GCond       sleepers_cond; /* signalled when n_sleeping changes */
+  guint       n_sleeping;    /* submitters asleep in room_cond */
+  guint64     sealed_seq;    /* epochs sealed so far; the current one has this number */
+  guint64     drained_seq;   /* every epoch numbered below it has drained */
+  guint64     acquired_at_seal;                      /* grant's count at the last seal */
+  guint64     epoch_jobs[KD_ADMISSION_EPOCHS];      /* units acquired in each sealed epoch */
+  guint64     epoch_base[KD_ADMISSION_EPOCHS];      /* each slot's releases before its epoch */
 };
 
 typedef void (*KdSealedFunc) (gpointer user_data);
 
 void     kd_admission_init           (KdAdmission  *self,
-                                      guint         capacity);
+                                      guint         capacity,
+                                      guint         n_releasers);
 void     kd_admission_set_capacity   (KdAdmission  *self,
                                       guint         capacity);
+void     kd_admission_set_releasers  (KdAdmission  *self,
+                                      guint         n_releasers);
 void     kd_admission_clear          (KdAdmission  *self);
 gboolean kd_admission_acquire        (KdAdmission  *self,
                                       KdAdmitMode   mode,
@@ -61,6 +86,7 @@ gboolean kd_admission_acquire        (KdAdmission  *self,
                                       guint        *epoch,
                                       GError      **error);
 gboolean kd_admission_release        (KdAdmission  *self,
+                                      guint         releaser,
                                       guint         epoch);
 gboolean kd_admission_close          (KdAdmission  *self);
 gboolean kd_admission_is_closed      (KdAdmission  *self);

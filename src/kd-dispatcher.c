@@ -201,9 +201,10 @@ shutdown_scheduler (KdDispatcher *self)
 
 static void
 release_job (KdDispatcher *self,
+             KdWorker     *worker,
              guint         epoch)
 {
-  if (kd_admission_release (&self->admission, epoch))
+  if (kd_admission_release (&self->admission, kd_worker_get_index (worker), epoch))
     shutdown_scheduler (self);
 }
 
@@ -326,7 +327,7 @@ run_mailbox (KdDispatcher  *self,
           guint epoch = jobs[i]->epoch;
 
           run_job (self, stats, jobs[i]);
-          release_job (self, epoch);
+          release_job (self, worker, epoch);
         }
       last_epoch = jobs[n - 1]->epoch;
       run_job (self, stats, jobs[n - 1]);
@@ -336,7 +337,7 @@ run_mailbox (KdDispatcher  *self,
        * last job's unit: once wait() returns, its keys have left the table.
        * A reaped or rescheduled mailbox is not ours to touch any more. */
       n = kd_key_table_next (self->keys, mailbox, jobs, MAILBOX_BUDGET - ran, &reaped);
-      release_job (self, last_epoch);
+      release_job (self, worker, last_epoch);
 
       if (reaped)
         return;
@@ -370,7 +371,7 @@ run_task (KdTask   *task,
       guint epoch = job->epoch;
 
       run_job (self, stats, job);
-      release_job (self, epoch);
+      release_job (self, worker, epoch);
     }
 }
 
@@ -633,7 +634,7 @@ static void
 kd_dispatcher_init (KdDispatcher *self)
 {
   self->fanout = 1;
-  kd_admission_init (&self->admission, DEFAULT_CAPACITY);
+  kd_admission_init (&self->admission, DEFAULT_CAPACITY, 0);
   g_mutex_init (&self->start_lock);
   self->keys = kd_key_table_new ();
   self->cancellable = g_cancellable_new ();
@@ -677,6 +678,8 @@ kd_dispatcher_new (guint           n_workers,
   self->n_workers = n_workers;
   self->worker_stats = g_aligned_alloc0 (n_workers, sizeof (KdWorkerStats),
                                          G_ALIGNOF (KdWorkerStats));
+  /* Each worker counts the jobs it ends on a cache line of its own. */
+  kd_admission_set_releasers (&self->admission, n_workers);
 
   return self;
 }
@@ -752,7 +755,7 @@ kd_dispatcher_get_n_workers (KdDispatcher *self)
  * Sets the admission bound: jobs accepted and not yet ended, running ones
  * included. A submit that finds it reached blocks; kd_dispatcher_try_submit()
  * fails with %KD_ERROR_FULL and kd_dispatcher_submit_timeout() with
- * %KD_ERROR_TIMEOUT. Values above 2^28 - 1 are clamped. The default is 1024.
+ * %KD_ERROR_TIMEOUT. Values above 2^31 - 1 are clamped. The default is 1024.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.

@@ -157,7 +157,7 @@ evict_oldest_locked (Shard *shard)
 
   if (shard->n_spares < SPARES_MAX)
     {
-      mailbox->task.next = &shard->spares->task;
+      mailbox->task.next = shard->spares != NULL ? kd_mailbox_get_task (shard->spares) : NULL;
       shard->spares = mailbox;
       shard->n_spares++;
       return NULL;

@@ -22,7 +22,7 @@ test_capacity_exact (void)
   g_test_summary ("Exactly capacity units can be held; the next try fails with FULL "
                   "and a deadline in the past fails with TIMEOUT");
 
-  kd_admission_init (&admission, 5);
+  kd_admission_init (&admission, 5, 0);
   for (i = 0; i < 5; i++)
     {
       g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, &error));
@@ -40,11 +40,11 @@ test_capacity_exact (void)
   g_assert_error (error, KD_ERROR, KD_ERROR_TIMEOUT);
   g_clear_error (&error);
 
-  g_assert_false (kd_admission_release (&admission, 0));
+  g_assert_false (kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, 0));
   g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, &error));
 
   for (i = 0; i < 5; i++)
-    g_assert_false (kd_admission_release (&admission, 0));
+    g_assert_false (kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, 0));
   g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 0);
   kd_admission_clear (&admission);
 }
@@ -56,7 +56,7 @@ test_capacity_clamped (void)
 
   g_test_summary ("A capacity beyond what the word can count is clamped");
 
-  kd_admission_init (&admission, G_MAXUINT);
+  kd_admission_init (&admission, G_MAXUINT, 0);
   g_assert_cmpuint (admission.capacity, ==, KD_ADMISSION_CAPACITY_MAX);
   kd_admission_clear (&admission);
 }
@@ -71,7 +71,7 @@ test_close_drain (void)
   g_test_summary ("Closed refuses even when full; exactly one of close and the last "
                   "release reports the drain");
 
-  kd_admission_init (&admission, 2);
+  kd_admission_init (&admission, 2, 0);
   g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
   g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
 
@@ -83,11 +83,11 @@ test_close_drain (void)
   g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&error);
 
-  g_assert_false (kd_admission_release (&admission, 0));
-  g_assert_true (kd_admission_release (&admission, 0));
+  g_assert_false (kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, 0));
+  g_assert_true (kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, 0));
   kd_admission_clear (&admission);
 
-  kd_admission_init (&admission, 2);
+  kd_admission_init (&admission, 2, 0);
   g_assert_true (kd_admission_close (&admission));
   g_assert_false (kd_admission_close (&admission));
   kd_admission_clear (&admission);
@@ -123,7 +123,7 @@ test_blocked_wake (void)
   g_test_summary ("Blocked acquirers sleep until a release makes room, and close wakes "
                   "the ones still asleep");
 
-  kd_admission_init (&admission, 1);
+  kd_admission_init (&admission, 1, 0);
   g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
 
   for (i = 0; i < 3; i++)
@@ -134,7 +134,7 @@ test_blocked_wake (void)
   kd_admission_wait_sleepers (&admission, 3);
 
   /* One release: exactly one sleeper gets the unit. */
-  kd_admission_release (&admission, 0);
+  kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, 0);
   while (kd_admission_get_pending (&admission) == 0)
     kd_admission_wait_sleepers (&admission, 0);
   kd_admission_wait_sleepers (&admission, 2);
@@ -158,7 +158,7 @@ test_blocked_wake (void)
     g_assert_cmpuint (closed, ==, 2);
   }
 
-  g_assert_true (kd_admission_release (&admission, 0));
+  g_assert_true (kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, 0));
   kd_admission_clear (&admission);
 }
 
@@ -198,7 +198,7 @@ test_barrier_phases (void)
   g_test_summary ("The barrier waits for the units acquired before it, not for the "
                   "ones acquired after it sealed its epoch, and is reusable");
 
-  kd_admission_init (&admission, 100);
+  kd_admission_init (&admission, 100, 0);
   kd_test_counter_init (&waiter.sealed);
   waiter.admission = &admission;
 
@@ -210,7 +210,7 @@ test_barrier_phases (void)
   g_assert_cmpuint (late, !=, early);
 
   /* Releasing the early unit ends the wait although the late one is held. */
-  kd_admission_release (&admission, early);
+  kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, early);
   g_thread_join (thread);
   g_assert_true (waiter.returned);
   g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 1);
@@ -219,7 +219,7 @@ test_barrier_phases (void)
   waiter.returned = FALSE;
   thread = g_thread_new ("waiter", wait_thread, &waiter);
   g_assert_true (kd_test_counter_wait (&waiter.sealed, 2));
-  kd_admission_release (&admission, late);
+  kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, late);
   g_thread_join (thread);
   g_assert_true (waiter.returned);
 
@@ -229,7 +229,7 @@ test_barrier_phases (void)
       guint epoch;
 
       g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &epoch, NULL));
-      kd_admission_release (&admission, epoch);
+      kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, epoch);
       kd_admission_wait (&admission, NULL, NULL);
     }
 
@@ -303,7 +303,7 @@ test_overlapping_waiters (void)
                   "before their own call, not for one acquired after the second "
                   "waiter sealed its epoch");
 
-  kd_admission_init (&admission, 100);
+  kd_admission_init (&admission, 100, 0);
   kd_test_counter_init (&sealed);
 
   g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &a, NULL));
@@ -315,9 +315,9 @@ test_overlapping_waiters (void)
   g_assert_cmpuint (b, !=, c);
 
   /* The second waiter's epoch drains first, but the first's is older. */
-  kd_admission_release (&admission, b);
+  kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, b);
   g_assert_false (kd_test_gate_wait_for (&second.returned, 0));
-  kd_admission_release (&admission, a);
+  kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, a);
 
   /* Both return although the unit acquired after them is still held. */
   g_assert_true (kd_test_gate_wait (&first.returned));
@@ -326,7 +326,7 @@ test_overlapping_waiters (void)
   join_waiter (&second);
   g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 1);
 
-  kd_admission_release (&admission, c);
+  kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, c);
   kd_test_counter_clear (&sealed);
   kd_admission_clear (&admission);
 }
@@ -345,7 +345,7 @@ test_many_waiters (void)
   g_test_summary ("More overlapping waiters than the ring has epochs: the extra ones "
                   "wait for a slot, and every epoch still drains exactly");
 
-  kd_admission_init (&admission, 1000);
+  kd_admission_init (&admission, 1000, 0);
   kd_test_counter_init (&sealed);
 
   /* Each waiter seals an epoch holding one unit. The ones beyond the ring
@@ -364,12 +364,12 @@ test_many_waiters (void)
       g_assert_true (kd_admission_acquire (&admission, KD_ADMIT_TRY, 0, &held[i], NULL));
       spawn_waiter (&waiters[i], &admission, &sealed);
       g_assert_false (kd_test_gate_wait_for (&waiters[oldest].returned, 0));
-      kd_admission_release (&admission, held[oldest]);
+      kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, held[oldest]);
       g_assert_true (kd_test_gate_wait (&waiters[oldest].returned));
       g_assert_true (kd_test_counter_wait (&sealed, i + 1));
     }
   for (i = MANY_WAITERS - (KD_ADMISSION_EPOCHS - 1); i < MANY_WAITERS; i++)
-    kd_admission_release (&admission, held[i]);
+    kd_admission_release (&admission, KD_ADMISSION_ANY_RELEASER, held[i]);
 
   for (i = 0; i < MANY_WAITERS; i++)
     {
@@ -381,6 +381,82 @@ test_many_waiters (void)
 
   g_free (waiters);
   kd_test_counter_clear (&sealed);
+  kd_admission_clear (&admission);
+}
+
+typedef struct
+{
+  KdAdmission *admission;
+  guint        releaser;
+  guint        rounds;
+  gint        *refused;
+} Churner;
+
+static gpointer
+churn (gpointer data)
+{
+  Churner *churner = data;
+  guint i;
+
+  for (i = 0; i < churner->rounds; i++)
+    {
+      GError *error = NULL;
+      guint epoch;
+
+      if (kd_admission_acquire (churner->admission, KD_ADMIT_TRY, 0, &epoch, &error))
+        kd_admission_release (churner->admission, churner->releaser, epoch);
+      else
+        {
+          g_atomic_int_inc (churner->refused);
+          g_clear_error (&error);
+        }
+    }
+
+  return NULL;
+}
+
+static gpointer
+keep_waiting (gpointer data)
+{
+  Churner *churner = data;
+
+  while (!g_atomic_int_get (churner->refused + 1))
+    kd_admission_wait (churner->admission, NULL, NULL);
+  return NULL;
+}
+
+#define CHURNERS 4
+
+static void
+test_never_full_below_bound (void)
+{
+  KdAdmission admission;
+  Churner churners[CHURNERS + 1];
+  GThread *threads[CHURNERS + 1];
+  gint refused[2] = { 0, 0 };
+  guint rounds = kd_test_size (200000, 2000000);
+  guint i;
+
+  g_test_summary ("Threads that each hold at most one unit, fewer than the capacity, "
+                  "are never refused, whatever the interleaving of acquires, releases "
+                  "(each thread its own releaser) and seals");
+
+  kd_admission_init (&admission, CHURNERS, CHURNERS);
+  for (i = 0; i < CHURNERS; i++)
+    {
+      churners[i] = (Churner) { &admission, i, rounds, refused };
+      threads[i] = g_thread_new ("churn", churn, &churners[i]);
+    }
+  churners[CHURNERS] = (Churner) { &admission, 0, 0, refused };
+  threads[CHURNERS] = g_thread_new ("waiter", keep_waiting, &churners[CHURNERS]);
+
+  for (i = 0; i < CHURNERS; i++)
+    g_thread_join (threads[i]);
+  g_atomic_int_set (&refused[1], 1);
+  g_thread_join (threads[CHURNERS]);
+
+  g_assert_cmpint (refused[0], ==, 0);
+  g_assert_cmpuint (kd_admission_get_pending (&admission), ==, 0);
   kd_admission_clear (&admission);
 }
 
@@ -397,6 +473,7 @@ main (int    argc,
   g_test_add_func ("/kd/admission/barrier-phases", test_barrier_phases);
   g_test_add_func ("/kd/admission/overlapping-waiters", test_overlapping_waiters);
   g_test_add_func ("/kd/admission/many-waiters", test_many_waiters);
+  g_test_add_func ("/kd/admission/never-full-below-bound", test_never_full_below_bound);
 
   return g_test_run ();
 }

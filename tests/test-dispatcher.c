@@ -1946,8 +1946,13 @@ chain_handler (KdJob    *job,
 
   g_atomic_int_inc (&chain->depth_ran);
   if (depth < 100)
-    g_assert_true (kd_dispatcher_submit (chain->dispatcher, kd_job_get_key (job),
-                                         GUINT_TO_POINTER (depth + 1), NULL));
+    {
+      GError *local_error = NULL;
+
+      g_assert_true (kd_dispatcher_submit (chain->dispatcher, kd_job_get_key (job),
+                                           GUINT_TO_POINTER (depth + 1), &local_error));
+      g_assert_no_error (local_error);
+    }
   return TRUE;
 }
 
