@@ -81,10 +81,11 @@ static void
 deliver_queued (KdDelivery *self)
 {
   KdTask *chain;
+  KdTask *last;
   guint n;
 
   kd_mutex_lock (&self->lock);
-  chain = kd_task_list_take (&self->jobs, self->jobs.length, &n);
+  chain = kd_task_list_take (&self->jobs, self->jobs.length, &n, &last);
   g_atomic_int_add (&self->n_jobs, -(gint) n);
   self->dispatching = g_thread_self ();
   kd_mutex_unlock (&self->lock);

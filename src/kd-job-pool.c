@@ -162,6 +162,12 @@ kd_job_pool_alloc (void)
   UNPOISON (task);
   cache->head = task->next;
   cache->length--;
+  /* The next record was most likely freed by another thread, so its line is
+   * in another core's cache: start fetching it now, for writing, so the
+   * miss overlaps with the rest of this submit instead of stalling the
+   * next one. */
+  if (cache->head != NULL)
+    __builtin_prefetch (cache->head, 1, 3);
   /* The record crossed threads through the depot's lock or a scheduler
    * queue; tell ThreadSanitizer it is this thread's now. */
   kd_tsan_acquire (task);

@@ -163,13 +163,14 @@ static KdTask *
 group_pop (KdGroup *group)
 {
   KdTask *task;
+  KdTask *last;
   guint n;
 
   if (g_atomic_int_get (&group->n_tasks) == 0)
     return NULL;
 
   kd_mutex_lock (&group->lock);
-  task = kd_task_list_take (&group->tasks, 1, &n);
+  task = kd_task_list_take (&group->tasks, 1, &n, &last);
   if (n > 0)
     g_atomic_int_add (&group->n_tasks, -1);
   kd_mutex_unlock (&group->lock);
@@ -177,16 +178,18 @@ group_pop (KdGroup *group)
   return task;
 }
 
-/* Keeps the first task of @chain (of @n) and queues the rest in @group. */
+/* Keeps the first task of @chain (@n tasks, the last one @last) and queues
+ * the rest in @group. */
 static KdTask *
 keep_first (KdGroup *group,
             KdTask  *chain,
+            KdTask  *last,
             guint    n)
 {
   if (n > 1)
     {
       kd_mutex_lock (&group->lock);
-      kd_task_list_append_chain (&group->tasks, chain->next, n - 1);
+      kd_task_list_append_chain (&group->tasks, chain->next, last, n - 1);
       g_atomic_int_add (&group->n_tasks, (gint) n - 1);
       kd_mutex_unlock (&group->lock);
     }
@@ -203,12 +206,13 @@ fetch_input (KdScheduler *self,
 {
   KdTask *newest;
   KdTask *chain = NULL;
+  KdTask *last;
   guint n = 0;
 
   if (__atomic_load_n (&self->input, __ATOMIC_RELAXED) == NULL)
     return NULL;
 
-  newest = __atomic_exchange_n (&self->input, NULL, __ATOMIC_SEQ_CST);
+  newest = last = __atomic_exchange_n (&self->input, NULL, __ATOMIC_SEQ_CST);
   while (newest != NULL)
     {
       KdTask *next = newest->next;
@@ -219,7 +223,7 @@ fetch_input (KdScheduler *self,
       n++;
     }
 
-  return n > 0 ? keep_first (group, chain, n) : NULL;
+  return n > 0 ? keep_first (group, chain, last, n) : NULL;
 }
 
 /* Takes half of another group's queue. */
@@ -234,19 +238,20 @@ steal (KdScheduler *self,
     {
       KdGroup *victim = &self->groups[(own + i) % self->n_groups];
       KdTask *chain;
+      KdTask *last;
       guint n;
 
       if (g_atomic_int_get (&victim->n_tasks) == 0)
         continue;
 
       kd_mutex_lock (&victim->lock);
-      chain = kd_task_list_take (&victim->tasks, (victim->tasks.length + 1) / 2, &n);
+      chain = kd_task_list_take (&victim->tasks, (victim->tasks.length + 1) / 2, &n, &last);
       if (n > 0)
         g_atomic_int_add (&victim->n_tasks, -(gint) n);
       kd_mutex_unlock (&victim->lock);
 
       if (n > 0)
-        return keep_first (worker->group, chain, n);
+        return keep_first (worker->group, chain, last, n);
     }
 
   return NULL;

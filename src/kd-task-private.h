@@ -47,11 +47,13 @@ kd_task_list_push (KdTaskList *list,
 }
 
 /* Detaches the first @n tasks (at most the list's length) and returns them
- * as a NULL-terminated chain; *n_taken says how many. */
+ * as a NULL-terminated chain; *n_taken says how many, *last is the chain's
+ * last task. */
 static inline KdTask *
 kd_task_list_take (KdTaskList *list,
                    guint       n,
-                   guint      *n_taken)
+                   guint      *n_taken,
+                   KdTask    **last_taken)
 {
   KdTask *head = list->head;
   KdTask *last = head;
@@ -59,6 +61,7 @@ kd_task_list_take (KdTaskList *list,
 
   n = MIN (n, list->length);
   *n_taken = n;
+  *last_taken = NULL;
   if (n == 0)
     return NULL;
 
@@ -70,23 +73,21 @@ kd_task_list_take (KdTaskList *list,
     list->tail = NULL;
   list->length -= n;
   last->next = NULL;
+  *last_taken = last;
 
   return head;
 }
 
-/* Appends a NULL-terminated chain of @n tasks. */
+/* Appends a NULL-terminated chain of @n tasks that ends with @last: no walk
+ * over the chain, whose tasks are likely in other cores' caches. */
 static inline void
 kd_task_list_append_chain (KdTaskList *list,
                            KdTask     *chain,
+                           KdTask     *last,
                            guint       n)
 {
-  KdTask *last = chain;
-
   if (chain == NULL)
     return;
-
-  while (last->next != NULL)
-    last = last->next;
 
   if (list->tail != NULL)
     list->tail->next = chain;
