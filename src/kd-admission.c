@@ -73,6 +73,8 @@
 #include "kd-error.h"
 #include "kd-sync-private.h"
 
+/* 56 bits of acquired count: 2^56 jobs is 22 years at 100 million a second,
+ * so the count never carries into the slot bits. */
 #define ACQUIRED_MASK  ((G_GUINT64_CONSTANT (1) << 56) - 1)
 #define SLOT_SHIFT     56
 #define SLOT_MASK      (G_GUINT64_CONSTANT (KD_ADMISSION_EPOCHS - 1) << SLOT_SHIFT)
@@ -406,12 +408,15 @@ release_slow (KdAdmission *self,
   if (flags & FLAG_ROOM_WAITERS)
     {
       guint share = MAX (1, self->slack / (self->n_releasers + 1));
+      gboolean shared = releaser == &self->releasers[self->n_releasers];
 
-      /* Look at the room now and then, not on every release: adding up
-       * the releasers reads every worker's line. */
-      if (++releaser->since_room_check >= share)
+      /* A releaser of its own looks at the room now and then, not on every
+       * release: adding up the releasers reads every worker's line. The
+       * shared one, used by any thread, looks every time. */
+      if (shared || ++releaser->since_room_check >= share)
         {
-          releaser->since_room_check = 0;
+          if (!shared)
+            releaser->since_room_check = 0;
           if (self->capacity - MIN (pending_at_most (self), self->capacity) >= self->slack)
             {
               kd_mutex_lock (&self->lock);

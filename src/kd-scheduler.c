@@ -18,8 +18,9 @@
  * its group queue for its group mates. Nobody pops single tasks off the
  * shared stack, so there is no ABA hazard, and the input's cache line moves
  * once per batch rather than once per task. A worker that finds its group
- * queue and the input empty steals half of another group's queue, so no
- * task waits behind a busy group while another group's worker is idle.
+ * queue empty steals half of another group's queue before it looks at the
+ * input, whose tasks are newer: no task waits behind a busy group while
+ * another group's worker is idle, however much fresh input arrives.
  *
  * Waking a sleeping thread costs microseconds, so it is done only when it
  * buys parallelism. Idle workers first spin briefly (at most one at a time),
@@ -265,9 +266,12 @@ find_task (KdWorker *worker)
 
   if ((task = group_pop (worker->group)) != NULL)
     return task;
-  if ((task = fetch_input (self, worker->group)) != NULL)
+  /* Other groups' queues hold tasks older than anything in the input: look
+   * there first, or a task left behind a busy group's long job would wait
+   * for as long as fresh input keeps coming. */
+  if ((task = steal (self, worker)) != NULL)
     return task;
-  return steal (self, worker);
+  return fetch_input (self, worker->group);
 }
 
 static KdTask *

@@ -2054,6 +2054,110 @@ test_hot_key_fairness (void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* A task queued in a busy group is not starved by fresh input              */
+
+enum { STARVE_HOLD_1, STARVE_HOLD_2, STARVE_A, STARVE_B, STARVE_FEED };
+
+#define STARVE_FEED_LIMIT 50000
+
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  KdTestGate    release_1;     /* lets the first holding job end */
+  KdTestGate    release_2;
+  KdTestHold    holds;         /* both workers busy */
+  KdTestGate    a_running;
+  KdTestGate    b_ran;
+  gint          fed;
+  gint          fed_when_b_ran;
+} Starve;
+
+static gboolean
+starve_handler (KdJob    *job,
+                gpointer  user_data,
+                GError  **error)
+{
+  Starve *st = user_data;
+
+  switch (GPOINTER_TO_INT (kd_job_get_item (job)))
+    {
+    case STARVE_HOLD_1:
+      kd_test_counter_add (&st->holds.arrived, 1);
+      g_assert_true (kd_test_gate_wait (&st->release_1));
+      break;
+    case STARVE_HOLD_2:
+      kd_test_counter_add (&st->holds.arrived, 1);
+      g_assert_true (kd_test_gate_wait (&st->release_2));
+      break;
+    case STARVE_A:
+      /* Holds its worker until B ran: B waits in this worker's group. */
+      kd_test_gate_open (&st->a_running);
+      g_assert_true (kd_test_gate_wait (&st->b_ran));
+      break;
+    case STARVE_B:
+      g_atomic_int_set (&st->fed_when_b_ran, g_atomic_int_get (&st->fed));
+      kd_test_gate_open (&st->b_ran);
+      break;
+    case STARVE_FEED:
+      /* Fresh input, forever, until B ran (or the limit says it never will). */
+      if (g_atomic_int_add (&st->fed, 1) < STARVE_FEED_LIMIT &&
+          !kd_test_gate_wait_for (&st->b_ran, 0))
+        g_assert_true (kd_dispatcher_submit (st->dispatcher, NULL,
+                                             GINT_TO_POINTER (STARVE_FEED), NULL));
+      break;
+    default:
+      g_assert_not_reached ();
+    }
+
+  return TRUE;
+}
+
+static void
+test_no_starvation_across_groups (void)
+{
+  Starve st = { 0 };
+
+  g_test_summary ("With two groups, a task left in a busy group's queue is taken by "
+                  "the other group's idle worker even while fresh input keeps coming");
+
+  kd_test_gate_init (&st.release_1);
+  kd_test_gate_init (&st.release_2);
+  kd_test_hold_init (&st.holds);
+  kd_test_gate_init (&st.a_running);
+  kd_test_gate_init (&st.b_ran);
+  st.dispatcher = kd_dispatcher_new (2, starve_handler, &st, NULL);
+  kd_dispatcher_set_fanout (st.dispatcher, 2);
+  kd_dispatcher_set_capacity (st.dispatcher, 1 << 20);
+
+  /* Both workers busy, so A and B wait in the input together. */
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_HOLD_1), NULL));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_HOLD_2), NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&st.holds, 2));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_A), NULL));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_B), NULL));
+
+  /* One worker comes free and takes A and B into its group; A runs and
+   * holds it, B waits in that group's queue. */
+  kd_test_gate_open (&st.release_2);
+  g_assert_true (kd_test_gate_wait (&st.a_running));
+
+  /* Fresh input keeps coming; only then does the other worker come free. */
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_FEED), NULL));
+  kd_test_gate_open (&st.release_1);
+
+  g_assert_true (kd_test_gate_wait (&st.b_ran));
+  kd_dispatcher_wait (st.dispatcher);
+  g_assert_cmpint (st.fed_when_b_ran, <, STARVE_FEED_LIMIT);
+
+  g_object_unref (st.dispatcher);
+  kd_test_gate_clear (&st.release_1);
+  kd_test_gate_clear (&st.release_2);
+  kd_test_hold_clear (&st.holds);
+  kd_test_gate_clear (&st.a_running);
+  kd_test_gate_clear (&st.b_ran);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Last unref inside a ::cancelled handler                                  */
 
 typedef struct
@@ -2541,6 +2645,7 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/submit-from-worker", test_submit_from_worker);
   g_test_add_func ("/kd/dispatcher/submit-from-worker-room", test_submit_from_worker_room);
   g_test_add_func ("/kd/dispatcher/hot-key-fairness", test_hot_key_fairness);
+  g_test_add_func ("/kd/dispatcher/no-starvation-across-groups", test_no_starvation_across_groups);
   g_test_add_func ("/kd/dispatcher/unref-in-cancel-handler", test_unref_in_cancel_handler);
   g_test_add_func ("/kd/dispatcher/bad-input", test_bad_input_preconditions);
   g_test_add_func ("/kd/dispatcher/keys-as-bytes", test_keys_as_bytes);
