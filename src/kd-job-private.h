@@ -23,6 +23,9 @@ struct _KdJob
   guint         epoch;       /* the admission epoch it joined */
 };
 
+/* A job is its task: queues link jobs through their task header. */
+G_STATIC_ASSERT (G_STRUCT_OFFSET (KdJob, task) == 0);
+
 KdJob *kd_job_new  (KdDispatcher *dispatcher,
                     gpointer      item,
                     guint         epoch);
