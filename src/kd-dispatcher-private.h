@@ -1,4 +1,4 @@
-/* kd-dispatcher-private.h: helpers the tests reach
+/* kd-dispatcher-private.h: what pipelines and tests reach of a dispatcher
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -9,6 +9,43 @@
 #include "kd-dispatcher.h"
 
 G_BEGIN_DECLS
+
+/* What a pipeline adds to a dispatcher it uses as a stage. */
+typedef struct
+{
+  /* kd_job_emit() from one of the stage's handlers */
+  gboolean (*emit)    (KdJob       *job,
+                       const char  *key,
+                       gpointer     item,
+                       GError     **error,
+                       gpointer     user_data);
+  /* every job of the stage once it ended, ran or not, on the worker that
+   * ended it, before its done callback and before its unit is released */
+  void     (*ended)   (KdJob       *job,
+                       gpointer     user_data);
+  /* once: the stage is closed and nothing is pending */
+  void     (*drained) (gpointer     user_data);
+} KdStageHooks;
+
+void     kd_dispatcher_set_stage_hooks  (KdDispatcher       *self,
+                                         const KdStageHooks *hooks,
+                                         gpointer            user_data);
+gboolean kd_dispatcher_submit_labeled   (KdDispatcher       *self,
+                                         char               *label,
+                                         gpointer            item,
+                                         gpointer            ticket,
+                                         GError            **error);
+void     kd_dispatcher_free_item        (KdDispatcher       *self,
+                                         gpointer            item);
+void     kd_dispatcher_hand_back        (KdDispatcher       *self,
+                                         const char         *key,
+                                         gpointer            item,
+                                         const GError       *error);
+gboolean kd_dispatcher_emit_job         (KdJob              *job,
+                                         const char         *key,
+                                         gpointer            item,
+                                         GError            **error);
+gboolean kd_dispatcher_runs_here        (KdDispatcher       *self);
 
 void  kd_dispatcher_wait_sealed             (KdDispatcher *self,
                                              KdSealedFunc  sealed,

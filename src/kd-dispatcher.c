@@ -69,6 +69,7 @@
 #include <string.h>
 
 #include "kd-admission-private.h"
+#include "kd-cancel-watch-private.h"
 #include "kd-delivery-private.h"
 #include "kd-dispatcher-private.h"
 #include "kd-error.h"
@@ -87,7 +88,9 @@
 #define STATS_ATTEMPTS 1000
 
 /* Counters of the jobs one worker ended. Written only by that worker, read
- * by get_stats; a cache line each so workers do not share lines. */
+ * by get_stats; a cache line each so workers do not share lines. The slot
+ * after the workers' counts, with atomic additions, what other threads end
+ * (items a pipeline hands back, see kd_dispatcher_hand_back()). */
 typedef struct
 {
   guint64 completed;
@@ -95,18 +98,6 @@ typedef struct
   guint64 cancelled;
   gint    running;
 } __attribute__ ((aligned (64))) KdWorkerStats;
-
-/* What the cancellable's handler holds instead of the dispatcher: the
- * dispatcher clears it when it shuts down and then disconnects without
- * waiting, so dropping the last reference inside any ::cancelled handler,
- * on any thread, cannot deadlock, and a handler running on another thread
- * cannot outlive the dispatcher. */
-typedef struct
-{
-  gint          ref_count;
-  GMutex        lock;
-  KdDispatcher *dispatcher;  /* protected by @lock; NULL once shut down */
-} CancelLink;
 
 typedef enum
 {
@@ -133,9 +124,11 @@ struct _KdDispatcher
   gpointer        done_data;
   GDestroyNotify  done_data_free;
   GCancellable   *cancellable;
-  gulong          cancelled_id;
-  CancelLink     *cancel_link;
+  KdCancelWatch  *cancel_watch;
   GMainContext   *context;
+  char           *name;
+  KdStageHooks    stage_hooks;  /* a pipeline's, when the dispatcher is a stage */
+  gpointer        stage_data;
 
   /* Atomic */
   gint            configured;   /* a submit was made: configuration is over */
@@ -189,14 +182,19 @@ count_ended (guint64 *counter)
   __atomic_store_n (counter, *counter + 1, __ATOMIC_RELEASE);
 }
 
+/* Closed and drained, once: the workers may go, and a pipeline closes the
+ * stage after this one. */
 static void
 shutdown_scheduler (KdDispatcher *self)
 {
   KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
 
-  g_debug ("dispatcher %p: closed and drained, stopping workers", (gpointer) self);
+  g_debug ("dispatcher %p (%s): closed and drained, stopping workers", (gpointer) self,
+           self->name != NULL ? self->name : "unnamed");
   if (scheduler != NULL)
     kd_scheduler_shutdown (scheduler);
+  if (self->stage_hooks.drained != NULL)
+    self->stage_hooks.drained (self->stage_data);
 }
 
 static void
@@ -218,7 +216,7 @@ finish_job (KdDispatcher *self,
     self->done (job, error, self->done_data);
   g_clear_error (&error);
 
-  if (self->item_free != NULL)
+  if (self->item_free != NULL && !job->handed_over)
     self->item_free (job->item);
 
   /* A job on its way through a main context holds its mailbox, for the key. */
@@ -288,6 +286,9 @@ run_job (KdDispatcher  *self,
           counter = &stats->failed;
         }
     }
+
+  if (self->stage_hooks.ended != NULL)
+    self->stage_hooks.ended (job, self->stage_data);
 
   if (self->delivery != NULL)
     {
@@ -406,9 +407,13 @@ ensure_started (KdDispatcher *self)
   return scheduler;
 }
 
+/* @label (transfer full) (nullable): for an unkeyed job, the key it carries
+ * without being ordered by it (a kd_label_new() label); released if refused. */
 static gboolean
 submit_job (KdDispatcher  *self,
             const char    *key,
+            char          *label,
+            gpointer       ticket,
             gpointer       item,
             KdAdmitMode    mode,
             gint64         deadline,
@@ -430,6 +435,7 @@ submit_job (KdDispatcher  *self,
   if (!kd_admission_acquire (&self->admission, mode, deadline, &epoch, error))
     {
       __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+      g_clear_pointer (&label, kd_label_unref);
       return FALSE;
     }
 
@@ -439,9 +445,11 @@ submit_job (KdDispatcher  *self,
 
   scheduler = ensure_started (self);
   job = kd_job_new (self, item, epoch);
+  job->ticket = ticket;
 
   if (key == NULL)
     {
+      job->label = label;
       kd_scheduler_push (scheduler, &job->task);
       return TRUE;
     }
@@ -463,62 +471,9 @@ cancel (KdDispatcher *self)
 }
 
 static void
-cancel_link_unref (gpointer data)
+on_cancelled (gpointer user_data)
 {
-  CancelLink *link = data;
-
-  if (g_atomic_int_dec_and_test (&link->ref_count))
-    {
-      g_mutex_clear (&link->lock);
-      g_free (link);
-    }
-}
-
-static void
-on_cancelled (GCancellable *cancellable,
-              gpointer      user_data)
-{
-  CancelLink *link = user_data;
-
-  (void) cancellable;
-
-  kd_mutex_lock (&link->lock);
-  if (link->dispatcher != NULL)
-    cancel (link->dispatcher);
-  kd_mutex_unlock (&link->lock);
-}
-
-static void
-connect_cancellable (KdDispatcher *self)
-{
-  CancelLink *link = g_new0 (CancelLink, 1);
-
-  link->ref_count = 2;  /* the dispatcher's and the handler's */
-  g_mutex_init (&link->lock);
-  link->dispatcher = self;
-  self->cancel_link = link;
-
-  /* Runs on_cancelled at once if the cancellable is already cancelled. */
-  self->cancelled_id = g_cancellable_connect (self->cancellable, G_CALLBACK (on_cancelled),
-                                              link, cancel_link_unref);
-}
-
-/* Once this returns, on_cancelled no longer touches the dispatcher. */
-static void
-disconnect_cancellable (KdDispatcher *self)
-{
-  CancelLink *link = g_steal_pointer (&self->cancel_link);
-
-  kd_mutex_lock (&link->lock);
-  link->dispatcher = NULL;
-  kd_mutex_unlock (&link->lock);
-
-  /* Unlike g_cancellable_disconnect(), this does not wait for an emission
-   * in progress, which may be on this very thread. */
-  if (self->cancelled_id != 0)
-    g_signal_handler_disconnect (self->cancellable, self->cancelled_id);
-  self->cancelled_id = 0;
-  cancel_link_unref (link);
+  cancel (user_data);
 }
 
 /* Close, let every accepted job end, join the workers, deliver what waits
@@ -538,7 +493,7 @@ shutdown_sync (KdDispatcher *self)
   if (self->delivery != NULL)
     kd_delivery_flush (self->delivery);
 
-  disconnect_cancellable (self);
+  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
 
   g_debug ("dispatcher %p: shut down", (gpointer) self);
 }
@@ -616,6 +571,7 @@ kd_dispatcher_finalize (GObject *object)
   g_mutex_clear (&self->start_lock);
   g_clear_object (&self->cancellable);
   g_clear_pointer (&self->context, g_main_context_unref);
+  g_free (self->name);
   g_aligned_free (self->worker_stats);
 
   G_OBJECT_CLASS (kd_dispatcher_parent_class)->finalize (object);
@@ -638,7 +594,7 @@ kd_dispatcher_init (KdDispatcher *self)
   g_mutex_init (&self->start_lock);
   self->keys = kd_key_table_new ();
   self->cancellable = g_cancellable_new ();
-  connect_cancellable (self);
+  self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
 }
 
 /**
@@ -676,7 +632,7 @@ kd_dispatcher_new (guint           n_workers,
   self->handler_data = user_data;
   self->handler_data_free = user_data_free;
   self->n_workers = n_workers;
-  self->worker_stats = g_aligned_alloc0 (n_workers, sizeof (KdWorkerStats),
+  self->worker_stats = g_aligned_alloc0 (n_workers + 1, sizeof (KdWorkerStats),
                                          G_ALIGNOF (KdWorkerStats));
   /* Each worker counts the jobs it ends on a cache line of its own. */
   kd_admission_set_releasers (&self->admission, n_workers);
@@ -881,9 +837,9 @@ kd_dispatcher_set_cancellable (KdDispatcher *self,
   if (!check_configurable (self, G_STRFUNC) || cancellable == self->cancellable)
     return;
 
-  disconnect_cancellable (self);
+  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
   g_set_object (&self->cancellable, cancellable);
-  connect_cancellable (self);
+  self->cancel_watch = kd_cancel_watch_new (cancellable, on_cancelled, self);
 }
 
 /**
@@ -976,7 +932,7 @@ kd_dispatcher_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
+  return submit_job (self, key, NULL, NULL, item, KD_ADMIT_BLOCK, 0, error);
 }
 
 /**
@@ -1004,7 +960,7 @@ kd_dispatcher_try_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, item, KD_ADMIT_TRY, 0, error);
+  return submit_job (self, key, NULL, NULL, item, KD_ADMIT_TRY, 0, error);
 }
 
 /**
@@ -1042,9 +998,10 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
 
   /* A deadline past the end of time is no deadline. */
   if (timeout_us > G_MAXINT64 - now)
-    return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
+    return submit_job (self, key, NULL, NULL, item, KD_ADMIT_BLOCK, 0, error);
 
-  return submit_job (self, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0), error);
+  return submit_job (self, key, NULL, NULL, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
+                     error);
 }
 
 /**
@@ -1150,7 +1107,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
       guint64 ended_after = 0;
 
       memset (stats, 0, sizeof *stats);
-      for (i = 0; i < self->n_workers; i++)
+      for (i = 0; i <= self->n_workers; i++)
         {
           KdWorkerStats *worker = &self->worker_stats[i];
 
@@ -1163,7 +1120,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
        * counted as submitted before, so pending cannot go negative. */
       stats->submitted = __atomic_load_n (&self->submitted, __ATOMIC_ACQUIRE);
 
-      for (i = 0; i < self->n_workers; i++)
+      for (i = 0; i <= self->n_workers; i++)
         {
           KdWorkerStats *worker = &self->worker_stats[i];
 
@@ -1196,4 +1153,126 @@ guint
 kd_dispatcher_get_admitted (KdDispatcher *self)
 {
   return kd_admission_get_pending (&self->admission);
+}
+
+/* The pipeline's hooks for this stage; before the first submit. */
+void
+kd_dispatcher_set_stage_hooks (KdDispatcher       *self,
+                               const KdStageHooks *hooks,
+                               gpointer            user_data)
+{
+  self->stage_hooks = *hooks;
+  self->stage_data = user_data;
+}
+
+/* Like kd_dispatcher_submit() for an unkeyed job, which carries @label
+ * (transfer full, a kd_label_new() label, nullable) as its key and @ticket. */
+gboolean
+kd_dispatcher_submit_labeled (KdDispatcher  *self,
+                              char          *label,
+                              gpointer       item,
+                              gpointer       ticket,
+                              GError       **error)
+{
+  return submit_job (self, NULL, label, ticket, item, KD_ADMIT_BLOCK, 0, error);
+}
+
+/* Frees @item with the item-free function, if any. */
+void
+kd_dispatcher_free_item (KdDispatcher *self,
+                         gpointer      item)
+{
+  if (self->item_free != NULL)
+    self->item_free (item);
+}
+
+/* Ends an item that was meant for this stage but never entered it (a
+ * pipeline could not pass it on): the done callback sees @error, then the
+ * item-free function runs, and the stats count it as submitted and
+ * cancelled. Any thread. */
+void
+kd_dispatcher_hand_back (KdDispatcher *self,
+                         const char   *key,
+                         gpointer      item,
+                         const GError *error)
+{
+  KdWorkerStats *others = &self->worker_stats[self->n_workers];
+  KdJob job = { 0 };
+
+  job.task.kind = KD_TASK_JOB;
+  job.dispatcher = self;
+  job.label = (char *) key;
+  job.item = item;
+
+  __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
+  if (self->done != NULL)
+    self->done (&job, error, self->done_data);
+  if (self->item_free != NULL)
+    self->item_free (item);
+  __atomic_fetch_add (&others->cancelled, 1, __ATOMIC_RELEASE);
+}
+
+/* kd_job_emit(): what the stage's pipeline does with an emitted item. */
+gboolean
+kd_dispatcher_emit_job (KdJob       *job,
+                        const char  *key,
+                        gpointer     item,
+                        GError     **error)
+{
+  KdDispatcher *self = job->dispatcher;
+
+  if (self->stage_hooks.emit == NULL)
+    {
+      g_critical ("kd_job_emit: the job's dispatcher is not a pipeline stage");
+      return FALSE;
+    }
+
+  return self->stage_hooks.emit (job, key, item, error, self->stage_data);
+}
+
+/* Whether the calling thread is one of this dispatcher's workers. */
+gboolean
+kd_dispatcher_runs_here (KdDispatcher *self)
+{
+  return is_own_worker (self);
+}
+
+/**
+ * kd_dispatcher_set_name:
+ * @self: a dispatcher
+ * @name: (nullable): a name for debug messages, such as a pipeline stage's
+ *
+ * Names the dispatcher in its debug messages. Call before the first submit.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_name (KdDispatcher *self,
+                        const char   *name)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  g_free (self->name);
+  self->name = g_strdup (name);
+}
+
+/**
+ * kd_dispatcher_get_name:
+ * @self: a dispatcher
+ *
+ * Gets the dispatcher's name.
+ *
+ * Returns: (nullable): the name, or %NULL
+ *
+ * Since: 0.1
+ */
+const char *
+kd_dispatcher_get_name (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
+
+  return self->name;
 }

@@ -18,13 +18,24 @@ struct _KdJob
   KdTask        task;        /* first: an unkeyed job is a scheduler task */
   KdDispatcher *dispatcher;
   KdMailbox    *mailbox;     /* NULL for an unkeyed job */
+  char         *label;       /* an unkeyed job's key (kd_label_new()): a
+                              * pipeline's parallel stages run keyed items unkeyed */
+  gpointer      ticket;      /* a pipeline's ordered stage: the job's place */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */
   guint         epoch;       /* the admission epoch it joined */
+  gboolean      handed_over; /* kd_job_emit() passed the item on: do not free it */
 };
 
 /* A job is its task: queues link jobs through their task header. */
 G_STATIC_ASSERT (G_STRUCT_OFFSET (KdJob, task) == 0);
+
+/* A key that travels with items through a pipeline's unordered stages:
+ * a reference-counted string. (Not GRefString: its counting happens inside
+ * GLib, where ThreadSanitizer cannot see the ordering it gives.) */
+char  *kd_label_new   (const char   *key);
+char  *kd_label_ref   (char         *label);
+void   kd_label_unref (char         *label);
 
 KdJob *kd_job_new  (KdDispatcher *dispatcher,
                     gpointer      item,

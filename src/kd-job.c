@@ -5,9 +5,53 @@
 
 #include "config.h"
 
+#include <string.h>
+
+#include "kd-dispatcher-private.h"
 #include "kd-job-pool-private.h"
 #include "kd-job-private.h"
 #include "kd-mailbox-private.h"
+
+typedef struct
+{
+  gint ref_count;
+  char string[];
+} Label;
+
+#define LABEL_OF(chars) ((Label *) (void *) ((char *) (chars) - G_STRUCT_OFFSET (Label, string)))
+
+/* (nullable): NULL for NULL. */
+char *
+kd_label_new (const char *key)
+{
+  gsize size;
+  Label *label;
+
+  if (key == NULL)
+    return NULL;
+
+  size = strlen (key) + 1;
+  label = g_malloc (sizeof (Label) + size);
+  label->ref_count = 1;
+  memcpy (label->string, key, size);
+
+  return label->string;
+}
+
+char *
+kd_label_ref (char *label)
+{
+  if (label != NULL)
+    g_atomic_int_inc (&LABEL_OF (label)->ref_count);
+  return label;
+}
+
+void
+kd_label_unref (char *label)
+{
+  if (label != NULL && g_atomic_int_dec_and_test (&LABEL_OF (label)->ref_count))
+    g_free (LABEL_OF (label));
+}
 
 KdJob *
 kd_job_new (KdDispatcher *dispatcher,
@@ -20,7 +64,10 @@ kd_job_new (KdDispatcher *dispatcher,
   job->task.kind = KD_TASK_JOB;
   job->dispatcher = dispatcher;
   job->mailbox = NULL;
+  job->label = NULL;
+  job->ticket = NULL;
   job->item = item;
+  job->handed_over = FALSE;
   job->error = NULL;
   job->epoch = epoch;
 
@@ -31,6 +78,7 @@ void
 kd_job_free (KdJob *job)
 {
   g_assert (job->error == NULL);
+  g_clear_pointer (&job->label, kd_label_unref);
   kd_job_pool_free (job);
 }
 
@@ -38,8 +86,10 @@ kd_job_free (KdJob *job)
  * kd_job_get_key:
  * @job: a job, as passed to a handler or done callback
  *
- * Gets the key the job was submitted with. The string belongs to the
- * dispatcher and stays valid while the handler or done callback runs.
+ * Gets the key the job was submitted with (in a pipeline's parallel or
+ * ordered stage, the key its item carries, though it does not order it).
+ * The string belongs to the dispatcher and stays valid while the handler or
+ * done callback runs.
  *
  * Thread-safe while @job is valid.
  *
@@ -52,7 +102,7 @@ kd_job_get_key (KdJob *job)
 {
   g_return_val_if_fail (job != NULL, NULL);
 
-  return job->mailbox != NULL ? kd_mailbox_get_key (job->mailbox) : NULL;
+  return job->mailbox != NULL ? kd_mailbox_get_key (job->mailbox) : job->label;
 }
 
 /**
@@ -97,4 +147,41 @@ kd_job_get_cancellable (KdJob *job)
   g_return_val_if_fail (job != NULL, NULL);
 
   return kd_dispatcher_get_cancellable (job->dispatcher);
+}
+
+/**
+ * kd_job_emit:
+ * @job: a job of a pipeline stage, as passed to the stage's handler
+ * @key: (nullable): the emitted item's key
+ * @item: (transfer full) (nullable): the item to pass on
+ * @error: return location for a #GError
+ *
+ * Passes @item on to the pipeline's next stage, or to its sink after the
+ * last stage. A handler may emit any number of items, or none (the item is
+ * then filtered out). Blocks while the next stage is at its bound, which is
+ * how backpressure reaches the first producer. In an ordered stage, what a
+ * job emits is held back until the jobs that entered the stage before it
+ * (with the same key) are done.
+ *
+ * If @item is the job's own item, the job hands it over: the stage's
+ * item-free function will not run for it, and kd_job_get_item() returns
+ * %NULL from then on.
+ *
+ * Call only from the stage's handler, on its worker.
+ *
+ * Returns: %TRUE if the pipeline took @item; %FALSE with %KD_ERROR_CLOSED if
+ *   the pipeline was cancelled, @item still being the caller's
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_job_emit (KdJob       *job,
+             const char  *key,
+             gpointer     item,
+             GError     **error)
+{
+  g_return_val_if_fail (job != NULL, FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return kd_dispatcher_emit_job (job, key, item, error);
 }

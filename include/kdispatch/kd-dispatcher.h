@@ -105,6 +105,11 @@ void          kd_dispatcher_set_main_context (KdDispatcher   *self,
 KD_AVAILABLE_IN_ALL
 GCancellable *kd_dispatcher_get_cancellable  (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_name         (KdDispatcher   *self,
+                                              const char     *name);
+KD_AVAILABLE_IN_ALL
+const char   *kd_dispatcher_get_name         (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_get_n_workers    (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_get_fanout       (KdDispatcher   *self);

@@ -23,5 +23,10 @@ KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_item        (KdJob *job);
 KD_AVAILABLE_IN_ALL
 GCancellable *kd_job_get_cancellable (KdJob *job);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_job_emit            (KdJob       *job,
+                                      const char  *key,
+                                      gpointer     item,
+                                      GError     **error);
 
 G_END_DECLS

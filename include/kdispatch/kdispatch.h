@@ -10,4 +10,5 @@
 # include "kd-error.h"
 # include "kd-job.h"
 # include "kd-dispatcher.h"
+# include "kd-pipeline.h"
 #undef KD_INSIDE

@@ -1,0 +1,703 @@
+/* kd-pipeline.c: stages chained with backpressure, per-key order and one shutdown
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * A pipeline is an ordered list of stages, each a KdDispatcher with its own
+ * handler, workers and bound. Items enter the first stage through
+ * kd_pipeline_submit(); a handler passes items on with kd_job_emit(), which
+ * submits them to the next stage, or, after the last stage, gives them to
+ * the sink. The stages share one cancellable.
+ *
+ * Backpressure: emitting is a blocking submit into the next stage, so a full
+ * stage holds back the stage before it, and so on up to kd_pipeline_submit():
+ * no queue grows without limit, and the items in flight are bounded by the
+ * sum of the stage bounds. Emitting cannot deadlock: a stage's workers only
+ * ever wait for stages after it, and the sink runs on the last stage's
+ * worker.
+ *
+ * Order: a KD_STAGE_KEYED stage is a keyed dispatcher (one job of a key at a
+ * time, in order), so what it emits for a key leaves in order. A
+ * KD_STAGE_PARALLEL or KD_STAGE_ORDERED stage runs every item as an unkeyed
+ * job that still carries its key (kd_job_get_key() returns it). An ordered
+ * stage adds a KdReorder: each item takes a ticket as it enters, and what it
+ * emits is released downstream in ticket order, per key. So "parse in
+ * parallel, then aggregate per client in order" is correct.
+ *
+ * Shutdown: kd_pipeline_close() closes the first stage; when a closed stage
+ * has drained, it closes the next one (the dispatcher's drained hook), so
+ * everything accepted still flows to the end, stage by stage. Cancelling the
+ * cancellable closes every stage at once: items not yet run end cancelled in
+ * their stage (its done callback and item-free), running handlers see the
+ * cancellable, and emitting fails with KD_ERROR_CLOSED, the item staying the
+ * handler's. An item an ordered stage had buffered for a stage that is gone
+ * is handed back through that stage's done callback and item-free.
+ *
+ * Ownership: an emitted item belongs to the next stage (freed by its
+ * item-free when its job ends there), or to the sink. Emitting a job's own
+ * item hands it over: the emitting stage does not free it.
+ *
+ * Last unref: closes, lets every stage drain in turn, and drops the stages.
+ * From one of the stages' own threads it cannot wait for itself: a
+ * short-lived thread finishes the shutdown, as for a dispatcher.
+ */
+
+#include "config.h"
+
+#include <gio/gio.h>
+
+#include "kd-cancel-watch-private.h"
+#include "kd-dispatcher-private.h"
+#include "kd-error.h"
+#include "kd-job-private.h"
+#include "kd-pipeline.h"
+#include "kd-reorder-private.h"
+#include "kd-sync-private.h"
+
+typedef struct
+{
+  KdPipeline   *pipeline;     /* not a reference: the pipeline outlives its stages' jobs */
+  guint         index;
+  KdDispatcher *dispatcher;
+  KdStageMode   mode;
+  KdReorder    *reorder;      /* KD_STAGE_ORDERED, once started */
+} Stage;
+
+typedef enum
+{
+  SHUTDOWN_NONE,
+  SHUTDOWN_ASYNC,
+  SHUTDOWN_DONE,
+} ShutdownState;
+
+struct _KdPipeline
+{
+  GObject parent_instance;
+
+  /* Configuration: before the first submit */
+  GPtrArray      *stages;        /* Stage * */
+  KdSinkFunc      sink;
+  gpointer        sink_data;
+  GDestroyNotify  sink_destroy;
+  GCancellable   *cancellable;
+  KdCancelWatch  *cancel_watch;
+
+  /* Set once under @start_lock */
+  GMutex          start_lock;
+  gint            started;       /* atomic */
+
+  gint            shutdown_state; /* atomic */
+};
+
+G_DEFINE_FINAL_TYPE (KdPipeline, kd_pipeline, G_TYPE_OBJECT)
+
+static Stage *
+stage_at (KdPipeline *self,
+          guint       index)
+{
+  return g_ptr_array_index (self->stages, index);
+}
+
+static Stage *
+find_stage (KdPipeline   *self,
+            KdDispatcher *dispatcher)
+{
+  guint i;
+
+  for (i = 0; i < self->stages->len; i++)
+    if (stage_at (self, i)->dispatcher == dispatcher)
+      return stage_at (self, i);
+
+  return NULL;
+}
+
+static gboolean
+check_configurable (KdPipeline *self,
+                    const char *function)
+{
+  if (G_LIKELY (!g_atomic_int_get (&self->started)))
+    return TRUE;
+
+  g_critical ("%s: a pipeline is configured before its first submit; "
+              "this setting is ignored", function);
+  return FALSE;
+}
+
+/* Submits @item into @stage according to its mode. @key (transfer full) is
+ * a kd_label_new() label or NULL. On FALSE the item is still the caller's. */
+static gboolean
+enter_stage (Stage     *stage,
+             char      *key,
+             gpointer   item,
+             GError   **error)
+{
+  KdTicket *ticket;
+  gboolean entered;
+
+  switch (stage->mode)
+    {
+    case KD_STAGE_KEYED:
+      entered = kd_dispatcher_submit (stage->dispatcher, key, item, error);
+      g_clear_pointer (&key, kd_label_unref);
+      return entered;
+
+    case KD_STAGE_PARALLEL:
+      return kd_dispatcher_submit_labeled (stage->dispatcher, key, item, NULL, error);
+
+    case KD_STAGE_ORDERED:
+      ticket = kd_reorder_enter (stage->reorder, key, error);
+      if (ticket == NULL)
+        {
+          g_clear_pointer (&key, kd_label_unref);
+          return FALSE;
+        }
+      if (!kd_dispatcher_submit_labeled (stage->dispatcher, key, item, ticket, error))
+        {
+          kd_reorder_leave (stage->reorder, ticket);
+          return FALSE;
+        }
+      return TRUE;
+
+    default:
+      g_assert_not_reached ();
+    }
+}
+
+/* Passes what @stage emitted to the next stage, or to the sink. @key is
+ * transfer full (a kd_label_new() label or NULL). */
+static gboolean
+pass_on (Stage     *stage,
+         char      *key,
+         gpointer   item,
+         GError   **error)
+{
+  KdPipeline *self = stage->pipeline;
+
+  if (stage->index + 1 < self->stages->len)
+    return enter_stage (stage_at (self, stage->index + 1), key, item, error);
+
+  if (self->sink != NULL)
+    self->sink (key, item, self->sink_data);
+  else
+    kd_dispatcher_free_item (stage->dispatcher, item);
+  g_clear_pointer (&key, kd_label_unref);
+
+  return TRUE;
+}
+
+/* The reorder of an ordered stage passes items on with this. */
+static gboolean
+reorder_pass (const char  *key,
+              gpointer     item,
+              GError     **error,
+              gpointer     user_data)
+{
+  return pass_on (user_data, kd_label_ref ((char *) key),
+                  item, error);
+}
+
+/* ...and hands back, through the next stage, what it could not pass on. */
+static void
+reorder_drop (const char   *key,
+              gpointer      item,
+              const GError *error,
+              gpointer      user_data)
+{
+  Stage *stage = user_data;
+  KdPipeline *self = stage->pipeline;
+
+  /* The sink never refuses: only a next stage can. */
+  g_assert (stage->index + 1 < self->stages->len);
+  kd_dispatcher_hand_back (stage_at (self, stage->index + 1)->dispatcher, key, item, error);
+}
+
+static gboolean
+stage_emit (KdJob       *job,
+            const char  *key,
+            gpointer     item,
+            GError     **error,
+            gpointer     user_data)
+{
+  Stage *stage = user_data;
+  char *ref;
+  gboolean taken;
+
+  if (g_cancellable_is_cancelled (stage->pipeline->cancellable))
+    {
+      g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
+                           "The pipeline was cancelled");
+      return FALSE;
+    }
+
+  /* Passing the job's own key on shares its string. */
+  ref = key != NULL && key == job->label ? kd_label_ref (job->label) : kd_label_new (key);
+
+  /* A job submitted to the stage's dispatcher directly has no ticket. */
+  if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
+    taken = kd_reorder_emit (stage->reorder, job->ticket, ref, item, error);
+  else
+    taken = pass_on (stage, ref, item, error);
+
+  /* The job's own item went on: its stage must not free it. */
+  if (taken && item == job->item && !job->handed_over)
+    {
+      job->item = NULL;
+      job->handed_over = TRUE;
+    }
+
+  return taken;
+}
+
+static void
+stage_ended (KdJob    *job,
+             gpointer  user_data)
+{
+  Stage *stage = user_data;
+
+  if (job->ticket != NULL)
+    kd_reorder_leave (stage->reorder, g_steal_pointer (&job->ticket));
+}
+
+static void
+stage_drained (gpointer user_data)
+{
+  Stage *stage = user_data;
+  KdPipeline *self = stage->pipeline;
+
+  if (stage->index + 1 < self->stages->len)
+    kd_dispatcher_close (stage_at (self, stage->index + 1)->dispatcher);
+}
+
+static const KdStageHooks stage_hooks = {
+  .emit = stage_emit,
+  .ended = stage_ended,
+  .drained = stage_drained,
+};
+
+static void
+on_cancelled (gpointer user_data)
+{
+  KdPipeline *self = user_data;
+  guint i;
+
+  /* The stages close themselves on the same cancellable; an ordered stage
+   * must also stop taking tickets, so nobody blocks for one. */
+  for (i = 0; i < self->stages->len; i++)
+    if (stage_at (self, i)->reorder != NULL)
+      kd_reorder_close (stage_at (self, i)->reorder);
+}
+
+/* At the first submit, when the configuration is final. */
+static void
+ensure_started (KdPipeline *self)
+{
+  guint i;
+
+  if (G_LIKELY (g_atomic_int_get (&self->started)))
+    return;
+
+  kd_mutex_lock (&self->start_lock);
+  if (!self->started)
+    {
+      for (i = 0; i < self->stages->len; i++)
+        {
+          Stage *stage = stage_at (self, i);
+
+          /* As many tickets out as the stage admits jobs. */
+          if (stage->mode == KD_STAGE_ORDERED)
+            stage->reorder = kd_reorder_new (kd_dispatcher_get_capacity (stage->dispatcher),
+                                             reorder_pass, reorder_drop, stage);
+        }
+      self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
+      g_atomic_int_set (&self->started, TRUE);
+    }
+  kd_mutex_unlock (&self->start_lock);
+}
+
+static gboolean
+runs_on_a_stage (KdPipeline *self)
+{
+  guint i;
+
+  for (i = 0; i < self->stages->len; i++)
+    if (kd_dispatcher_runs_here (stage_at (self, i)->dispatcher))
+      return TRUE;
+
+  return FALSE;
+}
+
+static void
+shutdown_sync (KdPipeline *self)
+{
+  kd_pipeline_close (self);
+  kd_pipeline_wait (self);
+  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
+}
+
+static gpointer
+shutdown_thread_main (gpointer data)
+{
+  KdPipeline *self = data;
+
+  shutdown_sync (self);
+  g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
+  g_object_unref (self);
+
+  return NULL;
+}
+
+static void
+kd_pipeline_dispose (GObject *object)
+{
+  KdPipeline *self = KD_PIPELINE (object);
+
+  if (g_atomic_int_get (&self->shutdown_state) == SHUTDOWN_NONE)
+    {
+      if (runs_on_a_stage (self))
+        {
+          /* The last reference went on one of our own threads, which
+           * cannot wait for itself. */
+          g_atomic_int_set (&self->shutdown_state, SHUTDOWN_ASYNC);
+          kd_pipeline_close (self);
+          g_thread_unref (g_thread_new ("kd-shutdown", shutdown_thread_main,
+                                        g_object_ref (self)));
+        }
+      else
+        {
+          shutdown_sync (self);
+          g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
+        }
+    }
+
+  G_OBJECT_CLASS (kd_pipeline_parent_class)->dispose (object);
+}
+
+static void
+kd_pipeline_finalize (GObject *object)
+{
+  KdPipeline *self = KD_PIPELINE (object);
+  static const KdStageHooks no_hooks = { 0 };
+  guint i;
+
+  /* Every stage has drained: no job runs any more. Someone may still hold
+   * a stage; it must not reach back into this pipeline. */
+  for (i = 0; i < self->stages->len; i++)
+    {
+      Stage *stage = stage_at (self, i);
+
+      kd_dispatcher_set_stage_hooks (stage->dispatcher, &no_hooks, NULL);
+      g_object_unref (stage->dispatcher);
+      g_clear_pointer (&stage->reorder, kd_reorder_free);
+      g_free (stage);
+    }
+  g_ptr_array_unref (self->stages);
+
+  if (self->sink_destroy != NULL)
+    self->sink_destroy (self->sink_data);
+  g_clear_object (&self->cancellable);
+  g_mutex_clear (&self->start_lock);
+
+  G_OBJECT_CLASS (kd_pipeline_parent_class)->finalize (object);
+}
+
+static void
+kd_pipeline_class_init (KdPipelineClass *klass)
+{
+  GObjectClass *object_class = G_OBJECT_CLASS (klass);
+
+  object_class->dispose = kd_pipeline_dispose;
+  object_class->finalize = kd_pipeline_finalize;
+}
+
+static void
+kd_pipeline_init (KdPipeline *self)
+{
+  self->stages = g_ptr_array_new ();
+  self->cancellable = g_cancellable_new ();
+  g_mutex_init (&self->start_lock);
+}
+
+/**
+ * kd_pipeline_new:
+ *
+ * Creates an empty pipeline. Add stages with kd_pipeline_add_stage(), then
+ * submit items from any thread.
+ *
+ * Returns: (transfer full): a new pipeline
+ *
+ * Since: 0.1
+ */
+KdPipeline *
+kd_pipeline_new (void)
+{
+  return g_object_new (KD_TYPE_PIPELINE, NULL);
+}
+
+/**
+ * kd_pipeline_add_stage:
+ * @self: a pipeline
+ * @name: (nullable): the stage's name, for debug messages
+ * @n_workers: the stage's worker threads; 0 for one per processor
+ * @handler: (scope notified) (closure user_data) (destroy destroy): runs
+ *   each item of the stage; passes items on with kd_job_emit()
+ * @user_data: data for @handler
+ * @destroy: (nullable): frees @user_data once the stage is finalized
+ *
+ * Appends a stage. The returned dispatcher is the stage: configure it
+ * (capacity, item-free function, done callback, fan-out) before the first
+ * submit. Its cancellable is the pipeline's. A stage is keyed unless
+ * kd_pipeline_set_stage_mode() says otherwise.
+ *
+ * Before the first submit.
+ *
+ * Returns: (transfer none): the stage's dispatcher, owned by the pipeline
+ *
+ * Since: 0.1
+ */
+KdDispatcher *
+kd_pipeline_add_stage (KdPipeline     *self,
+                       const char     *name,
+                       guint           n_workers,
+                       KdHandlerFunc   handler,
+                       gpointer        user_data,
+                       GDestroyNotify  destroy)
+{
+  Stage *stage;
+
+  g_return_val_if_fail (KD_IS_PIPELINE (self), NULL);
+  g_return_val_if_fail (handler != NULL, NULL);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return NULL;
+
+  stage = g_new0 (Stage, 1);
+  stage->pipeline = self;
+  stage->index = self->stages->len;
+  stage->mode = KD_STAGE_KEYED;
+  stage->dispatcher = kd_dispatcher_new (n_workers, handler, user_data, destroy);
+  kd_dispatcher_set_name (stage->dispatcher, name);
+  kd_dispatcher_set_cancellable (stage->dispatcher, self->cancellable);
+  kd_dispatcher_set_stage_hooks (stage->dispatcher, &stage_hooks, stage);
+  g_ptr_array_add (self->stages, stage);
+
+  return stage->dispatcher;
+}
+
+/**
+ * kd_pipeline_set_stage_mode:
+ * @self: a pipeline
+ * @stage: one of the pipeline's stages
+ * @mode: how the stage orders its items
+ *
+ * Sets how a stage orders its items (see #KdStageMode). Before the first
+ * submit.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_set_stage_mode (KdPipeline   *self,
+                            KdDispatcher *stage,
+                            KdStageMode   mode)
+{
+  Stage *found;
+
+  g_return_if_fail (KD_IS_PIPELINE (self));
+  g_return_if_fail (mode <= KD_STAGE_ORDERED);
+
+  found = find_stage (self, stage);
+  g_return_if_fail (found != NULL);
+
+  if (check_configurable (self, G_STRFUNC))
+    found->mode = mode;
+}
+
+/**
+ * kd_pipeline_get_n_stages:
+ * @self: a pipeline
+ *
+ * Returns: the number of stages
+ *
+ * Since: 0.1
+ */
+guint
+kd_pipeline_get_n_stages (KdPipeline *self)
+{
+  g_return_val_if_fail (KD_IS_PIPELINE (self), 0);
+
+  return self->stages->len;
+}
+
+/**
+ * kd_pipeline_get_stage:
+ * @self: a pipeline
+ * @index: a stage's position, from 0
+ *
+ * Returns: (transfer none): the stage's dispatcher
+ *
+ * Since: 0.1
+ */
+KdDispatcher *
+kd_pipeline_get_stage (KdPipeline *self,
+                       guint       index)
+{
+  g_return_val_if_fail (KD_IS_PIPELINE (self), NULL);
+  g_return_val_if_fail (index < self->stages->len, NULL);
+
+  return stage_at (self, index)->dispatcher;
+}
+
+/**
+ * kd_pipeline_set_sink:
+ * @self: a pipeline
+ * @sink: (nullable) (scope notified) (closure user_data) (destroy destroy):
+ *   receives what the last stage emits
+ * @user_data: data for @sink
+ * @destroy: (nullable): frees @user_data once the pipeline is finalized
+ *
+ * Sets where the last stage's emitted items go. The sink owns each item it
+ * receives. Without a sink, they are freed with the last stage's item-free
+ * function. Before the first submit.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_set_sink (KdPipeline     *self,
+                      KdSinkFunc      sink,
+                      gpointer        user_data,
+                      GDestroyNotify  destroy)
+{
+  g_return_if_fail (KD_IS_PIPELINE (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (self->sink_destroy != NULL)
+    self->sink_destroy (self->sink_data);
+  self->sink = sink;
+  self->sink_data = user_data;
+  self->sink_destroy = destroy;
+}
+
+/**
+ * kd_pipeline_set_cancellable:
+ * @self: a pipeline
+ * @cancellable: the cancellable that stops every stage
+ *
+ * Replaces the pipeline's own cancellable, for every stage. Cancelling it
+ * stops every stage: items not yet run end cancelled in their stage (done
+ * callback, item-free), running handlers see it, and emitting fails with
+ * %KD_ERROR_CLOSED. Before the first submit.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_set_cancellable (KdPipeline   *self,
+                             GCancellable *cancellable)
+{
+  guint i;
+
+  g_return_if_fail (KD_IS_PIPELINE (self));
+  g_return_if_fail (G_IS_CANCELLABLE (cancellable));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  g_set_object (&self->cancellable, cancellable);
+  for (i = 0; i < self->stages->len; i++)
+    kd_dispatcher_set_cancellable (stage_at (self, i)->dispatcher, cancellable);
+}
+
+/**
+ * kd_pipeline_get_cancellable:
+ * @self: a pipeline
+ *
+ * Returns: (transfer none): the cancellable every stage shares
+ *
+ * Since: 0.1
+ */
+GCancellable *
+kd_pipeline_get_cancellable (KdPipeline *self)
+{
+  g_return_val_if_fail (KD_IS_PIPELINE (self), NULL);
+
+  return self->cancellable;
+}
+
+/**
+ * kd_pipeline_submit:
+ * @self: a pipeline
+ * @key: (nullable): the item's key
+ * @item: (nullable): the item
+ * @error: return location for a #GError
+ *
+ * Submits an item to the first stage; blocks while it is at its bound. On
+ * success the pipeline owns @item; on failure (%KD_ERROR_CLOSED once the
+ * pipeline is closed or cancelled) it is still the caller's.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the first stage accepted the item
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_pipeline_submit (KdPipeline  *self,
+                    const char  *key,
+                    gpointer     item,
+                    GError     **error)
+{
+  g_return_val_if_fail (KD_IS_PIPELINE (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+  g_return_val_if_fail (self->stages->len > 0, FALSE);
+
+  ensure_started (self);
+  return enter_stage (stage_at (self, 0), kd_label_new (key), item, error);
+}
+
+/**
+ * kd_pipeline_close:
+ * @self: a pipeline
+ *
+ * Stops accepting items, and lets everything accepted flow to the end: the
+ * first stage closes now, and each stage closes once the one before it has
+ * drained. Does not wait; kd_pipeline_wait() does.
+ *
+ * Thread-safe and idempotent.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_close (KdPipeline *self)
+{
+  g_return_if_fail (KD_IS_PIPELINE (self));
+
+  if (self->stages->len > 0)
+    kd_dispatcher_close (stage_at (self, 0)->dispatcher);
+}
+
+/**
+ * kd_pipeline_wait:
+ * @self: a pipeline
+ *
+ * Returns once every item submitted before the call has left the pipeline:
+ * reached the sink, been dropped by a handler that emitted nothing, or
+ * ended failed or cancelled in some stage.
+ *
+ * Thread-safe, but not from the pipeline's own handlers.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_wait (KdPipeline *self)
+{
+  guint i;
+
+  g_return_if_fail (KD_IS_PIPELINE (self));
+
+  /* Once a stage's jobs from before the call ended, what they emitted is
+   * in the next stage (an ordered stage passes on its buffered items
+   * before its last job ends), so waiting stage after stage covers all. */
+  for (i = 0; i < self->stages->len; i++)
+    kd_dispatcher_wait (stage_at (self, i)->dispatcher);
+}

@@ -1,0 +1,45 @@
+/* kd-reorder-private.h: what a pipeline's ordered stage emits, released in entry order
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+typedef struct _KdReorder KdReorder;
+typedef struct _KdTicket  KdTicket;
+
+/* Passes @item (transfer full on TRUE) on downstream; may block. On FALSE
+ * the item is still the caller's. @key is borrowed. */
+typedef gboolean (*KdReorderPassFunc) (const char  *key,
+                                       gpointer     item,
+                                       GError     **error,
+                                       gpointer     user_data);
+
+/* Hands back an item (transfer full) that could not be passed on. */
+typedef void     (*KdReorderDropFunc) (const char   *key,
+                                       gpointer      item,
+                                       const GError *error,
+                                       gpointer      user_data);
+
+KdReorder *kd_reorder_new   (guint              max_tickets,
+                             KdReorderPassFunc  pass,
+                             KdReorderDropFunc  drop,
+                             gpointer           user_data);
+void       kd_reorder_free  (KdReorder         *self);
+void       kd_reorder_close (KdReorder         *self);
+KdTicket  *kd_reorder_enter (KdReorder         *self,
+                             const char        *key,
+                             GError           **error);
+gboolean   kd_reorder_emit  (KdReorder         *self,
+                             KdTicket          *ticket,
+                             char              *key,
+                             gpointer           item,
+                             GError           **error);
+void       kd_reorder_leave (KdReorder         *self,
+                             KdTicket          *ticket);
+
+G_END_DECLS

@@ -1,0 +1,1059 @@
+/* test-pipeline.c: the guarantees of KdPipeline
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#include "config.h"
+
+#include <kdispatch/kdispatch.h>
+#include <string.h>
+
+#include "kd-test-util.h"
+
+/* ------------------------------------------------------------------------ */
+/* Items: every item is accounted for, freed exactly once                  */
+
+typedef struct
+{
+  guint id;
+  guint key;
+  guint seq;        /* position among its key's items */
+} Item;
+
+typedef struct
+{
+  gint        allocated;
+  gint        freed;
+  gint        max_live;
+  gint       *frees;       /* per id, when tracked */
+  guint       n_ids;
+  gint        trigger_at;  /* opens @triggered when this many were allocated */
+  KdTestGate  triggered;
+} Ledger;
+
+static Ledger ledger;
+
+static void
+ledger_reset (guint n_ids)
+{
+  g_free (ledger.frees);
+  ledger.allocated = ledger.freed = ledger.max_live = 0;
+  ledger.n_ids = n_ids;
+  ledger.frees = g_new0 (gint, MAX (n_ids, 1));
+  ledger.trigger_at = G_MAXINT;
+  kd_test_gate_clear (&ledger.triggered);
+  kd_test_gate_init (&ledger.triggered);
+}
+
+static Item *
+item_new (guint id,
+          guint key,
+          guint seq)
+{
+  Item *item = g_new (Item, 1);
+  gint allocated = g_atomic_int_add (&ledger.allocated, 1) + 1;
+  gint live = allocated - g_atomic_int_get (&ledger.freed);
+  gint max = g_atomic_int_get (&ledger.max_live);
+
+  if (allocated == g_atomic_int_get (&ledger.trigger_at))
+    kd_test_gate_open (&ledger.triggered);
+
+  while (live > max && !g_atomic_int_compare_and_exchange (&ledger.max_live, max, live))
+    max = g_atomic_int_get (&ledger.max_live);
+
+  item->id = id;
+  item->key = key;
+  item->seq = seq;
+  return item;
+}
+
+static void
+item_free (gpointer data)
+{
+  Item *item = data;
+
+  if (item->id < ledger.n_ids)
+    g_atomic_int_inc (&ledger.frees[item->id]);
+  g_atomic_int_inc (&ledger.freed);
+  g_free (item);
+}
+
+static void
+ledger_check_all_freed_once (void)
+{
+  guint i;
+
+  g_assert_cmpint (ledger.freed, ==, ledger.allocated);
+  for (i = 0; i < ledger.n_ids; i++)
+    if (ledger.frees[i] != 1)
+      g_error ("item %u freed %d times", i, ledger.frees[i]);
+}
+
+static char *
+key_name (guint key)
+{
+  return g_strdup_printf ("client-%u", key);
+}
+
+static guint
+key_number (const char *key)
+{
+  g_assert_nonnull (key);
+  g_assert_true (g_str_has_prefix (key, "client-"));
+  return (guint) g_ascii_strtoull (key + 7, NULL, 10);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Per-key order end to end                                                 */
+
+#define ORDER_KEYS 50
+
+typedef struct
+{
+  guint    next_at_aggregate[ORDER_KEYS];
+  guint    next_at_sink[ORDER_KEYS];
+  gint     aggregate_violations;
+  gint     sink_violations;
+  gint     reached_sink;
+  gint     overtaken;      /* items that finished parsing before an older one */
+  gint     parsed;
+} Order;
+
+static gboolean
+parse_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Order *order = user_data;
+  Item *item = kd_job_get_item (job);
+  guint32 rng = item->id * 2654435761u + 1;
+
+  /* Random lengths: items finish out of order. */
+  kd_test_spin (kd_test_xorshift (&rng) % 20000);
+  if (item->id < (guint) g_atomic_int_add (&order->parsed, 1))
+    g_atomic_int_inc (&order->overtaken);
+
+  g_assert_cmpuint (key_number (kd_job_get_key (job)), ==, item->key);
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static gboolean
+format_handler (KdJob    *job,
+                gpointer  user_data,
+                GError  **error)
+{
+  Item *item = kd_job_get_item (job);
+  guint32 rng = item->id * 2246822519u + 3;
+
+  kd_test_spin (kd_test_xorshift (&rng) % 20000);
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static gboolean
+aggregate_handler (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  Order *order = user_data;
+  Item *item = kd_job_get_item (job);
+
+  /* A keyed stage: one item of a key at a time, so no lock. */
+  if (order->next_at_aggregate[item->key] != item->seq)
+    g_atomic_int_inc (&order->aggregate_violations);
+  order->next_at_aggregate[item->key] = item->seq + 1;
+
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static void
+order_sink (const char *key,
+            gpointer    data,
+            gpointer    user_data)
+{
+  Order *order = user_data;
+  Item *item = data;
+
+  g_assert_cmpuint (key_number (key), ==, item->key);
+  if (order->next_at_sink[item->key] != item->seq)
+    g_atomic_int_inc (&order->sink_violations);
+  order->next_at_sink[item->key] = item->seq + 1;
+  g_atomic_int_inc (&order->reached_sink);
+  item_free (item);
+}
+
+static KdPipeline *
+order_pipeline_new (Order *order)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *parse, *aggregate, *format;
+
+  parse = kd_pipeline_add_stage (pipeline, "parse", 4, parse_handler, order, NULL);
+  kd_pipeline_set_stage_mode (pipeline, parse, KD_STAGE_ORDERED);
+  kd_dispatcher_set_capacity (parse, 64);
+  kd_dispatcher_set_item_free (parse, item_free);
+
+  aggregate = kd_pipeline_add_stage (pipeline, "aggregate", 2, aggregate_handler, order, NULL);
+  kd_dispatcher_set_capacity (aggregate, 64);
+  kd_dispatcher_set_item_free (aggregate, item_free);
+
+  format = kd_pipeline_add_stage (pipeline, "format", 3, format_handler, order, NULL);
+  kd_pipeline_set_stage_mode (pipeline, format, KD_STAGE_ORDERED);
+  kd_dispatcher_set_capacity (format, 32);
+  kd_dispatcher_set_item_free (format, item_free);
+
+  kd_pipeline_set_sink (pipeline, order_sink, order, NULL);
+  return pipeline;
+}
+
+static void
+test_order_end_to_end (void)
+{
+  Order order = { 0 };
+  KdPipeline *pipeline;
+  guint n_items = kd_test_size (20000, 400000);
+  guint seq[ORDER_KEYS] = { 0 };
+  guint i;
+
+  g_test_summary ("Per-key order holds end to end through an ordered parallel stage, "
+                  "a keyed stage and another ordered parallel stage, while items "
+                  "overtake each other inside the parallel stages");
+
+  ledger_reset (n_items);
+  pipeline = order_pipeline_new (&order);
+
+  for (i = 0; i < n_items; i++)
+    {
+      guint key = (i * 7919u) % ORDER_KEYS;
+      char *name = key_name (key);
+
+      g_assert_true (kd_pipeline_submit (pipeline, name, item_new (i, key, seq[key]++), NULL));
+      g_free (name);
+    }
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpint (order.reached_sink, ==, n_items);
+  g_assert_cmpint (order.aggregate_violations, ==, 0);
+  g_assert_cmpint (order.sink_violations, ==, 0);
+  /* The parallel stages really ran items out of order. */
+  g_assert_cmpint (order.overtaken, >, 0);
+  for (i = 0; i < ORDER_KEYS; i++)
+    g_assert_cmpuint (order.next_at_sink[i], ==, seq[i]);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+}
+
+/* ------------------------------------------------------------------------ */
+/* An ordered stage holds a key back, not the other keys                    */
+
+typedef struct
+{
+  KdTestGate  slow_may_end;   /* opened once the other key reached the sink */
+  GPtrArray  *arrivals;       /* ids in sink order */
+  GMutex      lock;
+} HeadOfLine;
+
+static gboolean
+hol_handler (KdJob    *job,
+             gpointer  user_data,
+             GError  **error)
+{
+  HeadOfLine *hol = user_data;
+  Item *item = kd_job_get_item (job);
+
+  /* Item 0 (key a) is slow; until it ends, item 1 (key a) must wait in
+   * the reorder, and item 2 (key b) must not. */
+  if (item->id == 0)
+    g_assert_true (kd_test_gate_wait (&hol->slow_may_end));
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static void
+hol_sink (const char *key,
+          gpointer    data,
+          gpointer    user_data)
+{
+  HeadOfLine *hol = user_data;
+  Item *item = data;
+
+  g_mutex_lock (&hol->lock);
+  g_ptr_array_add (hol->arrivals, GUINT_TO_POINTER (item->id));
+  g_mutex_unlock (&hol->lock);
+  if (item->id == 2)
+    kd_test_gate_open (&hol->slow_may_end);
+  item_free (item);
+}
+
+static void
+test_ordered_per_key (void)
+{
+  HeadOfLine hol;
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *stage;
+
+  g_test_summary ("An ordered stage holds back what a key's later items emit until "
+                  "its earlier items are done, but lets other keys through");
+
+  ledger_reset (3);
+  kd_test_gate_init (&hol.slow_may_end);
+  g_mutex_init (&hol.lock);
+  hol.arrivals = g_ptr_array_new ();
+
+  stage = kd_pipeline_add_stage (pipeline, "ordered", 3, hol_handler, &hol, NULL);
+  kd_pipeline_set_stage_mode (pipeline, stage, KD_STAGE_ORDERED);
+  kd_dispatcher_set_item_free (stage, item_free);
+  kd_pipeline_set_sink (pipeline, hol_sink, &hol, NULL);
+
+  g_assert_true (kd_pipeline_submit (pipeline, "a", item_new (0, 0, 0), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "a", item_new (1, 0, 1), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "b", item_new (2, 1, 0), NULL));
+  kd_pipeline_wait (pipeline);
+
+  /* b first (a's slow item held a back, not b), then a in order. */
+  g_assert_cmpuint (hol.arrivals->len, ==, 3);
+  g_assert_cmpuint (GPOINTER_TO_UINT (g_ptr_array_index (hol.arrivals, 0)), ==, 2);
+  g_assert_cmpuint (GPOINTER_TO_UINT (g_ptr_array_index (hol.arrivals, 1)), ==, 0);
+  g_assert_cmpuint (GPOINTER_TO_UINT (g_ptr_array_index (hol.arrivals, 2)), ==, 1);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  g_ptr_array_unref (hol.arrivals);
+  g_mutex_clear (&hol.lock);
+  kd_test_gate_clear (&hol.slow_may_end);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backpressure                                                             */
+
+static gboolean
+pass_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static void
+slow_sink (const char *key,
+           gpointer    data,
+           gpointer    user_data)
+{
+  kd_test_spin (30000);
+  item_free (data);
+}
+
+static void
+test_backpressure (void)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  guint capacities[3] = { 8, 4, 6 };
+  KdStageMode modes[3] = { KD_STAGE_ORDERED, KD_STAGE_KEYED, KD_STAGE_PARALLEL };
+  guint n_items = kd_test_size (2000, 20000);
+  guint i;
+
+  g_test_summary ("A slow sink holds back every stage up to the producer: the items "
+                  "in flight never exceed the sum of the stage bounds");
+
+  ledger_reset (n_items);
+  for (i = 0; i < 3; i++)
+    {
+      KdDispatcher *stage = kd_pipeline_add_stage (pipeline, NULL, 2, pass_handler, NULL, NULL);
+
+      kd_pipeline_set_stage_mode (pipeline, stage, modes[i]);
+      kd_dispatcher_set_capacity (stage, capacities[i]);
+      kd_dispatcher_set_item_free (stage, item_free);
+    }
+  kd_pipeline_set_sink (pipeline, slow_sink, NULL, NULL);
+
+  for (i = 0; i < n_items; i++)
+    {
+      char *name = key_name (i % 5);
+
+      g_assert_true (kd_pipeline_submit (pipeline, name, item_new (i, i % 5, i / 5), NULL));
+      g_free (name);
+    }
+  kd_pipeline_wait (pipeline);
+
+  /* One more: the item in the producer's hand. */
+  g_assert_cmpint (ledger.max_live, <=, 8 + 4 + 6 + 1);
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+}
+
+/* ------------------------------------------------------------------------ */
+/* Fan-out and filtering; a stage that fails some items                     */
+
+typedef struct
+{
+  gint  reached[10];
+  gint  failures;
+  gint  wrong_errors;
+  gint  next_id;
+} Fan;
+
+static gboolean
+fan_handler (KdJob    *job,
+             gpointer  user_data,
+             GError  **error)
+{
+  Fan *fan = user_data;
+  Item *item = kd_job_get_item (job);
+  guint copies = item->id % 4;
+  guint c;
+
+  /* 0 copies filters the item out; its stage frees it. */
+  for (c = 0; c < copies; c++)
+    {
+      Item *copy = item_new (g_atomic_int_add (&fan->next_id, 1), item->key, item->seq);
+
+      if (!kd_job_emit (job, kd_job_get_key (job), copy, error))
+        {
+          item_free (copy);
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
+#define FAIL_ERROR (g_quark_from_static_string ("kd-test-fail"))
+
+static gboolean
+failing_stage_handler (KdJob    *job,
+                       gpointer  user_data,
+                       GError  **error)
+{
+  Item *item = kd_job_get_item (job);
+
+  /* A failing item emits nothing; the pipeline goes on. */
+  if (item->id % 5 == 0)
+    {
+      g_set_error (error, FAIL_ERROR, 7, "item %u failed", item->id);
+      return FALSE;
+    }
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static void
+failing_stage_done (KdJob        *job,
+                    const GError *error,
+                    gpointer      user_data)
+{
+  Fan *fan = user_data;
+  Item *item = kd_job_get_item (job);
+
+  if (error == NULL)
+    return;
+  if (g_error_matches (error, FAIL_ERROR, 7) && item != NULL && item->id % 5 == 0)
+    g_atomic_int_inc (&fan->failures);
+  else
+    g_atomic_int_inc (&fan->wrong_errors);
+}
+
+static void
+fan_sink (const char *key,
+          gpointer    data,
+          gpointer    user_data)
+{
+  Fan *fan = user_data;
+  Item *item = data;
+
+  g_atomic_int_inc (&fan->reached[item->key]);
+  item_free (item);
+}
+
+static void
+test_fan_out_filter_fail (void)
+{
+  Fan fan = { 0 };
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *split, *check;
+  guint n_items = 400;
+  gint expected_copies = 0, expected_failures = 0;
+  gint expected_reached[10] = { 0 };
+  guint i;
+
+  g_test_summary ("A handler may emit many items or none; a stage that fails an item "
+                  "reports its GError through the stage's done callback, emits "
+                  "nothing for it, and the pipeline goes on");
+
+  ledger_reset (0);
+  fan.next_id = 1000000;
+  split = kd_pipeline_add_stage (pipeline, "split", 3, fan_handler, &fan, NULL);
+  kd_pipeline_set_stage_mode (pipeline, split, KD_STAGE_ORDERED);
+  kd_dispatcher_set_item_free (split, item_free);
+  check = kd_pipeline_add_stage (pipeline, "check", 2, failing_stage_handler, &fan, NULL);
+  kd_dispatcher_set_item_free (check, item_free);
+  kd_dispatcher_set_done_func (check, failing_stage_done, &fan, NULL);
+  kd_pipeline_set_sink (pipeline, fan_sink, &fan, NULL);
+
+  for (i = 0; i < n_items; i++)
+    {
+      char *name = key_name (i % 10);
+      guint c;
+
+      g_assert_true (kd_pipeline_submit (pipeline, name, item_new (i, i % 10, i / 10), NULL));
+      g_free (name);
+      for (c = 0; c < i % 4; c++)
+        {
+          guint copy_id = 1000000 + (guint) expected_copies++;
+
+          if (copy_id % 5 == 0)
+            expected_failures++;
+          else
+            expected_reached[i % 10]++;
+        }
+    }
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpint (fan.failures, ==, expected_failures);
+  g_assert_cmpint (fan.wrong_errors, ==, 0);
+  /* Which copy ids fail depends on emit order across keys, so compare the
+   * totals, and every key got its share of copies. */
+  {
+    gint total = 0, expected_total = 0;
+
+    for (i = 0; i < 10; i++)
+      {
+        total += fan.reached[i];
+        expected_total += expected_reached[i];
+      }
+    g_assert_cmpint (total, ==, expected_total);
+  }
+
+  g_object_unref (pipeline);
+  g_assert_cmpint (ledger.freed, ==, ledger.allocated);
+  g_assert_cmpint (ledger.allocated, ==, (gint) n_items + expected_copies);
+}
+
+/* ------------------------------------------------------------------------ */
+/* close drains stage by stage                                              */
+
+typedef struct
+{
+  KdTestGate     gate;
+  KdTestCounter  held;
+  KdPipeline    *pipeline;
+  gint           emitted_after_close;
+  gint           reached;
+} Drain;
+
+static gboolean
+drain_first (KdJob    *job,
+             gpointer  user_data,
+             GError  **error)
+{
+  Drain *drain = user_data;
+  Item *item = kd_job_get_item (job);
+  gboolean held = item->id < 2;
+
+  if (held)
+    {
+      kd_test_counter_add (&drain->held, 1);
+      g_assert_true (kd_test_gate_wait (&drain->gate));
+    }
+  /* Once emitted, the item is the next stage's: do not touch it again. */
+  if (!kd_job_emit (job, kd_job_get_key (job), item, error))
+    return FALSE;
+  if (held)
+    g_atomic_int_inc (&drain->emitted_after_close);
+  return TRUE;
+}
+
+static void
+drain_sink (const char *key,
+            gpointer    data,
+            gpointer    user_data)
+{
+  Drain *drain = user_data;
+
+  g_atomic_int_inc (&drain->reached);
+  item_free (data);
+}
+
+static void
+test_close_drains (void)
+{
+  Drain drain = { 0 };
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *second;
+  GError *error = NULL;
+  guint n_items = 100;
+  guint threads_before = kd_test_count_threads ();
+  Item *refused;
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("close stops new items but lets every accepted one through: a "
+                  "stage stays open until the one before it has drained, then closes");
+
+  ledger_reset (n_items + 1);
+  kd_test_gate_init (&drain.gate);
+  kd_test_counter_init (&drain.held);
+  first = kd_pipeline_add_stage (pipeline, "first", 2, drain_first, &drain, NULL);
+  kd_pipeline_set_stage_mode (pipeline, first, KD_STAGE_PARALLEL);
+  kd_dispatcher_set_item_free (first, item_free);
+  second = kd_pipeline_add_stage (pipeline, "second", 2, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (second, item_free);
+  kd_pipeline_set_sink (pipeline, drain_sink, &drain, NULL);
+
+  for (i = 0; i < n_items; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (i, 0, i), NULL));
+  g_assert_true (kd_test_counter_wait (&drain.held, 2));
+
+  kd_pipeline_close (pipeline);
+  kd_pipeline_close (pipeline);
+
+  refused = item_new (n_items, 0, 0);
+  g_assert_false (kd_pipeline_submit (pipeline, "k", refused, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  item_free (refused);
+
+  /* The held items emit into the second stage after close: still open. */
+  kd_test_gate_open (&drain.gate);
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpint (drain.emitted_after_close, ==, 2);
+  g_assert_cmpint (drain.reached, ==, n_items);
+  kd_dispatcher_get_stats (second, &stats);
+  g_assert_cmpuint (stats.completed, ==, n_items);
+  g_assert_cmpuint (stats.cancelled, ==, 0);
+  /* Both stages closed and drained: their workers are gone. */
+  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  kd_test_gate_clear (&drain.gate);
+  kd_test_counter_clear (&drain.held);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cancel at random moments                                                 */
+
+typedef struct
+{
+  KdPipeline *pipeline;
+  guint       n_submitted;
+  guint       next_child;
+  gint        refused_emits;
+  gint        stop;
+  guint32     seed;
+} Chaos;
+
+static gboolean
+chaos_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Chaos *chaos = user_data;
+  Item *item = kd_job_get_item (job);
+  guint32 rng = item->id * 2654435761u + chaos->seed;
+  guint what = kd_test_xorshift (&rng) % 10;
+
+  kd_test_spin (kd_test_xorshift (&rng) % 3000);
+
+  if (what == 0)
+    {
+      g_set_error_literal (error, FAIL_ERROR, 1, "random failure");
+      return FALSE;
+    }
+  if (what == 1)
+    return TRUE;  /* filtered: the stage frees it */
+
+  if (what == 2)
+    {
+      /* A child as well: it must be accounted for too. */
+      Item *child = item_new (G_MAXUINT, item->key, 0);
+
+      if (!kd_job_emit (job, kd_job_get_key (job), child, NULL))
+        {
+          g_atomic_int_inc (&chaos->refused_emits);
+          item_free (child);
+        }
+    }
+
+  if (!kd_job_emit (job, kd_job_get_key (job), item, NULL))
+    g_atomic_int_inc (&chaos->refused_emits);  /* still the job's: its stage frees it */
+  return TRUE;
+}
+
+static void
+chaos_sink (const char *key,
+            gpointer    data,
+            gpointer    user_data)
+{
+  item_free (data);
+}
+
+static gpointer
+chaos_producer (gpointer data)
+{
+  Chaos *chaos = data;
+  guint i;
+
+  for (i = 0; !g_atomic_int_get (&chaos->stop); i++)
+    {
+      char *name = key_name (i % 20);
+      Item *item = item_new (i, i % 20, i / 20);
+
+      if (!kd_pipeline_submit (chaos->pipeline, name, item, NULL))
+        {
+          item_free (item);  /* refused: still ours */
+          g_free (name);
+          break;
+        }
+      g_free (name);
+    }
+  chaos->n_submitted = i;
+  return NULL;
+}
+
+static void
+chaos_round (guint32 seed)
+{
+  KdStageMode modes[3] = { KD_STAGE_ORDERED, KD_STAGE_KEYED, KD_STAGE_PARALLEL };
+  Chaos chaos = { 0 };
+  GThread *producer;
+  guint32 rng = seed;
+  guint cancel_after;
+  guint i;
+
+  ledger_reset (0);
+  chaos.seed = seed;
+  chaos.pipeline = kd_pipeline_new ();
+  for (i = 0; i < 3; i++)
+    {
+      KdDispatcher *stage = kd_pipeline_add_stage (chaos.pipeline, NULL, 2, chaos_handler,
+                                                   &chaos, NULL);
+
+      kd_pipeline_set_stage_mode (chaos.pipeline, stage, modes[(i + seed) % 3]);
+      kd_dispatcher_set_capacity (stage, 4 + kd_test_xorshift (&rng) % 30);
+      kd_dispatcher_set_item_free (stage, item_free);
+    }
+  kd_pipeline_set_sink (chaos.pipeline, chaos_sink, NULL, NULL);
+
+  /* Cancel once a random number of items were allocated, wherever they are. */
+  cancel_after = 50 + kd_test_xorshift (&rng) % 2000;
+  g_atomic_int_set (&ledger.trigger_at, (gint) cancel_after);
+  producer = g_thread_new ("chaos", chaos_producer, &chaos);
+  g_assert_true (kd_test_gate_wait (&ledger.triggered));
+  g_cancellable_cancel (kd_pipeline_get_cancellable (chaos.pipeline));
+  g_atomic_int_set (&chaos.stop, TRUE);
+  g_thread_join (producer);
+
+  kd_pipeline_wait (chaos.pipeline);
+
+  /* Every item ever allocated, by the producer or a handler, was freed
+   * exactly once: by a stage, the sink, or the code that was refused. */
+  g_assert_cmpint (g_atomic_int_get (&ledger.freed), ==, g_atomic_int_get (&ledger.allocated));
+
+  for (i = 0; i < 3; i++)
+    {
+      KdStats stats;
+
+      kd_dispatcher_get_stats (kd_pipeline_get_stage (chaos.pipeline, i), &stats);
+      g_assert_cmpuint (stats.pending, ==, 0);
+      g_assert_cmpuint (stats.submitted, ==, stats.completed + stats.failed + stats.cancelled);
+    }
+
+  g_object_unref (chaos.pipeline);
+  g_assert_cmpint (ledger.freed, ==, ledger.allocated);
+}
+
+static void
+test_cancel_accounting (void)
+{
+  guint n_rounds = kd_test_size (30, 500);
+  guint round;
+
+  g_test_summary ("Cancelling at random moments, with random failures, filters and "
+                  "children: every item anywhere in flight ends exactly once and "
+                  "every stage's accounting holds");
+
+  for (round = 0; round < n_rounds; round++)
+    {
+      guint32 seed = 0x9e3779b9u * (round + 1);
+
+      g_test_message ("round %u, seed %u", round, seed);
+      chaos_round (seed);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Emitting after cancellation                                              */
+
+typedef struct
+{
+  KdTestHold  hold;
+  GError     *emit_errors[2];
+  gint        emitted;
+} Late;
+
+static gboolean
+late_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  Late *late = user_data;
+  Item *item = kd_job_get_item (job);
+
+  g_assert_true (kd_test_hold_enter (&late->hold));
+  if (kd_job_emit (job, kd_job_get_key (job), item, &late->emit_errors[item->id]))
+    g_atomic_int_inc (&late->emitted);
+  return TRUE;
+}
+
+static void
+test_emit_after_cancel (void)
+{
+  Late late = { 0 };
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *second;
+  guint i;
+
+  g_test_summary ("Emitting after the pipeline was cancelled fails with "
+                  "KD_ERROR_CLOSED, and the item stays the job's (its stage frees "
+                  "it), also for an ordered stage's job that would have buffered it");
+
+  ledger_reset (2);
+  kd_test_hold_init (&late.hold);
+  first = kd_pipeline_add_stage (pipeline, "first", 2, late_handler, &late, NULL);
+  kd_pipeline_set_stage_mode (pipeline, first, KD_STAGE_ORDERED);
+  kd_dispatcher_set_item_free (first, item_free);
+  second = kd_pipeline_add_stage (pipeline, "second", 1, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (second, item_free);
+
+  /* Two items of one key running at once: the second is not the head of
+   * the ordered stage, so its emit would be buffered. */
+  g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (0, 0, 0), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (1, 0, 1), NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&late.hold, 2));
+  g_cancellable_cancel (kd_pipeline_get_cancellable (pipeline));
+  kd_test_hold_release (&late.hold);
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpint (late.emitted, ==, 0);
+  for (i = 0; i < 2; i++)
+    {
+      g_assert_error (late.emit_errors[i], KD_ERROR, KD_ERROR_CLOSED);
+      g_clear_error (&late.emit_errors[i]);
+    }
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  kd_test_hold_clear (&late.hold);
+}
+
+/* ------------------------------------------------------------------------ */
+/* No sink; the last unref                                                  */
+
+static void
+test_no_sink (void)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *only;
+  guint i;
+
+  g_test_summary ("Without a sink, what the last stage emits is freed with that "
+                  "stage's item-free function, once");
+
+  ledger_reset (50);
+  only = kd_pipeline_add_stage (pipeline, "only", 2, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (only, item_free);
+  for (i = 0; i < 50; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, NULL, item_new (i, 0, 0), NULL));
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpuint (kd_pipeline_get_n_stages (pipeline), ==, 1);
+  g_assert_true (kd_pipeline_get_stage (pipeline, 0) == only);
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+}
+
+typedef struct
+{
+  KdPipeline *pipeline;
+  KdTestGate  submitted;   /* the test is done with its reference */
+  KdTestGate  finalized;
+  gint        reached;
+} Dropper;
+
+static gboolean
+dropping_handler (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  Dropper *dropper = user_data;
+  Item *item = kd_job_get_item (job);
+
+  if (item->id == 0)
+    {
+      g_assert_true (kd_test_gate_wait (&dropper->submitted));
+      g_object_unref (g_steal_pointer (&dropper->pipeline));
+    }
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static void
+dropper_sink (const char *key,
+              gpointer    data,
+              gpointer    user_data)
+{
+  Dropper *dropper = user_data;
+
+  g_atomic_int_inc (&dropper->reached);
+  item_free (data);
+}
+
+static void
+dropper_finalized (gpointer user_data)
+{
+  Dropper *dropper = user_data;
+
+  kd_test_gate_open (&dropper->finalized);
+}
+
+static void
+test_unref_in_handler (void)
+{
+  Dropper dropper = { 0 };
+  KdDispatcher *stage;
+  guint i;
+
+  g_test_summary ("The last unref of a pipeline from inside one of its handlers "
+                  "returns at once; the pipeline drains and finalizes on its own");
+
+  ledger_reset (200);
+  kd_test_gate_init (&dropper.submitted);
+  kd_test_gate_init (&dropper.finalized);
+  dropper.pipeline = kd_pipeline_new ();
+  stage = kd_pipeline_add_stage (dropper.pipeline, "first", 2, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (stage, item_free);
+  stage = kd_pipeline_add_stage (dropper.pipeline, "dropping", 1, dropping_handler, &dropper, NULL);
+  kd_dispatcher_set_item_free (stage, item_free);
+  kd_pipeline_set_sink (dropper.pipeline, dropper_sink, &dropper, dropper_finalized);
+
+  /* Item 0 goes first through the single-worker keyed stage, and drops the
+   * only reference once the test is done with it. */
+  for (i = 0; i < 200; i++)
+    g_assert_true (kd_pipeline_submit (dropper.pipeline, "k", item_new (i, 0, i), NULL));
+  kd_test_gate_open (&dropper.submitted);
+
+  g_assert_true (kd_test_gate_wait (&dropper.finalized));
+  g_assert_cmpint (dropper.reached, ==, 200);
+  ledger_check_all_freed_once ();
+  kd_test_gate_clear (&dropper.submitted);
+  kd_test_gate_clear (&dropper.finalized);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Bad input                                                                */
+
+static gboolean
+noop_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  return TRUE;
+}
+
+static void
+test_bad_input (void)
+{
+  KdPipeline *pipeline;
+  KdPipeline *empty;
+  KdDispatcher *stranger;
+  KdDispatcher *stage;
+
+  g_test_summary ("Configuration after the first submit, a foreign stage, an empty "
+                  "pipeline and kd_job_emit() outside a pipeline are criticals");
+
+  if (!g_test_undefined ())
+    return;
+
+  empty = kd_pipeline_new ();
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*stages->len > 0*");
+  g_assert_false (kd_pipeline_submit (empty, "k", NULL, NULL));
+  g_test_assert_expected_messages ();
+  g_object_unref (empty);
+
+  pipeline = kd_pipeline_new ();
+  stage = kd_pipeline_add_stage (pipeline, "only", 1, noop_handler, NULL, NULL);
+  stranger = kd_dispatcher_new (1, noop_handler, NULL, NULL);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*found != NULL*");
+  kd_pipeline_set_stage_mode (pipeline, stranger, KD_STAGE_ORDERED);
+  g_test_assert_expected_messages ();
+
+  g_assert_true (kd_pipeline_submit (pipeline, "k", NULL, NULL));
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  g_assert_null (kd_pipeline_add_stage (pipeline, "late", 1, noop_handler, NULL, NULL));
+  g_test_assert_expected_messages ();
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_pipeline_set_stage_mode (pipeline, stage, KD_STAGE_PARALLEL);
+  g_test_assert_expected_messages ();
+
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpuint (kd_pipeline_get_n_stages (pipeline), ==, 1);
+  g_object_unref (pipeline);
+  g_object_unref (stranger);
+}
+
+static gboolean
+emit_outside_handler (KdJob    *job,
+                      gpointer  user_data,
+                      GError  **error)
+{
+  *(gboolean *) user_data = kd_job_emit (job, NULL, NULL, NULL);
+  return TRUE;
+}
+
+static void
+test_emit_outside_pipeline (void)
+{
+  gboolean emitted = TRUE;
+  KdDispatcher *dispatcher;
+
+  g_test_summary ("kd_job_emit() on a job of a plain dispatcher is a critical and "
+                  "fails");
+
+  if (!g_test_undefined ())
+    return;
+
+  dispatcher = kd_dispatcher_new (1, emit_outside_handler, &emitted, NULL);
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*not a pipeline stage*");
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, NULL, NULL));
+  kd_dispatcher_wait (dispatcher);
+  g_test_assert_expected_messages ();
+  g_assert_false (emitted);
+  g_object_unref (dispatcher);
+}
+
+int
+main (int    argc,
+      char **argv)
+{
+  int result;
+
+  g_test_init (&argc, &argv, NULL);
+
+  g_test_add_func ("/kd/pipeline/order-end-to-end", test_order_end_to_end);
+  g_test_add_func ("/kd/pipeline/ordered-per-key", test_ordered_per_key);
+  g_test_add_func ("/kd/pipeline/backpressure", test_backpressure);
+  g_test_add_func ("/kd/pipeline/fan-out-filter-fail", test_fan_out_filter_fail);
+  g_test_add_func ("/kd/pipeline/close-drains", test_close_drains);
+  g_test_add_func ("/kd/pipeline/cancel-accounting", test_cancel_accounting);
+  g_test_add_func ("/kd/pipeline/emit-after-cancel", test_emit_after_cancel);
+  g_test_add_func ("/kd/pipeline/no-sink", test_no_sink);
+  g_test_add_func ("/kd/pipeline/unref-in-handler", test_unref_in_handler);
+  g_test_add_func ("/kd/pipeline/bad-input", test_bad_input);
+  g_test_add_func ("/kd/pipeline/emit-outside-pipeline", test_emit_outside_pipeline);
+
+  kd_test_gate_init (&ledger.triggered);
+  result = g_test_run ();
+  g_free (ledger.frees);
+  kd_test_gate_clear (&ledger.triggered);
+  return result;
+}
