@@ -19,6 +19,10 @@
  *       serial loop time / 2; baseline: a 2-thread GThreadPool
  *   L1  200,000 keyed jobs over 1,000 keys at 50 % of the measured W2
  *       capacity; submit->start and submit->done latency percentiles
+ *   P1  a pipeline of 1,000,000 items over 1,000 keys: an ordered parallel
+ *       parse stage, a keyed aggregate stage, an ordered sink stage, 2
+ *       workers each; per-key order checked at the aggregate and the sink;
+ *       baseline: the same steps in a loop on one thread
  *
  * Timing runs from just before the first submit until every job has ended;
  * creating the dispatcher or pool is outside it. Keys ("k%u") are formatted
@@ -966,6 +970,176 @@ l1_run_glib (Bench     *bench,
 }
 
 /* ------------------------------------------------------------------------ */
+/* P1: a pipeline                                                            */
+
+#define P1_JOBS 1000000
+#define P1_KEYS 1000
+
+typedef struct
+{
+  Keyed       keyed;        /* the aggregate stage's per-key check */
+  PaddedLast *at_sink;      /* the sink's per-key check */
+  gint        sink_violations;
+  gint        reached;
+} P1;
+
+static G_GNUC_NO_INLINE guint64
+p1_parse (guint i)
+{
+  /* A little work per item, as parsing a short record would be. */
+  guint64 x = (guint64) i * G_GUINT64_CONSTANT (0x9E3779B97F4A7C15);
+  guint r;
+
+  for (r = 0; r < 16; r++)
+    x ^= (x << 13) ^ (x >> 7);
+  return x;
+}
+
+static volatile guint64 p1_sink_hole;
+
+static gboolean
+p1_parse_handler (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  p1_sink_hole = p1_parse (GPOINTER_TO_UINT (kd_job_get_item (job)));
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static gboolean
+p1_aggregate_handler (KdJob    *job,
+                      gpointer  user_data,
+                      GError  **error)
+{
+  P1 *p1 = user_data;
+
+  keyed_job (&p1->keyed, GPOINTER_TO_UINT (kd_job_get_item (job)));
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static gboolean
+p1_format_handler (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static inline void
+p1_sink_check (P1    *p1,
+               guint  i)
+{
+  guint key = i % P1_KEYS;
+  gint64 seq = i / P1_KEYS;
+
+  if (p1->at_sink[key].value != seq - 1)
+    g_atomic_int_inc (&p1->sink_violations);
+  p1->at_sink[key].value = seq;
+  g_atomic_int_inc (&p1->reached);
+}
+
+static void
+p1_sink (const char *key,
+         gpointer    item,
+         gpointer    user_data)
+{
+  p1_sink_check (user_data, GPOINTER_TO_UINT (item));
+}
+
+static void
+p1_init (P1    *p1,
+         guint  n_jobs)
+{
+  guint i;
+
+  memset (p1, 0, sizeof *p1);
+  keyed_init (&p1->keyed, P1_KEYS, n_jobs);
+  p1->at_sink = g_new (PaddedLast, P1_KEYS);
+  for (i = 0; i < P1_KEYS; i++)
+    p1->at_sink[i].value = -1;
+}
+
+static gboolean
+p1_finish (P1        *p1,
+           RunResult *result)
+{
+  gboolean ok = keyed_check (&p1->keyed, result);
+  char more[80];
+
+  g_snprintf (more, sizeof more, "; at the sink %d of %u, %d out of order",
+              p1->reached, p1->keyed.n_jobs, p1->sink_violations);
+  g_strlcat (result->check, more, sizeof result->check);
+  ok = ok && p1->sink_violations == 0 && (guint) p1->reached == p1->keyed.n_jobs;
+
+  keyed_clear (&p1->keyed);
+  g_free (p1->at_sink);
+  return result->ok = ok;
+}
+
+static gboolean
+p1_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : P1_JOBS;
+  guint workers = bench->n_workers ? bench->n_workers : 2;
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *parse, *aggregate, *format;
+  gint64 start;
+  P1 p1;
+  guint i;
+
+  p1_init (&p1, n_jobs);
+  parse = kd_pipeline_add_stage (pipeline, "parse", workers, p1_parse_handler, &p1, NULL);
+  kd_pipeline_set_stage_mode (pipeline, parse, KD_STAGE_ORDERED);
+  aggregate = kd_pipeline_add_stage (pipeline, "aggregate", workers, p1_aggregate_handler, &p1, NULL);
+  format = kd_pipeline_add_stage (pipeline, "sink", workers, p1_format_handler, &p1, NULL);
+  kd_pipeline_set_stage_mode (pipeline, format, KD_STAGE_ORDERED);
+  kd_pipeline_set_sink (pipeline, p1_sink, &p1, NULL);
+  if (bench->capacity)
+    {
+      kd_dispatcher_set_capacity (parse, bench->capacity);
+      kd_dispatcher_set_capacity (aggregate, bench->capacity);
+      kd_dispatcher_set_capacity (format, bench->capacity);
+    }
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    kd_pipeline_submit (pipeline, p1.keyed.keys[i % P1_KEYS], GUINT_TO_POINTER (i), NULL);
+  kd_pipeline_wait (pipeline);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  g_object_unref (pipeline);
+  return p1_finish (&p1, result);
+}
+
+/* The baseline: the same three steps, one item after another, on one
+ * thread. */
+static gboolean
+p1_run_serial (Bench     *bench,
+               RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : P1_JOBS;
+  gint64 start;
+  P1 p1;
+  guint i;
+
+  p1_init (&p1, n_jobs);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    {
+      p1_sink_hole = p1_parse (i);
+      keyed_job (&p1.keyed, i);
+      p1_sink_check (&p1, i);
+    }
+  finish_run (result, start, now_ns (), n_jobs);
+
+  return p1_finish (&p1, result);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Driver                                                                    */
 
 static const Workload workloads[] = {
@@ -974,6 +1148,7 @@ static const Workload workloads[] = {
   { "W3", "key churn, 100,000 keys x 10, 4 workers", w3_run_kd, w3_run_glib },
   { "W4", "CPU-bound, 20,000 x 50 us, 2 workers", w4_run_kd, w4_run_glib },
   { "L1", "latency, 200,000 keyed at 50% of W2 capacity", l1_run_kd, l1_run_glib },
+  { "P1", "pipeline, ordered parse > keyed > ordered sink", p1_run_kd, p1_run_serial },
 };
 
 static int
@@ -1168,7 +1343,7 @@ main (int    argc,
   gboolean no_baseline = FALSE;
   GOptionEntry entries[] = {
     { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
-      "Workloads to run, comma-separated (W1,W2,W3,W4,L1; default all)", "LIST" },
+      "Workloads to run, comma-separated (W1,W2,W3,W4,L1,P1; default all)", "LIST" },
     { "repetitions", 'r', 0, G_OPTION_ARG_INT, &repetitions, "Runs per workload (median reported)", "N" },
     { "workers", 'n', 0, G_OPTION_ARG_INT, &n_workers, "Worker count (default: the workload's)", "N" },
     { "capacity", 'c', 0, G_OPTION_ARG_INT, &capacity, "Admission bound (default: the workload's)", "N" },
@@ -1205,7 +1380,7 @@ main (int    argc,
   bench.capacity = (guint) capacity;
   bench.baseline = !no_baseline;
   bench.l1_rate = rate;
-  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1", ",", -1);
+  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1,P1", ",", -1);
 
   for (char **id = wanted; *id != NULL; id++)
     {
