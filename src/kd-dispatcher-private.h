@@ -31,6 +31,7 @@ void     kd_dispatcher_set_stage_hooks  (KdDispatcher       *self,
                                          const KdStageHooks *hooks,
                                          gpointer            user_data);
 gboolean kd_dispatcher_submit_labeled   (KdDispatcher       *self,
+                                         gboolean            keyed,
                                          char               *label,
                                          gpointer            item,
                                          gpointer            ticket,

@@ -407,8 +407,10 @@ ensure_started (KdDispatcher *self)
   return scheduler;
 }
 
-/* @label (transfer full) (nullable): for an unkeyed job, the key it carries
- * without being ordered by it (a kd_label_new() label); released if refused. */
+/* @label (transfer full) (nullable): a kd_label_new() label the job keeps
+ * for a pipeline: for an unkeyed job, the key it carries without being
+ * ordered by it; for a keyed job, a copy of @key that the job's handler can
+ * pass on without copying it again. Released if refused. */
 static gboolean
 submit_job (KdDispatcher  *self,
             const char    *key,
@@ -446,10 +448,10 @@ submit_job (KdDispatcher  *self,
   scheduler = ensure_started (self);
   job = kd_job_new (self, item, epoch);
   job->ticket = ticket;
+  job->label = label;
 
   if (key == NULL)
     {
-      job->label = label;
       kd_scheduler_push (scheduler, &job->task);
       return TRUE;
     }
@@ -1165,16 +1167,19 @@ kd_dispatcher_set_stage_hooks (KdDispatcher       *self,
   self->stage_data = user_data;
 }
 
-/* Like kd_dispatcher_submit() for an unkeyed job, which carries @label
- * (transfer full, a kd_label_new() label, nullable) as its key and @ticket. */
+/* Like kd_dispatcher_submit() for a pipeline stage's job, which keeps
+ * @label (transfer full, a kd_label_new() label, nullable) and @ticket. A
+ * @keyed job is ordered by @label; any other carries it as its key. */
 gboolean
 kd_dispatcher_submit_labeled (KdDispatcher  *self,
+                              gboolean       keyed,
                               char          *label,
                               gpointer       item,
                               gpointer       ticket,
                               GError       **error)
 {
-  return submit_job (self, NULL, label, ticket, item, KD_ADMIT_BLOCK, 0, error);
+  return submit_job (self, keyed ? label : NULL, label, ticket, item,
+                     KD_ADMIT_BLOCK, 0, error);
 }
 
 /* Frees @item with the item-free function, if any. */

@@ -133,17 +133,14 @@ enter_stage (Stage     *stage,
              GError   **error)
 {
   KdTicket *ticket;
-  gboolean entered;
 
   switch (stage->mode)
     {
     case KD_STAGE_KEYED:
-      entered = kd_dispatcher_submit (stage->dispatcher, key, item, error);
-      g_clear_pointer (&key, kd_label_unref);
-      return entered;
+      return kd_dispatcher_submit_labeled (stage->dispatcher, TRUE, key, item, NULL, error);
 
     case KD_STAGE_PARALLEL:
-      return kd_dispatcher_submit_labeled (stage->dispatcher, key, item, NULL, error);
+      return kd_dispatcher_submit_labeled (stage->dispatcher, FALSE, key, item, NULL, error);
 
     case KD_STAGE_ORDERED:
       ticket = kd_reorder_enter (stage->reorder, key, error);
@@ -152,7 +149,7 @@ enter_stage (Stage     *stage,
           g_clear_pointer (&key, kd_label_unref);
           return FALSE;
         }
-      if (!kd_dispatcher_submit_labeled (stage->dispatcher, key, item, ticket, error))
+      if (!kd_dispatcher_submit_labeled (stage->dispatcher, FALSE, key, item, ticket, error))
         {
           kd_reorder_leave (stage->reorder, ticket);
           return FALSE;
@@ -231,7 +228,10 @@ stage_emit (KdJob       *job,
     }
 
   /* Passing the job's own key on shares its string. */
-  ref = key != NULL && key == job->label ? kd_label_ref (job->label) : kd_label_new (key);
+  if (key != NULL && job->label != NULL && (key == job->label || key == kd_job_get_key (job)))
+    ref = kd_label_ref (job->label);
+  else
+    ref = kd_label_new (key);
 
   /* A job submitted to the stage's dispatcher directly has no ticket. */
   if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)

@@ -32,16 +32,41 @@
  *
  * If passing an item on fails (the pipeline was cancelled meanwhile), the
  * drop function hands it back, so every emitted item ends exactly once.
+ *
+ * Threads: the keys are split into N_SHARDS shards by the high bits of
+ * their hash, each with its own lock over its keys' FIFOs, so the threads
+ * that feed the stage and the stage's workers rarely meet on a lock. The
+ * ticket count is one atomic counter; only a thread that finds it at the
+ * bound takes @room_lock and sleeps. A wake is a system call, and a feeder
+ * faster than the stage would otherwise be woken for every ticket that
+ * goes back, to take one more and sleep again: returned tickets wake the
+ * sleepers only once @wake_below tickets are out, so each wake lets them
+ * enter @max_tickets / 16 items. Tickets never wait for the feeder, so the
+ * count always falls that far.
+ *
+ * Cost per item: no allocation in the steady state. Each shard recycles
+ * tickets and buffered emits through capped free lists, and a key whose
+ * tickets are all back stays in its shard's table, dormant, for its next
+ * item, up to a bound per shard, the least recently used going first: memory
+ * follows the stage bound, not the keys ever seen.
  */
 
 #include "config.h"
+
+#include <string.h>
 
 #include <gio/gio.h>
 
 #include "kd-error.h"
 #include "kd-job-private.h"
+#include "kd-mailbox-private.h"
 #include "kd-reorder-private.h"
 #include "kd-sync-private.h"
+
+#define SHARD_BITS        4
+#define N_SHARDS          (1u << SHARD_BITS)
+#define SPARE_TICKETS_MAX 64
+#define SPARE_EMITTED_MAX 64
 
 /* One item emitted while its ticket could not pass it on yet. */
 typedef struct _Emitted Emitted;
@@ -54,23 +79,42 @@ struct _Emitted
 };
 
 typedef struct _OrderKey OrderKey;
+typedef struct _Shard    Shard;
 
 struct _KdTicket
 {
   OrderKey *order;
-  KdTicket *next;      /* the next ticket of the key */
+  KdTicket *next;      /* the next ticket of the key, or the next spare */
   gboolean  ended;
   Emitted  *first;     /* buffered, in emit order */
   Emitted  *last;
 };
 
+/* A key's FIFO of tickets. Protected by its shard's lock. */
 struct _OrderKey
 {
-  char     *key;       /* a kd_label_new() label, or NULL for unkeyed items */
+  KdKey     key;       /* key.string: a kd_label_new() label, or NULL for unkeyed items */
+  Shard    *shard;
   KdTicket *head;
   KdTicket *tail;
   gboolean  flushing;  /* a thread is passing this key's items on */
+  gboolean  dormant;   /* idle, kept in the table for the key's next item */
+  OrderKey *older;     /* the shard's dormant list, least recently used first */
+  OrderKey *newer;
 };
+
+struct _Shard
+{
+  GMutex      lock;
+  GHashTable *table;        /* KdKey * (inside its OrderKey) → OrderKey *, active or dormant */
+  OrderKey   *oldest;       /* dormant keys */
+  OrderKey   *newest;
+  guint       n_dormant;
+  KdTicket   *spare_tickets;
+  guint       n_spare_tickets;
+  Emitted    *spare_emitted;
+  guint       n_spare_emitted;
+} __attribute__ ((aligned (64)));
 
 struct _KdReorder
 {
@@ -79,15 +123,45 @@ struct _KdReorder
   KdReorderDropFunc drop;
   gpointer          user_data;
   guint             max_tickets;
+  guint             dormant_max;   /* per shard */
+  guint             wake_below;    /* returned tickets wake sleepers from this count down */
 
-  /* Protected by @lock */
-  GMutex            lock;
-  GCond             room_cond;    /* a ticket went back, or closed */
-  GHashTable       *keys;         /* key → OrderKey */
-  OrderKey         *unkeyed;      /* NULL-key items' FIFO, or NULL */
-  guint             n_tickets;
-  gboolean          closed;
+  /* Atomic */
+  gint              n_tickets;
+  gint              sleepers;      /* someone sleeps in kd_reorder_enter(), or is about to */
+  gint              closed;
+
+  GMutex            room_lock;
+  GCond             room_cond;     /* a ticket went back, or closed */
+
+  OrderKey         *unkeyed;       /* NULL-key items' FIFO, under shards[0]'s lock */
+
+  Shard             shards[N_SHARDS];
 };
+
+static guint
+key_hash (gconstpointer key)
+{
+  return ((const KdKey *) key)->hash;
+}
+
+static gboolean
+key_equal (gconstpointer a,
+           gconstpointer b)
+{
+  const KdKey *x = a;
+  const KdKey *y = b;
+
+  return x->hash == y->hash && x->length == y->length &&
+         memcmp (x->string, y->string, x->length) == 0;
+}
+
+static void
+free_order_key (OrderKey *order)
+{
+  kd_label_unref ((char *) order->key.string);
+  g_free (order);
+}
 
 KdReorder *
 kd_reorder_new (guint             max_tickets,
@@ -95,15 +169,24 @@ kd_reorder_new (guint             max_tickets,
                 KdReorderDropFunc drop,
                 gpointer          user_data)
 {
-  KdReorder *self = g_new0 (KdReorder, 1);
+  KdReorder *self = g_aligned_alloc0 (1, sizeof (KdReorder), G_ALIGNOF (KdReorder));
+  guint i;
 
   self->pass = pass;
   self->drop = drop;
   self->user_data = user_data;
   self->max_tickets = MAX (max_tickets, 1);
-  g_mutex_init (&self->lock);
+  self->dormant_max = MAX (self->max_tickets / (N_SHARDS / 2), 8);
+  self->wake_below = self->max_tickets - MAX (self->max_tickets / 16, 1);
+  g_mutex_init (&self->room_lock);
   g_cond_init (&self->room_cond);
-  self->keys = g_hash_table_new (g_str_hash, g_str_equal);
+
+  for (i = 0; i < N_SHARDS; i++)
+    {
+      g_mutex_init (&self->shards[i].lock);
+      self->shards[i].table = g_hash_table_new_full (key_hash, key_equal, NULL,
+                                                     (GDestroyNotify) free_order_key);
+    }
 
   return self;
 }
@@ -112,23 +195,170 @@ kd_reorder_new (guint             max_tickets,
 void
 kd_reorder_free (KdReorder *self)
 {
-  g_assert (self->n_tickets == 0);
-  g_assert (g_hash_table_size (self->keys) == 0 && self->unkeyed == NULL);
+  guint i;
 
-  g_hash_table_unref (self->keys);
-  g_mutex_clear (&self->lock);
+  g_assert (self->n_tickets == 0);
+
+  for (i = 0; i < N_SHARDS; i++)
+    {
+      Shard *shard = &self->shards[i];
+
+      g_assert (g_hash_table_size (shard->table) == shard->n_dormant);
+      while (shard->spare_tickets != NULL)
+        {
+          KdTicket *next = shard->spare_tickets->next;
+
+          g_free (shard->spare_tickets);
+          shard->spare_tickets = next;
+        }
+      while (shard->spare_emitted != NULL)
+        {
+          Emitted *next = shard->spare_emitted->next;
+
+          g_free (shard->spare_emitted);
+          shard->spare_emitted = next;
+        }
+      g_hash_table_unref (shard->table);
+      g_mutex_clear (&shard->lock);
+    }
+  g_clear_pointer (&self->unkeyed, free_order_key);
+
+  g_mutex_clear (&self->room_lock);
   g_cond_clear (&self->room_cond);
-  g_free (self);
+  g_aligned_free (self);
 }
 
 /* Makes kd_reorder_enter() fail from now on, and wakes those it blocks. */
 void
 kd_reorder_close (KdReorder *self)
 {
-  kd_mutex_lock (&self->lock);
-  self->closed = TRUE;
+  __atomic_store_n (&self->closed, TRUE, __ATOMIC_SEQ_CST);
+  kd_mutex_lock (&self->room_lock);
   g_cond_broadcast (&self->room_cond);
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&self->room_lock);
+}
+
+/* Counts a ticket out; blocks while @max_tickets are. FALSE once closed. */
+static gboolean
+take_ticket (KdReorder *self)
+{
+  gint n = __atomic_load_n (&self->n_tickets, __ATOMIC_RELAXED);
+
+  for (;;)
+    {
+      if (__atomic_load_n (&self->closed, __ATOMIC_ACQUIRE))
+        return FALSE;
+
+      if ((guint) n < self->max_tickets)
+        {
+          if (__atomic_compare_exchange_n (&self->n_tickets, &n, n + 1, TRUE,
+                                           __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            return TRUE;
+          continue;
+        }
+
+      /* At the bound. Raising @sleepers before looking again pairs with
+       * give_back_ticket(), which lowers the count before looking at
+       * @sleepers: one of the two sees the other. */
+      kd_mutex_lock (&self->room_lock);
+      for (;;)
+        {
+          __atomic_store_n (&self->sleepers, TRUE, __ATOMIC_SEQ_CST);
+          if (__atomic_load_n (&self->closed, __ATOMIC_SEQ_CST) ||
+              (guint) __atomic_load_n (&self->n_tickets, __ATOMIC_SEQ_CST) < self->max_tickets)
+            break;
+          kd_cond_wait (&self->room_cond, &self->room_lock);
+        }
+      kd_mutex_unlock (&self->room_lock);
+
+      n = __atomic_load_n (&self->n_tickets, __ATOMIC_RELAXED);
+    }
+}
+
+static void
+give_back_ticket (KdReorder *self)
+{
+  guint n = __atomic_sub_fetch (&self->n_tickets, 1, __ATOMIC_SEQ_CST);
+
+  /* Once woken, the sleepers take a while to run; they raise @sleepers
+   * again only if they must sleep again, so they are woken once. */
+  if (n <= self->wake_below && __atomic_load_n (&self->sleepers, __ATOMIC_SEQ_CST))
+    {
+      kd_mutex_lock (&self->room_lock);
+      if (__atomic_load_n (&self->sleepers, __ATOMIC_RELAXED))
+        {
+          __atomic_store_n (&self->sleepers, FALSE, __ATOMIC_SEQ_CST);
+          g_cond_broadcast (&self->room_cond);
+        }
+      kd_mutex_unlock (&self->room_lock);
+    }
+}
+
+static void
+link_dormant_locked (Shard    *shard,
+                     OrderKey *order)
+{
+  order->dormant = TRUE;
+  order->newer = NULL;
+  order->older = shard->newest;
+  if (shard->newest != NULL)
+    shard->newest->newer = order;
+  else
+    shard->oldest = order;
+  shard->newest = order;
+  shard->n_dormant++;
+}
+
+static void
+unlink_dormant_locked (Shard    *shard,
+                       OrderKey *order)
+{
+  if (order->older != NULL)
+    order->older->newer = order->newer;
+  else
+    shard->oldest = order->newer;
+  if (order->newer != NULL)
+    order->newer->older = order->older;
+  else
+    shard->newest = order->older;
+  order->older = order->newer = NULL;
+  order->dormant = FALSE;
+  shard->n_dormant--;
+}
+
+/* With the shard's lock held: @key's FIFO, found, woken or created. */
+static OrderKey *
+order_key_locked (KdReorder    *self,
+                  Shard        *shard,
+                  const KdKey  *key)
+{
+  OrderKey *order;
+
+  if (key->string == NULL)
+    {
+      if (self->unkeyed == NULL)
+        {
+          self->unkeyed = g_new0 (OrderKey, 1);
+          self->unkeyed->shard = shard;
+        }
+      return self->unkeyed;
+    }
+
+  order = g_hash_table_lookup (shard->table, key);
+  if (order == NULL)
+    {
+      order = g_new0 (OrderKey, 1);
+      order->key = *key;
+      order->key.string = kd_label_new (key->string);
+      order->shard = shard;
+      g_hash_table_insert (shard->table, &order->key, order);
+    }
+  else if (order->dormant)
+    {
+      unlink_dormant_locked (shard, order);
+    }
+
+  return order;
 }
 
 /*
@@ -145,78 +375,119 @@ kd_reorder_enter (KdReorder   *self,
                   const char  *key,
                   GError     **error)
 {
+  KdKey probe = { 0, 0, key };
   KdTicket *ticket;
   OrderKey *order;
+  Shard *shard;
 
-  kd_mutex_lock (&self->lock);
-  while (!self->closed && self->n_tickets >= self->max_tickets)
-    kd_cond_wait (&self->room_cond, &self->lock);
-
-  if (self->closed)
+  if (!take_ticket (self))
     {
-      kd_mutex_unlock (&self->lock);
       g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
                            "The pipeline no longer accepts items");
       return NULL;
     }
 
-  order = key != NULL ? g_hash_table_lookup (self->keys, key) : self->unkeyed;
-  if (order == NULL)
-    {
-      order = g_new0 (OrderKey, 1);
-      if (key != NULL)
-        {
-          order->key = kd_label_new (key);
-          g_hash_table_insert (self->keys, order->key, order);
-        }
-      else
-        {
-          self->unkeyed = order;
-        }
-    }
+  if (key != NULL)
+    probe.hash = kd_key_hash (key, &probe.length);
+  shard = &self->shards[probe.hash >> (32 - SHARD_BITS)];
 
-  ticket = g_new0 (KdTicket, 1);
+  kd_mutex_lock (&shard->lock);
+  order = order_key_locked (self, shard, &probe);
+  ticket = shard->spare_tickets;
+  if (ticket != NULL)
+    {
+      shard->spare_tickets = ticket->next;
+      shard->n_spare_tickets--;
+      ticket->next = NULL;
+    }
+  else
+    {
+      ticket = g_new0 (KdTicket, 1);
+    }
   ticket->order = order;
   if (order->tail != NULL)
     order->tail->next = ticket;
   else
     order->head = ticket;
   order->tail = ticket;
-  self->n_tickets++;
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&shard->lock);
 
   return ticket;
 }
 
-/* With @lock held: forgets @order once it has no ticket and nobody is
- * passing its items on. */
+/* With the shard's lock held: once @order has no ticket and nobody passes
+ * its items on, it goes dormant, and the least recently used dormant key
+ * past the bound is forgotten. */
 static void
-forget_if_idle_locked (KdReorder *self,
-                       OrderKey  *order)
+sleep_if_idle_locked (KdReorder *self,
+                      OrderKey  *order)
 {
-  if (order->head != NULL || order->flushing)
+  Shard *shard = order->shard;
+
+  if (order->head != NULL || order->flushing || order->key.string == NULL)
     return;
 
-  if (order->key != NULL)
+  link_dormant_locked (shard, order);
+  if (shard->n_dormant > self->dormant_max)
     {
-      g_hash_table_remove (self->keys, order->key);
-      kd_label_unref (order->key);
+      OrderKey *oldest = shard->oldest;
+
+      unlink_dormant_locked (shard, oldest);
+      g_hash_table_remove (shard->table, &oldest->key);
     }
-  else
-    {
-      self->unkeyed = NULL;
-    }
-  g_free (order);
 }
 
-/* Passes @list on, in order; what cannot be passed on is dropped. */
+/* With the shard's lock held: takes back a passed-on list of buffered
+ * emits. */
 static void
-pass_list (KdReorder *self,
-           Emitted   *list)
+recycle_emitted_locked (Shard   *shard,
+                        Emitted *list)
 {
   while (list != NULL)
     {
       Emitted *next = list->next;
+
+      if (shard->n_spare_emitted < SPARE_EMITTED_MAX)
+        {
+          list->next = shard->spare_emitted;
+          shard->spare_emitted = list;
+          shard->n_spare_emitted++;
+        }
+      else
+        {
+          g_free (list);
+        }
+      list = next;
+    }
+}
+
+/* With the shard's lock held: takes back a ticket whose item ended and
+ * whose emits were all passed on. */
+static void
+recycle_ticket_locked (Shard    *shard,
+                       KdTicket *ticket)
+{
+  if (shard->n_spare_tickets < SPARE_TICKETS_MAX)
+    {
+      memset (ticket, 0, sizeof *ticket);
+      ticket->next = shard->spare_tickets;
+      shard->spare_tickets = ticket;
+      shard->n_spare_tickets++;
+    }
+  else
+    {
+      g_free (ticket);
+    }
+}
+
+/* Passes @list on, in order; what cannot be passed on is dropped. The
+ * records stay, for recycle_emitted_locked(). */
+static void
+pass_list (KdReorder *self,
+           Emitted   *list)
+{
+  for (; list != NULL; list = list->next)
+    {
       GError *error = NULL;
 
       if (!self->pass (list->key, list->item, &error, self->user_data))
@@ -225,20 +496,20 @@ pass_list (KdReorder *self,
           g_clear_error (&error);
         }
       g_clear_pointer (&list->key, kd_label_unref);
-      g_free (list);
-      list = next;
     }
 }
 
-/* With @lock held and @order->flushing set by the caller: passes on what
- * can leave, ticket by ticket from the head, until nothing can; clears
- * @flushing and returns with @lock held. A ticket goes back only once what
- * it emitted was passed on, so the items in flight, in the reorder or in
- * this thread's hands, stay within the ticket bound. */
+/* With the shard's lock held and @order->flushing set by the caller: passes
+ * on what can leave, ticket by ticket from the head, until nothing can;
+ * clears @flushing and returns with the lock held. A ticket goes back only
+ * once what it emitted was passed on, so the items in flight, in the
+ * reorder or in this thread's hands, stay within the ticket bound. */
 static void
 flush_locked (KdReorder *self,
               OrderKey  *order)
 {
+  Shard *shard = order->shard;
+
   for (;;)
     {
       KdTicket *head = order->head;
@@ -254,9 +525,13 @@ flush_locked (KdReorder *self,
       if (ready == NULL && !ended)
         break;
 
-      kd_mutex_unlock (&self->lock);
-      pass_list (self, ready);
-      kd_mutex_lock (&self->lock);
+      if (ready != NULL)
+        {
+          kd_mutex_unlock (&shard->lock);
+          pass_list (self, ready);
+          kd_mutex_lock (&shard->lock);
+          recycle_emitted_locked (shard, ready);
+        }
 
       /* A head that is still running may have buffered more meanwhile:
        * the loop looks again. One that ended goes back now. */
@@ -265,14 +540,13 @@ flush_locked (KdReorder *self,
           order->head = head->next;
           if (order->head == NULL)
             order->tail = NULL;
-          g_free (head);
-          self->n_tickets--;
-          g_cond_broadcast (&self->room_cond);
+          recycle_ticket_locked (shard, head);
+          give_back_ticket (self);
         }
     }
 
   order->flushing = FALSE;
-  forget_if_idle_locked (self, order);
+  sleep_if_idle_locked (self, order);
 }
 
 /*
@@ -293,13 +567,23 @@ kd_reorder_emit (KdReorder   *self,
                  GError     **error)
 {
   OrderKey *order = ticket->order;
+  Shard *shard = order->shard;
   gboolean passed;
 
-  kd_mutex_lock (&self->lock);
+  kd_mutex_lock (&shard->lock);
   if (order->head != ticket || order->flushing)
     {
-      Emitted *emitted = g_new (Emitted, 1);
+      Emitted *emitted = shard->spare_emitted;
 
+      if (emitted != NULL)
+        {
+          shard->spare_emitted = emitted->next;
+          shard->n_spare_emitted--;
+        }
+      else
+        {
+          emitted = g_new (Emitted, 1);
+        }
       emitted->next = NULL;
       emitted->key = key;
       emitted->item = item;
@@ -308,21 +592,21 @@ kd_reorder_emit (KdReorder   *self,
       else
         ticket->first = emitted;
       ticket->last = emitted;
-      kd_mutex_unlock (&self->lock);
+      kd_mutex_unlock (&shard->lock);
       return TRUE;
     }
 
   /* The head: straight on, and nobody else passes this key's items on
    * meanwhile. */
   order->flushing = TRUE;
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&shard->lock);
 
   passed = self->pass (key, item, error, self->user_data);
   g_clear_pointer (&key, kd_label_unref);
 
-  kd_mutex_lock (&self->lock);
+  kd_mutex_lock (&shard->lock);
   flush_locked (self, order);
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&shard->lock);
 
   return passed;
 }
@@ -338,13 +622,14 @@ kd_reorder_leave (KdReorder *self,
                   KdTicket  *ticket)
 {
   OrderKey *order = ticket->order;
+  Shard *shard = order->shard;
 
-  kd_mutex_lock (&self->lock);
+  kd_mutex_lock (&shard->lock);
   ticket->ended = TRUE;
   if (order->head == ticket && !order->flushing)
     {
       order->flushing = TRUE;
       flush_locked (self, order);
     }
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&shard->lock);
 }
