@@ -75,6 +75,7 @@ typedef struct
   double   w2_kd_rate;
   double   w2_glib_rate;
   double   l1_rate;       /* jobs/s for L1; 0: half of W2's capacity */
+  guint    p1_rounds;     /* P1's parse work per item */
 } Bench;
 
 typedef struct
@@ -981,16 +982,21 @@ typedef struct
   PaddedLast *at_sink;      /* the sink's per-key check */
   gint        sink_violations;
   gint        reached;
+  guint       rounds;       /* the parse step's work */
 } P1;
 
+#define P1_ROUNDS 16
+
 static G_GNUC_NO_INLINE guint64
-p1_parse (guint i)
+p1_parse (guint i,
+          guint rounds)
 {
-  /* A little work per item, as parsing a short record would be. */
+  /* A little work per item, as parsing a short record would be: 16
+   * rounds take about 10 ns here. */
   guint64 x = (guint64) i * G_GUINT64_CONSTANT (0x9E3779B97F4A7C15);
   guint r;
 
-  for (r = 0; r < 16; r++)
+  for (r = 0; r < rounds; r++)
     x ^= (x << 13) ^ (x >> 7);
   return x;
 }
@@ -1002,7 +1008,9 @@ p1_parse_handler (KdJob    *job,
                   gpointer  user_data,
                   GError  **error)
 {
-  p1_sink_hole = p1_parse (GPOINTER_TO_UINT (kd_job_get_item (job)));
+  P1 *p1 = user_data;
+
+  p1_sink_hole = p1_parse (GPOINTER_TO_UINT (kd_job_get_item (job)), p1->rounds);
   return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
 }
 
@@ -1048,11 +1056,13 @@ p1_sink (const char *key,
 
 static void
 p1_init (P1    *p1,
+         Bench *bench,
          guint  n_jobs)
 {
   guint i;
 
   memset (p1, 0, sizeof *p1);
+  p1->rounds = bench->p1_rounds ? bench->p1_rounds : P1_ROUNDS;
   keyed_init (&p1->keyed, P1_KEYS, n_jobs);
   p1->at_sink = g_new (PaddedLast, P1_KEYS);
   for (i = 0; i < P1_KEYS; i++)
@@ -1088,7 +1098,7 @@ p1_run_kd (Bench     *bench,
   P1 p1;
   guint i;
 
-  p1_init (&p1, n_jobs);
+  p1_init (&p1, bench, n_jobs);
   parse = kd_pipeline_add_stage (pipeline, "parse", workers, p1_parse_handler, &p1, NULL);
   kd_pipeline_set_stage_mode (pipeline, parse, KD_STAGE_ORDERED);
   aggregate = kd_pipeline_add_stage (pipeline, "aggregate", workers, p1_aggregate_handler, &p1, NULL);
@@ -1124,13 +1134,13 @@ p1_run_serial (Bench     *bench,
   P1 p1;
   guint i;
 
-  p1_init (&p1, n_jobs);
+  p1_init (&p1, bench, n_jobs);
   reset_peak_rss ();
 
   start = now_ns ();
   for (i = 0; i < n_jobs; i++)
     {
-      p1_sink_hole = p1_parse (i);
+      p1_sink_hole = p1_parse (i, p1.rounds);
       keyed_job (&p1.keyed, i);
       p1_sink_check (&p1, i);
     }
@@ -1341,6 +1351,7 @@ main (int    argc,
   gboolean json = FALSE;
   double rate = 0;
   gboolean no_baseline = FALSE;
+  gint p1_rounds = 0;
   GOptionEntry entries[] = {
     { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
       "Workloads to run, comma-separated (W1,W2,W3,W4,L1,P1; default all)", "LIST" },
@@ -1349,6 +1360,7 @@ main (int    argc,
     { "capacity", 'c', 0, G_OPTION_ARG_INT, &capacity, "Admission bound (default: the workload's)", "N" },
     { "jobs", 'j', 0, G_OPTION_ARG_INT, &n_jobs, "Jobs per run (default: the workload's)", "N" },
     { "rate", 0, 0, G_OPTION_ARG_DOUBLE, &rate, "L1's offered load in jobs/s, the same for both (default: half of each one's W2 capacity)", "R" },
+    { "parse-rounds", 0, 0, G_OPTION_ARG_INT, &p1_rounds, "P1's work per item in its parse stage, in xorshift rounds (default 16)", "N" },
     { "no-baseline", 0, 0, G_OPTION_ARG_NONE, &no_baseline, "Skip the plain-GLib baseline", NULL },
     { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print JSON instead of a table", NULL },
     { NULL },
@@ -1369,7 +1381,7 @@ main (int    argc,
       return 2;
     }
   g_option_context_free (options);
-  if (repetitions < 1 || n_workers < 0 || capacity < 0 || n_jobs < 0 || rate < 0)
+  if (repetitions < 1 || n_workers < 0 || capacity < 0 || n_jobs < 0 || rate < 0 || p1_rounds < 0)
     {
       g_printerr ("repetitions must be at least 1; workers, capacity and jobs not negative\n");
       return 2;
@@ -1380,6 +1392,7 @@ main (int    argc,
   bench.capacity = (guint) capacity;
   bench.baseline = !no_baseline;
   bench.l1_rate = rate;
+  bench.p1_rounds = (guint) p1_rounds;
   wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1,P1", ",", -1);
 
   for (char **id = wanted; *id != NULL; id++)
