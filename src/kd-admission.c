@@ -59,8 +59,8 @@
  * the capacity; bounds under 32 wake at the first free slot), and each
  * releaser looks at the room only every @slack / releasers of its releases.
  * A submitter asleep behind a smaller gap still notices it by itself: it
- * sleeps at most ROOM_RECHECK_MIN_US at first, doubling up to
- * ROOM_RECHECK_MAX_US while nothing changes, so room is never left unused for
+ * sleeps at most KD_ROOM_RECHECK_MIN_US at first, doubling up to
+ * KD_ROOM_RECHECK_MAX_US while nothing changes, so room is never left unused for
  * long even when every running handler waits for that submitter.
  */
 
@@ -88,10 +88,6 @@ enum
 };
 
 G_STATIC_ASSERT (KD_ADMISSION_EPOCHS == 32);
-
-/* How long a blocked submitter sleeps before it looks for room by itself. */
-#define ROOM_RECHECK_MIN_US (1 * G_TIME_SPAN_MILLISECOND)
-#define ROOM_RECHECK_MAX_US (16 * G_TIME_SPAN_MILLISECOND)
 
 static inline guint64
 acquired_of (guint64 grant)
@@ -253,7 +249,7 @@ static gboolean
 sleep_until_room (KdAdmission *self,
                   gint64       deadline)
 {
-  gint64 recheck_us = ROOM_RECHECK_MIN_US;
+  gint64 recheck_us = KD_ROOM_RECHECK_MIN_US;
   gboolean in_time = TRUE;
 
   kd_mutex_lock (&self->lock);
@@ -280,7 +276,7 @@ sleep_until_room (KdAdmission *self,
       if (deadline != 0)
         until = MIN (until, deadline);
       if (!kd_cond_wait_until (&self->room_cond, &self->lock, until))
-        recheck_us = MIN (recheck_us * 2, ROOM_RECHECK_MAX_US);
+        recheck_us = MIN (recheck_us * 2, KD_ROOM_RECHECK_MAX_US);
     }
 
   self->n_sleeping--;

@@ -30,12 +30,17 @@ typedef struct
 void     kd_dispatcher_set_stage_hooks  (KdDispatcher       *self,
                                          const KdStageHooks *hooks,
                                          gpointer            user_data);
-gboolean kd_dispatcher_submit_labeled   (KdDispatcher       *self,
+gboolean kd_dispatcher_admit            (KdDispatcher       *self,
+                                         guint              *epoch,
+                                         GError            **error);
+void     kd_dispatcher_push_admitted    (KdDispatcher       *self,
                                          gboolean            keyed,
                                          char               *label,
                                          gpointer            item,
                                          gpointer            ticket,
-                                         GError            **error);
+                                         guint               epoch);
+void     kd_dispatcher_unadmit          (KdDispatcher       *self,
+                                         guint               epoch);
 void     kd_dispatcher_free_item        (KdDispatcher       *self,
                                          gpointer            item);
 void     kd_dispatcher_hand_back        (KdDispatcher       *self,

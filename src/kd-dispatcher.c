@@ -407,25 +407,15 @@ ensure_started (KdDispatcher *self)
   return scheduler;
 }
 
-/* @label (transfer full) (nullable): a kd_label_new() label the job keeps
- * for a pipeline: for an unkeyed job, the key it carries without being
- * ordered by it; for a keyed job, a copy of @key that the job's handler can
- * pass on without copying it again. Released if refused. */
+/* The first half of a submit: a unit of admission, in @epoch. On FALSE
+ * nothing was taken. */
 static gboolean
-submit_job (KdDispatcher  *self,
-            const char    *key,
-            char          *label,
-            gpointer       ticket,
-            gpointer       item,
-            KdAdmitMode    mode,
-            gint64         deadline,
-            GError       **error)
+admit_job (KdDispatcher  *self,
+           KdAdmitMode    mode,
+           gint64         deadline,
+           guint         *epoch,
+           GError       **error)
 {
-  KdScheduler *scheduler;
-  KdMailbox *mailbox;
-  KdJob *job;
-  guint epoch;
-
   if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
     g_atomic_int_set (&self->configured, TRUE);
 
@@ -434,12 +424,31 @@ submit_job (KdDispatcher  *self,
   if (mode != KD_ADMIT_TRY && is_own_worker (self))
     mode = KD_ADMIT_TRY;
 
-  if (!kd_admission_acquire (&self->admission, mode, deadline, &epoch, error))
+  if (!kd_admission_acquire (&self->admission, mode, deadline, epoch, error))
     {
       __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
-      g_clear_pointer (&label, kd_label_unref);
       return FALSE;
     }
+
+  return TRUE;
+}
+
+/* The second half: queues @item as a job holding the unit admit_job() took
+ * in @epoch. @label (transfer full) (nullable): a kd_label_new() label the
+ * job keeps for a pipeline: for an unkeyed job, the key it carries without
+ * being ordered by it; for a keyed job, a copy of @key that the job's
+ * handler can pass on without copying it again. */
+static void
+push_job (KdDispatcher *self,
+          const char   *key,
+          char         *label,
+          gpointer      ticket,
+          gpointer      item,
+          guint         epoch)
+{
+  KdScheduler *scheduler;
+  KdMailbox *mailbox;
+  KdJob *job;
 
   /* Counted before the job can end, so a stats snapshot never sees it end
    * before it was submitted. */
@@ -453,7 +462,7 @@ submit_job (KdDispatcher  *self,
   if (key == NULL)
     {
       kd_scheduler_push (scheduler, &job->task);
-      return TRUE;
+      return;
     }
 
   /* A mailbox in the table is always scheduled or running; only its
@@ -461,7 +470,22 @@ submit_job (KdDispatcher  *self,
   mailbox = kd_key_table_push (self->keys, key, job);
   if (mailbox != NULL)
     kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
+}
 
+static gboolean
+submit_job (KdDispatcher  *self,
+            const char    *key,
+            gpointer       item,
+            KdAdmitMode    mode,
+            gint64         deadline,
+            GError       **error)
+{
+  guint epoch;
+
+  if (!admit_job (self, mode, deadline, &epoch, error))
+    return FALSE;
+
+  push_job (self, key, NULL, NULL, item, epoch);
   return TRUE;
 }
 
@@ -563,11 +587,6 @@ kd_dispatcher_finalize (GObject *object)
   if (self->delivery != NULL)
     kd_delivery_destroy (self->delivery);
 
-  if (self->done_data_free != NULL)
-    self->done_data_free (self->done_data);
-  if (self->handler_data_free != NULL)
-    self->handler_data_free (self->handler_data);
-
   kd_key_table_free (self->keys);
   kd_admission_clear (&self->admission);
   g_mutex_clear (&self->start_lock);
@@ -575,6 +594,15 @@ kd_dispatcher_finalize (GObject *object)
   g_clear_pointer (&self->context, g_main_context_unref);
   g_free (self->name);
   g_aligned_free (self->worker_stats);
+
+  /* Last: once the application's notifies run, the dispatcher holds
+   * nothing of the application's any more (its context, its cancellable),
+   * so a notify may drop the last reference to them, or let another thread
+   * do it. */
+  if (self->done_data_free != NULL)
+    self->done_data_free (self->done_data);
+  if (self->handler_data_free != NULL)
+    self->handler_data_free (self->handler_data);
 
   G_OBJECT_CLASS (kd_dispatcher_parent_class)->finalize (object);
 }
@@ -934,7 +962,7 @@ kd_dispatcher_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, NULL, NULL, item, KD_ADMIT_BLOCK, 0, error);
+  return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
 }
 
 /**
@@ -962,7 +990,7 @@ kd_dispatcher_try_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, NULL, NULL, item, KD_ADMIT_TRY, 0, error);
+  return submit_job (self, key, item, KD_ADMIT_TRY, 0, error);
 }
 
 /**
@@ -1000,9 +1028,9 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
 
   /* A deadline past the end of time is no deadline. */
   if (timeout_us > G_MAXINT64 - now)
-    return submit_job (self, key, NULL, NULL, item, KD_ADMIT_BLOCK, 0, error);
+    return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
 
-  return submit_job (self, key, NULL, NULL, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
+  return submit_job (self, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
                      error);
 }
 
@@ -1167,19 +1195,40 @@ kd_dispatcher_set_stage_hooks (KdDispatcher       *self,
   self->stage_data = user_data;
 }
 
-/* Like kd_dispatcher_submit() for a pipeline stage's job, which keeps
- * @label (transfer full, a kd_label_new() label, nullable) and @ticket. A
- * @keyed job is ordered by @label; any other carries it as its key. */
+/* A pipeline stage's submit, in two steps, so that the stage can take a
+ * ticket of its own only once the job is sure to be accepted: a blocking
+ * admission first, as kd_dispatcher_submit() (@error: KD_ERROR_CLOSED)... */
 gboolean
-kd_dispatcher_submit_labeled (KdDispatcher  *self,
-                              gboolean       keyed,
-                              char          *label,
-                              gpointer       item,
-                              gpointer       ticket,
-                              GError       **error)
+kd_dispatcher_admit (KdDispatcher  *self,
+                     guint         *epoch,
+                     GError       **error)
 {
-  return submit_job (self, keyed ? label : NULL, label, ticket, item,
-                     KD_ADMIT_BLOCK, 0, error);
+  return admit_job (self, KD_ADMIT_BLOCK, 0, epoch, error);
+}
+
+/* ...then either the job, which keeps @label (transfer full, a
+ * kd_label_new() label, nullable) and @ticket; a @keyed job is ordered by
+ * @label, any other carries it as its key... */
+void
+kd_dispatcher_push_admitted (KdDispatcher *self,
+                             gboolean      keyed,
+                             char         *label,
+                             gpointer      item,
+                             gpointer      ticket,
+                             guint         epoch)
+{
+  push_job (self, keyed ? label : NULL, label, ticket, item, epoch);
+}
+
+/* ...or the unit given back: the submit is refused after all (counted as
+ * rejected) and the item stays the caller's. */
+void
+kd_dispatcher_unadmit (KdDispatcher *self,
+                       guint         epoch)
+{
+  __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+  if (kd_admission_release (&self->admission, KD_ADMISSION_ANY_RELEASER, epoch))
+    shutdown_scheduler (self);
 }
 
 /* Frees @item with the item-free function, if any. */

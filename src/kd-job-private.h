@@ -18,8 +18,9 @@ struct _KdJob
   KdTask        task;        /* first: an unkeyed job is a scheduler task */
   KdDispatcher *dispatcher;
   KdMailbox    *mailbox;     /* NULL for an unkeyed job */
-  char         *label;       /* an unkeyed job's key (kd_label_new()): a
-                              * pipeline's parallel stages run keyed items unkeyed */
+  char         *label;       /* a pipeline stage's job: its key (kd_label_new()),
+                              * which a parallel or ordered stage's unkeyed job
+                              * carries and a keyed stage's job passes on */
   gpointer      ticket;      /* a pipeline's ordered stage: the job's place */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */

@@ -51,7 +51,7 @@
 #include "kd-dispatcher-private.h"
 #include "kd-error.h"
 #include "kd-job-private.h"
-#include "kd-pipeline.h"
+#include "kd-pipeline-private.h"
 #include "kd-reorder-private.h"
 #include "kd-sync-private.h"
 
@@ -125,40 +125,41 @@ check_configurable (KdPipeline *self,
 }
 
 /* Submits @item into @stage according to its mode. @key (transfer full) is
- * a kd_label_new() label or NULL. On FALSE the item is still the caller's. */
+ * a kd_label_new() label or NULL. On FALSE the item is still the caller's.
+ *
+ * An ordered stage's ticket is taken only once the job is admitted: a
+ * ticket given back by a refused submit would pass on what later tickets
+ * buffered, from the refused caller's thread, possibly after the stage
+ * counted as drained, into a stage already closed. */
 static gboolean
 enter_stage (Stage     *stage,
              char      *key,
              gpointer   item,
              GError   **error)
 {
-  KdTicket *ticket;
+  KdTicket *ticket = NULL;
+  guint epoch;
 
-  switch (stage->mode)
+  if (!kd_dispatcher_admit (stage->dispatcher, &epoch, error))
     {
-    case KD_STAGE_KEYED:
-      return kd_dispatcher_submit_labeled (stage->dispatcher, TRUE, key, item, NULL, error);
+      g_clear_pointer (&key, kd_label_unref);
+      return FALSE;
+    }
 
-    case KD_STAGE_PARALLEL:
-      return kd_dispatcher_submit_labeled (stage->dispatcher, FALSE, key, item, NULL, error);
-
-    case KD_STAGE_ORDERED:
+  if (stage->mode == KD_STAGE_ORDERED)
+    {
       ticket = kd_reorder_enter (stage->reorder, key, error);
       if (ticket == NULL)
         {
+          kd_dispatcher_unadmit (stage->dispatcher, epoch);
           g_clear_pointer (&key, kd_label_unref);
           return FALSE;
         }
-      if (!kd_dispatcher_submit_labeled (stage->dispatcher, FALSE, key, item, ticket, error))
-        {
-          kd_reorder_leave (stage->reorder, ticket);
-          return FALSE;
-        }
-      return TRUE;
-
-    default:
-      g_assert_not_reached ();
     }
+
+  kd_dispatcher_push_admitted (stage->dispatcher, stage->mode == KD_STAGE_KEYED,
+                               key, item, ticket, epoch);
+  return TRUE;
 }
 
 /* Passes what @stage emitted to the next stage, or to the sink. @key is
@@ -633,7 +634,10 @@ kd_pipeline_get_cancellable (KdPipeline *self)
  *
  * Submits an item to the first stage; blocks while it is at its bound. On
  * success the pipeline owns @item; on failure (%KD_ERROR_CLOSED once the
- * pipeline is closed or cancelled) it is still the caller's.
+ * pipeline is closed or cancelled) it is still the caller's. A submit
+ * blocked at the bound when the pipeline closes fails; one the first stage
+ * already admitted (an ordered stage's item waiting for its place in the
+ * order) is accepted and flows through like any other.
  *
  * Thread-safe.
  *
@@ -700,4 +704,18 @@ kd_pipeline_wait (KdPipeline *self)
    * before its last job ends), so waiting stage after stage covers all. */
   for (i = 0; i < self->stages->len; i++)
     kd_dispatcher_wait (stage_at (self, i)->dispatcher);
+}
+
+/* For tests: sleeps until @n_sleeping threads wait for a ticket of the
+ * ordered stage @stage. Ends the configuration, as a submit does. */
+void
+kd_pipeline_wait_ticket_sleepers (KdPipeline   *self,
+                                  KdDispatcher *stage,
+                                  guint         n_sleeping)
+{
+  Stage *found = find_stage (self, stage);
+
+  ensure_started (self);
+  g_assert (found != NULL && found->reorder != NULL);
+  kd_reorder_wait_sleepers (found->reorder, n_sleeping);
 }

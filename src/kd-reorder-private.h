@@ -42,4 +42,7 @@ gboolean   kd_reorder_emit  (KdReorder         *self,
 void       kd_reorder_leave (KdReorder         *self,
                              KdTicket          *ticket);
 
+void       kd_reorder_wait_sleepers (KdReorder *self,
+                                     guint      n_sleeping);
+
 G_END_DECLS

@@ -26,9 +26,11 @@
  *
  * Memory stays bounded: at most @max_tickets tickets are out at once, and
  * kd_reorder_enter() blocks past that, which is backpressure on whoever
- * feeds the stage. It cannot deadlock: tickets go back as items end, and an
- * ordered stage's items do not wait for what feeds it. Closing the reorder
- * (on cancellation) makes kd_reorder_enter() fail instead of blocking.
+ * feeds the stage. The pipeline takes a ticket only for an item the stage
+ * already admitted, so the head ticket's item is always queued or running:
+ * tickets go back as items end, and waiting for one cannot deadlock. Closing
+ * the reorder (on cancellation) makes kd_reorder_enter() fail instead of
+ * blocking.
  *
  * If passing an item on fails (the pipeline was cancelled meanwhile), the
  * drop function hands it back, so every emitted item ends exactly once.
@@ -41,8 +43,10 @@
  * faster than the stage would otherwise be woken for every ticket that
  * goes back, to take one more and sleep again: returned tickets wake the
  * sleepers only once @wake_below tickets are out, so each wake lets them
- * enter @max_tickets / 16 items. Tickets never wait for the feeder, so the
- * count always falls that far.
+ * enter @max_tickets / 16 items. The count may never fall that far (the
+ * running handlers may wait for the sleeping feeder), so a sleeper also
+ * looks for room by itself, as a dispatcher's blocked submitter does
+ * (KD_ROOM_RECHECK_MIN_US, doubling up to KD_ROOM_RECHECK_MAX_US).
  *
  * Cost per item: no allocation in the steady state. Each shard recycles
  * tickets and buffered emits through capped free lists, and a key whose
@@ -133,6 +137,8 @@ struct _KdReorder
 
   GMutex            room_lock;
   GCond             room_cond;     /* a ticket went back, or closed */
+  GCond             sleepers_cond; /* @n_sleeping changed */
+  guint             n_sleeping;    /* protected by @room_lock */
 
   OrderKey         *unkeyed;       /* NULL-key items' FIFO, under shards[0]'s lock */
 
@@ -180,6 +186,7 @@ kd_reorder_new (guint             max_tickets,
   self->wake_below = self->max_tickets - MAX (self->max_tickets / 16, 1);
   g_mutex_init (&self->room_lock);
   g_cond_init (&self->room_cond);
+  g_cond_init (&self->sleepers_cond);
 
   for (i = 0; i < N_SHARDS; i++)
     {
@@ -225,6 +232,7 @@ kd_reorder_free (KdReorder *self)
 
   g_mutex_clear (&self->room_lock);
   g_cond_clear (&self->room_cond);
+  g_cond_clear (&self->sleepers_cond);
   g_aligned_free (self);
 }
 
@@ -243,6 +251,7 @@ static gboolean
 take_ticket (KdReorder *self)
 {
   gint n = __atomic_load_n (&self->n_tickets, __ATOMIC_RELAXED);
+  gint64 recheck_us;
 
   for (;;)
     {
@@ -261,14 +270,22 @@ take_ticket (KdReorder *self)
        * give_back_ticket(), which lowers the count before looking at
        * @sleepers: one of the two sees the other. */
       kd_mutex_lock (&self->room_lock);
+      self->n_sleeping++;
+      g_cond_broadcast (&self->sleepers_cond);
+      recheck_us = KD_ROOM_RECHECK_MIN_US;
       for (;;)
         {
           __atomic_store_n (&self->sleepers, TRUE, __ATOMIC_SEQ_CST);
           if (__atomic_load_n (&self->closed, __ATOMIC_SEQ_CST) ||
               (guint) __atomic_load_n (&self->n_tickets, __ATOMIC_SEQ_CST) < self->max_tickets)
             break;
-          kd_cond_wait (&self->room_cond, &self->room_lock);
+          if (!kd_cond_wait_until (&self->room_cond, &self->room_lock,
+                                   g_get_monotonic_time () + recheck_us))
+            recheck_us = MIN (recheck_us * 2, KD_ROOM_RECHECK_MAX_US);
         }
+      if (--self->n_sleeping == 0)
+        __atomic_store_n (&self->sleepers, FALSE, __ATOMIC_SEQ_CST);
+      g_cond_broadcast (&self->sleepers_cond);
       kd_mutex_unlock (&self->room_lock);
 
       n = __atomic_load_n (&self->n_tickets, __ATOMIC_RELAXED);
@@ -281,7 +298,8 @@ give_back_ticket (KdReorder *self)
   guint n = __atomic_sub_fetch (&self->n_tickets, 1, __ATOMIC_SEQ_CST);
 
   /* Once woken, the sleepers take a while to run; they raise @sleepers
-   * again only if they must sleep again, so they are woken once. */
+   * again only if they must sleep again, so they are woken once. The last
+   * one to stop sleeping lowers it. */
   if (n <= self->wake_below && __atomic_load_n (&self->sleepers, __ATOMIC_SEQ_CST))
     {
       kd_mutex_lock (&self->room_lock);
@@ -632,4 +650,16 @@ kd_reorder_leave (KdReorder *self,
       flush_locked (self, order);
     }
   kd_mutex_unlock (&shard->lock);
+}
+
+/* For tests: sleeps until @n_sleeping threads are blocked in
+ * kd_reorder_enter(). */
+void
+kd_reorder_wait_sleepers (KdReorder *self,
+                          guint      n_sleeping)
+{
+  kd_mutex_lock (&self->room_lock);
+  while (self->n_sleeping < n_sleeping)
+    kd_cond_wait (&self->sleepers_cond, &self->room_lock);
+  kd_mutex_unlock (&self->room_lock);
 }

@@ -43,6 +43,14 @@ G_BEGIN_DECLS
  * costs microseconds and a wake-up syscall on the unlock side. */
 #define KD_MUTEX_SPINS 100
 
+/* How long a thread blocked for room (in a dispatcher's bound or an ordered
+ * stage's tickets) sleeps before it looks for room by itself: it is woken
+ * only once a share of the bound is free, and a smaller gap may never grow
+ * if the running handlers wait for that thread. The sleep doubles from MIN
+ * to MAX while nothing changes. */
+#define KD_ROOM_RECHECK_MIN_US (1 * G_TIME_SPAN_MILLISECOND)
+#define KD_ROOM_RECHECK_MAX_US (16 * G_TIME_SPAN_MILLISECOND)
+
 static inline void
 kd_cpu_relax (void)
 {

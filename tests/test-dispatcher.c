@@ -1786,6 +1786,7 @@ typedef struct
   gint          finalized;
   gint          finalized_inside_unref;
   gint          finalized_on_context_thread;
+  KdTestGate    notified;     /* the done notify returned */
 } ContextUnref;
 
 static void
@@ -1809,16 +1810,15 @@ static void
 context_unref_finalized (gpointer user_data)
 {
   ContextUnref *cu = user_data;
-  GMainContext *context = g_main_context_ref (cu->context);
 
   if (g_thread_self () == cu->context_thread)
     g_atomic_int_set (&cu->finalized_on_context_thread, TRUE);
 
-  /* Runs on the shutdown thread: wake the loop that waits for it. Once
-   * finalized is set the test may return, so touch nothing of it after. */
+  /* Runs on the shutdown thread: wake the loop that waits for it. The test
+   * keeps its context until the gate opens. */
   g_atomic_int_set (&cu->finalized, TRUE);
-  g_main_context_wakeup (context);
-  g_main_context_unref (context);
+  g_main_context_wakeup (cu->context);
+  kd_test_gate_open (&cu->notified);
 }
 
 static void
@@ -1834,6 +1834,7 @@ test_unref_in_context_done (void)
 
   cu.context = context;
   cu.context_thread = g_thread_self ();
+  kd_test_gate_init (&cu.notified);
   cu.dispatcher = kd_dispatcher_new (2, count_handler, &ran, NULL);
   kd_dispatcher_set_main_context (cu.dispatcher, context);
   kd_dispatcher_set_done_func (cu.dispatcher, unref_in_context_done, &cu,
@@ -1850,7 +1851,12 @@ test_unref_in_context_done (void)
   g_assert_cmpint (ran, ==, 100);
   g_assert_false (cu.finalized_inside_unref);
   g_assert_false (cu.finalized_on_context_thread);
+
+  /* The dispatcher dropped its reference to the context before the notify
+   * ran: this one is the last. */
+  g_assert_true (kd_test_gate_wait (&cu.notified));
   g_main_context_unref (context);
+  kd_test_gate_clear (&cu.notified);
 }
 
 /* ------------------------------------------------------------------------ */

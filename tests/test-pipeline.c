@@ -8,6 +8,7 @@
 #include <kdispatch/kdispatch.h>
 #include <string.h>
 
+#include "kd-pipeline-private.h"
 #include "kd-test-util.h"
 
 /* ------------------------------------------------------------------------ */
@@ -637,6 +638,136 @@ test_close_drains (void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* A feeder waiting for a ticket finds a small gap by itself                */
+
+#define GAP_TICKETS 64
+
+typedef struct
+{
+  KdPipeline *pipeline;
+  KdTestGate  release_head;    /* lets item 0 end */
+  KdTestGate  feeder_done;     /* opened once the last submit returned */
+  gint        waited_for_feeder;
+  gint        refused;
+  gint        reached;
+} Gap;
+
+static gboolean
+gap_handler (KdJob    *job,
+             gpointer  user_data,
+             GError  **error)
+{
+  Gap *gap = user_data;
+  Item *item = kd_job_get_item (job);
+
+  if (item->id == 0)
+    g_assert_true (kd_test_gate_wait (&gap->release_head));
+  else if (item->id == 2 && kd_test_gate_wait (&gap->feeder_done))
+    g_atomic_int_set (&gap->waited_for_feeder, TRUE);
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static void
+gap_sink (const char *key,
+          gpointer    data,
+          gpointer    user_data)
+{
+  Gap *gap = user_data;
+  Item *item = data;
+
+  /* Only the thread that passes the stage's items on calls the sink. */
+  if (item->seq != (guint) gap->reached)
+    g_error ("item %u reached the sink as number %d", item->seq, gap->reached);
+  gap->reached++;
+  item_free (item);
+}
+
+static gpointer
+gap_feeder (gpointer data)
+{
+  Gap *gap = data;
+  guint i;
+
+  for (i = 0; i <= GAP_TICKETS; i++)
+    {
+      Item *item = item_new (i, 0, i);
+
+      if (!kd_pipeline_submit (gap->pipeline, "k", item, NULL))
+        {
+          g_atomic_int_inc (&gap->refused);
+          item_free (item);
+        }
+    }
+  kd_test_gate_open (&gap->feeder_done);
+  return NULL;
+}
+
+static void
+run_ordered_small_gap (gboolean close_while_waiting)
+{
+  Gap gap = { 0 };
+  KdDispatcher *stage;
+  GThread *feeder;
+  KdStats stats;
+
+  ledger_reset (GAP_TICKETS + 1);
+  kd_test_gate_init (&gap.release_head);
+  kd_test_gate_init (&gap.feeder_done);
+  gap.pipeline = kd_pipeline_new ();
+  stage = kd_pipeline_add_stage (gap.pipeline, "ordered", 4, gap_handler, &gap, NULL);
+  kd_pipeline_set_stage_mode (gap.pipeline, stage, KD_STAGE_ORDERED);
+  kd_dispatcher_set_capacity (stage, GAP_TICKETS);
+  kd_dispatcher_set_item_free (stage, item_free);
+  kd_pipeline_set_sink (gap.pipeline, gap_sink, &gap, NULL);
+
+  /* Items 0 and 2 hold; the others end but keep their tickets behind
+   * item 0, so the feeder's last item waits for a ticket... */
+  feeder = g_thread_new ("feeder", gap_feeder, &gap);
+  kd_pipeline_wait_ticket_sleepers (gap.pipeline, stage, 1);
+
+  /* (That item was admitted before the close: it is accepted.) */
+  if (close_while_waiting)
+    kd_pipeline_close (gap.pipeline);
+
+  /* ...and gets one once item 0 (and 1) give theirs back: two tickets,
+   * fewer than a wake-up takes, and item 2 waits for the feeder. */
+  kd_test_gate_open (&gap.release_head);
+  g_thread_join (feeder);
+
+  kd_pipeline_close (gap.pipeline);
+  kd_pipeline_wait (gap.pipeline);
+  g_assert_true (g_atomic_int_get (&gap.waited_for_feeder));
+  g_assert_cmpint (gap.refused, ==, 0);
+  g_assert_cmpint (gap.reached, ==, GAP_TICKETS + 1);
+  kd_dispatcher_get_stats (stage, &stats);
+  g_assert_cmpuint (stats.submitted, ==, GAP_TICKETS + 1);
+  g_assert_cmpuint (stats.completed, ==, GAP_TICKETS + 1);
+
+  g_object_unref (gap.pipeline);
+  ledger_check_all_freed_once ();
+  kd_test_gate_clear (&gap.release_head);
+  kd_test_gate_clear (&gap.feeder_done);
+}
+
+static void
+test_ordered_small_gap (void)
+{
+  g_test_summary ("a feeder asleep for one of an ordered stage's tickets takes one as "
+                  "soon as one is back, even when too few come back to wake it and "
+                  "the stage's running items wait for that feeder");
+  run_ordered_small_gap (FALSE);
+}
+
+static void
+test_ordered_close_while_waiting (void)
+{
+  g_test_summary ("an item admitted into an ordered stage before close is accepted "
+                  "even if it still waits for its ticket when close comes: the stage "
+                  "does not count as drained before it, and it reaches the end in order");
+  run_ordered_small_gap (TRUE);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Cancel at random moments                                                 */
 
 typedef struct
@@ -1053,6 +1184,8 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/backpressure", test_backpressure);
   g_test_add_func ("/kd/pipeline/fan-out-filter-fail", test_fan_out_filter_fail);
   g_test_add_func ("/kd/pipeline/close-drains", test_close_drains);
+  g_test_add_func ("/kd/pipeline/ordered-small-gap", test_ordered_small_gap);
+  g_test_add_func ("/kd/pipeline/ordered-close-while-waiting", test_ordered_close_while_waiting);
   g_test_add_func ("/kd/pipeline/cancel-accounting", test_cancel_accounting);
   g_test_add_func ("/kd/pipeline/emit-after-cancel", test_emit_after_cancel);
   g_test_add_func ("/kd/pipeline/no-sink", test_no_sink);
