@@ -1,20 +1,22 @@
-/* kd-delivery.c: done callbacks delivered on a GMainContext
+/* kd-delivery.c: callbacks delivered on a GMainContext, in order
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
  * DESIGN
  *
- * A delivery is a GSource attached to the dispatcher's main context, with a
- * FIFO of ended jobs. Workers push jobs as they end; the source runs the
- * deliver function (done callback, then item-free) for each, in the
- * context's thread. One FIFO per dispatcher is enough for per-key order,
- * because the jobs of one key end one after another on the worker side.
+ * A delivery is a GSource attached to a main context, with a FIFO of tasks:
+ * ended jobs, whose done callback and item-free must run there, or the
+ * results of kd_dispatcher_submit_async(), whose callback must. Workers push
+ * tasks as jobs end; the source runs the deliver function for each, in the
+ * context's thread. One FIFO per dispatcher and context is enough for
+ * per-key order, because the jobs of one key end one after another on the
+ * worker side.
  *
  * Pushing only appends under @lock and wakes the context when the queue
  * goes from empty to non-empty (g_main_context_wakeup() is thread-safe);
  * prepare and check look at an atomic copy of the length.
  *
- * Flushing, when the dispatcher is finalized: the jobs still queued must be
+ * Flushing, when the dispatcher is finalized: the tasks still queued must be
  * delivered before the last unref returns. If the flushing thread can
  * acquire the context, no other thread is dispatching it, so it delivers
  * them itself, as the context's owner, which is what GLib allows. If another
@@ -43,10 +45,10 @@ struct _KdDelivery
   /* Protected by @lock */
   GMutex        lock;
   GCond         drained_cond;
-  KdTaskList    jobs;
+  KdTaskList    tasks;
   GThread      *dispatching;  /* the thread running deliveries right now */
 
-  gint          n_jobs;       /* atomic copy of jobs.length */
+  gint          n_tasks;      /* atomic copy of tasks.length */
 };
 
 /* The context's thread looks at the source in prepare, check and dispatch,
@@ -54,12 +56,12 @@ struct _KdDelivery
  * GLib orders the two with its context lock, which ThreadSanitizer cannot
  * see; these marks tell it (they compile to nothing otherwise). */
 static gboolean
-has_jobs (KdDelivery *self)
+has_tasks (KdDelivery *self)
 {
-  gboolean has_jobs = g_atomic_int_get (&self->n_jobs) > 0;
+  gboolean has_tasks = g_atomic_int_get (&self->n_tasks) > 0;
 
   kd_tsan_release (self);
-  return has_jobs;
+  return has_tasks;
 }
 
 static gboolean
@@ -67,16 +69,16 @@ kd_delivery_prepare (GSource *source,
                      gint    *timeout)
 {
   *timeout = -1;
-  return has_jobs ((KdDelivery *) source);
+  return has_tasks ((KdDelivery *) source);
 }
 
 static gboolean
 kd_delivery_check (GSource *source)
 {
-  return has_jobs ((KdDelivery *) source);
+  return has_tasks ((KdDelivery *) source);
 }
 
-/* Runs the deliver function for every queued job, in order. */
+/* Runs the deliver function for every queued task, in order. */
 static void
 deliver_queued (KdDelivery *self)
 {
@@ -85,8 +87,8 @@ deliver_queued (KdDelivery *self)
   guint n;
 
   kd_mutex_lock (&self->lock);
-  chain = kd_task_list_take (&self->jobs, self->jobs.length, &n, &last);
-  g_atomic_int_add (&self->n_jobs, -(gint) n);
+  chain = kd_task_list_take (&self->tasks, self->tasks.length, &n, &last);
+  g_atomic_int_add (&self->n_tasks, -(gint) n);
   self->dispatching = g_thread_self ();
   kd_mutex_unlock (&self->lock);
 
@@ -94,13 +96,13 @@ deliver_queued (KdDelivery *self)
     {
       KdTask *next = chain->next;
 
-      self->func ((KdJob *) chain, self->user_data);
+      self->func (chain, self->user_data);
       chain = next;
     }
 
   kd_mutex_lock (&self->lock);
   self->dispatching = NULL;
-  if (self->jobs.length == 0)
+  if (self->tasks.length == 0)
     g_cond_broadcast (&self->drained_cond);
   kd_mutex_unlock (&self->lock);
 }
@@ -124,7 +126,7 @@ kd_delivery_finalize (GSource *source)
   KdDelivery *self = (KdDelivery *) source;
 
   kd_tsan_acquire (self);
-  g_assert (self->jobs.length == 0);
+  g_assert (self->tasks.length == 0);
   g_mutex_clear (&self->lock);
   g_cond_clear (&self->drained_cond);
 }
@@ -136,8 +138,10 @@ static GSourceFuncs kd_delivery_funcs = {
   .finalize = kd_delivery_finalize,
 };
 
+/* @name: the source's name, a static string */
 KdDelivery *
 kd_delivery_new (GMainContext  *context,
+                 const char    *name,
                  KdDeliverFunc  func,
                  gpointer       user_data)
 {
@@ -147,7 +151,7 @@ kd_delivery_new (GMainContext  *context,
   self->user_data = user_data;
   g_mutex_init (&self->lock);
   g_cond_init (&self->drained_cond);
-  g_source_set_static_name (&self->source, "kdispatch done delivery");
+  g_source_set_static_name (&self->source, name);
   g_source_attach (&self->source, context);
 
   return self;
@@ -156,14 +160,14 @@ kd_delivery_new (GMainContext  *context,
 /* Any thread. */
 void
 kd_delivery_push (KdDelivery *self,
-                  KdJob      *job)
+                  KdTask     *task)
 {
   gboolean was_empty;
 
   kd_mutex_lock (&self->lock);
-  was_empty = self->jobs.length == 0;
-  kd_task_list_push (&self->jobs, &job->task);
-  g_atomic_int_add (&self->n_jobs, 1);
+  was_empty = self->tasks.length == 0;
+  kd_task_list_push (&self->tasks, task);
+  g_atomic_int_add (&self->n_tasks, 1);
   kd_mutex_unlock (&self->lock);
 
   if (was_empty)
@@ -184,7 +188,7 @@ kd_delivery_is_dispatching (KdDelivery *self)
   return dispatching;
 }
 
-/* Returns once every job pushed before the call has been delivered. Not from
+/* Returns once every task pushed before the call has been delivered. Not from
  * inside a delivery. */
 void
 kd_delivery_flush (KdDelivery *self)
@@ -205,7 +209,7 @@ kd_delivery_flush (KdDelivery *self)
       kd_mutex_lock (&self->lock);
       while (!drained)
         {
-          drained = self->jobs.length == 0 && self->dispatching == NULL;
+          drained = self->tasks.length == 0 && self->dispatching == NULL;
           if (drained ||
               !kd_cond_wait_until (&self->drained_cond, &self->lock,
                                    g_get_monotonic_time () + FLUSH_RETRY_US))

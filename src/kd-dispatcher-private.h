@@ -6,6 +6,7 @@
 #pragma once
 
 #include "kd-admission-private.h"
+#include "kd-delivery-private.h"
 #include "kd-dispatcher.h"
 
 G_BEGIN_DECLS
@@ -52,6 +53,8 @@ gboolean kd_dispatcher_emit_job         (KdJob              *job,
                                          gpointer            item,
                                          GError            **error);
 gboolean kd_dispatcher_runs_here        (KdDispatcher       *self);
+void     kd_dispatcher_result_delivered (KdDispatcher       *self,
+                                         KdDelivery         *delivery);
 
 void  kd_dispatcher_wait_sealed             (KdDispatcher *self,
                                              KdSealedFunc  sealed,

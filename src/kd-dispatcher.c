@@ -50,6 +50,15 @@
  * workers that finds the bound reached fails with KD_ERROR_FULL instead of
  * waiting for a slot that only workers can free.
  *
+ * Async submissions (kd_dispatcher_submit_async()) never block either: one
+ * that finds the bound reached joins the @waiting FIFO, and whoever releases
+ * a unit while submissions wait admits them in call order (release_unit()),
+ * queueing each job under @async_lock so that a key's jobs keep their call
+ * order. Each holds a KdSubmitResult (and through it the dispatcher); when
+ * its job ended, after the done callback and item-free, the result goes
+ * through the delivery of the caller's thread-default context, which runs
+ * the callback there. Closing refuses the waiting ones with KD_ERROR_CLOSED.
+ *
  * Last unref: close, wait for every accepted job to end, join the workers,
  * flush the main-context deliveries, run the destroy notifies. If it happens
  * on one of the dispatcher's own threads (inside a handler, or a done
@@ -58,7 +67,9 @@
  * thread, which drops that reference when it is done.
  *
  * Locks: a key shard's lock, the scheduler's queue locks and the
- * admission's sleeping lock are each taken alone, never nested. No lock is
+ * admission's sleeping lock are each taken alone, never nested; @async_lock
+ * is taken before them (admitting a waiting submission queues its job), and
+ * never while one of them is held. No lock is
  * held while user code (handler, done callback, item-free, destroy notify)
  * runs.
  */
@@ -77,6 +88,7 @@
 #include "kd-key-table-private.h"
 #include "kd-mailbox-private.h"
 #include "kd-scheduler-private.h"
+#include "kd-submit-result-private.h"
 #include "kd-sync-private.h"
 
 #define DEFAULT_CAPACITY 1024
@@ -144,7 +156,25 @@ struct _KdDispatcher
   GMutex          start_lock;
   KdScheduler    *scheduler;
   KdDelivery     *delivery;
+
+  /* kd_dispatcher_submit_async(): submissions waiting for room, in call
+   * order, and a delivery per caller context with results pending; under
+   * @async_lock */
+  GMutex          async_lock;
+  KdTaskList      waiting;        /* KdSubmitResult tasks */
+  gint            n_waiting;      /* atomic copy of waiting.length */
+  GPtrArray      *result_deliveries;  /* ResultDelivery * */
 };
+
+/* Where the callbacks of the async submissions made in one main context go.
+ * It lives while results are pending for it, and holds the context until
+ * then: a context may be freed (a thread's) once nothing is promised to it. */
+typedef struct
+{
+  GMainContext *context;      /* a reference */
+  KdDelivery   *delivery;
+  guint         pending;      /* results not yet delivered */
+} ResultDelivery;
 
 G_DEFINE_FINAL_TYPE (KdDispatcher, kd_dispatcher, G_TYPE_OBJECT)
 
@@ -197,16 +227,35 @@ shutdown_scheduler (KdDispatcher *self)
     self->stage_hooks.drained (self->stage_data);
 }
 
+static void admit_waiting  (KdDispatcher *self);
+static void refuse_waiting (KdDispatcher *self);
+
+/* Gives back a unit of admission: the last one of a closed dispatcher
+ * stops it; otherwise async submissions waiting for room may go in. The
+ * release is sequentially consistent and so is the look at @n_waiting: a
+ * submission queued meanwhile either is seen here or sees the room itself
+ * (see kd_dispatcher_submit_async()). */
+static void
+release_unit (KdDispatcher *self,
+              guint         releaser,
+              guint         epoch)
+{
+  if (kd_admission_release (&self->admission, releaser, epoch))
+    shutdown_scheduler (self);
+  else if (G_UNLIKELY (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) > 0))
+    admit_waiting (self);
+}
+
 static void
 release_job (KdDispatcher *self,
              KdWorker     *worker,
              guint         epoch)
 {
-  if (kd_admission_release (&self->admission, kd_worker_get_index (worker), epoch))
-    shutdown_scheduler (self);
+  release_unit (self, kd_worker_get_index (worker), epoch);
 }
 
-/* Runs the done callback and item-free of an ended job, and frees it. */
+/* Runs the done callback and item-free of an ended job, queues the callback
+ * of an async submission, and frees the job. @error: transfer full. */
 static void
 finish_job (KdDispatcher *self,
             KdJob        *job,
@@ -214,7 +263,6 @@ finish_job (KdDispatcher *self,
 {
   if (self->done != NULL)
     self->done (job, error, self->done_data);
-  g_clear_error (&error);
 
   if (self->item_free != NULL && !job->handed_over)
     self->item_free (job->item);
@@ -223,15 +271,20 @@ finish_job (KdDispatcher *self,
   if (self->delivery != NULL && job->mailbox != NULL)
     kd_mailbox_unref (job->mailbox);
 
+  if (job->result != NULL)
+    kd_submit_result_complete (g_steal_pointer (&job->result), g_steal_pointer (&error));
+  g_clear_error (&error);
+
   kd_job_free (job);
 }
 
 /* On the main context's thread. */
 static void
-deliver_job (KdJob    *job,
+deliver_job (KdTask   *task,
              gpointer  user_data)
 {
   KdDispatcher *self = user_data;
+  KdJob *job = (KdJob *) task;
   GError *error = g_steal_pointer (&job->error);
 
   finish_job (self, job, error);
@@ -255,6 +308,12 @@ run_job (KdDispatcher  *self,
     {
       error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
                                    "The dispatcher was cancelled before the job ran");
+      counter = &stats->cancelled;
+    }
+  else if (G_UNLIKELY (job->result != NULL && kd_submit_result_is_cancelled (job->result)))
+    {
+      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+                                   "The submission was cancelled before the job ran");
       counter = &stats->cancelled;
     }
   else
@@ -296,7 +355,7 @@ run_job (KdDispatcher  *self,
       if (job->mailbox != NULL)
         kd_mailbox_ref (job->mailbox);
       count_ended (counter);
-      kd_delivery_push (self->delivery, job);
+      kd_delivery_push (self->delivery, &job->task);
     }
   else
     {
@@ -392,7 +451,8 @@ ensure_started (KdDispatcher *self)
   if (scheduler == NULL)
     {
       if (self->context != NULL)
-        self->delivery = kd_delivery_new (self->context, deliver_job, self);
+        self->delivery = kd_delivery_new (self->context, "kdispatch done delivery",
+                                          deliver_job, self);
       scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task, self);
       g_atomic_pointer_set (&self->scheduler, scheduler);
       started = TRUE;
@@ -439,12 +499,13 @@ admit_job (KdDispatcher  *self,
  * being ordered by it; for a keyed job, a copy of @key that the job's
  * handler can pass on without copying it again. */
 static void
-push_job (KdDispatcher *self,
-          const char   *key,
-          char         *label,
-          gpointer      ticket,
-          gpointer      item,
-          guint         epoch)
+push_job (KdDispatcher   *self,
+          const char     *key,
+          char           *label,
+          gpointer        ticket,
+          KdSubmitResult *result,
+          gpointer        item,
+          guint           epoch)
 {
   KdScheduler *scheduler;
   KdMailbox *mailbox;
@@ -458,6 +519,7 @@ push_job (KdDispatcher *self,
   job = kd_job_new (self, item, epoch);
   job->ticket = ticket;
   job->label = label;
+  job->result = result;
 
   if (key == NULL)
     {
@@ -485,7 +547,7 @@ submit_job (KdDispatcher  *self,
   if (!admit_job (self, mode, deadline, &epoch, error))
     return FALSE;
 
-  push_job (self, key, NULL, NULL, item, epoch);
+  push_job (self, key, NULL, NULL, NULL, item, epoch);
   return TRUE;
 }
 
@@ -587,6 +649,13 @@ kd_dispatcher_finalize (GObject *object)
   if (self->delivery != NULL)
     kd_delivery_destroy (self->delivery);
 
+  /* Every submission's result holds a reference until it was delivered:
+   * none is waiting or pending any more. */
+  g_assert (self->waiting.length == 0);
+  g_assert (self->result_deliveries->len == 0);
+  g_ptr_array_unref (self->result_deliveries);
+  g_mutex_clear (&self->async_lock);
+
   kd_key_table_free (self->keys);
   kd_admission_clear (&self->admission);
   g_mutex_clear (&self->start_lock);
@@ -625,6 +694,8 @@ kd_dispatcher_init (KdDispatcher *self)
   self->keys = kd_key_table_new ();
   self->cancellable = g_cancellable_new ();
   self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
+  g_mutex_init (&self->async_lock);
+  self->result_deliveries = g_ptr_array_new ();
 }
 
 /**
@@ -1034,6 +1105,239 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
                      error);
 }
 
+/* The delivery for one more async result in @context, created if none is
+ * pending there. */
+static KdDelivery *
+result_delivery_take (KdDispatcher *self,
+                      GMainContext *context)
+{
+  ResultDelivery *found = NULL;
+  guint i;
+
+  kd_mutex_lock (&self->async_lock);
+  for (i = 0; i < self->result_deliveries->len && found == NULL; i++)
+    if (((ResultDelivery *) g_ptr_array_index (self->result_deliveries, i))->context == context)
+      found = g_ptr_array_index (self->result_deliveries, i);
+  if (found == NULL)
+    {
+      found = g_new0 (ResultDelivery, 1);
+      found->context = g_main_context_ref (context);
+      found->delivery = kd_delivery_new (context, "kdispatch async results",
+                                         kd_submit_result_deliver, NULL);
+      g_ptr_array_add (self->result_deliveries, found);
+    }
+  found->pending++;
+  kd_mutex_unlock (&self->async_lock);
+
+  return found->delivery;
+}
+
+/* After a result's callback ran, in its context's thread, from the
+ * delivery's dispatch: the last one pending lets the delivery and the
+ * context go (GLib keeps a source alive while it dispatches). */
+void
+kd_dispatcher_result_delivered (KdDispatcher *self,
+                                KdDelivery   *delivery)
+{
+  ResultDelivery *found = NULL;
+  guint i;
+
+  kd_mutex_lock (&self->async_lock);
+  for (i = 0; i < self->result_deliveries->len && found == NULL; i++)
+    if (((ResultDelivery *) g_ptr_array_index (self->result_deliveries, i))->delivery == delivery)
+      found = g_ptr_array_index (self->result_deliveries, i);
+  g_assert (found != NULL && found->pending > 0);
+  if (--found->pending == 0)
+    g_ptr_array_remove_index_fast (self->result_deliveries, i - 1);
+  else
+    found = NULL;
+  kd_mutex_unlock (&self->async_lock);
+
+  if (found != NULL)
+    {
+      kd_delivery_destroy (found->delivery);
+      g_main_context_unref (found->context);
+      g_free (found);
+    }
+}
+
+/* A submission that was never accepted: its callback sees KD_ERROR_CLOSED
+ * and the item is still the caller's. */
+static void
+refuse_result (KdDispatcher   *self,
+               KdSubmitResult *result)
+{
+  __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+  kd_submit_result_complete (result,
+                             g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
+                                                  "The dispatcher was closed before the "
+                                                  "submission was accepted"));
+}
+
+/* With @async_lock held: admits waiting submissions, first come first
+ * served, while there is room. Admitting and queueing under the lock keeps
+ * them in call order, hence a key's jobs in order. Once the dispatcher is
+ * closed, refuses them all. */
+static void
+admit_waiting_locked (KdDispatcher *self)
+{
+  while (self->waiting.length > 0)
+    {
+      KdSubmitResult *result = kd_submit_result_from_task (self->waiting.head);
+      KdTask *last;
+      guint epoch, n;
+
+      if (!kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
+        {
+          if (!kd_admission_is_closed (&self->admission))
+            return;
+
+          while (self->waiting.length > 0)
+            {
+              result = kd_submit_result_from_task (kd_task_list_take (&self->waiting, 1,
+                                                                      &n, &last));
+              refuse_result (self, result);
+            }
+          __atomic_store_n (&self->n_waiting, 0, __ATOMIC_SEQ_CST);
+          return;
+        }
+
+      /* Counted as waiting until queued: a submission made meanwhile by
+       * the thread that made this one must not overtake it. */
+      kd_task_list_take (&self->waiting, 1, &n, &last);
+      push_job (self, kd_submit_result_get_key (result), NULL, NULL, result,
+                kd_submit_result_get_item (result), epoch);
+      __atomic_sub_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void
+admit_waiting (KdDispatcher *self)
+{
+  kd_mutex_lock (&self->async_lock);
+  admit_waiting_locked (self);
+  kd_mutex_unlock (&self->async_lock);
+}
+
+static void
+refuse_waiting (KdDispatcher *self)
+{
+  if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) > 0)
+    admit_waiting (self);
+}
+
+/**
+ * kd_dispatcher_submit_async:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @item: (nullable): the job's item, handed to the handler
+ * @cancellable: (nullable): cancels this submission until its job starts
+ * @callback: (scope async) (nullable) (closure user_data): called once the
+ *   job has ended, or the submission was refused
+ * @user_data: data for @callback
+ *
+ * Submits a job without ever blocking the calling thread. If the dispatcher
+ * is at its bound, the submission waits, without a thread, and is accepted
+ * when room frees, after the async submissions made before it.
+ *
+ * @callback runs in the thread-default main context of the calling thread
+ * (see g_main_context_push_thread_default()), in a later iteration, never
+ * from inside this call. It runs once the job has ended (after the done
+ * callback and the item-free function), so for the submissions of one key
+ * made from one thread the callbacks come in submission order. Call
+ * kd_dispatcher_submit_finish() from it to learn how the job ended.
+ *
+ * Cancelling @cancellable before the job starts ends the job with
+ * %G_IO_ERROR_CANCELLED without running it: it still takes its turn in its
+ * key's order (a waiting submission is accepted first), and ends through
+ * the done callback and item-free function like any job.
+ *
+ * If the dispatcher is closed (or cancelled) before the submission was
+ * accepted, it is refused with %KD_ERROR_CLOSED: no job was created and
+ * @item is still the caller's.
+ *
+ * Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_submit_async (KdDispatcher        *self,
+                            const char          *key,
+                            gpointer             item,
+                            GCancellable        *cancellable,
+                            GAsyncReadyCallback  callback,
+                            gpointer             user_data)
+{
+  KdSubmitResult *result;
+  GMainContext *context;
+  guint epoch;
+
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
+
+  if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
+    g_atomic_int_set (&self->configured, TRUE);
+
+  context = g_main_context_ref_thread_default ();
+  result = kd_submit_result_new (self, result_delivery_take (self, context), key, item,
+                                 cancellable, callback, user_data);
+  g_main_context_unref (context);
+
+  /* Nobody waits: straight in if there is room. */
+  if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) == 0)
+    {
+      if (kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
+        {
+          push_job (self, key, NULL, NULL, result, item, epoch);
+          return;
+        }
+      if (kd_admission_is_closed (&self->admission))
+        {
+          refuse_result (self, result);
+          return;
+        }
+    }
+
+  /* Behind those who wait. Counted before looking for room again: a unit
+   * released meanwhile either is seen here or sees this submission (see
+   * release_unit()). */
+  kd_mutex_lock (&self->async_lock);
+  kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
+  __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
+  admit_waiting_locked (self);
+  kd_mutex_unlock (&self->async_lock);
+}
+
+/**
+ * kd_dispatcher_submit_finish:
+ * @self: a dispatcher
+ * @result: the #GAsyncResult given to the callback of
+ *   kd_dispatcher_submit_async()
+ * @error: return location for a #GError
+ *
+ * Tells how an async submission ended: %TRUE if its handler completed;
+ * %FALSE with the handler's error if it failed, %G_IO_ERROR_CANCELLED if the
+ * job ended without running (the submission's or the dispatcher's
+ * cancellable), or %KD_ERROR_CLOSED if the submission was never accepted
+ * (the item then still belongs to the caller).
+ *
+ * Returns: %TRUE if the job ran and completed
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit_finish (KdDispatcher  *self,
+                             GAsyncResult  *result,
+                             GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (KD_IS_SUBMIT_RESULT (result), FALSE);
+  g_return_val_if_fail (g_async_result_is_tagged (result, KD_SUBMIT_RESULT_TAG), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return kd_submit_result_propagate (KD_SUBMIT_RESULT (result), error);
+}
+
 /**
  * kd_dispatcher_wait:
  * @self: a dispatcher
@@ -1104,6 +1408,7 @@ kd_dispatcher_close (KdDispatcher *self)
 
   if (kd_admission_close (&self->admission))
     shutdown_scheduler (self);
+  refuse_waiting (self);
 }
 
 /**
@@ -1217,7 +1522,7 @@ kd_dispatcher_push_admitted (KdDispatcher *self,
                              gpointer      ticket,
                              guint         epoch)
 {
-  push_job (self, keyed ? label : NULL, label, ticket, item, epoch);
+  push_job (self, keyed ? label : NULL, label, ticket, NULL, item, epoch);
 }
 
 /* ...or the unit given back: the submit is refused after all (counted as
@@ -1227,8 +1532,7 @@ kd_dispatcher_unadmit (KdDispatcher *self,
                        guint         epoch)
 {
   __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
-  if (kd_admission_release (&self->admission, KD_ADMISSION_ANY_RELEASER, epoch))
-    shutdown_scheduler (self);
+  release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
 }
 
 /* Frees @item with the item-free function, if any. */

@@ -11,7 +11,8 @@
 
 G_BEGIN_DECLS
 
-typedef struct _KdMailbox KdMailbox;
+typedef struct _KdMailbox      KdMailbox;
+typedef struct _KdSubmitResult KdSubmitResult;
 
 struct _KdJob
 {
@@ -22,6 +23,7 @@ struct _KdJob
                               * which a parallel or ordered stage's unkeyed job
                               * carries and a keyed stage's job passes on */
   gpointer      ticket;      /* a pipeline's ordered stage: the job's place */
+  KdSubmitResult *result;    /* kd_dispatcher_submit_async()'s, until the job ended */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */
   guint         epoch;       /* the admission epoch it joined */

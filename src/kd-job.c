@@ -66,6 +66,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->mailbox = NULL;
   job->label = NULL;
   job->ticket = NULL;
+  job->result = NULL;
   job->item = item;
   job->handed_over = FALSE;
   job->error = NULL;

@@ -239,3 +239,32 @@ kd_test_spin (guint iterations)
 
   return sink;
 }
+
+/* Iterates @context until @done returns TRUE; FALSE if it still did not
+ * after KD_TEST_DEADLINE_US. The caller's thread must own or be able to
+ * acquire @context. */
+static inline gboolean
+kd_test_timed_out_cb (gpointer user_data)
+{
+  *(gboolean *) user_data = TRUE;
+  return G_SOURCE_REMOVE;
+}
+
+static inline gboolean
+kd_test_iterate_until (GMainContext *context,
+                       gboolean    (*done) (gpointer user_data),
+                       gpointer      user_data)
+{
+  GSource *deadline = g_timeout_source_new (KD_TEST_DEADLINE_US / 1000);
+  gboolean timed_out = FALSE;
+
+  g_source_set_callback (deadline, kd_test_timed_out_cb, &timed_out, NULL);
+  g_source_attach (deadline, context);
+  while (!done (user_data) && !timed_out)
+    g_main_context_iteration (context, TRUE);
+  g_source_destroy (deadline);
+  g_source_unref (deadline);
+
+  return done (user_data);
+}
+

@@ -133,6 +133,17 @@ gboolean      kd_dispatcher_submit_timeout   (KdDispatcher   *self,
                                               gint64          timeout_us,
                                               GError        **error);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_submit_async     (KdDispatcher        *self,
+                                              const char          *key,
+                                              gpointer             item,
+                                              GCancellable        *cancellable,
+                                              GAsyncReadyCallback  callback,
+                                              gpointer             user_data);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_finish    (KdDispatcher   *self,
+                                              GAsyncResult   *result,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_wait             (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_close            (KdDispatcher   *self);

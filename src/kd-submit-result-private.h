@@ -1,0 +1,43 @@
+/* kd-submit-result-private.h: the GAsyncResult of kd_dispatcher_submit_async()
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include <gio/gio.h>
+
+#include "kd-delivery-private.h"
+#include "kd-dispatcher.h"
+#include "kd-task-private.h"
+
+G_BEGIN_DECLS
+
+#define KD_TYPE_SUBMIT_RESULT (kd_submit_result_get_type ())
+
+/* The source tag of kd_dispatcher_submit_async()'s results: the function,
+ * as GIO's convention has it (through an integer, which ISO C allows). */
+#define KD_SUBMIT_RESULT_TAG ((gpointer) (guintptr) kd_dispatcher_submit_async)
+
+G_DECLARE_FINAL_TYPE (KdSubmitResult, kd_submit_result, KD, SUBMIT_RESULT, GObject)
+
+KdSubmitResult *kd_submit_result_new          (KdDispatcher        *dispatcher,
+                                               KdDelivery          *delivery,
+                                               const char          *key,
+                                               gpointer             item,
+                                               GCancellable        *cancellable,
+                                               GAsyncReadyCallback  callback,
+                                               gpointer             user_data);
+KdTask         *kd_submit_result_get_task     (KdSubmitResult      *self);
+KdSubmitResult *kd_submit_result_from_task    (KdTask              *task);
+const char     *kd_submit_result_get_key      (KdSubmitResult      *self);
+gpointer        kd_submit_result_get_item     (KdSubmitResult      *self);
+gboolean        kd_submit_result_is_cancelled (KdSubmitResult      *self);
+void            kd_submit_result_complete     (KdSubmitResult      *self,
+                                               GError              *error);
+void            kd_submit_result_deliver      (KdTask              *task,
+                                               gpointer             user_data);
+gboolean        kd_submit_result_propagate    (KdSubmitResult      *self,
+                                               GError             **error);
+
+G_END_DECLS

@@ -1,0 +1,209 @@
+/* kd-submit-result.c: the GAsyncResult of kd_dispatcher_submit_async()
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * One result per async submission, alive from the call until its callback
+ * returned (longer only if the application keeps a reference). It holds
+ * what the callback needs (a reference to the dispatcher, the source object;
+ * the callback and its data), what admission needs while the submission
+ * waits for room (its key, its item, the per-call cancellable), and, once
+ * the job ended, how it ended.
+ *
+ * It is completed exactly once, from any thread: by the worker (or main
+ * context) that ends its job, or by the dispatcher when the submission is
+ * refused. Completing pushes it on the delivery of the caller's thread-default
+ * main context, which runs the callback there in a later iteration, never
+ * from inside the submit call. A delivery is a FIFO, and the jobs of one key
+ * end one after another, so a key's callbacks come in submission order (not
+ * GTask: it completes in an idle source of its own per task, or at once when
+ * returned on the caller's thread, which loses that order, and one GSource
+ * per job would cost a GTK application a million sources for a million
+ * jobs).
+ *
+ * The waiting queue and the delivery link results through @task, which they
+ * never use at the same time.
+ */
+
+#include "config.h"
+
+#include "kd-dispatcher-private.h"
+#include "kd-submit-result-private.h"
+
+struct _KdSubmitResult
+{
+  GObject              parent_instance;
+
+  KdTask               task;         /* link in the waiting queue, then in @delivery */
+  KdDispatcher        *dispatcher;   /* a reference */
+  KdDelivery          *delivery;     /* the caller's context's, owned by the dispatcher */
+  GCancellable        *cancellable;  /* nullable */
+  GAsyncReadyCallback  callback;     /* nullable */
+  gpointer             user_data;
+  char                *key;          /* nullable */
+  gpointer             item;
+  GError              *error;        /* how the job ended; set once, when completed */
+  gint                 completed;    /* atomic */
+};
+
+static void kd_submit_result_async_result_init (GAsyncResultIface *iface);
+
+G_DEFINE_FINAL_TYPE_WITH_CODE (KdSubmitResult, kd_submit_result, G_TYPE_OBJECT,
+                               G_IMPLEMENT_INTERFACE (G_TYPE_ASYNC_RESULT,
+                                                      kd_submit_result_async_result_init))
+
+static gpointer
+kd_submit_result_get_user_data (GAsyncResult *result)
+{
+  return KD_SUBMIT_RESULT (result)->user_data;
+}
+
+static GObject *
+kd_submit_result_get_source_object (GAsyncResult *result)
+{
+  return g_object_ref (G_OBJECT (KD_SUBMIT_RESULT (result)->dispatcher));
+}
+
+static gboolean
+kd_submit_result_is_tagged (GAsyncResult *result,
+                            gpointer      source_tag)
+{
+  (void) result;
+
+  return source_tag == KD_SUBMIT_RESULT_TAG;
+}
+
+static void
+kd_submit_result_async_result_init (GAsyncResultIface *iface)
+{
+  iface->get_user_data = kd_submit_result_get_user_data;
+  iface->get_source_object = kd_submit_result_get_source_object;
+  iface->is_tagged = kd_submit_result_is_tagged;
+}
+
+static void
+kd_submit_result_finalize (GObject *object)
+{
+  KdSubmitResult *self = KD_SUBMIT_RESULT (object);
+
+  g_clear_error (&self->error);
+  g_clear_object (&self->cancellable);
+  g_free (self->key);
+  /* Last: this may be the dispatcher's last reference. */
+  g_clear_object (&self->dispatcher);
+
+  G_OBJECT_CLASS (kd_submit_result_parent_class)->finalize (object);
+}
+
+static void
+kd_submit_result_class_init (KdSubmitResultClass *klass)
+{
+  G_OBJECT_CLASS (klass)->finalize = kd_submit_result_finalize;
+}
+
+static void
+kd_submit_result_init (KdSubmitResult *self)
+{
+  (void) self;
+}
+
+KdSubmitResult *
+kd_submit_result_new (KdDispatcher        *dispatcher,
+                      KdDelivery          *delivery,
+                      const char          *key,
+                      gpointer             item,
+                      GCancellable        *cancellable,
+                      GAsyncReadyCallback  callback,
+                      gpointer             user_data)
+{
+  KdSubmitResult *self = g_object_new (KD_TYPE_SUBMIT_RESULT, NULL);
+
+  self->dispatcher = g_object_ref (dispatcher);
+  self->delivery = delivery;
+  self->key = g_strdup (key);
+  self->item = item;
+  if (cancellable != NULL)
+    self->cancellable = g_object_ref (cancellable);
+  self->callback = callback;
+  self->user_data = user_data;
+
+  return self;
+}
+
+KdTask *
+kd_submit_result_get_task (KdSubmitResult *self)
+{
+  return &self->task;
+}
+
+KdSubmitResult *
+kd_submit_result_from_task (KdTask *task)
+{
+  return (KdSubmitResult *) (void *) ((char *) task - G_STRUCT_OFFSET (KdSubmitResult, task));
+}
+
+const char *
+kd_submit_result_get_key (KdSubmitResult *self)
+{
+  return self->key;
+}
+
+gpointer
+kd_submit_result_get_item (KdSubmitResult *self)
+{
+  return self->item;
+}
+
+/* Whether the per-call cancellable was cancelled. */
+gboolean
+kd_submit_result_is_cancelled (KdSubmitResult *self)
+{
+  return g_cancellable_is_cancelled (self->cancellable);
+}
+
+/* Ends the submission with @error (transfer full; NULL: the job completed)
+ * and queues the callback on the caller's context. Takes over the caller's
+ * reference. Any thread. */
+void
+kd_submit_result_complete (KdSubmitResult *self,
+                           GError         *error)
+{
+  gboolean first = g_atomic_int_compare_and_exchange (&self->completed, FALSE, TRUE);
+
+  g_assert (first);
+  self->error = error;
+  kd_delivery_push (self->delivery, &self->task);
+}
+
+/* The delivery's function: runs the callback on the caller's context and
+ * drops the reference the submission held. */
+void
+kd_submit_result_deliver (KdTask   *task,
+                          gpointer  user_data)
+{
+  KdSubmitResult *self = kd_submit_result_from_task (task);
+
+  (void) user_data;
+
+  if (self->callback != NULL)
+    self->callback (G_OBJECT (self->dispatcher), G_ASYNC_RESULT (self), self->user_data);
+  kd_dispatcher_result_delivered (self->dispatcher, self->delivery);
+  g_object_unref (self);
+}
+
+/* For kd_dispatcher_submit_finish(). */
+gboolean
+kd_submit_result_propagate (KdSubmitResult  *self,
+                            GError         **error)
+{
+  g_return_val_if_fail (g_atomic_int_get (&self->completed), FALSE);
+
+  if (self->error != NULL)
+    {
+      g_propagate_error (error, g_error_copy (self->error));
+      return FALSE;
+    }
+
+  return TRUE;
+}
