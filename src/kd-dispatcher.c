@@ -87,6 +87,7 @@
 #include "kd-job-private.h"
 #include "kd-key-table-private.h"
 #include "kd-mailbox-private.h"
+#include "kd-notifier-private.h"
 #include "kd-scheduler-private.h"
 #include "kd-submit-result-private.h"
 #include "kd-sync-private.h"
@@ -98,6 +99,9 @@
 
 /* How often get_stats re-reads the counters looking for a quiet moment. */
 #define STATS_ATTEMPTS 1000
+
+/* How soon after a change of the counters their properties notify. */
+#define NOTIFY_INTERVAL_US (100 * G_TIME_SPAN_MILLISECOND)
 
 /* Counters of the jobs one worker ended. Written only by that worker, read
  * by get_stats; a cache line each so workers do not share lines. The slot
@@ -156,6 +160,13 @@ struct _KdDispatcher
   GMutex          start_lock;
   KdScheduler    *scheduler;
   KdDelivery     *delivery;
+  KdNotifier     *notifier;     /* the counters' notify */
+
+  /* The counters' notify: in @context if set, else in the thread-default
+   * context of the thread that created the dispatcher */
+  GMainContext   *creation_context;
+  KdStats         notified;     /* what was notified last; the notifier's */
+  guint           notified_waiting;
 
   /* kd_dispatcher_submit_async(): submissions waiting for room, in call
    * order, and a delivery per caller context with results pending; under
@@ -178,6 +189,31 @@ typedef struct
 
 G_DEFINE_FINAL_TYPE (KdDispatcher, kd_dispatcher, G_TYPE_OBJECT)
 
+enum
+{
+  PROP_0,
+  /* Configuration */
+  PROP_N_WORKERS,
+  PROP_FANOUT,
+  PROP_CAPACITY,
+  PROP_NAME,
+  PROP_CANCELLABLE,
+  PROP_MAIN_CONTEXT,
+  /* Counters */
+  PROP_SUBMITTED,
+  PROP_COMPLETED,
+  PROP_FAILED,
+  PROP_CANCELLED,
+  PROP_REJECTED,
+  PROP_PENDING,
+  PROP_RUNNING,
+  PROP_LIVE_KEYS,
+  PROP_WAITING,
+  N_PROPS
+};
+
+static GParamSpec *properties[N_PROPS];
+
 static void shutdown_sync (KdDispatcher *self);
 
 /* Whether the calling thread is one of this dispatcher's workers. */
@@ -188,6 +224,48 @@ is_own_worker (KdDispatcher *self)
 
   return worker != NULL &&
          kd_worker_get_scheduler (worker) == g_atomic_pointer_get (&self->scheduler);
+}
+
+static void notify_counters (GObject *object);
+
+/* The notifier of the counters, created at the first change, when the
+ * configuration (the main context) is final. */
+static KdNotifier *
+ensure_notifier (KdDispatcher *self)
+{
+  KdNotifier *notifier;
+
+  kd_mutex_lock (&self->start_lock);
+  notifier = self->notifier;
+  if (notifier == NULL)
+    {
+      notifier = kd_notifier_new (G_OBJECT (self),
+                                  self->context != NULL ? self->context : self->creation_context,
+                                  NOTIFY_INTERVAL_US, notify_counters);
+      g_atomic_pointer_set (&self->notifier, notifier);
+    }
+  kd_mutex_unlock (&self->start_lock);
+
+  return notifier;
+}
+
+/* After a counter changed (stored): its property notifies soon, in the
+ * main context. Cheap when it is already due. */
+static inline void
+counters_changed (KdDispatcher *self)
+{
+  KdNotifier *notifier = g_atomic_pointer_get (&self->notifier);
+
+  if (G_UNLIKELY (notifier == NULL))
+    notifier = ensure_notifier (self);
+  kd_notifier_arm (notifier);
+}
+
+static void
+count_rejected (KdDispatcher *self)
+{
+  __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+  counters_changed (self);
 }
 
 /* Configuration calls are refused, loudly, once jobs were submitted: the
@@ -244,6 +322,7 @@ release_unit (KdDispatcher *self,
     shutdown_scheduler (self);
   else if (G_UNLIKELY (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) > 0))
     admit_waiting (self);
+  counters_changed (self);
 }
 
 static void
@@ -486,7 +565,7 @@ admit_job (KdDispatcher  *self,
 
   if (!kd_admission_acquire (&self->admission, mode, deadline, epoch, error))
     {
-      __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+      count_rejected (self);
       return FALSE;
     }
 
@@ -514,6 +593,7 @@ push_job (KdDispatcher   *self,
   /* Counted before the job can end, so a stats snapshot never sees it end
    * before it was submitted. */
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
+  counters_changed (self);
 
   scheduler = ensure_started (self);
   job = kd_job_new (self, item, epoch);
@@ -543,6 +623,9 @@ submit_job (KdDispatcher  *self,
             GError       **error)
 {
   guint epoch;
+
+  /* Made by g_object_new() rather than kd_dispatcher_new(). */
+  g_return_val_if_fail (self->handler != NULL, FALSE);
 
   if (!admit_job (self, mode, deadline, &epoch, error))
     return FALSE;
@@ -648,6 +731,9 @@ kd_dispatcher_finalize (GObject *object)
     kd_scheduler_free (self->scheduler);
   if (self->delivery != NULL)
     kd_delivery_destroy (self->delivery);
+  if (self->notifier != NULL)
+    kd_notifier_destroy (self->notifier);
+  g_main_context_unref (self->creation_context);
 
   /* Every submission's result holds a reference until it was delivered:
    * none is waiting or pending any more. */
@@ -676,13 +762,335 @@ kd_dispatcher_finalize (GObject *object)
   G_OBJECT_CLASS (kd_dispatcher_parent_class)->finalize (object);
 }
 
+/* In the notifier's context: notifies the counters that changed since the
+ * last time. */
+static void
+notify_counters (GObject *object)
+{
+  KdDispatcher *self = KD_DISPATCHER (object);
+  guint waiting = (guint) __atomic_load_n (&self->n_waiting, __ATOMIC_RELAXED);
+  static const guint counters[] = {
+    PROP_SUBMITTED, PROP_COMPLETED, PROP_FAILED, PROP_CANCELLED, PROP_REJECTED,
+    PROP_PENDING, PROP_RUNNING, PROP_LIVE_KEYS, PROP_WAITING,
+  };
+  gboolean changed[G_N_ELEMENTS (counters)];
+  gboolean any = FALSE;
+  KdStats now;
+  guint i;
+
+  kd_dispatcher_get_stats (self, &now);
+  changed[0] = now.submitted != self->notified.submitted;
+  changed[1] = now.completed != self->notified.completed;
+  changed[2] = now.failed != self->notified.failed;
+  changed[3] = now.cancelled != self->notified.cancelled;
+  changed[4] = now.rejected != self->notified.rejected;
+  changed[5] = now.pending != self->notified.pending;
+  changed[6] = now.running != self->notified.running;
+  changed[7] = now.live_keys != self->notified.live_keys;
+  changed[8] = waiting != self->notified_waiting;
+  self->notified = now;
+  self->notified_waiting = waiting;
+
+  g_object_freeze_notify (object);
+  for (i = 0; i < G_N_ELEMENTS (counters); i++)
+    if (changed[i])
+      {
+        g_object_notify_by_pspec (object, properties[counters[i]]);
+        any = TRUE;
+      }
+  g_object_thaw_notify (object);
+
+  /* Look once more, after a quiet spell (see kd-notifier.c). */
+  if (any)
+    counters_changed (self);
+}
+
+static void
+kd_dispatcher_constructed (GObject *object)
+{
+  KdDispatcher *self = KD_DISPATCHER (object);
+
+  G_OBJECT_CLASS (kd_dispatcher_parent_class)->constructed (object);
+
+  if (self->n_workers == 0)
+    self->n_workers = g_get_num_processors ();
+  self->worker_stats = g_aligned_alloc0 (self->n_workers + 1, sizeof (KdWorkerStats),
+                                         G_ALIGNOF (KdWorkerStats));
+  /* Each worker counts the jobs it ends on a cache line of its own. */
+  kd_admission_set_releasers (&self->admission, self->n_workers);
+}
+
+static void
+kd_dispatcher_get_property (GObject    *object,
+                            guint       prop_id,
+                            GValue     *value,
+                            GParamSpec *pspec)
+{
+  KdDispatcher *self = KD_DISPATCHER (object);
+  KdStats stats;
+
+  if (prop_id >= PROP_SUBMITTED && prop_id <= PROP_LIVE_KEYS)
+    kd_dispatcher_get_stats (self, &stats);
+
+  switch (prop_id)
+    {
+    case PROP_N_WORKERS:
+      g_value_set_uint (value, self->n_workers);
+      break;
+    case PROP_FANOUT:
+      g_value_set_uint (value, kd_dispatcher_get_fanout (self));
+      break;
+    case PROP_CAPACITY:
+      g_value_set_uint (value, kd_dispatcher_get_capacity (self));
+      break;
+    case PROP_NAME:
+      g_value_set_string (value, self->name);
+      break;
+    case PROP_CANCELLABLE:
+      g_value_set_object (value, self->cancellable);
+      break;
+    case PROP_MAIN_CONTEXT:
+      g_value_set_boxed (value, self->context);
+      break;
+    case PROP_SUBMITTED:
+      g_value_set_uint64 (value, stats.submitted);
+      break;
+    case PROP_COMPLETED:
+      g_value_set_uint64 (value, stats.completed);
+      break;
+    case PROP_FAILED:
+      g_value_set_uint64 (value, stats.failed);
+      break;
+    case PROP_CANCELLED:
+      g_value_set_uint64 (value, stats.cancelled);
+      break;
+    case PROP_REJECTED:
+      g_value_set_uint64 (value, stats.rejected);
+      break;
+    case PROP_PENDING:
+      g_value_set_uint64 (value, stats.pending);
+      break;
+    case PROP_RUNNING:
+      g_value_set_uint (value, stats.running);
+      break;
+    case PROP_LIVE_KEYS:
+      g_value_set_uint (value, stats.live_keys);
+      break;
+    case PROP_WAITING:
+      g_value_set_uint (value, (guint) __atomic_load_n (&self->n_waiting, __ATOMIC_RELAXED));
+      break;
+    default:
+      G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
+    }
+}
+
+static void
+kd_dispatcher_set_property (GObject      *object,
+                            guint         prop_id,
+                            const GValue *value,
+                            GParamSpec   *pspec)
+{
+  KdDispatcher *self = KD_DISPATCHER (object);
+
+  switch (prop_id)
+    {
+    case PROP_N_WORKERS:
+      self->n_workers = g_value_get_uint (value);
+      break;
+    case PROP_FANOUT:
+      kd_dispatcher_set_fanout (self, g_value_get_uint (value));
+      break;
+    case PROP_CAPACITY:
+      kd_dispatcher_set_capacity (self, g_value_get_uint (value));
+      break;
+    case PROP_NAME:
+      kd_dispatcher_set_name (self, g_value_get_string (value));
+      break;
+    case PROP_CANCELLABLE:
+      /* NULL at construction: keep the dispatcher's own. */
+      if (g_value_get_object (value) != NULL)
+        kd_dispatcher_set_cancellable (self, g_value_get_object (value));
+      break;
+    case PROP_MAIN_CONTEXT:
+      kd_dispatcher_set_main_context (self, g_value_get_boxed (value));
+      break;
+    default:
+      G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
+    }
+}
+
+static GParamSpec *
+counter_param (const char *name,
+               const char *blurb)
+{
+  return g_param_spec_uint64 (name, NULL, blurb, 0, G_MAXUINT64, 0,
+                              G_PARAM_READABLE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS);
+}
+
 static void
 kd_dispatcher_class_init (KdDispatcherClass *klass)
 {
   GObjectClass *object_class = G_OBJECT_CLASS (klass);
+  GParamFlags config = G_PARAM_READWRITE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS;
+  GParamFlags counter = G_PARAM_READABLE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS;
 
+  object_class->constructed = kd_dispatcher_constructed;
+  object_class->get_property = kd_dispatcher_get_property;
+  object_class->set_property = kd_dispatcher_set_property;
   object_class->dispose = kd_dispatcher_dispose;
   object_class->finalize = kd_dispatcher_finalize;
+
+  /**
+   * KdDispatcher:n-workers:
+   *
+   * The number of worker threads; 0 at construction means one per
+   * processor.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_N_WORKERS] =
+    g_param_spec_uint ("n-workers", NULL, NULL, 0, G_MAXUINT, 0,
+                       G_PARAM_READWRITE | G_PARAM_CONSTRUCT_ONLY | G_PARAM_STATIC_STRINGS);
+
+  /**
+   * KdDispatcher:fanout:
+   *
+   * The number of tier-1 dispatchers (see kd_dispatcher_set_fanout()).
+   * Writable until the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_FANOUT] = g_param_spec_uint ("fanout", NULL, NULL, 1, G_MAXUINT, 1, config);
+
+  /**
+   * KdDispatcher:capacity:
+   *
+   * The admission bound (see kd_dispatcher_set_capacity()). Writable until
+   * the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_CAPACITY] =
+    g_param_spec_uint ("capacity", NULL, NULL, 1, KD_ADMISSION_CAPACITY_MAX, DEFAULT_CAPACITY,
+                       config);
+
+  /**
+   * KdDispatcher:name:
+   *
+   * The name in debug messages. Writable until the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_NAME] = g_param_spec_string ("name", NULL, NULL, NULL, config);
+
+  /**
+   * KdDispatcher:cancellable:
+   *
+   * The cancellable that shuts the dispatcher down (see
+   * kd_dispatcher_set_cancellable()). Writable until the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_CANCELLABLE] =
+    g_param_spec_object ("cancellable", NULL, NULL, G_TYPE_CANCELLABLE, config);
+
+  /**
+   * KdDispatcher:main-context:
+   *
+   * Where done callbacks run, and where the counters notify (see
+   * kd_dispatcher_set_main_context()). Writable until the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_MAIN_CONTEXT] =
+    g_param_spec_boxed ("main-context", NULL, NULL, G_TYPE_MAIN_CONTEXT, config);
+
+  /**
+   * KdDispatcher:submitted:
+   *
+   * Jobs accepted so far. Like every counter property it notifies in the
+   * dispatcher's main context (#KdDispatcher:main-context, or else the
+   * thread-default context of the thread that created the dispatcher),
+   * never on a worker: at most every 100 ms while it changes, and once more
+   * after the last change.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_SUBMITTED] = counter_param ("submitted", NULL);
+
+  /**
+   * KdDispatcher:completed:
+   *
+   * Jobs whose handler returned %TRUE.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_COMPLETED] = counter_param ("completed", NULL);
+
+  /**
+   * KdDispatcher:failed:
+   *
+   * Jobs whose handler returned %FALSE.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_FAILED] = counter_param ("failed", NULL);
+
+  /**
+   * KdDispatcher:cancelled:
+   *
+   * Jobs that ended without running.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_CANCELLED] = counter_param ("cancelled", NULL);
+
+  /**
+   * KdDispatcher:rejected:
+   *
+   * Submissions refused (closed, full or timed out).
+   *
+   * Since: 0.1
+   */
+  properties[PROP_REJECTED] = counter_param ("rejected", NULL);
+
+  /**
+   * KdDispatcher:pending:
+   *
+   * Jobs accepted and not yet ended.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_PENDING] = counter_param ("pending", NULL);
+
+  /**
+   * KdDispatcher:running:
+   *
+   * Handlers running right now.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_RUNNING] = g_param_spec_uint ("running", NULL, NULL, 0, G_MAXUINT, 0, counter);
+
+  /**
+   * KdDispatcher:live-keys:
+   *
+   * Keys with jobs pending.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_LIVE_KEYS] = g_param_spec_uint ("live-keys", NULL, NULL, 0, G_MAXUINT, 0, counter);
+
+  /**
+   * KdDispatcher:waiting:
+   *
+   * Async submissions waiting for room (see kd_dispatcher_submit_async()).
+   *
+   * Since: 0.1
+   */
+  properties[PROP_WAITING] = g_param_spec_uint ("waiting", NULL, NULL, 0, G_MAXUINT, 0, counter);
+
+  g_object_class_install_properties (object_class, N_PROPS, properties);
 }
 
 static void
@@ -696,6 +1104,7 @@ kd_dispatcher_init (KdDispatcher *self)
   self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
   g_mutex_init (&self->async_lock);
   self->result_deliveries = g_ptr_array_new ();
+  self->creation_context = g_main_context_ref_thread_default ();
 }
 
 /**
@@ -725,18 +1134,10 @@ kd_dispatcher_new (guint           n_workers,
 
   g_return_val_if_fail (handler != NULL, NULL);
 
-  if (n_workers == 0)
-    n_workers = g_get_num_processors ();
-
-  self = g_object_new (KD_TYPE_DISPATCHER, NULL);
+  self = g_object_new (KD_TYPE_DISPATCHER, "n-workers", n_workers, NULL);
   self->handler = handler;
   self->handler_data = user_data;
   self->handler_data_free = user_data_free;
-  self->n_workers = n_workers;
-  self->worker_stats = g_aligned_alloc0 (n_workers + 1, sizeof (KdWorkerStats),
-                                         G_ALIGNOF (KdWorkerStats));
-  /* Each worker counts the jobs it ends on a cache line of its own. */
-  kd_admission_set_releasers (&self->admission, n_workers);
 
   return self;
 }
@@ -763,8 +1164,11 @@ kd_dispatcher_set_fanout (KdDispatcher *self,
   g_return_if_fail (KD_IS_DISPATCHER (self));
   g_return_if_fail (n_dispatchers > 0);
 
-  if (check_configurable (self, G_STRFUNC))
-    self->fanout = n_dispatchers;
+  if (check_configurable (self, G_STRFUNC) && self->fanout != n_dispatchers)
+    {
+      self->fanout = n_dispatchers;
+      g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_FANOUT]);
+    }
 }
 
 /**
@@ -826,8 +1230,11 @@ kd_dispatcher_set_capacity (KdDispatcher *self,
   g_return_if_fail (KD_IS_DISPATCHER (self));
   g_return_if_fail (capacity > 0);
 
-  if (check_configurable (self, G_STRFUNC))
-    kd_admission_set_capacity (&self->admission, capacity);
+  if (check_configurable (self, G_STRFUNC) && self->admission.capacity != capacity)
+    {
+      kd_admission_set_capacity (&self->admission, capacity);
+      g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_CAPACITY]);
+    }
 }
 
 /**
@@ -941,6 +1348,7 @@ kd_dispatcher_set_cancellable (KdDispatcher *self,
   g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
   g_set_object (&self->cancellable, cancellable);
   self->cancel_watch = kd_cancel_watch_new (cancellable, on_cancelled, self);
+  g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_CANCELLABLE]);
 }
 
 /**
@@ -989,13 +1397,33 @@ kd_dispatcher_set_main_context (KdDispatcher *self,
 {
   g_return_if_fail (KD_IS_DISPATCHER (self));
 
-  if (!check_configurable (self, G_STRFUNC))
+  if (!check_configurable (self, G_STRFUNC) || context == self->context)
     return;
 
   if (context != NULL)
     g_main_context_ref (context);
   g_clear_pointer (&self->context, g_main_context_unref);
   self->context = context;
+  g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_MAIN_CONTEXT]);
+}
+
+/**
+ * kd_dispatcher_get_main_context:
+ * @self: a dispatcher
+ *
+ * Gets the main context done callbacks run in.
+ *
+ * Returns: (transfer none) (nullable): the context, or %NULL if done
+ *   callbacks run on the workers
+ *
+ * Since: 0.1
+ */
+GMainContext *
+kd_dispatcher_get_main_context (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
+
+  return self->context;
 }
 
 /**
@@ -1167,7 +1595,7 @@ static void
 refuse_result (KdDispatcher   *self,
                KdSubmitResult *result)
 {
-  __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+  count_rejected (self);
   kd_submit_result_complete (result,
                              g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
                                                   "The dispatcher was closed before the "
@@ -1273,6 +1701,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
   guint epoch;
 
   g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (self->handler != NULL);
   g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
 
   if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
@@ -1306,6 +1735,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
   __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
   admit_waiting_locked (self);
   kd_mutex_unlock (&self->async_lock);
+  counters_changed (self);
 }
 
 /**
@@ -1531,7 +1961,7 @@ void
 kd_dispatcher_unadmit (KdDispatcher *self,
                        guint         epoch)
 {
-  __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
+  count_rejected (self);
   release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
 }
 
@@ -1568,6 +1998,7 @@ kd_dispatcher_hand_back (KdDispatcher *self,
   if (self->item_free != NULL)
     self->item_free (item);
   __atomic_fetch_add (&others->cancelled, 1, __ATOMIC_RELEASE);
+  counters_changed (self);
 }
 
 /* kd_job_emit(): what the stage's pipeline does with an emitted item. */
@@ -1610,11 +2041,12 @@ kd_dispatcher_set_name (KdDispatcher *self,
 {
   g_return_if_fail (KD_IS_DISPATCHER (self));
 
-  if (!check_configurable (self, G_STRFUNC))
+  if (!check_configurable (self, G_STRFUNC) || g_strcmp0 (name, self->name) == 0)
     return;
 
   g_free (self->name);
   self->name = g_strdup (name);
+  g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_NAME]);
 }
 
 /**

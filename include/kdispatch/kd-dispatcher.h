@@ -105,6 +105,8 @@ void          kd_dispatcher_set_main_context (KdDispatcher   *self,
 KD_AVAILABLE_IN_ALL
 GCancellable *kd_dispatcher_get_cancellable  (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
+GMainContext *kd_dispatcher_get_main_context (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_name         (KdDispatcher   *self,
                                               const char     *name);
 KD_AVAILABLE_IN_ALL

@@ -1,0 +1,119 @@
+/* kd-notifier.c: property notifications from worker threads, coalesced, on a main context
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * A dispatcher's counters change on its workers, up to millions of times a
+ * second, but "notify" must reach the application in its main context, and
+ * a GTK label bound to a counter needs a few updates a second, not one per
+ * job. A notifier is a GSource in that context that the workers arm: the
+ * first change after a quiet spell sets its ready time @interval_us ahead;
+ * changes meanwhile only see it armed (one atomic load). When it fires, in
+ * the context's thread, it disarms first and then lets the object compare
+ * its counters with what it notified last (@func), so a change made after
+ * that look arms it again.
+ *
+ * A change whose store is not yet visible when the notifier looks, made by
+ * a thread that saw the notifier still armed, would be missed. So @func
+ * arms the notifier again whenever it found something changed: the
+ * notifications stop only after a look that found nothing new, one
+ * @interval_us after the last change.
+ *
+ * The source holds the object weakly: it must not keep the object alive,
+ * and it may fire in the context's thread while the object's last
+ * reference goes away in another thread; it then finds nothing to notify.
+ */
+
+#include "config.h"
+
+#include "kd-notifier-private.h"
+
+struct _KdNotifier
+{
+  GSource       source;
+
+  /* Immutable */
+  GWeakRef      object;
+  KdNotifyFunc  func;
+  gint64        interval_us;
+
+  gint          armed;    /* atomic */
+};
+
+static gboolean
+kd_notifier_dispatch (GSource     *source,
+                      GSourceFunc  callback,
+                      gpointer     user_data)
+{
+  KdNotifier *self = (KdNotifier *) source;
+  GObject *object;
+
+  (void) callback;
+  (void) user_data;
+
+  g_source_set_ready_time (source, -1);
+  __atomic_store_n (&self->armed, FALSE, __ATOMIC_SEQ_CST);
+
+  object = g_weak_ref_get (&self->object);
+  if (object != NULL)
+    {
+      self->func (object);
+      g_object_unref (object);
+    }
+
+  return G_SOURCE_CONTINUE;
+}
+
+static void
+kd_notifier_finalize (GSource *source)
+{
+  KdNotifier *self = (KdNotifier *) source;
+
+  g_weak_ref_clear (&self->object);
+}
+
+static GSourceFuncs kd_notifier_funcs = {
+  .dispatch = kd_notifier_dispatch,
+  .finalize = kd_notifier_finalize,
+};
+
+KdNotifier *
+kd_notifier_new (GObject      *object,
+                 GMainContext *context,
+                 gint64        interval_us,
+                 KdNotifyFunc  func)
+{
+  KdNotifier *self = (KdNotifier *) g_source_new (&kd_notifier_funcs, sizeof (KdNotifier));
+
+  g_weak_ref_init (&self->object, object);
+  self->func = func;
+  self->interval_us = interval_us;
+  g_source_set_static_name (&self->source, "kdispatch property notifications");
+  g_source_attach (&self->source, context);
+
+  return self;
+}
+
+/* Something changed: notify within @interval_us. Any thread; after the
+ * change is stored. */
+void
+kd_notifier_arm (KdNotifier *self)
+{
+  gint armed = FALSE;
+
+  if (G_LIKELY (__atomic_load_n (&self->armed, __ATOMIC_SEQ_CST)))
+    return;
+
+  if (__atomic_compare_exchange_n (&self->armed, &armed, TRUE, FALSE,
+                                   __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+    g_source_set_ready_time (&self->source, g_get_monotonic_time () + self->interval_us);
+}
+
+/* Once nothing arms it any more. */
+void
+kd_notifier_destroy (KdNotifier *self)
+{
+  g_source_destroy (&self->source);
+  g_source_unref (&self->source);
+}
