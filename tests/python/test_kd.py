@@ -1,0 +1,161 @@
+#!/usr/bin/python3
+# test_kd.py: kdispatch from Python, through GObject introspection (Kd-1)
+#
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# Handlers, done callbacks and async callbacks written in Python: per-key
+# order, a handler's exception reaching the done callback, async submits on
+# a main loop, cancellation, properties, and a clean exit. Prints TAP.
+
+import gc
+import sys
+import threading
+
+import gi
+
+gi.require_version('Kd', '1')
+gi.require_version('Gio', '2.0')
+from gi.repository import GLib, Gio, Kd  # noqa: E402
+
+DEADLINE_S = 60
+results = []
+
+
+def check(name, condition, detail=''):
+    results.append(condition)
+    print('%s %d %s%s' % ('ok' if condition else 'not ok', len(results), name,
+                          '' if condition else ' # ' + detail))
+    sys.stdout.flush()
+
+
+def test_order_and_errors():
+    n_keys, per_key = 20, 200
+    lock = threading.Lock()
+    next_seq = {}
+    violations = []
+    outcomes = {}
+
+    def handler(job):
+        key, item = job.get_key(), job.get_item()
+        seq = item % per_key
+        # One job of a key at a time: no lock needed for next_seq[key].
+        if next_seq.get(key, 0) != seq:
+            violations.append((key, seq))
+        next_seq[key] = seq + 1
+        if seq % 7 == 3:
+            raise GLib.Error('item %d is refused' % item)
+        return True
+
+    def done(job, error):
+        with lock:
+            outcomes[job.get_item()] = error.message if error else None
+
+    dispatcher = Kd.Dispatcher.new(4, handler)
+    dispatcher.set_capacity(64)
+    dispatcher.set_done_func(done)
+    for seq in range(per_key):
+        for k in range(n_keys):
+            dispatcher.submit('client-%d' % k, k * per_key + seq)
+    dispatcher.wait()
+
+    n = n_keys * per_key
+    failing = [i for i in range(n) if (i % per_key) % 7 == 3]
+    check('every job ended once', len(outcomes) == n, '%d of %d' % (len(outcomes), n))
+    check('per-key order', not violations, str(violations[:5]))
+    check("a handler's exception reaches the done callback",
+          all(outcomes.get(i) == 'item %d is refused' % i for i in failing),
+          str([outcomes.get(i) for i in failing[:3]]))
+    check('the others completed',
+          sum(1 for v in outcomes.values() if v is None) == n - len(failing))
+    check('counters as properties',
+          dispatcher.props.completed == n - len(failing) and
+          dispatcher.props.failed == len(failing) and dispatcher.props.pending == 0,
+          '%d %d' % (dispatcher.props.completed, dispatcher.props.failed))
+
+
+def test_async():
+    loop = GLib.MainLoop()
+    n_keys, per_key = 5, 100
+    order = {}
+    violations = []
+    called = [0]
+    main_thread = threading.current_thread()
+    wrong_thread = []
+
+    def handler(job):
+        return True
+
+    def on_done(dispatcher, result, item):
+        if threading.current_thread() is not main_thread:
+            wrong_thread.append(item)
+        ok = dispatcher.submit_finish(result)
+        key, seq = divmod(item, per_key)
+        if not ok or order.get(key, 0) != seq:
+            violations.append(item)
+        order[key] = seq + 1
+        called[0] += 1
+        if called[0] == n_keys * per_key:
+            loop.quit()
+
+    dispatcher = Kd.Dispatcher.new(2, handler)
+    dispatcher.set_capacity(8)   # most submissions wait for room, without blocking
+    for seq in range(per_key):
+        for k in range(n_keys):
+            dispatcher.submit_async('k%d' % k, k * per_key + seq, None, on_done,
+                                    k * per_key + seq)
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    check('async callbacks all ran', called[0] == n_keys * per_key, str(called[0]))
+    check('async callbacks in per-key order, completed', not violations, str(violations[:5]))
+    check('async callbacks on the main loop thread', not wrong_thread)
+
+
+def test_cancel():
+    release = threading.Event()
+    started = threading.Event()
+    errors = {}
+    lock = threading.Lock()
+
+    def handler(job):
+        if job.get_item() == 0:
+            started.set()
+            release.wait(DEADLINE_S)
+        return True
+
+    def done(job, error):
+        with lock:
+            errors[job.get_item()] = error
+
+    cancellable = Gio.Cancellable()
+    dispatcher = Kd.Dispatcher.new(1, handler)
+    dispatcher.set_cancellable(cancellable)
+    dispatcher.set_done_func(done)
+    for i in range(10):
+        dispatcher.submit('k', i)
+    started.wait(DEADLINE_S)
+    cancellable.cancel()
+    refused = False
+    try:
+        dispatcher.submit('k', 99)
+    except GLib.Error as e:
+        refused = e.matches(Kd.error_quark(), Kd.Error.CLOSED)
+    release.set()
+    dispatcher.wait()
+
+    cancelled = [i for i in range(1, 10)
+                 if errors.get(i) is not None and
+                 errors[i].matches(Gio.io_error_quark(), Gio.IOErrorEnum.CANCELLED)]
+    check('cancel: the running job ends as its handler says', errors.get(0, 'x') is None)
+    check('cancel: every queued job is handed back cancelled', len(cancelled) == 9,
+          str(sorted(errors)))
+    check('cancel: a later submit fails with KD_ERROR_CLOSED', refused)
+    check('cancel: stats add up', dispatcher.props.cancelled == 9 and
+          dispatcher.props.submitted == 10 and dispatcher.props.rejected == 1)
+
+
+test_order_and_errors()
+test_async()
+test_cancel()
+gc.collect()
+print('1..%d' % len(results))
+sys.exit(0 if all(results) else 1)
