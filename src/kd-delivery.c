@@ -168,10 +168,12 @@ kd_delivery_push (KdDelivery *self,
   was_empty = self->tasks.length == 0;
   kd_task_list_push (&self->tasks, task);
   g_atomic_int_add (&self->n_tasks, 1);
-  kd_mutex_unlock (&self->lock);
-
+  /* Under the lock: once the task is delivered, the source and its context
+   * may go (an async result's delivery ends with its last result), but not
+   * before the delivering thread took the lock after us. */
   if (was_empty)
     g_main_context_wakeup (g_source_get_context (&self->source));
+  kd_mutex_unlock (&self->lock);
 }
 
 /* Whether the calling thread is running deliveries right now, that is,

@@ -53,8 +53,11 @@ gboolean kd_dispatcher_emit_job         (KdJob              *job,
                                          gpointer            item,
                                          GError            **error);
 gboolean kd_dispatcher_runs_here        (KdDispatcher       *self);
+/* Where the async results of one caller context go (kd-dispatcher.c). */
+typedef struct _KdResultDelivery KdResultDelivery;
+
 void     kd_dispatcher_result_delivered (KdDispatcher       *self,
-                                         KdDelivery         *delivery);
+                                         KdResultDelivery   *done);
 
 void  kd_dispatcher_wait_sealed             (KdDispatcher *self,
                                              KdSealedFunc  sealed,

@@ -174,18 +174,18 @@ struct _KdDispatcher
   GMutex          async_lock;
   KdTaskList      waiting;        /* KdSubmitResult tasks */
   gint            n_waiting;      /* atomic copy of waiting.length */
-  GPtrArray      *result_deliveries;  /* ResultDelivery * */
+  GPtrArray      *result_deliveries;  /* KdResultDelivery * */
 };
 
 /* Where the callbacks of the async submissions made in one main context go.
  * It lives while results are pending for it, and holds the context until
  * then: a context may be freed (a thread's) once nothing is promised to it. */
-typedef struct
+struct _KdResultDelivery
 {
   GMainContext *context;      /* a reference */
   KdDelivery   *delivery;
   guint         pending;      /* results not yet delivered */
-} ResultDelivery;
+};
 
 G_DEFINE_FINAL_TYPE (KdDispatcher, kd_dispatcher, G_TYPE_OBJECT)
 
@@ -214,7 +214,6 @@ enum
 
 static GParamSpec *properties[N_PROPS];
 
-static void shutdown_sync (KdDispatcher *self);
 
 /* Whether the calling thread is one of this dispatcher's workers. */
 static gboolean
@@ -514,6 +513,18 @@ run_task (KdTask   *task,
     }
 }
 
+/* With @start_lock held: the delivery of done callbacks to the main
+ * context, created when the first job is accepted or handed back. */
+static KdDelivery *
+ensure_delivery_locked (KdDispatcher *self)
+{
+  if (self->delivery == NULL)
+    g_atomic_pointer_set (&self->delivery,
+                          kd_delivery_new (self->context, "kdispatch done delivery",
+                                           deliver_job, self));
+  return self->delivery;
+}
+
 /* Creates the workers (and the main-context delivery) at the first accepted
  * job, when the configuration is final. */
 static KdScheduler *
@@ -530,8 +541,7 @@ ensure_started (KdDispatcher *self)
   if (scheduler == NULL)
     {
       if (self->context != NULL)
-        self->delivery = kd_delivery_new (self->context, "kdispatch done delivery",
-                                          deliver_job, self);
+        ensure_delivery_locked (self);
       scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task, self);
       g_atomic_pointer_set (&self->scheduler, scheduler);
       started = TRUE;
@@ -1539,19 +1549,19 @@ static KdDelivery *
 result_delivery_take (KdDispatcher *self,
                       GMainContext *context)
 {
-  ResultDelivery *found = NULL;
+  KdResultDelivery *found = NULL;
   guint i;
 
   kd_mutex_lock (&self->async_lock);
   for (i = 0; i < self->result_deliveries->len && found == NULL; i++)
-    if (((ResultDelivery *) g_ptr_array_index (self->result_deliveries, i))->context == context)
+    if (((KdResultDelivery *) g_ptr_array_index (self->result_deliveries, i))->context == context)
       found = g_ptr_array_index (self->result_deliveries, i);
   if (found == NULL)
     {
-      found = g_new0 (ResultDelivery, 1);
+      found = g_new0 (KdResultDelivery, 1);
       found->context = g_main_context_ref (context);
       found->delivery = kd_delivery_new (context, "kdispatch async results",
-                                         kd_submit_result_deliver, NULL);
+                                         kd_submit_result_deliver, found);
       g_ptr_array_add (self->result_deliveries, found);
     }
   found->pending++;
@@ -1561,31 +1571,26 @@ result_delivery_take (KdDispatcher *self,
 }
 
 /* After a result's callback ran, in its context's thread, from the
- * delivery's dispatch: the last one pending lets the delivery and the
- * context go (GLib keeps a source alive while it dispatches). */
+ * dispatch of @done's delivery: the last one pending lets the delivery and
+ * the context go (GLib keeps a source alive while it dispatches). */
 void
-kd_dispatcher_result_delivered (KdDispatcher *self,
-                                KdDelivery   *delivery)
+kd_dispatcher_result_delivered (KdDispatcher     *self,
+                                KdResultDelivery *done)
 {
-  ResultDelivery *found = NULL;
-  guint i;
+  gboolean last;
 
   kd_mutex_lock (&self->async_lock);
-  for (i = 0; i < self->result_deliveries->len && found == NULL; i++)
-    if (((ResultDelivery *) g_ptr_array_index (self->result_deliveries, i))->delivery == delivery)
-      found = g_ptr_array_index (self->result_deliveries, i);
-  g_assert (found != NULL && found->pending > 0);
-  if (--found->pending == 0)
-    g_ptr_array_remove_index_fast (self->result_deliveries, i - 1);
-  else
-    found = NULL;
+  g_assert (done->pending > 0);
+  last = --done->pending == 0;
+  if (last)
+    g_ptr_array_remove_fast (self->result_deliveries, done);
   kd_mutex_unlock (&self->async_lock);
 
-  if (found != NULL)
+  if (last)
     {
-      kd_delivery_destroy (found->delivery);
-      g_main_context_unref (found->context);
-      g_free (found);
+      kd_delivery_destroy (done->delivery);
+      g_main_context_unref (done->context);
+      g_free (done);
     }
 }
 
@@ -1708,7 +1713,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
     g_atomic_int_set (&self->configured, TRUE);
 
   context = g_main_context_ref_thread_default ();
-  result = kd_submit_result_new (self, result_delivery_take (self, context), key, item,
+  result = kd_submit_result_new (self, result_delivery_take (self, context), item,
                                  cancellable, callback, user_data);
   g_main_context_unref (context);
 
@@ -1730,6 +1735,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
   /* Behind those who wait. Counted before looking for room again: a unit
    * released meanwhile either is seen here or sees this submission (see
    * release_unit()). */
+  kd_submit_result_keep_key (result, key);
   kd_mutex_lock (&self->async_lock);
   kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
   __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
@@ -1985,19 +1991,31 @@ kd_dispatcher_hand_back (KdDispatcher *self,
                          const GError *error)
 {
   KdWorkerStats *others = &self->worker_stats[self->n_workers];
-  KdJob job = { 0 };
+  KdDelivery *delivery = NULL;
+  KdJob *job = kd_job_new (self, item, 0);
 
-  job.task.kind = KD_TASK_JOB;
-  job.dispatcher = self;
-  job.label = (char *) key;
-  job.item = item;
-
+  job->label = kd_label_new (key);
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
-  if (self->done != NULL)
-    self->done (&job, error, self->done_data);
-  if (self->item_free != NULL)
-    self->item_free (item);
-  __atomic_fetch_add (&others->cancelled, 1, __ATOMIC_RELEASE);
+
+  if (self->context != NULL)
+    {
+      kd_mutex_lock (&self->start_lock);
+      delivery = ensure_delivery_locked (self);
+      kd_mutex_unlock (&self->start_lock);
+    }
+
+  /* It ends like any job of the stage: with a main context, there. */
+  if (delivery != NULL)
+    {
+      job->error = g_error_copy (error);
+      __atomic_fetch_add (&others->cancelled, 1, __ATOMIC_RELEASE);
+      kd_delivery_push (delivery, &job->task);
+    }
+  else
+    {
+      finish_job (self, job, g_error_copy (error));
+      __atomic_fetch_add (&others->cancelled, 1, __ATOMIC_RELEASE);
+    }
   counters_changed (self);
 }
 

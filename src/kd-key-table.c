@@ -56,9 +56,7 @@ typedef struct
 {
   GMutex      lock;
   GHashTable *table;     /* KdKey * (inside its mailbox) → KdMailbox *, active or dormant */
-  KdMailbox  *oldest;    /* dormant mailboxes, linked through older/newer */
-  KdMailbox  *newest;
-  guint       n_dormant;
+  KdLru       dormant;   /* dormant mailboxes, least recently used first */
   KdMailbox  *spares;    /* out of the table, linked through task.next */
   guint       n_spares;
   guint       count;     /* active mailboxes; written under @lock, read atomically */
@@ -114,31 +112,15 @@ link_dormant_locked (Shard     *shard,
                      KdMailbox *mailbox)
 {
   mailbox->dormant = TRUE;
-  mailbox->newer = NULL;
-  mailbox->older = shard->newest;
-  if (shard->newest != NULL)
-    shard->newest->newer = mailbox;
-  else
-    shard->oldest = mailbox;
-  shard->newest = mailbox;
-  shard->n_dormant++;
+  kd_lru_push_newest (&shard->dormant, &mailbox->dormant_link);
 }
 
 static void
 unlink_dormant_locked (Shard     *shard,
                        KdMailbox *mailbox)
 {
-  if (mailbox->older != NULL)
-    mailbox->older->newer = mailbox->newer;
-  else
-    shard->oldest = mailbox->newer;
-  if (mailbox->newer != NULL)
-    mailbox->newer->older = mailbox->older;
-  else
-    shard->newest = mailbox->older;
-  mailbox->older = mailbox->newer = NULL;
   mailbox->dormant = FALSE;
-  shard->n_dormant--;
+  kd_lru_remove (&shard->dormant, &mailbox->dormant_link);
 }
 
 /* Takes the oldest dormant mailbox out of the table; returns it if the
@@ -146,7 +128,7 @@ unlink_dormant_locked (Shard     *shard,
 static KdMailbox *
 evict_oldest_locked (Shard *shard)
 {
-  KdMailbox *mailbox = shard->oldest;
+  KdMailbox *mailbox = KD_LRU_ENTRY (shard->dormant.oldest, KdMailbox, dormant_link);
 
   unlink_dormant_locked (shard, mailbox);
   g_hash_table_remove (shard->table, &mailbox->key);
@@ -177,7 +159,7 @@ kd_key_table_free (KdKeyTable *self)
       Shard *shard = &self->shards[i];
 
       g_assert (shard->count == 0);
-      while (shard->oldest != NULL)
+      while (shard->dormant.length > 0)
         {
           KdMailbox *mailbox = evict_oldest_locked (shard);
 
@@ -296,7 +278,7 @@ kd_key_table_next (KdKeyTable  *self,
     {
       __atomic_store_n (&shard->count, shard->count - 1, __ATOMIC_RELEASE);
       link_dormant_locked (shard, mailbox);
-      if (shard->n_dormant > DORMANT_MAX)
+      if (shard->dormant.length > DORMANT_MAX)
         to_free = evict_oldest_locked (shard);
     }
   else

@@ -8,6 +8,7 @@
 #include <glib.h>
 
 #include "kd-job-private.h"
+#include "kd-lru-private.h"
 #include "kd-task-private.h"
 
 G_BEGIN_DECLS
@@ -35,8 +36,7 @@ struct _KdMailbox
   KdJob     *head;     /* oldest job, linked through task.next */
   KdJob     *tail;
   gboolean   dormant;  /* reaped, but kept in the table for reuse */
-  KdMailbox *older;    /* the shard's dormant list, oldest first */
-  KdMailbox *newer;
+  KdLruLink  dormant_link;  /* in the shard's dormant list */
 
   /* Atomic: the key table's reference, and one per job still waiting for a
    * main context to deliver it (the key must outlive the table entry) */

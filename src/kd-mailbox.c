@@ -87,8 +87,7 @@ kd_mailbox_set_key (KdMailbox   *self,
   self->head = NULL;
   self->tail = NULL;
   self->dormant = FALSE;
-  self->older = NULL;
-  self->newer = NULL;
+  self->dormant_link = (KdLruLink) { NULL, NULL };
   self->ref_count = 1;
 }
 

@@ -124,6 +124,8 @@ check_configurable (KdPipeline *self,
   return FALSE;
 }
 
+static void ensure_started (KdPipeline *self);
+
 /* Submits @item into @stage according to its mode. @key (transfer full) is
  * a kd_label_new() label or NULL. On FALSE the item is still the caller's.
  *
@@ -139,6 +141,11 @@ enter_stage (Stage     *stage,
 {
   KdTicket *ticket = NULL;
   guint epoch;
+
+  /* Not only kd_pipeline_submit() feeds the stages: the application may
+   * submit to a stage's dispatcher (kd_pipeline_get_stage()), whose
+   * handler then emits into the next one. */
+  ensure_started (stage->pipeline);
 
   if (!kd_dispatcher_admit (stage->dispatcher, &epoch, error))
     {
@@ -655,7 +662,6 @@ kd_pipeline_submit (KdPipeline  *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
   g_return_val_if_fail (self->stages->len > 0, FALSE);
 
-  ensure_started (self);
   return enter_stage (stage_at (self, 0), kd_label_new (key), item, error);
 }
 

@@ -63,6 +63,7 @@
 
 #include "kd-error.h"
 #include "kd-job-private.h"
+#include "kd-lru-private.h"
 #include "kd-mailbox-private.h"
 #include "kd-reorder-private.h"
 #include "kd-sync-private.h"
@@ -103,17 +104,14 @@ struct _OrderKey
   KdTicket *tail;
   gboolean  flushing;  /* a thread is passing this key's items on */
   gboolean  dormant;   /* idle, kept in the table for the key's next item */
-  OrderKey *older;     /* the shard's dormant list, least recently used first */
-  OrderKey *newer;
+  KdLruLink dormant_link;  /* in the shard's dormant list */
 };
 
 struct _Shard
 {
   GMutex      lock;
   GHashTable *table;        /* KdKey * (inside its OrderKey) → OrderKey *, active or dormant */
-  OrderKey   *oldest;       /* dormant keys */
-  OrderKey   *newest;
-  guint       n_dormant;
+  KdLru       dormant;      /* dormant keys, least recently used first */
   KdTicket   *spare_tickets;
   guint       n_spare_tickets;
   Emitted    *spare_emitted;
@@ -210,7 +208,7 @@ kd_reorder_free (KdReorder *self)
     {
       Shard *shard = &self->shards[i];
 
-      g_assert (g_hash_table_size (shard->table) == shard->n_dormant);
+      g_assert (g_hash_table_size (shard->table) == shard->dormant.length);
       while (shard->spare_tickets != NULL)
         {
           KdTicket *next = shard->spare_tickets->next;
@@ -317,31 +315,15 @@ link_dormant_locked (Shard    *shard,
                      OrderKey *order)
 {
   order->dormant = TRUE;
-  order->newer = NULL;
-  order->older = shard->newest;
-  if (shard->newest != NULL)
-    shard->newest->newer = order;
-  else
-    shard->oldest = order;
-  shard->newest = order;
-  shard->n_dormant++;
+  kd_lru_push_newest (&shard->dormant, &order->dormant_link);
 }
 
 static void
 unlink_dormant_locked (Shard    *shard,
                        OrderKey *order)
 {
-  if (order->older != NULL)
-    order->older->newer = order->newer;
-  else
-    shard->oldest = order->newer;
-  if (order->newer != NULL)
-    order->newer->older = order->older;
-  else
-    shard->newest = order->older;
-  order->older = order->newer = NULL;
   order->dormant = FALSE;
-  shard->n_dormant--;
+  kd_lru_remove (&shard->dormant, &order->dormant_link);
 }
 
 /* With the shard's lock held: @key's FIFO, found, woken or created. */
@@ -446,9 +428,9 @@ sleep_if_idle_locked (KdReorder *self,
     return;
 
   link_dormant_locked (shard, order);
-  if (shard->n_dormant > self->dormant_max)
+  if (shard->dormant.length > self->dormant_max)
     {
-      OrderKey *oldest = shard->oldest;
+      OrderKey *oldest = KD_LRU_ENTRY (shard->dormant.oldest, OrderKey, dormant_link);
 
       unlink_dormant_locked (shard, oldest);
       g_hash_table_remove (shard->table, &oldest->key);

@@ -61,7 +61,7 @@ typedef struct
   GMutex     lock;
   KdTaskList tasks;    /* protected by @lock */
   gint       n_tasks;  /* atomic copy of tasks.length, read without the lock */
-} KdGroup;
+} __attribute__ ((aligned (64))) KdGroup;   /* a cache line each: groups do not share one */
 
 struct _KdWorker
 {
@@ -411,7 +411,7 @@ kd_scheduler_new (guint      n_workers,
   self->n_workers = n_workers;
   self->n_groups = CLAMP (n_groups, 1, n_workers);
   self->workers = g_new0 (KdWorker, n_workers);
-  self->groups = g_new0 (KdGroup, self->n_groups);
+  self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdGroup), G_ALIGNOF (KdGroup));
   g_mutex_init (&self->idle_lock);
   g_mutex_init (&self->join_lock);
 
@@ -521,7 +521,7 @@ kd_scheduler_free (KdScheduler *self)
 
   g_mutex_clear (&self->idle_lock);
   g_mutex_clear (&self->join_lock);
-  g_free (self->groups);
+  g_aligned_free (self->groups);
   g_free (self->workers);
   g_free (self);
 }

@@ -23,13 +23,14 @@ G_DECLARE_FINAL_TYPE (KdSubmitResult, kd_submit_result, KD, SUBMIT_RESULT, GObje
 
 KdSubmitResult *kd_submit_result_new          (KdDispatcher        *dispatcher,
                                                KdDelivery          *delivery,
-                                               const char          *key,
                                                gpointer             item,
                                                GCancellable        *cancellable,
                                                GAsyncReadyCallback  callback,
                                                gpointer             user_data);
 KdTask         *kd_submit_result_get_task     (KdSubmitResult      *self);
 KdSubmitResult *kd_submit_result_from_task    (KdTask              *task);
+void            kd_submit_result_keep_key     (KdSubmitResult      *self,
+                                               const char          *key);
 const char     *kd_submit_result_get_key      (KdSubmitResult      *self);
 gpointer        kd_submit_result_get_item     (KdSubmitResult      *self);
 gboolean        kd_submit_result_is_cancelled (KdSubmitResult      *self);

@@ -41,7 +41,7 @@ struct _KdSubmitResult
   GCancellable        *cancellable;  /* nullable */
   GAsyncReadyCallback  callback;     /* nullable */
   gpointer             user_data;
-  char                *key;          /* nullable */
+  char                *key;          /* while it waits for room; nullable */
   gpointer             item;
   GError              *error;        /* how the job ended; set once, when completed */
   gint                 completed;    /* atomic */
@@ -111,7 +111,6 @@ kd_submit_result_init (KdSubmitResult *self)
 KdSubmitResult *
 kd_submit_result_new (KdDispatcher        *dispatcher,
                       KdDelivery          *delivery,
-                      const char          *key,
                       gpointer             item,
                       GCancellable        *cancellable,
                       GAsyncReadyCallback  callback,
@@ -121,7 +120,6 @@ kd_submit_result_new (KdDispatcher        *dispatcher,
 
   self->dispatcher = g_object_ref (dispatcher);
   self->delivery = delivery;
-  self->key = g_strdup (key);
   self->item = item;
   if (cancellable != NULL)
     self->cancellable = g_object_ref (cancellable);
@@ -141,6 +139,15 @@ KdSubmitResult *
 kd_submit_result_from_task (KdTask *task)
 {
   return (KdSubmitResult *) (void *) ((char *) task - G_STRUCT_OFFSET (KdSubmitResult, task));
+}
+
+/* A submission that waits for room keeps a copy of its key until then
+ * (one admitted at once is keyed in the dispatcher's table directly). */
+void
+kd_submit_result_keep_key (KdSubmitResult *self,
+                           const char     *key)
+{
+  self->key = g_strdup (key);
 }
 
 const char *
@@ -176,19 +183,18 @@ kd_submit_result_complete (KdSubmitResult *self,
   kd_delivery_push (self->delivery, &self->task);
 }
 
-/* The delivery's function: runs the callback on the caller's context and
- * drops the reference the submission held. */
+/* The delivery's function (@user_data: its KdResultDelivery): runs the
+ * callback on the caller's context and drops the reference the submission
+ * held. */
 void
 kd_submit_result_deliver (KdTask   *task,
                           gpointer  user_data)
 {
   KdSubmitResult *self = kd_submit_result_from_task (task);
 
-  (void) user_data;
-
   if (self->callback != NULL)
     self->callback (G_OBJECT (self->dispatcher), G_ASYNC_RESULT (self), self->user_data);
-  kd_dispatcher_result_delivered (self->dispatcher, self->delivery);
+  kd_dispatcher_result_delivered (self->dispatcher, user_data);
   g_object_unref (self);
 }
 

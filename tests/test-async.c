@@ -284,6 +284,16 @@ run_check_items (Run *run)
     }
 }
 
+/* The counters once every job released its unit: a callback may run
+ * before that. */
+static void
+run_stats (Run     *run,
+           KdStats *stats)
+{
+  kd_dispatcher_wait (run->dispatcher);
+  kd_dispatcher_get_stats (run->dispatcher, stats);
+}
+
 /* ------------------------------------------------------------------------ */
 
 static void
@@ -313,8 +323,7 @@ test_order (void)
   g_assert_cmpuint (run.wrong_thread, ==, 0);
   run_check_items (&run);
 
-  kd_dispatcher_wait (run.dispatcher);
-  kd_dispatcher_get_stats (run.dispatcher, &stats);
+  run_stats (&run, &stats);
   g_assert_cmpuint (stats.submitted, ==, n_calls);
   g_assert_cmpuint (stats.completed, ==, n_calls);
   g_assert_cmpuint (stats.rejected, ==, 0);
@@ -354,10 +363,7 @@ test_errors (void)
   g_assert_cmpuint (run.order_violations, ==, 0);
   run_check_items (&run);
 
-  /* A callback may run before its job's unit is released: wait, then
-   * count. */
-  kd_dispatcher_wait (run.dispatcher);
-  kd_dispatcher_get_stats (run.dispatcher, &stats);
+  run_stats (&run, &stats);
   g_assert_cmpuint (stats.failed, ==, run_count (&run, OUTCOME_FAILED));
   g_assert_cmpuint (stats.failed, >, 0);
 
@@ -449,10 +455,7 @@ test_cancel_per_call (void)
   g_assert_cmpuint (run.order_violations, ==, 0);
   run_check_items (&run);
 
-  /* A callback may run before its job's unit is released: wait, then
-   * count. */
-  kd_dispatcher_wait (run.dispatcher);
-  kd_dispatcher_get_stats (run.dispatcher, &stats);
+  run_stats (&run, &stats);
   g_assert_cmpuint (stats.submitted, ==, 4);
   g_assert_cmpuint (stats.completed, ==, 2);
   g_assert_cmpuint (stats.cancelled, ==, 2);
@@ -503,10 +506,7 @@ test_closed (void)
   g_assert_cmpuint (run.sync_calls, ==, 0);
   run_check_items (&run);
 
-  /* A callback may run before its job's unit is released: wait, then
-   * count. */
-  kd_dispatcher_wait (run.dispatcher);
-  kd_dispatcher_get_stats (run.dispatcher, &stats);
+  run_stats (&run, &stats);
   g_assert_cmpuint (stats.submitted, ==, 1);
   g_assert_cmpuint (stats.rejected, ==, 3);
 
@@ -728,8 +728,7 @@ test_room_races (void)
   g_assert_cmpuint (run.order_violations, ==, 0);
   g_assert_cmpint (run.run_violations, ==, 0);
   run_check_items (&run);
-  kd_dispatcher_wait (run.dispatcher);
-  kd_dispatcher_get_stats (run.dispatcher, &stats);
+  run_stats (&run, &stats);
   g_assert_cmpuint (stats.completed, ==, n_calls + n_blocking);
 
   run_clear (&run);

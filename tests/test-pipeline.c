@@ -285,9 +285,9 @@ hol_sink (const char *key,
   HeadOfLine *hol = user_data;
   Item *item = data;
 
-  g_mutex_lock (&hol->lock);
+  kd_mutex_lock (&hol->lock);
   g_ptr_array_add (hol->arrivals, GUINT_TO_POINTER (item->id));
-  g_mutex_unlock (&hol->lock);
+  kd_mutex_unlock (&hol->lock);
   if (item->id == 2)
     kd_test_gate_open (&hol->slow_may_end);
   item_free (item);
@@ -776,6 +776,144 @@ test_ordered_close_while_waiting (void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Stages fed directly, and items handed back on a stage's main context      */
+
+static void
+count_sink (const char *key,
+            gpointer    data,
+            gpointer    user_data)
+{
+  gint *reached = user_data;
+
+  (*reached)++;   /* the last stage is keyed, one key: one call at a time */
+  item_free (data);
+}
+
+static void
+test_direct_stage_submit (void)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *ordered;
+  gint reached = 0;
+  guint i;
+
+  g_test_summary ("Items submitted to a stage's own dispatcher (kd_pipeline_get_stage()) "
+                  "flow on through an ordered stage after it like any others");
+
+  ledger_reset (10);
+  first = kd_pipeline_add_stage (pipeline, "first", 1, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (first, item_free);
+  ordered = kd_pipeline_add_stage (pipeline, "ordered", 2, pass_handler, NULL, NULL);
+  kd_pipeline_set_stage_mode (pipeline, ordered, KD_STAGE_ORDERED);
+  kd_dispatcher_set_item_free (ordered, item_free);
+  kd_pipeline_add_stage (pipeline, "last", 1, pass_handler, NULL, NULL);
+  kd_pipeline_set_sink (pipeline, count_sink, &reached, NULL);
+
+  for (i = 0; i < 10; i++)
+    g_assert_true (kd_dispatcher_submit (kd_pipeline_get_stage (pipeline, 0), "k",
+                                         item_new (i, 0, i), NULL));
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpint (reached, ==, 10);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+}
+
+typedef struct
+{
+  KdTestGate    release_head;
+  KdTestCounter emitted;
+  GThread      *context_thread;
+  guint         done_calls;
+  guint         wrong_thread;
+  gboolean      closed_error;
+} HandBack;
+
+static gboolean
+hand_back_first (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  HandBack *hb = user_data;
+  Item *item = kd_job_get_item (job);
+
+  if (item->id == 0)
+    g_assert_true (kd_test_gate_wait (&hb->release_head));
+  if (!kd_job_emit (job, kd_job_get_key (job), item, error))
+    return FALSE;
+  kd_test_counter_add (&hb->emitted, 1);
+  return TRUE;
+}
+
+static void
+hand_back_done (KdJob        *job,
+                const GError *error,
+                gpointer      user_data)
+{
+  HandBack *hb = user_data;
+
+  if (g_thread_self () != hb->context_thread)
+    hb->wrong_thread++;
+  hb->closed_error = g_error_matches (error, KD_ERROR, KD_ERROR_CLOSED);
+  hb->done_calls++;
+}
+
+static gboolean
+hand_back_delivered (gpointer user_data)
+{
+  HandBack *hb = user_data;
+
+  return hb->done_calls == 1;
+}
+
+static void
+test_hand_back_on_context (void)
+{
+  GMainContext *context = g_main_context_new ();
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *second;
+  HandBack hb = { 0 };
+
+  g_test_summary ("An item an ordered stage buffered for a next stage that was "
+                  "cancelled meanwhile is handed back through that stage's done "
+                  "callback in the stage's main context, like any of its jobs");
+
+  ledger_reset (2);
+  kd_test_gate_init (&hb.release_head);
+  kd_test_counter_init (&hb.emitted);
+  hb.context_thread = g_thread_self ();
+
+  first = kd_pipeline_add_stage (pipeline, "first", 2, hand_back_first, &hb, NULL);
+  kd_pipeline_set_stage_mode (pipeline, first, KD_STAGE_ORDERED);
+  kd_dispatcher_set_item_free (first, item_free);
+  second = kd_pipeline_add_stage (pipeline, "second", 1, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (second, item_free);
+  kd_dispatcher_set_main_context (second, context);
+  kd_dispatcher_set_done_func (second, hand_back_done, &hb, NULL);
+
+  /* Item 1 emits behind item 0, which holds; then everything is cancelled
+   * and item 0 ends: item 1's emit finds the second stage closed. */
+  g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (0, 0, 0), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (1, 0, 1), NULL));
+  g_assert_true (kd_test_counter_wait (&hb.emitted, 1));
+  g_cancellable_cancel (kd_pipeline_get_cancellable (pipeline));
+  kd_test_gate_open (&hb.release_head);
+  kd_pipeline_wait (pipeline);
+
+  /* Not on the worker that flushed it: in the context, once iterated. */
+  g_assert_cmpuint (hb.done_calls, ==, 0);
+  g_assert_true (kd_test_iterate_until (context, hand_back_delivered, &hb));
+  g_assert_cmpuint (hb.wrong_thread, ==, 0);
+  g_assert_true (hb.closed_error);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  kd_test_gate_clear (&hb.release_head);
+  kd_test_counter_clear (&hb.emitted);
+  g_main_context_unref (context);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Cancel at random moments                                                 */
 
 typedef struct
@@ -1194,6 +1332,8 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/close-drains", test_close_drains);
   g_test_add_func ("/kd/pipeline/ordered-small-gap", test_ordered_small_gap);
   g_test_add_func ("/kd/pipeline/ordered-close-while-waiting", test_ordered_close_while_waiting);
+  g_test_add_func ("/kd/pipeline/direct-stage-submit", test_direct_stage_submit);
+  g_test_add_func ("/kd/pipeline/hand-back-on-context", test_hand_back_on_context);
   g_test_add_func ("/kd/pipeline/cancel-accounting", test_cancel_accounting);
   g_test_add_func ("/kd/pipeline/emit-after-cancel", test_emit_after_cancel);
   g_test_add_func ("/kd/pipeline/no-sink", test_no_sink);
