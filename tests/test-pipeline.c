@@ -822,6 +822,7 @@ test_direct_stage_submit (void)
 typedef struct
 {
   KdTestGate    release_head;
+  KdTestCounter head_running;
   KdTestCounter emitted;
   GThread      *context_thread;
   guint         done_calls;
@@ -838,7 +839,10 @@ hand_back_first (KdJob    *job,
   Item *item = kd_job_get_item (job);
 
   if (item->id == 0)
-    g_assert_true (kd_test_gate_wait (&hb->release_head));
+    {
+      kd_test_counter_add (&hb->head_running, 1);
+      g_assert_true (kd_test_gate_wait (&hb->release_head));
+    }
   if (!kd_job_emit (job, kd_job_get_key (job), item, error))
     return FALSE;
   kd_test_counter_add (&hb->emitted, 1);
@@ -880,6 +884,7 @@ test_hand_back_on_context (void)
 
   ledger_reset (2);
   kd_test_gate_init (&hb.release_head);
+  kd_test_counter_init (&hb.head_running);
   kd_test_counter_init (&hb.emitted);
   hb.context_thread = g_thread_self ();
 
@@ -892,9 +897,13 @@ test_hand_back_on_context (void)
   kd_dispatcher_set_done_func (second, hand_back_done, &hb, NULL);
 
   /* Item 1 emits behind item 0, which holds; then everything is cancelled
-   * and item 0 ends: item 1's emit finds the second stage closed. */
+   * and item 0 ends: item 1's emit finds the second stage closed. Item 0
+   * must be running at the cancel: had it not started, the cancel would
+   * end it in the first stage and let item 1 into the second stage before
+   * that one heard of the cancel, to end there cancelled instead. */
   g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (0, 0, 0), NULL));
   g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (1, 0, 1), NULL));
+  g_assert_true (kd_test_counter_wait (&hb.head_running, 1));
   g_assert_true (kd_test_counter_wait (&hb.emitted, 1));
   g_cancellable_cancel (kd_pipeline_get_cancellable (pipeline));
   kd_test_gate_open (&hb.release_head);
@@ -909,6 +918,7 @@ test_hand_back_on_context (void)
   g_object_unref (pipeline);
   ledger_check_all_freed_once ();
   kd_test_gate_clear (&hb.release_head);
+  kd_test_counter_clear (&hb.head_running);
   kd_test_counter_clear (&hb.emitted);
   g_main_context_unref (context);
 }
