@@ -187,6 +187,33 @@ struct _KdResultDelivery
   guint         pending;      /* results not yet delivered */
 };
 
+/**
+ * KdDispatcher:
+ *
+ * Runs jobs on a bounded set of worker threads: jobs with the same key one
+ * at a time, in the order they were submitted; jobs without a key in
+ * parallel, through one bounded queue fanned out to several dispatchers
+ * and their workers.
+ *
+ * A dispatcher is created with a handler ([ctor@Kd.Dispatcher.new]) and
+ * configured before its first submit: the bound on pending jobs
+ * ([method@Kd.Dispatcher.set_capacity]), a done callback and the main
+ * context it runs in, an item-free function, a cancellable. Jobs are
+ * submitted with [method@Kd.Dispatcher.submit] (blocking at the bound),
+ * [method@Kd.Dispatcher.try_submit], [method@Kd.Dispatcher.submit_timeout]
+ * or, from a main loop, [method@Kd.Dispatcher.submit_async], which never
+ * blocks.
+ *
+ * Every accepted job ends exactly once: completed, failed with the
+ * handler's error, or cancelled (handed back through the done callback and
+ * the item-free function). [method@Kd.Dispatcher.wait] returns when the
+ * jobs accepted before the call have ended; [method@Kd.Dispatcher.close]
+ * refuses new ones. See the guides: [Keys and order](keys-and-order.html),
+ * [The bound](the-bound.html), [Shutdown and cancellation](shutdown.html)
+ * and [Main-loop delivery](main-loop.html).
+ *
+ * Since: 0.1
+ */
 G_DEFINE_FINAL_TYPE (KdDispatcher, kd_dispatcher, G_TYPE_OBJECT)
 
 enum

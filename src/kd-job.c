@@ -12,6 +12,19 @@
 #include "kd-job-private.h"
 #include "kd-mailbox-private.h"
 
+/**
+ * KdJob:
+ *
+ * One submitted job, as its handler and the done callback see it: its key,
+ * its item, the dispatcher's cancellable, and, in a pipeline stage,
+ * [method@Kd.Job.emit] to pass items on.
+ *
+ * A job belongs to the dispatcher; it is valid only during the handler or
+ * the done callback it was given to.
+ *
+ * Since: 0.1
+ */
+
 typedef struct
 {
   gint ref_count;

@@ -90,6 +90,30 @@ struct _KdPipeline
   gint            shutdown_state; /* atomic */
 };
 
+/**
+ * KdPipeline:
+ *
+ * Stages chained by bounded queues, with backpressure from the last
+ * stage back to the first producer.
+ *
+ * Each stage is a [class@Kd.Dispatcher] added with
+ * [method@Kd.Pipeline.add_stage]. Its handler passes zero, one or many
+ * items to the next stage with [method@Kd.Job.emit]; what the last stage
+ * emits goes to the sink ([method@Kd.Pipeline.set_sink]). An emit blocks
+ * while the next stage is at its bound, so no queue grows without limit.
+ *
+ * A stage is keyed (per-key order), parallel, or ordered: an ordered stage
+ * runs its items in parallel but releases what they emit in the order the
+ * items entered it, per key ([method@Kd.Pipeline.set_stage_mode]).
+ *
+ * [method@Kd.Pipeline.close] drains the stages one after the other;
+ * cancelling the pipeline's cancellable stops every stage, and every item
+ * in flight ends exactly once, handed back through its stage's done
+ * callback and item-free function. See the [Pipelines](pipelines.html)
+ * guide.
+ *
+ * Since: 0.1
+ */
 G_DEFINE_FINAL_TYPE (KdPipeline, kd_pipeline, G_TYPE_OBJECT)
 
 static Stage *
@@ -524,6 +548,8 @@ kd_pipeline_set_stage_mode (KdPipeline   *self,
  * kd_pipeline_get_n_stages:
  * @self: a pipeline
  *
+ * Gets how many stages were added with kd_pipeline_add_stage().
+ *
  * Returns: the number of stages
  *
  * Since: 0.1
@@ -540,6 +566,9 @@ kd_pipeline_get_n_stages (KdPipeline *self)
  * kd_pipeline_get_stage:
  * @self: a pipeline
  * @index: a stage's position, from 0
+ *
+ * Gets the dispatcher of the stage at @index, as kd_pipeline_add_stage()
+ * returned it.
  *
  * Returns: (transfer none): the stage's dispatcher
  *
@@ -619,6 +648,9 @@ kd_pipeline_set_cancellable (KdPipeline   *self,
 /**
  * kd_pipeline_get_cancellable:
  * @self: a pipeline
+ *
+ * Gets the cancellable that stops every stage: the pipeline's own, or
+ * the one given to kd_pipeline_set_cancellable().
  *
  * Returns: (transfer none): the cancellable every stage shares
  *
