@@ -16,6 +16,15 @@
  * goes from empty to non-empty (g_main_context_wakeup() is thread-safe);
  * prepare and check look at an atomic copy of the length.
  *
+ * Time slices: workers can end jobs faster than a main loop delivers them
+ * (a GTK done callback that updates a row costs far more than a handler
+ * that counts). A dispatch delivers for at most DELIVERY_SLICE_US; if tasks
+ * are left, the source sits out the next iteration of the context (not
+ * ready, but no blocking poll either), so every other source gets its turn,
+ * including those of lower priority, such as GTK's redraw, which a source
+ * ready at every iteration would starve. Under a flood of results the
+ * application still handles input and paints between slices.
+ *
  * Flushing, when the dispatcher is finalized: the tasks still queued must be
  * delivered before the last unref returns. If the flushing thread can
  * acquire the context, no other thread is dispatching it, so it delivers
@@ -34,6 +43,11 @@
  * the context again. */
 #define FLUSH_RETRY_US (100 * G_TIME_SPAN_MILLISECOND)
 
+/* The longest a dispatch delivers before the source lets the others run, and
+ * how many tasks it delivers between looks at the clock. */
+#define DELIVERY_SLICE_US (5 * G_TIME_SPAN_MILLISECOND)
+#define DELIVERY_CLOCK_STRIDE 8
+
 struct _KdDelivery
 {
   GSource       source;
@@ -49,6 +63,9 @@ struct _KdDelivery
   GThread      *dispatching;  /* the thread running deliveries right now */
 
   gint          n_tasks;      /* atomic copy of tasks.length */
+
+  /* The context's thread only */
+  gboolean      sitting_out;  /* the last slice left tasks: skip an iteration */
 };
 
 /* The context's thread looks at the source in prepare, check and dispatch,
@@ -68,26 +85,52 @@ static gboolean
 kd_delivery_prepare (GSource *source,
                      gint    *timeout)
 {
+  KdDelivery *self = (KdDelivery *) source;
+
+  /* Sitting out: not ready, yet the poll must not block. */
+  if (self->sitting_out)
+    {
+      *timeout = 0;
+      return FALSE;
+    }
+
   *timeout = -1;
-  return has_tasks ((KdDelivery *) source);
+  return has_tasks (self);
 }
 
 static gboolean
 kd_delivery_check (GSource *source)
 {
-  return has_tasks ((KdDelivery *) source);
+  KdDelivery *self = (KdDelivery *) source;
+
+  if (self->sitting_out)
+    {
+      self->sitting_out = FALSE;
+      return FALSE;
+    }
+
+  return has_tasks (self);
 }
 
-/* Runs the deliver function for every queued task, in order. */
-static void
-deliver_queued (KdDelivery *self)
+/* Runs the deliver function for the queued tasks, in order: all of them if
+ * @deadline is negative, else until the monotonic clock reaches @deadline.
+ * Returns whether tasks are left. */
+static gboolean
+deliver_queued (KdDelivery *self,
+                gint64      deadline)
 {
   KdTask *chain;
   KdTask *last;
-  guint n;
+  guint n, delivered = 0;
+  gboolean left;
 
+  /* The whole queue, without a walk: what the slice leaves goes back in
+   * front of what was pushed meanwhile. */
   kd_mutex_lock (&self->lock);
-  chain = kd_task_list_take (&self->tasks, self->tasks.length, &n, &last);
+  chain = self->tasks.head;
+  last = self->tasks.tail;
+  n = self->tasks.length;
+  self->tasks = (KdTaskList) { NULL, NULL, 0 };
   g_atomic_int_add (&self->n_tasks, -(gint) n);
   self->dispatching = g_thread_self ();
   kd_mutex_unlock (&self->lock);
@@ -98,13 +141,31 @@ deliver_queued (KdDelivery *self)
 
       self->func (chain, self->user_data);
       chain = next;
+      delivered++;
+
+      if (deadline >= 0 && chain != NULL &&
+          delivered % DELIVERY_CLOCK_STRIDE == 0 &&
+          g_get_monotonic_time () >= deadline)
+        break;
     }
 
   kd_mutex_lock (&self->lock);
   self->dispatching = NULL;
-  if (self->tasks.length == 0)
+  if (chain != NULL)
+    {
+      last->next = self->tasks.head;
+      if (self->tasks.head == NULL)
+        self->tasks.tail = last;
+      self->tasks.head = chain;
+      self->tasks.length += n - delivered;
+      g_atomic_int_add (&self->n_tasks, (gint) (n - delivered));
+    }
+  left = self->tasks.length > 0;
+  if (!left)
     g_cond_broadcast (&self->drained_cond);
   kd_mutex_unlock (&self->lock);
+
+  return left;
 }
 
 static gboolean
@@ -115,7 +176,9 @@ kd_delivery_dispatch (GSource     *source,
   (void) callback;
   (void) user_data;
 
-  deliver_queued ((KdDelivery *) source);
+  KdDelivery *self = (KdDelivery *) source;
+
+  self->sitting_out = deliver_queued (self, g_get_monotonic_time () + DELIVERY_SLICE_US);
   kd_tsan_release (source);
   return G_SOURCE_CONTINUE;
 }
@@ -203,7 +266,7 @@ kd_delivery_flush (KdDelivery *self)
 
       if (g_main_context_acquire (context))
         {
-          deliver_queued (self);
+          deliver_queued (self, -1);
           g_main_context_release (context);
           return;
         }

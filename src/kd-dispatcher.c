@@ -1413,7 +1413,8 @@ kd_dispatcher_get_cancellable (KdDispatcher *self)
  * @context: (nullable): where done callbacks run, or %NULL for the workers
  *
  * Makes done callbacks (and the item-free function) run in @context, in
- * per-key order, for example the GTK main loop's. A job delivered there has
+ * per-key order, for example the GTK main loop's. They are delivered in
+ * slices of at most 5 ms, between which the context's other sources run. A job delivered there has
  * ended as soon as its handler returned: it no longer counts against the
  * bound, and kd_dispatcher_wait() does not wait for its delivery, so the
  * thread that iterates @context may itself submit. The last unref delivers

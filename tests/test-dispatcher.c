@@ -1374,7 +1374,13 @@ typedef struct
   guint    delivered;
   guint    freed;
   gint     last_seq[CONTEXT_KEYS];
+  gint64   done_cost_us;  /* how long each done callback keeps the context busy */
+  KdDispatcher *refill;   /* the first done callback submits 64 more jobs to it */
 } Delivery;
+
+static void submit_context_jobs (KdDispatcher *dispatcher,
+                                 guint         first,
+                                 guint         n_jobs);
 
 static Delivery *delivery_for_item_free;
 
@@ -1411,6 +1417,23 @@ context_done (KdJob        *job,
     delivery->order_violations++;
   delivery->last_seq[k] = (gint) i;
   delivery->delivered++;
+
+  /* Jobs that end while a slice is being delivered queue behind it. */
+  if (delivery->refill != NULL)
+    {
+      KdDispatcher *dispatcher = g_steal_pointer (&delivery->refill);
+
+      submit_context_jobs (dispatcher, 64, 64);
+      kd_dispatcher_wait (dispatcher);
+    }
+
+  if (delivery->done_cost_us > 0)
+    {
+      gint64 until = g_get_monotonic_time () + delivery->done_cost_us;
+
+      while (g_get_monotonic_time () < until)
+        ;
+    }
 }
 
 static void
@@ -1445,11 +1468,12 @@ context_dispatcher_new (Delivery     *delivery,
 
 static void
 submit_context_jobs (KdDispatcher *dispatcher,
+                     guint         first,
                      guint         n_jobs)
 {
   guint i;
 
-  for (i = 0; i < n_jobs; i++)
+  for (i = first; i < first + n_jobs; i++)
     {
       char key[8];
 
@@ -1474,7 +1498,7 @@ test_main_context (void)
   /* Capacity 8 and 5,000 jobs submitted without iterating the context: a
    * job waiting for delivery has ended, so the submits never block for good. */
   dispatcher = context_dispatcher_new (&delivery, context, 8);
-  submit_context_jobs (dispatcher, n_jobs);
+  submit_context_jobs (dispatcher, 0, n_jobs);
   kd_dispatcher_wait (dispatcher);
 
   kd_dispatcher_get_stats (dispatcher, &stats);
@@ -1499,6 +1523,77 @@ test_main_context (void)
   delivery_for_item_free = NULL;
 }
 
+typedef struct
+{
+  Delivery *delivery;
+  guint     delivered_when_run;
+  gboolean  ran;
+} LowPriority;
+
+static gboolean
+low_priority_ran (gpointer user_data)
+{
+  LowPriority *low = user_data;
+
+  low->ran = TRUE;
+  low->delivered_when_run = low->delivery->delivered;
+  return G_SOURCE_REMOVE;
+}
+
+static gboolean
+all_delivered (gpointer user_data)
+{
+  Delivery *delivery = user_data;
+
+  return delivery->delivered == delivery->freed && delivery->freed == 2 * 64;
+}
+
+static void
+test_main_context_slices (void)
+{
+  GMainContext *context = g_main_context_new ();
+  Delivery delivery;
+  KdDispatcher *dispatcher;
+  LowPriority low = { &delivery, 0, FALSE };
+  GSource *source;
+
+  g_test_summary ("Done callbacks that keep the main context busy are delivered "
+                  "in time slices: a source of lower priority runs before the "
+                  "queue is empty, and the key's order holds across slices and "
+                  "jobs that end meanwhile");
+
+  dispatcher = context_dispatcher_new (&delivery, context, 256);
+  delivery.done_cost_us = 1000;
+
+  /* 64 callbacks of 1 ms each: far more than one slice. */
+  submit_context_jobs (dispatcher, 0, 64);
+  kd_dispatcher_wait (dispatcher);
+
+  source = g_idle_source_new ();
+  g_source_set_priority (source, G_PRIORITY_LOW);
+  g_source_set_callback (source, low_priority_ran, &low, NULL);
+  g_source_attach (source, context);
+  g_source_unref (source);
+
+  /* One iteration delivers one slice, during which 64 more jobs end: they
+   * must queue behind what the slice leaves. */
+  delivery.refill = dispatcher;
+  g_main_context_iteration (context, TRUE);
+  g_assert_null (delivery.refill);
+  g_assert_cmpuint (delivery.delivered, >, 0);
+  g_assert_cmpuint (delivery.delivered, <, 64);
+
+  g_assert_true (kd_test_iterate_until (context, all_delivered, &delivery));
+  g_assert_true (low.ran);
+  g_assert_cmpuint (low.delivered_when_run, <, 64);
+  g_assert_cmpint (delivery.order_violations, ==, 0);
+  g_assert_cmpint (delivery.wrong_thread, ==, 0);
+
+  g_object_unref (dispatcher);
+  g_main_context_unref (context);
+  delivery_for_item_free = NULL;
+}
+
 static void
 test_main_context_unref_delivers (void)
 {
@@ -1511,7 +1606,7 @@ test_main_context_unref_delivers (void)
                   "main context before it returns");
 
   dispatcher = context_dispatcher_new (&delivery, context, 64);
-  submit_context_jobs (dispatcher, n_jobs);
+  submit_context_jobs (dispatcher, 0, n_jobs);
   g_object_unref (dispatcher);
 
   g_assert_cmpuint (delivery.delivered, ==, n_jobs);
@@ -2643,6 +2738,7 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/handler-error-missing", test_handler_error_missing);
   g_test_add_func ("/kd/dispatcher/main-context", test_main_context);
   g_test_add_func ("/kd/dispatcher/main-context-unref-delivers", test_main_context_unref_delivers);
+  g_test_add_func ("/kd/dispatcher/main-context-slices", test_main_context_slices);
   g_test_add_func ("/kd/dispatcher/many-keys", test_many_keys);
   g_test_add_func ("/kd/dispatcher/unref-other-thread", test_unref_other_thread);
   g_test_add_func ("/kd/dispatcher/unref-in-handler", test_unref_in_handler);
