@@ -139,6 +139,10 @@ struct _KdDispatcher
   KdDoneFunc      done;
   gpointer        done_data;
   GDestroyNotify  done_data_free;
+  KdKeyStateNewFunc key_state_new;
+  GDestroyNotify  key_state_free;
+  gpointer        key_state_data;
+  GDestroyNotify  key_state_data_free;
   GCancellable   *cancellable;
   KdCancelWatch  *cancel_watch;
   GMainContext   *context;
@@ -425,6 +429,14 @@ run_job (KdDispatcher  *self,
     {
       gboolean completed;
 
+      /* A key's actor state is made when the key's first job runs. */
+      if (self->key_state_new != NULL && job->mailbox != NULL && !job->mailbox->has_state)
+        {
+          job->mailbox->state = self->key_state_new (kd_mailbox_get_key (job->mailbox),
+                                                     self->key_state_data);
+          job->mailbox->has_state = TRUE;
+        }
+
       __atomic_store_n (&stats->running, 1, __ATOMIC_RELAXED);
       completed = self->handler (job, self->handler_data, &error);
       __atomic_store_n (&stats->running, 0, __ATOMIC_RELAXED);
@@ -498,9 +510,21 @@ run_mailbox (KdDispatcher  *self,
       run_job (self, stats, jobs[n - 1]);
       ran += n;
 
+      /* A key's state goes when its mailbox ran empty, before the mailbox
+       * can be reaped and revived by another worker: a key has at most one
+       * state at a time. If a job arrives meanwhile, it runs with a new one. */
+      if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
+        {
+          mailbox->has_state = FALSE;
+          if (self->key_state_free != NULL)
+            self->key_state_free (g_steal_pointer (&mailbox->state));
+          mailbox->state = NULL;
+        }
+
       /* Reap or take more in one locked step, and only then release the
-       * last job's unit: once wait() returns, its keys have left the table.
-       * A reaped or rescheduled mailbox is not ours to touch any more. */
+       * last job's unit: once wait() returns, its keys have left the table
+       * and their states are freed. A reaped or rescheduled mailbox is not
+       * ours to touch any more. */
       n = kd_key_table_next (self->keys, mailbox, jobs, MAILBOX_BUDGET - ran, &reaped);
       release_job (self, worker, last_epoch);
 
@@ -793,6 +817,8 @@ kd_dispatcher_finalize (GObject *object)
    * do it. */
   if (self->done_data_free != NULL)
     self->done_data_free (self->done_data);
+  if (self->key_state_data_free != NULL)
+    self->key_state_data_free (self->key_state_data);
   if (self->handler_data_free != NULL)
     self->handler_data_free (self->handler_data);
 
@@ -1353,6 +1379,52 @@ kd_dispatcher_set_done_func (KdDispatcher   *self,
   self->done = done;
   self->done_data = user_data;
   self->done_data_free = destroy;
+}
+
+/**
+ * kd_dispatcher_set_key_state_funcs:
+ * @self: a dispatcher
+ * @state_new: (nullable) (scope notified) (closure user_data) (destroy user_data_free):
+ *   creates a key's state
+ * @state_free: (nullable) (scope forever): frees a
+ *   state @state_new made
+ * @user_data: data for @state_new
+ * @user_data_free: (nullable): frees @user_data once the dispatcher is
+ *   finalized
+ *
+ * Gives each key an actor state: @state_new makes it on the worker about to
+ * run the key's first job, handlers of the key get it with
+ * kd_job_get_key_state() and use it without locks (a key's jobs run one at
+ * a time), and @state_free frees it on the worker that ran the key's last
+ * job, once the key has no job left. A key has at most one state at a time:
+ * the next job of a key whose state was freed gets a new one. Jobs that
+ * never run (cancelled) make no state. Every state is freed before
+ * kd_dispatcher_wait() returns for the jobs that used it.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
+                                   KdKeyStateNewFunc  state_new,
+                                   GDestroyNotify     state_free,
+                                   gpointer           user_data,
+                                   GDestroyNotify     user_data_free)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (self->key_state_data_free != NULL)
+    self->key_state_data_free (self->key_state_data);
+
+  self->key_state_new = state_new;
+  self->key_state_free = state_free;
+  self->key_state_data = user_data;
+  self->key_state_data_free = user_data_free;
 }
 
 /**

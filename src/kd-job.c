@@ -164,6 +164,29 @@ kd_job_get_cancellable (KdJob *job)
 }
 
 /**
+ * kd_job_get_key_state:
+ * @job: a job, as passed to a handler
+ *
+ * Gets the state of the job's key, made by the dispatcher's
+ * #KdKeyStateNewFunc (see kd_dispatcher_set_key_state_funcs()). Only the
+ * key's running job sees it, so the handler reads and writes it without a
+ * lock. Valid in the handler only: once the key has no job left the state
+ * is freed.
+ *
+ * Returns: (transfer none) (nullable): the key's state; %NULL for an unkeyed
+ *   job or a dispatcher without key states
+ *
+ * Since: 0.1
+ */
+gpointer
+kd_job_get_key_state (KdJob *job)
+{
+  g_return_val_if_fail (job != NULL, NULL);
+
+  return job->mailbox != NULL ? job->mailbox->state : NULL;
+}
+
+/**
  * kd_job_emit:
  * @job: a job of a pipeline stage, as passed to the stage's handler
  * @key: (nullable): the emitted item's key

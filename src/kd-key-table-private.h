@@ -28,6 +28,8 @@ guint       kd_key_table_next  (KdKeyTable  *self,
                                 KdJob      **jobs,
                                 guint        max_jobs,
                                 gboolean    *reaped);
+gboolean    kd_key_table_is_empty (KdKeyTable *self,
+                                   KdMailbox  *mailbox);
 guint       kd_key_table_count (KdKeyTable  *self);
 
 G_END_DECLS

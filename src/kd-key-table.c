@@ -293,6 +293,22 @@ kd_key_table_next (KdKeyTable  *self,
   return n;
 }
 
+/* By the mailbox's runner: whether the mailbox has no job left right now
+ * (only its runner takes jobs, so "not empty" stays true). */
+gboolean
+kd_key_table_is_empty (KdKeyTable *self,
+                       KdMailbox  *mailbox)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+  gboolean empty;
+
+  kd_mutex_lock (&shard->lock);
+  empty = kd_mailbox_is_empty_locked (mailbox);
+  kd_mutex_unlock (&shard->lock);
+
+  return empty;
+}
+
 /* The number of active mailboxes (keys with work); thread-safe. */
 guint
 kd_key_table_count (KdKeyTable *self)

@@ -38,6 +38,12 @@ struct _KdMailbox
   gboolean   dormant;  /* reaped, but kept in the table for reuse */
   KdLruLink  dormant_link;  /* in the shard's dormant list */
 
+  /* The runner's only: the key's actor state, from the first job it ran
+   * until it ran empty (freed before it is reaped, so never in a dormant
+   * mailbox) */
+  gpointer   state;
+  gboolean   has_state;
+
   /* Atomic: the key table's reference, and one per job still waiting for a
    * main context to deliver it (the key must outlive the table entry) */
   gint    ref_count;

@@ -76,6 +76,19 @@ typedef struct
   guint   live_keys;
 } KdStats;
 
+/**
+ * KdKeyStateNewFunc:
+ * @key: the key whose actor starts
+ * @user_data: the data given to kd_dispatcher_set_key_state_funcs()
+ *
+ * Creates the state of a key's actor, on the worker about to run the key's
+ * first job since the key had no work.
+ *
+ * Returns: (transfer full) (nullable): the key's state
+ */
+typedef gpointer (*KdKeyStateNewFunc) (const char *key,
+                                       gpointer    user_data);
+
 KD_AVAILABLE_IN_ALL
 KdDispatcher *kd_dispatcher_new              (guint           n_workers,
                                               KdHandlerFunc   handler,
@@ -99,6 +112,12 @@ void          kd_dispatcher_set_done_func    (KdDispatcher   *self,
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_cancellable  (KdDispatcher   *self,
                                               GCancellable   *cancellable);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
+                                                 KdKeyStateNewFunc  state_new,
+                                                 GDestroyNotify     state_free,
+                                                 gpointer           user_data,
+                                                 GDestroyNotify     user_data_free);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_main_context (KdDispatcher   *self,
                                               GMainContext   *context);
