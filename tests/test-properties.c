@@ -171,9 +171,14 @@ watch_reached (gpointer user_data)
 {
   Expect *expect = user_data;
 
+  /* Every counter at its final value, live-keys included: a job is counted
+   * as ended (pending 0) just before its worker reaps the key's mailbox,
+   * so a notify that runs in between sees pending 0 with the key still
+   * live, and live-keys notifies 0 only in a later round. */
   return expect->watch->completed == expect->completed &&
          expect->watch->failed == expect->failed &&
          expect->watch->pending == 0 &&
+         expect->watch->live_keys == 0 &&
          expect->watch->submitted == expect->completed + expect->failed;
 }
 
