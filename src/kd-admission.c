@@ -448,16 +448,20 @@ kd_admission_release (KdAdmission *self,
       mine = &self->releasers[releaser];
       /* Only this releaser writes its counters: a load and a store, no
        * read-modify-write. The stores are sequentially consistent, so that
-       * the flags read below is ordered after them (the Dekker pattern). */
+       * the flags read below is ordered after them (the Dekker pattern).
+       * The total first, then the epoch's: a waiter that saw its epoch
+       * drained (kd_admission_wait) must also see the unit gone from the
+       * pending count, or kd_dispatcher_wait() finds the closed dispatcher
+       * still pending and returns without joining its workers. */
+      __atomic_store_n (&mine->released, mine->released + 1, __ATOMIC_SEQ_CST);
       __atomic_store_n (&mine->released_in[epoch], mine->released_in[epoch] + 1,
                         __ATOMIC_SEQ_CST);
-      __atomic_store_n (&mine->released, mine->released + 1, __ATOMIC_SEQ_CST);
     }
   else
     {
       mine = &self->releasers[self->n_releasers];
-      __atomic_fetch_add (&mine->released_in[epoch], 1, __ATOMIC_SEQ_CST);
       __atomic_fetch_add (&mine->released, 1, __ATOMIC_SEQ_CST);
+      __atomic_fetch_add (&mine->released_in[epoch], 1, __ATOMIC_SEQ_CST);
     }
 
   flags = load_flags (self);

@@ -200,16 +200,30 @@ kd_test_size (guint normal,
   return MAX (1, (guint) (size * factor));
 }
 
-/* The number of threads in this process. */
+/* The number of kdispatch threads in this process (workers, "kd-worker-N",
+ * and shutdown threads, "kd-shutdown"). Not every thread: the sanitizer
+ * runtimes and GLib start helper threads of their own, and ThreadSanitizer
+ * starts its background thread at the process's first pthread_create(), so
+ * a test run alone (-p) would count it as one of the dispatcher's. */
 static inline guint
 kd_test_count_threads (void)
 {
   GDir *dir = g_dir_open ("/proc/self/task", 0, NULL);
+  const char *tid;
   guint n = 0;
 
   g_assert_nonnull (dir);
-  while (g_dir_read_name (dir) != NULL)
-    n++;
+  while ((tid = g_dir_read_name (dir)) != NULL)
+    {
+      char *path = g_build_filename ("/proc/self/task", tid, "comm", NULL);
+      char *comm = NULL;
+
+      /* A thread that exited meanwhile has no comm any more. */
+      if (g_file_get_contents (path, &comm, NULL, NULL) && g_str_has_prefix (comm, "kd-"))
+        n++;
+      g_free (comm);
+      g_free (path);
+    }
   g_dir_close (dir);
 
   return n;
