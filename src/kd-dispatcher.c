@@ -515,10 +515,11 @@ run_mailbox (KdDispatcher  *self,
        * state at a time. If a job arrives meanwhile, it runs with a new one. */
       if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
         {
+          gpointer state = g_steal_pointer (&mailbox->state);
+
           mailbox->has_state = FALSE;
           if (self->key_state_free != NULL)
-            self->key_state_free (g_steal_pointer (&mailbox->state));
-          mailbox->state = NULL;
+            self->key_state_free (state);
         }
 
       /* Reap or take more in one locked step, and only then release the

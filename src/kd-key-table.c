@@ -42,8 +42,6 @@
 
 #include "config.h"
 
-#include <string.h>
-
 #include "kd-key-table-private.h"
 #include "kd-sync-private.h"
 
@@ -67,24 +65,6 @@ struct _KdKeyTable
   Shard shards[N_SHARDS];
 };
 
-static guint
-key_hash (gconstpointer key)
-{
-  return ((const KdKey *) key)->hash;
-}
-
-static gboolean
-key_equal (gconstpointer a,
-           gconstpointer b)
-{
-  const KdKey *x = a;
-  const KdKey *y = b;
-
-  /* Byte strings: no collation, no UTF-8 validation. */
-  return x->hash == y->hash && x->length == y->length &&
-         memcmp (x->string, y->string, x->length) == 0;
-}
-
 static inline Shard *
 shard_of (KdKeyTable *self,
           guint       hash)
@@ -101,7 +81,7 @@ kd_key_table_new (void)
   for (i = 0; i < N_SHARDS; i++)
     {
       g_mutex_init (&self->shards[i].lock);
-      self->shards[i].table = g_hash_table_new (key_hash, key_equal);
+      self->shards[i].table = g_hash_table_new (kd_key_hash_func, kd_key_equal_func);
     }
 
   return self;

@@ -55,6 +55,9 @@ struct _KdMailbox
 
 guint      kd_key_hash            (const char *string,
                                    gsize      *length);
+guint      kd_key_hash_func       (gconstpointer key);
+gboolean   kd_key_equal_func      (gconstpointer a,
+                                   gconstpointer b);
 
 KdMailbox *kd_mailbox_new         (void);
 void       kd_mailbox_set_key     (KdMailbox  *self,

@@ -52,6 +52,25 @@ kd_key_hash (const char *string,
   return h;
 }
 
+/* GHashTable functions for KdKey: the hash is cached, keys are byte
+ * strings (no collation, no UTF-8 validation). */
+guint
+kd_key_hash_func (gconstpointer key)
+{
+  return ((const KdKey *) key)->hash;
+}
+
+gboolean
+kd_key_equal_func (gconstpointer a,
+                   gconstpointer b)
+{
+  const KdKey *x = a;
+  const KdKey *y = b;
+
+  return x->hash == y->hash && x->length == y->length &&
+         memcmp (x->string, y->string, x->length) == 0;
+}
+
 KdMailbox *
 kd_mailbox_new (void)
 {

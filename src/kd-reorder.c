@@ -143,23 +143,6 @@ struct _KdReorder
   Shard             shards[N_SHARDS];
 };
 
-static guint
-key_hash (gconstpointer key)
-{
-  return ((const KdKey *) key)->hash;
-}
-
-static gboolean
-key_equal (gconstpointer a,
-           gconstpointer b)
-{
-  const KdKey *x = a;
-  const KdKey *y = b;
-
-  return x->hash == y->hash && x->length == y->length &&
-         memcmp (x->string, y->string, x->length) == 0;
-}
-
 static void
 free_order_key (OrderKey *order)
 {
@@ -189,7 +172,7 @@ kd_reorder_new (guint             max_tickets,
   for (i = 0; i < N_SHARDS; i++)
     {
       g_mutex_init (&self->shards[i].lock);
-      self->shards[i].table = g_hash_table_new_full (key_hash, key_equal, NULL,
+      self->shards[i].table = g_hash_table_new_full (kd_key_hash_func, kd_key_equal_func, NULL,
                                                      (GDestroyNotify) free_order_key);
     }
 
