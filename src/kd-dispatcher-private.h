@@ -53,6 +53,7 @@ gboolean kd_dispatcher_emit_job         (KdJob              *job,
                                          gpointer            item,
                                          GError            **error);
 gboolean kd_dispatcher_runs_here        (KdDispatcher       *self);
+gpointer kd_dispatcher_get_worker_data  (KdDispatcher       *self);
 /* Where the async results of one caller context go (kd-dispatcher.c). */
 typedef struct _KdResultDelivery KdResultDelivery;
 

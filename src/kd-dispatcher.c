@@ -143,6 +143,10 @@ struct _KdDispatcher
   GDestroyNotify  key_state_free;
   gpointer        key_state_data;
   GDestroyNotify  key_state_data_free;
+  KdWorkerInitFunc     worker_init;
+  KdWorkerFinalizeFunc worker_finalize;
+  gpointer        worker_data;
+  GDestroyNotify  worker_data_free;
   GCancellable   *cancellable;
   KdCancelWatch  *cancel_watch;
   GMainContext   *context;
@@ -577,35 +581,78 @@ ensure_delivery_locked (KdDispatcher *self)
   return self->delivery;
 }
 
-/* Creates the workers (and the main-context delivery) at the first accepted
- * job, when the configuration is final. */
-static KdScheduler *
-ensure_started (KdDispatcher *self)
+/* On a new worker's thread: the application's worker init. */
+static gboolean
+start_worker (KdWorker  *worker,
+              gpointer   user_data,
+              GError   **error)
 {
-  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
-  gboolean started = FALSE;
+  KdDispatcher *self = user_data;
+  GError *local_error = NULL;
+  gpointer data;
 
-  if (G_LIKELY (scheduler != NULL))
-    return scheduler;
+  data = self->worker_init (self, kd_worker_get_index (worker), self->worker_data, &local_error);
+  if (local_error != NULL)
+    {
+      g_propagate_error (error, local_error);
+      return FALSE;
+    }
+
+  kd_worker_set_data (worker, data);
+  return TRUE;
+}
+
+/* On an exiting worker's thread: the application's worker finalize. */
+static void
+stop_worker (KdWorker *worker,
+             gpointer  user_data)
+{
+  KdDispatcher *self = user_data;
+
+  self->worker_finalize (self, kd_worker_get_index (worker), kd_worker_get_data (worker),
+                         self->worker_data);
+}
+
+/* Creates the workers (and the main-context delivery) once, when the
+ * configuration is final: at kd_dispatcher_start() or before the first
+ * job is admitted. Fails if the dispatcher is closed or a worker's init
+ * failed; the workers may then be started again later. */
+static gboolean
+ensure_started (KdDispatcher  *self,
+                GError       **error)
+{
+  KdScheduler *scheduler;
+
+  if (G_LIKELY (g_atomic_pointer_get (&self->scheduler) != NULL))
+    return TRUE;
+
+  if (!g_atomic_int_get (&self->configured))
+    g_atomic_int_set (&self->configured, TRUE);
 
   kd_mutex_lock (&self->start_lock);
   scheduler = self->scheduler;
-  if (scheduler == NULL)
+  if (scheduler == NULL && !kd_admission_is_closed (&self->admission))
     {
       if (self->context != NULL)
         ensure_delivery_locked (self);
-      scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task, self);
+      scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task,
+                                    self->worker_init != NULL ? start_worker : NULL,
+                                    self->worker_finalize != NULL ? stop_worker : NULL,
+                                    self, error);
+      if (scheduler != NULL)
+        g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
+                 (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
+                 self->admission.capacity);
       g_atomic_pointer_set (&self->scheduler, scheduler);
-      started = TRUE;
+    }
+  else if (scheduler == NULL)
+    {
+      g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
+                           "The dispatcher is closed");
     }
   kd_mutex_unlock (&self->start_lock);
 
-  if (started)
-    g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
-             (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
-             self->admission.capacity);
-
-  return scheduler;
+  return scheduler != NULL;
 }
 
 /* The first half of a submit: a unit of admission, in @epoch. On FALSE
@@ -617,8 +664,11 @@ admit_job (KdDispatcher  *self,
            guint         *epoch,
            GError       **error)
 {
-  if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
-    g_atomic_int_set (&self->configured, TRUE);
+  if (G_UNLIKELY (!ensure_started (self, error)))
+    {
+      count_rejected (self);
+      return FALSE;
+    }
 
   /* A worker waiting for a slot that only workers can free could wait
    * forever: on its own dispatcher a worker never blocks. */
@@ -657,7 +707,8 @@ push_job (KdDispatcher   *self,
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
   counters_changed (self);
 
-  scheduler = ensure_started (self);
+  /* Every way in started the workers before it took the unit. */
+  scheduler = g_atomic_pointer_get (&self->scheduler);
   job = kd_job_new (self, item, epoch);
   job->ticket = ticket;
   job->label = label;
@@ -719,9 +770,15 @@ shutdown_sync (KdDispatcher *self)
   kd_dispatcher_close (self);
   kd_admission_wait (&self->admission, NULL, NULL);
 
+  /* Closed and drained. (Telling the workers again is harmless, and needed
+   * if they were started by kd_dispatcher_start() while the close that
+   * drained the dispatcher was looking for them.) */
   scheduler = g_atomic_pointer_get (&self->scheduler);
   if (scheduler != NULL)
-    kd_scheduler_join (scheduler);
+    {
+      kd_scheduler_shutdown (scheduler);
+      kd_scheduler_join (scheduler);
+    }
 
   if (self->delivery != NULL)
     kd_delivery_flush (self->delivery);
@@ -820,6 +877,8 @@ kd_dispatcher_finalize (GObject *object)
     self->done_data_free (self->done_data);
   if (self->key_state_data_free != NULL)
     self->key_state_data_free (self->key_state_data);
+  if (self->worker_data_free != NULL)
+    self->worker_data_free (self->worker_data);
   if (self->handler_data_free != NULL)
     self->handler_data_free (self->handler_data);
 
@@ -1429,6 +1488,84 @@ kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
 }
 
 /**
+ * kd_dispatcher_set_worker_funcs:
+ * @self: a dispatcher
+ * @init: (nullable) (scope notified) (closure user_data) (destroy user_data_free):
+ *   prepares each worker thread
+ * @finalize: (nullable) (scope forever): cleans up each worker thread
+ * @user_data: data for @init and @finalize
+ * @user_data_free: (nullable): frees @user_data once the dispatcher is
+ *   finalized
+ *
+ * Gives each worker thread its own data: @init runs once on each worker
+ * thread when the workers start, before it runs any job, and what it returns
+ * is what that worker's handlers get from kd_job_get_worker_data() (a
+ * database connection per worker, for example; used without locks, as only
+ * that thread sees it). @finalize runs on each worker thread as it exits,
+ * with that data.
+ *
+ * If @init fails on one worker, no job runs: every worker exits (those
+ * whose @init succeeded run @finalize) and the call that started the
+ * workers fails with @init's error, leaving the dispatcher unstarted. Start
+ * the workers with kd_dispatcher_start() to learn of the failure before
+ * submitting; otherwise the first submit starts them and fails with the
+ * error, the item staying the caller's.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
+                                KdWorkerInitFunc      init,
+                                KdWorkerFinalizeFunc  finalize,
+                                gpointer              user_data,
+                                GDestroyNotify        user_data_free)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (self->worker_data_free != NULL)
+    self->worker_data_free (self->worker_data);
+
+  self->worker_init = init;
+  self->worker_finalize = finalize;
+  self->worker_data = user_data;
+  self->worker_data_free = user_data_free;
+}
+
+/**
+ * kd_dispatcher_start:
+ * @self: a dispatcher
+ * @error: return location for a #GError
+ *
+ * Starts the worker threads now rather than at the first submit, and ends
+ * the configuration. With worker functions
+ * (kd_dispatcher_set_worker_funcs()) it returns once every worker ran its
+ * init, so an init failure is reported here: no worker is left running and
+ * the dispatcher stays unstarted, so the call may be retried (the settings
+ * stay final). Does nothing if the workers already run.
+ *
+ * Returns: %TRUE if the workers run; %FALSE with the first init error, or
+ *   %KD_ERROR_CLOSED if the dispatcher was closed before it started
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_start (KdDispatcher  *self,
+                     GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+  g_return_val_if_fail (self->handler != NULL, FALSE);
+
+  return ensure_started (self, error);
+}
+
+/**
  * kd_dispatcher_set_cancellable:
  * @self: a dispatcher
  * @cancellable: the cancellable that shuts the dispatcher down
@@ -1697,15 +1834,17 @@ kd_dispatcher_result_delivered (KdDispatcher     *self,
 
 /* A submission that was never accepted: its callback sees KD_ERROR_CLOSED
  * and the item is still the caller's. */
+/* @error: (transfer full) (nullable): why; NULL for closed. */
 static void
 refuse_result (KdDispatcher   *self,
-               KdSubmitResult *result)
+               KdSubmitResult *result,
+               GError         *error)
 {
   count_rejected (self);
-  kd_submit_result_complete (result,
-                             g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
-                                                  "The dispatcher was closed before the "
-                                                  "submission was accepted"));
+  if (error == NULL)
+    error = g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
+                                 "The dispatcher was closed before the submission was accepted");
+  kd_submit_result_complete (result, error);
 }
 
 /* With @async_lock held: admits waiting submissions, first come first
@@ -1730,7 +1869,7 @@ admit_waiting_locked (KdDispatcher *self)
             {
               result = kd_submit_result_from_task (kd_task_list_take (&self->waiting, 1,
                                                                       &n, &last));
-              refuse_result (self, result);
+              refuse_result (self, result, NULL);
             }
           __atomic_store_n (&self->n_waiting, 0, __ATOMIC_SEQ_CST);
           return;
@@ -1804,19 +1943,23 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
 {
   KdSubmitResult *result;
   GMainContext *context;
+  GError *error = NULL;
   guint epoch;
 
   g_return_if_fail (KD_IS_DISPATCHER (self));
   g_return_if_fail (self->handler != NULL);
   g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
 
-  if (G_UNLIKELY (!g_atomic_int_get (&self->configured)))
-    g_atomic_int_set (&self->configured, TRUE);
-
   context = g_main_context_ref_thread_default ();
   result = kd_submit_result_new (self, result_delivery_take (self, context), item,
                                  cancellable, callback, user_data);
   g_main_context_unref (context);
+
+  if (G_UNLIKELY (!ensure_started (self, &error)))
+    {
+      refuse_result (self, result, g_steal_pointer (&error));
+      return;
+    }
 
   /* Nobody waits: straight in if there is room. */
   if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) == 0)
@@ -1828,7 +1971,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
         }
       if (kd_admission_is_closed (&self->admission))
         {
-          refuse_result (self, result);
+          refuse_result (self, result, NULL);
           return;
         }
     }
@@ -1923,7 +2066,10 @@ kd_dispatcher_wait_sealed (KdDispatcher *self,
   if (scheduler != NULL &&
       kd_admission_is_closed (&self->admission) &&
       kd_admission_get_pending (&self->admission) == 0)
-    kd_scheduler_join (scheduler);
+    {
+      kd_scheduler_shutdown (scheduler);
+      kd_scheduler_join (scheduler);
+    }
 }
 
 /**
@@ -2143,6 +2289,13 @@ gboolean
 kd_dispatcher_runs_here (KdDispatcher *self)
 {
   return is_own_worker (self);
+}
+
+/* The calling worker's data, if it is one of this dispatcher's workers. */
+gpointer
+kd_dispatcher_get_worker_data (KdDispatcher *self)
+{
+  return is_own_worker (self) ? kd_worker_get_data (kd_worker_get_current ()) : NULL;
 }
 
 /**

@@ -187,6 +187,27 @@ kd_job_get_key_state (KdJob *job)
 }
 
 /**
+ * kd_job_get_worker_data:
+ * @job: a job, as passed to a handler
+ *
+ * Gets the data of the worker thread running the handler, made by the
+ * dispatcher's #KdWorkerInitFunc (see kd_dispatcher_set_worker_funcs()).
+ * Only that worker uses it, so the handler needs no lock.
+ *
+ * Returns: (transfer none) (nullable): the running worker's data; %NULL
+ *   outside a handler of the job's dispatcher or without worker functions
+ *
+ * Since: 0.1
+ */
+gpointer
+kd_job_get_worker_data (KdJob *job)
+{
+  g_return_val_if_fail (job != NULL, NULL);
+
+  return kd_dispatcher_get_worker_data (job->dispatcher);
+}
+
+/**
  * kd_job_emit:
  * @job: a job of a pipeline stage, as passed to the stage's handler
  * @key: (nullable): the emitted item's key

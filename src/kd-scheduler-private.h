@@ -19,10 +19,22 @@ typedef void (*KdTaskFunc) (KdTask   *task,
                             KdWorker *worker,
                             gpointer  user_data);
 
-KdScheduler *kd_scheduler_new        (guint        n_workers,
-                                      guint        n_groups,
-                                      KdTaskFunc   func,
-                                      gpointer     user_data);
+/* On a worker's thread, before its first task: FALSE with @error set if
+ * the worker cannot run. */
+typedef gboolean (*KdWorkerStartFunc) (KdWorker  *worker,
+                                       gpointer   user_data,
+                                       GError   **error);
+/* On a worker's thread, as it exits. */
+typedef void     (*KdWorkerStopFunc)  (KdWorker  *worker,
+                                       gpointer   user_data);
+
+KdScheduler *kd_scheduler_new        (guint              n_workers,
+                                      guint              n_groups,
+                                      KdTaskFunc         func,
+                                      KdWorkerStartFunc  start,
+                                      KdWorkerStopFunc   stop,
+                                      gpointer           user_data,
+                                      GError           **error);
 void         kd_scheduler_push       (KdScheduler *self,
                                       KdTask      *task);
 void         kd_scheduler_shutdown   (KdScheduler *self);
@@ -32,5 +44,8 @@ void         kd_scheduler_free       (KdScheduler *self);
 KdWorker    *kd_worker_get_current   (void);
 KdScheduler *kd_worker_get_scheduler (KdWorker    *worker);
 guint        kd_worker_get_index     (KdWorker    *worker);
+gpointer     kd_worker_get_data      (KdWorker    *worker);
+void         kd_worker_set_data      (KdWorker    *worker,
+                                      gpointer     data);
 
 G_END_DECLS

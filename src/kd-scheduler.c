@@ -36,6 +36,11 @@
  * publishes itself (n_idle) and drops n_spinning, and then looks at the
  * queues again. At least one of the two sees the other.
  *
+ * Start and stop hooks: with a start hook, each worker runs it on its own
+ * thread before it takes any task, and kd_scheduler_new() waits at a start
+ * barrier for all of them; if one fails, all exit and kd_scheduler_new()
+ * fails with its error. A worker runs the stop hook as it exits.
+ *
  * Shutdown: once the owner calls kd_scheduler_shutdown(), a worker that
  * finds no task exits; kd_scheduler_join() waits for all of them. The owner
  * shuts down only when nothing is pending, so no task is left behind.
@@ -70,6 +75,7 @@ struct _KdWorker
   KdGroup     *group;
   guint        index;
   GThread     *thread;
+  gpointer     data;        /* set by the start hook, on the worker's thread */
 
   /* Protected by scheduler->idle_lock */
   GCond        cond;
@@ -81,6 +87,8 @@ struct _KdScheduler
 {
   /* Immutable */
   KdTaskFunc  func;
+  KdWorkerStartFunc start;
+  KdWorkerStopFunc  stop;
   gpointer    user_data;
   guint       n_workers;
   guint       n_groups;
@@ -97,9 +105,25 @@ struct _KdScheduler
   gint        n_spinning;  /* atomic: workers awake and looking for a task */
   gint        shutting_down; /* atomic */
 
+  /* The start barrier (with start hooks only), protected by @start_lock:
+   * workers that ran their start hook, the first failure, and whether they
+   * may go on (START_GO) or must stop (START_ABORT) */
+  GMutex      start_lock;
+  GCond       start_cond;
+  guint       n_started;
+  GError     *start_error;
+  gint        start_verdict;
+
   /* Protected by @join_lock */
   GMutex      join_lock;
   gboolean    joined;
+};
+
+enum
+{
+  START_PENDING,
+  START_GO,
+  START_ABORT,
 };
 
 /* The worker running on this thread: compiler TLS, read on every submit. */
@@ -340,6 +364,37 @@ park (KdWorker *worker,
   kd_mutex_unlock (&self->idle_lock);
 }
 
+/* Runs the start hook on the worker's thread, then waits at the start
+ * barrier until every worker ran its own. FALSE if the worker must exit
+ * because one of them failed (having run its stop hook if its start
+ * succeeded). */
+static gboolean
+start_worker (KdWorker *worker)
+{
+  KdScheduler *self = worker->scheduler;
+  GError *error = NULL;
+  gboolean started = self->start (worker, self->user_data, &error);
+  gint verdict;
+
+  kd_mutex_lock (&self->start_lock);
+  self->n_started++;
+  if (!started && self->start_error == NULL)
+    self->start_error = g_steal_pointer (&error);
+  g_cond_broadcast (&self->start_cond);
+  while (self->start_verdict == START_PENDING)
+    kd_cond_wait (&self->start_cond, &self->start_lock);
+  verdict = self->start_verdict;
+  kd_mutex_unlock (&self->start_lock);
+
+  g_clear_error (&error);
+  if (verdict == START_GO)
+    return TRUE;
+
+  if (started && self->stop != NULL)
+    self->stop (worker, self->user_data);
+  return FALSE;
+}
+
 static gpointer
 worker_main (gpointer data)
 {
@@ -349,6 +404,13 @@ worker_main (gpointer data)
 
   kd_tsan_acquire (worker);
   current_worker = worker;
+
+  if (self->start != NULL && !start_worker (worker))
+    {
+      current_worker = NULL;
+      kd_tsan_release (worker);
+      return NULL;
+    }
 
   for (;;)
     {
@@ -382,23 +444,54 @@ worker_main (gpointer data)
   if (spinning)
     g_atomic_int_add (&self->n_spinning, -1);
 
+  if (self->stop != NULL)
+    self->stop (worker, self->user_data);
+
   current_worker = NULL;
   kd_tsan_release (worker);
 
   return NULL;
 }
 
+/* Waits until every worker ran its start hook and tells them whether to go
+ * on. FALSE with the first failure's error if one of them failed. */
+static gboolean
+await_start (KdScheduler  *self,
+             GError      **error)
+{
+  gboolean started;
+
+  kd_mutex_lock (&self->start_lock);
+  while (self->n_started < self->n_workers)
+    kd_cond_wait (&self->start_cond, &self->start_lock);
+  started = self->start_error == NULL;
+  self->start_verdict = started ? START_GO : START_ABORT;
+  if (!started)
+    g_propagate_error (error, g_steal_pointer (&self->start_error));
+  g_cond_broadcast (&self->start_cond);
+  kd_mutex_unlock (&self->start_lock);
+
+  return started;
+}
+
 /*
  * kd_scheduler_new:
  *
  * Starts @n_workers threads split into @n_groups groups (at most one group
- * per worker) as evenly as possible.
+ * per worker) as evenly as possible. With a @start hook, each worker runs it
+ * on its thread first, and this call returns once all of them did: if one
+ * failed, every worker exits (those whose start succeeded run @stop) and it
+ * returns %NULL with the first error. @stop runs on each worker's thread
+ * as it exits.
  */
 KdScheduler *
-kd_scheduler_new (guint      n_workers,
-                  guint      n_groups,
-                  KdTaskFunc func,
-                  gpointer   user_data)
+kd_scheduler_new (guint              n_workers,
+                  guint              n_groups,
+                  KdTaskFunc         func,
+                  KdWorkerStartFunc  start,
+                  KdWorkerStopFunc   stop,
+                  gpointer           user_data,
+                  GError           **error)
 {
   KdScheduler *self;
   guint i;
@@ -407,6 +500,8 @@ kd_scheduler_new (guint      n_workers,
 
   self = g_new0 (KdScheduler, 1);
   self->func = func;
+  self->start = start;
+  self->stop = stop;
   self->user_data = user_data;
   self->n_workers = n_workers;
   self->n_groups = CLAMP (n_groups, 1, n_workers);
@@ -414,6 +509,8 @@ kd_scheduler_new (guint      n_workers,
   self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdGroup), G_ALIGNOF (KdGroup));
   g_mutex_init (&self->idle_lock);
   g_mutex_init (&self->join_lock);
+  g_mutex_init (&self->start_lock);
+  g_cond_init (&self->start_cond);
 
   for (i = 0; i < self->n_groups; i++)
     g_mutex_init (&self->groups[i].lock);
@@ -438,6 +535,13 @@ kd_scheduler_new (guint      n_workers,
       g_snprintf (name, sizeof name, "kd-worker-%u", i);
       kd_tsan_release (worker);
       worker->thread = g_thread_new (name, worker_main, worker);
+    }
+
+  if (start != NULL && !await_start (self, error))
+    {
+      kd_scheduler_join (self);
+      kd_scheduler_free (self);
+      return NULL;
     }
 
   return self;
@@ -521,6 +625,8 @@ kd_scheduler_free (KdScheduler *self)
 
   g_mutex_clear (&self->idle_lock);
   g_mutex_clear (&self->join_lock);
+  g_mutex_clear (&self->start_lock);
+  g_cond_clear (&self->start_cond);
   g_aligned_free (self->groups);
   g_free (self->workers);
   g_free (self);
@@ -543,4 +649,19 @@ guint
 kd_worker_get_index (KdWorker *worker)
 {
   return worker->index;
+}
+
+/* What the start hook set with kd_worker_set_data(); the worker's own. */
+gpointer
+kd_worker_get_data (KdWorker *worker)
+{
+  return worker->data;
+}
+
+/* From the start hook, on @worker's thread. */
+void
+kd_worker_set_data (KdWorker *worker,
+                    gpointer  data)
+{
+  worker->data = data;
 }

@@ -1,4 +1,4 @@
-/* test-actors.c: a key's actor state
+/* test-actors.c: a key's actor state and a worker's own state
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -262,6 +262,279 @@ test_key_state_none (void)
   g_object_unref (dispatcher);
 }
 
+/* Per-worker state */
+
+#define N_WORKERS 4
+
+typedef struct
+{
+  guint    index;
+  GThread *thread;
+  guint    jobs;
+} WorkerData;
+
+typedef struct
+{
+  gint     inits;
+  gint     finalizes;
+  gint     wrong_thread;      /* init, finalize or a handler off the worker's thread */
+  gint     wrong_data;        /* a handler saw no data or another worker's */
+  gint     jobs;              /* summed over finalized workers */
+  gint     fail_index;        /* init fails on this worker; -1: never */
+  gint     data_freed;
+  gint     seen[N_WORKERS];   /* inits per index */
+} Workers;
+
+static gpointer
+worker_init (KdDispatcher  *dispatcher,
+             guint          worker_index,
+             gpointer       user_data,
+             GError       **error)
+{
+  Workers *workers = user_data;
+  WorkerData *data;
+
+  g_assert_true (KD_IS_DISPATCHER (dispatcher));
+  g_assert_cmpuint (worker_index, <, N_WORKERS);
+  g_atomic_int_inc (&workers->inits);
+  g_atomic_int_inc (&workers->seen[worker_index]);
+
+  if ((gint) worker_index == g_atomic_int_get (&workers->fail_index))
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED,
+                   "worker %u cannot connect", worker_index);
+      return NULL;
+    }
+
+  data = g_new0 (WorkerData, 1);
+  data->index = worker_index;
+  data->thread = g_thread_self ();
+  return data;
+}
+
+static void
+worker_finalize (KdDispatcher *dispatcher,
+                 guint         worker_index,
+                 gpointer      worker_data,
+                 gpointer      user_data)
+{
+  Workers *workers = user_data;
+  WorkerData *data = worker_data;
+
+  g_assert_true (KD_IS_DISPATCHER (dispatcher));
+  if (data->thread != g_thread_self () || data->index != worker_index)
+    g_atomic_int_inc (&workers->wrong_thread);
+  g_atomic_int_add (&workers->jobs, (gint) data->jobs);
+  g_atomic_int_inc (&workers->finalizes);
+  g_free (data);
+}
+
+static void
+workers_data_free (gpointer user_data)
+{
+  Workers *workers = user_data;
+
+  g_atomic_int_inc (&workers->data_freed);
+}
+
+static gboolean
+worker_handler (KdJob    *job,
+                gpointer  user_data,
+                GError  **error)
+{
+  Workers *workers = user_data;
+  WorkerData *data = kd_job_get_worker_data (job);
+
+  if (data == NULL)
+    {
+      g_atomic_int_inc (&workers->wrong_data);
+      return TRUE;
+    }
+  if (data->thread != g_thread_self ())
+    g_atomic_int_inc (&workers->wrong_thread);
+  data->jobs++;    /* no lock: only this worker sees its data */
+
+  return TRUE;
+}
+
+static KdDispatcher *
+workers_dispatcher_new (Workers *workers)
+{
+  KdDispatcher *dispatcher = kd_dispatcher_new (N_WORKERS, worker_handler, workers, NULL);
+
+  memset (workers, 0, sizeof *workers);
+  workers->fail_index = -1;
+  kd_dispatcher_set_fanout (dispatcher, 2);
+  kd_dispatcher_set_worker_funcs (dispatcher, worker_init, worker_finalize, workers,
+                                  workers_data_free);
+  return dispatcher;
+}
+
+static void
+test_worker_data (void)
+{
+  Workers workers;
+  KdDispatcher *dispatcher = workers_dispatcher_new (&workers);
+  guint n_jobs = kd_test_size (20000, 200000);
+  GError *error = NULL;
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("Each worker runs its init on its own thread before any job and "
+                  "its finalize there as it exits; handlers see their worker's data");
+
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_no_error (error);
+  /* start returned once every worker had run its init. */
+  g_assert_cmpint (g_atomic_int_get (&workers.inits), ==, N_WORKERS);
+  for (i = 0; i < N_WORKERS; i++)
+    g_assert_cmpint (workers.seen[i], ==, 1);
+  g_assert_cmpuint (kd_test_count_threads (), ==, N_WORKERS);
+  /* Starting again does nothing. */
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_cmpint (g_atomic_int_get (&workers.inits), ==, N_WORKERS);
+
+  for (i = 0; i < n_jobs; i++)
+    {
+      char key[16];
+
+      g_snprintf (key, sizeof key, "k%u", i % 97);
+      g_assert_true (kd_dispatcher_submit (dispatcher, i % 3 == 0 ? NULL : key, NULL, NULL));
+    }
+  kd_dispatcher_close (dispatcher);
+  kd_dispatcher_wait (dispatcher);
+
+  /* The workers exited, each after its finalize. */
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpint (workers.finalizes, ==, N_WORKERS);
+  g_assert_cmpint (workers.jobs, ==, (gint) n_jobs);
+  g_assert_cmpint (workers.wrong_thread, ==, 0);
+  g_assert_cmpint (workers.wrong_data, ==, 0);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, n_jobs);
+
+  g_assert_cmpint (workers.data_freed, ==, 0);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (workers.data_freed, ==, 1);
+  g_assert_cmpint (workers.finalizes, ==, N_WORKERS);
+}
+
+typedef struct
+{
+  GMainLoop *loop;
+  GError    *error;
+  gboolean   called;
+} AsyncOutcome;
+
+static void
+async_done_cb (GObject      *source,
+               GAsyncResult *result,
+               gpointer      user_data)
+{
+  AsyncOutcome *outcome = user_data;
+
+  outcome->called = TRUE;
+  g_assert_false (kd_dispatcher_submit_finish (KD_DISPATCHER (source), result, &outcome->error));
+  g_main_loop_quit (outcome->loop);
+}
+
+static void
+counter_item_free (gpointer item)
+{
+  kd_test_counter_add (item, 1);
+}
+
+static void
+test_worker_init_fails (void)
+{
+  Workers workers;
+  KdDispatcher *dispatcher = workers_dispatcher_new (&workers);
+  KdTestCounter freed;
+  AsyncOutcome outcome = { NULL, NULL, FALSE };
+  GError *error = NULL;
+  KdStats stats;
+
+  g_test_summary ("A worker init failing makes the start fail with its error: every "
+                  "worker exits (the started ones after their finalize), no job "
+                  "runs, a submit is refused with the error and keeps its item; a "
+                  "later start may succeed");
+
+  kd_test_counter_init (&freed);
+  kd_dispatcher_set_item_free (dispatcher, counter_item_free);
+  g_atomic_int_set (&workers.fail_index, 2);
+
+  g_assert_false (kd_dispatcher_start (dispatcher, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED);
+  g_assert_nonnull (strstr (error->message, "worker 2"));
+  g_clear_error (&error);
+  g_assert_cmpint (workers.inits, ==, N_WORKERS);
+  g_assert_cmpint (workers.finalizes, ==, N_WORKERS - 1);
+  g_assert_cmpint (workers.wrong_thread, ==, 0);
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+
+  /* A submit starts the workers, fails the same way, and keeps the item. */
+  g_assert_false (kd_dispatcher_submit (dispatcher, "k", &freed, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED);
+  g_clear_error (&error);
+  g_assert_false (kd_dispatcher_try_submit (dispatcher, NULL, &freed, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED);
+  g_clear_error (&error);
+
+  outcome.loop = g_main_loop_new (NULL, FALSE);
+  kd_dispatcher_submit_async (dispatcher, "k", &freed, NULL, async_done_cb, &outcome);
+  g_assert_false (outcome.called);
+  g_main_loop_run (outcome.loop);
+  g_assert_error (outcome.error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED);
+  g_clear_error (&outcome.error);
+
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpint (kd_test_counter_get (&freed), ==, 0);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, 0);
+  g_assert_cmpuint (stats.rejected, ==, 3);
+
+  /* The cause went away: the next start succeeds. */
+  g_atomic_int_set (&workers.fail_index, -1);
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", &freed, &error));
+  g_assert_no_error (error);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_cmpint (kd_test_counter_get (&freed), ==, 1);
+  g_assert_cmpint (workers.jobs, ==, 0);   /* counted at finalize */
+
+  g_object_unref (dispatcher);
+  g_assert_cmpint (workers.inits, ==, 5 * N_WORKERS);   /* 4 failed starts */
+  g_assert_cmpint (workers.finalizes, ==, 5 * N_WORKERS - 4);
+  g_assert_cmpint (workers.jobs, ==, 1);
+  g_assert_cmpint (workers.data_freed, ==, 1);
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_main_loop_unref (outcome.loop);
+  kd_test_counter_clear (&freed);
+}
+
+static void
+test_start_closed (void)
+{
+  Workers workers;
+  KdDispatcher *dispatcher = workers_dispatcher_new (&workers);
+  GError *error = NULL;
+
+  g_test_summary ("A dispatcher closed before it started never starts its workers");
+
+  kd_dispatcher_close (dispatcher);
+  g_assert_false (kd_dispatcher_start (dispatcher, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  g_assert_false (kd_dispatcher_submit (dispatcher, NULL, NULL, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  g_assert_cmpint (workers.inits, ==, 0);
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (workers.finalizes, ==, 0);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -272,6 +545,9 @@ main (int   argc,
   g_test_add_func ("/kd/actors/key-state-one-per-run", test_key_state_one_per_run);
   g_test_add_func ("/kd/actors/key-state-cancelled", test_key_state_cancelled);
   g_test_add_func ("/kd/actors/key-state-none", test_key_state_none);
+  g_test_add_func ("/kd/actors/worker-data", test_worker_data);
+  g_test_add_func ("/kd/actors/worker-init-fails", test_worker_init_fails);
+  g_test_add_func ("/kd/actors/start-closed", test_start_closed);
 
   return g_test_run ();
 }

@@ -89,6 +89,39 @@ typedef struct
 typedef gpointer (*KdKeyStateNewFunc) (const char *key,
                                        gpointer    user_data);
 
+/**
+ * KdWorkerInitFunc:
+ * @dispatcher: the dispatcher whose worker starts
+ * @worker_index: the worker's index, from 0 to the number of workers - 1
+ * @user_data: the data given to kd_dispatcher_set_worker_funcs()
+ * @error: return location for the reason the worker cannot run
+ *
+ * Prepares one worker thread, on that thread, before it runs any job: opens
+ * a database connection for it, for example.
+ *
+ * Returns: (transfer full) (nullable): the worker's data, which its handlers
+ *   get with kd_job_get_worker_data(); %NULL with @error set if the worker
+ *   cannot run (%NULL without an error is valid data)
+ */
+typedef gpointer (*KdWorkerInitFunc) (KdDispatcher  *dispatcher,
+                                      guint          worker_index,
+                                      gpointer       user_data,
+                                      GError       **error);
+
+/**
+ * KdWorkerFinalizeFunc:
+ * @dispatcher: the dispatcher whose worker exits
+ * @worker_index: the worker's index
+ * @worker_data: (transfer full) (nullable): what the #KdWorkerInitFunc returned
+ * @user_data: the data given to kd_dispatcher_set_worker_funcs()
+ *
+ * Cleans up one worker thread, on that thread, as it exits.
+ */
+typedef void (*KdWorkerFinalizeFunc) (KdDispatcher *dispatcher,
+                                      guint         worker_index,
+                                      gpointer      worker_data,
+                                      gpointer      user_data);
+
 KD_AVAILABLE_IN_ALL
 KdDispatcher *kd_dispatcher_new              (guint           n_workers,
                                               KdHandlerFunc   handler,
@@ -119,6 +152,12 @@ void          kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
                                                  gpointer           user_data,
                                                  GDestroyNotify     user_data_free);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
+                                              KdWorkerInitFunc      init,
+                                              KdWorkerFinalizeFunc  finalize,
+                                              gpointer              user_data,
+                                              GDestroyNotify        user_data_free);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_main_context (KdDispatcher   *self,
                                               GMainContext   *context);
 KD_AVAILABLE_IN_ALL
@@ -137,6 +176,9 @@ guint         kd_dispatcher_get_fanout       (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_get_capacity     (KdDispatcher   *self);
 
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_start            (KdDispatcher   *self,
+                                              GError        **error);
 KD_AVAILABLE_IN_ALL
 gboolean      kd_dispatcher_submit           (KdDispatcher   *self,
                                               const char     *key,

@@ -26,6 +26,8 @@ GCancellable *kd_job_get_cancellable (KdJob *job);
 KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_key_state   (KdJob *job);
 KD_AVAILABLE_IN_ALL
+gpointer      kd_job_get_worker_data (KdJob *job);
+KD_AVAILABLE_IN_ALL
 gboolean      kd_job_emit            (KdJob       *job,
                                       const char  *key,
                                       gpointer     item,
