@@ -46,6 +46,20 @@
  * only then releases the last job's unit, so that live_keys is 0 when
  * wait() returns.
  *
+ * Failure: a handler that fails with attempts left (kd_dispatcher_set_retry())
+ * does not end its job. A keyed job goes back to the head of its mailbox
+ * with the jobs of its batch behind it, and the mailbox, out of the
+ * scheduler, waits in the scheduler's timer until the retry is due, so the
+ * key keeps its order and no worker waits; an unkeyed job waits there
+ * alone. Its unit stays taken. A job that failed for good goes to the
+ * dead-letter function, and with KD_FAILURE_PARK its key parks: the
+ * mailbox, with the rest of its batch put back, stays in the key table out
+ * of the scheduler and enters the @parked table, before the failed job's
+ * unit is released. Whoever takes it out of @parked (resume, drop, cancel,
+ * the last unref) becomes its runner: it schedules it, or reaps it if it
+ * is empty. Cancellation hurries the timer and drops the parked keys, so
+ * every job still ends.
+ *
  * Workers never block on their own dispatcher: a submit from one of its own
  * workers that finds the bound reached fails with KD_ERROR_FULL instead of
  * waiting for a slot that only workers can free.
@@ -66,8 +80,8 @@
  * dispose then takes a reference back and hands the shutdown to a short-lived
  * thread, which drops that reference when it is done.
  *
- * Locks: a key shard's lock, the scheduler's queue locks and the
- * admission's sleeping lock are each taken alone, never nested; @async_lock
+ * Locks: a key shard's lock, the scheduler's queue locks, @parked_lock and
+ * the admission's sleeping lock are each taken alone, never nested; @async_lock
  * is taken before them (admitting a waiting submission queues its job), and
  * never while one of them is held. No lock is
  * held while user code (handler, done callback, item-free, destroy notify)
@@ -112,8 +126,17 @@ typedef struct
   guint64 completed;
   guint64 failed;
   guint64 cancelled;
+  guint64 retried;
   gint    running;
 } __attribute__ ((aligned (64))) KdWorkerStats;
+
+/* How a run of a job's handler turned out for its key and its unit. */
+typedef enum
+{
+  JOB_ENDED,   /* it ended: its unit may be released */
+  JOB_RETRY,   /* it failed with attempts left: it waits and runs again */
+  JOB_PARK,    /* it ended failed, and its key parks */
+} JobOutcome;
 
 typedef enum
 {
@@ -143,6 +166,13 @@ struct _KdDispatcher
   GDestroyNotify  key_state_free;
   gpointer        key_state_data;
   GDestroyNotify  key_state_data_free;
+  guint           max_attempts;      /* 1: no retry */
+  gint64          retry_initial_us;
+  gint64          retry_max_us;
+  KdFailurePolicy failure_policy;
+  KdDeadLetterFunc dead_letter;
+  gpointer        dead_letter_data;
+  GDestroyNotify  dead_letter_data_free;
   KdWorkerInitFunc     worker_init;
   KdWorkerFinalizeFunc worker_finalize;
   gpointer        worker_data;
@@ -183,6 +213,14 @@ struct _KdDispatcher
   KdTaskList      waiting;        /* KdSubmitResult tasks */
   gint            n_waiting;      /* atomic copy of waiting.length */
   GPtrArray      *result_deliveries;  /* KdResultDelivery * */
+
+  /* Parked keys, under @parked_lock: the key (its mailbox's) → KdMailbox.
+   * Once the dispatcher is cancelled or disposed, no key parks any more:
+   * @parking_closed. */
+  GMutex          parked_lock;
+  GHashTable     *parked;
+  gboolean        parking_closed;
+  gint            n_parked;       /* atomic copy of the table's size */
 };
 
 /* Where the callbacks of the async submissions made in one main context go.
@@ -403,14 +441,27 @@ deliver_job (KdTask   *task,
   finish_job (self, job, error);
 }
 
+static gboolean park_begin (KdDispatcher *self,
+                            KdMailbox    *mailbox);
+static void     park_end   (KdDispatcher *self,
+                            KdMailbox    *mailbox,
+                            gboolean      parked);
+
 /* Runs @job's handler, or ends it cancelled if the dispatcher was cancelled
- * before it started; then ends it. The caller releases its unit of admission
- * (saved beforehand: @job may be gone on return). */
-static void
+ * before it started; then ends it, unless it will be retried. @behind: the
+ * jobs of @job's batch after it, which go back to the mailbox if the key
+ * parks. The caller releases its unit of admission (saved beforehand: @job
+ * may be gone on return) unless it will be retried. */
+static JobOutcome
 run_job (KdDispatcher  *self,
          KdWorkerStats *stats,
-         KdJob         *job)
+         KdJob         *job,
+         KdJob        **behind,
+         guint          n_behind)
 {
+  KdMailbox *mailbox = job->mailbox;
+  JobOutcome outcome = JOB_ENDED;
+  gboolean parked = FALSE;
   GError *error = NULL;
   guint64 *counter;
 
@@ -429,6 +480,12 @@ run_job (KdDispatcher  *self,
                                    "The submission was cancelled before the job ran");
       counter = &stats->cancelled;
     }
+  else if (G_UNLIKELY (job->dropped))
+    {
+      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+                                   "The job's key was dropped while it was parked");
+      counter = &stats->cancelled;
+    }
   else
     {
       gboolean completed;
@@ -441,6 +498,7 @@ run_job (KdDispatcher  *self,
           job->mailbox->has_state = TRUE;
         }
 
+      job->attempt++;
       __atomic_store_n (&stats->running, 1, __ATOMIC_RELAXED);
       completed = self->handler (job, self->handler_data, &error);
       __atomic_store_n (&stats->running, 0, __ATOMIC_RELAXED);
@@ -463,7 +521,31 @@ run_job (KdDispatcher  *self,
               error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED,
                                            "The handler failed without saying why");
             }
+
+          /* Not once the dispatcher is cancelled, nor once the handler
+           * passed its item on: a retry would run without it. */
+          if (job->attempt < self->max_attempts && !job->handed_over &&
+              !g_cancellable_is_cancelled (self->cancellable))
+            {
+              g_debug ("dispatcher %p: attempt %u of a job failed, retrying: %s",
+                       (gpointer) self, job->attempt, error->message);
+              g_error_free (error);
+              count_ended (&stats->retried);
+              return JOB_RETRY;
+            }
+
           counter = &stats->failed;
+          if (self->dead_letter != NULL)
+            self->dead_letter (job, error, self->dead_letter_data);
+
+          /* Parked before the job ends: its done callback sees the key
+           * parked, and may resume or drop it. */
+          if (mailbox != NULL && self->failure_policy == KD_FAILURE_PARK)
+            {
+              kd_key_table_put_back (self->keys, mailbox, behind, n_behind);
+              parked = park_begin (self, mailbox);
+              outcome = JOB_PARK;
+            }
         }
     }
 
@@ -483,6 +565,172 @@ run_job (KdDispatcher  *self,
       finish_job (self, job, error);
       count_ended (counter);
     }
+
+  if (outcome == JOB_PARK)
+    park_end (self, mailbox, parked);
+
+  return outcome;
+}
+
+/* When a job that failed on its attempt runs again: the initial delay,
+ * doubled at each attempt, at most the maximum. */
+static gint64
+retry_due_time (KdDispatcher *self,
+                KdJob        *job)
+{
+  gint64 delay = self->retry_initial_us;
+  guint i;
+
+  for (i = 1; i < job->attempt && delay > 0 && delay < self->retry_max_us; i++)
+    delay = delay > self->retry_max_us / 2 ? self->retry_max_us : delay * 2;
+
+  return g_get_monotonic_time () + MIN (delay, self->retry_max_us);
+}
+
+/* Takes a parked mailbox out of parking, which makes the caller its runner:
+ * if it has jobs (if @drop, marked to end cancelled) it is scheduled; if
+ * not it is reaped here, with its key state. */
+static void
+unpark (KdDispatcher *self,
+        KdMailbox    *mailbox,
+        gboolean      drop)
+{
+  gpointer state = g_steal_pointer (&mailbox->state);
+  gboolean has_state = mailbox->has_state;
+
+  /* Taken out before the mailbox can be reaped and revived by a producer,
+   * whose worker must find no state in it. */
+  mailbox->has_state = FALSE;
+  if (kd_key_table_unpark (self->keys, mailbox, drop))
+    {
+      if (has_state && self->key_state_free != NULL)
+        self->key_state_free (state);
+      return;
+    }
+
+  /* It has jobs, so their units keep the workers alive. */
+  mailbox->state = state;
+  mailbox->has_state = has_state;
+  kd_scheduler_push (g_atomic_pointer_get (&self->scheduler), kd_mailbox_get_task (mailbox));
+}
+
+/* By the runner of @mailbox, whose job failed for good, before the job
+ * ends: the key parks (as finishing, until park_end()). FALSE if keys no
+ * longer park. */
+static gboolean
+park_begin (KdDispatcher *self,
+            KdMailbox    *mailbox)
+{
+  gboolean parked;
+
+  kd_mutex_lock (&self->parked_lock);
+  parked = !self->parking_closed;
+  if (parked)
+    {
+      mailbox->park_state = KD_PARK_FINISHING;
+      mailbox->park_request = KD_PARK_NONE;
+      g_hash_table_insert (self->parked, (gpointer) kd_mailbox_get_key (mailbox), mailbox);
+      g_atomic_int_inc (&self->n_parked);
+    }
+  kd_mutex_unlock (&self->parked_lock);
+
+  if (parked)
+    g_debug ("dispatcher %p: key \"%s\" parked after a failure", (gpointer) self,
+             kd_mailbox_get_key (mailbox));
+
+  return parked;
+}
+
+/* By the same runner once the failed job ended: the key stays parked, or
+ * (if it was resumed or dropped meanwhile, or keys no longer park) the
+ * runner unparks it itself: the key's next job never starts before the
+ * failed one's done callback returned. */
+static void
+park_end (KdDispatcher *self,
+          KdMailbox    *mailbox,
+          gboolean      parked)
+{
+  guint request = KD_PARK_DROP;
+
+  if (parked)
+    {
+      kd_mutex_lock (&self->parked_lock);
+      request = mailbox->park_request;
+      mailbox->park_state = request == KD_PARK_NONE ? KD_PARK_PARKED : KD_PARK_NONE;
+      mailbox->park_request = KD_PARK_NONE;
+      kd_mutex_unlock (&self->parked_lock);
+    }
+
+  if (request != KD_PARK_NONE)
+    unpark (self, mailbox, request == KD_PARK_DROP);
+}
+
+/* Takes @key out of parking, to resume it or (@drop) drop its jobs. FALSE
+ * if it was not parked. */
+static gboolean
+take_parked (KdDispatcher *self,
+             const char   *key,
+             gboolean      drop)
+{
+  KdMailbox *mailbox;
+  gboolean finishing;
+
+  kd_mutex_lock (&self->parked_lock);
+  mailbox = g_hash_table_lookup (self->parked, key);
+  if (mailbox == NULL)
+    {
+      kd_mutex_unlock (&self->parked_lock);
+      return FALSE;
+    }
+  g_hash_table_remove (self->parked, key);
+  g_atomic_int_add (&self->n_parked, -1);
+  /* Its runner still ends the failed job: it unparks the key after. */
+  finishing = mailbox->park_state == KD_PARK_FINISHING;
+  if (finishing)
+    mailbox->park_request = drop ? KD_PARK_DROP : KD_PARK_RESUME;
+  else
+    mailbox->park_state = KD_PARK_NONE;
+  kd_mutex_unlock (&self->parked_lock);
+
+  if (!finishing)
+    unpark (self, mailbox, drop);
+  return TRUE;
+}
+
+/* Cancelled or disposing: no key parks any more, and the parked ones are
+ * dropped, so that every job ends. */
+static void
+drop_parked (KdDispatcher *self)
+{
+  GPtrArray *parked = g_ptr_array_new ();
+  GHashTableIter iter;
+  gpointer value;
+  guint i;
+
+  kd_mutex_lock (&self->parked_lock);
+  self->parking_closed = TRUE;
+  g_hash_table_iter_init (&iter, self->parked);
+  while (g_hash_table_iter_next (&iter, NULL, &value))
+    {
+      KdMailbox *mailbox = value;
+
+      if (mailbox->park_state == KD_PARK_FINISHING)
+        {
+          mailbox->park_request = KD_PARK_DROP;
+        }
+      else
+        {
+          mailbox->park_state = KD_PARK_NONE;
+          g_ptr_array_add (parked, mailbox);
+        }
+    }
+  g_hash_table_remove_all (self->parked);
+  g_atomic_int_set (&self->n_parked, 0);
+  kd_mutex_unlock (&self->parked_lock);
+
+  for (i = 0; i < parked->len; i++)
+    unpark (self, parked->pdata[i], TRUE);
+  g_ptr_array_unref (parked);
 }
 
 /* Holds @mailbox: runs its jobs in order, up to MAILBOX_BUDGET, then reaps
@@ -500,18 +748,40 @@ run_mailbox (KdDispatcher  *self,
   for (;;)
     {
       gboolean reaped;
-      guint last_epoch;
+      guint last_epoch = 0;
       guint i;
 
-      for (i = 0; i + 1 < n; i++)
+      for (i = 0; i < n; i++)
         {
           guint epoch = jobs[i]->epoch;
+          JobOutcome outcome = run_job (self, stats, jobs[i], jobs + i + 1, n - i - 1);
 
-          run_job (self, stats, jobs[i]);
-          release_job (self, worker, epoch);
+          if (G_UNLIKELY (outcome == JOB_RETRY))
+            {
+              /* The job goes back to the head of its key, the key's later
+               * jobs wait behind it, and no worker waits with them: the
+               * mailbox leaves the scheduler until the retry is due. */
+              gint64 due_time = retry_due_time (self, jobs[i]);
+
+              kd_key_table_put_back (self->keys, mailbox, jobs + i, n - i);
+              kd_scheduler_push_at (kd_worker_get_scheduler (worker),
+                                    kd_mailbox_get_task (mailbox), due_time);
+              return;
+            }
+          if (G_UNLIKELY (outcome == JOB_PARK))
+            {
+              /* The rest of the batch went back to the parked mailbox,
+               * which is no longer ours. */
+              release_job (self, worker, epoch);
+              return;
+            }
+
+          /* The batch's last unit goes after the reaping, below. */
+          if (i + 1 < n)
+            release_job (self, worker, epoch);
+          else
+            last_epoch = epoch;
         }
-      last_epoch = jobs[n - 1]->epoch;
-      run_job (self, stats, jobs[n - 1]);
       ran += n;
 
       /* A key's state goes when its mailbox ran empty, before the mailbox
@@ -564,8 +834,10 @@ run_task (KdTask   *task,
       KdJob *job = (KdJob *) task;
       guint epoch = job->epoch;
 
-      run_job (self, stats, job);
-      release_job (self, worker, epoch);
+      if (G_UNLIKELY (run_job (self, stats, job, NULL, 0) == JOB_RETRY))
+        kd_scheduler_push_at (kd_worker_get_scheduler (worker), task, retry_due_time (self, job));
+      else
+        release_job (self, worker, epoch);
     }
 }
 
@@ -747,11 +1019,20 @@ submit_job (KdDispatcher  *self,
   return TRUE;
 }
 
+/* Every job not started ends cancelled: the queued ones as workers reach
+ * them, those waiting for a retry at once, those of parked keys too. */
 static void
 cancel (KdDispatcher *self)
 {
+  KdScheduler *scheduler;
+
   g_debug ("dispatcher %p: cancelled", (gpointer) self);
   kd_dispatcher_close (self);
+
+  scheduler = g_atomic_pointer_get (&self->scheduler);
+  if (scheduler != NULL)
+    kd_scheduler_hurry (scheduler);
+  drop_parked (self);
 }
 
 static void
@@ -768,6 +1049,8 @@ shutdown_sync (KdDispatcher *self)
   KdScheduler *scheduler;
 
   kd_dispatcher_close (self);
+  /* Nobody can resume a parked key any more. */
+  drop_parked (self);
   kd_admission_wait (&self->admission, NULL, NULL);
 
   /* Closed and drained. (Telling the workers again is harmless, and needed
@@ -861,6 +1144,9 @@ kd_dispatcher_finalize (GObject *object)
   g_ptr_array_unref (self->result_deliveries);
   g_mutex_clear (&self->async_lock);
 
+  g_assert (g_hash_table_size (self->parked) == 0);
+  g_hash_table_unref (self->parked);
+  g_mutex_clear (&self->parked_lock);
   kd_key_table_free (self->keys);
   kd_admission_clear (&self->admission);
   g_mutex_clear (&self->start_lock);
@@ -879,6 +1165,8 @@ kd_dispatcher_finalize (GObject *object)
     self->key_state_data_free (self->key_state_data);
   if (self->worker_data_free != NULL)
     self->worker_data_free (self->worker_data);
+  if (self->dead_letter_data_free != NULL)
+    self->dead_letter_data_free (self->dead_letter_data);
   if (self->handler_data_free != NULL)
     self->handler_data_free (self->handler_data);
 
@@ -1220,6 +1508,10 @@ static void
 kd_dispatcher_init (KdDispatcher *self)
 {
   self->fanout = 1;
+  self->max_attempts = 1;
+  self->failure_policy = KD_FAILURE_CONTINUE;
+  g_mutex_init (&self->parked_lock);
+  self->parked = g_hash_table_new (g_str_hash, g_str_equal);
   kd_admission_init (&self->admission, DEFAULT_CAPACITY, 0);
   g_mutex_init (&self->start_lock);
   self->keys = kd_key_table_new ();
@@ -1485,6 +1777,123 @@ kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
   self->key_state_free = state_free;
   self->key_state_data = user_data;
   self->key_state_data_free = user_data_free;
+}
+
+/**
+ * kd_dispatcher_set_retry:
+ * @self: a dispatcher
+ * @max_attempts: how many times a job may run, at least 1 (1: no retry)
+ * @initial_delay_us: the wait before the first retry, in microseconds
+ * @max_delay_us: the longest wait between two attempts, at least
+ *   @initial_delay_us
+ *
+ * Retries failed jobs: a job whose handler fails runs again after
+ * @initial_delay_us, then after twice that, and so on (at most
+ * @max_delay_us), until it completes or ran @max_attempts times; only then
+ * does it end (failed: the done callback and the dead-letter function get
+ * the last attempt's error). The handler learns which attempt it runs with
+ * kd_job_get_attempt(); the errors of earlier attempts are dropped.
+ *
+ * A keyed job keeps its place: the key's later jobs wait behind its retry,
+ * so its order holds, while other keys run on. A waiting retry holds no
+ * worker thread (a timer thread holds it), but it still counts as pending
+ * against the bound and for kd_dispatcher_wait(). Unkeyed jobs are retried
+ * the same way, each on its own.
+ *
+ * Once the dispatcher is cancelled no job is retried: those waiting for a
+ * retry end at once with %G_IO_ERROR_CANCELLED. A job whose handler passed
+ * its item on with kd_job_emit() is not retried either.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_retry (KdDispatcher *self,
+                         guint         max_attempts,
+                         gint64        initial_delay_us,
+                         gint64        max_delay_us)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (max_attempts >= 1);
+  g_return_if_fail (initial_delay_us >= 0);
+  g_return_if_fail (max_delay_us >= initial_delay_us);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  self->max_attempts = max_attempts;
+  self->retry_initial_us = initial_delay_us;
+  self->retry_max_us = max_delay_us;
+}
+
+/**
+ * kd_dispatcher_set_failure_policy:
+ * @self: a dispatcher
+ * @policy: what a key does after one of its jobs failed
+ *
+ * Chooses what happens to a key once one of its jobs ended failed (after
+ * its last attempt). With %KD_FAILURE_PARK the key parks: its later jobs,
+ * and those submitted meanwhile, stay queued untouched (still pending, so
+ * kd_dispatcher_wait() waits for them) until kd_dispatcher_resume_key()
+ * runs them or kd_dispatcher_drop_key() ends them cancelled. Other keys run
+ * on. Cancelling the dispatcher, or dropping its last reference, drops
+ * every parked key. The default, %KD_FAILURE_CONTINUE, runs the key's next
+ * job.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_failure_policy (KdDispatcher    *self,
+                                  KdFailurePolicy  policy)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (policy == KD_FAILURE_CONTINUE || policy == KD_FAILURE_PARK);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  self->failure_policy = policy;
+}
+
+/**
+ * kd_dispatcher_set_dead_letter_func:
+ * @self: a dispatcher
+ * @func: (nullable) (scope notified) (closure user_data) (destroy destroy):
+ *   receives each job that failed for good
+ * @user_data: data for @func
+ * @destroy: (nullable): frees @user_data once the dispatcher is finalized
+ *
+ * Sets the function that receives every job that ended failed after its
+ * last attempt, on the worker that ran it, before the done callback (see
+ * #KdDeadLetterFunc). Jobs that end cancelled never reach it.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_dead_letter_func (KdDispatcher     *self,
+                                    KdDeadLetterFunc  func,
+                                    gpointer          user_data,
+                                    GDestroyNotify    destroy)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (self->dead_letter_data_free != NULL)
+    self->dead_letter_data_free (self->dead_letter_data);
+
+  self->dead_letter = func;
+  self->dead_letter_data = user_data;
+  self->dead_letter_data_free = destroy;
 }
 
 /**
@@ -2095,6 +2504,91 @@ kd_dispatcher_close (KdDispatcher *self)
 }
 
 /**
+ * kd_dispatcher_resume_key:
+ * @self: a dispatcher
+ * @key: a key parked after a failure
+ *
+ * Lets a parked key run again (see %KD_FAILURE_PARK): its queued jobs run
+ * in their order, from the one after the job that failed.
+ *
+ * Thread-safe; may be called from a handler or a done callback.
+ *
+ * Returns: %TRUE if @key was parked
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_resume_key (KdDispatcher *self,
+                          const char   *key)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (key != NULL, FALSE);
+
+  return take_parked (self, key, FALSE);
+}
+
+/**
+ * kd_dispatcher_drop_key:
+ * @self: a dispatcher
+ * @key: a key parked after a failure
+ *
+ * Unparks a parked key and hands back its queued jobs: each ends with
+ * %G_IO_ERROR_CANCELLED through the done callback and the item-free
+ * function, in the key's order, without running. Jobs of the key submitted
+ * after this call run normally (a job submitted at the same time may go
+ * either way).
+ *
+ * Thread-safe; may be called from a handler or a done callback.
+ *
+ * Returns: %TRUE if @key was parked
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_drop_key (KdDispatcher *self,
+                        const char   *key)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (key != NULL, FALSE);
+
+  return take_parked (self, key, TRUE);
+}
+
+/**
+ * kd_dispatcher_list_parked_keys:
+ * @self: a dispatcher
+ *
+ * Lists the keys parked after a failure (see %KD_FAILURE_PARK), in no
+ * particular order.
+ *
+ * Thread-safe.
+ *
+ * Returns: (transfer full) (array zero-terminated=1): the parked keys; free
+ *   with g_strfreev()
+ *
+ * Since: 0.1
+ */
+char **
+kd_dispatcher_list_parked_keys (KdDispatcher *self)
+{
+  GPtrArray *keys;
+  GHashTableIter iter;
+  gpointer key;
+
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
+
+  keys = g_ptr_array_new ();
+  kd_mutex_lock (&self->parked_lock);
+  g_hash_table_iter_init (&iter, self->parked);
+  while (g_hash_table_iter_next (&iter, &key, NULL))
+    g_ptr_array_add (keys, g_strdup (key));
+  kd_mutex_unlock (&self->parked_lock);
+  g_ptr_array_add (keys, NULL);
+
+  return (char **) g_ptr_array_free (keys, FALSE);
+}
+
+/**
  * kd_dispatcher_get_stats:
  * @self: a dispatcher
  * @stats: (out caller-allocates): where to store the counters
@@ -2156,6 +2650,9 @@ kd_dispatcher_get_stats (KdDispatcher *self,
   stats->rejected = __atomic_load_n (&self->rejected, __ATOMIC_RELAXED);
 
   stats->live_keys = kd_key_table_count (self->keys);
+  for (i = 0; i <= self->n_workers; i++)
+    stats->retried += __atomic_load_n (&self->worker_stats[i].retried, __ATOMIC_RELAXED);
+  stats->parked_keys = (guint) g_atomic_int_get (&self->n_parked);
 }
 
 /* Sleeps until @n_blocked submitters are blocked waiting for room. */

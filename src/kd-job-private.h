@@ -27,7 +27,9 @@ struct _KdJob
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */
   guint         epoch;       /* the admission epoch it joined */
+  guint         attempt;     /* runs so far, this one included */
   gboolean      handed_over; /* kd_job_emit() passed the item on: do not free it */
+  gboolean      dropped;     /* its parked key was dropped: end it cancelled */
 };
 
 /* A job is its task: queues link jobs through their task header. */

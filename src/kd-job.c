@@ -82,6 +82,8 @@ kd_job_new (KdDispatcher *dispatcher,
   job->result = NULL;
   job->item = item;
   job->handed_over = FALSE;
+  job->dropped = FALSE;
+  job->attempt = 0;
   job->error = NULL;
   job->epoch = epoch;
 
@@ -205,6 +207,27 @@ kd_job_get_worker_data (KdJob *job)
   g_return_val_if_fail (job != NULL, NULL);
 
   return kd_dispatcher_get_worker_data (job->dispatcher);
+}
+
+/**
+ * kd_job_get_attempt:
+ * @job: a job, as passed to a handler, done callback or dead-letter function
+ *
+ * Tells which attempt at the job this is: 1 the first time its handler
+ * runs, 2 for its first retry, and so on (see kd_dispatcher_set_retry()).
+ * In a done callback or dead-letter function, how many times the handler
+ * ran; 0 for a job that ended without running.
+ *
+ * Returns: the attempt, counting from 1
+ *
+ * Since: 0.1
+ */
+guint
+kd_job_get_attempt (KdJob *job)
+{
+  g_return_val_if_fail (job != NULL, 0);
+
+  return job->attempt;
 }
 
 /**

@@ -28,6 +28,13 @@ guint       kd_key_table_next  (KdKeyTable  *self,
                                 KdJob      **jobs,
                                 guint        max_jobs,
                                 gboolean    *reaped);
+void        kd_key_table_put_back (KdKeyTable  *self,
+                                   KdMailbox   *mailbox,
+                                   KdJob      **jobs,
+                                   guint        n);
+gboolean    kd_key_table_unpark   (KdKeyTable  *self,
+                                   KdMailbox   *mailbox,
+                                   gboolean     drop);
 gboolean    kd_key_table_is_empty (KdKeyTable *self,
                                    KdMailbox  *mailbox);
 guint       kd_key_table_count (KdKeyTable  *self);

@@ -25,6 +25,12 @@
  *    taken. Reaping happens before the worker releases the last job's
  *    admission, so once wait() returns no key of the jobs it waited for is
  *    counted as live.
+ *  - kd_key_table_put_back(), by the runner when a job will be retried or
+ *    the key parks: the jobs it took and did not end go back to the head.
+ *    The mailbox stays active, out of the scheduler, until the retry is due
+ *    or the key is unparked; producers keep appending to it meanwhile.
+ *  - kd_key_table_unpark(): whoever unparks a key reaps its mailbox if it is
+ *    empty, or schedules it.
  *
  * Reaping a mailbox ends its life as the key's actor at once: it holds no
  * job, is no longer counted, and the next job of its key makes it active
@@ -231,6 +237,18 @@ kd_key_table_pop (KdKeyTable  *self,
   return n;
 }
 
+/* Makes an empty active mailbox dormant; returns a mailbox the caller must
+ * free, if one was evicted to make room. */
+static KdMailbox *
+reap_locked (Shard     *shard,
+             KdMailbox *mailbox)
+{
+  __atomic_store_n (&shard->count, shard->count - 1, __ATOMIC_RELEASE);
+  link_dormant_locked (shard, mailbox);
+
+  return shard->dormant.length > DORMANT_MAX ? evict_oldest_locked (shard) : NULL;
+}
+
 /*
  * kd_key_table_next:
  * @reaped: (out): set if the mailbox ran empty and was reaped
@@ -255,12 +273,7 @@ kd_key_table_next (KdKeyTable  *self,
   kd_mutex_lock (&shard->lock);
   *reaped = kd_mailbox_is_empty_locked (mailbox);
   if (*reaped)
-    {
-      __atomic_store_n (&shard->count, shard->count - 1, __ATOMIC_RELEASE);
-      link_dormant_locked (shard, mailbox);
-      if (shard->dormant.length > DORMANT_MAX)
-        to_free = evict_oldest_locked (shard);
-    }
+    to_free = reap_locked (shard, mailbox);
   else
     {
       n = kd_mailbox_pop_locked (mailbox, jobs, max_jobs);
@@ -271,6 +284,68 @@ kd_key_table_next (KdKeyTable  *self,
     kd_mailbox_free (to_free);
 
   return n;
+}
+
+/* By the mailbox's runner, which holds it out of the scheduler (a retry
+ * waiting, or a parked key): puts @n jobs it took back at the head of the
+ * mailbox, in their order, before the jobs that arrived meanwhile. */
+void
+kd_key_table_put_back (KdKeyTable  *self,
+                       KdMailbox   *mailbox,
+                       KdJob      **jobs,
+                       guint        n)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+  guint i;
+
+  if (n == 0)
+    return;
+
+  kd_mutex_lock (&shard->lock);
+  for (i = 0; i + 1 < n; i++)
+    jobs[i]->task.next = &jobs[i + 1]->task;
+  jobs[n - 1]->task.next = mailbox->head != NULL ? &mailbox->head->task : NULL;
+  if (mailbox->head == NULL)
+    mailbox->tail = jobs[n - 1];
+  mailbox->head = jobs[0];
+  kd_mutex_unlock (&shard->lock);
+}
+
+/*
+ * kd_key_table_unpark:
+ *
+ * By whoever takes a parked mailbox out of parking, which makes it its
+ * runner: if @drop, marks every job queued in it as dropped (they end
+ * cancelled when they run). Then reaps the mailbox if it has no job, and
+ * returns TRUE (the caller must not touch it again); otherwise the caller
+ * schedules it.
+ */
+gboolean
+kd_key_table_unpark (KdKeyTable *self,
+                     KdMailbox  *mailbox,
+                     gboolean    drop)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+  KdMailbox *to_free = NULL;
+  gboolean reaped;
+
+  kd_mutex_lock (&shard->lock);
+  if (drop)
+    {
+      KdJob *job;
+
+      for (job = mailbox->head; job != NULL; job = (KdJob *) job->task.next)
+        job->dropped = TRUE;
+    }
+  reaped = kd_mailbox_is_empty_locked (mailbox);
+  if (reaped)
+    to_free = reap_locked (shard, mailbox);
+  kd_mutex_unlock (&shard->lock);
+
+  if (to_free != NULL)
+    kd_mailbox_free (to_free);
+
+  return reaped;
 }
 
 /* By the mailbox's runner: whether the mailbox has no job left right now

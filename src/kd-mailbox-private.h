@@ -27,6 +27,17 @@ typedef struct
 
 typedef struct _KdMailbox KdMailbox;
 
+/* A parked key's state, and what was asked of it while its runner was
+ * still ending the failed job (see kd-dispatcher.c). */
+enum
+{
+  KD_PARK_NONE,
+  KD_PARK_FINISHING,   /* state: parked, its runner ends the failed job */
+  KD_PARK_PARKED,      /* state: parked, nobody runs it */
+  KD_PARK_RESUME,      /* request */
+  KD_PARK_DROP,        /* request */
+};
+
 struct _KdMailbox
 {
   KdTask  task;        /* first: the scheduler's link */
@@ -43,6 +54,10 @@ struct _KdMailbox
    * mailbox) */
   gpointer   state;
   gboolean   has_state;
+
+  /* Under the dispatcher's parked_lock: KD_PARK_* */
+  guint8     park_state;
+  guint8     park_request;
 
   /* Atomic: the key table's reference, and one per job still waiting for a
    * main context to deliver it (the key must outlive the table entry) */

@@ -37,6 +37,10 @@ KdScheduler *kd_scheduler_new        (guint              n_workers,
                                       GError           **error);
 void         kd_scheduler_push       (KdScheduler *self,
                                       KdTask      *task);
+void         kd_scheduler_push_at    (KdScheduler *self,
+                                      KdTask      *task,
+                                      gint64       due_time);
+void         kd_scheduler_hurry      (KdScheduler *self);
 void         kd_scheduler_shutdown   (KdScheduler *self);
 void         kd_scheduler_join       (KdScheduler *self);
 void         kd_scheduler_free       (KdScheduler *self);

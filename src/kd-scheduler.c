@@ -41,8 +41,13 @@
  * barrier for all of them; if one fails, all exit and kd_scheduler_new()
  * fails with its error. A worker runs the stop hook as it exits.
  *
+ * Delayed tasks (a retry waiting out its backoff) wait in a KdTimer, whose
+ * thread is made at the first one and pushes each when it is due;
+ * kd_scheduler_hurry() makes them all due at once (cancellation).
+ *
  * Shutdown: once the owner calls kd_scheduler_shutdown(), a worker that
- * finds no task exits; kd_scheduler_join() waits for all of them. The owner
+ * finds no task exits, and so does the timer's thread; kd_scheduler_join()
+ * waits for all of them. The owner
  * shuts down only when nothing is pending, so no task is left behind.
  *
  * Lock order: a thread holds at most one of a group lock and idle_lock at a
@@ -53,6 +58,7 @@
 
 #include "kd-scheduler-private.h"
 #include "kd-sync-private.h"
+#include "kd-timer-private.h"
 
 /* How long the spinning worker looks for a task, yielding the processor in
  * between, before it parks: long enough to catch the next burst of a
@@ -113,6 +119,12 @@ struct _KdScheduler
   guint       n_started;
   GError     *start_error;
   gint        start_verdict;
+
+  /* Delayed tasks (kd_scheduler_push_at()): a timer thread, made at the
+   * first one; protected by @timer_lock */
+  GMutex      timer_lock;
+  KdTimer    *timer;
+  gboolean    hurried;
 
   /* Protected by @join_lock */
   GMutex      join_lock;
@@ -511,6 +523,7 @@ kd_scheduler_new (guint              n_workers,
   g_mutex_init (&self->join_lock);
   g_mutex_init (&self->start_lock);
   g_cond_init (&self->start_cond);
+  g_mutex_init (&self->timer_lock);
 
   for (i = 0; i < self->n_groups; i++)
     g_mutex_init (&self->groups[i].lock);
@@ -562,11 +575,58 @@ kd_scheduler_push (KdScheduler *self,
   wake_if_useful (self);
 }
 
+static void
+push_due_task (KdTask   *task,
+               gpointer  user_data)
+{
+  kd_scheduler_push (user_data, task);
+}
+
+/* Any thread: pushes @task once g_get_monotonic_time() reached @due_time,
+ * or at once after kd_scheduler_hurry(). Not after the shutdown: the owner
+ * delays only tasks that it still counts as pending. */
+void
+kd_scheduler_push_at (KdScheduler *self,
+                      KdTask      *task,
+                      gint64       due_time)
+{
+  KdTimer *timer;
+
+  kd_mutex_lock (&self->timer_lock);
+  if (self->timer == NULL)
+    {
+      self->timer = kd_timer_new ("kd-retry", push_due_task, self);
+      if (self->hurried)
+        kd_timer_hurry (self->timer);
+    }
+  timer = self->timer;
+  kd_mutex_unlock (&self->timer_lock);
+
+  kd_timer_add (timer, task, due_time);
+}
+
+/* Any thread, idempotent: every delayed task is due now, and every one
+ * delayed later too. */
+void
+kd_scheduler_hurry (KdScheduler *self)
+{
+  kd_mutex_lock (&self->timer_lock);
+  self->hurried = TRUE;
+  if (self->timer != NULL)
+    kd_timer_hurry (self->timer);
+  kd_mutex_unlock (&self->timer_lock);
+}
+
 /* Any thread, idempotent: workers exit once they find no task. */
 void
 kd_scheduler_shutdown (KdScheduler *self)
 {
   g_atomic_int_set (&self->shutting_down, TRUE);
+
+  kd_mutex_lock (&self->timer_lock);
+  if (self->timer != NULL)
+    kd_timer_stop (self->timer);
+  kd_mutex_unlock (&self->timer_lock);
 
   kd_mutex_lock (&self->idle_lock);
   while (self->idle != NULL)
@@ -601,6 +661,8 @@ kd_scheduler_join (KdScheduler *self)
           self->workers[i].thread = NULL;
           kd_tsan_acquire (&self->workers[i]);
         }
+      /* Stopped by the shutdown: no task waits in it. */
+      g_clear_pointer (&self->timer, kd_timer_free);
       self->joined = TRUE;
     }
   kd_mutex_unlock (&self->join_lock);
@@ -627,6 +689,7 @@ kd_scheduler_free (KdScheduler *self)
   g_mutex_clear (&self->join_lock);
   g_mutex_clear (&self->start_lock);
   g_cond_clear (&self->start_cond);
+  g_mutex_clear (&self->timer_lock);
   g_aligned_free (self->groups);
   g_free (self->workers);
   g_free (self);

@@ -59,7 +59,10 @@ typedef void (*KdDoneFunc) (KdJob        *job,
  * @rejected: submit calls refused (closed, full or timed out)
  * @pending: jobs accepted and not yet ended
  * @running: handlers running right now
- * @live_keys: mailboxes in the key table
+ * @live_keys: keys with work, or parked
+ * @retried: attempts that ran again after a failure (see
+ *   kd_dispatcher_set_retry())
+ * @parked_keys: keys parked after a failure (see #KdFailurePolicy)
  *
  * A snapshot of a dispatcher's counters, filled by kd_dispatcher_get_stats().
  * In every snapshot @submitted == @completed + @failed + @cancelled + @pending.
@@ -74,7 +77,41 @@ typedef struct
   guint64 pending;
   guint   running;
   guint   live_keys;
+  guint64 retried;
+  guint   parked_keys;
 } KdStats;
+
+/**
+ * KdFailurePolicy:
+ * @KD_FAILURE_CONTINUE: the key's next job runs as if nothing happened
+ * @KD_FAILURE_PARK: the key parks: its later jobs, and those submitted
+ *   meanwhile, stay queued and untouched until
+ *   kd_dispatcher_resume_key() or kd_dispatcher_drop_key()
+ *
+ * What a key does once one of its jobs ended failed (after its last
+ * attempt, see kd_dispatcher_set_retry()). Unkeyed jobs always continue.
+ */
+typedef enum
+{
+  KD_FAILURE_CONTINUE,
+  KD_FAILURE_PARK,
+} KdFailurePolicy;
+
+/**
+ * KdDeadLetterFunc:
+ * @job: the job that failed, borrowed for the duration of the call
+ * @error: the handler's error from the last attempt
+ * @user_data: the data given to kd_dispatcher_set_dead_letter_func()
+ *
+ * Receives every job that ended failed after its last attempt, on the
+ * worker that ran it, before the done callback: the place to store it for
+ * later inspection or replay (copy what is needed; the item is freed after
+ * the done callback as usual). kd_job_get_attempt() tells how many times it
+ * ran.
+ */
+typedef void (*KdDeadLetterFunc) (KdJob        *job,
+                                  const GError *error,
+                                  gpointer      user_data);
 
 /**
  * KdKeyStateNewFunc:
@@ -158,6 +195,19 @@ void          kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
                                               gpointer              user_data,
                                               GDestroyNotify        user_data_free);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_retry        (KdDispatcher   *self,
+                                              guint           max_attempts,
+                                              gint64          initial_delay_us,
+                                              gint64          max_delay_us);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_failure_policy (KdDispatcher    *self,
+                                                KdFailurePolicy  policy);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_dead_letter_func (KdDispatcher     *self,
+                                                  KdDeadLetterFunc  func,
+                                                  gpointer          user_data,
+                                                  GDestroyNotify    destroy);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_main_context (KdDispatcher   *self,
                                               GMainContext   *context);
 KD_AVAILABLE_IN_ALL
@@ -210,6 +260,14 @@ KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_wait             (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_close            (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_resume_key       (KdDispatcher   *self,
+                                              const char     *key);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_drop_key         (KdDispatcher   *self,
+                                              const char     *key);
+KD_AVAILABLE_IN_ALL
+char        **kd_dispatcher_list_parked_keys (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_get_stats        (KdDispatcher   *self,
                                               KdStats        *stats);

@@ -28,6 +28,8 @@ gpointer      kd_job_get_key_state   (KdJob *job);
 KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_worker_data (KdJob *job);
 KD_AVAILABLE_IN_ALL
+guint         kd_job_get_attempt     (KdJob *job);
+KD_AVAILABLE_IN_ALL
 gboolean      kd_job_emit            (KdJob       *job,
                                       const char  *key,
                                       gpointer     item,
