@@ -753,7 +753,8 @@ kd_pipeline_wait_ticket_sleepers (KdPipeline   *self,
 {
   Stage *found = find_stage (self, stage);
 
+  /* Starting creates the ordered stages' reorders. */
   ensure_started (self);
-  g_assert (found != NULL && found->reorder != NULL);
+  g_return_if_fail (found != NULL && found->reorder != NULL);
   kd_reorder_wait_sleepers (found->reorder, n_sleeping);
 }

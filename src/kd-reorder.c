@@ -107,16 +107,20 @@ struct _OrderKey
   KdLruLink dormant_link;  /* in the shard's dormant list */
 };
 
+/* The counts last, after the pointers, so that a shard fills one cache line
+ * and no more. */
 struct _Shard
 {
   GMutex      lock;
   GHashTable *table;        /* KdKey * (inside its OrderKey) → OrderKey *, active or dormant */
-  KdLru       dormant;      /* dormant keys, least recently used first */
   KdTicket   *spare_tickets;
-  guint       n_spare_tickets;
   Emitted    *spare_emitted;
+  KdLru       dormant;      /* dormant keys, least recently used first */
+  guint       n_spare_tickets;
   guint       n_spare_emitted;
 } __attribute__ ((aligned (64)));
+
+G_STATIC_ASSERT (sizeof (Shard) == 64);
 
 struct _KdReorder
 {
