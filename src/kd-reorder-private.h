@@ -42,6 +42,7 @@ gboolean   kd_reorder_emit  (KdReorder         *self,
 void       kd_reorder_leave (KdReorder         *self,
                              KdTicket          *ticket);
 
+guint      kd_reorder_count_keys    (KdReorder *self);
 void       kd_reorder_wait_sleepers (KdReorder *self,
                                      guint      n_sleeping);
 

@@ -621,6 +621,24 @@ kd_reorder_leave (KdReorder *self,
   kd_mutex_unlock (&shard->lock);
 }
 
+/* For tests: how many keys the shards hold, active or dormant (not the
+ * unkeyed items' FIFO). */
+guint
+kd_reorder_count_keys (KdReorder *self)
+{
+  guint n = 0;
+  guint i;
+
+  for (i = 0; i < N_SHARDS; i++)
+    {
+      kd_mutex_lock (&self->shards[i].lock);
+      n += g_hash_table_size (self->shards[i].table);
+      kd_mutex_unlock (&self->shards[i].lock);
+    }
+
+  return n;
+}
+
 /* For tests: sleeps until @n_sleeping threads are blocked in
  * kd_reorder_enter(). */
 void

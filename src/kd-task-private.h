@@ -78,16 +78,16 @@ kd_task_list_take (KdTaskList *list,
   return head;
 }
 
-/* Appends a NULL-terminated chain of @n tasks that ends with @last: no walk
- * over the chain, whose tasks are likely in other cores' caches. */
+/* Appends a NULL-terminated chain of @n tasks, at least one, that ends with
+ * @last: no walk over the chain, whose tasks are likely in other cores'
+ * caches. */
 static inline void
 kd_task_list_append_chain (KdTaskList *list,
                            KdTask     *chain,
                            KdTask     *last,
                            guint       n)
 {
-  if (chain == NULL)
-    return;
+  g_assert (chain != NULL && last != NULL && n > 0);
 
   if (list->tail != NULL)
     list->tail->next = chain;

@@ -128,6 +128,7 @@ on_submitted (GObject      *source,
 {
   Call *call = user_data;
   Run *run = call->run;
+  GObject *source_object;
   GError *error = NULL;
 
   if (g_thread_self () != run->callback_thread)
@@ -139,6 +140,9 @@ on_submitted (GObject      *source,
   g_assert_true (g_async_result_is_tagged (result,
                                            (gpointer) (guintptr) kd_dispatcher_submit_async));
   g_assert_true (g_async_result_get_user_data (result) == call);
+  source_object = g_async_result_get_source_object (result);
+  g_assert_true (source_object == source);
+  g_object_unref (source_object);
   g_assert_cmpint (call->outcome, ==, OUTCOME_NONE);
 
   if (kd_dispatcher_submit_finish (KD_DISPATCHER (source), result, &error))

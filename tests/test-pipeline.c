@@ -8,7 +8,9 @@
 #include <kdispatch/kdispatch.h>
 #include <string.h>
 
+#include "kd-job-private.h"
 #include "kd-pipeline-private.h"
+#include "kd-reorder-private.h"
 #include "kd-test-util.h"
 
 /* ------------------------------------------------------------------------ */
@@ -1243,6 +1245,297 @@ test_unref_in_handler (void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* The caller's cancellable; replacing the sink                             */
+
+typedef struct
+{
+  KdTestHold  hold;
+  GError     *emit_error;   /* item 0's */
+} Stopper;
+
+static gboolean
+stop_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  Stopper *stopper = user_data;
+  Item *item = kd_job_get_item (job);
+
+  if (item->id != 0)
+    return kd_job_emit (job, kd_job_get_key (job), item, error);
+
+  /* A failed emit leaves the item with the job: its stage frees it. */
+  g_assert_true (kd_test_hold_enter (&stopper->hold));
+  kd_job_emit (job, kd_job_get_key (job), item, &stopper->emit_error);
+  return TRUE;
+}
+
+static void
+test_set_cancellable (void)
+{
+  Stopper stopper = { 0 };
+  GCancellable *cancellable = g_cancellable_new ();
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *second;
+  KdStats stats;
+  gint reached = 0;
+  guint i;
+
+  g_test_summary ("kd_pipeline_set_cancellable() gives the caller's cancellable to "
+                  "every stage, added before or after; cancelling it ends the "
+                  "queued items cancelled and makes emitting fail with "
+                  "KD_ERROR_CLOSED, so nothing reaches the sink");
+
+  ledger_reset (5);
+  kd_test_hold_init (&stopper.hold);
+  first = kd_pipeline_add_stage (pipeline, "first", 1, stop_handler, &stopper, NULL);
+  kd_dispatcher_set_item_free (first, item_free);
+  kd_pipeline_set_cancellable (pipeline, cancellable);
+  second = kd_pipeline_add_stage (pipeline, "second", 1, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (second, item_free);
+  kd_pipeline_set_sink (pipeline, count_sink, &reached, NULL);
+
+  g_assert_true (kd_pipeline_get_cancellable (pipeline) == cancellable);
+  g_assert_true (kd_dispatcher_get_cancellable (first) == cancellable);
+  g_assert_true (kd_dispatcher_get_cancellable (second) == cancellable);
+
+  /* One key and one worker: items 1 to 4 queue behind item 0, held. */
+  for (i = 0; i < 5; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (i, 0, i), NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&stopper.hold, 1));
+  g_cancellable_cancel (cancellable);
+  kd_test_hold_release (&stopper.hold);
+  kd_pipeline_wait (pipeline);
+
+  g_assert_error (stopper.emit_error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&stopper.emit_error);
+  kd_dispatcher_get_stats (first, &stats);
+  g_assert_cmpuint (stats.completed, ==, 1);
+  g_assert_cmpuint (stats.cancelled, ==, 4);
+  g_assert_cmpint (reached, ==, 0);
+
+  g_object_unref (pipeline);
+  g_object_unref (cancellable);
+  ledger_check_all_freed_once ();
+  kd_test_hold_clear (&stopper.hold);
+}
+
+typedef struct
+{
+  gint reached;
+  gint destroyed;
+} SinkCount;
+
+static void
+sink_count_item (const char *key,
+                 gpointer    data,
+                 gpointer    user_data)
+{
+  SinkCount *count = user_data;
+
+  g_atomic_int_inc (&count->reached);
+  item_free (data);
+}
+
+static void
+sink_count_destroy (gpointer user_data)
+{
+  SinkCount *count = user_data;
+
+  g_atomic_int_inc (&count->destroyed);
+}
+
+static void
+test_sink_replaced (void)
+{
+  SinkCount old_sink = { 0 }, new_sink = { 0 };
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *only;
+  guint i;
+
+  g_test_summary ("Setting the sink again frees the previous sink's data at once; "
+                  "only the new sink receives items, and its data is freed with "
+                  "the pipeline");
+
+  ledger_reset (10);
+  only = kd_pipeline_add_stage (pipeline, "only", 2, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (only, item_free);
+  kd_pipeline_set_sink (pipeline, sink_count_item, &old_sink, sink_count_destroy);
+  kd_pipeline_set_sink (pipeline, sink_count_item, &new_sink, sink_count_destroy);
+  g_assert_cmpint (old_sink.destroyed, ==, 1);
+  g_assert_cmpint (new_sink.destroyed, ==, 0);
+
+  for (i = 0; i < 10; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, NULL, item_new (i, 0, 0), NULL));
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpint (old_sink.reached, ==, 0);
+  g_assert_cmpint (new_sink.reached, ==, 10);
+
+  g_object_unref (pipeline);
+  g_assert_cmpint (old_sink.destroyed, ==, 1);
+  g_assert_cmpint (new_sink.destroyed, ==, 1);
+  ledger_check_all_freed_once ();
+}
+
+/* ------------------------------------------------------------------------ */
+/* The reorder of an ordered stage, on its own                              */
+
+typedef struct
+{
+  GArray     *passed;          /* item numbers, in the order they went on */
+  const char *key;             /* what every item's key must be */
+  guint       wrong_keys;
+} Passed;
+
+static gboolean
+record_pass (const char  *key,
+             gpointer     item,
+             GError     **error,
+             gpointer     user_data)
+{
+  Passed *passed = user_data;
+  guint n = GPOINTER_TO_UINT (item) - 1;
+
+  if (g_strcmp0 (key, passed->key) != 0)
+    passed->wrong_keys++;
+  g_array_append_val (passed->passed, n);
+  return TRUE;
+}
+
+static void
+unexpected_drop (const char   *key,
+                 gpointer      item,
+                 const GError *error,
+                 gpointer      user_data)
+{
+  g_error ("item %u dropped: %s", GPOINTER_TO_UINT (item) - 1,
+           error != NULL ? error->message : "no error");
+}
+
+static void
+reorder_emit_number (KdReorder  *reorder,
+                     KdTicket   *ticket,
+                     const char *key,
+                     guint       n)
+{
+  GError *error = NULL;
+
+  g_assert_true (kd_reorder_emit (reorder, ticket, kd_label_new (key),
+                                  GUINT_TO_POINTER (n + 1), &error));
+  g_assert_no_error (error);
+}
+
+#define LONG_GAP 100
+
+static void
+test_reorder_long_gap (void)
+{
+  const char *keys[] = { NULL, "k" };
+  guint k, i;
+
+  g_test_summary ("What a hundred tickets emit behind a head that is still running "
+                  "leaves in entry order once the head ends, with and without a "
+                  "key, past the caps of the tickets and buffers kept for reuse");
+
+  for (k = 0; k < G_N_ELEMENTS (keys); k++)
+    {
+      Passed passed = { g_array_new (FALSE, FALSE, sizeof (guint)), keys[k], 0 };
+      KdReorder *reorder = kd_reorder_new (LONG_GAP + 1, record_pass, unexpected_drop,
+                                           &passed);
+      KdTicket *tickets[LONG_GAP + 1];
+
+      for (i = 0; i <= LONG_GAP; i++)
+        {
+          GError *error = NULL;
+
+          tickets[i] = kd_reorder_enter (reorder, keys[k], &error);
+          g_assert_no_error (error);
+          g_assert_nonnull (tickets[i]);
+        }
+
+      /* Behind the head: buffered, however many end. */
+      for (i = 1; i <= LONG_GAP; i++)
+        {
+          reorder_emit_number (reorder, tickets[i], keys[k], i);
+          kd_reorder_leave (reorder, tickets[i]);
+        }
+      g_assert_cmpuint (passed.passed->len, ==, 0);
+
+      /* The head passes its own at once, and the rest once it ends. */
+      reorder_emit_number (reorder, tickets[0], keys[k], 0);
+      g_assert_cmpuint (passed.passed->len, ==, 1);
+      kd_reorder_leave (reorder, tickets[0]);
+
+      g_assert_cmpuint (passed.passed->len, ==, LONG_GAP + 1);
+      for (i = 0; i <= LONG_GAP; i++)
+        g_assert_cmpuint (g_array_index (passed.passed, guint, i), ==, i);
+      g_assert_cmpuint (passed.wrong_keys, ==, 0);
+
+      /* Frees the recycled tickets and buffers; asserts every ticket is back. */
+      kd_reorder_free (reorder);
+      g_array_unref (passed.passed);
+    }
+}
+
+#define MANY_KEYS 1000
+
+static void
+reorder_pass_keys (KdReorder *reorder,
+                   Passed    *passed,
+                   guint      n_keys)
+{
+  guint i;
+
+  for (i = 0; i < n_keys; i++)
+    {
+      char *key = g_strdup_printf ("key-%u", i);
+      GError *error = NULL;
+      KdTicket *ticket = kd_reorder_enter (reorder, key, &error);
+
+      g_assert_no_error (error);
+      passed->key = key;
+      reorder_emit_number (reorder, ticket, key, i);
+      kd_reorder_leave (reorder, ticket);
+      passed->key = NULL;
+      g_free (key);
+    }
+}
+
+static void
+test_reorder_forgets_idle_keys (void)
+{
+  Passed passed = { g_array_new (FALSE, FALSE, sizeof (guint)), NULL, 0 };
+  KdReorder *reorder = kd_reorder_new (8, record_pass, unexpected_drop, &passed);
+  guint round, i;
+
+  g_test_summary ("A key whose items all left stays known to the reorder for its "
+                  "next item, but only up to a bound: after a thousand keys the "
+                  "reorder holds a fraction of them, and keys it forgot work "
+                  "again");
+
+  /* A few keys: all kept, dormant. */
+  reorder_pass_keys (reorder, &passed, 5);
+  g_assert_cmpuint (kd_reorder_count_keys (reorder), ==, 5);
+  g_array_set_size (passed.passed, 0);
+
+  /* Twice over many keys: the second round meets keys the first forgot. */
+  for (round = 0; round < 2; round++)
+    {
+      reorder_pass_keys (reorder, &passed, MANY_KEYS);
+      g_assert_cmpuint (passed.passed->len, ==, MANY_KEYS);
+      for (i = 0; i < MANY_KEYS; i++)
+        g_assert_cmpuint (g_array_index (passed.passed, guint, i), ==, i);
+      g_assert_cmpuint (passed.wrong_keys, ==, 0);
+      g_assert_cmpuint (kd_reorder_count_keys (reorder), >, 0);
+      g_assert_cmpuint (kd_reorder_count_keys (reorder), <, MANY_KEYS / 4);
+      g_array_set_size (passed.passed, 0);
+    }
+
+  kd_reorder_free (reorder);
+  g_array_unref (passed.passed);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Bad input                                                                */
 
 static gboolean
@@ -1260,6 +1553,7 @@ test_bad_input (void)
   KdPipeline *empty;
   KdDispatcher *stranger;
   KdDispatcher *stage;
+  GCancellable *late_cancellable;
 
   g_test_summary ("Configuration after the first submit, a foreign stage, an empty "
                   "pipeline and kd_job_emit() outside a pipeline are criticals");
@@ -1290,6 +1584,18 @@ test_bad_input (void)
   g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
   kd_pipeline_set_stage_mode (pipeline, stage, KD_STAGE_PARALLEL);
   g_test_assert_expected_messages ();
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_pipeline_set_sink (pipeline, NULL, NULL, NULL);
+  g_test_assert_expected_messages ();
+
+  late_cancellable = g_cancellable_new ();
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_pipeline_set_cancellable (pipeline, late_cancellable);
+  g_test_assert_expected_messages ();
+  g_assert_true (kd_pipeline_get_cancellable (pipeline) != late_cancellable);
+  g_assert_true (kd_dispatcher_get_cancellable (stage) != late_cancellable);
+  g_object_unref (late_cancellable);
 
   kd_pipeline_wait (pipeline);
   g_assert_cmpuint (kd_pipeline_get_n_stages (pipeline), ==, 1);
@@ -1348,6 +1654,10 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/emit-after-cancel", test_emit_after_cancel);
   g_test_add_func ("/kd/pipeline/no-sink", test_no_sink);
   g_test_add_func ("/kd/pipeline/unref-in-handler", test_unref_in_handler);
+  g_test_add_func ("/kd/pipeline/set-cancellable", test_set_cancellable);
+  g_test_add_func ("/kd/pipeline/sink-replaced", test_sink_replaced);
+  g_test_add_func ("/kd/pipeline/reorder-long-gap", test_reorder_long_gap);
+  g_test_add_func ("/kd/pipeline/reorder-forgets-idle-keys", test_reorder_forgets_idle_keys);
   g_test_add_func ("/kd/pipeline/bad-input", test_bad_input);
   g_test_add_func ("/kd/pipeline/emit-outside-pipeline", test_emit_outside_pipeline);
 
