@@ -66,5 +66,8 @@ void  kd_dispatcher_wait_sealed             (KdDispatcher *self,
 void  kd_dispatcher_wait_blocked_submitters (KdDispatcher *self,
                                              guint         n_blocked);
 guint kd_dispatcher_get_admitted            (KdDispatcher *self);
+void  kd_dispatcher_wait_blocked_on_key     (KdDispatcher *self,
+                                             const char   *key,
+                                             guint         n_blocked);
 
 G_END_DECLS

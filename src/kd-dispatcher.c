@@ -60,6 +60,11 @@
  * is empty. Cancellation hurries the timer and drops the parked keys, so
  * every job still ends.
  *
+ * A per-key bound (kd_dispatcher_set_key_capacity()) is checked after the
+ * unit of admission was taken: the key table counts each key's jobs and a
+ * submit waits on its shard's condition until its key has room (see
+ * kd-key-table.c), or gives the unit back if it gives up.
+ *
  * Workers never block on their own dispatcher: a submit from one of its own
  * workers that finds the bound reached fails with KD_ERROR_FULL instead of
  * waiting for a slot that only workers can free.
@@ -166,6 +171,7 @@ struct _KdDispatcher
   GDestroyNotify  key_state_free;
   gpointer        key_state_data;
   GDestroyNotify  key_state_data_free;
+  guint           key_capacity;      /* 0: no per-key bound */
   guint           max_attempts;      /* 1: no retry */
   gint64          retry_initial_us;
   gint64          retry_max_us;
@@ -566,6 +572,11 @@ run_job (KdDispatcher  *self,
       count_ended (counter);
     }
 
+  /* Before the mailbox can be reaped: its count must be right if a
+   * producer revives it. */
+  if (mailbox != NULL && self->key_capacity > 0)
+    kd_key_table_job_ended (self->keys, mailbox);
+
   if (outcome == JOB_PARK)
     park_end (self, mailbox, parked);
 
@@ -942,11 +953,6 @@ admit_job (KdDispatcher  *self,
       return FALSE;
     }
 
-  /* A worker waiting for a slot that only workers can free could wait
-   * forever: on its own dispatcher a worker never blocks. */
-  if (mode != KD_ADMIT_TRY && is_own_worker (self))
-    mode = KD_ADMIT_TRY;
-
   if (!kd_admission_acquire (&self->admission, mode, deadline, epoch, error))
     {
       count_rejected (self);
@@ -961,23 +967,56 @@ admit_job (KdDispatcher  *self,
  * job keeps for a pipeline: for an unkeyed job, the key it carries without
  * being ordered by it; for a keyed job, a copy of @key that the job's
  * handler can pass on without copying it again. */
-static void
-push_job (KdDispatcher   *self,
-          const char     *key,
-          char           *label,
-          gpointer        ticket,
-          KdSubmitResult *result,
-          gpointer        item,
-          guint           epoch)
+/* The mode of a submit: a worker waiting for room that only workers can
+ * free could wait forever, so on its own dispatcher a worker never
+ * blocks. */
+static KdAdmitMode
+submit_mode (KdDispatcher *self,
+             KdAdmitMode   mode)
+{
+  return mode != KD_ADMIT_TRY && is_own_worker (self) ? KD_ADMIT_TRY : mode;
+}
+
+/* The per-key bound a keyed submit waits for, in @bound; NULL if none. */
+static const KdKeyBound *
+key_bound (KdDispatcher *self,
+           const char   *key,
+           KdAdmitMode   mode,
+           gint64        deadline,
+           KdKeyBound   *bound)
+{
+  if (G_LIKELY (self->key_capacity == 0 || key == NULL))
+    return NULL;
+
+  bound->capacity = self->key_capacity;
+  bound->mode = mode;
+  bound->deadline = deadline;
+  bound->admission = &self->admission;
+  return bound;
+}
+
+/* The second half: queues @item as a job holding the unit admit_job() took
+ * in @epoch, after waiting for room in its key if there is a per-key
+ * @bound. FALSE with @error set if it gave up waiting: nothing was queued
+ * and the caller still holds the unit. @label (transfer full) (nullable):
+ * a kd_label_new() label the job keeps for a pipeline: for an unkeyed job,
+ * the key it carries without being ordered by it; for a keyed job, a copy
+ * of @key that the job's handler can pass on without copying it again.
+ * Never with both a @label and a @bound. */
+static gboolean
+push_job (KdDispatcher      *self,
+          const char        *key,
+          char              *label,
+          gpointer           ticket,
+          KdSubmitResult    *result,
+          gpointer           item,
+          guint              epoch,
+          const KdKeyBound  *bound,
+          GError           **error)
 {
   KdScheduler *scheduler;
   KdMailbox *mailbox;
   KdJob *job;
-
-  /* Counted before the job can end, so a stats snapshot never sees it end
-   * before it was submitted. */
-  __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
-  counters_changed (self);
 
   /* Every way in started the workers before it took the unit. */
   scheduler = g_atomic_pointer_get (&self->scheduler);
@@ -986,17 +1025,38 @@ push_job (KdDispatcher   *self,
   job->label = label;
   job->result = result;
 
-  if (key == NULL)
+  if (G_UNLIKELY (bound != NULL))
     {
-      kd_scheduler_push (scheduler, &job->task);
-      return;
+      /* Counted there once it found room, before it can end. */
+      if (!kd_key_table_push_bounded (self->keys, key, job, bound, &self->submitted,
+                                      &mailbox, error))
+        {
+          job->result = NULL;
+          kd_job_free (job);
+          return FALSE;
+        }
+      counters_changed (self);
+    }
+  else
+    {
+      /* Counted before the job can end, so a stats snapshot never sees it
+       * end before it was submitted. */
+      __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
+      counters_changed (self);
+
+      if (key == NULL)
+        {
+          kd_scheduler_push (scheduler, &job->task);
+          return TRUE;
+        }
+      mailbox = kd_key_table_push (self->keys, key, job);
     }
 
   /* A mailbox in the table is always scheduled or running; only its
    * creator schedules it. */
-  mailbox = kd_key_table_push (self->keys, key, job);
   if (mailbox != NULL)
     kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
+  return TRUE;
 }
 
 static gboolean
@@ -1007,15 +1067,22 @@ submit_job (KdDispatcher  *self,
             gint64         deadline,
             GError       **error)
 {
+  KdKeyBound bound;
   guint epoch;
 
   /* Made by g_object_new() rather than kd_dispatcher_new(). */
   g_return_val_if_fail (self->handler != NULL, FALSE);
 
+  mode = submit_mode (self, mode);
   if (!admit_job (self, mode, deadline, &epoch, error))
     return FALSE;
 
-  push_job (self, key, NULL, NULL, NULL, item, epoch);
+  if (!push_job (self, key, NULL, NULL, NULL, item, epoch,
+                 key_bound (self, key, mode, deadline, &bound), error))
+    {
+      kd_dispatcher_unadmit (self, epoch);
+      return FALSE;
+    }
   return TRUE;
 }
 
@@ -1780,6 +1847,60 @@ kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
 }
 
 /**
+ * kd_dispatcher_set_key_capacity:
+ * @self: a dispatcher
+ * @capacity: the most pending jobs one key may have; 0 for no such bound
+ *
+ * Bounds each key's pending jobs (queued, waiting for a retry, parked or
+ * running), so that one flooding client cannot take the whole bound of the
+ * dispatcher (kd_dispatcher_set_capacity()) from the others. A submit to a
+ * key at its bound behaves as at the dispatcher's bound:
+ * kd_dispatcher_submit() blocks until one of the key's jobs ended,
+ * kd_dispatcher_try_submit() fails with %KD_ERROR_FULL,
+ * kd_dispatcher_submit_timeout() fails with %KD_ERROR_TIMEOUT at its
+ * deadline, and closing the dispatcher refuses blocked submits with
+ * %KD_ERROR_CLOSED; the item stays the caller's. A submit blocked on its
+ * key holds one unit of the dispatcher's bound meanwhile.
+ * kd_dispatcher_submit_async() does not wait for a key: a submission to a
+ * key at its bound is refused with %KD_ERROR_FULL. Jobs that a pipeline's
+ * stage emits into the next are not bounded per key.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_key_capacity (KdDispatcher *self,
+                                guint         capacity)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  self->key_capacity = capacity;
+}
+
+/**
+ * kd_dispatcher_get_key_capacity:
+ * @self: a dispatcher
+ *
+ * Gets the bound on each key's pending jobs.
+ *
+ * Returns: the most pending jobs one key may have; 0 for no such bound
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_key_capacity (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return self->key_capacity;
+}
+
+/**
  * kd_dispatcher_set_retry:
  * @self: a dispatcher
  * @max_attempts: how many times a job may run, at least 1 (1: no retry)
@@ -2266,6 +2387,8 @@ admit_waiting_locked (KdDispatcher *self)
   while (self->waiting.length > 0)
     {
       KdSubmitResult *result = kd_submit_result_from_task (self->waiting.head);
+      GError *error = NULL;
+      KdKeyBound bound;
       KdTask *last;
       guint epoch, n;
 
@@ -2287,8 +2410,16 @@ admit_waiting_locked (KdDispatcher *self)
       /* Counted as waiting until queued: a submission made meanwhile by
        * the thread that made this one must not overtake it. */
       kd_task_list_take (&self->waiting, 1, &n, &last);
-      push_job (self, kd_submit_result_get_key (result), NULL, NULL, result,
-                kd_submit_result_get_item (result), epoch);
+      if (!push_job (self, kd_submit_result_get_key (result), NULL, NULL, result,
+                     kd_submit_result_get_item (result), epoch,
+                     key_bound (self, kd_submit_result_get_key (result), KD_ADMIT_TRY, 0, &bound),
+                     &error))
+        {
+          /* Its key is full. (Not release_unit(): we hold @async_lock.) */
+          if (kd_admission_release (&self->admission, KD_ADMISSION_ANY_RELEASER, epoch))
+            shutdown_scheduler (self);
+          refuse_result (self, result, g_steal_pointer (&error));
+        }
       __atomic_sub_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
     }
 }
@@ -2375,7 +2506,15 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
     {
       if (kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
         {
-          push_job (self, key, NULL, NULL, result, item, epoch);
+          KdKeyBound bound;
+
+          /* A full key does not wait: the submission is refused. */
+          if (!push_job (self, key, NULL, NULL, result, item, epoch,
+                         key_bound (self, key, KD_ADMIT_TRY, 0, &bound), &error))
+            {
+              release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
+              refuse_result (self, result, g_steal_pointer (&error));
+            }
           return;
         }
       if (kd_admission_is_closed (&self->admission))
@@ -2501,6 +2640,8 @@ kd_dispatcher_close (KdDispatcher *self)
   if (kd_admission_close (&self->admission))
     shutdown_scheduler (self);
   refuse_waiting (self);
+  if (self->key_capacity > 0)
+    kd_key_table_wake_bounded (self->keys);
 }
 
 /**
@@ -2663,6 +2804,16 @@ kd_dispatcher_wait_blocked_submitters (KdDispatcher *self,
   kd_admission_wait_sleepers (&self->admission, n_blocked);
 }
 
+/* Sleeps until at least @n_blocked submits wait for room in @key (or in
+ * keys that share its shard). */
+void
+kd_dispatcher_wait_blocked_on_key (KdDispatcher *self,
+                                   const char   *key,
+                                   guint         n_blocked)
+{
+  kd_key_table_wait_blocked (self->keys, key, n_blocked);
+}
+
 /* The exact number of jobs holding a unit of admission right now. */
 guint
 kd_dispatcher_get_admitted (KdDispatcher *self)
@@ -2688,7 +2839,7 @@ kd_dispatcher_admit (KdDispatcher  *self,
                      guint         *epoch,
                      GError       **error)
 {
-  return admit_job (self, KD_ADMIT_BLOCK, 0, epoch, error);
+  return admit_job (self, submit_mode (self, KD_ADMIT_BLOCK), 0, epoch, error);
 }
 
 /* ...then either the job, which keeps @label (transfer full, a
@@ -2702,7 +2853,8 @@ kd_dispatcher_push_admitted (KdDispatcher *self,
                              gpointer      ticket,
                              guint         epoch)
 {
-  push_job (self, keyed ? label : NULL, label, ticket, NULL, item, epoch);
+  /* A stage's key bound does not apply to what the stage before emits. */
+  push_job (self, keyed ? label : NULL, label, ticket, NULL, item, epoch, NULL, NULL);
 }
 
 /* ...or the unit given back: the submit is refused after all (counted as

@@ -7,6 +7,7 @@
 
 #include <glib.h>
 
+#include "kd-admission-private.h"
 #include "kd-job-private.h"
 #include "kd-mailbox-private.h"
 
@@ -14,11 +15,33 @@ G_BEGIN_DECLS
 
 typedef struct _KdKeyTable KdKeyTable;
 
+/* A bound on each key's pending jobs, and how a push waits for room. */
+typedef struct
+{
+  guint        capacity;
+  KdAdmitMode  mode;
+  gint64       deadline;    /* KD_ADMIT_DEADLINE: g_get_monotonic_time() */
+  KdAdmission *admission;   /* a push stops waiting once it is closed */
+} KdKeyBound;
+
 KdKeyTable *kd_key_table_new   (void);
 void        kd_key_table_free  (KdKeyTable  *self);
 KdMailbox  *kd_key_table_push  (KdKeyTable  *self,
                                 const char  *key,
                                 KdJob       *job);
+gboolean    kd_key_table_push_bounded (KdKeyTable        *self,
+                                       const char        *key,
+                                       KdJob             *job,
+                                       const KdKeyBound  *bound,
+                                       guint64           *submitted,
+                                       KdMailbox        **activated,
+                                       GError           **error);
+void        kd_key_table_job_ended    (KdKeyTable        *self,
+                                       KdMailbox         *mailbox);
+void        kd_key_table_wake_bounded (KdKeyTable        *self);
+void        kd_key_table_wait_blocked (KdKeyTable        *self,
+                                       const char        *key,
+                                       guint              n);
 guint       kd_key_table_pop   (KdKeyTable  *self,
                                 KdMailbox   *mailbox,
                                 KdJob      **jobs,

@@ -25,6 +25,10 @@
  *    taken. Reaping happens before the worker releases the last job's
  *    admission, so once wait() returns no key of the jobs it waited for is
  *    counted as live.
+ *  - With a per-key bound, kd_key_table_push_bounded() first waits, on the
+ *    shard's condition, until the key has fewer jobs than the bound; the
+ *    runner takes each ended job away from the key's count with
+ *    kd_key_table_job_ended(), which wakes the shard's waiters if any.
  *  - kd_key_table_put_back(), by the runner when a job will be retried or
  *    the key parks: the jobs it took and did not end go back to the head.
  *    The mailbox stays active, out of the scheduler, until the retry is due
@@ -48,6 +52,7 @@
 
 #include "config.h"
 
+#include "kd-error.h"
 #include "kd-key-table-private.h"
 #include "kd-sync-private.h"
 
@@ -64,6 +69,12 @@ typedef struct
   KdMailbox  *spares;    /* out of the table, linked through task.next */
   guint       n_spares;
   guint       count;     /* active mailboxes; written under @lock, read atomically */
+
+  /* With a per-key bound: pushes waiting for room in one of the shard's
+   * keys (atomic, changed under @lock), and where they wait */
+  gint        n_bound_waiters;
+  GCond       bound_cond;
+  GCond       blocked_cond;   /* a push went to sleep (for tests) */
 } __attribute__ ((aligned (64))) Shard;
 
 struct _KdKeyTable
@@ -87,6 +98,8 @@ kd_key_table_new (void)
   for (i = 0; i < N_SHARDS; i++)
     {
       g_mutex_init (&self->shards[i].lock);
+      g_cond_init (&self->shards[i].bound_cond);
+      g_cond_init (&self->shards[i].blocked_cond);
       self->shards[i].table = g_hash_table_new (kd_key_hash_func, kd_key_equal_func);
     }
 
@@ -161,6 +174,8 @@ kd_key_table_free (KdKeyTable *self)
           kd_mailbox_free (spare);
         }
       g_hash_table_unref (shard->table);
+      g_cond_clear (&shard->bound_cond);
+      g_cond_clear (&shard->blocked_cond);
       g_mutex_clear (&shard->lock);
     }
   g_aligned_free (self);
@@ -178,6 +193,102 @@ kd_key_table_push (KdKeyTable *self,
                    const char *string,
                    KdJob      *job)
 {
+  KdMailbox *activated = NULL;
+
+  kd_key_table_push_bounded (self, string, job, NULL, NULL, &activated, NULL);
+
+  return activated;
+}
+
+/* With the shard lock held: whether @key has room under @bound, waiting
+ * for it as @bound says. FALSE with @error set if not. */
+static gboolean
+wait_for_room_locked (Shard            *shard,
+                      const KdKey      *key,
+                      const KdKeyBound *bound,
+                      GError          **error)
+{
+  GError *local_error = NULL;
+
+  for (;;)
+    {
+      KdMailbox *mailbox = g_hash_table_lookup (shard->table, key);
+      gboolean room;
+
+      /* A key without a mailbox, or a dormant one, has no job. */
+      if (mailbox == NULL || mailbox->dormant)
+        return TRUE;
+
+      if (kd_admission_is_closed (bound->admission))
+        {
+          g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
+                               "The dispatcher was closed while the submit waited for "
+                               "room in its key");
+          return FALSE;
+        }
+
+      /* Announced before looking: a runner that takes a job away after
+       * the look sees a waiter and wakes us (see kd_key_table_job_ended()). */
+      __atomic_add_fetch (&shard->n_bound_waiters, 1, __ATOMIC_SEQ_CST);
+      room = __atomic_load_n (&mailbox->n_jobs, __ATOMIC_SEQ_CST) < bound->capacity;
+      if (!room)
+        {
+          switch (bound->mode)
+            {
+            case KD_ADMIT_TRY:
+              g_set_error (&local_error, KD_ERROR, KD_ERROR_FULL,
+                           "The key has reached its bound of %u pending jobs", bound->capacity);
+              break;
+            case KD_ADMIT_BLOCK:
+              g_cond_broadcast (&shard->blocked_cond);
+              kd_cond_wait (&shard->bound_cond, &shard->lock);
+              break;
+            case KD_ADMIT_DEADLINE:
+              g_cond_broadcast (&shard->blocked_cond);
+              if (!kd_cond_wait_until (&shard->bound_cond, &shard->lock, bound->deadline) &&
+                  g_get_monotonic_time () >= bound->deadline)
+                g_set_error (&local_error, KD_ERROR, KD_ERROR_TIMEOUT,
+                             "The key stayed at its bound of %u pending jobs until the "
+                             "deadline", bound->capacity);
+              break;
+            default:
+              g_assert_not_reached ();
+            }
+        }
+      __atomic_sub_fetch (&shard->n_bound_waiters, 1, __ATOMIC_SEQ_CST);
+
+      if (room)
+        return TRUE;
+      if (local_error != NULL)
+        {
+          g_propagate_error (error, local_error);
+          return FALSE;
+        }
+    }
+}
+
+/*
+ * kd_key_table_push_bounded:
+ * @bound: (nullable): a bound on the key's jobs; NULL for none
+ * @submitted: (nullable): a counter of queued jobs, incremented (atomically)
+ *   once the job found room, before it can be seen
+ * @activated: (out): the mailbox if it became active, for the caller to
+ *   schedule; NULL if it was already scheduled or running
+ *
+ * kd_key_table_push() for a dispatcher with a per-key bound: first waits
+ * (under the shard lock, as @bound says) until @key has fewer than
+ * @bound->capacity jobs. FALSE with @error set if it gave up: the job was
+ * not queued.
+ */
+gboolean
+kd_key_table_push_bounded (KdKeyTable        *self,
+                           const char        *string,
+                           KdJob             *job,
+                           const KdKeyBound  *bound,
+                           guint64           *submitted,
+                           KdMailbox        **activated_out,
+                           GError           **error)
+{
   KdMailbox *mailbox;
   gboolean activated = FALSE;
   KdKey key;
@@ -188,6 +299,13 @@ kd_key_table_push (KdKeyTable *self,
   shard = shard_of (self, key.hash);
 
   kd_mutex_lock (&shard->lock);
+  if (bound != NULL && !wait_for_room_locked (shard, &key, bound, error))
+    {
+      kd_mutex_unlock (&shard->lock);
+      *activated_out = NULL;
+      return FALSE;
+    }
+
   mailbox = g_hash_table_lookup (shard->table, &key);
   if (mailbox == NULL)
     {
@@ -212,11 +330,69 @@ kd_key_table_push (KdKeyTable *self,
     }
   if (activated)
     __atomic_store_n (&shard->count, shard->count + 1, __ATOMIC_RELEASE);
+  if (bound != NULL)
+    __atomic_add_fetch (&mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
+  if (submitted != NULL)
+    __atomic_fetch_add (submitted, 1, __ATOMIC_RELAXED);
   job->mailbox = mailbox;
   kd_mailbox_push_locked (mailbox, job);
   kd_mutex_unlock (&shard->lock);
 
-  return activated ? mailbox : NULL;
+  *activated_out = activated ? mailbox : NULL;
+  return TRUE;
+}
+
+/* With a per-key bound, by the runner of @mailbox, once one of its jobs
+ * ended and before the mailbox can be reaped: the key has room for one
+ * more, and pushes waiting for room in the shard look again. */
+void
+kd_key_table_job_ended (KdKeyTable *self,
+                        KdMailbox  *mailbox)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+
+  __atomic_sub_fetch (&mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) > 0)
+    {
+      kd_mutex_lock (&shard->lock);
+      g_cond_broadcast (&shard->bound_cond);
+      kd_mutex_unlock (&shard->lock);
+    }
+}
+
+/* Sleeps until at least @n pushes wait for room in keys of @key's shard,
+ * so that tests see a submit really block, without sleeping. */
+void
+kd_key_table_wait_blocked (KdKeyTable *self,
+                           const char *key,
+                           guint       n)
+{
+  gsize length;
+  Shard *shard = shard_of (self, kd_key_hash (key, &length));
+
+  kd_mutex_lock (&shard->lock);
+  while ((guint) __atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) < n)
+    kd_cond_wait (&shard->blocked_cond, &shard->lock);
+  kd_mutex_unlock (&shard->lock);
+}
+
+/* Wakes every push waiting for room in a key (the dispatcher closed). */
+void
+kd_key_table_wake_bounded (KdKeyTable *self)
+{
+  guint i;
+
+  for (i = 0; i < N_SHARDS; i++)
+    {
+      Shard *shard = &self->shards[i];
+
+      if (__atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) > 0)
+        {
+          kd_mutex_lock (&shard->lock);
+          g_cond_broadcast (&shard->bound_cond);
+          kd_mutex_unlock (&shard->lock);
+        }
+    }
 }
 
 /* By the mailbox's runner: its first batch, never empty. */

@@ -55,6 +55,10 @@ struct _KdMailbox
   gpointer   state;
   gboolean   has_state;
 
+  /* With a per-key bound: jobs queued or running (added under the shard
+   * lock, taken away atomically by the runner) */
+  guint      n_jobs;
+
   /* Under the dispatcher's parked_lock: KD_PARK_* */
   guint8     park_state;
   guint8     park_request;

@@ -195,6 +195,11 @@ void          kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
                                               gpointer              user_data,
                                               GDestroyNotify        user_data_free);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_key_capacity (KdDispatcher   *self,
+                                              guint           capacity);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_get_key_capacity (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_retry        (KdDispatcher   *self,
                                               guint           max_attempts,
                                               gint64          initial_delay_us,
