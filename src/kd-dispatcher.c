@@ -172,6 +172,7 @@ struct _KdDispatcher
   gpointer        key_state_data;
   GDestroyNotify  key_state_data_free;
   guint           key_capacity;      /* 0: no per-key bound */
+  gint64          key_idle_us;       /* how long an idle key keeps its state */
   guint           max_attempts;      /* 1: no retry */
   gint64          retry_initial_us;
   gint64          retry_max_us;
@@ -744,6 +745,47 @@ drop_parked (KdDispatcher *self)
   g_ptr_array_unref (parked);
 }
 
+/* The end of a key's idle period, which the timer makes: frees its state
+ * unless its mailbox was revived meanwhile. */
+typedef struct
+{
+  KdMailbox *mailbox;     /* a reference */
+  guint      idle_generation;
+} IdleExpiry;
+
+/* On the timer's thread. */
+static void
+expire_key_state (gpointer owner,
+                  gpointer data)
+{
+  KdDispatcher *self = owner;
+  IdleExpiry *expiry = data;
+  gpointer state;
+
+  if (kd_key_table_expire (self->keys, expiry->mailbox, expiry->idle_generation, &state) &&
+      self->key_state_free != NULL)
+    self->key_state_free (state);
+
+  kd_mailbox_unref (expiry->mailbox);
+  g_free (expiry);
+}
+
+/* @mailbox (a reference, given) was reaped idle, with its key state: the
+ * state goes after the idle time unless the key is back by then. */
+static void
+expire_later (KdDispatcher *self,
+              KdScheduler  *scheduler,
+              KdMailbox    *mailbox,
+              guint         idle_generation)
+{
+  IdleExpiry *expiry = g_new (IdleExpiry, 1);
+
+  expiry->mailbox = mailbox;
+  expiry->idle_generation = idle_generation;
+  kd_scheduler_call_at (scheduler, g_get_monotonic_time () + self->key_idle_us,
+                        expire_key_state, self, expiry);
+}
+
 /* Holds @mailbox: runs its jobs in order, up to MAILBOX_BUDGET, then reaps
  * it if it ran empty or puts it back in the scheduler if not. */
 static void
@@ -758,8 +800,8 @@ run_mailbox (KdDispatcher  *self,
 
   for (;;)
     {
-      gboolean reaped;
-      guint last_epoch = 0;
+      gboolean reaped, keep_state;
+      guint last_epoch = 0, idle_generation = 0;
       guint i;
 
       for (i = 0; i < n; i++)
@@ -797,8 +839,14 @@ run_mailbox (KdDispatcher  *self,
 
       /* A key's state goes when its mailbox ran empty, before the mailbox
        * can be reaped and revived by another worker: a key has at most one
-       * state at a time. If a job arrives meanwhile, it runs with a new one. */
-      if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
+       * state at a time. If a job arrives meanwhile, it runs with a new one.
+       * With an idle time the reaped mailbox keeps the state instead, for
+       * the key's next job, until the timer expires it; the timer's call
+       * holds the mailbox, taken while it is still ours. */
+      keep_state = mailbox->has_state && self->key_idle_us > 0;
+      if (keep_state)
+        kd_mailbox_ref (mailbox);
+      else if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
         {
           gpointer state = g_steal_pointer (&mailbox->state);
 
@@ -809,9 +857,14 @@ run_mailbox (KdDispatcher  *self,
 
       /* Reap or take more in one locked step, and only then release the
        * last job's unit: once wait() returns, its keys have left the table
-       * and their states are freed. A reaped or rescheduled mailbox is not
-       * ours to touch any more. */
-      n = kd_key_table_next (self->keys, mailbox, jobs, MAILBOX_BUDGET - ran, &reaped);
+       * and their states are freed (unless idle). A reaped or rescheduled
+       * mailbox is not ours to touch any more. */
+      n = kd_key_table_next (self->keys, mailbox, jobs, MAILBOX_BUDGET - ran, keep_state,
+                             &reaped, &idle_generation);
+      if (keep_state && reaped)
+        expire_later (self, kd_worker_get_scheduler (worker), mailbox, idle_generation);
+      else if (keep_state)
+        kd_mailbox_unref (mailbox);
       release_job (self, worker, last_epoch);
 
       if (reaped)
@@ -1818,7 +1871,8 @@ kd_dispatcher_set_done_func (KdDispatcher   *self,
  * job, once the key has no job left. A key has at most one state at a time:
  * the next job of a key whose state was freed gets a new one. Jobs that
  * never run (cancelled) make no state. Every state is freed before
- * kd_dispatcher_wait() returns for the jobs that used it.
+ * kd_dispatcher_wait() returns for the jobs that used it, unless an idle
+ * time keeps it longer (kd_dispatcher_set_key_idle_time()).
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -2093,6 +2147,42 @@ kd_dispatcher_start (KdDispatcher  *self,
   g_return_val_if_fail (self->handler != NULL, FALSE);
 
   return ensure_started (self, error);
+}
+
+/**
+ * kd_dispatcher_set_key_idle_time:
+ * @self: a dispatcher
+ * @idle_us: how long a key keeps its state after its last job, in
+ *   microseconds; 0 to free it at once
+ *
+ * Lets a key's actor state (kd_dispatcher_set_key_state_funcs()) outlive
+ * the key's last job for @idle_us: a job of the key that arrives within
+ * that time finds the same state, so a client that sends one message at a
+ * time does not pay for a new state each time. Once the key stayed idle for
+ * @idle_us its state is freed, on the dispatcher's timer thread. The state
+ * is still used by one job at a time, without locks.
+ *
+ * With an idle time, states outlive kd_dispatcher_wait() (an idle key is
+ * not counted in live-keys); every one left is freed when the dispatcher
+ * stops: when it is closed and its jobs ended, so before wait() returns on
+ * a closed dispatcher and before the last unref returns.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_key_idle_time (KdDispatcher *self,
+                                 gint64        idle_us)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (idle_us >= 0);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  self->key_idle_us = idle_us;
 }
 
 /**

@@ -50,7 +50,13 @@ guint       kd_key_table_next  (KdKeyTable  *self,
                                 KdMailbox   *mailbox,
                                 KdJob      **jobs,
                                 guint        max_jobs,
-                                gboolean    *reaped);
+                                gboolean     keep_state,
+                                gboolean    *reaped,
+                                guint       *idle_generation);
+gboolean    kd_key_table_expire (KdKeyTable *self,
+                                 KdMailbox  *mailbox,
+                                 guint       idle_generation,
+                                 gpointer   *state);
 void        kd_key_table_put_back (KdKeyTable  *self,
                                    KdMailbox   *mailbox,
                                    KdJob      **jobs,

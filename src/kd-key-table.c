@@ -36,6 +36,12 @@
  *  - kd_key_table_unpark(): whoever unparks a key reaps its mailbox if it is
  *    empty, or schedules it.
  *
+ * With an idle time, a mailbox reaped with a key state keeps it: it goes
+ * to the shard's idle list instead of the dormant one, is never evicted,
+ * and the next job of its key finds the state. Each such reaping starts a
+ * numbered idle period; kd_key_table_expire() (the dispatcher's timer)
+ * ends it, taking the state out, unless the mailbox was revived since.
+ *
  * Reaping a mailbox ends its life as the key's actor at once: it holds no
  * job, is no longer counted, and the next job of its key makes it active
  * again as if new. But it stays in the GHashTable, dormant, for that next
@@ -66,6 +72,7 @@ typedef struct
   GMutex      lock;
   GHashTable *table;     /* KdKey * (inside its mailbox) → KdMailbox *, active or dormant */
   KdLru       dormant;   /* dormant mailboxes, least recently used first */
+  KdLru       idle;      /* dormant ones that keep a key state: not evicted */
   KdMailbox  *spares;    /* out of the table, linked through task.next */
   guint       n_spares;
   guint       count;     /* active mailboxes; written under @lock, read atomically */
@@ -119,7 +126,8 @@ unlink_dormant_locked (Shard     *shard,
                        KdMailbox *mailbox)
 {
   mailbox->dormant = FALSE;
-  kd_lru_remove (&shard->dormant, &mailbox->dormant_link);
+  kd_lru_remove (mailbox->idle ? &shard->idle : &shard->dormant, &mailbox->dormant_link);
+  mailbox->idle = FALSE;
 }
 
 /* Takes the oldest dormant mailbox out of the table; returns it if the
@@ -158,6 +166,8 @@ kd_key_table_free (KdKeyTable *self)
       Shard *shard = &self->shards[i];
 
       g_assert (shard->count == 0);
+      /* The shutdown expired every idle key state. */
+      g_assert (shard->idle.length == 0);
       while (shard->dormant.length > 0)
         {
           KdMailbox *mailbox = evict_oldest_locked (shard);
@@ -425,6 +435,20 @@ reap_locked (Shard     *shard,
   return shard->dormant.length > DORMANT_MAX ? evict_oldest_locked (shard) : NULL;
 }
 
+/* Makes an empty active mailbox idle: dormant with its key state, never
+ * evicted until the state expired. Returns its new idle generation. */
+static guint
+reap_idle_locked (Shard     *shard,
+                  KdMailbox *mailbox)
+{
+  __atomic_store_n (&shard->count, shard->count - 1, __ATOMIC_RELEASE);
+  mailbox->dormant = TRUE;
+  mailbox->idle = TRUE;
+  kd_lru_push_newest (&shard->idle, &mailbox->dormant_link);
+
+  return ++mailbox->idle_generation;
+}
+
 /*
  * kd_key_table_next:
  * @reaped: (out): set if the mailbox ran empty and was reaped
@@ -433,14 +457,18 @@ reap_locked (Shard     *shard,
  * or takes up to @max_jobs more of its jobs. Returns how many; 0 with
  * *reaped unset means the mailbox still has work the runner did not take
  * (@max_jobs was 0), and the runner must schedule it again. Either way the
- * runner must not touch a reaped mailbox again.
+ * runner must not touch a reaped mailbox again. With @keep_state, a reaped
+ * mailbox keeps its key state, idle, and *idle_generation tells which
+ * idle period kd_key_table_expire() must end.
  */
 guint
 kd_key_table_next (KdKeyTable  *self,
                    KdMailbox   *mailbox,
                    KdJob      **jobs,
                    guint        max_jobs,
-                   gboolean    *reaped)
+                   gboolean     keep_state,
+                   gboolean    *reaped,
+                   guint       *idle_generation)
 {
   Shard *shard = shard_of (self, mailbox->key.hash);
   KdMailbox *to_free = NULL;
@@ -448,7 +476,9 @@ kd_key_table_next (KdKeyTable  *self,
 
   kd_mutex_lock (&shard->lock);
   *reaped = kd_mailbox_is_empty_locked (mailbox);
-  if (*reaped)
+  if (*reaped && keep_state)
+    *idle_generation = reap_idle_locked (shard, mailbox);
+  else if (*reaped)
     to_free = reap_locked (shard, mailbox);
   else
     {
@@ -522,6 +552,44 @@ kd_key_table_unpark (KdKeyTable *self,
     kd_mailbox_free (to_free);
 
   return reaped;
+}
+
+/*
+ * kd_key_table_expire:
+ * @state: (out): the key state taken out
+ *
+ * Ends the idle period @idle_generation of @mailbox, if it still lasts (the
+ * mailbox was not revived meanwhile): takes its key state out and makes it
+ * an ordinary dormant mailbox. TRUE if a state was taken.
+ */
+gboolean
+kd_key_table_expire (KdKeyTable *self,
+                     KdMailbox  *mailbox,
+                     guint       idle_generation,
+                     gpointer   *state)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+  KdMailbox *to_free = NULL;
+  gboolean expired;
+
+  kd_mutex_lock (&shard->lock);
+  expired = mailbox->idle && mailbox->idle_generation == idle_generation;
+  if (expired)
+    {
+      *state = g_steal_pointer (&mailbox->state);
+      mailbox->has_state = FALSE;
+      kd_lru_remove (&shard->idle, &mailbox->dormant_link);
+      mailbox->idle = FALSE;
+      link_dormant_locked (shard, mailbox);
+      if (shard->dormant.length > DORMANT_MAX)
+        to_free = evict_oldest_locked (shard);
+    }
+  kd_mutex_unlock (&shard->lock);
+
+  if (to_free != NULL)
+    kd_mailbox_free (to_free);
+
+  return expired;
 }
 
 /* By the mailbox's runner: whether the mailbox has no job left right now

@@ -47,11 +47,15 @@ struct _KdMailbox
   KdJob     *head;     /* oldest job, linked through task.next */
   KdJob     *tail;
   gboolean   dormant;  /* reaped, but kept in the table for reuse */
-  KdLruLink  dormant_link;  /* in the shard's dormant list */
+  gboolean   idle;     /* dormant with its key state kept (in the shard's
+                        * idle list rather than its dormant list) */
+  guint      idle_generation;  /* counts the reapings that kept the state */
+  KdLruLink  dormant_link;  /* in the shard's dormant or idle list */
 
   /* The runner's only: the key's actor state, from the first job it ran
-   * until it ran empty (freed before it is reaped, so never in a dormant
-   * mailbox) */
+   * until it ran empty (freed before it is reaped, unless the dispatcher
+   * has an idle time: then an idle mailbox keeps it, under the shard lock,
+   * until it is revived or its idle time is over) */
   gpointer   state;
   gboolean   has_state;
 

@@ -8,6 +8,7 @@
 #include <glib.h>
 
 #include "kd-task-private.h"
+#include "kd-timer-private.h"
 
 G_BEGIN_DECLS
 
@@ -40,6 +41,11 @@ void         kd_scheduler_push       (KdScheduler *self,
 void         kd_scheduler_push_at    (KdScheduler *self,
                                       KdTask      *task,
                                       gint64       due_time);
+void         kd_scheduler_call_at    (KdScheduler *self,
+                                      gint64       due_time,
+                                      KdTimerFunc  func,
+                                      gpointer     owner,
+                                      gpointer     data);
 void         kd_scheduler_hurry      (KdScheduler *self);
 void         kd_scheduler_shutdown   (KdScheduler *self);
 void         kd_scheduler_join       (KdScheduler *self);

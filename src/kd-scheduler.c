@@ -43,7 +43,9 @@
  *
  * Delayed tasks (a retry waiting out its backoff) wait in a KdTimer, whose
  * thread is made at the first one and pushes each when it is due;
- * kd_scheduler_hurry() makes them all due at once (cancellation).
+ * kd_scheduler_hurry() makes them all due at once (cancellation). The
+ * owner may put calls of its own there too (kd_scheduler_call_at()); the
+ * shutdown makes them due at once.
  *
  * Shutdown: once the owner calls kd_scheduler_shutdown(), a worker that
  * finds no task exits, and so does the timer's thread; kd_scheduler_join()
@@ -576,33 +578,46 @@ kd_scheduler_push (KdScheduler *self,
 }
 
 static void
-push_due_task (KdTask   *task,
-               gpointer  user_data)
+push_due_task (gpointer owner,
+               gpointer task)
 {
-  kd_scheduler_push (user_data, task);
+  kd_scheduler_push (owner, task);
 }
 
-/* Any thread: pushes @task once g_get_monotonic_time() reached @due_time,
- * or at once after kd_scheduler_hurry(). Not after the shutdown: the owner
- * delays only tasks that it still counts as pending. */
+/* Any thread: calls @func (@owner, @data) on the timer's thread once
+ * g_get_monotonic_time() reached @due_time, or at once after
+ * kd_scheduler_hurry() or the shutdown. Not after the shutdown. */
 void
-kd_scheduler_push_at (KdScheduler *self,
-                      KdTask      *task,
-                      gint64       due_time)
+kd_scheduler_call_at (KdScheduler *self,
+                      gint64       due_time,
+                      KdTimerFunc  func,
+                      gpointer     owner,
+                      gpointer     data)
 {
   KdTimer *timer;
 
   kd_mutex_lock (&self->timer_lock);
   if (self->timer == NULL)
     {
-      self->timer = kd_timer_new ("kd-retry", push_due_task, self);
+      self->timer = kd_timer_new ("kd-timer");
       if (self->hurried)
         kd_timer_hurry (self->timer);
     }
   timer = self->timer;
   kd_mutex_unlock (&self->timer_lock);
 
-  kd_timer_add (timer, task, due_time);
+  kd_timer_add (timer, due_time, func, owner, data);
+}
+
+/* Any thread: pushes @task once g_get_monotonic_time() reached @due_time,
+ * or at once after kd_scheduler_hurry(). The owner delays only tasks that
+ * it still counts as pending, so never after the shutdown. */
+void
+kd_scheduler_push_at (KdScheduler *self,
+                      KdTask      *task,
+                      gint64       due_time)
+{
+  kd_scheduler_call_at (self, due_time, push_due_task, self, task);
 }
 
 /* Any thread, idempotent: every delayed task is due now, and every one
@@ -623,9 +638,15 @@ kd_scheduler_shutdown (KdScheduler *self)
 {
   g_atomic_int_set (&self->shutting_down, TRUE);
 
+  /* No task is pending any more: what is left in the timer is the owner's
+   * other calls (idle key states), which go now. */
   kd_mutex_lock (&self->timer_lock);
+  self->hurried = TRUE;
   if (self->timer != NULL)
-    kd_timer_stop (self->timer);
+    {
+      kd_timer_hurry (self->timer);
+      kd_timer_stop (self->timer);
+    }
   kd_mutex_unlock (&self->timer_lock);
 
   kd_mutex_lock (&self->idle_lock);

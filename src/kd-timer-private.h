@@ -7,22 +7,21 @@
 
 #include <glib.h>
 
-#include "kd-task-private.h"
-
 G_BEGIN_DECLS
 
 typedef struct _KdTimer KdTimer;
 
-/* On the timer's thread: @task's time has come. */
-typedef void (*KdTimerFunc) (KdTask   *task,
-                             gpointer  user_data);
+/* On the timer's thread: the time of a call added with kd_timer_add() has
+ * come. */
+typedef void (*KdTimerFunc) (gpointer owner,
+                             gpointer data);
 
-KdTimer *kd_timer_new    (const char  *thread_name,
-                          KdTimerFunc  func,
-                          gpointer     user_data);
+KdTimer *kd_timer_new    (const char  *thread_name);
 void     kd_timer_add    (KdTimer     *self,
-                          KdTask      *task,
-                          gint64       due_time);
+                          gint64       due_time,
+                          KdTimerFunc  func,
+                          gpointer     owner,
+                          gpointer     data);
 void     kd_timer_hurry  (KdTimer     *self);
 void     kd_timer_stop   (KdTimer     *self);
 void     kd_timer_free   (KdTimer     *self);

@@ -5,17 +5,18 @@
  * DESIGN
  *
  * A job that failed and will be retried waits out its backoff here, not on
- * a worker: the timer holds the task (the job, or its key's mailbox with
- * the job back at its head) in a binary min-heap ordered by due time, and
- * its one thread sleeps until the earliest one is due, then hands it to
- * the timer's function (the scheduler's push) outside the lock. Tasks due
- * at the same time leave in the order they came.
+ * a worker, and so does the expiry of a key's idle state: the timer holds
+ * calls (a function and its data: the scheduler's push of the job, or of
+ * its key's mailbox with the job back at its head; the dispatcher's check
+ * of an idle key) in a binary min-heap ordered by due time, and its one
+ * thread sleeps until the earliest is due, then makes the call outside the
+ * lock. Calls due at the same time are made in the order they came.
  *
- * kd_timer_hurry() makes every task due now, and every task added later
+ * kd_timer_hurry() makes every call due now, and every call added later
  * too: once a dispatcher is cancelled, its waiting retries end (cancelled)
- * at once. kd_timer_stop() lets the thread exit once the heap is empty and
- * kd_timer_free() joins it; the owner stops it only when nothing can be
- * added any more.
+ * at once, and once it stops, idle key states go. kd_timer_stop() lets the
+ * thread exit once the heap is empty and kd_timer_free() joins it; the
+ * owner stops it only when nothing can be added any more.
  */
 
 #include "config.h"
@@ -25,15 +26,15 @@
 
 typedef struct
 {
-  gint64  due_time;   /* g_get_monotonic_time() */
-  guint64 sequence;   /* ties: first come, first out */
-  KdTask *task;
+  gint64       due_time;   /* g_get_monotonic_time() */
+  guint64      sequence;   /* ties: first come, first out */
+  KdTimerFunc  func;
+  gpointer     owner;
+  gpointer     data;
 } Entry;
 
 struct _KdTimer
 {
-  KdTimerFunc  func;
-  gpointer     user_data;
   GThread     *thread;
 
   /* Protected by @lock */
@@ -136,7 +137,7 @@ timer_main (gpointer data)
         Entry due = heap_pop (self->heap);
 
         kd_mutex_unlock (&self->lock);
-        self->func (due.task, self->user_data);
+        due.func (due.owner, due.data);
         kd_mutex_lock (&self->lock);
       }
     }
@@ -146,14 +147,10 @@ timer_main (gpointer data)
 }
 
 KdTimer *
-kd_timer_new (const char  *thread_name,
-              KdTimerFunc  func,
-              gpointer     user_data)
+kd_timer_new (const char *thread_name)
 {
   KdTimer *self = g_new0 (KdTimer, 1);
 
-  self->func = func;
-  self->user_data = user_data;
   self->heap = g_array_new (FALSE, FALSE, sizeof (Entry));
   g_mutex_init (&self->lock);
   g_cond_init (&self->cond);
@@ -162,12 +159,14 @@ kd_timer_new (const char  *thread_name,
   return self;
 }
 
-/* Any thread: @task goes to the timer's function once
+/* Any thread: calls @func (@owner, @data) on the timer's thread once
  * g_get_monotonic_time() reached @due_time. */
 void
-kd_timer_add (KdTimer *self,
-              KdTask  *task,
-              gint64   due_time)
+kd_timer_add (KdTimer     *self,
+              gint64       due_time,
+              KdTimerFunc  func,
+              gpointer     owner,
+              gpointer     data)
 {
   Entry entry;
 
@@ -175,10 +174,12 @@ kd_timer_add (KdTimer *self,
   g_assert (!self->stopping);
   entry.due_time = due_time;
   entry.sequence = self->sequence++;
-  entry.task = task;
+  entry.func = func;
+  entry.owner = owner;
+  entry.data = data;
   heap_push (self->heap, &entry);
-  /* Only a new earliest task changes how long the thread sleeps. */
-  if (g_array_index (self->heap, Entry, 0).task == task)
+  /* Only a new earliest call changes how long the thread sleeps. */
+  if (g_array_index (self->heap, Entry, 0).sequence == entry.sequence)
     g_cond_signal (&self->cond);
   kd_mutex_unlock (&self->lock);
 }

@@ -31,6 +31,7 @@ typedef struct
   gint     state_for_unkeyed;
   gint     jobs_seen;       /* summed over freed states */
   KdTestHold *hold;         /* the job with item 1 waits here */
+  KdTestCounter *freed_counter;  /* counts frees too, if set */
 } Actors;
 
 static Actors *actors_for_free;
@@ -66,6 +67,8 @@ key_state_free (gpointer data)
   g_atomic_int_add (&actors->alive[state->index], -1);
   g_atomic_int_add (&actors->jobs_seen, (gint) state->jobs);
   g_atomic_int_inc (&actors->freed);
+  if (actors->freed_counter != NULL)
+    kd_test_counter_add (actors->freed_counter, 1);
   g_free (state->key);
   g_free (state);
 }
@@ -260,6 +263,105 @@ test_key_state_none (void)
   g_assert_cmpint (actors.wrong_state, ==, 1);
   g_assert_cmpint (actors.created, ==, 0);
   g_object_unref (dispatcher);
+}
+
+static void
+test_key_idle_keeps_state (void)
+{
+  Actors actors;
+  KdDispatcher *dispatcher = actors_dispatcher_new (&actors, 2, 64);
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("With an idle time, a key whose jobs come one at a time keeps "
+                  "one state across them; it is not a live key meanwhile, and its "
+                  "state is freed once when the dispatcher stops");
+
+  kd_dispatcher_set_key_idle_time (dispatcher, 3600 * G_TIME_SPAN_SECOND);
+  for (i = 0; i < 10; i++)
+    {
+      submit_key (dispatcher, 7, 2 + i);
+      submit_key (dispatcher, 8, 2 + i);
+      kd_dispatcher_wait (dispatcher);
+      kd_dispatcher_get_stats (dispatcher, &stats);
+      g_assert_cmpuint (stats.live_keys, ==, 0);
+    }
+  g_assert_cmpint (g_atomic_int_get (&actors.created), ==, 2);
+  g_assert_cmpint (g_atomic_int_get (&actors.freed), ==, 0);
+
+  kd_dispatcher_close (dispatcher);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_cmpint (actors.freed, ==, 2);
+  g_assert_cmpint (actors.jobs_seen, ==, 20);
+  g_assert_cmpint (actors.two_alive, ==, 0);
+  g_assert_cmpint (actors.wrong_state, ==, 0);
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (actors.freed, ==, 2);
+}
+
+static void
+test_key_idle_expires (void)
+{
+  Actors actors;
+  KdDispatcher *dispatcher = actors_dispatcher_new (&actors, 2, 64);
+  KdTestCounter freed;
+
+  g_test_summary ("A key idle for longer than the idle time loses its state; its "
+                  "next job gets a new one");
+
+  kd_test_counter_init (&freed);
+  actors.freed_counter = &freed;
+  kd_dispatcher_set_key_idle_time (dispatcher, 5 * G_TIME_SPAN_MILLISECOND);
+
+  submit_key (dispatcher, 3, 2);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_true (kd_test_counter_wait (&freed, 1));
+  g_assert_cmpint (actors.created, ==, 1);
+
+  submit_key (dispatcher, 3, 3);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_true (kd_test_counter_wait (&freed, 2));
+  g_assert_cmpint (actors.created, ==, 2);
+  g_assert_cmpint (actors.jobs_seen, ==, 2);
+  g_assert_cmpint (actors.two_alive, ==, 0);
+
+  g_object_unref (dispatcher);
+  g_assert_cmpint (actors.freed, ==, 2);
+  kd_test_counter_clear (&freed);
+}
+
+static void
+test_key_idle_revived (void)
+{
+  Actors actors;
+  KdDispatcher *dispatcher = actors_dispatcher_new (&actors, 2, 64);
+  KdTestHold hold;
+
+  g_test_summary ("The end of an idle period that the key's return interrupted "
+                  "leaves the state to the running job; the state is freed once");
+
+  kd_test_hold_init (&hold);
+  actors.hold = &hold;
+  kd_dispatcher_set_key_idle_time (dispatcher, 3600 * G_TIME_SPAN_SECOND);
+
+  submit_key (dispatcher, 4, 2);
+  kd_dispatcher_wait (dispatcher);
+
+  /* Back, and held while its old idle period is ended early by the cancel. */
+  submit_key (dispatcher, 4, 1);
+  g_assert_true (kd_test_hold_wait_arrived (&hold, 1));
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
+  g_assert_cmpint (g_atomic_int_get (&actors.freed), ==, 0);
+  kd_test_hold_release (&hold);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (actors.created, ==, 1);
+  g_assert_cmpint (actors.freed, ==, 1);
+  g_assert_cmpint (actors.jobs_seen, ==, 2);
+  g_assert_cmpint (actors.wrong_state, ==, 0);
+  g_object_unref (dispatcher);
+  kd_test_hold_clear (&hold);
 }
 
 /* Per-worker state */
@@ -545,6 +647,9 @@ main (int   argc,
   g_test_add_func ("/kd/actors/key-state-one-per-run", test_key_state_one_per_run);
   g_test_add_func ("/kd/actors/key-state-cancelled", test_key_state_cancelled);
   g_test_add_func ("/kd/actors/key-state-none", test_key_state_none);
+  g_test_add_func ("/kd/actors/key-idle-keeps-state", test_key_idle_keeps_state);
+  g_test_add_func ("/kd/actors/key-idle-expires", test_key_idle_expires);
+  g_test_add_func ("/kd/actors/key-idle-revived", test_key_idle_revived);
   g_test_add_func ("/kd/actors/worker-data", test_worker_data);
   g_test_add_func ("/kd/actors/worker-init-fails", test_worker_init_fails);
   g_test_add_func ("/kd/actors/start-closed", test_start_closed);

@@ -189,6 +189,9 @@ void          kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
                                                  gpointer           user_data,
                                                  GDestroyNotify     user_data_free);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_key_idle_time (KdDispatcher  *self,
+                                               gint64         idle_us);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
                                               KdWorkerInitFunc      init,
                                               KdWorkerFinalizeFunc  finalize,
