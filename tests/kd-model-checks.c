@@ -1,0 +1,288 @@
+/* kd-model-checks.c: what the model checks of a whole run
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * At the end of a run (kd-model.c checks what happens as it happens):
+ *
+ *  - the holder of the last reference (a random thread of the program, or
+ *    the main thread) checks the stats against the model's counts: after a
+ *    wait, submitted, completed, failed, cancelled and rejected equal the
+ *    model's, pending, running and live_keys are 0 and every key state made
+ *    was freed; without a wait, submitted and rejected equal the model's.
+ *    When its last unref returns, every accepted item's done callback and
+ *    item_free ran, every destroy notify ran once, no kdispatch thread is
+ *    left;
+ *  - every accepted item ended exactly once, no refused item was touched;
+ *  - per key, for two items x and y where x's submit returned before y's
+ *    submit was called (always the case for one thread's own submits, and
+ *    for any two threads when the calls did not overlap): x's handler ran
+ *    before y's, x's done callback ran before y's, and if y ran then x ran
+ *    (cancellation hands back a suffix of a key's queue, never a hole). The
+ *    order of two submits that overlapped in time is whichever the
+ *    dispatcher accepted first, which the model cannot see, so it does not
+ *    check it;
+ *  - no submit called after a close() or cancel returned was accepted, and
+ *    such a refusal is CLOSED even when the bound is also reached; a CLOSED
+ *    refusal only after some close, cancel or pre-cancelled cancellable; no
+ *    FULL or TIMEOUT when the program has fewer items than the capacity; an
+ *    item that never ran only if the dispatcher was cancelled.
+ */
+
+#include "config.h"
+
+#include <string.h>
+#include <unistd.h>
+
+#include "kd-model-private.h"
+
+void
+kd_model_count_items (KdModel       *model,
+                      KdModelResult *counts)
+{
+  guint i;
+
+  memset (counts, 0, sizeof *counts);
+  for (i = 0; i < model->n_items; i++)
+    {
+      KdModelItem *item = &model->items[i];
+      gint status = g_atomic_int_get (&item->status);
+
+      if (status == ITEM_REFUSED)
+        {
+          counts->refused++;
+          if (item->refused_code == KD_ERROR_CLOSED)
+            counts->refused_closed++;
+        }
+      if (status != ITEM_ACCEPTED)
+        continue;
+      counts->accepted++;
+      if (g_atomic_int_get (&item->handler_runs) == 0)
+        counts->cancelled++;
+      else if (item->fail)
+        counts->failed++;
+      else
+        counts->completed++;
+    }
+}
+
+void
+kd_model_check_stats_invariant (KdModel       *model,
+                                const KdStats *stats,
+                                const char    *where)
+{
+  CHECK (model, stats->submitted == stats->completed + stats->failed + stats->cancelled + stats->pending,
+         "%s: submitted %" G_GUINT64_FORMAT " != completed %" G_GUINT64_FORMAT " + failed %"
+         G_GUINT64_FORMAT " + cancelled %" G_GUINT64_FORMAT " + pending %" G_GUINT64_FORMAT,
+         where, stats->submitted, stats->completed, stats->failed, stats->cancelled, stats->pending);
+}
+
+/* Holding the last reference, with every other thread done with the
+ * dispatcher: the counters against the model's. */
+void
+kd_model_check_last_stats (KdModel      *model,
+                           KdDispatcher *dispatcher,
+                           gboolean      waited)
+{
+  KdStats stats;
+  KdModelResult counts;
+  guint i;
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  kd_model_count_items (model, &counts);
+  kd_model_check_stats_invariant (model, &stats, "last holder");
+
+  CHECK (model, stats.submitted == counts.accepted,
+         "submitted %" G_GUINT64_FORMAT ", the model accepted %" G_GUINT64_FORMAT,
+         stats.submitted, counts.accepted);
+  CHECK (model, stats.rejected == counts.refused,
+         "rejected %" G_GUINT64_FORMAT ", the model saw %" G_GUINT64_FORMAT " refused",
+         stats.rejected, counts.refused);
+  if (!waited)
+    return;
+
+  CHECK (model, stats.completed == counts.completed,
+         "completed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
+         stats.completed, counts.completed);
+  CHECK (model, stats.failed == counts.failed,
+         "failed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT, stats.failed, counts.failed);
+  CHECK (model, stats.cancelled == counts.cancelled,
+         "cancelled %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
+         stats.cancelled, counts.cancelled);
+  CHECK (model, stats.pending == 0, "pending %" G_GUINT64_FORMAT " after wait", stats.pending);
+  CHECK (model, stats.running == 0, "running %u after wait", stats.running);
+  CHECK (model, stats.live_keys == 0, "live_keys %u after wait", stats.live_keys);
+
+  if (model->program->key_states)
+    {
+      CHECK (model, g_atomic_int_get (&model->states_made) == g_atomic_int_get (&model->states_freed),
+             "after wait: %d key states made, %d freed",
+             g_atomic_int_get (&model->states_made), g_atomic_int_get (&model->states_freed));
+      for (i = 0; i < model->n_keys; i++)
+        CHECK (model, g_atomic_int_get (&model->key_live_states[i]) == 0,
+               "after wait: key %u still has a state", i);
+    }
+}
+
+/* kd_test_count_threads(), but never the process's main thread, whose name
+ * is the program's: kd-soak's would count. */
+static guint
+count_kd_threads (void)
+{
+  GDir *dir = g_dir_open ("/proc/self/task", 0, NULL);
+  char *main_tid = g_strdup_printf ("%d", (int) getpid ());
+  const char *tid;
+  guint n = 0;
+
+  g_assert_nonnull (dir);
+  while ((tid = g_dir_read_name (dir)) != NULL)
+    {
+      char *path, *comm = NULL;
+
+      if (strcmp (tid, main_tid) == 0)
+        continue;
+      path = g_build_filename ("/proc/self/task", tid, "comm", NULL);
+      if (g_file_get_contents (path, &comm, NULL, NULL) && g_str_has_prefix (comm, "kd-"))
+        n++;
+      g_free (comm);
+      g_free (path);
+    }
+  g_dir_close (dir);
+  g_free (main_tid);
+
+  return n;
+}
+
+/* The kdispatch threads left. pthread_join() returns when the kernel has
+ * cleared the thread's tid, a moment before it unlists the thread from
+ * /proc/self/task, so a joined thread can still be counted (seen under
+ * ThreadSanitizer: a worker in state R, gone 0.6 ms later). A thread still
+ * listed after the deadline was not joined. */
+static guint
+count_threads_settled (void)
+{
+  gint64 deadline = g_get_monotonic_time () + 2 * G_TIME_SPAN_SECOND;
+  guint n;
+
+  while ((n = count_kd_threads ()) > 0 && g_get_monotonic_time () < deadline)
+    g_thread_yield ();
+
+  return n;
+}
+
+/* When a last unref made outside the dispatcher's threads returns. */
+void
+kd_model_check_after_last_unref (KdModel *model)
+{
+  const KdModelProgram *program = model->program;
+  guint n_threads;
+  guint i;
+
+  for (i = 0; i < model->n_items; i++)
+    {
+      KdModelItem *item = &model->items[i];
+
+      if (g_atomic_int_get (&item->status) != ITEM_ACCEPTED)
+        continue;
+      CHECK (model, g_atomic_int_get (&item->free_calls) == 1,
+             "item %u: freed %d times when the last unref returned", item->id,
+             g_atomic_int_get (&item->free_calls));
+      if (!program->no_done)
+        CHECK (model, g_atomic_int_get (&item->done_calls) == 1,
+               "item %u: %d done callbacks when the last unref returned", item->id,
+               g_atomic_int_get (&item->done_calls));
+    }
+
+  CHECK (model, g_atomic_int_get (&model->handler_data_freed) == 1,
+         "user_data_free ran %d times", g_atomic_int_get (&model->handler_data_freed));
+  CHECK (model, g_atomic_int_get (&model->done_data_freed) == (program->no_done ? 0 : 1),
+         "the done destroy notify ran %d times", g_atomic_int_get (&model->done_data_freed));
+  CHECK (model, g_atomic_int_get (&model->state_data_freed) == (program->key_states ? 1 : 0),
+         "the key-state user_data_free ran %d times", g_atomic_int_get (&model->state_data_freed));
+  CHECK (model, g_atomic_int_get (&model->states_made) == g_atomic_int_get (&model->states_freed),
+         "%d key states made, %d freed", g_atomic_int_get (&model->states_made),
+         g_atomic_int_get (&model->states_freed));
+  n_threads = count_threads_settled ();
+  CHECK (model, n_threads == 0, "%u kdispatch threads left after the last unref", n_threads);
+  g_atomic_int_set (&model->last_unref_checked, 1);
+}
+
+void
+kd_model_check_items (KdModel *model)
+{
+  const KdModelProgram *program = model->program;
+  gint close_started = model->close_started;
+  gint cancel_started = model->cancel_started;
+  gint closed_by = model->closed_by;
+  gboolean never_full = model->n_items < program->capacity;
+  guint i, j;
+
+  for (i = 0; i < model->n_items; i++)
+    {
+      KdModelItem *item = &model->items[i];
+
+      if (item->status != ITEM_ACCEPTED)
+        {
+          CHECK (model, item->handler_runs == 0 && item->done_calls == 0 && item->free_calls == 0,
+                 "item %u was %s but ran %d, done %d, freed %d", item->id,
+                 item->status == ITEM_REFUSED ? "refused" : "never submitted",
+                 item->handler_runs, item->done_calls, item->free_calls);
+        }
+      if (item->status == ITEM_REFUSED)
+        {
+          if (item->refused_code == KD_ERROR_CLOSED)
+            CHECK (model, close_started != 0 && close_started < item->after,
+                   "item %u refused CLOSED, but no close or cancel had started", item->id);
+          else
+            {
+              CHECK (model, !never_full, "item %u refused %s with %u items for capacity %u",
+                     item->id, item->refused_code == KD_ERROR_FULL ? "FULL" : "TIMEOUT",
+                     model->n_items, program->capacity);
+              CHECK (model, closed_by == 0 || item->before < closed_by,
+                     "item %u refused %s, not CLOSED, after close returned", item->id,
+                     item->refused_code == KD_ERROR_FULL ? "FULL" : "TIMEOUT");
+            }
+        }
+      if (item->status != ITEM_ACCEPTED)
+        continue;
+
+      CHECK (model, closed_by == 0 || item->before < closed_by,
+             "item %u accepted though its submit began after close returned", item->id);
+      CHECK (model, item->free_calls == 1, "item %u freed %d times", item->id, item->free_calls);
+      if (!program->no_done)
+        CHECK (model, item->done_calls == 1, "item %u: %d done callbacks", item->id,
+               item->done_calls);
+      if (item->handler_runs == 0)
+        CHECK (model, cancel_started != 0, "item %u never ran, and nobody cancelled", item->id);
+    }
+
+  /* Per-key order. O(n²) per key; programs are small. */
+  for (i = 0; i < model->n_items; i++)
+    {
+      KdModelItem *x = &model->items[i];
+
+      if (x->status != ITEM_ACCEPTED || x->key >= model->n_keys)
+        continue;
+      for (j = 0; j < model->n_items; j++)
+        {
+          KdModelItem *y = &model->items[j];
+
+          if (y->status != ITEM_ACCEPTED || y->key != x->key || x->after >= y->before)
+            continue;
+
+          /* x was accepted before y's submit was called. */
+          if (y->handler_runs != 0)
+            {
+              CHECK (model, x->handler_runs != 0,
+                     "key %u: item %u ran though the earlier item %u was cancelled",
+                     x->key, y->id, x->id);
+              if (x->handler_runs != 0)
+                CHECK (model, x->run_tick < y->run_tick,
+                       "key %u: item %u ran before the earlier item %u", x->key, y->id, x->id);
+            }
+          if (!program->no_done)
+            CHECK (model, x->done_tick < y->done_tick,
+                   "key %u: item %u's done callback ran before the earlier item %u's",
+                   x->key, y->id, x->id);
+        }
+    }
+}

@@ -1,0 +1,501 @@
+/* kd-model-ops.c: the model's operations and its program format
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * The one table of operations (op_table): each has a name, a weight (the
+ * share of selector bytes that pick it), a decode function that reads its
+ * operands, a run function that calls the dispatcher from a model thread
+ * and checks what it returned, and a describe function for the program's
+ * printout. A new operation is a new row: what it does to items is
+ * recorded in their KdModelItem, which the checks of kd-model.c read.
+ */
+
+#include "config.h"
+
+#include <string.h>
+
+#include "kd-model-private.h"
+
+static const guint capacities[] = { 1, 2, 3, 4, 8, 16, 64, 1024 };
+static const guint fail_rates[] = { 0, 0, 0, 1, 1, 2, 4, 8 };   /* in eighths */
+static const gint64 timeouts_us[] = { 0, 100, 2000, 50000 };
+
+typedef struct
+{
+  const guint8 *data;
+  gsize         size;
+  gsize         pos;
+} Reader;
+
+static guint8
+read_byte (Reader *reader)
+{
+  return reader->pos < reader->size ? reader->data[reader->pos++] : (reader->pos++, 0);
+}
+
+typedef struct
+{
+  const char *name;
+  guint       weight;   /* out of the table's total; the selector byte picks */
+  /* Reads the op's operands; returns FALSE to drop the op. */
+  gboolean  (*decode) (Reader *reader, KdModelProgram *program, KdModelOp *op);
+  /* Runs it on @thread; returns FALSE when the thread is done with the
+   * dispatcher (it dropped its reference). @variant is the row's. */
+  gboolean  (*run)    (ModelThread *thread, const KdModelOp *op, guint variant);
+  /* Appends the operands to a description. */
+  void      (*describe) (GString *out, const KdModelProgram *program, const KdModelOp *op);
+  /* Tells rows that share a run function apart (which submit call). */
+  guint       variant;
+} OpClass;
+
+static gboolean
+decode_submit (Reader         *reader,
+               KdModelProgram *program,
+               KdModelOp      *op)
+{
+  guint count;
+
+  op->key = read_byte (reader) % (program->n_keys + 1);
+  op->duration = read_byte (reader);
+  op->fail_rate = fail_rates[read_byte (reader) % G_N_ELEMENTS (fail_rates)];
+  count = 1 + read_byte (reader) % 16;
+  count = MIN (count, KD_MODEL_MAX_ITEMS - program->n_items);
+  if (count == 0)
+    return FALSE;
+  op->count = (guint8) count;
+  op->first_item = program->n_items;
+  program->n_items += count;
+  return TRUE;
+}
+
+static gboolean
+decode_submit_timeout (Reader         *reader,
+                       KdModelProgram *program,
+                       KdModelOp      *op)
+{
+  if (!decode_submit (reader, program, op))
+    return FALSE;
+  op->arg = read_byte (reader) % G_N_ELEMENTS (timeouts_us);
+  return TRUE;
+}
+
+static void
+describe_submit (GString              *out,
+                 const KdModelProgram *program,
+                 const KdModelOp      *op)
+{
+  static const char *const durations[] = { "none", "yield", "short", "long" };
+
+  if (op->key < program->n_keys)
+    g_string_append_printf (out, " key=%u", op->key);
+  else
+    g_string_append (out, " unkeyed");
+  g_string_append_printf (out, " items=%u..%u fail=%u/8 duration=%s", op->first_item,
+                          op->first_item + op->count - 1, op->fail_rate,
+                          durations[op->duration % 4]);
+}
+
+static void
+describe_submit_timeout (GString              *out,
+                         const KdModelProgram *program,
+                         const KdModelOp      *op)
+{
+  describe_submit (out, program, op);
+  g_string_append_printf (out, " timeout=%" G_GINT64_FORMAT "us", timeouts_us[op->arg]);
+}
+
+static gboolean
+run_submits (ModelThread     *thread,
+             const KdModelOp *op,
+             guint            how)
+{
+  KdModel *model = thread->model;
+  guint i;
+
+  for (i = 0; i < op->count; i++)
+    {
+      KdModelItem *item = &model->items[op->first_item + i];
+      Token *token = g_new (Token, 1);
+      char buffer[128];
+      const char *key = NULL;
+      GError *error = NULL;
+      gboolean accepted;
+      gint before, after;
+
+      token->magic = TOKEN_LIVE;
+      token->model = model;
+      token->item = item;
+      item->how = how;
+
+      /* The dispatcher must copy the key: the buffer is scribbled over as
+       * soon as the call returns. */
+      if (item->key < model->n_keys)
+        {
+          g_strlcpy (buffer, kd_model_keys[item->key], sizeof buffer);
+          key = buffer;
+        }
+
+      before = kd_model_tick (model);
+      g_atomic_int_set (&item->before, before);
+      switch (how)
+        {
+        case HOW_SUBMIT:
+          accepted = kd_dispatcher_submit (thread->dispatcher, key, token, &error);
+          break;
+        case HOW_TRY:
+          accepted = kd_dispatcher_try_submit (thread->dispatcher, key, token, &error);
+          break;
+        case HOW_TIMEOUT:
+        default:
+          accepted = kd_dispatcher_submit_timeout (thread->dispatcher, key, token,
+                                                   timeouts_us[op->arg], &error);
+          break;
+        }
+      after = kd_model_tick (model);
+      memset (buffer, 'X', sizeof buffer - 1);
+      buffer[sizeof buffer - 1] = '\0';
+
+      if (accepted)
+        {
+          CHECK (model, error == NULL, "item %u accepted with an error", item->id);
+          g_clear_error (&error);
+          thread->accepted++;
+          g_atomic_int_set (&item->status, ITEM_ACCEPTED);
+        }
+      else
+        {
+          static const char *const calls[] = { "submit", "try_submit", "submit_timeout" };
+          gboolean right_code = FALSE;
+
+          CHECK (model, error != NULL && error->domain == KD_ERROR,
+                 "item %u refused by %s with %s", item->id, calls[how],
+                 error != NULL ? error->message : "no error");
+          if (error != NULL && error->domain == KD_ERROR)
+            {
+              right_code = error->code == KD_ERROR_CLOSED ||
+                           (how == HOW_TRY && error->code == KD_ERROR_FULL) ||
+                           (how == HOW_TIMEOUT && error->code == KD_ERROR_TIMEOUT);
+              item->refused_code = error->code;
+            }
+          CHECK (model, right_code, "item %u: %s refused it with \"%s\"", item->id, calls[how],
+                 error != NULL ? error->message : "no error");
+          g_clear_error (&error);
+
+          /* Still ours: untouched, and ours to free. */
+          CHECK (model, token->magic == TOKEN_LIVE, "item %u: refused but freed", item->id);
+          g_free (token);
+          thread->refused++;
+          g_atomic_int_set (&item->status, ITEM_REFUSED);
+        }
+      g_atomic_int_set (&item->after, after);
+    }
+
+  return TRUE;
+}
+
+void
+kd_model_submit_one (ModelThread *thread,
+                     guint        item)
+{
+  KdModelOp op = { 0 };
+
+  op.thread = (guint8) thread->index;
+  op.count = 1;
+  op.first_item = item;
+  run_submits (thread, &op, HOW_SUBMIT);
+}
+
+static gboolean
+run_wait (ModelThread     *thread,
+          const KdModelOp *op,
+          guint            variant)
+{
+  KdModel *model = thread->model;
+  const KdModelProgram *program = model->program;
+  gint called, returned;
+  guint i;
+
+  called = kd_model_tick (model);
+  kd_dispatcher_wait (thread->dispatcher);
+  returned = kd_model_tick (model);
+
+  /* Every item accepted before the call has ended. */
+  for (i = 0; i < model->n_items; i++)
+    {
+      KdModelItem *item = &model->items[i];
+      gint after = g_atomic_int_get (&item->after);
+      gint cancel_started;
+
+      if (after == 0 || after >= called || g_atomic_int_get (&item->status) != ITEM_ACCEPTED)
+        continue;
+
+      if (g_atomic_int_get (&item->handler_runs) != 0)
+        CHECK (model, g_atomic_int_get (&item->handler_returned),
+               "item %u: its handler still runs after wait returned", item->id);
+      else
+        {
+          cancel_started = g_atomic_int_get (&model->cancel_started);
+          CHECK (model, cancel_started != 0 && cancel_started < returned,
+                 "item %u: accepted before wait, not run when it returned, and not cancelled",
+                 item->id);
+        }
+
+      if (program->context_mode == KD_MODEL_CONTEXT_NONE)
+        {
+          CHECK (model, g_atomic_int_get (&item->free_calls) == 1,
+                 "item %u: accepted before wait, not freed when it returned", item->id);
+          if (!program->no_done)
+            CHECK (model, g_atomic_int_get (&item->done_calls) == 1,
+                   "item %u: accepted before wait, no done callback when it returned", item->id);
+        }
+    }
+
+  return TRUE;
+}
+
+static gboolean
+run_close (ModelThread     *thread,
+           const KdModelOp *op,
+           guint            variant)
+{
+  KdModel *model = thread->model;
+
+  kd_model_tick_min (&model->close_started, kd_model_tick (model));
+  kd_dispatcher_close (thread->dispatcher);
+  kd_model_tick_min (&model->closed_by, kd_model_tick (model));
+  return TRUE;
+}
+
+static gboolean
+run_cancel (ModelThread     *thread,
+            const KdModelOp *op,
+            guint            variant)
+{
+  KdModel *model = thread->model;
+  gint started = kd_model_tick (model);
+  gint returned;
+
+  kd_model_tick_min (&model->close_started, started);
+  kd_model_tick_min (&model->cancel_started, started);
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (thread->dispatcher));
+  returned = kd_model_tick (model);
+  kd_model_tick_min (&model->closed_by, returned);
+  kd_model_tick_min (&model->cancelled_by, returned);
+  return TRUE;
+}
+
+static gboolean
+run_unref (ModelThread     *thread,
+           const KdModelOp *op,
+           guint            variant)
+{
+  kd_model_drop_ref (thread, thread->model->program->last_waits);
+  return FALSE;
+}
+
+static gboolean
+run_stats (ModelThread     *thread,
+           const KdModelOp *op,
+           guint            variant)
+{
+  KdModel *model = thread->model;
+  KdStats stats;
+
+  kd_dispatcher_get_stats (thread->dispatcher, &stats);
+  kd_model_check_stats_invariant (model, &stats, "snapshot");
+  CHECK (model, stats.submitted >= thread->accepted,
+         "snapshot: submitted %" G_GUINT64_FORMAT " < this thread's %" G_GUINT64_FORMAT,
+         stats.submitted, thread->accepted);
+  CHECK (model, stats.rejected >= thread->refused,
+         "snapshot: rejected %" G_GUINT64_FORMAT " < this thread's %" G_GUINT64_FORMAT,
+         stats.rejected, thread->refused);
+  CHECK (model, stats.running <= model->program->n_workers, "snapshot: %u running on %u workers",
+         stats.running, model->program->n_workers);
+  CHECK (model, stats.live_keys <= model->n_keys, "snapshot: %u live keys of %u",
+         stats.live_keys, model->n_keys);
+  if (thread->has_stats)
+    {
+      const KdStats *last = &thread->last_stats;
+
+      CHECK (model, stats.submitted >= last->submitted && stats.completed >= last->completed &&
+                    stats.failed >= last->failed && stats.cancelled >= last->cancelled &&
+                    stats.rejected >= last->rejected,
+             "snapshot: a counter went down");
+    }
+  thread->last_stats = stats;
+  thread->has_stats = TRUE;
+  return TRUE;
+}
+
+static gboolean
+run_yield (ModelThread     *thread,
+           const KdModelOp *op,
+           guint            variant)
+{
+  g_thread_yield ();
+  return TRUE;
+}
+
+static gboolean
+run_iterate (ModelThread     *thread,
+             const KdModelOp *op,
+             guint            variant)
+{
+  KdModel *model = thread->model;
+
+  if (model->program->context_mode != KD_MODEL_CONTEXT_ITERATE)
+    {
+      g_thread_yield ();
+      return TRUE;
+    }
+
+  /* Threads take turns owning the context, which GLib orders with its own
+   * lock; ThreadSanitizer cannot see that lock (Debian's GLib is not
+   * instrumented) and would report the delivery's context-thread fields.
+   * This lock shows it the same order. */
+  kd_mutex_lock (&model->iterate_lock);
+  g_main_context_iteration (model->context, FALSE);
+  kd_mutex_unlock (&model->iterate_lock);
+  return TRUE;
+}
+
+/* The weights add up to 256, so a uniformly random selector byte picks each
+ * op with probability weight/256. Close, cancel and unref are rare: each
+ * ends the interesting part of a run. */
+static const OpClass op_table[] = {
+  { "submit",         98, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
+  { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
+  { "wait",           24, NULL,                  run_wait,    NULL,                    0 },
+  { "stats",          12, NULL,                  run_stats,   NULL,                    0 },
+  { "yield",          12, NULL,                  run_yield,   NULL,                    0 },
+  { "iterate",        14, NULL,                  run_iterate, NULL,                    0 },
+  { "close",           1, NULL,                  run_close,   NULL,                    0 },
+  { "cancel",          1, NULL,                  run_cancel,  NULL,                    0 },
+  { "unref",           6, NULL,                  run_unref,   NULL,                    0 },
+};
+
+static guint
+select_op (guint8 selector)
+{
+  guint total = 0, i, pick;
+
+  for (i = 0; i < G_N_ELEMENTS (op_table); i++)
+    total += op_table[i].weight;
+  pick = selector % total;
+  for (i = 0; i < G_N_ELEMENTS (op_table); i++)
+    {
+      if (pick < op_table[i].weight)
+        return i;
+      pick -= op_table[i].weight;
+    }
+  g_assert_not_reached ();
+}
+
+guint8
+kd_model_op_selector (const char *name)
+{
+  guint selector = 0, i;
+
+  for (i = 0; i < G_N_ELEMENTS (op_table); i++)
+    {
+      if (strcmp (op_table[i].name, name) == 0)
+        return (guint8) selector;
+      selector += op_table[i].weight;
+    }
+  g_return_val_if_reached (0);
+}
+
+gboolean
+kd_model_run_op (ModelThread     *thread,
+                 const KdModelOp *op)
+{
+  return op_table[op->kind].run (thread, op, op_table[op->kind].variant);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Programs                                                                 */
+
+void
+kd_model_program_decode (KdModelProgram *program,
+                         const guint8   *data,
+                         gsize           size)
+{
+  Reader reader = { data, size, 0 };
+  guint8 flags, rare;
+
+  memset (program, 0, sizeof *program);
+  program->n_workers = 1 + read_byte (&reader) % 6;
+  program->fanout = 1 + read_byte (&reader) % 4;
+  program->capacity = capacities[read_byte (&reader) % G_N_ELEMENTS (capacities)];
+  program->n_threads = 1 + read_byte (&reader) % KD_MODEL_MAX_THREADS;
+  program->n_keys = 1 + read_byte (&reader) % KD_MODEL_MAX_KEYS;
+
+  flags = read_byte (&reader);
+  switch (flags & 3)
+    {
+    case 2:
+      program->context_mode = KD_MODEL_CONTEXT_LOOP;
+      break;
+    case 3:
+      program->context_mode = KD_MODEL_CONTEXT_ITERATE;
+      break;
+    default:
+      program->context_mode = KD_MODEL_CONTEXT_NONE;
+      break;
+    }
+  program->key_states = (flags & 4) != 0;
+  program->main_keeps_ref = (flags & 8) != 0;
+  program->last_waits = (flags & 16) != 0;
+  program->own_cancellable = (flags & 32) != 0;
+
+  rare = read_byte (&reader);
+  program->pre_cancelled = program->own_cancellable && (rare & 0x1f) == 0x1f;
+  program->no_done = (rare & 0xe0) == 0xe0;
+
+  while (reader.pos < reader.size && program->n_ops < KD_MODEL_MAX_OPS)
+    {
+      KdModelOp *op = &program->ops[program->n_ops];
+      const OpClass *op_class;
+
+      memset (op, 0, sizeof *op);
+      op->kind = (guint8) select_op (read_byte (&reader));
+      op->thread = read_byte (&reader) % program->n_threads;
+      op_class = &op_table[op->kind];
+      if (op_class->decode != NULL && !op_class->decode (&reader, program, op))
+        continue;
+      program->n_ops++;
+    }
+}
+
+char *
+kd_model_program_describe (const KdModelProgram *program)
+{
+  static const char *const contexts[] = { "none", "loop", "iterate" };
+  GString *out = g_string_new (NULL);
+  guint i;
+
+  g_string_append_printf (out, "workers=%u fanout=%u capacity=%u threads=%u keys=%u "
+                          "context=%s%s%s%s%s%s%s; %u ops, %u items\n",
+                          program->n_workers, program->fanout, program->capacity,
+                          program->n_threads, program->n_keys, contexts[program->context_mode],
+                          program->key_states ? " key-states" : "",
+                          program->main_keeps_ref ? " main-keeps-ref" : "",
+                          program->last_waits ? " last-waits" : "",
+                          program->own_cancellable ? " own-cancellable" : "",
+                          program->pre_cancelled ? " pre-cancelled" : "",
+                          program->no_done ? " no-done" : "",
+                          program->n_ops, program->n_items);
+  for (i = 0; i < program->n_ops; i++)
+    {
+      const KdModelOp *op = &program->ops[i];
+      const OpClass *op_class = &op_table[op->kind];
+
+      g_string_append_printf (out, "  %3u: thread %u %s", i, op->thread, op_class->name);
+      if (op_class->describe != NULL)
+        op_class->describe (out, program, op);
+      g_string_append_c (out, '\n');
+    }
+
+  return g_string_free (out, FALSE);
+}
