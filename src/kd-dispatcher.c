@@ -413,8 +413,9 @@ release_job (KdDispatcher *self,
 }
 
 /* Runs the done callback and item-free of an ended job, queues the callback
- * of an async submission, and frees the job. @error: transfer full. */
-static void
+ * of an async submission, and frees the job. @error: transfer full.
+ * Inlined: it is on every job's path. */
+G_ALWAYS_INLINE static inline void
 finish_job (KdDispatcher *self,
             KdJob        *job,
             GError       *error)
@@ -453,6 +454,54 @@ static gboolean park_begin (KdDispatcher *self,
 static void     park_end   (KdDispatcher *self,
                             KdMailbox    *mailbox,
                             gboolean      parked);
+
+/* @job's handler failed with *@error: the failure policy decides. On
+ * JOB_RETRY the error was dropped and the job does not end; otherwise it
+ * goes to the dead-letter function, and on JOB_PARK its key parks (*@parked
+ * tells whether it did, see park_begin()) with @behind back in its
+ * mailbox. Out of line: the common path of run_job() stays short. */
+static G_GNUC_NO_INLINE JobOutcome
+job_failed (KdDispatcher   *self,
+            KdWorkerStats  *stats,
+            KdJob          *job,
+            GError        **error,
+            KdJob         **behind,
+            guint           n_behind,
+            gboolean       *parked)
+{
+  if (G_UNLIKELY (*error == NULL))
+    {
+      g_critical ("A kdispatch handler returned FALSE without setting an error");
+      *error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED,
+                                    "The handler failed without saying why");
+    }
+
+  /* Not once the dispatcher is cancelled, nor once the handler passed its
+   * item on: a retry would run without it. */
+  if (job->attempt < self->max_attempts && !job->handed_over &&
+      !g_cancellable_is_cancelled (self->cancellable))
+    {
+      g_debug ("dispatcher %p: attempt %u of a job failed, retrying: %s",
+               (gpointer) self, job->attempt, (*error)->message);
+      g_clear_error (error);
+      count_ended (&stats->retried);
+      return JOB_RETRY;
+    }
+
+  if (self->dead_letter != NULL)
+    self->dead_letter (job, *error, self->dead_letter_data);
+
+  /* Parked before the job ends: its done callback sees the key parked,
+   * and may resume or drop it. */
+  if (job->mailbox != NULL && self->failure_policy == KD_FAILURE_PARK)
+    {
+      kd_key_table_put_back (self->keys, job->mailbox, behind, n_behind);
+      *parked = park_begin (self, job->mailbox);
+      return JOB_PARK;
+    }
+
+  return JOB_ENDED;
+}
 
 /* Runs @job's handler, or ends it cancelled if the dispatcher was cancelled
  * before it started; then ends it, unless it will be retried. @behind: the
@@ -522,37 +571,10 @@ run_job (KdDispatcher  *self,
         }
       else
         {
-          if (G_UNLIKELY (error == NULL))
-            {
-              g_critical ("A kdispatch handler returned FALSE without setting an error");
-              error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED,
-                                           "The handler failed without saying why");
-            }
-
-          /* Not once the dispatcher is cancelled, nor once the handler
-           * passed its item on: a retry would run without it. */
-          if (job->attempt < self->max_attempts && !job->handed_over &&
-              !g_cancellable_is_cancelled (self->cancellable))
-            {
-              g_debug ("dispatcher %p: attempt %u of a job failed, retrying: %s",
-                       (gpointer) self, job->attempt, error->message);
-              g_error_free (error);
-              count_ended (&stats->retried);
-              return JOB_RETRY;
-            }
-
+          outcome = job_failed (self, stats, job, &error, behind, n_behind, &parked);
+          if (outcome == JOB_RETRY)
+            return JOB_RETRY;
           counter = &stats->failed;
-          if (self->dead_letter != NULL)
-            self->dead_letter (job, error, self->dead_letter_data);
-
-          /* Parked before the job ends: its done callback sees the key
-           * parked, and may resume or drop it. */
-          if (mailbox != NULL && self->failure_policy == KD_FAILURE_PARK)
-            {
-              kd_key_table_put_back (self->keys, mailbox, behind, n_behind);
-              parked = park_begin (self, mailbox);
-              outcome = JOB_PARK;
-            }
         }
     }
 

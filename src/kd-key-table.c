@@ -198,14 +198,62 @@ kd_key_table_free (KdKeyTable *self)
  * active if the key had no work. Returns the mailbox if it became active,
  * for the caller to schedule; NULL if it was already scheduled or running.
  */
+/* With the shard lock held: appends @job to @key's mailbox (setting
+ * job->mailbox), making the mailbox active if the key had no work. Returns
+ * the mailbox if it became active, for the caller to schedule. */
+static inline KdMailbox *
+push_locked (Shard       *shard,
+             const KdKey *key,
+             KdJob       *job)
+{
+  KdMailbox *mailbox = g_hash_table_lookup (shard->table, key);
+  gboolean activated = FALSE;
+
+  if (mailbox == NULL)
+    {
+      if (shard->spares != NULL)
+        {
+          mailbox = shard->spares;
+          shard->spares = (KdMailbox *) mailbox->task.next;
+          shard->n_spares--;
+        }
+      else
+        {
+          mailbox = kd_mailbox_new ();
+        }
+      kd_mailbox_set_key (mailbox, key);
+      g_hash_table_insert (shard->table, &mailbox->key, mailbox);
+      activated = TRUE;
+    }
+  else if (mailbox->dormant)
+    {
+      unlink_dormant_locked (shard, mailbox);
+      activated = TRUE;
+    }
+  if (activated)
+    __atomic_store_n (&shard->count, shard->count + 1, __ATOMIC_RELEASE);
+  job->mailbox = mailbox;
+  kd_mailbox_push_locked (mailbox, job);
+
+  return activated ? mailbox : NULL;
+}
+
 KdMailbox *
 kd_key_table_push (KdKeyTable *self,
                    const char *string,
                    KdJob      *job)
 {
-  KdMailbox *activated = NULL;
+  KdMailbox *activated;
+  KdKey key;
+  Shard *shard;
 
-  kd_key_table_push_bounded (self, string, job, NULL, NULL, &activated, NULL);
+  key.string = string;
+  key.hash = kd_key_hash (string, &key.length);
+  shard = shard_of (self, key.hash);
+
+  kd_mutex_lock (&shard->lock);
+  activated = push_locked (shard, &key, job);
+  kd_mutex_unlock (&shard->lock);
 
   return activated;
 }
@@ -279,8 +327,8 @@ wait_for_room_locked (Shard            *shard,
 
 /*
  * kd_key_table_push_bounded:
- * @bound: (nullable): a bound on the key's jobs; NULL for none
- * @submitted: (nullable): a counter of queued jobs, incremented (atomically)
+ * @bound: a bound on the key's jobs
+ * @submitted: a counter of queued jobs, incremented (atomically)
  *   once the job found room, before it can be seen
  * @activated: (out): the mailbox if it became active, for the caller to
  *   schedule; NULL if it was already scheduled or running
@@ -299,8 +347,6 @@ kd_key_table_push_bounded (KdKeyTable        *self,
                            KdMailbox        **activated_out,
                            GError           **error)
 {
-  KdMailbox *mailbox;
-  gboolean activated = FALSE;
   KdKey key;
   Shard *shard;
 
@@ -309,46 +355,17 @@ kd_key_table_push_bounded (KdKeyTable        *self,
   shard = shard_of (self, key.hash);
 
   kd_mutex_lock (&shard->lock);
-  if (bound != NULL && !wait_for_room_locked (shard, &key, bound, error))
+  if (!wait_for_room_locked (shard, &key, bound, error))
     {
       kd_mutex_unlock (&shard->lock);
       *activated_out = NULL;
       return FALSE;
     }
-
-  mailbox = g_hash_table_lookup (shard->table, &key);
-  if (mailbox == NULL)
-    {
-      if (shard->spares != NULL)
-        {
-          mailbox = shard->spares;
-          shard->spares = (KdMailbox *) mailbox->task.next;
-          shard->n_spares--;
-        }
-      else
-        {
-          mailbox = kd_mailbox_new ();
-        }
-      kd_mailbox_set_key (mailbox, &key);
-      g_hash_table_insert (shard->table, &mailbox->key, mailbox);
-      activated = TRUE;
-    }
-  else if (mailbox->dormant)
-    {
-      unlink_dormant_locked (shard, mailbox);
-      activated = TRUE;
-    }
-  if (activated)
-    __atomic_store_n (&shard->count, shard->count + 1, __ATOMIC_RELEASE);
-  if (bound != NULL)
-    __atomic_add_fetch (&mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
-  if (submitted != NULL)
-    __atomic_fetch_add (submitted, 1, __ATOMIC_RELAXED);
-  job->mailbox = mailbox;
-  kd_mailbox_push_locked (mailbox, job);
+  __atomic_fetch_add (submitted, 1, __ATOMIC_RELAXED);
+  *activated_out = push_locked (shard, &key, job);
+  __atomic_add_fetch (&job->mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
   kd_mutex_unlock (&shard->lock);
 
-  *activated_out = activated ? mailbox : NULL;
   return TRUE;
 }
 
@@ -425,7 +442,7 @@ kd_key_table_pop (KdKeyTable  *self,
 
 /* Makes an empty active mailbox dormant; returns a mailbox the caller must
  * free, if one was evicted to make room. */
-static KdMailbox *
+static inline KdMailbox *
 reap_locked (Shard     *shard,
              KdMailbox *mailbox)
 {
