@@ -2418,6 +2418,44 @@ test_bad_input_preconditions (void)
   kd_dispatcher_set_item_free (dispatcher, g_free);
   g_test_assert_expected_messages ();
 
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+  kd_dispatcher_set_key_capacity (dispatcher, 1);
+  g_test_assert_expected_messages ();
+  g_assert_cmpuint (kd_dispatcher_get_key_capacity (dispatcher), ==, 0);
+
+  {
+    GCancellable *cancellable = g_cancellable_new ();
+    GMainContext *context = g_main_context_new ();
+
+    /* Each refused, and none of its effects seen below: the job completes
+     * with no done callback, no state, no retry, on an uncancelled
+     * dispatcher. */
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_key_idle_time (dispatcher, 1);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_retry (dispatcher, 3, 0, 0);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_dead_letter_func (dispatcher, NULL, NULL, NULL);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_worker_funcs (dispatcher, NULL, NULL, NULL, NULL);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_key_state_funcs (dispatcher, NULL, NULL, NULL, NULL);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_done_func (dispatcher, NULL, NULL, NULL);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_cancellable (dispatcher, cancellable);
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
+    kd_dispatcher_set_main_context (dispatcher, context);
+    g_test_assert_expected_messages ();
+    g_assert_true (kd_dispatcher_get_cancellable (dispatcher) != cancellable);
+    g_assert_null (kd_dispatcher_get_main_context (dispatcher));
+    g_cancellable_cancel (cancellable);
+    g_object_unref (cancellable);
+    g_main_context_unref (context);
+  }
+
   kd_dispatcher_wait (dispatcher);
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.completed, ==, 1);
