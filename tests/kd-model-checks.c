@@ -206,13 +206,62 @@ kd_model_check_after_last_unref (KdModel *model)
   g_atomic_int_set (&model->last_unref_checked, 1);
 }
 
+/* Known library bug, not fixed yet (found by seed 329 under
+ * ThreadSanitizer; deterministic reproduction: hold the cancellable's
+ * ::cancelled emission in an earlier handler, then submit): once
+ * g_cancellable_cancel() marked the cancellable, another thread's cancel
+ * returns at once, yet until the first call's ::cancelled emission reaches
+ * the dispatcher's handler, submits are still accepted (the job then ends
+ * cancelled without running) or refused FULL or TIMEOUT instead of CLOSED.
+ * A submit meets it only while some cancel call is still in progress: one
+ * that began before the submit returned and returned after it began. */
+static void
+model_violation_after (KdModel     *model,
+                       KdModelItem *item,
+                       const char  *what,
+                       const char  *call)
+{
+  kd_model_violation (model, G_STRLOC, "item %u %s, its submit began after %s returned",
+                      item->id, what, call);
+}
+
+static gboolean
+during_cancel_emission (KdModel     *model,
+                        KdModelItem *item)
+{
+  gint i;
+
+  for (i = 0; i < model->n_cancel_calls; i++)
+    if (model->cancel_calls[i][0] < item->after && model->cancel_calls[i][1] > item->before)
+      return TRUE;
+  return FALSE;
+}
+
+/* A submit that began after a close or a cancel returned must be refused
+ * with CLOSED; @what says what it got instead. */
+static void
+check_submit_after_closing (KdModel     *model,
+                            KdModelItem *item,
+                            const char  *what)
+{
+  if (model->close_returned != 0 && item->before > model->close_returned)
+    model_violation_after (model, item, what, "close");
+  else if (model->cancelled_by != 0 && item->before > model->cancelled_by)
+    {
+      if (during_cancel_emission (model, item))
+        kd_model_known_bug (model, G_STRLOC, "item %u %s, its submit began after a cancel "
+                            "returned, during another cancel", item->id, what);
+      else
+        model_violation_after (model, item, what, "cancel");
+    }
+}
+
 void
 kd_model_check_items (KdModel *model)
 {
   const KdModelProgram *program = model->program;
   gint close_started = model->close_started;
   gint cancel_started = model->cancel_started;
-  gint closed_by = model->closed_by;
   gboolean never_full = model->n_items < program->capacity;
   guint i, j;
 
@@ -237,16 +286,15 @@ kd_model_check_items (KdModel *model)
               CHECK (model, !never_full, "item %u refused %s with %u items for capacity %u",
                      item->id, item->refused_code == KD_ERROR_FULL ? "FULL" : "TIMEOUT",
                      model->n_items, program->capacity);
-              CHECK (model, closed_by == 0 || item->before < closed_by,
-                     "item %u refused %s, not CLOSED, after close returned", item->id,
-                     item->refused_code == KD_ERROR_FULL ? "FULL" : "TIMEOUT");
+              check_submit_after_closing (model, item, item->refused_code == KD_ERROR_FULL ?
+                                                       "refused FULL, not CLOSED," :
+                                                       "refused TIMEOUT, not CLOSED,");
             }
         }
       if (item->status != ITEM_ACCEPTED)
         continue;
 
-      CHECK (model, closed_by == 0 || item->before < closed_by,
-             "item %u accepted though its submit began after close returned", item->id);
+      check_submit_after_closing (model, item, "accepted");
       CHECK (model, item->free_calls == 1, "item %u freed %d times", item->id, item->free_calls);
       if (!program->no_done)
         CHECK (model, item->done_calls == 1, "item %u: %d done callbacks", item->id,

@@ -259,10 +259,13 @@ run_close (ModelThread     *thread,
            guint            variant)
 {
   KdModel *model = thread->model;
+  gint returned;
 
   kd_model_tick_min (&model->close_started, kd_model_tick (model));
   kd_dispatcher_close (thread->dispatcher);
-  kd_model_tick_min (&model->closed_by, kd_model_tick (model));
+  returned = kd_model_tick (model);
+  kd_model_tick_min (&model->closed_by, returned);
+  kd_model_tick_min (&model->close_returned, returned);
   return TRUE;
 }
 
@@ -273,7 +276,7 @@ run_cancel (ModelThread     *thread,
 {
   KdModel *model = thread->model;
   gint started = kd_model_tick (model);
-  gint returned;
+  gint returned, call;
 
   kd_model_tick_min (&model->close_started, started);
   kd_model_tick_min (&model->cancel_started, started);
@@ -281,6 +284,10 @@ run_cancel (ModelThread     *thread,
   returned = kd_model_tick (model);
   kd_model_tick_min (&model->closed_by, returned);
   kd_model_tick_min (&model->cancelled_by, returned);
+
+  call = g_atomic_int_add (&model->n_cancel_calls, 1);
+  model->cancel_calls[call][0] = started;
+  model->cancel_calls[call][1] = returned;
   return TRUE;
 }
 
@@ -448,6 +455,7 @@ kd_model_program_decode (KdModelProgram *program,
   program->main_keeps_ref = (flags & 8) != 0;
   program->last_waits = (flags & 16) != 0;
   program->own_cancellable = (flags & 32) != 0;
+  program->shared_cancel = program->own_cancellable && (flags & 64) != 0;
 
   rare = read_byte (&reader);
   program->pre_cancelled = program->own_cancellable && (rare & 0x1f) == 0x1f;
@@ -476,7 +484,7 @@ kd_model_program_describe (const KdModelProgram *program)
   guint i;
 
   g_string_append_printf (out, "workers=%u fanout=%u capacity=%u threads=%u keys=%u "
-                          "context=%s%s%s%s%s%s%s; %u ops, %u items\n",
+                          "context=%s%s%s%s%s%s%s%s; %u ops, %u items\n",
                           program->n_workers, program->fanout, program->capacity,
                           program->n_threads, program->n_keys, contexts[program->context_mode],
                           program->key_states ? " key-states" : "",
@@ -484,6 +492,7 @@ kd_model_program_describe (const KdModelProgram *program)
                           program->last_waits ? " last-waits" : "",
                           program->own_cancellable ? " own-cancellable" : "",
                           program->pre_cancelled ? " pre-cancelled" : "",
+                          program->shared_cancel ? " shared-cancel" : "",
                           program->no_done ? " no-done" : "",
                           program->n_ops, program->n_items);
   for (i = 0; i < program->n_ops; i++)

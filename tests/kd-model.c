@@ -88,20 +88,29 @@ model_error_quark (void)
 /* ------------------------------------------------------------------------ */
 /* Violations                                                               */
 
-void
-kd_model_violation (KdModel    *model,
-                    const char *where,
-                    const char *format,
-                    ...)
+/* Records a violation, or a hit of a known library bug (@known), which is a
+ * violation too in strict mode. */
+static void
+model_record (KdModel    *model,
+              gboolean    known,
+              const char *where,
+              const char *format,
+              va_list     args)
 {
-  va_list args;
-  char *message;
+  char *message = g_strdup_vprintf (format, args);
+  gint *count;
+  GString *into;
 
-  va_start (args, format);
-  message = g_strdup_vprintf (format, args);
-  va_end (args);
+  if (known && model->strict)
+    {
+      char *strict = g_strconcat ("known library bug: ", message, NULL);
 
-  if (model_fatal)
+      g_free (message);
+      message = strict;
+      known = FALSE;
+    }
+
+  if (!known && model_fatal)
     {
       char *description = kd_model_program_describe (model->program);
 
@@ -110,10 +119,38 @@ kd_model_violation (KdModel    *model,
     }
 
   kd_mutex_lock (&model->lock);
-  if (model->n_violations++ < MAX_REPORTED)
-    g_string_append_printf (model->report, "%s: %s\n", where, message);
+  count = known ? &model->n_known : &model->n_violations;
+  into = known ? model->known : model->report;
+  if ((*count)++ < MAX_REPORTED)
+    g_string_append_printf (into, "%s: %s\n", where, message);
   kd_mutex_unlock (&model->lock);
   g_free (message);
+}
+
+void
+kd_model_violation (KdModel    *model,
+                    const char *where,
+                    const char *format,
+                    ...)
+{
+  va_list args;
+
+  va_start (args, format);
+  model_record (model, FALSE, where, format, args);
+  va_end (args);
+}
+
+void
+kd_model_known_bug (KdModel    *model,
+                    const char *where,
+                    const char *format,
+                    ...)
+{
+  va_list args;
+
+  va_start (args, format);
+  model_record (model, TRUE, where, format, args);
+  va_end (args);
 }
 
 /* A 32-bit mix, for per-item choices the program makes once. */
@@ -474,6 +511,21 @@ model_thread_main (gpointer data)
   return NULL;
 }
 
+/* Another user of the program's cancellable, connected before the
+ * dispatcher: its handler runs first and takes a while. */
+static void
+slow_cancelled (GCancellable *cancellable,
+                gpointer      user_data)
+{
+  guint i;
+
+  for (i = 0; i < 20; i++)
+    {
+      g_thread_yield ();
+      kd_test_spin (500);
+    }
+}
+
 static gpointer
 loop_thread_main (gpointer data)
 {
@@ -539,6 +591,8 @@ kd_model_run (const KdModelProgram *program,
   model->refs = (gint) program->n_threads + 1;
   model->n_items = program->n_items;
   model->report = g_string_new (NULL);
+  model->known = g_string_new (NULL);
+  model->strict = g_strcmp0 (g_getenv ("KD_MODEL_STRICT"), "1") == 0;
   g_mutex_init (&model->lock);
   g_mutex_init (&model->iterate_lock);
   kd_test_counter_init (&model->unrefs_done);
@@ -566,6 +620,8 @@ kd_model_run (const KdModelProgram *program,
           model->close_started = model->cancel_started = 1;
           model->closed_by = model->cancelled_by = 2;
         }
+      if (program->shared_cancel)
+        g_signal_connect (model->cancellable, "cancelled", G_CALLBACK (slow_cancelled), model);
       kd_dispatcher_set_cancellable (dispatcher, model->cancellable);
     }
   if (program->context_mode != KD_MODEL_CONTEXT_NONE)
@@ -639,6 +695,11 @@ kd_model_run (const KdModelProgram *program,
     {
       g_string_free (g_steal_pointer (&model->report), TRUE);
     }
+  result->n_known = (guint) model->n_known;
+  if (model->n_known > 0)
+    result->known = g_string_free (g_steal_pointer (&model->known), FALSE);
+  else
+    g_string_free (g_steal_pointer (&model->known), TRUE);
 
   g_clear_object (&model->cancellable);
   if (model->context != NULL)
@@ -672,6 +733,7 @@ void
 kd_model_result_clear (KdModelResult *result)
 {
   g_clear_pointer (&result->report, g_free);
+  g_clear_pointer (&result->known, g_free);
 }
 
 static guint64

@@ -67,6 +67,7 @@ typedef struct
   gboolean           last_waits;        /* the last holder waits before its unref */
   gboolean           own_cancellable;   /* kd_dispatcher_set_cancellable() */
   gboolean           pre_cancelled;     /* ... with a cancellable already cancelled */
+  gboolean           shared_cancel;     /* ... with another, slow ::cancelled handler first */
   gboolean           no_done;           /* no done callback, only item_free */
 
   guint              n_ops;
@@ -85,6 +86,8 @@ typedef struct
   guint64 key_states;    /* states made */
   guint   n_violations;
   char   *report;        /* the first violations, one a line; NULL if none */
+  guint   n_known;       /* hits of known library bugs (not violations) */
+  char   *known;         /* the first of them; NULL if none */
 } KdModelResult;
 
 void     kd_model_program_decode   (KdModelProgram *program,
@@ -93,7 +96,9 @@ void     kd_model_program_decode   (KdModelProgram *program,
 char    *kd_model_program_describe (const KdModelProgram *program);
 
 /* Runs @program once. Returns TRUE if every check held; otherwise @result
- * has the violations. A run that makes no progress for a minute aborts
+ * has the violations. Hits of the library bugs the model knows of (listed
+ * in kd-model-checks.c) are counted apart, unless KD_MODEL_STRICT=1 is set
+ * in the environment, which makes them violations. A run that makes no progress for a minute aborts
  * the process after printing the program and what it saw. */
 gboolean kd_model_run              (const KdModelProgram *program,
                                     KdModelResult        *result);

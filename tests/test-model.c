@@ -25,6 +25,26 @@
 
 static guint64 replay_seed;
 
+#ifdef KD_TSAN
+/* A known race in the library that this test found (most runs under
+ * ThreadSanitizer hit it): two threads in kd_dispatcher_wait() on a closed,
+ * drained dispatcher (or a wait and a close) reach kd_scheduler_shutdown(),
+ * which reads and stops self->timer under timer_lock, and
+ * kd_scheduler_join(), which frees it under join_lock only. Suppressed for
+ * this program alone until the library is fixed, so that the rest of the
+ * model keeps running under TSan: delete this function to see it, and once
+ * kd_scheduler_join() frees the timer under timer_lock. (TSan calls it while
+ * it starts, before its shadow memory or the environment are set up: it
+ * must not be instrumented, nor read anything.) */
+const char *__tsan_default_suppressions (void);
+
+__attribute__ ((no_sanitize ("thread"))) const char *
+__tsan_default_suppressions (void)
+{
+  return "race:kd_scheduler_join\n";
+}
+#endif
+
 static guint64
 env_number (const char *name,
             guint64     fallback)
@@ -48,6 +68,14 @@ run_program (const guint8 *bytes,
 
   kd_model_program_decode (program, bytes, size);
   ok = kd_model_run (program, &result);
+  if (result.n_known > 0)
+    {
+      const char *end = strchr (result.known, '\n');
+
+      g_test_message ("%s: %u hits of known library bugs (KD_MODEL_STRICT=1 fails on "
+                      "them), the first: %.*s", what, result.n_known,
+                      end != NULL ? (int) (end - result.known) : -1, result.known);
+    }
   if (!ok)
     {
       char *description = kd_model_program_describe (program);
@@ -66,6 +94,7 @@ run_program (const guint8 *bytes,
       totals->failed += result.failed;
       totals->cancelled += result.cancelled;
       totals->key_states += result.key_states;
+      totals->n_known += result.n_known;
     }
   kd_model_result_clear (&result);
   g_free (program);
@@ -112,10 +141,10 @@ test_seeds (void)
   g_test_message ("%" G_GUINT64_FORMAT " seeds in %.1f s: %" G_GUINT64_FORMAT " accepted, %"
                   G_GUINT64_FORMAT " refused (%" G_GUINT64_FORMAT " closed), %"
                   G_GUINT64_FORMAT " completed, %" G_GUINT64_FORMAT " failed, %"
-                  G_GUINT64_FORMAT " cancelled, %" G_GUINT64_FORMAT " key states",
-                  n, (g_get_monotonic_time () - start) / 1e6, totals.accepted,
-                  totals.refused, totals.refused_closed, totals.completed, totals.failed,
-                  totals.cancelled, totals.key_states);
+                  G_GUINT64_FORMAT " cancelled, %" G_GUINT64_FORMAT " key states, %u hits "
+                  "of known library bugs", n, (g_get_monotonic_time () - start) / 1e6,
+                  totals.accepted, totals.refused, totals.refused_closed, totals.completed,
+                  totals.failed, totals.cancelled, totals.key_states, totals.n_known);
 
   /* The seeds are meant to reach every ending and refusal; a set that no
    * longer does (the op table changed) should be looked at. */
@@ -186,6 +215,7 @@ add_op (GByteArray   *program,
 #define MAIN_KEEPS_REF   0x08
 #define LAST_WAITS       0x10
 #define OWN_CANCELLABLE  0x20
+#define SHARED_CANCEL    0x40
 /* ... and of the seventh */
 #define PRE_CANCELLED    0x1f
 #define NO_DONE          0xe0
@@ -242,6 +272,27 @@ program_close_full_iterate (void)
   return p;
 }
 
+/* Two threads cancel a cancellable that another user shares (its handler
+ * runs first and takes a while) while two others keep submitting: the
+ * known bug of kd-model-checks.c (accepted after a cancel returned). */
+static GByteArray *
+program_cancel_twice_shared (void)
+{
+  GByteArray *p = g_byte_array_new ();
+
+  HEADER (p, 2, 1, 6, 3, 2, OWN_CANCELLABLE | SHARED_CANCEL, 0);
+  OP (p, "submit", 2, 0, 0, 0, 15);
+  OP (p, "submit", 3, 1, 0, 0, 15);
+  OP0 (p, "cancel", 0);
+  OP0 (p, "cancel", 1);
+  OP (p, "submit", 1, 2, 0, 0, 15);
+  OP (p, "try_submit", 0, 0, 0, 0, 15);
+  OP (p, "submit", 2, 1, 0, 0, 15);
+  OP (p, "submit", 3, 0, 0, 0, 15);
+  OP0 (p, "wait", 3);
+  return p;
+}
+
 /* A cancellable cancelled before the first submit, no done callback. */
 static GByteArray *
 program_pre_cancelled (void)
@@ -289,6 +340,7 @@ test_programs (void)
     { "unref-while-submitting", program_unref_while_submitting },
     { "close-full-iterate", program_close_full_iterate },
     { "pre-cancelled", program_pre_cancelled },
+    { "cancel-twice-shared", program_cancel_twice_shared },
     { "main-waits-last", program_main_waits_last },
   };
   guint repeat = kd_test_size (20, 500);
@@ -297,7 +349,8 @@ test_programs (void)
   g_test_summary ("Hand-written programs for what random bytes rarely reach: a cancel "
                   "with submitters blocked on a full bound, the last unref while other "
                   "threads submit, closing while full, a cancellable cancelled before "
-                  "the first submit, the main thread's last unref after a wait");
+                  "the first submit, two cancels of a shared cancellable, the main "
+                  "thread's last unref after a wait");
 
   for (i = 0; i < G_N_ELEMENTS (programs); i++)
     {
