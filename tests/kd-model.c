@@ -90,7 +90,7 @@ model_error_quark (void)
 
 /* Records a violation, or a hit of a known library bug (@known), which is a
  * violation too in strict mode. */
-static void
+static void G_GNUC_PRINTF (4, 0)
 model_record (KdModel    *model,
               gboolean    known,
               const char *where,
