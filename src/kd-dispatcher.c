@@ -86,7 +86,8 @@
  * thread, which drops that reference when it is done.
  *
  * Locks: a key shard's lock, the scheduler's queue locks, @parked_lock and
- * the admission's sleeping lock are each taken alone, never nested; @async_lock
+ * the admission's sleeping lock are each taken alone, never nested, but for
+ * a shard's lock taken under @parked_lock (dropping a key's queued jobs); @async_lock
  * is taken before them (admitting a waiting submission queues its job), and
  * never while one of them is held. No lock is
  * held while user code (handler, done callback, item-free, destroy notify)
@@ -201,8 +202,12 @@ struct _KdDispatcher
 
   KdKeyTable     *keys;         /* key → KdMailbox, keys with work only */
 
-  /* Set once under @start_lock, then read-only (published atomically) */
+  /* Set once under @start_lock, then read-only (published atomically).
+   * While the workers start (their inits run) @starting is set and
+   * @start_lock is not held; other starters wait on @start_cond. */
   GMutex          start_lock;
+  GCond           start_cond;
+  gboolean        starting;
   KdScheduler    *scheduler;
   KdDelivery     *delivery;
   KdNotifier     *notifier;     /* the counters' notify */
@@ -303,6 +308,16 @@ is_own_worker (KdDispatcher *self)
 
   return worker != NULL &&
          kd_worker_get_scheduler (worker) == g_atomic_pointer_get (&self->scheduler);
+}
+
+/* Whether the calling thread is one of this dispatcher's: a worker or its
+ * timer's. */
+static gboolean
+runs_on_own_thread (KdDispatcher *self)
+{
+  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+
+  return scheduler != NULL && kd_scheduler_runs_here (scheduler);
 }
 
 static void notify_counters (GObject *object);
@@ -527,7 +542,10 @@ run_job (KdDispatcher  *self,
   if (G_UNLIKELY (g_cancellable_is_cancelled (self->cancellable)))
     {
       error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
-                                   "The dispatcher was cancelled before the job ran");
+                                   job->attempt == 0
+                                     ? "The dispatcher was cancelled before the job ran"
+                                     : "The dispatcher was cancelled while the job waited "
+                                       "for a retry");
       counter = &stats->cancelled;
     }
   else if (G_UNLIKELY (job->result != NULL && kd_submit_result_is_cancelled (job->result)))
@@ -606,6 +624,15 @@ run_job (KdDispatcher  *self,
   return outcome;
 }
 
+/* Now plus @delay_us, at most G_MAXINT64: never. */
+static gint64
+due_time_after (gint64 delay_us)
+{
+  gint64 now = g_get_monotonic_time ();
+
+  return delay_us > G_MAXINT64 - now ? G_MAXINT64 : now + delay_us;
+}
+
 /* When a job that failed on its attempt runs again: the initial delay,
  * doubled at each attempt, at most the maximum. */
 static gint64
@@ -618,7 +645,7 @@ retry_due_time (KdDispatcher *self,
   for (i = 1; i < job->attempt && delay > 0 && delay < self->retry_max_us; i++)
     delay = delay > self->retry_max_us / 2 ? self->retry_max_us : delay * 2;
 
-  return g_get_monotonic_time () + MIN (delay, self->retry_max_us);
+  return due_time_after (MIN (delay, self->retry_max_us));
 }
 
 /* Takes a parked mailbox out of parking, which makes the caller its runner:
@@ -718,10 +745,14 @@ take_parked (KdDispatcher *self,
     }
   g_hash_table_remove (self->parked, key);
   g_atomic_int_add (&self->n_parked, -1);
-  /* Its runner still ends the failed job: it unparks the key after. */
+  /* Its runner still ends the failed job: it unparks the key after. The
+   * jobs queued now are dropped now (before the runner can see the
+   * request), not those submitted after this call. */
   finishing = mailbox->park_state == KD_PARK_FINISHING;
+  if (finishing && drop)
+    kd_key_table_drop_queued (self->keys, mailbox);
   if (finishing)
-    mailbox->park_request = drop ? KD_PARK_DROP : KD_PARK_RESUME;
+    mailbox->park_request = KD_PARK_RESUME;
   else
     mailbox->park_state = KD_PARK_NONE;
   kd_mutex_unlock (&self->parked_lock);
@@ -804,7 +835,7 @@ expire_later (KdDispatcher *self,
 
   expiry->mailbox = mailbox;
   expiry->idle_generation = idle_generation;
-  kd_scheduler_call_at (scheduler, g_get_monotonic_time () + self->key_idle_us,
+  kd_scheduler_call_at (scheduler, due_time_after (self->key_idle_us),
                         expire_key_state, self, expiry);
 }
 
@@ -939,6 +970,9 @@ ensure_delivery_locked (KdDispatcher *self)
   return self->delivery;
 }
 
+/* The dispatcher whose worker init runs on this thread, if any. */
+static KD_THREAD_LOCAL KdDispatcher *initializing;
+
 /* On a new worker's thread: the application's worker init. */
 static gboolean
 start_worker (KdWorker  *worker,
@@ -949,7 +983,9 @@ start_worker (KdWorker  *worker,
   GError *local_error = NULL;
   gpointer data;
 
+  initializing = self;
   data = self->worker_init (self, kd_worker_get_index (worker), self->worker_data, &local_error);
+  initializing = NULL;
   if (local_error != NULL)
     {
       g_propagate_error (error, local_error);
@@ -984,29 +1020,48 @@ ensure_started (KdDispatcher  *self,
   if (G_LIKELY (g_atomic_pointer_get (&self->scheduler) != NULL))
     return TRUE;
 
+  /* The workers start only once every init returned. */
+  if (G_UNLIKELY (initializing == self))
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK,
+                           "A worker's init cannot use its own dispatcher, which "
+                           "starts once every init returned");
+      return FALSE;
+    }
+
   if (!g_atomic_int_get (&self->configured))
     g_atomic_int_set (&self->configured, TRUE);
 
   kd_mutex_lock (&self->start_lock);
+  while (self->starting)
+    kd_cond_wait (&self->start_cond, &self->start_lock);
   scheduler = self->scheduler;
-  if (scheduler == NULL && !kd_admission_is_closed (&self->admission))
+  if (scheduler == NULL && kd_admission_is_closed (&self->admission))
+    {
+      g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED, "The dispatcher is closed");
+    }
+  else if (scheduler == NULL)
     {
       if (self->context != NULL)
         ensure_delivery_locked (self);
+      self->starting = TRUE;
+
+      /* Not under the lock: the inits (and finalizes, if one failed) are
+       * the application's code. */
+      kd_mutex_unlock (&self->start_lock);
       scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task,
                                     self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
+      kd_mutex_lock (&self->start_lock);
+
       if (scheduler != NULL)
         g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
                  (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
                  self->admission.capacity);
       g_atomic_pointer_set (&self->scheduler, scheduler);
-    }
-  else if (scheduler == NULL)
-    {
-      g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
-                           "The dispatcher is closed");
+      self->starting = FALSE;
+      g_cond_broadcast (&self->start_cond);
     }
   kd_mutex_unlock (&self->start_lock);
 
@@ -1124,7 +1179,7 @@ push_job (KdDispatcher      *self,
           kd_scheduler_push (scheduler, &job->task);
           return TRUE;
         }
-      mailbox = kd_key_table_push (self->keys, key, job);
+      mailbox = kd_key_table_push (self->keys, key, job, self->key_capacity > 0);
     }
 
   /* A mailbox in the table is always scheduled or running; only its
@@ -1233,10 +1288,11 @@ kd_dispatcher_dispose (GObject *object)
   switch (g_atomic_int_get (&self->shutdown_state))
     {
     case SHUTDOWN_NONE:
-      if (is_own_worker (self) ||
+      if (runs_on_own_thread (self) ||
           (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery)))
         {
-          /* The last reference went away on one of our own threads, which
+          /* The last reference went away on one of our own threads (a
+           * worker, or the timer's, freeing an idle key state), which
            * cannot wait for itself. Keep the object alive and let a thread
            * of its own finish the shutdown. */
           g_debug ("dispatcher %p: last unref on its own thread, shutting down "
@@ -1292,6 +1348,7 @@ kd_dispatcher_finalize (GObject *object)
   kd_key_table_free (self->keys);
   kd_admission_clear (&self->admission);
   g_mutex_clear (&self->start_lock);
+  g_cond_clear (&self->start_cond);
   g_clear_object (&self->cancellable);
   g_clear_pointer (&self->context, g_main_context_unref);
   g_free (self->name);
@@ -1656,6 +1713,7 @@ kd_dispatcher_init (KdDispatcher *self)
   self->parked = g_hash_table_new (g_str_hash, g_str_equal);
   kd_admission_init (&self->admission, DEFAULT_CAPACITY, 0);
   g_mutex_init (&self->start_lock);
+  g_cond_init (&self->start_cond);
   self->keys = kd_key_table_new ();
   self->cancellable = g_cancellable_new ();
   self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
@@ -1890,7 +1948,10 @@ kd_dispatcher_set_done_func (KdDispatcher   *self,
  * run the key's first job, handlers of the key get it with
  * kd_job_get_key_state() and use it without locks (a key's jobs run one at
  * a time), and @state_free frees it on the worker that ran the key's last
- * job, once the key has no job left. A key has at most one state at a time:
+ * job, once the key has no job left (a parked key's, see %KD_FAILURE_PARK,
+ * on the thread that resumes, drops or cancels it or drops the last
+ * reference; an idle key's on the dispatcher's timer thread). @state_free
+ * must not wait for the dispatcher. A key has at most one state at a time:
  * the next job of a key whose state was freed gets a new one. Jobs that
  * never run (cancelled) make no state. Every state is freed before
  * kd_dispatcher_wait() returns for the jobs that used it, unless an idle
@@ -1936,7 +1997,9 @@ kd_dispatcher_set_key_state_funcs (KdDispatcher      *self,
  * kd_dispatcher_submit_timeout() fails with %KD_ERROR_TIMEOUT at its
  * deadline, and closing the dispatcher refuses blocked submits with
  * %KD_ERROR_CLOSED; the item stays the caller's. A submit blocked on its
- * key holds one unit of the dispatcher's bound meanwhile.
+ * key holds one unit of the dispatcher's bound meanwhile (it counts as
+ * pending, and kd_dispatcher_wait() called meanwhile waits for it), so a
+ * key holds at most @capacity units plus one per thread blocked on it.
  * kd_dispatcher_submit_async() does not wait for a key: a submission to a
  * key at its bound is refused with %KD_ERROR_FULL. Jobs that a pipeline's
  * stage emits into the next are not bounded per key.
@@ -1999,7 +2062,8 @@ kd_dispatcher_get_key_capacity (KdDispatcher *self)
  *
  * Once the dispatcher is cancelled no job is retried: those waiting for a
  * retry end at once with %G_IO_ERROR_CANCELLED. A job whose handler passed
- * its item on with kd_job_emit() is not retried either.
+ * its item on with kd_job_emit() is not retried either; in a pipeline
+ * stage, a retried handler emits again what it emitted before it failed.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -2037,7 +2101,9 @@ kd_dispatcher_set_retry (KdDispatcher *self,
  * runs them or kd_dispatcher_drop_key() ends them cancelled. Other keys run
  * on. Cancelling the dispatcher, or dropping its last reference, drops
  * every parked key. The default, %KD_FAILURE_CONTINUE, runs the key's next
- * job.
+ * job. In a pipeline stage, a parked key keeps the stage, and so
+ * kd_pipeline_close() and kd_pipeline_wait(), from draining until it is
+ * resumed or dropped.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -2685,8 +2751,10 @@ kd_dispatcher_submit_finish (KdDispatcher  *self,
  * Returns once every job accepted before the call has ended: its done
  * callback and item-free function ran (with a main context, once its
  * handler returned; the deliveries follow when the context is iterated).
- * Jobs submitted by other threads during the call do not delay it. It can
- * be called any number of times: batch, wait, next batch.
+ * Jobs submitted by other threads during the call do not delay it (but for
+ * a submit that was blocked on its key's bound before the call, see
+ * kd_dispatcher_set_key_capacity()). It can be called any number of times:
+ * batch, wait, next batch.
  *
  * If the dispatcher is closed and nothing is pending when the wait ends,
  * its worker threads have exited when it returns.

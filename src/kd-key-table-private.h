@@ -28,7 +28,8 @@ KdKeyTable *kd_key_table_new   (void);
 void        kd_key_table_free  (KdKeyTable  *self);
 KdMailbox  *kd_key_table_push  (KdKeyTable  *self,
                                 const char  *key,
-                                KdJob       *job);
+                                KdJob       *job,
+                                gboolean     count);
 gboolean    kd_key_table_push_bounded (KdKeyTable        *self,
                                        const char        *key,
                                        KdJob             *job,
@@ -61,6 +62,8 @@ void        kd_key_table_put_back (KdKeyTable  *self,
                                    KdMailbox   *mailbox,
                                    KdJob      **jobs,
                                    guint        n);
+void        kd_key_table_drop_queued (KdKeyTable *self,
+                                      KdMailbox  *mailbox);
 gboolean    kd_key_table_unpark   (KdKeyTable  *self,
                                    KdMailbox   *mailbox,
                                    gboolean     drop);

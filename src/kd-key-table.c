@@ -238,10 +238,13 @@ push_locked (Shard       *shard,
   return activated ? mailbox : NULL;
 }
 
+/* @count: the dispatcher has a per-key bound: count the job in its key,
+ * though this push does not wait for room (a pipeline's emit). */
 KdMailbox *
 kd_key_table_push (KdKeyTable *self,
                    const char *string,
-                   KdJob      *job)
+                   KdJob      *job,
+                   gboolean    count)
 {
   KdMailbox *activated;
   KdKey key;
@@ -253,76 +256,72 @@ kd_key_table_push (KdKeyTable *self,
 
   kd_mutex_lock (&shard->lock);
   activated = push_locked (shard, &key, job);
+  if (G_UNLIKELY (count))
+    __atomic_add_fetch (&job->mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
   kd_mutex_unlock (&shard->lock);
 
   return activated;
 }
 
 /* With the shard lock held: whether @key has room under @bound, waiting
- * for it as @bound says. FALSE with @error set if not. */
+ * for it as @bound says. FALSE with @error set if not.
+ *
+ * The push counts itself as a waiter for its whole stay, before it looks
+ * at anything: a close (closed, then kd_key_table_wake_bounded() reads the
+ * waiters) or a runner (one job less, then kd_key_table_job_ended() reads
+ * them) either sees it and wakes it under the lock, or came before its
+ * look and is seen by it. */
 static gboolean
 wait_for_room_locked (Shard            *shard,
                       const KdKey      *key,
                       const KdKeyBound *bound,
                       GError          **error)
 {
-  GError *local_error = NULL;
+  gboolean room = FALSE, timed_out = FALSE;
 
+  __atomic_add_fetch (&shard->n_bound_waiters, 1, __ATOMIC_SEQ_CST);
   for (;;)
     {
-      KdMailbox *mailbox = g_hash_table_lookup (shard->table, key);
-      gboolean room;
-
-      /* A key without a mailbox, or a dormant one, has no job. */
-      if (mailbox == NULL || mailbox->dormant)
-        return TRUE;
+      KdMailbox *mailbox;
 
       if (kd_admission_is_closed (bound->admission))
         {
           g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
                                "The dispatcher was closed while the submit waited for "
                                "room in its key");
-          return FALSE;
+          break;
         }
 
-      /* Announced before looking: a runner that takes a job away after
-       * the look sees a waiter and wakes us (see kd_key_table_job_ended()). */
-      __atomic_add_fetch (&shard->n_bound_waiters, 1, __ATOMIC_SEQ_CST);
-      room = __atomic_load_n (&mailbox->n_jobs, __ATOMIC_SEQ_CST) < bound->capacity;
-      if (!room)
-        {
-          switch (bound->mode)
-            {
-            case KD_ADMIT_TRY:
-              g_set_error (&local_error, KD_ERROR, KD_ERROR_FULL,
-                           "The key has reached its bound of %u pending jobs", bound->capacity);
-              break;
-            case KD_ADMIT_BLOCK:
-              g_cond_broadcast (&shard->blocked_cond);
-              kd_cond_wait (&shard->bound_cond, &shard->lock);
-              break;
-            case KD_ADMIT_DEADLINE:
-              g_cond_broadcast (&shard->blocked_cond);
-              if (!kd_cond_wait_until (&shard->bound_cond, &shard->lock, bound->deadline) &&
-                  g_get_monotonic_time () >= bound->deadline)
-                g_set_error (&local_error, KD_ERROR, KD_ERROR_TIMEOUT,
-                             "The key stayed at its bound of %u pending jobs until the "
-                             "deadline", bound->capacity);
-              break;
-            default:
-              g_assert_not_reached ();
-            }
-        }
-      __atomic_sub_fetch (&shard->n_bound_waiters, 1, __ATOMIC_SEQ_CST);
-
+      /* A key without a mailbox, or a dormant one, has no job. */
+      mailbox = g_hash_table_lookup (shard->table, key);
+      room = mailbox == NULL || mailbox->dormant ||
+             __atomic_load_n (&mailbox->n_jobs, __ATOMIC_SEQ_CST) < bound->capacity;
       if (room)
-        return TRUE;
-      if (local_error != NULL)
+        break;
+
+      if (bound->mode == KD_ADMIT_TRY)
         {
-          g_propagate_error (error, local_error);
-          return FALSE;
+          g_set_error (error, KD_ERROR, KD_ERROR_FULL,
+                       "The key has reached its bound of %u pending jobs", bound->capacity);
+          break;
         }
+      if (timed_out)
+        {
+          g_set_error (error, KD_ERROR, KD_ERROR_TIMEOUT,
+                       "The key stayed at its bound of %u pending jobs until the deadline",
+                       bound->capacity);
+          break;
+        }
+
+      g_cond_broadcast (&shard->blocked_cond);
+      if (bound->mode == KD_ADMIT_BLOCK)
+        kd_cond_wait (&shard->bound_cond, &shard->lock);
+      else if (!kd_cond_wait_until (&shard->bound_cond, &shard->lock, bound->deadline))
+        timed_out = g_get_monotonic_time () >= bound->deadline;   /* one last look */
     }
+  __atomic_sub_fetch (&shard->n_bound_waiters, 1, __ATOMIC_SEQ_CST);
+
+  return room;
 }
 
 /*
@@ -534,6 +533,21 @@ kd_key_table_put_back (KdKeyTable  *self,
   kd_mutex_unlock (&shard->lock);
 }
 
+/* Marks every job queued in @mailbox as dropped (they end cancelled when
+ * they run). */
+void
+kd_key_table_drop_queued (KdKeyTable *self,
+                          KdMailbox  *mailbox)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+  KdJob *job;
+
+  kd_mutex_lock (&shard->lock);
+  for (job = mailbox->head; job != NULL; job = (KdJob *) job->task.next)
+    job->dropped = TRUE;
+  kd_mutex_unlock (&shard->lock);
+}
+
 /*
  * kd_key_table_unpark:
  *
@@ -552,14 +566,10 @@ kd_key_table_unpark (KdKeyTable *self,
   KdMailbox *to_free = NULL;
   gboolean reaped;
 
-  kd_mutex_lock (&shard->lock);
   if (drop)
-    {
-      KdJob *job;
+    kd_key_table_drop_queued (self, mailbox);
 
-      for (job = mailbox->head; job != NULL; job = (KdJob *) job->task.next)
-        job->dropped = TRUE;
-    }
+  kd_mutex_lock (&shard->lock);
   reaped = kd_mailbox_is_empty_locked (mailbox);
   if (reaped)
     to_free = reap_locked (shard, mailbox);

@@ -49,6 +49,7 @@ void         kd_scheduler_call_at    (KdScheduler *self,
 void         kd_scheduler_hurry      (KdScheduler *self);
 void         kd_scheduler_shutdown   (KdScheduler *self);
 void         kd_scheduler_join       (KdScheduler *self);
+gboolean     kd_scheduler_runs_here  (KdScheduler *self);
 void         kd_scheduler_free       (KdScheduler *self);
 
 KdWorker    *kd_worker_get_current   (void);

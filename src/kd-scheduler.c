@@ -676,14 +676,23 @@ kd_scheduler_join (KdScheduler *self)
   kd_mutex_lock (&self->join_lock);
   if (!self->joined)
     {
+      KdTimer *timer;
+
       for (i = 0; i < self->n_workers; i++)
         {
           g_thread_join (self->workers[i].thread);
           self->workers[i].thread = NULL;
           kd_tsan_acquire (&self->workers[i]);
         }
-      /* Stopped by the shutdown: no task waits in it. */
-      g_clear_pointer (&self->timer, kd_timer_free);
+
+      /* Stopped by the shutdown, so its calls were all made. Taken out
+       * under its lock: a late hurry or shutdown from another thread finds
+       * no timer rather than a freed one. */
+      kd_mutex_lock (&self->timer_lock);
+      timer = g_steal_pointer (&self->timer);
+      kd_mutex_unlock (&self->timer_lock);
+      if (timer != NULL)
+        kd_timer_free (timer);
       self->joined = TRUE;
     }
   kd_mutex_unlock (&self->join_lock);
@@ -714,6 +723,22 @@ kd_scheduler_free (KdScheduler *self)
   g_aligned_free (self->groups);
   g_free (self->workers);
   g_free (self);
+}
+
+/* Whether the calling thread is one of @self's: a worker or its timer's. */
+gboolean
+kd_scheduler_runs_here (KdScheduler *self)
+{
+  gboolean here = current_worker != NULL && current_worker->scheduler == self;
+
+  if (!here)
+    {
+      kd_mutex_lock (&self->timer_lock);
+      here = self->timer != NULL && kd_timer_runs_here (self->timer);
+      kd_mutex_unlock (&self->timer_lock);
+    }
+
+  return here;
 }
 
 /* The worker running on this thread, or NULL. */

@@ -24,6 +24,7 @@ void     kd_timer_add    (KdTimer     *self,
                           gpointer     data);
 void     kd_timer_hurry  (KdTimer     *self);
 void     kd_timer_stop   (KdTimer     *self);
+gboolean kd_timer_runs_here (KdTimer  *self);
 void     kd_timer_free   (KdTimer     *self);
 
 G_END_DECLS

@@ -205,6 +205,13 @@ kd_timer_stop (KdTimer *self)
   kd_mutex_unlock (&self->lock);
 }
 
+/* Whether the calling thread is the timer's. */
+gboolean
+kd_timer_runs_here (KdTimer *self)
+{
+  return g_thread_self () == self->thread;
+}
+
 /* After kd_timer_stop(): joins the thread. */
 void
 kd_timer_free (KdTimer *self)

@@ -277,7 +277,8 @@ test_key_idle_keeps_state (void)
                   "one state across them; it is not a live key meanwhile, and its "
                   "state is freed once when the dispatcher stops");
 
-  kd_dispatcher_set_key_idle_time (dispatcher, 3600 * G_TIME_SPAN_SECOND);
+  /* Forever (and no overflow in the due time). */
+  kd_dispatcher_set_key_idle_time (dispatcher, G_MAXINT64);
   for (i = 0; i < 10; i++)
     {
       submit_key (dispatcher, 7, 2 + i);
@@ -362,6 +363,111 @@ test_key_idle_revived (void)
   g_assert_cmpint (actors.wrong_state, ==, 0);
   g_object_unref (dispatcher);
   kd_test_hold_clear (&hold);
+}
+
+/* The last reference dropped by a state's free on the timer thread. */
+typedef struct
+{
+  KdDispatcher  *dispatcher;
+  KdTestCounter  finalized;
+} LastRef;
+
+static gpointer
+ref_state_new (const char *key,
+               gpointer    user_data)
+{
+  LastRef *last = user_data;
+
+  return g_object_ref (last->dispatcher);
+}
+
+static void
+ref_state_free (gpointer state)
+{
+  g_object_unref (state);
+}
+
+static gboolean
+noop_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  return TRUE;
+}
+
+static void
+dispatcher_finalized (gpointer  user_data,
+                      GObject  *where_the_object_was)
+{
+  LastRef *last = user_data;
+
+  kd_test_counter_add (&last->finalized, 1);
+}
+
+static void
+test_key_idle_last_unref (void)
+{
+  LastRef last;
+
+  g_test_summary ("An idle key's state that holds the last reference to its "
+                  "dispatcher frees it on the timer thread: the dispatcher shuts "
+                  "down on a thread of its own instead of joining the timer from "
+                  "itself");
+
+  kd_test_counter_init (&last.finalized);
+  last.dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  kd_dispatcher_set_key_state_funcs (last.dispatcher, ref_state_new, ref_state_free, &last, NULL);
+  kd_dispatcher_set_key_idle_time (last.dispatcher, G_TIME_SPAN_MILLISECOND);
+  g_object_weak_ref (G_OBJECT (last.dispatcher), dispatcher_finalized, &last);
+
+  g_assert_true (kd_dispatcher_submit (last.dispatcher, "k", NULL, NULL));
+  kd_dispatcher_wait (last.dispatcher);
+  g_object_unref (last.dispatcher);   /* the state holds the last reference */
+
+  g_assert_true (kd_test_counter_wait (&last.finalized, 1));
+  kd_test_counter_clear (&last.finalized);
+}
+
+/* A worker init that uses its own dispatcher is refused, not deadlocked. */
+static gint init_submit_refused;
+
+static gpointer
+submitting_init (KdDispatcher  *dispatcher,
+                 guint          worker_index,
+                 gpointer       user_data,
+                 GError       **error)
+{
+  GError *local_error = NULL;
+
+  if (!kd_dispatcher_try_submit (dispatcher, "k", NULL, &local_error) &&
+      g_error_matches (local_error, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK))
+    g_atomic_int_inc (&init_submit_refused);
+  g_clear_error (&local_error);
+  if (!kd_dispatcher_start (dispatcher, &local_error) &&
+      g_error_matches (local_error, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK))
+    g_atomic_int_inc (&init_submit_refused);
+  g_clear_error (&local_error);
+
+  return NULL;
+}
+
+static void
+test_worker_init_uses_dispatcher (void)
+{
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  GError *error = NULL;
+
+  g_test_summary ("A worker init that submits to, or starts, its own dispatcher is "
+                  "refused with WOULD_BLOCK instead of waiting for a start that "
+                  "waits for it");
+
+  init_submit_refused = 0;
+  kd_dispatcher_set_worker_funcs (dispatcher, submitting_init, NULL, NULL, NULL);
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_no_error (error);
+  g_assert_cmpint (init_submit_refused, ==, 4);
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", NULL, NULL));
+  g_object_unref (dispatcher);
 }
 
 /* Per-worker state */
@@ -650,6 +756,8 @@ main (int   argc,
   g_test_add_func ("/kd/actors/key-idle-keeps-state", test_key_idle_keeps_state);
   g_test_add_func ("/kd/actors/key-idle-expires", test_key_idle_expires);
   g_test_add_func ("/kd/actors/key-idle-revived", test_key_idle_revived);
+  g_test_add_func ("/kd/actors/key-idle-last-unref", test_key_idle_last_unref);
+  g_test_add_func ("/kd/actors/worker-init-uses-dispatcher", test_worker_init_uses_dispatcher);
   g_test_add_func ("/kd/actors/worker-data", test_worker_data);
   g_test_add_func ("/kd/actors/worker-init-fails", test_worker_init_fails);
   g_test_add_func ("/kd/actors/start-closed", test_start_closed);

@@ -11,7 +11,7 @@
 #include "kd-test-util.h"
 
 #define FAIL_ALWAYS G_MAXUINT
-#define LONG_DELAY_US (3600 * G_TIME_SPAN_SECOND)
+#define LONG_DELAY_US G_MAXINT64   /* never, and no overflow */
 
 /* An item: which key and place it has, and how many of its attempts fail. */
 typedef struct
@@ -44,6 +44,7 @@ typedef struct
   KdDispatcher  *dispatcher;    /* for resume/drop from a done callback */
   gboolean       resume_in_done;
   gboolean       resume_in_done_result;
+  gboolean       drop_in_done;         /* ...then submit the key's next job */
 } Log;
 
 static Item *
@@ -110,6 +111,14 @@ log_done (KdJob        *job,
   if (log->resume_in_done && error != NULL && error->code == G_IO_ERROR_FAILED)
     log->resume_in_done_result = kd_dispatcher_resume_key (log->dispatcher,
                                                            kd_job_get_key (job));
+  if (log->drop_in_done && error != NULL && error->code == G_IO_ERROR_FAILED)
+    {
+      Item *item = kd_job_get_item (job);
+
+      g_assert_true (kd_dispatcher_drop_key (log->dispatcher, kd_job_get_key (job)));
+      g_assert_true (kd_dispatcher_try_submit (log->dispatcher, kd_job_get_key (job),
+                                               item_new (item->key, 100, 0), NULL));
+    }
   kd_test_counter_add (&log->ended, 1);
 }
 
@@ -557,6 +566,69 @@ test_park_resume_in_done (void)
 }
 
 static void
+test_park_drop_in_done (void)
+{
+  Log log;
+  KdDispatcher *dispatcher = log_dispatcher_new (&log, 2);
+  guint i;
+
+  g_test_summary ("Dropping a key from its failed job's done callback drops the "
+                  "jobs queued then, not one submitted right after the drop");
+
+  kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+  log.drop_in_done = TRUE;
+  for (i = 0; i < 4; i++)
+    submit (dispatcher, TRUE, 1, i, i == 0 ? 1 : 0);
+  kd_dispatcher_wait (dispatcher);
+
+  assert_seqs (log.runs, 1, "0 100");
+  assert_seqs (log.ends, 1, "0 1 2 3 100");
+  g_assert_cmpint (g_array_index (log.ends, Event, 4).error_code, ==, -1);
+  for (i = 1; i < 4; i++)
+    g_assert_cmpint (g_array_index (log.ends, Event, i).error_code, ==, G_IO_ERROR_CANCELLED);
+
+  g_object_unref (dispatcher);
+  g_assert_cmpuint (log.freed, ==, 5);
+  log_clear (&log);
+}
+
+static gpointer
+wait_thread (gpointer data)
+{
+  kd_dispatcher_wait (data);
+  return NULL;
+}
+
+static void
+test_retry_waits_race (void)
+{
+  Log log;
+  KdDispatcher *dispatcher = log_dispatcher_new (&log, 2);
+  GThread *threads[3];
+  guint i;
+
+  g_test_summary ("Several threads waiting on a closed dispatcher whose timer ran "
+                  "retries, while it is cancelled, all return; nothing is freed twice");
+
+  kd_dispatcher_set_retry (dispatcher, 2, 0, 0);
+  for (i = 0; i < 20; i++)
+    submit (dispatcher, i % 2 == 0, 1, i, 1);
+  kd_dispatcher_close (dispatcher);
+  for (i = 0; i < G_N_ELEMENTS (threads); i++)
+    threads[i] = g_thread_new ("waiter", wait_thread, dispatcher);
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
+  kd_dispatcher_wait (dispatcher);
+  for (i = 0; i < G_N_ELEMENTS (threads); i++)
+    g_thread_join (threads[i]);
+
+  g_assert_cmpuint (log.ends->len, ==, 20);
+  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_object_unref (dispatcher);
+  g_assert_cmpuint (log.freed, ==, 20);
+  log_clear (&log);
+}
+
+static void
 test_park_cancel_and_unref (void)
 {
   Log log;
@@ -742,6 +814,8 @@ main (int   argc,
   g_test_add_func ("/kd/failure/park-then-resume", test_park_then_resume);
   g_test_add_func ("/kd/failure/park-then-drop", test_park_then_drop);
   g_test_add_func ("/kd/failure/park-resume-in-done", test_park_resume_in_done);
+  g_test_add_func ("/kd/failure/park-drop-in-done", test_park_drop_in_done);
+  g_test_add_func ("/kd/failure/retry-waits-race", test_retry_waits_race);
   g_test_add_func ("/kd/failure/park-cancel-and-unref", test_park_cancel_and_unref);
   g_test_add_func ("/kd/failure/park-key-state", test_park_key_state);
   g_test_add_func ("/kd/failure/main-context", test_main_context);

@@ -349,6 +349,39 @@ test_key_flood (void)
   g_object_unref (dispatcher);
 }
 
+static gboolean
+stage_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  return TRUE;
+}
+
+static void
+test_key_pipeline (void)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *stage = kd_pipeline_add_stage (pipeline, "keyed", 2, stage_handler, NULL, NULL);
+  guint i;
+
+  g_test_summary ("Jobs a pipeline feeds into a keyed stage with a key bound count "
+                  "in their key and leave it when they end: the key has its whole "
+                  "room afterwards");
+
+  kd_dispatcher_set_key_capacity (stage, KEY_CAPACITY);
+  for (i = 0; i < 50; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (i + 1), NULL));
+  kd_pipeline_wait (pipeline);
+
+  for (i = 0; i < KEY_CAPACITY; i++)
+    g_assert_true (kd_dispatcher_try_submit (stage, "k", GUINT_TO_POINTER (1), NULL));
+  kd_dispatcher_wait (stage);
+  for (i = 0; i < KEY_CAPACITY; i++)
+    g_assert_true (kd_dispatcher_try_submit (stage, "k", GUINT_TO_POINTER (1), NULL));
+
+  g_object_unref (pipeline);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -359,6 +392,7 @@ main (int   argc,
   g_test_add_func ("/kd/key-capacity/blocks", test_key_blocks);
   g_test_add_func ("/kd/key-capacity/blocked-then-closed", test_key_blocked_then_closed);
   g_test_add_func ("/kd/key-capacity/flood", test_key_flood);
+  g_test_add_func ("/kd/key-capacity/pipeline", test_key_pipeline);
 
   return g_test_run ();
 }

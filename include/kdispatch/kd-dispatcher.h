@@ -40,7 +40,9 @@ typedef gboolean (*KdHandlerFunc) (KdJob    *job,
  * KdDoneFunc:
  * @job: the job that ended, borrowed for the duration of the call
  * @error: (nullable): %NULL if the job completed; the handler's error if it
- *   failed; %G_IO_ERROR_CANCELLED if it never ran
+ *   failed; %G_IO_ERROR_CANCELLED if it ended by cancellation without
+ *   running (or, see kd_dispatcher_set_retry(), while it waited for a
+ *   retry)
  * @user_data: the data given to kd_dispatcher_set_done_func()
  *
  * Called exactly once for every accepted job, when it ends, before the item
@@ -55,13 +57,14 @@ typedef void (*KdDoneFunc) (KdJob        *job,
  * @submitted: jobs accepted
  * @completed: jobs whose handler returned %TRUE
  * @failed: jobs whose handler returned %FALSE
- * @cancelled: jobs that ended without running
+ * @cancelled: jobs that ended by cancellation: they never ran, or a retry
+ *   of theirs never did
  * @rejected: submit calls refused (closed, full or timed out)
  * @pending: jobs accepted and not yet ended
  * @running: handlers running right now
  * @live_keys: keys with work, or parked
- * @retried: attempts that ran again after a failure (see
- *   kd_dispatcher_set_retry())
+ * @retried: failed attempts that were to run again, counted when the retry
+ *   is scheduled (see kd_dispatcher_set_retry())
  * @parked_keys: keys parked after a failure (see #KdFailurePolicy)
  *
  * A snapshot of a dispatcher's counters, filled by kd_dispatcher_get_stats().
