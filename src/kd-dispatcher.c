@@ -1068,6 +1068,19 @@ ensure_started (KdDispatcher  *self,
   return scheduler != NULL;
 }
 
+/* Once g_cancellable_cancel() marked the cancellable, a submit is refused
+ * with KD_ERROR_CLOSED, even before the ::cancelled emission reaches our
+ * handler (another handler of a shared cancellable may run first, and a
+ * second g_cancellable_cancel() returns at once): closes, idempotently.
+ * The handler does the rest when it runs. */
+static inline void
+refuse_if_cancelled (KdDispatcher *self)
+{
+  if (G_UNLIKELY (g_cancellable_is_cancelled (self->cancellable)) &&
+      !kd_admission_is_closed (&self->admission))
+    kd_dispatcher_close (self);
+}
+
 /* The first half of a submit: a unit of admission, in @epoch. On FALSE
  * nothing was taken. */
 static gboolean
@@ -1083,6 +1096,7 @@ admit_job (KdDispatcher  *self,
       return FALSE;
     }
 
+  refuse_if_cancelled (self);
   if (!kd_admission_acquire (&self->admission, mode, deadline, epoch, error))
     {
       count_rejected (self);
@@ -2680,6 +2694,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
     }
 
   /* Nobody waits: straight in if there is room. */
+  refuse_if_cancelled (self);
   if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) == 0)
     {
       if (kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))

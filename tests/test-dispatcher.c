@@ -1215,6 +1215,66 @@ test_cancel (void)
   kd_test_counter_clear (&cancel.started);
 }
 
+static gboolean noop_handler (KdJob    *job,
+                              gpointer  user_data,
+                              GError  **error);
+
+static void
+held_cancelled_handler (GCancellable *cancellable,
+                        gpointer      user_data)
+{
+  g_assert_true (kd_test_hold_enter (user_data));
+}
+
+static gpointer
+cancel_thread (gpointer data)
+{
+  g_cancellable_cancel (data);
+  return NULL;
+}
+
+static void
+test_cancel_marked_first (void)
+{
+  GCancellable *cancellable = g_cancellable_new ();
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  GError *error = NULL;
+  KdTestHold hold;
+  GThread *thread;
+  KdStats stats;
+
+  g_test_summary ("Once the shared cancellable reads cancelled, submits are refused "
+                  "with CLOSED, even while an earlier ::cancelled handler delays the "
+                  "dispatcher's own");
+
+  kd_test_hold_init (&hold);
+  g_signal_connect (cancellable, "cancelled", G_CALLBACK (held_cancelled_handler), &hold);
+  kd_dispatcher_set_cancellable (dispatcher, cancellable);
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", NULL, NULL));
+  kd_dispatcher_wait (dispatcher);
+
+  thread = g_thread_new ("canceller", cancel_thread, cancellable);
+  g_assert_true (kd_test_hold_wait_arrived (&hold, 1));
+  g_assert_true (g_cancellable_is_cancelled (cancellable));
+
+  g_assert_false (kd_dispatcher_submit (dispatcher, "k", NULL, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  g_assert_false (kd_dispatcher_try_submit (dispatcher, NULL, NULL, &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+
+  kd_test_hold_release (&hold);
+  g_thread_join (thread);
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, 1);
+  g_assert_cmpuint (stats.rejected, ==, 2);
+  g_object_unref (dispatcher);
+  g_object_unref (cancellable);
+  kd_test_hold_clear (&hold);
+}
+
 static void
 test_cancel_before_submit (void)
 {
@@ -2772,6 +2832,7 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/close", test_close);
   g_test_add_func ("/kd/dispatcher/cancel", test_cancel);
   g_test_add_func ("/kd/dispatcher/cancel-before-submit", test_cancel_before_submit);
+  g_test_add_func ("/kd/dispatcher/cancel-marked-first", test_cancel_marked_first);
   g_test_add_func ("/kd/dispatcher/handler-error", test_handler_error);
   g_test_add_func ("/kd/dispatcher/handler-error-missing", test_handler_error_missing);
   g_test_add_func ("/kd/dispatcher/main-context", test_main_context);
