@@ -92,6 +92,7 @@ struct _KdModel
 
   GMainContext   *context;
   GThread        *loop_thread;
+  KdTestGate      loop_running;
   gint            loop_stop;
   GCancellable   *cancellable;   /* the program's own, if it sets one */
 

@@ -526,15 +526,17 @@ slow_cancelled (GCancellable *cancellable,
     }
 }
 
+/* The application's main loop. It does not push the context as its
+ * thread's default: a last unref may own the context for a moment to flush
+ * the deliveries (kd_delivery_flush()), and an iteration waits for it. */
 static gpointer
 loop_thread_main (gpointer data)
 {
   KdModel *model = data;
 
-  g_main_context_push_thread_default (model->context);
+  kd_test_gate_open (&model->loop_running);
   while (!g_atomic_int_get (&model->loop_stop))
     g_main_context_iteration (model->context, TRUE);
-  g_main_context_pop_thread_default (model->context);
 
   return NULL;
 }
@@ -598,6 +600,7 @@ kd_model_run (const KdModelProgram *program,
   kd_test_counter_init (&model->unrefs_done);
   kd_test_counter_init (&model->finished);
   kd_test_gate_init (&model->start);
+  kd_test_gate_init (&model->loop_running);
   setup_items (model);
 
   dispatcher = kd_dispatcher_new (program->n_workers, model_handler, model,
@@ -652,7 +655,10 @@ kd_model_run (const KdModelProgram *program,
       kd_model_submit_one (main_thread, program->n_items);
     }
   if (program->context_mode == KD_MODEL_CONTEXT_LOOP)
-    model->loop_thread = g_thread_new ("model-loop", loop_thread_main, model);
+    {
+      model->loop_thread = g_thread_new ("model-loop", loop_thread_main, model);
+      CHECK (model, kd_test_gate_wait (&model->loop_running), "the loop thread never started");
+    }
 
   for (i = 0; i < program->n_threads; i++)
     model->threads[i].thread = g_thread_new ("model-thread", model_thread_main, &model->threads[i]);
@@ -705,6 +711,7 @@ kd_model_run (const KdModelProgram *program,
   if (model->context != NULL)
     g_main_context_unref (model->context);
   kd_test_gate_clear (&model->start);
+  kd_test_gate_clear (&model->loop_running);
   kd_test_counter_clear (&model->unrefs_done);
   kd_test_counter_clear (&model->finished);
   g_mutex_clear (&model->lock);
