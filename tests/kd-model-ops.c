@@ -276,7 +276,7 @@ run_cancel (ModelThread     *thread,
 {
   KdModel *model = thread->model;
   gint started = kd_model_tick (model);
-  gint returned, call;
+  gint returned;
 
   kd_model_tick_min (&model->close_started, started);
   kd_model_tick_min (&model->cancel_started, started);
@@ -284,10 +284,6 @@ run_cancel (ModelThread     *thread,
   returned = kd_model_tick (model);
   kd_model_tick_min (&model->closed_by, returned);
   kd_model_tick_min (&model->cancelled_by, returned);
-
-  call = g_atomic_int_add (&model->n_cancel_calls, 1);
-  model->cancel_calls[call][0] = started;
-  model->cancel_calls[call][1] = returned;
   return TRUE;
 }
 

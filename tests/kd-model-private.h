@@ -112,10 +112,6 @@ struct _KdModel
   gint            cancelled_by;
   gint            close_returned;   /* the first kd_dispatcher_close() only */
 
-  /* Every cancel call: when it started and returned */
-  gint            n_cancel_calls;
-  gint            cancel_calls[KD_MODEL_MAX_OPS][2];
-
   gboolean        strict;          /* known library bugs are violations */
 
   gint            key_running[KD_MODEL_MAX_KEYS];
@@ -142,8 +138,10 @@ void kd_model_violation (KdModel    *model,
                          const char *format,
                          ...) G_GNUC_PRINTF (3, 4);
 
-/* A hit of a known library bug (see kd-model-checks.c): recorded apart,
- * or a violation in strict mode. */
+/* A hit of a known library bug: recorded apart, or a violation in strict
+ * mode. For a bug the model finds that cannot be fixed at once: its check
+ * calls this instead of CHECK until the library is fixed. None is listed
+ * at the moment. */
 void kd_model_known_bug (KdModel    *model,
                          const char *where,
                          const char *format,

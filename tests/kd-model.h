@@ -96,9 +96,10 @@ void     kd_model_program_decode   (KdModelProgram *program,
 char    *kd_model_program_describe (const KdModelProgram *program);
 
 /* Runs @program once. Returns TRUE if every check held; otherwise @result
- * has the violations. Hits of the library bugs the model knows of (listed
- * in kd-model-checks.c) are counted apart, unless KD_MODEL_STRICT=1 is set
- * in the environment, which makes them violations. A run that makes no progress for a minute aborts
+ * has the violations. Hits of library bugs the model knows of and that are
+ * not fixed yet (kd_model_known_bug(), none at the moment) are counted
+ * apart, unless KD_MODEL_STRICT=1 is set in the environment, which makes
+ * them violations. A run that makes no progress for a minute aborts
  * the process after printing the program and what it saw. */
 gboolean kd_model_run              (const KdModelProgram *program,
                                     KdModelResult        *result);
