@@ -11,4 +11,9 @@
 # include "kd-job.h"
 # include "kd-dispatcher.h"
 # include "kd-pipeline.h"
+# include "kd-features.h"
+# ifdef KD_HAS_REDIS
+#  include "kd-redis-entry.h"
+#  include "kd-redis-queue.h"
+# endif
 #undef KD_INSIDE

@@ -1,0 +1,90 @@
+/* kd-redis-conn-private.h: one blocking hiredis connection with kdispatch's scripts
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include <gio/gio.h>
+#include <hiredis/hiredis.h>
+
+G_BEGIN_DECLS
+
+/* The consumer group every process of a queue reads its streams with. */
+#define KD_REDIS_GROUP "kd"
+
+typedef enum
+{
+  KD_REDIS_SCRIPT_HEARTBEAT,
+  KD_REDIS_SCRIPT_ACQUIRE,
+  KD_REDIS_SCRIPT_RENEW,
+  KD_REDIS_SCRIPT_RELEASE,
+  KD_REDIS_SCRIPT_READ,
+  KD_REDIS_SCRIPT_CLAIM,
+  KD_REDIS_SCRIPT_ACK,
+  KD_REDIS_SCRIPT_DEAD,
+  KD_REDIS_N_SCRIPTS,
+} KdRedisScript;
+
+/* A connection used by one thread at a time: not thread-safe. */
+typedef struct
+{
+  redisContext *context;         /* NULL while disconnected */
+  char         *host;
+  guint         port;
+  gint64        timeout_us;      /* connect, read and write timeout */
+  char          sha[KD_REDIS_N_SCRIPTS][41];
+} KdRedisConn;
+
+/* The arguments of one command, copied. */
+typedef struct
+{
+  GPtrArray *argv;               /* char *, owned */
+  GArray    *argvlen;            /* size_t */
+} KdRedisArgs;
+
+void         kd_redis_conn_init        (KdRedisConn   *conn,
+                                        const char    *host,
+                                        guint          port,
+                                        gint64         timeout_us);
+void         kd_redis_conn_clear       (KdRedisConn   *conn);
+gboolean     kd_redis_conn_ensure      (KdRedisConn   *conn,
+                                        GError       **error);
+void         kd_redis_conn_close       (KdRedisConn   *conn);
+redisReply  *kd_redis_conn_run         (KdRedisConn   *conn,
+                                        KdRedisArgs   *args,
+                                        GError       **error);
+gboolean     kd_redis_conn_append      (KdRedisConn   *conn,
+                                        KdRedisArgs   *args,
+                                        GError       **error);
+redisReply  *kd_redis_conn_read        (KdRedisConn   *conn,
+                                        GError       **error);
+gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
+                                          const char  *name,
+                                          guint        n_shards,
+                                          GError     **error);
+
+void         kd_redis_args_init        (KdRedisArgs   *args);
+void         kd_redis_args_clear       (KdRedisArgs   *args);
+void         kd_redis_args_reset       (KdRedisArgs   *args);
+void         kd_redis_args_add         (KdRedisArgs   *args,
+                                        const void    *data,
+                                        gsize          len);
+void         kd_redis_args_add_string  (KdRedisArgs   *args,
+                                        const char    *str);
+void         kd_redis_args_add_printf  (KdRedisArgs   *args,
+                                        const char    *format,
+                                        ...) G_GNUC_PRINTF (2, 3);
+void         kd_redis_args_add_script  (KdRedisArgs   *args,
+                                        KdRedisConn   *conn,
+                                        KdRedisScript  script,
+                                        guint          n_keys);
+
+char        *kd_redis_stream_name      (const char    *name,
+                                        gint           shard);
+char        *kd_redis_lease_name       (const char    *name,
+                                        gint           shard);
+guint32      kd_redis_fnv1a32          (const char    *data,
+                                        gsize          len);
+
+G_END_DECLS

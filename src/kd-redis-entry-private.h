@@ -1,0 +1,59 @@
+/* kd-redis-entry-private.h: the fields of a KdRedisEntry the consumer keeps
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#pragma once
+
+#include "kd-redis-entry.h"
+
+G_BEGIN_DECLS
+
+typedef struct _KdRedisConsumer KdRedisConsumer;
+
+/* What became of an entry's job, as the consumer's control thread learns it. */
+typedef enum
+{
+  KD_REDIS_OUTCOME_NONE,     /* not ended yet (or failed, with a retry to come) */
+  KD_REDIS_OUTCOME_ACK,      /* completed: acknowledge it */
+  KD_REDIS_OUTCOME_DEAD,     /* failed its last attempt: dead-letter and acknowledge it */
+  KD_REDIS_OUTCOME_SKIP,     /* not run, or not to be acknowledged: leave it pending */
+} KdRedisOutcome;
+
+struct _KdRedisEntry
+{
+  gint             ref_count;      /* atomic */
+
+  /* Immutable after kd_redis_entry_new() */
+  KdRedisConsumer *consumer;       /* not a reference: it outlives the dispatcher's items */
+  gint             shard;          /* -1: the unkeyed stream */
+  guint            generation;     /* the shard's lease generation it was read under */
+  const char      *id;             /* these point into the same allocation */
+  const char      *key;            /* NULL: unkeyed */
+  const guint8    *payload;
+  gsize            payload_len;
+  const char      *producer;
+  guint64          sequence;
+
+  /* Written by the job's worker once it ended; read by the control thread
+   * after the hand-off through the consumer's queue. */
+  KdRedisOutcome   outcome;
+  gboolean         reported;
+  guint            attempts;
+  char            *error_message;
+};
+
+KdRedisEntry *kd_redis_entry_new (KdRedisConsumer *consumer,
+                                  gint             shard,
+                                  guint            generation,
+                                  const char      *id,
+                                  gsize            id_len,
+                                  const char      *key,
+                                  gsize            key_len,
+                                  const char      *payload,
+                                  gsize            payload_len,
+                                  const char      *producer,
+                                  gsize            producer_len,
+                                  guint64          sequence);
+
+G_END_DECLS

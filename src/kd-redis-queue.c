@@ -1,0 +1,831 @@
+/* kd-redis-queue.c: keyed jobs shared by many processes through Redis Streams
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * A KdRedisQueue carries jobs (a key, or none, and payload bytes) from any
+ * number of producer processes to any number of consumer processes, on one
+ * machine or many, through one Redis server. It guarantees what a
+ * KdDispatcher guarantees inside one process, across all of them: the jobs
+ * of one key run one at a time, in the order they were added; and no job is
+ * lost when a process is killed, frozen, or Redis restarts from its
+ * append-only file. Delivery is at least once: a job whose process died
+ * after running it and before its acknowledgement reached Redis runs again,
+ * and such repeats are bounded by the batch size per process (below).
+ *
+ * Shards. A queue named N has P shards, fixed when it is first used (Redis
+ * keeps P in the hash N:meta and refuses another). A keyed job goes to the
+ * stream N:{p} with p = fnv1a32 (key) % P; unkeyed jobs go to N:{u}, read by
+ * every consumer as competing consumers. An entry's fields are k (the key),
+ * p (the payload), and pid + seq: the producer's id and its count of jobs,
+ * which name the job should a producer add it twice after an error. Every
+ * stream is read through one consumer group, "kd", created at id 0 so that
+ * jobs added before any consumer ran are read. Streams are never trimmed
+ * with MAXLEN.
+ *
+ * Ownership. Each consumer process is a member named host-pid-random. It
+ * beats every sixth of the lease time in the sorted set N:members, scored
+ * with the server's clock (TIME, inside the script), so that members' clocks
+ * never meet; a member is live while its last beat is less than a lease
+ * old. Shard p belongs to the live member with the highest
+ * mix (member, p) (rendezvous hashing): every member computes the same owners
+ * from the same list, and a member joining or leaving moves only its share.
+ * Owning is holding the lease N:{p}:lease: taken with SET NX PX, renewed
+ * with a compare-and-renew script, released with a compare-and-delete
+ * script (the value is the member's name). A member gives up a shard it no
+ * longer should own only once the shard's jobs in flight have ended and
+ * their acknowledgements are sent (state DRAINING); it takes a shard only
+ * when none of the shard's entries is in flight in it.
+ *
+ * Takeover. A member that just took a shard first claims every pending
+ * entry of its stream, the previous owner's and its own, with XAUTOCLAIM
+ * (idle time 0) from 0-0 until the cursor returns to 0-0, and submits them
+ * in id order; only then does it read new entries with XREADGROUP ">". So a
+ * key's entries that the old owner had read and not acknowledged run again,
+ * before the key's later ones: per-key order holds across the takeover.
+ *
+ * Fencing. Every read (XREADGROUP and XAUTOCLAIM), acknowledgement and dead
+ * letter is a script that acts only while the member still holds the
+ * shard's lease; otherwise it does nothing and says so. So a member that
+ * was frozen past its lease cannot, once resumed, read entries (which would
+ * sit in its pending list, skipped by the new owner's ">") or acknowledge
+ * them: its late acknowledgements are refused, and the new owner, which
+ * claimed them, runs them. Locally, each shard has a deadline (the time the
+ * last renewal was sent, plus the lease, minus a third of it): no job of a
+ * shard starts from then on, so a member stops well before anyone else may
+ * take the shard. A shard whose lease was lost or whose deadline passed is
+ * fenced: its generation changes, so its entries still queued in the
+ * dispatcher are skipped (left pending, for the next owner, which may be
+ * this member again, after a new takeover). A job that started in time and
+ * runs longer than the margin may overlap its rerun by the next owner: jobs
+ * should be much shorter than a third of the lease.
+ *
+ * Execution. Entries feed a KdDispatcher created by
+ * kd_redis_queue_new_dispatcher(), keyed by the entry's key, so one process
+ * runs many keys of a shard in parallel while each key keeps its order. Its
+ * handler is a wrapper: it checks the shard's generation and deadline,
+ * calls the user's handler, and reports the outcome. The outcome is sent by
+ * the control thread (see kd-redis-consumer.c), after the job ended:
+ * completed jobs are acknowledged in batches per shard, in the order they
+ * ended. A process holds at most batch-size entries read and not yet
+ * acknowledged (refused or skipped), so a crash reruns at most that many.
+ *
+ * Failure. A failed job is retried by the dispatcher, in its key's place,
+ * with exponential backoff (kd_redis_queue_set_retry()); after the last
+ * attempt it is added to the stream N:dead (with its stream, id, key,
+ * payload, producer, attempts and error) and acknowledged, in one script.
+ * Cancelling the dispatcher's cancellable stops reading, skips the queued
+ * entries, and releases every lease at once, so other members take the
+ * shards without waiting for the leases to expire.
+ *
+ * Threads. hiredis's blocking API on two dedicated threads, each with its
+ * own connection, rather than the asynchronous API on a main loop: every
+ * step of the protocol is then a plain sequence (claim, read, submit; beat,
+ * renew, acknowledge) whose failure handling reads top to bottom, the
+ * reader may block in the dispatcher's submit (backpressure) without
+ * delaying lease renewals, and nothing depends on a main loop the
+ * application may not run. The control thread wakes the reader from XREAD
+ * BLOCK with CLIENT UNBLOCK. The producer side is a third connection, used
+ * under a lock by whichever thread adds jobs.
+ *
+ * Redis Cluster: a shard's stream and lease share a hash tag, but the
+ * membership and multi-shard scripts assume one server.
+ */
+
+#include "config.h"
+
+#include <string.h>
+#include <unistd.h>
+
+#include "kd-redis-conn-private.h"
+#include "kd-redis-consumer-private.h"
+#include "kd-redis-queue.h"
+#include "kd-sync-private.h"
+
+/* Jobs per pipelined round trip in kd_redis_queue_add_many(). */
+#define ADD_CHUNK 512
+
+struct _KdRedisQueue
+{
+  GObject          parent_instance;
+
+  /* Configuration: before the first add or kd_redis_queue_new_dispatcher() */
+  KdRedisConfig    config;
+  gboolean         frozen;
+  char            *member;
+
+  /* Protected by @producer_lock */
+  GMutex           producer_lock;
+  KdRedisConn      producer;
+  gboolean         producer_ready;
+  char            *producer_id;
+  guint64          sequence;
+
+  /* Used from the thread that owns the queue */
+  KdRedisConsumer *consumer;
+  KdDispatcher    *dispatcher;
+};
+
+/**
+ * KdRedisQueue:
+ *
+ * Keyed jobs shared by many processes, on one machine or many, through
+ * Redis Streams: each key's jobs run one at a time, in the order they were
+ * added, and none is lost when a process dies, freezes, or Redis restarts
+ * from its append-only file.
+ *
+ * Producers add jobs with kd_redis_queue_add() or
+ * kd_redis_queue_add_many(). A consumer process creates the dispatcher
+ * that runs its share with kd_redis_queue_new_dispatcher() and joins with
+ * kd_redis_queue_start(); the processes divide the queue's shards among
+ * themselves, and take over the shards of one that stops beating.
+ * Delivery is at least once: a process that dies may leave up to
+ * kd_redis_queue_get_batch_size() jobs that ran and were not acknowledged,
+ * which run again elsewhere, in their key's order.
+ *
+ * Since: 0.1
+ */
+G_DEFINE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, G_TYPE_OBJECT)
+
+/* The dispatcher's handler data: the user's handler and the consumer. */
+typedef struct
+{
+  KdRedisConsumer *consumer;
+  KdHandlerFunc    handler;
+  gpointer         user_data;
+  GDestroyNotify   user_data_free;
+  guint            max_attempts;
+} Feed;
+
+static void
+kd_redis_queue_finalize (GObject *object)
+{
+  KdRedisQueue *self = KD_REDIS_QUEUE (object);
+
+  if (self->consumer != NULL)
+    kd_redis_consumer_stop (self->consumer);
+  g_clear_object (&self->dispatcher);
+  g_clear_pointer (&self->consumer, kd_redis_consumer_unref);
+  kd_redis_conn_clear (&self->producer);
+  g_mutex_clear (&self->producer_lock);
+  g_free (self->producer_id);
+  g_free (self->member);
+  g_free (self->config.host);
+  g_free (self->config.name);
+
+  G_OBJECT_CLASS (kd_redis_queue_parent_class)->finalize (object);
+}
+
+static void
+kd_redis_queue_class_init (KdRedisQueueClass *klass)
+{
+  G_OBJECT_CLASS (klass)->finalize = kd_redis_queue_finalize;
+}
+
+static void
+kd_redis_queue_init (KdRedisQueue *self)
+{
+  self->config.host = g_strdup ("127.0.0.1");
+  self->config.port = 6379;
+  self->config.n_shards = 64;
+  self->config.lease_us = 5 * G_TIME_SPAN_SECOND;
+  self->config.batch_size = 1024;
+  self->config.max_attempts = 3;
+  self->config.retry_initial_us = 100 * G_TIME_SPAN_MILLISECOND;
+  self->config.retry_max_us = 5 * G_TIME_SPAN_SECOND;
+  self->member = g_strdup_printf ("%s-%d-%08x", g_get_host_name (), (int) getpid (), g_random_int ());
+  self->producer_id = g_strdup_printf ("p-%s", self->member);
+  g_mutex_init (&self->producer_lock);
+}
+
+/**
+ * kd_redis_queue_new:
+ * @name: the queue's name, the prefix of all its Redis keys
+ *
+ * Creates a handle on the queue @name in a Redis server (127.0.0.1:6379
+ * unless kd_redis_queue_set_address() says otherwise). Every process that
+ * adds or runs the queue's jobs creates one with the same name and the same
+ * number of shards. Nothing is sent to Redis yet.
+ *
+ * Returns: (transfer full): a new queue handle
+ *
+ * Since: 0.1
+ */
+KdRedisQueue *
+kd_redis_queue_new (const char *name)
+{
+  KdRedisQueue *self;
+
+  g_return_val_if_fail (name != NULL && *name != '\0', NULL);
+
+  self = g_object_new (KD_TYPE_REDIS_QUEUE, NULL);
+  self->config.name = g_strdup (name);
+  return self;
+}
+
+static gboolean
+check_configurable (KdRedisQueue *self,
+                    const char   *func)
+{
+  if (self->frozen)
+    {
+      g_critical ("%s: the queue is already in use; configure it before the first add "
+                  "and before kd_redis_queue_new_dispatcher()", func);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/**
+ * kd_redis_queue_set_address:
+ * @self: a queue
+ * @host: the Redis server's host name or IP address
+ * @port: its TCP port
+ *
+ * Sets the Redis server the queue lives in. Default: 127.0.0.1, 6379.
+ *
+ * Call before the first add and before kd_redis_queue_new_dispatcher().
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_address (KdRedisQueue *self,
+                            const char   *host,
+                            guint         port)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (host != NULL);
+  g_return_if_fail (port > 0 && port < 65536);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  g_free (self->config.host);
+  self->config.host = g_strdup (host);
+  self->config.port = port;
+}
+
+/**
+ * kd_redis_queue_set_n_shards:
+ * @self: a queue
+ * @n_shards: the number of shards, at least 1
+ *
+ * Sets how many shards (streams of keyed jobs) the queue has, default 64:
+ * the most consumer processes that can share its keyed jobs. It is fixed
+ * when the queue is first used: a process that says otherwise fails to add
+ * or consume.
+ *
+ * Call before the first add and before kd_redis_queue_new_dispatcher().
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_n_shards (KdRedisQueue *self,
+                             guint         n_shards)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (n_shards >= 1 && n_shards <= 65536);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  self->config.n_shards = n_shards;
+}
+
+/**
+ * kd_redis_queue_set_lease_time:
+ * @self: a queue
+ * @lease_us: the lease time, in microseconds, at least 30 ms
+ *
+ * Sets how long a consumer holds a shard without renewing it, default 5 s:
+ * how long after a consumer dies the others take its shards over. A
+ * consumer renews its leases six times per lease time, and starts a job of
+ * a shard only while a third of the lease is left: jobs should take much
+ * less than that. All the queue's consumers should use the same value.
+ *
+ * Call before kd_redis_queue_new_dispatcher().
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_lease_time (KdRedisQueue *self,
+                               gint64        lease_us)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (lease_us >= 30 * G_TIME_SPAN_MILLISECOND);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  self->config.lease_us = lease_us;
+}
+
+/**
+ * kd_redis_queue_set_batch_size:
+ * @self: a queue
+ * @batch_size: the most entries in flight in this process, at least 1
+ *
+ * Sets how many entries a consumer process holds at most, read and not yet
+ * acknowledged; default 1024. It reads again once half of them are done. A
+ * larger batch means fewer round trips; it also bounds how many jobs run
+ * twice when the process dies.
+ *
+ * Call before kd_redis_queue_new_dispatcher().
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_batch_size (KdRedisQueue *self,
+                               guint         batch_size)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (batch_size >= 1);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  self->config.batch_size = batch_size;
+}
+
+/**
+ * kd_redis_queue_set_retry:
+ * @self: a queue
+ * @max_attempts: how many times a job may run, at least 1
+ * @initial_delay_us: the wait before the first retry, in microseconds
+ * @max_delay_us: the longest wait between two attempts, at least
+ *   @initial_delay_us
+ *
+ * Sets how failed jobs are retried, as kd_dispatcher_set_retry() does, in
+ * their key's place; default 3 attempts, from 100 ms to 5 s. A job whose
+ * last attempt failed is moved to the dead-letter stream (the queue's name
+ * followed by ":dead") and acknowledged, in one step. Set it here, not on
+ * the dispatcher.
+ *
+ * Call before kd_redis_queue_new_dispatcher().
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_retry (KdRedisQueue *self,
+                          guint         max_attempts,
+                          gint64        initial_delay_us,
+                          gint64        max_delay_us)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (max_attempts >= 1);
+  g_return_if_fail (initial_delay_us >= 0);
+  g_return_if_fail (max_delay_us >= initial_delay_us);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  self->config.max_attempts = max_attempts;
+  self->config.retry_initial_us = initial_delay_us;
+  self->config.retry_max_us = max_delay_us;
+}
+
+/**
+ * kd_redis_queue_get_name:
+ * @self: a queue
+ *
+ * Gets the queue's name.
+ *
+ * Returns: (transfer none): the name given to kd_redis_queue_new()
+ *
+ * Since: 0.1
+ */
+const char *
+kd_redis_queue_get_name (KdRedisQueue *self)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), NULL);
+
+  return self->config.name;
+}
+
+/**
+ * kd_redis_queue_get_n_shards:
+ * @self: a queue
+ *
+ * Gets the queue's number of shards.
+ *
+ * Returns: the number of shards
+ *
+ * Since: 0.1
+ */
+guint
+kd_redis_queue_get_n_shards (KdRedisQueue *self)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), 0);
+
+  return self->config.n_shards;
+}
+
+/**
+ * kd_redis_queue_get_batch_size:
+ * @self: a queue
+ *
+ * Gets the most entries this process holds read and not yet acknowledged.
+ *
+ * Returns: the batch size
+ *
+ * Since: 0.1
+ */
+guint
+kd_redis_queue_get_batch_size (KdRedisQueue *self)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), 0);
+
+  return self->config.batch_size;
+}
+
+/**
+ * kd_redis_queue_get_consumer_name:
+ * @self: a queue
+ *
+ * Gets the name this process consumes under: its member name in the
+ * queue's sorted set of members, its consumer name in the streams' group,
+ * and the value of the leases it holds. Unique per queue object.
+ *
+ * Returns: (transfer none): the consumer name
+ *
+ * Since: 0.1
+ */
+const char *
+kd_redis_queue_get_consumer_name (KdRedisQueue *self)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), NULL);
+
+  return self->member;
+}
+
+/**
+ * kd_redis_queue_shard_for_key:
+ * @self: a queue
+ * @key: a job's key
+ *
+ * Tells which shard a key's jobs go to: fnv1a32 (@key) modulo the number of
+ * shards. Thread-safe.
+ *
+ * Returns: the shard, from 0 to the number of shards - 1
+ *
+ * Since: 0.1
+ */
+guint
+kd_redis_queue_shard_for_key (KdRedisQueue *self,
+                              const char   *key)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), 0);
+  g_return_val_if_fail (key != NULL, 0);
+
+  return kd_redis_fnv1a32 (key, strlen (key)) % self->config.n_shards;
+}
+
+/* ---- Producing --------------------------------------------------------- */
+
+static gboolean
+producer_ready_locked (KdRedisQueue  *self,
+                       GError       **error)
+{
+  if (self->producer.host == NULL)
+    kd_redis_conn_init (&self->producer, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+  if (self->producer_ready && self->producer.context != NULL)
+    return TRUE;
+  if (!kd_redis_conn_ensure (&self->producer, error) ||
+      !kd_redis_conn_create_groups (&self->producer, self->config.name, self->config.n_shards, error))
+    {
+      kd_redis_conn_close (&self->producer);
+      return FALSE;
+    }
+  self->producer_ready = TRUE;
+  return TRUE;
+}
+
+static void
+add_xadd (KdRedisQueue *self,
+          KdRedisArgs  *args,
+          const char   *key,
+          GBytes       *payload)
+{
+  g_autofree char *stream = NULL;
+  gconstpointer data;
+  gsize len;
+
+  stream = kd_redis_stream_name (self->config.name,
+                                 key != NULL ? (gint) kd_redis_queue_shard_for_key (self, key) : -1);
+  data = g_bytes_get_data (payload, &len);
+  kd_redis_args_reset (args);
+  kd_redis_args_add_string (args, "XADD");
+  kd_redis_args_add_string (args, stream);
+  kd_redis_args_add_string (args, "*");
+  if (key != NULL)
+    {
+      kd_redis_args_add_string (args, "k");
+      kd_redis_args_add_string (args, key);
+    }
+  kd_redis_args_add_string (args, "p");
+  kd_redis_args_add (args, data, len);
+  kd_redis_args_add_string (args, "pid");
+  kd_redis_args_add_string (args, self->producer_id);
+  kd_redis_args_add_string (args, "seq");
+  kd_redis_args_add_printf (args, "%" G_GUINT64_FORMAT, ++self->sequence);
+}
+
+/**
+ * kd_redis_queue_add:
+ * @self: a queue
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @payload: the job's bytes
+ * @error: return location for an error
+ *
+ * Adds one job to the queue, in its key's shard: it runs after every job of
+ * @key added before it, by whichever consumer process owns the shard then.
+ * Returns once Redis stored it. Thread-safe (calls from several threads
+ * take turns on one connection; for many jobs, kd_redis_queue_add_many()
+ * is much faster).
+ *
+ * Returns: %TRUE if the job was stored; %FALSE with @error set (a
+ *   %G_IO_ERROR) if Redis could not be reached or refused it, in which case
+ *   it may or may not have been stored
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_add (KdRedisQueue  *self,
+                    const char    *key,
+                    GBytes        *payload,
+                    GError       **error)
+{
+  return kd_redis_queue_add_many (self, 1, &key, &payload, error);
+}
+
+/**
+ * kd_redis_queue_add_many:
+ * @self: a queue
+ * @n_jobs: the number of jobs
+ * @keys: (array length=n_jobs): the jobs' keys; a %NULL element adds an
+ *   unkeyed job
+ * @payloads: (array length=n_jobs): the jobs' bytes
+ * @error: return location for an error
+ *
+ * Adds @n_jobs jobs, in order, pipelining them to Redis (a few hundred per
+ * round trip). Thread-safe.
+ *
+ * Returns: %TRUE if every job was stored; %FALSE with @error set (a
+ *   %G_IO_ERROR) if Redis could not be reached or refused one, in which
+ *   case the jobs before it are stored and the rest may or may not be.
+ *   The producer id and sequence of each entry
+ *   (kd_redis_entry_get_producer(), kd_redis_entry_get_sequence()) let a
+ *   handler recognise a job added twice by a retry.
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_add_many (KdRedisQueue  *self,
+                         guint          n_jobs,
+                         const char   **keys,
+                         GBytes       **payloads,
+                         GError       **error)
+{
+  KdRedisArgs args;
+  gboolean ok = TRUE;
+  guint start, i;
+
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (n_jobs == 0 || (keys != NULL && payloads != NULL), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+  for (i = 0; i < n_jobs; i++)
+    g_return_val_if_fail (payloads[i] != NULL, FALSE);
+
+  kd_mutex_lock (&self->producer_lock);
+  self->frozen = TRUE;
+  if (!producer_ready_locked (self, error))
+    {
+      kd_mutex_unlock (&self->producer_lock);
+      return FALSE;
+    }
+
+  kd_redis_args_init (&args);
+  for (start = 0; start < n_jobs && ok; start += ADD_CHUNK)
+    {
+      guint end = MIN (start + ADD_CHUNK, n_jobs);
+
+      for (i = start; i < end && ok; i++)
+        {
+          add_xadd (self, &args, keys[i], payloads[i]);
+          ok = kd_redis_conn_append (&self->producer, &args, error);
+        }
+      for (i = start; i < end && ok; i++)
+        {
+          redisReply *reply = kd_redis_conn_read (&self->producer, error);
+
+          ok = reply != NULL;
+          if (reply != NULL)
+            freeReplyObject (reply);
+        }
+    }
+  kd_redis_args_clear (&args);
+  /* After an error the connection may hold replies of commands not read:
+   * start afresh. */
+  if (!ok)
+    kd_redis_conn_close (&self->producer);
+  kd_mutex_unlock (&self->producer_lock);
+
+  return ok;
+}
+
+/* ---- Consuming --------------------------------------------------------- */
+
+static gboolean
+feed_handler (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  Feed *feed = user_data;
+  KdRedisEntry *entry = kd_job_get_item (job);
+  guint attempt = kd_job_get_attempt (job);
+
+  if (!kd_redis_consumer_may_start (feed->consumer, entry))
+    {
+      kd_redis_consumer_report (feed->consumer, entry, KD_REDIS_OUTCOME_SKIP, NULL, attempt);
+      return TRUE;
+    }
+
+  if (feed->handler (job, feed->user_data, error))
+    {
+      kd_redis_consumer_report (feed->consumer, entry, KD_REDIS_OUTCOME_ACK, NULL, attempt);
+      return TRUE;
+    }
+
+  if (error != NULL && *error == NULL)
+    g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_FAILED, "The handler failed without saying why");
+
+  /* The last attempt: dead-letter it, unless the dispatcher is being
+   * cancelled (then it stays pending, to run again elsewhere). Earlier
+   * attempts are retried by the dispatcher, and a retry cancelled while it
+   * waits ends through release_entry(). */
+  if (attempt >= feed->max_attempts && !g_cancellable_is_cancelled (kd_job_get_cancellable (job)))
+    kd_redis_consumer_report (feed->consumer, entry, KD_REDIS_OUTCOME_DEAD,
+                              error != NULL ? *error : NULL, attempt);
+  return FALSE;
+}
+
+static void
+feed_free (gpointer data)
+{
+  Feed *feed = data;
+
+  if (feed->user_data_free != NULL)
+    feed->user_data_free (feed->user_data);
+  kd_redis_consumer_unref (feed->consumer);
+  g_free (feed);
+}
+
+/* The dispatcher's item-free: an entry whose job ended without a reported
+ * outcome (it never ran: cancelled, dropped, or cancelled while waiting for
+ * a retry) is skipped, so the consumer knows it is no longer in flight. */
+static void
+release_entry (gpointer data)
+{
+  KdRedisEntry *entry = data;
+
+  if (!entry->reported)
+    kd_redis_consumer_report (entry->consumer, entry, KD_REDIS_OUTCOME_SKIP, NULL, 0);
+  kd_redis_entry_unref (entry);
+}
+
+/**
+ * kd_redis_queue_new_dispatcher:
+ * @self: a queue
+ * @n_workers: the number of worker threads, 0 for one per processor
+ * @handler: (scope notified) (closure user_data) (destroy user_data_free):
+ *   runs each job
+ * @user_data: data for @handler
+ * @user_data_free: (nullable): frees @user_data once the dispatcher is gone
+ *
+ * Creates the dispatcher that runs this process's share of the queue's jobs
+ * once kd_redis_queue_start() is called. Each job's item is its
+ * #KdRedisEntry (kd_job_get_item()), its key the entry's key. @handler runs
+ * as with kd_dispatcher_new(), only for entries whose shard this process
+ * still safely holds; when it returns %TRUE the entry is acknowledged, when
+ * it fails the job is retried as kd_redis_queue_set_retry() says, then
+ * dead-lettered.
+ *
+ * The queue sets the dispatcher's item-free function and retry; the rest
+ * (capacity, done callback, main context, worker functions, ...) may be
+ * configured as usual before kd_redis_queue_start(). With
+ * %KD_FAILURE_PARK, a parked key holds its shard until it is resumed or
+ * dropped. One dispatcher per queue object.
+ *
+ * Returns: (transfer full): a new dispatcher, fed by the queue
+ *
+ * Since: 0.1
+ */
+KdDispatcher *
+kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
+                               guint           n_workers,
+                               KdHandlerFunc   handler,
+                               gpointer        user_data,
+                               GDestroyNotify  user_data_free)
+{
+  KdDispatcher *dispatcher;
+  Feed *feed;
+
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), NULL);
+  g_return_val_if_fail (handler != NULL, NULL);
+  g_return_val_if_fail (self->consumer == NULL, NULL);
+
+  kd_mutex_lock (&self->producer_lock);
+  self->frozen = TRUE;
+  kd_mutex_unlock (&self->producer_lock);
+
+  self->consumer = kd_redis_consumer_new (&self->config, self->member);
+  feed = g_new0 (Feed, 1);
+  feed->consumer = kd_redis_consumer_ref (self->consumer);
+  feed->handler = handler;
+  feed->user_data = user_data;
+  feed->user_data_free = user_data_free;
+  feed->max_attempts = self->config.max_attempts;
+
+  dispatcher = kd_dispatcher_new (n_workers, feed_handler, feed, feed_free);
+  kd_dispatcher_set_item_free (dispatcher, release_entry);
+  kd_dispatcher_set_retry (dispatcher, self->config.max_attempts, self->config.retry_initial_us,
+                           self->config.retry_max_us);
+  self->dispatcher = g_object_ref (dispatcher);
+
+  return dispatcher;
+}
+
+/**
+ * kd_redis_queue_start:
+ * @self: a queue with a dispatcher (kd_redis_queue_new_dispatcher())
+ * @error: return location for an error
+ *
+ * Joins the queue's consumers: from now on this process owns its share of
+ * the shards, takes over their pending entries, reads new ones, and feeds
+ * them to the dispatcher. Checks first that Redis can be reached and that
+ * the queue has the configured number of shards. Once started, a lost
+ * connection is retried, never reported.
+ *
+ * Call from the thread that configured the queue.
+ *
+ * Returns: %TRUE if started; %FALSE with @error set otherwise
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_start (KdRedisQueue  *self,
+                      GError       **error)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (self->consumer != NULL, FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return kd_redis_consumer_start (self->consumer, self->dispatcher, error);
+}
+
+/**
+ * kd_redis_queue_stop:
+ * @self: a queue
+ *
+ * Leaves the queue's consumers, gracefully: stops reading, lets the jobs
+ * already read end (kd_dispatcher_wait()) and sends their
+ * acknowledgements, for at most one lease time more, then releases every
+ * lease and leaves the members, so the other processes take the shards over
+ * at once. Cancelling the dispatcher's cancellable instead releases the
+ * leases without waiting; stop must still be called (or the queue
+ * finalized) to join the queue's threads. Does nothing if not started;
+ * the queue may be started again.
+ *
+ * Call from the thread that started the queue, never from a handler.
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_stop (KdRedisQueue *self)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+
+  if (self->consumer != NULL)
+    kd_redis_consumer_stop (self->consumer);
+}
+
+/**
+ * kd_redis_queue_get_stats:
+ * @self: a queue
+ * @stats: (out caller-allocates): the counters
+ *
+ * Fills @stats with the consumer side's counters since the dispatcher was
+ * created. Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_get_stats (KdRedisQueue      *self,
+                          KdRedisQueueStats *stats)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (stats != NULL);
+
+  if (self->consumer == NULL)
+    {
+      memset (stats, 0, sizeof *stats);
+      return;
+    }
+  kd_redis_consumer_get_stats (self->consumer, stats);
+}
