@@ -1,0 +1,251 @@
+/* redis-worker.c: many processes share keyed jobs through Redis, in per-key order
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * Start it N times, on one machine or many, against the same Redis server:
+ * each process owns a share of the queue's shards and runs their jobs, each
+ * key's in the order they were added. Kill one and the others take its
+ * shards over; nothing is lost. Add jobs with the producer mode.
+ *
+ *   redis-worker --port 6379 --log worker-1.log &        # a worker (Ctrl-C stops it)
+ *   redis-worker --port 6379 --produce 100000 --keys 1000  # a producer
+ *
+ * A job's payload is its number among its key's jobs, counting from 1; a
+ * worker logs one line per job it runs (with --log):
+ *
+ *   <monotonic time, us> <key> <number> <attempt> <ok|fail>
+ *
+ * so that the per-key order can be checked across the workers' logs (the
+ * monotonic clock is shared by the processes of one machine).
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <glib-unix.h>
+#include <kdispatch/kdispatch.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct
+{
+  int         log_fd;
+  char       *fail_key;
+  gint64      work_us;
+  gint        jobs_run;   /* atomic */
+} Worker;
+
+static char   *opt_host = NULL;
+static int     opt_port = 6379;
+static char   *opt_name = NULL;
+static int     opt_shards = 64;
+static int     opt_lease_ms = 5000;
+static int     opt_batch = 1024;
+static int     opt_workers = 2;
+static int     opt_attempts = 3;
+static int     opt_retry_ms = 100;
+static char   *opt_log = NULL;
+static char   *opt_fail_key = NULL;
+static int     opt_work_us = 0;
+static int     opt_produce = 0;
+static int     opt_keys = 1000;
+static int     opt_unkeyed = 0;
+
+static GOptionEntry options[] = {
+  { "host", 0, 0, G_OPTION_ARG_STRING, &opt_host, "Redis host (127.0.0.1)", "HOST" },
+  { "port", 0, 0, G_OPTION_ARG_INT, &opt_port, "Redis port (6379)", "PORT" },
+  { "name", 0, 0, G_OPTION_ARG_STRING, &opt_name, "Queue name (jobs)", "NAME" },
+  { "shards", 0, 0, G_OPTION_ARG_INT, &opt_shards, "Number of shards (64)", "P" },
+  { "lease-ms", 0, 0, G_OPTION_ARG_INT, &opt_lease_ms, "Lease time in ms (5000)", "MS" },
+  { "batch", 0, 0, G_OPTION_ARG_INT, &opt_batch, "Entries in flight per process (1024)", "N" },
+  { "workers", 0, 0, G_OPTION_ARG_INT, &opt_workers, "Worker threads (2)", "N" },
+  { "attempts", 0, 0, G_OPTION_ARG_INT, &opt_attempts, "Attempts per job before the dead-letter stream (3)", "N" },
+  { "retry-ms", 0, 0, G_OPTION_ARG_INT, &opt_retry_ms, "First retry delay in ms (100)", "MS" },
+  { "log", 0, 0, G_OPTION_ARG_FILENAME, &opt_log, "Append a line per job run to FILE", "FILE" },
+  { "fail-key", 0, 0, G_OPTION_ARG_STRING, &opt_fail_key, "The jobs of KEY always fail", "KEY" },
+  { "work-us", 0, 0, G_OPTION_ARG_INT, &opt_work_us, "Busy time per job in us (0)", "US" },
+  { "produce", 0, 0, G_OPTION_ARG_INT, &opt_produce, "Add N jobs instead of running jobs", "N" },
+  { "keys", 0, 0, G_OPTION_ARG_INT, &opt_keys, "Producer: over this many keys (1000)", "K" },
+  { "unkeyed", 0, 0, G_OPTION_ARG_INT, &opt_unkeyed, "Producer: also add N unkeyed jobs", "N" },
+  { NULL },
+};
+
+static GBytes *
+text_bytes (char *text)
+{
+  return g_bytes_new_take (text, strlen (text));
+}
+
+static gboolean
+run_job (KdJob    *job,
+         gpointer  user_data,
+         GError  **error)
+{
+  Worker *worker = user_data;
+  KdRedisEntry *entry = kd_job_get_item (job);
+  const char *key = kd_redis_entry_get_key (entry);
+  const char *payload = (const char *) kd_redis_entry_get_payload (entry, NULL);
+  gboolean fail = worker->fail_key != NULL && g_strcmp0 (key, worker->fail_key) == 0;
+  char line[256];
+  int len;
+
+  /* The line is written before the job counts as done, with one write(),
+   * so it survives a SIGKILL right after. */
+  len = g_snprintf (line, sizeof line, "%" G_GINT64_FORMAT " %s %s %u %s\n",
+                    g_get_monotonic_time (), key != NULL ? key : "-", payload,
+                    kd_job_get_attempt (job), fail ? "fail" : "ok");
+  if (worker->log_fd >= 0 && write (worker->log_fd, line, (size_t) len) != len)
+    g_error ("Cannot write the log: %s", g_strerror (errno));
+
+  if (worker->work_us > 0)
+    {
+      gint64 until = g_get_monotonic_time () + worker->work_us;
+
+      while (g_get_monotonic_time () < until)
+        ;
+    }
+  g_atomic_int_inc (&worker->jobs_run);
+
+  if (fail)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "job %s of %s failed", payload, key);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static gboolean
+quit (gpointer loop)
+{
+  g_main_loop_quit (loop);
+  return G_SOURCE_REMOVE;
+}
+
+static KdRedisQueue *
+open_queue (void)
+{
+  KdRedisQueue *queue = kd_redis_queue_new (opt_name != NULL ? opt_name : "jobs");
+
+  kd_redis_queue_set_address (queue, opt_host != NULL ? opt_host : "127.0.0.1", (guint) opt_port);
+  kd_redis_queue_set_n_shards (queue, (guint) opt_shards);
+  kd_redis_queue_set_lease_time (queue, (gint64) opt_lease_ms * 1000);
+  kd_redis_queue_set_batch_size (queue, (guint) opt_batch);
+  kd_redis_queue_set_retry (queue, (guint) opt_attempts, (gint64) opt_retry_ms * 1000,
+                            MAX ((gint64) opt_retry_ms * 1000 * 8, (gint64) opt_retry_ms * 1000));
+  return queue;
+}
+
+/* Adds --produce jobs over --keys keys, each key's numbered from 1, in a
+ * shuffled order of keys, then --unkeyed unkeyed jobs. */
+static int
+produce (void)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue ();
+  g_autofree guint *next = g_new0 (guint, (gsize) opt_keys);
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  g_autoptr (GError) error = NULL;
+  GRand *rand = g_rand_new_with_seed (7);
+  gint64 start = g_get_monotonic_time ();
+  int i;
+
+  for (i = 0; i < opt_produce + opt_unkeyed; i++)
+    {
+      if (i < opt_produce)
+        {
+          guint k = (guint) g_rand_int_range (rand, 0, opt_keys);
+
+          g_ptr_array_add (keys, g_strdup_printf ("key-%u", k));
+          g_ptr_array_add (payloads, text_bytes (g_strdup_printf ("%u", ++next[k])));
+        }
+      else
+        {
+          g_ptr_array_add (keys, NULL);
+          g_ptr_array_add (payloads, text_bytes (g_strdup_printf ("%d", i - opt_produce + 1)));
+        }
+    }
+  g_rand_free (rand);
+
+  if (!kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
+                                (GBytes **) payloads->pdata, &error))
+    {
+      g_printerr ("redis-worker: %s\n", error->message);
+      return 1;
+    }
+  g_print ("redis-worker: added %u jobs in %.2f s\n", keys->len,
+           (double) (g_get_monotonic_time () - start) / G_USEC_PER_SEC);
+  return 0;
+}
+
+static int
+consume (void)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue ();
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GMainLoop) loop = g_main_loop_new (NULL, FALSE);
+  g_autoptr (GError) error = NULL;
+  Worker worker = { -1, opt_fail_key, opt_work_us, 0 };
+  KdRedisQueueStats stats;
+
+  if (opt_log != NULL)
+    {
+      worker.log_fd = open (opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      if (worker.log_fd < 0)
+        {
+          g_printerr ("redis-worker: %s: %s\n", opt_log, g_strerror (errno));
+          return 1;
+        }
+    }
+
+  dispatcher = kd_redis_queue_new_dispatcher (queue, (guint) opt_workers, run_job, &worker, NULL);
+  if (!kd_redis_queue_start (queue, &error))
+    {
+      g_printerr ("redis-worker: %s\n", error->message);
+      return 1;
+    }
+  g_print ("redis-worker: %s consuming %s\n", kd_redis_queue_get_consumer_name (queue),
+           kd_redis_queue_get_name (queue));
+
+  g_unix_signal_add (SIGINT, quit, loop);
+  g_unix_signal_add (SIGTERM, quit, loop);
+  g_main_loop_run (loop);
+
+  kd_redis_queue_stop (queue);
+  kd_redis_queue_get_stats (queue, &stats);
+  g_print ("redis-worker: ran %d read %" G_GUINT64_FORMAT " claimed %" G_GUINT64_FORMAT
+           " acked %" G_GUINT64_FORMAT " dead %" G_GUINT64_FORMAT " refused %" G_GUINT64_FORMAT
+           " skipped %" G_GUINT64_FORMAT "\n",
+           g_atomic_int_get (&worker.jobs_run), stats.read, stats.claimed, stats.acked,
+           stats.dead_lettered, stats.refused, stats.skipped);
+  if (worker.log_fd >= 0)
+    close (worker.log_fd);
+  return 0;
+}
+
+int
+main (int   argc,
+      char *argv[])
+{
+  g_autoptr (GOptionContext) context = g_option_context_new ("- run or add kdispatch jobs shared through Redis");
+  g_autoptr (GError) error = NULL;
+
+  g_option_context_add_main_entries (context, options, NULL);
+  if (!g_option_context_parse (context, &argc, &argv, &error))
+    {
+      g_printerr ("redis-worker: %s\n", error->message);
+      return 2;
+    }
+  if (opt_port <= 0 || opt_port > 65535 || opt_shards < 1 || opt_lease_ms < 30 || opt_batch < 1 ||
+      opt_workers < 0 || opt_attempts < 1 || opt_retry_ms < 0 || opt_keys < 1 || opt_produce < 0 ||
+      opt_unkeyed < 0)
+    {
+      g_printerr ("redis-worker: an option is out of range (see --help)\n");
+      return 2;
+    }
+  /* Output goes to a log file when run by a test: one line at a time. */
+  setvbuf (stdout, NULL, _IOLBF, 0);
+
+  return opt_produce > 0 || opt_unkeyed > 0 ? produce () : consume ();
+}
