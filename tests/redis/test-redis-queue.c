@@ -1,0 +1,1013 @@
+/* test-redis-queue.c: KdRedisQueue against a real redis-server and worker processes
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * Each case starts its own redis-server on 127.0.0.1, on a free port, with
+ * appendonly yes (and appendfsync always, so that an acknowledged write
+ * survives a SIGKILL of the server) in a temporary directory, and stops it
+ * afterwards. The cross-process cases run examples/redis-worker.c (built
+ * here as redis-test-worker) as worker processes, which log one line per
+ * job run: per-key order, losses and duplicates are checked from those
+ * logs, merged on the monotonic clock the processes share.
+ *
+ * Waiting: within the test process, on a GCond. Across processes there is
+ * nothing to block on, so the test polls Redis (the group's pending count
+ * and lag of every stream), every 10 ms, with a deadline: the pause is the
+ * polling interval, not a guess at how long something takes.
+ *
+ * Skipped, with the reason, only when redis-server is not installed.
+ */
+
+#include "config.h"
+
+#include <gio/gio.h>
+#include <hiredis/hiredis.h>
+#include <kdispatch/kdispatch.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+
+#define DEADLINE_US (120 * G_TIME_SPAN_SECOND)
+#define POLL_US (10 * G_TIME_SPAN_MILLISECOND)
+
+/* ---- A redis-server of our own ----------------------------------------- */
+
+typedef struct
+{
+  char        *dir;
+  guint        port;
+  GSubprocess *process;
+} Server;
+
+static char *redis_server_path;
+
+static gboolean
+need_redis (void)
+{
+  if (redis_server_path == NULL)
+    {
+      g_test_skip ("redis-server is not installed (Debian: apt-get install redis-server)");
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* Children die with the test, even when an assertion aborts it. */
+static void
+die_with_parent (gpointer data)
+{
+  prctl (PR_SET_PDEATHSIG, SIGKILL);
+}
+
+static guint
+free_port (void)
+{
+  g_autoptr (GSocket) socket = NULL;
+  g_autoptr (GInetAddress) loopback = g_inet_address_new_loopback (G_SOCKET_FAMILY_IPV4);
+  g_autoptr (GSocketAddress) address = g_inet_socket_address_new (loopback, 0);
+  g_autoptr (GSocketAddress) bound = NULL;
+  g_autoptr (GError) error = NULL;
+
+  socket = g_socket_new (G_SOCKET_FAMILY_IPV4, G_SOCKET_TYPE_STREAM, G_SOCKET_PROTOCOL_TCP, &error);
+  g_assert_no_error (error);
+  g_socket_bind (socket, address, TRUE, &error);
+  g_assert_no_error (error);
+  bound = g_socket_get_local_address (socket, &error);
+  g_assert_no_error (error);
+  return g_inet_socket_address_get_port (G_INET_SOCKET_ADDRESS (bound));
+}
+
+static redisContext *
+server_connect (Server *server)
+{
+  struct timeval tv = { 5, 0 };
+  redisContext *c = redisConnectWithTimeout ("127.0.0.1", (int) server->port, tv);
+
+  if (c != NULL && c->err != 0)
+    g_clear_pointer (&c, redisFree);
+  return c;
+}
+
+/* Starts (or restarts, on the same directory and port, from its AOF) the
+ * server, and polls until it answers PING. */
+static void
+server_launch (Server *server)
+{
+  g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_NONE);
+  g_autoptr (GError) error = NULL;
+  g_autofree char *port = g_strdup_printf ("%u", server->port);
+  g_autofree char *log = g_build_filename (server->dir, "redis.log", NULL);
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+
+  g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
+  server->process = g_subprocess_launcher_spawn (launcher, &error, redis_server_path,
+                                                 "--port", port, "--bind", "127.0.0.1",
+                                                 "--dir", server->dir, "--appendonly", "yes",
+                                                 "--appendfsync", "always", "--save", "",
+                                                 "--logfile", log, NULL);
+  g_assert_no_error (error);
+
+  for (;;)
+    {
+      redisContext *c = server_connect (server);
+      redisReply *reply = c != NULL ? redisCommand (c, "PING") : NULL;
+      gboolean up = reply != NULL && reply->type == REDIS_REPLY_STATUS;
+
+      if (reply != NULL)
+        freeReplyObject (reply);
+      if (c != NULL)
+        redisFree (c);
+      /* Loading the AOF answers -LOADING: not up yet. */
+      if (up)
+        return;
+      g_assert_nonnull (g_subprocess_get_identifier (server->process));
+      g_assert_cmpint (g_get_monotonic_time (), <, deadline);
+      g_usleep (POLL_US);
+    }
+}
+
+static void
+server_start (Server *server)
+{
+  g_autoptr (GError) error = NULL;
+
+  server->dir = g_dir_make_tmp ("kd-redis-XXXXXX", &error);
+  g_assert_no_error (error);
+  server->port = free_port ();
+  server_launch (server);
+}
+
+static void
+server_kill (Server *server)
+{
+  g_subprocess_send_signal (server->process, SIGKILL);
+  g_subprocess_wait (server->process, NULL, NULL);
+  g_clear_object (&server->process);
+}
+
+static void
+server_stop (Server *server)
+{
+  g_autoptr (GFile) dir = g_file_new_for_path (server->dir);
+  g_autoptr (GFileEnumerator) children = NULL;
+  GFileInfo *info;
+
+  server_kill (server);
+  children = g_file_enumerate_children (dir, G_FILE_ATTRIBUTE_STANDARD_NAME, G_FILE_QUERY_INFO_NONE, NULL, NULL);
+  while (children != NULL && (info = g_file_enumerator_next_file (children, NULL, NULL)) != NULL)
+    {
+      g_autoptr (GFile) child = g_file_get_child (dir, g_file_info_get_name (info));
+      g_autoptr (GFileEnumerator) grand = g_file_enumerate_children (child, G_FILE_ATTRIBUTE_STANDARD_NAME,
+                                                                     G_FILE_QUERY_INFO_NONE, NULL, NULL);
+      GFileInfo *sub;
+
+      /* Redis 7 keeps its AOF in a directory of its own. */
+      while (grand != NULL && (sub = g_file_enumerator_next_file (grand, NULL, NULL)) != NULL)
+        {
+          g_autoptr (GFile) file = g_file_get_child (child, g_file_info_get_name (sub));
+
+          g_file_delete (file, NULL, NULL);
+          g_object_unref (sub);
+        }
+      g_file_delete (child, NULL, NULL);
+      g_object_unref (info);
+    }
+  g_file_delete (dir, NULL, NULL);
+  g_free (server->dir);
+}
+
+/* ---- What the queue holds ---------------------------------------------- */
+
+typedef struct
+{
+  guint64 entries;     /* in all the streams */
+  guint64 unfinished;  /* pending (read, not acknowledged) or not read yet */
+} Progress;
+
+static void
+queue_progress (Server     *server,
+                const char *name,
+                guint       n_shards,
+                Progress   *progress)
+{
+  redisContext *c = server_connect (server);
+  g_autoptr (GPtrArray) unknown = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) unknown_streams = g_ptr_array_new_with_free_func (g_free);
+  gint shard;
+  guint i;
+
+  g_assert_nonnull (c);
+  progress->entries = progress->unfinished = 0;
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = shard < 0 ? g_strdup_printf ("%s:{u}", name)
+                                          : g_strdup_printf ("%s:{%d}", name, shard);
+
+      redisAppendCommand (c, "XLEN %s", stream);
+      redisAppendCommand (c, "XINFO GROUPS %s", stream);
+    }
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      redisReply *reply = NULL;
+      gsize g, f;
+
+      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+      progress->entries += (guint64) reply->integer;
+      freeReplyObject (reply);
+
+      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
+      /* No group yet (no consumer ran): nothing was read. */
+      if (reply->type == REDIS_REPLY_ERROR)
+        {
+          freeReplyObject (reply);
+          continue;
+        }
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+      for (g = 0; g < reply->elements; g++)
+        {
+          redisReply *group = reply->element[g];
+          gboolean lag_known = FALSE;
+          const char *last = "0-0";
+
+          for (f = 0; f + 1 < group->elements; f += 2)
+            {
+              const char *field = group->element[f]->str;
+              redisReply *value = group->element[f + 1];
+
+              if (strcmp (field, "pending") == 0)
+                progress->unfinished += (guint64) value->integer;
+              else if (strcmp (field, "lag") == 0 && value->type == REDIS_REPLY_INTEGER)
+                {
+                  progress->unfinished += (guint64) value->integer;
+                  lag_known = TRUE;
+                }
+              else if (strcmp (field, "last-delivered-id") == 0)
+                last = value->str;
+            }
+          /* After a restart from the AOF Redis no longer knows the lag:
+           * count the entries not delivered yet. */
+          if (!lag_known)
+            g_ptr_array_add (unknown, g_strdup_printf ("(%s", last));
+          if (!lag_known)
+            g_ptr_array_add (unknown_streams, shard < 0 ? g_strdup_printf ("%s:{u}", name)
+                                                        : g_strdup_printf ("%s:{%d}", name, shard));
+        }
+      freeReplyObject (reply);
+    }
+  for (i = 0; i < unknown->len; i++)
+    {
+      redisReply *reply = redisCommand (c, "XRANGE %s %s +", (char *) g_ptr_array_index (unknown_streams, i),
+                                        (char *) g_ptr_array_index (unknown, i));
+
+      g_assert_nonnull (reply);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+      progress->unfinished += reply->elements;
+      freeReplyObject (reply);
+    }
+  redisFree (c);
+}
+
+/* Polls until at least @done of @total jobs are finished (acknowledged or
+ * dead-lettered); all of them if @done is @total. */
+static void
+wait_finished (Server     *server,
+               const char *name,
+               guint       n_shards,
+               guint64     total,
+               guint64     done)
+{
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  Progress progress;
+
+  for (;;)
+    {
+      queue_progress (server, name, n_shards, &progress);
+      g_assert_cmpuint (progress.entries, ==, total);
+      if (progress.entries - progress.unfinished >= done)
+        return;
+      if (g_get_monotonic_time () >= deadline)
+        g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished after %d s",
+                 progress.entries - progress.unfinished, total, (int) (DEADLINE_US / G_USEC_PER_SEC));
+      g_usleep (POLL_US);
+    }
+}
+
+/* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
+
+typedef struct
+{
+  guint  n_keys;
+  guint *count;        /* per key: how many jobs */
+  guint  total;
+} Jobs;
+
+static KdRedisQueue *
+open_queue (Server     *server,
+            const char *name,
+            guint       n_shards)
+{
+  KdRedisQueue *queue = kd_redis_queue_new (name);
+
+  kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
+  kd_redis_queue_set_n_shards (queue, n_shards);
+  return queue;
+}
+
+static void
+produce (Server     *server,
+         const char *name,
+         guint       n_shards,
+         guint       n_jobs,
+         guint       n_keys,
+         Jobs       *jobs)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  g_autoptr (GError) error = NULL;
+  GRand *rand = g_rand_new_with_seed (n_jobs + n_keys);
+  guint i;
+
+  jobs->n_keys = n_keys;
+  jobs->count = g_new0 (guint, n_keys);
+  jobs->total = n_jobs;
+  for (i = 0; i < n_jobs; i++)
+    {
+      guint k = (guint) g_rand_int_range (rand, 0, (gint32) n_keys);
+      char *text = g_strdup_printf ("%u", ++jobs->count[k]);
+
+      g_ptr_array_add (keys, g_strdup_printf ("key-%u", k));
+      g_ptr_array_add (payloads, g_bytes_new_take (text, strlen (text)));
+    }
+  g_rand_free (rand);
+
+  g_assert_true (kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &error));
+  g_assert_no_error (error);
+}
+
+/* ---- Worker processes -------------------------------------------------- */
+
+typedef struct
+{
+  GSubprocess *process;
+  char        *log;
+  char        *out;
+} Worker;
+
+static Worker *
+worker_start (Server     *server,
+              const char *name,
+              guint       index,
+              ...)
+{
+  g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_NONE);
+  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GError) error = NULL;
+  Worker *worker = g_new0 (Worker, 1);
+  const char *arg;
+  va_list ap;
+
+  worker->log = g_strdup_printf ("%s/worker-%u.log", server->dir, index);
+  worker->out = g_strdup_printf ("%s/worker-%u.out", server->dir, index);
+  g_ptr_array_add (argv, g_strdup (g_getenv ("KD_REDIS_WORKER")));
+  g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->port));
+  g_ptr_array_add (argv, g_strdup_printf ("--name=%s", name));
+  g_ptr_array_add (argv, g_strdup_printf ("--log=%s", worker->log));
+  va_start (ap, index);
+  while ((arg = va_arg (ap, const char *)) != NULL)
+    g_ptr_array_add (argv, g_strdup (arg));
+  va_end (ap);
+  g_ptr_array_add (argv, NULL);
+
+  g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
+  g_subprocess_launcher_set_stdout_file_path (launcher, worker->out);
+  g_subprocess_launcher_take_stderr_fd (launcher, -1);
+  worker->process = g_subprocess_launcher_spawnv (launcher, (const char *const *) argv->pdata, &error);
+  g_assert_no_error (error);
+  return worker;
+}
+
+static void
+worker_signal (Worker *worker,
+               int     signum)
+{
+  g_subprocess_send_signal (worker->process, signum);
+}
+
+/* Stops a worker gracefully (or finds it killed) and returns its output. */
+static char *
+worker_finish (Worker   *worker,
+               gboolean  killed)
+{
+  g_autoptr (GError) error = NULL;
+  char *out = NULL;
+
+  if (!killed)
+    worker_signal (worker, SIGTERM);
+  g_subprocess_wait (worker->process, NULL, &error);
+  g_assert_no_error (error);
+  if (!killed)
+    {
+      g_assert_true (g_subprocess_get_if_exited (worker->process));
+      g_assert_cmpint (g_subprocess_get_exit_status (worker->process), ==, 0);
+    }
+  g_file_get_contents (worker->out, &out, NULL, NULL);
+  return out;
+}
+
+static void
+worker_free (Worker *worker)
+{
+  g_clear_object (&worker->process);
+  g_free (worker->log);
+  g_free (worker->out);
+  g_free (worker);
+}
+
+static goffset
+log_size (Worker *worker)
+{
+  g_autoptr (GFile) file = g_file_new_for_path (worker->log);
+  g_autoptr (GFileInfo) info = g_file_query_info (file, G_FILE_ATTRIBUTE_STANDARD_SIZE,
+                                                  G_FILE_QUERY_INFO_NONE, NULL, NULL);
+
+  return info != NULL ? g_file_info_get_size (info) : 0;
+}
+
+static guint64
+stat_of (const char *out,
+         const char *name)
+{
+  g_autofree char *needle = g_strdup_printf (" %s ", name);
+  const char *at = out != NULL ? strstr (out, needle) : NULL;
+
+  return at != NULL ? g_ascii_strtoull (at + strlen (needle), NULL, 10) : 0;
+}
+
+/* ---- The logs ---------------------------------------------------------- */
+
+typedef struct
+{
+  gint64   time;
+  guint    file;
+  guint    line;
+  guint    key;
+  guint    seq;
+  guint    attempt;
+  gboolean ok;
+} Run;
+
+static gint
+run_compare (gconstpointer a,
+             gconstpointer b)
+{
+  const Run *x = a, *y = b;
+
+  if (x->key != y->key)
+    return x->key < y->key ? -1 : 1;
+  if (x->time != y->time)
+    return x->time < y->time ? -1 : 1;
+  if (x->file != y->file)
+    return x->file < y->file ? -1 : 1;
+  return x->line < y->line ? -1 : (x->line > y->line ? 1 : 0);
+}
+
+typedef struct
+{
+  guint64 runs;
+  guint64 duplicates;  /* runs of a job that had completed already */
+  gint64  last_time;
+} Verdict;
+
+/* Checks, from the workers' logs, that every job ran, and that each key's
+ * runs, in time order, never skip ahead: every run is of the job after the
+ * one that ran last, or a rerun of an earlier one (after a takeover, the
+ * unacknowledged tail of a key runs again, in order). The jobs of
+ * @fail_key (if below the number of keys) always fail: each must have run
+ * @fail_attempts times instead. */
+static void
+check_logs (Worker  **workers,
+            guint     n_workers,
+            Jobs     *jobs,
+            guint     fail_key,
+            guint     fail_attempts,
+            Verdict  *verdict)
+{
+  g_autoptr (GArray) runs = g_array_new (FALSE, FALSE, sizeof (Run));
+  g_autofree guint8 *done = NULL;
+  g_autofree guint *first = g_new0 (guint, jobs->n_keys + 1);
+  guint w, i, k;
+
+  memset (verdict, 0, sizeof *verdict);
+  for (w = 0; w < n_workers; w++)
+    {
+      g_autofree char *text = NULL;
+      g_auto (GStrv) lines = NULL;
+
+      if (!g_file_get_contents (workers[w]->log, &text, NULL, NULL))
+        continue;
+      lines = g_strsplit (text, "\n", -1);
+      for (i = 0; lines[i] != NULL; i++)
+        {
+          Run run = { 0, w, i, 0, 0, 0, FALSE };
+          char key[64], status[8];
+
+          if (lines[i][0] == '\0')
+            continue;
+          g_assert_cmpint (sscanf (lines[i], "%" G_GINT64_FORMAT " %63s %u %u %7s", &run.time, key,
+                                   &run.seq, &run.attempt, status), ==, 5);
+          g_assert_true (g_str_has_prefix (key, "key-"));
+          run.key = (guint) atoi (key + 4);
+          run.ok = strcmp (status, "ok") == 0;
+          g_assert_cmpuint (run.key, <, jobs->n_keys);
+          g_assert_cmpuint (run.seq, >=, 1);
+          g_assert_cmpuint (run.seq, <=, jobs->count[run.key]);
+          verdict->last_time = MAX (verdict->last_time, run.time);
+          g_array_append_val (runs, run);
+        }
+    }
+  g_array_sort (runs, run_compare);
+  verdict->runs = runs->len;
+
+  /* Per key, a bitmap of completed jobs, at first[key]. */
+  for (k = 0; k < jobs->n_keys; k++)
+    first[k + 1] = first[k] + jobs->count[k] + 1;
+  done = g_new0 (guint8, first[jobs->n_keys]);
+
+  for (i = 0; i < runs->len; i++)
+    {
+      const Run *run = &g_array_index (runs, Run, i);
+      const Run *before = i > 0 ? &g_array_index (runs, Run, i - 1) : NULL;
+      guint last = before != NULL && before->key == run->key ? before->seq : 0;
+
+      if (run->seq > last + 1)
+        g_error ("key-%u: job %u ran after job %u (worker %u, line %u)", run->key, run->seq, last,
+                 run->file, run->line + 1);
+      if (run->key == fail_key)
+        {
+          g_assert_false (run->ok);
+          done[first[run->key] + run->seq]++;
+          g_assert_cmpuint (run->attempt, ==, done[first[run->key] + run->seq]);
+        }
+      else if (run->ok)
+        {
+          if (done[first[run->key] + run->seq])
+            verdict->duplicates++;
+          done[first[run->key] + run->seq] = 1;
+        }
+    }
+  for (k = 0; k < jobs->n_keys; k++)
+    for (i = 1; i <= jobs->count[k]; i++)
+      if (done[first[k] + i] != (k == fail_key ? fail_attempts : 1))
+        g_error ("key-%u: job %u of %u ran %u times to its end, not %u: lost", k, i, jobs->count[k],
+                 done[first[k] + i], k == fail_key ? fail_attempts : 1);
+}
+
+/* ---- In one process ---------------------------------------------------- */
+
+typedef struct
+{
+  GMutex      lock;
+  GCond       cond;
+  GHashTable *last;    /* key → last number run */
+  guint       keyed;
+  guint       unkeyed;
+  gboolean    out_of_order;
+} Seen;
+
+static gboolean
+record_job (KdJob    *job,
+            gpointer  user_data,
+            GError  **error)
+{
+  Seen *seen = user_data;
+  KdRedisEntry *entry = kd_job_get_item (job);
+  const char *key = kd_job_get_key (job);
+  gsize len;
+  guint seq = (guint) atoi ((const char *) kd_redis_entry_get_payload (entry, &len));
+
+  g_assert_cmpstr (key, ==, kd_redis_entry_get_key (entry));
+  g_assert_cmpstr (kd_redis_entry_get_producer (entry), !=, "");
+  g_assert_cmpuint (kd_redis_entry_get_sequence (entry), >, 0);
+  g_mutex_lock (&seen->lock);
+  if (key != NULL)
+    {
+      guint last = GPOINTER_TO_UINT (g_hash_table_lookup (seen->last, key));
+
+      g_assert_cmpint (kd_redis_entry_get_shard (entry), >=, 0);
+      if (seq != last + 1)
+        seen->out_of_order = TRUE;
+      g_hash_table_insert (seen->last, g_strdup (key), GUINT_TO_POINTER (seq));
+      seen->keyed++;
+    }
+  else
+    {
+      g_assert_cmpint (kd_redis_entry_get_shard (entry), ==, -1);
+      seen->unkeyed++;
+    }
+  g_cond_broadcast (&seen->cond);
+  g_mutex_unlock (&seen->lock);
+  return TRUE;
+}
+
+static void
+test_in_process (void)
+{
+  Server server = { 0 };
+  Seen seen = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GError) error = NULL;
+  KdRedisQueueStats stats;
+  Progress progress;
+  Jobs jobs = { 0 };
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  guint i;
+
+  g_test_summary ("One process adds keyed and unkeyed jobs and runs them all, each key's in order, "
+                  "and acknowledges every one");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  g_mutex_init (&seen.lock);
+  g_cond_init (&seen.cond);
+  seen.last = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+
+  produce (&server, "inproc", 8, 2000, 20, &jobs);
+  queue = open_queue (&server, "inproc", 8);
+  g_assert_cmpstr (kd_redis_queue_get_name (queue), ==, "inproc");
+  g_assert_cmpuint (kd_redis_queue_get_n_shards (queue), ==, 8);
+  g_assert_cmpuint (kd_redis_queue_shard_for_key (queue, "key-1"), <, 8);
+  kd_redis_queue_set_lease_time (queue, G_USEC_PER_SEC);
+  kd_redis_queue_set_batch_size (queue, 64);
+  g_assert_cmpuint (kd_redis_queue_get_batch_size (queue), ==, 64);
+  for (i = 0; i < 100; i++)
+    {
+      g_autofree char *text = g_strdup_printf ("%u", i);
+      g_autoptr (GBytes) payload = g_bytes_new (text, strlen (text));
+
+      g_assert_true (kd_redis_queue_add (queue, NULL, payload, &error));
+      g_assert_no_error (error);
+    }
+
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 4, record_job, &seen, NULL);
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+
+  g_mutex_lock (&seen.lock);
+  while (seen.keyed < jobs.total || seen.unkeyed < 100)
+    g_assert_true (g_cond_wait_until (&seen.cond, &seen.lock, deadline));
+  g_mutex_unlock (&seen.lock);
+
+  kd_redis_queue_stop (queue);
+  kd_redis_queue_get_stats (queue, &stats);
+  g_assert_false (seen.out_of_order);
+  g_assert_cmpuint (seen.keyed, ==, jobs.total);
+  g_assert_cmpuint (seen.unkeyed, ==, 100);
+  g_assert_cmpuint (stats.acked, ==, jobs.total + 100);
+  g_assert_cmpuint (stats.read + stats.claimed, ==, jobs.total + 100);
+  g_assert_cmpuint (stats.in_flight, ==, 0);
+  g_assert_cmpuint (stats.shards_owned, ==, 0);
+  queue_progress (&server, "inproc", 8, &progress);
+  g_assert_cmpuint (progress.entries, ==, jobs.total + 100);
+  g_assert_cmpuint (progress.unfinished, ==, 0);
+
+  g_clear_object (&dispatcher);
+  g_clear_object (&queue);
+  g_hash_table_unref (seen.last);
+  g_mutex_clear (&seen.lock);
+  g_cond_clear (&seen.cond);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+/* ---- Across processes -------------------------------------------------- */
+
+static guint
+scaled (guint n)
+{
+  const char *scale = g_getenv ("KD_TEST_SCALE");
+  double factor = scale != NULL ? g_ascii_strtod (scale, NULL) : 1.0;
+
+  return MAX ((guint) (n * (factor > 0 ? factor : 1.0)), 1000);
+}
+
+static void
+finish_workers (Worker  **workers,
+                guint     n,
+                gint      killed,
+                guint64  *refused,
+                guint64  *skipped)
+{
+  guint w;
+
+  *refused = *skipped = 0;
+  for (w = 0; w < n; w++)
+    {
+      g_autofree char *out = worker_finish (workers[w], (gint) w == killed);
+
+      g_test_message ("worker %u: %s", w, out != NULL ? out : "");
+      *refused += stat_of (out, "refused");
+      *skipped += stat_of (out, "skipped");
+    }
+}
+
+static void
+test_workers (void)
+{
+  Server server = { 0 };
+  Worker *workers[3];
+  Jobs jobs = { 0 };
+  Verdict verdict;
+  guint64 refused, skipped;
+  guint w;
+
+  g_test_summary ("3 worker processes run 100,000 jobs over 1,000 keys: all of them, each key's "
+                  "in order, nothing lost");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  for (w = 0; w < 3; w++)
+    workers[w] = worker_start (&server, "jobs", w, "--lease-ms=2000", "--batch=256", NULL);
+  produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  finish_workers (workers, 3, -1, &refused, &skipped);
+
+  check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
+  g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates", verdict.runs,
+                  verdict.duplicates);
+  /* Shards move between live workers only once drained: nothing reruns. */
+  g_assert_cmpuint (verdict.duplicates, ==, 0);
+  g_assert_cmpuint (refused, ==, 0);
+
+  for (w = 0; w < 3; w++)
+    worker_free (workers[w]);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+static void
+test_kill (void)
+{
+  Server server = { 0 };
+  Worker *workers[3];
+  Jobs jobs = { 0 };
+  Verdict verdict;
+  guint64 refused, skipped, claimed = 0;
+  const guint batch = 256;
+  gint64 deadline;
+  goffset size, grown;
+  guint w;
+
+  g_test_summary ("A worker killed with SIGKILL in the middle: its shards are taken over, nothing "
+                  "is lost, each key keeps its order, and at most a batch of jobs runs twice");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
+  for (w = 0; w < 3; w++)
+    workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=20", NULL);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  /* Killed while it runs jobs, so while it holds entries read and not
+   * acknowledged, which the others must take over: its log grows. (With
+   * jobs of 20 us it always holds some; a broken build that acknowledges
+   * on read holds none, and loses what it read.) */
+  deadline = g_get_monotonic_time () + DEADLINE_US;
+  for (size = log_size (workers[1]);; size = grown)
+    {
+      g_usleep (POLL_US);
+      grown = log_size (workers[1]);
+      if (grown > size && size > 0)
+        break;
+      g_assert_cmpint (g_get_monotonic_time (), <, deadline);
+    }
+  worker_signal (workers[1], SIGKILL);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  finish_workers (workers, 3, 1, &refused, &skipped);
+  for (w = 0; w < 3; w++)
+    if (w != 1)
+      {
+        g_autofree char *out = NULL;
+
+        g_file_get_contents (workers[w]->out, &out, NULL, NULL);
+        claimed += stat_of (out, "claimed");
+      }
+
+  check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
+  g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " taken over, %" G_GUINT64_FORMAT
+                  " duplicates after the kill (bound: the batch, %u)", verdict.runs, claimed,
+                  verdict.duplicates, batch);
+  g_assert_cmpuint (claimed, >, 0);
+  g_assert_cmpuint (verdict.duplicates, <=, batch);
+
+  for (w = 0; w < 3; w++)
+    worker_free (workers[w]);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+static void
+test_freeze (void)
+{
+  Server server = { 0 };
+  Worker *workers[2];
+  Jobs jobs = { 0 };
+  Verdict verdict;
+  guint64 refused, skipped;
+  gint64 resumed;
+  guint w;
+
+  g_test_summary ("A worker frozen (SIGSTOP) past its lease, then resumed: the other takes its "
+                  "shards over, its late acknowledgements are refused, it starts nothing more, "
+                  "nothing is lost");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
+  for (w = 0; w < 2; w++)
+    workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", NULL);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  worker_signal (workers[0], SIGSTOP);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  resumed = g_get_monotonic_time ();
+  worker_signal (workers[0], SIGCONT);
+  finish_workers (workers, 2, -1, &refused, &skipped);
+
+  check_logs (workers, 2, &jobs, G_MAXUINT, 0, &verdict);
+  g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates, %" G_GUINT64_FORMAT
+                  " late acknowledgements refused, %" G_GUINT64_FORMAT " entries skipped",
+                  verdict.runs, verdict.duplicates, refused, skipped);
+  /* Every job had finished elsewhere: the resumed worker must not start
+   * any. */
+  g_assert_cmpint (verdict.last_time, <, resumed);
+  g_assert_cmpuint (verdict.duplicates, <=, 256);
+
+  for (w = 0; w < 2; w++)
+    worker_free (workers[w]);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+static void
+test_redis_restart (void)
+{
+  Server server = { 0 };
+  Worker *workers[2];
+  Jobs jobs = { 0 };
+  Verdict verdict;
+  guint64 refused, skipped;
+  guint w;
+
+  g_test_summary ("redis-server killed with SIGKILL in the middle and restarted from its AOF: "
+                  "the workers reconnect, nothing is lost, each key keeps its order");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
+  for (w = 0; w < 2; w++)
+    workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", NULL);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  server_kill (&server);
+  server_launch (&server);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  finish_workers (workers, 2, -1, &refused, &skipped);
+
+  check_logs (workers, 2, &jobs, G_MAXUINT, 0, &verdict);
+  g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates across the restart",
+                  verdict.runs, verdict.duplicates);
+  g_assert_cmpuint (verdict.duplicates, <=, 2 * 256);
+
+  for (w = 0; w < 2; w++)
+    worker_free (workers[w]);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+static void
+test_dead_letter (void)
+{
+  Server server = { 0 };
+  Worker *workers[1];
+  Jobs jobs = { 0 };
+  Verdict verdict;
+  guint64 refused, skipped;
+  redisContext *c;
+  redisReply *reply;
+  gsize i, f;
+
+  g_test_summary ("The jobs of a key that always fails end in the dead-letter stream after 3 "
+                  "attempts each, acknowledged; the other keys run");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  produce (&server, "jobs", 16, 1000, 10, &jobs);
+  workers[0] = worker_start (&server, "jobs", 0, "--shards=16", "--lease-ms=2000", "--attempts=3",
+                             "--retry-ms=1", "--fail-key=key-3", NULL);
+  wait_finished (&server, "jobs", 16, jobs.total, jobs.total);
+  finish_workers (workers, 1, -1, &refused, &skipped);
+
+  /* key-3's runs are failures: checked apart. */
+  check_logs (workers, 1, &jobs, 3, 3, &verdict);
+  g_assert_cmpuint (verdict.duplicates, ==, 0);
+
+  c = server_connect (&server);
+  g_assert_nonnull (c);
+  reply = redisCommand (c, "XRANGE jobs:dead - +");
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+  g_assert_cmpuint (reply->elements, ==, jobs.count[3]);
+  for (i = 0; i < reply->elements; i++)
+    {
+      redisReply *fields = reply->element[i]->element[1];
+      const char *key = NULL;
+      guint seq = 0, tries = 0;
+
+      for (f = 0; f + 1 < fields->elements; f += 2)
+        {
+          if (strcmp (fields->element[f]->str, "k") == 0)
+            key = fields->element[f + 1]->str;
+          else if (strcmp (fields->element[f]->str, "p") == 0)
+            seq = (guint) atoi (fields->element[f + 1]->str);
+          else if (strcmp (fields->element[f]->str, "attempts") == 0)
+            tries = (guint) atoi (fields->element[f + 1]->str);
+        }
+      g_assert_cmpstr (key, ==, "key-3");
+      g_assert_cmpuint (tries, ==, 3);
+      /* In the key's order, once each. */
+      g_assert_cmpuint (seq, ==, i + 1);
+    }
+  freeReplyObject (reply);
+  redisFree (c);
+
+  worker_free (workers[0]);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+static void
+test_throughput (void)
+{
+  Server server = { 0 };
+  Worker *workers[2];
+  Jobs jobs = { 0 };
+  Verdict verdict;
+  guint64 refused, skipped;
+  gint64 start, elapsed;
+  guint n = (guint) g_ascii_strtoull (g_getenv ("KD_REDIS_BENCH_JOBS") != NULL ?
+                                      g_getenv ("KD_REDIS_BENCH_JOBS") : "1000000", NULL, 10);
+  guint w;
+
+  g_test_summary ("Throughput of 2 consumer processes (-m perf)");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  produce (&server, "jobs", 64, n, 1000, &jobs);
+  start = g_get_monotonic_time ();
+  for (w = 0; w < 2; w++)
+    workers[w] = worker_start (&server, "jobs", w, "--batch=4096", "--workers=1", NULL);
+  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  elapsed = g_get_monotonic_time () - start;
+  finish_workers (workers, 2, -1, &refused, &skipped);
+  check_logs (workers, 2, &jobs, G_MAXUINT, 0, &verdict);
+  g_test_minimized_result ((double) elapsed / G_USEC_PER_SEC, "%u jobs in %.2f s: %.0f jobs/s", n,
+                           (double) elapsed / G_USEC_PER_SEC,
+                           (double) n * G_USEC_PER_SEC / (double) elapsed);
+
+  for (w = 0; w < 2; w++)
+    worker_free (workers[w]);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+int
+main (int   argc,
+      char *argv[])
+{
+  g_test_init (&argc, &argv, NULL);
+
+  redis_server_path = g_find_program_in_path ("redis-server");
+  if (redis_server_path == NULL && g_file_test ("/usr/bin/redis-server", G_FILE_TEST_IS_EXECUTABLE))
+    redis_server_path = g_strdup ("/usr/bin/redis-server");
+  g_assert_nonnull (g_getenv ("KD_REDIS_WORKER"));
+
+  g_test_add_func ("/kd/redis-queue/in-process", test_in_process);
+  g_test_add_func ("/kd/redis-queue/workers", test_workers);
+  g_test_add_func ("/kd/redis-queue/kill", test_kill);
+  g_test_add_func ("/kd/redis-queue/freeze", test_freeze);
+  g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
+  g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
+  if (g_test_perf ())
+    g_test_add_func ("/kd/redis-queue/throughput", test_throughput);
+
+  return g_test_run ();
+}
