@@ -619,7 +619,10 @@ run_job (KdDispatcher  *self,
     kd_key_table_job_ended (self->keys, mailbox);
 
   if (outcome == JOB_PARK)
-    park_end (self, mailbox, parked);
+    {
+      g_assert (mailbox != NULL);   /* only keyed jobs park */
+      park_end (self, mailbox, parked);
+    }
 
   return outcome;
 }

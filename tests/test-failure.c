@@ -45,6 +45,7 @@ typedef struct
   gboolean       resume_in_done;
   gboolean       resume_in_done_result;
   gboolean       drop_in_done;         /* ...then submit the key's next job */
+  KdTestGate    *gate;                 /* if set, jobs with seq 0 wait here */
 } Log;
 
 static Item *
@@ -89,6 +90,8 @@ failing_handler (KdJob    *job,
     g_atomic_int_inc (&log->overlaps);
 
   log_event (log, log->runs, job, NULL);
+  if (item->seq == 0 && log->gate != NULL)
+    g_assert_true (kd_test_gate_wait (log->gate));
 
   ok = kd_job_get_attempt (job) > item->failing_attempts;
   if (!ok)
@@ -570,15 +573,22 @@ test_park_drop_in_done (void)
 {
   Log log;
   KdDispatcher *dispatcher = log_dispatcher_new (&log, 2);
+  KdTestGate gate;
   guint i;
 
   g_test_summary ("Dropping a key from its failed job's done callback drops the "
                   "jobs queued then, not one submitted right after the drop");
 
+  kd_test_gate_init (&gate);
   kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
   log.drop_in_done = TRUE;
+  log.gate = &gate;     /* jobs 1-3 are queued before job 0 fails */
   for (i = 0; i < 4; i++)
     submit (dispatcher, TRUE, 1, i, i == 0 ? 1 : 0);
+  kd_test_gate_open (&gate);
+  /* Job 0's done callback submitted job 100 before job 0 ended: a second
+   * wait() sees it. */
+  kd_dispatcher_wait (dispatcher);
   kd_dispatcher_wait (dispatcher);
 
   assert_seqs (log.runs, 1, "0 100");
@@ -590,6 +600,7 @@ test_park_drop_in_done (void)
   g_object_unref (dispatcher);
   g_assert_cmpuint (log.freed, ==, 5);
   log_clear (&log);
+  kd_test_gate_clear (&gate);
 }
 
 static gpointer
