@@ -229,6 +229,27 @@ kd_test_count_threads (void)
   return n;
 }
 
+/* kd_test_count_threads() once it equals @expected, or after a deadline:
+ * a joined thread can still be listed in /proc for a moment after
+ * pthread_join() returned (the kernel reaps it after it woke the joiner),
+ * and a dispatcher shut down on its own "kd-shutdown" thread finishes a
+ * moment after its last notify ran. Nothing in kdispatch says when the
+ * kernel is done, so this polls; a thread really left behind still fails
+ * the comparison after KD_TEST_THREADS_DEADLINE_US. */
+#define KD_TEST_THREADS_DEADLINE_US (5 * G_TIME_SPAN_SECOND)
+
+static inline guint
+kd_test_threads_settle (guint expected)
+{
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_THREADS_DEADLINE_US;
+  guint n;
+
+  while ((n = kd_test_count_threads ()) != expected && g_get_monotonic_time () < deadline)
+    g_usleep (200);
+
+  return n;
+}
+
 /* A small, fast, per-thread pseudo-random generator for job lengths. */
 static inline guint32
 kd_test_xorshift (guint32 *state)

@@ -296,7 +296,7 @@ test_key_idle_keeps_state (void)
   g_assert_cmpint (actors.jobs_seen, ==, 20);
   g_assert_cmpint (actors.two_alive, ==, 0);
   g_assert_cmpint (actors.wrong_state, ==, 0);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_object_unref (dispatcher);
   g_assert_cmpint (actors.freed, ==, 2);
 }
@@ -395,9 +395,10 @@ noop_handler (KdJob    *job,
   return TRUE;
 }
 
+/* The handler data's destroy notify: the dispatcher's finalize runs it
+ * last, after every thread of its but the one finalizing was joined. */
 static void
-dispatcher_finalized (gpointer  user_data,
-                      GObject  *where_the_object_was)
+dispatcher_finalized (gpointer user_data)
 {
   LastRef *last = user_data;
 
@@ -415,16 +416,16 @@ test_key_idle_last_unref (void)
                   "itself");
 
   kd_test_counter_init (&last.finalized);
-  last.dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  last.dispatcher = kd_dispatcher_new (2, noop_handler, &last, dispatcher_finalized);
   kd_dispatcher_set_key_state_funcs (last.dispatcher, ref_state_new, ref_state_free, &last, NULL);
   kd_dispatcher_set_key_idle_time (last.dispatcher, G_TIME_SPAN_MILLISECOND);
-  g_object_weak_ref (G_OBJECT (last.dispatcher), dispatcher_finalized, &last);
 
   g_assert_true (kd_dispatcher_submit (last.dispatcher, "k", NULL, NULL));
   kd_dispatcher_wait (last.dispatcher);
   g_object_unref (last.dispatcher);   /* the state holds the last reference */
 
   g_assert_true (kd_test_counter_wait (&last.finalized, 1));
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   kd_test_counter_clear (&last.finalized);
 }
 
@@ -597,7 +598,7 @@ test_worker_data (void)
   g_assert_cmpint (g_atomic_int_get (&workers.inits), ==, N_WORKERS);
   for (i = 0; i < N_WORKERS; i++)
     g_assert_cmpint (workers.seen[i], ==, 1);
-  g_assert_cmpuint (kd_test_count_threads (), ==, N_WORKERS);
+  g_assert_cmpuint (kd_test_threads_settle (N_WORKERS), ==, N_WORKERS);
   /* Starting again does nothing. */
   g_assert_true (kd_dispatcher_start (dispatcher, &error));
   g_assert_cmpint (g_atomic_int_get (&workers.inits), ==, N_WORKERS);
@@ -613,7 +614,7 @@ test_worker_data (void)
   kd_dispatcher_wait (dispatcher);
 
   /* The workers exited, each after its finalize. */
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_assert_cmpint (workers.finalizes, ==, N_WORKERS);
   g_assert_cmpint (workers.jobs, ==, (gint) n_jobs);
   g_assert_cmpint (workers.wrong_thread, ==, 0);
@@ -678,7 +679,7 @@ test_worker_init_fails (void)
   g_assert_cmpint (workers.inits, ==, N_WORKERS);
   g_assert_cmpint (workers.finalizes, ==, N_WORKERS - 1);
   g_assert_cmpint (workers.wrong_thread, ==, 0);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
 
   /* A submit starts the workers, fails the same way, and keeps the item. */
   g_assert_false (kd_dispatcher_submit (dispatcher, "k", &freed, &error));
@@ -695,7 +696,7 @@ test_worker_init_fails (void)
   g_assert_error (outcome.error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED);
   g_clear_error (&outcome.error);
 
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_assert_cmpint (kd_test_counter_get (&freed), ==, 0);
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.submitted, ==, 0);
@@ -716,7 +717,7 @@ test_worker_init_fails (void)
   g_assert_cmpint (workers.finalizes, ==, 5 * N_WORKERS - 4);
   g_assert_cmpint (workers.jobs, ==, 1);
   g_assert_cmpint (workers.data_freed, ==, 1);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_main_loop_unref (outcome.loop);
   kd_test_counter_clear (&freed);
 }
@@ -738,7 +739,7 @@ test_start_closed (void)
   g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&error);
   g_assert_cmpint (workers.inits, ==, 0);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_object_unref (dispatcher);
   g_assert_cmpint (workers.finalizes, ==, 0);
 }

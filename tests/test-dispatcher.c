@@ -979,7 +979,7 @@ test_close (void)
   GError *error = NULL;
   gint refused_item = 0;
   gint accepted_item = 0;
-  guint threads_before = kd_test_count_threads ();
+  guint threads_before = kd_test_threads_settle (0);
   KdStats stats;
   guint i;
 
@@ -1035,7 +1035,7 @@ test_close (void)
   g_assert_cmpuint (stats.pending, ==, 0);
 
   /* Closed and drained: wait joined the workers. */
-  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+  g_assert_cmpuint (kd_test_threads_settle (threads_before), ==, threads_before);
 
   kd_dispatcher_close (dispatcher);
   g_object_unref (dispatcher);
@@ -1149,7 +1149,7 @@ test_cancel (void)
   Cancel cancel = { 0 };
   KdDispatcher *dispatcher;
   GError *error = NULL;
-  guint threads_before = kd_test_count_threads ();
+  guint threads_before = kd_test_threads_settle (0);
   KdStats stats;
   guint i;
 
@@ -1208,7 +1208,7 @@ test_cancel (void)
   g_assert_cmpuint (stats.live_keys, ==, 0);
 
   /* No thread of the dispatcher is left. */
-  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+  g_assert_cmpuint (kd_test_threads_settle (threads_before), ==, threads_before);
 
   g_object_unref (dispatcher);
   cancel_for_item_free = NULL;
@@ -1282,7 +1282,7 @@ test_cancel_before_submit (void)
   KdDispatcher *dispatcher;
   GError *error = NULL;
   gint ran = 0;
-  guint threads_before = kd_test_count_threads ();
+  guint threads_before = kd_test_threads_settle (0);
 
   g_test_summary ("A dispatcher given an already cancelled cancellable refuses "
                   "every submit and never starts a thread");
@@ -1296,7 +1296,7 @@ test_cancel_before_submit (void)
   g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&error);
   kd_dispatcher_wait (dispatcher);
-  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+  g_assert_cmpuint (kd_test_threads_settle (threads_before), ==, threads_before);
   g_assert_cmpint (ran, ==, 0);
 
   g_object_unref (dispatcher);
@@ -1726,7 +1726,7 @@ test_many_keys (void)
                   "keys, and after wait live_keys is 0 and the memory is given back");
 
   many.n_workers = 4;
-  many.threads_before = kd_test_count_threads ();
+  many.threads_before = kd_test_threads_settle (0);
   dispatcher = kd_dispatcher_new (many.n_workers, many_keys_handler, &many, NULL);
 
   /* Warm up so that the baseline includes the workers and allocator caches. */

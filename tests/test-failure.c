@@ -403,7 +403,7 @@ test_retry_holds_no_worker (void)
   g_assert_cmpuint (stats.pending, ==, 0);
 
   g_object_unref (dispatcher);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_assert_cmpuint (log.freed, ==, 8);
   log_clear (&log);
 }
@@ -426,7 +426,7 @@ test_retry_then_unref (void)
   g_assert_cmpuint (log.ends->len, ==, 2);
   g_assert_cmpint (g_array_index (log.ends, Event, 0).error_code, ==, -1);
   g_assert_cmpint (g_array_index (log.ends, Event, 1).error_code, ==, -1);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_assert_cmpuint (log.freed, ==, 2);
   log_clear (&log);
 }
@@ -633,7 +633,7 @@ test_retry_waits_race (void)
     g_thread_join (threads[i]);
 
   g_assert_cmpuint (log.ends->len, ==, 20);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   g_object_unref (dispatcher);
   g_assert_cmpuint (log.freed, ==, 20);
   log_clear (&log);
@@ -682,7 +682,7 @@ test_park_cancel_and_unref (void)
   assert_seqs (log.ends, 1, "0 1 2 3 4");
   assert_seqs (log.runs, 1, "0");
   g_assert_cmpuint (log.freed, ==, 6);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
   log_clear (&log);
 }
 

@@ -258,7 +258,7 @@ test_key_blocked_then_closed (void)
   g_assert_cmpuint (stats.completed, ==, KEY_CAPACITY);
   g_assert_cmpuint (stats.rejected, ==, 1);
   g_assert_cmpuint (kd_test_counter_get (&run.freed), ==, KEY_CAPACITY);
-  g_assert_cmpuint (kd_test_count_threads (), ==, 0);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
 
   g_object_unref (dispatcher);
   run_clear (&run);

@@ -598,7 +598,7 @@ test_close_drains (void)
   KdDispatcher *first, *second;
   GError *error = NULL;
   guint n_items = 100;
-  guint threads_before = kd_test_count_threads ();
+  guint threads_before = kd_test_threads_settle (0);
   Item *refused;
   KdStats stats;
   guint i;
@@ -639,7 +639,7 @@ test_close_drains (void)
   g_assert_cmpuint (stats.completed, ==, n_items);
   g_assert_cmpuint (stats.cancelled, ==, 0);
   /* Both stages closed and drained: their workers are gone. */
-  g_assert_cmpuint (kd_test_count_threads (), ==, threads_before);
+  g_assert_cmpuint (kd_test_threads_settle (threads_before), ==, threads_before);
 
   g_object_unref (pipeline);
   ledger_check_all_freed_once ();
