@@ -25,7 +25,19 @@
  *    such a refusal is CLOSED even when the bound is also reached; a CLOSED
  *    refusal only after some close, cancel or pre-cancelled cancellable; no
  *    FULL or TIMEOUT when the program has fewer items than the capacity; an
- *    item that never ran only if the dispatcher was cancelled.
+ *    item that never ran only if the dispatcher was cancelled or its key
+ *    parked;
+ *  - with retries, the per-key order is of whole items: x's last attempt
+ *    returned before y's first started; with PARK (and done callbacks on
+ *    the workers) y's first attempt starts after x's done callback
+ *    returned when x failed; an item queued when its key was dropped never
+ *    runs;
+ *  - stats: retried counts the runs after the first (more only with a
+ *    cancel: a retry scheduled, then cancelled); after a wait, live keys
+ *    are the parked ones and key states left live are at most those (or any
+ *    with an idle time); after the last unref, every worker's init and
+ *    finalize ran as often, the dead-letter and worker destroy notifies
+ *    once.
  */
 
 #include "config.h"
@@ -40,6 +52,8 @@ kd_model_count_items (KdModel       *model,
                       KdModelResult *counts)
 {
   guint i;
+
+  guint runs;
 
   memset (counts, 0, sizeof *counts);
   for (i = 0; i < model->n_items; i++)
@@ -56,12 +70,18 @@ kd_model_count_items (KdModel       *model,
       if (status != ITEM_ACCEPTED)
         continue;
       counts->accepted++;
-      if (g_atomic_int_get (&item->handler_runs) == 0)
+      runs = (guint) g_atomic_int_get (&item->handler_runs);
+      if (runs > 1)
+        counts->retried += runs - 1;
+      counts->dead_letters += (guint64) g_atomic_int_get (&item->dead_letters);
+      if (runs == 0)
         counts->cancelled++;
-      else if (item->fail)
+      else if (runs > item->fail_attempts)
+        counts->completed++;
+      else if (kd_model_item_failed (model, item))
         counts->failed++;
       else
-        counts->completed++;
+        counts->cancelled++;   /* cancelled while it waited for a retry */
     }
 }
 
@@ -85,7 +105,6 @@ kd_model_check_last_stats (KdModel      *model,
 {
   KdStats stats;
   KdModelResult counts;
-  guint i;
 
   kd_dispatcher_get_stats (dispatcher, &stats);
   kd_model_count_items (model, &counts);
@@ -103,23 +122,65 @@ kd_model_check_last_stats (KdModel      *model,
   CHECK (model, stats.completed == counts.completed,
          "completed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
          stats.completed, counts.completed);
-  CHECK (model, stats.failed == counts.failed,
-         "failed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT, stats.failed, counts.failed);
-  CHECK (model, stats.cancelled == counts.cancelled,
-         "cancelled %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
-         stats.cancelled, counts.cancelled);
+  /* Without a done callback or dead letter to tell, a job that failed an
+   * attempt as the dispatcher was cancelled ended failed or cancelled. */
+  if (model->program->no_done && !model->program->dead_letter && model->cancel_started != 0 &&
+      model->program->max_attempts > 1)
+    CHECK (model, stats.failed + stats.cancelled == counts.failed + counts.cancelled &&
+                  stats.failed >= counts.failed,
+           "failed %" G_GUINT64_FORMAT " + cancelled %" G_GUINT64_FORMAT ", the model %"
+           G_GUINT64_FORMAT " + %" G_GUINT64_FORMAT, stats.failed, stats.cancelled,
+           counts.failed, counts.cancelled);
+  else
+    {
+      CHECK (model, stats.failed == counts.failed,
+             "failed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT, stats.failed,
+             counts.failed);
+      CHECK (model, stats.cancelled == counts.cancelled,
+             "cancelled %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
+             stats.cancelled, counts.cancelled);
+    }
   CHECK (model, stats.pending == 0, "pending %" G_GUINT64_FORMAT " after wait", stats.pending);
   CHECK (model, stats.running == 0, "running %u after wait", stats.running);
-  CHECK (model, stats.live_keys == 0, "live_keys %u after wait", stats.live_keys);
+  /* Parked keys are live, with no job left or not. With a main context a
+   * done callback may be resuming one as we look: taken out of parking,
+   * not yet reaped. */
+  if (model->program->context_mode == KD_MODEL_CONTEXT_NONE)
+    CHECK (model, stats.live_keys == stats.parked_keys, "live_keys %u, %u parked, after wait",
+           stats.live_keys, stats.parked_keys);
+  else
+    CHECK (model, stats.live_keys <= model->n_keys && stats.parked_keys <= stats.live_keys,
+           "live_keys %u, %u parked, after wait", stats.live_keys, stats.parked_keys);
+  if (!model->program->park)
+    CHECK (model, stats.parked_keys == 0, "%u parked keys without PARK", stats.parked_keys);
 
-  if (model->program->key_states)
+  /* Each run after the first was a retry scheduled; a retry scheduled
+   * may also have been cancelled before it ran (at most one per item). */
+  CHECK (model, stats.retried >= counts.retried,
+         "retried %" G_GUINT64_FORMAT ", the model saw %" G_GUINT64_FORMAT " runs again",
+         stats.retried, counts.retried);
+  if (model->cancel_started == 0)
+    CHECK (model, stats.retried == counts.retried,
+           "retried %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT " (no cancel)",
+           stats.retried, counts.retried);
+  else
+    CHECK (model, stats.retried <= counts.retried + counts.accepted,
+           "retried %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT " runs again for %"
+           G_GUINT64_FORMAT " items", stats.retried, counts.retried, counts.accepted);
+  if (model->program->max_attempts <= 1)
+    CHECK (model, stats.retried == 0, "retried %" G_GUINT64_FORMAT " without retry",
+           stats.retried);
+
+  /* Idle key states outlive their keys' last jobs; parked keys keep
+   * theirs (a done callback may still resume them: fewer, never more) */
+  if (model->program->key_states && model->program->key_idle_us == 0)
     {
-      CHECK (model, g_atomic_int_get (&model->states_made) == g_atomic_int_get (&model->states_freed),
-             "after wait: %d key states made, %d freed",
-             g_atomic_int_get (&model->states_made), g_atomic_int_get (&model->states_freed));
-      for (i = 0; i < model->n_keys; i++)
-        CHECK (model, g_atomic_int_get (&model->key_live_states[i]) == 0,
-               "after wait: key %u still has a state", i);
+      gint live = g_atomic_int_get (&model->states_made) - g_atomic_int_get (&model->states_freed);
+
+      CHECK (model, live >= 0 && live <= (gint) stats.parked_keys,
+             "after wait: %d key states made, %d freed, %u keys parked",
+             g_atomic_int_get (&model->states_made), g_atomic_int_get (&model->states_freed),
+             stats.parked_keys);
     }
 }
 
@@ -201,6 +262,22 @@ kd_model_check_after_last_unref (KdModel *model)
   CHECK (model, g_atomic_int_get (&model->states_made) == g_atomic_int_get (&model->states_freed),
          "%d key states made, %d freed", g_atomic_int_get (&model->states_made),
          g_atomic_int_get (&model->states_freed));
+  CHECK (model, g_atomic_int_get (&model->dead_letter_data_freed) == (program->dead_letter ? 1 : 0),
+         "the dead-letter destroy notify ran %d times",
+         g_atomic_int_get (&model->dead_letter_data_freed));
+  CHECK (model, g_atomic_int_get (&model->worker_data_freed) == (program->worker_funcs ? 1 : 0),
+         "the worker funcs' user_data_free ran %d times",
+         g_atomic_int_get (&model->worker_data_freed));
+  for (i = 0; i < G_N_ELEMENTS (model->worker_inits); i++)
+    {
+      gint inits = g_atomic_int_get (&model->worker_inits[i]);
+      gint finalizes = g_atomic_int_get (&model->worker_finalizes[i]);
+
+      CHECK (model, inits == finalizes, "worker %u: %d inits, %d finalizes", i, inits, finalizes);
+      if (program->worker_funcs && program->start && !program->pre_cancelled &&
+          i < program->n_workers)
+        CHECK (model, inits == 1, "worker %u: %d inits after start", i, inits);
+    }
   n_threads = count_threads_settled ();
   CHECK (model, n_threads == 0, "%u kdispatch threads left after the last unref", n_threads);
   g_atomic_int_set (&model->last_unref_checked, 1);
@@ -238,8 +315,8 @@ kd_model_check_items (KdModel *model)
 {
   const KdModelProgram *program = model->program;
   gint close_started = model->close_started;
-  gint cancel_started = model->cancel_started;
-  gboolean never_full = model->n_items < program->capacity;
+  gboolean never_full = model->n_items < program->capacity &&
+                        (program->key_capacity == 0 || model->n_items <= program->key_capacity);
   guint i, j;
 
   for (i = 0; i < model->n_items; i++)
@@ -277,7 +354,35 @@ kd_model_check_items (KdModel *model)
         CHECK (model, item->done_calls == 1, "item %u: %d done callbacks", item->id,
                item->done_calls);
       if (item->handler_runs == 0)
-        CHECK (model, cancel_started != 0, "item %u never ran, and nobody cancelled", item->id);
+        CHECK (model, kd_model_may_skip (model, item) ||
+                      (item->key < model->n_keys && model->key_parks[item->key] != 0),
+               "item %u never ran, and nobody cancelled or dropped its key", item->id);
+      if (program->dead_letter)
+        CHECK (model, item->dead_letters == (kd_model_item_failed (model, item) ? 1 : 0),
+               "item %u: %d dead letters after %d runs (fails %u, max %u attempts)", item->id,
+               item->dead_letters, item->handler_runs, item->fail_attempts,
+               program->max_attempts);
+    }
+
+  /* Dropped keys: an item accepted before a drop began that had not
+   * started by then never runs. */
+  for (i = 0; i < model->n_items; i++)
+    {
+      KdModelItem *item = &model->items[i];
+      GArray *drops;
+
+      if (item->status != ITEM_ACCEPTED || item->key >= model->n_keys ||
+          (drops = model->drop_ticks[item->key]) == NULL)
+        continue;
+      for (j = 0; j < drops->len; j++)
+        {
+          gint dropped = g_array_index (drops, gint, j);
+
+          if (item->after < dropped && (item->first_run_tick == 0 || item->first_run_tick > dropped))
+            CHECK (model, item->handler_runs == 0,
+                   "key %u: item %u ran (tick %d) though the key was dropped (tick %d) with it "
+                   "queued", item->key, item->id, item->first_run_tick, dropped);
+        }
     }
 
   /* Per-key order. O(n²) per key; programs are small. */
@@ -294,15 +399,27 @@ kd_model_check_items (KdModel *model)
           if (y->status != ITEM_ACCEPTED || y->key != x->key || x->after >= y->before)
             continue;
 
-          /* x was accepted before y's submit was called. */
+          /* x was accepted before y's submit was called: x ended (its last
+           * attempt returned) before y's first started. */
           if (y->handler_runs != 0)
             {
-              CHECK (model, x->handler_runs != 0,
+              CHECK (model, x->handler_runs != 0 || model->key_drops[x->key] != 0,
                      "key %u: item %u ran though the earlier item %u was cancelled",
                      x->key, y->id, x->id);
               if (x->handler_runs != 0)
-                CHECK (model, x->run_tick < y->run_tick,
-                       "key %u: item %u ran before the earlier item %u", x->key, y->id, x->id);
+                CHECK (model, x->return_tick < y->first_run_tick,
+                       "key %u: item %u started (tick %d) before the earlier item %u ended "
+                       "(tick %d, %d runs)", x->key, y->id, y->first_run_tick, x->id,
+                       x->return_tick, x->handler_runs);
+              /* PARK: the key's next job starts after the failed one's done
+               * callback returned (on the worker: with a main context the
+               * runner only queues the callback, see park_end()) */
+              if (program->park && kd_model_item_failed (model, x) &&
+                  program->context_mode == KD_MODEL_CONTEXT_NONE)
+                CHECK (model, x->done_returned != 0 && x->done_returned < y->first_run_tick,
+                       "key %u: item %u started (tick %d) before the failed item %u's done "
+                       "callback returned (tick %d)", x->key, y->id, y->first_run_tick, x->id,
+                       x->done_returned);
             }
           if (!program->no_done)
             CHECK (model, x->done_tick < y->done_tick,

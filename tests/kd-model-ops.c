@@ -19,6 +19,8 @@
 static const guint capacities[] = { 1, 2, 3, 4, 8, 16, 64, 1024 };
 static const guint fail_rates[] = { 0, 0, 0, 1, 1, 2, 4, 8 };   /* in eighths */
 static const gint64 timeouts_us[] = { 0, 100, 2000, 50000 };
+static const gint64 retry_delays_us[] = { 0, 20, 100, 500 };
+static const gint64 idle_times_us[] = { 100, 1000, 5000, 20000 };
 
 typedef struct
 {
@@ -135,6 +137,8 @@ run_submits (ModelThread     *thread,
           key = buffer;
         }
 
+      if (item->key < model->n_keys)
+        g_atomic_int_inc (&model->key_submitting[item->key]);
       before = kd_model_tick (model);
       g_atomic_int_set (&item->before, before);
       switch (how)
@@ -161,6 +165,9 @@ run_submits (ModelThread     *thread,
           g_clear_error (&error);
           thread->accepted++;
           g_atomic_int_set (&item->status, ITEM_ACCEPTED);
+          if (item->key < model->n_keys &&
+              g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 1))
+            g_atomic_int_inc (&model->key_pending[item->key]);
         }
       else
         {
@@ -188,6 +195,21 @@ run_submits (ModelThread     *thread,
           g_atomic_int_set (&item->status, ITEM_REFUSED);
         }
       g_atomic_int_set (&item->after, after);
+      if (item->key < model->n_keys)
+        {
+          guint key_capacity = model->program->key_capacity;
+
+          /* Counted before the end of this submit: an item accepted is
+           * pending or ended in the model before it leaves submitting. */
+          if (key_capacity > 0 && !kd_model_may_skip (model, item))
+            CHECK (model, g_atomic_int_get (&model->key_pending[item->key]) <=
+                          (gint) key_capacity + g_atomic_int_get (&model->key_submitting[item->key]) - 1,
+                   "key %u: %d pending after a submit returned (%d others in progress) for a "
+                   "key capacity of %u", item->key,
+                   g_atomic_int_get (&model->key_pending[item->key]),
+                   g_atomic_int_get (&model->key_submitting[item->key]) - 1, key_capacity);
+          g_atomic_int_add (&model->key_submitting[item->key], -1);
+        }
     }
 
   return TRUE;
@@ -230,14 +252,20 @@ run_wait (ModelThread     *thread,
         continue;
 
       if (g_atomic_int_get (&item->handler_runs) != 0)
-        CHECK (model, g_atomic_int_get (&item->handler_returned),
-               "item %u: its handler still runs after wait returned", item->id);
+        CHECK (model, g_atomic_int_get (&item->handler_returned) &&
+                      ((guint) g_atomic_int_get (&item->handler_runs) > item->fail_attempts ||
+                       kd_model_item_failed (model, item) ||
+                       g_atomic_int_get (&model->cancel_started) != 0),
+               "item %u: its handler still runs or will run again after wait returned",
+               item->id);
       else
         {
           cancel_started = g_atomic_int_get (&model->cancel_started);
-          CHECK (model, cancel_started != 0 && cancel_started < returned,
-                 "item %u: accepted before wait, not run when it returned, and not cancelled",
-                 item->id);
+          CHECK (model, (cancel_started != 0 && cancel_started < returned) ||
+                        (item->key < model->n_keys &&
+                         g_atomic_int_get (&model->key_drops[item->key]) != 0),
+                 "item %u: accepted before wait, not run when it returned, and not cancelled "
+                 "or dropped", item->id);
         }
 
       if (program->context_mode == KD_MODEL_CONTEXT_NONE)
@@ -274,16 +302,7 @@ run_cancel (ModelThread     *thread,
             const KdModelOp *op,
             guint            variant)
 {
-  KdModel *model = thread->model;
-  gint started = kd_model_tick (model);
-  gint returned;
-
-  kd_model_tick_min (&model->close_started, started);
-  kd_model_tick_min (&model->cancel_started, started);
-  g_cancellable_cancel (kd_dispatcher_get_cancellable (thread->dispatcher));
-  returned = kd_model_tick (model);
-  kd_model_tick_min (&model->closed_by, returned);
-  kd_model_tick_min (&model->cancelled_by, returned);
+  kd_model_cancel (thread->model, thread->dispatcher);
   return TRUE;
 }
 
@@ -362,11 +381,95 @@ run_iterate (ModelThread     *thread,
   return TRUE;
 }
 
+static gboolean
+decode_resume (Reader         *reader,
+               KdModelProgram *program,
+               KdModelOp      *op)
+{
+  op->key = read_byte (reader) % program->n_keys;
+  op->arg = read_byte (reader) % 3 == 0;   /* a third drop */
+  return TRUE;
+}
+
+static void
+describe_resume (GString              *out,
+                 const KdModelProgram *program,
+                 const KdModelOp      *op)
+{
+  g_string_append_printf (out, " key=%u%s", op->key, op->arg ? " drop" : "");
+}
+
+/* Resumes or drops the key if the model saw it park (see
+ * kd_model_resolve_key()); otherwise, for a key that never had a failing
+ * item (so never parked), both calls return FALSE. */
+static gboolean
+run_resume (ModelThread     *thread,
+            const KdModelOp *op,
+            guint            variant)
+{
+  KdModel *model = thread->model;
+  guint i;
+
+  if (kd_model_resolve_key (model, thread->dispatcher, op->key, op->arg))
+    return TRUE;
+
+  for (i = 0; i < model->n_items && model->program->park; i++)
+    if (model->items[i].key == op->key && model->items[i].fail_attempts > 0)
+      return TRUE;
+  CHECK (model, !(op->arg ? kd_dispatcher_drop_key : kd_dispatcher_resume_key) (thread->dispatcher,
+                                                                               kd_model_keys[op->key]),
+         "key %u never parked, but %s returned TRUE", op->key, op->arg ? "drop_key" : "resume_key");
+  return TRUE;
+}
+
+/* kd_dispatcher_list_parked_keys(): a key the model saw park, and still
+ * parked (the same park) after the call, is listed; the list has no
+ * duplicates, no key that never parked. */
+static gboolean
+run_parked (ModelThread     *thread,
+            const KdModelOp *op,
+            guint            variant)
+{
+  KdModel *model = thread->model;
+  gint parks[KD_MODEL_MAX_KEYS];
+  gboolean parked[KD_MODEL_MAX_KEYS];
+  gboolean listed[KD_MODEL_MAX_KEYS] = { FALSE };
+  char **keys;
+  guint i, k;
+
+  for (k = 0; k < model->n_keys; k++)
+    {
+      parks[k] = g_atomic_int_get (&model->key_parks[k]);
+      parked[k] = g_atomic_int_get (&model->key_parked[k]);
+    }
+  keys = kd_dispatcher_list_parked_keys (thread->dispatcher);
+  CHECK (model, keys != NULL, "list_parked_keys returned NULL");
+  for (i = 0; keys != NULL && keys[i] != NULL; i++)
+    {
+      for (k = 0; k < model->n_keys; k++)
+        if (strcmp (keys[i], kd_model_keys[k]) == 0)
+          break;
+      CHECK (model, k < model->n_keys, "list_parked_keys lists an unknown key \"%s\"", keys[i]);
+      if (k == model->n_keys)
+        continue;
+      CHECK (model, !listed[k], "list_parked_keys lists key %u twice", k);
+      listed[k] = TRUE;
+      CHECK (model, model->program->park, "key %u parked without PARK", k);
+    }
+  for (k = 0; k < model->n_keys; k++)
+    if (parked[k] && g_atomic_int_get (&model->key_parked[k]) &&
+        g_atomic_int_get (&model->key_parks[k]) == parks[k] &&
+        g_atomic_int_get (&model->cancel_started) == 0)
+      CHECK (model, listed[k], "key %u is parked but not listed", k);
+  g_strfreev (keys);
+  return TRUE;
+}
+
 /* The weights add up to 256, so a uniformly random selector byte picks each
  * op with probability weight/256. Close, cancel and unref are rare: each
  * ends the interesting part of a run. */
 static const OpClass op_table[] = {
-  { "submit",         98, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "submit",         88, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
   { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
   { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
   { "wait",           24, NULL,                  run_wait,    NULL,                    0 },
@@ -376,6 +479,8 @@ static const OpClass op_table[] = {
   { "close",           1, NULL,                  run_close,   NULL,                    0 },
   { "cancel",          1, NULL,                  run_cancel,  NULL,                    0 },
   { "unref",           6, NULL,                  run_unref,   NULL,                    0 },
+  { "resume",          6, decode_resume,         run_resume,  describe_resume,         0 },
+  { "parked",          4, NULL,                  run_parked,  NULL,                    0 },
 };
 
 static guint
@@ -425,7 +530,7 @@ kd_model_program_decode (KdModelProgram *program,
                          gsize           size)
 {
   Reader reader = { data, size, 0 };
-  guint8 flags, rare;
+  guint8 flags, rare, features, retry, params;
 
   memset (program, 0, sizeof *program);
   program->n_workers = 1 + read_byte (&reader) % 6;
@@ -457,6 +562,30 @@ kd_model_program_decode (KdModelProgram *program,
   program->pre_cancelled = program->own_cancellable && (rare & 0x1f) == 0x1f;
   program->no_done = (rare & 0xe0) == 0xe0;
 
+  features = read_byte (&reader);
+  retry = read_byte (&reader);
+  params = read_byte (&reader);
+  program->max_attempts = 1;
+  if ((features & 3) >= 2)
+    {
+      program->max_attempts = 2 + retry % 3;
+      program->retry_delay_us = retry_delays_us[(retry >> 2) % G_N_ELEMENTS (retry_delays_us)];
+      program->retry_max_delay_us = 2 * program->retry_delay_us;
+      /* Rarely a delay only a cancel ends (the janitor's, kd-model.c) */
+      if ((features & 3) == 3 && (retry & 0xe0) == 0xe0)
+        program->retry_delay_us = program->retry_max_delay_us = 30 * G_TIME_SPAN_SECOND;
+      program->retry_huge = program->retry_delay_us > G_TIME_SPAN_SECOND;
+    }
+  program->dead_letter = (features & 4) != 0;
+  /* PARK needs the done callbacks: they tell the model a key parked */
+  program->park = (features & 8) != 0 && !program->no_done;
+  if (features & 16)
+    program->key_capacity = 1 + params % 4;
+  if (features & 32)
+    program->key_idle_us = idle_times_us[(params >> 2) % G_N_ELEMENTS (idle_times_us)];
+  program->worker_funcs = (features & 64) != 0;
+  program->start = program->worker_funcs && (features & 128) != 0;
+
   while (reader.pos < reader.size && program->n_ops < KD_MODEL_MAX_OPS)
     {
       KdModelOp *op = &program->ops[program->n_ops];
@@ -480,7 +609,9 @@ kd_model_program_describe (const KdModelProgram *program)
   guint i;
 
   g_string_append_printf (out, "workers=%u fanout=%u capacity=%u threads=%u keys=%u "
-                          "context=%s%s%s%s%s%s%s%s; %u ops, %u items\n",
+                          "context=%s%s%s%s%s%s%s%s; %u ops, %u items\n"
+                          "  attempts=%u delay=%" G_GINT64_FORMAT "us..%" G_GINT64_FORMAT "us%s%s "
+                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us%s%s\n",
                           program->n_workers, program->fanout, program->capacity,
                           program->n_threads, program->n_keys, contexts[program->context_mode],
                           program->key_states ? " key-states" : "",
@@ -490,7 +621,12 @@ kd_model_program_describe (const KdModelProgram *program)
                           program->pre_cancelled ? " pre-cancelled" : "",
                           program->shared_cancel ? " shared-cancel" : "",
                           program->no_done ? " no-done" : "",
-                          program->n_ops, program->n_items);
+                          program->n_ops, program->n_items,
+                          program->max_attempts, program->retry_delay_us,
+                          program->retry_max_delay_us, program->dead_letter ? " dead-letter" : "",
+                          program->park ? " park" : "", program->key_capacity,
+                          program->key_idle_us, program->worker_funcs ? " worker-funcs" : "",
+                          program->start ? " start" : "");
   for (i = 0; i < program->n_ops; i++)
     {
       const KdModelOp *op = &program->ops[i];

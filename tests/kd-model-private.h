@@ -41,6 +41,7 @@ typedef struct
   guint      id;
   guint      key;          /* n_keys: unkeyed */
   gboolean   fail;
+  guint      fail_attempts; /* its first attempts fail; G_MAXUINT: all */
   guint      spin;
   gboolean   yield;
 
@@ -53,12 +54,18 @@ typedef struct
   gint       after;
 
   /* The dispatcher's threads (atomic) */
-  gint       handler_runs;
-  gint       handler_returned;
-  gint       run_tick;
+  gint       handler_runs;      /* attempts that started */
+  gint       handler_returned;  /* the last attempt returned */
+  gint       run_tick;          /* the last attempt started */
+  gint       first_run_tick;
+  gint       return_tick;       /* the last attempt returned */
+  gint       dead_letters;
+  gint       ended_failed;      /* seen by its dead letter or done callback */
   gint       done_calls;
   gint       done_tick;
+  gint       done_returned;
   gint       free_calls;
+  gint       pending_counted;   /* in key_pending, until it ends */
 } KdModelItem;
 
 /* What the dispatcher holds as the item. */
@@ -123,8 +130,39 @@ struct _KdModel
   gint            done_data_freed;
   gint            state_data_freed;
   gint            last_unref_checked;
+  gint            last_unref_started;
 
   GMutex          iterate_lock;
+
+  KdDispatcher   *dispatcher;      /* for done callbacks and the janitor */
+
+  /* Retry and PARK (see resolve_key() in kd-model.c). key_parked is the
+   * model's view: set by the done callback of a failed item (the key
+   * parked before it), cleared by whoever wins it to resume or drop. */
+  gint            retries;         /* failed attempts with one to come (@lock) */
+  gint64          first_retry_us;  /* monotonic time of the first (@lock) */
+  gint            key_parked[KD_MODEL_MAX_KEYS];
+  gint            key_parks[KD_MODEL_MAX_KEYS];
+  gint            key_drops[KD_MODEL_MAX_KEYS];
+  GArray         *drop_ticks[KD_MODEL_MAX_KEYS];  /* under @lock */
+  gint            n_parks;
+  gint            n_drops;
+  gint            dead_letter_data_freed;
+
+  /* Key capacity: accepted (counted when the submit returned) and not
+   * ended, and submits in progress, per key */
+  gint            key_pending[KD_MODEL_MAX_KEYS];
+  gint            key_submitting[KD_MODEL_MAX_KEYS];
+
+  /* Worker funcs */
+  gint            worker_inits[8];
+  gint            worker_finalizes[8];
+  gint            worker_data_freed;
+
+  /* A model thread that resolves parked keys and cancels huge retries, so
+   * that waits end; stopped before the last unref */
+  GThread        *janitor;
+  gint            janitor_stop;
 
   GMutex          lock;
   gint            n_violations;
@@ -178,6 +216,24 @@ kd_model_tick_min (gint *where,
 /* kd-model.c */
 void     kd_model_drop_ref               (ModelThread   *thread,
                                           gboolean       wait_first);
+/* Resumes (or drops) key @key if the model saw it park and nobody else
+ * resolved it since; FALSE if there was nothing to do. */
+gboolean kd_model_resolve_key            (KdModel       *model,
+                                          KdDispatcher  *dispatcher,
+                                          guint          key,
+                                          gboolean       drop);
+/* Records the cancel of the dispatcher's cancellable. */
+void     kd_model_cancel                 (KdModel       *model,
+                                          KdDispatcher  *dispatcher);
+/* Whether @item ended failed: its last attempt failed and was its last
+ * allowed one, or (once the dispatcher is cancelled no job is retried) its
+ * dead letter or done callback saw it fail. */
+gboolean kd_model_item_failed            (KdModel       *model,
+                                          KdModelItem   *item);
+/* Whether a handler run of @item may be missing: a cancel started, or its
+ * key was dropped. */
+gboolean kd_model_may_skip               (KdModel       *model,
+                                          KdModelItem   *item);
 
 /* kd-model-checks.c */
 /* Fills the counts of @result (not its violations) from the items. */

@@ -33,7 +33,28 @@
  *    callback and item_free ran, or with a main context its handler is over;
  *  - every stats snapshot: submitted == completed + failed + cancelled +
  *    pending, counters that only grow, at least the calling thread's own
- *    accepted and refused submits.
+ *    accepted and refused submits;
+ *  - retries (kd_dispatcher_set_retry(); items fail their first attempts,
+ *    some every one): attempt n runs after n - 1 runs, never past
+ *    max_attempts nor after a success; an item ends failed (the handler's
+ *    error) only on its last attempt or, once the dispatcher is cancelled,
+ *    earlier; cancelled while its retry waited it ends CANCELLED. The
+ *    dead-letter function runs once per item that ended failed, on a
+ *    worker, before its done callback, never for another;
+ *  - KD_FAILURE_PARK: the done callback of a failed keyed item marks its
+ *    key parked in the model and resumes it, drops it, or leaves it to a
+ *    resume op or the janitor (a model thread that resolves keys parked for
+ *    a millisecond, and cancels the dispatcher when a huge retry delay
+ *    waits); whoever resolves it clears the mark first, and the call must
+ *    return TRUE. No handler of a key runs while it is marked parked;
+ *  - a per-key capacity: after a submit returns and when an item first
+ *    runs, the key's accepted and not ended items are at most the capacity
+ *    plus the submits to the key in progress (unless a cancel or a drop
+ *    ended items the model counts as ended only later);
+ *  - worker funcs: handlers and dead letters see the data that their own
+ *    thread's init made; init and finalize run once per worker, on the same
+ *    thread; with kd_dispatcher_start(), every worker's init ran when it
+ *    returned.
  *
  * And at the end of the run, the checks of kd-model-checks.c.
  *
@@ -204,6 +225,68 @@ token_item (KdModel    *model,
 /* ------------------------------------------------------------------------ */
 /* What the dispatcher calls                                                */
 
+typedef struct
+{
+  guint32  magic;
+  KdModel *model;
+  guint    index;
+  GThread *thread;
+} WorkerData;
+
+#define WORKER_LIVE 0x6b64776bu
+#define WORKER_DEAD 0xdead3077u
+
+/* The worker data of the calling thread, checked. */
+static void
+check_worker_data (KdModel    *model,
+                   KdJob      *job,
+                   guint       id,
+                   const char *where)
+{
+  WorkerData *data = kd_job_get_worker_data (job);
+
+  if (!model->program->worker_funcs)
+    {
+      CHECK (model, data == NULL, "item %u: %s sees worker data without worker funcs", id, where);
+      return;
+    }
+  CHECK (model, data != NULL && data->magic == WORKER_LIVE,
+         "item %u: %s sees no live worker data (%p)", id, where, (gpointer) data);
+  if (data != NULL && data->magic == WORKER_LIVE)
+    CHECK (model, data->thread == g_thread_self (),
+           "item %u: %s sees the data of worker %u, another thread", id, where, data->index);
+}
+
+gboolean
+kd_model_item_failed (KdModel     *model,
+                      KdModelItem *item)
+{
+  guint runs = (guint) g_atomic_int_get (&item->handler_runs);
+
+  return runs > 0 && runs <= item->fail_attempts &&
+         (runs >= model->program->max_attempts || g_atomic_int_get (&item->ended_failed));
+}
+
+gboolean
+kd_model_may_skip (KdModel     *model,
+                   KdModelItem *item)
+{
+  return g_atomic_int_get (&model->cancel_started) != 0 ||
+         (item->key < model->n_keys && g_atomic_int_get (&model->key_drops[item->key]) != 0);
+}
+
+/* The item no longer counts against its key's capacity. */
+static void
+item_uncount (KdModel     *model,
+              KdModelItem *item)
+{
+  if (item->key >= model->n_keys ||
+      g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 2))
+    return;   /* not counted yet: its submit did not return */
+  if (g_atomic_int_compare_and_exchange (&item->pending_counted, 1, 2))
+    g_atomic_int_add (&model->key_pending[item->key], -1);
+}
+
 static gboolean
 model_handler (KdJob    *job,
                gpointer  user_data,
@@ -214,24 +297,46 @@ model_handler (KdJob    *job,
   GCancellable *cancellable = kd_job_get_cancellable (job);
   gpointer state = kd_job_get_key_state (job);
   gboolean exclusive = FALSE;
+  guint max_attempts = model->program->max_attempts;
+  guint attempt, runs;
+  gboolean fails;
+  gint tick;
   guint key;
 
   if (item == NULL)
     return TRUE;
 
   key = item->key;
-  CHECK (model, g_atomic_int_add (&item->handler_runs, 1) == 0,
-         "item %u: handler ran twice", item->id);
+  attempt = kd_job_get_attempt (job);
+  runs = (guint) g_atomic_int_add (&item->handler_runs, 1);
+  CHECK (model, attempt == runs + 1, "item %u: attempt %u after %u runs", item->id, attempt, runs);
+  CHECK (model, attempt <= max_attempts, "item %u: attempt %u of at most %u", item->id, attempt,
+         max_attempts);
+  CHECK (model, runs == 0 || runs <= item->fail_attempts,
+         "item %u: ran again (attempt %u) after it completed", item->id, attempt);
   CHECK (model, key_index (model, kd_job_get_key (job)) == key,
          "item %u: handler sees key \"%s\", submitted with \"%s\"", item->id,
          kd_job_get_key (job) != NULL ? kd_job_get_key (job) : "(null)",
          key_name (model, key) != NULL ? key_name (model, key) : "(null)");
-  g_atomic_int_set (&item->run_tick, kd_model_tick (model));
+  tick = kd_model_tick (model);
+  g_atomic_int_set (&item->run_tick, tick);
+  if (runs == 0)
+    g_atomic_int_set (&item->first_run_tick, tick);
+  g_atomic_int_set (&item->handler_returned, 0);
+  check_worker_data (model, job, item->id, "the handler");
 
   if (key < model->n_keys)
     {
       exclusive = g_atomic_int_compare_and_exchange (&model->key_running[key], 0, 1);
       CHECK (model, exclusive, "item %u: a handler of key %u was already running", item->id, key);
+      CHECK (model, g_atomic_int_get (&model->key_parked[key]) == 0,
+             "item %u: runs (attempt %u) while its key %u is parked", item->id, attempt, key);
+      if (runs == 0 && model->program->key_capacity > 0 && !kd_model_may_skip (model, item))
+        CHECK (model, g_atomic_int_get (&model->key_pending[key]) <=
+                      (gint) model->program->key_capacity + g_atomic_int_get (&model->key_submitting[key]),
+               "item %u: key %u has %d pending (%d submits in progress) for a key capacity of %u",
+               item->id, key, g_atomic_int_get (&model->key_pending[key]),
+               g_atomic_int_get (&model->key_submitting[key]), model->program->key_capacity);
     }
 
   if (model->program->key_states && key < model->n_keys)
@@ -269,16 +374,79 @@ model_handler (KdJob    *job,
     CHECK (model, g_cancellable_is_cancelled (cancellable),
            "item %u: the running handler does not see the cancel", item->id);
 
+  fails = attempt <= item->fail_attempts;
+  if (!fails || attempt >= max_attempts)
+    item_uncount (model, item);
+  else
+    {
+      kd_mutex_lock (&model->lock);
+      if (model->retries++ == 0)
+        model->first_retry_us = g_get_monotonic_time ();
+      kd_mutex_unlock (&model->lock);
+    }
+
+  g_atomic_int_set (&item->return_tick, kd_model_tick (model));
   if (exclusive)
     g_atomic_int_set (&model->key_running[key], 0);
   g_atomic_int_set (&item->handler_returned, 1);
 
-  if (item->fail)
+  if (fails)
     {
-      g_set_error (error, model_error_quark (), (gint) item->id, "item %u failed", item->id);
+      g_set_error (error, model_error_quark (), (gint) item->id, "item %u failed (attempt %u)",
+                   item->id, attempt);
       return FALSE;
     }
   return TRUE;
+}
+
+static void
+model_dead_letter (KdJob        *job,
+                   const GError *error,
+                   gpointer      user_data)
+{
+  KdModel *model = user_data;
+  KdModelItem *item = token_item (model, kd_job_get_item (job), G_STRLOC);
+
+  if (item == NULL)
+    return;
+  CHECK (model, g_atomic_int_add (&item->dead_letters, 1) == 0, "item %u: dead letter twice",
+         item->id);
+  CHECK (model, g_atomic_int_get (&item->done_calls) == 0,
+         "item %u: dead letter after its done callback", item->id);
+  /* Its last attempt, or no retry once cancelled */
+  CHECK (model, (guint) g_atomic_int_get (&item->handler_runs) <= item->fail_attempts &&
+                ((guint) g_atomic_int_get (&item->handler_runs) >= model->program->max_attempts ||
+                 g_atomic_int_get (&model->cancel_started) != 0),
+         "item %u: dead letter after %d runs (fails %u, max %u attempts)", item->id,
+         g_atomic_int_get (&item->handler_runs), item->fail_attempts,
+         model->program->max_attempts);
+  CHECK (model, kd_job_get_attempt (job) == (guint) g_atomic_int_get (&item->handler_runs),
+         "item %u: dead letter sees attempt %u after %d runs", item->id,
+         kd_job_get_attempt (job), g_atomic_int_get (&item->handler_runs));
+  CHECK (model, g_error_matches (error, model_error_quark (), (gint) item->id),
+         "item %u: dead letter with %s", item->id, error != NULL ? error->message : "no error");
+  check_worker_data (model, job, item->id, "the dead letter");
+  g_atomic_int_set (&item->ended_failed, 1);
+}
+
+/* An item's failure parked its key (PARK): its done callback resumes or
+ * drops the key at once, or leaves that to a resume op or the janitor. */
+static void
+item_parked (KdModel     *model,
+             KdModelItem *item)
+{
+  guint key = item->key;
+  guint32 choice = mix32 (item->id ^ 0x5a5a1234u) % 8;
+
+  CHECK (model, g_atomic_int_get (&model->key_parked[key]) == 0,
+         "item %u: key %u parked twice without a resume", item->id, key);
+  g_atomic_int_inc (&model->key_parks[key]);
+  g_atomic_int_inc (&model->n_parks);
+  g_atomic_int_set (&model->key_parked[key], 1);
+  if (choice < 3)
+    kd_model_resolve_key (model, model->dispatcher, key, FALSE);
+  else if (choice < 5)
+    kd_model_resolve_key (model, model->dispatcher, key, TRUE);
 }
 
 static void
@@ -288,6 +456,7 @@ model_done (KdJob        *job,
 {
   KdModel *model = user_data;
   KdModelItem *item = token_item (model, kd_job_get_item (job), G_STRLOC);
+  gint runs;
 
   if (item == NULL)
     return;
@@ -302,17 +471,51 @@ model_done (KdJob        *job,
   CHECK (model, key_index (model, kd_job_get_key (job)) == item->key,
          "item %u: done callback sees another key", item->id);
 
-  if (g_atomic_int_get (&item->handler_runs) == 0)
+  runs = g_atomic_int_get (&item->handler_runs);
+  if (runs == 0)
     CHECK (model, g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED),
            "item %u never ran but ends with %s", item->id,
            error != NULL ? error->message : "no error");
-  else if (item->fail)
-    CHECK (model, g_error_matches (error, model_error_quark (), (gint) item->id),
-           "item %u failed but ends with %s", item->id,
-           error != NULL ? error->message : "no error");
+  else if (kd_model_item_failed (model, item))
+    {
+      CHECK (model, g_error_matches (error, model_error_quark (), (gint) item->id),
+             "item %u failed but ends with %s", item->id,
+             error != NULL ? error->message : "no error");
+      if (model->program->dead_letter)
+        CHECK (model, g_atomic_int_get (&item->dead_letters) == 1,
+               "item %u failed for good with %d dead letters before its done callback",
+               item->id, g_atomic_int_get (&item->dead_letters));
+    }
+  else if ((guint) runs <= item->fail_attempts)
+    {
+      /* Its last attempt failed and another was due: cancelled meanwhile,
+       * while it waited (CANCELLED) or before the retry was scheduled (the
+       * handler's error, and a dead letter). */
+      CHECK (model, g_atomic_int_get (&model->cancel_started) != 0,
+             "item %u failed attempt %d of %u, was not retried, and nobody cancelled",
+             item->id, runs, model->program->max_attempts);
+      if (!g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
+        {
+          CHECK (model, g_error_matches (error, model_error_quark (), (gint) item->id),
+                 "item %u failed attempt %d of %u and ends with %s", item->id, runs,
+                 model->program->max_attempts, error != NULL ? error->message : "no error");
+          if (model->program->dead_letter)
+            CHECK (model, g_atomic_int_get (&item->dead_letters) == 1,
+                   "item %u ended failed after a cancel without a dead letter", item->id);
+          g_atomic_int_set (&item->ended_failed, 1);
+        }
+    }
   else
     CHECK (model, error == NULL, "item %u completed but ends with %s", item->id,
            error != NULL ? error->message : "");
+  if (runs == 0 || !kd_model_item_failed (model, item))
+    CHECK (model, g_atomic_int_get (&item->dead_letters) == 0,
+           "item %u: a dead letter, but it did not fail for good", item->id);
+  item_uncount (model, item);
+
+  if (model->program->park && item->key < model->n_keys && kd_model_item_failed (model, item))
+    item_parked (model, item);
+  g_atomic_int_set (&item->done_returned, kd_model_tick (model));
 }
 
 static void
@@ -331,6 +534,7 @@ model_item_free (gpointer data)
 
   model = token->model;
   item = token->item;
+  item_uncount (model, item);
   CHECK (model, g_atomic_int_add (&item->free_calls, 1) == 0, "item %u: freed twice", item->id);
   if (!model->program->no_done)
     CHECK (model, g_atomic_int_get (&item->done_calls) == 1,
@@ -341,6 +545,188 @@ model_item_free (gpointer data)
 
   token->magic = TOKEN_DEAD;
   g_free (token);
+}
+
+static gpointer
+model_worker_init (KdDispatcher  *dispatcher,
+                   guint          worker_index,
+                   gpointer       user_data,
+                   GError       **error)
+{
+  KdModel *model = user_data;
+  WorkerData *data;
+
+  CHECK (model, worker_index < model->program->n_workers, "worker index %u of %u workers",
+         worker_index, model->program->n_workers);
+  worker_index = MIN (worker_index, G_N_ELEMENTS (model->worker_inits) - 1);
+  CHECK (model, g_atomic_int_add (&model->worker_inits[worker_index], 1) == 0,
+         "worker %u: init ran twice", worker_index);
+
+  data = g_new0 (WorkerData, 1);
+  data->magic = WORKER_LIVE;
+  data->model = model;
+  data->index = worker_index;
+  data->thread = g_thread_self ();
+  return data;
+}
+
+static void
+model_worker_finalize (KdDispatcher *dispatcher,
+                       guint         worker_index,
+                       gpointer      worker_data,
+                       gpointer      user_data)
+{
+  KdModel *model = user_data;
+  WorkerData *data = worker_data;
+
+  if (data == NULL || data->magic != WORKER_LIVE)
+    {
+      g_printerr ("kd-model: worker finalize of dead worker data %p\n", worker_data);
+      abort ();
+    }
+  CHECK (model, data->index == worker_index, "worker %u finalizes the data of worker %u",
+         worker_index, data->index);
+  CHECK (model, data->thread == g_thread_self (), "worker %u: finalize on another thread",
+         worker_index);
+  CHECK (model, g_atomic_int_add (&model->worker_finalizes[data->index], 1) == 0,
+         "worker %u: finalize ran twice", data->index);
+  data->magic = WORKER_DEAD;
+  g_free (data);
+}
+
+static void
+model_worker_data_free (gpointer data)
+{
+  g_atomic_int_inc (&((KdModel *) data)->worker_data_freed);
+}
+
+static void
+model_dead_letter_data_free (gpointer data)
+{
+  g_atomic_int_inc (&((KdModel *) data)->dead_letter_data_freed);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Parked keys, cancels and the janitor                                     */
+
+gboolean
+kd_model_resolve_key (KdModel      *model,
+                      KdDispatcher *dispatcher,
+                      guint         key,
+                      gboolean      drop)
+{
+  gint started;
+  gboolean ok;
+
+  if (!g_atomic_int_compare_and_exchange (&model->key_parked[key], 1, 0))
+    return FALSE;
+
+  started = kd_model_tick (model);
+  if (drop)
+    {
+      kd_mutex_lock (&model->lock);
+      if (model->drop_ticks[key] == NULL)
+        model->drop_ticks[key] = g_array_new (FALSE, FALSE, sizeof (gint));
+      g_array_append_val (model->drop_ticks[key], started);
+      kd_mutex_unlock (&model->lock);
+      g_atomic_int_inc (&model->key_drops[key]);
+      g_atomic_int_inc (&model->n_drops);
+      ok = kd_dispatcher_drop_key (dispatcher, kd_model_keys[key]);
+    }
+  else
+    {
+      ok = kd_dispatcher_resume_key (dispatcher, kd_model_keys[key]);
+    }
+
+  /* Cancelling the dispatcher drops every parked key. */
+  CHECK (model, ok || g_atomic_int_get (&model->cancel_started) != 0 ||
+                g_atomic_int_get (&model->last_unref_started),
+         "key %u: parked, but %s returned FALSE", key, drop ? "drop_key" : "resume_key");
+  return TRUE;
+}
+
+void
+kd_model_cancel (KdModel      *model,
+                 KdDispatcher *dispatcher)
+{
+  gint started = kd_model_tick (model);
+  gint returned;
+
+  kd_model_tick_min (&model->close_started, started);
+  kd_model_tick_min (&model->cancel_started, started);
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
+  returned = kd_model_tick (model);
+  kd_model_tick_min (&model->closed_by, returned);
+  kd_model_tick_min (&model->cancelled_by, returned);
+}
+
+/* Resolves keys left parked for a while (half resumed, half dropped), and
+ * with a huge retry delay cancels the dispatcher once a retry waited a few
+ * milliseconds; with an iterated context, iterates it too, as the done
+ * callbacks that see the parks run there. */
+static gpointer
+janitor_main (gpointer data)
+{
+  KdModel *model = data;
+  const KdModelProgram *program = model->program;
+  gboolean cancelled = FALSE;
+  gint seen_park[KD_MODEL_MAX_KEYS] = { 0 };
+  guint seen_round[KD_MODEL_MAX_KEYS] = { 0 };
+  guint round = 0;
+  guint key;
+
+  while (!g_atomic_int_get (&model->janitor_stop))
+    {
+      round++;
+      /* A park seen in rounds 5 apart (a millisecond or more) */
+      for (key = 0; key < model->n_keys; key++)
+        {
+          gint parks = g_atomic_int_get (&model->key_parks[key]);
+
+          if (!g_atomic_int_get (&model->key_parked[key]))
+            continue;
+          if (parks != seen_park[key])
+            {
+              seen_park[key] = parks;
+              seen_round[key] = round;
+            }
+          else if (round - seen_round[key] >= 5)
+            kd_model_resolve_key (model, model->dispatcher, key, (round + key) % 2 == 0);
+        }
+
+      if (program->retry_huge && !cancelled)
+        {
+          gint64 first;
+
+          kd_mutex_lock (&model->lock);
+          first = model->retries > 0 ? model->first_retry_us : 0;
+          kd_mutex_unlock (&model->lock);
+          if (first != 0 && g_get_monotonic_time () - first > 3000)
+            {
+              kd_model_cancel (model, model->dispatcher);
+              cancelled = TRUE;
+            }
+        }
+
+      if (program->context_mode == KD_MODEL_CONTEXT_ITERATE)
+        {
+          kd_mutex_lock (&model->iterate_lock);
+          g_main_context_iteration (model->context, FALSE);
+          kd_mutex_unlock (&model->iterate_lock);
+        }
+      g_usleep (200);
+    }
+
+  return NULL;
+}
+
+static void
+janitor_stop (KdModel *model)
+{
+  if (model->janitor == NULL)
+    return;
+  g_atomic_int_set (&model->janitor_stop, 1);
+  g_thread_join (g_steal_pointer (&model->janitor));
 }
 
 static gpointer
@@ -427,10 +813,16 @@ kd_model_drop_ref (ModelThread *thread,
 
   CHECK (model, kd_test_counter_wait (&model->unrefs_done, holders - 1),
          "the other holders' unrefs did not return");
+  /* A huge retry delay ends only with a cancel: the janitor's, while the
+   * last holder waits. */
+  if (model->program->retry_huge)
+    wait_first = TRUE;
   if (wait_first)
     kd_dispatcher_wait (dispatcher);
+  janitor_stop (model);
   kd_model_check_last_stats (model, dispatcher, wait_first);
 
+  g_atomic_int_set (&model->last_unref_started, 1);
   g_object_unref (dispatcher);
   kd_model_check_after_last_unref (model);
 }
@@ -461,6 +853,13 @@ setup_items (KdModel *model)
           item->id = id;
           item->key = op->key;
           item->fail = (hash & 7) < op->fail_rate;
+          /* With retries, most failing items succeed on a later attempt. */
+          if (!item->fail)
+            item->fail_attempts = 0;
+          else if (program->max_attempts == 1 || (hash >> 20) % 4 == 0)
+            item->fail_attempts = G_MAXUINT;
+          else
+            item->fail_attempts = 1 + (hash >> 22) % program->max_attempts;
           switch (op->duration % 4)
             {
             case 1:
@@ -632,6 +1031,44 @@ kd_model_run (const KdModelProgram *program,
       model->context = g_main_context_new ();
       kd_dispatcher_set_main_context (dispatcher, model->context);
     }
+  if (program->max_attempts > 1)
+    kd_dispatcher_set_retry (dispatcher, program->max_attempts, program->retry_delay_us,
+                             program->retry_max_delay_us);
+  if (program->dead_letter)
+    kd_dispatcher_set_dead_letter_func (dispatcher, model_dead_letter, model,
+                                        model_dead_letter_data_free);
+  if (program->park)
+    kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+  if (program->key_capacity > 0)
+    kd_dispatcher_set_key_capacity (dispatcher, program->key_capacity);
+  if (program->key_idle_us > 0)
+    kd_dispatcher_set_key_idle_time (dispatcher, program->key_idle_us);
+  if (program->worker_funcs)
+    {
+      GError *error = NULL;
+
+      kd_dispatcher_set_worker_funcs (dispatcher, model_worker_init, model_worker_finalize,
+                                      model, model_worker_data_free);
+      if (program->start && program->pre_cancelled)
+        {
+          CHECK (model, !kd_dispatcher_start (dispatcher, &error) &&
+                        g_error_matches (error, KD_ERROR, KD_ERROR_CLOSED),
+                 "start of a cancelled dispatcher: %s", error != NULL ? error->message : "no error");
+          g_clear_error (&error);
+        }
+      else if (program->start)
+        {
+          CHECK (model, kd_dispatcher_start (dispatcher, &error), "start failed: %s",
+                 error != NULL ? error->message : "no error");
+          g_clear_error (&error);
+          for (i = 0; i < program->n_workers; i++)
+            CHECK (model, g_atomic_int_get (&model->worker_inits[i]) == 1,
+                   "worker %u: no init when start returned", i);
+        }
+    }
+  model->dispatcher = dispatcher;
+  if (program->park || program->retry_huge)
+    model->janitor = g_thread_new ("model-janitor", janitor_main, model);
 
   for (i = 0; i <= program->n_threads; i++)
     {
@@ -684,11 +1121,14 @@ kd_model_run (const KdModelProgram *program,
       g_thread_join (model->loop_thread);
     }
 
+  janitor_stop (model);
   CHECK (model, model->last_unref_checked, "nobody made the last unref");
   kd_model_check_items (model);
 
   kd_model_count_items (model, result);
   result->key_states = (guint64) model->states_made;
+  result->parks = (guint64) model->n_parks;
+  result->drops = (guint64) model->n_drops;
   result->n_violations = (guint) model->n_violations;
   if (model->n_violations > 0)
     {
@@ -707,6 +1147,8 @@ kd_model_run (const KdModelProgram *program,
   else
     g_string_free (g_steal_pointer (&model->known), TRUE);
 
+  for (i = 0; i < KD_MODEL_MAX_KEYS; i++)
+    g_clear_pointer (&model->drop_ticks[i], g_array_unref);
   g_clear_object (&model->cancellable);
   if (model->context != NULL)
     g_main_context_unref (model->context);

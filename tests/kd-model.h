@@ -13,8 +13,10 @@
  *
  * The byte format, in order:
  *
- *   header    7 bytes: workers, fanout, capacity, threads, keys, flags,
- *             rare flags (see kd_model_program_decode())
+ *   header    10 bytes: workers, fanout, capacity, threads, keys, flags,
+ *             rare flags, features (retry, dead letters, park, key
+ *             capacity, idle time, worker funcs), retry parameters, key
+ *             parameters (see kd_model_program_decode())
  *   ops       each: a selector byte (weighted over the op table), a thread
  *             byte, then the operands the op's decode function reads
  *
@@ -46,11 +48,13 @@ typedef struct
 {
   guint8 kind;        /* index in the op table */
   guint8 thread;
-  guint8 key;         /* submits: a key index; n_keys means unkeyed */
+  guint8 key;         /* submits: a key index; n_keys means unkeyed;
+                       * resume: the key */
   guint8 count;       /* submits: items in the burst */
   guint8 fail_rate;   /* submits: in eighths, how many of the items fail */
   guint8 duration;    /* submits: how long their handlers take */
-  guint8 arg;         /* submit_timeout: the timeout class */
+  guint8 arg;         /* submit_timeout: the timeout class; resume: drop
+                       * instead */
   guint  first_item;  /* submits: index of the burst's first item */
 } KdModelOp;
 
@@ -70,6 +74,18 @@ typedef struct
   gboolean           shared_cancel;     /* ... with another, slow ::cancelled handler first */
   gboolean           no_done;           /* no done callback, only item_free */
 
+  /* Failure handling and per-key limits (the features byte) */
+  guint              max_attempts;      /* kd_dispatcher_set_retry(); 1: no retry */
+  gint64             retry_delay_us;    /* initial delay */
+  gint64             retry_max_delay_us;
+  gboolean           retry_huge;        /* a delay only a cancel ends */
+  gboolean           dead_letter;       /* kd_dispatcher_set_dead_letter_func() */
+  gboolean           park;              /* KD_FAILURE_PARK */
+  guint              key_capacity;      /* 0: unbounded */
+  gint64             key_idle_us;       /* 0: none */
+  gboolean           worker_funcs;      /* kd_dispatcher_set_worker_funcs() */
+  gboolean           start;             /* ... and kd_dispatcher_start() */
+
   guint              n_ops;
   guint              n_items;           /* items over every submit op */
   KdModelOp          ops[KD_MODEL_MAX_OPS];
@@ -84,6 +100,10 @@ typedef struct
   guint64 failed;
   guint64 cancelled;
   guint64 key_states;    /* states made */
+  guint64 retried;       /* handler runs after the first */
+  guint64 dead_letters;
+  guint64 parks;         /* keys the model saw park */
+  guint64 drops;         /* parked keys dropped by the model */
   guint   n_violations;
   char   *report;        /* the first violations, one a line; NULL if none */
   guint   n_known;       /* hits of known library bugs (not violations) */

@@ -104,14 +104,16 @@ static void
 test_seeds (void)
 {
   guint64 first = env_number ("KD_MODEL_FIRST_SEED", 1);
-  guint64 n = env_number ("KD_MODEL_SEEDS", kd_test_size (400, 4000));
+  guint64 n = env_number ("KD_MODEL_SEEDS", kd_test_size (300, 4000));
   KdModelResult totals = { 0 };
   gint64 start = g_get_monotonic_time ();
   guint64 seed;
 
   g_test_summary ("Random programs of submits, try_submits, timed submits, waits, "
-                  "closes, cancels, stats and unrefs from several threads keep every "
-                  "guarantee the model checks (see kd-model.c)");
+                  "closes, cancels, stats, unrefs, resumes and drops of parked keys from "
+                  "several threads, with retries, dead letters, PARK, a key capacity, an "
+                  "idle time and worker funcs, keep every guarantee the model checks "
+                  "(see kd-model.c)");
 
   for (seed = first; seed < first + n; seed++)
     {
@@ -184,7 +186,10 @@ add_op (GByteArray   *program,
 }
 
 #define HEADER(program, ...) \
-  g_byte_array_append ((program), (const guint8[]) { __VA_ARGS__ }, 7)
+  g_byte_array_append ((program), (const guint8[]) { __VA_ARGS__, 0, 0, 0 }, 10)
+/* ... with the features, retry and key parameter bytes */
+#define HEADER10(program, ...) \
+  g_byte_array_append ((program), (const guint8[]) { __VA_ARGS__ }, 10)
 #define OP(program, name, thread, ...) \
   add_op ((program), (name), (thread), (const guint8[]) { __VA_ARGS__ }, \
           sizeof ((const guint8[]) { __VA_ARGS__ }))
