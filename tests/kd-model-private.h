@@ -61,6 +61,7 @@ typedef struct
   gint       return_tick;       /* the last attempt returned */
   gint       dead_letters;
   gint       ended_failed;      /* seen by its dead letter or done callback */
+  gint       failed_cancelled;  /* an attempt failed with the cancel seen */
   gint       done_calls;
   gint       done_tick;
   gint       done_returned;

@@ -374,7 +374,13 @@ model_handler (KdJob    *job,
     CHECK (model, g_cancellable_is_cancelled (cancellable),
            "item %u: the running handler does not see the cancel", item->id);
 
+  CHECK (model, !g_atomic_int_get (&item->failed_cancelled),
+         "item %u: retried (attempt %u) after it failed with the dispatcher cancelled",
+         item->id, attempt);
   fails = attempt <= item->fail_attempts;
+  /* Once cancelled no job is retried: this one ends failed */
+  if (fails && g_cancellable_is_cancelled (cancellable))
+    g_atomic_int_set (&item->failed_cancelled, 1);
   if (!fails || attempt >= max_attempts)
     item_uncount (model, item);
   else
@@ -494,6 +500,10 @@ model_done (KdJob        *job,
       CHECK (model, g_atomic_int_get (&model->cancel_started) != 0,
              "item %u failed attempt %d of %u, was not retried, and nobody cancelled",
              item->id, runs, model->program->max_attempts);
+      CHECK (model, !g_atomic_int_get (&item->failed_cancelled) ||
+                    !g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED),
+             "item %u failed attempt %d with the dispatcher cancelled, was not retried, but "
+             "ends CANCELLED, not failed", item->id, runs);
       if (!g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
         {
           CHECK (model, g_error_matches (error, model_error_quark (), (gint) item->id),

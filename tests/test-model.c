@@ -314,6 +314,61 @@ program_main_waits_last (void)
   return p;
 }
 
+/* Bits of the eighth (features) byte; the ninth sets the retry (attempts
+ * 2 + b % 3, delay class b >> 2; b & 0xe0 == 0xe0 with RETRY_HUGE: a delay
+ * only a cancel ends), the tenth the key capacity (1 + b % 4) and idle
+ * time class (b >> 2). */
+#define RETRY            0x02
+#define RETRY_HUGE       0x03
+#define DEAD_LETTER      0x04
+#define PARK             0x08
+#define KEY_CAPACITY     0x10
+#define IDLE_TIME        0x20
+#define WORKER_FUNCS     0x40
+#define START            0x80
+/* fail rate indexes of the submits (fail_rates[] of kd-model-ops.c) */
+#define FAIL_ALL         7
+#define FAIL_HALF        6
+
+/* PARK with retries: key 0's items fail every attempt and park it, from
+ * two threads that resume, drop and list the key while key 1 runs on; a
+ * key capacity of 2 blocks the submits behind the parked key until the
+ * done callbacks or the janitor resolve it. */
+static GByteArray *
+program_park_resume_drop (void)
+{
+  GByteArray *p = g_byte_array_new ();
+
+  HEADER10 (p, 1, 0, 7, 1, 1, KEY_STATES | LAST_WAITS, 0,
+            RETRY | DEAD_LETTER | PARK | KEY_CAPACITY | WORKER_FUNCS | START, 0x04, 0x01);
+  OP (p, "submit", 0, 0, 0, FAIL_ALL, 3);
+  OP (p, "submit", 1, 1, 2, FAIL_HALF, 7);
+  OP (p, "resume", 1, 0, 0);
+  OP0 (p, "parked", 1);
+  OP (p, "submit", 0, 0, 1, FAIL_HALF, 5);
+  OP (p, "resume", 1, 0, 1);
+  OP0 (p, "wait", 0);
+  OP (p, "resume", 0, 0, 0);
+  OP0 (p, "stats", 1);
+  return p;
+}
+
+/* A retry delay of 30 s: the wait ends when the janitor cancels; the
+ * waiting retries end CANCELLED, the submit after it is refused. */
+static GByteArray *
+program_retry_huge_cancel (void)
+{
+  GByteArray *p = g_byte_array_new ();
+
+  HEADER10 (p, 2, 1, 7, 1, 1, KEY_STATES, 0, RETRY_HUGE | DEAD_LETTER | IDLE_TIME, 0xe1, 0x04);
+  OP (p, "submit", 0, 0, 0, FAIL_ALL, 2);
+  OP (p, "submit", 1, 2, 0, FAIL_HALF, 7);
+  OP0 (p, "wait", 0);
+  OP (p, "submit", 0, 1, 0, 0, 0);
+  OP0 (p, "stats", 1);
+  return p;
+}
+
 typedef struct
 {
   const char  *name;
@@ -330,6 +385,8 @@ test_programs (void)
     { "pre-cancelled", program_pre_cancelled },
     { "cancel-twice-shared", program_cancel_twice_shared },
     { "main-waits-last", program_main_waits_last },
+    { "park-resume-drop", program_park_resume_drop },
+    { "retry-huge-cancel", program_retry_huge_cancel },
   };
   guint repeat = kd_test_size (20, 500);
   guint i, r;
@@ -338,7 +395,8 @@ test_programs (void)
                   "with submitters blocked on a full bound, the last unref while other "
                   "threads submit, closing while full, a cancellable cancelled before "
                   "the first submit, two cancels of a shared cancellable, the main "
-                  "thread's last unref after a wait");
+                  "thread's last unref after a wait, parked keys resumed and dropped "
+                  "from threads and done callbacks, a retry only a cancel ends");
 
   for (i = 0; i < G_N_ELEMENTS (programs); i++)
     {
