@@ -76,6 +76,10 @@ run_program (const guint8 *bytes,
       totals->failed += result.failed;
       totals->cancelled += result.cancelled;
       totals->key_states += result.key_states;
+      totals->retried += result.retried;
+      totals->dead_letters += result.dead_letters;
+      totals->parks += result.parks;
+      totals->drops += result.drops;
       totals->n_known += result.n_known;
     }
   kd_model_result_clear (&result);
@@ -125,10 +129,13 @@ test_seeds (void)
   g_test_message ("%" G_GUINT64_FORMAT " seeds in %.1f s: %" G_GUINT64_FORMAT " accepted, %"
                   G_GUINT64_FORMAT " refused (%" G_GUINT64_FORMAT " closed), %"
                   G_GUINT64_FORMAT " completed, %" G_GUINT64_FORMAT " failed, %"
-                  G_GUINT64_FORMAT " cancelled, %" G_GUINT64_FORMAT " key states, %u hits "
+                  G_GUINT64_FORMAT " cancelled, %" G_GUINT64_FORMAT " key states, %"
+                  G_GUINT64_FORMAT " retries, %" G_GUINT64_FORMAT " dead letters, %"
+                  G_GUINT64_FORMAT " parks (%" G_GUINT64_FORMAT " dropped), %u hits "
                   "of known library bugs", n, (g_get_monotonic_time () - start) / 1e6,
                   totals.accepted, totals.refused, totals.refused_closed, totals.completed,
-                  totals.failed, totals.cancelled, totals.key_states, totals.n_known);
+                  totals.failed, totals.cancelled, totals.key_states, totals.retried,
+                  totals.dead_letters, totals.parks, totals.drops, totals.n_known);
 
   /* The seeds are meant to reach every ending and refusal; a set that no
    * longer does (the op table changed) should be looked at. */
@@ -139,6 +146,10 @@ test_seeds (void)
       g_assert_cmpuint (totals.cancelled, >, 0);
       g_assert_cmpuint (totals.refused, >, 0);
       g_assert_cmpuint (totals.key_states, >, 0);
+      g_assert_cmpuint (totals.retried, >, 0);
+      g_assert_cmpuint (totals.dead_letters, >, 0);
+      g_assert_cmpuint (totals.parks, >, 0);
+      g_assert_cmpuint (totals.drops, >, 0);
     }
 }
 
