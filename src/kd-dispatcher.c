@@ -707,8 +707,9 @@ park_begin (KdDispatcher *self,
 
 /* By the same runner once the failed job ended: the key stays parked, or
  * (if it was resumed or dropped meanwhile, or keys no longer park) the
- * runner unparks it itself: the key's next job never starts before the
- * failed one's done callback returned. */
+ * runner unparks it itself: without a main context, the key's next job
+ * never starts before the failed one's done callback returned (with one,
+ * the job "ended" once its callback was queued for the context). */
 static void
 park_end (KdDispatcher *self,
           KdMailbox    *mailbox,
