@@ -819,9 +819,12 @@ expire_key_state (gpointer owner,
   IdleExpiry *expiry = data;
   gpointer state;
 
-  if (kd_key_table_expire (self->keys, expiry->mailbox, expiry->idle_generation, &state) &&
-      self->key_state_free != NULL)
-    self->key_state_free (state);
+  if (kd_key_table_expire_begin (self->keys, expiry->mailbox, expiry->idle_generation, &state))
+    {
+      if (self->key_state_free != NULL)
+        self->key_state_free (state);
+      kd_key_table_expire_end (self->keys, expiry->mailbox);
+    }
 
   kd_mailbox_unref (expiry->mailbox);
   g_free (expiry);

@@ -54,10 +54,12 @@ guint       kd_key_table_next  (KdKeyTable  *self,
                                 gboolean     keep_state,
                                 gboolean    *reaped,
                                 guint       *idle_generation);
-gboolean    kd_key_table_expire (KdKeyTable *self,
-                                 KdMailbox  *mailbox,
-                                 guint       idle_generation,
-                                 gpointer   *state);
+gboolean    kd_key_table_expire_begin (KdKeyTable *self,
+                                       KdMailbox  *mailbox,
+                                       guint       idle_generation,
+                                       gpointer   *state);
+void        kd_key_table_expire_end   (KdKeyTable *self,
+                                       KdMailbox  *mailbox);
 void        kd_key_table_put_back (KdKeyTable  *self,
                                    KdMailbox   *mailbox,
                                    KdJob      **jobs,

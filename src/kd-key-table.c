@@ -39,8 +39,11 @@
  * With an idle time, a mailbox reaped with a key state keeps it: it goes
  * to the shard's idle list instead of the dormant one, is never evicted,
  * and the next job of its key finds the state. Each such reaping starts a
- * numbered idle period; kd_key_table_expire() (the dispatcher's timer)
- * ends it, taking the state out, unless the mailbox was revived since.
+ * numbered idle period; kd_key_table_expire_begin() and _end() (the
+ * dispatcher's timer, around freeing the state) end it, unless the mailbox
+ * was revived since. A mailbox revived while its state is being freed
+ * makes its runner wait for the free to end, so a key never has two
+ * states at once.
  *
  * Reaping a mailbox ends its life as the key's actor at once: it holds no
  * job, is no longer counted, and the next job of its key makes it active
@@ -82,6 +85,7 @@ typedef struct
   gint        n_bound_waiters;
   GCond       bound_cond;
   GCond       blocked_cond;   /* a push went to sleep (for tests) */
+  GCond       expiry_cond;    /* an idle key state was freed */
 } __attribute__ ((aligned (64))) Shard;
 
 struct _KdKeyTable
@@ -107,6 +111,7 @@ kd_key_table_new (void)
       g_mutex_init (&self->shards[i].lock);
       g_cond_init (&self->shards[i].bound_cond);
       g_cond_init (&self->shards[i].blocked_cond);
+      g_cond_init (&self->shards[i].expiry_cond);
       self->shards[i].table = g_hash_table_new (kd_key_hash_func, kd_key_equal_func);
     }
 
@@ -186,6 +191,7 @@ kd_key_table_free (KdKeyTable *self)
       g_hash_table_unref (shard->table);
       g_cond_clear (&shard->bound_cond);
       g_cond_clear (&shard->blocked_cond);
+      g_cond_clear (&shard->expiry_cond);
       g_mutex_clear (&shard->lock);
     }
   g_aligned_free (self);
@@ -421,7 +427,8 @@ kd_key_table_wake_bounded (KdKeyTable *self)
     }
 }
 
-/* By the mailbox's runner: its first batch, never empty. */
+/* By the mailbox's runner: its first batch, never empty. If the key's idle
+ * state is being freed (revived while expiring), waits until it is gone. */
 guint
 kd_key_table_pop (KdKeyTable  *self,
                   KdMailbox   *mailbox,
@@ -432,6 +439,8 @@ kd_key_table_pop (KdKeyTable  *self,
   guint n;
 
   kd_mutex_lock (&shard->lock);
+  while (G_UNLIKELY (mailbox->expiring))
+    kd_cond_wait (&shard->expiry_cond, &shard->lock);
   n = kd_mailbox_pop_locked (mailbox, jobs, max_jobs);
   kd_mutex_unlock (&shard->lock);
 
@@ -582,41 +591,64 @@ kd_key_table_unpark (KdKeyTable *self,
 }
 
 /*
- * kd_key_table_expire:
- * @state: (out): the key state taken out
+ * kd_key_table_expire_begin:
+ * @state: (out): the key state to free
  *
- * Ends the idle period @idle_generation of @mailbox, if it still lasts (the
- * mailbox was not revived meanwhile): takes its key state out and makes it
- * an ordinary dormant mailbox. TRUE if a state was taken.
+ * Begins to end the idle spell @idle_generation of @mailbox, if it still
+ * lasts (the mailbox was not revived meanwhile): hands out its key state,
+ * for the caller to free, and marks the mailbox expiring until
+ * kd_key_table_expire_end(). A producer may revive it meanwhile, but its
+ * runner waits in kd_key_table_pop() until the state is gone: a key never
+ * has two states at once. TRUE if a state was handed out.
  */
 gboolean
-kd_key_table_expire (KdKeyTable *self,
-                     KdMailbox  *mailbox,
-                     guint       idle_generation,
-                     gpointer   *state)
+kd_key_table_expire_begin (KdKeyTable *self,
+                           KdMailbox  *mailbox,
+                           guint       idle_generation,
+                           gpointer   *state)
+{
+  Shard *shard = shard_of (self, mailbox->key.hash);
+  gboolean expiring;
+
+  kd_mutex_lock (&shard->lock);
+  expiring = mailbox->idle && mailbox->idle_generation == idle_generation;
+  if (expiring)
+    {
+      *state = mailbox->state;
+      mailbox->expiring = TRUE;
+    }
+  kd_mutex_unlock (&shard->lock);
+
+  return expiring;
+}
+
+/* Once the state kd_key_table_expire_begin() handed out was freed: the
+ * mailbox has no state; if it is still idle, it becomes an ordinary
+ * dormant one, and if it was revived meanwhile, its runner may go on. */
+void
+kd_key_table_expire_end (KdKeyTable *self,
+                         KdMailbox  *mailbox)
 {
   Shard *shard = shard_of (self, mailbox->key.hash);
   KdMailbox *to_free = NULL;
-  gboolean expired;
 
   kd_mutex_lock (&shard->lock);
-  expired = mailbox->idle && mailbox->idle_generation == idle_generation;
-  if (expired)
+  mailbox->state = NULL;
+  mailbox->has_state = FALSE;
+  mailbox->expiring = FALSE;
+  if (mailbox->idle)
     {
-      *state = g_steal_pointer (&mailbox->state);
-      mailbox->has_state = FALSE;
       kd_lru_remove (&shard->idle, &mailbox->dormant_link);
       mailbox->idle = FALSE;
       link_dormant_locked (shard, mailbox);
       if (shard->dormant.length > DORMANT_MAX)
         to_free = evict_oldest_locked (shard);
     }
+  g_cond_broadcast (&shard->expiry_cond);
   kd_mutex_unlock (&shard->lock);
 
   if (to_free != NULL)
     kd_mailbox_free (to_free);
-
-  return expired;
 }
 
 /* By the mailbox's runner: whether the mailbox has no job left right now
