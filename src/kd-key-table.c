@@ -374,6 +374,20 @@ kd_key_table_push_bounded (KdKeyTable        *self,
   return TRUE;
 }
 
+/* After a change a push waiting for room must see (a job ended, the
+ * dispatcher closed), stored sequentially consistent: wakes the shard's
+ * waiters, if any (see wait_for_room_locked()). */
+static void
+wake_bound_waiters (Shard *shard)
+{
+  if (__atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) > 0)
+    {
+      kd_mutex_lock (&shard->lock);
+      g_cond_broadcast (&shard->bound_cond);
+      kd_mutex_unlock (&shard->lock);
+    }
+}
+
 /* With a per-key bound, by the runner of @mailbox, once one of its jobs
  * ended and before the mailbox can be reaped: the key has room for one
  * more, and pushes waiting for room in the shard look again. */
@@ -384,12 +398,7 @@ kd_key_table_job_ended (KdKeyTable *self,
   Shard *shard = shard_of (self, mailbox->key.hash);
 
   __atomic_sub_fetch (&mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
-  if (__atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) > 0)
-    {
-      kd_mutex_lock (&shard->lock);
-      g_cond_broadcast (&shard->bound_cond);
-      kd_mutex_unlock (&shard->lock);
-    }
+  wake_bound_waiters (shard);
 }
 
 /* Sleeps until at least @n pushes wait for room in keys of @key's shard,
@@ -415,16 +424,7 @@ kd_key_table_wake_bounded (KdKeyTable *self)
   guint i;
 
   for (i = 0; i < N_SHARDS; i++)
-    {
-      Shard *shard = &self->shards[i];
-
-      if (__atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) > 0)
-        {
-          kd_mutex_lock (&shard->lock);
-          g_cond_broadcast (&shard->bound_cond);
-          kd_mutex_unlock (&shard->lock);
-        }
-    }
+    wake_bound_waiters (&self->shards[i]);
 }
 
 /* By the mailbox's runner: its first batch, never empty. If the key's idle
