@@ -1266,6 +1266,10 @@ shutdown_sync (KdDispatcher *self)
 {
   KdScheduler *scheduler;
 
+  /* No counter notify runs from now on (one in progress ends first). */
+  if (g_atomic_pointer_get (&self->notifier) != NULL)
+    kd_notifier_detach (self->notifier);
+
   kd_dispatcher_close (self);
   /* Nobody can resume a parked key any more. */
   drop_parked (self);
@@ -1310,7 +1314,9 @@ kd_dispatcher_dispose (GObject *object)
     {
     case SHUTDOWN_NONE:
       if (runs_on_own_thread (self) ||
-          (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery)))
+          (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery)) ||
+          (g_atomic_pointer_get (&self->notifier) != NULL &&
+           kd_notifier_notifying_here (self->notifier)))
         {
           /* The last reference went away on one of our own threads (a
            * worker, or the timer's, freeing an idle key state), which

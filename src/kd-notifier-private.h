@@ -19,6 +19,8 @@ KdNotifier *kd_notifier_new     (GObject      *object,
                                  gint64        interval_us,
                                  KdNotifyFunc  func);
 void        kd_notifier_arm     (KdNotifier   *self);
+void        kd_notifier_detach  (KdNotifier   *self);
+gboolean    kd_notifier_notifying_here (KdNotifier *self);
 void        kd_notifier_destroy (KdNotifier   *self);
 
 G_END_DECLS

@@ -20,9 +20,11 @@
  * notifications stop only after a look that found nothing new, one
  * @interval_us after the last change.
  *
- * The source holds the object weakly: it must not keep the object alive,
- * and it may fire in the context's thread while the object's last
- * reference goes away in another thread; it then finds nothing to notify.
+ * The source holds no reference to the object: one held while notifying
+ * would make another thread's unref, meant as the last one, return at
+ * once and leave the object to die in the context's thread. Instead the
+ * object's dispose detaches the notifier (kd_notifier_detach()), waiting
+ * for a notify in progress; a later dispatch finds nothing to notify.
  */
 
 #include "config.h"
@@ -34,11 +36,17 @@ struct _KdNotifier
   GSource       source;
 
   /* Immutable */
-  GWeakRef      object;
   KdNotifyFunc  func;
   gint64        interval_us;
 
   gint          armed;    /* atomic */
+
+  /* Under @lock: the object, until kd_notifier_detach(), and whether a
+   * notify is running */
+  GMutex        lock;
+  GCond         idle;
+  GObject      *object;
+  GThread      *busy;     /* the thread notifying, or NULL */
 };
 
 static gboolean
@@ -55,11 +63,19 @@ kd_notifier_dispatch (GSource     *source,
   g_source_set_ready_time (source, -1);
   __atomic_store_n (&self->armed, FALSE, __ATOMIC_SEQ_CST);
 
-  object = g_weak_ref_get (&self->object);
+  g_mutex_lock (&self->lock);
+  object = self->object;
+  self->busy = object != NULL ? g_thread_self () : NULL;
+  g_mutex_unlock (&self->lock);
+
+  /* The object lives on meanwhile: its dispose waits for this notify. */
   if (object != NULL)
     {
       self->func (object);
-      g_object_unref (object);
+      g_mutex_lock (&self->lock);
+      self->busy = NULL;
+      g_cond_broadcast (&self->idle);
+      g_mutex_unlock (&self->lock);
     }
 
   return G_SOURCE_CONTINUE;
@@ -70,7 +86,8 @@ kd_notifier_finalize (GSource *source)
 {
   KdNotifier *self = (KdNotifier *) source;
 
-  g_weak_ref_clear (&self->object);
+  g_cond_clear (&self->idle);
+  g_mutex_clear (&self->lock);
 }
 
 static GSourceFuncs kd_notifier_funcs = {
@@ -86,7 +103,9 @@ kd_notifier_new (GObject      *object,
 {
   KdNotifier *self = (KdNotifier *) g_source_new (&kd_notifier_funcs, sizeof (KdNotifier));
 
-  g_weak_ref_init (&self->object, object);
+  g_mutex_init (&self->lock);
+  g_cond_init (&self->idle);
+  self->object = object;
   self->func = func;
   self->interval_us = interval_us;
   g_source_set_static_name (&self->source, "kdispatch property notifications");
@@ -111,6 +130,32 @@ kd_notifier_arm (KdNotifier *self)
 }
 
 /* Once nothing arms it any more. */
+/* From the object's dispose, on any thread but the notify's own: no notify
+ * runs once this returns, and none starts later. */
+void
+kd_notifier_detach (KdNotifier *self)
+{
+  g_mutex_lock (&self->lock);
+  self->object = NULL;
+  while (self->busy != NULL)
+    g_cond_wait (&self->idle, &self->lock);
+  g_mutex_unlock (&self->lock);
+}
+
+/* Whether the calling thread is inside a notify (an unref there cannot
+ * wait for the notify to end). */
+gboolean
+kd_notifier_notifying_here (KdNotifier *self)
+{
+  gboolean here;
+
+  g_mutex_lock (&self->lock);
+  here = self->busy == g_thread_self ();
+  g_mutex_unlock (&self->lock);
+
+  return here;
+}
+
 void
 kd_notifier_destroy (KdNotifier *self)
 {
