@@ -30,6 +30,7 @@
 #include "config.h"
 
 #include "kd-notifier-private.h"
+#include "kd-sync-private.h"
 
 struct _KdNotifier
 {
@@ -63,19 +64,19 @@ kd_notifier_dispatch (GSource     *source,
   g_source_set_ready_time (source, -1);
   __atomic_store_n (&self->armed, FALSE, __ATOMIC_SEQ_CST);
 
-  g_mutex_lock (&self->lock);
+  kd_mutex_lock (&self->lock);
   object = self->object;
   self->busy = object != NULL ? g_thread_self () : NULL;
-  g_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&self->lock);
 
   /* The object lives on meanwhile: its dispose waits for this notify. */
   if (object != NULL)
     {
       self->func (object);
-      g_mutex_lock (&self->lock);
+      kd_mutex_lock (&self->lock);
       self->busy = NULL;
       g_cond_broadcast (&self->idle);
-      g_mutex_unlock (&self->lock);
+      kd_mutex_unlock (&self->lock);
     }
 
   return G_SOURCE_CONTINUE;
@@ -129,17 +130,16 @@ kd_notifier_arm (KdNotifier *self)
     g_source_set_ready_time (&self->source, g_get_monotonic_time () + self->interval_us);
 }
 
-/* Once nothing arms it any more. */
 /* From the object's dispose, on any thread but the notify's own: no notify
  * runs once this returns, and none starts later. */
 void
 kd_notifier_detach (KdNotifier *self)
 {
-  g_mutex_lock (&self->lock);
+  kd_mutex_lock (&self->lock);
   self->object = NULL;
   while (self->busy != NULL)
-    g_cond_wait (&self->idle, &self->lock);
-  g_mutex_unlock (&self->lock);
+    kd_cond_wait (&self->idle, &self->lock);
+  kd_mutex_unlock (&self->lock);
 }
 
 /* Whether the calling thread is inside a notify (an unref there cannot
@@ -149,13 +149,14 @@ kd_notifier_notifying_here (KdNotifier *self)
 {
   gboolean here;
 
-  g_mutex_lock (&self->lock);
+  kd_mutex_lock (&self->lock);
   here = self->busy == g_thread_self ();
-  g_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&self->lock);
 
   return here;
 }
 
+/* Once nothing arms it any more. */
 void
 kd_notifier_destroy (KdNotifier *self)
 {
