@@ -5,7 +5,7 @@
  * DESIGN
  *
  * The key table maps each key that has work to its mailbox. It is split into
- * N_SHARDS shards, each a GHashTable with its own lock, chosen by the high
+ * N_SHARDS shards, each a KdKeyMap with its own lock, chosen by the high
  * bits of the key's hash, so that a producer submitting to one key and a
  * worker reaping another rarely meet on a lock. A key is hashed once per
  * submit (kd_key_hash()); the mailbox keeps the hash, so inserting and
@@ -47,12 +47,12 @@
  *
  * Reaping a mailbox ends its life as the key's actor at once: it holds no
  * job, is no longer counted, and the next job of its key makes it active
- * again as if new. But it stays in the GHashTable, dormant, for that next
+ * again as if new. But it stays in the map, dormant, for that next
  * job: a key that comes and goes (a client sending one message at a time)
- * would otherwise cost a GHashTable insert and remove per job, and
- * GHashTable rehashes a small table to clear its tombstones every few such
- * pairs (measured: 41 % of the keyed path's instructions, and an
- * allocation per two jobs). Each shard keeps at most DORMANT_MAX dormant
+ * would otherwise cost an insert and a remove per job, and a mailbox set up
+ * afresh (with the GHashTable the table used before, which rehashes a small
+ * table to clear its tombstones every few such pairs, that was 41 % of the
+ * keyed path's instructions and an allocation per two jobs). Each shard keeps at most DORMANT_MAX dormant
  * mailboxes, evicting the oldest, so memory still follows the keys with
  * work, not the keys ever seen. An evicted mailbox goes to the shard's
  * spares (at most SPARES_MAX) for the next new key, or back to malloc; if a
@@ -73,7 +73,7 @@
 typedef struct
 {
   GMutex      lock;
-  GHashTable *table;     /* KdKey * (inside its mailbox) → KdMailbox *, active or dormant */
+  KdKeyMap    map;      /* KdKey (inside its mailbox) → KdMailbox *, active or dormant */
   KdLru       dormant;   /* dormant mailboxes, least recently used first */
   KdLru       idle;      /* dormant ones that keep a key state: not evicted */
   KdMailbox  *spares;    /* out of the table, linked through task.next */
@@ -112,7 +112,7 @@ kd_key_table_new (void)
       g_cond_init (&self->shards[i].bound_cond);
       g_cond_init (&self->shards[i].blocked_cond);
       g_cond_init (&self->shards[i].expiry_cond);
-      self->shards[i].table = g_hash_table_new (kd_key_hash_func, kd_key_equal_func);
+      kd_key_map_init (&self->shards[i].map);
     }
 
   return self;
@@ -143,7 +143,7 @@ evict_oldest_locked (Shard *shard)
   KdMailbox *mailbox = KD_LRU_ENTRY (shard->dormant.oldest, KdMailbox, dormant_link);
 
   unlink_dormant_locked (shard, mailbox);
-  g_hash_table_remove (shard->table, &mailbox->key);
+  kd_key_map_remove (&shard->map, &mailbox->key);
 
   /* The table's reference; a delivery may still hold one. */
   if (!kd_mailbox_drop (mailbox))
@@ -180,7 +180,6 @@ kd_key_table_free (KdKeyTable *self)
           if (mailbox != NULL)
             kd_mailbox_free (mailbox);
         }
-      g_assert (g_hash_table_size (shard->table) == 0);
       while (shard->spares != NULL)
         {
           KdMailbox *spare = shard->spares;
@@ -188,7 +187,7 @@ kd_key_table_free (KdKeyTable *self)
           shard->spares = (KdMailbox *) spare->task.next;
           kd_mailbox_free (spare);
         }
-      g_hash_table_unref (shard->table);
+      kd_key_map_clear (&shard->map);
       g_cond_clear (&shard->bound_cond);
       g_cond_clear (&shard->blocked_cond);
       g_cond_clear (&shard->expiry_cond);
@@ -212,7 +211,7 @@ push_locked (Shard       *shard,
              const KdKey *key,
              KdJob       *job)
 {
-  KdMailbox *mailbox = g_hash_table_lookup (shard->table, key);
+  KdMailbox *mailbox = kd_key_map_lookup (&shard->map, key);
   gboolean activated = FALSE;
 
   if (mailbox == NULL)
@@ -228,7 +227,7 @@ push_locked (Shard       *shard,
           mailbox = kd_mailbox_new ();
         }
       kd_mailbox_set_key (mailbox, key);
-      g_hash_table_insert (shard->table, &mailbox->key, mailbox);
+      kd_key_map_insert (&shard->map, &mailbox->key, mailbox);
       activated = TRUE;
     }
   else if (mailbox->dormant)
@@ -299,7 +298,7 @@ wait_for_room_locked (Shard            *shard,
         }
 
       /* A key without a mailbox, or a dormant one, has no job. */
-      mailbox = g_hash_table_lookup (shard->table, key);
+      mailbox = kd_key_map_lookup (&shard->map, key);
       room = mailbox == NULL || mailbox->dormant ||
              __atomic_load_n (&mailbox->n_jobs, __ATOMIC_SEQ_CST) < bound->capacity;
       if (room)

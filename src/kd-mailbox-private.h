@@ -8,6 +8,7 @@
 #include <glib.h>
 
 #include "kd-job-private.h"
+#include "kd-key-map-private.h"
 #include "kd-lru-private.h"
 #include "kd-task-private.h"
 
@@ -15,15 +16,6 @@ G_BEGIN_DECLS
 
 /* Keys up to this many bytes (with the NUL) live inside the mailbox. */
 #define KD_MAILBOX_INLINE_KEY 40
-
-/* What the key table hashes and compares: the key and its hash, computed
- * once per submit. */
-typedef struct
-{
-  guint       hash;
-  gsize       length;
-  const char *string;
-} KdKey;
 
 typedef struct _KdMailbox KdMailbox;
 
@@ -76,12 +68,6 @@ struct _KdMailbox
   gsize   heap_size;
   char    inline_key[KD_MAILBOX_INLINE_KEY];
 };
-
-guint      kd_key_hash            (const char *string,
-                                   gsize      *length);
-guint      kd_key_hash_func       (gconstpointer key);
-gboolean   kd_key_equal_func      (gconstpointer a,
-                                   gconstpointer b);
 
 KdMailbox *kd_mailbox_new         (void);
 void       kd_mailbox_set_key     (KdMailbox  *self,

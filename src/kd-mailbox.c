@@ -29,48 +29,6 @@
 
 #include "kd-mailbox-private.h"
 
-/* FNV-1a over the bytes, then MurmurHash3's finalizer so that every bit of
- * the result depends on every byte: the key table picks its shard from the
- * high bits. Also measures the key, which is copied next. */
-guint
-kd_key_hash (const char *string,
-             gsize      *length)
-{
-  const guchar *p = (const guchar *) string;
-  guint32 h = 2166136261u;
-
-  for (; *p != '\0'; p++)
-    h = (h ^ *p) * 16777619u;
-  *length = (gsize) (p - (const guchar *) string);
-
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-
-  return h;
-}
-
-/* GHashTable functions for KdKey: the hash is cached, keys are byte
- * strings (no collation, no UTF-8 validation). */
-guint
-kd_key_hash_func (gconstpointer key)
-{
-  return ((const KdKey *) key)->hash;
-}
-
-gboolean
-kd_key_equal_func (gconstpointer a,
-                   gconstpointer b)
-{
-  const KdKey *x = a;
-  const KdKey *y = b;
-
-  return x->hash == y->hash && x->length == y->length &&
-         memcmp (x->string, y->string, x->length) == 0;
-}
-
 KdMailbox *
 kd_mailbox_new (void)
 {

@@ -64,6 +64,7 @@
 #include "kd-error.h"
 #include "kd-job-private.h"
 #include "kd-lru-private.h"
+#include "kd-key-map-private.h"
 #include "kd-mailbox-private.h"
 #include "kd-reorder-private.h"
 #include "kd-sync-private.h"
@@ -107,12 +108,12 @@ struct _OrderKey
   KdLruLink dormant_link;  /* in the shard's dormant list */
 };
 
-/* The counts last, after the pointers, so that a shard fills one cache line
- * and no more. */
+/* Shards have cache lines of their own, so threads working on keys of
+ * different shards do not share one. */
 struct _Shard
 {
   GMutex      lock;
-  GHashTable *table;        /* KdKey * (inside its OrderKey) → OrderKey *, active or dormant */
+  KdKeyMap    map;          /* KdKey (inside its OrderKey) → OrderKey *, active or dormant */
   KdTicket   *spare_tickets;
   Emitted    *spare_emitted;
   KdLru       dormant;      /* dormant keys, least recently used first */
@@ -120,7 +121,7 @@ struct _Shard
   guint       n_spare_emitted;
 } __attribute__ ((aligned (64)));
 
-G_STATIC_ASSERT (sizeof (Shard) == 64);
+G_STATIC_ASSERT (sizeof (Shard) % 64 == 0);
 
 struct _KdReorder
 {
@@ -154,6 +155,33 @@ free_order_key (OrderKey *order)
   g_free (order);
 }
 
+static void
+link_dormant_locked (Shard    *shard,
+                     OrderKey *order)
+{
+  order->dormant = TRUE;
+  kd_lru_push_newest (&shard->dormant, &order->dormant_link);
+}
+
+static void
+unlink_dormant_locked (Shard    *shard,
+                       OrderKey *order)
+{
+  order->dormant = FALSE;
+  kd_lru_remove (&shard->dormant, &order->dormant_link);
+}
+
+/* Forgets the least recently used dormant key. */
+static void
+forget_oldest_locked (Shard *shard)
+{
+  OrderKey *oldest = KD_LRU_ENTRY (shard->dormant.oldest, OrderKey, dormant_link);
+
+  unlink_dormant_locked (shard, oldest);
+  kd_key_map_remove (&shard->map, &oldest->key);
+  free_order_key (oldest);
+}
+
 KdReorder *
 kd_reorder_new (guint             max_tickets,
                 KdReorderPassFunc pass,
@@ -176,8 +204,7 @@ kd_reorder_new (guint             max_tickets,
   for (i = 0; i < N_SHARDS; i++)
     {
       g_mutex_init (&self->shards[i].lock);
-      self->shards[i].table = g_hash_table_new_full (kd_key_hash_func, kd_key_equal_func, NULL,
-                                                     (GDestroyNotify) free_order_key);
+      kd_key_map_init (&self->shards[i].map);
     }
 
   return self;
@@ -195,7 +222,9 @@ kd_reorder_free (KdReorder *self)
     {
       Shard *shard = &self->shards[i];
 
-      g_assert (g_hash_table_size (shard->table) == shard->dormant.length);
+      g_assert (kd_key_map_size (&shard->map) == shard->dormant.length);
+      while (shard->dormant.length > 0)
+        forget_oldest_locked (shard);
       while (shard->spare_tickets != NULL)
         {
           KdTicket *next = shard->spare_tickets->next;
@@ -210,7 +239,7 @@ kd_reorder_free (KdReorder *self)
           g_free (shard->spare_emitted);
           shard->spare_emitted = next;
         }
-      g_hash_table_unref (shard->table);
+      kd_key_map_clear (&shard->map);
       g_mutex_clear (&shard->lock);
     }
   g_clear_pointer (&self->unkeyed, free_order_key);
@@ -297,22 +326,6 @@ give_back_ticket (KdReorder *self)
     }
 }
 
-static void
-link_dormant_locked (Shard    *shard,
-                     OrderKey *order)
-{
-  order->dormant = TRUE;
-  kd_lru_push_newest (&shard->dormant, &order->dormant_link);
-}
-
-static void
-unlink_dormant_locked (Shard    *shard,
-                       OrderKey *order)
-{
-  order->dormant = FALSE;
-  kd_lru_remove (&shard->dormant, &order->dormant_link);
-}
-
 /* With the shard's lock held: @key's FIFO, found, woken or created. */
 static OrderKey *
 order_key_locked (KdReorder    *self,
@@ -331,14 +344,14 @@ order_key_locked (KdReorder    *self,
       return self->unkeyed;
     }
 
-  order = g_hash_table_lookup (shard->table, key);
+  order = kd_key_map_lookup (&shard->map, key);
   if (order == NULL)
     {
       order = g_new0 (OrderKey, 1);
       order->key = *key;
       order->key.string = kd_label_new (key->string);
       order->shard = shard;
-      g_hash_table_insert (shard->table, &order->key, order);
+      kd_key_map_insert (&shard->map, &order->key, order);
     }
   else if (order->dormant)
     {
@@ -416,12 +429,7 @@ sleep_if_idle_locked (KdReorder *self,
 
   link_dormant_locked (shard, order);
   if (shard->dormant.length > self->dormant_max)
-    {
-      OrderKey *oldest = KD_LRU_ENTRY (shard->dormant.oldest, OrderKey, dormant_link);
-
-      unlink_dormant_locked (shard, oldest);
-      g_hash_table_remove (shard->table, &oldest->key);
-    }
+    forget_oldest_locked (shard);
 }
 
 /* With the shard's lock held: takes back a passed-on list of buffered
@@ -632,7 +640,7 @@ kd_reorder_count_keys (KdReorder *self)
   for (i = 0; i < N_SHARDS; i++)
     {
       kd_mutex_lock (&self->shards[i].lock);
-      n += g_hash_table_size (self->shards[i].table);
+      n += kd_key_map_size (&self->shards[i].map);
       kd_mutex_unlock (&self->shards[i].lock);
     }
 
