@@ -96,6 +96,38 @@ kd_model_check_stats_invariant (KdModel       *model,
          where, stats->submitted, stats->completed, stats->failed, stats->cancelled, stats->pending);
 }
 
+/* After the last unref, when every done callback ran: how the jobs ended,
+ * by the counters read after wait(), against what the model saw. */
+static void
+check_endings (KdModel *model)
+{
+  const KdStats *stats = &model->final_stats;
+  KdModelResult counts;
+
+  kd_model_count_items (model, &counts);
+  CHECK (model, stats->completed == counts.completed,
+         "completed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
+         stats->completed, counts.completed);
+  /* Without a done callback or dead letter to tell, a job that failed an
+   * attempt as the dispatcher was cancelled ended failed or cancelled. */
+  if (model->program->no_done && !model->program->dead_letter && model->cancel_started != 0 &&
+      model->program->max_attempts > 1)
+    CHECK (model, stats->failed + stats->cancelled == counts.failed + counts.cancelled &&
+                  stats->failed >= counts.failed,
+           "failed %" G_GUINT64_FORMAT " + cancelled %" G_GUINT64_FORMAT ", the model %"
+           G_GUINT64_FORMAT " + %" G_GUINT64_FORMAT, stats->failed, stats->cancelled,
+           counts.failed, counts.cancelled);
+  else
+    {
+      CHECK (model, stats->failed == counts.failed,
+             "failed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT, stats->failed,
+             counts.failed);
+      CHECK (model, stats->cancelled == counts.cancelled,
+             "cancelled %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
+             stats->cancelled, counts.cancelled);
+    }
+}
+
 /* Holding the last reference, with every other thread done with the
  * dispatcher: the counters against the model's. */
 void
@@ -119,27 +151,11 @@ kd_model_check_last_stats (KdModel      *model,
   if (!waited)
     return;
 
-  CHECK (model, stats.completed == counts.completed,
-         "completed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
-         stats.completed, counts.completed);
-  /* Without a done callback or dead letter to tell, a job that failed an
-   * attempt as the dispatcher was cancelled ended failed or cancelled. */
-  if (model->program->no_done && !model->program->dead_letter && model->cancel_started != 0 &&
-      model->program->max_attempts > 1)
-    CHECK (model, stats.failed + stats.cancelled == counts.failed + counts.cancelled &&
-                  stats.failed >= counts.failed,
-           "failed %" G_GUINT64_FORMAT " + cancelled %" G_GUINT64_FORMAT ", the model %"
-           G_GUINT64_FORMAT " + %" G_GUINT64_FORMAT, stats.failed, stats.cancelled,
-           counts.failed, counts.cancelled);
-  else
-    {
-      CHECK (model, stats.failed == counts.failed,
-             "failed %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT, stats.failed,
-             counts.failed);
-      CHECK (model, stats.cancelled == counts.cancelled,
-             "cancelled %" G_GUINT64_FORMAT ", the model %" G_GUINT64_FORMAT,
-             stats.cancelled, counts.cancelled);
-    }
+  /* How the jobs ended, once every done callback told (a main context
+   * may still hold some): after the last unref. */
+  model->final_stats = stats;
+  model->has_final_stats = TRUE;
+
   CHECK (model, stats.pending == 0, "pending %" G_GUINT64_FORMAT " after wait", stats.pending);
   CHECK (model, stats.running == 0, "running %u after wait", stats.running);
   /* Parked keys are live, with no job left or not. With a main context a
@@ -252,6 +268,8 @@ kd_model_check_after_last_unref (KdModel *model)
                "item %u: %d done callbacks when the last unref returned", item->id,
                g_atomic_int_get (&item->done_calls));
     }
+  if (model->has_final_stats)
+    check_endings (model);
 
   CHECK (model, g_atomic_int_get (&model->handler_data_freed) == 1,
          "user_data_free ran %d times", g_atomic_int_get (&model->handler_data_freed));

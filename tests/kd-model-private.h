@@ -116,6 +116,8 @@ struct _KdModel
    * returned (0: none yet) */
   gint            close_started;
   gint            cancel_started;
+  KdStats         final_stats;      /* the last holder's, after wait() */
+  gboolean        has_final_stats;
   gint            closed_by;
   gint            cancelled_by;
   gint            close_returned;   /* the first kd_dispatcher_close() only */
