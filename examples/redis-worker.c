@@ -9,6 +9,11 @@
  *
  *   redis-worker --port 6379 --log worker-1.log &        # a worker (Ctrl-C stops it)
  *   redis-worker --port 6379 --produce 100000 --keys 1000  # a producer
+ *   redis-worker --port 6379 --bench 1000000 --name bench  # a benchmark
+ *
+ * The benchmark adds its jobs to an empty queue, then starts --consumers
+ * workers (this program again) and waits until they have finished every
+ * job: it prints the rate of each phase.
  *
  * A job's payload is its number among its key's jobs, counting from 1; a
  * worker logs one line per job it runs (with --log):
@@ -52,6 +57,8 @@ static int     opt_work_us = 0;
 static int     opt_produce = 0;
 static int     opt_keys = 1000;
 static int     opt_unkeyed = 0;
+static int     opt_bench = 0;
+static int     opt_consumers = 2;
 
 static GOptionEntry options[] = {
   { "host", 0, 0, G_OPTION_ARG_STRING, &opt_host, "Redis host (127.0.0.1)", "HOST" },
@@ -69,6 +76,8 @@ static GOptionEntry options[] = {
   { "produce", 0, 0, G_OPTION_ARG_INT, &opt_produce, "Add N jobs instead of running jobs", "N" },
   { "keys", 0, 0, G_OPTION_ARG_INT, &opt_keys, "Producer: over this many keys (1000)", "K" },
   { "unkeyed", 0, 0, G_OPTION_ARG_INT, &opt_unkeyed, "Producer: also add N unkeyed jobs", "N" },
+  { "bench", 0, 0, G_OPTION_ARG_INT, &opt_bench, "Add N jobs to an empty queue, then time workers running them", "N" },
+  { "consumers", 0, 0, G_OPTION_ARG_INT, &opt_consumers, "Benchmark: worker processes (2)", "N" },
   { NULL },
 };
 
@@ -93,11 +102,14 @@ run_job (KdJob    *job,
 
   /* The line is written before the job counts as done, with one write(),
    * so it survives a SIGKILL right after. */
-  len = g_snprintf (line, sizeof line, "%" G_GINT64_FORMAT " %s %s %u %s\n",
-                    g_get_monotonic_time (), key != NULL ? key : "-", payload,
-                    kd_job_get_attempt (job), fail ? "fail" : "ok");
-  if (worker->log_fd >= 0 && write (worker->log_fd, line, (size_t) len) != len)
-    g_error ("Cannot write the log: %s", g_strerror (errno));
+  if (worker->log_fd >= 0)
+    {
+      len = g_snprintf (line, sizeof line, "%" G_GINT64_FORMAT " %s %s %u %s\n",
+                        g_get_monotonic_time (), key != NULL ? key : "-", payload,
+                        kd_job_get_attempt (job), fail ? "fail" : "ok");
+      if (write (worker->log_fd, line, (size_t) len) != len)
+        g_error ("Cannot write the log: %s", g_strerror (errno));
+    }
 
   if (worker->work_us > 0)
     {
@@ -137,23 +149,21 @@ open_queue (void)
   return queue;
 }
 
-/* Adds --produce jobs over --keys keys, each key's numbered from 1, in a
+/* --produce jobs over --keys keys, each key's numbered from 1, in a
  * shuffled order of keys, then --unkeyed unkeyed jobs. */
-static int
-produce (void)
+static void
+make_jobs (guint       n_keyed,
+           guint       n_unkeyed,
+           GPtrArray  *keys,
+           GPtrArray  *payloads)
 {
-  g_autoptr (KdRedisQueue) queue = open_queue ();
   g_autofree guint *next = g_new0 (guint, (gsize) opt_keys);
-  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
-  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
-  g_autoptr (GError) error = NULL;
   GRand *rand = g_rand_new_with_seed (7);
-  gint64 start = g_get_monotonic_time ();
-  int i;
+  guint i;
 
-  for (i = 0; i < opt_produce + opt_unkeyed; i++)
+  for (i = 0; i < n_keyed + n_unkeyed; i++)
     {
-      if (i < opt_produce)
+      if (i < n_keyed)
         {
           guint k = (guint) g_rand_int_range (rand, 0, opt_keys);
 
@@ -163,20 +173,131 @@ produce (void)
       else
         {
           g_ptr_array_add (keys, NULL);
-          g_ptr_array_add (payloads, text_bytes (g_strdup_printf ("%d", i - opt_produce + 1)));
+          g_ptr_array_add (payloads, text_bytes (g_strdup_printf ("%u", i - n_keyed + 1)));
         }
     }
   g_rand_free (rand);
+}
+
+/* Adds the jobs; returns how long it took, or -1 after an error. */
+static gint64
+add_jobs (KdRedisQueue *queue,
+          GPtrArray    *keys,
+          GPtrArray    *payloads)
+{
+  g_autoptr (GError) error = NULL;
+  gint64 start = g_get_monotonic_time ();
 
   if (!kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
                                 (GBytes **) payloads->pdata, &error))
     {
       g_printerr ("redis-worker: %s\n", error->message);
+      return -1;
+    }
+  return g_get_monotonic_time () - start;
+}
+
+static int
+produce (void)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue ();
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  gint64 took;
+
+  make_jobs ((guint) opt_produce, (guint) opt_unkeyed, keys, payloads);
+  took = add_jobs (queue, keys, payloads);
+  if (took < 0)
+    return 1;
+  g_print ("redis-worker: added %u jobs in %.2f s\n", keys->len, (double) took / G_USEC_PER_SEC);
+  return 0;
+}
+
+static void
+print_rate (const char *what,
+            guint       n_jobs,
+            gint64      took)
+{
+  g_print ("redis-worker: %s %u jobs in %.3f s: %.0f jobs/s\n", what, n_jobs,
+           (double) took / G_USEC_PER_SEC, (double) n_jobs * G_USEC_PER_SEC / (double) MAX (took, 1));
+}
+
+/* The benchmark: adds --bench jobs (and --unkeyed) to an empty queue,
+ * starts --consumers workers, this program again with the same settings,
+ * and waits until the queue's backlog is empty: what is timed is from the
+ * workers' start (so it includes their joining the queue and dividing the
+ * shards) to the last job's acknowledgement. */
+static int
+bench (const char *program)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue ();
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  g_autoptr (GPtrArray) workers = g_ptr_array_new_with_free_func (g_object_unref);
+  g_autoptr (GError) error = NULL;
+  guint64 backlog;
+  gint64 took, start;
+  int i, status = 0;
+
+  if (!kd_redis_queue_get_backlog (queue, &backlog, &error))
+    {
+      g_printerr ("redis-worker: %s\n", error->message);
       return 1;
     }
-  g_print ("redis-worker: added %u jobs in %.2f s\n", keys->len,
-           (double) (g_get_monotonic_time () - start) / G_USEC_PER_SEC);
-  return 0;
+  if (backlog > 0)
+    {
+      g_printerr ("redis-worker: queue %s holds %" G_GUINT64_FORMAT " unfinished jobs; "
+                  "benchmark an empty queue (--name)\n", kd_redis_queue_get_name (queue), backlog);
+      return 1;
+    }
+
+  make_jobs ((guint) opt_bench, (guint) opt_unkeyed, keys, payloads);
+  took = add_jobs (queue, keys, payloads);
+  if (took < 0)
+    return 1;
+  print_rate ("added", keys->len, took);
+
+  start = g_get_monotonic_time ();
+  for (i = 0; i < opt_consumers; i++)
+    {
+      g_autofree char *host = g_strdup_printf ("--host=%s", opt_host != NULL ? opt_host : "127.0.0.1");
+      g_autofree char *port = g_strdup_printf ("--port=%d", opt_port);
+      g_autofree char *name = g_strdup_printf ("--name=%s", kd_redis_queue_get_name (queue));
+      g_autofree char *shards = g_strdup_printf ("--shards=%d", opt_shards);
+      g_autofree char *lease = g_strdup_printf ("--lease-ms=%d", opt_lease_ms);
+      g_autofree char *batch = g_strdup_printf ("--batch=%d", opt_batch);
+      g_autofree char *threads = g_strdup_printf ("--workers=%d", opt_workers);
+      GSubprocess *worker = g_subprocess_new (G_SUBPROCESS_FLAGS_NONE, &error, program, host, port, name,
+                                              shards, lease, batch, threads, NULL);
+
+      if (worker == NULL)
+        {
+          g_printerr ("redis-worker: %s\n", error->message);
+          status = 1;
+          break;
+        }
+      g_ptr_array_add (workers, worker);
+    }
+  if (status == 0 && !kd_redis_queue_wait_backlog (queue, 0, -1, &error))
+    {
+      g_printerr ("redis-worker: %s\n", error->message);
+      status = 1;
+    }
+  if (status == 0)
+    print_rate ("ran", keys->len, g_get_monotonic_time () - start);
+
+  for (i = 0; i < (int) workers->len; i++)
+    g_subprocess_send_signal (g_ptr_array_index (workers, i), SIGTERM);
+  for (i = 0; i < (int) workers->len; i++)
+    {
+      g_clear_error (&error);
+      if (!g_subprocess_wait_check (g_ptr_array_index (workers, i), NULL, &error))
+        {
+          g_printerr ("redis-worker: a worker: %s\n", error->message);
+          status = 1;
+        }
+    }
+  return status;
 }
 
 static int
@@ -239,7 +360,7 @@ main (int   argc,
     }
   if (opt_port <= 0 || opt_port > 65535 || opt_shards < 1 || opt_lease_ms < 30 || opt_batch < 1 ||
       opt_workers < 0 || opt_attempts < 1 || opt_retry_ms < 0 || opt_keys < 1 || opt_produce < 0 ||
-      opt_unkeyed < 0)
+      opt_unkeyed < 0 || opt_bench < 0 || opt_consumers < 1)
     {
       g_printerr ("redis-worker: an option is out of range (see --help)\n");
       return 2;
@@ -247,5 +368,7 @@ main (int   argc,
   /* Output goes to a log file when run by a test: one line at a time. */
   setvbuf (stdout, NULL, _IOLBF, 0);
 
+  if (opt_bench > 0)
+    return bench (argv[0]);
   return opt_produce > 0 || opt_unkeyed > 0 ? produce () : consume ();
 }

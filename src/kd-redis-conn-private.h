@@ -19,10 +19,10 @@ typedef enum
   KD_REDIS_SCRIPT_ACQUIRE,
   KD_REDIS_SCRIPT_RENEW,
   KD_REDIS_SCRIPT_RELEASE,
-  KD_REDIS_SCRIPT_READ,
+  KD_REDIS_SCRIPT_LAST_IDS,
   KD_REDIS_SCRIPT_CLAIM,
-  KD_REDIS_SCRIPT_ACK,
   KD_REDIS_SCRIPT_DEAD,
+  KD_REDIS_SCRIPT_BACKLOG,
   KD_REDIS_N_SCRIPTS,
 } KdRedisScript;
 
@@ -36,11 +36,15 @@ typedef struct
   char          sha[KD_REDIS_N_SCRIPTS][41];
 } KdRedisConn;
 
-/* The arguments of one command, copied. */
+/* The arguments of one command, copied back to back into one buffer, so
+ * that a command of thousands of ids costs a few allocations, not one per
+ * id. */
 typedef struct
 {
-  GPtrArray *argv;               /* char *, owned */
-  GArray    *argvlen;            /* size_t */
+  GByteArray *data;
+  GArray     *offsets;           /* gsize: where each argument starts in @data */
+  GArray     *lengths;           /* size_t */
+  GPtrArray  *argv;              /* scratch: the pointers handed to hiredis */
 } KdRedisArgs;
 
 void         kd_redis_conn_init        (KdRedisConn   *conn,
@@ -59,10 +63,25 @@ gboolean     kd_redis_conn_append      (KdRedisConn   *conn,
                                         GError       **error);
 redisReply  *kd_redis_conn_read        (KdRedisConn   *conn,
                                         GError       **error);
+redisReply  *kd_redis_conn_read_received (KdRedisConn *conn);
+redisReply  *kd_redis_conn_read_until  (KdRedisConn   *conn,
+                                        gint64         deadline,
+                                        GError       **error);
+gboolean     kd_redis_conn_pipeline    (KdRedisConn   *conn,
+                                        KdRedisArgs   *commands,
+                                        guint          n_commands,
+                                        redisReply   **replies,
+                                        GError       **error);
+redisReply  *kd_redis_conn_transaction (KdRedisConn   *conn,
+                                        KdRedisArgs   *commands,
+                                        guint          n_commands,
+                                        GError       **error);
 gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
                                           const char  *name,
                                           guint        n_shards,
                                           GError     **error);
+
+void         kd_redis_reply_free       (redisReply    *reply);
 
 void         kd_redis_args_init        (KdRedisArgs   *args);
 void         kd_redis_args_clear       (KdRedisArgs   *args);
@@ -84,6 +103,7 @@ char        *kd_redis_stream_name      (const char    *name,
                                         gint           shard);
 char        *kd_redis_lease_name       (const char    *name,
                                         gint           shard);
+char        *kd_redis_progress_channel (const char    *name);
 guint32      kd_redis_fnv1a32          (const char    *data,
                                         gsize          len);
 

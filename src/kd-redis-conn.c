@@ -2,12 +2,13 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
- * Every step of the protocol that must be atomic with a lease check is one
- * Lua script, loaded when the connection opens and run with EVALSHA. A
- * connection that fails (an I/O error, a timeout, a server that lost its
- * scripts after a restart) is closed; the next kd_redis_conn_ensure()
- * reconnects and loads the scripts again. See kd-redis-queue.c for the
- * design these scripts implement.
+ * The steps of the protocol that must be atomic and carry few entries are
+ * Lua scripts, loaded when the connection opens and run with EVALSHA; the
+ * ones that carry many run in MULTI transactions
+ * (kd_redis_conn_transaction()). A connection that fails (an I/O error, a
+ * timeout, a server that lost its scripts after a restart, an error inside
+ * a pipeline) is closed; the next kd_redis_conn_ensure() reconnects and
+ * loads the scripts again. See kd-redis-queue.c for the design.
  */
 
 #include "config.h"
@@ -58,33 +59,15 @@ static const char script_release[] =
   "end\n"
   "return n\n";
 
-/* Reads new entries of several streams, each only while its lease is held.
- * KEYS: (lease, stream) pairs; ARGV[1] this member (the consumer), ARGV[2]
- * the group, ARGV[3] how many entries at most in all, ARGV[3 + n] "1" if
- * stream n is leased. Per stream: 0 if its lease is not ours (nothing was
- * read), 1 if the budget ran out before it, its entries, or, when it had
- * none, the id of its last entry ("0-0" if empty), for XREAD to wait from:
- * XREADGROUP ">" found nothing, so every entry up to that one has been
- * delivered. */
-static const char script_read[] =
-  "local budget = tonumber(ARGV[3])\n"
+/* The id of each stream's last entry ("0-0" if empty). KEYS: streams.
+ * Run in the MULTI of a read, right after XREADGROUP ">": a stream that
+ * gave nothing new has delivered every entry up to that one, so XREAD
+ * waits for entries after it. */
+static const char script_last_ids[] =
   "local r = {}\n"
-  "for n = 1, #KEYS / 2 do\n"
-  "  local lease, stream = KEYS[2 * n - 1], KEYS[2 * n]\n"
-  "  if ARGV[3 + n] == '1' and redis.call('GET', lease) ~= ARGV[1] then\n"
-  "    r[n] = 0\n"
-  "  elseif budget <= 0 then\n"
-  "    r[n] = 1\n"
-  "  else\n"
-  "    local got = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[1], 'COUNT', budget, 'STREAMS', stream, '>')\n"
-  "    if got then\n"
-  "      r[n] = got[1][2]\n"
-  "      budget = budget - #got[1][2]\n"
-  "    else\n"
-  "      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)\n"
-  "      if last[1] then r[n] = last[1][1] else r[n] = '0-0' end\n"
-  "    end\n"
-  "  end\n"
+  "for i, k in ipairs(KEYS) do\n"
+  "  local last = redis.call('XREVRANGE', k, '+', '-', 'COUNT', 1)\n"
+  "  if last[1] then r[i] = last[1][1] else r[i] = '0-0' end\n"
   "end\n"
   "return r\n";
 
@@ -96,31 +79,41 @@ static const char script_claim[] =
   "if ARGV[6] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end\n"
   "return redis.call('XAUTOCLAIM', KEYS[2], ARGV[2], ARGV[1], ARGV[3], ARGV[4], 'COUNT', ARGV[5])\n";
 
-/* Acknowledges entries while the lease is held. KEYS[1] lease, KEYS[2]
- * stream; ARGV[1] this member, ARGV[2] the group, ARGV[3] "1" if leased,
- * ARGV[4...] the ids. XACK's count, or -1 if the lease is not ours. */
-static const char script_ack[] =
-  "if ARGV[3] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end\n"
-  "return redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 4))\n";
-
-/* Dead-letters an entry and acknowledges it, in one step, while the lease
- * is held. KEYS[1] lease, KEYS[2] stream, KEYS[3] the dead-letter stream;
- * ARGV[1] this member, ARGV[2] the group, ARGV[3] "1" if leased, ARGV[4]
- * the id, ARGV[5] "1" if keyed, ARGV[6] key, ARGV[7] payload, ARGV[8]
- * producer, ARGV[9] sequence, ARGV[10] attempts, ARGV[11] the error. Once
- * only: an entry no longer pending (the reply was lost and this is a
- * retry) is not added again. 1, 0 if it was not pending, -1 if the lease
- * is not ours. */
+/* Dead-letters an entry and acknowledges it, in one step. Run in a
+ * transaction fenced by the shard's lease (see kd-redis-consumer.c).
+ * KEYS[1] the stream, KEYS[2] the dead-letter stream; ARGV[1] the group,
+ * ARGV[2] the id, ARGV[3] "1" if keyed, ARGV[4] key, ARGV[5] payload,
+ * ARGV[6] producer, ARGV[7] sequence, ARGV[8] attempts, ARGV[9] the error.
+ * Once only: an entry no longer pending (the reply was lost and this is a
+ * retry) is not added again. 1, or 0 if it was not pending. */
 static const char script_dead[] =
-  "if ARGV[3] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end\n"
-  "local n = redis.call('XACK', KEYS[2], ARGV[2], ARGV[4])\n"
+  "local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])\n"
   "if n == 1 then\n"
-  "  local f = {'stream', KEYS[2], 'id', ARGV[4]}\n"
-  "  if ARGV[5] == '1' then f[#f + 1] = 'k' f[#f + 1] = ARGV[6] end\n"
-  "  for _, v in ipairs({'p', ARGV[7], 'pid', ARGV[8], 'seq', ARGV[9], 'attempts', ARGV[10], 'error', ARGV[11]}) do\n"
+  "  local f = {'stream', KEYS[1], 'id', ARGV[2]}\n"
+  "  if ARGV[3] == '1' then f[#f + 1] = 'k' f[#f + 1] = ARGV[4] end\n"
+  "  for _, v in ipairs({'p', ARGV[5], 'pid', ARGV[6], 'seq', ARGV[7], 'attempts', ARGV[8], 'error', ARGV[9]}) do\n"
   "    f[#f + 1] = v\n"
   "  end\n"
-  "  redis.call('XADD', KEYS[3], '*', unpack(f))\n"
+  "  redis.call('XADD', KEYS[2], '*', unpack(f))\n"
+  "end\n"
+  "return n\n";
+
+/* How many of the queue's jobs are unfinished: pending (read and not
+ * acknowledged) or not yet read by the group. KEYS: the streams; ARGV[1]
+ * the group. Redis may not know the lag of a group (after a restart from
+ * the AOF): the entries after the last one delivered are counted then. */
+static const char script_backlog[] =
+  "local n = 0\n"
+  "for _, s in ipairs(KEYS) do\n"
+  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
+  "    local f = {}\n"
+  "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
+  "    if f['name'] == ARGV[1] then\n"
+  "      n = n + f['pending']\n"
+  "      if f['lag'] then n = n + f['lag']\n"
+  "      else n = n + #redis.call('XRANGE', s, '(' .. f['last-delivered-id'], '+') end\n"
+  "    end\n"
+  "  end\n"
   "end\n"
   "return n\n";
 
@@ -129,11 +122,182 @@ static const char *const scripts[KD_REDIS_N_SCRIPTS] = {
   [KD_REDIS_SCRIPT_ACQUIRE] = script_acquire,
   [KD_REDIS_SCRIPT_RENEW] = script_renew,
   [KD_REDIS_SCRIPT_RELEASE] = script_release,
-  [KD_REDIS_SCRIPT_READ] = script_read,
+  [KD_REDIS_SCRIPT_LAST_IDS] = script_last_ids,
   [KD_REDIS_SCRIPT_CLAIM] = script_claim,
-  [KD_REDIS_SCRIPT_ACK] = script_ack,
   [KD_REDIS_SCRIPT_DEAD] = script_dead,
+  [KD_REDIS_SCRIPT_BACKLOG] = script_backlog,
 };
+
+/* Replies in arenas. hiredis builds a reply as a tree of redisReply
+ * objects, with an allocation for each object and each string: a read of
+ * a few thousand entries makes tens of thousands of them, and freeing
+ * them as many again, which was most of what a consumer spent per job.
+ * Each connection's reader builds its replies instead in an arena per
+ * reply, freed in one go by kd_redis_reply_free(). */
+
+typedef struct _ArenaBlock ArenaBlock;
+
+struct _ArenaBlock
+{
+  ArenaBlock *next;
+  gsize       size;
+  gsize       used;
+  /* The data follows, aligned as malloc() aligns. */
+};
+
+typedef struct
+{
+  ArenaBlock *blocks;            /* the one being filled first */
+  redisReply  reply;             /* the reply's root */
+} ArenaReply;
+
+#define ARENA_ALIGN (2 * sizeof (void *))
+#define ARENA_HEADER ((sizeof (ArenaBlock) + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN)
+#define ARENA_FIRST_BLOCK 1024
+#define ARENA_MAX_BLOCK (256 * 1024)
+
+static gpointer
+arena_alloc (ArenaReply *arena,
+             gsize       size)
+{
+  ArenaBlock *block = arena->blocks;
+  gpointer at;
+
+  size = (size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+  if (block == NULL || block->size - block->used < size)
+    {
+      gsize block_size = block != NULL ? MIN (block->size * 2, ARENA_MAX_BLOCK) : ARENA_FIRST_BLOCK;
+
+      block_size = MAX (block_size, size);
+      block = g_malloc (ARENA_HEADER + block_size);
+      block->next = arena->blocks;
+      block->size = block_size;
+      block->used = 0;
+      arena->blocks = block;
+    }
+  at = (char *) block + ARENA_HEADER + block->used;
+  block->used += size;
+  return at;
+}
+
+static ArenaReply *
+arena_of (redisReply *root)
+{
+  return (ArenaReply *) (gpointer) ((char *) root - G_STRUCT_OFFSET (ArenaReply, reply));
+}
+
+/* A new object of @task's reply, linked to its parent; its reply's arena
+ * in @arena. */
+static redisReply *
+arena_new_object (const redisReadTask  *task,
+                  int                   type,
+                  ArenaReply          **arena)
+{
+  const redisReadTask *root = task;
+  redisReply *reply;
+
+  if (task->parent == NULL)
+    {
+      *arena = g_new0 (ArenaReply, 1);
+      reply = &(*arena)->reply;
+    }
+  else
+    {
+      /* A child is made once its parents are: the root's object is set. */
+      while (root->parent != NULL)
+        root = root->parent;
+      *arena = arena_of (root->obj);
+      reply = arena_alloc (*arena, sizeof (redisReply));
+      memset (reply, 0, sizeof *reply);
+      ((redisReply *) task->parent->obj)->element[task->idx] = reply;
+    }
+  reply->type = type;
+  return reply;
+}
+
+static void
+arena_free (void *root)
+{
+  ArenaReply *arena = arena_of (root);
+  ArenaBlock *block, *next;
+
+  for (block = arena->blocks; block != NULL; block = next)
+    {
+      next = block->next;
+      g_free (block);
+    }
+  g_free (arena);
+}
+
+static void *
+arena_create_string (const redisReadTask *task,
+                     char                *str,
+                     size_t               len)
+{
+  ArenaReply *arena;
+  redisReply *reply = arena_new_object (task, task->type, &arena);
+
+  reply->str = arena_alloc (arena, len + 1);
+  memcpy (reply->str, str, len);
+  reply->str[len] = '\0';
+  reply->len = len;
+  return reply;
+}
+
+/* hiredis 1.0 counts elements in a size_t. */
+#if HIREDIS_MAJOR >= 1
+typedef size_t ArenaCount;
+#else
+typedef int ArenaCount;
+#endif
+
+static void *
+arena_create_array (const redisReadTask *task,
+                    ArenaCount           elements)
+{
+  ArenaReply *arena;
+  redisReply *reply = arena_new_object (task, REDIS_REPLY_ARRAY, &arena);
+
+  reply->elements = (size_t) elements;
+  if (elements > 0)
+    reply->element = arena_alloc (arena, (gsize) elements * sizeof (redisReply *));
+  return reply;
+}
+
+static void *
+arena_create_integer (const redisReadTask *task,
+                      long long            value)
+{
+  ArenaReply *arena;
+  redisReply *reply = arena_new_object (task, REDIS_REPLY_INTEGER, &arena);
+
+  reply->integer = value;
+  return reply;
+}
+
+static void *
+arena_create_nil (const redisReadTask *task)
+{
+  ArenaReply *arena;
+
+  return arena_new_object (task, REDIS_REPLY_NIL, &arena);
+}
+
+/* RESP2 only: the RESP3 types (hiredis 1.0) are never asked for. */
+static redisReplyObjectFunctions arena_functions = {
+  .createString = arena_create_string,
+  .createArray = arena_create_array,
+  .createInteger = arena_create_integer,
+  .createNil = arena_create_nil,
+  .freeObject = arena_free,
+};
+
+/* Frees a reply read from a KdRedisConn (never with kd_redis_reply_free()). */
+void
+kd_redis_reply_free (redisReply *reply)
+{
+  arena_free (reply);
+}
 
 guint32
 kd_redis_fnv1a32 (const char *data,
@@ -161,6 +325,13 @@ kd_redis_stream_name (const char *name,
   return g_strdup_printf ("%s:{%d}", name, shard);
 }
 
+/* Every transaction of acknowledgements and dead letters publishes there. */
+char *
+kd_redis_progress_channel (const char *name)
+{
+  return g_strdup_printf ("%s:progress", name);
+}
+
 char *
 kd_redis_lease_name (const char *name,
                      gint        shard)
@@ -173,22 +344,27 @@ kd_redis_lease_name (const char *name,
 void
 kd_redis_args_init (KdRedisArgs *args)
 {
-  args->argv = g_ptr_array_new_with_free_func (g_free);
-  args->argvlen = g_array_new (FALSE, FALSE, sizeof (size_t));
+  args->data = g_byte_array_new ();
+  args->offsets = g_array_new (FALSE, FALSE, sizeof (gsize));
+  args->lengths = g_array_new (FALSE, FALSE, sizeof (size_t));
+  args->argv = g_ptr_array_new ();
 }
 
 void
 kd_redis_args_clear (KdRedisArgs *args)
 {
+  g_clear_pointer (&args->data, g_byte_array_unref);
+  g_clear_pointer (&args->offsets, g_array_unref);
+  g_clear_pointer (&args->lengths, g_array_unref);
   g_clear_pointer (&args->argv, g_ptr_array_unref);
-  g_clear_pointer (&args->argvlen, g_array_unref);
 }
 
 void
 kd_redis_args_reset (KdRedisArgs *args)
 {
-  g_ptr_array_set_size (args->argv, 0);
-  g_array_set_size (args->argvlen, 0);
+  g_byte_array_set_size (args->data, 0);
+  g_array_set_size (args->offsets, 0);
+  g_array_set_size (args->lengths, 0);
 }
 
 void
@@ -196,10 +372,13 @@ kd_redis_args_add (KdRedisArgs *args,
                    const void  *data,
                    gsize        len)
 {
+  gsize offset = args->data->len;
   size_t size = len;
 
-  g_ptr_array_add (args->argv, g_memdup2 (data != NULL ? data : "", len > 0 ? len : 1));
-  g_array_append_val (args->argvlen, size);
+  if (len > 0)
+    g_byte_array_append (args->data, data, (guint) len);
+  g_array_append_val (args->offsets, offset);
+  g_array_append_val (args->lengths, size);
 }
 
 void
@@ -214,16 +393,37 @@ kd_redis_args_add_printf (KdRedisArgs *args,
                           const char  *format,
                           ...)
 {
+  g_autofree char *str = NULL;
+  char buffer[64];
   va_list ap;
-  char *str;
-  size_t size;
+  int len;
 
+  /* Numbers, mostly: they fit the buffer, and cost no allocation. */
+  va_start (ap, format);
+  len = g_vsnprintf (buffer, sizeof buffer, format, ap);
+  va_end (ap);
+  if (len >= 0 && (gsize) len < sizeof buffer)
+    {
+      kd_redis_args_add (args, buffer, (gsize) len);
+      return;
+    }
   va_start (ap, format);
   str = g_strdup_vprintf (format, ap);
   va_end (ap);
-  size = strlen (str);
-  g_ptr_array_add (args->argv, str);
-  g_array_append_val (args->argvlen, size);
+  kd_redis_args_add_string (args, str);
+}
+
+/* The arguments as hiredis takes them: pointers into @args->data, valid
+ * until the next change to @args. */
+static const char **
+args_argv (KdRedisArgs *args)
+{
+  guint i;
+
+  g_ptr_array_set_size (args->argv, (gint) args->offsets->len);
+  for (i = 0; i < args->offsets->len; i++)
+    args->argv->pdata[i] = args->data->data + g_array_index (args->offsets, gsize, i);
+  return (const char **) args->argv->pdata;
 }
 
 void
@@ -291,7 +491,7 @@ check_reply (KdRedisConn  *conn,
                    conn->host, conn->port, reply->str);
       if (g_str_has_prefix (reply->str, "NOSCRIPT"))
         kd_redis_conn_close (conn);
-      freeReplyObject (reply);
+      kd_redis_reply_free (reply);
       return NULL;
     }
   return reply;
@@ -318,6 +518,7 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
       kd_redis_conn_close (conn);
       return FALSE;
     }
+  conn->context->reader->fn = &arena_functions;
   if (redisSetTimeout (conn->context, tv) != REDIS_OK)
     {
       set_io_error (conn, error);
@@ -339,7 +540,7 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
         }
       g_assert (reply->type == REDIS_REPLY_STRING && reply->len == 40);
       memcpy (conn->sha[i], reply->str, 41);
-      freeReplyObject (reply);
+      kd_redis_reply_free (reply);
     }
 
   return TRUE;
@@ -353,9 +554,8 @@ kd_redis_conn_run (KdRedisConn  *conn,
   if (!kd_redis_conn_ensure (conn, error))
     return NULL;
   return check_reply (conn,
-                      redisCommandArgv (conn->context, (int) args->argv->len,
-                                        (const char **) args->argv->pdata,
-                                        (const size_t *) (gpointer) args->argvlen->data),
+                      redisCommandArgv (conn->context, (int) args->offsets->len, args_argv (args),
+                                        (const size_t *) (gpointer) args->lengths->data),
                       error);
 }
 
@@ -366,9 +566,8 @@ kd_redis_conn_append (KdRedisConn  *conn,
 {
   if (!kd_redis_conn_ensure (conn, error))
     return FALSE;
-  if (redisAppendCommandArgv (conn->context, (int) args->argv->len,
-                              (const char **) args->argv->pdata,
-                              (const size_t *) (gpointer) args->argvlen->data) != REDIS_OK)
+  if (redisAppendCommandArgv (conn->context, (int) args->offsets->len, args_argv (args),
+                              (const size_t *) (gpointer) args->lengths->data) != REDIS_OK)
     {
       set_io_error (conn, error);
       return FALSE;
@@ -393,6 +592,145 @@ kd_redis_conn_read (KdRedisConn  *conn,
   if (redisGetReply (conn->context, &reply) != REDIS_OK)
     reply = NULL;
   return check_reply (conn, reply, error);
+}
+
+/* A reply already received, or NULL: never waits. */
+redisReply *
+kd_redis_conn_read_received (KdRedisConn *conn)
+{
+  void *reply = NULL;
+
+  if (conn->context == NULL || redisReaderGetReply (conn->context->reader, &reply) != REDIS_OK)
+    return NULL;
+  return reply;
+}
+
+/* Reads the next reply, such as a message on a subscribed connection,
+ * waiting until the monotonic time @deadline at most (-1: no limit). At
+ * the deadline, fails with G_IO_ERROR_TIMED_OUT, the connection closed. */
+redisReply *
+kd_redis_conn_read_until (KdRedisConn  *conn,
+                          gint64        deadline,
+                          GError      **error)
+{
+  g_autoptr (GError) local_error = NULL;
+  gint64 left = deadline < 0 ? 0 : deadline - g_get_monotonic_time ();
+  struct timeval tv = { (time_t) (left / G_USEC_PER_SEC), (suseconds_t) (left % G_USEC_PER_SEC) };
+  void *reply = NULL;
+
+  if (conn->context == NULL)
+    return kd_redis_conn_read (conn, error);
+  /* One already received needs no wait. */
+  reply = kd_redis_conn_read_received (conn);
+  if (reply != NULL)
+    return check_reply (conn, reply, error);
+  if (deadline >= 0 && left <= 0)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s:%u: timed out", conn->host, conn->port);
+      kd_redis_conn_close (conn);
+      return NULL;
+    }
+  if (redisSetTimeout (conn->context, tv) != REDIS_OK)
+    {
+      set_io_error (conn, error);
+      return NULL;
+    }
+  reply = kd_redis_conn_read (conn, &local_error);
+  if (reply == NULL && deadline >= 0 && g_get_monotonic_time () >= deadline)
+    g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s:%u: timed out", conn->host, conn->port);
+  else if (reply == NULL)
+    g_propagate_error (error, g_steal_pointer (&local_error));
+  return reply;
+}
+
+/* Sends @n_commands commands in one round trip and reads their replies.
+ * At the first failed one (an I/O error or an error reply) the connection
+ * is closed, so that no reply is left unread on it, and the replies read
+ * so far are freed. */
+gboolean
+kd_redis_conn_pipeline (KdRedisConn  *conn,
+                        KdRedisArgs  *commands,
+                        guint         n_commands,
+                        redisReply  **replies,
+                        GError      **error)
+{
+  guint i, n_read;
+
+  for (i = 0; i < n_commands; i++)
+    if (!kd_redis_conn_append (conn, &commands[i], error))
+      return FALSE;
+  for (n_read = 0; n_read < n_commands; n_read++)
+    {
+      replies[n_read] = kd_redis_conn_read (conn, error);
+      if (replies[n_read] == NULL)
+        break;
+    }
+  if (n_read == n_commands)
+    return TRUE;
+
+  kd_redis_conn_close (conn);
+  for (i = 0; i < n_read; i++)
+    g_clear_pointer (&replies[i], kd_redis_reply_free);
+  return FALSE;
+}
+
+/* Runs @n_commands commands in one MULTI/EXEC transaction, in one round
+ * trip. Returns EXEC's reply: an array of the commands' replies, or nil if
+ * Redis refused to run them because a WATCHed key changed. Fails as
+ * kd_redis_conn_pipeline() does, and also when one of the commands failed
+ * (an error inside the array). */
+redisReply *
+kd_redis_conn_transaction (KdRedisConn  *conn,
+                           KdRedisArgs  *commands,
+                           guint         n_commands,
+                           GError      **error)
+{
+  KdRedisArgs multi, exec;
+  redisReply *reply = NULL;
+  gboolean ok;
+  guint i;
+
+  kd_redis_args_init (&multi);
+  kd_redis_args_init (&exec);
+  kd_redis_args_add_string (&multi, "MULTI");
+  kd_redis_args_add_string (&exec, "EXEC");
+  ok = kd_redis_conn_append (conn, &multi, error);
+  for (i = 0; i < n_commands && ok; i++)
+    ok = kd_redis_conn_append (conn, &commands[i], error);
+  ok = ok && kd_redis_conn_append (conn, &exec, error);
+  kd_redis_args_clear (&multi);
+  kd_redis_args_clear (&exec);
+
+  /* +OK, then +QUEUED for each command. */
+  for (i = 0; i < n_commands + 1 && ok; i++)
+    {
+      reply = kd_redis_conn_read (conn, error);
+      ok = reply != NULL;
+      g_clear_pointer (&reply, kd_redis_reply_free);
+    }
+  if (ok)
+    reply = kd_redis_conn_read (conn, error);
+  if (reply != NULL && reply->type == REDIS_REPLY_ARRAY)
+    for (i = 0; i < reply->elements && ok; i++)
+      if (reply->element[i]->type == REDIS_REPLY_ERROR)
+        {
+          g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "Redis at %s:%u: %s",
+                       conn->host, conn->port, reply->element[i]->str);
+          ok = FALSE;
+        }
+  if (reply != NULL && reply->type != REDIS_REPLY_ARRAY && reply->type != REDIS_REPLY_NIL)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "Redis at %s:%u: unexpected reply to EXEC",
+                   conn->host, conn->port);
+      ok = FALSE;
+    }
+  if (!ok || reply == NULL)
+    {
+      /* The replies after a failure are not read: start afresh. */
+      g_clear_pointer (&reply, kd_redis_reply_free);
+      kd_redis_conn_close (conn);
+    }
+  return reply;
 }
 
 /* Creates the consumer group on every stream of the queue, from the
@@ -470,7 +808,7 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
                        reply->type == REDIS_REPLY_STRING ? reply->str : "?", n_shards);
           ok = FALSE;
         }
-      freeReplyObject (reply);
+      kd_redis_reply_free (reply);
     }
 
   return ok;

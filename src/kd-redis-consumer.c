@@ -15,7 +15,8 @@
  *   batch-size entries in flight, and submits them to the dispatcher. It
  *   blocks in the dispatcher's submit when the dispatcher is full, and in
  *   XREAD BLOCK when there is nothing to read; the control thread wakes it
- *   there with CLIENT UNBLOCK when something changes.
+ *   there by adding to a stream of its own that the XREAD also waits on
+ *   (N:wake:member), when something changes.
  *
  * Shard states (Shard.state, under @lock): FREE → CLAIMING (lease taken;
  * XAUTOCLAIM runs until its cursor returns to 0-0) → READING (XREADGROUP
@@ -43,8 +44,6 @@
  * of acknowledgements never delays a lease renewal by much. */
 #define MAX_OUTCOMES_PER_ROUND 4096
 
-/* Ids in one XACK: Lua's unpack() takes a few thousand values at most. */
-#define MAX_IDS_PER_ACK 1000
 
 typedef enum
 {
@@ -67,7 +66,6 @@ typedef struct
   gint64      deadline;          /* monotonic: no job of the shard starts from then on */
   guint       in_flight;         /* read and not yet acknowledged, refused or skipped */
   gboolean    wanted;            /* ours by rendezvous */
-  gboolean    idle;              /* the last read found nothing new */
   char        cursor[64];        /* XAUTOCLAIM's, while CLAIMING */
   char        last_id[64];       /* while idle: XREAD waits for entries after it */
 } Shard;
@@ -81,6 +79,8 @@ struct _KdRedisConsumer
   char              *member;
   char              *members_key;
   char              *dead_key;
+  char              *progress_channel;
+  char              *wake_key;   /* the stream the control thread wakes the reader with */
   Shard             *shards;     /* n_shards keyed ones, then the unkeyed stream */
   guint              n_streams;
   gint64             tick_us;
@@ -105,8 +105,11 @@ struct _KdRedisConsumer
   gboolean           cancelled;
   gboolean           reader_waiting;
   gboolean           reader_blocked;
+  gboolean           wake_pending;   /* something changed since the reader looked */
   gboolean           unblock_wanted;
-  long long          reader_client_id;
+
+  /* Used by the reader thread only */
+  char               wake_last_id[64];
   guint              in_flight;
   guint              read_offset;
   GHashTable        *unkeyed_ids; /* ids of unkeyed entries in flight */
@@ -133,6 +136,8 @@ kd_redis_consumer_new (const KdRedisConfig *config,
   self->member = g_strdup (member);
   self->members_key = g_strdup_printf ("%s:members", config->name);
   self->dead_key = g_strdup_printf ("%s:dead", config->name);
+  self->progress_channel = kd_redis_progress_channel (config->name);
+  self->wake_key = g_strdup_printf ("%s:wake:%s", config->name, member);
   self->n_streams = config->n_shards + 1;
   self->shards = g_new0 (Shard, self->n_streams);
   for (i = 0; i < self->n_streams; i++)
@@ -154,7 +159,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
   self->margin_us = config->lease_us / 3;
   self->claim_idle_us = 2 * config->lease_us;
   self->ended = g_async_queue_new ();
-  self->reader_client_id = -1;
+  g_strlcpy (self->wake_last_id, "0-0", sizeof self->wake_last_id);
   self->unkeyed_ids = g_hash_table_new_full (g_str_hash, g_str_equal, NULL, NULL);
   g_mutex_init (&self->lock);
   g_cond_init (&self->cond);
@@ -196,6 +201,8 @@ kd_redis_consumer_unref (KdRedisConsumer *self)
   g_free (self->member);
   g_free (self->members_key);
   g_free (self->dead_key);
+  g_free (self->progress_channel);
+  g_free (self->wake_key);
   g_mutex_clear (&self->lock);
   g_cond_clear (&self->cond);
   g_free (self);
@@ -234,10 +241,12 @@ fence_all_locked (KdRedisConsumer *self)
     fence_locked (self, &self->shards[i]);
 }
 
-/* The reader may have something to do: wake it wherever it waits. */
+/* The reader may have something to do: wake it wherever it waits, or
+ * keep it from waiting if it is about to. */
 static void
 wake_reader_locked (KdRedisConsumer *self)
 {
+  self->wake_pending = TRUE;
   if (self->reader_waiting)
     g_cond_broadcast (&self->cond);
   if (self->reader_blocked)
@@ -304,6 +313,72 @@ kd_redis_consumer_get_stats (KdRedisConsumer   *self,
     if (shard_owned (&self->shards[i]))
       stats->shards_owned++;
   kd_mutex_unlock (&self->lock);
+}
+
+/* Fencing without a script. Reads and acknowledgements of a shard must
+ * happen only while this member holds its lease. Rather than a script
+ * that checks the lease and then acts (which would carry every entry read,
+ * and every id acknowledged, through Lua and back: that costs Redis more
+ * than the commands themselves), the leases are WATCHed and read with MGET,
+ * and the commands then run in a MULTI that Redis refuses (EXEC answers
+ * nil) if any watched lease changed or expired in between. This member's
+ * own renewals cause a rare refusal too; the caller tries again.
+ *
+ * watch_leases() WATCHes the leases of the shards in @streams (indices
+ * into the shards) and sets @ours[i] to whether this member holds stream
+ * i's (the unkeyed stream has no lease: always TRUE). */
+static gboolean
+watch_leases (KdRedisConsumer *self,
+              KdRedisConn     *conn,
+              const guint     *streams,
+              guint            n_streams,
+              gboolean        *ours,
+              GError         **error)
+{
+  KdRedisArgs commands[2];
+  redisReply *replies[2] = { NULL, NULL };
+  guint i, k, n_leased = 0;
+  gboolean ok;
+
+  for (k = 0; k < 2; k++)
+    {
+      kd_redis_args_init (&commands[k]);
+      kd_redis_args_add_string (&commands[k], k == 0 ? "WATCH" : "MGET");
+    }
+  for (i = 0; i < n_streams; i++)
+    {
+      const Shard *shard = &self->shards[streams[i]];
+
+      ours[i] = shard->index < 0;
+      if (shard->index < 0)
+        continue;
+      for (k = 0; k < 2; k++)
+        kd_redis_args_add_string (&commands[k], shard->lease);
+      n_leased++;
+    }
+  ok = n_leased == 0 || kd_redis_conn_pipeline (conn, commands, 2, replies, error);
+  for (k = 0; k < 2; k++)
+    kd_redis_args_clear (&commands[k]);
+  if (!ok || n_leased == 0)
+    return ok;
+
+  if (replies[1]->type != REDIS_REPLY_ARRAY || replies[1]->elements != n_leased)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "unexpected reply to MGET");
+      kd_redis_conn_close (conn);
+      ok = FALSE;
+    }
+  for (i = 0, k = 0; i < n_streams && ok; i++)
+    if (self->shards[streams[i]].index >= 0)
+      {
+        const redisReply *value = replies[1]->element[k++];
+
+        ours[i] = value->type == REDIS_REPLY_STRING && strcmp (value->str, self->member) == 0;
+      }
+  for (k = 0; k < 2; k++)
+    g_clear_pointer (&replies[k], kd_redis_reply_free);
+
+  return ok;
 }
 
 /* ---- The control thread ------------------------------------------------ */
@@ -435,7 +510,7 @@ control_tick (KdRedisConsumer *self,
   wanted = g_new0 (gboolean, self->config.n_shards);
   if (members->type == REDIS_REPLY_ARRAY)
     compute_wanted (self, members, wanted);
-  freeReplyObject (members);
+  kd_redis_reply_free (members);
 
   kd_mutex_lock (&self->lock);
   fence_expired_locked (self, g_get_monotonic_time ());
@@ -514,12 +589,11 @@ control_tick (KdRedisConsumer *self,
               shard->state = SHARD_CLAIMING;
               shard->generation++;
               shard->deadline = sent + self->config.lease_us - self->margin_us;
-              shard->idle = FALSE;
               g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
               wake_reader_locked (self);
             }
         }
-      freeReplyObject (replies[k]);
+      kd_redis_reply_free (replies[k]);
     }
   for (i = 0; i < self->config.n_shards; i++)
     if (shard_owned (&self->shards[i]))
@@ -529,35 +603,16 @@ control_tick (KdRedisConsumer *self,
 }
 
 static void
-add_ack_script (KdRedisArgs     *args,
-                KdRedisConsumer *self,
-                KdRedisConn     *conn,
-                Shard           *shard)
-{
-  kd_redis_args_reset (args);
-  kd_redis_args_add_script (args, conn, KD_REDIS_SCRIPT_ACK, 2);
-  kd_redis_args_add_string (args, shard->lease);
-  kd_redis_args_add_string (args, shard->stream);
-  kd_redis_args_add_string (args, self->member);
-  kd_redis_args_add_string (args, KD_REDIS_GROUP);
-  kd_redis_args_add_string (args, shard->index >= 0 ? "1" : "0");
-}
-
-static void
 add_dead_script (KdRedisArgs     *args,
                  KdRedisConsumer *self,
                  KdRedisConn     *conn,
                  Shard           *shard,
                  KdRedisEntry    *entry)
 {
-  kd_redis_args_reset (args);
-  kd_redis_args_add_script (args, conn, KD_REDIS_SCRIPT_DEAD, 3);
-  kd_redis_args_add_string (args, shard->lease);
+  kd_redis_args_add_script (args, conn, KD_REDIS_SCRIPT_DEAD, 2);
   kd_redis_args_add_string (args, shard->stream);
   kd_redis_args_add_string (args, self->dead_key);
-  kd_redis_args_add_string (args, self->member);
   kd_redis_args_add_string (args, KD_REDIS_GROUP);
-  kd_redis_args_add_string (args, shard->index >= 0 ? "1" : "0");
   kd_redis_args_add_string (args, entry->id);
   kd_redis_args_add_string (args, entry->key != NULL ? "1" : "0");
   kd_redis_args_add_string (args, entry->key != NULL ? entry->key : "");
@@ -575,99 +630,132 @@ entry_shard (KdRedisConsumer *self,
   return &self->shards[entry->shard >= 0 ? (guint) entry->shard : self->config.n_shards];
 }
 
-/* Sends the outcome of @ended's jobs: per shard, the completed ones in one
- * acknowledgement (in the order they ended, so a key's are acknowledged in
- * order), each dead letter on its own; then accounts for them. Returns
- * FALSE, keeping them all, if Redis could not be reached: they are sent
- * again (acknowledging twice is harmless; a dead letter is added once). */
+/* Attempts at a transaction of outcomes refused because a lease changed
+ * (see watch_leases()) before waiting for the next tick. */
+#define MAX_OUTCOME_ATTEMPTS 3
+
+/* Sends the outcome of @ended's jobs in one transaction, fenced by their
+ * shards' leases (see watch_leases()): per stream, one XACK of its
+ * completed entries (in the order they ended, so a key's are acknowledged
+ * in order), and a script per dead letter. The entries of a shard whose
+ * lease this member no longer holds are refused: the new owner took them
+ * over and runs them. Then accounts for them all. Returns FALSE, keeping
+ * them, if Redis could not be reached: they are sent again (acknowledging
+ * twice is harmless; a dead letter is added once). */
 static gboolean
 send_outcomes (KdRedisConsumer *self,
                KdRedisConn     *conn,
                GPtrArray       *ended)
 {
   g_autoptr (GError) error = NULL;
-  /* Per entry: its command, or G_MAXUINT; then its command's verdict. */
-  guint *command_of = g_new0 (guint, ended->len);
-  gint *verdicts = g_new0 (gint, ended->len);
-  /* Per stream: its open acknowledgement's command + 1, or 0; its ids. */
-  guint *open_ack = g_new0 (guint, self->n_streams);
-  guint *open_count = g_new0 (guint, self->n_streams);
-  GArray *commands = g_array_new (FALSE, FALSE, sizeof (KdRedisArgs));
-  gint *replies = NULL;
-  gboolean ok = kd_redis_conn_ensure (conn, &error);
-  guint i;
+  g_autoptr (GArray) streams = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) commands = g_array_new (FALSE, FALSE, sizeof (KdRedisArgs));
+  /* Per stream: its position in @streams + 1 (0: no outcome to send), and
+   * its XACK's position in @commands + 1 (0: none yet). */
+  g_autofree guint *stream_at = g_new0 (guint, self->n_streams);
+  g_autofree guint *xack_at = g_new0 (guint, self->n_streams);
+  /* Per entry: its command's position + 1 (0: none: skipped or refused),
+   * then its verdict: 1 done, 0 skipped, -1 refused. */
+  g_autofree guint *command_of = g_new0 (guint, ended->len);
+  g_autofree gint *verdicts = g_new0 (gint, ended->len);
+  g_autofree gboolean *ours = NULL;
+  redisReply *exec = NULL;
+  guint attempt, i, n_finishing;
 
-  /* Group into commands: one growing XACK per shard (until it is full),
-   * one script per dead letter. */
-  for (i = 0; i < ended->len && ok; i++)
+  for (i = 0; i < ended->len; i++)
     {
       KdRedisEntry *entry = g_ptr_array_index (ended, i);
-      Shard *shard = entry_shard (self, entry);
-      guint s = (guint) (shard - self->shards);
-      KdRedisArgs fresh;
+      guint s = (guint) (entry_shard (self, entry) - self->shards);
 
-      if (entry->outcome == KD_REDIS_OUTCOME_SKIP)
+      if (entry->outcome != KD_REDIS_OUTCOME_SKIP && stream_at[s] == 0)
         {
-          command_of[i] = G_MAXUINT;
-          continue;
+          g_array_append_val (streams, s);
+          stream_at[s] = streams->len;
         }
-      if (entry->outcome == KD_REDIS_OUTCOME_DEAD)
-        {
-          kd_redis_args_init (&fresh);
-          add_dead_script (&fresh, self, conn, shard, entry);
-          g_array_append_val (commands, fresh);
-          command_of[i] = commands->len - 1;
-          continue;
-        }
-      if (open_ack[s] == 0 || open_count[s] == MAX_IDS_PER_ACK)
-        {
-          kd_redis_args_init (&fresh);
-          add_ack_script (&fresh, self, conn, shard);
-          g_array_append_val (commands, fresh);
-          open_ack[s] = commands->len;
-          open_count[s] = 0;
-        }
-      kd_redis_args_add_string (&g_array_index (commands, KdRedisArgs, open_ack[s] - 1), entry->id);
-      open_count[s]++;
-      command_of[i] = open_ack[s] - 1;
     }
+  ours = g_new0 (gboolean, MAX (streams->len, 1));
 
-  for (i = 0; i < commands->len && ok; i++)
-    ok = kd_redis_conn_append (conn, &g_array_index (commands, KdRedisArgs, i), &error);
-  replies = g_new0 (gint, commands->len + 1);
-  for (i = 0; i < commands->len && ok; i++)
+  for (attempt = 0; attempt < MAX_OUTCOME_ATTEMPTS && streams->len > 0; attempt++)
     {
-      redisReply *reply = kd_redis_conn_read (conn, &error);
+      if (!watch_leases (self, conn, (const guint *) (gpointer) streams->data, streams->len, ours, &error))
+        break;
 
-      if (reply == NULL)
+      memset (xack_at, 0, self->n_streams * sizeof (guint));
+      n_finishing = 0;
+      for (i = 0; i < ended->len; i++)
         {
-          /* A server error (a stream or group gone): start over on a
-           * fresh connection, where the groups are created again. */
-          kd_redis_conn_close (conn);
-          ok = FALSE;
-          break;
+          KdRedisEntry *entry = g_ptr_array_index (ended, i);
+          Shard *shard = entry_shard (self, entry);
+          guint s = (guint) (shard - self->shards);
+          KdRedisArgs fresh;
+
+          command_of[i] = 0;
+          if (entry->outcome == KD_REDIS_OUTCOME_SKIP || !ours[stream_at[s] - 1])
+            continue;
+          if (entry->outcome == KD_REDIS_OUTCOME_DEAD || xack_at[s] == 0)
+            {
+              kd_redis_args_init (&fresh);
+              if (entry->outcome == KD_REDIS_OUTCOME_DEAD)
+                add_dead_script (&fresh, self, conn, shard, entry);
+              else
+                {
+                  kd_redis_args_add_string (&fresh, "XACK");
+                  kd_redis_args_add_string (&fresh, shard->stream);
+                  kd_redis_args_add_string (&fresh, KD_REDIS_GROUP);
+                  xack_at[s] = commands->len + 1;
+                }
+              g_array_append_val (commands, fresh);
+            }
+          n_finishing++;
+          if (entry->outcome == KD_REDIS_OUTCOME_DEAD)
+            command_of[i] = commands->len;
+          else
+            {
+              kd_redis_args_add_string (&g_array_index (commands, KdRedisArgs, xack_at[s] - 1), entry->id);
+              command_of[i] = xack_at[s];
+            }
         }
-      replies[i] = reply->type == REDIS_REPLY_INTEGER && reply->integer < 0 ? -1 : 1;
-      freeReplyObject (reply);
+
+      /* Whoever waits for the queue's backlog to shrink learns it here
+       * (kd_redis_queue_wait_backlog()). With nothing to send, the MULTI
+       * still ends the WATCH. */
+      if (commands->len > 0)
+        {
+          KdRedisArgs publish;
+
+          kd_redis_args_init (&publish);
+          kd_redis_args_add_string (&publish, "PUBLISH");
+          kd_redis_args_add_string (&publish, self->progress_channel);
+          kd_redis_args_add_printf (&publish, "%u", n_finishing);
+          g_array_append_val (commands, publish);
+        }
+      exec = kd_redis_conn_transaction (conn, (KdRedisArgs *) (gpointer) commands->data, commands->len, &error);
+      for (i = 0; i < commands->len; i++)
+        kd_redis_args_clear (&g_array_index (commands, KdRedisArgs, i));
+      g_array_set_size (commands, 0);
+      if (exec == NULL || exec->type == REDIS_REPLY_ARRAY)
+        break;
+      g_clear_pointer (&exec, kd_redis_reply_free);
     }
-  for (i = 0; i < ended->len && ok; i++)
-    verdicts[i] = command_of[i] == G_MAXUINT ? 0 : replies[command_of[i]];
 
-  for (i = 0; i < commands->len; i++)
-    kd_redis_args_clear (&g_array_index (commands, KdRedisArgs, i));
-  g_array_unref (commands);
-  g_free (replies);
-  g_free (open_ack);
-  g_free (open_count);
-  g_free (command_of);
-
-  if (!ok)
+  if (streams->len > 0 && (exec == NULL || exec->type != REDIS_REPLY_ARRAY))
     {
       g_debug ("redis queue %s: %s: outcomes not sent: %s", self->config.name, self->member,
-               error != NULL ? error->message : "server error");
-      g_free (verdicts);
+               error != NULL ? error->message : "a lease kept changing");
       return FALSE;
     }
+  for (i = 0; i < ended->len; i++)
+    {
+      KdRedisEntry *entry = g_ptr_array_index (ended, i);
+
+      if (entry->outcome == KD_REDIS_OUTCOME_SKIP)
+        verdicts[i] = 0;
+      else if (command_of[i] == 0)
+        verdicts[i] = -1;
+      else
+        verdicts[i] = 1;
+    }
+  g_clear_pointer (&exec, kd_redis_reply_free);
 
   kd_mutex_lock (&self->lock);
   for (i = 0; i < ended->len; i++)
@@ -675,7 +763,7 @@ send_outcomes (KdRedisConsumer *self,
       KdRedisEntry *entry = g_ptr_array_index (ended, i);
       Shard *shard = entry_shard (self, entry);
 
-      if (entry->outcome == KD_REDIS_OUTCOME_SKIP)
+      if (verdicts[i] == 0)
         self->stats.skipped++;
       else if (verdicts[i] < 0)
         {
@@ -703,39 +791,48 @@ send_outcomes (KdRedisConsumer *self,
   for (i = 0; i < ended->len; i++)
     kd_redis_entry_unref (g_ptr_array_index (ended, i));
   g_ptr_array_set_size (ended, 0);
-  g_free (verdicts);
 
   return TRUE;
 }
 
-/* Wakes the reader from XREAD BLOCK when asked to. If it was not blocked
- * yet the command does nothing, and the reader waits at most one tick. */
+/* Wakes the reader from XREAD BLOCK when asked to, with an entry in its
+ * wake stream: the XREAD sees it even if it reaches Redis after it. The
+ * stream holds one entry, and expires if this process dies. */
 static void
 unblock_reader (KdRedisConsumer *self,
                 KdRedisConn     *conn)
 {
   g_autoptr (GError) error = NULL;
-  long long id = -1;
-  KdRedisArgs args;
-  redisReply *reply;
+  redisReply *replies[2] = { NULL, NULL };
+  KdRedisArgs commands[2];
+  gboolean wanted;
+  guint k;
 
   kd_mutex_lock (&self->lock);
-  if (self->unblock_wanted && self->reader_blocked)
-    id = self->reader_client_id;
+  wanted = self->unblock_wanted && self->reader_blocked;
   self->unblock_wanted = FALSE;
   kd_mutex_unlock (&self->lock);
 
-  if (id < 0)
+  if (!wanted)
     return;
 
-  kd_redis_args_init (&args);
-  kd_redis_args_add_string (&args, "CLIENT");
-  kd_redis_args_add_string (&args, "UNBLOCK");
-  kd_redis_args_add_printf (&args, "%lld", id);
-  reply = kd_redis_conn_run (conn, &args, &error);
-  if (reply != NULL)
-    freeReplyObject (reply);
-  kd_redis_args_clear (&args);
+  for (k = 0; k < 2; k++)
+    kd_redis_args_init (&commands[k]);
+  kd_redis_args_add_string (&commands[0], "XADD");
+  kd_redis_args_add_string (&commands[0], self->wake_key);
+  kd_redis_args_add_string (&commands[0], "MAXLEN");
+  kd_redis_args_add_string (&commands[0], "1");
+  kd_redis_args_add_string (&commands[0], "*");
+  kd_redis_args_add_string (&commands[0], "wake");
+  kd_redis_args_add_string (&commands[0], "1");
+  kd_redis_args_add_string (&commands[1], "PEXPIRE");
+  kd_redis_args_add_string (&commands[1], self->wake_key);
+  kd_redis_args_add_printf (&commands[1], "%" G_GINT64_FORMAT, 2 * self->config.lease_us / 1000);
+  if (kd_redis_conn_pipeline (conn, commands, 2, replies, &error))
+    for (k = 0; k < 2; k++)
+      kd_redis_reply_free (replies[k]);
+  for (k = 0; k < 2; k++)
+    kd_redis_args_clear (&commands[k]);
 }
 
 /* Leaving: every lease this process holds is released at once, and it
@@ -757,13 +854,15 @@ control_leave (KdRedisConsumer *self,
 
   if (!kd_redis_conn_ensure (conn, &error))
     return;
+  /* Cancelled: the reader may still wait in XREAD. */
+  unblock_reader (self, conn);
 
   for (i = 0; i < self->config.n_shards; i++)
     g_array_append_val (all, i);
   kd_redis_args_init (&args);
   add_lease_script (&args, self, conn, KD_REDIS_SCRIPT_RELEASE, all);
   reply = kd_redis_conn_run (conn, &args, &error);
-  g_clear_pointer (&reply, freeReplyObject);
+  g_clear_pointer (&reply, kd_redis_reply_free);
   g_clear_error (&error);
 
   kd_redis_args_reset (&args);
@@ -773,7 +872,14 @@ control_leave (KdRedisConsumer *self,
   kd_redis_args_add_string (&args, "0");
   kd_redis_args_add_string (&args, "1");
   reply = kd_redis_conn_run (conn, &args, &error);
-  g_clear_pointer (&reply, freeReplyObject);
+  g_clear_pointer (&reply, kd_redis_reply_free);
+  g_clear_error (&error);
+
+  kd_redis_args_reset (&args);
+  kd_redis_args_add_string (&args, "DEL");
+  kd_redis_args_add_string (&args, self->wake_key);
+  reply = kd_redis_conn_run (conn, &args, &error);
+  g_clear_pointer (&reply, kd_redis_reply_free);
   kd_redis_args_clear (&args);
 }
 
@@ -961,7 +1067,7 @@ reader_lost_connection (KdRedisConsumer *self,
            error != NULL ? error->message : "server error");
   kd_mutex_lock (&self->lock);
   fence_all_locked (self);
-  self->reader_client_id = -1;
+  g_strlcpy (self->wake_last_id, "0-0", sizeof self->wake_last_id);
   if (!self->stopping)
     {
       self->reader_waiting = TRUE;
@@ -976,9 +1082,6 @@ reader_connect (KdRedisConsumer  *self,
                 KdRedisConn      *conn,
                 GError          **error)
 {
-  KdRedisArgs args;
-  redisReply *reply;
-
   if (conn->context != NULL)
     return TRUE;
   if (!kd_redis_conn_ensure (conn, error) ||
@@ -987,21 +1090,6 @@ reader_connect (KdRedisConsumer  *self,
       kd_redis_conn_close (conn);
       return FALSE;
     }
-
-  kd_redis_args_init (&args);
-  kd_redis_args_add_string (&args, "CLIENT");
-  kd_redis_args_add_string (&args, "ID");
-  reply = kd_redis_conn_run (conn, &args, error);
-  kd_redis_args_clear (&args);
-  if (reply == NULL)
-    {
-      kd_redis_conn_close (conn);
-      return FALSE;
-    }
-  kd_mutex_lock (&self->lock);
-  self->reader_client_id = reply->integer;
-  kd_mutex_unlock (&self->lock);
-  freeReplyObject (reply);
 
   return TRUE;
 }
@@ -1060,13 +1148,14 @@ reader_claim (KdRedisConsumer *self,
         }
     }
   kd_mutex_unlock (&self->lock);
-  freeReplyObject (reply);
+  kd_redis_reply_free (reply);
 
   return TRUE;
 }
 
 /* Waits until one of the idle streams has an entry after the last one seen,
- * for at most a tick, or until the control thread unblocks it. */
+ * for at most a tick, or until the control thread wakes it through its
+ * wake stream; not at all if something changed since the reader looked. */
 static gboolean
 reader_wait_for_entries (KdRedisConsumer *self,
                          KdRedisConn     *conn,
@@ -1074,8 +1163,9 @@ reader_wait_for_entries (KdRedisConsumer *self,
                          GError         **error)
 {
   KdRedisArgs args;
-  redisReply *reply;
-  guint i;
+  redisReply *reply = NULL;
+  gboolean block;
+  gsize i;
 
   kd_redis_args_init (&args);
   kd_redis_args_add_string (&args, "XREAD");
@@ -1087,26 +1177,49 @@ reader_wait_for_entries (KdRedisConsumer *self,
   kd_mutex_lock (&self->lock);
   for (i = 0; i < idle->len; i++)
     kd_redis_args_add_string (&args, self->shards[g_array_index (idle, guint, i)].stream);
+  kd_redis_args_add_string (&args, self->wake_key);
   for (i = 0; i < idle->len; i++)
     kd_redis_args_add_string (&args, self->shards[g_array_index (idle, guint, i)].last_id);
-  self->reader_blocked = !self->stopping;
+  kd_redis_args_add_string (&args, self->wake_last_id);
+  block = !self->stopping && !self->wake_pending;
+  self->reader_blocked = block;
   kd_mutex_unlock (&self->lock);
 
-  reply = self->reader_blocked ? kd_redis_conn_run (conn, &args, error) : NULL;
+  if (block)
+    reply = kd_redis_conn_run (conn, &args, error);
+  kd_redis_args_clear (&args);
 
   kd_mutex_lock (&self->lock);
   self->reader_blocked = FALSE;
   kd_mutex_unlock (&self->lock);
-  kd_redis_args_clear (&args);
 
+  if (!block)
+    return TRUE;
   if (reply == NULL)
-    return error == NULL || *error == NULL;
-  freeReplyObject (reply);
+    return FALSE;
+  /* [[stream, [[id, fields]]], ...] for the streams that had entries (nil
+   * at the end of the tick): the wake stream's tells where to wait from
+   * next time. */
+  for (i = 0; reply->type == REDIS_REPLY_ARRAY && i < reply->elements; i++)
+    {
+      const redisReply *stream = reply->element[i];
+
+      if (stream->type == REDIS_REPLY_ARRAY && stream->elements == 2 &&
+          stream->element[0]->type == REDIS_REPLY_STRING && strcmp (stream->element[0]->str, self->wake_key) == 0 &&
+          stream->element[1]->type == REDIS_REPLY_ARRAY && stream->element[1]->elements > 0 &&
+          stream->element[1]->element[0]->type == REDIS_REPLY_ARRAY &&
+          stream->element[1]->element[0]->elements > 0 &&
+          stream->element[1]->element[0]->element[0]->type == REDIS_REPLY_STRING)
+        g_strlcpy (self->wake_last_id, stream->element[1]->element[0]->element[0]->str, sizeof self->wake_last_id);
+    }
+  kd_redis_reply_free (reply);
   return TRUE;
 }
 
 /* Reads new entries of the shards being read, and of the unkeyed stream,
- * within @budget in all; waits in XREAD BLOCK if none had any. */
+ * @budget at most in all, fenced by their leases (see watch_leases());
+ * waits in XREAD BLOCK if none had any. XREADGROUP's COUNT is per stream:
+ * the budget is shared evenly among the streams read. */
 static gboolean
 reader_read (KdRedisConsumer *self,
              KdRedisConn     *conn,
@@ -1116,70 +1229,101 @@ reader_read (KdRedisConsumer *self,
              GPtrArray       *out,
              GError         **error)
 {
+  g_autofree gboolean *ours = g_new (gboolean, streams->len);
+  g_autoptr (GArray) reading = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) idle = g_array_new (FALSE, FALSE, sizeof (guint));
-  KdRedisArgs args;
-  redisReply *reply;
-  gboolean all_idle = TRUE;
-  guint i;
+  KdRedisArgs commands[2];
+  redisReply *exec;
+  const redisReply *got, *last_ids;
+  guint i, k, next;
 
-  kd_redis_args_init (&args);
-  kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_READ, 2 * streams->len);
+  if (!watch_leases (self, conn, (const guint *) (gpointer) streams->data, streams->len, ours, error))
+    return FALSE;
+
+  /* Positions in @streams of the ones to read; the shards lost are
+   * fenced. */
+  kd_mutex_lock (&self->lock);
   for (i = 0; i < streams->len; i++)
     {
       Shard *shard = &self->shards[g_array_index (streams, guint, i)];
 
-      kd_redis_args_add_string (&args, shard->lease);
-      kd_redis_args_add_string (&args, shard->stream);
+      if (ours[i])
+        g_array_append_val (reading, i);
+      else if (shard->generation == g_array_index (generations, guint, i))
+        fence_locked (self, shard);
     }
-  kd_redis_args_add_string (&args, self->member);
-  kd_redis_args_add_string (&args, KD_REDIS_GROUP);
-  kd_redis_args_add_printf (&args, "%u", budget);
-  for (i = 0; i < streams->len; i++)
-    kd_redis_args_add_string (&args, self->shards[g_array_index (streams, guint, i)].index >= 0 ? "1" : "0");
-  reply = kd_redis_conn_run (conn, &args, error);
-  kd_redis_args_clear (&args);
-  if (reply == NULL)
-    return FALSE;
-  if (reply->type != REDIS_REPLY_ARRAY || reply->elements != streams->len)
+  kd_mutex_unlock (&self->lock);
+  g_array_set_size (reading, MIN (reading->len, budget));
+
+  for (k = 0; k < 2; k++)
+    kd_redis_args_init (&commands[k]);
+  kd_redis_args_add_string (&commands[0], "XREADGROUP");
+  kd_redis_args_add_string (&commands[0], "GROUP");
+  kd_redis_args_add_string (&commands[0], KD_REDIS_GROUP);
+  kd_redis_args_add_string (&commands[0], self->member);
+  kd_redis_args_add_string (&commands[0], "COUNT");
+  kd_redis_args_add_printf (&commands[0], "%u", budget / MAX (reading->len, 1));
+  kd_redis_args_add_string (&commands[0], "STREAMS");
+  kd_redis_args_add_script (&commands[1], conn, KD_REDIS_SCRIPT_LAST_IDS, reading->len);
+  for (i = 0; i < reading->len; i++)
     {
-      freeReplyObject (reply);
+      const char *stream = self->shards[g_array_index (streams, guint, g_array_index (reading, guint, i))].stream;
+
+      kd_redis_args_add_string (&commands[0], stream);
+      kd_redis_args_add_string (&commands[1], stream);
+    }
+  for (i = 0; i < reading->len; i++)
+    kd_redis_args_add_string (&commands[0], ">");
+  /* With nothing left to read, the MULTI still ends the WATCH. */
+  exec = kd_redis_conn_transaction (conn, commands, reading->len > 0 ? 2 : 0, error);
+  for (k = 0; k < 2; k++)
+    kd_redis_args_clear (&commands[k]);
+  if (exec == NULL)
+    return FALSE;
+  /* A lease changed after the WATCH: nothing was read; read again. */
+  if (exec->type == REDIS_REPLY_NIL || reading->len == 0)
+    {
+      kd_redis_reply_free (exec);
+      return TRUE;
+    }
+
+  got = exec->elements == 2 ? exec->element[0] : NULL;
+  last_ids = exec->elements == 2 ? exec->element[1] : NULL;
+  if (got == NULL || (got->type != REDIS_REPLY_NIL && got->type != REDIS_REPLY_ARRAY) ||
+      last_ids->type != REDIS_REPLY_ARRAY || last_ids->elements != reading->len)
+    {
+      kd_redis_reply_free (exec);
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "unexpected reply to a read");
       return FALSE;
     }
 
+  /* XREADGROUP answers the streams that had entries, in the order asked. */
   kd_mutex_lock (&self->lock);
-  for (i = 0; i < streams->len; i++)
+  for (i = 0, next = 0; i < reading->len; i++)
     {
-      guint index = g_array_index (streams, guint, i);
-      guint generation = g_array_index (generations, guint, i);
+      guint at = g_array_index (reading, guint, i);
+      guint index = g_array_index (streams, guint, at);
       Shard *shard = &self->shards[index];
-      const redisReply *got = reply->element[i];
-      gboolean same = shard->generation == generation;
+      const redisReply *stream = got->type == REDIS_REPLY_ARRAY && next < got->elements ?
+                                 got->element[next] : NULL;
 
-      if (got->type == REDIS_REPLY_INTEGER)
+      if (stream != NULL && stream->type == REDIS_REPLY_ARRAY && stream->elements == 2 &&
+          stream->element[0]->type == REDIS_REPLY_STRING &&
+          strcmp (stream->element[0]->str, shard->stream) == 0)
         {
-          all_idle = FALSE;
-          if (got->integer == 0 && same)
-            fence_locked (self, shard);
+          parse_entries (self, stream->element[1], shard, g_array_index (generations, guint, at), out);
+          next++;
         }
-      else if (got->type == REDIS_REPLY_ARRAY)
+      else if (last_ids->element[i]->type == REDIS_REPLY_STRING)
         {
-          all_idle = FALSE;
-          parse_entries (self, got, shard, generation, out);
-          if (same)
-            shard->idle = FALSE;
-        }
-      else if (got->type == REDIS_REPLY_STRING && same)
-        {
-          shard->idle = TRUE;
-          g_strlcpy (shard->last_id, got->str, sizeof shard->last_id);
+          g_strlcpy (shard->last_id, last_ids->element[i]->str, sizeof shard->last_id);
           g_array_append_val (idle, index);
         }
     }
   kd_mutex_unlock (&self->lock);
-  freeReplyObject (reply);
+  kd_redis_reply_free (exec);
 
-  if (all_idle && idle->len > 0)
+  if (idle->len == reading->len)
     return reader_wait_for_entries (self, conn, idle, error);
   return TRUE;
 }
@@ -1228,6 +1372,8 @@ reader_main (gpointer data)
           kd_mutex_unlock (&self->lock);
           break;
         }
+      /* What changed until now is seen in this round. */
+      self->wake_pending = FALSE;
       for (i = 0; i < self->config.n_shards && claiming < 0; i++)
         if (self->shards[i].state == SHARD_CLAIMING)
           {
@@ -1238,20 +1384,18 @@ reader_main (gpointer data)
       if (claiming < 0)
         {
           /* Rotated, so that a budget too small for all never starves the
-           * same shards. */
+           * same streams. */
           self->read_offset++;
-          for (i = 0; i < self->config.n_shards; i++)
+          for (i = 0; i < self->n_streams; i++)
             {
-              guint index = (i + self->read_offset) % self->config.n_shards;
+              guint index = (i + self->read_offset) % self->n_streams;
 
-              if (self->shards[index].state == SHARD_READING)
+              if (index == unkeyed || self->shards[index].state == SHARD_READING)
                 {
                   g_array_append_val (streams, index);
                   g_array_append_val (generations, self->shards[index].generation);
                 }
             }
-          g_array_append_val (streams, unkeyed);
-          g_array_append_val (generations, self->shards[unkeyed].generation);
         }
       kd_mutex_unlock (&self->lock);
 
@@ -1318,8 +1462,7 @@ on_cancelled (GCancellable *cancellable,
   self->stopping = TRUE;
   fence_all_locked (self);
   g_cond_broadcast (&self->cond);
-  if (self->reader_blocked)
-    self->unblock_wanted = TRUE;
+  wake_reader_locked (self);
   kd_mutex_unlock (&self->lock);
   wake_control (self);
 }
@@ -1367,8 +1510,7 @@ kd_redis_consumer_stop (KdRedisConsumer *self)
   kd_mutex_lock (&self->lock);
   self->stopping = TRUE;
   g_cond_broadcast (&self->cond);
-  if (self->reader_blocked)
-    self->unblock_wanted = TRUE;
+  wake_reader_locked (self);
   kd_mutex_unlock (&self->lock);
   wake_control (self);
   g_thread_join (g_steal_pointer (&self->reader));

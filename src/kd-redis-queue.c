@@ -46,12 +46,16 @@
  * before the key's later ones: per-key order holds across the takeover.
  *
  * Fencing. Every read (XREADGROUP and XAUTOCLAIM), acknowledgement and dead
- * letter is a script that acts only while the member still holds the
- * shard's lease; otherwise it does nothing and says so. So a member that
- * was frozen past its lease cannot, once resumed, read entries (which would
- * sit in its pending list, skipped by the new owner's ">") or acknowledge
- * them: its late acknowledgements are refused, and the new owner, which
- * claimed them, runs them. Locally, each shard has a deadline (the time the
+ * letter acts only while the member still holds the shard's lease. So a
+ * member that was frozen past its lease cannot, once resumed, read entries
+ * (which would sit in its pending list, skipped by the new owner's ">") or
+ * acknowledge them: its late acknowledgements are refused, and the new
+ * owner, which claimed them, runs them. XAUTOCLAIM, rare, is a script that
+ * checks the lease first. Reads and acknowledgements, which carry every
+ * entry, are not: the leases are WATCHed and read with MGET, and
+ * XREADGROUP or XACK run in a MULTI that Redis refuses if a lease changed
+ * or expired in between (a script would carry each entry through Lua and
+ * back, which costs Redis more than the commands themselves). Locally, each shard has a deadline (the time the
  * last renewal was sent, plus the lease, minus a third of it): no job of a
  * shard starts from then on, so a member stops well before anyone else may
  * take the shard. A shard whose lease was lost or whose deadline passed is
@@ -67,9 +71,12 @@
  * handler is a wrapper: it checks the shard's generation and deadline,
  * calls the user's handler, and reports the outcome. The outcome is sent by
  * the control thread (see kd-redis-consumer.c), after the job ended:
- * completed jobs are acknowledged in batches per shard, in the order they
- * ended. A process holds at most batch-size entries read and not yet
- * acknowledged (refused or skipped), so a crash reruns at most that many.
+ * whatever ended since the last round is sent in one transaction, one XACK
+ * per shard in the order the jobs ended. A process holds at most
+ * batch-size entries read and not yet acknowledged (refused or skipped), so
+ * a crash reruns at most that many. Each transaction also publishes on the
+ * channel N:progress, so that kd_redis_queue_wait_backlog() waits for the
+ * queue to drain without polling.
  *
  * Failure. A failed job is retried by the dispatcher, in its key's place,
  * with exponential backoff (kd_redis_queue_set_retry()); after the last
@@ -86,8 +93,18 @@
  * reader may block in the dispatcher's submit (backpressure) without
  * delaying lease renewals, and nothing depends on a main loop the
  * application may not run. The control thread wakes the reader from XREAD
- * BLOCK with CLIENT UNBLOCK. The producer side is a third connection, used
- * under a lock by whichever thread adds jobs.
+ * BLOCK by adding to the member's stream N:wake:member, which the XREAD
+ * also waits on: unlike CLIENT UNBLOCK, a wake-up sent before the XREAD
+ * reaches Redis is not lost. The producer side is a third connection, used
+ * under a lock by whichever thread adds jobs; it pipelines its XADDs, a
+ * chunk in flight while the next is formatted.
+ *
+ * Cost. With Redis's append-only file on, most of a job's cost is Redis's
+ * own: XREADGROUP records each entry in the pending lists and logs an
+ * XCLAIM per entry to the AOF, and XACK undoes both. The client side keeps
+ * its share small: replies are built in one arena per reply rather than an
+ * allocation per string (kd-redis-conn.c), and commands are formatted into
+ * one buffer.
  *
  * Redis Cluster: a shard's stream and lease share a hash tag, but the
  * membership and multi-shard scripts assume one server.
@@ -119,6 +136,7 @@ struct _KdRedisQueue
   GMutex           producer_lock;
   KdRedisConn      producer;
   gboolean         producer_ready;
+  GPtrArray       *streams;      /* char *: each shard's stream, then the unkeyed one */
   char            *producer_id;
   guint64          sequence;
 
@@ -168,6 +186,7 @@ kd_redis_queue_finalize (GObject *object)
   g_clear_object (&self->dispatcher);
   g_clear_pointer (&self->consumer, kd_redis_consumer_unref);
   kd_redis_conn_clear (&self->producer);
+  g_clear_pointer (&self->streams, g_ptr_array_unref);
   g_mutex_clear (&self->producer_lock);
   g_free (self->producer_id);
   g_free (self->member);
@@ -482,8 +501,16 @@ static gboolean
 producer_ready_locked (KdRedisQueue  *self,
                        GError       **error)
 {
+  gint shard;
+
   if (self->producer.host == NULL)
-    kd_redis_conn_init (&self->producer, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+    {
+      kd_redis_conn_init (&self->producer, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+      self->streams = g_ptr_array_new_with_free_func (g_free);
+      for (shard = 0; shard < (gint) self->config.n_shards; shard++)
+        g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, shard));
+      g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, -1));
+    }
   if (self->producer_ready && self->producer.context != NULL)
     return TRUE;
   if (!kd_redis_conn_ensure (&self->producer, error) ||
@@ -502,12 +529,12 @@ add_xadd (KdRedisQueue *self,
           const char   *key,
           GBytes       *payload)
 {
-  g_autofree char *stream = NULL;
+  const char *stream;
   gconstpointer data;
   gsize len;
 
-  stream = kd_redis_stream_name (self->config.name,
-                                 key != NULL ? (gint) kd_redis_queue_shard_for_key (self, key) : -1);
+  stream = g_ptr_array_index (self->streams, key != NULL ? kd_redis_queue_shard_for_key (self, key) :
+                                                           self->config.n_shards);
   data = g_bytes_get_data (payload, &len);
   kd_redis_args_reset (args);
   kd_redis_args_add_string (args, "XADD");
@@ -524,6 +551,24 @@ add_xadd (KdRedisQueue *self,
   kd_redis_args_add_string (args, self->producer_id);
   kd_redis_args_add_string (args, "seq");
   kd_redis_args_add_printf (args, "%" G_GUINT64_FORMAT, ++self->sequence);
+}
+
+static gboolean
+read_add_replies (KdRedisQueue  *self,
+                  guint          n_replies,
+                  GError       **error)
+{
+  guint i;
+
+  for (i = 0; i < n_replies; i++)
+    {
+      redisReply *reply = kd_redis_conn_read (&self->producer, error);
+
+      if (reply == NULL)
+        return FALSE;
+      kd_redis_reply_free (reply);
+    }
+  return TRUE;
 }
 
 /**
@@ -584,7 +629,7 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
 {
   KdRedisArgs args;
   gboolean ok = TRUE;
-  guint start, i;
+  guint start, i, unread = 0;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (n_jobs == 0 || (keys != NULL && payloads != NULL), FALSE);
@@ -600,6 +645,9 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
       return FALSE;
     }
 
+  /* Each chunk is appended before the replies of the one before it are
+   * read (which sends it): Redis adds a chunk while this thread reads the
+   * replies of the one before and formats the next. */
   kd_redis_args_init (&args);
   for (start = 0; start < n_jobs && ok; start += ADD_CHUNK)
     {
@@ -610,21 +658,153 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
           add_xadd (self, &args, keys[i], payloads[i]);
           ok = kd_redis_conn_append (&self->producer, &args, error);
         }
-      for (i = start; i < end && ok; i++)
-        {
-          redisReply *reply = kd_redis_conn_read (&self->producer, error);
-
-          ok = reply != NULL;
-          if (reply != NULL)
-            freeReplyObject (reply);
-        }
+      ok = ok && read_add_replies (self, unread, error);
+      unread = end - start;
     }
+  ok = ok && read_add_replies (self, unread, error);
   kd_redis_args_clear (&args);
   /* After an error the connection may hold replies of commands not read:
    * start afresh. */
   if (!ok)
     kd_redis_conn_close (&self->producer);
   kd_mutex_unlock (&self->producer_lock);
+
+  return ok;
+}
+
+/* ---- Progress ---------------------------------------------------------- */
+
+static gboolean
+count_backlog_locked (KdRedisQueue  *self,
+                      guint64       *backlog,
+                      GError       **error)
+{
+  KdRedisArgs args;
+  redisReply *reply;
+  guint i;
+
+  if (!producer_ready_locked (self, error))
+    return FALSE;
+  kd_redis_args_init (&args);
+  kd_redis_args_add_script (&args, &self->producer, KD_REDIS_SCRIPT_BACKLOG, self->streams->len);
+  for (i = 0; i < self->streams->len; i++)
+    kd_redis_args_add_string (&args, g_ptr_array_index (self->streams, i));
+  kd_redis_args_add_string (&args, KD_REDIS_GROUP);
+  reply = kd_redis_conn_run (&self->producer, &args, error);
+  kd_redis_args_clear (&args);
+  if (reply == NULL)
+    return FALSE;
+  if (reply->type != REDIS_REPLY_INTEGER || reply->integer < 0)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "Redis at %s:%u: unexpected reply to a count",
+                   self->config.host, self->config.port);
+      kd_redis_reply_free (reply);
+      return FALSE;
+    }
+  *backlog = (guint64) reply->integer;
+  kd_redis_reply_free (reply);
+  return TRUE;
+}
+
+/**
+ * kd_redis_queue_get_backlog:
+ * @self: a queue
+ * @backlog: (out): return location for the number of unfinished jobs
+ * @error: return location for an error
+ *
+ * Counts the queue's unfinished jobs, whichever process added them or runs
+ * them: added and not yet acknowledged or dead-lettered (not read yet,
+ * running, or waiting for a retry). Thread-safe.
+ *
+ * Returns: %TRUE with @backlog set; %FALSE with @error set (a
+ *   %G_IO_ERROR) if Redis could not be reached
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_get_backlog (KdRedisQueue  *self,
+                            guint64       *backlog,
+                            GError       **error)
+{
+  gboolean ok;
+
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (backlog != NULL, FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  kd_mutex_lock (&self->producer_lock);
+  self->frozen = TRUE;
+  ok = count_backlog_locked (self, backlog, error);
+  kd_mutex_unlock (&self->producer_lock);
+
+  return ok;
+}
+
+/**
+ * kd_redis_queue_wait_backlog:
+ * @self: a queue
+ * @at_most: the backlog to wait for
+ * @timeout_us: how long to wait at most, in microseconds, or -1 for no
+ *   limit
+ * @error: return location for an error
+ *
+ * Blocks until the queue's backlog (kd_redis_queue_get_backlog()) is at
+ * most @at_most: with 0, until every job added so far, by any process, has
+ * finished. It does not poll: each consumer publishes on the Redis channel
+ * named after the queue followed by ":progress" whenever it acknowledges
+ * or dead-letters jobs, and the backlog is counted again then. Thread-safe;
+ * never from a handler of a dispatcher that runs the queue's jobs, which
+ * could wait for itself.
+ *
+ * Returns: %TRUE once the backlog is at most @at_most; %FALSE with @error
+ *   set: %G_IO_ERROR_TIMED_OUT at the deadline, another %G_IO_ERROR if
+ *   Redis could not be reached
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_wait_backlog (KdRedisQueue  *self,
+                             guint64        at_most,
+                             gint64         timeout_us,
+                             GError       **error)
+{
+  g_autofree char *channel = NULL;
+  gint64 deadline = timeout_us < 0 ? -1 : g_get_monotonic_time () + timeout_us;
+  KdRedisConn subscriber;
+  KdRedisArgs args;
+  redisReply *reply;
+  guint64 backlog;
+  gboolean ok;
+
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  channel = kd_redis_progress_channel (self->config.name);
+  kd_redis_conn_init (&subscriber, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+  kd_redis_args_init (&args);
+  kd_redis_args_add_string (&args, "SUBSCRIBE");
+  kd_redis_args_add_string (&args, channel);
+  reply = kd_redis_conn_run (&subscriber, &args, error);
+  kd_redis_args_clear (&args);
+  ok = reply != NULL;
+  g_clear_pointer (&reply, kd_redis_reply_free);
+
+  /* Subscribed before counting: progress made after a count is published
+   * after it, and wakes the wait that follows. */
+  while (ok)
+    {
+      ok = kd_redis_queue_get_backlog (self, &backlog, error);
+      if (!ok || backlog <= at_most)
+        break;
+
+      reply = kd_redis_conn_read_until (&subscriber, deadline, error);
+      ok = reply != NULL;
+      g_clear_pointer (&reply, kd_redis_reply_free);
+      /* The other messages already received say nothing more. */
+      while (ok && (reply = kd_redis_conn_read_received (&subscriber)) != NULL)
+        g_clear_pointer (&reply, kd_redis_reply_free);
+    }
+  kd_redis_conn_clear (&subscriber);
 
   return ok;
 }

@@ -99,6 +99,16 @@ gboolean      kd_redis_queue_add_many        (KdRedisQueue    *self,
                                               GError         **error);
 
 KD_AVAILABLE_IN_ALL
+gboolean      kd_redis_queue_get_backlog     (KdRedisQueue    *self,
+                                              guint64         *backlog,
+                                              GError         **error);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_redis_queue_wait_backlog    (KdRedisQueue    *self,
+                                              guint64          at_most,
+                                              gint64           timeout_us,
+                                              GError         **error);
+
+KD_AVAILABLE_IN_ALL
 KdDispatcher *kd_redis_queue_new_dispatcher  (KdRedisQueue    *self,
                                               guint            n_workers,
                                               KdHandlerFunc    handler,
