@@ -86,16 +86,19 @@
  * entries, and releases every lease at once, so other members take the
  * shards without waiting for the leases to expire.
  *
- * Threads. hiredis's blocking API on two dedicated threads, each with its
- * own connection, rather than the asynchronous API on a main loop: every
- * step of the protocol is then a plain sequence (claim, read, submit; beat,
- * renew, acknowledge) whose failure handling reads top to bottom, the
- * reader may block in the dispatcher's submit (backpressure) without
- * delaying lease renewals, and nothing depends on a main loop the
- * application may not run. The control thread wakes the reader from XREAD
- * BLOCK by adding to the member's stream N:wake:member, which the XREAD
- * also waits on: unlike CLIENT UNBLOCK, a wake-up sent before the XREAD
- * reaches Redis is not lost. The producer side is a third connection, used
+ * Threads. hiredis's blocking API on three dedicated threads, each with
+ * its own connection, rather than the asynchronous API on a main loop:
+ * every step of the protocol is then a plain sequence (claim, read, submit;
+ * beat, renew; acknowledge) whose failure handling reads top to bottom, and
+ * nothing depends on a main loop the application may not run. The lease
+ * thread does nothing but membership and leases, so a renewal never waits
+ * behind a read (the reader may block in the dispatcher's submit, for
+ * backpressure) or an acknowledgement (a large one, on a loaded Redis,
+ * took a few hundred milliseconds in tests). The other threads wake the
+ * reader from XREAD BLOCK by adding to the member's stream N:wake:member,
+ * which the XREAD also waits on: unlike CLIENT UNBLOCK, a wake-up sent
+ * before the XREAD reaches Redis is not lost. kd-redis-consumer.c tells
+ * how the threads fit. The producer side is one more connection, used
  * under a lock by whichever thread adds jobs; it pipelines its XADDs, a
  * chunk in flight while the next is formatted.
  *

@@ -1,0 +1,555 @@
+/* kd-redis-reader.c: the reader thread of a KdRedisQueue's consumer
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * The thread takes over the pending entries of each shard just gained
+ * (XAUTOCLAIM until the cursor returns to 0-0), then reads new entries of
+ * the shards it reads and of the unkeyed stream (XREADGROUP ">"), within a
+ * budget of batch-size entries in flight, and submits them to the
+ * dispatcher, in order. With nothing to read it waits in XREAD BLOCK. See
+ * kd-redis-consumer.c for how it fits with the other threads.
+ */
+
+#include "config.h"
+
+#include <string.h>
+
+#include "kd-redis-consumer-private.h"
+#include "kd-sync-private.h"
+
+static const redisReply *
+field_value (const redisReply *fields,
+             const char       *name)
+{
+  gsize i;
+
+  for (i = 0; i + 1 < fields->elements; i += 2)
+    if (fields->element[i]->type == REDIS_REPLY_STRING && strcmp (fields->element[i]->str, name) == 0)
+      return fields->element[i + 1]->type == REDIS_REPLY_STRING ? fields->element[i + 1] : NULL;
+  return NULL;
+}
+
+/* Turns XREADGROUP's or XAUTOCLAIM's entries into KdRedisEntry items, and
+ * counts them in flight from now on. Called with @lock held. */
+static void
+parse_entries_locked (KdRedisConsumer  *self,
+                      const redisReply *entries,
+                      KdRedisShard     *shard,
+                      guint             generation,
+                      gboolean          claimed,
+                      GPtrArray        *out)
+{
+  gsize i;
+
+  if (entries->type != REDIS_REPLY_ARRAY)
+    return;
+
+  for (i = 0; i < entries->elements; i++)
+    {
+      const redisReply *item = entries->element[i];
+      const redisReply *fields, *key, *payload, *producer, *sequence;
+      KdRedisEntry *entry;
+
+      /* An entry deleted from the stream while pending has no fields. */
+      if (item->type != REDIS_REPLY_ARRAY || item->elements < 2 ||
+          item->element[0]->type != REDIS_REPLY_STRING || item->element[1]->type != REDIS_REPLY_ARRAY)
+        continue;
+      fields = item->element[1];
+      key = field_value (fields, "k");
+      payload = field_value (fields, "p");
+      producer = field_value (fields, "pid");
+      sequence = field_value (fields, "seq");
+
+      /* An unkeyed entry claimed again while still in flight here. */
+      if (shard->index < 0 && g_hash_table_contains (self->unkeyed_ids, item->element[0]->str))
+        continue;
+
+      /* A keyed stream's entry without a key still runs in the shard's
+       * order, under the empty key. */
+      entry = kd_redis_entry_new (self, shard->index, generation,
+                                  item->element[0]->str, item->element[0]->len,
+                                  shard->index >= 0 ? (key != NULL ? key->str : "") : NULL,
+                                  shard->index >= 0 && key != NULL ? key->len : 0,
+                                  payload != NULL ? payload->str : "",
+                                  payload != NULL ? payload->len : 0,
+                                  producer != NULL ? producer->str : "",
+                                  producer != NULL ? producer->len : 0,
+                                  sequence != NULL ? g_ascii_strtoull (sequence->str, NULL, 10) : 0);
+      g_ptr_array_add (out, entry);
+      shard->in_flight++;
+      self->in_flight++;
+      if (shard->index < 0)
+        g_hash_table_add (self->unkeyed_ids, (gpointer) entry->id);
+      if (claimed)
+        self->stats.claimed++;
+      else
+        self->stats.read++;
+    }
+}
+
+/* Submits the entries read, in order. Returns FALSE if the dispatcher no
+ * longer accepts jobs: the rest stay pending in Redis, and are no longer
+ * in flight here. */
+static gboolean
+submit_entries (KdRedisConsumer *self,
+                GPtrArray       *entries)
+{
+  g_autoptr (GError) error = NULL;
+  gboolean ok;
+  guint i, j;
+
+  for (i = 0; i < entries->len; i++)
+    {
+      KdRedisEntry *entry = g_ptr_array_index (entries, i);
+
+      if (!kd_dispatcher_submit (self->dispatcher, entry->key, entry, &error))
+        break;
+    }
+
+  if (i < entries->len)
+    {
+      g_debug ("redis queue %s: %s: the dispatcher refused a job: %s", self->config.name,
+               self->member, error->message);
+      kd_mutex_lock (&self->lock);
+      for (j = i; j < entries->len; j++)
+        {
+          KdRedisEntry *entry = g_ptr_array_index (entries, j);
+          KdRedisShard *shard = kd_redis_consumer_entry_shard (self, entry);
+
+          shard->in_flight--;
+          self->in_flight--;
+          if (entry->shard < 0)
+            g_hash_table_remove (self->unkeyed_ids, entry->id);
+        }
+      kd_mutex_unlock (&self->lock);
+      for (j = i; j < entries->len; j++)
+        kd_redis_entry_unref (g_ptr_array_index (entries, j));
+    }
+  ok = i == entries->len;
+  g_ptr_array_set_size (entries, 0);
+
+  return ok;
+}
+
+/* A connection the reader lost may have taken entries delivered to this
+ * consumer with it: every shard starts over from a takeover of its pending
+ * entries, once the entries in flight here are done. */
+static void
+reader_lost_connection (KdRedisConsumer *self,
+                        const GError    *error)
+{
+  g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member,
+           error != NULL ? error->message : "server error");
+  kd_mutex_lock (&self->lock);
+  kd_redis_consumer_fence_all_locked (self);
+  g_strlcpy (self->wake_last_id, "0-0", sizeof self->wake_last_id);
+  if (!self->stopping)
+    {
+      self->reader_waiting = TRUE;
+      kd_cond_wait_until (&self->cond, &self->lock, g_get_monotonic_time () + self->tick_us);
+      self->reader_waiting = FALSE;
+    }
+  kd_mutex_unlock (&self->lock);
+}
+
+static gboolean
+reader_connect (KdRedisConsumer  *self,
+                KdRedisConn      *conn,
+                GError          **error)
+{
+  if (conn->context != NULL)
+    return TRUE;
+  if (!kd_redis_conn_ensure (conn, error) ||
+      !kd_redis_conn_create_groups (conn, self->config.name, self->config.n_shards, error))
+    {
+      kd_redis_conn_close (conn);
+      return FALSE;
+    }
+
+  return TRUE;
+}
+
+/* What a read of @streams got is counted in flight, or it got nothing:
+ * the lease thread may release or take them again. */
+static void
+reader_done_reading_locked (KdRedisConsumer *self,
+                            GArray          *streams)
+{
+  guint i;
+
+  for (i = 0; i < streams->len; i++)
+    self->shards[g_array_index (streams, guint, i)].reading = FALSE;
+}
+
+static void
+reader_done_reading (KdRedisConsumer *self,
+                     GArray          *streams)
+{
+  kd_mutex_lock (&self->lock);
+  reader_done_reading_locked (self, streams);
+  kd_mutex_unlock (&self->lock);
+}
+
+/* Takes over up to @budget pending entries of a shard just gained, in id
+ * order, from wherever its cursor stands. */
+static gboolean
+reader_claim (KdRedisConsumer  *self,
+              KdRedisConn      *conn,
+              guint             index,
+              guint             generation,
+              const char       *cursor,
+              guint             budget,
+              gint64            min_idle_us,
+              GPtrArray        *out,
+              GError          **error)
+{
+  KdRedisShard *shard = &self->shards[index];
+  KdRedisArgs args;
+  redisReply *reply;
+
+  kd_redis_args_init (&args);
+  kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_CLAIM, 2);
+  kd_redis_args_add_string (&args, shard->lease);
+  kd_redis_args_add_string (&args, shard->stream);
+  kd_redis_args_add_string (&args, self->member);
+  kd_redis_args_add_string (&args, KD_REDIS_GROUP);
+  kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, min_idle_us / 1000);
+  kd_redis_args_add_string (&args, cursor);
+  kd_redis_args_add_printf (&args, "%u", budget);
+  kd_redis_args_add_string (&args, shard->index >= 0 ? "1" : "0");
+  reply = kd_redis_conn_run (conn, &args, error);
+  kd_redis_args_clear (&args);
+  if (reply == NULL)
+    return FALSE;
+
+  kd_mutex_lock (&self->lock);
+  if (reply->type == REDIS_REPLY_INTEGER)
+    {
+      if (shard->generation == generation)
+        kd_redis_consumer_fence_locked (self, shard);
+    }
+  else if (reply->type == REDIS_REPLY_ARRAY && reply->elements >= 2 &&
+           reply->element[0]->type == REDIS_REPLY_STRING)
+    {
+      parse_entries_locked (self, reply->element[1], shard, generation, TRUE, out);
+      if (shard->generation == generation)
+        {
+          g_strlcpy (shard->cursor, reply->element[0]->str, sizeof shard->cursor);
+          if (strcmp (shard->cursor, "0-0") == 0 && shard->state == KD_REDIS_SHARD_CLAIMING)
+            {
+              g_debug ("redis queue %s: %s took over %u+ entries of shard %d", self->config.name,
+                       self->member, out->len, shard->index);
+              shard->state = KD_REDIS_SHARD_READING;
+            }
+        }
+    }
+  kd_mutex_unlock (&self->lock);
+  kd_redis_reply_free (reply);
+
+  return TRUE;
+}
+
+/* Waits until one of the idle streams has an entry after the last one seen,
+ * for at most a tick, or until another thread wakes it through its
+ * wake stream; not at all if something changed since the reader looked. */
+static gboolean
+reader_wait_for_entries (KdRedisConsumer  *self,
+                         KdRedisConn      *conn,
+                         GArray           *idle,
+                         GError          **error)
+{
+  KdRedisArgs args;
+  redisReply *reply = NULL;
+  gboolean block;
+  gsize i;
+
+  kd_redis_args_init (&args);
+  kd_redis_args_add_string (&args, "XREAD");
+  kd_redis_args_add_string (&args, "COUNT");
+  kd_redis_args_add_string (&args, "1");
+  kd_redis_args_add_string (&args, "BLOCK");
+  kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, MAX (self->tick_us / 1000, 1));
+  kd_redis_args_add_string (&args, "STREAMS");
+  kd_mutex_lock (&self->lock);
+  for (i = 0; i < idle->len; i++)
+    kd_redis_args_add_string (&args, self->shards[g_array_index (idle, guint, i)].stream);
+  kd_redis_args_add_string (&args, self->wake_key);
+  for (i = 0; i < idle->len; i++)
+    kd_redis_args_add_string (&args, self->shards[g_array_index (idle, guint, i)].last_id);
+  kd_redis_args_add_string (&args, self->wake_last_id);
+  block = !self->stopping && !self->wake_pending;
+  self->reader_blocked = block;
+  kd_mutex_unlock (&self->lock);
+
+  if (block)
+    reply = kd_redis_conn_run (conn, &args, error);
+  kd_redis_args_clear (&args);
+
+  kd_mutex_lock (&self->lock);
+  self->reader_blocked = FALSE;
+  kd_mutex_unlock (&self->lock);
+
+  if (!block)
+    return TRUE;
+  if (reply == NULL)
+    return FALSE;
+  /* [[stream, [[id, fields]]], ...] for the streams that had entries (nil
+   * at the end of the tick): the wake stream's tells where to wait from
+   * next time. */
+  for (i = 0; reply->type == REDIS_REPLY_ARRAY && i < reply->elements; i++)
+    {
+      const redisReply *stream = reply->element[i];
+
+      if (stream->type == REDIS_REPLY_ARRAY && stream->elements == 2 &&
+          stream->element[0]->type == REDIS_REPLY_STRING && strcmp (stream->element[0]->str, self->wake_key) == 0 &&
+          stream->element[1]->type == REDIS_REPLY_ARRAY && stream->element[1]->elements > 0 &&
+          stream->element[1]->element[0]->type == REDIS_REPLY_ARRAY &&
+          stream->element[1]->element[0]->elements > 0 &&
+          stream->element[1]->element[0]->element[0]->type == REDIS_REPLY_STRING)
+        g_strlcpy (self->wake_last_id, stream->element[1]->element[0]->element[0]->str, sizeof self->wake_last_id);
+    }
+  kd_redis_reply_free (reply);
+  return TRUE;
+}
+
+/* Reads new entries of the shards being read, and of the unkeyed stream,
+ * @budget at most in all, fenced by their leases (see kd_redis_consumer_watch_leases());
+ * waits in XREAD BLOCK if none had any. XREADGROUP's COUNT is per stream:
+ * the budget is shared evenly among the streams read. */
+static gboolean
+reader_read (KdRedisConsumer  *self,
+             KdRedisConn      *conn,
+             GArray           *streams,
+             GArray           *generations,
+             guint             budget,
+             GPtrArray        *out,
+             GError          **error)
+{
+  g_autofree gboolean *ours = g_new (gboolean, streams->len);
+  g_autoptr (GArray) reading = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) idle = g_array_new (FALSE, FALSE, sizeof (guint));
+  KdRedisArgs commands[2];
+  redisReply *exec;
+  const redisReply *got, *last_ids;
+  guint i, k, next;
+
+  if (!kd_redis_consumer_watch_leases (self, conn, (const guint *) (gpointer) streams->data, streams->len, ours, error))
+    return FALSE;
+
+  /* Positions in @streams of the ones to read; the shards lost are
+   * fenced. */
+  kd_mutex_lock (&self->lock);
+  for (i = 0; i < streams->len; i++)
+    {
+      KdRedisShard *shard = &self->shards[g_array_index (streams, guint, i)];
+
+      if (ours[i])
+        g_array_append_val (reading, i);
+      else if (shard->generation == g_array_index (generations, guint, i))
+        kd_redis_consumer_fence_locked (self, shard);
+    }
+  kd_mutex_unlock (&self->lock);
+  g_array_set_size (reading, MIN (reading->len, budget));
+
+  for (k = 0; k < 2; k++)
+    kd_redis_args_init (&commands[k]);
+  kd_redis_args_add_string (&commands[0], "XREADGROUP");
+  kd_redis_args_add_string (&commands[0], "GROUP");
+  kd_redis_args_add_string (&commands[0], KD_REDIS_GROUP);
+  kd_redis_args_add_string (&commands[0], self->member);
+  kd_redis_args_add_string (&commands[0], "COUNT");
+  kd_redis_args_add_printf (&commands[0], "%u", budget / MAX (reading->len, 1));
+  kd_redis_args_add_string (&commands[0], "STREAMS");
+  kd_redis_args_add_script (&commands[1], conn, KD_REDIS_SCRIPT_LAST_IDS, reading->len);
+  for (i = 0; i < reading->len; i++)
+    {
+      const char *stream = self->shards[g_array_index (streams, guint, g_array_index (reading, guint, i))].stream;
+
+      kd_redis_args_add_string (&commands[0], stream);
+      kd_redis_args_add_string (&commands[1], stream);
+    }
+  for (i = 0; i < reading->len; i++)
+    kd_redis_args_add_string (&commands[0], ">");
+  /* With nothing left to read, the MULTI still ends the WATCH. */
+  exec = kd_redis_conn_transaction (conn, commands, reading->len > 0 ? 2 : 0, error);
+  for (k = 0; k < 2; k++)
+    kd_redis_args_clear (&commands[k]);
+  if (exec == NULL)
+    return FALSE;
+  /* A lease changed after the WATCH: nothing was read; read again. */
+  if (exec->type == REDIS_REPLY_NIL || reading->len == 0)
+    {
+      kd_redis_reply_free (exec);
+      return TRUE;
+    }
+
+  got = exec->elements == 2 ? exec->element[0] : NULL;
+  last_ids = exec->elements == 2 ? exec->element[1] : NULL;
+  if (got == NULL || (got->type != REDIS_REPLY_NIL && got->type != REDIS_REPLY_ARRAY) ||
+      last_ids->type != REDIS_REPLY_ARRAY || last_ids->elements != reading->len)
+    {
+      kd_redis_reply_free (exec);
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "unexpected reply to a read");
+      return FALSE;
+    }
+
+  /* XREADGROUP answers the streams that had entries, in the order asked. */
+  kd_mutex_lock (&self->lock);
+  for (i = 0, next = 0; i < reading->len; i++)
+    {
+      guint at = g_array_index (reading, guint, i);
+      guint index = g_array_index (streams, guint, at);
+      KdRedisShard *shard = &self->shards[index];
+      const redisReply *stream = got->type == REDIS_REPLY_ARRAY && next < got->elements ?
+                                 got->element[next] : NULL;
+
+      if (stream != NULL && stream->type == REDIS_REPLY_ARRAY && stream->elements == 2 &&
+          stream->element[0]->type == REDIS_REPLY_STRING &&
+          strcmp (stream->element[0]->str, shard->stream) == 0)
+        {
+          parse_entries_locked (self, stream->element[1], shard, g_array_index (generations, guint, at), FALSE, out);
+          next++;
+        }
+      else if (last_ids->element[i]->type == REDIS_REPLY_STRING)
+        {
+          g_strlcpy (shard->last_id, last_ids->element[i]->str, sizeof shard->last_id);
+          g_array_append_val (idle, index);
+        }
+    }
+  /* Not while it waits for more. */
+  reader_done_reading_locked (self, streams);
+  kd_mutex_unlock (&self->lock);
+  kd_redis_reply_free (exec);
+
+  if (idle->len == reading->len)
+    return reader_wait_for_entries (self, conn, idle, error);
+  return TRUE;
+}
+
+gpointer
+kd_redis_reader_main (gpointer data)
+{
+  KdRedisConsumer *self = data;
+  g_autoptr (GPtrArray) entries = g_ptr_array_new ();
+  g_autoptr (GArray) streams = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) generations = g_array_new (FALSE, FALSE, sizeof (guint));
+  guint unkeyed = self->config.n_shards;
+  gint64 next_unkeyed_claim = g_get_monotonic_time () + self->claim_idle_us;
+  KdRedisConn conn;
+
+  kd_redis_conn_init (&conn, self->config.host, self->config.port,
+                      self->config.lease_us + self->tick_us);
+
+  for (;;)
+    {
+      g_autoptr (GError) error = NULL;
+      gint claiming = -1;
+      guint claim_generation = 0;
+      char cursor[64] = "0-0";
+      guint budget = 0;
+      gboolean ok;
+      guint i;
+
+      g_array_set_size (streams, 0);
+      g_array_set_size (generations, 0);
+
+      kd_mutex_lock (&self->lock);
+      while (!self->stopping)
+        {
+          /* Read again once half the budget is free, so that reading
+           * overlaps running without ever exceeding it. */
+          budget = self->config.batch_size - MIN (self->in_flight, self->config.batch_size);
+          if (self->in_flight <= self->config.batch_size / 2 && budget > 0)
+            break;
+          self->reader_waiting = TRUE;
+          kd_cond_wait_until (&self->cond, &self->lock, g_get_monotonic_time () + self->tick_us);
+          self->reader_waiting = FALSE;
+        }
+      if (self->stopping)
+        {
+          kd_mutex_unlock (&self->lock);
+          break;
+        }
+      /* What changed until now is seen in this round. */
+      self->wake_pending = FALSE;
+      for (i = 0; i < self->config.n_shards && claiming < 0; i++)
+        if (self->shards[i].state == KD_REDIS_SHARD_CLAIMING)
+          {
+            claiming = (gint) i;
+            claim_generation = self->shards[i].generation;
+            g_strlcpy (cursor, self->shards[i].cursor, sizeof cursor);
+            g_array_append_val (streams, i);
+            g_array_append_val (generations, claim_generation);
+          }
+      if (claiming < 0)
+        {
+          /* Rotated, so that a budget too small for all never starves the
+           * same streams. */
+          self->read_offset++;
+          for (i = 0; i < self->n_streams; i++)
+            {
+              guint index = (i + self->read_offset) % self->n_streams;
+
+              if (index == unkeyed || self->shards[index].state == KD_REDIS_SHARD_READING)
+                {
+                  g_array_append_val (streams, index);
+                  g_array_append_val (generations, self->shards[index].generation);
+                }
+            }
+        }
+      for (i = 0; i < streams->len; i++)
+        self->shards[g_array_index (streams, guint, i)].reading = TRUE;
+      kd_mutex_unlock (&self->lock);
+
+      if (!reader_connect (self, &conn, &error))
+        {
+          reader_done_reading (self, streams);
+          reader_lost_connection (self, error);
+          continue;
+        }
+
+      if (claiming >= 0)
+        {
+          ok = reader_claim (self, &conn, (guint) claiming, claim_generation, cursor, budget,
+                             0, entries, &error);
+          reader_done_reading (self, streams);
+          if (ok && !submit_entries (self, entries))
+            break;
+        }
+      else if (g_get_monotonic_time () >= next_unkeyed_claim)
+        {
+          /* Unkeyed entries pending for long with a consumer that went
+           * away: any consumer takes them over. */
+          kd_mutex_lock (&self->lock);
+          g_strlcpy (cursor, self->shards[unkeyed].cursor, sizeof cursor);
+          kd_mutex_unlock (&self->lock);
+          ok = reader_claim (self, &conn, unkeyed, 0, cursor, budget, self->claim_idle_us,
+                             entries, &error);
+          reader_done_reading (self, streams);
+          kd_mutex_lock (&self->lock);
+          if (ok && strcmp (self->shards[unkeyed].cursor, "0-0") == 0)
+            next_unkeyed_claim = g_get_monotonic_time () + self->claim_idle_us;
+          kd_mutex_unlock (&self->lock);
+          if (ok && !submit_entries (self, entries))
+            break;
+        }
+      else
+        {
+          ok = reader_read (self, &conn, streams, generations, budget, entries, &error);
+          reader_done_reading (self, streams);
+          if (ok && !submit_entries (self, entries))
+            break;
+        }
+
+      if (!ok)
+        {
+          /* Entries come only with a success. */
+          g_assert (entries->len == 0);
+          kd_redis_conn_close (&conn);
+          reader_lost_connection (self, error);
+        }
+    }
+
+  kd_redis_conn_clear (&conn);
+  return NULL;
+}
