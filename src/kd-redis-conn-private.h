@@ -19,10 +19,11 @@ typedef enum
   KD_REDIS_SCRIPT_ACQUIRE,
   KD_REDIS_SCRIPT_RENEW,
   KD_REDIS_SCRIPT_RELEASE,
-  KD_REDIS_SCRIPT_LAST_IDS,
+  KD_REDIS_SCRIPT_DELIVERED_IDS,
   KD_REDIS_SCRIPT_CLAIM,
   KD_REDIS_SCRIPT_DEAD,
   KD_REDIS_SCRIPT_BACKLOG,
+  KD_REDIS_SCRIPT_TRIM,
   KD_REDIS_N_SCRIPTS,
 } KdRedisScript;
 
@@ -75,6 +76,10 @@ gboolean     kd_redis_conn_pipeline    (KdRedisConn   *conn,
 redisReply  *kd_redis_conn_transaction (KdRedisConn   *conn,
                                         KdRedisArgs   *commands,
                                         guint          n_commands,
+                                        GError       **error);
+gboolean     kd_redis_conn_trim        (KdRedisConn   *conn,
+                                        GPtrArray     *streams,
+                                        guint64       *trimmed,
                                         GError       **error);
 gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
                                           const char  *name,

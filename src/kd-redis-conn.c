@@ -59,15 +59,19 @@ static const char script_release[] =
   "end\n"
   "return n\n";
 
-/* The id of each stream's last entry ("0-0" if empty). KEYS: streams.
- * Run in the MULTI of a read, right after XREADGROUP ">": a stream that
- * gave nothing new has delivered every entry up to that one, so XREAD
- * waits for entries after it. */
-static const char script_last_ids[] =
+/* Where a group stands on each stream: the id of the last entry delivered
+ * to it ("0-0" if none). KEYS: the streams; ARGV[1] the group. Run in the
+ * MULTI of a read, right after XREADGROUP ">", for XREAD to wait for the
+ * entries after it. */
+static const char script_delivered_ids[] =
   "local r = {}\n"
-  "for i, k in ipairs(KEYS) do\n"
-  "  local last = redis.call('XREVRANGE', k, '+', '-', 'COUNT', 1)\n"
-  "  if last[1] then r[i] = last[1][1] else r[i] = '0-0' end\n"
+  "for i, s in ipairs(KEYS) do\n"
+  "  r[i] = '0-0'\n"
+  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
+  "    local f = {}\n"
+  "    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end\n"
+  "    if f['name'] == ARGV[1] then r[i] = f['last-delivered-id'] end\n"
+  "  end\n"
   "end\n"
   "return r\n";
 
@@ -117,15 +121,50 @@ static const char script_backlog[] =
   "end\n"
   "return n\n";
 
+/* Trims each stream below what every one of its consumer groups has
+ * acknowledged, never further: a group's bound is its oldest pending entry
+ * (read, not acknowledged), or, with none pending, the entry after the
+ * last one it was delivered (the ones after it are not read yet). XTRIM
+ * MINID removes the entries before the lowest bound. KEYS: the streams.
+ * Returns how many entries were removed. */
+static const char script_trim[] =
+  "local function parse(id)\n"
+  "  local ms, seq = string.match(id, '^(%d+)-(%d+)$')\n"
+  "  return tonumber(ms), tonumber(seq)\n"
+  "end\n"
+  "local trimmed = 0\n"
+  "for _, s in ipairs(KEYS) do\n"
+  "  local min_ms, min_seq\n"
+  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
+  "    local f = {}\n"
+  "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
+  "    local ms, seq\n"
+  "    if f['pending'] > 0 then\n"
+  "      ms, seq = parse(redis.call('XPENDING', s, f['name'])[2])\n"
+  "    else\n"
+  "      ms, seq = parse(f['last-delivered-id'])\n"
+  "      seq = seq + 1\n"
+  "    end\n"
+  "    if min_ms == nil or ms < min_ms or (ms == min_ms and seq < min_seq) then\n"
+  "      min_ms, min_seq = ms, seq\n"
+  "    end\n"
+  "  end\n"
+  "  if min_ms ~= nil then\n"
+  "    trimmed = trimmed + redis.call('XTRIM', s, 'MINID', string.format('%.0f-%.0f', min_ms, min_seq))\n"
+  "  end\n"
+  "end\n"
+  "return trimmed\n";
+
 static const char *const scripts[KD_REDIS_N_SCRIPTS] = {
   [KD_REDIS_SCRIPT_HEARTBEAT] = script_heartbeat,
   [KD_REDIS_SCRIPT_ACQUIRE] = script_acquire,
   [KD_REDIS_SCRIPT_RENEW] = script_renew,
   [KD_REDIS_SCRIPT_RELEASE] = script_release,
-  [KD_REDIS_SCRIPT_LAST_IDS] = script_last_ids,
+  [KD_REDIS_SCRIPT_DELIVERED_IDS] = script_delivered_ids,
   [KD_REDIS_SCRIPT_CLAIM] = script_claim,
   [KD_REDIS_SCRIPT_DEAD] = script_dead,
   [KD_REDIS_SCRIPT_BACKLOG] = script_backlog,
+  [KD_REDIS_SCRIPT_TRIM] = script_trim,
 };
 
 /* Replies in arenas. hiredis builds a reply as a tree of redisReply
@@ -731,6 +770,35 @@ kd_redis_conn_transaction (KdRedisConn  *conn,
       kd_redis_conn_close (conn);
     }
   return reply;
+}
+
+/* Trims @streams (char *) below what every consumer group of each has
+ * acknowledged; adds to @trimmed how many entries went. */
+gboolean
+kd_redis_conn_trim (KdRedisConn  *conn,
+                    GPtrArray    *streams,
+                    guint64      *trimmed,
+                    GError      **error)
+{
+  KdRedisArgs args;
+  redisReply *reply;
+  guint i;
+
+  if (streams->len == 0 || !kd_redis_conn_ensure (conn, error))
+    return streams->len == 0;
+
+  kd_redis_args_init (&args);
+  kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_TRIM, streams->len);
+  for (i = 0; i < streams->len; i++)
+    kd_redis_args_add_string (&args, g_ptr_array_index (streams, i));
+  reply = kd_redis_conn_run (conn, &args, error);
+  kd_redis_args_clear (&args);
+  if (reply == NULL)
+    return FALSE;
+  if (reply->type == REDIS_REPLY_INTEGER && reply->integer > 0)
+    *trimmed += (guint64) reply->integer;
+  kd_redis_reply_free (reply);
+  return TRUE;
 }
 
 /* Creates the consumer group on every stream of the queue, from the

@@ -6,9 +6,11 @@
  * sorted set of members, computes which shards this process should own by
  * rendezvous hashing over the live members, and in one round trip renews
  * the leases it holds, releases the ones it drained and takes the ones it
- * should have. It has its own connection and does nothing else, so that a
- * renewal never waits behind a read or an acknowledgement. See
- * kd-redis-consumer.c for how it fits with the other threads.
+ * should have. Once per lease time it also trims the streams it reads
+ * below what every consumer group has acknowledged. It has its own
+ * connection and does nothing else, so that a renewal never waits behind a
+ * read or an acknowledgement. See kd-redis-consumer.c for how it fits with
+ * the other threads.
  */
 
 #include "config.h"
@@ -300,10 +302,40 @@ lease_leave (KdRedisConsumer *self,
   kd_redis_args_clear (&args);
 }
 
+/* Trims the streams of the shards this process reads, and the unkeyed
+ * stream if it reads shard 0, below what every consumer group has
+ * acknowledged. Any process could (only acknowledged entries go): the
+ * owner does, so that each stream is trimmed once per round. */
+static void
+lease_trim (KdRedisConsumer *self,
+            KdRedisConn     *conn)
+{
+  g_autoptr (GPtrArray) streams = g_ptr_array_new ();
+  g_autoptr (GError) error = NULL;
+  guint64 trimmed = 0;
+  guint i;
+
+  kd_mutex_lock (&self->lock);
+  for (i = 0; i < self->config.n_shards; i++)
+    if (self->shards[i].state == KD_REDIS_SHARD_READING)
+      g_ptr_array_add (streams, self->shards[i].stream);
+  if (self->shards[0].state == KD_REDIS_SHARD_READING)
+    g_ptr_array_add (streams, self->shards[self->config.n_shards].stream);
+  kd_mutex_unlock (&self->lock);
+
+  if (!kd_redis_conn_trim (conn, streams, &trimmed, &error))
+    g_debug ("redis queue %s: %s: trim: %s", self->config.name, self->member, error->message);
+  kd_mutex_lock (&self->lock);
+  self->stats.trimmed += trimmed;
+  kd_mutex_unlock (&self->lock);
+}
+
 gpointer
 kd_redis_lease_main (gpointer data)
 {
   KdRedisConsumer *self = data;
+  /* The first round takes the shards; trimming waits for the next. */
+  gint64 next_trim = g_get_monotonic_time () + self->tick_us;
   KdRedisConn conn;
 
   kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
@@ -312,11 +344,17 @@ kd_redis_lease_main (gpointer data)
   while (!self->releasing && !self->cancelled)
     {
       /* Ticks from the start of each, whatever the round trips took. */
-      gint64 next_tick = g_get_monotonic_time () + self->tick_us;
+      gint64 now = g_get_monotonic_time ();
+      gint64 next_tick = now + self->tick_us;
 
       kd_mutex_unlock (&self->lock);
       lease_tick (self, &conn);
       kd_redis_consumer_unblock_reader (self, &conn);
+      if (now >= next_trim)
+        {
+          lease_trim (self, &conn);
+          next_trim = now + self->config.lease_us;
+        }
       kd_mutex_lock (&self->lock);
       while (!self->releasing && !self->cancelled)
         if (!kd_cond_wait_until (&self->lease_cond, &self->lock, next_tick))

@@ -22,7 +22,10 @@
  * which name the job should a producer add it twice after an error. Every
  * stream is read through one consumer group, "kd", created at id 0 so that
  * jobs added before any consumer ran are read. Streams are never trimmed
- * with MAXLEN.
+ * with MAXLEN: once per lease time, the owner of a shard trims its stream
+ * with XTRIM MINID below the oldest entry that some consumer group has not
+ * acknowledged (pending, or not yet delivered), so the streams hold what is
+ * unfinished and little more (kd_redis_queue_trim() does it on demand).
  *
  * Ownership. Each consumer process is a member named host-pid-random. It
  * beats every sixth of the lease time in the sorted set N:members, scored
@@ -808,6 +811,46 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
         g_clear_pointer (&reply, kd_redis_reply_free);
     }
   kd_redis_conn_clear (&subscriber);
+
+  return ok;
+}
+
+/**
+ * kd_redis_queue_trim:
+ * @self: a queue
+ * @trimmed: (out) (optional): return location for the number of entries
+ *   removed
+ * @error: return location for an error
+ *
+ * Removes from the queue's streams the entries that every consumer group
+ * has acknowledged, and no other: each stream is trimmed (XTRIM MINID)
+ * below its oldest entry still pending in some group, or not yet delivered
+ * to it. The consumers do this on their own, once per lease time, for the
+ * shards they own; call it to reclaim the memory at once, after a large
+ * batch for instance. Thread-safe.
+ *
+ * Returns: %TRUE if trimmed; %FALSE with @error set (a %G_IO_ERROR) if
+ *   Redis could not be reached
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_trim (KdRedisQueue  *self,
+                     guint64       *trimmed,
+                     GError       **error)
+{
+  guint64 count = 0;
+  gboolean ok;
+
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  kd_mutex_lock (&self->producer_lock);
+  self->frozen = TRUE;
+  ok = producer_ready_locked (self, error) && kd_redis_conn_trim (&self->producer, self->streams, &count, error);
+  kd_mutex_unlock (&self->producer_lock);
+  if (ok && trimmed != NULL)
+    *trimmed = count;
 
   return ok;
 }

@@ -313,9 +313,11 @@ reader_wait_for_entries (KdRedisConsumer  *self,
 }
 
 /* Reads new entries of the shards being read, and of the unkeyed stream,
- * @budget at most in all, fenced by their leases (see kd_redis_consumer_watch_leases());
- * waits in XREAD BLOCK if none had any. XREADGROUP's COUNT is per stream:
- * the budget is shared evenly among the streams read. */
+ * @budget at most in all, fenced by their leases (see
+ * kd_redis_consumer_watch_leases()); waits in XREAD BLOCK if none had any.
+ * XREADGROUP's COUNT is per stream: the budget is shared evenly among the
+ * streams read, and with a budget smaller than the number of streams only
+ * that many are read, the next ones in the next round. */
 static gboolean
 reader_read (KdRedisConsumer  *self,
              KdRedisConn      *conn,
@@ -326,31 +328,35 @@ reader_read (KdRedisConsumer  *self,
              GError          **error)
 {
   g_autofree gboolean *ours = g_new (gboolean, streams->len);
-  g_autoptr (GArray) reading = g_array_new (FALSE, FALSE, sizeof (guint));
+  /* Positions in @streams: the ones still ours, and the first of them,
+   * which are read. */
+  g_autoptr (GArray) held = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) idle = g_array_new (FALSE, FALSE, sizeof (guint));
   KdRedisArgs commands[2];
   redisReply *exec;
-  const redisReply *got, *last_ids;
-  guint i, k, next;
+  const redisReply *got, *delivered;
+  guint i, k, next, n_reading, n_got = 0;
 
   if (!kd_redis_consumer_watch_leases (self, conn, (const guint *) (gpointer) streams->data, streams->len, ours, error))
     return FALSE;
 
-  /* Positions in @streams of the ones to read; the shards lost are
-   * fenced. */
+  /* The shards lost are fenced. */
   kd_mutex_lock (&self->lock);
   for (i = 0; i < streams->len; i++)
     {
       KdRedisShard *shard = &self->shards[g_array_index (streams, guint, i)];
 
       if (ours[i])
-        g_array_append_val (reading, i);
+        g_array_append_val (held, i);
       else if (shard->generation == g_array_index (generations, guint, i))
         kd_redis_consumer_fence_locked (self, shard);
     }
   kd_mutex_unlock (&self->lock);
-  g_array_set_size (reading, MIN (reading->len, budget));
+  n_reading = MIN (held->len, budget);
 
+  /* XREADGROUP ">" on the ones read; then where the group stands on each
+   * one held, for XREAD to wait from if nothing came: the entries after it
+   * are the ones not read yet. */
   for (k = 0; k < 2; k++)
     kd_redis_args_init (&commands[k]);
   kd_redis_args_add_string (&commands[0], "XREADGROUP");
@@ -358,35 +364,37 @@ reader_read (KdRedisConsumer  *self,
   kd_redis_args_add_string (&commands[0], KD_REDIS_GROUP);
   kd_redis_args_add_string (&commands[0], self->member);
   kd_redis_args_add_string (&commands[0], "COUNT");
-  kd_redis_args_add_printf (&commands[0], "%u", budget / MAX (reading->len, 1));
+  kd_redis_args_add_printf (&commands[0], "%u", budget / MAX (n_reading, 1));
   kd_redis_args_add_string (&commands[0], "STREAMS");
-  kd_redis_args_add_script (&commands[1], conn, KD_REDIS_SCRIPT_LAST_IDS, reading->len);
-  for (i = 0; i < reading->len; i++)
+  kd_redis_args_add_script (&commands[1], conn, KD_REDIS_SCRIPT_DELIVERED_IDS, held->len);
+  for (i = 0; i < held->len; i++)
     {
-      const char *stream = self->shards[g_array_index (streams, guint, g_array_index (reading, guint, i))].stream;
+      const char *stream = self->shards[g_array_index (streams, guint, g_array_index (held, guint, i))].stream;
 
-      kd_redis_args_add_string (&commands[0], stream);
+      if (i < n_reading)
+        kd_redis_args_add_string (&commands[0], stream);
       kd_redis_args_add_string (&commands[1], stream);
     }
-  for (i = 0; i < reading->len; i++)
+  for (i = 0; i < n_reading; i++)
     kd_redis_args_add_string (&commands[0], ">");
+  kd_redis_args_add_string (&commands[1], KD_REDIS_GROUP);
   /* With nothing left to read, the MULTI still ends the WATCH. */
-  exec = kd_redis_conn_transaction (conn, commands, reading->len > 0 ? 2 : 0, error);
+  exec = kd_redis_conn_transaction (conn, commands, n_reading > 0 ? 2 : 0, error);
   for (k = 0; k < 2; k++)
     kd_redis_args_clear (&commands[k]);
   if (exec == NULL)
     return FALSE;
   /* A lease changed after the WATCH: nothing was read; read again. */
-  if (exec->type == REDIS_REPLY_NIL || reading->len == 0)
+  if (exec->type == REDIS_REPLY_NIL || n_reading == 0)
     {
       kd_redis_reply_free (exec);
       return TRUE;
     }
 
   got = exec->elements == 2 ? exec->element[0] : NULL;
-  last_ids = exec->elements == 2 ? exec->element[1] : NULL;
+  delivered = exec->elements == 2 ? exec->element[1] : NULL;
   if (got == NULL || (got->type != REDIS_REPLY_NIL && got->type != REDIS_REPLY_ARRAY) ||
-      last_ids->type != REDIS_REPLY_ARRAY || last_ids->elements != reading->len)
+      delivered->type != REDIS_REPLY_ARRAY || delivered->elements != held->len)
     {
       kd_redis_reply_free (exec);
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "unexpected reply to a read");
@@ -395,12 +403,12 @@ reader_read (KdRedisConsumer  *self,
 
   /* XREADGROUP answers the streams that had entries, in the order asked. */
   kd_mutex_lock (&self->lock);
-  for (i = 0, next = 0; i < reading->len; i++)
+  for (i = 0, next = 0; i < held->len; i++)
     {
-      guint at = g_array_index (reading, guint, i);
+      guint at = g_array_index (held, guint, i);
       guint index = g_array_index (streams, guint, at);
       KdRedisShard *shard = &self->shards[index];
-      const redisReply *stream = got->type == REDIS_REPLY_ARRAY && next < got->elements ?
+      const redisReply *stream = i < n_reading && got->type == REDIS_REPLY_ARRAY && next < got->elements ?
                                  got->element[next] : NULL;
 
       if (stream != NULL && stream->type == REDIS_REPLY_ARRAY && stream->elements == 2 &&
@@ -409,10 +417,11 @@ reader_read (KdRedisConsumer  *self,
         {
           parse_entries_locked (self, stream->element[1], shard, g_array_index (generations, guint, at), FALSE, out);
           next++;
+          n_got++;
         }
-      else if (last_ids->element[i]->type == REDIS_REPLY_STRING)
+      else if (delivered->element[i]->type == REDIS_REPLY_STRING)
         {
-          g_strlcpy (shard->last_id, last_ids->element[i]->str, sizeof shard->last_id);
+          g_strlcpy (shard->last_id, delivered->element[i]->str, sizeof shard->last_id);
           g_array_append_val (idle, index);
         }
     }
@@ -421,7 +430,7 @@ reader_read (KdRedisConsumer  *self,
   kd_mutex_unlock (&self->lock);
   kd_redis_reply_free (exec);
 
-  if (idle->len == reading->len)
+  if (n_got == 0)
     return reader_wait_for_entries (self, conn, idle, error);
   return TRUE;
 }

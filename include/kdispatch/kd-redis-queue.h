@@ -34,6 +34,8 @@ G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
  *   again
  * @skipped: entries this process did not start, or not finish, because it
  *   lost its shard or was about to: another process runs them
+ * @trimmed: entries this process removed from the streams it owns, every
+ *   consumer group having acknowledged them
  * @shards_owned: shards whose lease this process holds right now
  * @in_flight: entries read and not yet acknowledged, refused or skipped
  *
@@ -48,6 +50,7 @@ typedef struct
   guint64 dead_lettered;
   guint64 refused;
   guint64 skipped;
+  guint64 trimmed;
   guint   shards_owned;
   guint   in_flight;
 } KdRedisQueueStats;
@@ -106,6 +109,11 @@ KD_AVAILABLE_IN_ALL
 gboolean      kd_redis_queue_wait_backlog    (KdRedisQueue    *self,
                                               guint64          at_most,
                                               gint64           timeout_us,
+                                              GError         **error);
+
+KD_AVAILABLE_IN_ALL
+gboolean      kd_redis_queue_trim            (KdRedisQueue    *self,
+                                              guint64         *trimmed,
                                               GError         **error);
 
 KD_AVAILABLE_IN_ALL

@@ -110,7 +110,7 @@ server_launch (Server *server)
                                                  "--port", port, "--bind", "127.0.0.1",
                                                  "--dir", server->dir, "--appendonly", "yes",
                                                  "--appendfsync", server->fsync_always ? "always" : "everysec",
-                                                 "--save", "",
+                                                 "--notify-keyspace-events", "Et", "--save", "",
                                                  "--logfile", log, NULL);
   g_assert_no_error (error);
 
@@ -185,6 +185,14 @@ server_stop (Server *server)
 
 /* ---- What the queue holds ---------------------------------------------- */
 
+/* The stream of shard @shard of queue @name; -1: the unkeyed one. */
+static char *
+stream_name (const char *name,
+             gint        shard)
+{
+  return shard < 0 ? g_strdup_printf ("%s:{u}", name) : g_strdup_printf ("%s:{%d}", name, shard);
+}
+
 typedef struct
 {
   guint64 entries;     /* in all the streams */
@@ -207,8 +215,7 @@ queue_progress (Server     *server,
   progress->entries = progress->unfinished = 0;
   for (shard = -1; shard < (gint) n_shards; shard++)
     {
-      g_autofree char *stream = shard < 0 ? g_strdup_printf ("%s:{u}", name)
-                                          : g_strdup_printf ("%s:{%d}", name, shard);
+      g_autofree char *stream = stream_name (name, shard);
 
       redisAppendCommand (c, "XLEN %s", stream);
       redisAppendCommand (c, "XINFO GROUPS %s", stream);
@@ -257,8 +264,7 @@ queue_progress (Server     *server,
           if (!lag_known)
             g_ptr_array_add (unknown, g_strdup_printf ("(%s", last));
           if (!lag_known)
-            g_ptr_array_add (unknown_streams, shard < 0 ? g_strdup_printf ("%s:{u}", name)
-                                                        : g_strdup_printf ("%s:{%d}", name, shard));
+            g_ptr_array_add (unknown_streams, stream_name (name, shard));
         }
       freeReplyObject (reply);
     }
@@ -290,12 +296,14 @@ wait_finished (Server     *server,
   for (;;)
     {
       queue_progress (server, name, n_shards, &progress);
-      g_assert_cmpuint (progress.entries, ==, total);
-      if (progress.entries - progress.unfinished >= done)
+      /* The streams hold the unfinished jobs; the others may be trimmed. */
+      g_assert_cmpuint (progress.entries, <=, total);
+      g_assert_cmpuint (progress.unfinished, <=, progress.entries);
+      if (total - progress.unfinished >= done)
         return;
       if (g_get_monotonic_time () >= deadline)
         g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished after %d s",
-                 progress.entries - progress.unfinished, total, (int) (DEADLINE_US / G_USEC_PER_SEC));
+                 total - progress.unfinished, total, (int) (DEADLINE_US / G_USEC_PER_SEC));
       g_usleep (POLL_US);
     }
 }
@@ -330,6 +338,131 @@ consumer_pending (Server     *server,
     }
   redisFree (c);
   return pending;
+}
+
+/* How many entries the queue's streams hold, the unkeyed one included. */
+static guint64
+streams_length (Server     *server,
+                const char *name,
+                guint       n_shards)
+{
+  redisContext *c = server_connect (server);
+  guint64 length = 0;
+  gint shard;
+
+  g_assert_nonnull (c);
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = stream_name (name, shard);
+
+      redisAppendCommand (c, "XLEN %s", stream);
+    }
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      redisReply *reply = NULL;
+
+      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+      length += (guint64) reply->integer;
+      freeReplyObject (reply);
+    }
+  redisFree (c);
+  return length;
+}
+
+static gboolean
+id_after (const char *id,
+          const char *than)
+{
+  guint64 ms, seq, than_ms, than_seq;
+
+  g_assert_cmpint (sscanf (id, "%" G_GUINT64_FORMAT "-%" G_GUINT64_FORMAT, &ms, &seq), ==, 2);
+  g_assert_cmpint (sscanf (than, "%" G_GUINT64_FORMAT "-%" G_GUINT64_FORMAT, &than_ms, &than_seq), ==, 2);
+  return ms > than_ms || (ms == than_ms && seq > than_seq);
+}
+
+/* How many of the entries the streams still hold are unfinished: pending
+ * in the group, or after the last one it was delivered. */
+static guint64
+unfinished_present (Server     *server,
+                    const char *name,
+                    guint       n_shards)
+{
+  redisContext *c = server_connect (server);
+  guint64 present = 0;
+  gint shard;
+
+  g_assert_nonnull (c);
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = stream_name (name, shard);
+      g_autoptr (GHashTable) pending = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+      g_autofree char *last = NULL;
+      redisReply *reply;
+      gsize i, f;
+
+      reply = redisCommand (c, "XINFO GROUPS %s", stream);
+      g_assert_nonnull (reply);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+      g_assert_cmpuint (reply->elements, ==, 1);
+      for (f = 0; f + 1 < reply->element[0]->elements; f += 2)
+        if (strcmp (reply->element[0]->element[f]->str, "last-delivered-id") == 0)
+          last = g_strdup (reply->element[0]->element[f + 1]->str);
+      freeReplyObject (reply);
+      g_assert_nonnull (last);
+
+      reply = redisCommand (c, "XPENDING %s kd - + 1000000", stream);
+      g_assert_nonnull (reply);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+      for (i = 0; i < reply->elements; i++)
+        g_hash_table_add (pending, g_strdup (reply->element[i]->element[0]->str));
+      freeReplyObject (reply);
+
+      reply = redisCommand (c, "XRANGE %s - +", stream);
+      g_assert_nonnull (reply);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+      for (i = 0; i < reply->elements; i++)
+        {
+          const char *id = reply->element[i]->element[0]->str;
+
+          if (g_hash_table_contains (pending, id) || id_after (id, last))
+            present++;
+        }
+      freeReplyObject (reply);
+    }
+  redisFree (c);
+  return present;
+}
+
+/* Waits until the consumers have trimmed the queue's streams down to
+ * @length entries: woken by each XTRIM (keyspace events, which the test's
+ * servers notify). */
+static void
+wait_trimmed (Server     *server,
+              const char *name,
+              guint       n_shards,
+              guint64     length)
+{
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  redisContext *c = server_connect (server);
+  redisReply *reply = redisCommand (c, "SUBSCRIBE __keyevent@0__:xtrim");
+
+  g_assert_nonnull (reply);
+  freeReplyObject (reply);
+  /* Subscribed before looking: a trim after the look wakes the wait. */
+  while (streams_length (server, name, n_shards) > length)
+    {
+      gint64 left = deadline - g_get_monotonic_time ();
+      struct timeval tv = { (time_t) (MAX (left, 1) / G_USEC_PER_SEC), (suseconds_t) (MAX (left, 1) % G_USEC_PER_SEC) };
+
+      g_assert_cmpint (left, >, 0);
+      g_assert_cmpint (redisSetTimeout (c, tv), ==, REDIS_OK);
+      if (redisGetReply (c, (void **) &reply) != REDIS_OK)
+        g_error ("no trim brought %s's streams down to %" G_GUINT64_FORMAT " entries in %d s: %s", name,
+                 length, (int) (DEADLINE_US / G_USEC_PER_SEC), c->errstr);
+      freeReplyObject (reply);
+    }
+  redisFree (c);
 }
 
 /* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
@@ -740,13 +873,123 @@ test_in_process (void)
   g_assert_cmpuint (stats.in_flight, ==, 0);
   g_assert_cmpuint (stats.shards_owned, ==, 0);
   queue_progress (&server, "inproc", 8, &progress);
-  g_assert_cmpuint (progress.entries, ==, jobs.total + 100);
+  g_assert_cmpuint (progress.entries, <=, jobs.total + 100);
   g_assert_cmpuint (progress.unfinished, ==, 0);
 
   g_clear_object (&dispatcher);
   g_clear_object (&queue);
   g_hash_table_unref (seen.last);
   g_mutex_clear (&seen.lock);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+typedef struct
+{
+  GMutex   lock;
+  GCond    cond;
+  gboolean entered;
+  gboolean open;
+} Gate;
+
+/* The job of key "gate" waits until the gate opens; the others complete. */
+static gboolean
+gate_job (KdJob    *job,
+          gpointer  user_data,
+          GError  **error)
+{
+  Gate *gate = user_data;
+
+  if (g_strcmp0 (kd_job_get_key (job), "gate") != 0)
+    return TRUE;
+  g_mutex_lock (&gate->lock);
+  gate->entered = TRUE;
+  g_cond_broadcast (&gate->cond);
+  while (!gate->open)
+    g_cond_wait (&gate->cond, &gate->lock);
+  g_mutex_unlock (&gate->lock);
+  return TRUE;
+}
+
+static void
+test_trim (void)
+{
+  Server server = { 0 };
+  Gate gate = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  g_autoptr (GError) error = NULL;
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  Jobs jobs = { 0 };
+  Progress progress;
+  guint64 trimmed;
+  guint i;
+
+  g_test_summary ("Trimming removes the entries every group acknowledged, and keeps every one "
+                  "that is pending (read, its job running or waiting) or not read yet");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  g_mutex_init (&gate.lock);
+  g_cond_init (&gate.cond);
+  /* One entry in flight at a time: once the gate's job holds it, the
+   * other streams have entries not read yet and none pending. */
+  queue = open_queue (&server, "trim", 4);
+  kd_redis_queue_set_batch_size (queue, 1);
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 1, gate_job, &gate, NULL);
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+
+  /* All acknowledged: all trimmed (by the owners' rounds or this call). */
+  produce (&server, "trim", 4, 1000, 20, &jobs);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (streams_length (&server, "trim", 4), ==, 0);
+
+  /* The gate's job holds the only worker and the only place in flight:
+   * its entry is pending, the ones after it are not read yet. None of them
+   * may go. */
+  g_ptr_array_add (keys, g_strdup ("gate"));
+  for (i = 0; i < 200; i++)
+    g_ptr_array_add (keys, i % 10 == 0 ? NULL : g_strdup_printf ("key-%u", i % 20));
+  for (i = 0; i < keys->len; i++)
+    g_ptr_array_add (payloads, g_bytes_new_static ("x", 1));
+  g_assert_true (kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &error));
+  g_assert_no_error (error);
+  g_mutex_lock (&gate.lock);
+  while (!gate.entered)
+    g_assert_true (g_cond_wait_until (&gate.cond, &gate.lock, deadline));
+  g_mutex_unlock (&gate.lock);
+  g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
+  g_assert_no_error (error);
+  /* A few jobs may have run before the gate's: only they could go. */
+  queue_progress (&server, "trim", 4, &progress);
+  g_test_message ("%" G_GUINT64_FORMAT " unfinished, %" G_GUINT64_FORMAT " trimmed", progress.unfinished, trimmed);
+  g_assert_cmpuint (progress.unfinished, >, keys->len / 2);
+  g_assert_cmpuint (unfinished_present (&server, "trim", 4), ==, progress.unfinished);
+
+  /* Once they are acknowledged, they go too. */
+  g_mutex_lock (&gate.lock);
+  gate.open = TRUE;
+  g_cond_broadcast (&gate.cond);
+  g_mutex_unlock (&gate.lock);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_trim (queue, NULL, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (streams_length (&server, "trim", 4), ==, 0);
+
+  kd_redis_queue_stop (queue);
+  g_clear_object (&dispatcher);
+  g_clear_object (&queue);
+  g_mutex_clear (&gate.lock);
+  g_cond_clear (&gate.cond);
   g_free (jobs.count);
   server_stop (&server);
 }
@@ -789,12 +1032,12 @@ test_workers (void)
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped, claimed = 0;
+  guint64 refused, skipped, claimed = 0, trimmed = 0;
   guint w;
 
   g_test_summary ("3 worker processes run 100,000 jobs over 1,000 keys: all of them, each key's "
                   "in order, nothing lost; the ones that join while others run jobs take their "
-                  "shards over without a job running twice");
+                  "shards over without a job running twice; the streams are trimmed empty");
   if (!need_redis ())
     return;
 
@@ -806,6 +1049,8 @@ test_workers (void)
       wait_finished (&server, "jobs", 64, jobs.total, jobs.total * (w + 1) / 10);
     }
   wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  /* Every job acknowledged: the shards' owners trim their streams empty. */
+  wait_trimmed (&server, "jobs", 64, 0);
   finish_workers (workers, 3, -1, &refused, &skipped);
 
   for (w = 0; w < 3; w++)
@@ -814,7 +1059,10 @@ test_workers (void)
 
       g_file_get_contents (workers[w]->out, &out, NULL, NULL);
       claimed += stat_of (out, "claimed");
+      trimmed += stat_of (out, "trimmed");
     }
+  /* Each entry was trimmed once, by a worker. */
+  g_assert_cmpuint (trimmed, ==, jobs.total);
 
   check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
   g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates, %"
@@ -1075,7 +1323,7 @@ test_bench (void)
   g_assert_nonnull (strstr (out, "added 5000 jobs"));
   g_assert_nonnull (strstr (out, "ran 5000 jobs"));
   queue_progress (&server, "bench", 64, &progress);
-  g_assert_cmpuint (progress.entries, ==, 5000);
+  g_assert_cmpuint (progress.entries, <=, 5000);
   g_assert_cmpuint (progress.unfinished, ==, 0);
 
   /* A queue with unfinished jobs would skew the figures: refused. */
@@ -1111,6 +1359,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/freeze", test_freeze);
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
   g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
+  g_test_add_func ("/kd/redis-queue/trim", test_trim);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();
