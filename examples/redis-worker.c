@@ -337,9 +337,9 @@ consume (void)
   kd_redis_queue_get_stats (queue, &stats);
   g_print ("redis-worker: ran %d read %" G_GUINT64_FORMAT " claimed %" G_GUINT64_FORMAT
            " acked %" G_GUINT64_FORMAT " dead %" G_GUINT64_FORMAT " refused %" G_GUINT64_FORMAT
-           " skipped %" G_GUINT64_FORMAT " trimmed %" G_GUINT64_FORMAT "\n",
+           " skipped %" G_GUINT64_FORMAT " trimmed %" G_GUINT64_FORMAT " duplicates %" G_GUINT64_FORMAT "\n",
            g_atomic_int_get (&worker.jobs_run), stats.read, stats.claimed, stats.acked,
-           stats.dead_lettered, stats.refused, stats.skipped, stats.trimmed);
+           stats.dead_lettered, stats.refused, stats.skipped, stats.trimmed, stats.duplicates);
   if (worker.log_fd >= 0)
     close (worker.log_fd);
   return 0;

@@ -182,6 +182,8 @@ send_outcomes (KdRedisConsumer *self,
         }
       else if (entry->outcome == KD_REDIS_OUTCOME_DEAD)
         self->stats.dead_lettered++;
+      else if (entry->outcome == KD_REDIS_OUTCOME_DUPLICATE)
+        self->stats.duplicates++;
       else
         self->stats.acked++;
 
@@ -213,7 +215,9 @@ kd_redis_acker_main (gpointer data)
   gint64 retry_at = 0;
   guint i;
 
+  kd_redis_sigpipe_block_thread ();
   kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
+  kd_redis_conn_set_name (&conn, self->config.name, "acker", self->member);
 
   for (;;)
     {

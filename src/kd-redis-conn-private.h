@@ -7,6 +7,7 @@
 
 #include <gio/gio.h>
 #include <hiredis/hiredis.h>
+#include <signal.h>
 
 G_BEGIN_DECLS
 
@@ -34,6 +35,7 @@ typedef struct
   char         *host;
   guint         port;
   gint64        timeout_us;      /* connect, read and write timeout */
+  char         *name;            /* CLIENT SETNAME's, or NULL */
   char          sha[KD_REDIS_N_SCRIPTS][41];
 } KdRedisConn;
 
@@ -52,6 +54,10 @@ void         kd_redis_conn_init        (KdRedisConn   *conn,
                                         const char    *host,
                                         guint          port,
                                         gint64         timeout_us);
+void         kd_redis_conn_set_name    (KdRedisConn   *conn,
+                                        const char    *queue,
+                                        const char    *role,
+                                        const char    *member);
 void         kd_redis_conn_clear       (KdRedisConn   *conn);
 gboolean     kd_redis_conn_ensure      (KdRedisConn   *conn,
                                         GError       **error);
@@ -87,6 +93,19 @@ gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
                                           GError     **error);
 
 void         kd_redis_reply_free       (redisReply    *reply);
+
+/* SIGPIPE around calls from the application's threads (see
+ * kd-redis-conn.c). */
+typedef struct
+{
+  sigset_t      old_mask;
+  gboolean      blocked;         /* it was not blocked before */
+  gboolean      was_pending;
+} KdRedisSigpipeGuard;
+
+void         kd_redis_sigpipe_block_thread (void);
+void         kd_redis_sigpipe_guard_enter  (KdRedisSigpipeGuard *guard);
+void         kd_redis_sigpipe_guard_leave  (KdRedisSigpipeGuard *guard);
 
 void         kd_redis_args_init        (KdRedisArgs   *args);
 void         kd_redis_args_clear       (KdRedisArgs   *args);

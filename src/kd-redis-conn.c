@@ -338,6 +338,53 @@ kd_redis_reply_free (redisReply *reply)
   arena_free (reply);
 }
 
+/* hiredis writes with write(): writing to a connection Redis closed raises
+ * SIGPIPE, which kills the process unless it is handled. A library must not
+ * ignore it for the whole process (the application may rely on it), so the
+ * queue's own threads keep it blocked: a SIGPIPE one of their writes raises
+ * stays pending on that thread, unseen, until the thread exits, and the
+ * write fails with EPIPE, which is handled as a lost connection. Calls made
+ * from the application's threads block it for their duration and take the
+ * one they raised, if any, before unblocking it. */
+void
+kd_redis_sigpipe_block_thread (void)
+{
+  sigset_t pipe_set;
+
+  sigemptyset (&pipe_set);
+  sigaddset (&pipe_set, SIGPIPE);
+  pthread_sigmask (SIG_BLOCK, &pipe_set, NULL);
+}
+
+void
+kd_redis_sigpipe_guard_enter (KdRedisSigpipeGuard *guard)
+{
+  sigset_t pipe_set, pending;
+
+  sigemptyset (&pipe_set);
+  sigaddset (&pipe_set, SIGPIPE);
+  pthread_sigmask (SIG_BLOCK, &pipe_set, &guard->old_mask);
+  guard->blocked = !sigismember (&guard->old_mask, SIGPIPE);
+  sigpending (&pending);
+  guard->was_pending = sigismember (&pending, SIGPIPE);
+}
+
+void
+kd_redis_sigpipe_guard_leave (KdRedisSigpipeGuard *guard)
+{
+  const struct timespec no_wait = { 0, 0 };
+  sigset_t pipe_set, pending;
+
+  if (!guard->blocked)
+    return;
+  sigemptyset (&pipe_set);
+  sigaddset (&pipe_set, SIGPIPE);
+  sigpending (&pending);
+  if (!guard->was_pending && sigismember (&pending, SIGPIPE))
+    sigtimedwait (&pipe_set, NULL, &no_wait);
+  pthread_sigmask (SIG_SETMASK, &guard->old_mask, NULL);
+}
+
 guint32
 kd_redis_fnv1a32 (const char *data,
                   gsize       len)
@@ -488,11 +535,30 @@ kd_redis_conn_init (KdRedisConn *conn,
   conn->timeout_us = timeout_us;
 }
 
+/* Names the connection kd:QUEUE:ROLE:MEMBER in CLIENT LIST, so that an
+ * operator (or a test) knows which is which; Redis refuses spaces and
+ * newlines in a name, which become '_'. */
+void
+kd_redis_conn_set_name (KdRedisConn *conn,
+                        const char  *queue,
+                        const char  *role,
+                        const char  *member)
+{
+  char *at;
+
+  g_free (conn->name);
+  conn->name = g_strdup_printf ("kd:%s:%s:%s", queue, role, member);
+  for (at = conn->name; *at != '\0'; at++)
+    if (!g_ascii_isgraph (*at))
+      *at = '_';
+}
+
 void
 kd_redis_conn_clear (KdRedisConn *conn)
 {
   kd_redis_conn_close (conn);
   g_clear_pointer (&conn->host, g_free);
+  g_clear_pointer (&conn->name, g_free);
 }
 
 void
@@ -564,6 +630,20 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
       return FALSE;
     }
   redisEnableKeepAlive (conn->context);
+
+  if (conn->name != NULL)
+    {
+      const char *argv[] = { "CLIENT", "SETNAME", conn->name };
+      size_t argvlen[] = { 6, 7, strlen (conn->name) };
+      redisReply *reply = check_reply (conn, redisCommandArgv (conn->context, 3, argv, argvlen), error);
+
+      if (reply == NULL)
+        {
+          kd_redis_conn_close (conn);
+          return FALSE;
+        }
+      kd_redis_reply_free (reply);
+    }
 
   for (i = 0; i < KD_REDIS_N_SCRIPTS; i++)
     {

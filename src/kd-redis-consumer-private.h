@@ -56,6 +56,10 @@ typedef struct
   gboolean           wanted;       /* ours by rendezvous */
   char               cursor[64];   /* XAUTOCLAIM's, while CLAIMING */
   char               last_id[64];  /* while idle: XREAD waits for entries after it */
+
+  /* Used by the reader thread only */
+  GHashTable        *producers;    /* producer id → guint64 *: the highest sequence read */
+  guint              producers_generation;
 } KdRedisShard;
 
 struct _KdRedisConsumer

@@ -89,6 +89,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
       shard->stream = kd_redis_stream_name (config->name, shard->index);
       shard->lease = kd_redis_lease_name (config->name, shard->index);
       shard->state = KD_REDIS_SHARD_FREE;
+      shard->producers = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
       g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
       g_strlcpy (shard->last_id, "0-0", sizeof shard->last_id);
     }
@@ -135,6 +136,7 @@ kd_redis_consumer_unref (KdRedisConsumer *self)
     {
       g_free (self->shards[i].stream);
       g_free (self->shards[i].lease);
+      g_hash_table_unref (self->shards[i].producers);
     }
   g_free (self->shards);
   g_hash_table_unref (self->unkeyed_ids);
@@ -382,6 +384,7 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
                          KdDispatcher     *dispatcher,
                          GError          **error)
 {
+  KdRedisSigpipeGuard guard;
   KdRedisConn conn;
   gboolean ok;
 
@@ -389,10 +392,12 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
 
   /* Fails early, with a useful error, if Redis cannot be reached or the
    * queue has another number of shards. */
+  kd_redis_sigpipe_guard_enter (&guard);
   kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
   ok = kd_redis_conn_ensure (&conn, error) &&
        kd_redis_conn_create_groups (&conn, self->config.name, self->config.n_shards, error);
   kd_redis_conn_clear (&conn);
+  kd_redis_sigpipe_guard_leave (&guard);
   if (!ok)
     return FALSE;
 

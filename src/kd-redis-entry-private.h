@@ -11,13 +11,14 @@ G_BEGIN_DECLS
 
 typedef struct _KdRedisConsumer KdRedisConsumer;
 
-/* What became of an entry's job, as the consumer's control thread learns it. */
+/* What became of an entry's job, as the consumer's acker thread learns it. */
 typedef enum
 {
   KD_REDIS_OUTCOME_NONE,     /* not ended yet (or failed, with a retry to come) */
   KD_REDIS_OUTCOME_ACK,      /* completed: acknowledge it */
   KD_REDIS_OUTCOME_DEAD,     /* failed its last attempt: dead-letter and acknowledge it */
   KD_REDIS_OUTCOME_SKIP,     /* not run, or not to be acknowledged: leave it pending */
+  KD_REDIS_OUTCOME_DUPLICATE,/* a producer's copy of an entry read before: acknowledge it, unrun */
 } KdRedisOutcome;
 
 struct _KdRedisEntry
@@ -35,7 +36,8 @@ struct _KdRedisEntry
   const char      *producer;
   guint64          sequence;
 
-  /* Written by the job's worker once it ended; read by the control thread
+  /* Written by the job's worker once it ended (or by the reader, for a
+   * copy it does not submit); read by the acker thread
    * after the hand-off through the consumer's queue. */
   KdRedisOutcome   outcome;
   gboolean         reported;

@@ -205,8 +205,9 @@ kd_redis_entry_get_payload (KdRedisEntry *entry,
  * @entry: an entry
  *
  * Gets the id of the #KdRedisQueue that added the job, unique per queue
- * object. With kd_redis_entry_get_sequence() it names the job, so a handler
- * can recognise a job a producer added twice after an error.
+ * object. With kd_redis_entry_get_sequence() it names the job: the consumer
+ * runs once a job its producer added twice after losing a reply (see
+ * kd_redis_queue_add_many()).
  *
  * Returns: (transfer none): the producer's id, or "" if the entry was not
  *   added by a #KdRedisQueue

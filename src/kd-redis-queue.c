@@ -19,7 +19,13 @@
  * stream N:{p} with p = fnv1a32 (key) % P; unkeyed jobs go to N:{u}, read by
  * every consumer as competing consumers. An entry's fields are k (the key),
  * p (the payload), and pid + seq: the producer's id and its count of jobs,
- * which name the job should a producer add it twice after an error. Every
+ * which name the job. A producer whose connection fails after sending adds
+ * the jobs it got no reply for once more, under the same names; as a
+ * producer's sequences grow in the order it adds, the reader of a shard
+ * knows a copy by a sequence not above the highest it read from that
+ * producer, and acknowledges it without running it. (A copy read by
+ * another consumer than its original, across a takeover, runs again, as
+ * any job a dead consumer did not acknowledge does.) Every
  * stream is read through one consumer group, "kd", created at id 0 so that
  * jobs added before any consumer ran are read. Streams are never trimmed
  * with MAXLEN: once per lease time, the owner of a shard trims its stream
@@ -512,6 +518,7 @@ producer_ready_locked (KdRedisQueue  *self,
   if (self->producer.host == NULL)
     {
       kd_redis_conn_init (&self->producer, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+      kd_redis_conn_set_name (&self->producer, self->config.name, "producer", self->member);
       self->streams = g_ptr_array_new_with_free_func (g_free);
       for (shard = 0; shard < (gint) self->config.n_shards; shard++)
         g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, shard));
@@ -533,7 +540,8 @@ static void
 add_xadd (KdRedisQueue *self,
           KdRedisArgs  *args,
           const char   *key,
-          GBytes       *payload)
+          GBytes       *payload,
+          guint64       sequence)
 {
   const char *stream;
   gconstpointer data;
@@ -556,13 +564,15 @@ add_xadd (KdRedisQueue *self,
   kd_redis_args_add_string (args, "pid");
   kd_redis_args_add_string (args, self->producer_id);
   kd_redis_args_add_string (args, "seq");
-  kd_redis_args_add_printf (args, "%" G_GUINT64_FORMAT, ++self->sequence);
+  kd_redis_args_add_printf (args, "%" G_GUINT64_FORMAT, sequence);
 }
 
+/* Reads @n_replies replies to XADD; counts them in @confirmed. */
 static gboolean
-read_add_replies (KdRedisQueue  *self,
-                  guint          n_replies,
-                  GError       **error)
+read_add_replies_locked (KdRedisQueue  *self,
+                         guint          n_replies,
+                         guint         *confirmed,
+                         GError       **error)
 {
   guint i;
 
@@ -573,8 +583,47 @@ read_add_replies (KdRedisQueue  *self,
       if (reply == NULL)
         return FALSE;
       kd_redis_reply_free (reply);
+      (*confirmed)++;
     }
   return TRUE;
+}
+
+/* Sends the jobs from @from on, the job i under sequence @first_sequence +
+ * i; @confirmed counts the ones Redis said it stored. Each chunk is
+ * appended before the replies of the one before it are read (which sends
+ * it): Redis adds a chunk while this thread reads the replies of the one
+ * before and formats the next. */
+static gboolean
+send_jobs_locked (KdRedisQueue  *self,
+                  guint          n_jobs,
+                  const char   **keys,
+                  GBytes       **payloads,
+                  guint64        first_sequence,
+                  guint          from,
+                  guint         *confirmed,
+                  GError       **error)
+{
+  KdRedisArgs args;
+  gboolean ok = TRUE;
+  guint start, i, unread = 0;
+
+  kd_redis_args_init (&args);
+  for (start = from; start < n_jobs && ok; start += ADD_CHUNK)
+    {
+      guint end = MIN (start + ADD_CHUNK, n_jobs);
+
+      for (i = start; i < end && ok; i++)
+        {
+          add_xadd (self, &args, keys[i], payloads[i], first_sequence + i);
+          ok = kd_redis_conn_append (&self->producer, &args, error);
+        }
+      ok = ok && read_add_replies_locked (self, unread, confirmed, error);
+      unread = end - start;
+    }
+  ok = ok && read_add_replies_locked (self, unread, confirmed, error);
+  kd_redis_args_clear (&args);
+
+  return ok;
 }
 
 /**
@@ -617,12 +666,17 @@ kd_redis_queue_add (KdRedisQueue  *self,
  * Adds @n_jobs jobs, in order, pipelining them to Redis (a few hundred per
  * round trip). Thread-safe.
  *
+ * If the connection fails once jobs were sent, the jobs Redis did not
+ * confirm are sent once more on a new connection, under the same producer
+ * id and sequences (kd_redis_entry_get_producer(),
+ * kd_redis_entry_get_sequence()): a job stored twice that way runs once
+ * (#KdRedisQueueStats.duplicates counts the copies).
+ *
  * Returns: %TRUE if every job was stored; %FALSE with @error set (a
- *   %G_IO_ERROR) if Redis could not be reached or refused one, in which
- *   case the jobs before it are stored and the rest may or may not be.
- *   The producer id and sequence of each entry
- *   (kd_redis_entry_get_producer(), kd_redis_entry_get_sequence()) let a
- *   handler recognise a job added twice by a retry.
+ *   %G_IO_ERROR) if Redis could not be reached twice or refused one, in
+ *   which case the jobs before it are stored and the rest may or may not
+ *   be; added again by another call, they get new sequences, and may run
+ *   twice.
  *
  * Since: 0.1
  */
@@ -633,9 +687,11 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
                          GBytes       **payloads,
                          GError       **error)
 {
-  KdRedisArgs args;
-  gboolean ok = TRUE;
-  guint start, i, unread = 0;
+  g_autoptr (GError) local_error = NULL;
+  KdRedisSigpipeGuard guard;
+  guint64 first_sequence;
+  guint confirmed = 0, i;
+  gboolean ok;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (n_jobs == 0 || (keys != NULL && payloads != NULL), FALSE);
@@ -643,37 +699,38 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   for (i = 0; i < n_jobs; i++)
     g_return_val_if_fail (payloads[i] != NULL, FALSE);
 
+  kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
   self->frozen = TRUE;
-  if (!producer_ready_locked (self, error))
+  first_sequence = self->sequence + 1;
+  self->sequence += n_jobs;
+  ok = producer_ready_locked (self, &local_error);
+  if (ok && !send_jobs_locked (self, n_jobs, keys, payloads, first_sequence, 0, &confirmed, &local_error))
     {
-      kd_mutex_unlock (&self->producer_lock);
-      return FALSE;
-    }
-
-  /* Each chunk is appended before the replies of the one before it are
-   * read (which sends it): Redis adds a chunk while this thread reads the
-   * replies of the one before and formats the next. */
-  kd_redis_args_init (&args);
-  for (start = 0; start < n_jobs && ok; start += ADD_CHUNK)
-    {
-      guint end = MIN (start + ADD_CHUNK, n_jobs);
-
-      for (i = start; i < end && ok; i++)
+      ok = FALSE;
+      /* A connection lost after sending took the replies of the jobs not
+       * yet confirmed with it: Redis may have stored them or not. They are
+       * sent once more, under the same producer id and sequences, so that
+       * a consumer that reads both copies runs each job once. */
+      if (self->producer.context == NULL)
         {
-          add_xadd (self, &args, keys[i], payloads[i]);
-          ok = kd_redis_conn_append (&self->producer, &args, error);
+          g_debug ("redis queue %s: adding again %u jobs whose replies were lost: %s", self->config.name,
+                   n_jobs - confirmed, local_error->message);
+          g_clear_error (&local_error);
+          ok = producer_ready_locked (self, &local_error) &&
+               send_jobs_locked (self, n_jobs, keys, payloads, first_sequence, confirmed, &confirmed,
+                                 &local_error);
         }
-      ok = ok && read_add_replies (self, unread, error);
-      unread = end - start;
     }
-  ok = ok && read_add_replies (self, unread, error);
-  kd_redis_args_clear (&args);
-  /* After an error the connection may hold replies of commands not read:
-   * start afresh. */
+  /* After an error reply the connection may hold replies of commands not
+   * read: start afresh. */
   if (!ok)
-    kd_redis_conn_close (&self->producer);
+    {
+      kd_redis_conn_close (&self->producer);
+      g_propagate_error (error, g_steal_pointer (&local_error));
+    }
   kd_mutex_unlock (&self->producer_lock);
+  kd_redis_sigpipe_guard_leave (&guard);
 
   return ok;
 }
@@ -732,16 +789,19 @@ kd_redis_queue_get_backlog (KdRedisQueue  *self,
                             guint64       *backlog,
                             GError       **error)
 {
+  KdRedisSigpipeGuard guard;
   gboolean ok;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (backlog != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
+  kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
   self->frozen = TRUE;
   ok = count_backlog_locked (self, backlog, error);
   kd_mutex_unlock (&self->producer_lock);
+  kd_redis_sigpipe_guard_leave (&guard);
 
   return ok;
 }
@@ -776,6 +836,7 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
 {
   g_autofree char *channel = NULL;
   gint64 deadline = timeout_us < 0 ? -1 : g_get_monotonic_time () + timeout_us;
+  KdRedisSigpipeGuard guard;
   KdRedisConn subscriber;
   KdRedisArgs args;
   redisReply *reply;
@@ -785,6 +846,7 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
+  kd_redis_sigpipe_guard_enter (&guard);
   channel = kd_redis_progress_channel (self->config.name);
   kd_redis_conn_init (&subscriber, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
   kd_redis_args_init (&args);
@@ -811,6 +873,7 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
         g_clear_pointer (&reply, kd_redis_reply_free);
     }
   kd_redis_conn_clear (&subscriber);
+  kd_redis_sigpipe_guard_leave (&guard);
 
   return ok;
 }
@@ -839,16 +902,19 @@ kd_redis_queue_trim (KdRedisQueue  *self,
                      guint64       *trimmed,
                      GError       **error)
 {
+  KdRedisSigpipeGuard guard;
   guint64 count = 0;
   gboolean ok;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
+  kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
   self->frozen = TRUE;
   ok = producer_ready_locked (self, error) && kd_redis_conn_trim (&self->producer, self->streams, &count, error);
   kd_mutex_unlock (&self->producer_lock);
+  kd_redis_sigpipe_guard_leave (&guard);
   if (ok && trimmed != NULL)
     *trimmed = count;
 

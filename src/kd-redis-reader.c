@@ -29,8 +29,50 @@ field_value (const redisReply *fields,
   return NULL;
 }
 
+/* Producers whose highest sequence a shard remembers, at most: a copy comes
+ * right after its original, and the producers of a queue are few. */
+#define MAX_PRODUCERS_PER_SHARD 256
+
+/* Whether @entry is a copy of one read before: a producer that lost the
+ * reply to an XADD sends it again with the same producer id and sequence
+ * (kd_redis_queue_add_many()), and as a producer's sequences grow in the
+ * order it adds, a copy is the entry whose sequence is not above the
+ * highest one read from that producer in the shard. The memory of a shard
+ * starts afresh with each takeover, which reads its entries in order from
+ * the start; on the unkeyed stream, only what is read in order counts (a
+ * claim there takes old entries of any consumer). */
+static gboolean
+is_copy_locked (KdRedisShard *shard,
+                guint         generation,
+                gboolean      claimed,
+                KdRedisEntry *entry)
+{
+  guint64 *highest;
+
+  if (entry->producer[0] == '\0' || entry->sequence == 0 || generation != shard->generation ||
+      (shard->index < 0 && claimed))
+    return FALSE;
+  if (shard->producers_generation != generation ||
+      g_hash_table_size (shard->producers) >= MAX_PRODUCERS_PER_SHARD)
+    {
+      g_hash_table_remove_all (shard->producers);
+      shard->producers_generation = generation;
+    }
+  highest = g_hash_table_lookup (shard->producers, entry->producer);
+  if (highest != NULL && entry->sequence <= *highest)
+    return TRUE;
+  if (highest == NULL)
+    {
+      highest = g_new (guint64, 1);
+      g_hash_table_insert (shard->producers, g_strdup (entry->producer), highest);
+    }
+  *highest = entry->sequence;
+  return FALSE;
+}
+
 /* Turns XREADGROUP's or XAUTOCLAIM's entries into KdRedisEntry items, and
- * counts them in flight from now on. Called with @lock held. */
+ * counts them in flight from now on; a copy (is_copy_locked()) is marked,
+ * to be acknowledged without running. Called with @lock held. */
 static void
 parse_entries_locked (KdRedisConsumer  *self,
                       const redisReply *entries,
@@ -75,6 +117,8 @@ parse_entries_locked (KdRedisConsumer  *self,
                                   producer != NULL ? producer->str : "",
                                   producer != NULL ? producer->len : 0,
                                   sequence != NULL ? g_ascii_strtoull (sequence->str, NULL, 10) : 0);
+      if (is_copy_locked (shard, generation, claimed, entry))
+        entry->outcome = KD_REDIS_OUTCOME_DUPLICATE;
       g_ptr_array_add (out, entry);
       shard->in_flight++;
       self->in_flight++;
@@ -87,9 +131,9 @@ parse_entries_locked (KdRedisConsumer  *self,
     }
 }
 
-/* Submits the entries read, in order. Returns FALSE if the dispatcher no
- * longer accepts jobs: the rest stay pending in Redis, and are no longer
- * in flight here. */
+/* Submits the entries read, in order, and hands the copies to the acker.
+ * Returns FALSE if the dispatcher no longer accepts jobs: the rest stay
+ * pending in Redis, and are no longer in flight here. */
 static gboolean
 submit_entries (KdRedisConsumer *self,
                 GPtrArray       *entries)
@@ -102,6 +146,12 @@ submit_entries (KdRedisConsumer *self,
     {
       KdRedisEntry *entry = g_ptr_array_index (entries, i);
 
+      if (entry->outcome == KD_REDIS_OUTCOME_DUPLICATE)
+        {
+          kd_redis_consumer_report (self, entry, KD_REDIS_OUTCOME_DUPLICATE, NULL, 0);
+          kd_redis_entry_unref (entry);
+          continue;
+        }
       if (!kd_dispatcher_submit (self->dispatcher, entry->key, entry, &error))
         break;
     }
@@ -446,8 +496,10 @@ kd_redis_reader_main (gpointer data)
   gint64 next_unkeyed_claim = g_get_monotonic_time () + self->claim_idle_us;
   KdRedisConn conn;
 
+  kd_redis_sigpipe_block_thread ();
   kd_redis_conn_init (&conn, self->config.host, self->config.port,
                       self->config.lease_us + self->tick_us);
+  kd_redis_conn_set_name (&conn, self->config.name, "reader", self->member);
 
   for (;;)
     {

@@ -36,6 +36,9 @@ G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
  *   lost its shard or was about to: another process runs them
  * @trimmed: entries this process removed from the streams it owns, every
  *   consumer group having acknowledged them
+ * @duplicates: entries acknowledged without running: copies, added by a
+ *   producer that sent a job again after losing Redis's reply, of a job
+ *   this process read before (same producer id and sequence)
  * @shards_owned: shards whose lease this process holds right now
  * @in_flight: entries read and not yet acknowledged, refused or skipped
  *
@@ -51,6 +54,7 @@ typedef struct
   guint64 refused;
   guint64 skipped;
   guint64 trimmed;
+  guint64 duplicates;
   guint   shards_owned;
   guint   in_flight;
 } KdRedisQueueStats;

@@ -994,7 +994,7 @@ test_trim (void)
   server_stop (&server);
 }
 
-/* ---- Across processes -------------------------------------------------- */
+/* ---- Producers that send a job twice ----------------------------------- */
 
 static guint
 scaled (guint n)
@@ -1004,6 +1004,272 @@ scaled (guint n)
 
   return MAX ((guint) (n * (factor > 0 ? factor : 1.0)), 1000);
 }
+
+/* Makes @n jobs, each key's numbered on from @jobs. */
+static void
+add_numbered (Jobs      *jobs,
+              guint      n,
+              GRand     *rand,
+              GPtrArray *keys,
+              GPtrArray *payloads)
+{
+  guint i;
+
+  for (i = 0; i < n; i++)
+    {
+      guint k = (guint) g_rand_int_range (rand, 0, (gint32) jobs->n_keys);
+      char *text = g_strdup_printf ("%u", ++jobs->count[k]);
+
+      g_ptr_array_add (keys, g_strdup_printf ("key-%u", k));
+      g_ptr_array_add (payloads, g_bytes_new_take (text, strlen (text)));
+    }
+  jobs->total += n;
+}
+
+/* Adds again, at the end of each stream of @name, the last @n entries of
+ * it, field for field: what a producer that lost the replies to them and
+ * sent them again leaves. Returns how many it added. */
+static guint
+copy_tails (Server     *server,
+            const char *name,
+            guint       n_shards,
+            guint       n)
+{
+  redisContext *c = server_connect (server);
+  guint copied = 0;
+  gint shard;
+
+  g_assert_nonnull (c);
+  for (shard = 0; shard < (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = stream_name (name, shard);
+      redisReply *tail = redisCommand (c, "XREVRANGE %s + - COUNT %u", stream, n);
+      gsize i, f;
+
+      g_assert_nonnull (tail);
+      g_assert_cmpint (tail->type, ==, REDIS_REPLY_ARRAY);
+      for (i = tail->elements; i > 0; i--)
+        {
+          redisReply *fields = tail->element[i - 1]->element[1];
+          g_autoptr (GPtrArray) argv = g_ptr_array_new ();
+          g_autoptr (GArray) argvlen = g_array_new (FALSE, FALSE, sizeof (size_t));
+          const char *head[] = { "XADD", stream, "*" };
+          redisReply *added;
+
+          for (f = 0; f < G_N_ELEMENTS (head) + fields->elements; f++)
+            {
+              const char *arg = f < G_N_ELEMENTS (head) ? head[f] : fields->element[f - G_N_ELEMENTS (head)]->str;
+              size_t len = f < G_N_ELEMENTS (head) ? strlen (arg) : fields->element[f - G_N_ELEMENTS (head)]->len;
+
+              g_ptr_array_add (argv, (gpointer) arg);
+              g_array_append_val (argvlen, len);
+            }
+          added = redisCommandArgv (c, (int) argv->len, (const char **) argv->pdata,
+                                    (const size_t *) (gpointer) argvlen->data);
+          g_assert_nonnull (added);
+          g_assert_cmpint (added->type, ==, REDIS_REPLY_STRING);
+          freeReplyObject (added);
+          copied++;
+        }
+      freeReplyObject (tail);
+    }
+  redisFree (c);
+  return copied;
+}
+
+/* Runs @name's jobs in this process until none is left; checks each key's
+ * ran once each, in order, and returns the consumer's counters. */
+static void
+run_all_once (Server            *server,
+              const char        *name,
+              guint              n_shards,
+              Jobs              *jobs,
+              KdRedisQueueStats *stats)
+{
+  Seen seen = { 0 };
+  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GError) error = NULL;
+
+  g_mutex_init (&seen.lock);
+  seen.last = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 4, record_job, &seen, NULL);
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_no_error (error);
+  kd_redis_queue_stop (queue);
+  kd_redis_queue_get_stats (queue, stats);
+
+  g_assert_false (seen.out_of_order);
+  g_assert_cmpuint (seen.keyed, ==, jobs->total);
+  g_assert_cmpuint (stats->acked, ==, jobs->total);
+  g_hash_table_unref (seen.last);
+  g_mutex_clear (&seen.lock);
+}
+
+static void
+test_producer_copies (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) producer = NULL;
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  g_autoptr (GError) error = NULL;
+  GRand *rand = g_rand_new_with_seed (11);
+  Jobs jobs = { 20, g_new0 (guint, 20), 0 };
+  KdRedisQueueStats stats;
+  guint copies;
+
+  g_test_summary ("A job a producer added twice (same producer id and sequence, as after a lost "
+                  "reply) runs once, in its key's order, and the copy is acknowledged");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  producer = open_queue (&server, "copies", 4);
+  add_numbered (&jobs, 1000, rand, keys, payloads);
+  g_assert_true (kd_redis_queue_add_many (producer, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &error));
+  g_assert_no_error (error);
+  copies = copy_tails (&server, "copies", 4, 30);
+  g_ptr_array_set_size (keys, 0);
+  g_ptr_array_set_size (payloads, 0);
+  add_numbered (&jobs, 1000, rand, keys, payloads);
+  g_assert_true (kd_redis_queue_add_many (producer, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &error));
+  g_assert_no_error (error);
+
+  run_all_once (&server, "copies", 4, &jobs, &stats);
+  g_assert_cmpuint (copies, ==, 4 * 30);
+  g_assert_cmpuint (stats.duplicates, ==, copies);
+
+  g_rand_free (rand);
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+typedef struct
+{
+  KdRedisQueue *queue;
+  GPtrArray    *keys;
+  GPtrArray    *payloads;
+  gboolean      ok;
+  GError       *error;
+} Adding;
+
+static gpointer
+add_in_thread (gpointer data)
+{
+  Adding *adding = data;
+
+  adding->ok = kd_redis_queue_add_many (adding->queue, adding->keys->len, (const char **) adding->keys->pdata,
+                                        (GBytes **) adding->payloads->pdata, &adding->error);
+  return NULL;
+}
+
+/* Kills the connection whose name starts with @prefix. */
+static void
+kill_client (Server     *server,
+             const char *prefix)
+{
+  redisContext *c = server_connect (server);
+  redisReply *list = redisCommand (c, "CLIENT LIST");
+  g_autofree char *needle = g_strdup_printf (" name=%s", prefix);
+  const char *at;
+  const char *line;
+  redisReply *killed;
+  long long id;
+
+  g_assert_nonnull (list);
+  at = strstr (list->str, needle);
+  g_assert_nonnull (at);
+  for (line = at; line > list->str && line[-1] != '\n'; line--)
+    ;
+  g_assert_cmpint (sscanf (line, "id=%lld", &id), ==, 1);
+  freeReplyObject (list);
+  killed = redisCommand (c, "CLIENT KILL ID %lld", id);
+  g_assert_nonnull (killed);
+  g_assert_cmpint (killed->integer, ==, 1);
+  freeReplyObject (killed);
+  redisFree (c);
+}
+
+static void
+test_producer_retry (void)
+{
+  Server server = { 0 };
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  GRand *rand = g_rand_new_with_seed (13);
+  Jobs jobs = { 100, g_new0 (guint, 100), 0 };
+  Adding adding = { 0 };
+  KdRedisQueueStats stats;
+  GThread *thread;
+  redisContext *c;
+  redisReply *first;
+  guint64 copies;
+  char *big;
+  void (*was) (int);
+
+  g_test_summary ("A producer whose connection is killed while it adds sends again the jobs whose "
+                  "replies it lost, under the same ids: each job runs once; writing into a "
+                  "connection Redis closed raises no SIGPIPE that would kill the process");
+  if (!need_redis ())
+    return;
+
+  /* GIO ignores SIGPIPE in the whole process (when its GSocket class, which
+   * free_port() uses, is first made); the library must not count on it. */
+  server_start (&server);
+  was = signal (SIGPIPE, SIG_DFL);
+  adding.queue = open_queue (&server, "retry", 4);
+  add_numbered (&jobs, scaled (100000), rand, keys, payloads);
+  adding.keys = keys;
+  adding.payloads = payloads;
+  thread = g_thread_new ("adding", add_in_thread, &adding);
+
+  /* Killed once Redis stored its first job, while it sends the rest. */
+  c = server_connect (&server);
+  first = redisCommand (c, "XREAD BLOCK %d STREAMS retry:{0} retry:{1} retry:{2} retry:{3} retry:{u} 0 0 0 0 0",
+                        (int) (DEADLINE_US / 1000));
+  g_assert_nonnull (first);
+  g_assert_cmpint (first->type, ==, REDIS_REPLY_ARRAY);
+  freeReplyObject (first);
+  redisFree (c);
+  kill_client (&server, "kd:retry:producer:");
+  g_thread_join (thread);
+  g_assert_no_error (adding.error);
+  g_assert_true (adding.ok);
+
+  copies = streams_length (&server, "retry", 4) - jobs.total;
+  g_test_message ("%" G_GUINT64_FORMAT " jobs stored twice", copies);
+
+  /* Killed while idle: the next add writes more than the socket takes at
+   * once, into a connection Redis closed (EPIPE, and SIGPIPE). */
+  kill_client (&server, "kd:retry:producer:");
+  g_ptr_array_set_size (keys, 0);
+  g_ptr_array_set_size (payloads, 0);
+  big = g_malloc0 (16 << 20);
+  big[0] = '1';
+  g_ptr_array_add (keys, g_strdup ("big"));
+  g_ptr_array_add (payloads, g_bytes_new_take (big, 16 << 20));
+  jobs.total++;
+  g_assert_true (kd_redis_queue_add_many (adding.queue, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &adding.error));
+  g_assert_no_error (adding.error);
+
+  run_all_once (&server, "retry", 4, &jobs, &stats);
+  g_assert_cmpuint (stats.duplicates, ==, copies);
+
+  g_object_unref (adding.queue);
+  g_rand_free (rand);
+  g_free (jobs.count);
+  signal (SIGPIPE, was);
+  server_stop (&server);
+}
+
+/* ---- Across processes -------------------------------------------------- */
+
 
 static void
 finish_workers (Worker  **workers,
@@ -1360,6 +1626,8 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
   g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
   g_test_add_func ("/kd/redis-queue/trim", test_trim);
+  g_test_add_func ("/kd/redis-queue/producer-copies", test_producer_copies);
+  g_test_add_func ("/kd/redis-queue/producer-retry", test_producer_retry);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();
