@@ -14,10 +14,12 @@
  * job run: per-key order, losses and duplicates are checked from those
  * logs, merged on the monotonic clock the processes share.
  *
- * Waiting: within the test process, on a GCond. Across processes there is
- * nothing to block on, so the test polls Redis (the group's pending count
- * and lag of every stream), every 10 ms, with a deadline: the pause is the
- * polling interval, not a guess at how long something takes.
+ * Waiting never polls nor sleeps: a server is up when it says READY=1 on
+ * the NOTIFY_SOCKET it is given (--supervised systemd); a worker has joined
+ * the queue when it prints its name on its standard output; progress is
+ * kd_redis_queue_wait_backlog(), woken by the consumers' publications; a
+ * trim is a keyspace event; a worker's end is waitpid(). Each wait has a
+ * deadline, past which the test fails.
  *
  * Skipped, with the reason, only when redis-server is not installed.
  */
@@ -27,13 +29,16 @@
 #include <gio/gio.h>
 #include <hiredis/hiredis.h>
 #include <kdispatch/kdispatch.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #define DEADLINE_US (120 * G_TIME_SPAN_SECOND)
-#define POLL_US (10 * G_TIME_SPAN_MILLISECOND)
 
 /* ---- A redis-server of our own ----------------------------------------- */
 
@@ -95,7 +100,9 @@ server_connect (Server *server)
 }
 
 /* Starts (or restarts, on the same directory and port, from its AOF) the
- * server, and polls until it answers PING. */
+ * server, and waits until it says it is ready (loaded, and accepting
+ * connections), as it tells systemd: READY=1 on the datagram socket named
+ * by NOTIFY_SOCKET. */
 static void
 server_launch (Server *server)
 {
@@ -103,34 +110,45 @@ server_launch (Server *server)
   g_autoptr (GError) error = NULL;
   g_autofree char *port = g_strdup_printf ("%u", server->port);
   g_autofree char *log = g_build_filename (server->dir, "redis.log", NULL);
+  g_autofree char *notify_path = g_build_filename (server->dir, "notify.sock", NULL);
+  struct sockaddr_un address = { .sun_family = AF_UNIX };
   gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  int notify = socket (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+  g_assert_cmpint (notify, >=, 0);
+  g_assert_cmpuint (strlen (notify_path), <, sizeof address.sun_path);
+  strcpy (address.sun_path, notify_path);
+  unlink (notify_path);
+  g_assert_cmpint (bind (notify, (struct sockaddr *) &address, sizeof address), ==, 0);
 
   g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
+  g_subprocess_launcher_setenv (launcher, "NOTIFY_SOCKET", notify_path, TRUE);
   server->process = g_subprocess_launcher_spawn (launcher, &error, redis_server_path,
                                                  "--port", port, "--bind", "127.0.0.1",
                                                  "--dir", server->dir, "--appendonly", "yes",
                                                  "--appendfsync", server->fsync_always ? "always" : "everysec",
                                                  "--notify-keyspace-events", "Et", "--save", "",
-                                                 "--logfile", log, NULL);
+                                                 "--supervised", "systemd", "--logfile", log, NULL);
   g_assert_no_error (error);
 
   for (;;)
     {
-      redisContext *c = server_connect (server);
-      redisReply *reply = c != NULL ? redisCommand (c, "PING") : NULL;
-      gboolean up = reply != NULL && reply->type == REDIS_REPLY_STATUS;
+      struct pollfd ready = { notify, POLLIN, 0 };
+      gint64 left = deadline - g_get_monotonic_time ();
+      char message[512];
+      ssize_t len;
 
-      if (reply != NULL)
-        freeReplyObject (reply);
-      if (c != NULL)
-        redisFree (c);
-      /* Loading the AOF answers -LOADING: not up yet. */
-      if (up)
-        return;
-      g_assert_nonnull (g_subprocess_get_identifier (server->process));
-      g_assert_cmpint (g_get_monotonic_time (), <, deadline);
-      g_usleep (POLL_US);
+      g_assert_cmpint (left, >, 0);
+      if (poll (&ready, 1, (int) (left / 1000)) == 0)
+        g_error ("redis-server did not say READY=1 in %d s (see %s)", (int) (DEADLINE_US / G_USEC_PER_SEC), log);
+      len = recv (notify, message, sizeof message - 1, 0);
+      g_assert_cmpint (len, >=, 0);
+      message[len] = '\0';
+      if (strstr (message, "READY=1") != NULL)
+        break;
     }
+  close (notify);
+  unlink (notify_path);
 }
 
 static void
@@ -181,6 +199,18 @@ server_stop (Server *server)
     }
   g_file_delete (dir, NULL, NULL);
   g_free (server->dir);
+}
+
+static KdRedisQueue *
+open_queue (Server     *server,
+            const char *name,
+            guint       n_shards)
+{
+  KdRedisQueue *queue = kd_redis_queue_new (name);
+
+  kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
+  kd_redis_queue_set_n_shards (queue, n_shards);
+  return queue;
 }
 
 /* ---- What the queue holds ---------------------------------------------- */
@@ -281,7 +311,7 @@ queue_progress (Server     *server,
   redisFree (c);
 }
 
-/* Polls until at least @done of @total jobs are finished (acknowledged or
+/* Waits until at least @done of @total jobs are finished (acknowledged or
  * dead-lettered); all of them if @done is @total. */
 static void
 wait_finished (Server     *server,
@@ -290,22 +320,20 @@ wait_finished (Server     *server,
                guint64     total,
                guint64     done)
 {
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
+  g_autoptr (GError) error = NULL;
   Progress progress;
 
-  for (;;)
+  if (!kd_redis_queue_wait_backlog (queue, total - done, DEADLINE_US, &error))
     {
       queue_progress (server, name, n_shards, &progress);
-      /* The streams hold the unfinished jobs; the others may be trimmed. */
-      g_assert_cmpuint (progress.entries, <=, total);
-      g_assert_cmpuint (progress.unfinished, <=, progress.entries);
-      if (total - progress.unfinished >= done)
-        return;
-      if (g_get_monotonic_time () >= deadline)
-        g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished after %d s",
-                 total - progress.unfinished, total, (int) (DEADLINE_US / G_USEC_PER_SEC));
-      g_usleep (POLL_US);
+      g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished: %s",
+               total - progress.unfinished, total, error->message);
     }
+  /* The library's count against the test's own. */
+  queue_progress (server, name, n_shards, &progress);
+  g_assert_cmpuint (progress.entries, <=, total);
+  g_assert_cmpuint (progress.unfinished, <=, total - done);
 }
 
 /* How many entries @consumer holds read and not acknowledged. */
@@ -474,17 +502,6 @@ typedef struct
   guint  total;
 } Jobs;
 
-static KdRedisQueue *
-open_queue (Server     *server,
-            const char *name,
-            guint       n_shards)
-{
-  KdRedisQueue *queue = kd_redis_queue_new (name);
-
-  kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
-  kd_redis_queue_set_n_shards (queue, n_shards);
-  return queue;
-}
 
 static void
 produce (Server     *server,
@@ -523,9 +540,11 @@ produce (Server     *server,
 
 typedef struct
 {
-  GSubprocess *process;
-  char        *log;
-  char        *out;
+  GSubprocess      *process;
+  GDataInputStream *stdout_lines;
+  char             *log;
+  char             *name;    /* its consumer name */
+  char             *out;     /* its output, once it finished */
 } Worker;
 
 static Worker *
@@ -538,11 +557,12 @@ worker_start (Server     *server,
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GError) error = NULL;
   Worker *worker = g_new0 (Worker, 1);
+  g_autofree char *first = NULL;
+  char consumer[128];
   const char *arg;
   va_list ap;
 
   worker->log = g_strdup_printf ("%s/worker-%u.log", server->dir, index);
-  worker->out = g_strdup_printf ("%s/worker-%u.out", server->dir, index);
   g_ptr_array_add (argv, g_strdup (g_getenv ("KD_REDIS_WORKER")));
   g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->port));
   g_ptr_array_add (argv, g_strdup_printf ("--name=%s", name));
@@ -554,10 +574,18 @@ worker_start (Server     *server,
   g_ptr_array_add (argv, NULL);
 
   g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
-  g_subprocess_launcher_set_stdout_file_path (launcher, worker->out);
-  g_subprocess_launcher_take_stderr_fd (launcher, -1);
+  g_subprocess_launcher_set_flags (launcher, G_SUBPROCESS_FLAGS_STDOUT_PIPE);
   worker->process = g_subprocess_launcher_spawnv (launcher, (const char *const *) argv->pdata, &error);
   g_assert_no_error (error);
+
+  /* It has joined the queue once it says its name (or it failed, and its
+   * output ends). */
+  worker->stdout_lines = g_data_input_stream_new (g_subprocess_get_stdout_pipe (worker->process));
+  first = g_data_input_stream_read_line_utf8 (worker->stdout_lines, NULL, NULL, &error);
+  g_assert_no_error (error);
+  g_assert_nonnull (first);
+  g_assert_cmpint (sscanf (first, "redis-worker: %127s consuming", consumer), ==, 1);
+  worker->name = g_strdup (consumer);
   return worker;
 }
 
@@ -568,16 +596,24 @@ worker_signal (Worker *worker,
   g_subprocess_send_signal (worker->process, signum);
 }
 
-/* Stops a worker gracefully (or finds it killed) and returns its output. */
-static char *
+/* Stops a worker gracefully (or finds it killed), and keeps the rest of its
+ * output. */
+static void
 worker_finish (Worker   *worker,
                gboolean  killed)
 {
+  g_autoptr (GString) out = g_string_new (NULL);
   g_autoptr (GError) error = NULL;
-  char *out = NULL;
+  char *line;
 
   if (!killed)
     worker_signal (worker, SIGTERM);
+  while ((line = g_data_input_stream_read_line_utf8 (worker->stdout_lines, NULL, NULL, &error)) != NULL)
+    {
+      g_string_append_printf (out, "%s\n", line);
+      g_free (line);
+    }
+  g_assert_no_error (error);
   g_subprocess_wait (worker->process, NULL, &error);
   g_assert_no_error (error);
   if (!killed)
@@ -585,46 +621,18 @@ worker_finish (Worker   *worker,
       g_assert_true (g_subprocess_get_if_exited (worker->process));
       g_assert_cmpint (g_subprocess_get_exit_status (worker->process), ==, 0);
     }
-  g_file_get_contents (worker->out, &out, NULL, NULL);
-  return out;
+  worker->out = g_string_free (g_steal_pointer (&out), FALSE);
 }
 
 static void
 worker_free (Worker *worker)
 {
+  g_clear_object (&worker->stdout_lines);
   g_clear_object (&worker->process);
   g_free (worker->log);
+  g_free (worker->name);
   g_free (worker->out);
   g_free (worker);
-}
-
-static goffset
-log_size (Worker *worker)
-{
-  g_autoptr (GFile) file = g_file_new_for_path (worker->log);
-  g_autoptr (GFileInfo) info = g_file_query_info (file, G_FILE_ATTRIBUTE_STANDARD_SIZE,
-                                                  G_FILE_QUERY_INFO_NONE, NULL, NULL);
-
-  return info != NULL ? g_file_info_get_size (info) : 0;
-}
-
-/* The worker's consumer name, from its first line of output. */
-static char *
-worker_consumer_name (Worker *worker)
-{
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
-
-  for (;;)
-    {
-      g_autofree char *out = NULL;
-      char name[128];
-
-      if (g_file_get_contents (worker->out, &out, NULL, NULL) &&
-          sscanf (out, "redis-worker: %127s consuming", name) == 1)
-        return g_strdup (name);
-      g_assert_cmpint (g_get_monotonic_time (), <, deadline);
-      g_usleep (POLL_US);
-    }
 }
 
 static guint64
@@ -1283,11 +1291,10 @@ finish_workers (Worker  **workers,
   *refused = *skipped = 0;
   for (w = 0; w < n; w++)
     {
-      g_autofree char *out = worker_finish (workers[w], (gint) w == killed);
-
-      g_test_message ("worker %u: %s", w, out != NULL ? out : "");
-      *refused += stat_of (out, "refused");
-      *skipped += stat_of (out, "skipped");
+      worker_finish (workers[w], (gint) w == killed);
+      g_test_message ("worker %u (%s): %s", w, workers[w]->name, workers[w]->out);
+      *refused += stat_of (workers[w]->out, "refused");
+      *skipped += stat_of (workers[w]->out, "skipped");
     }
 }
 
@@ -1321,11 +1328,8 @@ test_workers (void)
 
   for (w = 0; w < 3; w++)
     {
-      g_autofree char *out = NULL;
-
-      g_file_get_contents (workers[w]->out, &out, NULL, NULL);
-      claimed += stat_of (out, "claimed");
-      trimmed += stat_of (out, "trimmed");
+      claimed += stat_of (workers[w]->out, "claimed");
+      trimmed += stat_of (workers[w]->out, "trimmed");
     }
   /* Each entry was trimmed once, by a worker. */
   g_assert_cmpuint (trimmed, ==, jobs.total);
@@ -1355,11 +1359,10 @@ test_kill (void)
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped, claimed = 0, held;
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (GError) error = NULL;
+  guint64 refused, skipped, claimed = 0, held, backlog;
   const guint batch = 256;
-  g_autofree char *victim = NULL;
-  gint64 deadline;
-  goffset size, grown;
   guint w;
 
   g_test_summary ("A worker killed with SIGKILL in the middle: its shards are taken over, nothing "
@@ -1372,18 +1375,17 @@ test_kill (void)
   for (w = 0; w < 3; w++)
     workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=20", NULL);
   wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
-  /* Killed while it runs jobs and holds entries read and not
-   * acknowledged, which the others must take over. (A broken build that
-   * acknowledges on read never holds any: the test fails at the deadline.) */
-  victim = worker_consumer_name (workers[1]);
-  deadline = g_get_monotonic_time () + DEADLINE_US;
-  for (size = log_size (workers[1]);; size = grown)
+  /* Killed while it holds entries read and not acknowledged, which the
+   * others must take over: looked at after each step of progress. (A
+   * broken build that acknowledges on read never holds any: the test fails
+   * at the deadline.) */
+  queue = open_queue (&server, "jobs", 64);
+  while (consumer_pending (&server, "jobs", 64, workers[1]->name) == 0)
     {
-      g_usleep (POLL_US);
-      grown = log_size (workers[1]);
-      if (grown > size && size > 0 && consumer_pending (&server, "jobs", 64, victim) > 0)
-        break;
-      g_assert_cmpint (g_get_monotonic_time (), <, deadline);
+      g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+      g_assert_cmpuint (backlog, >, 0);
+      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, DEADLINE_US, &error));
+      g_assert_no_error (error);
     }
   worker_signal (workers[1], SIGKILL);
   /* What the dead worker held when it died, read and not acknowledged:
@@ -1391,17 +1393,11 @@ test_kill (void)
    * all just before the signal landed. (Waited for: a dead process sends
    * nothing more.) */
   g_subprocess_wait (workers[1]->process, NULL, NULL);
-  held = consumer_pending (&server, "jobs", 64, victim);
+  held = consumer_pending (&server, "jobs", 64, workers[1]->name);
   wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
   finish_workers (workers, 3, 1, &refused, &skipped);
   for (w = 0; w < 3; w++)
-    if (w != 1)
-      {
-        g_autofree char *out = NULL;
-
-        g_file_get_contents (workers[w]->out, &out, NULL, NULL);
-        claimed += stat_of (out, "claimed");
-      }
+    claimed += stat_of (workers[w]->out, "claimed");
 
   check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
   g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " held by the killed worker, %"
