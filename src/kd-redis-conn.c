@@ -155,6 +155,32 @@ static const char script_trim[] =
   "end\n"
   "return trimmed\n";
 
+/* Deletes from the group of each stream the consumers that are gone: no
+ * longer live members (KEYS[1], the members' sorted set, scored with the
+ * time of their last beat; live: a beat within ARGV[2] ms), idle for longer
+ * than ARGV[3] ms, and holding no pending entry (XGROUP DELCONSUMER drops a
+ * consumer's pending entries with it: those are left for a takeover to
+ * claim first). KEYS[2...] the streams; ARGV[1] the group. Returns how many
+ * were deleted. */
+static const char script_forget[] =
+  "local t = redis.call('TIME')\n"
+  "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+  "local n = 0\n"
+  "for i = 2, #KEYS do\n"
+  "  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[i], ARGV[1])) do\n"
+  "    local f = {}\n"
+  "    for j = 1, #c, 2 do f[c[j]] = c[j + 1] end\n"
+  "    if f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then\n"
+  "      local beat = redis.call('ZSCORE', KEYS[1], f['name'])\n"
+  "      if not beat or tonumber(beat) < now - tonumber(ARGV[2]) then\n"
+  "        redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], f['name'])\n"
+  "        n = n + 1\n"
+  "      end\n"
+  "    end\n"
+  "  end\n"
+  "end\n"
+  "return n\n";
+
 static const char *const scripts[KD_REDIS_N_SCRIPTS] = {
   [KD_REDIS_SCRIPT_HEARTBEAT] = script_heartbeat,
   [KD_REDIS_SCRIPT_ACQUIRE] = script_acquire,
@@ -165,6 +191,7 @@ static const char *const scripts[KD_REDIS_N_SCRIPTS] = {
   [KD_REDIS_SCRIPT_DEAD] = script_dead,
   [KD_REDIS_SCRIPT_BACKLOG] = script_backlog,
   [KD_REDIS_SCRIPT_TRIM] = script_trim,
+  [KD_REDIS_SCRIPT_FORGET] = script_forget,
 };
 
 /* Replies in arenas. hiredis builds a reply as a tree of redisReply

@@ -6,8 +6,9 @@
  * sorted set of members, computes which shards this process should own by
  * rendezvous hashing over the live members, and in one round trip renews
  * the leases it holds, releases the ones it drained and takes the ones it
- * should have. Once per lease time it also trims the streams it reads
- * below what every consumer group has acknowledged. It has its own
+ * should have. Once per lease time it also tidies the streams it reads:
+ * trims them below what every consumer group has acknowledged, and
+ * forgets the consumers of members gone that hold nothing. It has its own
  * connection and does nothing else, so that a renewal never waits behind a
  * read or an acknowledgement. See kd-redis-consumer.c for how it fits with
  * the other threads.
@@ -302,16 +303,20 @@ lease_leave (KdRedisConsumer *self,
   kd_redis_args_clear (&args);
 }
 
-/* Trims the streams of the shards this process reads, and the unkeyed
- * stream if it reads shard 0, below what every consumer group has
- * acknowledged. Any process could (only acknowledged entries go): the
- * owner does, so that each stream is trimmed once per round. */
+/* Tidies the streams of the shards this process reads, and the unkeyed
+ * stream if it reads shard 0: trims them below what every consumer group
+ * has acknowledged, and forgets the consumers of members gone that hold
+ * nothing. Any process could (only acknowledged entries, and consumers
+ * with nothing pending, go): the owner does, so that each stream is tidied
+ * once per round. */
 static void
-lease_trim (KdRedisConsumer *self,
+lease_tidy (KdRedisConsumer *self,
             KdRedisConn     *conn)
 {
   g_autoptr (GPtrArray) streams = g_ptr_array_new ();
   g_autoptr (GError) error = NULL;
+  KdRedisArgs args;
+  redisReply *reply;
   guint64 trimmed = 0;
   guint i;
 
@@ -328,14 +333,31 @@ lease_trim (KdRedisConsumer *self,
   kd_mutex_lock (&self->lock);
   self->stats.trimmed += trimmed;
   kd_mutex_unlock (&self->lock);
+  if (streams->len == 0 || error != NULL)
+    return;
+
+  /* Gone: not beating for a lease, and idle for two. */
+  kd_redis_args_init (&args);
+  kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_FORGET, streams->len + 1);
+  kd_redis_args_add_string (&args, self->members_key);
+  for (i = 0; i < streams->len; i++)
+    kd_redis_args_add_string (&args, g_ptr_array_index (streams, i));
+  kd_redis_args_add_string (&args, KD_REDIS_GROUP);
+  kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, self->config.lease_us / 1000);
+  kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, 2 * self->config.lease_us / 1000);
+  reply = kd_redis_conn_run (conn, &args, &error);
+  kd_redis_args_clear (&args);
+  if (reply == NULL)
+    g_debug ("redis queue %s: %s: forgetting consumers: %s", self->config.name, self->member, error->message);
+  g_clear_pointer (&reply, kd_redis_reply_free);
 }
 
 gpointer
 kd_redis_lease_main (gpointer data)
 {
   KdRedisConsumer *self = data;
-  /* The first round takes the shards; trimming waits for the next. */
-  gint64 next_trim = g_get_monotonic_time () + self->tick_us;
+  /* The first round takes the shards; tidying waits for the next. */
+  gint64 next_tidy = g_get_monotonic_time () + self->tick_us;
   KdRedisConn conn;
 
   kd_redis_sigpipe_block_thread ();
@@ -352,10 +374,10 @@ kd_redis_lease_main (gpointer data)
       kd_mutex_unlock (&self->lock);
       lease_tick (self, &conn);
       kd_redis_consumer_unblock_reader (self, &conn);
-      if (now >= next_trim)
+      if (now >= next_tidy)
         {
-          lease_trim (self, &conn);
-          next_trim = now + self->config.lease_us;
+          lease_tidy (self, &conn);
+          next_tidy = now + self->config.lease_us;
         }
       kd_mutex_lock (&self->lock);
       while (!self->releasing && !self->cancelled)

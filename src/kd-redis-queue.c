@@ -31,7 +31,11 @@
  * with MAXLEN: once per lease time, the owner of a shard trims its stream
  * with XTRIM MINID below the oldest entry that some consumer group has not
  * acknowledged (pending, or not yet delivered), so the streams hold what is
- * unfinished and little more (kd_redis_queue_trim() does it on demand).
+ * unfinished and little more (kd_redis_queue_trim() does it on demand). In
+ * the same round it deletes from its streams' group the consumers of
+ * members gone (no beat for a lease, idle for two) that hold nothing
+ * pending, once a takeover claimed what they held: the groups list the
+ * live consumers and few others.
  *
  * Ownership. Each consumer process is a member named host-pid-random. It
  * beats every sixth of the lease time in the sorted set N:members, scored
@@ -79,7 +83,7 @@
  * runs many keys of a shard in parallel while each key keeps its order. Its
  * handler is a wrapper: it checks the shard's generation and deadline,
  * calls the user's handler, and reports the outcome. The outcome is sent by
- * the control thread (see kd-redis-consumer.c), after the job ended:
+ * the acker thread (see kd-redis-consumer.c), after the job ended:
  * whatever ended since the last round is sent in one transaction, one XACK
  * per shard in the order the jobs ended. A process holds at most
  * batch-size entries read and not yet acknowledged (refused or skipped), so

@@ -223,6 +223,46 @@ stream_name (const char *name,
   return shard < 0 ? g_strdup_printf ("%s:{u}", name) : g_strdup_printf ("%s:{%d}", name, shard);
 }
 
+/* Sends @format (a command, with %s for the stream) for each stream of the
+ * queue, the unkeyed one first, in one round trip, and hands each reply to
+ * @each. */
+static void
+each_stream (Server      *server,
+             const char  *name,
+             guint        n_shards,
+             const char  *format,
+             void       (*each) (const redisReply *reply,
+                                 gpointer          data),
+             gpointer     data)
+{
+  redisContext *c = server_connect (server);
+  gint shard;
+
+  g_assert_nonnull (c);
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = stream_name (name, shard);
+
+      redisAppendCommand (c, format, stream);
+    }
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      redisReply *reply = NULL;
+
+      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
+      g_assert_cmpint (reply->type, !=, REDIS_REPLY_ERROR);
+      each (reply, data);
+      freeReplyObject (reply);
+    }
+  redisFree (c);
+}
+
+typedef struct
+{
+  const char *consumer;
+  guint64     count;
+} Counting;
+
 typedef struct
 {
   guint64 entries;     /* in all the streams */
@@ -336,6 +376,20 @@ wait_finished (Server     *server,
   g_assert_cmpuint (progress.unfinished, <=, total - done);
 }
 
+static void
+add_pending (const redisReply *reply,
+             gpointer          data)
+{
+  Counting *counting = data;
+  gsize i;
+
+  /* [count, first id, last id, [[consumer, count], ...]] */
+  if (reply->elements == 4 && reply->element[3]->type == REDIS_REPLY_ARRAY)
+    for (i = 0; i < reply->element[3]->elements; i++)
+      if (strcmp (reply->element[3]->element[i]->element[0]->str, counting->consumer) == 0)
+        counting->count += g_ascii_strtoull (reply->element[3]->element[i]->element[1]->str, NULL, 10);
+}
+
 /* How many entries @consumer holds read and not acknowledged. */
 static guint64
 consumer_pending (Server     *server,
@@ -343,29 +397,20 @@ consumer_pending (Server     *server,
                   guint       n_shards,
                   const char *consumer)
 {
-  redisContext *c = server_connect (server);
-  guint64 pending = 0;
-  gint shard;
+  Counting counting = { consumer, 0 };
 
-  g_assert_nonnull (c);
-  for (shard = 0; shard < (gint) n_shards; shard++)
-    redisAppendCommand (c, "XPENDING %s:{%d} kd", name, shard);
-  for (shard = 0; shard < (gint) n_shards; shard++)
-    {
-      redisReply *reply = NULL;
-      gsize i;
+  each_stream (server, name, n_shards, "XPENDING %s kd", add_pending, &counting);
+  return counting.count;
+}
 
-      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      /* [count, first id, last id, [[consumer, count], ...]] */
-      if (reply->elements == 4 && reply->element[3]->type == REDIS_REPLY_ARRAY)
-        for (i = 0; i < reply->element[3]->elements; i++)
-          if (strcmp (reply->element[3]->element[i]->element[0]->str, consumer) == 0)
-            pending += g_ascii_strtoull (reply->element[3]->element[i]->element[1]->str, NULL, 10);
-      freeReplyObject (reply);
-    }
-  redisFree (c);
-  return pending;
+static void
+add_length (const redisReply *reply,
+            gpointer          data)
+{
+  Counting *counting = data;
+
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+  counting->count += (guint64) reply->integer;
 }
 
 /* How many entries the queue's streams hold, the unkeyed one included. */
@@ -374,28 +419,10 @@ streams_length (Server     *server,
                 const char *name,
                 guint       n_shards)
 {
-  redisContext *c = server_connect (server);
-  guint64 length = 0;
-  gint shard;
+  Counting counting = { NULL, 0 };
 
-  g_assert_nonnull (c);
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      g_autofree char *stream = stream_name (name, shard);
-
-      redisAppendCommand (c, "XLEN %s", stream);
-    }
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      redisReply *reply = NULL;
-
-      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
-      length += (guint64) reply->integer;
-      freeReplyObject (reply);
-    }
-  redisFree (c);
-  return length;
+  each_stream (server, name, n_shards, "XLEN %s", add_length, &counting);
+  return counting.count;
 }
 
 static gboolean
@@ -462,23 +489,23 @@ unfinished_present (Server     *server,
   return present;
 }
 
-/* Waits until the consumers have trimmed the queue's streams down to
- * @length entries: woken by each XTRIM (keyspace events, which the test's
- * servers notify). */
+/* Waits until @done (@data) holds, looking again after each keyspace event
+ * @event (which the test's servers notify). */
 static void
-wait_trimmed (Server     *server,
-              const char *name,
-              guint       n_shards,
-              guint64     length)
+wait_keyevent (Server      *server,
+               const char  *event,
+               gboolean   (*done) (gpointer data),
+               gpointer     data,
+               const char  *what)
 {
   gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
   redisContext *c = server_connect (server);
-  redisReply *reply = redisCommand (c, "SUBSCRIBE __keyevent@0__:xtrim");
+  redisReply *reply = redisCommand (c, "SUBSCRIBE __keyevent@0__:%s", event);
 
   g_assert_nonnull (reply);
   freeReplyObject (reply);
-  /* Subscribed before looking: a trim after the look wakes the wait. */
-  while (streams_length (server, name, n_shards) > length)
+  /* Subscribed before looking: an event after the look wakes the wait. */
+  while (!done (data))
     {
       gint64 left = deadline - g_get_monotonic_time ();
       struct timeval tv = { (time_t) (MAX (left, 1) / G_USEC_PER_SEC), (suseconds_t) (MAX (left, 1) % G_USEC_PER_SEC) };
@@ -486,11 +513,87 @@ wait_trimmed (Server     *server,
       g_assert_cmpint (left, >, 0);
       g_assert_cmpint (redisSetTimeout (c, tv), ==, REDIS_OK);
       if (redisGetReply (c, (void **) &reply) != REDIS_OK)
-        g_error ("no trim brought %s's streams down to %" G_GUINT64_FORMAT " entries in %d s: %s", name,
-                 length, (int) (DEADLINE_US / G_USEC_PER_SEC), c->errstr);
+        g_error ("%s: not in %d s: %s", what, (int) (DEADLINE_US / G_USEC_PER_SEC), c->errstr);
       freeReplyObject (reply);
     }
   redisFree (c);
+}
+
+typedef struct
+{
+  Server     *server;
+  const char *name;
+  guint       n_shards;
+  guint64     length;
+  const char *consumer;
+} Looking;
+
+static gboolean
+trimmed_down (gpointer data)
+{
+  Looking *looking = data;
+
+  return streams_length (looking->server, looking->name, looking->n_shards) <= looking->length;
+}
+
+/* Waits until the consumers have trimmed the queue's streams down to
+ * @length entries. */
+static void
+wait_trimmed (Server     *server,
+              const char *name,
+              guint       n_shards,
+              guint64     length)
+{
+  Looking looking = { server, name, n_shards, length, NULL };
+
+  wait_keyevent (server, "xtrim", trimmed_down, &looking, "trimming the streams");
+}
+
+static void
+add_if_known (const redisReply *reply,
+              gpointer          data)
+{
+  Counting *counting = data;
+  gsize i, f;
+
+  for (i = 0; i < reply->elements; i++)
+    for (f = 0; f + 1 < reply->element[i]->elements; f += 2)
+      if (strcmp (reply->element[i]->element[f]->str, "name") == 0 &&
+          strcmp (reply->element[i]->element[f + 1]->str, counting->consumer) == 0)
+        counting->count++;
+}
+
+/* How many of the queue's groups (one per stream) know @consumer. */
+static guint64
+consumer_groups (Server     *server,
+                 const char *name,
+                 guint       n_shards,
+                 const char *consumer)
+{
+  Counting counting = { consumer, 0 };
+
+  each_stream (server, name, n_shards, "XINFO CONSUMERS %s kd", add_if_known, &counting);
+  return counting.count;
+}
+
+static gboolean
+forgotten (gpointer data)
+{
+  Looking *looking = data;
+
+  return consumer_groups (looking->server, looking->name, looking->n_shards, looking->consumer) == 0;
+}
+
+/* Waits until no group of the queue knows @consumer any more. */
+static void
+wait_forgotten (Server     *server,
+                const char *name,
+                guint       n_shards,
+                const char *consumer)
+{
+  Looking looking = { server, name, n_shards, 0, consumer };
+
+  wait_keyevent (server, "xgroup-delconsumer", forgotten, &looking, "forgetting a dead consumer");
 }
 
 /* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
@@ -1298,6 +1401,29 @@ finish_workers (Worker  **workers,
     }
 }
 
+/* Waits until @worker holds entries read and not acknowledged, looking
+ * again after each step of the queue's progress. (A broken build that
+ * acknowledges on read never holds any: the test fails at the deadline.) */
+static void
+wait_holding (Server     *server,
+              const char *name,
+              guint       n_shards,
+              Worker     *worker)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
+  g_autoptr (GError) error = NULL;
+  guint64 backlog;
+
+  while (consumer_pending (server, name, n_shards, worker->name) == 0)
+    {
+      g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+      g_assert_no_error (error);
+      g_assert_cmpuint (backlog, >, 0);
+      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, DEADLINE_US, &error));
+      g_assert_no_error (error);
+    }
+}
+
 static void
 test_workers (void)
 {
@@ -1359,14 +1485,13 @@ test_kill (void)
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  g_autoptr (KdRedisQueue) queue = NULL;
-  g_autoptr (GError) error = NULL;
-  guint64 refused, skipped, claimed = 0, held, backlog;
+  guint64 refused, skipped, claimed = 0, held;
   const guint batch = 256;
   guint w;
 
   g_test_summary ("A worker killed with SIGKILL in the middle: its shards are taken over, nothing "
-                  "is lost, each key keeps its order, and at most a batch of jobs runs twice");
+                  "is lost, each key keeps its order, at most a batch of jobs runs twice, and the "
+                  "dead worker is forgotten in every group");
   if (!need_redis ())
     return;
 
@@ -1375,18 +1500,7 @@ test_kill (void)
   for (w = 0; w < 3; w++)
     workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=20", NULL);
   wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
-  /* Killed while it holds entries read and not acknowledged, which the
-   * others must take over: looked at after each step of progress. (A
-   * broken build that acknowledges on read never holds any: the test fails
-   * at the deadline.) */
-  queue = open_queue (&server, "jobs", 64);
-  while (consumer_pending (&server, "jobs", 64, workers[1]->name) == 0)
-    {
-      g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
-      g_assert_cmpuint (backlog, >, 0);
-      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, DEADLINE_US, &error));
-      g_assert_no_error (error);
-    }
+  wait_holding (&server, "jobs", 64, workers[1]);
   worker_signal (workers[1], SIGKILL);
   /* What the dead worker held when it died, read and not acknowledged:
    * usually some (it held some a moment ago), 0 if it acknowledged them
@@ -1395,6 +1509,9 @@ test_kill (void)
   g_subprocess_wait (workers[1]->process, NULL, NULL);
   held = consumer_pending (&server, "jobs", 64, workers[1]->name);
   wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  /* Gone, and holding nothing once taken over: the owners forget it in
+   * every group. */
+  wait_forgotten (&server, "jobs", 64, workers[1]->name);
   finish_workers (workers, 3, 1, &refused, &skipped);
   for (w = 0; w < 3; w++)
     claimed += stat_of (workers[w]->out, "claimed");
@@ -1412,6 +1529,102 @@ test_kill (void)
   for (w = 0; w < 3; w++)
     worker_free (workers[w]);
   g_free (jobs.count);
+  server_stop (&server);
+}
+
+/* Counts, from the workers' logs, the runs of unkeyed jobs numbered 1 to
+ * @total: each must have completed at least once; returns the runs beyond
+ * the first. */
+static guint64
+check_unkeyed_logs (Worker **workers,
+                    guint    n_workers,
+                    guint    total)
+{
+  g_autofree guint *runs = g_new0 (guint, total + 1);
+  guint64 duplicates = 0;
+  guint w, i;
+
+  for (w = 0; w < n_workers; w++)
+    {
+      g_autofree char *text = NULL;
+      g_auto (GStrv) lines = NULL;
+
+      if (!g_file_get_contents (workers[w]->log, &text, NULL, NULL))
+        continue;
+      lines = g_strsplit (text, "\n", -1);
+      for (i = 0; lines[i] != NULL; i++)
+        {
+          gint64 time;
+          guint number, attempt;
+          char key[64], status[8];
+
+          if (lines[i][0] == '\0')
+            continue;
+          g_assert_cmpint (sscanf (lines[i], "%" G_GINT64_FORMAT " %63s %u %u %7s", &time, key, &number,
+                                   &attempt, status), ==, 5);
+          g_assert_cmpstr (key, ==, "-");
+          g_assert_cmpstr (status, ==, "ok");
+          g_assert_cmpuint (number, >=, 1);
+          g_assert_cmpuint (number, <=, total);
+          if (runs[number]++ > 0)
+            duplicates++;
+        }
+    }
+  for (i = 1; i <= total; i++)
+    if (runs[i] == 0)
+      g_error ("unkeyed job %u of %u never ran: lost", i, total);
+  return duplicates;
+}
+
+static void
+test_kill_unkeyed (void)
+{
+  Server server = { 0 };
+  Worker *workers[2];
+  g_autoptr (KdRedisQueue) producer = NULL;
+  g_autoptr (GPtrArray) keys = g_ptr_array_new ();
+  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
+  g_autoptr (GError) error = NULL;
+  guint64 refused, skipped, held, claimed, duplicates;
+  const guint batch = 256;
+  guint total = scaled (20000), i, w;
+
+  g_test_summary ("A worker killed with SIGKILL while it runs unkeyed jobs: the entries it held are "
+                  "taken over once idle for two leases, none is lost, at most a batch runs twice");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  producer = open_queue (&server, "jobs", 64);
+  for (i = 1; i <= total; i++)
+    {
+      char *text = g_strdup_printf ("%u", i);
+
+      g_ptr_array_add (keys, NULL);
+      g_ptr_array_add (payloads, g_bytes_new_take (text, strlen (text)));
+    }
+  g_assert_true (kd_redis_queue_add_many (producer, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &error));
+  g_assert_no_error (error);
+  for (w = 0; w < 2; w++)
+    workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=50", NULL);
+  wait_finished (&server, "jobs", 64, total, total / 10);
+  wait_holding (&server, "jobs", 64, workers[1]);
+  worker_signal (workers[1], SIGKILL);
+  g_subprocess_wait (workers[1]->process, NULL, NULL);
+  held = consumer_pending (&server, "jobs", 64, workers[1]->name);
+  wait_finished (&server, "jobs", 64, total, total);
+  finish_workers (workers, 2, 1, &refused, &skipped);
+  claimed = stat_of (workers[0]->out, "claimed");
+
+  duplicates = check_unkeyed_logs (workers, 2, total);
+  g_test_message ("%" G_GUINT64_FORMAT " held by the killed worker, %" G_GUINT64_FORMAT " taken over, %"
+                  G_GUINT64_FORMAT " duplicates (bound: the batch, %u)", held, claimed, duplicates, batch);
+  g_assert_cmpuint (claimed, >=, held);
+  g_assert_cmpuint (duplicates, <=, batch);
+
+  for (w = 0; w < 2; w++)
+    worker_free (workers[w]);
   server_stop (&server);
 }
 
@@ -1618,6 +1831,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/in-process", test_in_process);
   g_test_add_func ("/kd/redis-queue/workers", test_workers);
   g_test_add_func ("/kd/redis-queue/kill", test_kill);
+  g_test_add_func ("/kd/redis-queue/kill-unkeyed", test_kill_unkeyed);
   g_test_add_func ("/kd/redis-queue/freeze", test_freeze);
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
   g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
