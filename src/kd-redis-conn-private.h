@@ -29,6 +29,8 @@ typedef enum
   KD_REDIS_N_SCRIPTS,
 } KdRedisScript;
 
+const char  *kd_redis_script_source    (KdRedisScript  script);
+
 /* A connection used by one thread at a time: not thread-safe. */
 typedef struct
 {

@@ -3,8 +3,8 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
  * The steps of the protocol that must be atomic and carry few entries are
- * Lua scripts, loaded when the connection opens and run with EVALSHA; the
- * ones that carry many run in MULTI transactions
+ * Lua scripts (kd-redis-scripts.c), loaded when the connection opens and
+ * run with EVALSHA; the ones that carry many run in MULTI transactions
  * (kd_redis_conn_transaction()). A connection that fails (an I/O error, a
  * timeout, a server that lost its scripts after a restart, an error inside
  * a pipeline) is closed; the next kd_redis_conn_ensure() reconnects and
@@ -16,183 +16,6 @@
 #include <string.h>
 
 #include "kd-redis-conn-private.h"
-
-/* Beats and lists the live members. KEYS[1] the members' sorted set;
- * ARGV[1] this member, ARGV[2] how long a member stays live after its last
- * beat (ms), ARGV[3] "1" to leave instead. Scored by the server's clock, so
- * the members' clocks never meet. Long-gone members are dropped. */
-static const char script_heartbeat[] =
-  "if ARGV[3] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) return {} end\n"
-  "local t = redis.call('TIME')\n"
-  "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-  "local live = tonumber(ARGV[2])\n"
-  "redis.call('ZADD', KEYS[1], now, ARGV[1])\n"
-  "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 100 * live)\n"
-  "return redis.call('ZRANGEBYSCORE', KEYS[1], now - live, '+inf')\n";
-
-/* Takes leases. KEYS: lease keys; ARGV[1] this member, ARGV[2] the lease
- * time (ms). A free lease is taken with SET NX PX; one this member still
- * holds is renewed. Returns 1 or 0 per key. */
-static const char script_acquire[] =
-  "local r = {}\n"
-  "for i, k in ipairs(KEYS) do\n"
-  "  if redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then r[i] = 1\n"
-  "  elseif redis.call('GET', k) == ARGV[1] then redis.call('PEXPIRE', k, ARGV[2]) r[i] = 1\n"
-  "  else r[i] = 0 end\n"
-  "end\n"
-  "return r\n";
-
-/* Compare-and-renew: as script_acquire, but never takes a free lease. */
-static const char script_renew[] =
-  "local r = {}\n"
-  "for i, k in ipairs(KEYS) do\n"
-  "  if redis.call('GET', k) == ARGV[1] then redis.call('PEXPIRE', k, ARGV[2]) r[i] = 1\n"
-  "  else r[i] = 0 end\n"
-  "end\n"
-  "return r\n";
-
-/* Compare-and-delete: drops the leases this member holds. */
-static const char script_release[] =
-  "local n = 0\n"
-  "for i, k in ipairs(KEYS) do\n"
-  "  if redis.call('GET', k) == ARGV[1] then redis.call('DEL', k) n = n + 1 end\n"
-  "end\n"
-  "return n\n";
-
-/* Where a group stands on each stream: the id of the last entry delivered
- * to it ("0-0" if none). KEYS: the streams; ARGV[1] the group. Run in the
- * MULTI of a read, right after XREADGROUP ">", for XREAD to wait for the
- * entries after it. */
-static const char script_delivered_ids[] =
-  "local r = {}\n"
-  "for i, s in ipairs(KEYS) do\n"
-  "  r[i] = '0-0'\n"
-  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
-  "    local f = {}\n"
-  "    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end\n"
-  "    if f['name'] == ARGV[1] then r[i] = f['last-delivered-id'] end\n"
-  "  end\n"
-  "end\n"
-  "return r\n";
-
-/* Takes over pending entries while the lease is held. KEYS[1] lease,
- * KEYS[2] stream; ARGV[1] this member, ARGV[2] the group, ARGV[3] the
- * least idle time (ms), ARGV[4] the cursor, ARGV[5] how many, ARGV[6] "1"
- * if leased. XAUTOCLAIM's reply, or 0 if the lease is not ours. */
-static const char script_claim[] =
-  "if ARGV[6] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end\n"
-  "return redis.call('XAUTOCLAIM', KEYS[2], ARGV[2], ARGV[1], ARGV[3], ARGV[4], 'COUNT', ARGV[5])\n";
-
-/* Dead-letters an entry and acknowledges it, in one step. Run in a
- * transaction fenced by the shard's lease (see kd-redis-consumer.c).
- * KEYS[1] the stream, KEYS[2] the dead-letter stream; ARGV[1] the group,
- * ARGV[2] the id, ARGV[3] "1" if keyed, ARGV[4] key, ARGV[5] payload,
- * ARGV[6] producer, ARGV[7] sequence, ARGV[8] attempts, ARGV[9] the error.
- * Once only: an entry no longer pending (the reply was lost and this is a
- * retry) is not added again. 1, or 0 if it was not pending. */
-static const char script_dead[] =
-  "local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])\n"
-  "if n == 1 then\n"
-  "  local f = {'stream', KEYS[1], 'id', ARGV[2]}\n"
-  "  if ARGV[3] == '1' then f[#f + 1] = 'k' f[#f + 1] = ARGV[4] end\n"
-  "  for _, v in ipairs({'p', ARGV[5], 'pid', ARGV[6], 'seq', ARGV[7], 'attempts', ARGV[8], 'error', ARGV[9]}) do\n"
-  "    f[#f + 1] = v\n"
-  "  end\n"
-  "  redis.call('XADD', KEYS[2], '*', unpack(f))\n"
-  "end\n"
-  "return n\n";
-
-/* How many of the queue's jobs are unfinished: pending (read and not
- * acknowledged) or not yet read by the group. KEYS: the streams; ARGV[1]
- * the group. Redis may not know the lag of a group (after a restart from
- * the AOF): the entries after the last one delivered are counted then. */
-static const char script_backlog[] =
-  "local n = 0\n"
-  "for _, s in ipairs(KEYS) do\n"
-  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
-  "    local f = {}\n"
-  "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
-  "    if f['name'] == ARGV[1] then\n"
-  "      n = n + f['pending']\n"
-  "      if f['lag'] then n = n + f['lag']\n"
-  "      else n = n + #redis.call('XRANGE', s, '(' .. f['last-delivered-id'], '+') end\n"
-  "    end\n"
-  "  end\n"
-  "end\n"
-  "return n\n";
-
-/* Trims each stream below what every one of its consumer groups has
- * acknowledged, never further: a group's bound is its oldest pending entry
- * (read, not acknowledged), or, with none pending, the entry after the
- * last one it was delivered (the ones after it are not read yet). XTRIM
- * MINID removes the entries before the lowest bound. KEYS: the streams.
- * Returns how many entries were removed. */
-static const char script_trim[] =
-  "local function parse(id)\n"
-  "  local ms, seq = string.match(id, '^(%d+)-(%d+)$')\n"
-  "  return tonumber(ms), tonumber(seq)\n"
-  "end\n"
-  "local trimmed = 0\n"
-  "for _, s in ipairs(KEYS) do\n"
-  "  local min_ms, min_seq\n"
-  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
-  "    local f = {}\n"
-  "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
-  "    local ms, seq\n"
-  "    if f['pending'] > 0 then\n"
-  "      ms, seq = parse(redis.call('XPENDING', s, f['name'])[2])\n"
-  "    else\n"
-  "      ms, seq = parse(f['last-delivered-id'])\n"
-  "      seq = seq + 1\n"
-  "    end\n"
-  "    if min_ms == nil or ms < min_ms or (ms == min_ms and seq < min_seq) then\n"
-  "      min_ms, min_seq = ms, seq\n"
-  "    end\n"
-  "  end\n"
-  "  if min_ms ~= nil then\n"
-  "    trimmed = trimmed + redis.call('XTRIM', s, 'MINID', string.format('%.0f-%.0f', min_ms, min_seq))\n"
-  "  end\n"
-  "end\n"
-  "return trimmed\n";
-
-/* Deletes from the group of each stream the consumers that are gone: no
- * longer live members (KEYS[1], the members' sorted set, scored with the
- * time of their last beat; live: a beat within ARGV[2] ms), idle for longer
- * than ARGV[3] ms, and holding no pending entry (XGROUP DELCONSUMER drops a
- * consumer's pending entries with it: those are left for a takeover to
- * claim first). KEYS[2...] the streams; ARGV[1] the group. Returns how many
- * were deleted. */
-static const char script_forget[] =
-  "local t = redis.call('TIME')\n"
-  "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-  "local n = 0\n"
-  "for i = 2, #KEYS do\n"
-  "  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[i], ARGV[1])) do\n"
-  "    local f = {}\n"
-  "    for j = 1, #c, 2 do f[c[j]] = c[j + 1] end\n"
-  "    if f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then\n"
-  "      local beat = redis.call('ZSCORE', KEYS[1], f['name'])\n"
-  "      if not beat or tonumber(beat) < now - tonumber(ARGV[2]) then\n"
-  "        redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], f['name'])\n"
-  "        n = n + 1\n"
-  "      end\n"
-  "    end\n"
-  "  end\n"
-  "end\n"
-  "return n\n";
-
-static const char *const scripts[KD_REDIS_N_SCRIPTS] = {
-  [KD_REDIS_SCRIPT_HEARTBEAT] = script_heartbeat,
-  [KD_REDIS_SCRIPT_ACQUIRE] = script_acquire,
-  [KD_REDIS_SCRIPT_RENEW] = script_renew,
-  [KD_REDIS_SCRIPT_RELEASE] = script_release,
-  [KD_REDIS_SCRIPT_DELIVERED_IDS] = script_delivered_ids,
-  [KD_REDIS_SCRIPT_CLAIM] = script_claim,
-  [KD_REDIS_SCRIPT_DEAD] = script_dead,
-  [KD_REDIS_SCRIPT_BACKLOG] = script_backlog,
-  [KD_REDIS_SCRIPT_TRIM] = script_trim,
-  [KD_REDIS_SCRIPT_FORGET] = script_forget,
-};
 
 /* Replies in arenas. hiredis builds a reply as a tree of redisReply
  * objects, with an allocation for each object and each string: a read of
@@ -219,8 +42,8 @@ typedef struct
 
 #define ARENA_ALIGN (2 * sizeof (void *))
 #define ARENA_HEADER ((sizeof (ArenaBlock) + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN)
-#define ARENA_FIRST_BLOCK 1024
-#define ARENA_MAX_BLOCK (256 * 1024)
+#define ARENA_FIRST_BLOCK ((gsize) 1024)
+#define ARENA_MAX_BLOCK ((gsize) 256 * 1024)
 
 static gpointer
 arena_alloc (ArenaReply *arena,
@@ -674,8 +497,8 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
 
   for (i = 0; i < KD_REDIS_N_SCRIPTS; i++)
     {
-      const char *argv[] = { "SCRIPT", "LOAD", scripts[i] };
-      size_t argvlen[] = { 6, 4, strlen (scripts[i]) };
+      const char *argv[] = { "SCRIPT", "LOAD", kd_redis_script_source (i) };
+      size_t argvlen[] = { 6, 4, strlen (argv[2]) };
       redisReply *reply;
 
       reply = check_reply (conn, redisCommandArgv (conn->context, 3, argv, argvlen), error);
