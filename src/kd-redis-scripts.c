@@ -192,7 +192,7 @@ static const char *const sources[KD_REDIS_N_SCRIPTS] = {
 const char *
 kd_redis_script_source (KdRedisScript script)
 {
-  g_assert (script < KD_REDIS_N_SCRIPTS);
+  g_return_val_if_fail (script < G_N_ELEMENTS (sources), NULL);
 
   return sources[script];
 }
