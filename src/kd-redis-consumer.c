@@ -32,8 +32,10 @@
  * (XREADGROUP ">") → DRAINING (no longer ours by rendezvous: nothing more is
  * read; the lease is released once its entries in flight are done) → FREE.
  * Any owned state falls back to FREE when the lease is lost or its local
- * deadline passes ("fenced"): the shard's generation changes, so its
- * entries still waiting in the dispatcher are skipped instead of started.
+ * deadline passes ("fenced", by the lease thread's next tick or by the
+ * first job refused for it, whichever comes first): the shard's generation
+ * changes, so its entries still waiting in the dispatcher are skipped
+ * instead of started.
  * A shard is released, or taken, only once none of its entries is in
  * flight here and no read of it is under way (KdRedisShard.reading): an
  * entry read just before a release would otherwise run here and, claimed by
@@ -208,6 +210,14 @@ kd_redis_consumer_may_start (KdRedisConsumer *self,
     {
       shard = &self->shards[entry->shard];
       ok = shard->generation == entry->generation && kd_redis_shard_owned (shard) && now < shard->deadline;
+      /* Past the deadline, the shard is fenced at once rather than at the
+       * lease thread's next tick: a renewal answered in between would
+       * extend the deadline of this generation, and a later entry of the
+       * key just skipped would start while the skipped one waits in this
+       * member's pending list. Fenced, every later entry of the shard is
+       * skipped too, and a takeover claims them all again, in order. */
+      if (!ok && shard->generation == entry->generation && kd_redis_shard_owned (shard))
+        kd_redis_consumer_fence_locked (self, shard);
     }
   kd_mutex_unlock (&self->lock);
 

@@ -38,6 +38,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "kd-redis-consumer-private.h"
+
 #define DEADLINE_US (120 * G_TIME_SPAN_SECOND)
 
 /* ---- A redis-server of our own ----------------------------------------- */
@@ -995,6 +997,43 @@ test_in_process (void)
   server_stop (&server);
 }
 
+/* ---- The consumer's state, without Redis -------------------------------- */
+
+static void
+test_deadline_fence (void)
+{
+  KdRedisConfig config = { (char *) "127.0.0.1", 6379, (char *) "fence", 4, G_USEC_PER_SEC, 16, 3, 0, 0 };
+  KdRedisConsumer *consumer;
+  KdRedisShard *shard;
+  KdRedisEntry *first, *second;
+
+  g_test_summary ("An entry skipped because its shard's deadline passed fences the shard at once: "
+                  "a renewal answered late cannot let the key's next entry start while the "
+                  "skipped one waits, pending, for a takeover");
+
+  consumer = kd_redis_consumer_new (&config, "member");
+  shard = &consumer->shards[1];
+  /* Read under generation 1; the renewals stalled, and the deadline passed. */
+  shard->state = KD_REDIS_SHARD_READING;
+  shard->generation = 1;
+  shard->deadline = g_get_monotonic_time () - 1;
+  first = kd_redis_entry_new (consumer, 1, 1, "1-0", 3, "k", 1, "1", 1, "p", 1, 1);
+  second = kd_redis_entry_new (consumer, 1, 1, "2-0", 3, "k", 1, "2", 1, "p", 1, 2);
+  g_assert_false (kd_redis_consumer_may_start (consumer, first));
+
+  /* A renewal sent before the deadline and answered after it extends the
+   * deadline of the generation it was sent under, as lease_tick() does. */
+  if (shard->generation == 1 && kd_redis_shard_owned (shard))
+    shard->deadline = g_get_monotonic_time () + G_USEC_PER_SEC;
+  g_assert_false (kd_redis_consumer_may_start (consumer, second));
+  g_assert_cmpint (shard->state, ==, KD_REDIS_SHARD_FREE);
+  g_assert_cmpuint (shard->generation, !=, 1);
+
+  kd_redis_entry_unref (first);
+  kd_redis_entry_unref (second);
+  kd_redis_consumer_unref (consumer);
+}
+
 typedef struct
 {
   GMutex   lock;
@@ -1828,6 +1867,7 @@ main (int   argc,
     redis_server_path = g_strdup ("/usr/bin/redis-server");
   g_assert_nonnull (g_getenv ("KD_REDIS_WORKER"));
 
+  g_test_add_func ("/kd/redis-queue/deadline-fence", test_deadline_fence);
   g_test_add_func ("/kd/redis-queue/in-process", test_in_process);
   g_test_add_func ("/kd/redis-queue/workers", test_workers);
   g_test_add_func ("/kd/redis-queue/kill", test_kill);
