@@ -81,9 +81,13 @@ account_outcomes (KdRedisConsumer *self,
         g_hash_table_remove (self->unkeyed_ids, entry->id);
     }
   kd_redis_consumer_wake_reader_locked (self);
-  /* stop() waits for the last entries in flight. */
+  /* stop() and the lease thread, when leaving, wait for the last entries
+   * in flight. */
   if (self->stopping)
-    g_cond_broadcast (&self->cond);
+    {
+      g_cond_broadcast (&self->cond);
+      g_cond_broadcast (&self->lease_cond);
+    }
   kd_mutex_unlock (&self->lock);
 
   for (i = 0; i < ended->len; i++)

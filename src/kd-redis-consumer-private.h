@@ -95,6 +95,7 @@ struct _KdRedisConsumer
   /* Protected by @lock */
   gboolean           running;
   gboolean           stopping;     /* the reader exits; no shard is wanted */
+  gboolean           reader_done;  /* the reader exited */
   gboolean           leaving;      /* the acker exits */
   gboolean           releasing;    /* the lease thread releases every lease and exits */
   gboolean           cancelled;

@@ -52,7 +52,12 @@
  * Stopping: the reader stops reading; the jobs read end and the acker sends
  * their outcomes (for at most a lease time); the acker exits; the lease
  * thread releases every lease and leaves the members. Cancelling releases
- * at once.
+ * at once. A dispatcher closed without a stop (kd_dispatcher_close())
+ * leaves the same way: the reader exits at the first job refused, the
+ * rest of what it read stays pending, and once the jobs accepted have
+ * ended and been acknowledged the lease thread releases every lease and
+ * leaves the members, so that the others take the shards over and claim
+ * what was refused.
  *
  * Lock order: @lock is a leaf; no Redis I/O, dispatcher call or user code
  * runs under it.
@@ -415,6 +420,7 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
   self->cancellable = g_object_ref (kd_dispatcher_get_cancellable (dispatcher));
   self->running = TRUE;
   self->stopping = FALSE;
+  self->reader_done = FALSE;
   self->leaving = FALSE;
   self->releasing = FALSE;
   self->cancelled = FALSE;

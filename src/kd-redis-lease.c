@@ -352,6 +352,15 @@ lease_tidy (KdRedisConsumer *self,
   g_clear_pointer (&reply, kd_redis_reply_free);
 }
 
+/* The lease thread's loop ends when stop() or a cancellation says so, or
+ * once the reader exited (the dispatcher was closed without a stop) and
+ * everything in flight here has ended and been acknowledged. */
+static gboolean
+lease_done_locked (KdRedisConsumer *self)
+{
+  return self->releasing || self->cancelled || (self->reader_done && self->in_flight == 0);
+}
+
 gpointer
 kd_redis_lease_main (gpointer data)
 {
@@ -365,7 +374,7 @@ kd_redis_lease_main (gpointer data)
   kd_redis_conn_set_name (&conn, self->config.name, "lease", self->member);
 
   kd_mutex_lock (&self->lock);
-  while (!self->releasing && !self->cancelled)
+  while (!lease_done_locked (self))
     {
       /* Ticks from the start of each, whatever the round trips took. */
       gint64 now = g_get_monotonic_time ();
@@ -380,7 +389,7 @@ kd_redis_lease_main (gpointer data)
           next_tidy = now + self->config.lease_us;
         }
       kd_mutex_lock (&self->lock);
-      while (!self->releasing && !self->cancelled)
+      while (!lease_done_locked (self))
         if (!kd_cond_wait_until (&self->lease_cond, &self->lock, next_tick))
           break;
     }

@@ -611,6 +611,17 @@ kd_redis_reader_main (gpointer data)
         }
     }
 
+  /* Whatever made it exit (a stop, or a dispatcher closed without being
+   * cancelled, which refuses jobs), this member is leaving: no shard is
+   * wanted any more, and once what is in flight has ended and been
+   * acknowledged, the lease thread releases every lease and leaves the
+   * members (kd_redis_lease_main()). The entries the dispatcher refused
+   * stay pending, and the next owner's takeover claims them. */
+  kd_mutex_lock (&self->lock);
+  self->stopping = TRUE;
+  self->reader_done = TRUE;
+  g_cond_broadcast (&self->lease_cond);
+  kd_mutex_unlock (&self->lock);
   kd_redis_conn_clear (&conn);
   return NULL;
 }

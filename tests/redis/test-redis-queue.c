@@ -1036,6 +1036,119 @@ test_deadline_fence (void)
 
 typedef struct
 {
+  GMutex        lock;
+  GCond         cond;
+  KdDispatcher *dispatcher;
+  guint         close_at;    /* its job that closes the dispatcher; 0: none */
+  guint         runs;
+  gboolean      closed;
+} Closer;
+
+static gboolean
+close_after_job (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  Closer *closer = user_data;
+  gboolean close_now;
+
+  g_mutex_lock (&closer->lock);
+  close_now = ++closer->runs == closer->close_at;
+  g_mutex_unlock (&closer->lock);
+  if (close_now)
+    {
+      kd_dispatcher_close (closer->dispatcher);
+      g_mutex_lock (&closer->lock);
+      closer->closed = TRUE;
+      g_cond_broadcast (&closer->cond);
+      g_mutex_unlock (&closer->lock);
+    }
+  return TRUE;
+}
+
+static void
+test_closed (void)
+{
+  Server server = { 0 };
+  Closer closers[2] = { 0 };
+  KdRedisQueue *queues[2];
+  KdDispatcher *dispatchers[2];
+  KdRedisQueueStats stats[2];
+  g_autoptr (GError) error = NULL;
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  Jobs jobs = { 0 };
+  guint runs[2];
+  guint i;
+
+  g_test_summary ("A consumer whose dispatcher is closed without being cancelled leaves the queue: "
+                  "once the jobs it accepted ended and were acknowledged it releases its leases "
+                  "and leaves the members; the other consumer takes every shard over and runs "
+                  "every other job, the ones the closed dispatcher refused included");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  produce (&server, "closed", 16, 4000, 40, &jobs);
+  for (i = 0; i < 2; i++)
+    {
+      g_mutex_init (&closers[i].lock);
+      g_cond_init (&closers[i].cond);
+      closers[i].close_at = i == 0 ? 100 : 0;
+      queues[i] = open_queue (&server, "closed", 16);
+      kd_redis_queue_set_lease_time (queues[i], G_USEC_PER_SEC);
+      kd_redis_queue_set_batch_size (queues[i], 64);
+      dispatchers[i] = kd_redis_queue_new_dispatcher (queues[i], 2, close_after_job, &closers[i], NULL);
+      closers[i].dispatcher = dispatchers[i];
+    }
+
+  /* The first takes every shard, and its 100th job closes its dispatcher;
+   * then the second joins. */
+  g_assert_true (kd_redis_queue_start (queues[0], &error));
+  g_assert_no_error (error);
+  g_mutex_lock (&closers[0].lock);
+  while (!closers[0].closed)
+    g_assert_true (g_cond_wait_until (&closers[0].cond, &closers[0].lock, deadline));
+  g_mutex_unlock (&closers[0].lock);
+  g_assert_true (kd_redis_queue_start (queues[1], &error));
+  g_assert_no_error (error);
+
+  /* Had the first kept its leases, the jobs of its shards would wait for
+   * ever: a few leases are plenty. */
+  g_assert_true (kd_redis_queue_wait_backlog (queues[1], 0, 30 * G_USEC_PER_SEC, &error));
+  g_assert_no_error (error);
+
+  for (i = 0; i < 2; i++)
+    {
+      kd_redis_queue_get_stats (queues[i], &stats[i]);
+      g_mutex_lock (&closers[i].lock);
+      runs[i] = closers[i].runs;
+      g_mutex_unlock (&closers[i].lock);
+    }
+  g_test_message ("closed: ran %u, acknowledged %" G_GUINT64_FORMAT "; other: ran %u, took over %"
+                  G_GUINT64_FORMAT, runs[0], stats[0].acked, runs[1], stats[1].claimed);
+  /* It left: it holds nothing, and every job it ran was acknowledged. */
+  g_assert_cmpuint (stats[0].shards_owned, ==, 0);
+  g_assert_cmpuint (stats[0].in_flight, ==, 0);
+  g_assert_cmpuint (stats[0].refused, ==, 0);
+  g_assert_cmpuint (stats[0].acked, ==, runs[0]);
+  g_assert_cmpuint (runs[1], >, 0);
+  g_assert_cmpuint (runs[0] + runs[1], ==, jobs.total);
+  g_assert_cmpuint (stats[0].acked + stats[1].acked, ==, jobs.total);
+
+  for (i = 0; i < 2; i++)
+    {
+      kd_redis_queue_stop (queues[i]);
+      g_object_unref (dispatchers[i]);
+      g_object_unref (queues[i]);
+      g_mutex_clear (&closers[i].lock);
+      g_cond_clear (&closers[i].cond);
+    }
+  g_free (jobs.count);
+  server_stop (&server);
+}
+
+typedef struct
+{
   GMutex   lock;
   GCond    cond;
   gboolean entered;
@@ -1869,6 +1982,7 @@ main (int   argc,
 
   g_test_add_func ("/kd/redis-queue/deadline-fence", test_deadline_fence);
   g_test_add_func ("/kd/redis-queue/in-process", test_in_process);
+  g_test_add_func ("/kd/redis-queue/closed", test_closed);
   g_test_add_func ("/kd/redis-queue/workers", test_workers);
   g_test_add_func ("/kd/redis-queue/kill", test_kill);
   g_test_add_func ("/kd/redis-queue/kill-unkeyed", test_kill_unkeyed);
