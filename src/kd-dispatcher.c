@@ -654,28 +654,28 @@ retry_due_time (KdDispatcher *self,
 
 /* Takes a parked mailbox out of parking, which makes the caller its runner:
  * if it has jobs (if @drop, marked to end cancelled) it is scheduled; if
- * not it is reaped here, with its key state. */
+ * not it is reaped here. */
 static void
 unpark (KdDispatcher *self,
         KdMailbox    *mailbox,
         gboolean      drop)
 {
-  gpointer state = g_steal_pointer (&mailbox->state);
-  gboolean has_state = mailbox->has_state;
-
-  /* Taken out before the mailbox can be reaped and revived by a producer,
-   * whose worker must find no state in it. */
-  mailbox->has_state = FALSE;
-  if (kd_key_table_unpark (self->keys, mailbox, drop))
+  /* As in run_mailbox(): the key's state goes if it has no job, before the
+   * mailbox can be reaped and revived by a producer, so a key never has two
+   * states. A job that arrives meanwhile runs with a new one. */
+  if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
     {
-      if (has_state && self->key_state_free != NULL)
+      gpointer state = g_steal_pointer (&mailbox->state);
+
+      mailbox->has_state = FALSE;
+      if (self->key_state_free != NULL)
         self->key_state_free (state);
-      return;
     }
 
+  if (kd_key_table_unpark (self->keys, mailbox, drop))
+    return;
+
   /* It has jobs, so their units keep the workers alive. */
-  mailbox->state = state;
-  mailbox->has_state = has_state;
   kd_scheduler_push (g_atomic_pointer_get (&self->scheduler), kd_mailbox_get_task (mailbox));
 }
 

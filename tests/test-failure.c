@@ -692,6 +692,10 @@ typedef struct
 {
   gint made;
   gint freed;
+  gint live;
+  gint max_live;
+  /* If set, state_free() calls it before it frees */
+  void (*on_free) (void);
 } States;
 
 static States states;
@@ -700,13 +704,22 @@ static gpointer
 state_new (const char *key,
            gpointer    user_data)
 {
+  gint live = g_atomic_int_add (&states.live, 1) + 1;
+  gint max;
+
   g_atomic_int_inc (&states.made);
+  do
+    max = g_atomic_int_get (&states.max_live);
+  while (live > max && !g_atomic_int_compare_and_exchange (&states.max_live, max, live));
   return g_strdup (key);
 }
 
 static void
 state_free (gpointer state)
 {
+  if (states.on_free != NULL)
+    states.on_free ();
+  g_atomic_int_add (&states.live, -1);
   g_atomic_int_inc (&states.freed);
   g_free (state);
 }
@@ -744,6 +757,65 @@ test_park_key_state (void)
   g_assert_cmpint (states.freed, ==, 3);
 
   g_object_unref (dispatcher);
+  log_clear (&log);
+}
+
+/* A producer that submits to a parked key while it is being resumed. */
+static struct
+{
+  KdDispatcher *dispatcher;
+  guint         live_keys;
+  gboolean      done;
+} racing_producer;
+
+static void
+submit_while_freeing (void)
+{
+  KdStats stats;
+
+  if (racing_producer.done)
+    return;
+  racing_producer.done = TRUE;
+  kd_dispatcher_get_stats (racing_producer.dispatcher, &stats);
+  racing_producer.live_keys = stats.live_keys;
+  submit (racing_producer.dispatcher, TRUE, 1, 1, 0);
+}
+
+static void
+test_park_key_state_resume_race (void)
+{
+  Log log;
+  KdDispatcher *dispatcher = log_dispatcher_new (&log, 2);
+
+  g_test_summary ("An empty parked key's state is freed before the key leaves the "
+                  "table, so a job submitted while it is resumed runs with a new "
+                  "state once the old one is gone: a key never has two states");
+
+  memset (&states, 0, sizeof states);
+  memset (&racing_producer, 0, sizeof racing_producer);
+  kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+  kd_dispatcher_set_key_state_funcs (dispatcher, state_new, state_free, NULL, NULL);
+
+  submit (dispatcher, TRUE, 1, 0, 1);   /* parks with no job left */
+  wait_for_stat (dispatcher, parked_keys, 1);
+
+  /* The state's free submits the key's next job. Had the key left the
+   * table already, that job would make a new mailbox and run at once,
+   * with a second state while the first one is still being freed. */
+  racing_producer.dispatcher = dispatcher;
+  states.on_free = submit_while_freeing;
+  g_assert_true (kd_dispatcher_resume_key (dispatcher, "key-1"));
+  g_assert_true (racing_producer.done);
+  g_assert_cmpuint (racing_producer.live_keys, ==, 1);
+
+  kd_dispatcher_wait (dispatcher);
+  assert_seqs (log.runs, 1, "0 1");
+  g_assert_cmpint (states.made, ==, 2);
+  g_assert_cmpint (states.freed, ==, 2);
+  g_assert_cmpint (states.max_live, ==, 1);
+
+  g_object_unref (dispatcher);
+  states.on_free = NULL;
   log_clear (&log);
 }
 
@@ -829,6 +901,7 @@ main (int   argc,
   g_test_add_func ("/kd/failure/retry-waits-race", test_retry_waits_race);
   g_test_add_func ("/kd/failure/park-cancel-and-unref", test_park_cancel_and_unref);
   g_test_add_func ("/kd/failure/park-key-state", test_park_key_state);
+  g_test_add_func ("/kd/failure/park-key-state-resume-race", test_park_key_state_resume_race);
   g_test_add_func ("/kd/failure/main-context", test_main_context);
   g_test_add_func ("/kd/failure/bad-input", test_bad_input);
 
