@@ -215,6 +215,32 @@ send_outcomes (KdRedisConsumer *self,
   return sent;
 }
 
+/* Accounts for the ended entries the acker leaves with, their outcomes not
+ * sent (stop() gave up waiting for them: Redis could not be reached, or
+ * the drain outlasted the lease), those in @ended and those still queued:
+ * as refused (or skipped), so that the counts in flight return to 0 and no
+ * unkeyed id points into a freed entry. They stay pending in Redis, for
+ * the next owner, which may be this member again after a restart. */
+void
+kd_redis_consumer_drop_unsent (KdRedisConsumer *self,
+                               GPtrArray       *ended)
+{
+  guint *command_of;
+  gpointer item;
+
+  while ((item = g_async_queue_try_pop (self->ended)) != NULL)
+    if (item != self)
+      {
+        kd_tsan_acquire (item);
+        g_ptr_array_add (ended, item);
+      }
+  if (ended->len == 0)
+    return;
+  command_of = g_new0 (guint, ended->len);
+  account_outcomes (self, ended, command_of);
+  g_free (command_of);
+}
+
 gpointer
 kd_redis_acker_main (gpointer data)
 {
@@ -222,7 +248,6 @@ kd_redis_acker_main (gpointer data)
   g_autoptr (GPtrArray) ended = g_ptr_array_new ();
   KdRedisConn conn;
   gint64 retry_at = 0;
-  guint i;
 
   kd_redis_sigpipe_block_thread ();
   kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
@@ -265,8 +290,7 @@ kd_redis_acker_main (gpointer data)
       kd_redis_consumer_unblock_reader (self, &conn);
     }
 
-  for (i = 0; i < ended->len; i++)
-    kd_redis_entry_unref (g_ptr_array_index (ended, i));
+  kd_redis_consumer_drop_unsent (self, ended);
   kd_redis_conn_clear (&conn);
 
   return NULL;

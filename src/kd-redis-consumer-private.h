@@ -152,6 +152,8 @@ gboolean         kd_redis_consumer_watch_leases       (KdRedisConsumer *self,
                                                        GError         **error);
 KdRedisShard    *kd_redis_consumer_entry_shard        (KdRedisConsumer *self,
                                                        KdRedisEntry    *entry);
+void             kd_redis_consumer_drop_unsent        (KdRedisConsumer *self,
+                                                       GPtrArray       *ended);
 
 /* The threads */
 gpointer         kd_redis_lease_main                  (gpointer         consumer);

@@ -435,6 +435,7 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
 void
 kd_redis_consumer_stop (KdRedisConsumer *self)
 {
+  GPtrArray *unsent;
   gint64 deadline;
 
   if (!self->running)
@@ -461,6 +462,11 @@ kd_redis_consumer_stop (KdRedisConsumer *self)
   kd_mutex_unlock (&self->lock);
   kd_redis_consumer_wake_acker (self);
   g_thread_join (g_steal_pointer (&self->acker));
+  /* Cancelled, the acker may have left before the last jobs ended: what
+   * they reported since is accounted for as the acker does on its way out. */
+  unsent = g_ptr_array_new ();
+  kd_redis_consumer_drop_unsent (self, unsent);
+  g_ptr_array_unref (unsent);
 
   /* The leases are held until no acknowledgement needs them any more. */
   kd_mutex_lock (&self->lock);

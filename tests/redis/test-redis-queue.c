@@ -1152,6 +1152,7 @@ typedef struct
   GMutex   lock;
   GCond    cond;
   gboolean entered;
+  guint    n_entered;
   gboolean open;
 } Gate;
 
@@ -1254,6 +1255,97 @@ test_trim (void)
   g_mutex_clear (&gate.lock);
   g_cond_clear (&gate.cond);
   g_free (jobs.count);
+  server_stop (&server);
+}
+
+/* The jobs whose payload is "gate" wait until the gate opens; the others
+ * complete. */
+static gboolean
+gate_payload_job (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  Gate *gate = user_data;
+  gsize len;
+  const guint8 *payload = kd_redis_entry_get_payload (kd_job_get_item (job), &len);
+
+  if (len != 4 || memcmp (payload, "gate", 4) != 0)
+    return TRUE;
+  g_mutex_lock (&gate->lock);
+  gate->n_entered++;
+  g_cond_broadcast (&gate->cond);
+  while (!gate->open)
+    g_cond_wait (&gate->cond, &gate->lock);
+  g_mutex_unlock (&gate->lock);
+  return TRUE;
+}
+
+static void
+test_stop_unreachable (void)
+{
+  Server server = { 0 };
+  Gate gate = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GBytes) payload = g_bytes_new_static ("gate", 4);
+  g_autoptr (GError) error = NULL;
+  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  KdRedisQueueStats stats;
+
+  g_test_summary ("A stop whose drain times out, Redis unreachable, accounts for the jobs that ended "
+                  "unacknowledged as refused: nothing is left in flight, and the queue started "
+                  "again takes its shards back and runs them");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  g_mutex_init (&gate.lock);
+  g_cond_init (&gate.cond);
+  queue = open_queue (&server, "unreachable", 4);
+  kd_redis_queue_set_lease_time (queue, 500 * G_TIME_SPAN_MILLISECOND);
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 2, gate_payload_job, &gate, NULL);
+  g_assert_true (kd_redis_queue_add (queue, "key", payload, &error));
+  g_assert_true (kd_redis_queue_add (queue, NULL, payload, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+
+  /* Both jobs run; Redis freezes; they end, and their acknowledgements
+   * cannot be sent before stop() gives up on them. */
+  g_mutex_lock (&gate.lock);
+  while (gate.n_entered < 2)
+    g_assert_true (g_cond_wait_until (&gate.cond, &gate.lock, deadline));
+  g_mutex_unlock (&gate.lock);
+  g_subprocess_send_signal (server.process, SIGSTOP);
+  g_mutex_lock (&gate.lock);
+  gate.open = TRUE;
+  g_cond_broadcast (&gate.cond);
+  g_mutex_unlock (&gate.lock);
+  kd_redis_queue_stop (queue);
+  kd_redis_queue_get_stats (queue, &stats);
+  g_assert_cmpuint (stats.in_flight, ==, 0);
+  g_assert_cmpuint (stats.refused, ==, 2);
+  g_assert_cmpuint (stats.acked, ==, 0);
+
+  /* Started again: the shards can be taken, the entries left pending are
+   * claimed (the unkeyed one once idle for two leases) and run again. */
+  g_subprocess_send_signal (server.process, SIGCONT);
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_no_error (error);
+  kd_redis_queue_stop (queue);
+  kd_redis_queue_get_stats (queue, &stats);
+  g_assert_cmpuint (stats.in_flight, ==, 0);
+  g_assert_cmpuint (stats.acked, ==, 2);
+  g_mutex_lock (&gate.lock);
+  g_assert_cmpuint (gate.n_entered, ==, 4);
+  g_mutex_unlock (&gate.lock);
+
+  g_clear_object (&dispatcher);
+  g_clear_object (&queue);
+  g_mutex_clear (&gate.lock);
+  g_cond_clear (&gate.cond);
   server_stop (&server);
 }
 
@@ -1990,6 +2082,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
   g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
   g_test_add_func ("/kd/redis-queue/trim", test_trim);
+  g_test_add_func ("/kd/redis-queue/stop-unreachable", test_stop_unreachable);
   g_test_add_func ("/kd/redis-queue/producer-copies", test_producer_copies);
   g_test_add_func ("/kd/redis-queue/producer-retry", test_producer_retry);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
