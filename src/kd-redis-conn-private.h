@@ -49,7 +49,7 @@ typedef struct
 {
   GByteArray *data;
   GArray     *offsets;           /* gsize: where each argument starts in @data */
-  GArray     *lengths;           /* size_t */
+  GArray     *lengths;           /* gsize, hiredis's size_t */
   GPtrArray  *argv;              /* scratch: the pointers handed to hiredis */
 } KdRedisArgs;
 

@@ -282,7 +282,7 @@ kd_redis_args_init (KdRedisArgs *args)
 {
   args->data = g_byte_array_new ();
   args->offsets = g_array_new (FALSE, FALSE, sizeof (gsize));
-  args->lengths = g_array_new (FALSE, FALSE, sizeof (size_t));
+  args->lengths = g_array_new (FALSE, FALSE, sizeof (gsize));
   args->argv = g_ptr_array_new ();
 }
 
@@ -309,12 +309,14 @@ kd_redis_args_add (KdRedisArgs *args,
                    gsize        len)
 {
   gsize offset = args->data->len;
-  size_t size = len;
 
+  /* A GByteArray holds at most G_MAXUINT bytes; the queue's fields are
+   * bounded well below (KD_REDIS_QUEUE_MAX_FIELD_SIZE). */
+  g_assert (len <= G_MAXUINT - offset);
   if (len > 0)
     g_byte_array_append (args->data, data, (guint) len);
   g_array_append_val (args->offsets, offset);
-  g_array_append_val (args->lengths, size);
+  g_array_append_val (args->lengths, len);
 }
 
 void

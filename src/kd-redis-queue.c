@@ -630,6 +630,35 @@ send_jobs_locked (KdRedisQueue  *self,
   return ok;
 }
 
+/* Redis closes the connection of a client that sends a string longer than
+ * its proto-max-bulk-len: such a job is refused before anything is sent,
+ * rather than sent again on a new connection and refused with an opaque
+ * error. */
+static gboolean
+check_job_sizes (guint         n_jobs,
+                 const char  **keys,
+                 GBytes      **payloads,
+                 GError      **error)
+{
+  guint i;
+
+  for (i = 0; i < n_jobs; i++)
+    {
+      gsize key_len = keys[i] != NULL ? strlen (keys[i]) : 0;
+      gsize payload_len = g_bytes_get_size (payloads[i]);
+
+      if (key_len > KD_REDIS_QUEUE_MAX_FIELD_SIZE || payload_len > KD_REDIS_QUEUE_MAX_FIELD_SIZE)
+        {
+          g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                       "Job %u's %s is %" G_GSIZE_FORMAT " bytes long; a queue takes at most %" G_GSIZE_FORMAT,
+                       i, key_len > KD_REDIS_QUEUE_MAX_FIELD_SIZE ? "key" : "payload",
+                       MAX (key_len, payload_len), KD_REDIS_QUEUE_MAX_FIELD_SIZE);
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
 /**
  * kd_redis_queue_add:
  * @self: a queue
@@ -645,7 +674,9 @@ send_jobs_locked (KdRedisQueue  *self,
  *
  * Returns: %TRUE if the job was stored; %FALSE with @error set (a
  *   %G_IO_ERROR) if Redis could not be reached or refused it, in which case
- *   it may or may not have been stored
+ *   it may or may not have been stored, or %G_IO_ERROR_INVALID_ARGUMENT,
+ *   nothing sent, if @key or @payload is longer than
+ *   %KD_REDIS_QUEUE_MAX_FIELD_SIZE
  *
  * Since: 0.1
  */
@@ -676,11 +707,12 @@ kd_redis_queue_add (KdRedisQueue  *self,
  * kd_redis_entry_get_sequence()): a job stored twice that way runs once
  * (#KdRedisQueueStats.duplicates counts the copies).
  *
- * Returns: %TRUE if every job was stored; %FALSE with @error set (a
- *   %G_IO_ERROR) if Redis could not be reached twice or refused one, in
+ * Returns: %TRUE if every job was stored; %FALSE with @error set: a
+ *   %G_IO_ERROR if Redis could not be reached twice or refused one, in
  *   which case the jobs before it are stored and the rest may or may not
- *   be; added again by another call, they get new sequences, and may run
- *   twice.
+ *   be (added again by another call, they get new sequences, and may run
+ *   twice); %G_IO_ERROR_INVALID_ARGUMENT, nothing sent, if a key or
+ *   payload is longer than %KD_REDIS_QUEUE_MAX_FIELD_SIZE.
  *
  * Since: 0.1
  */
@@ -702,6 +734,8 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
   for (i = 0; i < n_jobs; i++)
     g_return_val_if_fail (payloads[i] != NULL, FALSE);
+  if (!check_job_sizes (n_jobs, keys, payloads, error))
+    return FALSE;
 
   kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);

@@ -18,6 +18,19 @@ G_BEGIN_DECLS
 
 #define KD_TYPE_REDIS_QUEUE (kd_redis_queue_get_type ())
 
+/**
+ * KD_REDIS_QUEUE_MAX_FIELD_SIZE:
+ *
+ * The longest key or payload, in bytes, a #KdRedisQueue takes: 512 MiB
+ * (Redis's default proto-max-bulk-len; Redis closes the connection of a
+ * client that sends a longer string) less 64 KiB for the rest of the
+ * command. kd_redis_queue_add_many() refuses a longer one before sending
+ * anything.
+ *
+ * Since: 0.1
+ */
+#define KD_REDIS_QUEUE_MAX_FIELD_SIZE ((gsize) 512 * 1024 * 1024 - (gsize) 64 * 1024)
+
 KD_AVAILABLE_IN_ALL
 G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
 

@@ -33,6 +33,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -1349,6 +1350,56 @@ test_stop_unreachable (void)
   server_stop (&server);
 }
 
+static void
+test_oversized (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (GError) error = NULL;
+  const char *keys[3] = { "a", "b", NULL };
+  GBytes *payloads[3];
+  gsize size = KD_REDIS_QUEUE_MAX_FIELD_SIZE + 1;
+  guint64 backlog;
+  void *huge;
+  guint i;
+
+  g_test_summary ("A payload longer than KD_REDIS_QUEUE_MAX_FIELD_SIZE is refused with "
+                  "G_IO_ERROR_INVALID_ARGUMENT before any job of the call is sent");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  queue = open_queue (&server, "oversized", 4);
+  /* Never touched, so never allocated: the check reads the size only. */
+  huge = mmap (NULL, size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  g_assert_true (huge != MAP_FAILED);
+  payloads[0] = g_bytes_new_static ("1", 1);
+  payloads[1] = g_bytes_new_static (huge, size);
+  payloads[2] = g_bytes_new_static ("3", 1);
+  g_assert_false (kd_redis_queue_add_many (queue, 3, keys, payloads, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+  g_test_message ("%s", error->message);
+  g_clear_error (&error);
+  g_assert_false (kd_redis_queue_add (queue, NULL, payloads[1], &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+  g_clear_error (&error);
+
+  /* Nothing was added, and the queue still works. */
+  g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (backlog, ==, 0);
+  g_assert_true (kd_redis_queue_add (queue, "a", payloads[0], &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+  g_assert_cmpuint (backlog, ==, 1);
+
+  for (i = 0; i < 3; i++)
+    g_bytes_unref (payloads[i]);
+  munmap (huge, size);
+  g_clear_object (&queue);
+  server_stop (&server);
+}
+
 /* ---- Producers that send a job twice ----------------------------------- */
 
 static guint
@@ -2085,6 +2136,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/stop-unreachable", test_stop_unreachable);
   g_test_add_func ("/kd/redis-queue/producer-copies", test_producer_copies);
   g_test_add_func ("/kd/redis-queue/producer-retry", test_producer_retry);
+  g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();
