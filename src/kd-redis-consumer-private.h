@@ -128,6 +128,7 @@ gboolean         kd_redis_consumer_start       (KdRedisConsumer     *self,
 void             kd_redis_consumer_stop        (KdRedisConsumer     *self);
 gboolean         kd_redis_consumer_may_start   (KdRedisConsumer     *self,
                                                 KdRedisEntry        *entry);
+gboolean         kd_redis_consumer_is_cancelled (KdRedisConsumer    *self);
 void             kd_redis_consumer_report      (KdRedisConsumer     *self,
                                                 KdRedisEntry        *entry,
                                                 KdRedisOutcome       outcome,

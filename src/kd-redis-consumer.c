@@ -229,6 +229,16 @@ kd_redis_consumer_may_start (KdRedisConsumer *self,
   return ok;
 }
 
+/* Whether the dispatcher's cancellable was cancelled: true as soon as it
+ * is, before any handler of its signal runs. Called between start and stop
+ * only (from an item-free of the dispatcher, whose jobs end before stop()
+ * clears the cancellable). */
+gboolean
+kd_redis_consumer_is_cancelled (KdRedisConsumer *self)
+{
+  return self->cancellable != NULL && g_cancellable_is_cancelled (self->cancellable);
+}
+
 void
 kd_redis_consumer_report (KdRedisConsumer *self,
                           KdRedisEntry    *entry,

@@ -38,9 +38,11 @@ struct _KdRedisEntry
 
   /* Written by the job's worker once it ended (or by the reader, for a
    * copy it does not submit); read by the acker thread
-   * after the hand-off through the consumer's queue. */
+   * after the hand-off through the consumer's queue. Between attempts,
+   * the dispatcher hands the job from worker to worker. */
   KdRedisOutcome   outcome;
   gboolean         reported;
+  gboolean         failed;         /* its last attempt so far failed */
   guint            attempts;
   char            *error_message;
 };

@@ -189,7 +189,6 @@ typedef struct
   KdHandlerFunc    handler;
   gpointer         user_data;
   GDestroyNotify   user_data_free;
-  guint            max_attempts;
 } Feed;
 
 static void
@@ -390,8 +389,9 @@ kd_redis_queue_set_batch_size (KdRedisQueue *self,
  * Sets how failed jobs are retried, as kd_dispatcher_set_retry() does, in
  * their key's place; default 3 attempts, from 100 ms to 5 s. A job whose
  * last attempt failed is moved to the dead-letter stream (the queue's name
- * followed by ":dead") and acknowledged, in one step. Set it here, not on
- * the dispatcher.
+ * followed by ":dead") and acknowledged, in one step. Set it here; a retry
+ * set on the dispatcher afterwards takes precedence (see
+ * kd_redis_queue_new_dispatcher()).
  *
  * Call before kd_redis_queue_new_dispatcher().
  *
@@ -985,13 +985,15 @@ feed_handler (KdJob    *job,
   if (error != NULL && *error == NULL)
     g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_FAILED, "The handler failed without saying why");
 
-  /* The last attempt: dead-letter it, unless the dispatcher is being
-   * cancelled (then it stays pending, to run again elsewhere). Earlier
-   * attempts are retried by the dispatcher, and a retry cancelled while it
-   * waits ends through release_entry(). */
-  if (attempt >= feed->max_attempts && !g_cancellable_is_cancelled (kd_job_get_cancellable (job)))
-    kd_redis_consumer_report (feed->consumer, entry, KD_REDIS_OUTCOME_DEAD,
-                              error != NULL ? *error : NULL, attempt);
+  /* Whether this attempt was the last is the dispatcher's to say (its
+   * retry settings may have been changed after
+   * kd_redis_queue_new_dispatcher()): the failure is noted, and
+   * release_entry(), which runs once the job has ended for good,
+   * dead-letters the entry. */
+  entry->failed = TRUE;
+  entry->attempts = attempt;
+  g_free (entry->error_message);
+  entry->error_message = error != NULL ? g_strdup ((*error)->message) : NULL;
   return FALSE;
 }
 
@@ -1006,15 +1008,20 @@ feed_free (gpointer data)
   g_free (feed);
 }
 
-/* The dispatcher's item-free: an entry whose job ended without a reported
- * outcome (it never ran: cancelled, dropped, or cancelled while waiting for
- * a retry) is skipped, so the consumer knows it is no longer in flight. */
+/* The dispatcher's item-free, once the entry's job has ended for good. An
+ * entry whose job failed its last attempt is dead-lettered, unless the
+ * dispatcher was cancelled (then it stays pending, to run again
+ * elsewhere). One whose job ended without an outcome otherwise (it never
+ * ran: cancelled, dropped, or cancelled while waiting for a retry) is
+ * skipped, so the consumer knows it is no longer in flight. */
 static void
 release_entry (gpointer data)
 {
   KdRedisEntry *entry = data;
 
-  if (!entry->reported)
+  if (!entry->reported && entry->failed && !kd_redis_consumer_is_cancelled (entry->consumer))
+    kd_redis_consumer_report (entry->consumer, entry, KD_REDIS_OUTCOME_DEAD, NULL, entry->attempts);
+  else if (!entry->reported)
     kd_redis_consumer_report (entry->consumer, entry, KD_REDIS_OUTCOME_SKIP, NULL, 0);
   kd_redis_entry_unref (entry);
 }
@@ -1036,11 +1043,15 @@ release_entry (gpointer data)
  * it fails the job is retried as kd_redis_queue_set_retry() says, then
  * dead-lettered.
  *
- * The queue sets the dispatcher's item-free function and retry; the rest
- * (capacity, done callback, main context, worker functions, ...) may be
- * configured as usual before kd_redis_queue_start(). With
- * %KD_FAILURE_PARK, a parked key holds its shard until it is resumed or
- * dropped. One dispatcher per queue object.
+ * The queue sets the dispatcher's item-free function (leave it) and its
+ * retry, from kd_redis_queue_set_retry(); the rest (capacity, done
+ * callback, main context, worker functions, ...) may be configured as
+ * usual before kd_redis_queue_start(). A retry set on the dispatcher
+ * afterwards (kd_dispatcher_set_retry()) takes precedence: an entry is
+ * dead-lettered once the dispatcher gave up on its job. The failure
+ * policy %KD_FAILURE_PARK is not supported: the later jobs of a parked key
+ * would hold their shard, and kd_redis_queue_stop(), for ever; keep the
+ * default, %KD_FAILURE_CONTINUE. One dispatcher per queue object.
  *
  * Returns: (transfer full): a new dispatcher, fed by the queue
  *
@@ -1070,7 +1081,6 @@ kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
   feed->handler = handler;
   feed->user_data = user_data;
   feed->user_data_free = user_data_free;
-  feed->max_attempts = self->config.max_attempts;
 
   dispatcher = kd_dispatcher_new (n_workers, feed_handler, feed, feed_free);
   kd_dispatcher_set_item_free (dispatcher, release_entry);

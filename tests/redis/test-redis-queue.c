@@ -1400,6 +1400,63 @@ test_oversized (void)
   server_stop (&server);
 }
 
+static gboolean
+fail_job (KdJob    *job,
+          gpointer  user_data,
+          GError  **error)
+{
+  g_atomic_int_inc ((gint *) user_data);
+  g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "always fails");
+  return FALSE;
+}
+
+static void
+test_dispatcher_retry (void)
+{
+  Server server = { 0 };
+  g_autoptr (GError) error = NULL;
+  g_autoptr (GBytes) payload = g_bytes_new_static ("x", 1);
+  const guint attempts[2] = { 1, 5 };
+  guint i, j;
+
+  g_test_summary ("A retry set on the queue's dispatcher after kd_redis_queue_new_dispatcher() takes "
+                  "precedence: each failing job is dead-lettered after the dispatcher's last "
+                  "attempt, more or fewer than the queue's, never stranded");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  for (i = 0; i < 2; i++)
+    {
+      g_autofree char *name = g_strdup_printf ("retry-%u", attempts[i]);
+      g_autoptr (KdRedisQueue) queue = open_queue (&server, name, 4);
+      g_autoptr (KdDispatcher) dispatcher = NULL;
+      KdRedisQueueStats stats;
+      gint runs = 0;
+
+      kd_redis_queue_set_retry (queue, 3, 0, 0);
+      dispatcher = kd_redis_queue_new_dispatcher (queue, 2, fail_job, &runs, NULL);
+      kd_dispatcher_set_retry (dispatcher, attempts[i], 0, 0);
+      for (j = 0; j < 4; j++)
+        {
+          g_autofree char *key = g_strdup_printf ("key-%u", j);
+
+          g_assert_true (kd_redis_queue_add (queue, key, payload, &error));
+          g_assert_no_error (error);
+        }
+      g_assert_true (kd_redis_queue_start (queue, &error));
+      g_assert_no_error (error);
+      g_assert_true (kd_redis_queue_wait_backlog (queue, 0, 30 * G_USEC_PER_SEC, &error));
+      g_assert_no_error (error);
+      kd_redis_queue_stop (queue);
+      kd_redis_queue_get_stats (queue, &stats);
+      g_assert_cmpuint (stats.dead_lettered, ==, 4);
+      g_assert_cmpuint (stats.in_flight, ==, 0);
+      g_assert_cmpint (g_atomic_int_get (&runs), ==, 4 * attempts[i]);
+    }
+  server_stop (&server);
+}
+
 /* ---- Producers that send a job twice ----------------------------------- */
 
 static guint
@@ -2132,6 +2189,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/freeze", test_freeze);
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
   g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
+  g_test_add_func ("/kd/redis-queue/dispatcher-retry", test_dispatcher_retry);
   g_test_add_func ("/kd/redis-queue/trim", test_trim);
   g_test_add_func ("/kd/redis-queue/stop-unreachable", test_stop_unreachable);
   g_test_add_func ("/kd/redis-queue/producer-copies", test_producer_copies);
