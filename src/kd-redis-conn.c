@@ -743,23 +743,43 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
                              guint         n_shards,
                              GError      **error)
 {
-  KdRedisArgs args;
   g_autofree char *meta = g_strdup_printf ("%s:meta", name);
-  gboolean ok = TRUE;
+  redisReply *replies[2] = { NULL, NULL };
+  KdRedisArgs commands[2];
+  KdRedisArgs args;
+  gboolean ok;
   gint shard;
-  guint i;
+  guint i, k;
+
+  /* The number of shards first: a process configured with another number
+   * must fail before it creates streams of its own. */
+  for (k = 0; k < 2; k++)
+    kd_redis_args_init (&commands[k]);
+  kd_redis_args_add_string (&commands[0], "HSETNX");
+  kd_redis_args_add_string (&commands[0], meta);
+  kd_redis_args_add_string (&commands[0], "shards");
+  kd_redis_args_add_printf (&commands[0], "%u", n_shards);
+  kd_redis_args_add_string (&commands[1], "HGET");
+  kd_redis_args_add_string (&commands[1], meta);
+  kd_redis_args_add_string (&commands[1], "shards");
+  ok = kd_redis_conn_pipeline (conn, commands, 2, replies, error);
+  for (k = 0; k < 2; k++)
+    kd_redis_args_clear (&commands[k]);
+  if (!ok)
+    return FALSE;
+  if (replies[1]->type != REDIS_REPLY_STRING || g_ascii_strtoull (replies[1]->str, NULL, 10) != n_shards)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                   "Queue %s was created with %s shards, not %u", name,
+                   replies[1]->type == REDIS_REPLY_STRING ? replies[1]->str : "?", n_shards);
+      ok = FALSE;
+    }
+  for (k = 0; k < 2; k++)
+    g_clear_pointer (&replies[k], kd_redis_reply_free);
+  if (!ok)
+    return FALSE;
 
   kd_redis_args_init (&args);
-  kd_redis_args_add_string (&args, "HSETNX");
-  kd_redis_args_add_string (&args, meta);
-  kd_redis_args_add_string (&args, "shards");
-  kd_redis_args_add_printf (&args, "%u", n_shards);
-  ok = kd_redis_conn_append (conn, &args, error);
-  kd_redis_args_reset (&args);
-  kd_redis_args_add_string (&args, "HGET");
-  kd_redis_args_add_string (&args, meta);
-  kd_redis_args_add_string (&args, "shards");
-  ok = ok && kd_redis_conn_append (conn, &args, error);
   for (shard = -1; ok && shard < (gint) n_shards; shard++)
     {
       g_autofree char *stream = kd_redis_stream_name (name, shard);
@@ -777,7 +797,7 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
   if (!ok)
     return FALSE;
 
-  for (i = 0; i < n_shards + 3; i++)
+  for (i = 0; i < n_shards + 1; i++)
     {
       GError *local_error = NULL;
       redisReply *reply = kd_redis_conn_read (conn, &local_error);
@@ -798,15 +818,6 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
             }
           g_clear_error (&local_error);
           continue;
-        }
-      if (i == 1 && ok &&
-          (reply->type != REDIS_REPLY_STRING ||
-           g_ascii_strtoull (reply->str, NULL, 10) != n_shards))
-        {
-          g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
-                       "Queue %s was created with %s shards, not %u", name,
-                       reply->type == REDIS_REPLY_STRING ? reply->str : "?", n_shards);
-          ok = FALSE;
         }
       kd_redis_reply_free (reply);
     }

@@ -145,8 +145,10 @@ struct _KdRedisQueue
 
   /* Configuration: before the first add or kd_redis_queue_new_dispatcher() */
   KdRedisConfig    config;
-  gboolean         frozen;
   char            *member;
+
+  /* Atomic */
+  gint             frozen;       /* used: the configuration is fixed */
 
   /* Protected by @producer_lock */
   GMutex           producer_lock;
@@ -156,7 +158,8 @@ struct _KdRedisQueue
   char            *producer_id;
   guint64          sequence;
 
-  /* Used from the thread that owns the queue */
+  /* Used from the thread that owns the queue; @consumer, set once, is read
+   * atomically by kd_redis_queue_get_stats() from any thread */
   KdRedisConsumer *consumer;
   KdDispatcher    *dispatcher;
 };
@@ -262,7 +265,7 @@ static gboolean
 check_configurable (KdRedisQueue *self,
                     const char   *func)
 {
-  if (self->frozen)
+  if (g_atomic_int_get (&self->frozen))
     {
       g_critical ("%s: the queue is already in use; configure it before the first add "
                   "and before kd_redis_queue_new_dispatcher()", func);
@@ -739,7 +742,7 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
 
   kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
-  self->frozen = TRUE;
+  g_atomic_int_set (&self->frozen, TRUE);
   first_sequence = self->sequence + 1;
   self->sequence += n_jobs;
   ok = producer_ready_locked (self, &local_error);
@@ -836,7 +839,7 @@ kd_redis_queue_get_backlog (KdRedisQueue  *self,
 
   kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
-  self->frozen = TRUE;
+  g_atomic_int_set (&self->frozen, TRUE);
   ok = count_backlog_locked (self, backlog, error);
   kd_mutex_unlock (&self->producer_lock);
   kd_redis_sigpipe_guard_leave (&guard);
@@ -949,7 +952,7 @@ kd_redis_queue_trim (KdRedisQueue  *self,
 
   kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
-  self->frozen = TRUE;
+  g_atomic_int_set (&self->frozen, TRUE);
   ok = producer_ready_locked (self, error) && kd_redis_conn_trim (&self->producer, self->streams, &count, error);
   kd_mutex_unlock (&self->producer_lock);
   kd_redis_sigpipe_guard_leave (&guard);
@@ -1064,6 +1067,7 @@ kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
                                gpointer        user_data,
                                GDestroyNotify  user_data_free)
 {
+  KdRedisConsumer *consumer;
   KdDispatcher *dispatcher;
   Feed *feed;
 
@@ -1072,12 +1076,13 @@ kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
   g_return_val_if_fail (self->consumer == NULL, NULL);
 
   kd_mutex_lock (&self->producer_lock);
-  self->frozen = TRUE;
+  g_atomic_int_set (&self->frozen, TRUE);
   kd_mutex_unlock (&self->producer_lock);
 
-  self->consumer = kd_redis_consumer_new (&self->config, self->member);
+  consumer = kd_redis_consumer_new (&self->config, self->member);
+  g_atomic_pointer_set (&self->consumer, consumer);
   feed = g_new0 (Feed, 1);
-  feed->consumer = kd_redis_consumer_ref (self->consumer);
+  feed->consumer = kd_redis_consumer_ref (consumer);
   feed->handler = handler;
   feed->user_data = user_data;
   feed->user_data_free = user_data_free;
@@ -1159,13 +1164,16 @@ void
 kd_redis_queue_get_stats (KdRedisQueue      *self,
                           KdRedisQueueStats *stats)
 {
+  KdRedisConsumer *consumer;
+
   g_return_if_fail (KD_IS_REDIS_QUEUE (self));
   g_return_if_fail (stats != NULL);
 
-  if (self->consumer == NULL)
+  consumer = g_atomic_pointer_get (&self->consumer);
+  if (consumer == NULL)
     {
       memset (stats, 0, sizeof *stats);
       return;
     }
-  kd_redis_consumer_get_stats (self->consumer, stats);
+  kd_redis_consumer_get_stats (consumer, stats);
 }

@@ -1457,6 +1457,49 @@ test_dispatcher_retry (void)
   server_stop (&server);
 }
 
+static void
+test_other_shards (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (KdRedisQueue) other = NULL;
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GBytes) payload = g_bytes_new_static ("x", 1);
+  g_autoptr (GError) error = NULL;
+  redisContext *c;
+  redisReply *reply;
+
+  g_test_summary ("A process configured with another number of shards than the queue was created "
+                  "with fails to add or consume, and leaves no stream of its own behind");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  queue = open_queue (&server, "shards", 4);
+  g_assert_true (kd_redis_queue_add (queue, "a", payload, &error));
+  g_assert_no_error (error);
+
+  other = open_queue (&server, "shards", 8);
+  g_assert_false (kd_redis_queue_add (other, "a", payload, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+  g_clear_error (&error);
+  dispatcher = kd_redis_queue_new_dispatcher (other, 1, record_job, NULL, NULL);
+  g_assert_false (kd_redis_queue_start (other, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+
+  c = server_connect (&server);
+  reply = redisCommand (c, "EXISTS shards:{4} shards:{5} shards:{6} shards:{7}");
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->integer, ==, 0);
+  freeReplyObject (reply);
+  redisFree (c);
+
+  g_clear_object (&dispatcher);
+  g_clear_object (&other);
+  g_clear_object (&queue);
+  server_stop (&server);
+}
+
 /* ---- Producers that send a job twice ----------------------------------- */
 
 static guint
@@ -2195,6 +2238,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/producer-copies", test_producer_copies);
   g_test_add_func ("/kd/redis-queue/producer-retry", test_producer_retry);
   g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
+  g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();
