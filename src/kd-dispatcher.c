@@ -2153,6 +2153,25 @@ kd_dispatcher_set_failure_policy (KdDispatcher    *self,
 }
 
 /**
+ * kd_dispatcher_get_failure_policy:
+ * @self: a dispatcher
+ *
+ * Gets what a key does after one of its jobs failed, as set by
+ * kd_dispatcher_set_failure_policy().
+ *
+ * Returns: the failure policy
+ *
+ * Since: 0.1
+ */
+KdFailurePolicy
+kd_dispatcher_get_failure_policy (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), KD_FAILURE_CONTINUE);
+
+  return self->failure_policy;
+}
+
+/**
  * kd_dispatcher_set_dead_letter_func:
  * @self: a dispatcher
  * @func: (nullable) (scope notified) (closure user_data) (destroy destroy):

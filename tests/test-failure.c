@@ -444,7 +444,9 @@ test_park_then_resume (void)
                   "jobs, and new ones, stay queued and untouched while other keys "
                   "run, until resume runs them in order");
 
+  g_assert_cmpint (kd_dispatcher_get_failure_policy (dispatcher), ==, KD_FAILURE_CONTINUE);
   kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+  g_assert_cmpint (kd_dispatcher_get_failure_policy (dispatcher), ==, KD_FAILURE_PARK);
 
   for (i = 0; i < 10; i++)
     submit (dispatcher, TRUE, 1, i, i == 3 ? 1 : 0);

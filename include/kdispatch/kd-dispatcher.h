@@ -214,6 +214,8 @@ KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_failure_policy (KdDispatcher    *self,
                                                 KdFailurePolicy  policy);
 KD_AVAILABLE_IN_ALL
+KdFailurePolicy kd_dispatcher_get_failure_policy (KdDispatcher  *self);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_dead_letter_func (KdDispatcher     *self,
                                                   KdDeadLetterFunc  func,
                                                   gpointer          user_data,
