@@ -16,12 +16,13 @@
  * job: it prints the rate of each phase.
  *
  * A job's payload is its number among its key's jobs, counting from 1; a
- * worker logs one line per job it runs (with --log):
+ * worker logs one line per job it runs (with --log), as the job ends:
  *
- *   <monotonic time, us> <key> <number> <attempt> <ok|fail>
+ *   <start, us> <end, us> <key> <number> <attempt> <ok|fail>
  *
- * so that the per-key order can be checked across the workers' logs (the
- * monotonic clock is shared by the processes of one machine).
+ * (monotonic times) so that the per-key order, and that a key's runs never
+ * overlap, can be checked across the workers' logs (the monotonic clock is
+ * shared by the processes of one machine).
  */
 
 #include <errno.h>
@@ -39,6 +40,7 @@ typedef struct
   int         log_fd;
   char       *fail_key;
   gint64      work_us;
+  gint        stop_at;
   gint        jobs_run;   /* atomic */
 } Worker;
 
@@ -59,6 +61,7 @@ static int     opt_keys = 1000;
 static int     opt_unkeyed = 0;
 static int     opt_bench = 0;
 static int     opt_consumers = 2;
+static int     opt_stop_at = 0;
 
 static GOptionEntry options[] = {
   { "host", 0, 0, G_OPTION_ARG_STRING, &opt_host, "Redis host (127.0.0.1)", "HOST" },
@@ -78,6 +81,8 @@ static GOptionEntry options[] = {
   { "unkeyed", 0, 0, G_OPTION_ARG_INT, &opt_unkeyed, "Producer: also add N unkeyed jobs", "N" },
   { "bench", 0, 0, G_OPTION_ARG_INT, &opt_bench, "Add N jobs to an empty queue, then time workers running them", "N" },
   { "consumers", 0, 0, G_OPTION_ARG_INT, &opt_consumers, "Benchmark: worker processes (2)", "N" },
+  { "stop-at", 0, 0, G_OPTION_ARG_INT, &opt_stop_at, "Freeze (SIGSTOP) the whole process inside the Nth job, "
+    "after saying so on standard output (for tests: SIGCONT resumes it)", "N" },
   { NULL },
 };
 
@@ -97,28 +102,35 @@ run_job (KdJob    *job,
   const char *key = kd_redis_entry_get_key (entry);
   const char *payload = (const char *) kd_redis_entry_get_payload (entry, NULL);
   gboolean fail = worker->fail_key != NULL && g_strcmp0 (key, worker->fail_key) == 0;
+  gint64 start = g_get_monotonic_time ();
   char line[256];
   int len;
 
-  /* The line is written before the job counts as done, with one write(),
-   * so it survives a SIGKILL right after. */
-  if (worker->log_fd >= 0)
-    {
-      len = g_snprintf (line, sizeof line, "%" G_GINT64_FORMAT " %s %s %u %s\n",
-                        g_get_monotonic_time (), key != NULL ? key : "-", payload,
-                        kd_job_get_attempt (job), fail ? "fail" : "ok");
-      if (write (worker->log_fd, line, (size_t) len) != len)
-        g_error ("Cannot write the log: %s", g_strerror (errno));
-    }
-
   if (worker->work_us > 0)
     {
-      gint64 until = g_get_monotonic_time () + worker->work_us;
+      gint64 until = start + worker->work_us;
 
       while (g_get_monotonic_time () < until)
         ;
     }
-  g_atomic_int_inc (&worker->jobs_run);
+  /* A test freezes the process with a job under way, whose acknowledgement
+   * is then late for sure. */
+  if (g_atomic_int_add (&worker->jobs_run, 1) + 1 == worker->stop_at)
+    {
+      g_print ("redis-worker: stopping inside job %d\n", worker->stop_at);
+      raise (SIGSTOP);
+    }
+
+  /* The line is written as the job ends, before it counts as done, with
+   * one write(), so it survives a SIGKILL right after. */
+  if (worker->log_fd >= 0)
+    {
+      len = g_snprintf (line, sizeof line, "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %s %s %u %s\n",
+                        start, g_get_monotonic_time (), key != NULL ? key : "-", payload,
+                        kd_job_get_attempt (job), fail ? "fail" : "ok");
+      if (write (worker->log_fd, line, (size_t) len) != len)
+        g_error ("Cannot write the log: %s", g_strerror (errno));
+    }
 
   if (fail)
     {
@@ -307,7 +319,7 @@ consume (void)
   g_autoptr (KdDispatcher) dispatcher = NULL;
   g_autoptr (GMainLoop) loop = g_main_loop_new (NULL, FALSE);
   g_autoptr (GError) error = NULL;
-  Worker worker = { -1, opt_fail_key, opt_work_us, 0 };
+  Worker worker = { -1, opt_fail_key, opt_work_us, opt_stop_at, 0 };
   KdRedisQueueStats stats;
 
   if (opt_log != NULL)
@@ -360,7 +372,7 @@ main (int   argc,
     }
   if (opt_port <= 0 || opt_port > 65535 || opt_shards < 1 || opt_lease_ms < 30 || opt_batch < 1 ||
       opt_workers < 0 || opt_attempts < 1 || opt_retry_ms < 0 || opt_keys < 1 || opt_produce < 0 ||
-      opt_unkeyed < 0 || opt_bench < 0 || opt_consumers < 1)
+      opt_unkeyed < 0 || opt_bench < 0 || opt_consumers < 1 || opt_stop_at < 0)
     {
       g_printerr ("redis-worker: an option is out of range (see --help)\n");
       return 2;
