@@ -1052,9 +1052,9 @@ release_entry (gpointer data)
  * usual before kd_redis_queue_start(). A retry set on the dispatcher
  * afterwards (kd_dispatcher_set_retry()) takes precedence: an entry is
  * dead-lettered once the dispatcher gave up on its job. The failure
- * policy %KD_FAILURE_PARK is not supported: the later jobs of a parked key
- * would hold their shard, and kd_redis_queue_stop(), for ever; keep the
- * default, %KD_FAILURE_CONTINUE. One dispatcher per queue object.
+ * policy %KD_FAILURE_PARK is not supported (the later jobs of a parked key
+ * would hold their shard, and kd_redis_queue_stop(), for ever):
+ * kd_redis_queue_start() refuses it. One dispatcher per queue object.
  *
  * Returns: (transfer full): a new dispatcher, fed by the queue
  *
@@ -1103,13 +1103,18 @@ kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
  *
  * Joins the queue's consumers: from now on this process owns its share of
  * the shards, takes over their pending entries, reads new ones, and feeds
- * them to the dispatcher. Checks first that Redis can be reached and that
- * the queue has the configured number of shards. Once started, a lost
+ * them to the dispatcher. Checks first that the dispatcher's failure
+ * policy is %KD_FAILURE_CONTINUE, that Redis can be reached and that the
+ * queue has the configured number of shards. Once started, a lost
  * connection is retried, never reported.
  *
  * Call from the thread that configured the queue.
  *
- * Returns: %TRUE if started; %FALSE with @error set otherwise
+ * Returns: %TRUE if started; %FALSE with @error set otherwise:
+ *   %G_IO_ERROR_NOT_SUPPORTED if the dispatcher's failure policy is
+ *   %KD_FAILURE_PARK, %G_IO_ERROR_INVALID_ARGUMENT if the queue has
+ *   another number of shards, another %G_IO_ERROR if Redis could not be
+ *   reached
  *
  * Since: 0.1
  */
@@ -1120,6 +1125,14 @@ kd_redis_queue_start (KdRedisQueue  *self,
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (self->consumer != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  if (kd_dispatcher_get_failure_policy (self->dispatcher) == KD_FAILURE_PARK)
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                           "A KdRedisQueue's dispatcher cannot park keys (KD_FAILURE_PARK): the later "
+                           "jobs of a parked key would hold their shard for ever");
+      return FALSE;
+    }
 
   return kd_redis_consumer_start (self->consumer, self->dispatcher, error);
 }

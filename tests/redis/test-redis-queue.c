@@ -1440,6 +1440,23 @@ fail_job (KdJob    *job,
 }
 
 static void
+test_park_refused (void)
+{
+  g_autoptr (KdRedisQueue) queue = kd_redis_queue_new ("park");
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GError) error = NULL;
+  gint runs = 0;
+
+  g_test_summary ("kd_redis_queue_start() refuses a dispatcher set to park keys (KD_FAILURE_PARK), "
+                  "before it connects");
+
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 1, fail_job, &runs, NULL);
+  kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+  g_assert_false (kd_redis_queue_start (queue, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED);
+}
+
+static void
 test_dispatcher_retry (void)
 {
   Server server = { 0 };
@@ -2309,6 +2326,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
   g_test_add_func ("/kd/redis-queue/dead-letter", test_dead_letter);
   g_test_add_func ("/kd/redis-queue/dispatcher-retry", test_dispatcher_retry);
+  g_test_add_func ("/kd/redis-queue/park-refused", test_park_refused);
   g_test_add_func ("/kd/redis-queue/trim", test_trim);
   g_test_add_func ("/kd/redis-queue/stop-unreachable", test_stop_unreachable);
   g_test_add_func ("/kd/redis-queue/producer-copies", test_producer_copies);
