@@ -182,34 +182,61 @@ watch_reached (gpointer user_data)
          expect->watch->submitted == expect->completed + expect->failed;
 }
 
-/* Runs @n_jobs keyed jobs on a dispatcher created in this thread, whose
- * thread-default context is @context (or whose main context it is, with
- * @set_main_context), and checks the counters' notifications there. */
+typedef struct
+{
+  KdDispatcher *dispatcher;
+  guint         n_jobs;
+} Submits;
+
+static gpointer
+submit_jobs (gpointer data)
+{
+  Submits *submits = data;
+  guint i;
+
+  for (i = 0; i < submits->n_jobs; i++)
+    {
+      g_autofree char *key = g_strdup_printf ("k%u", i % 100);
+
+      g_assert_true (kd_dispatcher_submit (submits->dispatcher, key, GUINT_TO_POINTER (i), NULL));
+    }
+
+  return NULL;
+}
+
+/* Runs @n_jobs keyed jobs (a tenth failing) on a dispatcher created in
+ * this thread, whose thread-default context is @context (or whose main
+ * context it is, with @set_main_context), and checks the counters'
+ * notifications there, iterated by this thread. The jobs are submitted
+ * here, or from a thread of their own if @submit_elsewhere, which then
+ * makes the counters' notifier at the first change. */
 static void
 check_counter_notifies (GMainContext *context,
                         gboolean      set_main_context,
+                        gboolean      submit_elsewhere,
                         guint         n_jobs)
 {
   KdDispatcher *dispatcher = kd_dispatcher_new (2, fail_some_handler, NULL, NULL);
   Watch watch = { 0 };
   Expect expect = { &watch, n_jobs - n_jobs / 10, n_jobs / 10 };
+  Submits submits = { dispatcher, n_jobs };
+  GThread *submitter = NULL;
   guint64 completed, failed;
   KdStats stats;
-  guint i;
 
   watch.context_thread = g_thread_self ();
   if (set_main_context)
     kd_dispatcher_set_main_context (dispatcher, context);
   g_signal_connect (dispatcher, "notify", G_CALLBACK (on_counter_notify), &watch);
 
-  for (i = 0; i < n_jobs; i++)
-    {
-      g_autofree char *key = g_strdup_printf ("k%u", i % 100);
-
-      g_assert_true (kd_dispatcher_submit (dispatcher, key, GUINT_TO_POINTER (i), NULL));
-    }
+  if (submit_elsewhere)
+    submitter = g_thread_new ("submitter", submit_jobs, &submits);
+  else
+    submit_jobs (&submits);
 
   g_assert_true (kd_test_iterate_until (context, watch_reached, &expect));
+  if (submitter != NULL)
+    g_thread_join (submitter);
   g_assert_cmpuint (watch.wrong_thread, ==, 0);
   g_assert_cmpuint (watch.live_keys, ==, 0);
   /* Coalesced, not one notify per job. */
@@ -234,7 +261,19 @@ test_counters_notify (void)
                   "context, never on a worker, coalesced, and always end with the "
                   "final values");
 
-  check_counter_notifies (context, TRUE, 20000);
+  check_counter_notifies (context, TRUE, FALSE, 20000);
+  g_main_context_unref (context);
+}
+
+static void
+test_counters_notify_submitted_elsewhere (void)
+{
+  GMainContext *context = g_main_context_new ();
+
+  g_test_summary ("The counters notify in the dispatcher's main context when another "
+                  "thread submits the jobs and so makes the notifier");
+
+  check_counter_notifies (context, TRUE, TRUE, 20000);
   g_main_context_unref (context);
 }
 
@@ -244,7 +283,7 @@ creator_thread (gpointer data)
   GMainContext *context = g_main_context_new ();
 
   g_main_context_push_thread_default (context);
-  check_counter_notifies (context, FALSE, 20000);
+  check_counter_notifies (context, FALSE, FALSE, 20000);
   g_main_context_pop_thread_default (context);
   g_main_context_unref (context);
 
@@ -355,6 +394,8 @@ main (int    argc,
 
   g_test_add_func ("/kd/properties/config", test_config);
   g_test_add_func ("/kd/properties/counters-notify", test_counters_notify);
+  g_test_add_func ("/kd/properties/counters-notify-submitted-elsewhere",
+                   test_counters_notify_submitted_elsewhere);
   g_test_add_func ("/kd/properties/counters-creation-context", test_counters_creation_context);
   g_test_add_func ("/kd/properties/waiting", test_waiting);
   g_test_add_func ("/kd/properties/no-handler", test_no_handler);
