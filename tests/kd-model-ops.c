@@ -371,13 +371,7 @@ run_iterate (ModelThread     *thread,
       return TRUE;
     }
 
-  /* Threads take turns owning the context, which GLib orders with its own
-   * lock; ThreadSanitizer cannot see that lock (Debian's GLib is not
-   * instrumented) and would report the delivery's context-thread fields.
-   * This lock shows it the same order. */
-  kd_mutex_lock (&model->iterate_lock);
-  g_main_context_iteration (model->context, FALSE);
-  kd_mutex_unlock (&model->iterate_lock);
+  kd_model_iterate_context (model);
   return TRUE;
 }
 

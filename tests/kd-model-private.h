@@ -135,6 +135,8 @@ struct _KdModel
   gint            last_unref_checked;
   gint            last_unref_started;
 
+  /* Held by whoever iterates the ITERATE-mode context (see
+   * kd_model_iterate_context()) */
   GMutex          iterate_lock;
 
   KdDispatcher   *dispatcher;      /* for done callbacks and the janitor */
@@ -150,6 +152,7 @@ struct _KdModel
   GArray         *drop_ticks[KD_MODEL_MAX_KEYS];  /* under @lock */
   gint            n_parks;
   gint            n_drops;
+  gint            resolving;       /* resume_key/drop_key calls of the model in progress */
   gint            dead_letter_data_freed;
 
   /* Key capacity: accepted (counted when the submit returned) and not
@@ -163,9 +166,21 @@ struct _KdModel
   gint            worker_data_freed;
 
   /* A model thread that resolves parked keys and cancels huge retries, so
-   * that waits end; stopped before the last unref */
+   * that waits end; stopped before the last unref (see janitor_main() in
+   * kd-model.c). It waits in @janitor_context: @context in ITERATE mode,
+   * else one of its own. @janitor_wake is made ready by whoever has news
+   * for it, @janitor_deadline (set by the janitor only) at its next
+   * deadline; both live until the end of the run. */
   GThread        *janitor;
-  gint            janitor_stop;
+  GMainContext   *janitor_context;
+  GSource        *janitor_wake;
+  GSource        *janitor_deadline;
+  gint            janitor_stop;      /* atomic */
+  /* ITERATE mode: iterate ops waiting for @iterate_lock while the janitor
+   * may hold it (atomic; falls to 0 under @lock, with @iterate_turn
+   * broadcast) */
+  gint            iterate_wanted;
+  GCond           iterate_turn;
 
   GMutex          lock;
   gint            n_violations;
@@ -225,6 +240,9 @@ gboolean kd_model_resolve_key            (KdModel       *model,
                                           KdDispatcher  *dispatcher,
                                           guint          key,
                                           gboolean       drop);
+/* Iterates the ITERATE-mode context once, without blocking, taking its turn
+ * from the janitor if it waits there. */
+void     kd_model_iterate_context        (KdModel       *model);
 /* Records the cancel of the dispatcher's cancellable. */
 void     kd_model_cancel                 (KdModel       *model,
                                           KdDispatcher  *dispatcher);

@@ -43,10 +43,12 @@
  *    worker, before its done callback, never for another;
  *  - KD_FAILURE_PARK: the done callback of a failed keyed item marks its
  *    key parked in the model and resumes it, drops it, or leaves it to a
- *    resume op or the janitor (a model thread that resolves keys parked for
- *    a millisecond, and cancels the dispatcher when a huge retry delay
- *    waits); whoever resolves it clears the mark first, and the call must
- *    return TRUE. No handler of a key runs while it is marked parked;
+ *    resume op or the janitor (a model thread that resolves a key still
+ *    parked a millisecond after it saw the park, and cancels the dispatcher
+ *    3 ms after the first retry began when a huge retry delay waits; see
+ *    janitor_main()); whoever resolves it clears the mark first, and the
+ *    call must return TRUE. No handler of a key runs while it is marked
+ *    parked;
  *  - a per-key capacity: after a submit returns and when an item first
  *    runs, the key's accepted and not ended items are at most the capacity
  *    plus the submits to the key in progress (unless a cancel or a drop
@@ -59,8 +61,8 @@
  * And at the end of the run, the checks of kd-model-checks.c.
  *
  * Threads never sleep to wait for each other: the start is a gate, the end a
- * counter, and handlers take their time with busy loops or
- * g_thread_yield().
+ * counter, the janitor blocks until it has news or one of its deadlines
+ * comes, and handlers take their time with busy loops or g_thread_yield().
  */
 
 #include "config.h"
@@ -99,6 +101,8 @@ typedef struct
   guint    key;
   guint    jobs;   /* only the key's running handler touches it */
 } KeyState;
+
+static void janitor_wake_up (KdModel *model);
 
 static GQuark
 model_error_quark (void)
@@ -385,10 +389,16 @@ model_handler (KdJob    *job,
     item_uncount (model, item);
   else
     {
+      gboolean first;
+
       kd_mutex_lock (&model->lock);
-      if (model->retries++ == 0)
+      first = model->retries++ == 0;
+      if (first)
         model->first_retry_us = g_get_monotonic_time ();
       kd_mutex_unlock (&model->lock);
+      /* The janitor cancels a huge delay a while after the first retry. */
+      if (first && model->program->retry_huge)
+        janitor_wake_up (model);
     }
 
   g_atomic_int_set (&item->return_tick, kd_model_tick (model));
@@ -453,6 +463,8 @@ item_parked (KdModel     *model,
     kd_model_resolve_key (model, model->dispatcher, key, FALSE);
   else if (choice < 5)
     kd_model_resolve_key (model, model->dispatcher, key, TRUE);
+  else
+    janitor_wake_up (model);
 }
 
 static void
@@ -632,6 +644,7 @@ kd_model_resolve_key (KdModel      *model,
     return FALSE;
 
   started = kd_model_tick (model);
+  g_atomic_int_inc (&model->resolving);
   if (drop)
     {
       kd_mutex_lock (&model->lock);
@@ -647,6 +660,7 @@ kd_model_resolve_key (KdModel      *model,
     {
       ok = kd_dispatcher_resume_key (dispatcher, kd_model_keys[key]);
     }
+  g_atomic_int_add (&model->resolving, -1);
 
   /* Cancelling the dispatcher drops every parked key. */
   CHECK (model, ok || g_atomic_int_get (&model->cancel_started) != 0 ||
@@ -670,10 +684,127 @@ kd_model_cancel (KdModel      *model,
   kd_model_tick_min (&model->cancelled_by, returned);
 }
 
-/* Resolves keys left parked for a while (half resumed, half dropped), and
- * with a huge retry delay cancels the dispatcher once a retry waited a few
- * milliseconds; with an iterated context, iterates it too, as the done
- * callbacks that see the parks run there. */
+/* The janitor: resolves keys left parked (half resumed, half dropped), and
+ * with a huge retry delay cancels the dispatcher, so that waits end. It is
+ * started when the program parks keys or has a huge retry delay, and
+ * stopped before the last unref. Each round it
+ *
+ *  - resolves each key still parked, with the same park count,
+ *    JANITOR_RESOLVE_AFTER_US after it first saw that park: the resume ops
+ *    of the program's threads get their chance first;
+ *  - cancels the dispatcher JANITOR_CANCEL_AFTER_US after the first retry
+ *    began, with a huge retry delay;
+ *
+ * then blocks in @janitor_context until it has something to do. Its own
+ * sources wake it: @janitor_wake, made ready by a done callback that leaves
+ * a key parked, by the first retry (with a huge delay) and by
+ * janitor_stop(); @janitor_deadline, ready at the nearest of the deadlines
+ * above while one is pending (with none, the wait has no timeout). In
+ * ITERATE mode @janitor_context is the model's context, so the janitor also
+ * wakes when one of the dispatcher's sources is ready and delivers the done
+ * callbacks that see the parks; in the other modes it is one of its own.
+ *
+ * The janitor clears @janitor_wake before it looks, so news that arrives
+ * while it looks makes the next wait return at once. Its sources dispatch
+ * nothing, and at a lower priority than the dispatcher's: an iterate op
+ * that finds them ready leaves them to the janitor and still delivers.
+ *
+ * In ITERATE mode the janitor waits in the context holding @iterate_lock,
+ * as every thread that iterates it does, and owns the context all that
+ * time: an iterate op would find it taken. So the op counts itself in
+ * @iterate_wanted and wakes the janitor, which lets every such op take the
+ * lock before it takes it again (kd_model_iterate_context()). */
+
+/* How long a key stays parked, with no park since, before the janitor
+ * resolves it. */
+#define JANITOR_RESOLVE_AFTER_US (1 * G_TIME_SPAN_MILLISECOND)
+/* How long after the first retry began the janitor cancels a huge delay. */
+#define JANITOR_CANCEL_AFTER_US  (3 * G_TIME_SPAN_MILLISECOND)
+
+/* Makes the janitor look again, if there is one. Any thread. */
+static void
+janitor_wake_up (KdModel *model)
+{
+  if (model->janitor_wake != NULL)
+    g_source_set_ready_time (model->janitor_wake, 0);
+}
+
+/* The janitor's sources only end its wait; it clears them itself. */
+static gboolean
+janitor_source_dispatch (GSource     *source,
+                         GSourceFunc  callback,
+                         gpointer     user_data)
+{
+  return G_SOURCE_CONTINUE;
+}
+
+static GSourceFuncs janitor_source_funcs = {
+  .dispatch = janitor_source_dispatch,
+};
+
+static GSource *
+janitor_source_new (KdModel    *model,
+                    const char *name)
+{
+  GSource *source = g_source_new (&janitor_source_funcs, sizeof (GSource));
+
+  g_source_set_static_name (source, name);
+  g_source_set_priority (source, G_PRIORITY_LOW);
+  g_source_attach (source, model->janitor_context);
+  return source;
+}
+
+void
+kd_model_iterate_context (KdModel *model)
+{
+  /* Whether the janitor waits in this context */
+  gboolean janitor = model->janitor_context != NULL && model->janitor_context == model->context;
+
+  if (janitor)
+    {
+      g_atomic_int_inc (&model->iterate_wanted);
+      janitor_wake_up (model);
+    }
+
+  /* Threads take turns owning the context, which GLib orders with its own
+   * lock; ThreadSanitizer cannot see that lock (Debian's GLib is not
+   * instrumented) and would report the delivery's context-thread fields.
+   * This lock shows it the same order. */
+  kd_mutex_lock (&model->iterate_lock);
+  if (janitor)
+    {
+      kd_mutex_lock (&model->lock);
+      if (g_atomic_int_dec_and_test (&model->iterate_wanted))
+        g_cond_broadcast (&model->iterate_turn);
+      kd_mutex_unlock (&model->lock);
+    }
+  g_main_context_iteration (model->context, FALSE);
+  kd_mutex_unlock (&model->iterate_lock);
+}
+
+/* Blocks until a source of the janitor's context is ready, and dispatches
+ * what is. */
+static void
+janitor_wait (KdModel *model)
+{
+  if (model->janitor_context != model->context)
+    {
+      g_main_context_iteration (model->janitor_context, TRUE);
+      return;
+    }
+
+  /* GMutex is not fair: the janitor would take the lock again before the
+   * iterate ops that woke it. */
+  kd_mutex_lock (&model->lock);
+  while (g_atomic_int_get (&model->iterate_wanted) > 0)
+    kd_cond_wait (&model->iterate_turn, &model->lock);
+  kd_mutex_unlock (&model->lock);
+
+  kd_mutex_lock (&model->iterate_lock);
+  g_main_context_iteration (model->context, TRUE);
+  kd_mutex_unlock (&model->iterate_lock);
+}
+
 static gpointer
 janitor_main (gpointer data)
 {
@@ -681,27 +812,38 @@ janitor_main (gpointer data)
   const KdModelProgram *program = model->program;
   gboolean cancelled = FALSE;
   gint seen_park[KD_MODEL_MAX_KEYS] = { 0 };
-  guint seen_round[KD_MODEL_MAX_KEYS] = { 0 };
-  guint round = 0;
+  gint64 seen_at[KD_MODEL_MAX_KEYS] = { 0 };
   guint key;
 
-  while (!g_atomic_int_get (&model->janitor_stop))
+  for (;;)
     {
-      round++;
-      /* A park seen in rounds 5 apart (a millisecond or more) */
+      gint64 now, deadline = G_MAXINT64;
+
+      g_source_set_ready_time (model->janitor_wake, -1);
+      if (g_atomic_int_get (&model->janitor_stop))
+        break;
+
+      now = g_get_monotonic_time ();
       for (key = 0; key < model->n_keys; key++)
         {
-          gint parks = g_atomic_int_get (&model->key_parks[key]);
+          gint parks;
 
+          /* The mark first: a count read after it is the park's or a
+           * later one's. */
           if (!g_atomic_int_get (&model->key_parked[key]))
             continue;
+          parks = g_atomic_int_get (&model->key_parks[key]);
           if (parks != seen_park[key])
             {
               seen_park[key] = parks;
-              seen_round[key] = round;
+              seen_at[key] = now;
             }
-          else if (round - seen_round[key] >= 5)
-            kd_model_resolve_key (model, model->dispatcher, key, (round + key) % 2 == 0);
+          else if (now >= seen_at[key] + JANITOR_RESOLVE_AFTER_US)
+            {
+              kd_model_resolve_key (model, model->dispatcher, key, (parks + key) % 2 == 0);
+              continue;
+            }
+          deadline = MIN (deadline, seen_at[key] + JANITOR_RESOLVE_AFTER_US);
         }
 
       if (program->retry_huge && !cancelled)
@@ -711,23 +853,35 @@ janitor_main (gpointer data)
           kd_mutex_lock (&model->lock);
           first = model->retries > 0 ? model->first_retry_us : 0;
           kd_mutex_unlock (&model->lock);
-          if (first != 0 && g_get_monotonic_time () - first > 3000)
+          if (first != 0 && now >= first + JANITOR_CANCEL_AFTER_US)
             {
               kd_model_cancel (model, model->dispatcher);
               cancelled = TRUE;
             }
+          else if (first != 0)
+            deadline = MIN (deadline, first + JANITOR_CANCEL_AFTER_US);
         }
 
-      if (program->context_mode == KD_MODEL_CONTEXT_ITERATE)
-        {
-          kd_mutex_lock (&model->iterate_lock);
-          g_main_context_iteration (model->context, FALSE);
-          kd_mutex_unlock (&model->iterate_lock);
-        }
-      g_usleep (200);
+      g_source_set_ready_time (model->janitor_deadline, deadline != G_MAXINT64 ? deadline : -1);
+      janitor_wait (model);
     }
 
   return NULL;
+}
+
+/* In ITERATE mode the janitor waits in the model's context: started after
+ * the first submit attached the dispatcher's sources, it is ordered after
+ * the attach by its start, which ThreadSanitizer sees. */
+static void
+janitor_start (KdModel *model)
+{
+  if (model->program->context_mode == KD_MODEL_CONTEXT_ITERATE)
+    model->janitor_context = g_main_context_ref (model->context);
+  else
+    model->janitor_context = g_main_context_new ();
+  model->janitor_wake = janitor_source_new (model, "model-janitor-wake");
+  model->janitor_deadline = janitor_source_new (model, "model-janitor-deadline");
+  model->janitor = g_thread_new ("model-janitor", janitor_main, model);
 }
 
 static void
@@ -736,7 +890,22 @@ janitor_stop (KdModel *model)
   if (model->janitor == NULL)
     return;
   g_atomic_int_set (&model->janitor_stop, 1);
+  janitor_wake_up (model);
   g_thread_join (g_steal_pointer (&model->janitor));
+}
+
+/* At the end of the run: done callbacks and retries, which wake the
+ * janitor, may come until the last unref returned. */
+static void
+janitor_clear (KdModel *model)
+{
+  if (model->janitor_context == NULL)
+    return;
+  g_source_destroy (model->janitor_wake);
+  g_clear_pointer (&model->janitor_wake, g_source_unref);
+  g_source_destroy (model->janitor_deadline);
+  g_clear_pointer (&model->janitor_deadline, g_source_unref);
+  g_clear_pointer (&model->janitor_context, g_main_context_unref);
 }
 
 static gpointer
@@ -1006,6 +1175,7 @@ kd_model_run (const KdModelProgram *program,
   model->strict = g_strcmp0 (g_getenv ("KD_MODEL_STRICT"), "1") == 0;
   g_mutex_init (&model->lock);
   g_mutex_init (&model->iterate_lock);
+  g_cond_init (&model->iterate_turn);
   kd_test_counter_init (&model->unrefs_done);
   kd_test_counter_init (&model->finished);
   kd_test_gate_init (&model->start);
@@ -1077,8 +1247,6 @@ kd_model_run (const KdModelProgram *program,
         }
     }
   model->dispatcher = dispatcher;
-  if (program->park || program->retry_huge)
-    model->janitor = g_thread_new ("model-janitor", janitor_main, model);
 
   for (i = 0; i <= program->n_threads; i++)
     {
@@ -1106,6 +1274,8 @@ kd_model_run (const KdModelProgram *program,
       model->loop_thread = g_thread_new ("model-loop", loop_thread_main, model);
       CHECK (model, kd_test_gate_wait (&model->loop_running), "the loop thread never started");
     }
+  if (program->park || program->retry_huge)
+    janitor_start (model);
 
   for (i = 0; i < program->n_threads; i++)
     model->threads[i].thread = g_thread_new ("model-thread", model_thread_main, &model->threads[i]);
@@ -1160,6 +1330,7 @@ kd_model_run (const KdModelProgram *program,
   for (i = 0; i < KD_MODEL_MAX_KEYS; i++)
     g_clear_pointer (&model->drop_ticks[i], g_array_unref);
   g_clear_object (&model->cancellable);
+  janitor_clear (model);
   if (model->context != NULL)
     g_main_context_unref (model->context);
   kd_test_gate_clear (&model->start);
@@ -1168,6 +1339,7 @@ kd_model_run (const KdModelProgram *program,
   kd_test_counter_clear (&model->finished);
   g_mutex_clear (&model->lock);
   g_mutex_clear (&model->iterate_lock);
+  g_cond_clear (&model->iterate_turn);
   g_free (model);
 
   return result->n_violations == 0;
