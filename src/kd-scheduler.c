@@ -23,12 +23,22 @@
  * another group's worker is idle, however much fresh input arrives.
  *
  * Waking a sleeping thread costs microseconds, so it is done only when it
- * buys parallelism. Idle workers first spin for SPIN_US (at most one at a
+ * buys parallelism. Idle workers first spin for SPIN_US (normally one at a
  * time), then park on their own GCond. Whoever makes a task visible wakes one
  * parked worker only if nobody is spinning; a worker that was woken counts
  * as spinning until it finds a task, and then wakes the next one if more
  * work is visible. That is the scheme of Go's runtime scheduler, and it
  * keeps a steady stream of short tasks from paying a wake-up per task.
+ *
+ * A spinner only helps while it runs, though. With more workers than
+ * processors, a woken worker can wait behind the producer on the
+ * producer's processor, or a spinner can be preempted, while it still counts
+ * as spinning: pushers would then wake nobody and tasks would wait for a
+ * whole scheduler time slice while the other processor idles. So spinners
+ * stamp spin_stamp on every pass, a waker stamps it for the worker it wakes,
+ * and a pusher that finds the stamp older than STALL_US wakes one more
+ * worker anyway (and stamps it, so stalled spinners cost at most one
+ * wake-up per STALL_US).
  *
  * The "no lost wake-up" argument is the Dekker pattern on sequentially
  * consistent atomics: a pusher publishes its task (the input stack or a
@@ -66,8 +76,13 @@
  * between, before it parks: long enough to catch the next burst of a
  * producer that submits in bursts, so most jobs start without waiting for
  * a wake-up (kd-bench L1: median start latency 23-30 us -> 11-12 us, no
- * throughput cost). At most one worker spins at a time. */
+ * throughput cost). One worker spins at a time, unless it stalled (see
+ * STALL_US). */
 #define SPIN_US 60
+
+/* How long a spinner may go without a pass before pushers stop counting on
+ * it: a pass takes a microsecond or two when its thread runs. */
+#define STALL_US 20
 
 typedef struct
 {
@@ -111,6 +126,7 @@ struct _KdScheduler
   KdWorker   *idle;        /* stack of parked workers, protected by @idle_lock */
   gint        n_idle;      /* atomic: workers on the stack */
   gint        n_spinning;  /* atomic: workers awake and looking for a task */
+  gint64      spin_stamp;  /* atomic: when a spinner last ran, or was woken */
   gint        shutting_down; /* atomic */
 
   /* The start barrier (with start hooks only), protected by @start_lock:
@@ -156,18 +172,28 @@ work_visible (KdScheduler *self)
   return FALSE;
 }
 
+/* Whether the workers counted as spinning have not run for STALL_US. */
+static gboolean
+spinners_stalled (KdScheduler *self)
+{
+  return g_get_monotonic_time () - __atomic_load_n (&self->spin_stamp, __ATOMIC_RELAXED) > STALL_US;
+}
+
 /* Wakes one parked worker, which starts out spinning. Does nothing if a
- * worker is already spinning: that one will find the work. */
+ * worker is already spinning and running: that one will find the work. */
 static void
 wake_one (KdScheduler *self)
 {
   for (;;)
     {
       KdWorker *worker;
+      gint spinning = g_atomic_int_get (&self->n_spinning);
 
       if (g_atomic_int_get (&self->n_idle) == 0 ||
-          !g_atomic_int_compare_and_exchange (&self->n_spinning, 0, 1))
+          (spinning > 0 && !spinners_stalled (self)))
         return;
+      if (!g_atomic_int_compare_and_exchange (&self->n_spinning, spinning, spinning + 1))
+        continue;
 
       kd_mutex_lock (&self->idle_lock);
       worker = self->idle;
@@ -176,6 +202,7 @@ wake_one (KdScheduler *self)
           self->idle = worker->next_idle;
           g_atomic_int_add (&self->n_idle, -1);
           worker->woken = TRUE;
+          __atomic_store_n (&self->spin_stamp, g_get_monotonic_time (), __ATOMIC_RELAXED);
           g_cond_signal (&worker->cond);
         }
       kd_mutex_unlock (&self->idle_lock);
@@ -183,9 +210,9 @@ wake_one (KdScheduler *self)
       if (worker != NULL)
         return;
 
-      /* Nobody was parked after all. While we held n_spinning at 1, a
+      /* Nobody was parked after all. While we held n_spinning up, a
        * pusher may have skipped its wake-up and a worker may have parked:
-       * look again now that n_spinning is back to 0. */
+       * look again now that n_spinning is back down. */
       g_atomic_int_add (&self->n_spinning, -1);
       if (!work_visible (self))
         return;
@@ -195,9 +222,9 @@ wake_one (KdScheduler *self)
 static void
 wake_if_useful (KdScheduler *self)
 {
-  if (g_atomic_int_get (&self->n_spinning) == 0 &&
-      g_atomic_int_get (&self->n_idle) > 0 &&
-      work_visible (self))
+  if (g_atomic_int_get (&self->n_idle) > 0 &&
+      work_visible (self) &&
+      (g_atomic_int_get (&self->n_spinning) == 0 || spinners_stalled (self)))
     wake_one (self);
 }
 
@@ -318,19 +345,22 @@ find_task (KdWorker *worker)
 static KdTask *
 spin_for_task (KdWorker *worker)
 {
-  gint64 until = g_get_monotonic_time () + SPIN_US;
+  KdScheduler *self = worker->scheduler;
+  gint64 now = g_get_monotonic_time ();
+  gint64 until = now + SPIN_US;
 
   do
     {
       KdTask *task;
 
-      if (g_atomic_int_get (&worker->scheduler->shutting_down))
+      __atomic_store_n (&self->spin_stamp, now, __ATOMIC_RELAXED);
+      if (g_atomic_int_get (&self->shutting_down))
         return NULL;
       g_thread_yield ();
       if ((task = find_task (worker)) != NULL)
         return task;
     }
-  while (g_get_monotonic_time () < until);
+  while ((now = g_get_monotonic_time ()) < until);
 
   return NULL;
 }
