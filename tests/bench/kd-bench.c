@@ -61,6 +61,12 @@ typedef struct
   double   start_p50, start_p99, start_p999, start_max;
   double   done_p50, done_p99, done_p999, done_max;
   double   offered_rate;
+  /* L1: how often the machine held the producer off its schedule (see
+   * L1_PACE), and the start latency of the jobs submitted on schedule */
+  double   stalls;        /* a count, kept as a double for MEDIAN() */
+  double   stalled_ms;
+  double   late_share;    /* of the jobs, submitted late */
+  double   on_time_p99;
 } RunResult;
 
 typedef struct
@@ -791,6 +797,7 @@ w4_run_glib (Bench     *bench,
 
 #define L1_JOBS 200000
 #define L1_KEYS 1000
+#define L1_STALL_NS 200000  /* see L1_PACE */
 
 typedef struct
 {
@@ -798,6 +805,12 @@ typedef struct
   gint64 *submit_ns;
   gint64 *start_ns;
   gint64 *done_ns;
+  /* The schedule (job i is due at pace_start + i * interval_ns), and the
+   * producer's wake-ups that came more than L1_STALL_NS late */
+  gint64  pace_start;
+  double  interval_ns;
+  guint   stalls;
+  gint64  stalled_ns;
 } L1;
 
 static gboolean
@@ -893,6 +906,22 @@ l1_finish (L1        *l1,
   percentiles (delay, n, &result->done_p50, &result->done_p99, &result->done_p999,
                &result->done_max);
 
+  /* The jobs whose submit began within L1_STALL_NS of their due time */
+  {
+    guint on_time = 0;
+    double ignored;
+
+    for (i = 0; i < n; i++)
+      if (l1->submit_ns[i] - (l1->pace_start + (gint64) (i * l1->interval_ns)) <= L1_STALL_NS)
+        delay[on_time++] = l1->start_ns[i] - l1->submit_ns[i];
+    result->late_share = (double) (n - on_time) / n;
+    result->on_time_p99 = 0;
+    if (on_time > 0)
+      percentiles (delay, on_time, &ignored, &result->on_time_p99, &ignored, &ignored);
+    result->stalls = l1->stalls;
+    result->stalled_ms = l1->stalled_ns / 1e6;
+  }
+
   g_free (delay);
   g_free (l1->submit_ns);
   g_free (l1->start_ns);
@@ -904,7 +933,17 @@ l1_finish (L1        *l1,
 /* Submits job i at start + i / rate. The producer sleeps until each
  * L1_TICK_NS tick and then submits the jobs that are due, so pacing does
  * not take a processor away from the workers; each job's submit time is
- * the moment its submit call began. */
+ * the moment its submit call began.
+ *
+ * A producer behind its schedule does not sleep. One that sleeps and wakes
+ * more than L1_STALL_NS after its tick was held off by the machine (on a
+ * shared VM, its virtual processor did not run): it then submits the jobs
+ * it owes at once, a burst the workers queue behind. Such wake-ups are
+ * counted, and the start latency is also reported for the jobs submitted
+ * within L1_STALL_NS of their due time, so that a run's tail can be told
+ * apart from the machine's. (A job is also late when the producer is held
+ * back by the admission bound: the offered load is more than the run
+ * can take.) */
 #define L1_TICK_NS 50000
 
 #define L1_PACE(l1, n_jobs, rate, submit_one)                                  \
@@ -913,13 +952,27 @@ l1_finish (L1        *l1,
     gint64 pace_start = now_ns ();                                             \
     gint64 tick = pace_start;                                                  \
     guint i = 0;                                                               \
+    (l1)->pace_start = pace_start;                                             \
+    (l1)->interval_ns = interval_ns;                                           \
+    (l1)->stalls = 0;                                                          \
+    (l1)->stalled_ns = 0;                                                      \
     while (i < (n_jobs))                                                       \
       {                                                                        \
         struct timespec until;                                                 \
+        gint64 late;                                                           \
         tick += L1_TICK_NS;                                                    \
         until.tv_sec = tick / 1000000000;                                      \
         until.tv_nsec = tick % 1000000000;                                     \
-        clock_nanosleep (CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL);        \
+        if (tick > now_ns ())                                                  \
+          {                                                                    \
+            clock_nanosleep (CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL);    \
+            late = now_ns () - tick;                                           \
+            if (late > L1_STALL_NS)                                            \
+              {                                                                \
+                (l1)->stalls++;                                                \
+                (l1)->stalled_ns += late;                                      \
+              }                                                                \
+          }                                                                    \
         for (; i < (n_jobs) &&                                                 \
                pace_start + (gint64) (i * interval_ns) <= now_ns (); i++)      \
           {                                                                    \
@@ -1245,6 +1298,10 @@ print_latency (const char *who,
            MEDIAN (runs, start_p99), MEDIAN (runs, start_p999), MEDIAN (runs, start_max),
            MEDIAN (runs, done_p50), MEDIAN (runs, done_p99), MEDIAN (runs, done_p999),
            MEDIAN (runs, done_max));
+  g_print ("               producer held off > %d us: %.0f times, %.2f ms in all; "
+           "%.1f %% of jobs submitted late; start p99 of the others %.1f us\n",
+           L1_STALL_NS / 1000, MEDIAN (runs, stalls), MEDIAN (runs, stalled_ms),
+           100 * MEDIAN (runs, late_share), MEDIAN (runs, on_time_p99));
 }
 
 static void
@@ -1323,11 +1380,14 @@ json_runs (GString *json,
                               "%s{\"seconds\": %.6f, \"jobs_per_s\": %.1f, \"peak_rss_kib\": %"
                               G_GUINT64_FORMAT ", \"ok\": %s, \"efficiency\": %.4f, "
                               "\"start_us\": [%.2f, %.2f, %.2f, %.2f], "
-                              "\"done_us\": [%.2f, %.2f, %.2f, %.2f], \"offered_rate\": %.1f}",
+                              "\"done_us\": [%.2f, %.2f, %.2f, %.2f], \"offered_rate\": %.1f, "
+                              "\"stalls\": %.0f, \"stalled_ms\": %.3f, \"late_share\": %.4f, "
+                              "\"on_time_start_p99_us\": %.2f}",
                               i ? ", " : "", r->seconds, r->rate, r->peak_rss_kib,
                               r->ok ? "true" : "false", r->efficiency, r->start_p50, r->start_p99,
                               r->start_p999, r->start_max, r->done_p50, r->done_p99, r->done_p999,
-                              r->done_max, r->offered_rate);
+                              r->done_max, r->offered_rate, r->stalls, r->stalled_ms,
+                              r->late_share, r->on_time_p99);
     }
   g_string_append (json, "]");
 }
