@@ -36,9 +36,10 @@
  * as spinning: pushers would then wake nobody and tasks would wait for a
  * whole scheduler time slice while the other processor idles. So spinners
  * stamp spin_stamp on every pass, a waker stamps it for the worker it wakes,
- * and a pusher that finds the stamp older than STALL_US wakes one more
- * worker anyway (and stamps it, so stalled spinners cost at most one
- * wake-up per STALL_US).
+ * and a pusher that finds the stamp older than STALL_US, while fewer
+ * workers are awake than there are processors, wakes one more worker
+ * anyway (and stamps it, so stalled spinners cost at most one wake-up per
+ * STALL_US).
  *
  * The "no lost wake-up" argument is the Dekker pattern on sequentially
  * consistent atomics: a pusher publishes its task (the input stack or a
@@ -115,6 +116,7 @@ struct _KdScheduler
   gpointer    user_data;
   guint       n_workers;
   guint       n_groups;
+  guint       n_processors;
   KdWorker   *workers;
   KdGroup    *groups;
 
@@ -172,11 +174,16 @@ work_visible (KdScheduler *self)
   return FALSE;
 }
 
-/* Whether the workers counted as spinning have not run for STALL_US. */
+/* Whether the workers counted as spinning have not run for STALL_US while
+ * a processor may be free for one more: fewer workers are awake than there
+ * are processors. (With as many awake, another one would only take turns
+ * with them, and a wake-up every STALL_US costs a throughput workload half
+ * its speed: kd-bench W2 fell from 9.3 to 1.7-2.5 M/s in some runs.) */
 static gboolean
 spinners_stalled (KdScheduler *self)
 {
-  return g_get_monotonic_time () - __atomic_load_n (&self->spin_stamp, __ATOMIC_RELAXED) > STALL_US;
+  return self->n_workers - (guint) g_atomic_int_get (&self->n_idle) < self->n_processors &&
+         g_get_monotonic_time () - __atomic_load_n (&self->spin_stamp, __ATOMIC_RELAXED) > STALL_US;
 }
 
 /* Wakes one parked worker, which starts out spinning. Does nothing if a
@@ -549,6 +556,7 @@ kd_scheduler_new (guint              n_workers,
   self->user_data = user_data;
   self->n_workers = n_workers;
   self->n_groups = CLAMP (n_groups, 1, n_workers);
+  self->n_processors = g_get_num_processors ();
   self->workers = g_new0 (KdWorker, n_workers);
   self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdGroup), G_ALIGNOF (KdGroup));
   g_mutex_init (&self->idle_lock);
