@@ -65,6 +65,7 @@ typedef struct
    * L1_PACE), and the start latency of the jobs submitted on schedule */
   double   stalls;        /* a count, kept as a double for MEDIAN() */
   double   stalled_ms;
+  double   run_delay_ms;  /* the producer's time waiting for a processor */
   double   late_share;    /* of the jobs, submitted late */
   double   on_time_p99;
 } RunResult;
@@ -811,6 +812,7 @@ typedef struct
   double  interval_ns;
   guint   stalls;
   gint64  stalled_ns;
+  gint64  run_delay_ns;
 } L1;
 
 static gboolean
@@ -920,6 +922,7 @@ l1_finish (L1        *l1,
       percentiles (delay, on_time, &ignored, &result->on_time_p99, &ignored, &ignored);
     result->stalls = l1->stalls;
     result->stalled_ms = l1->stalled_ns / 1e6;
+    result->run_delay_ms = l1->run_delay_ns / 1e6;
   }
 
   g_free (delay);
@@ -928,6 +931,26 @@ l1_finish (L1        *l1,
   g_free (l1->done_ns);
   keyed_clear (&l1->keyed);
   return result->ok;
+}
+
+/* How long the calling thread has waited, runnable, for a processor: the
+ * kernel's schedstat run_delay (0 where there is none). */
+static gint64
+thread_run_delay_ns (void)
+{
+  char *text = NULL;
+  gint64 delay = 0;
+
+  if (g_file_get_contents ("/proc/thread-self/schedstat", &text, NULL, NULL))
+    {
+      char **fields = g_strsplit (g_strstrip (text), " ", -1);
+
+      if (g_strv_length (fields) >= 2)
+        delay = g_ascii_strtoll (fields[1], NULL, 10);
+      g_strfreev (fields);
+    }
+  g_free (text);
+  return delay;
 }
 
 /* Submits job i at start + i / rate. The producer sleeps until each
@@ -943,7 +966,9 @@ l1_finish (L1        *l1,
  * within L1_STALL_NS of their due time, so that a run's tail can be told
  * apart from the machine's. (A job is also late when the producer is held
  * back by the admission bound: the offered load is more than the run
- * can take.) */
+ * can take.) The producer's run_delay says how much of that was the guest
+ * kernel keeping it waiting for a processor the workers held; the rest of a
+ * late wake-up is the host's. */
 #define L1_TICK_NS 50000
 
 #define L1_PACE(l1, n_jobs, rate, submit_one)                                  \
@@ -956,6 +981,7 @@ l1_finish (L1        *l1,
     (l1)->interval_ns = interval_ns;                                           \
     (l1)->stalls = 0;                                                          \
     (l1)->stalled_ns = 0;                                                      \
+    (l1)->run_delay_ns = thread_run_delay_ns ();                               \
     while (i < (n_jobs))                                                       \
       {                                                                        \
         struct timespec until;                                                 \
@@ -980,6 +1006,7 @@ l1_finish (L1        *l1,
             submit_one;                                                        \
           }                                                                    \
       }                                                                        \
+    (l1)->run_delay_ns = thread_run_delay_ns () - (l1)->run_delay_ns;          \
   } G_STMT_END
 
 static double
@@ -1298,10 +1325,11 @@ print_latency (const char *who,
            MEDIAN (runs, start_p99), MEDIAN (runs, start_p999), MEDIAN (runs, start_max),
            MEDIAN (runs, done_p50), MEDIAN (runs, done_p99), MEDIAN (runs, done_p999),
            MEDIAN (runs, done_max));
-  g_print ("               producer held off > %d us: %.0f times, %.2f ms in all; "
-           "%.1f %% of jobs submitted late; start p99 of the others %.1f us\n",
+  g_print ("               producer woke > %d us late %.0f times, %.2f ms in all (waited %.2f ms "
+           "for a processor); %.1f %% of jobs submitted late; start p99 of the others %.1f us\n",
            L1_STALL_NS / 1000, MEDIAN (runs, stalls), MEDIAN (runs, stalled_ms),
-           100 * MEDIAN (runs, late_share), MEDIAN (runs, on_time_p99));
+           MEDIAN (runs, run_delay_ms), 100 * MEDIAN (runs, late_share),
+           MEDIAN (runs, on_time_p99));
 }
 
 static void
@@ -1381,13 +1409,13 @@ json_runs (GString *json,
                               G_GUINT64_FORMAT ", \"ok\": %s, \"efficiency\": %.4f, "
                               "\"start_us\": [%.2f, %.2f, %.2f, %.2f], "
                               "\"done_us\": [%.2f, %.2f, %.2f, %.2f], \"offered_rate\": %.1f, "
-                              "\"stalls\": %.0f, \"stalled_ms\": %.3f, \"late_share\": %.4f, "
-                              "\"on_time_start_p99_us\": %.2f}",
+                              "\"stalls\": %.0f, \"stalled_ms\": %.3f, \"run_delay_ms\": %.3f, "
+                              "\"late_share\": %.4f, \"on_time_start_p99_us\": %.2f}",
                               i ? ", " : "", r->seconds, r->rate, r->peak_rss_kib,
                               r->ok ? "true" : "false", r->efficiency, r->start_p50, r->start_p99,
                               r->start_p999, r->start_max, r->done_p50, r->done_p99, r->done_p999,
                               r->done_max, r->offered_rate, r->stalls, r->stalled_ms,
-                              r->late_share, r->on_time_p99);
+                              r->run_delay_ms, r->late_share, r->on_time_p99);
     }
   g_string_append (json, "]");
 }
