@@ -37,6 +37,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "kd-redis-consumer-private.h"
@@ -165,6 +166,21 @@ server_start (Server *server)
   g_assert_no_error (error);
   server->port = free_port ();
   server_launch (server);
+}
+
+/* Stops redis-server now. g_subprocess_send_signal() only hands the signal
+ * to GLib's worker thread, which sends it later, so what the test does next
+ * could still reach a running server: send it here, and wait until the
+ * server is stopped (without reaping anything: WNOWAIT). */
+static void
+server_freeze (Server *server)
+{
+  pid_t pid = (pid_t) g_ascii_strtoll (g_subprocess_get_identifier (server->process), NULL, 10);
+  siginfo_t info = { 0 };
+
+  g_assert_cmpint (kill (pid, SIGSTOP), ==, 0);
+  g_assert_cmpint (waitid (P_PID, pid, &info, WSTOPPED | WNOWAIT), ==, 0);
+  g_assert_cmpint (info.si_code, ==, CLD_STOPPED);
 }
 
 static void
@@ -1350,7 +1366,7 @@ test_stop_unreachable (void)
   while (gate.n_entered < 2)
     g_assert_true (kd_cond_wait_until (&gate.cond, &gate.lock, deadline));
   kd_mutex_unlock (&gate.lock);
-  g_subprocess_send_signal (server.process, SIGSTOP);
+  server_freeze (&server);
   kd_mutex_lock (&gate.lock);
   gate.open = TRUE;
   g_cond_broadcast (&gate.cond);
