@@ -229,9 +229,7 @@ wake_one (KdScheduler *self)
 static void
 wake_if_useful (KdScheduler *self)
 {
-  if (g_atomic_int_get (&self->n_idle) > 0 &&
-      work_visible (self) &&
-      (g_atomic_int_get (&self->n_spinning) == 0 || spinners_stalled (self)))
+  if (g_atomic_int_get (&self->n_idle) > 0 && work_visible (self))
     wake_one (self);
 }
 

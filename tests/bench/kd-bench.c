@@ -61,7 +61,7 @@ typedef struct
   double   start_p50, start_p99, start_p999, start_max;
   double   done_p50, done_p99, done_p999, done_max;
   double   offered_rate;
-  /* L1: how often the machine held the producer off its schedule (see
+  /* L1: how often the producer woke late and waited for a processor (see
    * L1_PACE), and the start latency of the jobs submitted on schedule */
   double   stalls;        /* a count, kept as a double for MEDIAN() */
   double   stalled_ms;
@@ -815,6 +815,14 @@ typedef struct
   gint64  run_delay_ns;
 } L1;
 
+/* When job @i is due, by the schedule */
+static inline gint64
+l1_due_ns (const L1 *l1,
+           guint     i)
+{
+  return l1->pace_start + (gint64) (i * l1->interval_ns);
+}
+
 static gboolean
 l1_handler (KdJob    *job,
             gpointer  user_data,
@@ -914,7 +922,7 @@ l1_finish (L1        *l1,
     double ignored;
 
     for (i = 0; i < n; i++)
-      if (l1->submit_ns[i] - (l1->pace_start + (gint64) (i * l1->interval_ns)) <= L1_STALL_NS)
+      if (l1->submit_ns[i] - l1_due_ns (l1, i) <= L1_STALL_NS)
         delay[on_time++] = l1->start_ns[i] - l1->submit_ns[i];
     result->late_share = (double) (n - on_time) / n;
     result->on_time_p99 = 0;
@@ -959,26 +967,23 @@ thread_run_delay_ns (void)
  * the moment its submit call began.
  *
  * A producer behind its schedule does not sleep. One that sleeps and wakes
- * more than L1_STALL_NS after its tick was held off by the machine (on a
- * shared VM, its virtual processor did not run): it then submits the jobs
- * it owes at once, a burst the workers queue behind. Such wake-ups are
- * counted, and the start latency is also reported for the jobs submitted
- * within L1_STALL_NS of their due time, so that a run's tail can be told
- * apart from the machine's. (A job is also late when the producer is held
- * back by the admission bound: the offered load is more than the run
- * can take.) The producer's run_delay says how much of that was the guest
- * kernel keeping it waiting for a processor the workers held; the rest of a
- * late wake-up is the host's. */
+ * more than L1_STALL_NS after its tick was held off, by the guest kernel
+ * (the workers held the processors: its schedstat run_delay counts that)
+ * or by the host (on a shared VM, its virtual processor did not run); it
+ * then submits the jobs it owes at once, a burst the workers queue behind.
+ * Such wake-ups are counted, and the start latency is also reported for
+ * the jobs submitted within L1_STALL_NS of their due time, so that a run's
+ * tail can be told apart from the machine's. (A job is also late when the
+ * producer is held back by the admission bound: the offered load is more
+ * than the run can take.) */
 #define L1_TICK_NS 50000
 
 #define L1_PACE(l1, n_jobs, rate, submit_one)                                  \
   G_STMT_START {                                                               \
-    double interval_ns = 1e9 / (rate);                                         \
-    gint64 pace_start = now_ns ();                                             \
-    gint64 tick = pace_start;                                                  \
+    gint64 tick = now_ns ();                                                   \
     guint i = 0;                                                               \
-    (l1)->pace_start = pace_start;                                             \
-    (l1)->interval_ns = interval_ns;                                           \
+    (l1)->pace_start = tick;                                                   \
+    (l1)->interval_ns = 1e9 / (rate);                                          \
     (l1)->stalls = 0;                                                          \
     (l1)->stalled_ns = 0;                                                      \
     (l1)->run_delay_ns = thread_run_delay_ns ();                               \
@@ -999,8 +1004,7 @@ thread_run_delay_ns (void)
                 (l1)->stalled_ns += late;                                      \
               }                                                                \
           }                                                                    \
-        for (; i < (n_jobs) &&                                                 \
-               pace_start + (gint64) (i * interval_ns) <= now_ns (); i++)      \
+        for (; i < (n_jobs) && l1_due_ns ((l1), i) <= now_ns (); i++)          \
           {                                                                    \
             (l1)->submit_ns[i] = now_ns ();                                    \
             submit_one;                                                        \
