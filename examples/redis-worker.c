@@ -38,6 +38,7 @@
 typedef struct
 {
   int         log_fd;
+  GMutex      log_lock;   /* one line at a time, even one written in pieces */
   char       *fail_key;
   gint64      work_us;
   gint        stop_at;
@@ -92,6 +93,29 @@ text_bytes (char *text)
   return g_bytes_new_take (text, strlen (text));
 }
 
+/* Writes all of @buf, however many calls it takes; -1 with errno set on an
+ * error. A line longer than a pipe's or a file system's single write may
+ * be cut by the kernel, and so needs more than one write(). */
+static gssize
+write_all (int         fd,
+           const char *buf,
+           gsize       len)
+{
+  gsize done = 0;
+
+  while (done < len)
+    {
+      gssize n = write (fd, buf + done, len - done);
+
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n < 0)
+        return -1;
+      done += (gsize) n;
+    }
+  return (gssize) done;
+}
+
 static gboolean
 run_job (KdJob    *job,
          gpointer  user_data,
@@ -103,8 +127,6 @@ run_job (KdJob    *job,
   const char *payload = (const char *) kd_redis_entry_get_payload (entry, NULL);
   gboolean fail = worker->fail_key != NULL && g_strcmp0 (key, worker->fail_key) == 0;
   gint64 start = g_get_monotonic_time ();
-  char line[256];
-  int len;
 
   if (worker->work_us > 0)
     {
@@ -122,13 +144,22 @@ run_job (KdJob    *job,
     }
 
   /* The line is written as the job ends, before it counts as done, with
-   * one write(), so it survives a SIGKILL right after. */
+   * one write() (a line too long for one takes more, under the lock, so
+   * that no other line lands inside it), so it survives a SIGKILL right
+   * after. */
   if (worker->log_fd >= 0)
     {
-      len = g_snprintf (line, sizeof line, "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %s %s %u %s\n",
-                        start, g_get_monotonic_time (), key != NULL ? key : "-", payload,
-                        kd_job_get_attempt (job), fail ? "fail" : "ok");
-      if (write (worker->log_fd, line, (size_t) len) != len)
+      g_autoptr (GString) line = g_string_new (NULL);
+      gssize written;
+
+      /* Keys and payloads of any size: the line grows to fit them. */
+      g_string_printf (line, "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %s %s %u %s\n",
+                       start, g_get_monotonic_time (), key != NULL ? key : "-", payload,
+                       kd_job_get_attempt (job), fail ? "fail" : "ok");
+      g_mutex_lock (&worker->log_lock);
+      written = write_all (worker->log_fd, line->str, line->len);
+      g_mutex_unlock (&worker->log_lock);
+      if (written < 0)
         g_error ("Cannot write the log: %s", g_strerror (errno));
     }
 
@@ -319,9 +350,11 @@ consume (void)
   g_autoptr (KdDispatcher) dispatcher = NULL;
   g_autoptr (GMainLoop) loop = g_main_loop_new (NULL, FALSE);
   g_autoptr (GError) error = NULL;
-  Worker worker = { -1, opt_fail_key, opt_work_us, opt_stop_at, 0 };
+  Worker worker = { .log_fd = -1, .fail_key = opt_fail_key, .work_us = opt_work_us,
+                    .stop_at = opt_stop_at };
   KdRedisQueueStats stats;
 
+  g_mutex_init (&worker.log_lock);
   if (opt_log != NULL)
     {
       worker.log_fd = open (opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -354,6 +387,7 @@ consume (void)
            stats.dead_lettered, stats.refused, stats.skipped, stats.trimmed, stats.duplicates);
   if (worker.log_fd >= 0)
     close (worker.log_fd);
+  g_mutex_clear (&worker.log_lock);
   return 0;
 }
 

@@ -2274,6 +2274,58 @@ test_dead_letter (void)
 }
 
 static void
+test_long_log_line (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (GError) error = NULL;
+  g_autoptr (GBytes) payload = NULL;
+  g_autofree char *key = NULL;
+  g_autofree char *text = NULL;
+  g_autofree char *log = NULL;
+  g_autofree char *expected = NULL;
+  g_auto (GStrv) fields = NULL;
+  guint64 refused, skipped;
+  Worker *workers[1];
+  gsize size = 1024 * 1024, length;
+
+  g_test_summary ("redis-worker --log writes the whole line of a job whose key and payload are "
+                  "far longer than a line buffer: a 300-byte key and a 1 MiB payload");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  key = g_strnfill (300, 'k');
+  text = g_strnfill (size, 'p');
+  payload = g_bytes_new_static (text, size);
+  queue = open_queue (&server, "long", 4);
+  g_assert_true (kd_redis_queue_add (queue, key, payload, &error));
+  g_assert_no_error (error);
+
+  workers[0] = worker_start (&server, "long", 0, "--shards=4", NULL);
+  wait_finished (&server, "long", 4, 1, 1);
+  finish_workers (workers, 1, -1, &refused, &skipped);
+
+  g_assert_true (g_file_get_contents (workers[0]->log, &log, &length, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (length, >, size);
+  g_assert_cmpint (log[length - 1], ==, '\n');
+  log[length - 1] = '\0';
+  g_assert_null (strchr (log, '\n'));   /* one line */
+  fields = g_strsplit (log, " ", -1);
+  g_assert_cmpuint (g_strv_length (fields), ==, 6);
+  g_assert_cmpstr (fields[2], ==, key);
+  g_assert_cmpuint (strlen (fields[3]), ==, size);
+  g_assert_true (strspn (fields[3], "p") == size);
+  g_assert_cmpstr (fields[4], ==, "1");
+  g_assert_cmpstr (fields[5], ==, "ok");
+
+  worker_free (workers[0]);
+  g_clear_object (&queue);
+  server_stop (&server);
+}
+
+static void
 test_bench (void)
 {
   Server server = { 0 };
@@ -2349,6 +2401,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/producer-retry", test_producer_retry);
   g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
   g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
+  g_test_add_func ("/kd/redis-queue/long-log-line", test_long_log_line);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();
