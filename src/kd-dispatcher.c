@@ -1452,7 +1452,7 @@ kd_dispatcher_constructed (GObject *object)
   G_OBJECT_CLASS (kd_dispatcher_parent_class)->constructed (object);
 
   if (self->n_workers == 0)
-    self->n_workers = g_get_num_processors ();
+    self->n_workers = MIN (g_get_num_processors (), KD_DISPATCHER_MAX_WORKERS);
   self->worker_stats = g_aligned_alloc0 (self->n_workers + 1, sizeof (KdWorkerStats),
                                          G_ALIGNOF (KdWorkerStats));
   /* Each worker counts the jobs it ends on a cache line of its own. */
@@ -1582,24 +1582,26 @@ kd_dispatcher_class_init (KdDispatcherClass *klass)
   /**
    * KdDispatcher:n-workers:
    *
-   * The number of worker threads; 0 at construction means one per
-   * processor.
+   * The number of worker threads, at most %KD_DISPATCHER_MAX_WORKERS; 0 at
+   * construction means one per processor (at most
+   * %KD_DISPATCHER_MAX_WORKERS).
    *
    * Since: 0.1
    */
   properties[PROP_N_WORKERS] =
-    g_param_spec_uint ("n-workers", NULL, NULL, 0, G_MAXUINT, 0,
+    g_param_spec_uint ("n-workers", NULL, NULL, 0, KD_DISPATCHER_MAX_WORKERS, 0,
                        G_PARAM_READWRITE | G_PARAM_CONSTRUCT_ONLY | G_PARAM_STATIC_STRINGS);
 
   /**
    * KdDispatcher:fanout:
    *
-   * The number of tier-1 dispatchers (see kd_dispatcher_set_fanout()).
-   * Writable until the first submit.
+   * The number of tier-1 dispatchers (see kd_dispatcher_set_fanout()), from
+   * 1 to %KD_DISPATCHER_MAX_WORKERS. Writable until the first submit.
    *
    * Since: 0.1
    */
-  properties[PROP_FANOUT] = g_param_spec_uint ("fanout", NULL, NULL, 1, G_MAXUINT, 1, config);
+  properties[PROP_FANOUT] =
+    g_param_spec_uint ("fanout", NULL, NULL, 1, KD_DISPATCHER_MAX_WORKERS, 1, config);
 
   /**
    * KdDispatcher:capacity:
@@ -1753,7 +1755,8 @@ kd_dispatcher_init (KdDispatcher *self)
 
 /**
  * kd_dispatcher_new:
- * @n_workers: the number of worker threads; 0 for one per processor
+ * @n_workers: the number of worker threads, at most
+ *   %KD_DISPATCHER_MAX_WORKERS; 0 for one per processor
  * @handler: (scope notified) (closure user_data) (destroy user_data_free):
  *   runs each job on a worker thread
  * @user_data: data for @handler
@@ -1762,9 +1765,10 @@ kd_dispatcher_init (KdDispatcher *self)
  *
  * Creates a dispatcher. Configure it with the `kd_dispatcher_set_*()` calls,
  * then submit jobs from any thread. The worker threads start at the first
- * accepted job.
+ * accepted job (or at kd_dispatcher_start()).
  *
- * Returns: (transfer full): a new dispatcher
+ * Returns: (transfer full): a new dispatcher, or %NULL (with a critical
+ *   message) if @n_workers is above %KD_DISPATCHER_MAX_WORKERS
  *
  * Since: 0.1
  */
@@ -1777,6 +1781,7 @@ kd_dispatcher_new (guint           n_workers,
   KdDispatcher *self;
 
   g_return_val_if_fail (handler != NULL, NULL);
+  g_return_val_if_fail (n_workers <= KD_DISPATCHER_MAX_WORKERS, NULL);
 
   self = g_object_new (KD_TYPE_DISPATCHER, "n-workers", n_workers, NULL);
   self->handler = handler;
@@ -1789,12 +1794,14 @@ kd_dispatcher_new (guint           n_workers,
 /**
  * kd_dispatcher_set_fanout:
  * @self: a dispatcher
- * @n_dispatchers: the number of tier-1 dispatchers, at least 1
+ * @n_dispatchers: the number of tier-1 dispatchers, from 1 to
+ *   %KD_DISPATCHER_MAX_WORKERS
  *
  * Sets how many tier-1 dispatchers share the input queue; the workers are
  * split among them as evenly as possible, and each feeds its own workers.
  * More dispatchers mean less contention on the input queue with many
- * workers. A value above the number of workers is clamped. The default is 1.
+ * workers. A value above the number of workers is clamped to it. The
+ * default is 1.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -1806,7 +1813,7 @@ kd_dispatcher_set_fanout (KdDispatcher *self,
                           guint         n_dispatchers)
 {
   g_return_if_fail (KD_IS_DISPATCHER (self));
-  g_return_if_fail (n_dispatchers > 0);
+  g_return_if_fail (n_dispatchers > 0 && n_dispatchers <= KD_DISPATCHER_MAX_WORKERS);
 
   if (check_configurable (self, G_STRFUNC) && self->fanout != n_dispatchers)
     {

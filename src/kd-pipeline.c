@@ -470,7 +470,8 @@ kd_pipeline_new (void)
  * kd_pipeline_add_stage:
  * @self: a pipeline
  * @name: (nullable): the stage's name, for debug messages
- * @n_workers: the stage's worker threads; 0 for one per processor
+ * @n_workers: the stage's worker threads, at most
+ *   %KD_DISPATCHER_MAX_WORKERS; 0 for one per processor
  * @handler: (scope notified) (closure user_data) (destroy destroy): runs
  *   each item of the stage; passes items on with kd_job_emit()
  * @user_data: data for @handler
@@ -483,7 +484,9 @@ kd_pipeline_new (void)
  *
  * Before the first submit.
  *
- * Returns: (transfer none): the stage's dispatcher, owned by the pipeline
+ * Returns: (transfer none) (nullable): the stage's dispatcher, owned by the
+ *   pipeline; %NULL (with a critical message) if @n_workers is above
+ *   %KD_DISPATCHER_MAX_WORKERS or the pipeline already started
  *
  * Since: 0.1
  */
@@ -499,6 +502,7 @@ kd_pipeline_add_stage (KdPipeline     *self,
 
   g_return_val_if_fail (KD_IS_PIPELINE (self), NULL);
   g_return_val_if_fail (handler != NULL, NULL);
+  g_return_val_if_fail (n_workers <= KD_DISPATCHER_MAX_WORKERS, NULL);
 
   if (!check_configurable (self, G_STRFUNC))
     return NULL;

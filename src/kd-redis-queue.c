@@ -331,7 +331,8 @@ kd_redis_queue_set_n_shards (KdRedisQueue *self,
 /**
  * kd_redis_queue_set_lease_time:
  * @self: a queue
- * @lease_us: the lease time, in microseconds, at least 30 ms
+ * @lease_us: the lease time, in microseconds, from 30 ms to
+ *   %KD_REDIS_QUEUE_MAX_LEASE_US (a day)
  *
  * Sets how long a consumer holds a shard without renewing it, default 5 s:
  * how long after a consumer dies the others take its shards over. A
@@ -349,6 +350,7 @@ kd_redis_queue_set_lease_time (KdRedisQueue *self,
 {
   g_return_if_fail (KD_IS_REDIS_QUEUE (self));
   g_return_if_fail (lease_us >= 30 * G_TIME_SPAN_MILLISECOND);
+  g_return_if_fail (lease_us <= KD_REDIS_QUEUE_MAX_LEASE_US);
 
   if (!check_configurable (self, G_STRFUNC))
     return;
@@ -358,7 +360,8 @@ kd_redis_queue_set_lease_time (KdRedisQueue *self,
 /**
  * kd_redis_queue_set_batch_size:
  * @self: a queue
- * @batch_size: the most entries in flight in this process, at least 1
+ * @batch_size: the most entries in flight in this process, from 1 to
+ *   %KD_REDIS_QUEUE_MAX_BATCH_SIZE
  *
  * Sets how many entries a consumer process holds at most, read and not yet
  * acknowledged; default 1024. It reads again once half of them are done. A
@@ -374,7 +377,7 @@ kd_redis_queue_set_batch_size (KdRedisQueue *self,
                                guint         batch_size)
 {
   g_return_if_fail (KD_IS_REDIS_QUEUE (self));
-  g_return_if_fail (batch_size >= 1);
+  g_return_if_fail (batch_size >= 1 && batch_size <= KD_REDIS_QUEUE_MAX_BATCH_SIZE);
 
   if (!check_configurable (self, G_STRFUNC))
     return;
@@ -876,7 +879,9 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
                              GError       **error)
 {
   g_autofree char *channel = NULL;
-  gint64 deadline = timeout_us < 0 ? -1 : g_get_monotonic_time () + timeout_us;
+  gint64 now = g_get_monotonic_time ();
+  /* A deadline past the end of time is no deadline. */
+  gint64 deadline = timeout_us < 0 || timeout_us > G_MAXINT64 - now ? -1 : now + timeout_us;
   KdRedisSigpipeGuard guard;
   KdRedisConn subscriber;
   KdRedisArgs args;
@@ -1032,7 +1037,8 @@ release_entry (gpointer data)
 /**
  * kd_redis_queue_new_dispatcher:
  * @self: a queue
- * @n_workers: the number of worker threads, 0 for one per processor
+ * @n_workers: the number of worker threads, at most
+ *   %KD_DISPATCHER_MAX_WORKERS; 0 for one per processor
  * @handler: (scope notified) (closure user_data) (destroy user_data_free):
  *   runs each job
  * @user_data: data for @handler
@@ -1073,6 +1079,7 @@ kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), NULL);
   g_return_val_if_fail (handler != NULL, NULL);
+  g_return_val_if_fail (n_workers <= KD_DISPATCHER_MAX_WORKERS, NULL);
   g_return_val_if_fail (self->consumer == NULL, NULL);
 
   kd_mutex_lock (&self->producer_lock);

@@ -367,6 +367,89 @@ test_waiting (void)
   g_main_context_unref (context);
 }
 
+static gboolean
+complete_handler (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  return TRUE;
+}
+
+/* Runs @call expecting a critical that names @what. */
+#define EXPECT_CRITICAL(what, call)                                           \
+  G_STMT_START {                                                              \
+    g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*" what "*"); \
+    call;                                                                     \
+    g_test_assert_expected_messages ();                                       \
+  } G_STMT_END
+
+static void
+test_out_of_range (void)
+{
+  KdDispatcher *dispatcher;
+  KdPipeline *pipeline;
+  guint n_workers = 0;
+  KdStats stats;
+
+  g_test_summary ("Every count and time a caller passes is range-checked: out of range is a "
+                  "critical that leaves the setting as it was (or a documented clamp), never "
+                  "a crash later");
+
+  if (!g_test_undefined ())
+    return;
+
+  /* Workers: at most KD_DISPATCHER_MAX_WORKERS. */
+  EXPECT_CRITICAL ("n_workers <= KD_DISPATCHER_MAX_WORKERS",
+                   dispatcher = kd_dispatcher_new ((guint) -1, complete_handler, NULL, NULL));
+  g_assert_null (dispatcher);
+  EXPECT_CRITICAL ("n_workers <= KD_DISPATCHER_MAX_WORKERS",
+                   dispatcher = kd_dispatcher_new (KD_DISPATCHER_MAX_WORKERS + 1, complete_handler,
+                                                   NULL, NULL));
+  g_assert_null (dispatcher);
+  pipeline = kd_pipeline_new ();
+  EXPECT_CRITICAL ("n_workers <= KD_DISPATCHER_MAX_WORKERS",
+                   g_assert_null (kd_pipeline_add_stage (pipeline, "s", KD_DISPATCHER_MAX_WORKERS + 1,
+                                                         complete_handler, NULL, NULL)));
+  g_assert_cmpuint (kd_pipeline_get_n_stages (pipeline), ==, 0);
+  g_object_unref (pipeline);
+
+  /* Through GObject, the property's range says no, and the default stays. */
+  g_test_expect_message ("GLib-GObject", G_LOG_LEVEL_WARNING, "*n-workers*");
+  dispatcher = g_object_new (KD_TYPE_DISPATCHER, "n-workers", (guint) -1, NULL);
+  g_test_assert_expected_messages ();
+  g_object_get (dispatcher, "n-workers", &n_workers, NULL);
+  g_assert_cmpuint (n_workers, ==, MIN (g_get_num_processors (), KD_DISPATCHER_MAX_WORKERS));
+  g_object_unref (dispatcher);
+
+  dispatcher = kd_dispatcher_new (2, complete_handler, NULL, NULL);
+  EXPECT_CRITICAL ("n_dispatchers > 0", kd_dispatcher_set_fanout (dispatcher, 0));
+  EXPECT_CRITICAL ("n_dispatchers > 0",
+                   kd_dispatcher_set_fanout (dispatcher, KD_DISPATCHER_MAX_WORKERS + 1));
+  g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, 1);
+  kd_dispatcher_set_fanout (dispatcher, KD_DISPATCHER_MAX_WORKERS);   /* clamped */
+  g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, 2);
+
+  EXPECT_CRITICAL ("capacity > 0", kd_dispatcher_set_capacity (dispatcher, 0));
+  g_assert_cmpuint (kd_dispatcher_get_capacity (dispatcher), ==, 1024);
+  kd_dispatcher_set_capacity (dispatcher, G_MAXUINT);                 /* clamped */
+  g_assert_cmpuint (kd_dispatcher_get_capacity (dispatcher), ==, G_MAXINT32);
+
+  EXPECT_CRITICAL ("max_attempts >= 1", kd_dispatcher_set_retry (dispatcher, 0, 0, 0));
+  EXPECT_CRITICAL ("initial_delay_us >= 0", kd_dispatcher_set_retry (dispatcher, 2, -1, 0));
+  EXPECT_CRITICAL ("max_delay_us >= initial_delay_us", kd_dispatcher_set_retry (dispatcher, 2, 10, 5));
+  EXPECT_CRITICAL ("idle_us >= 0", kd_dispatcher_set_key_idle_time (dispatcher, -1));
+
+  /* The longest times are taken: they mean "never" without overflowing. */
+  kd_dispatcher_set_retry (dispatcher, G_MAXUINT, G_MAXINT64, G_MAXINT64);
+  kd_dispatcher_set_key_idle_time (dispatcher, G_MAXINT64);
+  g_assert_true (kd_dispatcher_submit_timeout (dispatcher, "k", NULL, G_MAXINT64, NULL));
+  g_assert_true (kd_dispatcher_submit_timeout (dispatcher, NULL, NULL, G_MININT64, NULL));
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, 2);
+  g_object_unref (dispatcher);
+}
+
 static void
 test_no_handler (void)
 {
@@ -399,6 +482,7 @@ main (int    argc,
   g_test_add_func ("/kd/properties/counters-creation-context", test_counters_creation_context);
   g_test_add_func ("/kd/properties/waiting", test_waiting);
   g_test_add_func ("/kd/properties/no-handler", test_no_handler);
+  g_test_add_func ("/kd/properties/out-of-range", test_out_of_range);
 
   return g_test_run ();
 }

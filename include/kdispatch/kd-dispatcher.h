@@ -18,6 +18,17 @@ G_BEGIN_DECLS
 
 #define KD_TYPE_DISPATCHER (kd_dispatcher_get_type ())
 
+/**
+ * KD_DISPATCHER_MAX_WORKERS:
+ *
+ * The most worker threads a dispatcher, or a pipeline stage, may have.
+ * kd_dispatcher_new() refuses more; one worker per processor (0) is
+ * clamped to it.
+ *
+ * Since: 0.1
+ */
+#define KD_DISPATCHER_MAX_WORKERS 1024
+
 KD_AVAILABLE_IN_ALL
 G_DECLARE_FINAL_TYPE (KdDispatcher, kd_dispatcher, KD, DISPATCHER, GObject)
 

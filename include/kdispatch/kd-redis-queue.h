@@ -31,6 +31,26 @@ G_BEGIN_DECLS
  */
 #define KD_REDIS_QUEUE_MAX_FIELD_SIZE ((gsize) 512 * 1024 * 1024 - (gsize) 64 * 1024)
 
+/**
+ * KD_REDIS_QUEUE_MAX_LEASE_US:
+ *
+ * The longest lease time kd_redis_queue_set_lease_time() takes: a day, in
+ * microseconds.
+ *
+ * Since: 0.1
+ */
+#define KD_REDIS_QUEUE_MAX_LEASE_US ((gint64) 24 * 60 * 60 * G_TIME_SPAN_SECOND)
+
+/**
+ * KD_REDIS_QUEUE_MAX_BATCH_SIZE:
+ *
+ * The largest batch kd_redis_queue_set_batch_size() takes: 1,048,576
+ * entries in flight per process.
+ *
+ * Since: 0.1
+ */
+#define KD_REDIS_QUEUE_MAX_BATCH_SIZE (1024 * 1024)
+
 KD_AVAILABLE_IN_ALL
 G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
 

@@ -2325,6 +2325,55 @@ test_long_log_line (void)
   server_stop (&server);
 }
 
+static gboolean
+complete_job (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  return TRUE;
+}
+
+static void
+expect_critical (const char *what)
+{
+  g_autofree char *pattern = g_strdup_printf ("*%s*", what);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, pattern);
+}
+
+static void
+test_out_of_range (void)
+{
+  g_autoptr (KdRedisQueue) queue = kd_redis_queue_new ("range");
+
+  g_test_summary ("Every count and time given to a queue is range-checked with a critical that "
+                  "leaves the setting as it was; the largest ones that are taken do not overflow");
+  if (!g_test_undefined ())
+    return;
+
+  expect_critical ("port > 0");
+  kd_redis_queue_set_address (queue, "127.0.0.1", 65536);
+  expect_critical ("n_shards >= 1");
+  kd_redis_queue_set_n_shards (queue, 65537);
+  expect_critical ("lease_us >= 30");
+  kd_redis_queue_set_lease_time (queue, 1);
+  expect_critical ("lease_us <= KD_REDIS_QUEUE_MAX_LEASE_US");
+  kd_redis_queue_set_lease_time (queue, G_MAXINT64);
+  expect_critical ("batch_size >= 1");
+  kd_redis_queue_set_batch_size (queue, KD_REDIS_QUEUE_MAX_BATCH_SIZE + 1);
+  expect_critical ("max_attempts >= 1");
+  kd_redis_queue_set_retry (queue, 0, 0, 0);
+  expect_critical ("n_workers <= KD_DISPATCHER_MAX_WORKERS");
+  g_assert_null (kd_redis_queue_new_dispatcher (queue, (guint) -1, complete_job, NULL, NULL));
+  g_test_assert_expected_messages ();
+
+  g_assert_cmpuint (kd_redis_queue_get_n_shards (queue), ==, 64);
+  g_assert_cmpuint (kd_redis_queue_get_batch_size (queue), ==, 1024);
+  kd_redis_queue_set_lease_time (queue, KD_REDIS_QUEUE_MAX_LEASE_US);
+  kd_redis_queue_set_batch_size (queue, KD_REDIS_QUEUE_MAX_BATCH_SIZE);
+  g_assert_cmpuint (kd_redis_queue_get_batch_size (queue), ==, KD_REDIS_QUEUE_MAX_BATCH_SIZE);
+}
+
 static void
 test_bench (void)
 {
@@ -2402,6 +2451,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
   g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
   g_test_add_func ("/kd/redis-queue/long-log-line", test_long_log_line);
+  g_test_add_func ("/kd/redis-queue/out-of-range", test_out_of_range);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();
