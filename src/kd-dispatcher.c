@@ -310,14 +310,18 @@ is_own_worker (KdDispatcher *self)
          kd_worker_get_scheduler (worker) == g_atomic_pointer_get (&self->scheduler);
 }
 
-/* Whether the calling thread is one of this dispatcher's: a worker or its
- * timer's. */
+/* The dispatcher whose shutdown (shutdown_sync()) runs on this thread, if
+ * any: the key-state frees of the parked keys it drops run there. */
+static KD_THREAD_LOCAL KdDispatcher *shutting_down;
+
+/* Whether the calling thread is one of this dispatcher's: a worker, its
+ * timer's, or the one running its shutdown. */
 static gboolean
 runs_on_own_thread (KdDispatcher *self)
 {
   KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
 
-  return scheduler != NULL && kd_scheduler_runs_here (scheduler);
+  return shutting_down == self || (scheduler != NULL && kd_scheduler_runs_here (scheduler));
 }
 
 static void notify_counters (GObject *object);
@@ -1266,7 +1270,10 @@ on_cancelled (gpointer user_data)
 static void
 shutdown_sync (KdDispatcher *self)
 {
+  KdDispatcher *outer = shutting_down;
   KdScheduler *scheduler;
+
+  shutting_down = self;
 
   /* No counter notify runs from now on (one in progress ends first). */
   if (g_atomic_pointer_get (&self->notifier) != NULL)
@@ -1293,6 +1300,7 @@ shutdown_sync (KdDispatcher *self)
   g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
 
   g_debug ("dispatcher %p: shut down", (gpointer) self);
+  shutting_down = outer;
 }
 
 static gpointer
@@ -2815,8 +2823,10 @@ kd_dispatcher_submit_finish (KdDispatcher  *self,
  * If the dispatcher is closed and nothing is pending when the wait ends,
  * its worker threads have exited when it returns.
  *
- * Thread-safe, but not from the dispatcher's own handlers or done callbacks
- * running on its workers: a job cannot wait for itself.
+ * Thread-safe, but not from the dispatcher's own threads: its handlers,
+ * done callbacks running on its workers, or key-state frees on its timer
+ * or its shutdown (a job cannot wait for itself, nor a retry for the timer
+ * that waits in it). From there it logs a critical and returns at once.
  *
  * Since: 0.1
  */
@@ -2837,10 +2847,11 @@ kd_dispatcher_wait_sealed (KdDispatcher *self,
 {
   KdScheduler *scheduler;
 
-  if (is_own_worker (self))
+  if (runs_on_own_thread (self))
     {
       g_critical ("kd_dispatcher_wait: called from one of the dispatcher's own "
-                  "workers, which would wait for itself");
+                  "threads (a worker, its timer or its shutdown), which would wait "
+                  "for itself");
       return;
     }
 
@@ -3169,11 +3180,12 @@ kd_dispatcher_emit_job (KdJob       *job,
   return self->stage_hooks.emit (job, key, item, error, self->stage_data);
 }
 
-/* Whether the calling thread is one of this dispatcher's workers. */
+/* Whether the calling thread is one of this dispatcher's: a worker, its
+ * timer's or the one running its shutdown. */
 gboolean
 kd_dispatcher_runs_here (KdDispatcher *self)
 {
-  return is_own_worker (self);
+  return runs_on_own_thread (self);
 }
 
 /* The calling worker's data, if it is one of this dispatcher's workers. */

@@ -730,7 +730,11 @@ kd_pipeline_close (KdPipeline *self)
  * reached the sink, been dropped by a handler that emitted nothing, or
  * ended failed or cancelled in some stage.
  *
- * Thread-safe, but not from the pipeline's own handlers.
+ * Thread-safe, but not from the threads of the pipeline's stages (their
+ * handlers, done callbacks on their workers, key-state frees on their
+ * timers): a stage waiting for the stages before it could wait for ever
+ * for one that waits for room in it. From there it logs a critical and
+ * returns at once.
  *
  * Since: 0.1
  */
@@ -740,6 +744,13 @@ kd_pipeline_wait (KdPipeline *self)
   guint i;
 
   g_return_if_fail (KD_IS_PIPELINE (self));
+
+  if (runs_on_a_stage (self))
+    {
+      g_critical ("kd_pipeline_wait: called from one of the pipeline's own threads, "
+                  "which would wait for itself");
+      return;
+    }
 
   /* Once a stage's jobs from before the call ended, what they emitted is
    * in the next stage (an ordered stage passes on its buffered items

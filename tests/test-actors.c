@@ -429,6 +429,117 @@ test_key_idle_last_unref (void)
   kd_test_counter_clear (&last.finalized);
 }
 
+/* A key state whose free waits for its dispatcher, which is refused. */
+typedef struct
+{
+  KdDispatcher  *dispatcher;
+  const char    *waiting_key;   /* the key whose state's free waits */
+  KdTestCounter  freed;
+} WaitingFree;
+
+static gpointer
+waiting_state_new (const char *key,
+                   gpointer    user_data)
+{
+  return g_strdup (key);
+}
+
+static WaitingFree *waiting_free;
+
+static void
+waiting_state_free (gpointer state)
+{
+  /* It would wait for a job whose retry the timer (this thread) holds,
+   * or for its own shutdown. */
+  if (g_str_equal (state, waiting_free->waiting_key))
+    kd_dispatcher_wait (waiting_free->dispatcher);
+  g_free (state);
+  kd_test_counter_add (&waiting_free->freed, 1);
+}
+
+static gboolean
+fail_first_of_r (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  if (g_str_equal (kd_job_get_key (job), "r") && kd_job_get_attempt (job) == 1)
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_FAILED, "the first attempt of r fails");
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static void
+test_wait_from_timer (void)
+{
+  WaitingFree w = { .waiting_key = "s" };
+  KdStats stats;
+
+  g_test_summary ("kd_dispatcher_wait() from a key state's free on the timer thread, while a "
+                  "retry waits in that timer, logs a critical and returns instead of waiting "
+                  "for ever");
+  if (!g_test_undefined ())
+    return;
+
+  kd_test_counter_init (&w.freed);
+  waiting_free = &w;
+  w.dispatcher = kd_dispatcher_new (2, fail_first_of_r, NULL, NULL);
+  kd_dispatcher_set_key_state_funcs (w.dispatcher, waiting_state_new, waiting_state_free, NULL, NULL);
+  kd_dispatcher_set_key_idle_time (w.dispatcher, G_TIME_SPAN_MILLISECOND);
+  kd_dispatcher_set_retry (w.dispatcher, 2, 200 * G_TIME_SPAN_MILLISECOND, 200 * G_TIME_SPAN_MILLISECOND);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*own threads*");
+  g_assert_true (kd_dispatcher_submit (w.dispatcher, "r", NULL, NULL));   /* waits for its retry */
+  g_assert_true (kd_dispatcher_submit (w.dispatcher, "s", NULL, NULL));   /* idle, then freed */
+  g_assert_true (kd_test_counter_wait (&w.freed, 1));
+  kd_dispatcher_wait (w.dispatcher);
+  g_test_assert_expected_messages ();
+
+  kd_dispatcher_get_stats (w.dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, 2);
+  g_assert_cmpuint (stats.retried, ==, 1);
+  g_object_unref (w.dispatcher);
+  g_assert_cmpuint (kd_test_counter_get (&w.freed), ==, 2);
+  kd_test_counter_clear (&w.freed);
+}
+
+static gboolean
+fail_p (KdJob    *job,
+        gpointer  user_data,
+        GError  **error)
+{
+  g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_FAILED, "p fails");
+  return FALSE;
+}
+
+static void
+test_wait_from_shutdown (void)
+{
+  WaitingFree w = { .waiting_key = "p" };
+
+  g_test_summary ("kd_dispatcher_wait() from the free of a parked key's state, which the last "
+                  "unref's shutdown drops, logs a critical and returns");
+  if (!g_test_undefined ())
+    return;
+
+  kd_test_counter_init (&w.freed);
+  waiting_free = &w;
+  w.dispatcher = kd_dispatcher_new (2, fail_p, NULL, NULL);
+  kd_dispatcher_set_key_state_funcs (w.dispatcher, waiting_state_new, waiting_state_free, NULL, NULL);
+  kd_dispatcher_set_failure_policy (w.dispatcher, KD_FAILURE_PARK);
+
+  g_assert_true (kd_dispatcher_submit (w.dispatcher, "p", NULL, NULL));
+  kd_dispatcher_wait (w.dispatcher);
+  g_assert_cmpuint (kd_test_counter_get (&w.freed), ==, 0);   /* parked, with its state */
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*own threads*");
+  g_object_unref (w.dispatcher);
+  g_test_assert_expected_messages ();
+  g_assert_cmpuint (kd_test_counter_get (&w.freed), ==, 1);
+  kd_test_counter_clear (&w.freed);
+}
+
 /* A worker init that uses its own dispatcher is refused, not deadlocked. */
 static gint init_submit_refused;
 
@@ -758,6 +869,8 @@ main (int   argc,
   g_test_add_func ("/kd/actors/key-idle-expires", test_key_idle_expires);
   g_test_add_func ("/kd/actors/key-idle-revived", test_key_idle_revived);
   g_test_add_func ("/kd/actors/key-idle-last-unref", test_key_idle_last_unref);
+  g_test_add_func ("/kd/actors/wait-from-timer", test_wait_from_timer);
+  g_test_add_func ("/kd/actors/wait-from-shutdown", test_wait_from_shutdown);
   g_test_add_func ("/kd/actors/worker-init-uses-dispatcher", test_worker_init_uses_dispatcher);
   g_test_add_func ("/kd/actors/worker-data", test_worker_data);
   g_test_add_func ("/kd/actors/worker-init-fails", test_worker_init_fails);

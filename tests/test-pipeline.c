@@ -8,6 +8,7 @@
 #include <kdispatch/kdispatch.h>
 #include <string.h>
 
+#include "kd-dispatcher-private.h"
 #include "kd-job-private.h"
 #include "kd-pipeline-private.h"
 #include "kd-reorder-private.h"
@@ -1633,6 +1634,59 @@ test_emit_outside_pipeline (void)
   g_object_unref (dispatcher);
 }
 
+static gboolean
+emit_own_item (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static gboolean
+wait_for_pipeline (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  KdPipeline *pipeline = user_data;
+
+  if (GPOINTER_TO_UINT (kd_job_get_item (job)) == 1)
+    {
+      /* The first stage's worker now waits for room in this stage, which
+       * this job holds: a wait for the first stage would never end. */
+      kd_dispatcher_wait_blocked_submitters (kd_pipeline_get_stage (pipeline, 1), 1);
+      kd_pipeline_wait (pipeline);
+    }
+  return TRUE;
+}
+
+static void
+test_wait_from_stage (void)
+{
+  KdPipeline *pipeline;
+  KdDispatcher *second;
+  KdStats stats;
+
+  g_test_summary ("kd_pipeline_wait() from a stage's handler logs a critical and returns, "
+                  "rather than waiting for a stage before it that waits for room in its own");
+  if (!g_test_undefined ())
+    return;
+
+  pipeline = kd_pipeline_new ();
+  kd_pipeline_add_stage (pipeline, "first", 1, emit_own_item, NULL, NULL);
+  second = kd_pipeline_add_stage (pipeline, "second", 1, wait_for_pipeline, pipeline, NULL);
+  kd_dispatcher_set_capacity (second, 1);
+
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*kd_pipeline_wait*own threads*");
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (1), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (2), NULL));
+  kd_pipeline_wait (pipeline);
+  g_test_assert_expected_messages ();
+
+  kd_dispatcher_get_stats (second, &stats);
+  g_assert_cmpuint (stats.completed, ==, 2);
+  g_object_unref (pipeline);
+}
+
 int
 main (int    argc,
       char **argv)
@@ -1660,6 +1714,7 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/reorder-forgets-idle-keys", test_reorder_forgets_idle_keys);
   g_test_add_func ("/kd/pipeline/bad-input", test_bad_input);
   g_test_add_func ("/kd/pipeline/emit-outside-pipeline", test_emit_outside_pipeline);
+  g_test_add_func ("/kd/pipeline/wait-from-stage", test_wait_from_stage);
 
   kd_test_gate_init (&ledger.triggered);
   result = g_test_run ();
