@@ -82,8 +82,15 @@
  * flush the main-context deliveries, run the destroy notifies. If it happens
  * on one of the dispatcher's own threads (inside a handler, or a done
  * callback on a worker or on the main context) it cannot wait for itself:
- * dispose then takes a reference back and hands the shutdown to a short-lived
- * thread, which drops that reference when it is done.
+ * dispose then closes, drops the parked keys, takes a reference back and
+ * hands the rest to kd_shutdown_later(), which finishes it as that worker
+ * exits, or on a thread of its own for a main context (see kd-shutdown.c).
+ *
+ * Threads are made when the workers start (kd_dispatcher_start() or the
+ * first submit): the workers, and the timer's if jobs may be retried or key
+ * states idle. If one cannot be made, that call fails with the thread
+ * error and the dispatcher stays unstarted; nothing later makes a thread
+ * that could fail.
  *
  * Locks: a key shard's lock, the scheduler's queue locks, @parked_lock and
  * the admission's sleeping lock are each taken alone, never nested, but for
@@ -109,6 +116,7 @@
 #include "kd-mailbox-private.h"
 #include "kd-notifier-private.h"
 #include "kd-scheduler-private.h"
+#include "kd-shutdown-private.h"
 #include "kd-submit-result-private.h"
 #include "kd-sync-private.h"
 
@@ -147,7 +155,7 @@ typedef enum
 typedef enum
 {
   SHUTDOWN_NONE,
-  SHUTDOWN_ASYNC,  /* a shutdown thread owns the shutdown */
+  SHUTDOWN_ASYNC,  /* kd_shutdown_later() finishes the shutdown */
   SHUTDOWN_DONE,
 } ShutdownState;
 
@@ -1019,10 +1027,19 @@ stop_worker (KdWorker *worker,
                          self->worker_data);
 }
 
-/* Creates the workers (and the main-context delivery) once, when the
- * configuration is final: at kd_dispatcher_start() or before the first
- * job is admitted. Fails if the dispatcher is closed or a worker's init
- * failed; the workers may then be started again later. */
+/* Whether jobs or key states will wait for their time: failed jobs for
+ * their retry, idle key states for their expiry. */
+static gboolean
+needs_timer (KdDispatcher *self)
+{
+  return self->max_attempts > 1 || (self->key_idle_us > 0 && self->key_state_new != NULL);
+}
+
+/* Creates the workers (and the main-context delivery, and the timer if
+ * needed) once, when the configuration is final: at kd_dispatcher_start()
+ * or before the first job is admitted. Fails if the dispatcher is closed,
+ * a thread could not be made or a worker's init failed; the workers may
+ * then be started again later. */
 static gboolean
 ensure_started (KdDispatcher  *self,
                 GError       **error)
@@ -1061,7 +1078,7 @@ ensure_started (KdDispatcher  *self,
       /* Not under the lock: the inits (and finalizes, if one failed) are
        * the application's code. */
       kd_mutex_unlock (&self->start_lock);
-      scheduler = kd_scheduler_new (self->n_workers, self->fanout, run_task,
+      scheduler = kd_scheduler_new (self->n_workers, self->fanout, needs_timer (self), run_task,
                                     self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
@@ -1303,15 +1320,25 @@ shutdown_sync (KdDispatcher *self)
   shutting_down = outer;
 }
 
-static gpointer
-shutdown_thread_main (gpointer data)
+/* The rest of a shutdown that began on one of our own threads. */
+static void
+shutdown_later (GObject *object)
 {
-  KdDispatcher *self = data;
+  KdDispatcher *self = KD_DISPATCHER (object);
 
   shutdown_sync (self);
   g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
-  g_object_unref (self);
+}
 
+/* The main context whose dispatch of our delivery or our counters' notify
+ * runs on this thread, if any. */
+static GMainContext *
+dispatching_here (KdDispatcher *self)
+{
+  if (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery))
+    return self->context;
+  if (g_atomic_pointer_get (&self->notifier) != NULL && kd_notifier_notifying_here (self->notifier))
+    return self->context != NULL ? self->context : self->creation_context;
   return NULL;
 }
 
@@ -1319,25 +1346,25 @@ static void
 kd_dispatcher_dispose (GObject *object)
 {
   KdDispatcher *self = KD_DISPATCHER (object);
+  GMainContext *dispatching;
 
   switch (g_atomic_int_get (&self->shutdown_state))
     {
     case SHUTDOWN_NONE:
-      if (runs_on_own_thread (self) ||
-          (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery)) ||
-          (g_atomic_pointer_get (&self->notifier) != NULL &&
-           kd_notifier_notifying_here (self->notifier)))
+      dispatching = dispatching_here (self);
+      if (dispatching != NULL || runs_on_own_thread (self))
         {
           /* The last reference went away on one of our own threads (a
-           * worker, or the timer's, freeing an idle key state), which
-           * cannot wait for itself. Keep the object alive and let a thread
-           * of its own finish the shutdown. */
+           * worker, the timer's freeing an idle key state, a main context
+           * delivering), which cannot wait for itself. Keep the object
+           * alive, closed and with no key parked, so that it drains, and
+           * finish the shutdown where it can wait (see kd-shutdown.c). */
           g_debug ("dispatcher %p: last unref on its own thread, shutting down "
                    "in the background", (gpointer) self);
           g_atomic_int_set (&self->shutdown_state, SHUTDOWN_ASYNC);
           kd_dispatcher_close (self);
-          g_thread_unref (g_thread_new ("kd-shutdown", shutdown_thread_main,
-                                        g_object_ref (self)));
+          drop_parked (self);
+          kd_shutdown_later (object, dispatching, shutdown_later);
         }
       else
         {

@@ -39,8 +39,8 @@
  * item hands it over: the emitting stage does not free it.
  *
  * Last unref: closes, lets every stage drain in turn, and drops the stages.
- * From one of the stages' own threads it cannot wait for itself: a
- * short-lived thread finishes the shutdown, as for a dispatcher.
+ * From one of the stages' own threads it cannot wait for itself: the
+ * shutdown is finished later, as a dispatcher's (see kd-shutdown.c).
  */
 
 #include "config.h"
@@ -53,6 +53,7 @@
 #include "kd-job-private.h"
 #include "kd-pipeline-private.h"
 #include "kd-reorder-private.h"
+#include "kd-shutdown-private.h"
 #include "kd-sync-private.h"
 
 typedef struct
@@ -61,7 +62,7 @@ typedef struct
   guint         index;
   KdDispatcher *dispatcher;
   KdStageMode   mode;
-  KdReorder    *reorder;      /* KD_STAGE_ORDERED, once started */
+  KdReorder    *reorder;      /* KD_STAGE_ORDERED, once configured */
 } Stage;
 
 typedef enum
@@ -85,7 +86,8 @@ struct _KdPipeline
 
   /* Set once under @start_lock */
   GMutex          start_lock;
-  gint            started;       /* atomic */
+  gint            configured;    /* atomic: the configuration is final */
+  gint            started;       /* atomic: every stage's workers run */
 
   gint            shutdown_state; /* atomic */
 };
@@ -140,7 +142,7 @@ static gboolean
 check_configurable (KdPipeline *self,
                     const char *function)
 {
-  if (G_LIKELY (!g_atomic_int_get (&self->started)))
+  if (G_LIKELY (!g_atomic_int_get (&self->configured)))
     return TRUE;
 
   g_critical ("%s: a pipeline is configured before its first submit; "
@@ -148,7 +150,8 @@ check_configurable (KdPipeline *self,
   return FALSE;
 }
 
-static void ensure_started (KdPipeline *self);
+static gboolean ensure_started (KdPipeline  *self,
+                                GError     **error);
 
 /* Submits @item into @stage according to its mode. @key (transfer full) is
  * a kd_label_new() label or NULL. On FALSE the item is still the caller's.
@@ -169,9 +172,8 @@ enter_stage (Stage     *stage,
   /* Not only kd_pipeline_submit() feeds the stages: the application may
    * submit to a stage's dispatcher (kd_pipeline_get_stage()), whose
    * handler then emits into the next one. */
-  ensure_started (stage->pipeline);
-
-  if (!kd_dispatcher_admit (stage->dispatcher, &epoch, error))
+  if (!ensure_started (stage->pipeline, error) ||
+      !kd_dispatcher_admit (stage->dispatcher, &epoch, error))
     {
       g_clear_pointer (&key, kd_label_unref);
       return FALSE;
@@ -320,17 +322,18 @@ on_cancelled (gpointer user_data)
       kd_reorder_close (stage_at (self, i)->reorder);
 }
 
-/* At the first submit, when the configuration is final. */
+/* At the first submit the configuration is final: the ordered stages get
+ * their reorders. */
 static void
-ensure_started (KdPipeline *self)
+ensure_configured (KdPipeline *self)
 {
   guint i;
 
-  if (G_LIKELY (g_atomic_int_get (&self->started)))
+  if (G_LIKELY (g_atomic_int_get (&self->configured)))
     return;
 
   kd_mutex_lock (&self->start_lock);
-  if (!self->started)
+  if (!self->configured)
     {
       for (i = 0; i < self->stages->len; i++)
         {
@@ -342,9 +345,30 @@ ensure_started (KdPipeline *self)
                                              reorder_pass, reorder_drop, stage);
         }
       self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
-      g_atomic_int_set (&self->started, TRUE);
+      g_atomic_int_set (&self->configured, TRUE);
     }
   kd_mutex_unlock (&self->start_lock);
+}
+
+/* Before an item enters: every stage's workers run, so that one that
+ * cannot start (no thread to be had, a worker init failed) refuses the
+ * submit with its error rather than a later emit. Tried again at the next
+ * submit until it succeeds. */
+static gboolean
+ensure_started (KdPipeline  *self,
+                GError     **error)
+{
+  guint i;
+
+  if (G_LIKELY (g_atomic_int_get (&self->started)))
+    return TRUE;
+
+  ensure_configured (self);
+  for (i = 0; i < self->stages->len; i++)
+    if (!kd_dispatcher_start (stage_at (self, i)->dispatcher, error))
+      return FALSE;
+  g_atomic_int_set (&self->started, TRUE);
+  return TRUE;
 }
 
 static gboolean
@@ -367,16 +391,14 @@ shutdown_sync (KdPipeline *self)
   g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
 }
 
-static gpointer
-shutdown_thread_main (gpointer data)
+/* The rest of a shutdown that began on a stage's own thread. */
+static void
+shutdown_later (GObject *object)
 {
-  KdPipeline *self = data;
+  KdPipeline *self = KD_PIPELINE (object);
 
   shutdown_sync (self);
   g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
-  g_object_unref (self);
-
-  return NULL;
 }
 
 static void
@@ -392,8 +414,7 @@ kd_pipeline_dispose (GObject *object)
            * cannot wait for itself. */
           g_atomic_int_set (&self->shutdown_state, SHUTDOWN_ASYNC);
           kd_pipeline_close (self);
-          g_thread_unref (g_thread_new ("kd-shutdown", shutdown_thread_main,
-                                        g_object_ref (self)));
+          kd_shutdown_later (object, NULL, shutdown_later);
         }
       else
         {
@@ -768,8 +789,8 @@ kd_pipeline_wait_ticket_sleepers (KdPipeline   *self,
 {
   Stage *found = find_stage (self, stage);
 
-  /* Starting creates the ordered stages' reorders. */
-  ensure_started (self);
+  /* Configuring creates the ordered stages' reorders. */
+  ensure_configured (self);
   g_return_if_fail (found != NULL && found->reorder != NULL);
   kd_reorder_wait_sleepers (found->reorder, n_sleeping);
 }

@@ -404,6 +404,35 @@ on_cancelled (GCancellable *cancellable,
   kd_redis_consumer_wake_acker (self);
 }
 
+/* A thread of the consumer could not be made: those made so far leave as
+ * at a stop (the reader never ran, so nothing is in flight), and the
+ * consumer is as it was before the start. */
+static void
+abandon_start (KdRedisConsumer *self)
+{
+  kd_mutex_lock (&self->lock);
+  self->stopping = TRUE;
+  self->reader_done = TRUE;
+  self->leaving = TRUE;
+  self->releasing = TRUE;
+  g_cond_broadcast (&self->cond);
+  g_cond_broadcast (&self->lease_cond);
+  kd_mutex_unlock (&self->lock);
+  if (self->acker != NULL)
+    {
+      kd_redis_consumer_wake_acker (self);
+      g_thread_join (g_steal_pointer (&self->acker));
+    }
+  if (self->lease_thread != NULL)
+    g_thread_join (g_steal_pointer (&self->lease_thread));
+
+  g_cancellable_disconnect (self->cancellable, self->cancel_id);
+  self->cancel_id = 0;
+  g_clear_object (&self->cancellable);
+  g_clear_object (&self->dispatcher);
+  self->running = FALSE;
+}
+
 gboolean
 kd_redis_consumer_start (KdRedisConsumer  *self,
                          KdDispatcher     *dispatcher,
@@ -414,6 +443,11 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
   gboolean ok;
 
   g_assert (!self->running);
+
+  /* The dispatcher's workers first: the reader's submits must not be the
+   * first to learn that they cannot start. */
+  if (!kd_dispatcher_start (dispatcher, error))
+    return FALSE;
 
   /* Fails early, with a useful error, if Redis cannot be reached or the
    * queue has another number of shards. */
@@ -435,9 +469,17 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
   self->releasing = FALSE;
   self->cancelled = FALSE;
   self->cancel_id = g_cancellable_connect (self->cancellable, G_CALLBACK (on_cancelled), self, NULL);
-  self->lease_thread = g_thread_new ("kd-redis-lease", kd_redis_lease_main, self);
-  self->acker = g_thread_new ("kd-redis-acker", kd_redis_acker_main, self);
-  self->reader = g_thread_new ("kd-redis-reader", kd_redis_reader_main, self);
+  self->lease_thread = g_thread_try_new ("kd-redis-lease", kd_redis_lease_main, self, error);
+  if (self->lease_thread != NULL)
+    self->acker = g_thread_try_new ("kd-redis-acker", kd_redis_acker_main, self, error);
+  if (self->acker != NULL)
+    self->reader = g_thread_try_new ("kd-redis-reader", kd_redis_reader_main, self, error);
+  if (self->reader == NULL)
+    {
+      g_prefix_error (error, "Could not start the queue's threads: ");
+      abandon_start (self);
+      return FALSE;
+    }
 
   return TRUE;
 }

@@ -1121,7 +1121,9 @@ kd_redis_queue_new_dispatcher (KdRedisQueue   *self,
  *   %G_IO_ERROR_NOT_SUPPORTED if the dispatcher's failure policy is
  *   %KD_FAILURE_PARK, %G_IO_ERROR_INVALID_ARGUMENT if the queue has
  *   another number of shards, another %G_IO_ERROR if Redis could not be
- *   reached
+ *   reached, %G_THREAD_ERROR_AGAIN if a thread (the dispatcher's workers,
+ *   or the queue's own three) could not be made; the queue is then as
+ *   before the call, which may be made again
  *
  * Since: 0.1
  */

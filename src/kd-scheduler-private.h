@@ -31,6 +31,7 @@ typedef void     (*KdWorkerStopFunc)  (KdWorker  *worker,
 
 KdScheduler *kd_scheduler_new        (guint              n_workers,
                                       guint              n_groups,
+                                      gboolean           with_timer,
                                       KdTaskFunc         func,
                                       KdWorkerStartFunc  start,
                                       KdWorkerStopFunc   stop,

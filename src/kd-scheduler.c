@@ -53,7 +53,8 @@
  * fails with its error. A worker runs the stop hook as it exits.
  *
  * Delayed tasks (a retry waiting out its backoff) wait in a KdTimer, whose
- * thread is made at the first one and pushes each when it is due;
+ * thread is made with the workers if the owner will delay tasks, and
+ * pushes each when it is due;
  * kd_scheduler_hurry() makes them all due at once (cancellation). The
  * owner may put calls of its own there too (kd_scheduler_call_at()); the
  * shutdown makes them due at once.
@@ -70,6 +71,7 @@
 #include "config.h"
 
 #include "kd-scheduler-private.h"
+#include "kd-shutdown-private.h"
 #include "kd-sync-private.h"
 #include "kd-timer-private.h"
 
@@ -140,11 +142,10 @@ struct _KdScheduler
   GError     *start_error;
   gint        start_verdict;
 
-  /* Delayed tasks (kd_scheduler_push_at()): a timer thread, made at the
-   * first one; protected by @timer_lock */
+  /* Delayed tasks (kd_scheduler_push_at()): a timer thread, made with
+   * the scheduler if asked for; taken out under @timer_lock when joined */
   GMutex      timer_lock;
   KdTimer    *timer;
-  gboolean    hurried;
 
   /* Protected by @join_lock */
   GMutex      join_lock;
@@ -453,11 +454,13 @@ worker_main (gpointer data)
 
   kd_tsan_acquire (worker);
   current_worker = worker;
+  kd_shutdown_thread_enter ();
 
   if (self->start != NULL && !start_worker (worker))
     {
       current_worker = NULL;
       kd_tsan_release (worker);
+      kd_shutdown_thread_exit ();
       return NULL;
     }
 
@@ -499,6 +502,8 @@ worker_main (gpointer data)
   current_worker = NULL;
   kd_tsan_release (worker);
 
+  /* Last: a shutdown left to this thread may free the scheduler. */
+  kd_shutdown_thread_exit ();
   return NULL;
 }
 
@@ -523,19 +528,39 @@ await_start (KdScheduler  *self,
   return started;
 }
 
+/* A thread could not be made: the workers made so far stop (those that ran
+ * their start hook run their stop hook) and are joined, and the scheduler
+ * goes. */
+static void
+abort_start (KdScheduler *self)
+{
+  kd_mutex_lock (&self->start_lock);
+  self->start_verdict = START_ABORT;
+  g_cond_broadcast (&self->start_cond);
+  kd_mutex_unlock (&self->start_lock);
+
+  kd_scheduler_shutdown (self);
+  kd_scheduler_join (self);
+  kd_scheduler_free (self);
+}
+
 /*
  * kd_scheduler_new:
  *
  * Starts @n_workers threads split into @n_groups groups (at most one group
- * per worker) as evenly as possible. With a @start hook, each worker runs it
- * on its thread first, and this call returns once all of them did: if one
- * failed, every worker exits (those whose start succeeded run @stop) and it
- * returns %NULL with the first error. @stop runs on each worker's thread
- * as it exits.
+ * per worker) as evenly as possible, and, @with_timer, the timer's thread
+ * for kd_scheduler_push_at() and kd_scheduler_call_at(). With a @start
+ * hook, each worker runs it on its thread first, and this call returns once
+ * all of them did: if one failed, every worker exits (those whose start
+ * succeeded run @stop) and it returns %NULL with the first error. If a
+ * thread cannot be made, the threads made so far exit the same way and it
+ * returns %NULL with the thread error (%G_THREAD_ERROR_AGAIN). @stop runs
+ * on each worker's thread as it exits.
  */
 KdScheduler *
 kd_scheduler_new (guint              n_workers,
                   guint              n_groups,
+                  gboolean           with_timer,
                   KdTaskFunc         func,
                   KdWorkerStartFunc  start,
                   KdWorkerStopFunc   stop,
@@ -578,6 +603,17 @@ kd_scheduler_new (guint              n_workers,
       g_cond_init (&worker->cond);
     }
 
+  if (with_timer)
+    {
+      self->timer = kd_timer_new ("kd-timer", error);
+      if (self->timer == NULL)
+        {
+          g_prefix_error (error, "Could not start the timer thread: ");
+          abort_start (self);
+          return NULL;
+        }
+    }
+
   for (i = 0; i < n_workers; i++)
     {
       KdWorker *worker = &self->workers[i];
@@ -585,7 +621,13 @@ kd_scheduler_new (guint              n_workers,
 
       g_snprintf (name, sizeof name, "kd-worker-%u", i);
       kd_tsan_release (worker);
-      worker->thread = g_thread_new (name, worker_main, worker);
+      worker->thread = g_thread_try_new (name, worker_main, worker, error);
+      if (worker->thread == NULL)
+        {
+          g_prefix_error (error, "Could not start worker thread %u of %u: ", i + 1, n_workers);
+          abort_start (self);
+          return NULL;
+        }
     }
 
   if (start != NULL && !await_start (self, error))
@@ -633,15 +675,11 @@ kd_scheduler_call_at (KdScheduler *self,
   KdTimer *timer;
 
   kd_mutex_lock (&self->timer_lock);
-  if (self->timer == NULL)
-    {
-      self->timer = kd_timer_new ("kd-timer");
-      if (self->hurried)
-        kd_timer_hurry (self->timer);
-    }
   timer = self->timer;
   kd_mutex_unlock (&self->timer_lock);
 
+  /* Made with the scheduler, by an owner that delays tasks. */
+  g_assert (timer != NULL);
   kd_timer_add (timer, due_time, func, owner, data);
 }
 
@@ -662,7 +700,6 @@ void
 kd_scheduler_hurry (KdScheduler *self)
 {
   kd_mutex_lock (&self->timer_lock);
-  self->hurried = TRUE;
   if (self->timer != NULL)
     kd_timer_hurry (self->timer);
   kd_mutex_unlock (&self->timer_lock);
@@ -677,7 +714,6 @@ kd_scheduler_shutdown (KdScheduler *self)
   /* No task is pending any more: what is left in the timer is the owner's
    * other calls (idle key states), which go now. */
   kd_mutex_lock (&self->timer_lock);
-  self->hurried = TRUE;
   if (self->timer != NULL)
     {
       kd_timer_hurry (self->timer);
@@ -700,7 +736,9 @@ kd_scheduler_shutdown (KdScheduler *self)
 }
 
 /* Waits until every worker exited; after kd_scheduler_shutdown(), from any
- * thread but a worker. Idempotent. */
+ * thread but a running worker. Idempotent. A worker (or the timer's
+ * thread) that finishes its owner's shutdown as it exits (see
+ * kd-shutdown.c) joins the others and lets its own thread go. */
 void
 kd_scheduler_join (KdScheduler *self)
 {
@@ -716,8 +754,16 @@ kd_scheduler_join (KdScheduler *self)
 
       for (i = 0; i < self->n_workers; i++)
         {
-          g_thread_join (self->workers[i].thread);
-          self->workers[i].thread = NULL;
+          GThread *thread = g_steal_pointer (&self->workers[i].thread);
+
+          if (thread == NULL)
+            continue;   /* never made: the start failed */
+          if (thread == g_thread_self ())
+            {
+              g_thread_unref (thread);
+              continue;
+            }
+          g_thread_join (thread);
           kd_tsan_acquire (&self->workers[i]);
         }
 

@@ -16,7 +16,8 @@ typedef struct _KdTimer KdTimer;
 typedef void (*KdTimerFunc) (gpointer owner,
                              gpointer data);
 
-KdTimer *kd_timer_new    (const char  *thread_name);
+KdTimer *kd_timer_new    (const char  *thread_name,
+                          GError     **error);
 void     kd_timer_add    (KdTimer     *self,
                           gint64       due_time,
                           KdTimerFunc  func,

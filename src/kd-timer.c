@@ -10,7 +10,13 @@
  * its key's mailbox with the job back at its head; the dispatcher's check
  * of an idle key) in a binary min-heap ordered by due time, and its one
  * thread sleeps until the earliest is due, then makes the call outside the
- * lock. Calls due at the same time are made in the order they came.
+ * lock. Calls due at the same time are made in the order they came. The
+ * heap gives memory back as it empties (it halves once a quarter full), so
+ * a burst of waiting calls does not keep its peak size.
+ *
+ * The thread is made with the timer, and kd_timer_new() fails with the
+ * thread error if it cannot be: its owner makes it when it starts, where
+ * the failure can be reported, never when a call is added.
  *
  * kd_timer_hurry() makes every call due now, and every call added later
  * too: once a dispatcher is cancelled, its waiting retries end (cancelled)
@@ -21,6 +27,7 @@
 
 #include "config.h"
 
+#include "kd-shutdown-private.h"
 #include "kd-sync-private.h"
 #include "kd-timer-private.h"
 
@@ -33,6 +40,9 @@ typedef struct
   gpointer     data;
 } Entry;
 
+/* The heap's smallest allocation; below it, it never shrinks. */
+#define HEAP_MIN 16
+
 struct _KdTimer
 {
   GThread     *thread;
@@ -40,7 +50,9 @@ struct _KdTimer
   /* Protected by @lock */
   GMutex       lock;
   GCond        cond;
-  GArray      *heap;       /* Entry, a binary min-heap */
+  Entry       *heap;       /* a binary min-heap of @length entries */
+  guint        length;
+  guint        allocated;
   guint64      sequence;
   gboolean     hurried;    /* everything is due now */
   gboolean     stopping;   /* exit once the heap is empty */
@@ -55,54 +67,67 @@ entry_before (const Entry *a,
 }
 
 static void
-heap_push (GArray *heap,
-           Entry  *entry)
+swap_entries (Entry *heap,
+              guint  i,
+              guint  j)
+{
+  Entry swap = heap[i];
+
+  heap[i] = heap[j];
+  heap[j] = swap;
+}
+
+static void
+heap_push (KdTimer *self,
+           Entry   *entry)
 {
   guint i;
 
-  g_array_append_val (heap, *entry);
-  for (i = heap->len - 1; i > 0; )
+  if (self->length == self->allocated)
+    {
+      self->allocated = MAX (self->allocated * 2, HEAP_MIN);
+      self->heap = g_renew (Entry, self->heap, self->allocated);
+    }
+  self->heap[self->length++] = *entry;
+
+  for (i = self->length - 1; i > 0; )
     {
       guint parent = (i - 1) / 2;
-      Entry *child = &g_array_index (heap, Entry, i);
-      Entry *up = &g_array_index (heap, Entry, parent);
-      Entry swap;
 
-      if (!entry_before (child, up))
+      if (!entry_before (&self->heap[i], &self->heap[parent]))
         break;
-      swap = *child;
-      *child = *up;
-      *up = swap;
+      swap_entries (self->heap, i, parent);
       i = parent;
     }
 }
 
+/* Takes the earliest entry. The heap gives memory back once it is a
+ * quarter full, so a burst of waiting calls does not keep its peak size. */
 static Entry
-heap_pop (GArray *heap)
+heap_pop (KdTimer *self)
 {
-  Entry top = g_array_index (heap, Entry, 0);
+  Entry top = self->heap[0];
   guint i = 0;
 
-  g_array_index (heap, Entry, 0) = g_array_index (heap, Entry, heap->len - 1);
-  g_array_set_size (heap, heap->len - 1);
-
+  self->heap[0] = self->heap[--self->length];
   for (;;)
     {
       guint left = 2 * i + 1, right = left + 1, least = i;
-      Entry swap;
 
-      if (left < heap->len &&
-          entry_before (&g_array_index (heap, Entry, left), &g_array_index (heap, Entry, least)))
+      if (left < self->length && entry_before (&self->heap[left], &self->heap[least]))
         least = left;
-      if (right < heap->len &&
-          entry_before (&g_array_index (heap, Entry, right), &g_array_index (heap, Entry, least)))
+      if (right < self->length && entry_before (&self->heap[right], &self->heap[least]))
         least = right;
       if (least == i)
         break;
-      swap = g_array_index (heap, Entry, i);
-      g_array_index (heap, Entry, i) = g_array_index (heap, Entry, least);
-      g_array_index (heap, Entry, least) = swap;
+      swap_entries (self->heap, i, least);
       i = least;
+    }
+
+  if (self->allocated > HEAP_MIN && self->length < self->allocated / 4)
+    {
+      self->allocated /= 2;
+      self->heap = g_renew (Entry, self->heap, self->allocated);
     }
 
   return top;
@@ -113,12 +138,13 @@ timer_main (gpointer data)
 {
   KdTimer *self = data;
 
+  kd_shutdown_thread_enter ();
   kd_mutex_lock (&self->lock);
   for (;;)
     {
       Entry *first;
 
-      if (self->heap->len == 0)
+      if (self->length == 0)
         {
           if (self->stopping)
             break;
@@ -126,7 +152,7 @@ timer_main (gpointer data)
           continue;
         }
 
-      first = &g_array_index (self->heap, Entry, 0);
+      first = &self->heap[0];
       if (!self->hurried && first->due_time > g_get_monotonic_time ())
         {
           kd_cond_wait_until (&self->cond, &self->lock, first->due_time);
@@ -134,7 +160,7 @@ timer_main (gpointer data)
         }
 
       {
-        Entry due = heap_pop (self->heap);
+        Entry due = heap_pop (self);
 
         kd_mutex_unlock (&self->lock);
         due.func (due.owner, due.data);
@@ -143,18 +169,28 @@ timer_main (gpointer data)
     }
   kd_mutex_unlock (&self->lock);
 
+  /* Last: a shutdown left to this thread may free the timer. */
+  kd_shutdown_thread_exit ();
   return NULL;
 }
 
+/* Starts the timer's thread; NULL with @error set if it cannot. */
 KdTimer *
-kd_timer_new (const char *thread_name)
+kd_timer_new (const char  *thread_name,
+              GError     **error)
 {
   KdTimer *self = g_new0 (KdTimer, 1);
 
-  self->heap = g_array_new (FALSE, FALSE, sizeof (Entry));
   g_mutex_init (&self->lock);
   g_cond_init (&self->cond);
-  self->thread = g_thread_new (thread_name, timer_main, self);
+  self->thread = g_thread_try_new (thread_name, timer_main, self, error);
+  if (self->thread == NULL)
+    {
+      g_mutex_clear (&self->lock);
+      g_cond_clear (&self->cond);
+      g_free (self);
+      return NULL;
+    }
 
   return self;
 }
@@ -177,9 +213,9 @@ kd_timer_add (KdTimer     *self,
   entry.func = func;
   entry.owner = owner;
   entry.data = data;
-  heap_push (self->heap, &entry);
+  heap_push (self, &entry);
   /* Only a new earliest call changes how long the thread sleeps. */
-  if (g_array_index (self->heap, Entry, 0).sequence == entry.sequence)
+  if (self->heap[0].sequence == entry.sequence)
     g_cond_signal (&self->cond);
   kd_mutex_unlock (&self->lock);
 }
@@ -212,13 +248,17 @@ kd_timer_runs_here (KdTimer *self)
   return g_thread_self () == self->thread;
 }
 
-/* After kd_timer_stop(): joins the thread. */
+/* After kd_timer_stop(): joins the thread, or, from the thread itself
+ * (finishing a shutdown as it exits, see kd-shutdown.c), lets it go. */
 void
 kd_timer_free (KdTimer *self)
 {
-  g_thread_join (self->thread);
-  g_assert (self->heap->len == 0);
-  g_array_unref (self->heap);
+  if (self->thread == g_thread_self ())
+    g_thread_unref (self->thread);
+  else
+    g_thread_join (self->thread);
+  g_assert (self->length == 0);
+  g_free (self->heap);
   g_cond_clear (&self->cond);
   g_mutex_clear (&self->lock);
   g_free (self);

@@ -11,6 +11,9 @@
 
 #include <glib.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "kd-sync-private.h"
 
@@ -248,6 +251,78 @@ kd_test_threads_settle (guint expected)
     g_usleep (200);
 
   return n;
+}
+
+/* Thread limits, for the tests of what happens when no thread can be made.
+ * RLIMIT_NPROC bounds the tasks (threads) of a real user, but not root's:
+ * as root, the process becomes "nobody" for its real and effective user,
+ * keeping root as its saved one to come back. Every thread of the process
+ * moves with it, so the limit counts them. Only in a subprocess
+ * (g_test_trap_subprocess()): other threads of the user elsewhere, or
+ * threads this process starts meanwhile, would make the count wrong. */
+#define KD_TEST_NOBODY 65534
+
+/* Whether kd_test_limit_threads() made this process "nobody". */
+static gboolean kd_test_became_nobody;
+
+/* The tasks of user @uid on the machine, from /proc. */
+static inline guint
+kd_test_count_user_tasks (uid_t uid)
+{
+  GDir *dir = g_dir_open ("/proc", 0, NULL);
+  const char *pid;
+  guint n = 0;
+
+  g_assert_nonnull (dir);
+  while ((pid = g_dir_read_name (dir)) != NULL)
+    {
+      char *path = g_build_filename ("/proc", pid, "status", NULL);
+      char *status = NULL;
+      const char *uid_line, *threads_line;
+
+      if (g_ascii_isdigit (pid[0]) && g_file_get_contents (path, &status, NULL, NULL) &&
+          (uid_line = strstr (status, "\nUid:\t")) != NULL &&
+          (threads_line = strstr (status, "\nThreads:\t")) != NULL &&
+          (uid_t) g_ascii_strtoull (uid_line + 6, NULL, 10) == uid)
+        n += (guint) g_ascii_strtoull (threads_line + 10, NULL, 10);
+      g_free (status);
+      g_free (path);
+    }
+  g_dir_close (dir);
+
+  return n;
+}
+
+/* From now on, at most @extra more threads can be made. */
+static inline void
+kd_test_limit_threads (guint extra)
+{
+  struct rlimit limit;
+  uid_t uid = getuid ();
+
+  if (uid == 0)
+    {
+      g_assert_cmpint (setresuid (KD_TEST_NOBODY, KD_TEST_NOBODY, 0), ==, 0);
+      kd_test_became_nobody = TRUE;
+      uid = KD_TEST_NOBODY;
+    }
+  g_assert_cmpint (getrlimit (RLIMIT_NPROC, &limit), ==, 0);
+  limit.rlim_cur = kd_test_count_user_tasks (uid) + extra;
+  g_assert_cmpint (setrlimit (RLIMIT_NPROC, &limit), ==, 0);
+}
+
+/* Threads can be made again (up to the hard limit), and root is root. */
+static inline void
+kd_test_unlimit_threads (void)
+{
+  struct rlimit limit;
+
+  g_assert_cmpint (getrlimit (RLIMIT_NPROC, &limit), ==, 0);
+  limit.rlim_cur = limit.rlim_max;
+  g_assert_cmpint (setrlimit (RLIMIT_NPROC, &limit), ==, 0);
+  if (kd_test_became_nobody)
+    g_assert_cmpint (setresuid (0, 0, 0), ==, 0);
+  kd_test_became_nobody = FALSE;
 }
 
 /* A small, fast, per-thread pseudo-random generator for job lengths. */

@@ -855,6 +855,218 @@ test_start_closed (void)
   g_assert_cmpint (workers.finalizes, ==, 0);
 }
 
+/* ---- No thread to be had --------------------------------------------- */
+
+/* Each case runs in a subprocess of its own, where it can lower the
+ * process's thread limit (kd_test_limit_threads()). */
+static gboolean
+in_subprocess (void)
+{
+  if (g_test_subprocess ())
+    return TRUE;
+  g_test_trap_subprocess (NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+  g_test_trap_assert_passed ();
+  return FALSE;
+}
+
+static gint items_freed;
+
+static void
+count_item_free (gpointer item)
+{
+  g_atomic_int_inc (&items_freed);
+}
+
+static void
+refused_cb (GObject      *source,
+            GAsyncResult *result,
+            gpointer      user_data)
+{
+  GError **error = user_data;
+
+  g_assert_false (kd_dispatcher_submit_finish (KD_DISPATCHER (source), result, error));
+  g_assert_nonnull (*error);
+}
+
+static void
+test_thread_limit_start (void)
+{
+  Workers workers;
+  KdDispatcher *dispatcher;
+  GError *error = NULL;
+  GError *async_error = NULL;
+  KdStats stats;
+
+  g_test_summary ("With the thread limit reached after 2 of 4 workers, kd_dispatcher_start(), a "
+                  "submit and an async submit fail with G_THREAD_ERROR_AGAIN: the 2 workers made "
+                  "ran their init and finalize and were joined, no item changed hands; once "
+                  "threads can be made, the dispatcher starts");
+  if (!in_subprocess ())
+    return;
+
+  dispatcher = workers_dispatcher_new (&workers);
+  kd_dispatcher_set_item_free (dispatcher, count_item_free);
+
+  kd_test_limit_threads (2);
+  g_assert_false (kd_dispatcher_start (dispatcher, &error));
+  g_assert_error (error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
+  g_test_message ("%s", error->message);
+  g_clear_error (&error);
+  g_assert_cmpint (workers.inits, ==, 2);
+  g_assert_cmpint (workers.finalizes, ==, 2);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+
+  g_assert_false (kd_dispatcher_submit (dispatcher, "k", GUINT_TO_POINTER (1), &error));
+  g_assert_error (error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
+  g_clear_error (&error);
+  kd_dispatcher_submit_async (dispatcher, NULL, GUINT_TO_POINTER (2), NULL, refused_cb, &async_error);
+  while (async_error == NULL)
+    g_main_context_iteration (NULL, TRUE);
+  g_assert_error (async_error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
+  g_clear_error (&async_error);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.submitted, ==, 0);
+  g_assert_cmpuint (stats.rejected, ==, 2);
+  g_assert_cmpint (items_freed, ==, 0);
+  g_assert_cmpint (workers.inits, ==, 6);      /* each submit tried to start again */
+  g_assert_cmpint (workers.finalizes, ==, 6);
+
+  kd_test_unlimit_threads ();
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_no_error (error);
+  g_assert_cmpint (workers.inits, ==, 6 + N_WORKERS);
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", GUINT_TO_POINTER (3), NULL));
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, 1);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (items_freed, ==, 1);
+  g_assert_cmpint (workers.finalizes, ==, 6 + N_WORKERS);
+}
+
+static void
+test_thread_limit_timer (void)
+{
+  Workers workers;
+  KdDispatcher *dispatcher;
+  GError *error = NULL;
+
+  g_test_summary ("A dispatcher that retries needs its timer thread: when it cannot be made, "
+                  "the start fails with the thread error before any worker is made");
+  if (!in_subprocess ())
+    return;
+
+  dispatcher = workers_dispatcher_new (&workers);
+  kd_dispatcher_set_retry (dispatcher, 3, G_TIME_SPAN_MILLISECOND, G_TIME_SPAN_SECOND);
+  kd_test_limit_threads (0);
+  g_assert_false (kd_dispatcher_start (dispatcher, &error));
+  g_assert_error (error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
+  g_assert_nonnull (strstr (error->message, "timer"));
+  g_clear_error (&error);
+  g_assert_cmpint (workers.inits, ==, 0);
+  kd_test_unlimit_threads ();
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_cmpuint (kd_test_threads_settle (N_WORKERS + 1), ==, N_WORKERS + 1);
+  g_object_unref (dispatcher);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+}
+
+static gboolean
+pass_on_handler (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static void
+count_sink (const char *key,
+            gpointer    item,
+            gpointer    user_data)
+{
+  g_atomic_int_inc ((gint *) user_data);
+}
+
+static void
+test_thread_limit_pipeline (void)
+{
+  KdPipeline *pipeline;
+  GError *error = NULL;
+  gint sunk = 0;
+
+  g_test_summary ("A pipeline whose stages cannot all start fails its submit with the thread "
+                  "error, the item staying the caller's; it starts at a later submit");
+  if (!in_subprocess ())
+    return;
+
+  pipeline = kd_pipeline_new ();
+  kd_dispatcher_set_item_free (kd_pipeline_add_stage (pipeline, "one", 2, pass_on_handler, NULL, NULL),
+                               count_item_free);
+  kd_pipeline_add_stage (pipeline, "two", 2, pass_on_handler, NULL, NULL);
+  kd_pipeline_set_sink (pipeline, count_sink, &sunk, NULL);
+
+  kd_test_limit_threads (3);   /* the second stage's second worker is one too many */
+  g_assert_false (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (1), &error));
+  g_assert_error (error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
+  g_clear_error (&error);
+  g_assert_cmpint (items_freed, ==, 0);
+
+  kd_test_unlimit_threads ();
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (2), &error));
+  g_assert_no_error (error);
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpint (sunk, ==, 1);
+  g_object_unref (pipeline);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+}
+
+typedef struct
+{
+  KdDispatcher  *dispatcher;
+  KdTestCounter  finalized;
+} Unreffed;
+
+static gboolean
+unref_in_handler (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  Unreffed *u = user_data;
+
+  g_object_unref (u->dispatcher);   /* the last reference */
+  return TRUE;
+}
+
+static void
+unreffed_finalized (gpointer user_data)
+{
+  Unreffed *u = user_data;
+
+  kd_test_counter_add (&u->finalized, 1);
+}
+
+static void
+test_thread_limit_unref_in_handler (void)
+{
+  Unreffed u;
+  GError *error = NULL;
+
+  g_test_summary ("The last unref in a handler when no thread can be made: the shutdown "
+                  "finishes on the worker as it exits, not on a new thread");
+  if (!in_subprocess ())
+    return;
+
+  kd_test_counter_init (&u.finalized);
+  u.dispatcher = kd_dispatcher_new (2, unref_in_handler, &u, unreffed_finalized);
+  g_assert_true (kd_dispatcher_start (u.dispatcher, &error));
+  kd_test_limit_threads (0);
+  g_assert_true (kd_dispatcher_submit (u.dispatcher, "k", NULL, NULL));
+  g_assert_true (kd_test_counter_wait (&u.finalized, 1));
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+  kd_test_unlimit_threads ();
+  kd_test_counter_clear (&u.finalized);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -875,6 +1087,10 @@ main (int   argc,
   g_test_add_func ("/kd/actors/worker-data", test_worker_data);
   g_test_add_func ("/kd/actors/worker-init-fails", test_worker_init_fails);
   g_test_add_func ("/kd/actors/start-closed", test_start_closed);
+  g_test_add_func ("/kd/actors/thread-limit-start", test_thread_limit_start);
+  g_test_add_func ("/kd/actors/thread-limit-timer", test_thread_limit_timer);
+  g_test_add_func ("/kd/actors/thread-limit-pipeline", test_thread_limit_pipeline);
+  g_test_add_func ("/kd/actors/thread-limit-unref-in-handler", test_thread_limit_unref_in_handler);
 
   return g_test_run ();
 }

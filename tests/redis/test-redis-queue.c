@@ -43,6 +43,7 @@
 #include "kd-redis-consumer-private.h"
 /* Its locks, which ThreadSanitizer sees (GLib's futexes it does not). */
 #include "kd-sync-private.h"
+#include "kd-test-util.h"
 
 #define DEADLINE_US (120 * G_TIME_SPAN_SECOND)
 
@@ -2375,6 +2376,55 @@ test_out_of_range (void)
 }
 
 static void
+test_thread_limit (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (GError) error = NULL;
+  g_autoptr (GBytes) payload = g_bytes_new_static ("1", 1);
+  KdDispatcher *dispatcher;
+  guint extra;
+
+  g_test_summary ("kd_redis_queue_start() with no thread to be had for its lease, acker or "
+                  "reader thread fails with G_THREAD_ERROR_AGAIN, having stopped the ones it made; "
+                  "once threads can be made it starts and runs jobs");
+  if (!need_redis ())
+    return;
+  if (!g_test_subprocess ())
+    {
+      g_test_trap_subprocess (NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+      g_test_trap_assert_passed ();
+      return;
+    }
+
+  /* Everything that makes threads of its own (the server's child watch,
+   * the workers) first. */
+  server_start (&server);
+  queue = open_queue (&server, "limited", 4);
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 2, complete_job, NULL, NULL);
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_true (kd_redis_queue_add (queue, "k", payload, &error));
+
+  for (extra = 0; extra < 3; extra++)
+    {
+      kd_test_limit_threads (extra);
+      g_assert_false (kd_redis_queue_start (queue, &error));
+      g_assert_error (error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
+      g_test_message ("%u threads to be had: %s", extra, error->message);
+      g_clear_error (&error);
+      kd_test_unlimit_threads ();
+    }
+
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  kd_redis_queue_stop (queue);
+  g_object_unref (dispatcher);
+  g_clear_object (&queue);
+  server_stop (&server);
+}
+
+static void
 test_bench (void)
 {
   Server server = { 0 };
@@ -2452,6 +2502,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
   g_test_add_func ("/kd/redis-queue/long-log-line", test_long_log_line);
   g_test_add_func ("/kd/redis-queue/out-of-range", test_out_of_range);
+  g_test_add_func ("/kd/redis-queue/thread-limit", test_thread_limit);
   g_test_add_func ("/kd/redis-queue/bench", test_bench);
 
   return g_test_run ();

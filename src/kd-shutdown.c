@@ -1,0 +1,158 @@
+/* kd-shutdown.c: finishing a shutdown that cannot wait where it began
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * The last unref of a dispatcher or a pipeline closes it, waits for its
+ * jobs and joins its threads. When it happens on one of the object's own
+ * threads (a worker running a handler or a done callback, the timer's
+ * thread freeing an idle key state, a main context delivering its done
+ * callbacks or notifying its counters) that thread cannot wait for itself.
+ * The object's dispose then closes it, keeps it alive with a reference and
+ * hands the rest of the shutdown (the finish) to kd_shutdown_later(), which
+ * runs it where it can wait, and then drops the reference:
+ *
+ *  - On a worker's or the timer's thread (they call
+ *    kd_shutdown_thread_enter() as they start): as that thread exits. It
+ *    exits once the object, closed, has drained, so the finish waits for
+ *    nothing more; it joins the object's other threads and lets its own
+ *    go (kd_scheduler_join(), kd_timer_free()). No thread is made, so this
+ *    cannot fail.
+ *  - Elsewhere (a main context's thread): on a new thread, so that the
+ *    context goes on running while the object drains. If no thread can be
+ *    made, from an idle source of the context being dispatched, once its
+ *    dispatch returned: the context's thread then waits for the object's
+ *    jobs. With no such context either (a case no caller of kdispatch can
+ *    reach today), a critical says so and the object stays alive, closed.
+ *
+ * Either way the last unref returns at once and every accepted job still
+ * ends; the object's destroy notifies run where the finish runs.
+ */
+
+#include "config.h"
+
+#include "kd-shutdown-private.h"
+#include "kd-sync-private.h"
+
+typedef struct _Deferred Deferred;
+
+struct _Deferred
+{
+  Deferred       *next;
+  GObject        *object;   /* a reference */
+  KdShutdownFunc  finish;
+};
+
+/* On a thread that runs deferred finishes as it exits: whether it does,
+ * and the finishes left to it, newest first. */
+static KD_THREAD_LOCAL gboolean  runs_deferred;
+static KD_THREAD_LOCAL Deferred *deferred;
+
+static Deferred *
+deferred_new (GObject        *object,
+              KdShutdownFunc  finish)
+{
+  Deferred *d = g_new0 (Deferred, 1);
+
+  d->object = g_object_ref (object);
+  d->finish = finish;
+  return d;
+}
+
+static void
+deferred_run (Deferred *d)
+{
+  d->finish (d->object);
+  g_object_unref (d->object);
+  g_free (d);
+}
+
+static gpointer
+finish_thread_main (gpointer data)
+{
+  deferred_run (data);
+  return NULL;
+}
+
+static gboolean
+finish_in_idle (gpointer data)
+{
+  deferred_run (data);
+  return G_SOURCE_REMOVE;
+}
+
+/*
+ * kd_shutdown_later:
+ * @object: an object whose last reference went on one of its own threads
+ * @dispatching: (nullable): the main context whose dispatch dropped it, if
+ *   it was not a worker or the timer
+ * @finish: the rest of the shutdown
+ *
+ * Takes a reference to @object, runs @finish (@object) where it may wait
+ * for @object's threads (see the design above), then drops the reference.
+ */
+void
+kd_shutdown_later (GObject        *object,
+                   GMainContext   *dispatching,
+                   KdShutdownFunc  finish)
+{
+  Deferred *d = deferred_new (object, finish);
+  g_autoptr (GError) error = NULL;
+  GThread *thread;
+  GSource *idle;
+
+  if (runs_deferred)
+    {
+      d->next = deferred;
+      deferred = d;
+      return;
+    }
+
+  thread = g_thread_try_new ("kd-shutdown", finish_thread_main, d, &error);
+  if (thread != NULL)
+    {
+      g_thread_unref (thread);
+      return;
+    }
+
+  if (dispatching != NULL)
+    {
+      g_debug ("%s %p: no thread to shut down on (%s): shutting down from its main context",
+               G_OBJECT_TYPE_NAME (object), (gpointer) object, error->message);
+      idle = g_idle_source_new ();
+      g_source_set_callback (idle, finish_in_idle, d, NULL);
+      g_source_set_static_name (idle, "kdispatch shutdown");
+      g_source_attach (idle, dispatching);
+      g_source_unref (idle);
+      return;
+    }
+
+  g_critical ("%s %p: its last reference went on a thread of its own, and no thread "
+              "could be made to finish its shutdown (%s): it stays alive, closed",
+              G_OBJECT_TYPE_NAME (object), (gpointer) object, error->message);
+  g_free (d);   /* its reference stays with the object */
+}
+
+/* On a worker's or the timer's thread, as it starts: the shutdowns that
+ * begin on this thread are finished as it exits. */
+void
+kd_shutdown_thread_enter (void)
+{
+  runs_deferred = TRUE;
+}
+
+/* As that thread exits, after its last look at its scheduler or timer:
+ * finishes the shutdowns left to it, which may free them. */
+void
+kd_shutdown_thread_exit (void)
+{
+  runs_deferred = FALSE;
+  while (deferred != NULL)
+    {
+      Deferred *d = deferred;
+
+      deferred = d->next;
+      deferred_run (d);
+    }
+}
