@@ -234,11 +234,12 @@ struct _KdDispatcher
   gint            n_waiting;      /* atomic copy of waiting.length */
   GPtrArray      *result_deliveries;  /* KdResultDelivery * */
 
-  /* Parked keys, under @parked_lock: the key (its mailbox's) → KdMailbox.
+  /* Parked keys, under @parked_lock: the key (its mailbox's) → KdMailbox,
+   * in a KdKeyMap, as keys that clients choose may be parked in numbers.
    * Once the dispatcher is cancelled or disposed, no key parks any more:
    * @parking_closed. */
   GMutex          parked_lock;
-  GHashTable     *parked;
+  KdKeyMap        parked;
   gboolean        parking_closed;
   gint            n_parked;       /* atomic copy of the table's size */
 };
@@ -706,7 +707,7 @@ park_begin (KdDispatcher *self,
     {
       mailbox->park_state = KD_PARK_FINISHING;
       mailbox->park_request = KD_PARK_NONE;
-      g_hash_table_insert (self->parked, (gpointer) kd_mailbox_get_key (mailbox), mailbox);
+      kd_key_map_insert (&self->parked, &mailbox->key, mailbox);
       g_atomic_int_inc (&self->n_parked);
     }
   kd_mutex_unlock (&self->parked_lock);
@@ -750,17 +751,19 @@ take_parked (KdDispatcher *self,
              const char   *key,
              gboolean      drop)
 {
+  KdKey probe = { 0, 0, key };
   KdMailbox *mailbox;
   gboolean finishing;
 
+  probe.hash = kd_key_hash (key, &probe.length);
   kd_mutex_lock (&self->parked_lock);
-  mailbox = g_hash_table_lookup (self->parked, key);
+  mailbox = kd_key_map_lookup (&self->parked, &probe);
   if (mailbox == NULL)
     {
       kd_mutex_unlock (&self->parked_lock);
       return FALSE;
     }
-  g_hash_table_remove (self->parked, key);
+  kd_key_map_remove (&self->parked, &mailbox->key);
   g_atomic_int_add (&self->n_parked, -1);
   /* Its runner still ends the failed job: it unparks the key after. The
    * jobs queued now are dropped now (before the runner can see the
@@ -785,14 +788,12 @@ static void
 drop_parked (KdDispatcher *self)
 {
   GPtrArray *parked = g_ptr_array_new ();
-  GHashTableIter iter;
   gpointer value;
-  guint i;
+  guint i = 0;
 
   kd_mutex_lock (&self->parked_lock);
   self->parking_closed = TRUE;
-  g_hash_table_iter_init (&iter, self->parked);
-  while (g_hash_table_iter_next (&iter, NULL, &value))
+  while (kd_key_map_next (&self->parked, &i, &value))
     {
       KdMailbox *mailbox = value;
 
@@ -806,7 +807,7 @@ drop_parked (KdDispatcher *self)
           g_ptr_array_add (parked, mailbox);
         }
     }
-  g_hash_table_remove_all (self->parked);
+  kd_key_map_remove_all (&self->parked);
   g_atomic_int_set (&self->n_parked, 0);
   kd_mutex_unlock (&self->parked_lock);
 
@@ -1406,8 +1407,7 @@ kd_dispatcher_finalize (GObject *object)
   g_ptr_array_unref (self->result_deliveries);
   g_mutex_clear (&self->async_lock);
 
-  g_assert (g_hash_table_size (self->parked) == 0);
-  g_hash_table_unref (self->parked);
+  kd_key_map_clear (&self->parked);
   g_mutex_clear (&self->parked_lock);
   kd_key_table_free (self->keys);
   kd_admission_clear (&self->admission);
@@ -1776,7 +1776,7 @@ kd_dispatcher_init (KdDispatcher *self)
   self->max_attempts = 1;
   self->failure_policy = KD_FAILURE_CONTINUE;
   g_mutex_init (&self->parked_lock);
-  self->parked = g_hash_table_new (g_str_hash, g_str_equal);
+  kd_key_map_init (&self->parked);
   kd_admission_init (&self->admission, DEFAULT_CAPACITY, 0);
   g_mutex_init (&self->start_lock);
   g_cond_init (&self->start_cond);
@@ -2987,16 +2987,15 @@ char **
 kd_dispatcher_list_parked_keys (KdDispatcher *self)
 {
   GPtrArray *keys;
-  GHashTableIter iter;
-  gpointer key;
+  gpointer mailbox;
+  guint i = 0;
 
   g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
 
   keys = g_ptr_array_new ();
   kd_mutex_lock (&self->parked_lock);
-  g_hash_table_iter_init (&iter, self->parked);
-  while (g_hash_table_iter_next (&iter, &key, NULL))
-    g_ptr_array_add (keys, g_strdup (key));
+  while (kd_key_map_next (&self->parked, &i, &mailbox))
+    g_ptr_array_add (keys, g_strdup (kd_mailbox_get_key (mailbox)));
   kd_mutex_unlock (&self->parked_lock);
   g_ptr_array_add (keys, NULL);
 

@@ -22,8 +22,9 @@ typedef struct
   const char *string;
 } KdKey;
 
-guint kd_key_hash (const char *string,
-                   gsize      *length);
+guint kd_key_hash     (const char    *string,
+                       gsize         *length);
+guint kd_key_str_hash (gconstpointer  string);
 
 static inline gboolean
 kd_key_equal (const KdKey *a,
@@ -58,11 +59,28 @@ void  kd_key_map_insert (KdKeyMap    *self,
                          gpointer     entry);
 void  kd_key_map_remove (KdKeyMap    *self,
                          const KdKey *key);
+void  kd_key_map_remove_all (KdKeyMap *self);
 
 static inline guint
 kd_key_map_size (const KdKeyMap *self)
 {
   return self->size;
+}
+
+/* Iterates over the entries, in no order, without changing the map:
+ * guint i = 0; gpointer entry; while (kd_key_map_next (map, &i, &entry)) ... */
+static inline gboolean
+kd_key_map_next (const KdKeyMap *self,
+                 guint          *i,
+                 gpointer       *entry)
+{
+  for (; *i <= self->mask; (*i)++)
+    if (self->slots[*i].key != NULL)
+      {
+        *entry = self->slots[(*i)++].entry;
+        return TRUE;
+      }
+  return FALSE;
 }
 
 /* The entry of @key, or NULL. */

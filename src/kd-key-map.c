@@ -17,6 +17,14 @@
  * of the hash (the key table and the reorder pick their shard from the high
  * bits).
  *
+ * Keys come from clients, so an attacker may choose them, and a map whose
+ * keys share a hash walks one long run on every lookup. kd_key_hash() is
+ * SipHash-1-3 keyed with a secret drawn from the kernel's random source when
+ * the library loads: without the secret nobody can make keys collide more
+ * than chance allows, however well they know the function.
+ * kd_key_str_hash() is the same hash for the GHashTables that hold keys
+ * from outside (the Redis consumer's producer ids).
+ *
  * The map grows at three quarters full and shrinks at one eighth, so a
  * probe stays short and the memory follows the entries. Removal shifts the
  * following entries of the probe run back (no tombstones), so a map in
@@ -25,32 +33,117 @@
 
 #include "config.h"
 
+#include <fcntl.h>
+#include <sys/random.h>
+#include <unistd.h>
+
 #include "kd-key-map-private.h"
 
 #define MIN_SLOTS 8
 
-/* FNV-1a over the bytes, then MurmurHash3's finalizer so that every bit of
- * the result depends on every byte: the key table picks its shard from the
- * high bits and the map its slot from the low ones. Also measures the key,
- * which is copied next. */
+/* The secret key of kd_key_hash(), drawn once per process. */
+static guint64 secret[2];
+
+__attribute__ ((constructor)) static void
+draw_secret (void)
+{
+  guint8 bytes[sizeof secret];
+  gsize got = 0;
+  int fd;
+
+  /* Never blocking: at worst (no getrandom(), no /dev/urandom) a secret
+   * that is hard to guess rather than random. */
+  if (getrandom (bytes, sizeof bytes, GRND_NONBLOCK) == (gssize) sizeof bytes)
+    got = sizeof bytes;
+  else if ((fd = open ("/dev/urandom", O_RDONLY | O_CLOEXEC)) >= 0)
+    {
+      gssize n = read (fd, bytes, sizeof bytes);
+
+      got = n > 0 ? (gsize) n : 0;
+      close (fd);
+    }
+  if (got == sizeof bytes)
+    memcpy (secret, bytes, sizeof secret);
+  else
+    {
+      secret[0] = (guint64) g_get_real_time () ^ ((guint64) getpid () << 32) ^ (guint64) (guintptr) &got;
+      secret[1] = (guint64) g_get_monotonic_time () * 0x9E3779B97F4A7C15u ^ (guint64) (guintptr) bytes;
+    }
+}
+
+#define ROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+
+#define SIPROUND(v0, v1, v2, v3)                                         \
+  G_STMT_START {                                                         \
+    v0 += v1; v1 = ROTL64 (v1, 13); v1 ^= v0; v0 = ROTL64 (v0, 32);      \
+    v2 += v3; v3 = ROTL64 (v3, 16); v3 ^= v2;                            \
+    v0 += v3; v3 = ROTL64 (v3, 21); v3 ^= v0;                            \
+    v2 += v1; v1 = ROTL64 (v1, 17); v1 ^= v2; v2 = ROTL64 (v2, 32);      \
+  } G_STMT_END
+
+/* SipHash-1-3 of @length bytes with the secret key, folded to 32 bits:
+ * every bit of the result depends on every byte, as the key table's shards
+ * (high bits) and the maps' slots (low bits) need. */
+static guint
+siphash13 (const guchar *p,
+           gsize         length)
+{
+  guint64 v0 = secret[0] ^ 0x736f6d6570736575u;
+  guint64 v1 = secret[1] ^ 0x646f72616e646f6du;
+  guint64 v2 = secret[0] ^ 0x6c7967656e657261u;
+  guint64 v3 = secret[1] ^ 0x7465646279746573u;
+  guint64 last = (guint64) length << 56;
+  const guchar *end = p + (length & ~(gsize) 7);
+  guint64 m;
+
+  for (; p < end; p += 8)
+    {
+      memcpy (&m, p, 8);
+      m = GUINT64_FROM_LE (m);
+      v3 ^= m;
+      SIPROUND (v0, v1, v2, v3);
+      v0 ^= m;
+    }
+
+  switch (length & 7)
+    {
+    case 7: last |= (guint64) p[6] << 48; G_GNUC_FALLTHROUGH;
+    case 6: last |= (guint64) p[5] << 40; G_GNUC_FALLTHROUGH;
+    case 5: last |= (guint64) p[4] << 32; G_GNUC_FALLTHROUGH;
+    case 4: last |= (guint64) p[3] << 24; G_GNUC_FALLTHROUGH;
+    case 3: last |= (guint64) p[2] << 16; G_GNUC_FALLTHROUGH;
+    case 2: last |= (guint64) p[1] << 8; G_GNUC_FALLTHROUGH;
+    case 1: last |= (guint64) p[0]; break;
+    default: break;
+    }
+
+  v3 ^= last;
+  SIPROUND (v0, v1, v2, v3);
+  v0 ^= last;
+  v2 ^= 0xff;
+  SIPROUND (v0, v1, v2, v3);
+  SIPROUND (v0, v1, v2, v3);
+  SIPROUND (v0, v1, v2, v3);
+  m = v0 ^ v1 ^ v2 ^ v3;
+
+  return (guint) (m ^ (m >> 32));
+}
+
+/* The hash of a key (see the design above); also measures the key, which
+ * is copied next. */
 guint
 kd_key_hash (const char *string,
              gsize      *length)
 {
-  const guchar *p = (const guchar *) string;
-  guint32 h = 2166136261u;
+  *length = strlen (string);
+  return siphash13 ((const guchar *) string, *length);
+}
 
-  for (; *p != '\0'; p++)
-    h = (h ^ *p) * 16777619u;
-  *length = (gsize) (p - (const guchar *) string);
-
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-
-  return h;
+/* kd_key_hash() as a GHashFunc, for tables of strings from outside. */
+guint
+kd_key_str_hash (gconstpointer string)
+{
+  return siphash13 (string, strlen (string));
 }
 
 void
@@ -67,6 +160,14 @@ kd_key_map_clear (KdKeyMap *self)
 {
   g_assert (self->size == 0);
   g_clear_pointer (&self->slots, g_free);
+}
+
+/* Forgets every entry, and shrinks back to the smallest size. */
+void
+kd_key_map_remove_all (KdKeyMap *self)
+{
+  g_free (self->slots);
+  kd_key_map_init (self);
 }
 
 /* Stores into the first free slot of @hash's run. */

@@ -67,6 +67,7 @@
 
 #include <string.h>
 
+#include "kd-key-map-private.h"
 #include "kd-redis-consumer-private.h"
 #include "kd-sync-private.h"
 
@@ -96,7 +97,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
       shard->stream = kd_redis_stream_name (config->name, shard->index);
       shard->lease = kd_redis_lease_name (config->name, shard->index);
       shard->state = KD_REDIS_SHARD_FREE;
-      shard->producers = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+      shard->producers = g_hash_table_new_full (kd_key_str_hash, g_str_equal, g_free, g_free);
       g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
       g_strlcpy (shard->last_id, "0-0", sizeof shard->last_id);
     }
@@ -109,7 +110,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
   self->claim_idle_us = 2 * config->lease_us;
   self->ended = g_async_queue_new ();
   g_strlcpy (self->wake_last_id, "0-0", sizeof self->wake_last_id);
-  self->unkeyed_ids = g_hash_table_new_full (g_str_hash, g_str_equal, NULL, NULL);
+  self->unkeyed_ids = g_hash_table_new_full (kd_key_str_hash, g_str_equal, NULL, NULL);
   g_mutex_init (&self->lock);
   g_cond_init (&self->cond);
   g_cond_init (&self->lease_cond);

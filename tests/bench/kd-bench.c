@@ -23,6 +23,11 @@
  *       parse stage, a keyed aggregate stage, an ordered sink stage, 2
  *       workers each; per-key order checked at the aggregate and the sink;
  *       baseline: the same steps in a loop on one thread
+ *   H1  hostile keys: W3's shape with 20,000 keys x 10 jobs, the keys built
+ *       to share the hash kdispatch used before (FNV-1a multicollisions,
+ *       tests/kd-collide.h), against random keys of the same length;
+ *       H1i the same with key states kept for a 30 s idle time. The ratio
+ *       is the colliding keys' time over the random keys'.
  *
  * Timing runs from just before the first submit until every job has ended;
  * creating the dispatcher or pool is outside it. Keys ("k%u") are formatted
@@ -38,6 +43,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "kd-collide.h"
 
 #define CACHE_LINE 64
 
@@ -458,6 +465,8 @@ typedef struct
   guint       n_keys;
   guint       n_jobs;
   char      **keys;
+  gboolean    own_keys;    /* H1's: a g_strfreev() vector, not format_keys()'s */
+  gint64      idle_us;     /* H1i: keep key states idle this long */
   PaddedLast *last;
   gint        violations;
 } Keyed;
@@ -500,6 +509,8 @@ keyed_init (Keyed *keyed,
   keyed->n_keys = n_keys;
   keyed->n_jobs = n_jobs;
   keyed->keys = format_keys (n_keys);
+  keyed->own_keys = FALSE;
+  keyed->idle_us = 0;
   keyed->last = g_new (PaddedLast, n_keys);
   for (i = 0; i < n_keys; i++)
     keyed->last[i].value = -1;
@@ -525,8 +536,68 @@ keyed_check (Keyed     *keyed,
 static void
 keyed_clear (Keyed *keyed)
 {
-  free_keys (keyed->keys);
+  if (keyed->own_keys)
+    g_strfreev (keyed->keys);
+  else
+    free_keys (keyed->keys);
   g_free (keyed->last);
+}
+
+/* H1i's key state: nothing, but a state all the same, kept while idle. */
+static gpointer
+h1_state_new (const char *key,
+              gpointer    user_data)
+{
+  return GUINT_TO_POINTER (1);
+}
+
+static void
+h1_state_free (gpointer state)
+{
+}
+
+/* Runs @keyed (initialized) through a dispatcher. */
+static gboolean
+keyed_run_kd_with (Bench     *bench,
+                   RunResult *result,
+                   Keyed     *keyed)
+{
+  guint n_keys = keyed->n_keys, n_jobs = keyed->n_jobs;
+  KdDispatcher *dispatcher;
+  KdStats stats;
+  gint64 start;
+  guint i;
+
+  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, keyed_handler,
+                                  keyed, NULL);
+  if (bench->capacity)
+    kd_dispatcher_set_capacity (dispatcher, bench->capacity);
+  if (keyed->idle_us > 0)
+    {
+      kd_dispatcher_set_key_state_funcs (dispatcher, h1_state_new, h1_state_free, NULL, NULL);
+      kd_dispatcher_set_key_idle_time (dispatcher, keyed->idle_us);
+    }
+  start_workers (dispatcher);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i++)
+    kd_dispatcher_submit (dispatcher, keyed->keys[i % n_keys], GUINT_TO_POINTER (i), NULL);
+  kd_dispatcher_wait (dispatcher);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  result->live_keys = stats.live_keys;
+  g_object_unref (dispatcher);
+
+  result->ok = keyed_check (keyed, result);
+  if (stats.live_keys != 0)
+    {
+      result->ok = FALSE;
+      g_strlcat (result->check, ", live keys after wait != 0", sizeof result->check);
+    }
+  keyed_clear (keyed);
+  return result->ok;
 }
 
 static gboolean
@@ -536,37 +607,9 @@ keyed_run_kd (Bench     *bench,
               guint      n_jobs)
 {
   Keyed keyed;
-  KdDispatcher *dispatcher;
-  KdStats stats;
-  gint64 start;
-  guint i;
 
   keyed_init (&keyed, n_keys, n_jobs);
-  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, keyed_handler,
-                                  &keyed, NULL);
-  if (bench->capacity)
-    kd_dispatcher_set_capacity (dispatcher, bench->capacity);
-  start_workers (dispatcher);
-  reset_peak_rss ();
-
-  start = now_ns ();
-  for (i = 0; i < n_jobs; i++)
-    kd_dispatcher_submit (dispatcher, keyed.keys[i % n_keys], GUINT_TO_POINTER (i), NULL);
-  kd_dispatcher_wait (dispatcher);
-  finish_run (result, start, now_ns (), n_jobs);
-
-  kd_dispatcher_get_stats (dispatcher, &stats);
-  result->live_keys = stats.live_keys;
-  g_object_unref (dispatcher);
-
-  result->ok = keyed_check (&keyed, result);
-  if (stats.live_keys != 0)
-    {
-      result->ok = FALSE;
-      g_strlcat (result->check, ", live keys after wait != 0", sizeof result->check);
-    }
-  keyed_clear (&keyed);
-  return result->ok;
+  return keyed_run_kd_with (bench, result, &keyed);
 }
 
 static gboolean
@@ -634,6 +677,89 @@ w3_run_glib (Bench     *bench,
              RunResult *result)
 {
   return keyed_run_glib (bench, result, w3_keys (bench), w3_keys (bench) * W3_ROUNDS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* H1: hostile keys                                                          */
+
+#define H1_KEYS 20000
+#define H1_ROUNDS 10
+#define H1_PREFIX "client-"
+#define H1_IDLE_US (30 * G_TIME_SPAN_SECOND)
+
+static guint
+h1_keys (Bench *bench)
+{
+  return bench->n_jobs ? MAX (1, bench->n_jobs / H1_ROUNDS) : H1_KEYS;
+}
+
+/* W3's shape over @keys (taken). */
+static gboolean
+h1_run (Bench     *bench,
+        RunResult *result,
+        char     **keys,
+        gint64     idle_us)
+{
+  guint n_keys = g_strv_length (keys);
+  Keyed keyed;
+
+  keyed_init (&keyed, n_keys, n_keys * H1_ROUNDS);
+  free_keys (keyed.keys);
+  keyed.keys = keys;
+  keyed.own_keys = TRUE;
+  keyed.idle_us = idle_us;
+  return keyed_run_kd_with (bench, result, &keyed);
+}
+
+/* The colliding keys, and random ones of the same length: made before the
+ * clock starts, as W3's are. */
+static char **
+h1_colliding (Bench *bench)
+{
+  return kd_collide_keys (H1_PREFIX, h1_keys (bench));
+}
+
+static char **
+h1_random (Bench *bench)
+{
+  char **colliding = kd_collide_keys (H1_PREFIX, 1);
+  gsize length = strlen (colliding[0]);
+  guint n = h1_keys (bench), pairs = 0;
+
+  /* As long as the colliding ones: the prefix and a block per pair. */
+  while ((1u << pairs) < n)
+    pairs++;
+  length += (gsize) pairs * KD_COLLIDE_BLOCK;
+  g_strfreev (colliding);
+  return kd_collide_random_keys (H1_PREFIX, n, length, 42);
+}
+
+static gboolean
+h1_run_colliding (Bench     *bench,
+                  RunResult *result)
+{
+  return h1_run (bench, result, h1_colliding (bench), 0);
+}
+
+static gboolean
+h1_run_random (Bench     *bench,
+               RunResult *result)
+{
+  return h1_run (bench, result, h1_random (bench), 0);
+}
+
+static gboolean
+h1i_run_colliding (Bench     *bench,
+                   RunResult *result)
+{
+  return h1_run (bench, result, h1_colliding (bench), H1_IDLE_US);
+}
+
+static gboolean
+h1i_run_random (Bench     *bench,
+                RunResult *result)
+{
+  return h1_run (bench, result, h1_random (bench), H1_IDLE_US);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1267,6 +1393,8 @@ static const Workload workloads[] = {
   { "W4", "CPU-bound, 20,000 x 50 us, 2 workers", w4_run_kd, w4_run_glib },
   { "L1", "latency, 200,000 keyed at 50% of W2 capacity", l1_run_kd, l1_run_glib },
   { "P1", "pipeline, ordered parse > keyed > ordered sink", p1_run_kd, p1_run_serial },
+  { "H1", "hostile keys, 20,000 x 10 (vs random keys)", h1_run_colliding, h1_run_random },
+  { "H1i", "hostile keys, 20,000 x 10, idle 30 s", h1i_run_colliding, h1i_run_random },
 };
 
 static int
@@ -1375,6 +1503,8 @@ print_table (Summary *summaries,
       if (g_str_equal (id, "L1"))
         g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx",
                     s->glib->len ? MEDIAN (s->glib, start_p99) / MEDIAN (s->kd, start_p99) : 0);
+      else if (g_str_has_prefix (id, "H1"))
+        g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx", kd_rate > 0 ? glib_rate / kd_rate : 0);
       else
         g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx", glib_rate > 0 ? kd_rate / glib_rate : 0);
 
@@ -1390,11 +1520,14 @@ print_table (Summary *summaries,
         }
       if (g_str_equal (id, "W4"))
         g_print ("    kdispatch %.2f M/s, plain GLib %.2f M/s\n", kd_rate / 1e6, glib_rate / 1e6);
+      if (g_str_has_prefix (id, "H1"))
+        g_print ("    both kdispatch: colliding keys %.2f M/s, random keys %.2f M/s; the ratio is "
+                 "the colliding keys' time / the random keys'\n", kd_rate / 1e6, glib_rate / 1e6);
       if (!s->ok)
         g_print ("    check failed: %s\n", s->failed_check);
     }
   g_print ("\nmedians of %u repetitions; ratio = kdispatch / plain GLib (for L1: GLib p99 / "
-           "kdispatch p99)\n", repetitions);
+           "kdispatch p99; for H1: colliding / random keys' time)\n", repetitions);
 }
 
 static void
@@ -1470,7 +1603,7 @@ main (int    argc,
   gint p1_rounds = 0;
   GOptionEntry entries[] = {
     { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
-      "Workloads to run, comma-separated (W1,W2,W3,W4,L1,P1; default all)", "LIST" },
+      "Workloads to run, comma-separated (W1,W2,W3,W4,L1,P1,H1,H1i; default all)", "LIST" },
     { "repetitions", 'r', 0, G_OPTION_ARG_INT, &repetitions, "Runs per workload (median reported)", "N" },
     { "workers", 'n', 0, G_OPTION_ARG_INT, &n_workers, "Worker count (default: the workload's)", "N" },
     { "capacity", 'c', 0, G_OPTION_ARG_INT, &capacity, "Admission bound (default: the workload's)", "N" },
@@ -1509,7 +1642,7 @@ main (int    argc,
   bench.baseline = !no_baseline;
   bench.l1_rate = rate;
   bench.p1_rounds = (guint) p1_rounds;
-  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1,P1", ",", -1);
+  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1,P1,H1,H1i", ",", -1);
 
   for (char **id = wanted; *id != NULL; id++)
     {
