@@ -60,6 +60,13 @@
  * is empty. Cancellation hurries the timer and drops the parked keys, so
  * every job still ends.
  *
+ * Key states (kd_dispatcher_set_key_state_funcs()) are made by the runner
+ * of a key's first job and freed when its mailbox runs empty, or, with an
+ * idle time, kept in the reaped mailbox: one call in the timer, the idle
+ * keys' sweep, ends the idle spells as they come due, and the key table
+ * bounds how many are idle at once (the runner that passes the bound frees
+ * the oldest state of its shard itself; see kd-key-table.c).
+ *
  * A per-key bound (kd_dispatcher_set_key_capacity()) is checked after the
  * unit of admission was taken: the key table counts each key's jobs and a
  * submit waits on its shard's condition until its key has room (see
@@ -122,6 +129,10 @@
 
 #define DEFAULT_CAPACITY 1024
 
+/* The most keys that keep their state idle at once, by default: a few MiB
+ * of mailboxes, plus the application's states. */
+#define DEFAULT_MAX_IDLE_KEYS 65536
+
 /* The most jobs of one key a worker runs before other tasks go first. */
 #define MAILBOX_BUDGET 64
 
@@ -182,6 +193,8 @@ struct _KdDispatcher
   GDestroyNotify  key_state_data_free;
   guint           key_capacity;      /* 0: no per-key bound */
   gint64          key_idle_us;       /* how long an idle key keeps its state */
+  guint           max_idle_keys;     /* how many keys may keep theirs at once */
+  guint           max_waiting;       /* async submissions waiting for room; 0: capacity */
   guint           max_attempts;      /* 1: no retry */
   gint64          retry_initial_us;
   gint64          retry_max_us;
@@ -202,6 +215,8 @@ struct _KdDispatcher
 
   /* Atomic */
   gint            configured;   /* a submit was made: configuration is over */
+  gint            stopped;      /* closed and drained: the workers are told to go */
+  gint            sweep_armed;  /* the idle keys' sweep is pending in the timer */
   gint            shutdown_state;
   guint64         submitted;
   guint64         rejected;
@@ -225,6 +240,7 @@ struct _KdDispatcher
   GMainContext   *creation_context;
   KdStats         notified;     /* what was notified last; the notifier's */
   guint           notified_waiting;
+  guint           notified_idle_keys;
 
   /* kd_dispatcher_submit_async(): submissions waiting for room, in call
    * order, and a delivery per caller context with results pending; under
@@ -293,6 +309,8 @@ enum
   PROP_NAME,
   PROP_CANCELLABLE,
   PROP_MAIN_CONTEXT,
+  PROP_MAX_IDLE_KEYS,
+  PROP_MAX_WAITING,
   /* Counters */
   PROP_SUBMITTED,
   PROP_COMPLETED,
@@ -303,6 +321,7 @@ enum
   PROP_RUNNING,
   PROP_LIVE_KEYS,
   PROP_WAITING,
+  PROP_IDLE_KEYS,
   N_PROPS
 };
 
@@ -375,6 +394,13 @@ count_rejected (KdDispatcher *self)
   counters_changed (self);
 }
 
+/* The bound on waiting async submissions: the capacity unless set. */
+static guint
+get_max_waiting (KdDispatcher *self)
+{
+  return self->max_waiting != 0 ? self->max_waiting : self->admission.capacity;
+}
+
 /* Configuration calls are refused, loudly, once jobs were submitted: the
  * workers read the configuration without locks. */
 static gboolean
@@ -406,6 +432,8 @@ shutdown_scheduler (KdDispatcher *self)
 
   g_debug ("dispatcher %p (%s): closed and drained, stopping workers", (gpointer) self,
            self->name != NULL ? self->name : "unnamed");
+  /* Before the timer is hurried: the idle keys' sweep ends every spell. */
+  g_atomic_int_set (&self->stopped, TRUE);
   if (scheduler != NULL)
     kd_scheduler_shutdown (scheduler);
   if (self->stage_hooks.drained != NULL)
@@ -641,13 +669,19 @@ run_job (KdDispatcher  *self,
   return outcome;
 }
 
+/* @time plus @delay_us, at most G_MAXINT64: never. */
+static gint64
+time_after (gint64 time,
+            gint64 delay_us)
+{
+  return delay_us > G_MAXINT64 - time ? G_MAXINT64 : time + delay_us;
+}
+
 /* Now plus @delay_us, at most G_MAXINT64: never. */
 static gint64
 due_time_after (gint64 delay_us)
 {
-  gint64 now = g_get_monotonic_time ();
-
-  return delay_us > G_MAXINT64 - now ? G_MAXINT64 : now + delay_us;
+  return time_after (g_get_monotonic_time (), delay_us);
 }
 
 /* When a job that failed on its attempt runs again: the initial delay,
@@ -665,6 +699,21 @@ retry_due_time (KdDispatcher *self,
   return due_time_after (MIN (delay, self->retry_max_us));
 }
 
+/* By the runner of @mailbox, whose key has no job left: frees the key's
+ * state, before the mailbox can be reaped and revived by a producer, so a
+ * key never has two states. A job that arrives meanwhile runs with a new
+ * one. */
+static void
+free_key_state (KdDispatcher *self,
+                KdMailbox    *mailbox)
+{
+  gpointer state = g_steal_pointer (&mailbox->state);
+
+  mailbox->has_state = FALSE;
+  if (self->key_state_free != NULL)
+    self->key_state_free (state);
+}
+
 /* Takes a parked mailbox out of parking, which makes the caller its runner:
  * if it has jobs (if @drop, marked to end cancelled) it is scheduled; if
  * not it is reaped here. */
@@ -673,17 +722,8 @@ unpark (KdDispatcher *self,
         KdMailbox    *mailbox,
         gboolean      drop)
 {
-  /* As in run_mailbox(): the key's state goes if it has no job, before the
-   * mailbox can be reaped and revived by a producer, so a key never has two
-   * states. A job that arrives meanwhile runs with a new one. */
   if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
-    {
-      gpointer state = g_steal_pointer (&mailbox->state);
-
-      mailbox->has_state = FALSE;
-      if (self->key_state_free != NULL)
-        self->key_state_free (state);
-    }
+    free_key_state (self, mailbox);
 
   if (kd_key_table_unpark (self->keys, mailbox, drop))
     return;
@@ -816,48 +856,80 @@ drop_parked (KdDispatcher *self)
   g_ptr_array_unref (parked);
 }
 
-/* The end of a key's idle period, which the timer makes: frees its state
- * unless its mailbox was revived meanwhile. */
-typedef struct
-{
-  KdMailbox *mailbox;     /* a reference */
-  guint      idle_generation;
-} IdleExpiry;
+/* How many idle spells the sweep ends per look at the key table. */
+#define EXPIRE_BATCH 64
 
-/* On the timer's thread. */
+/* Frees the states of the idle spells of the keys reaped before
+ * @reaped_before. */
 static void
-expire_key_state (gpointer owner,
-                  gpointer data)
+expire_idle_states (KdDispatcher *self,
+                    gint64        reaped_before)
 {
-  KdDispatcher *self = owner;
-  IdleExpiry *expiry = data;
-  gpointer state;
+  KdMailbox *mailboxes[EXPIRE_BATCH];
+  gpointer states[EXPIRE_BATCH];
+  guint n, i;
 
-  if (kd_key_table_expire_begin (self->keys, expiry->mailbox, expiry->idle_generation, &state))
+  do
     {
-      if (self->key_state_free != NULL)
-        self->key_state_free (state);
-      kd_key_table_expire_end (self->keys, expiry->mailbox);
+      n = kd_key_table_take_expired (self->keys, reaped_before, mailboxes, states, EXPIRE_BATCH);
+      for (i = 0; i < n; i++)
+        {
+          if (self->key_state_free != NULL)
+            self->key_state_free (states[i]);
+          kd_key_table_expire_end (self->keys, mailboxes[i]);
+        }
     }
-
-  kd_mailbox_unref (expiry->mailbox);
-  g_free (expiry);
+  while (n == EXPIRE_BATCH);
 }
 
-/* @mailbox (a reference, given) was reaped idle, with its key state: the
- * state goes after the idle time unless the key is back by then. */
+/* On the timer's thread, while keys are idle: ends the idle spells that
+ * are due (all of them once the dispatcher is cancelled or stopped), then
+ * comes back when the next one is. One such call is pending whenever a key
+ * is idle (@sweep_armed). */
 static void
-expire_later (KdDispatcher *self,
-              KdScheduler  *scheduler,
-              KdMailbox    *mailbox,
-              guint         idle_generation)
+sweep_idle_keys (gpointer owner,
+                 gpointer data)
 {
-  IdleExpiry *expiry = g_new (IdleExpiry, 1);
+  KdDispatcher *self = owner;
+  KdScheduler *scheduler = data;
+  gboolean all = g_atomic_int_get (&self->stopped) || g_cancellable_is_cancelled (self->cancellable);
+  gint64 now = g_get_monotonic_time ();
+  gint64 oldest;
 
-  expiry->mailbox = mailbox;
-  expiry->idle_generation = idle_generation;
-  kd_scheduler_call_at (scheduler, due_time_after (self->key_idle_us),
-                        expire_key_state, self, expiry);
+  expire_idle_states (self, all ? G_MAXINT64 : now - self->key_idle_us + 1);
+  counters_changed (self);
+
+  oldest = kd_key_table_oldest_idle (self->keys);
+  if (oldest == G_MAXINT64)
+    {
+      /* A key made idle meanwhile either found the sweep armed and left
+       * its spell to it, or finds it disarmed now and arms it: look once
+       * more after disarming (the shard locks order the two). */
+      __atomic_store_n (&self->sweep_armed, FALSE, __ATOMIC_SEQ_CST);
+      oldest = kd_key_table_oldest_idle (self->keys);
+      if (oldest == G_MAXINT64 || __atomic_exchange_n (&self->sweep_armed, TRUE, __ATOMIC_SEQ_CST))
+        return;
+    }
+  /* The scheduler may have shut down since the look at @stopped: nothing
+   * is pending any more, so every spell ends now. */
+  if (!kd_scheduler_call_at (scheduler, all ? now : time_after (oldest, self->key_idle_us),
+                             sweep_idle_keys, self, scheduler))
+    expire_idle_states (self, G_MAXINT64);
+}
+
+/* After a key was made idle: the sweep comes when its spell is due, unless
+ * it is already armed (for an earlier spell). */
+static void
+arm_idle_sweep (KdDispatcher *self,
+                KdScheduler  *scheduler)
+{
+  /* From a worker that still holds a unit of admission, so the scheduler
+   * has not shut down. */
+  if (!__atomic_load_n (&self->sweep_armed, __ATOMIC_RELAXED) &&
+      !__atomic_exchange_n (&self->sweep_armed, TRUE, __ATOMIC_SEQ_CST) &&
+      !kd_scheduler_call_at (scheduler, due_time_after (self->key_idle_us), sweep_idle_keys, self,
+                             scheduler))
+    g_assert_not_reached ();
 }
 
 /* Holds @mailbox: runs its jobs in order, up to MAILBOX_BUDGET, then reaps
@@ -875,7 +947,9 @@ run_mailbox (KdDispatcher  *self,
   for (;;)
     {
       gboolean reaped, keep_state;
-      guint last_epoch = 0, idle_generation = 0;
+      KdMailbox *evicted;
+      gpointer evicted_state = NULL;
+      guint last_epoch = 0;
       guint i;
 
       for (i = 0; i < n; i++)
@@ -911,34 +985,28 @@ run_mailbox (KdDispatcher  *self,
         }
       ran += n;
 
-      /* A key's state goes when its mailbox ran empty, before the mailbox
-       * can be reaped and revived by another worker: a key has at most one
-       * state at a time. If a job arrives meanwhile, it runs with a new one.
-       * With an idle time the reaped mailbox keeps the state instead, for
-       * the key's next job, until the timer expires it; the timer's call
-       * holds the mailbox, taken while it is still ours. */
+      /* A key's state goes when its mailbox ran empty. With an idle time
+       * the reaped mailbox keeps it instead, for the key's next job, until
+       * the timer's sweep ends the idle spell (or the bound on idle keys
+       * ends another one early: its state is freed here). */
       keep_state = mailbox->has_state && self->key_idle_us > 0;
-      if (keep_state)
-        kd_mailbox_ref (mailbox);
-      else if (mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
-        {
-          gpointer state = g_steal_pointer (&mailbox->state);
-
-          mailbox->has_state = FALSE;
-          if (self->key_state_free != NULL)
-            self->key_state_free (state);
-        }
+      if (!keep_state && mailbox->has_state && kd_key_table_is_empty (self->keys, mailbox))
+        free_key_state (self, mailbox);
 
       /* Reap or take more in one locked step, and only then release the
        * last job's unit: once wait() returns, its keys have left the table
        * and their states are freed (unless idle). A reaped or rescheduled
        * mailbox is not ours to touch any more. */
       n = kd_key_table_next (self->keys, mailbox, jobs, MAILBOX_BUDGET - ran, keep_state,
-                             &reaped, &idle_generation);
+                             &reaped, &evicted, &evicted_state);
       if (keep_state && reaped)
-        expire_later (self, kd_worker_get_scheduler (worker), mailbox, idle_generation);
-      else if (keep_state)
-        kd_mailbox_unref (mailbox);
+        arm_idle_sweep (self, kd_worker_get_scheduler (worker));
+      if (G_UNLIKELY (evicted != NULL))
+        {
+          if (self->key_state_free != NULL)
+            self->key_state_free (evicted_state);
+          kd_key_table_expire_end (self->keys, evicted);
+        }
       release_job (self, worker, last_epoch);
 
       if (reaped)
@@ -1074,6 +1142,7 @@ ensure_started (KdDispatcher  *self,
     {
       if (self->context != NULL)
         ensure_delivery_locked (self);
+      kd_key_table_set_max_idle (self->keys, self->max_idle_keys);
       self->starting = TRUE;
 
       /* Not under the lock: the inits (and finalizes, if one failed) are
@@ -1443,9 +1512,10 @@ notify_counters (GObject *object)
 {
   KdDispatcher *self = KD_DISPATCHER (object);
   guint waiting = (guint) __atomic_load_n (&self->n_waiting, __ATOMIC_RELAXED);
+  guint idle_keys = kd_key_table_count_idle (self->keys);
   static const guint counters[] = {
     PROP_SUBMITTED, PROP_COMPLETED, PROP_FAILED, PROP_CANCELLED, PROP_REJECTED,
-    PROP_PENDING, PROP_RUNNING, PROP_LIVE_KEYS, PROP_WAITING,
+    PROP_PENDING, PROP_RUNNING, PROP_LIVE_KEYS, PROP_WAITING, PROP_IDLE_KEYS,
   };
   gboolean changed[G_N_ELEMENTS (counters)];
   gboolean any = FALSE;
@@ -1462,8 +1532,10 @@ notify_counters (GObject *object)
   changed[6] = now.running != self->notified.running;
   changed[7] = now.live_keys != self->notified.live_keys;
   changed[8] = waiting != self->notified_waiting;
+  changed[9] = idle_keys != self->notified_idle_keys;
   self->notified = now;
   self->notified_waiting = waiting;
+  self->notified_idle_keys = idle_keys;
 
   g_object_freeze_notify (object);
   for (i = 0; i < G_N_ELEMENTS (counters); i++)
@@ -1526,6 +1598,12 @@ kd_dispatcher_get_property (GObject    *object,
     case PROP_MAIN_CONTEXT:
       g_value_set_boxed (value, self->context);
       break;
+    case PROP_MAX_IDLE_KEYS:
+      g_value_set_uint (value, self->max_idle_keys);
+      break;
+    case PROP_MAX_WAITING:
+      g_value_set_uint (value, get_max_waiting (self));
+      break;
     case PROP_SUBMITTED:
       g_value_set_uint64 (value, stats.submitted);
       break;
@@ -1552,6 +1630,9 @@ kd_dispatcher_get_property (GObject    *object,
       break;
     case PROP_WAITING:
       g_value_set_uint (value, (guint) __atomic_load_n (&self->n_waiting, __ATOMIC_RELAXED));
+      break;
+    case PROP_IDLE_KEYS:
+      g_value_set_uint (value, kd_key_table_count_idle (self->keys));
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -1587,6 +1668,12 @@ kd_dispatcher_set_property (GObject      *object,
       break;
     case PROP_MAIN_CONTEXT:
       kd_dispatcher_set_main_context (self, g_value_get_boxed (value));
+      break;
+    case PROP_MAX_IDLE_KEYS:
+      kd_dispatcher_set_max_idle_keys (self, g_value_get_uint (value));
+      break;
+    case PROP_MAX_WAITING:
+      kd_dispatcher_set_max_waiting (self, g_value_get_uint (value));
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -1766,6 +1853,39 @@ kd_dispatcher_class_init (KdDispatcherClass *klass)
    */
   properties[PROP_WAITING] = g_param_spec_uint ("waiting", NULL, NULL, 0, G_MAXUINT, 0, counter);
 
+  /**
+   * KdDispatcher:max-idle-keys:
+   *
+   * The most keys that keep their state while idle (see
+   * kd_dispatcher_set_max_idle_keys()). Writable until the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_MAX_IDLE_KEYS] =
+    g_param_spec_uint ("max-idle-keys", NULL, NULL, 1, G_MAXINT32, DEFAULT_MAX_IDLE_KEYS, config);
+
+  /**
+   * KdDispatcher:max-waiting:
+   *
+   * The most async submissions that may wait for room (see
+   * kd_dispatcher_set_max_waiting()); the capacity unless set. Writable
+   * until the first submit.
+   *
+   * Since: 0.1
+   */
+  properties[PROP_MAX_WAITING] =
+    g_param_spec_uint ("max-waiting", NULL, NULL, 1, G_MAXINT32, DEFAULT_CAPACITY, config);
+
+  /**
+   * KdDispatcher:idle-keys:
+   *
+   * Keys with no work that keep their state for the idle time (see
+   * kd_dispatcher_set_key_idle_time()).
+   *
+   * Since: 0.1
+   */
+  properties[PROP_IDLE_KEYS] = g_param_spec_uint ("idle-keys", NULL, NULL, 0, G_MAXUINT, 0, counter);
+
   g_object_class_install_properties (object_class, N_PROPS, properties);
 }
 
@@ -1774,6 +1894,7 @@ kd_dispatcher_init (KdDispatcher *self)
 {
   self->fanout = 1;
   self->max_attempts = 1;
+  self->max_idle_keys = DEFAULT_MAX_IDLE_KEYS;
   self->failure_policy = KD_FAILURE_CONTINUE;
   g_mutex_init (&self->parked_lock);
   kd_key_map_init (&self->parked);
@@ -2021,7 +2142,9 @@ kd_dispatcher_set_done_func (KdDispatcher   *self,
  * a time), and @state_free frees it on the worker that ran the key's last
  * job, once the key has no job left (a parked key's, see %KD_FAILURE_PARK,
  * on the thread that resumes, drops or cancels it or drops the last
- * reference; an idle key's on the dispatcher's timer thread). @state_free
+ * reference; an idle key's on the dispatcher's timer thread, or on a worker
+ * when the bound on idle keys ends its idle time early, see
+ * kd_dispatcher_set_key_idle_time()). @state_free
  * must not wait for the dispatcher. A key has at most one state at a time:
  * the next job of a key whose state was freed gets a new one. Jobs that
  * never run (cancelled) make no state. Every state is freed before
@@ -2341,9 +2464,18 @@ kd_dispatcher_start (KdDispatcher  *self,
  * is still used by one job at a time, without locks.
  *
  * With an idle time, states outlive kd_dispatcher_wait() (an idle key is
- * not counted in live-keys); every one left is freed when the dispatcher
- * stops: when it is closed and its jobs ended, so before wait() returns on
- * a closed dispatcher and before the last unref returns.
+ * not counted in live-keys, but in #KdDispatcher:idle-keys); every one left
+ * is freed when the dispatcher stops (when it is closed and its jobs ended,
+ * so before wait() returns on a closed dispatcher and before the last unref
+ * returns) or is cancelled.
+ *
+ * However fast keys come and go, at most kd_dispatcher_set_max_idle_keys()
+ * of them keep their state at once: past that bound, the worker that makes
+ * one more key idle frees the state of the least recently idle key of its
+ * shard of the key table (keys spread evenly over 32 shards, so this is
+ * about the least recently idle key of all) before it goes on. The timer
+ * thread ends the idle spells that are due at a cost per key that does not
+ * depend on how many are idle.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
@@ -2361,6 +2493,53 @@ kd_dispatcher_set_key_idle_time (KdDispatcher *self,
     return;
 
   self->key_idle_us = idle_us;
+}
+
+/**
+ * kd_dispatcher_set_max_idle_keys:
+ * @self: a dispatcher
+ * @max_keys: the most keys that keep their state while idle, from 1 to
+ *   %G_MAXINT32
+ *
+ * Bounds the keys whose state outlives their last job for the idle time
+ * (kd_dispatcher_set_key_idle_time()): past the bound, the least recently
+ * idle state is freed early. The default is 65,536.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_max_idle_keys (KdDispatcher *self,
+                                 guint         max_keys)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (max_keys >= 1 && max_keys <= G_MAXINT32);
+
+  if (check_configurable (self, G_STRFUNC) && self->max_idle_keys != max_keys)
+    {
+      self->max_idle_keys = max_keys;
+      g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_MAX_IDLE_KEYS]);
+    }
+}
+
+/**
+ * kd_dispatcher_get_max_idle_keys:
+ * @self: a dispatcher
+ *
+ * Gets the bound on idle keys (see kd_dispatcher_set_max_idle_keys()).
+ *
+ * Returns: the most keys that keep their state while idle
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_max_idle_keys (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return self->max_idle_keys;
 }
 
 /**
@@ -2630,9 +2809,9 @@ kd_dispatcher_result_delivered (KdDispatcher     *self,
     }
 }
 
-/* A submission that was never accepted: its callback sees KD_ERROR_CLOSED
- * and the item is still the caller's. */
-/* @error: (transfer full) (nullable): why; NULL for closed. */
+/* A submission that was never accepted: its callback sees @error
+ * (transfer full; NULL for KD_ERROR_CLOSED) and the item is still the
+ * caller's. */
 static void
 refuse_result (KdDispatcher   *self,
                KdSubmitResult *result,
@@ -2708,6 +2887,56 @@ refuse_waiting (KdDispatcher *self)
 }
 
 /**
+ * kd_dispatcher_set_max_waiting:
+ * @self: a dispatcher
+ * @max_waiting: the most async submissions that may wait for room, from 1
+ *   to %G_MAXINT32
+ *
+ * Bounds the async submissions (kd_dispatcher_submit_async()) that wait
+ * for room while the dispatcher is at its bound. One more is refused: its
+ * callback, in a later iteration of the caller's context, gets
+ * %KD_ERROR_FULL, and its item is still the caller's. The default is the
+ * capacity (kd_dispatcher_set_capacity()).
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_max_waiting (KdDispatcher *self,
+                               guint         max_waiting)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (max_waiting >= 1 && max_waiting <= G_MAXINT32);
+
+  if (check_configurable (self, G_STRFUNC) && self->max_waiting != max_waiting)
+    {
+      self->max_waiting = max_waiting;
+      g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_MAX_WAITING]);
+    }
+}
+
+/**
+ * kd_dispatcher_get_max_waiting:
+ * @self: a dispatcher
+ *
+ * Gets the bound on async submissions waiting for room (see
+ * kd_dispatcher_set_max_waiting()).
+ *
+ * Returns: the most async submissions that may wait
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_max_waiting (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return get_max_waiting (self);
+}
+
+/**
  * kd_dispatcher_submit_async:
  * @self: a dispatcher
  * @key: (nullable): the job's key, or %NULL for an unkeyed job
@@ -2719,7 +2948,9 @@ refuse_waiting (KdDispatcher *self)
  *
  * Submits a job without ever blocking the calling thread. If the dispatcher
  * is at its bound, the submission waits, without a thread, and is accepted
- * when room frees, after the async submissions made before it.
+ * when room frees, after the async submissions made before it; if
+ * kd_dispatcher_get_max_waiting() submissions already wait, it is refused
+ * with %KD_ERROR_FULL (see kd_dispatcher_set_max_waiting()).
  *
  * @callback runs in the thread-default main context of the calling thread
  * (see g_main_context_push_thread_default()), in a later iteration, never
@@ -2735,7 +2966,10 @@ refuse_waiting (KdDispatcher *self)
  *
  * If the dispatcher is closed (or cancelled) before the submission was
  * accepted, it is refused with %KD_ERROR_CLOSED: no job was created and
- * @item is still the caller's.
+ * @item is still the caller's. A refusal comes through @callback too, in a
+ * later iteration: until then, like every call whose callback has not run,
+ * it holds a small record (not the item) and a reference to the
+ * dispatcher.
  *
  * Thread-safe.
  *
@@ -2793,11 +3027,20 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
         }
     }
 
-  /* Behind those who wait. Counted before looking for room again: a unit
-   * released meanwhile either is seen here or sees this submission (see
-   * release_unit()). */
+  /* Behind those who wait, if there is room among them. Counted before
+   * looking for room again: a unit released meanwhile either is seen here
+   * or sees this submission (see release_unit()). */
   kd_submit_result_keep_key (result, key);
   kd_mutex_lock (&self->async_lock);
+  if (self->waiting.length >= get_max_waiting (self))
+    {
+      kd_mutex_unlock (&self->async_lock);
+      refuse_result (self, result,
+                     g_error_new (KD_ERROR, KD_ERROR_FULL,
+                                  "%u async submissions already wait for room (see "
+                                  "kd_dispatcher_set_max_waiting())", get_max_waiting (self)));
+      return;
+    }
   kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
   __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
   admit_waiting_locked (self);

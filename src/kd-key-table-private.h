@@ -53,13 +53,19 @@ guint       kd_key_table_next  (KdKeyTable  *self,
                                 guint        max_jobs,
                                 gboolean     keep_state,
                                 gboolean    *reaped,
-                                guint       *idle_generation);
-gboolean    kd_key_table_expire_begin (KdKeyTable *self,
-                                       KdMailbox  *mailbox,
-                                       guint       idle_generation,
-                                       gpointer   *state);
+                                KdMailbox  **evicted,
+                                gpointer    *evicted_state);
+void        kd_key_table_set_max_idle (KdKeyTable *self,
+                                       guint       max_idle);
+guint       kd_key_table_take_expired (KdKeyTable *self,
+                                       gint64      reaped_before,
+                                       KdMailbox **mailboxes,
+                                       gpointer   *states,
+                                       guint       max);
+gint64      kd_key_table_oldest_idle  (KdKeyTable *self);
 void        kd_key_table_expire_end   (KdKeyTable *self,
                                        KdMailbox  *mailbox);
+guint       kd_key_table_count_idle   (KdKeyTable *self);
 void        kd_key_table_put_back (KdKeyTable  *self,
                                    KdMailbox   *mailbox,
                                    KdJob      **jobs,

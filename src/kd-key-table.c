@@ -37,22 +37,28 @@
  *    empty, or schedules it.
  *
  * With an idle time, a mailbox reaped with a key state keeps it: it goes
- * to the shard's idle list instead of the dormant one, is never evicted,
- * and the next job of its key finds the state. Each such reaping starts a
- * numbered idle period; kd_key_table_expire_begin() and _end() (the
- * dispatcher's timer, around freeing the state) end it, unless the mailbox
- * was revived since. A mailbox revived while its state is being freed
- * makes its runner wait for the free to end, so a key never has two
- * states at once.
+ * to the shard's idle list instead of the dormant one, stamped with the
+ * time, and the next job of its key finds the state. The idle list is in
+ * reaping order, and every key of a dispatcher waits the same idle time,
+ * so its oldest mailbox is the first due: the dispatcher's timer ends the
+ * idle spells that are due from the heads of the lists
+ * (kd_key_table_take_expired(), then kd_key_table_expire_end() once it
+ * freed each state), at a cost per key that does not depend on how many
+ * are idle. Idle keys are bounded too: past @max_idle (over the whole
+ * table), the runner that makes one more key idle ends the oldest idle
+ * spell of its shard at once and frees that state itself, so however fast
+ * keys churn, the idle states never outnumber the bound and the timer never
+ * falls behind by more. An idle spell being ended is in neither list; if
+ * a producer revives the mailbox meanwhile, its runner waits in
+ * kd_key_table_pop() for the free to end, so a key never has two states at
+ * once.
  *
  * Reaping a mailbox ends its life as the key's actor at once: it holds no
  * job, is no longer counted, and the next job of its key makes it active
  * again as if new. But it stays in the map, dormant, for that next
  * job: a key that comes and goes (a client sending one message at a time)
  * would otherwise cost an insert and a remove per job, and a mailbox set up
- * afresh (with the GHashTable the table used before, which rehashes a small
- * table to clear its tombstones every few such pairs, that was 41 % of the
- * keyed path's instructions and an allocation per two jobs). Each shard keeps at most DORMANT_MAX dormant
+ * afresh. Each shard keeps at most DORMANT_MAX dormant
  * mailboxes, evicting the oldest, so memory still follows the keys with
  * work, not the keys ever seen. An evicted mailbox goes to the shard's
  * spares (at most SPARES_MAX) for the next new key, or back to malloc; if a
@@ -91,6 +97,10 @@ typedef struct
 struct _KdKeyTable
 {
   Shard shards[N_SHARDS];
+
+  /* Idle mailboxes of all shards, and their bound: set before use */
+  guint max_idle;
+  gint  n_idle __attribute__ ((aligned (64)));   /* atomic, changed under a shard lock */
 };
 
 static inline Shard *
@@ -106,6 +116,7 @@ kd_key_table_new (void)
   KdKeyTable *self = g_aligned_alloc0 (1, sizeof (KdKeyTable), G_ALIGNOF (KdKeyTable));
   guint i;
 
+  self->max_idle = G_MAXUINT;
   for (i = 0; i < N_SHARDS; i++)
     {
       g_mutex_init (&self->shards[i].lock);
@@ -126,13 +137,24 @@ link_dormant_locked (Shard     *shard,
   kd_lru_push_newest (&shard->dormant, &mailbox->dormant_link);
 }
 
+/* Revives a dormant mailbox: out of its list (none while its idle state
+ * is being freed). */
 static void
-unlink_dormant_locked (Shard     *shard,
-                       KdMailbox *mailbox)
+unlink_dormant_locked (KdKeyTable *self,
+                       Shard      *shard,
+                       KdMailbox  *mailbox)
 {
   mailbox->dormant = FALSE;
-  kd_lru_remove (mailbox->idle ? &shard->idle : &shard->dormant, &mailbox->dormant_link);
-  mailbox->idle = FALSE;
+  if (mailbox->idle)
+    {
+      kd_lru_remove (&shard->idle, &mailbox->dormant_link);
+      mailbox->idle = FALSE;
+      __atomic_sub_fetch (&self->n_idle, 1, __ATOMIC_RELAXED);
+    }
+  else if (!mailbox->expiring)
+    {
+      kd_lru_remove (&shard->dormant, &mailbox->dormant_link);
+    }
 }
 
 /* Takes the oldest dormant mailbox out of the table; returns it if the
@@ -142,7 +164,8 @@ evict_oldest_locked (Shard *shard)
 {
   KdMailbox *mailbox = KD_LRU_ENTRY (shard->dormant.oldest, KdMailbox, dormant_link);
 
-  unlink_dormant_locked (shard, mailbox);
+  mailbox->dormant = FALSE;
+  kd_lru_remove (&shard->dormant, &mailbox->dormant_link);
   kd_key_map_remove (&shard->map, &mailbox->key);
 
   /* The table's reference; a delivery may still hold one. */
@@ -207,7 +230,8 @@ kd_key_table_free (KdKeyTable *self)
  * job->mailbox), making the mailbox active if the key had no work. Returns
  * the mailbox if it became active, for the caller to schedule. */
 static inline KdMailbox *
-push_locked (Shard       *shard,
+push_locked (KdKeyTable  *self,
+             Shard       *shard,
              const KdKey *key,
              KdJob       *job)
 {
@@ -232,7 +256,7 @@ push_locked (Shard       *shard,
     }
   else if (mailbox->dormant)
     {
-      unlink_dormant_locked (shard, mailbox);
+      unlink_dormant_locked (self, shard, mailbox);
       activated = TRUE;
     }
   if (activated)
@@ -260,7 +284,7 @@ kd_key_table_push (KdKeyTable *self,
   shard = shard_of (self, key.hash);
 
   kd_mutex_lock (&shard->lock);
-  activated = push_locked (shard, &key, job);
+  activated = push_locked (self, shard, &key, job);
   if (G_UNLIKELY (count))
     __atomic_add_fetch (&job->mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
   kd_mutex_unlock (&shard->lock);
@@ -366,7 +390,7 @@ kd_key_table_push_bounded (KdKeyTable        *self,
       return FALSE;
     }
   __atomic_fetch_add (submitted, 1, __ATOMIC_RELAXED);
-  *activated_out = push_locked (shard, &key, job);
+  *activated_out = push_locked (self, shard, &key, job);
   __atomic_add_fetch (&job->mailbox->n_jobs, 1, __ATOMIC_SEQ_CST);
   kd_mutex_unlock (&shard->lock);
 
@@ -459,31 +483,60 @@ reap_locked (Shard     *shard,
   return shard->dormant.length > DORMANT_MAX ? evict_oldest_locked (shard) : NULL;
 }
 
-/* Makes an empty active mailbox idle: dormant with its key state, never
- * evicted until the state expired. Returns its new idle generation. */
-static guint
-reap_idle_locked (Shard     *shard,
-                  KdMailbox *mailbox)
+/* With the shard lock held: takes the oldest idle mailbox of @shard out
+ * of its list to end its idle spell, handing out its state for the caller
+ * to free before kd_key_table_expire_end(). */
+static KdMailbox *
+take_oldest_idle_locked (KdKeyTable *self,
+                         Shard      *shard,
+                         gpointer   *state)
+{
+  KdMailbox *mailbox = KD_LRU_ENTRY (shard->idle.oldest, KdMailbox, dormant_link);
+
+  kd_lru_remove (&shard->idle, &mailbox->dormant_link);
+  mailbox->idle = FALSE;
+  mailbox->expiring = TRUE;
+  __atomic_sub_fetch (&self->n_idle, 1, __ATOMIC_RELAXED);
+  *state = mailbox->state;
+
+  return mailbox;
+}
+
+/* Makes an empty active mailbox idle: dormant with its key state, newest
+ * in its shard's idle list. Past the table's bound, ends the oldest idle
+ * spell of the shard at once, returning that mailbox for the caller to
+ * free its state (*@state) and call kd_key_table_expire_end(). */
+static KdMailbox *
+reap_idle_locked (KdKeyTable *self,
+                  Shard      *shard,
+                  KdMailbox  *mailbox,
+                  gpointer   *state)
 {
   __atomic_store_n (&shard->count, shard->count - 1, __ATOMIC_RELEASE);
   mailbox->dormant = TRUE;
   mailbox->idle = TRUE;
+  mailbox->idle_since = g_get_monotonic_time ();
   kd_lru_push_newest (&shard->idle, &mailbox->dormant_link);
 
-  return ++mailbox->idle_generation;
+  if ((guint) __atomic_add_fetch (&self->n_idle, 1, __ATOMIC_SEQ_CST) > self->max_idle)
+    return take_oldest_idle_locked (self, shard, state);
+  return NULL;
 }
 
 /*
  * kd_key_table_next:
  * @reaped: (out): set if the mailbox ran empty and was reaped
+ * @evicted: (out): with @keep_state, a mailbox whose idle state the
+ *   reaping ended early (the table's bound on idle keys), or NULL
+ * @evicted_state: (out): that mailbox's state, for the caller to free
+ *   before kd_key_table_expire_end() (@evicted)
  *
  * By the mailbox's runner after a batch: reaps the mailbox if it ran empty,
  * or takes up to @max_jobs more of its jobs. Returns how many; 0 with
  * *reaped unset means the mailbox still has work the runner did not take
  * (@max_jobs was 0), and the runner must schedule it again. Either way the
  * runner must not touch a reaped mailbox again. With @keep_state, a reaped
- * mailbox keeps its key state, idle, and *idle_generation tells which
- * idle period kd_key_table_expire() must end.
+ * mailbox keeps its key state, idle.
  */
 guint
 kd_key_table_next (KdKeyTable  *self,
@@ -492,16 +545,18 @@ kd_key_table_next (KdKeyTable  *self,
                    guint        max_jobs,
                    gboolean     keep_state,
                    gboolean    *reaped,
-                   guint       *idle_generation)
+                   KdMailbox  **evicted,
+                   gpointer    *evicted_state)
 {
   Shard *shard = shard_of (self, mailbox->key.hash);
   KdMailbox *to_free = NULL;
   guint n = 0;
 
+  *evicted = NULL;
   kd_mutex_lock (&shard->lock);
   *reaped = kd_mailbox_is_empty_locked (mailbox);
   if (*reaped && keep_state)
-    *idle_generation = reap_idle_locked (shard, mailbox);
+    *evicted = reap_idle_locked (self, shard, mailbox, evicted_state);
   else if (*reaped)
     to_free = reap_locked (shard, mailbox);
   else
@@ -590,40 +645,69 @@ kd_key_table_unpark (KdKeyTable *self,
 }
 
 /*
- * kd_key_table_expire_begin:
- * @state: (out): the key state to free
+ * kd_key_table_take_expired:
+ * @reaped_before: the idle spells of mailboxes reaped before this time
+ *   (g_get_monotonic_time()) are due; G_MAXINT64 for all of them
+ * @mailboxes: (out caller-allocates): where to put the mailboxes
+ * @states: (out caller-allocates): their key states
+ * @max: room in @mailboxes and @states
  *
- * Begins to end the idle spell @idle_generation of @mailbox, if it still
- * lasts (the mailbox was not revived meanwhile): hands out its key state,
- * for the caller to free, and marks the mailbox expiring until
- * kd_key_table_expire_end(). A producer may revive it meanwhile, but its
- * runner waits in kd_key_table_pop() until the state is gone: a key never
- * has two states at once. TRUE if a state was handed out.
+ * Ends due idle spells, oldest first in each shard: takes the mailboxes out
+ * of their idle lists and hands out their states, which the caller frees
+ * before kd_key_table_expire_end() for each. Returns how many; fewer than
+ * @max once no more is due.
  */
-gboolean
-kd_key_table_expire_begin (KdKeyTable *self,
-                           KdMailbox  *mailbox,
-                           guint       idle_generation,
-                           gpointer   *state)
+guint
+kd_key_table_take_expired (KdKeyTable *self,
+                           gint64      reaped_before,
+                           KdMailbox **mailboxes,
+                           gpointer   *states,
+                           guint       max)
 {
-  Shard *shard = shard_of (self, mailbox->key.hash);
-  gboolean expiring;
+  guint n = 0;
+  guint i;
 
-  kd_mutex_lock (&shard->lock);
-  expiring = mailbox->idle && mailbox->idle_generation == idle_generation;
-  if (expiring)
+  for (i = 0; i < N_SHARDS && n < max; i++)
     {
-      *state = mailbox->state;
-      mailbox->expiring = TRUE;
-    }
-  kd_mutex_unlock (&shard->lock);
+      Shard *shard = &self->shards[i];
 
-  return expiring;
+      kd_mutex_lock (&shard->lock);
+      while (n < max && shard->idle.length > 0 &&
+             KD_LRU_ENTRY (shard->idle.oldest, KdMailbox, dormant_link)->idle_since < reaped_before)
+        {
+          mailboxes[n] = take_oldest_idle_locked (self, shard, &states[n]);
+          n++;
+        }
+      kd_mutex_unlock (&shard->lock);
+    }
+
+  return n;
 }
 
-/* Once the state kd_key_table_expire_begin() handed out was freed: the
- * mailbox has no state; if it is still idle, it becomes an ordinary
- * dormant one, and if it was revived meanwhile, its runner may go on. */
+/* When the oldest idle mailbox was reaped, or G_MAXINT64 if none is idle. */
+gint64
+kd_key_table_oldest_idle (KdKeyTable *self)
+{
+  gint64 oldest = G_MAXINT64;
+  guint i;
+
+  for (i = 0; i < N_SHARDS; i++)
+    {
+      Shard *shard = &self->shards[i];
+
+      kd_mutex_lock (&shard->lock);
+      if (shard->idle.length > 0)
+        oldest = MIN (oldest, KD_LRU_ENTRY (shard->idle.oldest, KdMailbox, dormant_link)->idle_since);
+      kd_mutex_unlock (&shard->lock);
+    }
+
+  return oldest;
+}
+
+/* Once the state of an idle spell taken out (kd_key_table_take_expired(),
+ * or an eviction by kd_key_table_next()) was freed: the mailbox has no
+ * state; if it is still dormant, it becomes an ordinary dormant one, and if
+ * it was revived meanwhile, its runner may go on. */
 void
 kd_key_table_expire_end (KdKeyTable *self,
                          KdMailbox  *mailbox)
@@ -635,10 +719,8 @@ kd_key_table_expire_end (KdKeyTable *self,
   mailbox->state = NULL;
   mailbox->has_state = FALSE;
   mailbox->expiring = FALSE;
-  if (mailbox->idle)
+  if (mailbox->dormant)
     {
-      kd_lru_remove (&shard->idle, &mailbox->dormant_link);
-      mailbox->idle = FALSE;
       link_dormant_locked (shard, mailbox);
       if (shard->dormant.length > DORMANT_MAX)
         to_free = evict_oldest_locked (shard);
@@ -648,6 +730,21 @@ kd_key_table_expire_end (KdKeyTable *self,
 
   if (to_free != NULL)
     kd_mailbox_free (to_free);
+}
+
+/* Bounds the idle mailboxes of the whole table; before it is used. */
+void
+kd_key_table_set_max_idle (KdKeyTable *self,
+                           guint       max_idle)
+{
+  self->max_idle = max_idle;
+}
+
+/* The idle mailboxes (keys keeping their state with no work); thread-safe. */
+guint
+kd_key_table_count_idle (KdKeyTable *self)
+{
+  return (guint) __atomic_load_n (&self->n_idle, __ATOMIC_RELAXED);
 }
 
 /* By the mailbox's runner: whether the mailbox has no job left right now

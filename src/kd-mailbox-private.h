@@ -41,8 +41,9 @@ struct _KdMailbox
   gboolean   dormant;  /* reaped, but kept in the table for reuse */
   gboolean   idle;     /* dormant with its key state kept (in the shard's
                         * idle list rather than its dormant list) */
-  guint      idle_generation;  /* counts the reapings that kept the state */
-  gboolean   expiring; /* its idle state is being freed: its runner waits */
+  gint64     idle_since;  /* idle: when it was reaped */
+  gboolean   expiring; /* its idle state is being freed (it is in neither
+                        * list meanwhile): its runner waits */
   KdLruLink  dormant_link;  /* in the shard's dormant or idle list */
 
   /* The runner's only: the key's actor state, from the first job it ran

@@ -42,7 +42,7 @@ void         kd_scheduler_push       (KdScheduler *self,
 void         kd_scheduler_push_at    (KdScheduler *self,
                                       KdTask      *task,
                                       gint64       due_time);
-void         kd_scheduler_call_at    (KdScheduler *self,
+gboolean     kd_scheduler_call_at    (KdScheduler *self,
                                       gint64       due_time,
                                       KdTimerFunc  func,
                                       gpointer     owner,

@@ -664,8 +664,9 @@ push_due_task (gpointer owner,
 
 /* Any thread: calls @func (@owner, @data) on the timer's thread once
  * g_get_monotonic_time() reached @due_time, or at once after
- * kd_scheduler_hurry() or the shutdown. Not after the shutdown. */
-void
+ * kd_scheduler_hurry() or the shutdown. FALSE (and no call) after the
+ * shutdown, which only a call from the timer's thread can meet. */
+gboolean
 kd_scheduler_call_at (KdScheduler *self,
                       gint64       due_time,
                       KdTimerFunc  func,
@@ -680,7 +681,7 @@ kd_scheduler_call_at (KdScheduler *self,
 
   /* Made with the scheduler, by an owner that delays tasks. */
   g_assert (timer != NULL);
-  kd_timer_add (timer, due_time, func, owner, data);
+  return kd_timer_add (timer, due_time, func, owner, data);
 }
 
 /* Any thread: pushes @task once g_get_monotonic_time() reached @due_time,
@@ -691,7 +692,10 @@ kd_scheduler_push_at (KdScheduler *self,
                       KdTask      *task,
                       gint64       due_time)
 {
-  kd_scheduler_call_at (self, due_time, push_due_task, self, task);
+  /* A task pushed at a time is still pending, so the owner has not shut
+   * the scheduler down. */
+  if (!kd_scheduler_call_at (self, due_time, push_due_task, self, task))
+    g_assert_not_reached ();
 }
 
 /* Any thread, idempotent: every delayed task is due now, and every one

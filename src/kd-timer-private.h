@@ -18,7 +18,7 @@ typedef void (*KdTimerFunc) (gpointer owner,
 
 KdTimer *kd_timer_new    (const char  *thread_name,
                           GError     **error);
-void     kd_timer_add    (KdTimer     *self,
+gboolean kd_timer_add    (KdTimer     *self,
                           gint64       due_time,
                           KdTimerFunc  func,
                           gpointer     owner,
@@ -26,6 +26,7 @@ void     kd_timer_add    (KdTimer     *self,
 void     kd_timer_hurry  (KdTimer     *self);
 void     kd_timer_stop   (KdTimer     *self);
 gboolean kd_timer_runs_here (KdTimer  *self);
+guint    kd_timer_get_allocated (KdTimer *self);
 void     kd_timer_free   (KdTimer     *self);
 
 G_END_DECLS

@@ -5,10 +5,11 @@
  * DESIGN
  *
  * A job that failed and will be retried waits out its backoff here, not on
- * a worker, and so does the expiry of a key's idle state: the timer holds
- * calls (a function and its data: the scheduler's push of the job, or of
- * its key's mailbox with the job back at its head; the dispatcher's check
- * of an idle key) in a binary min-heap ordered by due time, and its one
+ * a worker, and so do the idle keys' states: the timer holds calls (a
+ * function and its data: the scheduler's push of the job, or of its key's
+ * mailbox with the job back at its head; the dispatcher's sweep of its
+ * idle keys, one call however many keys are idle) in a binary min-heap
+ * ordered by due time, and its one
  * thread sleeps until the earliest is due, then makes the call outside the
  * lock. Calls due at the same time are made in the order they came. The
  * heap gives memory back as it empties (it halves once a quarter full), so
@@ -196,8 +197,10 @@ kd_timer_new (const char  *thread_name,
 }
 
 /* Any thread: calls @func (@owner, @data) on the timer's thread once
- * g_get_monotonic_time() reached @due_time. */
-void
+ * g_get_monotonic_time() reached @due_time. FALSE (and no call) if the
+ * timer was stopped: only a call the owner makes from the timer's thread
+ * itself can come that late. */
+gboolean
 kd_timer_add (KdTimer     *self,
               gint64       due_time,
               KdTimerFunc  func,
@@ -207,7 +210,12 @@ kd_timer_add (KdTimer     *self,
   Entry entry;
 
   kd_mutex_lock (&self->lock);
-  g_assert (!self->stopping);
+  if (self->stopping)
+    {
+      g_assert (kd_timer_runs_here (self));
+      kd_mutex_unlock (&self->lock);
+      return FALSE;
+    }
   entry.due_time = due_time;
   entry.sequence = self->sequence++;
   entry.func = func;
@@ -218,6 +226,8 @@ kd_timer_add (KdTimer     *self,
   if (self->heap[0].sequence == entry.sequence)
     g_cond_signal (&self->cond);
   kd_mutex_unlock (&self->lock);
+
+  return TRUE;
 }
 
 /* Any thread, idempotent: every task is due now, and so is every task
@@ -239,6 +249,19 @@ kd_timer_stop (KdTimer *self)
   self->stopping = TRUE;
   g_cond_signal (&self->cond);
   kd_mutex_unlock (&self->lock);
+}
+
+/* For tests: the entries the heap has room for. */
+guint
+kd_timer_get_allocated (KdTimer *self)
+{
+  guint allocated;
+
+  kd_mutex_lock (&self->lock);
+  allocated = self->allocated;
+  kd_mutex_unlock (&self->lock);
+
+  return allocated;
 }
 
 /* Whether the calling thread is the timer's. */

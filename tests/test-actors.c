@@ -365,6 +365,74 @@ test_key_idle_revived (void)
   kd_test_hold_clear (&hold);
 }
 
+static void
+test_key_idle_bounded (void)
+{
+  Actors actors;
+  KdDispatcher *dispatcher = actors_dispatcher_new (&actors, 4, 256);
+  guint n_keys = kd_test_size (20000, 200000);
+  guint max_idle = 100, idle_keys = G_MAXUINT;
+  guint i;
+
+  g_test_summary ("Keys that churn faster than their idle time expires (an hour: never) keep at "
+                  "most max-idle-keys states: past the bound the least recently idle ones are "
+                  "freed early, once each; the others stay and are freed at the last unref");
+
+  kd_dispatcher_set_key_idle_time (dispatcher, 3600 * G_TIME_SPAN_SECOND);
+  kd_dispatcher_set_max_idle_keys (dispatcher, max_idle);
+  g_assert_cmpuint (kd_dispatcher_get_max_idle_keys (dispatcher), ==, max_idle);
+
+  for (i = 0; i < n_keys; i++)
+    {
+      submit_key (dispatcher, i, 2);
+      /* Never more states than the idle ones, plus one per worker and one
+       * per pending job (each may be between its reaping and the eviction
+       * it causes). */
+      if (i % 997 == 0)
+        g_assert_cmpint (g_atomic_int_get (&actors.created) - g_atomic_int_get (&actors.freed), <=,
+                         (gint) (max_idle + 4 + 256));
+    }
+  kd_dispatcher_wait (dispatcher);
+
+  g_object_get (dispatcher, "idle-keys", &idle_keys, NULL);
+  g_assert_cmpuint (idle_keys, ==, max_idle);
+  g_assert_cmpint (actors.created, ==, (gint) n_keys);
+  g_assert_cmpint (actors.created - actors.freed, ==, (gint) max_idle);
+  g_assert_cmpint (actors.two_alive, ==, 0);
+  g_assert_cmpint (actors.wrong_state, ==, 0);
+
+  g_object_unref (dispatcher);
+  g_assert_cmpint (actors.freed, ==, (gint) n_keys);
+  g_assert_cmpint (actors.jobs_seen, ==, (gint) n_keys);
+}
+
+static void
+test_key_idle_bounded_revived (void)
+{
+  Actors actors;
+  KdDispatcher *dispatcher = actors_dispatcher_new (&actors, 4, 64);
+  guint rounds = kd_test_size (50, 500);
+  guint r, k;
+
+  g_test_summary ("With more keys than max-idle-keys coming back in turn, a key's state is kept "
+                  "or freed early but never doubled, and every job sees its own key's state");
+
+  kd_dispatcher_set_key_idle_time (dispatcher, 3600 * G_TIME_SPAN_SECOND);
+  kd_dispatcher_set_max_idle_keys (dispatcher, 40);
+  for (r = 0; r < rounds; r++)
+    for (k = 0; k < 64; k++)
+      submit_key (dispatcher, k, 2);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpint (actors.two_alive, ==, 0);
+  g_assert_cmpint (actors.shared, ==, 0);
+  g_assert_cmpint (actors.wrong_state, ==, 0);
+  g_assert_cmpint (actors.created - actors.freed, <=, 40);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (actors.created, ==, actors.freed);
+  g_assert_cmpint (actors.jobs_seen, ==, (gint) (rounds * 64));
+}
+
 /* The last reference dropped by a state's free on the timer thread. */
 typedef struct
 {
@@ -1081,6 +1149,8 @@ main (int   argc,
   g_test_add_func ("/kd/actors/key-idle-expires", test_key_idle_expires);
   g_test_add_func ("/kd/actors/key-idle-revived", test_key_idle_revived);
   g_test_add_func ("/kd/actors/key-idle-last-unref", test_key_idle_last_unref);
+  g_test_add_func ("/kd/actors/key-idle-bounded", test_key_idle_bounded);
+  g_test_add_func ("/kd/actors/key-idle-bounded-revived", test_key_idle_bounded_revived);
   g_test_add_func ("/kd/actors/wait-from-timer", test_wait_from_timer);
   g_test_add_func ("/kd/actors/wait-from-shutdown", test_wait_from_shutdown);
   g_test_add_func ("/kd/actors/worker-init-uses-dispatcher", test_worker_init_uses_dispatcher);

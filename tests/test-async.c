@@ -20,6 +20,7 @@ typedef enum
   OUTCOME_FAILED,
   OUTCOME_CANCELLED,
   OUTCOME_CLOSED,
+  OUTCOME_FULL,
   OUTCOME_OTHER,
 } Outcome;
 
@@ -153,13 +154,15 @@ on_submitted (GObject      *source,
     call->outcome = OUTCOME_CANCELLED;
   else if (g_error_matches (error, KD_ERROR, KD_ERROR_CLOSED))
     call->outcome = OUTCOME_CLOSED;
+  else if (g_error_matches (error, KD_ERROR, KD_ERROR_FULL))
+    call->outcome = OUTCOME_FULL;
   else
     call->outcome = OUTCOME_OTHER;
   g_clear_error (&error);
 
   /* A key's callbacks in submission order (a refused one was never a job,
    * so it does not count). */
-  if (call->outcome != OUTCOME_CLOSED)
+  if (call->outcome != OUTCOME_CLOSED && call->outcome != OUTCOME_FULL)
     {
       if (run->next_seq[call->key] > call->seq)
         run->order_violations++;
@@ -182,6 +185,8 @@ run_init (Run   *run,
   memset (run, 0, sizeof *run);
   run->dispatcher = kd_dispatcher_new (n_workers, run_handler, run, NULL);
   kd_dispatcher_set_capacity (run->dispatcher, capacity);
+  /* Room for all of them to wait: the bound has a test of its own. */
+  kd_dispatcher_set_max_waiting (run->dispatcher, MAX (n_calls, 1));
   kd_dispatcher_set_item_free (run->dispatcher, call_free);
   kd_dispatcher_set_done_func (run->dispatcher, run_done, NULL, NULL);
   run->callback_thread = g_thread_self ();
@@ -280,7 +285,7 @@ run_check_items (Run *run)
   for (i = 0; i < run->n_calls; i++)
     {
       Call *call = &run->calls[i];
-      gint expected = call->outcome == OUTCOME_CLOSED ? 0 : 1;
+      gint expected = call->outcome == OUTCOME_CLOSED || call->outcome == OUTCOME_FULL ? 0 : 1;
 
       if (g_atomic_int_get (&call->freed) != expected)
         g_error ("call %u (outcome %d): item freed %d times", i, call->outcome,
@@ -608,6 +613,7 @@ test_thread_default_contexts (void)
                   "they share one dispatcher and its bound");
 
   kd_dispatcher_set_capacity (dispatcher, 8);
+  kd_dispatcher_set_max_waiting (dispatcher, n_threads * per_thread);
   kd_dispatcher_set_item_free (dispatcher, call_free);
   for (i = 0; i < n_threads; i++)
     {
@@ -769,6 +775,63 @@ test_bad_input (void)
   g_object_unref (dispatcher);
 }
 
+static guint called_target;
+
+static gboolean
+run_target_called (gpointer user_data)
+{
+  Run *run = user_data;
+
+  return run->n_called >= called_target;
+}
+
+static void
+test_waiting_bounded (void)
+{
+  GMainContext *context = g_main_context_new ();
+  guint n_calls = kd_test_size (2000, 200000);
+  guint capacity = 4, max_waiting = 8, waiting = 0, i;
+  KdStats stats;
+  Run run;
+
+  g_test_summary ("A flood of async submissions against a blocked dispatcher: the capacity's "
+                  "worth is accepted, max-waiting wait, every other one is refused at once with "
+                  "KD_ERROR_FULL through its callback (in a later iteration), its item still the "
+                  "caller's; once room frees, the waiting ones run in order");
+
+  g_main_context_push_thread_default (context);
+  run_init (&run, 1, capacity, n_calls, 3);
+  kd_dispatcher_set_max_waiting (run.dispatcher, max_waiting);
+  g_assert_cmpuint (kd_dispatcher_get_max_waiting (run.dispatcher), ==, max_waiting);
+  run.hold_first = TRUE;
+
+  run_submit (&run, 0, n_calls);
+  g_object_get (run.dispatcher, "waiting", &waiting, NULL);
+  g_assert_cmpuint (waiting, ==, max_waiting);
+  /* The refusals come at the next iterations, the others once room frees. */
+  g_assert_cmpuint (run.n_called, ==, 0);
+  called_target = n_calls - capacity - max_waiting;
+  g_assert_true (kd_test_iterate_until (context, run_target_called, &run));
+  g_assert_cmpuint (run_count (&run, OUTCOME_FULL), ==, n_calls - capacity - max_waiting);
+  for (i = 0; i < capacity + max_waiting; i++)
+    g_assert_cmpint (run.calls[i].outcome, ==, OUTCOME_NONE);
+
+  kd_test_gate_open (&run.hold);
+  g_assert_true (kd_test_iterate_until (context, run_all_called, &run));
+  g_assert_cmpuint (run_count (&run, OUTCOME_COMPLETED), ==, capacity + max_waiting);
+  g_assert_cmpuint (run.order_violations, ==, 0);
+  g_assert_cmpint (run.run_violations, ==, 0);
+  g_assert_cmpuint (run.sync_calls, ==, 0);
+  run_check_items (&run);
+
+  run_stats (&run, &stats);
+  g_assert_cmpuint (stats.submitted, ==, capacity + max_waiting);
+  g_assert_cmpuint (stats.rejected, ==, n_calls - capacity - max_waiting);
+  run_clear (&run);
+  g_main_context_pop_thread_default (context);
+  g_main_context_unref (context);
+}
+
 int
 main (int    argc,
       char **argv)
@@ -778,6 +841,7 @@ main (int    argc,
   g_test_add_func ("/kd/async/order", test_order);
   g_test_add_func ("/kd/async/errors", test_errors);
   g_test_add_func ("/kd/async/bound-fifo", test_bound_fifo);
+  g_test_add_func ("/kd/async/waiting-bounded", test_waiting_bounded);
   g_test_add_func ("/kd/async/cancel-per-call", test_cancel_per_call);
   g_test_add_func ("/kd/async/closed", test_closed);
   g_test_add_func ("/kd/async/dispatcher-cancelled", test_dispatcher_cancelled);

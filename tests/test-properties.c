@@ -346,6 +346,7 @@ test_waiting (void)
   kd_test_gate_init (&hold_gate);
   dispatcher = kd_dispatcher_new (1, hold_handler, &started, NULL);
   kd_dispatcher_set_capacity (dispatcher, 1);
+  g_object_set (dispatcher, "max-waiting", 4, NULL);
 
   for (i = 0; i < 5; i++)
     kd_dispatcher_submit_async (dispatcher, "k", NULL, NULL, count_callback, &n_called);

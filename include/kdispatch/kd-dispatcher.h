@@ -206,6 +206,16 @@ KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_key_idle_time (KdDispatcher  *self,
                                                gint64         idle_us);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_max_waiting  (KdDispatcher   *self,
+                                              guint           max_waiting);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_get_max_waiting  (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_max_idle_keys (KdDispatcher *self,
+                                               guint         max_keys);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_get_max_idle_keys (KdDispatcher *self);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
                                               KdWorkerInitFunc      init,
                                               KdWorkerFinalizeFunc  finalize,

@@ -99,6 +99,7 @@ def test_async():
 
     dispatcher = Kd.Dispatcher.new(2, handler)
     dispatcher.set_capacity(8)   # most submissions wait for room, without blocking
+    dispatcher.set_max_waiting(n_keys * per_key)
     for seq in range(per_key):
         for k in range(n_keys):
             dispatcher.submit_async('k%d' % k, k * per_key + seq, None, on_done,
