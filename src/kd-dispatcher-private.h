@@ -20,6 +20,11 @@ typedef struct
                        gpointer     item,
                        GError     **error,
                        gpointer     user_data);
+  /* a job queued with a ticket (an ordered stage's), on the worker about
+   * to start it, before anything else: it may take another item and
+   * ticket (and with them their unit's epoch) */
+  void     (*claim)   (KdJob       *job,
+                       gpointer     user_data);
   /* every job of the stage once it ended, ran or not, on the worker that
    * ended it, before its done callback and before its unit is released */
   void     (*ended)   (KdJob       *job,

@@ -1038,12 +1038,28 @@ run_task (KdTask   *task,
   else
     {
       KdJob *job = (KdJob *) task;
-      guint epoch = job->epoch;
+      guint epoch;
 
-      if (G_UNLIKELY (run_job (self, stats, job, NULL, 0) == JOB_RETRY))
-        kd_scheduler_push_at (kd_worker_get_scheduler (worker), task, retry_due_time (self, job));
-      else
-        release_job (self, worker, epoch);
+      if (G_UNLIKELY (job->ticket != NULL && job->attempt == 0))
+        self->stage_hooks.claim (job, self->stage_data);
+      epoch = job->epoch;
+
+      while (G_UNLIKELY (run_job (self, stats, job, NULL, 0) == JOB_RETRY))
+        {
+          KdScheduler *scheduler = kd_worker_get_scheduler (worker);
+
+          if (job->ticket == NULL)
+            {
+              kd_scheduler_push_at (scheduler, task, retry_due_time (self, job));
+              return;
+            }
+          /* An ordered stage's job waits for its retry here: the items of
+           * its key that entered after it may wait for it to end (their
+           * emits wait for room in the stage), so it must never wait for
+           * a worker (see kd-reorder.c). */
+          kd_scheduler_sleep_until (scheduler, retry_due_time (self, job));
+        }
+      release_job (self, worker, epoch);
     }
 }
 
@@ -2252,7 +2268,10 @@ kd_dispatcher_get_key_capacity (KdDispatcher *self)
  * so its order holds, while other keys run on. A waiting retry holds no
  * worker thread (a timer thread holds it), but it still counts as pending
  * against the bound and for kd_dispatcher_wait(). Unkeyed jobs are retried
- * the same way, each on its own.
+ * the same way, each on its own, but in a pipeline's %KD_STAGE_ORDERED
+ * stage, where a retry waits on its worker: the items of its key that
+ * entered after it may be waiting for it to end (see
+ * kd_pipeline_set_stage_mode()).
  *
  * Once the dispatcher is cancelled no job is retried: those waiting for a
  * retry end at once with %G_IO_ERROR_CANCELLED. A job whose handler passed

@@ -22,7 +22,9 @@ struct _KdJob
   char         *label;       /* a pipeline stage's job: its key (kd_label_new()),
                               * which a parallel or ordered stage's unkeyed job
                               * carries and a keyed stage's job passes on */
-  gpointer      ticket;      /* a pipeline's ordered stage: the job's place */
+  gpointer      ticket;      /* a pipeline's ordered stage: until the job starts,
+                              * its key's queue in the reorder (a KdOrderKey);
+                              * then the ticket of the item it runs */
   KdSubmitResult *result;    /* kd_dispatcher_submit_async()'s, until the job ended */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */

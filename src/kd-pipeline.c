@@ -12,10 +12,14 @@
  *
  * Backpressure: emitting is a blocking submit into the next stage, so a full
  * stage holds back the stage before it, and so on up to kd_pipeline_submit():
- * no queue grows without limit, and the items in flight are bounded by the
- * sum of the stage bounds. Emitting cannot deadlock: a stage's workers only
- * ever wait for stages after it, and the sink runs on the last stage's
- * worker.
+ * no queue grows without limit. What an ordered stage's item emits while an
+ * earlier item of its key still runs waits in the stage's reorder, where it
+ * counts against the stage's bound too, so the items in flight are at most
+ * the sum of the stage bounds, each ordered stage's counted twice (its
+ * items, and what they emitted that waits). Emitting cannot deadlock: a
+ * stage's workers only ever wait for stages after it, or, in an ordered
+ * stage, for an earlier item of their key, which runs (see kd-reorder.c),
+ * and the sink runs on the last stage's worker.
  *
  * Order: a KD_STAGE_KEYED stage is a keyed dispatcher (one job of a key at a
  * time, in order), so what it emits for a key leaves in order. A
@@ -23,7 +27,10 @@
  * job that still carries its key (kd_job_get_key() returns it). An ordered
  * stage adds a KdReorder: each item takes a ticket as it enters, and what it
  * emits is released downstream in ticket order, per key. So "parse in
- * parallel, then aggregate per client in order" is correct.
+ * parallel, then aggregate per client in order" is correct. An ordered
+ * stage's job is a place in the scheduler: it runs the oldest item of its
+ * key not yet started (stage_claim()), and a job that will be retried
+ * waits for it on its worker, so the earliest item of a key always runs.
  *
  * Shutdown: kd_pipeline_close() closes the first stage; when a closed stage
  * has drained, it closes the next one (the dispatcher's drained hook), so
@@ -166,7 +173,7 @@ enter_stage (Stage     *stage,
              gpointer   item,
              GError   **error)
 {
-  KdTicket *ticket = NULL;
+  KdOrderKey *order;
   guint epoch;
 
   /* Not only kd_pipeline_submit() feeds the stages: the application may
@@ -181,17 +188,20 @@ enter_stage (Stage     *stage,
 
   if (stage->mode == KD_STAGE_ORDERED)
     {
-      ticket = kd_reorder_enter (stage->reorder, key, error);
-      if (ticket == NULL)
+      /* The ticket holds the item; the job is only a place in the
+       * scheduler for the key, until it starts (see stage_claim()). */
+      order = kd_reorder_enter (stage->reorder, key, item, key, epoch, error);
+      if (order == NULL)
         {
           kd_dispatcher_unadmit (stage->dispatcher, epoch);
-          g_clear_pointer (&key, kd_label_unref);
           return FALSE;
         }
+      kd_dispatcher_push_admitted (stage->dispatcher, FALSE, NULL, NULL, order, epoch);
+      return TRUE;
     }
 
   kd_dispatcher_push_admitted (stage->dispatcher, stage->mode == KD_STAGE_KEYED,
-                               key, item, ticket, epoch);
+                               key, item, NULL, epoch);
   return TRUE;
 }
 
@@ -283,6 +293,19 @@ stage_emit (KdJob       *job,
   return taken;
 }
 
+/* An ordered stage's job starts with the oldest item of its key that no
+ * job took yet, so that a key's items start in the order they entered
+ * (kd-reorder.c says why that matters). */
+static void
+stage_claim (KdJob    *job,
+             gpointer  user_data)
+{
+  Stage *stage = user_data;
+
+  job->ticket = kd_reorder_claim (stage->reorder, job->ticket, &job->item, &job->label,
+                                  &job->epoch);
+}
+
 static void
 stage_ended (KdJob    *job,
              gpointer  user_data)
@@ -305,6 +328,7 @@ stage_drained (gpointer user_data)
 
 static const KdStageHooks stage_hooks = {
   .emit = stage_emit,
+  .claim = stage_claim,
   .ended = stage_ended,
   .drained = stage_drained,
 };
@@ -549,6 +573,16 @@ kd_pipeline_add_stage (KdPipeline     *self,
  *
  * Sets how a stage orders its items (see #KdStageMode). Before the first
  * submit.
+ *
+ * In a %KD_STAGE_ORDERED stage, what an item emits while an earlier item of
+ * its key still runs waits in the stage until that one ended, and counts
+ * against the stage's bound (kd_dispatcher_set_capacity()) with the items
+ * in the stage: once the bound is reached, kd_job_emit() waits for room
+ * (or fails with %KD_ERROR_CLOSED on cancellation, the item staying the
+ * handler's). This cannot wait for ever, whatever the number of workers:
+ * a key's items start in the order they entered, so the item waited for
+ * is running (an item that failed and will be retried waits for its retry
+ * on its worker, see kd_dispatcher_set_retry()).
  *
  * Since: 0.1
  */

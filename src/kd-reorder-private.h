@@ -11,6 +11,7 @@ G_BEGIN_DECLS
 
 typedef struct _KdReorder KdReorder;
 typedef struct _KdTicket  KdTicket;
+typedef struct _KdOrderKey KdOrderKey;
 
 /* Passes @item (transfer full on TRUE) on downstream; may block. On FALSE
  * the item is still the caller's. @key is borrowed. */
@@ -25,15 +26,23 @@ typedef void     (*KdReorderDropFunc) (const char   *key,
                                        const GError *error,
                                        gpointer      user_data);
 
-KdReorder *kd_reorder_new   (guint              max_tickets,
+KdReorder *kd_reorder_new   (guint              room,
                              KdReorderPassFunc  pass,
                              KdReorderDropFunc  drop,
                              gpointer           user_data);
 void       kd_reorder_free  (KdReorder         *self);
 void       kd_reorder_close (KdReorder         *self);
-KdTicket  *kd_reorder_enter (KdReorder         *self,
+KdOrderKey *kd_reorder_enter (KdReorder       *self,
                              const char        *key,
+                             gpointer           item,
+                             char              *label,
+                             guint              epoch,
                              GError           **error);
+KdTicket  *kd_reorder_claim (KdReorder         *self,
+                             KdOrderKey        *order,
+                             gpointer          *item,
+                             char             **label,
+                             guint             *epoch);
 gboolean   kd_reorder_emit  (KdReorder         *self,
                              KdTicket          *ticket,
                              char              *key,

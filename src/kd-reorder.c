@@ -19,18 +19,30 @@
  *    running, after passing on what that one buffered so far. A ticket goes
  *    back only once everything it emitted has been passed on.
  *
+ * A key's items start in ticket order. The ticket holds the item until a
+ * job of the stage starts: the stage's jobs are only places in the
+ * scheduler, and a job that starts runs the oldest item of its key not yet
+ * claimed (kd_reorder_claim()), whatever ticket it was queued with. So when
+ * an item runs, every item of its key that entered before it has started,
+ * and the head of its key is running (or ended, and being flushed): an
+ * item that waits in kd_reorder_emit() always waits for one that runs.
+ *
  * Only one thread passes on a key's items at a time (@flushing), so they
  * leave in order; the others only buffer or mark their ticket ended, and
  * the flushing thread looks again before it stops. The pass function may
  * block (the next stage is full): no lock is held while it runs.
  *
- * Memory stays bounded: at most @max_tickets tickets are out at once, and
- * kd_reorder_enter() blocks past that, which is backpressure on whoever
- * feeds the stage. The pipeline takes a ticket only for an item the stage
- * already admitted, so the head ticket's item is always queued or running:
- * tickets go back as items end, and waiting for one cannot deadlock. Closing
- * the reorder (on cancellation) makes kd_reorder_enter() fail instead of
- * blocking.
+ * Memory stays bounded: the tickets out and the items buffered count
+ * together against @room (the stage's bound), and both
+ * kd_reorder_enter() and a kd_reorder_emit() that must buffer block past it:
+ * backpressure on whoever feeds the stage, and on an item that emits much
+ * behind a slow head. Waiting for room cannot deadlock, whatever the number
+ * of workers: room comes back as heads end and their followers are flushed,
+ * heads always run (see above; the stage makes a head that will be retried
+ * wait on its worker, not in the timer), and a thread passing items on
+ * (the head, or a flush) never waits for room here, only for the next
+ * stage, which does not wait for this one. Closing the reorder (on
+ * cancellation) makes both fail instead of blocking.
  *
  * If passing an item on fails (the pipeline was cancelled meanwhile), the
  * drop function hands it back, so every emitted item ends exactly once.
@@ -38,12 +50,12 @@
  * Threads: the keys are split into N_SHARDS shards by the high bits of
  * their hash, each with its own lock over its keys' FIFOs, so the threads
  * that feed the stage and the stage's workers rarely meet on a lock. The
- * ticket count is one atomic counter; only a thread that finds it at the
+ * room taken is one atomic counter; only a thread that finds it at the
  * bound takes @room_lock and sleeps. A wake is a system call, and a feeder
  * faster than the stage would otherwise be woken for every ticket that
- * goes back, to take one more and sleep again: returned tickets wake the
- * sleepers only once @wake_below tickets are out, so each wake lets them
- * enter @max_tickets / 16 items. The count may never fall that far (the
+ * goes back, to take one more and sleep again: room given back wakes the
+ * sleepers only once no more than @wake_below is taken, so each wake lets
+ * them take @room / 16. The count may never fall that far (the
  * running handlers may wait for the sleeping feeder), so a sleeper also
  * looks for room by itself, as a dispatcher's blocked submitter does
  * (KD_ROOM_RECHECK_MIN_US, doubling up to KD_ROOM_RECHECK_MAX_US).
@@ -84,7 +96,7 @@ struct _Emitted
   gpointer item;
 };
 
-typedef struct _OrderKey OrderKey;
+typedef struct _KdOrderKey OrderKey;
 typedef struct _Shard    Shard;
 
 struct _KdTicket
@@ -92,17 +104,29 @@ struct _KdTicket
   OrderKey *order;
   KdTicket *next;      /* the next ticket of the key, or the next spare */
   gboolean  ended;
-  Emitted  *first;     /* buffered, in emit order */
+  Emitted  *first;     /* buffered, in emit order; each holds room */
   Emitted  *last;
+
+  /* Its item waits for room in kd_reorder_emit() (under the shard lock),
+   * and may stop waiting, as its turn came (atomic) */
+  gboolean  waiting;
+  gint      turn;
+
+  /* The item, until a job claims it (kd_reorder_claim()) */
+  gboolean  claimed;
+  gpointer  item;
+  char     *label;     /* a kd_label_new() label, or NULL */
+  guint     epoch;     /* of the stage's admission unit it holds */
 };
 
 /* A key's FIFO of tickets. Protected by its shard's lock. */
-struct _OrderKey
+struct _KdOrderKey
 {
   KdKey     key;       /* key.string: a kd_label_new() label, or NULL for unkeyed items */
   Shard    *shard;
   KdTicket *head;
   KdTicket *tail;
+  KdTicket *unclaimed; /* the oldest ticket whose item no job claimed yet */
   gboolean  flushing;  /* a thread is passing this key's items on */
   gboolean  dormant;   /* idle, kept in the table for the key's next item */
   KdLruLink dormant_link;  /* in the shard's dormant list */
@@ -129,12 +153,12 @@ struct _KdReorder
   KdReorderPassFunc pass;
   KdReorderDropFunc drop;
   gpointer          user_data;
-  guint             max_tickets;
+  guint             room;          /* tickets out and items buffered, together */
   guint             dormant_max;   /* per shard */
-  guint             wake_below;    /* returned tickets wake sleepers from this count down */
+  guint             wake_below;    /* room given back wakes sleepers from this count down */
 
   /* Atomic */
-  gint              n_tickets;
+  gint              taken;         /* of @room */
   gint              sleepers;      /* someone sleeps in kd_reorder_enter(), or is about to */
   gint              closed;
 
@@ -183,7 +207,7 @@ forget_oldest_locked (Shard *shard)
 }
 
 KdReorder *
-kd_reorder_new (guint             max_tickets,
+kd_reorder_new (guint             room,
                 KdReorderPassFunc pass,
                 KdReorderDropFunc drop,
                 gpointer          user_data)
@@ -194,9 +218,9 @@ kd_reorder_new (guint             max_tickets,
   self->pass = pass;
   self->drop = drop;
   self->user_data = user_data;
-  self->max_tickets = MAX (max_tickets, 1);
-  self->dormant_max = MAX (self->max_tickets / (N_SHARDS / 2), 8);
-  self->wake_below = self->max_tickets - MAX (self->max_tickets / 16, 1);
+  self->room = MAX (room, 1);
+  self->dormant_max = MAX (self->room / (N_SHARDS / 2), 8);
+  self->wake_below = self->room - MAX (self->room / 16, 1);
   g_mutex_init (&self->room_lock);
   g_cond_init (&self->room_cond);
   g_cond_init (&self->sleepers_cond);
@@ -216,7 +240,7 @@ kd_reorder_free (KdReorder *self)
 {
   guint i;
 
-  g_assert (self->n_tickets == 0);
+  g_assert (self->taken == 0);
 
   for (i = 0; i < N_SHARDS; i++)
     {
@@ -260,28 +284,41 @@ kd_reorder_close (KdReorder *self)
   kd_mutex_unlock (&self->room_lock);
 }
 
-/* Counts a ticket out; blocks while @max_tickets are. FALSE once closed. */
-static gboolean
-take_ticket (KdReorder *self)
+typedef enum
 {
-  gint n = __atomic_load_n (&self->n_tickets, __ATOMIC_RELAXED);
+  ROOM_TAKEN,
+  ROOM_TURN,     /* no room taken: the waiting ticket may pass its items on */
+  ROOM_CLOSED,
+} RoomResult;
+
+/* Takes room for a ticket or a buffered item; blocks while there is none
+ * (@room taken). With @waiting, also returns (taking nothing) once that
+ * ticket's turn came: it is its key's head and nobody flushes the key. */
+static RoomResult
+take_room (KdReorder *self,
+           KdTicket  *waiting)
+{
+  gint n = __atomic_load_n (&self->taken, __ATOMIC_RELAXED);
   gint64 recheck_us;
 
   for (;;)
     {
       if (__atomic_load_n (&self->closed, __ATOMIC_ACQUIRE))
-        return FALSE;
+        return ROOM_CLOSED;
 
-      if ((guint) n < self->max_tickets)
+      if ((guint) n < self->room)
         {
-          if (__atomic_compare_exchange_n (&self->n_tickets, &n, n + 1, TRUE,
+          if (__atomic_compare_exchange_n (&self->taken, &n, n + 1, TRUE,
                                            __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-            return TRUE;
+            return ROOM_TAKEN;
           continue;
         }
 
+      if (waiting != NULL && __atomic_load_n (&waiting->turn, __ATOMIC_ACQUIRE))
+        return ROOM_TURN;
+
       /* At the bound. Raising @sleepers before looking again pairs with
-       * give_back_ticket(), which lowers the count before looking at
+       * give_back_room(), which lowers the count before looking at
        * @sleepers: one of the two sees the other. */
       kd_mutex_lock (&self->room_lock);
       self->n_sleeping++;
@@ -291,7 +328,8 @@ take_ticket (KdReorder *self)
         {
           __atomic_store_n (&self->sleepers, TRUE, __ATOMIC_SEQ_CST);
           if (__atomic_load_n (&self->closed, __ATOMIC_SEQ_CST) ||
-              (guint) __atomic_load_n (&self->n_tickets, __ATOMIC_SEQ_CST) < self->max_tickets)
+              (guint) __atomic_load_n (&self->taken, __ATOMIC_SEQ_CST) < self->room ||
+              (waiting != NULL && __atomic_load_n (&waiting->turn, __ATOMIC_SEQ_CST)))
             break;
           if (!kd_cond_wait_until (&self->room_cond, &self->room_lock,
                                    g_get_monotonic_time () + recheck_us))
@@ -302,14 +340,26 @@ take_ticket (KdReorder *self)
       g_cond_broadcast (&self->sleepers_cond);
       kd_mutex_unlock (&self->room_lock);
 
-      n = __atomic_load_n (&self->n_tickets, __ATOMIC_RELAXED);
+      n = __atomic_load_n (&self->taken, __ATOMIC_RELAXED);
     }
 }
 
+/* With the shard lock held: the head @ticket, whose item waits for room
+ * in kd_reorder_emit(), may pass its items on now: wakes it. */
 static void
-give_back_ticket (KdReorder *self)
+give_turn_locked (KdReorder *self,
+                  KdTicket  *ticket)
 {
-  guint n = __atomic_sub_fetch (&self->n_tickets, 1, __ATOMIC_SEQ_CST);
+  __atomic_store_n (&ticket->turn, TRUE, __ATOMIC_SEQ_CST);
+  kd_mutex_lock (&self->room_lock);
+  g_cond_broadcast (&self->room_cond);
+  kd_mutex_unlock (&self->room_lock);
+}
+
+static void
+give_back_room (KdReorder *self)
+{
+  guint n = __atomic_sub_fetch (&self->taken, 1, __ATOMIC_SEQ_CST);
 
   /* Once woken, the sleepers take a while to run; they raise @sleepers
    * again only if they must sleep again, so they are woken once. The last
@@ -364,15 +414,24 @@ order_key_locked (KdReorder    *self,
 /*
  * kd_reorder_enter:
  * @key: (nullable): the item's key
+ * @item: the item, held by the ticket until a job claims it
+ * @label: (transfer full) (nullable): the item's label, held likewise
+ * @epoch: the epoch of the stage's admission unit the item holds
  *
  * Takes the ticket of an item entering the stage, behind the tickets of the
- * items of @key that entered before it; blocks while @max_tickets are out.
- * Fails with KD_ERROR_CLOSED once the reorder is closed. Every ticket must go
- * back through kd_reorder_leave().
+ * items of @key that entered before it; blocks while there is no room (see
+ * the design above). Returns the key's queue, from which a job claims the
+ * ticket (kd_reorder_claim()): the key stays known while a ticket of it
+ * is unclaimed. Fails with KD_ERROR_CLOSED once the reorder is closed:
+ * @label was released and the item is still the caller's. Every ticket
+ * must go back through kd_reorder_leave().
  */
-KdTicket *
+KdOrderKey *
 kd_reorder_enter (KdReorder   *self,
                   const char  *key,
+                  gpointer     item,
+                  char        *label,
+                  guint        epoch,
                   GError     **error)
 {
   KdKey probe = { 0, 0, key };
@@ -380,10 +439,11 @@ kd_reorder_enter (KdReorder   *self,
   OrderKey *order;
   Shard *shard;
 
-  if (!take_ticket (self))
+  if (take_room (self, NULL) != ROOM_TAKEN)
     {
       g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
                            "The pipeline no longer accepts items");
+      kd_label_unref (label);
       return NULL;
     }
 
@@ -405,11 +465,52 @@ kd_reorder_enter (KdReorder   *self,
       ticket = g_new0 (KdTicket, 1);
     }
   ticket->order = order;
+  ticket->item = item;
+  ticket->label = label;
+  ticket->epoch = epoch;
   if (order->tail != NULL)
     order->tail->next = ticket;
   else
     order->head = ticket;
   order->tail = ticket;
+  if (order->unclaimed == NULL)
+    order->unclaimed = ticket;
+  kd_mutex_unlock (&shard->lock);
+
+  return order;
+}
+
+/*
+ * kd_reorder_claim:
+ * @order: the key queue a job of the stage was queued with
+ * @item: (out): the claimed item
+ * @label: (out) (transfer full): its label
+ * @epoch: (out): its admission unit's epoch
+ *
+ * By a job of the stage as it starts: takes the oldest item of the key that
+ * no job claimed yet (not always the one the job was queued for), so that
+ * a key's items start in the order they entered. Returns its ticket, which
+ * the job uses from now on.
+ */
+KdTicket *
+kd_reorder_claim (KdReorder   *self,
+                  KdOrderKey  *order,
+                  gpointer    *item,
+                  char       **label,
+                  guint       *epoch)
+{
+  Shard *shard = order->shard;
+  KdTicket *ticket;
+
+  kd_mutex_lock (&shard->lock);
+  /* One job per ticket, each claiming one: there is always one left. */
+  ticket = order->unclaimed;
+  g_assert (ticket != NULL && !ticket->claimed);
+  ticket->claimed = TRUE;
+  order->unclaimed = ticket->next;
+  *item = g_steal_pointer (&ticket->item);
+  *label = g_steal_pointer (&ticket->label);
+  *epoch = ticket->epoch;
   kd_mutex_unlock (&shard->lock);
 
   return ticket;
@@ -475,8 +576,9 @@ recycle_ticket_locked (Shard    *shard,
     }
 }
 
-/* Passes @list on, in order; what cannot be passed on is dropped. The
- * records stay, for recycle_emitted_locked(). */
+/* Passes @list on, in order; what cannot be passed on is dropped. Each
+ * item gives its room back once it left. The records stay, for
+ * recycle_emitted_locked(). */
 static void
 pass_list (KdReorder *self,
            Emitted   *list)
@@ -491,6 +593,7 @@ pass_list (KdReorder *self,
           g_clear_error (&error);
         }
       g_clear_pointer (&list->key, kd_label_unref);
+      give_back_room (self);
     }
 }
 
@@ -536,11 +639,13 @@ flush_locked (KdReorder *self,
           if (order->head == NULL)
             order->tail = NULL;
           recycle_ticket_locked (shard, head);
-          give_back_ticket (self);
+          give_back_room (self);
         }
     }
 
   order->flushing = FALSE;
+  if (order->head != NULL && order->head->waiting)
+    give_turn_locked (self, order->head);
   sleep_if_idle_locked (self, order);
 }
 
@@ -550,9 +655,11 @@ flush_locked (KdReorder *self,
  * @item: (transfer full): the emitted item
  *
  * Passes on, or keeps until its turn, what the item of @ticket emits.
- * Returns what the pass function returned if the item went on at once;
- * TRUE if it was buffered. On FALSE the item is still the caller's (and
- * @key was released).
+ * Keeping it takes room, so past the bound this blocks until there is some
+ * (or the ticket became the head). Returns what the pass function returned
+ * if the item went on at once; TRUE if it was buffered; FALSE with
+ * KD_ERROR_CLOSED if the reorder was closed while there was no room. On
+ * FALSE the item is still the caller's (and @key was released).
  */
 gboolean
 kd_reorder_emit (KdReorder   *self,
@@ -563,12 +670,39 @@ kd_reorder_emit (KdReorder   *self,
 {
   OrderKey *order = ticket->order;
   Shard *shard = order->shard;
+  gboolean room = FALSE;
   gboolean passed;
 
   kd_mutex_lock (&shard->lock);
-  if (order->head != ticket || order->flushing)
+  while (order->head != ticket || order->flushing)
     {
-      Emitted *emitted = shard->spare_emitted;
+      Emitted *emitted;
+
+      if (!room)
+        {
+          RoomResult result;
+
+          /* Not under the shard lock: those who make room take it. The
+           * flush that makes this ticket the head gives it its turn. */
+          ticket->waiting = TRUE;
+          ticket->turn = FALSE;
+          kd_mutex_unlock (&shard->lock);
+          result = take_room (self, ticket);
+          kd_mutex_lock (&shard->lock);
+          ticket->waiting = FALSE;
+          if (result == ROOM_CLOSED)
+            {
+              kd_mutex_unlock (&shard->lock);
+              g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
+                                   "The pipeline was cancelled while the item waited for room");
+              kd_label_unref (key);
+              return FALSE;
+            }
+          room = result == ROOM_TAKEN;
+          continue;   /* it may be the head by now */
+        }
+
+      emitted = shard->spare_emitted;
 
       if (emitted != NULL)
         {
@@ -595,6 +729,8 @@ kd_reorder_emit (KdReorder   *self,
    * meanwhile. */
   order->flushing = TRUE;
   kd_mutex_unlock (&shard->lock);
+  if (room)
+    give_back_room (self);
 
   passed = self->pass (key, item, error, self->user_data);
   g_clear_pointer (&key, kd_label_unref);
@@ -647,8 +783,8 @@ kd_reorder_count_keys (KdReorder *self)
   return n;
 }
 
-/* For tests: sleeps until @n_sleeping threads are blocked in
- * kd_reorder_enter(). */
+/* For tests: sleeps until @n_sleeping threads wait for room, in
+ * kd_reorder_enter() or kd_reorder_emit(). */
 void
 kd_reorder_wait_sleepers (KdReorder *self,
                           guint      n_sleeping)

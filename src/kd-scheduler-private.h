@@ -48,6 +48,8 @@ gboolean     kd_scheduler_call_at    (KdScheduler *self,
                                       gpointer     owner,
                                       gpointer     data);
 void         kd_scheduler_hurry      (KdScheduler *self);
+void         kd_scheduler_sleep_until (KdScheduler *self,
+                                       gint64       due_time);
 void         kd_scheduler_shutdown   (KdScheduler *self);
 void         kd_scheduler_join       (KdScheduler *self);
 gboolean     kd_scheduler_runs_here  (KdScheduler *self);

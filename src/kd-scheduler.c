@@ -143,9 +143,12 @@ struct _KdScheduler
   gint        start_verdict;
 
   /* Delayed tasks (kd_scheduler_push_at()): a timer thread, made with
-   * the scheduler if asked for; taken out under @timer_lock when joined */
+   * the scheduler if asked for; taken out under @timer_lock when joined.
+   * Once @hurried, every delay is over (kd_scheduler_sleep_until() too). */
   GMutex      timer_lock;
+  GCond       hurry_cond;
   KdTimer    *timer;
+  gboolean    hurried;
 
   /* Protected by @join_lock */
   GMutex      join_lock;
@@ -587,6 +590,7 @@ kd_scheduler_new (guint              n_workers,
   g_mutex_init (&self->start_lock);
   g_cond_init (&self->start_cond);
   g_mutex_init (&self->timer_lock);
+  g_cond_init (&self->hurry_cond);
 
   for (i = 0; i < self->n_groups; i++)
     g_mutex_init (&self->groups[i].lock);
@@ -704,8 +708,22 @@ void
 kd_scheduler_hurry (KdScheduler *self)
 {
   kd_mutex_lock (&self->timer_lock);
+  self->hurried = TRUE;
+  g_cond_broadcast (&self->hurry_cond);
   if (self->timer != NULL)
     kd_timer_hurry (self->timer);
+  kd_mutex_unlock (&self->timer_lock);
+}
+
+/* On a worker: sleeps until g_get_monotonic_time() reached @due_time, or
+ * until kd_scheduler_hurry(). */
+void
+kd_scheduler_sleep_until (KdScheduler *self,
+                          gint64       due_time)
+{
+  kd_mutex_lock (&self->timer_lock);
+  while (!self->hurried && g_get_monotonic_time () < due_time)
+    kd_cond_wait_until (&self->hurry_cond, &self->timer_lock, due_time);
   kd_mutex_unlock (&self->timer_lock);
 }
 
@@ -718,6 +736,8 @@ kd_scheduler_shutdown (KdScheduler *self)
   /* No task is pending any more: what is left in the timer is the owner's
    * other calls (idle key states), which go now. */
   kd_mutex_lock (&self->timer_lock);
+  self->hurried = TRUE;
+  g_cond_broadcast (&self->hurry_cond);
   if (self->timer != NULL)
     {
       kd_timer_hurry (self->timer);
@@ -806,6 +826,7 @@ kd_scheduler_free (KdScheduler *self)
   g_mutex_clear (&self->start_lock);
   g_cond_clear (&self->start_cond);
   g_mutex_clear (&self->timer_lock);
+  g_cond_clear (&self->hurry_cond);
   g_aligned_free (self->groups);
   g_free (self->workers);
   g_free (self);

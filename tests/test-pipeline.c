@@ -649,6 +649,205 @@ test_close_drains (void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* What an ordered stage's items emit behind the head counts                */
+
+typedef struct
+{
+  guint       bound;          /* the ordered stage's capacity */
+  guint       per_item;       /* what the emitting items emit each */
+  KdTestGate  release_head;   /* lets item 0 end */
+  gint        emitted;        /* atomic: emits that returned TRUE */
+  gint        sunk;           /* atomic */
+  guint       next_seq[4];    /* at the sink, per key (one call at a time per key) */
+  gint        violations;
+  GRand      *rand;           /* the stress's: which items fail, and how much they emit */
+  guint       fail_first_of;  /* the stress: items with id % this == 1 fail their first attempt */
+  GMutex      sink_lock;
+} Emits;
+
+static gboolean
+emits_handler (KdJob    *job,
+               gpointer  user_data,
+               GError  **error)
+{
+  Emits *emits = user_data;
+  Item *item = kd_job_get_item (job);
+  guint n = item->seq == 0 ? 1 : emits->per_item, i;
+
+  if (item->id == 0 && kd_job_get_attempt (job) == 1 && emits->per_item > 1000)
+    g_assert_true (kd_test_gate_wait (&emits->release_head));
+
+  if (emits->fail_first_of > 0 && item->id % emits->fail_first_of == 1 &&
+      kd_job_get_attempt (job) == 1)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "item %u fails once", item->id);
+      return FALSE;
+    }
+
+  for (i = 0; i < n; i++)
+    {
+      Item *out = item_new (item->id, item->key, item->seq * 100000 + i);
+      gint in_flight;
+
+      if (!kd_job_emit (job, kd_job_get_key (job), out, error))
+        {
+          item_free (out);
+          return FALSE;
+        }
+      /* What this stage emitted and the sink has not seen waits in the
+       * stage: never more than its bound. */
+      in_flight = g_atomic_int_add (&emits->emitted, 1) + 1 - g_atomic_int_get (&emits->sunk);
+      if (in_flight > (gint) emits->bound)
+        g_error ("%d items emitted and not yet at the sink, for a bound of %u", in_flight,
+                 emits->bound);
+    }
+  return TRUE;
+}
+
+static void
+emits_sink (const char *key,
+            gpointer    data,
+            gpointer    user_data)
+{
+  Emits *emits = user_data;
+  Item *item = data;
+
+  /* An ordered stage before a sink: the thread that passes a key's items
+   * on calls the sink, one at a time per key, in order. */
+  if (item->seq < emits->next_seq[item->key])
+    g_atomic_int_inc (&emits->violations);
+  emits->next_seq[item->key] = item->seq;
+  g_atomic_int_inc (&emits->sunk);
+  item_free (item);
+}
+
+static KdPipeline *
+emits_pipeline (Emits *emits,
+                guint  n_workers,
+                guint  bound)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *stage = kd_pipeline_add_stage (pipeline, "ordered", n_workers, emits_handler,
+                                               emits, NULL);
+
+  emits->bound = bound;
+  kd_pipeline_set_stage_mode (pipeline, stage, KD_STAGE_ORDERED);
+  kd_dispatcher_set_capacity (stage, bound);
+  kd_dispatcher_set_item_free (stage, item_free);
+  kd_pipeline_set_sink (pipeline, emits_sink, emits, NULL);
+  return pipeline;
+}
+
+static void
+test_ordered_emit_bounded (void)
+{
+  Emits emits = { 0 };
+  KdPipeline *pipeline;
+
+  g_test_summary ("An item of an ordered stage that emits 200,000 items behind a head that is "
+                  "still running holds no more of them than the stage's bound: its emit waits, "
+                  "and everything reaches the sink in order once the head ended");
+
+  ledger_reset (0);
+  kd_test_gate_init (&emits.release_head);
+  emits.per_item = kd_test_size (200000, 2000000);
+  pipeline = emits_pipeline (&emits, 2, 4);
+
+  g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (0, 0, 0), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (1, 0, 1), NULL));
+  /* The second item waits for room, having emitted what the bound allows
+   * (the handler checks it after each emit). */
+  kd_pipeline_wait_ticket_sleepers (pipeline, kd_pipeline_get_stage (pipeline, 0), 1);
+  g_assert_cmpint (g_atomic_int_get (&emits.emitted), <=, 4);
+  g_assert_cmpint (g_atomic_int_get (&emits.sunk), ==, 0);
+
+  kd_test_gate_open (&emits.release_head);
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpint (emits.sunk, ==, (gint) emits.per_item + 1);
+  g_assert_cmpint (emits.violations, ==, 0);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  g_assert_cmpint (ledger.max_live, <=, 4 + 2 + 2);
+  kd_test_gate_clear (&emits.release_head);
+}
+
+static void
+test_ordered_emit_stress (void)
+{
+  guint rounds = kd_test_size (12, 60);
+  guint r;
+
+  g_test_summary ("Ordered stages of 1 to 3 workers and bounds of 2 to 8, whose items emit up to "
+                  "300 items each over 3 keys, some failing once and retried: nothing waits for "
+                  "ever, every emitted item reaches the sink in per-key order, and no more than "
+                  "the bound waits in the stage");
+
+  for (r = 0; r < rounds; r++)
+    {
+      Emits emits = { 0 };
+      KdPipeline *pipeline;
+      guint n_items = 60, i, expected = 0;
+      guint *per_key_seq = g_new0 (guint, 3);
+
+      ledger_reset (0);
+      kd_test_gate_init (&emits.release_head);
+      emits.per_item = 1 + r * 25 % 300;
+      emits.fail_first_of = r % 2 == 0 ? 7 : 0;
+      pipeline = emits_pipeline (&emits, 1 + r % 3, 2 + r % 7);
+      if (emits.fail_first_of > 0)
+        kd_dispatcher_set_retry (kd_pipeline_get_stage (pipeline, 0), 2, 100, 100);
+
+      for (i = 0; i < n_items; i++)
+        {
+          guint key = (i * 7 + r) % 3;
+
+          g_assert_true (kd_pipeline_submit (pipeline, (const char *[]) { "a", "b", "c" }[key],
+                                             item_new (i, key, per_key_seq[key]++), NULL));
+          expected += per_key_seq[key] == 1 ? 1 : emits.per_item;
+        }
+      kd_pipeline_wait (pipeline);
+      g_assert_cmpint (emits.sunk, ==, (gint) expected);
+      g_assert_cmpint (emits.violations, ==, 0);
+      g_object_unref (pipeline);
+      ledger_check_all_freed_once ();
+      kd_test_gate_clear (&emits.release_head);
+      g_free (per_key_seq);
+    }
+}
+
+static void
+test_ordered_retry_waits_on_worker (void)
+{
+  Emits emits = { 0 };
+  KdPipeline *pipeline;
+  guint i;
+
+  g_test_summary ("An ordered stage's head that fails and will be retried keeps its worker while "
+                  "it waits: with 2 workers and 3 items behind it that emit more than the bound, "
+                  "the retry still runs and everything drains (a retry waiting for a free worker "
+                  "would wait for ever)");
+
+  ledger_reset (0);
+  kd_test_gate_init (&emits.release_head);
+  emits.per_item = 1000;
+  emits.fail_first_of = 1000;   /* item 1 fails once: the head after item 0 */
+  pipeline = emits_pipeline (&emits, 2, 4);
+  kd_dispatcher_set_retry (kd_pipeline_get_stage (pipeline, 0), 2, 20 * G_TIME_SPAN_MILLISECOND,
+                           20 * G_TIME_SPAN_MILLISECOND);
+
+  for (i = 0; i < 5; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (i, 0, i), NULL));
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpint (emits.sunk, ==, 1 + 4 * 1000);
+  g_assert_cmpint (emits.violations, ==, 0);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  kd_test_gate_clear (&emits.release_head);
+}
+
+/* ------------------------------------------------------------------------ */
 /* A feeder waiting for a ticket finds a small gap by itself                */
 
 #define GAP_TICKETS 64
@@ -675,8 +874,15 @@ gap_handler (KdJob    *job,
     g_assert_true (kd_test_gate_wait (&gap->release_head));
   else if (item->id == 2 && kd_test_gate_wait (&gap->feeder_done))
     g_atomic_int_set (&gap->waited_for_feeder, TRUE);
+  /* Only these emit: what the others emitted behind item 0 would take the
+   * room the feeder waits for (and item 2 waits for the feeder). */
+  if (item->id != 0 && item->id != 2 && item->id != GAP_TICKETS)
+    return TRUE;
   return kd_job_emit (job, kd_job_get_key (job), item, error);
 }
+
+/* The items that reach the sink, in order. */
+static const guint gap_reaching[] = { 0, 2, GAP_TICKETS };
 
 static void
 gap_sink (const char *key,
@@ -687,7 +893,7 @@ gap_sink (const char *key,
   Item *item = data;
 
   /* Only the thread that passes the stage's items on calls the sink. */
-  if (item->seq != (guint) gap->reached)
+  if (gap->reached >= (gint) G_N_ELEMENTS (gap_reaching) || item->seq != gap_reaching[gap->reached])
     g_error ("item %u reached the sink as number %d", item->seq, gap->reached);
   gap->reached++;
   item_free (item);
@@ -749,7 +955,7 @@ run_ordered_small_gap (gboolean close_while_waiting)
   kd_pipeline_wait (gap.pipeline);
   g_assert_true (g_atomic_int_get (&gap.waited_for_feeder));
   g_assert_cmpint (gap.refused, ==, 0);
-  g_assert_cmpint (gap.reached, ==, GAP_TICKETS + 1);
+  g_assert_cmpint (gap.reached, ==, G_N_ELEMENTS (gap_reaching));
   kd_dispatcher_get_stats (stage, &stats);
   g_assert_cmpuint (stats.submitted, ==, GAP_TICKETS + 1);
   g_assert_cmpuint (stats.completed, ==, GAP_TICKETS + 1);
@@ -1426,6 +1632,22 @@ reorder_emit_number (KdReorder  *reorder,
   g_assert_no_error (error);
 }
 
+/* An item enters, and a job starts with it at once. */
+static KdTicket *
+enter_and_claim (KdReorder  *reorder,
+                 const char *key)
+{
+  GError *error = NULL;
+  KdOrderKey *order = kd_reorder_enter (reorder, key, NULL, NULL, 0, &error);
+  gpointer item;
+  char *label;
+  guint epoch;
+
+  g_assert_no_error (error);
+  g_assert_nonnull (order);
+  return kd_reorder_claim (reorder, order, &item, &label, &epoch);
+}
+
 #define LONG_GAP 100
 
 static void
@@ -1441,18 +1663,13 @@ test_reorder_long_gap (void)
   for (k = 0; k < G_N_ELEMENTS (keys); k++)
     {
       Passed passed = { g_array_new (FALSE, FALSE, sizeof (guint)), keys[k], 0 };
-      KdReorder *reorder = kd_reorder_new (LONG_GAP + 1, record_pass, unexpected_drop,
+      /* Room for the tickets and what they buffer. */
+      KdReorder *reorder = kd_reorder_new (2 * LONG_GAP + 1, record_pass, unexpected_drop,
                                            &passed);
       KdTicket *tickets[LONG_GAP + 1];
 
       for (i = 0; i <= LONG_GAP; i++)
-        {
-          GError *error = NULL;
-
-          tickets[i] = kd_reorder_enter (reorder, keys[k], &error);
-          g_assert_no_error (error);
-          g_assert_nonnull (tickets[i]);
-        }
+        tickets[i] = enter_and_claim (reorder, keys[k]);
 
       /* Behind the head: buffered, however many end. */
       for (i = 1; i <= LONG_GAP; i++)
@@ -1478,6 +1695,103 @@ test_reorder_long_gap (void)
     }
 }
 
+static void
+test_reorder_claim_order (void)
+{
+  Passed passed = { g_array_new (FALSE, FALSE, sizeof (guint)), "k", 0 };
+  KdReorder *reorder = kd_reorder_new (8, record_pass, unexpected_drop, &passed);
+  KdOrderKey *first_queued, *second_queued;
+  KdTicket *first, *second;
+  GError *error = NULL;
+  gpointer item;
+  char *label;
+  guint epoch;
+
+  g_test_summary ("A job of an ordered stage runs the oldest item of its key that no job took "
+                  "yet, whatever ticket it was queued with: the key's items start in entry order");
+
+  first_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (1), kd_label_new ("k"), 7, &error);
+  second_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (2), kd_label_new ("k"), 8, &error);
+  g_assert_no_error (error);
+  g_assert_true (first_queued == second_queued);   /* the key's queue */
+
+  /* Whichever job starts first runs the first item. */
+  first = kd_reorder_claim (reorder, second_queued, &item, &label, &epoch);
+  g_assert_cmpuint (GPOINTER_TO_UINT (item), ==, 1);
+  g_assert_cmpstr (label, ==, "k");
+  g_assert_cmpuint (epoch, ==, 7);
+  kd_label_unref (label);
+
+  /* It may end before the other job starts: the key stays known. */
+  reorder_emit_number (reorder, first, "k", 0);
+  kd_reorder_leave (reorder, first);
+
+  second = kd_reorder_claim (reorder, first_queued, &item, &label, &epoch);
+  g_assert_cmpuint (GPOINTER_TO_UINT (item), ==, 2);
+  g_assert_cmpuint (epoch, ==, 8);
+  kd_label_unref (label);
+  reorder_emit_number (reorder, second, "k", 1);
+  kd_reorder_leave (reorder, second);
+  g_assert_cmpuint (passed.passed->len, ==, 2);
+  kd_reorder_free (reorder);
+  g_array_unref (passed.passed);
+}
+
+typedef struct
+{
+  KdReorder *reorder;
+  KdTicket  *ticket;
+  guint      from, to;
+} Emitter;
+
+static gpointer
+emit_numbers (gpointer data)
+{
+  Emitter *e = data;
+  guint i;
+
+  for (i = e->from; i < e->to; i++)
+    reorder_emit_number (e->reorder, e->ticket, "k", i);
+  return NULL;
+}
+
+static void
+test_reorder_emit_room (void)
+{
+  Passed passed = { g_array_new (FALSE, FALSE, sizeof (guint)), "k", 0 };
+  KdReorder *reorder = kd_reorder_new (4, record_pass, unexpected_drop, &passed);
+  Emitter emitter;
+  GThread *thread;
+  KdTicket *head;
+  guint i;
+
+  g_test_summary ("What an item emits behind a running head counts against the bound with the "
+                  "tickets: past it the emit waits (it does not buffer), and goes on in order once "
+                  "the head ended");
+
+  head = enter_and_claim (reorder, "k");
+  emitter.reorder = reorder;
+  emitter.ticket = enter_and_claim (reorder, "k");
+  emitter.from = 1;
+  emitter.to = 1000;
+
+  /* Two tickets out: room for two buffered items, then the emit waits. */
+  thread = g_thread_new ("emitter", emit_numbers, &emitter);
+  kd_reorder_wait_sleepers (reorder, 1);
+  g_assert_cmpuint (passed.passed->len, ==, 0);
+
+  reorder_emit_number (reorder, head, "k", 0);
+  kd_reorder_leave (reorder, head);
+  g_thread_join (thread);
+  kd_reorder_leave (reorder, emitter.ticket);
+
+  g_assert_cmpuint (passed.passed->len, ==, 1000);
+  for (i = 0; i < 1000; i++)
+    g_assert_cmpuint (g_array_index (passed.passed, guint, i), ==, i);
+  kd_reorder_free (reorder);
+  g_array_unref (passed.passed);
+}
+
 #define MANY_KEYS 1000
 
 static void
@@ -1490,10 +1804,8 @@ reorder_pass_keys (KdReorder *reorder,
   for (i = 0; i < n_keys; i++)
     {
       char *key = g_strdup_printf ("key-%u", i);
-      GError *error = NULL;
-      KdTicket *ticket = kd_reorder_enter (reorder, key, &error);
+      KdTicket *ticket = enter_and_claim (reorder, key);
 
-      g_assert_no_error (error);
       passed->key = key;
       reorder_emit_number (reorder, ticket, key, i);
       kd_reorder_leave (reorder, ticket);
@@ -1700,6 +2012,9 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/backpressure", test_backpressure);
   g_test_add_func ("/kd/pipeline/fan-out-filter-fail", test_fan_out_filter_fail);
   g_test_add_func ("/kd/pipeline/close-drains", test_close_drains);
+  g_test_add_func ("/kd/pipeline/ordered-emit-bounded", test_ordered_emit_bounded);
+  g_test_add_func ("/kd/pipeline/ordered-emit-stress", test_ordered_emit_stress);
+  g_test_add_func ("/kd/pipeline/ordered-retry-waits-on-worker", test_ordered_retry_waits_on_worker);
   g_test_add_func ("/kd/pipeline/ordered-small-gap", test_ordered_small_gap);
   g_test_add_func ("/kd/pipeline/ordered-close-while-waiting", test_ordered_close_while_waiting);
   g_test_add_func ("/kd/pipeline/direct-stage-submit", test_direct_stage_submit);
@@ -1711,6 +2026,8 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/set-cancellable", test_set_cancellable);
   g_test_add_func ("/kd/pipeline/sink-replaced", test_sink_replaced);
   g_test_add_func ("/kd/pipeline/reorder-long-gap", test_reorder_long_gap);
+  g_test_add_func ("/kd/pipeline/reorder-claim-order", test_reorder_claim_order);
+  g_test_add_func ("/kd/pipeline/reorder-emit-room", test_reorder_emit_room);
   g_test_add_func ("/kd/pipeline/reorder-forgets-idle-keys", test_reorder_forgets_idle_keys);
   g_test_add_func ("/kd/pipeline/bad-input", test_bad_input);
   g_test_add_func ("/kd/pipeline/emit-outside-pipeline", test_emit_outside_pipeline);
