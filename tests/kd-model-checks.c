@@ -34,8 +34,9 @@
  *    runs;
  *  - stats: retried counts the runs after the first (more only with a
  *    cancel: a retry scheduled, then cancelled); after a wait, live keys
- *    are the parked ones and key states left live are at most those (or any
- *    with an idle time); after the last unref, every worker's init and
+ *    are the parked ones and key states left live are at most those (or,
+ *    with an idle time, the idle keys are at most the bound on them); after
+ *    the last unref, every worker's init and
  *    finalize ran as often, the dead-letter and worker destroy notifies
  *    once.
  */
@@ -193,7 +194,16 @@ kd_model_check_last_stats (KdModel      *model,
    * as we look: out of parking before the snapshot, its state freed
    * within that call, maybe after we read the count. Such a call was in
    * progress all along, so it is in @resolving, read in between. */
-  if (model->program->key_states && model->program->key_idle_us == 0)
+  if (model->program->key_states && model->program->key_idle_us > 0)
+    {
+      guint idle_keys = 0, bound = model->program->max_idle_keys;
+
+      /* No key is made idle once the jobs ended: the bound holds exactly. */
+      g_object_get (dispatcher, "idle-keys", &idle_keys, NULL);
+      CHECK (model, bound == 0 || idle_keys <= bound,
+             "after wait: %u keys idle, for a bound of %u", idle_keys, bound);
+    }
+  else if (model->program->key_states)
     {
       gint resolving = g_atomic_int_get (&model->resolving);
       gint made = g_atomic_int_get (&model->states_made);

@@ -576,7 +576,11 @@ kd_model_program_decode (KdModelProgram *program,
   if (features & 16)
     program->key_capacity = 1 + params % 4;
   if (features & 32)
-    program->key_idle_us = idle_times_us[(params >> 2) % G_N_ELEMENTS (idle_times_us)];
+    {
+      program->key_idle_us = idle_times_us[(params >> 2) % G_N_ELEMENTS (idle_times_us)];
+      /* Often fewer idle keys allowed than the program has keys. */
+      program->max_idle_keys = (params >> 4) % 4;
+    }
   program->worker_funcs = (features & 64) != 0;
   program->start = program->worker_funcs && (features & 128) != 0;
 
@@ -605,7 +609,7 @@ kd_model_program_describe (const KdModelProgram *program)
   g_string_append_printf (out, "workers=%u fanout=%u capacity=%u threads=%u keys=%u "
                           "context=%s%s%s%s%s%s%s%s; %u ops, %u items\n"
                           "  attempts=%u delay=%" G_GINT64_FORMAT "us..%" G_GINT64_FORMAT "us%s%s "
-                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us%s%s\n",
+                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us max-idle=%u%s%s\n",
                           program->n_workers, program->fanout, program->capacity,
                           program->n_threads, program->n_keys, contexts[program->context_mode],
                           program->key_states ? " key-states" : "",
@@ -619,7 +623,8 @@ kd_model_program_describe (const KdModelProgram *program)
                           program->max_attempts, program->retry_delay_us,
                           program->retry_max_delay_us, program->dead_letter ? " dead-letter" : "",
                           program->park ? " park" : "", program->key_capacity,
-                          program->key_idle_us, program->worker_funcs ? " worker-funcs" : "",
+                          program->key_idle_us, program->max_idle_keys,
+                          program->worker_funcs ? " worker-funcs" : "",
                           program->start ? " start" : "");
   for (i = 0; i < program->n_ops; i++)
     {

@@ -1223,6 +1223,8 @@ kd_model_run (const KdModelProgram *program,
     kd_dispatcher_set_key_capacity (dispatcher, program->key_capacity);
   if (program->key_idle_us > 0)
     kd_dispatcher_set_key_idle_time (dispatcher, program->key_idle_us);
+  if (program->max_idle_keys > 0)
+    kd_dispatcher_set_max_idle_keys (dispatcher, program->max_idle_keys);
   if (program->worker_funcs)
     {
       GError *error = NULL;

@@ -83,6 +83,7 @@ typedef struct
   gboolean           park;              /* KD_FAILURE_PARK */
   guint              key_capacity;      /* 0: unbounded */
   gint64             key_idle_us;       /* 0: none */
+  guint              max_idle_keys;     /* with an idle time; 0: the default */
   gboolean           worker_funcs;      /* kd_dispatcher_set_worker_funcs() */
   gboolean           start;             /* ... and kd_dispatcher_start() */
 
