@@ -3054,10 +3054,13 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
   if (self->waiting.length >= get_max_waiting (self))
     {
       kd_mutex_unlock (&self->async_lock);
+      /* Closed before full, as for any submit. */
       refuse_result (self, result,
-                     g_error_new (KD_ERROR, KD_ERROR_FULL,
-                                  "%u async submissions already wait for room (see "
-                                  "kd_dispatcher_set_max_waiting())", get_max_waiting (self)));
+                     kd_admission_is_closed (&self->admission)
+                       ? NULL
+                       : g_error_new (KD_ERROR, KD_ERROR_FULL,
+                                      "%u async submissions already wait for room (see "
+                                      "kd_dispatcher_set_max_waiting())", get_max_waiting (self)));
       return;
     }
   kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));

@@ -215,6 +215,118 @@ run_submits (ModelThread     *thread,
   return TRUE;
 }
 
+/* What an async submission's callback is given. */
+typedef struct
+{
+  ModelThread *thread;
+  KdModelItem *item;
+} AsyncCall;
+
+/* An async submission's callback, in its thread's context. */
+static void
+async_done (GObject      *source,
+            GAsyncResult *result,
+            gpointer      user_data)
+{
+  AsyncCall *call = user_data;
+  ModelThread *thread = call->thread;
+  KdModelItem *item = call->item;
+  KdModel *model = thread->model;
+  Token *token = item->async_token;   /* freed already if accepted */
+  GError *error = NULL;
+
+  g_free (call);
+  CHECK (model, thread->thread == g_thread_self () && thread->async_pending > 0,
+         "item %u: its async callback ran on another thread", item->id);
+  thread->async_pending--;
+
+  if (!kd_dispatcher_submit_finish (KD_DISPATCHER (source), result, &error) &&
+      error->domain == KD_ERROR)
+    {
+      /* Never accepted: the item is still ours, untouched. */
+      CHECK (model, error->code == KD_ERROR_CLOSED || error->code == KD_ERROR_FULL,
+             "item %u: async submission refused with \"%s\"", item->id, error->message);
+      CHECK (model, token->magic == TOKEN_LIVE, "item %u: refused but freed", item->id);
+      item->refused_code = error->code;
+      g_free (token);
+      thread->refused++;
+      g_atomic_int_set (&item->status, ITEM_REFUSED);
+    }
+  else
+    {
+      /* Its job ended: completed, failed or cancelled. */
+      CHECK (model, g_atomic_int_get (&item->free_calls) == 1,
+             "item %u: async callback before its item was freed", item->id);
+      thread->accepted++;
+      g_atomic_int_set (&item->status, ITEM_ACCEPTED);
+    }
+  g_clear_error (&error);
+  item->async_token = NULL;
+  g_atomic_int_set (&item->after, kd_model_tick (model));
+}
+
+static gboolean
+run_async_submits (ModelThread     *thread,
+                   const KdModelOp *op,
+                   guint            variant)
+{
+  KdModel *model = thread->model;
+  guint max_waiting = kd_dispatcher_get_max_waiting (thread->dispatcher);
+  guint i;
+
+  for (i = 0; i < op->count; i++)
+    {
+      KdModelItem *item = &model->items[op->first_item + i];
+      Token *token = g_new (Token, 1);
+      AsyncCall *call = g_new (AsyncCall, 1);
+      guint waiting = 0;
+
+      token->magic = TOKEN_LIVE;
+      token->model = model;
+      token->item = item;
+      item->how = HOW_ASYNC;
+      item->async_token = token;
+      g_atomic_int_set (&item->before, kd_model_tick (model));
+      thread->async_pending++;
+      call->thread = thread;
+      call->item = item;
+      kd_dispatcher_submit_async (thread->dispatcher,
+                                  item->key < model->n_keys ? kd_model_keys[item->key] : NULL,
+                                  token, NULL, async_done, call);
+      CHECK (model, item->async_token == token, "item %u: async callback inside the call",
+             item->id);
+      g_object_get (thread->dispatcher, "waiting", &waiting, NULL);
+      CHECK (model, waiting <= max_waiting, "%u async submissions wait, for a bound of %u",
+             waiting, max_waiting);
+    }
+
+  return TRUE;
+}
+
+void
+kd_model_drain_async (ModelThread *thread)
+{
+  while (thread->async_pending > 0)
+    g_main_context_iteration (thread->context, TRUE);
+}
+
+static gboolean
+decode_async_submit (Reader         *reader,
+                     KdModelProgram *program,
+                     KdModelOp      *op)
+{
+  /* A parked key's or a huge retry's callbacks could wait for ever, and
+   * so could those whose items only the ITERATE op frees. */
+  if (!decode_submit (reader, program, op))
+    return FALSE;
+  if (program->park || program->retry_huge || program->context_mode == KD_MODEL_CONTEXT_ITERATE)
+    {
+      program->n_items -= op->count;
+      return FALSE;
+    }
+  return TRUE;
+}
+
 void
 kd_model_submit_one (ModelThread *thread,
                      guint        item)
@@ -463,7 +575,8 @@ run_parked (ModelThread     *thread,
  * op with probability weight/256. Close, cancel and unref are rare: each
  * ends the interesting part of a run. */
 static const OpClass op_table[] = {
-  { "submit",         88, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "submit",         64, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "submit_async",   24, decode_async_submit,   run_async_submits, describe_submit,   HOW_ASYNC },
   { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
   { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
   { "wait",           24, NULL,                  run_wait,    NULL,                    0 },
@@ -581,6 +694,7 @@ kd_model_program_decode (KdModelProgram *program,
       /* Often fewer idle keys allowed than the program has keys. */
       program->max_idle_keys = (params >> 4) % 4;
     }
+  program->max_waiting = (params >> 6) % 4;
   program->worker_funcs = (features & 64) != 0;
   program->start = program->worker_funcs && (features & 128) != 0;
 
@@ -609,7 +723,7 @@ kd_model_program_describe (const KdModelProgram *program)
   g_string_append_printf (out, "workers=%u fanout=%u capacity=%u threads=%u keys=%u "
                           "context=%s%s%s%s%s%s%s%s; %u ops, %u items\n"
                           "  attempts=%u delay=%" G_GINT64_FORMAT "us..%" G_GINT64_FORMAT "us%s%s "
-                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us max-idle=%u%s%s\n",
+                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us max-idle=%u max-waiting=%u%s%s\n",
                           program->n_workers, program->fanout, program->capacity,
                           program->n_threads, program->n_keys, contexts[program->context_mode],
                           program->key_states ? " key-states" : "",
@@ -623,7 +737,7 @@ kd_model_program_describe (const KdModelProgram *program)
                           program->max_attempts, program->retry_delay_us,
                           program->retry_max_delay_us, program->dead_letter ? " dead-letter" : "",
                           program->park ? " park" : "", program->key_capacity,
-                          program->key_idle_us, program->max_idle_keys,
+                          program->key_idle_us, program->max_idle_keys, program->max_waiting,
                           program->worker_funcs ? " worker-funcs" : "",
                           program->start ? " start" : "");
   for (i = 0; i < program->n_ops; i++)

@@ -33,6 +33,7 @@ typedef enum
   HOW_SUBMIT,
   HOW_TRY,
   HOW_TIMEOUT,
+  HOW_ASYNC,
 } SubmitHow;
 
 typedef struct
@@ -46,8 +47,10 @@ typedef struct
   gboolean   yield;
 
   /* The submitting thread; @after is written last and published with the
-   * status */
+   * status (an async submission's when its callback ran: it was accepted,
+   * if it was, before that) */
   SubmitHow  how;
+  gpointer   async_token;   /* HOW_ASYNC: the item given, until the callback */
   gint       before;
   gint       status;
   gint       refused_code;
@@ -86,6 +89,8 @@ typedef struct
   gint          at_op;      /* progress, for the hang report */
   guint64       accepted;
   guint64       refused;
+  GMainContext *context;       /* its async submissions' callbacks come here */
+  guint         async_pending; /* async submissions whose callback did not run */
   KdStats       last_stats;
   gboolean      has_stats;
 } ModelThread;
@@ -276,5 +281,8 @@ gboolean kd_model_run_op                 (ModelThread     *thread,
 /* Submits item @item (already set up) from @thread. */
 void     kd_model_submit_one             (ModelThread     *thread,
                                           guint            item);
+/* Iterates @thread's context until each of its async submissions called
+ * back. */
+void     kd_model_drain_async            (ModelThread     *thread);
 
 G_END_DECLS

@@ -980,8 +980,14 @@ kd_model_drop_ref (ModelThread *thread,
                    gboolean     wait_first)
 {
   KdModel *model = thread->model;
-  KdDispatcher *dispatcher = g_steal_pointer (&thread->dispatcher);
+  KdDispatcher *dispatcher;
   guint holders = model->program->n_threads + 1;
+
+  /* The callbacks hold references: they run before this one goes, so that
+   * the model's last holder holds the last reference. */
+  if (thread->context != NULL)
+    kd_model_drain_async (thread);
+  dispatcher = g_steal_pointer (&thread->dispatcher);
 
   if (!g_atomic_int_dec_and_test (&model->refs))
     {
@@ -1069,6 +1075,8 @@ model_thread_main (gpointer data)
   const KdModelProgram *program = model->program;
   guint i;
 
+  thread->context = g_main_context_new ();
+  g_main_context_push_thread_default (thread->context);
   CHECK (model, kd_test_gate_wait (&model->start), "the start gate never opened");
   for (i = 0; i < program->n_ops; i++)
     {
@@ -1084,6 +1092,8 @@ model_thread_main (gpointer data)
 
   if (thread->dispatcher != NULL)
     kd_model_drop_ref (thread, program->last_waits);
+  g_main_context_pop_thread_default (thread->context);
+  g_clear_pointer (&thread->context, g_main_context_unref);
   kd_test_counter_add (&model->finished, 1);
 
   return NULL;
@@ -1225,6 +1235,8 @@ kd_model_run (const KdModelProgram *program,
     kd_dispatcher_set_key_idle_time (dispatcher, program->key_idle_us);
   if (program->max_idle_keys > 0)
     kd_dispatcher_set_max_idle_keys (dispatcher, program->max_idle_keys);
+  if (program->max_waiting > 0)
+    kd_dispatcher_set_max_waiting (dispatcher, program->max_waiting);
   if (program->worker_funcs)
     {
       GError *error = NULL;

@@ -20,6 +20,11 @@
  *   ops       each: a selector byte (weighted over the op table), a thread
  *             byte, then the operands the op's decode function reads
  *
+ * Async submissions (kd_dispatcher_submit_async()) call back in their
+ * thread's own context, which the thread iterates until every callback ran
+ * before it drops its reference; a program that parks keys or retries
+ * after a huge delay makes none (the callbacks could wait for ever).
+ *
  * New operations go in the one table in kd-model-ops.c (a name, a weight, a
  * decode and a run function); nothing else needs to know about them.
  */
@@ -84,6 +89,7 @@ typedef struct
   guint              key_capacity;      /* 0: unbounded */
   gint64             key_idle_us;       /* 0: none */
   guint              max_idle_keys;     /* with an idle time; 0: the default */
+  guint              max_waiting;       /* async submissions waiting; 0: the default */
   gboolean           worker_funcs;      /* kd_dispatcher_set_worker_funcs() */
   gboolean           start;             /* ... and kd_dispatcher_start() */
 

@@ -113,11 +113,11 @@ test_seeds (void)
   gint64 start = g_get_monotonic_time ();
   guint64 seed;
 
-  g_test_summary ("Random programs of submits, try_submits, timed submits, waits, "
-                  "closes, cancels, stats, unrefs, resumes and drops of parked keys from "
-                  "several threads, with retries, dead letters, PARK, a key capacity, an "
-                  "idle time and worker funcs, keep every guarantee the model checks "
-                  "(see kd-model.c)");
+  g_test_summary ("Random programs of submits, try_submits, timed submits, async submits, "
+                  "waits, closes, cancels, stats, unrefs, resumes and drops of parked keys "
+                  "from several threads, with retries, dead letters, PARK, a key capacity, an "
+                  "idle time, bounds on idle keys and waiting async submissions, and worker "
+                  "funcs, keep every guarantee the model checks (see kd-model.c)");
 
   for (seed = first; seed < first + n; seed++)
     {
