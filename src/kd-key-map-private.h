@@ -22,9 +22,73 @@ typedef struct
   const char *string;
 } KdKey;
 
-guint kd_key_hash     (const char    *string,
-                       gsize         *length);
 guint kd_key_str_hash (gconstpointer  string);
+
+/* The secret key of kd_key_hash() (see kd-key-map.c). */
+extern guint64 kd_key_secret[2];
+
+#define KD_ROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+
+#define KD_SIPROUND(v0, v1, v2, v3)                                          \
+  G_STMT_START {                                                             \
+    v0 += v1; v1 = KD_ROTL64 (v1, 13); v1 ^= v0; v0 = KD_ROTL64 (v0, 32);    \
+    v2 += v3; v3 = KD_ROTL64 (v3, 16); v3 ^= v2;                             \
+    v0 += v3; v3 = KD_ROTL64 (v3, 21); v3 ^= v0;                             \
+    v2 += v1; v1 = KD_ROTL64 (v1, 17); v1 ^= v2; v2 = KD_ROTL64 (v2, 32);    \
+  } G_STMT_END
+
+/* The hash of a key: SipHash-1-3 of its bytes with the secret key, folded
+ * to 32 bits, so that every bit of the result depends on every byte (the
+ * key table's shards take the high bits, the maps' slots the low ones).
+ * Also measures the key, which is copied next. Inline: every keyed submit
+ * makes one. */
+static inline guint
+kd_key_hash (const char *string,
+             gsize      *length)
+{
+  const guchar *p = (const guchar *) string;
+  gsize n = strlen (string);
+  guint64 v0 = kd_key_secret[0] ^ 0x736f6d6570736575u;
+  guint64 v1 = kd_key_secret[1] ^ 0x646f72616e646f6du;
+  guint64 v2 = kd_key_secret[0] ^ 0x6c7967656e657261u;
+  guint64 v3 = kd_key_secret[1] ^ 0x7465646279746573u;
+  guint64 last = (guint64) n << 56;
+  const guchar *end = p + (n & ~(gsize) 7);
+  guint64 m;
+
+  for (; p < end; p += 8)
+    {
+      memcpy (&m, p, 8);
+      m = GUINT64_FROM_LE (m);
+      v3 ^= m;
+      KD_SIPROUND (v0, v1, v2, v3);
+      v0 ^= m;
+    }
+
+  switch (n & 7)
+    {
+    case 7: last |= (guint64) p[6] << 48; G_GNUC_FALLTHROUGH;
+    case 6: last |= (guint64) p[5] << 40; G_GNUC_FALLTHROUGH;
+    case 5: last |= (guint64) p[4] << 32; G_GNUC_FALLTHROUGH;
+    case 4: last |= (guint64) p[3] << 24; G_GNUC_FALLTHROUGH;
+    case 3: last |= (guint64) p[2] << 16; G_GNUC_FALLTHROUGH;
+    case 2: last |= (guint64) p[1] << 8; G_GNUC_FALLTHROUGH;
+    case 1: last |= (guint64) p[0]; break;
+    default: break;
+    }
+
+  v3 ^= last;
+  KD_SIPROUND (v0, v1, v2, v3);
+  v0 ^= last;
+  v2 ^= 0xff;
+  KD_SIPROUND (v0, v1, v2, v3);
+  KD_SIPROUND (v0, v1, v2, v3);
+  KD_SIPROUND (v0, v1, v2, v3);
+  m = v0 ^ v1 ^ v2 ^ v3;
+
+  *length = n;
+  return (guint) (m ^ (m >> 32));
+}
 
 static inline gboolean
 kd_key_equal (const KdKey *a,

@@ -42,12 +42,12 @@
 #define MIN_SLOTS 8
 
 /* The secret key of kd_key_hash(), drawn once per process. */
-static guint64 secret[2];
+guint64 kd_key_secret[2];
 
 __attribute__ ((constructor)) static void
 draw_secret (void)
 {
-  guint8 bytes[sizeof secret];
+  guint8 bytes[sizeof kd_key_secret];
   gsize got = 0;
   int fd;
 
@@ -63,87 +63,21 @@ draw_secret (void)
       close (fd);
     }
   if (got == sizeof bytes)
-    memcpy (secret, bytes, sizeof secret);
+    memcpy (kd_key_secret, bytes, sizeof kd_key_secret);
   else
     {
-      secret[0] = (guint64) g_get_real_time () ^ ((guint64) getpid () << 32) ^ (guint64) (guintptr) &got;
-      secret[1] = (guint64) g_get_monotonic_time () * 0x9E3779B97F4A7C15u ^ (guint64) (guintptr) bytes;
+      kd_key_secret[0] = (guint64) g_get_real_time () ^ ((guint64) getpid () << 32) ^ (guint64) (guintptr) &got;
+      kd_key_secret[1] = (guint64) g_get_monotonic_time () * 0x9E3779B97F4A7C15u ^ (guint64) (guintptr) bytes;
     }
-}
-
-#define ROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
-
-#define SIPROUND(v0, v1, v2, v3)                                         \
-  G_STMT_START {                                                         \
-    v0 += v1; v1 = ROTL64 (v1, 13); v1 ^= v0; v0 = ROTL64 (v0, 32);      \
-    v2 += v3; v3 = ROTL64 (v3, 16); v3 ^= v2;                            \
-    v0 += v3; v3 = ROTL64 (v3, 21); v3 ^= v0;                            \
-    v2 += v1; v1 = ROTL64 (v1, 17); v1 ^= v2; v2 = ROTL64 (v2, 32);      \
-  } G_STMT_END
-
-/* SipHash-1-3 of @length bytes with the secret key, folded to 32 bits:
- * every bit of the result depends on every byte, as the key table's shards
- * (high bits) and the maps' slots (low bits) need. */
-static guint
-siphash13 (const guchar *p,
-           gsize         length)
-{
-  guint64 v0 = secret[0] ^ 0x736f6d6570736575u;
-  guint64 v1 = secret[1] ^ 0x646f72616e646f6du;
-  guint64 v2 = secret[0] ^ 0x6c7967656e657261u;
-  guint64 v3 = secret[1] ^ 0x7465646279746573u;
-  guint64 last = (guint64) length << 56;
-  const guchar *end = p + (length & ~(gsize) 7);
-  guint64 m;
-
-  for (; p < end; p += 8)
-    {
-      memcpy (&m, p, 8);
-      m = GUINT64_FROM_LE (m);
-      v3 ^= m;
-      SIPROUND (v0, v1, v2, v3);
-      v0 ^= m;
-    }
-
-  switch (length & 7)
-    {
-    case 7: last |= (guint64) p[6] << 48; G_GNUC_FALLTHROUGH;
-    case 6: last |= (guint64) p[5] << 40; G_GNUC_FALLTHROUGH;
-    case 5: last |= (guint64) p[4] << 32; G_GNUC_FALLTHROUGH;
-    case 4: last |= (guint64) p[3] << 24; G_GNUC_FALLTHROUGH;
-    case 3: last |= (guint64) p[2] << 16; G_GNUC_FALLTHROUGH;
-    case 2: last |= (guint64) p[1] << 8; G_GNUC_FALLTHROUGH;
-    case 1: last |= (guint64) p[0]; break;
-    default: break;
-    }
-
-  v3 ^= last;
-  SIPROUND (v0, v1, v2, v3);
-  v0 ^= last;
-  v2 ^= 0xff;
-  SIPROUND (v0, v1, v2, v3);
-  SIPROUND (v0, v1, v2, v3);
-  SIPROUND (v0, v1, v2, v3);
-  m = v0 ^ v1 ^ v2 ^ v3;
-
-  return (guint) (m ^ (m >> 32));
-}
-
-/* The hash of a key (see the design above); also measures the key, which
- * is copied next. */
-guint
-kd_key_hash (const char *string,
-             gsize      *length)
-{
-  *length = strlen (string);
-  return siphash13 ((const guchar *) string, *length);
 }
 
 /* kd_key_hash() as a GHashFunc, for tables of strings from outside. */
 guint
 kd_key_str_hash (gconstpointer string)
 {
-  return siphash13 (string, strlen (string));
+  gsize length;
+
+  return kd_key_hash (string, &length);
 }
 
 void
