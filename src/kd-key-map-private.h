@@ -27,15 +27,22 @@ guint kd_key_str_hash (gconstpointer  string);
 /* The secret key of kd_key_hash() (see kd-key-map.c). */
 extern guint64 kd_key_secret[2];
 
-#define KD_ROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+static inline guint64
+kd_rotl64 (guint64 x,
+           guint   b)
+{
+  return (x << b) | (x >> (64 - b));
+}
 
-#define KD_SIPROUND(v0, v1, v2, v3)                                          \
-  G_STMT_START {                                                             \
-    v0 += v1; v1 = KD_ROTL64 (v1, 13); v1 ^= v0; v0 = KD_ROTL64 (v0, 32);    \
-    v2 += v3; v3 = KD_ROTL64 (v3, 16); v3 ^= v2;                             \
-    v0 += v3; v3 = KD_ROTL64 (v3, 21); v3 ^= v0;                             \
-    v2 += v1; v1 = KD_ROTL64 (v1, 17); v1 ^= v2; v2 = KD_ROTL64 (v2, 32);    \
-  } G_STMT_END
+/* One round of SipHash over its state @v. */
+static inline void
+kd_sip_round (guint64 v[4])
+{
+  v[0] += v[1]; v[1] = kd_rotl64 (v[1], 13); v[1] ^= v[0]; v[0] = kd_rotl64 (v[0], 32);
+  v[2] += v[3]; v[3] = kd_rotl64 (v[3], 16); v[3] ^= v[2];
+  v[0] += v[3]; v[3] = kd_rotl64 (v[3], 21); v[3] ^= v[0];
+  v[2] += v[1]; v[1] = kd_rotl64 (v[1], 17); v[1] ^= v[2]; v[2] = kd_rotl64 (v[2], 32);
+}
 
 /* The hash of a key: SipHash-1-3 of its bytes with the secret key, folded
  * to 32 bits, so that every bit of the result depends on every byte (the
@@ -48,10 +55,12 @@ kd_key_hash (const char *string,
 {
   const guchar *p = (const guchar *) string;
   gsize n = strlen (string);
-  guint64 v0 = kd_key_secret[0] ^ 0x736f6d6570736575u;
-  guint64 v1 = kd_key_secret[1] ^ 0x646f72616e646f6du;
-  guint64 v2 = kd_key_secret[0] ^ 0x6c7967656e657261u;
-  guint64 v3 = kd_key_secret[1] ^ 0x7465646279746573u;
+  guint64 v[4] = {
+    kd_key_secret[0] ^ 0x736f6d6570736575u,
+    kd_key_secret[1] ^ 0x646f72616e646f6du,
+    kd_key_secret[0] ^ 0x6c7967656e657261u,
+    kd_key_secret[1] ^ 0x7465646279746573u,
+  };
   guint64 last = (guint64) n << 56;
   const guchar *end = p + (n & ~(gsize) 7);
   guint64 m;
@@ -60,9 +69,9 @@ kd_key_hash (const char *string,
     {
       memcpy (&m, p, 8);
       m = GUINT64_FROM_LE (m);
-      v3 ^= m;
-      KD_SIPROUND (v0, v1, v2, v3);
-      v0 ^= m;
+      v[3] ^= m;
+      kd_sip_round (v);
+      v[0] ^= m;
     }
 
   switch (n & 7)
@@ -77,14 +86,14 @@ kd_key_hash (const char *string,
     default: break;
     }
 
-  v3 ^= last;
-  KD_SIPROUND (v0, v1, v2, v3);
-  v0 ^= last;
-  v2 ^= 0xff;
-  KD_SIPROUND (v0, v1, v2, v3);
-  KD_SIPROUND (v0, v1, v2, v3);
-  KD_SIPROUND (v0, v1, v2, v3);
-  m = v0 ^ v1 ^ v2 ^ v3;
+  v[3] ^= last;
+  kd_sip_round (v);
+  v[0] ^= last;
+  v[2] ^= 0xff;
+  kd_sip_round (v);
+  kd_sip_round (v);
+  kd_sip_round (v);
+  m = v[0] ^ v[1] ^ v[2] ^ v[3];
 
   *length = n;
   return (guint) (m ^ (m >> 32));

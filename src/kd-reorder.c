@@ -505,7 +505,8 @@ kd_reorder_claim (KdReorder   *self,
   kd_mutex_lock (&shard->lock);
   /* One job per ticket, each claiming one: there is always one left. */
   ticket = order->unclaimed;
-  g_assert (ticket != NULL && !ticket->claimed);
+  if (G_UNLIKELY (ticket == NULL || ticket->claimed))
+    g_error ("kd_reorder_claim: a job of an ordered stage found no item left to run");
   ticket->claimed = TRUE;
   order->unclaimed = ticket->next;
   *item = g_steal_pointer (&ticket->item);

@@ -1135,6 +1135,58 @@ test_thread_limit_unref_in_handler (void)
   kd_test_counter_clear (&u.finalized);
 }
 
+static void
+unref_in_done (KdJob        *job,
+               const GError *error,
+               gpointer      user_data)
+{
+  Unreffed *u = user_data;
+
+  g_object_unref (u->dispatcher);   /* the last reference, in the main context */
+}
+
+static gboolean
+noop_job (KdJob    *job,
+          gpointer  user_data,
+          GError  **error)
+{
+  return TRUE;
+}
+
+static gboolean
+unreffed_done (gpointer user_data)
+{
+  return kd_test_counter_get (user_data) == 1;
+}
+
+static void
+test_thread_limit_unref_in_context (void)
+{
+  GMainContext *context;
+  Unreffed u;
+  GError *error = NULL;
+
+  g_test_summary ("The last unref in a done callback on a main context when no thread can be "
+                  "made: the shutdown finishes in that context, from an idle source, once the "
+                  "callback returned");
+  if (!in_subprocess ())
+    return;
+
+  context = g_main_context_new ();
+  kd_test_counter_init (&u.finalized);
+  u.dispatcher = kd_dispatcher_new (2, noop_job, &u, unreffed_finalized);
+  kd_dispatcher_set_main_context (u.dispatcher, context);
+  kd_dispatcher_set_done_func (u.dispatcher, unref_in_done, &u, NULL);
+  g_assert_true (kd_dispatcher_start (u.dispatcher, &error));
+  kd_test_limit_threads (0);
+  g_assert_true (kd_dispatcher_submit (u.dispatcher, "k", NULL, NULL));
+  g_assert_true (kd_test_iterate_until (context, unreffed_done, &u.finalized));
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+  kd_test_unlimit_threads ();
+  kd_test_counter_clear (&u.finalized);
+  g_main_context_unref (context);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -1161,6 +1213,7 @@ main (int   argc,
   g_test_add_func ("/kd/actors/thread-limit-timer", test_thread_limit_timer);
   g_test_add_func ("/kd/actors/thread-limit-pipeline", test_thread_limit_pipeline);
   g_test_add_func ("/kd/actors/thread-limit-unref-in-handler", test_thread_limit_unref_in_handler);
+  g_test_add_func ("/kd/actors/thread-limit-unref-in-context", test_thread_limit_unref_in_context);
 
   return g_test_run ();
 }

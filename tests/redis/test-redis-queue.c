@@ -2284,7 +2284,6 @@ test_long_log_line (void)
   g_autofree char *key = NULL;
   g_autofree char *text = NULL;
   g_autofree char *log = NULL;
-  g_autofree char *expected = NULL;
   g_auto (GStrv) fields = NULL;
   guint64 refused, skipped;
   Worker *workers[1];
