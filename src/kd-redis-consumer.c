@@ -405,6 +405,17 @@ on_cancelled (GCancellable *cancellable,
   kd_redis_consumer_wake_acker (self);
 }
 
+/* Once the consumer's threads are gone: it is as it was before its start. */
+static void
+forget_dispatcher (KdRedisConsumer *self)
+{
+  g_cancellable_disconnect (self->cancellable, self->cancel_id);
+  self->cancel_id = 0;
+  g_clear_object (&self->cancellable);
+  g_clear_object (&self->dispatcher);
+  self->running = FALSE;
+}
+
 /* A thread of the consumer could not be made: those made so far leave as
  * at a stop (the reader never ran, so nothing is in flight), and the
  * consumer is as it was before the start. */
@@ -427,11 +438,7 @@ abandon_start (KdRedisConsumer *self)
   if (self->lease_thread != NULL)
     g_thread_join (g_steal_pointer (&self->lease_thread));
 
-  g_cancellable_disconnect (self->cancellable, self->cancel_id);
-  self->cancel_id = 0;
-  g_clear_object (&self->cancellable);
-  g_clear_object (&self->dispatcher);
-  self->running = FALSE;
+  forget_dispatcher (self);
 }
 
 gboolean
@@ -528,9 +535,5 @@ kd_redis_consumer_stop (KdRedisConsumer *self)
   kd_mutex_unlock (&self->lock);
   g_thread_join (g_steal_pointer (&self->lease_thread));
 
-  g_cancellable_disconnect (self->cancellable, self->cancel_id);
-  self->cancel_id = 0;
-  g_clear_object (&self->cancellable);
-  g_clear_object (&self->dispatcher);
-  self->running = FALSE;
+  forget_dispatcher (self);
 }
