@@ -80,6 +80,11 @@ typedef void (*KdDoneFunc) (KdJob        *job,
  *
  * A snapshot of a dispatcher's counters, filled by kd_dispatcher_get_stats().
  * In every snapshot @submitted == @completed + @failed + @cancelled + @pending.
+ *
+ * The structure keeps its size and the offsets of its fields in every
+ * version of the library: a new counter takes the place of a reserved slot
+ * (see the README's "API and ABI"), so a program built against an older
+ * version may pass one to a newer library.
  */
 typedef struct
 {
@@ -93,6 +98,9 @@ typedef struct
   guint   live_keys;
   guint64 retried;
   guint   parked_keys;
+
+  /*< private >*/
+  guint64 reserved[8];
 } KdStats;
 
 /**

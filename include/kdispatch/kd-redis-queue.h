@@ -76,7 +76,8 @@ G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
  * @in_flight: entries read and not yet acknowledged, refused or skipped
  *
  * A snapshot of a queue's consumer counters, filled by
- * kd_redis_queue_get_stats().
+ * kd_redis_queue_get_stats(). As #KdStats, it keeps its size and the
+ * offsets of its fields in every version: new counters take reserved slots.
  */
 typedef struct
 {
@@ -90,6 +91,9 @@ typedef struct
   guint64 duplicates;
   guint   shards_owned;
   guint   in_flight;
+
+  /*< private >*/
+  guint64 reserved[8];
 } KdRedisQueueStats;
 
 KD_AVAILABLE_IN_ALL
