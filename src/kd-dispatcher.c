@@ -126,6 +126,7 @@
 #include "kd-shutdown-private.h"
 #include "kd-submit-result-private.h"
 #include "kd-sync-private.h"
+#include "kd-trace-private.h"
 
 #define DEFAULT_CAPACITY 1024
 
@@ -494,6 +495,10 @@ finish_job (KdDispatcher *self,
   kd_job_free (job);
 }
 
+/* A job's key, or the key its item carries in a pipeline stage, for the
+ * probes (see kd-trace-private.h). */
+#define TRACE_KEY(job) ((job)->mailbox != NULL ? kd_mailbox_get_key ((job)->mailbox) : (job)->label)
+
 /* On the main context's thread. */
 static void
 deliver_job (KdTask   *task,
@@ -503,6 +508,7 @@ deliver_job (KdTask   *task,
   KdJob *job = (KdJob *) task;
   GError *error = g_steal_pointer (&job->error);
 
+  KD_TRACE3 (job_deliver, self->name, TRACE_KEY (job), job);
   finish_job (self, job, error);
 }
 
@@ -540,6 +546,7 @@ job_failed (KdDispatcher   *self,
     {
       g_debug ("dispatcher %p: attempt %u of a job failed, retrying: %s",
                (gpointer) self, job->attempt, (*error)->message);
+      KD_TRACE4 (job_retry, self->name, TRACE_KEY (job), job, job->attempt);
       g_clear_error (error);
       count_ended (&stats->retried);
       return JOB_RETRY;
@@ -615,6 +622,7 @@ run_job (KdDispatcher  *self,
         }
 
       job->attempt++;
+      KD_TRACE4 (job_start, self->name, TRACE_KEY (job), job, job->attempt);
       __atomic_store_n (&stats->running, 1, __ATOMIC_RELAXED);
       completed = self->handler (job, self->handler_data, &error);
       __atomic_store_n (&stats->running, 0, __ATOMIC_RELAXED);
@@ -638,6 +646,8 @@ run_job (KdDispatcher  *self,
         }
     }
 
+  KD_TRACE4 (job_end, self->name, TRACE_KEY (job), job,
+             counter == &stats->completed ? 0 : counter == &stats->failed ? 1 : 2);
   if (self->stage_hooks.ended != NULL)
     self->stage_hooks.ended (job, self->stage_data);
 
@@ -753,8 +763,11 @@ park_begin (KdDispatcher *self,
   kd_mutex_unlock (&self->parked_lock);
 
   if (parked)
-    g_debug ("dispatcher %p: key \"%s\" parked after a failure", (gpointer) self,
-             kd_mailbox_get_key (mailbox));
+    {
+      g_debug ("dispatcher %p: key \"%s\" parked after a failure", (gpointer) self,
+               kd_mailbox_get_key (mailbox));
+      KD_TRACE2 (key_park, self->name, kd_mailbox_get_key (mailbox));
+    }
 
   return parked;
 }
@@ -1284,6 +1297,7 @@ push_job (KdDispatcher      *self,
   job->ticket = ticket;
   job->label = label;
   job->result = result;
+  KD_TRACE3 (job_submit, self->name, key != NULL ? key : label, job);
 
   if (G_UNLIKELY (bound != NULL))
     {

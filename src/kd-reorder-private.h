@@ -37,6 +37,7 @@ KdOrderKey *kd_reorder_enter (KdReorder       *self,
                              gpointer           item,
                              char              *label,
                              guint              epoch,
+                             gboolean           may_wait,
                              GError           **error);
 KdTicket  *kd_reorder_claim (KdReorder         *self,
                              KdOrderKey        *order,

@@ -289,14 +289,17 @@ typedef enum
   ROOM_TAKEN,
   ROOM_TURN,     /* no room taken: the waiting ticket may pass its items on */
   ROOM_CLOSED,
+  ROOM_NONE,     /* no room, and the caller would not wait */
 } RoomResult;
 
 /* Takes room for a ticket or a buffered item; blocks while there is none
- * (@room taken). With @waiting, also returns (taking nothing) once that
- * ticket's turn came: it is its key's head and nobody flushes the key. */
+ * (@room taken), unless not @may_wait. With @waiting, also returns (taking
+ * nothing) once that ticket's turn came: it is its key's head and nobody
+ * flushes the key. */
 static RoomResult
 take_room (KdReorder *self,
-           KdTicket  *waiting)
+           KdTicket  *waiting,
+           gboolean   may_wait)
 {
   gint n = __atomic_load_n (&self->taken, __ATOMIC_RELAXED);
   gint64 recheck_us;
@@ -316,6 +319,8 @@ take_room (KdReorder *self,
 
       if (waiting != NULL && __atomic_load_n (&waiting->turn, __ATOMIC_ACQUIRE))
         return ROOM_TURN;
+      if (!may_wait)
+        return ROOM_NONE;
 
       /* At the bound. Raising @sleepers before looking again pairs with
        * give_back_room(), which lowers the count before looking at
@@ -417,14 +422,16 @@ order_key_locked (KdReorder    *self,
  * @item: the item, held by the ticket until a job claims it
  * @label: (transfer full) (nullable): the item's label, held likewise
  * @epoch: the epoch of the stage's admission unit the item holds
+ * @may_wait: whether to wait for room
  *
  * Takes the ticket of an item entering the stage, behind the tickets of the
- * items of @key that entered before it; blocks while there is no room (see
- * the design above). Returns the key's queue, from which a job claims the
- * ticket (kd_reorder_claim()): the key stays known while a ticket of it
- * is unclaimed. Fails with KD_ERROR_CLOSED once the reorder is closed:
- * @label was released and the item is still the caller's. Every ticket
- * must go back through kd_reorder_leave().
+ * items of @key that entered before it; while there is no room (see the
+ * design above), waits if @may_wait, else fails with KD_ERROR_FULL. Returns
+ * the key's queue, from which a job claims the ticket (kd_reorder_claim()):
+ * the key stays known while a ticket of it is unclaimed. Fails with
+ * KD_ERROR_CLOSED once the reorder is closed. On failure @label and the
+ * item are still the caller's. Every ticket must go back through
+ * kd_reorder_leave().
  */
 KdOrderKey *
 kd_reorder_enter (KdReorder   *self,
@@ -432,6 +439,7 @@ kd_reorder_enter (KdReorder   *self,
                   gpointer     item,
                   char        *label,
                   guint        epoch,
+                  gboolean     may_wait,
                   GError     **error)
 {
   KdKey probe = { 0, 0, key };
@@ -439,11 +447,19 @@ kd_reorder_enter (KdReorder   *self,
   OrderKey *order;
   Shard *shard;
 
-  if (take_room (self, NULL) != ROOM_TAKEN)
+  switch (take_room (self, NULL, may_wait))
     {
+    case ROOM_TAKEN:
+      break;
+    case ROOM_NONE:
+      g_set_error_literal (error, KD_ERROR, KD_ERROR_FULL,
+                           "The ordered stage is full, and a thread of its own cannot wait "
+                           "for room in it");
+      return NULL;
+    case ROOM_CLOSED:
+    default:
       g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
                            "The pipeline no longer accepts items");
-      kd_label_unref (label);
       return NULL;
     }
 
@@ -688,7 +704,7 @@ kd_reorder_emit (KdReorder   *self,
           ticket->waiting = TRUE;
           ticket->turn = FALSE;
           kd_mutex_unlock (&shard->lock);
-          result = take_room (self, ticket);
+          result = take_room (self, ticket, TRUE);
           kd_mutex_lock (&shard->lock);
           ticket->waiting = FALSE;
           if (result == ROOM_CLOSED)

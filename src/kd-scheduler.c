@@ -791,9 +791,13 @@ kd_scheduler_join (KdScheduler *self)
           kd_tsan_acquire (&self->workers[i]);
         }
 
-      /* Stopped by the shutdown, so its calls were all made. Taken out
-       * under its lock: a late hurry or shutdown from another thread finds
-       * no timer rather than a freed one. */
+      /* Stopped by the shutdown: once its thread exited, its calls were
+       * all made (one of them, the idle keys' sweep, may still try to add
+       * a call meanwhile: the timer tells it that it stopped). Only then
+       * taken out, under its lock, so that a late hurry or shutdown from
+       * another thread finds no timer rather than a freed one. */
+      if (self->timer != NULL)
+        kd_timer_join (self->timer);
       kd_mutex_lock (&self->timer_lock);
       timer = g_steal_pointer (&self->timer);
       kd_mutex_unlock (&self->timer_lock);
@@ -836,16 +840,12 @@ kd_scheduler_free (KdScheduler *self)
 gboolean
 kd_scheduler_runs_here (KdScheduler *self)
 {
-  gboolean here = current_worker != NULL && current_worker->scheduler == self;
+  /* The timer is only compared with the one running here, never touched:
+   * if it is that one, it is alive. */
+  KdTimer *timer = __atomic_load_n (&self->timer, __ATOMIC_RELAXED);
 
-  if (!here)
-    {
-      kd_mutex_lock (&self->timer_lock);
-      here = self->timer != NULL && kd_timer_runs_here (self->timer);
-      kd_mutex_unlock (&self->timer_lock);
-    }
-
-  return here;
+  return (current_worker != NULL && current_worker->scheduler == self) ||
+         (timer != NULL && kd_timer_runs_here (timer));
 }
 
 /* The worker running on this thread, or NULL. */

@@ -13,14 +13,17 @@
  * hands the rest of the shutdown (the finish) to kd_shutdown_later(), which
  * runs it where it can wait, and then drops the reference:
  *
- *  - On a worker's or the timer's thread (they call
+ *  - On one of the object's workers or its timer's thread (they call
  *    kd_shutdown_thread_enter() as they start): as that thread exits. It
- *    exits once the object, closed, has drained, so the finish waits for
- *    nothing more; it joins the object's other threads and lets its own
- *    go (kd_scheduler_join(), kd_timer_free()). No thread is made, so this
- *    cannot fail.
- *  - Elsewhere (a main context's thread): on a new thread, so that the
- *    context goes on running while the object drains. If no thread can be
+ *    exits once its dispatcher, closed, has drained, so the finish waits
+ *    for nothing of its own (a pipeline's waits for the stages after that
+ *    one, which never wait for an earlier stage); it joins the object's
+ *    other threads and lets its own go (kd_scheduler_join(),
+ *    kd_timer_join()). The thread no longer counts as the object's by
+ *    then. No thread is made, so this cannot fail.
+ *  - Elsewhere (a main context's thread, even if it is another
+ *    dispatcher's worker): on a new thread, so that the context goes on
+ *    running while the object drains. If no thread can be
  *    made, from an idle source of the context being dispatched, once its
  *    dispatch returned: the context's thread then waits for the object's
  *    jobs. With no such context either (a case no caller of kdispatch can
@@ -85,8 +88,8 @@ finish_in_idle (gpointer data)
 /*
  * kd_shutdown_later:
  * @object: an object whose last reference went on one of its own threads
- * @dispatching: (nullable): the main context whose dispatch dropped it, if
- *   it was not a worker or the timer
+ * @dispatching: (nullable): the main context whose dispatch dropped it;
+ *   %NULL if it went on one of the object's own workers or timer
  * @finish: the rest of the shutdown
  *
  * Takes a reference to @object, runs @finish (@object) where it may wait
@@ -102,7 +105,10 @@ kd_shutdown_later (GObject        *object,
   GThread *thread;
   GSource *idle;
 
-  if (runs_deferred)
+  /* Only the object's own worker or timer finishes it as it exits: one of
+   * another dispatcher's, dispatching this object's main context, might
+   * never exit. */
+  if (runs_deferred && dispatching == NULL)
     {
       d->next = deferred;
       deferred = d;

@@ -27,6 +27,7 @@ void     kd_timer_hurry  (KdTimer     *self);
 void     kd_timer_stop   (KdTimer     *self);
 gboolean kd_timer_runs_here (KdTimer  *self);
 guint    kd_timer_get_allocated (KdTimer *self);
+void     kd_timer_join   (KdTimer     *self);
 void     kd_timer_free   (KdTimer     *self);
 
 G_END_DECLS

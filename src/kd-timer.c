@@ -134,11 +134,15 @@ heap_pop (KdTimer *self)
   return top;
 }
 
+/* The timer running on this thread, until its loop ended. */
+static KD_THREAD_LOCAL KdTimer *current_timer;
+
 static gpointer
 timer_main (gpointer data)
 {
   KdTimer *self = data;
 
+  current_timer = self;
   kd_shutdown_thread_enter ();
   kd_mutex_lock (&self->lock);
   for (;;)
@@ -170,7 +174,9 @@ timer_main (gpointer data)
     }
   kd_mutex_unlock (&self->lock);
 
-  /* Last: a shutdown left to this thread may free the timer. */
+  /* Last: a shutdown left to this thread may free the timer, and it does
+   * not run on the timer any more. */
+  current_timer = NULL;
   kd_shutdown_thread_exit ();
   return NULL;
 }
@@ -268,18 +274,30 @@ kd_timer_get_allocated (KdTimer *self)
 gboolean
 kd_timer_runs_here (KdTimer *self)
 {
-  return g_thread_self () == self->thread;
+  return current_timer == self;
 }
 
-/* After kd_timer_stop(): joins the thread, or, from the thread itself
- * (finishing a shutdown as it exits, see kd-shutdown.c), lets it go. */
+/* After kd_timer_stop(): waits until the thread made its last call and
+ * exited, or, from the thread itself (finishing a shutdown as it exits,
+ * see kd-shutdown.c), lets it go. Idempotent. */
+void
+kd_timer_join (KdTimer *self)
+{
+  GThread *thread = g_steal_pointer (&self->thread);
+
+  if (thread == NULL)
+    return;
+  if (thread == g_thread_self ())
+    g_thread_unref (thread);
+  else
+    g_thread_join (thread);
+}
+
+/* After kd_timer_join(). */
 void
 kd_timer_free (KdTimer *self)
 {
-  if (self->thread == g_thread_self ())
-    g_thread_unref (self->thread);
-  else
-    g_thread_join (self->thread);
+  g_assert (self->thread == NULL);
   g_assert (self->length == 0);
   g_free (self->heap);
   g_cond_clear (&self->cond);

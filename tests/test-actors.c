@@ -608,6 +608,103 @@ test_wait_from_shutdown (void)
   kd_test_counter_clear (&w.freed);
 }
 
+/* ---- The idle keys' sweep meeting the shutdown ------------------------ */
+
+typedef struct
+{
+  KdTestGate    release;      /* lets the free of "a" go on */
+  KdTestCounter entered;      /* the free of "a" began */
+  KdTestCounter finalized;    /* workers that ran their finalize */
+  gint          freed;
+} SlowFree;
+
+static SlowFree *slow_free;
+
+static gpointer
+slow_state_new (const char *key,
+                gpointer    user_data)
+{
+  return g_strdup (key);
+}
+
+static void
+slow_state_free (gpointer state)
+{
+  if (g_str_equal (state, "a"))
+    {
+      kd_test_counter_add (&slow_free->entered, 1);
+      g_assert_true (kd_test_gate_wait (&slow_free->release));
+    }
+  g_atomic_int_inc (&slow_free->freed);
+  g_free (state);
+}
+
+static gpointer
+count_init (KdDispatcher  *dispatcher,
+            guint          worker_index,
+            gpointer       user_data,
+            GError       **error)
+{
+  return NULL;
+}
+
+static void
+count_finalize (KdDispatcher *dispatcher,
+                guint         worker_index,
+                gpointer      worker_data,
+                gpointer      user_data)
+{
+  kd_test_counter_add (&slow_free->finalized, 1);
+}
+
+static gpointer
+unref_in_thread (gpointer data)
+{
+  g_object_unref (data);
+  return NULL;
+}
+
+static void
+test_key_idle_sweep_meets_shutdown (void)
+{
+  SlowFree s = { 0 };
+  KdDispatcher *dispatcher;
+  GThread *unref;
+
+  g_test_summary ("The idle keys' sweep, still freeing a state when the last unref stops the "
+                  "timer, finds the timer stopped as it comes back for a key not yet due: it "
+                  "frees that state too and the shutdown completes");
+
+  slow_free = &s;
+  kd_test_gate_init (&s.release);
+  kd_test_counter_init (&s.entered);
+  kd_test_counter_init (&s.finalized);
+  dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  kd_dispatcher_set_key_state_funcs (dispatcher, slow_state_new, slow_state_free, NULL, NULL);
+  kd_dispatcher_set_key_idle_time (dispatcher, 20 * G_TIME_SPAN_MILLISECOND);
+  kd_dispatcher_set_worker_funcs (dispatcher, count_init, count_finalize, NULL, NULL);
+
+  /* "a" expires, and its free holds the sweep; "b" goes idle meanwhile,
+   * not due before the sweep is done with "a". */
+  g_assert_true (kd_dispatcher_submit (dispatcher, "a", NULL, NULL));
+  g_assert_true (kd_test_counter_wait (&s.entered, 1));
+  g_assert_true (kd_dispatcher_submit (dispatcher, "b", NULL, NULL));
+  kd_dispatcher_wait (dispatcher);
+
+  /* The last unref stops the workers and the timer, and waits for the
+   * timer's thread: once only that thread is left, let the sweep go on. */
+  unref = g_thread_new ("unref", unref_in_thread, dispatcher);
+  g_assert_true (kd_test_counter_wait (&s.finalized, 2));
+  g_assert_cmpuint (kd_test_threads_settle (1), ==, 1);
+  kd_test_gate_open (&s.release);
+  g_thread_join (unref);
+
+  g_assert_cmpint (s.freed, ==, 2);
+  kd_test_gate_clear (&s.release);
+  kd_test_counter_clear (&s.entered);
+  kd_test_counter_clear (&s.finalized);
+}
+
 /* A worker init that uses its own dispatcher is refused, not deadlocked. */
 static gint init_submit_refused;
 
@@ -1203,6 +1300,7 @@ main (int   argc,
   g_test_add_func ("/kd/actors/key-idle-last-unref", test_key_idle_last_unref);
   g_test_add_func ("/kd/actors/key-idle-bounded", test_key_idle_bounded);
   g_test_add_func ("/kd/actors/key-idle-bounded-revived", test_key_idle_bounded_revived);
+  g_test_add_func ("/kd/actors/key-idle-sweep-meets-shutdown", test_key_idle_sweep_meets_shutdown);
   g_test_add_func ("/kd/actors/wait-from-timer", test_wait_from_timer);
   g_test_add_func ("/kd/actors/wait-from-shutdown", test_wait_from_shutdown);
   g_test_add_func ("/kd/actors/worker-init-uses-dispatcher", test_worker_init_uses_dispatcher);

@@ -1638,7 +1638,7 @@ enter_and_claim (KdReorder  *reorder,
                  const char *key)
 {
   GError *error = NULL;
-  KdOrderKey *order = kd_reorder_enter (reorder, key, NULL, NULL, 0, &error);
+  KdOrderKey *order = kd_reorder_enter (reorder, key, NULL, NULL, 0, TRUE, &error);
   gpointer item;
   char *label;
   guint epoch;
@@ -1710,8 +1710,8 @@ test_reorder_claim_order (void)
   g_test_summary ("A job of an ordered stage runs the oldest item of its key that no job took "
                   "yet, whatever ticket it was queued with: the key's items start in entry order");
 
-  first_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (1), kd_label_new ("k"), 7, &error);
-  second_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (2), kd_label_new ("k"), 8, &error);
+  first_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (1), kd_label_new ("k"), 7, TRUE, &error);
+  second_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (2), kd_label_new ("k"), 8, TRUE, &error);
   g_assert_no_error (error);
   g_assert_true (first_queued == second_queued);   /* the key's queue */
 
@@ -1999,6 +1999,163 @@ test_wait_from_stage (void)
   g_object_unref (pipeline);
 }
 
+/* The last reference to a pipeline, held by a key state of its first
+ * stage, dropped on that stage's timer as the state's idle time ends. */
+typedef struct
+{
+  KdPipeline   *pipeline;
+  KdTestCounter sunk;
+  KdTestCounter finalized;
+  KdTestGate    unreffed;   /* the test dropped its own reference */
+} HeldByState;
+
+static HeldByState *held_by_state;
+
+static gpointer
+pipeline_state_new (const char *key,
+                    gpointer    user_data)
+{
+  HeldByState *h = user_data;
+
+  return g_object_ref (h->pipeline);
+}
+
+static void
+pipeline_state_free (gpointer state)
+{
+  /* After the test's unref: this one is the last. */
+  g_assert_true (kd_test_gate_wait (&held_by_state->unreffed));
+  g_object_unref (state);
+}
+
+static void
+held_sink (const char *key,
+           gpointer    item,
+           gpointer    user_data)
+{
+  HeldByState *h = user_data;
+
+  kd_test_counter_add (&h->sunk, 1);
+}
+
+static void
+held_sink_destroy (gpointer user_data)
+{
+  HeldByState *h = user_data;
+
+  kd_test_counter_add (&h->finalized, 1);
+}
+
+static void
+test_unref_on_stage_timer (void)
+{
+  HeldByState h;
+  KdDispatcher *first, *second;
+
+  g_test_summary ("A pipeline whose last reference goes in a key state's free on its first "
+                  "stage's timer finishes its shutdown as that timer's thread exits: it waits "
+                  "for the later stages (no \"own threads\" refusal) before it finalizes");
+
+  kd_test_counter_init (&h.sunk);
+  kd_test_counter_init (&h.finalized);
+  kd_test_gate_init (&h.unreffed);
+  held_by_state = &h;
+  h.pipeline = kd_pipeline_new ();
+  first = kd_pipeline_add_stage (h.pipeline, "first", 1, emit_own_item, NULL, NULL);
+  kd_dispatcher_set_key_state_funcs (first, pipeline_state_new, pipeline_state_free, &h, NULL);
+  kd_dispatcher_set_key_idle_time (first, G_TIME_SPAN_MILLISECOND);
+  second = kd_pipeline_add_stage (h.pipeline, "second", 1, emit_own_item, NULL, NULL);
+  kd_pipeline_set_stage_mode (h.pipeline, second, KD_STAGE_ORDERED);
+  kd_pipeline_set_sink (h.pipeline, held_sink, &h, held_sink_destroy);
+
+  g_assert_true (kd_pipeline_submit (h.pipeline, "k", GUINT_TO_POINTER (1), NULL));
+  g_assert_true (kd_test_counter_wait (&h.sunk, 1));   /* the key's state was made */
+  g_object_unref (h.pipeline);   /* the key's state holds the last reference */
+  kd_test_gate_open (&h.unreffed);
+
+  g_assert_true (kd_test_counter_wait (&h.finalized, 1));
+  g_assert_cmpuint (kd_test_counter_get (&h.sunk), ==, 1);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+  kd_test_counter_clear (&h.sunk);
+  kd_test_counter_clear (&h.finalized);
+  kd_test_gate_clear (&h.unreffed);
+}
+
+typedef struct
+{
+  KdPipeline   *pipeline;
+  KdTestGate    second_ended;
+  GError       *resubmit_error;
+} Resubmit;
+
+static gboolean
+resubmit_handler (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  Resubmit *r = user_data;
+  guint n = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  if (n == 1)
+    {
+      /* The second item emitted behind this one and ended: the stage's
+       * room holds two tickets and its emit. */
+      g_assert_true (kd_test_gate_wait (&r->second_ended));
+      g_assert_false (kd_pipeline_submit (r->pipeline, "k", GUINT_TO_POINTER (3),
+                                          &r->resubmit_error));
+    }
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static void
+resubmit_done (KdJob        *job,
+               const GError *error,
+               gpointer      user_data)
+{
+  Resubmit *r = user_data;
+
+  if (GPOINTER_TO_UINT (kd_job_get_item (job)) == 2 || kd_job_get_item (job) == NULL)
+    kd_test_gate_open (&r->second_ended);
+}
+
+static void
+count_sunk (const char *key,
+            gpointer    item,
+            gpointer    user_data)
+{
+  g_atomic_int_inc ((gint *) user_data);
+}
+
+static void
+test_ordered_resubmit_from_handler (void)
+{
+  Resubmit r = { 0 };
+  KdDispatcher *stage;
+  gint sunk = 0;
+
+  g_test_summary ("A handler of an ordered stage that submits to its own pipeline while the "
+                  "stage has no room is refused with KD_ERROR_FULL instead of waiting for room "
+                  "that only its own end can make");
+
+  kd_test_gate_init (&r.second_ended);
+  r.pipeline = kd_pipeline_new ();
+  stage = kd_pipeline_add_stage (r.pipeline, "ordered", 2, resubmit_handler, &r, NULL);
+  kd_pipeline_set_stage_mode (r.pipeline, stage, KD_STAGE_ORDERED);
+  kd_dispatcher_set_capacity (stage, 3);
+  kd_dispatcher_set_done_func (stage, resubmit_done, &r, NULL);
+  kd_pipeline_set_sink (r.pipeline, count_sunk, &sunk, NULL);
+
+  g_assert_true (kd_pipeline_submit (r.pipeline, "k", GUINT_TO_POINTER (1), NULL));
+  g_assert_true (kd_pipeline_submit (r.pipeline, "k", GUINT_TO_POINTER (2), NULL));
+  kd_pipeline_wait (r.pipeline);
+
+  g_assert_error (r.resubmit_error, KD_ERROR, KD_ERROR_FULL);
+  g_clear_error (&r.resubmit_error);
+  g_assert_cmpint (sunk, ==, 2);
+  g_object_unref (r.pipeline);
+  kd_test_gate_clear (&r.second_ended);
+}
+
 int
 main (int    argc,
       char **argv)
@@ -2032,6 +2189,8 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/bad-input", test_bad_input);
   g_test_add_func ("/kd/pipeline/emit-outside-pipeline", test_emit_outside_pipeline);
   g_test_add_func ("/kd/pipeline/wait-from-stage", test_wait_from_stage);
+  g_test_add_func ("/kd/pipeline/unref-on-stage-timer", test_unref_on_stage_timer);
+  g_test_add_func ("/kd/pipeline/ordered-resubmit-from-handler", test_ordered_resubmit_from_handler);
 
   kd_test_gate_init (&ledger.triggered);
   result = g_test_run ();

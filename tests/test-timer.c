@@ -75,6 +75,7 @@ test_order (void)
     }
 
   kd_timer_stop (timer);
+  kd_timer_join (timer);
   kd_timer_free (timer);
   calls_clear (&calls);
 }
@@ -105,6 +106,7 @@ test_gives_memory_back (void)
   g_assert_cmpuint (kd_timer_get_allocated (timer), <=, 16);
 
   kd_timer_stop (timer);
+  kd_timer_join (timer);
   kd_timer_free (timer);
   calls_clear (&calls);
 }
