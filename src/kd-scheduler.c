@@ -795,11 +795,12 @@ kd_scheduler_join (KdScheduler *self)
        * all made (one of them, the idle keys' sweep, may still try to add
        * a call meanwhile: the timer tells it that it stopped). Only then
        * taken out, under its lock, so that a late hurry or shutdown from
-       * another thread finds no timer rather than a freed one. */
+       * another thread finds no timer rather than a freed one; atomically,
+       * for kd_scheduler_runs_here(), which reads it without the lock. */
       if (self->timer != NULL)
         kd_timer_join (self->timer);
       kd_mutex_lock (&self->timer_lock);
-      timer = g_steal_pointer (&self->timer);
+      timer = __atomic_exchange_n (&self->timer, NULL, __ATOMIC_RELAXED);
       kd_mutex_unlock (&self->timer_lock);
       if (timer != NULL)
         kd_timer_free (timer);
