@@ -872,6 +872,18 @@ drop_parked (KdDispatcher *self)
 /* How many idle spells the sweep ends per look at the key table. */
 #define EXPIRE_BATCH 64
 
+/* Ends the idle spell the key table handed out (by the sweep, or early by
+ * the bound on idle keys): frees its @state, then lets the mailbox go on. */
+static void
+end_idle_spell (KdDispatcher *self,
+                KdMailbox    *mailbox,
+                gpointer      state)
+{
+  if (self->key_state_free != NULL)
+    self->key_state_free (state);
+  kd_key_table_expire_end (self->keys, mailbox);
+}
+
 /* Frees the states of the idle spells of the keys reaped before
  * @reaped_before. */
 static void
@@ -886,11 +898,7 @@ expire_idle_states (KdDispatcher *self,
     {
       n = kd_key_table_take_expired (self->keys, reaped_before, mailboxes, states, EXPIRE_BATCH);
       for (i = 0; i < n; i++)
-        {
-          if (self->key_state_free != NULL)
-            self->key_state_free (states[i]);
-          kd_key_table_expire_end (self->keys, mailboxes[i]);
-        }
+        end_idle_spell (self, mailboxes[i], states[i]);
     }
   while (n == EXPIRE_BATCH);
 }
@@ -1015,11 +1023,7 @@ run_mailbox (KdDispatcher  *self,
       if (keep_state && reaped)
         arm_idle_sweep (self, kd_worker_get_scheduler (worker));
       if (G_UNLIKELY (evicted != NULL))
-        {
-          if (self->key_state_free != NULL)
-            self->key_state_free (evicted_state);
-          kd_key_table_expire_end (self->keys, evicted);
-        }
+        end_idle_spell (self, evicted, evicted_state);
       release_job (self, worker, last_epoch);
 
       if (reaped)

@@ -193,18 +193,10 @@ enter_stage (Stage     *stage,
        * thread of the stage's own (its handler submitting to the pipeline)
        * does not wait for room that only the stage's items can make, as
        * for its admission (kd_dispatcher_admit()). */
-      GError *local_error = NULL;
-
-      order = kd_reorder_enter (stage->reorder, key, item, key, epoch, FALSE, &local_error);
-      if (order == NULL && g_error_matches (local_error, KD_ERROR, KD_ERROR_FULL) &&
-          !kd_dispatcher_runs_here (stage->dispatcher))
-        {
-          g_clear_error (&local_error);
-          order = kd_reorder_enter (stage->reorder, key, item, key, epoch, TRUE, &local_error);
-        }
+      order = kd_reorder_enter (stage->reorder, key, item, key, epoch,
+                                !kd_dispatcher_runs_here (stage->dispatcher), error);
       if (order == NULL)
         {
-          g_propagate_error (error, local_error);
           kd_dispatcher_unadmit (stage->dispatcher, epoch);
           g_clear_pointer (&key, kd_label_unref);
           return FALSE;

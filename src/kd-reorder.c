@@ -96,27 +96,26 @@ struct _Emitted
   gpointer item;
 };
 
-typedef struct _KdOrderKey OrderKey;
 typedef struct _Shard    Shard;
 
 struct _KdTicket
 {
-  OrderKey *order;
-  KdTicket *next;      /* the next ticket of the key, or the next spare */
-  gboolean  ended;
-  Emitted  *first;     /* buffered, in emit order; each holds room */
-  Emitted  *last;
+  KdOrderKey *order;
+  KdTicket   *next;      /* the next ticket of the key, or the next spare */
+  gboolean    ended;
+  Emitted    *first;     /* buffered, in emit order; each holds room */
+  Emitted    *last;
 
   /* Its item waits for room in kd_reorder_emit() (under the shard lock),
    * and may stop waiting, as its turn came (atomic) */
-  gboolean  waiting;
-  gint      turn;
+  gboolean    waiting;
+  gint        turn;
 
   /* The item, until a job claims it (kd_reorder_claim()) */
-  gboolean  claimed;
-  gpointer  item;
-  char     *label;     /* a kd_label_new() label, or NULL */
-  guint     epoch;     /* of the stage's admission unit it holds */
+  gboolean    claimed;
+  gpointer    item;
+  char       *label;     /* a kd_label_new() label, or NULL */
+  guint       epoch;     /* of the stage's admission unit it holds */
 };
 
 /* A key's FIFO of tickets. Protected by its shard's lock. */
@@ -137,7 +136,7 @@ struct _KdOrderKey
 struct _Shard
 {
   GMutex      lock;
-  KdKeyMap    map;          /* KdKey (inside its OrderKey) → OrderKey *, active or dormant */
+  KdKeyMap    map;          /* KdKey (inside its KdOrderKey) → KdOrderKey *, active or dormant */
   KdTicket   *spare_tickets;
   Emitted    *spare_emitted;
   KdLru       dormant;      /* dormant keys, least recently used first */
@@ -167,29 +166,29 @@ struct _KdReorder
   GCond             sleepers_cond; /* @n_sleeping changed */
   guint             n_sleeping;    /* protected by @room_lock */
 
-  OrderKey         *unkeyed;       /* NULL-key items' FIFO, under shards[0]'s lock */
+  KdOrderKey       *unkeyed;       /* NULL-key items' FIFO, under shards[0]'s lock */
 
   Shard             shards[N_SHARDS];
 };
 
 static void
-free_order_key (OrderKey *order)
+free_order_key (KdOrderKey *order)
 {
   kd_label_unref ((char *) order->key.string);
   g_free (order);
 }
 
 static void
-link_dormant_locked (Shard    *shard,
-                     OrderKey *order)
+link_dormant_locked (Shard      *shard,
+                     KdOrderKey *order)
 {
   order->dormant = TRUE;
   kd_lru_push_newest (&shard->dormant, &order->dormant_link);
 }
 
 static void
-unlink_dormant_locked (Shard    *shard,
-                       OrderKey *order)
+unlink_dormant_locked (Shard      *shard,
+                       KdOrderKey *order)
 {
   order->dormant = FALSE;
   kd_lru_remove (&shard->dormant, &order->dormant_link);
@@ -199,7 +198,7 @@ unlink_dormant_locked (Shard    *shard,
 static void
 forget_oldest_locked (Shard *shard)
 {
-  OrderKey *oldest = KD_LRU_ENTRY (shard->dormant.oldest, OrderKey, dormant_link);
+  KdOrderKey *oldest = KD_LRU_ENTRY (shard->dormant.oldest, KdOrderKey, dormant_link);
 
   unlink_dormant_locked (shard, oldest);
   kd_key_map_remove (&shard->map, &oldest->key);
@@ -382,18 +381,18 @@ give_back_room (KdReorder *self)
 }
 
 /* With the shard's lock held: @key's FIFO, found, woken or created. */
-static OrderKey *
+static KdOrderKey *
 order_key_locked (KdReorder    *self,
                   Shard        *shard,
                   const KdKey  *key)
 {
-  OrderKey *order;
+  KdOrderKey *order;
 
   if (key->string == NULL)
     {
       if (self->unkeyed == NULL)
         {
-          self->unkeyed = g_new0 (OrderKey, 1);
+          self->unkeyed = g_new0 (KdOrderKey, 1);
           self->unkeyed->shard = shard;
         }
       return self->unkeyed;
@@ -402,7 +401,7 @@ order_key_locked (KdReorder    *self,
   order = kd_key_map_lookup (&shard->map, key);
   if (order == NULL)
     {
-      order = g_new0 (OrderKey, 1);
+      order = g_new0 (KdOrderKey, 1);
       order->key = *key;
       order->key.string = kd_label_new (key->string);
       order->shard = shard;
@@ -444,7 +443,7 @@ kd_reorder_enter (KdReorder   *self,
 {
   KdKey probe = { 0, 0, key };
   KdTicket *ticket;
-  OrderKey *order;
+  KdOrderKey *order;
   Shard *shard;
 
   switch (take_room (self, NULL, may_wait))
@@ -537,8 +536,8 @@ kd_reorder_claim (KdReorder   *self,
  * its items on, it goes dormant, and the least recently used dormant key
  * past the bound is forgotten. */
 static void
-sleep_if_idle_locked (KdReorder *self,
-                      OrderKey  *order)
+sleep_if_idle_locked (KdReorder  *self,
+                      KdOrderKey *order)
 {
   Shard *shard = order->shard;
 
@@ -620,8 +619,8 @@ pass_list (KdReorder *self,
  * once what it emitted was passed on, so the items in flight, in the
  * reorder or in this thread's hands, stay within the ticket bound. */
 static void
-flush_locked (KdReorder *self,
-              OrderKey  *order)
+flush_locked (KdReorder  *self,
+              KdOrderKey *order)
 {
   Shard *shard = order->shard;
 
@@ -685,7 +684,7 @@ kd_reorder_emit (KdReorder   *self,
                  gpointer     item,
                  GError     **error)
 {
-  OrderKey *order = ticket->order;
+  KdOrderKey *order = ticket->order;
   Shard *shard = order->shard;
   gboolean room = FALSE;
   gboolean passed;
@@ -769,7 +768,7 @@ void
 kd_reorder_leave (KdReorder *self,
                   KdTicket  *ticket)
 {
-  OrderKey *order = ticket->order;
+  KdOrderKey *order = ticket->order;
   Shard *shard = order->shard;
 
   kd_mutex_lock (&shard->lock);

@@ -9,7 +9,7 @@
  * counters; gdb does too). Untraced, a probe costs a load and a branch and
  * its arguments are not computed. Without sys/sdt.h the probes compile to
  * nothing. Provider "kdispatch"; the probes, their arguments, and a
- * bpftrace example are in the README ("Packages and tracing"):
+ * bpftrace example are in the README ("Packages, ABI and tracing"):
  *
  *   job_submit  (dispatcher name, key, job)           accepted, before it is queued
  *   job_start   (dispatcher name, key, job, attempt)  before its handler runs

@@ -107,6 +107,25 @@ kd_collide_pair (guint32 state,
   return next;
 }
 
+/* How many block positions @n_keys colliding keys take: each doubles them. */
+static inline guint
+kd_collide_n_pairs (guint n_keys)
+{
+  guint n_pairs = 0;
+
+  while ((1u << n_pairs) < n_keys)
+    n_pairs++;
+  return n_pairs;
+}
+
+/* The length of each of kd_collide_keys (@prefix, @n_keys). */
+static inline gsize
+kd_collide_key_length (const char *prefix,
+                       guint       n_keys)
+{
+  return strlen (prefix) + (gsize) kd_collide_n_pairs (n_keys) * KD_COLLIDE_BLOCK;
+}
+
 /* @n_keys different keys (at most 2^20) that share the old hash: @prefix,
  * then one of two blocks at each of enough positions. Free with
  * g_strfreev(). */
@@ -115,13 +134,11 @@ kd_collide_keys (const char *prefix,
                  guint       n_keys)
 {
   guint32 state = kd_collide_fnv1a (2166136261u, prefix, strlen (prefix));
-  guint n_pairs = 0, i, p;
+  guint n_pairs = kd_collide_n_pairs (n_keys), i, p;
   struct { char block[2][KD_COLLIDE_BLOCK]; } *pairs;
   char **keys;
 
   g_assert (n_keys > 0 && n_keys <= 1u << 20);
-  while ((1u << n_pairs) < n_keys)
-    n_pairs++;
   pairs = g_malloc_n (MAX (n_pairs, 1), sizeof *pairs);
   for (p = 0; p < n_pairs; p++)
     state = kd_collide_pair (state, pairs[p].block[0], pairs[p].block[1]);

@@ -722,16 +722,9 @@ h1_colliding (Bench *bench)
 static char **
 h1_random (Bench *bench)
 {
-  char **colliding = kd_collide_keys (H1_PREFIX, 1);
-  gsize length = strlen (colliding[0]);
-  guint n = h1_keys (bench), pairs = 0;
+  guint n = h1_keys (bench);
 
-  /* As long as the colliding ones: the prefix and a block per pair. */
-  while ((1u << pairs) < n)
-    pairs++;
-  length += (gsize) pairs * KD_COLLIDE_BLOCK;
-  g_strfreev (colliding);
-  return kd_collide_random_keys (H1_PREFIX, n, length, 42);
+  return kd_collide_random_keys (H1_PREFIX, n, kd_collide_key_length (H1_PREFIX, n), 42);
 }
 
 static gboolean
