@@ -109,7 +109,7 @@ main (int    argc,
     { "messages", 'm', 0, G_OPTION_ARG_INT, &n_messages, "Messages per client", "N" },
     { "background", 'b', 0, G_OPTION_ARG_INT, &n_background, "Unkeyed background jobs", "N" },
     { "workers", 'w', 0, G_OPTION_ARG_INT, &n_workers, "Worker threads (0: one per processor)", "N" },
-    { "fanout", 'f', 0, G_OPTION_ARG_INT, &fanout, "Tier-1 dispatchers", "N" },
+    { "fanout", 'f', 0, G_OPTION_ARG_INT, &fanout, "Worker groups", "N" },
     { NULL },
   };
   g_autoptr(GOptionContext) options = g_option_context_new ("- per-client ordered handling with kdispatch");
@@ -169,7 +169,7 @@ main (int    argc,
   total_messages = (guint64) n_clients * (guint64) n_messages;
 
   g_print ("kdispatch ordered-clients\n");
-  g_print ("  workers              %u (%u tier-1 dispatchers), capacity %u\n",
+  g_print ("  workers              %u (%u worker groups), capacity %u\n",
            kd_dispatcher_get_n_workers (dispatcher), kd_dispatcher_get_fanout (dispatcher),
            kd_dispatcher_get_capacity (dispatcher));
   g_print ("  clients              %d\n", n_clients);

@@ -7,6 +7,7 @@
 
 #include "kd-dispatcher.h"
 #include "kd-job.h"
+#include "kd-label-private.h"
 #include "kd-task-private.h"
 
 G_BEGIN_DECLS
@@ -36,13 +37,6 @@ struct _KdJob
 
 /* A job is its task: queues link jobs through their task header. */
 G_STATIC_ASSERT (G_STRUCT_OFFSET (KdJob, task) == 0);
-
-/* A key that travels with items through a pipeline's unordered stages:
- * a reference-counted string. (Not GRefString: its counting happens inside
- * GLib, where ThreadSanitizer cannot see the ordering it gives.) */
-char  *kd_label_new   (const char   *key);
-char  *kd_label_ref   (char         *label);
-void   kd_label_unref (char         *label);
 
 KdJob *kd_job_new  (KdDispatcher *dispatcher,
                     gpointer      item,

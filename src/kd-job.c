@@ -5,9 +5,7 @@
 
 #include "config.h"
 
-#include <string.h>
-
-#include "kd-dispatcher-private.h"
+#include "kd-dispatcher-stage-private.h"
 #include "kd-job-pool-private.h"
 #include "kd-job-private.h"
 #include "kd-mailbox-private.h"
@@ -24,49 +22,6 @@
  *
  * Since: 0.1
  */
-
-typedef struct
-{
-  gint ref_count;
-  char string[];
-} Label;
-
-#define LABEL_OF(chars) ((Label *) (void *) ((char *) (chars) - G_STRUCT_OFFSET (Label, string)))
-
-/* (nullable): NULL for NULL. */
-char *
-kd_label_new (const char *key)
-{
-  gsize size;
-  Label *label;
-
-  if (key == NULL)
-    return NULL;
-
-  size = strlen (key) + 1;
-  label = g_malloc (sizeof (Label) + size);
-  label->ref_count = 1;
-  memcpy (label->string, key, size);
-
-  /* The string inside the allocation (said this way so that static
-   * analysers see the allocation is returned, not leaked). */
-  return (char *) label + G_STRUCT_OFFSET (Label, string);
-}
-
-char *
-kd_label_ref (char *label)
-{
-  if (label != NULL)
-    g_atomic_int_inc (&LABEL_OF (label)->ref_count);
-  return label;
-}
-
-void
-kd_label_unref (char *label)
-{
-  if (label != NULL && g_atomic_int_dec_and_test (&LABEL_OF (label)->ref_count))
-    g_free (LABEL_OF (label));
-}
 
 KdJob *
 kd_job_new (KdDispatcher *dispatcher,

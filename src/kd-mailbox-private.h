@@ -20,7 +20,7 @@ G_BEGIN_DECLS
 typedef struct _KdMailbox KdMailbox;
 
 /* A parked key's state, and what was asked of it while its runner was
- * still ending the failed job (see kd-dispatcher.c). */
+ * still ending the failed job (see kd-parked-keys.c). */
 enum
 {
   KD_PARK_NONE,
@@ -57,7 +57,7 @@ struct _KdMailbox
    * lock, taken away atomically by the runner) */
   guint      n_jobs;
 
-  /* Under the dispatcher's parked_lock: KD_PARK_* */
+  /* Under the parked-key table's lock: KD_PARK_* (kd-parked-keys.c) */
   guint8     park_state;
   guint8     park_request;
 

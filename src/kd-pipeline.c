@@ -55,7 +55,7 @@
 #include <gio/gio.h>
 
 #include "kd-cancel-watch-private.h"
-#include "kd-dispatcher-private.h"
+#include "kd-dispatcher-stage-private.h"
 #include "kd-error.h"
 #include "kd-job-private.h"
 #include "kd-pipeline-private.h"
@@ -72,12 +72,6 @@ typedef struct
   KdReorder    *reorder;      /* KD_STAGE_ORDERED, once configured */
 } Stage;
 
-typedef enum
-{
-  SHUTDOWN_NONE,
-  SHUTDOWN_ASYNC,
-  SHUTDOWN_DONE,
-} ShutdownState;
 
 struct _KdPipeline
 {
@@ -96,7 +90,7 @@ struct _KdPipeline
   gint            configured;    /* atomic: the configuration is final */
   gint            started;       /* atomic: every stage's workers run */
 
-  gint            shutdown_state; /* atomic */
+  KdShutdown      shutdown;
 };
 
 /**
@@ -413,21 +407,20 @@ runs_on_a_stage (KdPipeline *self)
 }
 
 static void
-shutdown_sync (KdPipeline *self)
+close_for_shutdown (GObject *object)
 {
-  kd_pipeline_close (self);
-  kd_pipeline_wait (self);
-  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
+  kd_pipeline_close (KD_PIPELINE (object));
 }
 
-/* The rest of a shutdown that began on a stage's own thread. */
+/* Close, let every accepted item end, join the stages' workers. */
 static void
-shutdown_later (GObject *object)
+finish_shutdown (GObject *object)
 {
   KdPipeline *self = KD_PIPELINE (object);
 
-  shutdown_sync (self);
-  g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
+  kd_pipeline_close (self);
+  kd_pipeline_wait (self);
+  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
 }
 
 static void
@@ -435,22 +428,10 @@ kd_pipeline_dispose (GObject *object)
 {
   KdPipeline *self = KD_PIPELINE (object);
 
-  if (g_atomic_int_get (&self->shutdown_state) == SHUTDOWN_NONE)
-    {
-      if (runs_on_a_stage (self))
-        {
-          /* The last reference went on one of our own threads, which
-           * cannot wait for itself. */
-          g_atomic_int_set (&self->shutdown_state, SHUTDOWN_ASYNC);
-          kd_pipeline_close (self);
-          kd_shutdown_later (object, NULL, shutdown_later);
-        }
-      else
-        {
-          shutdown_sync (self);
-          g_atomic_int_set (&self->shutdown_state, SHUTDOWN_DONE);
-        }
-    }
+  /* On one of our own threads, which cannot wait for itself, the shutdown
+   * finishes later (see kd-shutdown.c). */
+  kd_shutdown_dispose (&self->shutdown, object, runs_on_a_stage (self), NULL,
+                       close_for_shutdown, finish_shutdown);
 
   G_OBJECT_CLASS (kd_pipeline_parent_class)->dispose (object);
 }
@@ -522,10 +503,10 @@ kd_pipeline_new (void)
  * @name: (nullable): the stage's name, for debug messages
  * @n_workers: the stage's worker threads, at most
  *   %KD_DISPATCHER_MAX_WORKERS; 0 for one per processor
- * @handler: (scope notified) (closure user_data) (destroy destroy): runs
+ * @handler: (scope notified) (closure user_data) (destroy user_data_free): runs
  *   each item of the stage; passes items on with kd_job_emit()
  * @user_data: data for @handler
- * @destroy: (nullable): frees @user_data once the stage is finalized
+ * @user_data_free: (nullable): frees @user_data once the stage is finalized
  *
  * Appends a stage. The returned dispatcher is the stage: configure it
  * (capacity, item-free function, done callback, fan-out) before the first
@@ -546,7 +527,7 @@ kd_pipeline_add_stage (KdPipeline     *self,
                        guint           n_workers,
                        KdHandlerFunc   handler,
                        gpointer        user_data,
-                       GDestroyNotify  destroy)
+                       GDestroyNotify  user_data_free)
 {
   Stage *stage;
 
@@ -561,7 +542,7 @@ kd_pipeline_add_stage (KdPipeline     *self,
   stage->pipeline = self;
   stage->index = self->stages->len;
   stage->mode = KD_STAGE_KEYED;
-  stage->dispatcher = kd_dispatcher_new (n_workers, handler, user_data, destroy);
+  stage->dispatcher = kd_dispatcher_new (n_workers, handler, user_data, user_data_free);
   kd_dispatcher_set_name (stage->dispatcher, name);
   kd_dispatcher_set_cancellable (stage->dispatcher, self->cancellable);
   kd_dispatcher_set_stage_hooks (stage->dispatcher, &stage_hooks, stage);
@@ -651,10 +632,10 @@ kd_pipeline_get_stage (KdPipeline *self,
 /**
  * kd_pipeline_set_sink:
  * @self: a pipeline
- * @sink: (nullable) (scope notified) (closure user_data) (destroy destroy):
+ * @sink: (nullable) (scope notified) (closure user_data) (destroy user_data_free):
  *   receives what the last stage emits
  * @user_data: data for @sink
- * @destroy: (nullable): frees @user_data once the pipeline is finalized
+ * @user_data_free: (nullable): frees @user_data once the pipeline is finalized
  *
  * Sets where the last stage's emitted items go. The sink owns each item it
  * receives. Without a sink, they are freed with the last stage's item-free
@@ -666,7 +647,7 @@ void
 kd_pipeline_set_sink (KdPipeline     *self,
                       KdSinkFunc      sink,
                       gpointer        user_data,
-                      GDestroyNotify  destroy)
+                      GDestroyNotify  user_data_free)
 {
   g_return_if_fail (KD_IS_PIPELINE (self));
 
@@ -677,7 +658,7 @@ kd_pipeline_set_sink (KdPipeline     *self,
     self->sink_destroy (self->sink_data);
   self->sink = sink;
   self->sink_data = user_data;
-  self->sink_destroy = destroy;
+  self->sink_destroy = user_data_free;
 }
 
 /**

@@ -9,11 +9,12 @@
  * keys: its owner gives it a function that runs one task.
  *
  * Tier 1 is the input queue: every task pushed from outside the workers
- * enters it. Tier 2 is the groups, the "dispatchers" of the 2-tier fan-out:
- * each group has its own queue feeding its own workers. The input queue is a
+ * enters it. Tier 2 is the worker groups (as many as the dispatcher's
+ * fan-out, kd_dispatcher_set_fanout()): each group has its own queue
+ * feeding its own workers. The input queue is a
  * lock-free stack: a producer pushes with one compare-and-swap and never
- * waits for a worker. A worker whose group queue is empty acts as its
- * group's dispatcher: it takes the whole stack with one atomic exchange,
+ * waits for a worker. A worker whose group queue is empty feeds its group
+ * from the input: it takes the whole stack with one atomic exchange,
  * puts it back in arrival order, runs the first task and leaves the rest in
  * its group queue for its group mates. Nobody pops single tasks off the
  * shared stack, so there is no ABA hazard, and the input's cache line moves
@@ -275,7 +276,7 @@ keep_first (KdGroup *group,
   return chain;
 }
 
-/* Acts as @group's tier-1 dispatcher: takes the whole input stack, and
+/* Feeds @group from the input: takes the whole input stack, and
  * returns its oldest task, leaving the others in the group queue in arrival
  * order. */
 static KdTask *

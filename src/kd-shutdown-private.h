@@ -9,14 +9,24 @@
 
 G_BEGIN_DECLS
 
-/* The rest of @object's shutdown, run where it may wait for the object's
- * threads; the reference kd_shutdown_later() took is dropped after it. */
+/* A step of @object's shutdown (see kd_shutdown_dispose()). */
 typedef void (*KdShutdownFunc) (GObject *object);
 
-void kd_shutdown_later        (GObject        *object,
-                               GMainContext   *dispatching,
-                               KdShutdownFunc  finish);
-void kd_shutdown_thread_enter (void);
-void kd_shutdown_thread_exit  (void);
+/* How far an object's shutdown got; zero-initialised with the object. */
+typedef struct
+{
+  gint            state;    /* atomic */
+  KdShutdownFunc  finish;
+} KdShutdown;
+
+void     kd_shutdown_dispose      (KdShutdown     *shutdown,
+                                   GObject        *object,
+                                   gboolean        on_own_thread,
+                                   GMainContext   *dispatching,
+                                   KdShutdownFunc  close,
+                                   KdShutdownFunc  finish);
+gboolean kd_shutdown_is_done      (KdShutdown     *shutdown);
+void     kd_shutdown_thread_enter (void);
+void     kd_shutdown_thread_exit  (void);
 
 G_END_DECLS

@@ -9,9 +9,12 @@
  * threads (a worker running a handler or a done callback, the timer's
  * thread freeing an idle key state, a main context delivering its done
  * callbacks or notifying its counters) that thread cannot wait for itself.
- * The object's dispose then closes it, keeps it alive with a reference and
- * hands the rest of the shutdown (the finish) to kd_shutdown_later(), which
- * runs it where it can wait, and then drops the reference:
+ * Both objects' dispose is kd_shutdown_dispose(), once per object (a
+ * KdShutdown records how far it got): elsewhere it runs the whole
+ * shutdown (the finish) at once; on one of the object's threads it closes
+ * the object, keeps it alive with a reference and hands the finish to
+ * shutdown_later(), which runs it where it can wait, and then drops the
+ * reference:
  *
  *  - On one of the object's workers or its timer's thread (they call
  *    kd_shutdown_thread_enter() as they start): as that thread exits. It
@@ -44,7 +47,14 @@ struct _Deferred
 {
   Deferred       *next;
   GObject        *object;   /* a reference */
-  KdShutdownFunc  finish;
+  KdShutdown     *shutdown; /* the object's */
+};
+
+enum
+{
+  SHUTDOWN_NONE,
+  SHUTDOWN_ASYNC,  /* shutdown_later() finishes the shutdown */
+  SHUTDOWN_DONE,
 };
 
 /* On a thread that runs deferred finishes as it exits: whether it does,
@@ -52,21 +62,30 @@ struct _Deferred
 static KD_THREAD_LOCAL gboolean  runs_deferred;
 static KD_THREAD_LOCAL Deferred *deferred;
 
+/* Runs @object's finish and records its shutdown done. */
+static void
+run_finish (KdShutdown *shutdown,
+            GObject    *object)
+{
+  shutdown->finish (object);
+  g_atomic_int_set (&shutdown->state, SHUTDOWN_DONE);
+}
+
 static Deferred *
-deferred_new (GObject        *object,
-              KdShutdownFunc  finish)
+deferred_new (GObject    *object,
+              KdShutdown *shutdown)
 {
   Deferred *d = g_new0 (Deferred, 1);
 
   d->object = g_object_ref (object);
-  d->finish = finish;
+  d->shutdown = shutdown;
   return d;
 }
 
 static void
 deferred_run (Deferred *d)
 {
-  d->finish (d->object);
+  run_finish (d->shutdown, d->object);
   g_object_unref (d->object);
   g_free (d);
 }
@@ -85,22 +104,16 @@ finish_in_idle (gpointer data)
   return G_SOURCE_REMOVE;
 }
 
-/*
- * kd_shutdown_later:
- * @object: an object whose last reference went on one of its own threads
- * @dispatching: (nullable): the main context whose dispatch dropped it;
- *   %NULL if it went on one of the object's own workers or timer
- * @finish: the rest of the shutdown
- *
- * Takes a reference to @object, runs @finish (@object) where it may wait
- * for @object's threads (see the design above), then drops the reference.
- */
-void
-kd_shutdown_later (GObject        *object,
-                   GMainContext   *dispatching,
-                   KdShutdownFunc  finish)
+/* Takes a reference to @object, runs its finish where it may wait for
+ * @object's threads (see the design above), then drops the reference.
+ * @dispatching: the main context whose dispatch dropped the last
+ * reference; NULL if it went on one of the object's own workers or timer. */
+static void
+shutdown_later (KdShutdown   *shutdown,
+                GObject      *object,
+                GMainContext *dispatching)
 {
-  Deferred *d = deferred_new (object, finish);
+  Deferred *d = deferred_new (object, shutdown);
   g_autoptr (GError) error = NULL;
   GThread *thread;
   GSource *idle;
@@ -138,6 +151,54 @@ kd_shutdown_later (GObject        *object,
               "could be made to finish its shutdown (%s): it stays alive, closed",
               G_OBJECT_TYPE_NAME (object), (gpointer) object, error->message);
   g_free (d);   /* its reference stays with the object */
+}
+
+/*
+ * kd_shutdown_dispose:
+ * @shutdown: @object's record, zero-initialised with the object
+ * @object: a dispatcher or pipeline in its dispose
+ * @on_own_thread: whether the calling thread is one of @object's
+ * @dispatching: (nullable): the main context of @object's whose dispatch
+ *   runs on this thread, if any
+ * @close: closes @object, so that it drains, without waiting
+ * @finish: the rest of the shutdown: waits for @object's jobs and joins
+ *   its threads
+ *
+ * Shuts @object down, once: at once, or (on one of its own threads or
+ * from one of its contexts' dispatch) after @close, later (see the design
+ * above).
+ */
+void
+kd_shutdown_dispose (KdShutdown     *shutdown,
+                     GObject        *object,
+                     gboolean        on_own_thread,
+                     GMainContext   *dispatching,
+                     KdShutdownFunc  close,
+                     KdShutdownFunc  finish)
+{
+  if (g_atomic_int_get (&shutdown->state) != SHUTDOWN_NONE)
+    return;
+
+  shutdown->finish = finish;
+  if (on_own_thread || dispatching != NULL)
+    {
+      g_debug ("%s %p: last unref on its own thread, shutting down in the background",
+               G_OBJECT_TYPE_NAME (object), (gpointer) object);
+      g_atomic_int_set (&shutdown->state, SHUTDOWN_ASYNC);
+      close (object);
+      shutdown_later (shutdown, object, dispatching);
+    }
+  else
+    {
+      run_finish (shutdown, object);
+    }
+}
+
+/* Whether @shutdown finished (its object may be finalized). */
+gboolean
+kd_shutdown_is_done (KdShutdown *shutdown)
+{
+  return g_atomic_int_get (&shutdown->state) == SHUTDOWN_DONE;
 }
 
 /* On a worker's or the timer's thread, as it starts: the shutdowns that

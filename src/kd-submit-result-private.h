@@ -21,8 +21,14 @@ G_BEGIN_DECLS
 
 G_DECLARE_FINAL_TYPE (KdSubmitResult, kd_submit_result, KD, SUBMIT_RESULT, GObject)
 
+/* A dispatcher's deliveries of async results, one per caller context. */
+typedef struct _KdResultRegistry KdResultRegistry;
+
+KdResultRegistry *kd_result_registry_new  (void);
+void              kd_result_registry_free (KdResultRegistry *self);
+
 KdSubmitResult *kd_submit_result_new          (KdDispatcher        *dispatcher,
-                                               KdDelivery          *delivery,
+                                               KdResultRegistry    *results,
                                                gpointer             item,
                                                GCancellable        *cancellable,
                                                GAsyncReadyCallback  callback,
@@ -36,8 +42,6 @@ gpointer        kd_submit_result_get_item     (KdSubmitResult      *self);
 gboolean        kd_submit_result_is_cancelled (KdSubmitResult      *self);
 void            kd_submit_result_complete     (KdSubmitResult      *self,
                                                GError              *error);
-void            kd_submit_result_deliver      (KdTask              *task,
-                                               gpointer             user_data);
 gboolean        kd_submit_result_propagate    (KdSubmitResult      *self,
                                                GError             **error);
 

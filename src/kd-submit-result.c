@@ -22,14 +22,39 @@
  * per job would cost a GTK application a million sources for a million
  * jobs).
  *
+ * The deliveries are the dispatcher's KdResultRegistry: one per caller
+ * context with results pending, made by the first result made there and
+ * freed, with the reference it holds on the context, by the last one
+ * delivered (a context may be freed, a thread's, once nothing is promised
+ * to it). The registry has a lock of its own, taken alone.
+ *
  * The waiting queue and the delivery link results through @task, which they
  * never use at the same time.
  */
 
 #include "config.h"
 
-#include "kd-dispatcher-private.h"
 #include "kd-submit-result-private.h"
+#include "kd-sync-private.h"
+
+/* Where the callbacks of the async submissions made in one main context go.
+ * It lives while results are pending for it. */
+typedef struct
+{
+  KdResultRegistry *registry;
+  GMainContext     *context;      /* a reference */
+  KdDelivery       *delivery;
+  guint             pending;      /* results not yet delivered; under the registry's lock */
+} ResultDelivery;
+
+struct _KdResultRegistry
+{
+  GMutex     lock;
+  GPtrArray *deliveries;          /* ResultDelivery *, under @lock */
+};
+
+static void deliver (KdTask   *task,
+                     gpointer  user_data);
 
 struct _KdSubmitResult
 {
@@ -37,7 +62,7 @@ struct _KdSubmitResult
 
   KdTask               task;         /* link in the waiting queue, then in @delivery */
   KdDispatcher        *dispatcher;   /* a reference */
-  KdDelivery          *delivery;     /* the caller's context's, owned by the dispatcher */
+  ResultDelivery      *delivery;     /* the caller's context's, in the dispatcher's registry */
   GCancellable        *cancellable;  /* nullable */
   GAsyncReadyCallback  callback;     /* nullable */
   gpointer             user_data;
@@ -108,18 +133,94 @@ kd_submit_result_init (KdSubmitResult *self)
   (void) self;
 }
 
+KdResultRegistry *
+kd_result_registry_new (void)
+{
+  KdResultRegistry *self = g_new0 (KdResultRegistry, 1);
+
+  g_mutex_init (&self->lock);
+  self->deliveries = g_ptr_array_new ();
+  return self;
+}
+
+/* Once no result is pending any more. */
+void
+kd_result_registry_free (KdResultRegistry *self)
+{
+  g_assert (self->deliveries->len == 0);
+  g_ptr_array_unref (self->deliveries);
+  g_mutex_clear (&self->lock);
+  g_free (self);
+}
+
+/* The delivery for one more result in @context, made if none is pending
+ * there. */
+static ResultDelivery *
+result_delivery_take (KdResultRegistry *self,
+                      GMainContext     *context)
+{
+  ResultDelivery *found = NULL;
+  guint i;
+
+  kd_mutex_lock (&self->lock);
+  for (i = 0; i < self->deliveries->len && found == NULL; i++)
+    if (((ResultDelivery *) g_ptr_array_index (self->deliveries, i))->context == context)
+      found = g_ptr_array_index (self->deliveries, i);
+  if (found == NULL)
+    {
+      found = g_new0 (ResultDelivery, 1);
+      found->registry = self;
+      found->context = g_main_context_ref (context);
+      found->delivery = kd_delivery_new (context, "kdispatch async results",
+                                         deliver, found);
+      g_ptr_array_add (self->deliveries, found);
+    }
+  found->pending++;
+  kd_mutex_unlock (&self->lock);
+
+  return found;
+}
+
+/* After a result's callback ran, in its context's thread, from the
+ * dispatch of @done's delivery: the last one pending lets the delivery and
+ * the context go (GLib keeps a source alive while it dispatches). */
+static void
+result_delivered (ResultDelivery *done)
+{
+  KdResultRegistry *self = done->registry;
+  gboolean last;
+
+  kd_mutex_lock (&self->lock);
+  g_assert (done->pending > 0);
+  last = --done->pending == 0;
+  if (last)
+    g_ptr_array_remove_fast (self->deliveries, done);
+  kd_mutex_unlock (&self->lock);
+
+  if (last)
+    {
+      kd_delivery_destroy (done->delivery);
+      g_main_context_unref (done->context);
+      g_free (done);
+    }
+}
+
+/* A result for a submission made now, whose callback runs in the calling
+ * thread's thread-default context, through @results. */
 KdSubmitResult *
 kd_submit_result_new (KdDispatcher        *dispatcher,
-                      KdDelivery          *delivery,
+                      KdResultRegistry    *results,
                       gpointer             item,
                       GCancellable        *cancellable,
                       GAsyncReadyCallback  callback,
                       gpointer             user_data)
 {
   KdSubmitResult *self = g_object_new (KD_TYPE_SUBMIT_RESULT, NULL);
+  GMainContext *context = g_main_context_ref_thread_default ();
 
   self->dispatcher = g_object_ref (dispatcher);
-  self->delivery = delivery;
+  self->delivery = result_delivery_take (results, context);
+  g_main_context_unref (context);
   self->item = item;
   if (cancellable != NULL)
     self->cancellable = g_object_ref (cancellable);
@@ -180,21 +281,21 @@ kd_submit_result_complete (KdSubmitResult *self,
 
   g_assert (first);
   self->error = error;
-  kd_delivery_push (self->delivery, &self->task);
+  kd_delivery_push (self->delivery->delivery, &self->task);
 }
 
-/* The delivery's function (@user_data: its KdResultDelivery): runs the
+/* The delivery's function (@user_data: its ResultDelivery): runs the
  * callback on the caller's context and drops the reference the submission
  * held. */
-void
-kd_submit_result_deliver (KdTask   *task,
+static void
+deliver (KdTask   *task,
                           gpointer  user_data)
 {
   KdSubmitResult *self = kd_submit_result_from_task (task);
 
   if (self->callback != NULL)
     self->callback (G_OBJECT (self->dispatcher), G_ASYNC_RESULT (self), self->user_data);
-  kd_dispatcher_result_delivered (self->dispatcher, user_data);
+  result_delivered (user_data);
   g_object_unref (self);
 }
 

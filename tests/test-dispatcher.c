@@ -2453,7 +2453,7 @@ test_bad_input_preconditions (void)
   g_test_assert_expected_messages ();
   g_assert_cmpuint (kd_dispatcher_get_capacity (dispatcher), ==, 1024);
 
-  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*n_dispatchers > 0*");
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*n_groups > 0*");
   kd_dispatcher_set_fanout (dispatcher, 0);
   g_test_assert_expected_messages ();
   g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, 1);

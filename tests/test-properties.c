@@ -423,8 +423,8 @@ test_out_of_range (void)
   g_object_unref (dispatcher);
 
   dispatcher = kd_dispatcher_new (2, complete_handler, NULL, NULL);
-  EXPECT_CRITICAL ("n_dispatchers > 0", kd_dispatcher_set_fanout (dispatcher, 0));
-  EXPECT_CRITICAL ("n_dispatchers > 0",
+  EXPECT_CRITICAL ("n_groups > 0", kd_dispatcher_set_fanout (dispatcher, 0));
+  EXPECT_CRITICAL ("n_groups > 0",
                    kd_dispatcher_set_fanout (dispatcher, KD_DISPATCHER_MAX_WORKERS + 1));
   g_assert_cmpuint (kd_dispatcher_get_fanout (dispatcher), ==, 1);
   kd_dispatcher_set_fanout (dispatcher, KD_DISPATCHER_MAX_WORKERS);   /* clamped */

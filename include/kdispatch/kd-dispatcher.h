@@ -42,6 +42,8 @@ G_DECLARE_FINAL_TYPE (KdDispatcher, kd_dispatcher, KD, DISPATCHER, GObject)
  * time and run in submission order.
  *
  * Returns: %TRUE if the job completed, %FALSE with @error set if it failed
+ *
+ * Since: 0.1
  */
 typedef gboolean (*KdHandlerFunc) (KdJob    *job,
                                    gpointer  user_data,
@@ -58,6 +60,8 @@ typedef gboolean (*KdHandlerFunc) (KdJob    *job,
  *
  * Called exactly once for every accepted job, when it ends, before the item
  * is freed.
+ *
+ * Since: 0.1
  */
 typedef void (*KdDoneFunc) (KdJob        *job,
                             const GError *error,
@@ -85,6 +89,8 @@ typedef void (*KdDoneFunc) (KdJob        *job,
  * version of the library: a new counter takes the place of a reserved slot
  * (see the README's "API and ABI"), so a program built against an older
  * version may pass one to a newer library.
+ *
+ * Since: 0.1
  */
 typedef struct
 {
@@ -112,6 +118,8 @@ typedef struct
  *
  * What a key does once one of its jobs ended failed (after its last
  * attempt, see kd_dispatcher_set_retry()). Unkeyed jobs always continue.
+ *
+ * Since: 0.1
  */
 typedef enum
 {
@@ -130,6 +138,8 @@ typedef enum
  * later inspection or replay (copy what is needed; the item is freed after
  * the done callback as usual). kd_job_get_attempt() tells how many times it
  * ran.
+ *
+ * Since: 0.1
  */
 typedef void (*KdDeadLetterFunc) (KdJob        *job,
                                   const GError *error,
@@ -144,6 +154,8 @@ typedef void (*KdDeadLetterFunc) (KdJob        *job,
  * first job since the key had no work.
  *
  * Returns: (transfer full) (nullable): the key's state
+ *
+ * Since: 0.1
  */
 typedef gpointer (*KdKeyStateNewFunc) (const char *key,
                                        gpointer    user_data);
@@ -161,6 +173,8 @@ typedef gpointer (*KdKeyStateNewFunc) (const char *key,
  * Returns: (transfer full) (nullable): the worker's data, which its handlers
  *   get with kd_job_get_worker_data(); %NULL with @error set if the worker
  *   cannot run (%NULL without an error is valid data)
+ *
+ * Since: 0.1
  */
 typedef gpointer (*KdWorkerInitFunc) (KdDispatcher  *dispatcher,
                                       guint          worker_index,
@@ -175,6 +189,8 @@ typedef gpointer (*KdWorkerInitFunc) (KdDispatcher  *dispatcher,
  * @user_data: the data given to kd_dispatcher_set_worker_funcs()
  *
  * Cleans up one worker thread, on that thread, as it exits.
+ *
+ * Since: 0.1
  */
 typedef void (*KdWorkerFinalizeFunc) (KdDispatcher *dispatcher,
                                       guint         worker_index,
@@ -189,7 +205,7 @@ KdDispatcher *kd_dispatcher_new              (guint           n_workers,
 
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_fanout       (KdDispatcher   *self,
-                                              guint           n_dispatchers);
+                                              guint           n_groups);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_capacity     (KdDispatcher   *self,
                                               guint           capacity);
@@ -200,7 +216,7 @@ KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_done_func    (KdDispatcher   *self,
                                               KdDoneFunc      done,
                                               gpointer        user_data,
-                                              GDestroyNotify  destroy);
+                                              GDestroyNotify  user_data_free);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_cancellable  (KdDispatcher   *self,
                                               GCancellable   *cancellable);
@@ -248,7 +264,7 @@ KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_dead_letter_func (KdDispatcher     *self,
                                                   KdDeadLetterFunc  func,
                                                   gpointer          user_data,
-                                                  GDestroyNotify    destroy);
+                                                  GDestroyNotify    user_data_free);
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_main_context (KdDispatcher   *self,
                                               GMainContext   *context);

@@ -50,6 +50,8 @@ typedef enum
  * Receives what the last stage emits, on the worker that emitted it (so it
  * may run on several threads at once, unless the last stage is keyed or
  * ordered, where one key's items arrive in order).
+ *
+ * Since: 0.1
  */
 typedef void (*KdSinkFunc) (const char *key,
                             gpointer    item,
@@ -63,7 +65,7 @@ KdDispatcher *kd_pipeline_add_stage       (KdPipeline      *self,
                                            guint            n_workers,
                                            KdHandlerFunc    handler,
                                            gpointer         user_data,
-                                           GDestroyNotify   destroy);
+                                           GDestroyNotify   user_data_free);
 KD_AVAILABLE_IN_ALL
 void          kd_pipeline_set_stage_mode  (KdPipeline      *self,
                                            KdDispatcher    *stage,
@@ -77,7 +79,7 @@ KD_AVAILABLE_IN_ALL
 void          kd_pipeline_set_sink        (KdPipeline      *self,
                                            KdSinkFunc       sink,
                                            gpointer         user_data,
-                                           GDestroyNotify   destroy);
+                                           GDestroyNotify   user_data_free);
 KD_AVAILABLE_IN_ALL
 void          kd_pipeline_set_cancellable (KdPipeline      *self,
                                            GCancellable    *cancellable);

@@ -78,6 +78,8 @@ G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
  * A snapshot of a queue's consumer counters, filled by
  * kd_redis_queue_get_stats(). As #KdStats, it keeps its size and the
  * offsets of its fields in every version: new counters take reserved slots.
+ *
+ * Since: 0.1
  */
 typedef struct
 {

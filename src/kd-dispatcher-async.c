@@ -1,0 +1,299 @@
+/* kd-dispatcher-async.c: submitting from a main loop, without blocking
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * kd_dispatcher_submit_async() never blocks. A submission that finds room
+ * goes in at once, as any submit. One that finds the bound reached joins
+ * the @waiting FIFO (at most max-waiting of them; one more is refused with
+ * KD_ERROR_FULL), and whoever releases a unit while submissions wait
+ * (release_unit() in kd-dispatcher.c) admits them in call order
+ * (kd_dispatcher_admit_waiting()), queueing each job under @async_lock so
+ * that a key's jobs keep their call order. A submission that finds others
+ * waiting queues behind them even if there is room, for the same reason.
+ *
+ * Each submission holds a KdSubmitResult (and through it the dispatcher)
+ * until its callback ran: when its job ended, after the done callback and
+ * item-free, or when it was refused, the result goes through the delivery
+ * of the caller's thread-default context (the dispatcher's
+ * KdResultRegistry, see kd-submit-result.c), which runs the callback
+ * there. Closing refuses the waiting ones with KD_ERROR_CLOSED.
+ */
+
+#include "config.h"
+
+#include "kd-dispatcher-internal.h"
+#include "kd-error.h"
+
+/* A submission that was never accepted: its callback sees @error
+ * (transfer full; NULL for KD_ERROR_CLOSED) and the item is still the
+ * caller's. */
+static void
+refuse_result (KdDispatcher   *self,
+               KdSubmitResult *result,
+               GError         *error)
+{
+  kd_dispatcher_count_rejected (self);
+  if (error == NULL)
+    error = g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
+                                 "The dispatcher was closed before the submission was accepted");
+  kd_submit_result_complete (result, error);
+}
+
+/* With @async_lock held: admits waiting submissions, first come first
+ * served, while there is room. Admitting and queueing under the lock keeps
+ * them in call order, hence a key's jobs in order. Once the dispatcher is
+ * closed, refuses them all. */
+static void
+admit_waiting_locked (KdDispatcher *self)
+{
+  while (self->waiting.length > 0)
+    {
+      KdSubmitResult *result = kd_submit_result_from_task (self->waiting.head);
+      const char *key;
+      GError *error = NULL;
+      KdKeyBound bound;
+      KdTask *last;
+      guint epoch, n;
+
+      if (!kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
+        {
+          if (!kd_admission_is_closed (&self->admission))
+            return;
+
+          while (self->waiting.length > 0)
+            {
+              result = kd_submit_result_from_task (kd_task_list_take (&self->waiting, 1,
+                                                                      &n, &last));
+              refuse_result (self, result, NULL);
+            }
+          __atomic_store_n (&self->n_waiting, 0, __ATOMIC_SEQ_CST);
+          return;
+        }
+
+      /* Counted as waiting until queued: a submission made meanwhile by
+       * the thread that made this one must not overtake it. */
+      kd_task_list_take (&self->waiting, 1, &n, &last);
+      key = kd_submit_result_get_key (result);
+      if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, kd_submit_result_get_item (result),
+                                   epoch, kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
+                                   &error))
+        {
+          /* Its key is full. (Not kd_dispatcher_release_unit(): we hold
+           * @async_lock.) */
+          if (kd_admission_release (&self->admission, KD_ADMISSION_ANY_RELEASER, epoch))
+            kd_dispatcher_shutdown_scheduler (self);
+          refuse_result (self, result, g_steal_pointer (&error));
+        }
+      __atomic_sub_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+void
+kd_dispatcher_admit_waiting (KdDispatcher *self)
+{
+  kd_mutex_lock (&self->async_lock);
+  admit_waiting_locked (self);
+  kd_mutex_unlock (&self->async_lock);
+}
+
+void
+kd_dispatcher_refuse_waiting (KdDispatcher *self)
+{
+  if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) > 0)
+    kd_dispatcher_admit_waiting (self);
+}
+
+/**
+ * kd_dispatcher_set_max_waiting:
+ * @self: a dispatcher
+ * @max_waiting: the most async submissions that may wait for room, from 1
+ *   to %G_MAXINT32
+ *
+ * Bounds the async submissions (kd_dispatcher_submit_async()) that wait
+ * for room while the dispatcher is at its bound. One more is refused: its
+ * callback, in a later iteration of the caller's context, gets
+ * %KD_ERROR_FULL, and its item is still the caller's. The default is the
+ * capacity (kd_dispatcher_set_capacity()).
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_max_waiting (KdDispatcher *self,
+                               guint         max_waiting)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (max_waiting >= 1 && max_waiting <= G_MAXINT32);
+
+  if (kd_dispatcher_check_configurable (self, G_STRFUNC) && self->max_waiting != max_waiting)
+    {
+      self->max_waiting = max_waiting;
+      g_object_notify_by_pspec (G_OBJECT (self), kd_dispatcher_properties[PROP_MAX_WAITING]);
+    }
+}
+
+/**
+ * kd_dispatcher_get_max_waiting:
+ * @self: a dispatcher
+ *
+ * Gets the bound on async submissions waiting for room (see
+ * kd_dispatcher_set_max_waiting()).
+ *
+ * Returns: the most async submissions that may wait
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_get_max_waiting (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+
+  return self->max_waiting != 0 ? self->max_waiting : self->admission.capacity;
+}
+
+/**
+ * kd_dispatcher_submit_async:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @item: (nullable): the job's item, handed to the handler
+ * @cancellable: (nullable): cancels this submission until its job starts
+ * @callback: (scope async) (nullable) (closure user_data): called once the
+ *   job has ended, or the submission was refused
+ * @user_data: data for @callback
+ *
+ * Submits a job without ever blocking the calling thread. If the dispatcher
+ * is at its bound, the submission waits, without a thread, and is accepted
+ * when room frees, after the async submissions made before it; if
+ * kd_dispatcher_get_max_waiting() submissions already wait, it is refused
+ * with %KD_ERROR_FULL (see kd_dispatcher_set_max_waiting()).
+ *
+ * @callback runs in the thread-default main context of the calling thread
+ * (see g_main_context_push_thread_default()), in a later iteration, never
+ * from inside this call. It runs once the job has ended (after the done
+ * callback and the item-free function), so for the submissions of one key
+ * made from one thread the callbacks come in submission order. Call
+ * kd_dispatcher_submit_finish() from it to learn how the job ended.
+ *
+ * Cancelling @cancellable before the job starts ends the job with
+ * %G_IO_ERROR_CANCELLED without running it: it still takes its turn in its
+ * key's order (a waiting submission is accepted first), and ends through
+ * the done callback and item-free function like any job.
+ *
+ * If the dispatcher is closed (or cancelled) before the submission was
+ * accepted, it is refused with %KD_ERROR_CLOSED: no job was created and
+ * @item is still the caller's. A refusal comes through @callback too, in a
+ * later iteration: until then, like every call whose callback has not run,
+ * it holds a small record (not the item) and a reference to the
+ * dispatcher.
+ *
+ * Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_submit_async (KdDispatcher        *self,
+                            const char          *key,
+                            gpointer             item,
+                            GCancellable        *cancellable,
+                            GAsyncReadyCallback  callback,
+                            gpointer             user_data)
+{
+  KdSubmitResult *result;
+  GError *error = NULL;
+  guint epoch;
+
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (self->handler != NULL);
+  g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
+
+  result = kd_submit_result_new (self, self->results, item, cancellable, callback, user_data);
+
+  if (G_UNLIKELY (!kd_dispatcher_ensure_started (self, &error)))
+    {
+      refuse_result (self, result, g_steal_pointer (&error));
+      return;
+    }
+
+  /* Nobody waits: straight in if there is room. */
+  kd_dispatcher_refuse_if_cancelled (self);
+  if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) == 0)
+    {
+      if (kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
+        {
+          KdKeyBound bound;
+
+          /* A full key does not wait: the submission is refused. */
+          if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, item, epoch,
+                                       kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
+                                       &error))
+            {
+              kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
+              refuse_result (self, result, g_steal_pointer (&error));
+            }
+          return;
+        }
+      if (kd_admission_is_closed (&self->admission))
+        {
+          refuse_result (self, result, NULL);
+          return;
+        }
+    }
+
+  /* Behind those who wait, if there is room among them. Counted before
+   * looking for room again: a unit released meanwhile either is seen here
+   * or sees this submission (see kd_dispatcher_release_unit()). */
+  kd_submit_result_keep_key (result, key);
+  kd_mutex_lock (&self->async_lock);
+  if (self->waiting.length >= kd_dispatcher_get_max_waiting (self))
+    {
+      kd_mutex_unlock (&self->async_lock);
+      /* Closed before full, as for any submit. */
+      refuse_result (self, result,
+                     kd_admission_is_closed (&self->admission)
+                       ? NULL
+                       : g_error_new (KD_ERROR, KD_ERROR_FULL,
+                                      "%u async submissions already wait for room (see "
+                                      "kd_dispatcher_set_max_waiting())",
+                                      kd_dispatcher_get_max_waiting (self)));
+      return;
+    }
+  kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
+  __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
+  admit_waiting_locked (self);
+  kd_mutex_unlock (&self->async_lock);
+  kd_dispatcher_counters_changed (self);
+}
+
+/**
+ * kd_dispatcher_submit_finish:
+ * @self: a dispatcher
+ * @result: the #GAsyncResult given to the callback of
+ *   kd_dispatcher_submit_async()
+ * @error: return location for a #GError
+ *
+ * Tells how an async submission ended: %TRUE if its handler completed;
+ * %FALSE with the handler's error if it failed, %G_IO_ERROR_CANCELLED if the
+ * job ended without running (the submission's or the dispatcher's
+ * cancellable), or %KD_ERROR_CLOSED if the submission was never accepted
+ * (the item then still belongs to the caller).
+ *
+ * Returns: %TRUE if the job ran and completed
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit_finish (KdDispatcher  *self,
+                             GAsyncResult  *result,
+                             GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (KD_IS_SUBMIT_RESULT (result), FALSE);
+  g_return_val_if_fail (g_async_result_is_tagged (result, KD_SUBMIT_RESULT_TAG), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return kd_submit_result_propagate (KD_SUBMIT_RESULT (result), error);
+}
