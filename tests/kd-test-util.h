@@ -10,6 +10,7 @@
 #pragma once
 
 #include <glib.h>
+#include <kdispatch/kdispatch.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -185,6 +186,125 @@ static inline void
 kd_test_hold_release (KdTestHold *hold)
 {
   kd_test_gate_open (&hold->gate);
+}
+
+/* What a test's jobs did: kd_test_recorder_handler() notes each job's key
+ * and item, in the order the handlers ran, then holds the job in @hold
+ * (every job, or only the one whose item is @hold_only); and
+ * kd_test_recorder_done(), a done callback, counts how the jobs ended. */
+typedef struct
+{
+  GMutex      lock;
+  KdTestHold  hold;
+  gpointer    hold_only;   /* if set, only the job of this item holds */
+  GPtrArray  *keys;        /* copies of the keys handlers saw, in run order */
+  GPtrArray  *items;       /* their items, in the same order */
+  gint        completed;   /* done without an error */
+  gint        cancelled;   /* done with G_IO_ERROR_CANCELLED */
+  gint        failed;      /* done with any other error */
+} KdTestRecorder;
+
+static inline void
+kd_test_recorder_init (KdTestRecorder *recorder)
+{
+  memset (recorder, 0, sizeof *recorder);
+  g_mutex_init (&recorder->lock);
+  kd_test_hold_init (&recorder->hold);
+  recorder->keys = g_ptr_array_new_with_free_func (g_free);
+  recorder->items = g_ptr_array_new ();
+}
+
+static inline void
+kd_test_recorder_clear (KdTestRecorder *recorder)
+{
+  g_ptr_array_unref (recorder->keys);
+  g_ptr_array_unref (recorder->items);
+  kd_test_hold_clear (&recorder->hold);
+  g_mutex_clear (&recorder->lock);
+}
+
+/* A KdHandlerFunc; its user_data is the recorder. */
+static inline gboolean
+kd_test_recorder_handler (KdJob    *job,
+                          gpointer  user_data,
+                          GError  **error)
+{
+  KdTestRecorder *recorder = user_data;
+  gpointer item = kd_job_get_item (job);
+
+  kd_mutex_lock (&recorder->lock);
+  g_ptr_array_add (recorder->keys, g_strdup (kd_job_get_key (job)));
+  g_ptr_array_add (recorder->items, item);
+  kd_mutex_unlock (&recorder->lock);
+
+  if (recorder->hold_only == NULL || item == recorder->hold_only)
+    g_assert_true (kd_test_hold_enter (&recorder->hold));
+  return TRUE;
+}
+
+/* A KdDoneFunc; its user_data is the recorder. */
+static inline void
+kd_test_recorder_done (KdJob        *job,
+                       const GError *error,
+                       gpointer      user_data)
+{
+  KdTestRecorder *recorder = user_data;
+
+  if (error == NULL)
+    g_atomic_int_inc (&recorder->completed);
+  else if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
+    g_atomic_int_inc (&recorder->cancelled);
+  else
+    g_atomic_int_inc (&recorder->failed);
+}
+
+/* The items the handlers saw for @key (NULL: unkeyed jobs), in the order
+ * they ran; free with g_ptr_array_unref(). Once the jobs ended. */
+static inline GPtrArray *
+kd_test_recorder_items_of (KdTestRecorder *recorder,
+                           const char     *key)
+{
+  GPtrArray *items = g_ptr_array_new ();
+  guint i;
+
+  kd_mutex_lock (&recorder->lock);
+  for (i = 0; i < recorder->keys->len; i++)
+    if (g_strcmp0 (g_ptr_array_index (recorder->keys, i), key) == 0)
+      g_ptr_array_add (items, g_ptr_array_index (recorder->items, i));
+  kd_mutex_unlock (&recorder->lock);
+
+  return items;
+}
+
+/* A key's turn: that its jobs run one at a time and in submission order,
+ * checked without a lock (a lock would keep the jobs from overlapping). A
+ * handler takes its key's turn with its job's sequence number within the
+ * key, and gives it back before it returns. */
+typedef struct
+{
+  gint  running;   /* 1 while one of the key's jobs runs */
+  guint next;      /* the sequence number expected next */
+} KdTestKeyTurn;
+
+/* Counts in @overlaps a job that found another of its key running, and in
+ * @out_of_order a job whose @seq is not the one expected. */
+static inline void
+kd_test_key_turn_take (KdTestKeyTurn *turn,
+                       guint          seq,
+                       gint          *overlaps,
+                       gint          *out_of_order)
+{
+  if (!g_atomic_int_compare_and_exchange (&turn->running, 0, 1))
+    g_atomic_int_inc (overlaps);
+  if (turn->next != seq)
+    g_atomic_int_inc (out_of_order);
+  turn->next = seq + 1;
+}
+
+static inline void
+kd_test_key_turn_give (KdTestKeyTurn *turn)
+{
+  g_atomic_int_set (&turn->running, 0);
 }
 
 /* Sizes are multiplied by KD_TEST_SCALE (the valgrind setup makes them

@@ -61,9 +61,8 @@ struct _Run
   guint        *next_run_seq;     /* per key; one job of a key at a time */
   gint          run_violations;   /* atomic */
   gint          fail_every;       /* fail the submissions whose seq % fail_every == 1 */
-  KdTestGate    hold;             /* id 0 waits here when @hold_first */
+  KdTestHold    hold;             /* id 0 waits here when @hold_first */
   gboolean      hold_first;
-  KdTestCounter started;
   GMutex        run_order_lock;
   GArray       *run_order;        /* ids, in the order the handlers started */
 };
@@ -80,7 +79,6 @@ run_handler (KdJob    *job,
   kd_mutex_lock (&run->run_order_lock);
   g_array_append_val (run->run_order, call->id);
   kd_mutex_unlock (&run->run_order_lock);
-  kd_test_counter_add (&run->started, 1);
 
   if (kd_job_get_key (job) != NULL)
     {
@@ -89,7 +87,7 @@ run_handler (KdJob    *job,
       run->next_run_seq[call->key] = call->seq + 1;
     }
 
-  if (run->hold_first && call->id == 0 && !kd_test_gate_wait (&run->hold))
+  if (run->hold_first && call->id == 0 && !kd_test_hold_enter (&run->hold))
     {
       g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "never released");
       return FALSE;
@@ -198,8 +196,7 @@ run_init (Run   *run,
   run->callback_order = g_array_new (FALSE, FALSE, sizeof (guint));
   run->run_order = g_array_new (FALSE, FALSE, sizeof (guint));
   g_mutex_init (&run->run_order_lock);
-  kd_test_gate_init (&run->hold);
-  kd_test_counter_init (&run->started);
+  kd_test_hold_init (&run->hold);
 
   for (i = 0; i < n_calls; i++)
     {
@@ -226,8 +223,7 @@ run_clear (Run *run)
   g_array_unref (run->callback_order);
   g_array_unref (run->run_order);
   g_mutex_clear (&run->run_order_lock);
-  kd_test_gate_clear (&run->hold);
-  kd_test_counter_clear (&run->started);
+  kd_test_hold_clear (&run->hold);
 }
 
 static char *
@@ -401,13 +397,13 @@ test_bound_fifo (void)
   /* The first job holds the only worker: 4 are admitted, 96 wait. A submit
    * that blocked would never return (the gate opens below). */
   run_submit (&run, 0, n_calls);
-  g_assert_true (kd_test_counter_wait (&run.started, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
   kd_dispatcher_get_stats (run.dispatcher, &stats);
   g_assert_cmpuint (stats.submitted, ==, 4);
   g_assert_cmpuint (stats.pending, ==, 4);
   g_assert_cmpuint (run.n_called, ==, 0);
 
-  kd_test_gate_open (&run.hold);
+  kd_test_hold_release (&run.hold);
   g_assert_true (kd_test_iterate_until (context, run_all_called, &run));
 
   g_assert_cmpuint (run_count (&run, OUTCOME_COMPLETED), ==, n_calls);
@@ -446,11 +442,11 @@ test_cancel_per_call (void)
   run.calls[2].cancellable = g_cancellable_new ();
 
   run_submit (&run, 0, 4);
-  g_assert_true (kd_test_counter_wait (&run.started, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
   g_cancellable_cancel (run.calls[0].cancellable);   /* running: too late */
   g_cancellable_cancel (run.calls[1].cancellable);   /* admitted */
   g_cancellable_cancel (run.calls[2].cancellable);   /* waiting */
-  kd_test_gate_open (&run.hold);
+  kd_test_hold_release (&run.hold);
 
   g_assert_true (kd_test_iterate_until (context, run_all_called, &run));
   g_assert_cmpint (run.calls[0].outcome, ==, OUTCOME_COMPLETED);
@@ -498,7 +494,7 @@ test_closed (void)
   run.hold_first = TRUE;
 
   run_submit (&run, 0, 3);        /* 0 runs and holds; 1 and 2 wait */
-  g_assert_true (kd_test_counter_wait (&run.started, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
   kd_dispatcher_close (run.dispatcher);
 
   /* Refused while call 0 still holds. */
@@ -508,7 +504,7 @@ test_closed (void)
   g_assert_cmpint (run.calls[0].outcome, ==, OUTCOME_NONE);
 
   run_submit (&run, 3, 4);        /* after close */
-  kd_test_gate_open (&run.hold);
+  kd_test_hold_release (&run.hold);
   g_assert_true (kd_test_iterate_until (context, run_all_called, &run));
   g_assert_cmpint (run.calls[0].outcome, ==, OUTCOME_COMPLETED);
   g_assert_cmpint (run.calls[3].outcome, ==, OUTCOME_CLOSED);
@@ -539,9 +535,9 @@ test_dispatcher_cancelled (void)
   run.hold_first = TRUE;
 
   run_submit (&run, 0, 3);        /* 0 runs, 1 queued, 2 waits */
-  g_assert_true (kd_test_counter_wait (&run.started, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
   g_cancellable_cancel (kd_dispatcher_get_cancellable (run.dispatcher));
-  kd_test_gate_open (&run.hold);
+  kd_test_hold_release (&run.hold);
 
   g_assert_true (kd_test_iterate_until (context, run_all_called, &run));
   g_assert_cmpint (run.calls[0].outcome, ==, OUTCOME_COMPLETED);
@@ -816,7 +812,7 @@ test_waiting_bounded (void)
   for (i = 0; i < capacity + max_waiting; i++)
     g_assert_cmpint (run.calls[i].outcome, ==, OUTCOME_NONE);
 
-  kd_test_gate_open (&run.hold);
+  kd_test_hold_release (&run.hold);
   g_assert_true (kd_test_iterate_until (context, run_all_called, &run));
   g_assert_cmpuint (run_count (&run, OUTCOME_COMPLETED), ==, capacity + max_waiting);
   g_assert_cmpuint (run.order_violations, ==, 0);

@@ -22,12 +22,12 @@ typedef struct
   char         **keys;
   guint         *job_key;      /* job index → key index */
   guint         *job_seq;      /* job index → sequence number within its key */
-  gint          *running;      /* per key: 1 while one of its jobs runs */
-  guint         *next_seq;     /* per key: the sequence number expected next */
+  KdTestKeyTurn *turns;        /* per key */
   guint         *submitted;    /* per key: jobs submitted */
-  gint           violations;
+  gint           overlaps;
+  gint           out_of_order;
   gint           wrong_keys;
-  gint           done_calls;
+  KdTestRecorder recorder;     /* only its done callback's counts */
 } OrderCheck;
 
 static gboolean
@@ -43,30 +43,12 @@ order_handler (KdJob    *job,
   if (g_strcmp0 (kd_job_get_key (job), check->keys[key]) != 0)
     g_atomic_int_inc (&check->wrong_keys);
 
-  /* Two jobs of one key at once would both see 0 here. */
-  if (!g_atomic_int_compare_and_exchange (&check->running[key], 0, 1))
-    g_atomic_int_inc (&check->violations);
-
-  if (check->next_seq[key] != check->job_seq[i])
-    g_atomic_int_inc (&check->violations);
-  check->next_seq[key] = check->job_seq[i] + 1;
-
+  kd_test_key_turn_take (&check->turns[key], check->job_seq[i], &check->overlaps,
+                         &check->out_of_order);
   /* A random job length, so that keys overtake each other. */
   kd_test_spin (kd_test_xorshift (&rng) % 2000);
-
-  g_atomic_int_set (&check->running[key], 0);
+  kd_test_key_turn_give (&check->turns[key]);
   return TRUE;
-}
-
-static void
-order_done (KdJob        *job,
-            const GError *error,
-            gpointer      user_data)
-{
-  OrderCheck *check = user_data;
-
-  g_assert_no_error (error);
-  g_atomic_int_inc (&check->done_calls);
 }
 
 typedef struct
@@ -116,9 +98,9 @@ test_per_key_order (void)
   check.keys = g_new (char *, check.n_keys);
   check.job_key = g_new (guint, check.n_jobs);
   check.job_seq = g_new (guint, check.n_jobs);
-  check.running = g_new0 (gint, check.n_keys);
-  check.next_seq = g_new0 (guint, check.n_keys);
+  check.turns = g_new0 (KdTestKeyTurn, check.n_keys);
   check.submitted = g_new0 (guint, check.n_keys);
+  kd_test_recorder_init (&check.recorder);
 
   for (i = 0; i < check.n_keys; i++)
     check.keys[i] = g_strdup_printf ("client-%u", i);
@@ -132,7 +114,7 @@ test_per_key_order (void)
 
   dispatcher = kd_dispatcher_new (8, order_handler, &check, NULL);
   kd_dispatcher_set_fanout (dispatcher, 2);
-  kd_dispatcher_set_done_func (dispatcher, order_done, &check, NULL);
+  kd_dispatcher_set_done_func (dispatcher, kd_test_recorder_done, &check.recorder, NULL);
 
   for (i = 0; i < 2; i++)
     {
@@ -146,11 +128,12 @@ test_per_key_order (void)
 
   kd_dispatcher_wait (dispatcher);
 
-  g_assert_cmpint (check.violations, ==, 0);
+  g_assert_cmpint (check.overlaps, ==, 0);
+  g_assert_cmpint (check.out_of_order, ==, 0);
   g_assert_cmpint (check.wrong_keys, ==, 0);
-  g_assert_cmpint (check.done_calls, ==, check.n_jobs);
+  g_assert_cmpint (check.recorder.completed, ==, check.n_jobs);
   for (i = 0; i < check.n_keys; i++)
-    g_assert_cmpuint (check.next_seq[i], ==, check.submitted[i]);
+    g_assert_cmpuint (check.turns[i].next, ==, check.submitted[i]);
 
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.submitted, ==, check.n_jobs);
@@ -166,9 +149,9 @@ test_per_key_order (void)
   g_free (check.keys);
   g_free (check.job_key);
   g_free (check.job_seq);
-  g_free (check.running);
-  g_free (check.next_seq);
+  g_free (check.turns);
   g_free (check.submitted);
+  kd_test_recorder_clear (&check.recorder);
   g_rand_free (rand);
 }
 
@@ -176,10 +159,9 @@ test_per_key_order (void)
 
 typedef struct
 {
-  gint  running[HOT_KEYS];
-  guint next[HOT_KEYS];
-  gint  overlaps;
-  gint  out_of_order;
+  KdTestKeyTurn turns[HOT_KEYS];
+  gint          overlaps;
+  gint          out_of_order;
 } FewKeys;
 
 static gboolean
@@ -194,15 +176,11 @@ few_keys_handler (KdJob    *job,
 
   g_assert_cmpint (kd_job_get_key (job)[1] - '0', ==, key);
 
-  /* Each job holds its key's flag for a while: a second job of the key
+  /* Each job holds its key's turn for a while: a second job of the key
    * running at the same time, on any worker, finds it taken. */
-  if (!g_atomic_int_compare_and_exchange (&few->running[key], 0, 1))
-    g_atomic_int_inc (&few->overlaps);
-  if (few->next[key] != i / HOT_KEYS)
-    g_atomic_int_inc (&few->out_of_order);
-  few->next[key] = i / HOT_KEYS + 1;
+  kd_test_key_turn_take (&few->turns[key], i / HOT_KEYS, &few->overlaps, &few->out_of_order);
   kd_test_spin (kd_test_xorshift (&rng) % 3000);
-  g_atomic_int_set (&few->running[key], 0);
+  kd_test_key_turn_give (&few->turns[key]);
   return TRUE;
 }
 
@@ -230,7 +208,7 @@ test_few_keys_exclusive (void)
   g_assert_cmpint (few.overlaps, ==, 0);
   g_assert_cmpint (few.out_of_order, ==, 0);
   for (i = 0; i < HOT_KEYS; i++)
-    g_assert_cmpuint (few.next[i], ==, (n_jobs - i + HOT_KEYS - 1) / HOT_KEYS);
+    g_assert_cmpuint (few.turns[i].next, ==, (n_jobs - i + HOT_KEYS - 1) / HOT_KEYS);
 
   g_object_unref (dispatcher);
 }
@@ -916,35 +894,6 @@ test_wait_overlapping (void)
 /* ------------------------------------------------------------------------ */
 /* close                                                                    */
 
-typedef struct
-{
-  KdTestHold hold;
-  gint       done_calls;
-  gint       freed;
-} Closing;
-
-static gboolean
-gated_handler (KdJob    *job,
-               gpointer  user_data,
-               GError  **error)
-{
-  Closing *closing = user_data;
-
-  g_assert_true (kd_test_hold_enter (&closing->hold));
-  return TRUE;
-}
-
-static void
-closing_done (KdJob        *job,
-              const GError *error,
-              gpointer      user_data)
-{
-  Closing *closing = user_data;
-
-  g_assert_no_error (error);
-  g_atomic_int_inc (&closing->done_calls);
-}
-
 static void
 closing_item_free (gpointer item)
 {
@@ -972,7 +921,7 @@ submit_until_closed (gpointer data)
 static void
 test_close (void)
 {
-  Closing closing = { 0 };
+  KdTestRecorder recorder;
   KdDispatcher *dispatcher;
   ClosedSubmit blocked = { 0 };
   GThread *thread;
@@ -987,15 +936,15 @@ test_close (void)
                   "full, and wake blocked submitters), the item untouched and no "
                   "callback run; accepted jobs still run; then the workers exit");
 
-  kd_test_hold_init (&closing.hold);
-  dispatcher = kd_dispatcher_new (2, gated_handler, &closing, NULL);
+  kd_test_recorder_init (&recorder);
+  dispatcher = kd_dispatcher_new (2, kd_test_recorder_handler, &recorder, NULL);
   kd_dispatcher_set_capacity (dispatcher, 4);
-  kd_dispatcher_set_done_func (dispatcher, closing_done, &closing, NULL);
+  kd_dispatcher_set_done_func (dispatcher, kd_test_recorder_done, &recorder, NULL);
   kd_dispatcher_set_item_free (dispatcher, closing_item_free);
 
   for (i = 0; i < 4; i++)
     g_assert_true (kd_dispatcher_submit (dispatcher, (i % 2) ? "k" : NULL, &accepted_item, NULL));
-  g_assert_true (kd_test_hold_wait_arrived (&closing.hold, 2));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 2));
 
   blocked.dispatcher = dispatcher;
   blocked.item = &refused_item;
@@ -1022,12 +971,12 @@ test_close (void)
   g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&error);
 
-  kd_test_hold_release (&closing.hold);
+  kd_test_hold_release (&recorder.hold);
   kd_dispatcher_wait (dispatcher);
 
   g_assert_cmpint (refused_item, ==, 0);
   g_assert_cmpint (accepted_item, ==, 4);
-  g_assert_cmpint (closing.done_calls, ==, 4);
+  g_assert_cmpint (recorder.completed, ==, 4);
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.submitted, ==, 4);
   g_assert_cmpuint (stats.completed, ==, 4);
@@ -1040,7 +989,7 @@ test_close (void)
   kd_dispatcher_close (dispatcher);
   g_object_unref (dispatcher);
   g_assert_cmpint (refused_item, ==, 0);
-  kd_test_hold_clear (&closing.hold);
+  kd_test_recorder_clear (&recorder);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -2323,35 +2272,9 @@ test_no_starvation_across_groups (void)
 
 typedef struct
 {
-  KdDispatcher *dispatcher;
-  KdTestHold    hold;
-  gint          cancelled_done;
-  gint          completed_done;
+  KdDispatcher   *dispatcher;
+  KdTestRecorder  recorder;
 } CancelUnref;
-
-static gboolean
-cancel_unref_handler (KdJob    *job,
-                      gpointer  user_data,
-                      GError  **error)
-{
-  CancelUnref *cu = user_data;
-
-  g_assert_true (kd_test_hold_enter (&cu->hold));
-  return TRUE;
-}
-
-static void
-cancel_unref_done (KdJob        *job,
-                   const GError *error,
-                   gpointer      user_data)
-{
-  CancelUnref *cu = user_data;
-
-  if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
-    g_atomic_int_inc (&cu->cancelled_done);
-  else
-    g_atomic_int_inc (&cu->completed_done);
-}
 
 static void
 drop_dispatcher_on_cancel (GCancellable *cancellable,
@@ -2360,7 +2283,7 @@ drop_dispatcher_on_cancel (GCancellable *cancellable,
   CancelUnref *cu = user_data;
 
   /* The running job must be able to finish while we wait in the unref. */
-  kd_test_hold_release (&cu->hold);
+  kd_test_hold_release (&cu->recorder.hold);
   g_object_unref (g_steal_pointer (&cu->dispatcher));
 }
 
@@ -2372,31 +2295,31 @@ check_unref_in_cancel_handler (gboolean ours_first)
   gulong id = 0;
   guint i;
 
-  kd_test_hold_init (&cu.hold);
+  kd_test_recorder_init (&cu.recorder);
 
   /* Handlers run in the order they were connected: ours before or after
    * the dispatcher's own. */
   if (ours_first)
     id = g_cancellable_connect (cancellable, G_CALLBACK (drop_dispatcher_on_cancel), &cu, NULL);
-  cu.dispatcher = kd_dispatcher_new (1, cancel_unref_handler, &cu, NULL);
+  cu.dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &cu.recorder, NULL);
   kd_dispatcher_set_cancellable (cu.dispatcher, cancellable);
-  kd_dispatcher_set_done_func (cu.dispatcher, cancel_unref_done, &cu, NULL);
+  kd_dispatcher_set_done_func (cu.dispatcher, kd_test_recorder_done, &cu.recorder, NULL);
   if (!ours_first)
     id = g_cancellable_connect (cancellable, G_CALLBACK (drop_dispatcher_on_cancel), &cu, NULL);
 
   for (i = 0; i < 50; i++)
     g_assert_true (kd_dispatcher_submit (cu.dispatcher, (i % 2) ? "k" : NULL, NULL, NULL));
-  g_assert_true (kd_test_hold_wait_arrived (&cu.hold, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&cu.recorder.hold, 1));
 
   g_cancellable_cancel (cancellable);
 
   g_assert_null (cu.dispatcher);
-  g_assert_cmpint (cu.completed_done, ==, 1);
-  g_assert_cmpint (cu.cancelled_done, ==, 49);
+  g_assert_cmpint (cu.recorder.completed, ==, 1);
+  g_assert_cmpint (cu.recorder.cancelled, ==, 49);
 
   g_cancellable_disconnect (cancellable, id);
   g_object_unref (cancellable);
-  kd_test_hold_clear (&cu.hold);
+  kd_test_recorder_clear (&cu.recorder);
 }
 
 static void
@@ -2524,32 +2447,16 @@ test_bad_input_preconditions (void)
   g_object_unref (dispatcher);
 }
 
-typedef struct
+/* The handlers saw @key once, with its NULL item. */
+static void
+assert_ran_once_with_null_item (KdTestRecorder *recorder,
+                                const char     *key)
 {
-  KdTestHold     hold;
-  GPtrArray     *seen;       /* keys as the handlers saw them, in order per key */
-  GMutex         lock;
-  gint           null_items;
-} Keys;
+  GPtrArray *items = kd_test_recorder_items_of (recorder, key);
 
-static gboolean
-keys_handler (KdJob    *job,
-              gpointer  user_data,
-              GError  **error)
-{
-  Keys *keys = user_data;
-  const char *key = kd_job_get_key (job);
-
-  g_assert_nonnull (key);
-  if (kd_job_get_item (job) == NULL)
-    g_atomic_int_inc (&keys->null_items);
-
-  kd_mutex_lock (&keys->lock);
-  g_ptr_array_add (keys->seen, g_strdup (key));
-  kd_mutex_unlock (&keys->lock);
-
-  g_assert_true (kd_test_hold_enter (&keys->hold));
-  return TRUE;
+  g_assert_cmpuint (items->len, ==, 1);
+  g_assert_null (g_ptr_array_index (items, 0));
+  g_ptr_array_unref (items);
 }
 
 static gint null_items_freed;
@@ -2568,7 +2475,7 @@ test_keys_as_bytes (void)
     "", "a", "A", "a\xff", "a\xfe", "\xc3\xa9" /* é, NFC */, "e\xcc\x81" /* é, NFD */,
     "k", "k ", " k",
   };
-  Keys keys = { 0 };
+  KdTestRecorder recorder;
   KdDispatcher *dispatcher;
   guint n = G_N_ELEMENTS (distinct);
   char *big_key;
@@ -2580,11 +2487,8 @@ test_keys_as_bytes (void)
                   "submit and compared as byte strings, NULL items are allowed (and item_free "
                   "runs on them, once)");
 
-  kd_test_hold_init (&keys.hold);
-  g_mutex_init (&keys.lock);
-  keys.seen = g_ptr_array_new_with_free_func (g_free);
-
-  dispatcher = kd_dispatcher_new (n + 2, keys_handler, &keys, NULL);
+  kd_test_recorder_init (&recorder);
+  dispatcher = kd_dispatcher_new (n + 2, kd_test_recorder_handler, &recorder, NULL);
   null_items_freed = 0;
   kd_dispatcher_set_item_free (dispatcher, count_null_item_free);
 
@@ -2602,32 +2506,21 @@ test_keys_as_bytes (void)
   big_key[big_size - 1] = 'z';
 
   /* Every key got a mailbox of its own and all run at once. */
-  g_assert_true (kd_test_hold_wait_arrived (&keys.hold, n + 2));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, n + 2));
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.live_keys, ==, n + 2);
 
-  kd_test_hold_release (&keys.hold);
+  kd_test_hold_release (&recorder.hold);
   kd_dispatcher_wait (dispatcher);
 
-  g_assert_cmpuint (keys.seen->len, ==, n + 2);
+  g_assert_cmpuint (recorder.keys->len, ==, n + 2);
   for (i = 0; i < n; i++)
-    {
-      guint j, found = 0;
-
-      for (j = 0; j < keys.seen->len; j++)
-        found += strcmp (g_ptr_array_index (keys.seen, j), distinct[i]) == 0;
-      g_assert_cmpuint (found, ==, 1);
-    }
+    assert_ran_once_with_null_item (&recorder, distinct[i]);
   for (i = 0; i < 2; i++)
     {
-      guint j, found = 0;
-
       big_key[big_size - 1] = i == 0 ? 'x' : 'y';
-      for (j = 0; j < keys.seen->len; j++)
-        found += strcmp (g_ptr_array_index (keys.seen, j), big_key) == 0;
-      g_assert_cmpuint (found, ==, 1);
+      assert_ran_once_with_null_item (&recorder, big_key);
     }
-  g_assert_cmpint (keys.null_items, ==, n + 2);
   g_assert_cmpint (null_items_freed, ==, n + 2);
 
   kd_dispatcher_get_stats (dispatcher, &stats);
@@ -2635,16 +2528,14 @@ test_keys_as_bytes (void)
 
   g_object_unref (dispatcher);
   g_free (big_key);
-  g_ptr_array_unref (keys.seen);
-  g_mutex_clear (&keys.lock);
-  kd_test_hold_clear (&keys.hold);
+  kd_test_recorder_clear (&recorder);
 }
 
 typedef struct
 {
-  gint running;
-  gint next;
-  gint violations;
+  KdTestKeyTurn turn;
+  gint          overlaps;
+  gint          out_of_order;
 } EmptyKey;
 
 static gboolean
@@ -2655,13 +2546,10 @@ empty_key_handler (KdJob    *job,
   EmptyKey *empty = user_data;
 
   g_assert_cmpstr (kd_job_get_key (job), ==, "");
-  if (!g_atomic_int_compare_and_exchange (&empty->running, 0, 1))
-    g_atomic_int_inc (&empty->violations);
-  if (GPOINTER_TO_INT (kd_job_get_item (job)) != empty->next)
-    g_atomic_int_inc (&empty->violations);
-  empty->next++;
+  kd_test_key_turn_take (&empty->turn, GPOINTER_TO_UINT (kd_job_get_item (job)), &empty->overlaps,
+                         &empty->out_of_order);
   kd_test_spin (GPOINTER_TO_UINT (kd_job_get_item (job)) % 300);
-  g_atomic_int_set (&empty->running, 0);
+  kd_test_key_turn_give (&empty->turn);
   return TRUE;
 }
 
@@ -2679,8 +2567,9 @@ test_empty_key_order (void)
     g_assert_true (kd_dispatcher_submit (dispatcher, "", GINT_TO_POINTER (i), NULL));
   kd_dispatcher_wait (dispatcher);
 
-  g_assert_cmpint (empty.next, ==, 5000);
-  g_assert_cmpint (empty.violations, ==, 0);
+  g_assert_cmpuint (empty.turn.next, ==, 5000);
+  g_assert_cmpint (empty.overlaps, ==, 0);
+  g_assert_cmpint (empty.out_of_order, ==, 0);
   g_object_unref (dispatcher);
 }
 

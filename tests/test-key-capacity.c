@@ -14,31 +14,13 @@
 #define KEY_CAPACITY 3
 
 /* Items are (key << 16 | seq) + 1; the first job of key "hot" holds. */
+#define ITEM(key, seq) GUINT_TO_POINTER ((((key) << 16) | (seq)) + 1)
+
 typedef struct
 {
-  GMutex        lock;
-  GArray       *ran;        /* items, in the order handlers ran */
-  KdTestHold    hold;
-  KdTestCounter freed;
+  KdTestRecorder recorder;
+  KdTestCounter  freed;
 } Run;
-
-static gboolean
-record_handler (KdJob    *job,
-                gpointer  user_data,
-                GError  **error)
-{
-  Run *run = user_data;
-  guint item = GPOINTER_TO_UINT (kd_job_get_item (job));
-
-  if (item == 1)
-    g_assert_true (kd_test_hold_enter (&run->hold));
-
-  kd_mutex_lock (&run->lock);
-  g_array_append_val (run->ran, item);
-  kd_mutex_unlock (&run->lock);
-
-  return TRUE;
-}
 
 static Run *run_for_free;
 
@@ -51,11 +33,10 @@ count_free (gpointer item)
 static KdDispatcher *
 run_dispatcher_new (Run *run)
 {
-  KdDispatcher *dispatcher = kd_dispatcher_new (2, record_handler, run, NULL);
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, kd_test_recorder_handler, &run->recorder, NULL);
 
-  g_mutex_init (&run->lock);
-  run->ran = g_array_new (FALSE, FALSE, sizeof (guint));
-  kd_test_hold_init (&run->hold);
+  kd_test_recorder_init (&run->recorder);
+  run->recorder.hold_only = ITEM (0, 0);
   kd_test_counter_init (&run->freed);
   run_for_free = run;
 
@@ -69,13 +50,9 @@ run_dispatcher_new (Run *run)
 static void
 run_clear (Run *run)
 {
-  g_array_unref (run->ran);
-  kd_test_hold_clear (&run->hold);
+  kd_test_recorder_clear (&run->recorder);
   kd_test_counter_clear (&run->freed);
-  g_mutex_clear (&run->lock);
 }
-
-#define ITEM(key, seq) GUINT_TO_POINTER ((((key) << 16) | (seq)) + 1)
 
 typedef struct
 {
@@ -111,7 +88,7 @@ test_key_full (void)
   /* "hot": one running (held) and two queued. */
   for (i = 0; i < KEY_CAPACITY; i++)
     g_assert_true (kd_dispatcher_submit (dispatcher, "hot", ITEM (0, i), NULL));
-  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.recorder.hold, 1));
 
   g_assert_false (kd_dispatcher_try_submit (dispatcher, "hot", ITEM (0, 9), &error));
   g_assert_error (error, KD_ERROR, KD_ERROR_FULL);
@@ -138,7 +115,7 @@ test_key_full (void)
   g_assert_cmpuint (stats.rejected, ==, 3);
   g_assert_cmpuint (stats.submitted, ==, 3 * KEY_CAPACITY);
 
-  kd_test_hold_release (&run.hold);
+  kd_test_hold_release (&run.recorder.hold);
   kd_dispatcher_wait (dispatcher);
   /* Every unit went back, the refused submits' too. */
   g_assert_cmpuint (kd_dispatcher_get_admitted (dispatcher), ==, 0);
@@ -185,6 +162,7 @@ test_key_blocks (void)
   KdDispatcher *dispatcher = run_dispatcher_new (&run);
   Producer producer = { dispatcher, KEY_CAPACITY, 100, NULL, 0 };
   GThread *thread;
+  GPtrArray *hot;
   guint i;
 
   g_test_summary ("A submit to a key at its bound blocks until one of the key's "
@@ -193,7 +171,7 @@ test_key_blocks (void)
 
   for (i = 0; i < KEY_CAPACITY; i++)
     g_assert_true (kd_dispatcher_submit (dispatcher, "hot", ITEM (0, i), NULL));
-  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.recorder.hold, 1));
 
   thread = g_thread_new ("producer", produce, &producer);
   kd_dispatcher_wait_blocked_on_key (dispatcher, "hot", 1);
@@ -203,25 +181,18 @@ test_key_blocks (void)
   /* Others go on meanwhile. */
   g_assert_true (kd_dispatcher_submit (dispatcher, "cold", ITEM (1, 0), NULL));
 
-  kd_test_hold_release (&run.hold);
+  kd_test_hold_release (&run.recorder.hold);
   g_thread_join (thread);
   g_assert_no_error (producer.error);
   g_assert_cmpuint (producer.accepted, ==, 100);
   kd_dispatcher_wait (dispatcher);
 
   /* "hot" ran in submission order. */
-  {
-    guint expected = 0;
-
-    for (i = 0; i < run.ran->len; i++)
-      {
-        guint item = g_array_index (run.ran, guint, i) - 1;
-
-        if (item >> 16 == 0)
-          g_assert_cmpuint (item & 0xffff, ==, expected++);
-      }
-    g_assert_cmpuint (expected, ==, KEY_CAPACITY + 100);
-  }
+  hot = kd_test_recorder_items_of (&run.recorder, "hot");
+  g_assert_cmpuint (hot->len, ==, KEY_CAPACITY + 100);
+  for (i = 0; i < hot->len; i++)
+    g_assert_true (g_ptr_array_index (hot, i) == ITEM (0, i));
+  g_ptr_array_unref (hot);
 
   g_object_unref (dispatcher);
   run_clear (&run);
@@ -242,7 +213,7 @@ test_key_blocked_then_closed (void)
 
   for (i = 0; i < KEY_CAPACITY; i++)
     g_assert_true (kd_dispatcher_submit (dispatcher, "hot", ITEM (0, i), NULL));
-  g_assert_true (kd_test_hold_wait_arrived (&run.hold, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&run.recorder.hold, 1));
 
   thread = g_thread_new ("producer", produce, &producer);
   kd_dispatcher_wait_blocked_on_key (dispatcher, "hot", 1);
@@ -252,7 +223,7 @@ test_key_blocked_then_closed (void)
   g_clear_error (&producer.error);
   g_assert_cmpuint (producer.accepted, ==, 0);
 
-  kd_test_hold_release (&run.hold);
+  kd_test_hold_release (&run.recorder.hold);
   kd_dispatcher_wait (dispatcher);
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.submitted, ==, KEY_CAPACITY);

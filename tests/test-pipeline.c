@@ -551,8 +551,7 @@ test_fan_out_filter_fail (void)
 
 typedef struct
 {
-  KdTestGate     gate;
-  KdTestCounter  held;
+  KdTestHold     hold;         /* items 0 and 1 */
   KdPipeline    *pipeline;
   gint           emitted_after_close;
   gint           reached;
@@ -568,10 +567,7 @@ drain_first (KdJob    *job,
   gboolean held = item->id < 2;
 
   if (held)
-    {
-      kd_test_counter_add (&drain->held, 1);
-      g_assert_true (kd_test_gate_wait (&drain->gate));
-    }
+    g_assert_true (kd_test_hold_enter (&drain->hold));
   /* Once emitted, the item is the next stage's: do not touch it again. */
   if (!kd_job_emit (job, kd_job_get_key (job), item, error))
     return FALSE;
@@ -608,8 +604,7 @@ test_close_drains (void)
                   "stage stays open until the one before it has drained, then closes");
 
   ledger_reset (n_items + 1);
-  kd_test_gate_init (&drain.gate);
-  kd_test_counter_init (&drain.held);
+  kd_test_hold_init (&drain.hold);
   first = kd_pipeline_add_stage (pipeline, "first", 2, drain_first, &drain, NULL);
   kd_pipeline_set_stage_mode (pipeline, first, KD_STAGE_PARALLEL);
   kd_dispatcher_set_item_free (first, item_free);
@@ -619,7 +614,7 @@ test_close_drains (void)
 
   for (i = 0; i < n_items; i++)
     g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (i, 0, i), NULL));
-  g_assert_true (kd_test_counter_wait (&drain.held, 2));
+  g_assert_true (kd_test_hold_wait_arrived (&drain.hold, 2));
 
   kd_pipeline_close (pipeline);
   kd_pipeline_close (pipeline);
@@ -631,7 +626,7 @@ test_close_drains (void)
   item_free (refused);
 
   /* The held items emit into the second stage after close: still open. */
-  kd_test_gate_open (&drain.gate);
+  kd_test_hold_release (&drain.hold);
   kd_pipeline_wait (pipeline);
 
   g_assert_cmpint (drain.emitted_after_close, ==, 2);
@@ -644,8 +639,7 @@ test_close_drains (void)
 
   g_object_unref (pipeline);
   ledger_check_all_freed_once ();
-  kd_test_gate_clear (&drain.gate);
-  kd_test_counter_clear (&drain.held);
+  kd_test_hold_clear (&drain.hold);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1030,8 +1024,7 @@ test_direct_stage_submit (void)
 
 typedef struct
 {
-  KdTestGate    release_head;
-  KdTestCounter head_running;
+  KdTestHold    head;          /* item 0 */
   KdTestCounter emitted;
   GThread      *context_thread;
   guint         done_calls;
@@ -1048,10 +1041,7 @@ hand_back_first (KdJob    *job,
   Item *item = kd_job_get_item (job);
 
   if (item->id == 0)
-    {
-      kd_test_counter_add (&hb->head_running, 1);
-      g_assert_true (kd_test_gate_wait (&hb->release_head));
-    }
+    g_assert_true (kd_test_hold_enter (&hb->head));
   if (!kd_job_emit (job, kd_job_get_key (job), item, error))
     return FALSE;
   kd_test_counter_add (&hb->emitted, 1);
@@ -1092,8 +1082,7 @@ test_hand_back_on_context (void)
                   "callback in the stage's main context, like any of its jobs");
 
   ledger_reset (2);
-  kd_test_gate_init (&hb.release_head);
-  kd_test_counter_init (&hb.head_running);
+  kd_test_hold_init (&hb.head);
   kd_test_counter_init (&hb.emitted);
   hb.context_thread = g_thread_self ();
 
@@ -1112,10 +1101,10 @@ test_hand_back_on_context (void)
    * that one heard of the cancel, to end there cancelled instead. */
   g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (0, 0, 0), NULL));
   g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (1, 0, 1), NULL));
-  g_assert_true (kd_test_counter_wait (&hb.head_running, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&hb.head, 1));
   g_assert_true (kd_test_counter_wait (&hb.emitted, 1));
   g_cancellable_cancel (kd_pipeline_get_cancellable (pipeline));
-  kd_test_gate_open (&hb.release_head);
+  kd_test_hold_release (&hb.head);
   kd_pipeline_wait (pipeline);
 
   /* Not on the worker that flushed it: in the context, once iterated. */
@@ -1126,8 +1115,7 @@ test_hand_back_on_context (void)
 
   g_object_unref (pipeline);
   ledger_check_all_freed_once ();
-  kd_test_gate_clear (&hb.release_head);
-  kd_test_counter_clear (&hb.head_running);
+  kd_test_hold_clear (&hb.head);
   kd_test_counter_clear (&hb.emitted);
   g_main_context_unref (context);
 }

@@ -299,19 +299,6 @@ test_counters_creation_context (void)
   g_thread_join (g_thread_new ("creator", creator_thread, NULL));
 }
 
-static KdTestGate hold_gate;
-
-static gboolean
-hold_handler (KdJob    *job,
-              gpointer  user_data,
-              GError  **error)
-{
-  KdTestCounter *started = user_data;
-
-  kd_test_counter_add (started, 1);
-  return kd_test_gate_wait (&hold_gate);
-}
-
 static void
 count_callback (GObject      *source,
                 GAsyncResult *result,
@@ -332,7 +319,7 @@ static void
 test_waiting (void)
 {
   GMainContext *context = g_main_context_new ();
-  KdTestCounter started;
+  KdTestRecorder recorder;
   KdDispatcher *dispatcher;
   guint waiting = 0, n_called = 0;
   guint64 rejected = 0;
@@ -342,15 +329,14 @@ test_waiting (void)
                   "close empties it");
 
   g_main_context_push_thread_default (context);
-  kd_test_counter_init (&started);
-  kd_test_gate_init (&hold_gate);
-  dispatcher = kd_dispatcher_new (1, hold_handler, &started, NULL);
+  kd_test_recorder_init (&recorder);
+  dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &recorder, NULL);
   kd_dispatcher_set_capacity (dispatcher, 1);
   g_object_set (dispatcher, "max-waiting", 4, NULL);
 
   for (i = 0; i < 5; i++)
     kd_dispatcher_submit_async (dispatcher, "k", NULL, NULL, count_callback, &n_called);
-  g_assert_true (kd_test_counter_wait (&started, 1));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 1));
   g_object_get (dispatcher, "waiting", &waiting, NULL);
   g_assert_cmpuint (waiting, ==, 4);
 
@@ -359,11 +345,10 @@ test_waiting (void)
   g_assert_cmpuint (waiting, ==, 0);
   g_assert_cmpuint (rejected, ==, 4);
 
-  kd_test_gate_open (&hold_gate);
+  kd_test_hold_release (&recorder.hold);
   g_assert_true (kd_test_iterate_until (context, five_called, &n_called));
   g_object_unref (dispatcher);
-  kd_test_gate_clear (&hold_gate);
-  kd_test_counter_clear (&started);
+  kd_test_recorder_clear (&recorder);
   g_main_context_pop_thread_default (context);
   g_main_context_unref (context);
 }
