@@ -115,7 +115,7 @@
  *
  * Runs jobs on a bounded set of worker threads: jobs with the same key one
  * at a time, in the order they were submitted; jobs without a key in
- * parallel, through one bounded queue fanned out to several dispatchers
+ * parallel, through one bounded queue fanned out to several worker groups
  * and their workers.
  *
  * A dispatcher is created with a handler ([ctor@Kd.Dispatcher.new]) and

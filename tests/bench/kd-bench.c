@@ -8,7 +8,7 @@
  * Every run checks its results (order, counts, xor); a failed check makes the
  * program exit with status 1.
  *
- *   W1  1,000,000 unkeyed jobs, slot[i]++; bound 1024; 2 dispatchers x 2 workers
+ *   W1  1,000,000 unkeyed jobs, slot[i]++; bound 1024; 2 worker groups x 2 workers
  *       baseline: g_thread_pool_push to a 4-thread pool
  *   W2  1,000,000 jobs over 1,000 keys, per-key sequence check; 4 workers
  *       baseline: a GAsyncQueue mailbox per key, pushed to a 4-thread
