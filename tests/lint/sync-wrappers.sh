@@ -3,15 +3,17 @@
 # tell ThreadSanitizer about each acquire and release: Debian's GLib is not
 # built with TSan, so a bare GMutex or GCond call hides an ordering from it
 # and TSan reports a race on correct code. Fails, naming the lines, when a
-# file of src/ calls GLib's lock functions itself.
+# file of src/ or of a folder in it (src/redis) calls GLib's lock functions
+# itself.
 #
 # usage: sync-wrappers.sh SOURCE-ROOT
 
 set -u
 
 src=$1/src
-found=$(grep -n -E '\bg_(mutex_(lock|unlock|trylock)|cond_wait(_until)?|rec_mutex_(lock|unlock)|rw_lock_(reader|writer)_(lock|unlock))[[:space:]]*\(' \
-          "$src"/*.c "$src"/*.h | grep -v '/kd-sync-private\.h:')
+found=$(grep -rn -E --include='*.c' --include='*.h' \
+          '\bg_(mutex_(lock|unlock|trylock)|cond_wait(_until)?|rec_mutex_(lock|unlock)|rw_lock_(reader|writer)_(lock|unlock))[[:space:]]*\(' \
+          "$src" | grep -v '/kd-sync-private\.h:')
 
 if [ -n "$found" ]; then
   echo "Bare GLib lock calls in src/; use kd_mutex_lock(), kd_mutex_unlock(),"

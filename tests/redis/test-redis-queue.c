@@ -2,24 +2,11 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
- * Each case starts its own redis-server on 127.0.0.1, on a free port, with
- * appendonly yes in a temporary directory, and stops it afterwards. Only the
- * case that kills the server asks for appendfsync always (so that every
- * acknowledged write survives the SIGKILL): with it, Redis fsyncs in its
- * main thread before it answers, and on a loaded machine a slow disk stalls
- * every client, lease renewals included, for long enough to lose leases.
- * The others use Redis's default, everysec, which fsyncs in the
- * background. The cross-process cases run examples/redis-worker.c (built
- * here as redis-test-worker) as worker processes, which log one line per
- * job run: per-key order, losses and duplicates are checked from those
- * logs, merged on the monotonic clock the processes share.
- *
- * Waiting never polls nor sleeps: a server is up when it says READY=1 on
- * the NOTIFY_SOCKET it is given (--supervised systemd); a worker has joined
- * the queue when it prints its name on its standard output; progress is
- * kd_redis_queue_wait_backlog(), woken by the consumers' publications; a
- * trim is a keyspace event; a worker's end is waitpid(). Each wait has a
- * deadline, past which the test fails.
+ * Each case starts its own redis-server on 127.0.0.1 and stops it
+ * afterwards; the cross-process cases run worker processes, whose logs
+ * tell whether every job ran, in its key's order, and how many ran twice.
+ * The server, the workers, their logs and the waits are the harness's
+ * (kd-redis-harness.c).
  *
  * Skipped, with the reason, only when redis-server is not installed.
  */
@@ -29,888 +16,17 @@
 #include <gio/gio.h>
 #include <hiredis/hiredis.h>
 #include <kdispatch/kdispatch.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "kd-redis-consumer-private.h"
+#include "kd-redis-harness.h"
 /* Its locks, which ThreadSanitizer sees (GLib's futexes it does not). */
 #include "kd-sync-private.h"
 #include "kd-test-util.h"
-
-#define DEADLINE_US (120 * G_TIME_SPAN_SECOND)
-
-/* ---- A redis-server of our own ----------------------------------------- */
-
-typedef struct
-{
-  char        *dir;
-  guint        port;
-  gboolean     fsync_always;
-  GSubprocess *process;
-} Server;
-
-static char *redis_server_path;
-
-static gboolean
-need_redis (void)
-{
-  if (redis_server_path == NULL)
-    {
-      g_test_skip ("redis-server is not installed (Debian: apt-get install redis-server)");
-      return FALSE;
-    }
-  return TRUE;
-}
-
-/* Children die with the test, even when an assertion aborts it. */
-static void
-die_with_parent (gpointer data)
-{
-  prctl (PR_SET_PDEATHSIG, SIGKILL);
-}
-
-static guint
-free_port (void)
-{
-  g_autoptr (GSocket) socket = NULL;
-  g_autoptr (GInetAddress) loopback = g_inet_address_new_loopback (G_SOCKET_FAMILY_IPV4);
-  g_autoptr (GSocketAddress) address = g_inet_socket_address_new (loopback, 0);
-  g_autoptr (GSocketAddress) bound = NULL;
-  g_autoptr (GError) error = NULL;
-
-  socket = g_socket_new (G_SOCKET_FAMILY_IPV4, G_SOCKET_TYPE_STREAM, G_SOCKET_PROTOCOL_TCP, &error);
-  g_assert_no_error (error);
-  g_socket_bind (socket, address, TRUE, &error);
-  g_assert_no_error (error);
-  bound = g_socket_get_local_address (socket, &error);
-  g_assert_no_error (error);
-  return g_inet_socket_address_get_port (G_INET_SOCKET_ADDRESS (bound));
-}
-
-static redisContext *
-server_connect (Server *server)
-{
-  struct timeval tv = { 5, 0 };
-  redisContext *c = redisConnectWithTimeout ("127.0.0.1", (int) server->port, tv);
-
-  if (c != NULL && c->err != 0)
-    g_clear_pointer (&c, redisFree);
-  return c;
-}
-
-/* Starts (or restarts, on the same directory and port, from its AOF) the
- * server, and waits until it says it is ready (loaded, and accepting
- * connections), as it tells systemd: READY=1 on the datagram socket named
- * by NOTIFY_SOCKET. */
-static void
-server_launch (Server *server)
-{
-  g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_NONE);
-  g_autoptr (GError) error = NULL;
-  g_autofree char *port = g_strdup_printf ("%u", server->port);
-  g_autofree char *log = g_build_filename (server->dir, "redis.log", NULL);
-  g_autofree char *notify_path = g_build_filename (server->dir, "notify.sock", NULL);
-  struct sockaddr_un address = { .sun_family = AF_UNIX };
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
-  int notify = socket (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-
-  g_assert_cmpint (notify, >=, 0);
-  g_assert_cmpuint (strlen (notify_path), <, sizeof address.sun_path);
-  strcpy (address.sun_path, notify_path);
-  unlink (notify_path);
-  g_assert_cmpint (bind (notify, (struct sockaddr *) &address, sizeof address), ==, 0);
-
-  g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
-  g_subprocess_launcher_setenv (launcher, "NOTIFY_SOCKET", notify_path, TRUE);
-  server->process = g_subprocess_launcher_spawn (launcher, &error, redis_server_path,
-                                                 "--port", port, "--bind", "127.0.0.1",
-                                                 "--dir", server->dir, "--appendonly", "yes",
-                                                 "--appendfsync", server->fsync_always ? "always" : "everysec",
-                                                 "--notify-keyspace-events", "Et", "--save", "",
-                                                 "--supervised", "systemd", "--logfile", log, NULL);
-  g_assert_no_error (error);
-
-  for (;;)
-    {
-      struct pollfd ready = { notify, POLLIN, 0 };
-      gint64 left = deadline - g_get_monotonic_time ();
-      char message[512];
-      ssize_t len;
-
-      g_assert_cmpint (left, >, 0);
-      if (poll (&ready, 1, (int) (left / 1000)) == 0)
-        g_error ("redis-server did not say READY=1 in %d s (see %s)", (int) (DEADLINE_US / G_USEC_PER_SEC), log);
-      len = recv (notify, message, sizeof message - 1, 0);
-      g_assert_cmpint (len, >=, 0);
-      message[len] = '\0';
-      if (strstr (message, "READY=1") != NULL)
-        break;
-    }
-  close (notify);
-  unlink (notify_path);
-}
-
-static void
-server_start (Server *server)
-{
-  g_autoptr (GError) error = NULL;
-
-  server->dir = g_dir_make_tmp ("kd-redis-XXXXXX", &error);
-  g_assert_no_error (error);
-  server->port = free_port ();
-  server_launch (server);
-}
-
-/* Stops redis-server now. g_subprocess_send_signal() only hands the signal
- * to GLib's worker thread, which sends it later, so what the test does next
- * could still reach a running server: send it here, and wait until the
- * server is stopped (without reaping anything: WNOWAIT). */
-static void
-server_freeze (Server *server)
-{
-  pid_t pid = (pid_t) g_ascii_strtoll (g_subprocess_get_identifier (server->process), NULL, 10);
-  siginfo_t info = { 0 };
-
-  g_assert_cmpint (kill (pid, SIGSTOP), ==, 0);
-  g_assert_cmpint (waitid (P_PID, pid, &info, WSTOPPED | WNOWAIT), ==, 0);
-  g_assert_cmpint (info.si_code, ==, CLD_STOPPED);
-}
-
-static void
-server_kill (Server *server)
-{
-  g_subprocess_send_signal (server->process, SIGKILL);
-  g_subprocess_wait (server->process, NULL, NULL);
-  g_clear_object (&server->process);
-}
-
-static void
-server_stop (Server *server)
-{
-  g_autoptr (GFile) dir = g_file_new_for_path (server->dir);
-  g_autoptr (GFileEnumerator) children = NULL;
-  GFileInfo *info;
-
-  server_kill (server);
-  children = g_file_enumerate_children (dir, G_FILE_ATTRIBUTE_STANDARD_NAME, G_FILE_QUERY_INFO_NONE, NULL, NULL);
-  while (children != NULL && (info = g_file_enumerator_next_file (children, NULL, NULL)) != NULL)
-    {
-      g_autoptr (GFile) child = g_file_get_child (dir, g_file_info_get_name (info));
-      g_autoptr (GFileEnumerator) grand = g_file_enumerate_children (child, G_FILE_ATTRIBUTE_STANDARD_NAME,
-                                                                     G_FILE_QUERY_INFO_NONE, NULL, NULL);
-      GFileInfo *sub;
-
-      /* Redis 7 keeps its AOF in a directory of its own. */
-      while (grand != NULL && (sub = g_file_enumerator_next_file (grand, NULL, NULL)) != NULL)
-        {
-          g_autoptr (GFile) file = g_file_get_child (child, g_file_info_get_name (sub));
-
-          g_file_delete (file, NULL, NULL);
-          g_object_unref (sub);
-        }
-      g_file_delete (child, NULL, NULL);
-      g_object_unref (info);
-    }
-  g_file_delete (dir, NULL, NULL);
-  g_free (server->dir);
-}
-
-static KdRedisQueue *
-open_queue (Server     *server,
-            const char *name,
-            guint       n_shards)
-{
-  KdRedisQueue *queue = kd_redis_queue_new (name);
-
-  kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
-  kd_redis_queue_set_n_shards (queue, n_shards);
-  return queue;
-}
-
-/* ---- What the queue holds ---------------------------------------------- */
-
-/* The stream of shard @shard of queue @name; -1: the unkeyed one. */
-static char *
-stream_name (const char *name,
-             gint        shard)
-{
-  return shard < 0 ? g_strdup_printf ("%s:{u}", name) : g_strdup_printf ("%s:{%d}", name, shard);
-}
-
-/* Sends @format (a command, with %s for the stream) for each stream of the
- * queue, the unkeyed one first, in one round trip, and hands each reply to
- * @each. */
-static void
-each_stream (Server      *server,
-             const char  *name,
-             guint        n_shards,
-             const char  *format,
-             void       (*each) (const redisReply *reply,
-                                 gpointer          data),
-             gpointer     data)
-{
-  redisContext *c = server_connect (server);
-  gint shard;
-
-  g_assert_nonnull (c);
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      g_autofree char *stream = stream_name (name, shard);
-
-      redisAppendCommand (c, format, stream);
-    }
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      redisReply *reply = NULL;
-
-      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
-      g_assert_cmpint (reply->type, !=, REDIS_REPLY_ERROR);
-      each (reply, data);
-      freeReplyObject (reply);
-    }
-  redisFree (c);
-}
-
-typedef struct
-{
-  const char *consumer;
-  guint64     count;
-} Counting;
-
-typedef struct
-{
-  guint64 entries;     /* in all the streams */
-  guint64 unfinished;  /* pending (read, not acknowledged) or not read yet */
-} Progress;
-
-static void
-queue_progress (Server     *server,
-                const char *name,
-                guint       n_shards,
-                Progress   *progress)
-{
-  redisContext *c = server_connect (server);
-  g_autoptr (GPtrArray) unknown = g_ptr_array_new_with_free_func (g_free);
-  g_autoptr (GPtrArray) unknown_streams = g_ptr_array_new_with_free_func (g_free);
-  gint shard;
-  guint i;
-
-  g_assert_nonnull (c);
-  progress->entries = progress->unfinished = 0;
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      g_autofree char *stream = stream_name (name, shard);
-
-      redisAppendCommand (c, "XLEN %s", stream);
-      redisAppendCommand (c, "XINFO GROUPS %s", stream);
-    }
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      redisReply *reply = NULL;
-      gsize g, f;
-
-      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
-      progress->entries += (guint64) reply->integer;
-      freeReplyObject (reply);
-
-      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
-      /* No group yet (no consumer ran): nothing was read. */
-      if (reply->type == REDIS_REPLY_ERROR)
-        {
-          freeReplyObject (reply);
-          continue;
-        }
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      for (g = 0; g < reply->elements; g++)
-        {
-          redisReply *group = reply->element[g];
-          gboolean lag_known = FALSE;
-          const char *last = "0-0";
-
-          for (f = 0; f + 1 < group->elements; f += 2)
-            {
-              const char *field = group->element[f]->str;
-              redisReply *value = group->element[f + 1];
-
-              if (strcmp (field, "pending") == 0)
-                progress->unfinished += (guint64) value->integer;
-              else if (strcmp (field, "lag") == 0 && value->type == REDIS_REPLY_INTEGER)
-                {
-                  progress->unfinished += (guint64) value->integer;
-                  lag_known = TRUE;
-                }
-              else if (strcmp (field, "last-delivered-id") == 0)
-                last = value->str;
-            }
-          /* After a restart from the AOF Redis no longer knows the lag:
-           * count the entries not delivered yet. */
-          if (!lag_known)
-            g_ptr_array_add (unknown, g_strdup_printf ("(%s", last));
-          if (!lag_known)
-            g_ptr_array_add (unknown_streams, stream_name (name, shard));
-        }
-      freeReplyObject (reply);
-    }
-  for (i = 0; i < unknown->len; i++)
-    {
-      redisReply *reply = redisCommand (c, "XRANGE %s %s +", (char *) g_ptr_array_index (unknown_streams, i),
-                                        (char *) g_ptr_array_index (unknown, i));
-
-      g_assert_nonnull (reply);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      progress->unfinished += reply->elements;
-      freeReplyObject (reply);
-    }
-  redisFree (c);
-}
-
-/* Waits until at least @done of @total jobs are finished (acknowledged or
- * dead-lettered); all of them if @done is @total. */
-static void
-wait_finished (Server     *server,
-               const char *name,
-               guint       n_shards,
-               guint64     total,
-               guint64     done)
-{
-  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
-  g_autoptr (GError) error = NULL;
-  Progress progress;
-
-  if (!kd_redis_queue_wait_backlog (queue, total - done, DEADLINE_US, &error))
-    {
-      queue_progress (server, name, n_shards, &progress);
-      g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished: %s",
-               total - progress.unfinished, total, error->message);
-    }
-  /* The library's count against the test's own. */
-  queue_progress (server, name, n_shards, &progress);
-  g_assert_cmpuint (progress.entries, <=, total);
-  g_assert_cmpuint (progress.unfinished, <=, total - done);
-}
-
-static void
-add_pending (const redisReply *reply,
-             gpointer          data)
-{
-  Counting *counting = data;
-  gsize i;
-
-  /* [count, first id, last id, [[consumer, count], ...]] */
-  if (reply->elements == 4 && reply->element[3]->type == REDIS_REPLY_ARRAY)
-    for (i = 0; i < reply->element[3]->elements; i++)
-      if (strcmp (reply->element[3]->element[i]->element[0]->str, counting->consumer) == 0)
-        counting->count += g_ascii_strtoull (reply->element[3]->element[i]->element[1]->str, NULL, 10);
-}
-
-/* How many entries @consumer holds read and not acknowledged. */
-static guint64
-consumer_pending (Server     *server,
-                  const char *name,
-                  guint       n_shards,
-                  const char *consumer)
-{
-  Counting counting = { consumer, 0 };
-
-  each_stream (server, name, n_shards, "XPENDING %s kd", add_pending, &counting);
-  return counting.count;
-}
-
-static void
-add_length (const redisReply *reply,
-            gpointer          data)
-{
-  Counting *counting = data;
-
-  g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
-  counting->count += (guint64) reply->integer;
-}
-
-/* How many entries the queue's streams hold, the unkeyed one included. */
-static guint64
-streams_length (Server     *server,
-                const char *name,
-                guint       n_shards)
-{
-  Counting counting = { NULL, 0 };
-
-  each_stream (server, name, n_shards, "XLEN %s", add_length, &counting);
-  return counting.count;
-}
-
-static gboolean
-id_after (const char *id,
-          const char *than)
-{
-  guint64 ms, seq, than_ms, than_seq;
-
-  g_assert_cmpint (sscanf (id, "%" G_GUINT64_FORMAT "-%" G_GUINT64_FORMAT, &ms, &seq), ==, 2);
-  g_assert_cmpint (sscanf (than, "%" G_GUINT64_FORMAT "-%" G_GUINT64_FORMAT, &than_ms, &than_seq), ==, 2);
-  return ms > than_ms || (ms == than_ms && seq > than_seq);
-}
-
-/* How many of the entries the streams still hold are unfinished: pending
- * in the group, or after the last one it was delivered. */
-static guint64
-unfinished_present (Server     *server,
-                    const char *name,
-                    guint       n_shards)
-{
-  redisContext *c = server_connect (server);
-  guint64 present = 0;
-  gint shard;
-
-  g_assert_nonnull (c);
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      g_autofree char *stream = stream_name (name, shard);
-      g_autoptr (GHashTable) pending = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
-      g_autofree char *last = NULL;
-      redisReply *reply;
-      gsize i, f;
-
-      reply = redisCommand (c, "XINFO GROUPS %s", stream);
-      g_assert_nonnull (reply);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      g_assert_cmpuint (reply->elements, ==, 1);
-      for (f = 0; f + 1 < reply->element[0]->elements; f += 2)
-        if (strcmp (reply->element[0]->element[f]->str, "last-delivered-id") == 0)
-          last = g_strdup (reply->element[0]->element[f + 1]->str);
-      freeReplyObject (reply);
-      g_assert_nonnull (last);
-
-      reply = redisCommand (c, "XPENDING %s kd - + 1000000", stream);
-      g_assert_nonnull (reply);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      for (i = 0; i < reply->elements; i++)
-        g_hash_table_add (pending, g_strdup (reply->element[i]->element[0]->str));
-      freeReplyObject (reply);
-
-      reply = redisCommand (c, "XRANGE %s - +", stream);
-      g_assert_nonnull (reply);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      for (i = 0; i < reply->elements; i++)
-        {
-          const char *id = reply->element[i]->element[0]->str;
-
-          if (g_hash_table_contains (pending, id) || id_after (id, last))
-            present++;
-        }
-      freeReplyObject (reply);
-    }
-  redisFree (c);
-  return present;
-}
-
-/* Waits until @done (@data) holds, looking again after each keyspace event
- * @event (which the test's servers notify). */
-static void
-wait_keyevent (Server      *server,
-               const char  *event,
-               gboolean   (*done) (gpointer data),
-               gpointer     data,
-               const char  *what)
-{
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
-  redisContext *c = server_connect (server);
-  redisReply *reply = redisCommand (c, "SUBSCRIBE __keyevent@0__:%s", event);
-
-  g_assert_nonnull (reply);
-  freeReplyObject (reply);
-  /* Subscribed before looking: an event after the look wakes the wait. */
-  while (!done (data))
-    {
-      gint64 left = deadline - g_get_monotonic_time ();
-      struct timeval tv = { (time_t) (MAX (left, 1) / G_USEC_PER_SEC), (suseconds_t) (MAX (left, 1) % G_USEC_PER_SEC) };
-
-      g_assert_cmpint (left, >, 0);
-      g_assert_cmpint (redisSetTimeout (c, tv), ==, REDIS_OK);
-      if (redisGetReply (c, (void **) &reply) != REDIS_OK)
-        g_error ("%s: not in %d s: %s", what, (int) (DEADLINE_US / G_USEC_PER_SEC), c->errstr);
-      freeReplyObject (reply);
-    }
-  redisFree (c);
-}
-
-typedef struct
-{
-  Server     *server;
-  const char *name;
-  guint       n_shards;
-  guint64     length;
-  const char *consumer;
-} Looking;
-
-static gboolean
-trimmed_down (gpointer data)
-{
-  Looking *looking = data;
-
-  return streams_length (looking->server, looking->name, looking->n_shards) <= looking->length;
-}
-
-/* Waits until the consumers have trimmed the queue's streams down to
- * @length entries. */
-static void
-wait_trimmed (Server     *server,
-              const char *name,
-              guint       n_shards,
-              guint64     length)
-{
-  Looking looking = { server, name, n_shards, length, NULL };
-
-  wait_keyevent (server, "xtrim", trimmed_down, &looking, "trimming the streams");
-}
-
-static void
-add_if_known (const redisReply *reply,
-              gpointer          data)
-{
-  Counting *counting = data;
-  gsize i, f;
-
-  for (i = 0; i < reply->elements; i++)
-    for (f = 0; f + 1 < reply->element[i]->elements; f += 2)
-      if (strcmp (reply->element[i]->element[f]->str, "name") == 0 &&
-          strcmp (reply->element[i]->element[f + 1]->str, counting->consumer) == 0)
-        counting->count++;
-}
-
-/* How many of the queue's groups (one per stream) know @consumer. */
-static guint64
-consumer_groups (Server     *server,
-                 const char *name,
-                 guint       n_shards,
-                 const char *consumer)
-{
-  Counting counting = { consumer, 0 };
-
-  each_stream (server, name, n_shards, "XINFO CONSUMERS %s kd", add_if_known, &counting);
-  return counting.count;
-}
-
-static gboolean
-forgotten (gpointer data)
-{
-  Looking *looking = data;
-
-  return consumer_groups (looking->server, looking->name, looking->n_shards, looking->consumer) == 0;
-}
-
-/* Waits until no group of the queue knows @consumer any more. */
-static void
-wait_forgotten (Server     *server,
-                const char *name,
-                guint       n_shards,
-                const char *consumer)
-{
-  Looking looking = { server, name, n_shards, 0, consumer };
-
-  wait_keyevent (server, "xgroup-delconsumer", forgotten, &looking, "forgetting a dead consumer");
-}
-
-/* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
-
-typedef struct
-{
-  guint  n_keys;
-  guint *count;        /* per key: how many jobs */
-  guint  total;
-} Jobs;
-
-
-static void
-produce (Server     *server,
-         const char *name,
-         guint       n_shards,
-         guint       n_jobs,
-         guint       n_keys,
-         Jobs       *jobs)
-{
-  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
-  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
-  g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
-  g_autoptr (GError) error = NULL;
-  GRand *rand = g_rand_new_with_seed (n_jobs + n_keys);
-  guint i;
-
-  jobs->n_keys = n_keys;
-  jobs->count = g_new0 (guint, n_keys);
-  jobs->total = n_jobs;
-  for (i = 0; i < n_jobs; i++)
-    {
-      guint k = (guint) g_rand_int_range (rand, 0, (gint32) n_keys);
-      char *text = g_strdup_printf ("%u", ++jobs->count[k]);
-
-      g_ptr_array_add (keys, g_strdup_printf ("key-%u", k));
-      g_ptr_array_add (payloads, g_bytes_new_take (text, strlen (text)));
-    }
-  g_rand_free (rand);
-
-  g_assert_true (kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
-                                          (GBytes **) payloads->pdata, &error));
-  g_assert_no_error (error);
-}
-
-/* ---- Worker processes -------------------------------------------------- */
-
-typedef struct
-{
-  GSubprocess      *process;
-  GDataInputStream *stdout_lines;
-  char             *log;
-  char             *name;    /* its consumer name */
-  char             *out;     /* its output, once it finished */
-} Worker;
-
-static Worker *
-worker_start (Server     *server,
-              const char *name,
-              guint       index,
-              ...)
-{
-  g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_NONE);
-  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
-  g_autoptr (GError) error = NULL;
-  Worker *worker = g_new0 (Worker, 1);
-  g_autofree char *first = NULL;
-  char consumer[128];
-  const char *arg;
-  va_list ap;
-
-  worker->log = g_strdup_printf ("%s/worker-%u.log", server->dir, index);
-  g_ptr_array_add (argv, g_strdup (g_getenv ("KD_REDIS_WORKER")));
-  g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->port));
-  g_ptr_array_add (argv, g_strdup_printf ("--name=%s", name));
-  g_ptr_array_add (argv, g_strdup_printf ("--log=%s", worker->log));
-  va_start (ap, index);
-  while ((arg = va_arg (ap, const char *)) != NULL)
-    g_ptr_array_add (argv, g_strdup (arg));
-  va_end (ap);
-  g_ptr_array_add (argv, NULL);
-
-  g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
-  g_subprocess_launcher_set_flags (launcher, G_SUBPROCESS_FLAGS_STDOUT_PIPE);
-  worker->process = g_subprocess_launcher_spawnv (launcher, (const char *const *) argv->pdata, &error);
-  g_assert_no_error (error);
-
-  /* It has joined the queue once it says its name (or it failed, and its
-   * output ends). */
-  worker->stdout_lines = g_data_input_stream_new (g_subprocess_get_stdout_pipe (worker->process));
-  first = g_data_input_stream_read_line_utf8 (worker->stdout_lines, NULL, NULL, &error);
-  g_assert_no_error (error);
-  g_assert_nonnull (first);
-  g_assert_cmpint (sscanf (first, "redis-worker: %127s consuming", consumer), ==, 1);
-  worker->name = g_strdup (consumer);
-  return worker;
-}
-
-static void
-worker_signal (Worker *worker,
-               int     signum)
-{
-  g_subprocess_send_signal (worker->process, signum);
-}
-
-/* Stops a worker gracefully (or finds it killed), and keeps the rest of its
- * output. */
-static void
-worker_finish (Worker   *worker,
-               gboolean  killed)
-{
-  g_autoptr (GString) out = g_string_new (NULL);
-  g_autoptr (GError) error = NULL;
-  char *line;
-
-  if (!killed)
-    worker_signal (worker, SIGTERM);
-  while ((line = g_data_input_stream_read_line_utf8 (worker->stdout_lines, NULL, NULL, &error)) != NULL)
-    {
-      g_string_append_printf (out, "%s\n", line);
-      g_free (line);
-    }
-  g_assert_no_error (error);
-  g_subprocess_wait (worker->process, NULL, &error);
-  g_assert_no_error (error);
-  if (!killed)
-    {
-      g_assert_true (g_subprocess_get_if_exited (worker->process));
-      g_assert_cmpint (g_subprocess_get_exit_status (worker->process), ==, 0);
-    }
-  worker->out = g_string_free (g_steal_pointer (&out), FALSE);
-}
-
-static void
-worker_free (Worker *worker)
-{
-  g_clear_object (&worker->stdout_lines);
-  g_clear_object (&worker->process);
-  g_free (worker->log);
-  g_free (worker->name);
-  g_free (worker->out);
-  g_free (worker);
-}
-
-static guint64
-stat_of (const char *out,
-         const char *name)
-{
-  g_autofree char *needle = g_strdup_printf (" %s ", name);
-  const char *at = out != NULL ? strstr (out, needle) : NULL;
-
-  return at != NULL ? g_ascii_strtoull (at + strlen (needle), NULL, 10) : 0;
-}
-
-/* ---- The logs ---------------------------------------------------------- */
-
-typedef struct
-{
-  gint64   time;       /* its start */
-  gint64   end;
-  guint    file;
-  guint    line;
-  guint    key;
-  guint    seq;
-  guint    attempt;
-  gboolean ok;
-  gboolean rerun;      /* the job ran again later, in another worker */
-} Run;
-
-static gint
-run_compare (gconstpointer a,
-             gconstpointer b)
-{
-  const Run *x = a, *y = b;
-
-  if (x->key != y->key)
-    return x->key < y->key ? -1 : 1;
-  if (x->time != y->time)
-    return x->time < y->time ? -1 : 1;
-  if (x->file != y->file)
-    return x->file < y->file ? -1 : 1;
-  return x->line < y->line ? -1 : (x->line > y->line ? 1 : 0);
-}
-
-typedef struct
-{
-  guint64 runs;
-  guint64 duplicates;  /* runs of a job that had completed already */
-} Verdict;
-
-/* Checks, from the workers' logs, that every job ran, and that each key's
- * runs, in the order they started, never skip ahead: every run is of the
- * job after the one that ran last, or a rerun of an earlier one (after a
- * takeover, the unacknowledged tail of a key runs again, in order). And
- * that a key's runs never overlap: each starts once the one before has
- * ended, except after a run that was taken over (the same job ran again
- * later, in another worker): a job that started in time may still run
- * when its rerun and the key's next jobs start elsewhere (see "Fencing" in
- * kd-redis-queue.c). The jobs of @fail_key (if below the number of keys)
- * always fail: each must have run @fail_attempts times instead. */
-static void
-check_logs (Worker  **workers,
-            guint     n_workers,
-            Jobs     *jobs,
-            guint     fail_key,
-            guint     fail_attempts,
-            Verdict  *verdict)
-{
-  g_autoptr (GArray) runs = g_array_new (FALSE, FALSE, sizeof (Run));
-  g_autofree guint8 *done = NULL;
-  g_autofree guint *first = g_new0 (guint, jobs->n_keys + 1);
-  gint64 busy_until = 0;
-  guint w, i, k;
-
-  memset (verdict, 0, sizeof *verdict);
-  for (w = 0; w < n_workers; w++)
-    {
-      g_autofree char *text = NULL;
-      g_auto (GStrv) lines = NULL;
-
-      if (!g_file_get_contents (workers[w]->log, &text, NULL, NULL))
-        continue;
-      lines = g_strsplit (text, "\n", -1);
-      for (i = 0; lines[i] != NULL; i++)
-        {
-          Run run = { 0, 0, w, i, 0, 0, 0, FALSE, FALSE };
-          char key[64], status[8];
-
-          if (lines[i][0] == '\0')
-            continue;
-          g_assert_cmpint (sscanf (lines[i], "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %63s %u %u %7s",
-                                   &run.time, &run.end, key, &run.seq, &run.attempt, status), ==, 6);
-          g_assert_cmpint (run.end, >=, run.time);
-          g_assert_true (g_str_has_prefix (key, "key-"));
-          run.key = (guint) atoi (key + 4);
-          run.ok = strcmp (status, "ok") == 0;
-          g_assert_cmpuint (run.key, <, jobs->n_keys);
-          g_assert_cmpuint (run.seq, >=, 1);
-          g_assert_cmpuint (run.seq, <=, jobs->count[run.key]);
-          g_array_append_val (runs, run);
-        }
-    }
-  g_array_sort (runs, run_compare);
-  verdict->runs = runs->len;
-
-  /* The runs taken over: a later run of the same job in another worker. */
-  for (i = 0; i < runs->len; i++)
-    {
-      Run *run = &g_array_index (runs, Run, i);
-
-      for (k = i + 1; k < runs->len && g_array_index (runs, Run, k).key == run->key && !run->rerun; k++)
-        if (g_array_index (runs, Run, k).seq == run->seq && g_array_index (runs, Run, k).file != run->file)
-          run->rerun = TRUE;
-    }
-
-  /* Per key, a bitmap of completed jobs, at first[key]. */
-  for (k = 0; k < jobs->n_keys; k++)
-    first[k + 1] = first[k] + jobs->count[k] + 1;
-  done = g_new0 (guint8, first[jobs->n_keys]);
-
-  for (i = 0; i < runs->len; i++)
-    {
-      const Run *run = &g_array_index (runs, Run, i);
-      const Run *before = i > 0 ? &g_array_index (runs, Run, i - 1) : NULL;
-      guint last = before != NULL && before->key == run->key ? before->seq : 0;
-
-      if (before == NULL || before->key != run->key)
-        busy_until = 0;
-      if (run->seq > last + 1)
-        g_error ("key-%u: job %u ran after job %u (worker %u, line %u)", run->key, run->seq, last,
-                 run->file, run->line + 1);
-      if (run->time < busy_until)
-        g_error ("key-%u: job %u started (worker %u, line %u) before the key's run before it ended",
-                 run->key, run->seq, run->file, run->line + 1);
-      if (!run->rerun)
-        busy_until = MAX (busy_until, run->end);
-      if (run->key == fail_key)
-        {
-          g_assert_false (run->ok);
-          done[first[run->key] + run->seq]++;
-          g_assert_cmpuint (run->attempt, ==, done[first[run->key] + run->seq]);
-        }
-      else if (run->ok)
-        {
-          if (done[first[run->key] + run->seq])
-            verdict->duplicates++;
-          done[first[run->key] + run->seq] = 1;
-        }
-    }
-  for (k = 0; k < jobs->n_keys; k++)
-    for (i = 1; i <= jobs->count[k]; i++)
-      if (done[first[k] + i] != (k == fail_key ? fail_attempts : 1))
-        g_error ("key-%u: job %u of %u ran %u times to its end, not %u: lost", k, i, jobs->count[k],
-                 done[first[k] + i], k == fail_key ? fail_attempts : 1);
-}
 
 /* ---- In one process ---------------------------------------------------- */
 
@@ -1014,7 +130,7 @@ test_in_process (void)
   g_assert_no_error (error);
 
   /* Woken by the consumer's acknowledgements until none is left. */
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   kd_mutex_lock (&seen.lock);
   g_assert_cmpuint (seen.keyed, ==, jobs.total);
@@ -1122,7 +238,7 @@ test_closed (void)
   KdDispatcher *dispatchers[2];
   KdRedisQueueStats stats[2];
   g_autoptr (GError) error = NULL;
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
   Jobs jobs = { 0 };
   guint runs[2];
   guint i;
@@ -1239,7 +355,7 @@ test_trim (void)
   g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
   g_autoptr (GError) error = NULL;
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
   Jobs jobs = { 0 };
   Progress progress;
   guint64 trimmed;
@@ -1263,7 +379,7 @@ test_trim (void)
 
   /* All acknowledged: all trimmed (by the owners' rounds or this call). */
   produce (&server, "trim", 4, 1000, 20, &jobs);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
   g_assert_no_error (error);
@@ -1297,7 +413,7 @@ test_trim (void)
   gate.open = TRUE;
   g_cond_broadcast (&gate.cond);
   kd_mutex_unlock (&gate.lock);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_trim (queue, NULL, &error));
   g_assert_no_error (error);
@@ -1336,7 +452,7 @@ test_stop_unreachable (void)
   g_autoptr (KdDispatcher) dispatcher = NULL;
   g_autoptr (GBytes) payload = g_bytes_new_static ("gate", 4);
   g_autoptr (GError) error = NULL;
-  gint64 deadline = g_get_monotonic_time () + DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
   KdRedisQueueStats stats;
 
   g_test_summary ("A stop whose drain times out, Redis unreachable, accounts for the jobs that ended "
@@ -1379,7 +495,7 @@ test_stop_unreachable (void)
   g_subprocess_send_signal (server.process, SIGCONT);
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   kd_redis_queue_stop (queue);
   kd_redis_queue_get_stats (queue, &stats);
@@ -1665,7 +781,7 @@ run_all_once (Server            *server,
   dispatcher = kd_redis_queue_new_dispatcher (queue, 4, record_job, &seen, NULL);
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   kd_redis_queue_stop (queue);
   kd_redis_queue_get_stats (queue, stats);
@@ -1808,7 +924,7 @@ test_producer_retry (void)
   /* Killed once Redis stored its first job, while it sends the rest. */
   c = server_connect (&server);
   first = redisCommand (c, "XREAD BLOCK %d STREAMS retry:{0} retry:{1} retry:{2} retry:{3} retry:{u} 0 0 0 0 0",
-                        (int) (DEADLINE_US / 1000));
+                        (int) (KD_TEST_DEADLINE_US / 1000));
   g_assert_nonnull (first);
   g_assert_cmpint (first->type, ==, REDIS_REPLY_ARRAY);
   freeReplyObject (first);
@@ -1890,7 +1006,7 @@ wait_holding (Server     *server,
       g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
       g_assert_no_error (error);
       g_assert_cmpuint (backlog, >, 0);
-      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, DEADLINE_US, &error));
+      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, KD_TEST_DEADLINE_US, &error));
       g_assert_no_error (error);
     }
 }
@@ -2416,7 +1532,7 @@ test_thread_limit (void)
 
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
   kd_redis_queue_stop (queue);
   g_object_unref (dispatcher);
   g_clear_object (&queue);
@@ -2477,9 +1593,7 @@ main (int   argc,
 {
   g_test_init (&argc, &argv, NULL);
 
-  redis_server_path = g_find_program_in_path ("redis-server");
-  if (redis_server_path == NULL && g_file_test ("/usr/bin/redis-server", G_FILE_TEST_IS_EXECUTABLE))
-    redis_server_path = g_strdup ("/usr/bin/redis-server");
+  find_redis_server ();
   g_assert_nonnull (g_getenv ("KD_REDIS_WORKER"));
 
   g_test_add_func ("/kd/redis-queue/deadline-fence", test_deadline_fence);

@@ -1,0 +1,131 @@
+/* kd-redis-harness.h: a redis-server, worker processes and their logs, for test-redis-queue.c
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * kd-redis-harness.c says how the harness works, and what each function
+ * does where it defines it.
+ */
+
+#pragma once
+
+#include <gio/gio.h>
+#include <hiredis/hiredis.h>
+#include <kdispatch/kdispatch.h>
+
+G_BEGIN_DECLS
+
+/* ---- A redis-server of our own ----------------------------------------- */
+
+typedef struct
+{
+  char        *dir;
+  guint        port;
+  gboolean     fsync_always;
+  GSubprocess *process;
+} Server;
+
+void           find_redis_server  (void);
+gboolean       need_redis         (void);
+redisContext  *server_connect     (Server     *server);
+void           server_launch      (Server     *server);
+void           server_start       (Server     *server);
+void           server_freeze      (Server     *server);
+void           server_kill        (Server     *server);
+void           server_stop        (Server     *server);
+KdRedisQueue  *open_queue         (Server     *server,
+                                   const char *name,
+                                   guint       n_shards);
+
+/* ---- What the queue holds ---------------------------------------------- */
+
+typedef struct
+{
+  guint64 entries;     /* in all the streams */
+  guint64 unfinished;  /* pending (read, not acknowledged) or not read yet */
+} Progress;
+
+char          *stream_name        (const char *name,
+                                   gint        shard);
+void           queue_progress     (Server     *server,
+                                   const char *name,
+                                   guint       n_shards,
+                                   Progress   *progress);
+void           wait_finished      (Server     *server,
+                                   const char *name,
+                                   guint       n_shards,
+                                   guint64     total,
+                                   guint64     done);
+guint64        consumer_pending   (Server     *server,
+                                   const char *name,
+                                   guint       n_shards,
+                                   const char *consumer);
+guint64        streams_length     (Server     *server,
+                                   const char *name,
+                                   guint       n_shards);
+guint64        unfinished_present (Server     *server,
+                                   const char *name,
+                                   guint       n_shards);
+void           wait_trimmed       (Server     *server,
+                                   const char *name,
+                                   guint       n_shards,
+                                   guint64     length);
+void           wait_forgotten     (Server     *server,
+                                   const char *name,
+                                   guint       n_shards,
+                                   const char *consumer);
+
+/* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
+
+typedef struct
+{
+  guint  n_keys;
+  guint *count;        /* per key: how many jobs */
+  guint  total;
+} Jobs;
+
+void           produce            (Server     *server,
+                                   const char *name,
+                                   guint       n_shards,
+                                   guint       n_jobs,
+                                   guint       n_keys,
+                                   Jobs       *jobs);
+
+/* ---- Worker processes -------------------------------------------------- */
+
+typedef struct
+{
+  GSubprocess      *process;
+  GDataInputStream *stdout_lines;
+  char             *log;
+  char             *name;    /* its consumer name */
+  char             *out;     /* its output, once it finished */
+} Worker;
+
+Worker        *worker_start       (Server     *server,
+                                   const char *name,
+                                   guint       index,
+                                   ...);
+void           worker_signal      (Worker     *worker,
+                                   int         signum);
+void           worker_finish      (Worker     *worker,
+                                   gboolean    killed);
+void           worker_free        (Worker     *worker);
+guint64        stat_of            (const char *out,
+                                   const char *name);
+
+/* ---- The logs ---------------------------------------------------------- */
+
+typedef struct
+{
+  guint64 runs;
+  guint64 duplicates;  /* runs of a job that had completed already */
+} Verdict;
+
+void           check_logs         (Worker    **workers,
+                                   guint       n_workers,
+                                   Jobs       *jobs,
+                                   guint       fail_key,
+                                   guint       fail_attempts,
+                                   Verdict    *verdict);
+
+G_END_DECLS
