@@ -19,7 +19,7 @@
  * the queue when it prints its name on its standard output; progress is
  * kd_redis_queue_wait_backlog(), woken by the consumers' publications; a
  * trim is a keyspace event; a worker's end is waitpid(). Each wait has a
- * deadline, KD_TEST_DEADLINE_US (kd-test-util.h), past which the test
+ * deadline, KD_REDIS_TEST_DEADLINE_US (kd-redis-harness.h), past which the test
  * fails.
  */
 
@@ -114,7 +114,7 @@ server_launch (Server *server)
   g_autofree char *log = g_build_filename (server->dir, "redis.log", NULL);
   g_autofree char *notify_path = g_build_filename (server->dir, "notify.sock", NULL);
   struct sockaddr_un address = { .sun_family = AF_UNIX };
-  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
   int notify = socket (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 
   g_assert_cmpint (notify, >=, 0);
@@ -142,7 +142,7 @@ server_launch (Server *server)
 
       g_assert_cmpint (left, >, 0);
       if (poll (&ready, 1, (int) (left / 1000)) == 0)
-        g_error ("redis-server did not say READY=1 in %d s (see %s)", (int) (KD_TEST_DEADLINE_US / G_USEC_PER_SEC), log);
+        g_error ("redis-server did not say READY=1 in %d s (see %s)", (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC), log);
       len = recv (notify, message, sizeof message - 1, 0);
       g_assert_cmpint (len, >=, 0);
       message[len] = '\0';
@@ -375,7 +375,7 @@ wait_finished (Server     *server,
   g_autoptr (GError) error = NULL;
   Progress progress;
 
-  if (!kd_redis_queue_wait_backlog (queue, total - done, KD_TEST_DEADLINE_US, &error))
+  if (!kd_redis_queue_wait_backlog (queue, total - done, KD_REDIS_TEST_DEADLINE_US, &error))
     {
       queue_progress (server, name, n_shards, &progress);
       g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished: %s",
@@ -509,7 +509,7 @@ wait_keyevent (Server      *server,
                gpointer     data,
                const char  *what)
 {
-  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
   redisContext *c = server_connect (server);
   redisReply *reply = redisCommand (c, "SUBSCRIBE __keyevent@0__:%s", event);
 
@@ -524,7 +524,7 @@ wait_keyevent (Server      *server,
       g_assert_cmpint (left, >, 0);
       g_assert_cmpint (redisSetTimeout (c, tv), ==, REDIS_OK);
       if (redisGetReply (c, (void **) &reply) != REDIS_OK)
-        g_error ("%s: not in %d s: %s", what, (int) (KD_TEST_DEADLINE_US / G_USEC_PER_SEC), c->errstr);
+        g_error ("%s: not in %d s: %s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC), c->errstr);
       freeReplyObject (reply);
     }
   redisFree (c);

@@ -12,7 +12,15 @@
 #include <hiredis/hiredis.h>
 #include <kdispatch/kdispatch.h>
 
+#include "kd-test-util.h"
+
 G_BEGIN_DECLS
+
+/* How long one wait of these tests may take before it fails: twice the
+ * suite's, as a single wait here spans worker processes, a Redis restart
+ * or a lease running out, and the AddressSanitizer build runs the whole
+ * program in about four minutes. */
+#define KD_REDIS_TEST_DEADLINE_US (2 * KD_TEST_DEADLINE_US)
 
 /* ---- A redis-server of our own ----------------------------------------- */
 

@@ -130,7 +130,7 @@ test_in_process (void)
   g_assert_no_error (error);
 
   /* Woken by the consumer's acknowledgements until none is left. */
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   kd_mutex_lock (&seen.lock);
   g_assert_cmpuint (seen.keyed, ==, jobs.total);
@@ -238,7 +238,7 @@ test_closed (void)
   KdDispatcher *dispatchers[2];
   KdRedisQueueStats stats[2];
   g_autoptr (GError) error = NULL;
-  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
   Jobs jobs = { 0 };
   guint runs[2];
   guint i;
@@ -355,7 +355,7 @@ test_trim (void)
   g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
   g_autoptr (GError) error = NULL;
-  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
   Jobs jobs = { 0 };
   Progress progress;
   guint64 trimmed;
@@ -379,7 +379,7 @@ test_trim (void)
 
   /* All acknowledged: all trimmed (by the owners' rounds or this call). */
   produce (&server, "trim", 4, 1000, 20, &jobs);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
   g_assert_no_error (error);
@@ -413,7 +413,7 @@ test_trim (void)
   gate.open = TRUE;
   g_cond_broadcast (&gate.cond);
   kd_mutex_unlock (&gate.lock);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_trim (queue, NULL, &error));
   g_assert_no_error (error);
@@ -452,7 +452,7 @@ test_stop_unreachable (void)
   g_autoptr (KdDispatcher) dispatcher = NULL;
   g_autoptr (GBytes) payload = g_bytes_new_static ("gate", 4);
   g_autoptr (GError) error = NULL;
-  gint64 deadline = g_get_monotonic_time () + KD_TEST_DEADLINE_US;
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
   KdRedisQueueStats stats;
 
   g_test_summary ("A stop whose drain times out, Redis unreachable, accounts for the jobs that ended "
@@ -495,7 +495,7 @@ test_stop_unreachable (void)
   g_subprocess_send_signal (server.process, SIGCONT);
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   kd_redis_queue_stop (queue);
   kd_redis_queue_get_stats (queue, &stats);
@@ -781,7 +781,7 @@ run_all_once (Server            *server,
   dispatcher = kd_redis_queue_new_dispatcher (queue, 4, record_job, &seen, NULL);
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
   g_assert_no_error (error);
   kd_redis_queue_stop (queue);
   kd_redis_queue_get_stats (queue, stats);
@@ -924,7 +924,7 @@ test_producer_retry (void)
   /* Killed once Redis stored its first job, while it sends the rest. */
   c = server_connect (&server);
   first = redisCommand (c, "XREAD BLOCK %d STREAMS retry:{0} retry:{1} retry:{2} retry:{3} retry:{u} 0 0 0 0 0",
-                        (int) (KD_TEST_DEADLINE_US / 1000));
+                        (int) (KD_REDIS_TEST_DEADLINE_US / 1000));
   g_assert_nonnull (first);
   g_assert_cmpint (first->type, ==, REDIS_REPLY_ARRAY);
   freeReplyObject (first);
@@ -1006,7 +1006,7 @@ wait_holding (Server     *server,
       g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
       g_assert_no_error (error);
       g_assert_cmpuint (backlog, >, 0);
-      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, KD_TEST_DEADLINE_US, &error));
+      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, KD_REDIS_TEST_DEADLINE_US, &error));
       g_assert_no_error (error);
     }
 }
@@ -1532,7 +1532,7 @@ test_thread_limit (void)
 
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_TEST_DEADLINE_US, &error));
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
   kd_redis_queue_stop (queue);
   g_object_unref (dispatcher);
   g_clear_object (&queue);
