@@ -265,6 +265,18 @@ print_rate (const char *what,
            (double) took / G_USEC_PER_SEC, (double) n_jobs * G_USEC_PER_SEC / (double) MAX (took, 1));
 }
 
+/* Prints the next line a worker wrote; FALSE at its end. */
+static gboolean
+print_line (GDataInputStream *output)
+{
+  g_autofree char *line = g_data_input_stream_read_line_utf8 (output, NULL, NULL, NULL);
+
+  if (line == NULL)
+    return FALSE;
+  g_print ("%s\n", line);
+  return TRUE;
+}
+
 /* The benchmark: adds --bench jobs (and --unkeyed) to an empty queue,
  * starts --consumers workers, this program again with the same settings,
  * and waits until the queue's backlog is empty: what is timed is from the
@@ -277,6 +289,7 @@ bench (const char *program)
   g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
   g_autoptr (GPtrArray) workers = g_ptr_array_new_with_free_func (g_object_unref);
+  g_autoptr (GPtrArray) outputs = g_ptr_array_new_with_free_func (g_object_unref);
   g_autoptr (GError) error = NULL;
   guint64 backlog;
   gint64 took, start;
@@ -310,8 +323,8 @@ bench (const char *program)
       g_autofree char *lease = g_strdup_printf ("--lease-ms=%d", opt_lease_ms);
       g_autofree char *batch = g_strdup_printf ("--batch=%d", opt_batch);
       g_autofree char *threads = g_strdup_printf ("--workers=%d", opt_workers);
-      GSubprocess *worker = g_subprocess_new (G_SUBPROCESS_FLAGS_NONE, &error, program, host, port, name,
-                                              shards, lease, batch, threads, NULL);
+      GSubprocess *worker = g_subprocess_new (G_SUBPROCESS_FLAGS_STDOUT_PIPE, &error, program, host,
+                                              port, name, shards, lease, batch, threads, NULL);
 
       if (worker == NULL)
         {
@@ -320,7 +333,13 @@ bench (const char *program)
           break;
         }
       g_ptr_array_add (workers, worker);
+      g_ptr_array_add (outputs, g_data_input_stream_new (g_subprocess_get_stdout_pipe (worker)));
     }
+  /* A worker handles SIGTERM once it says it consumes (its first line):
+   * until then the signal would kill it. */
+  for (i = 0; status == 0 && i < (int) outputs->len; i++)
+    if (!print_line (g_ptr_array_index (outputs, i)))
+      status = 1;
   if (status == 0 && !kd_redis_queue_wait_backlog (queue, 0, -1, &error))
     {
       g_printerr ("redis-worker: %s\n", error->message);
@@ -333,6 +352,9 @@ bench (const char *program)
     g_subprocess_send_signal (g_ptr_array_index (workers, i), SIGTERM);
   for (i = 0; i < (int) workers->len; i++)
     {
+      /* Its counters, then its end. */
+      while (print_line (g_ptr_array_index (outputs, i)))
+        ;
       g_clear_error (&error);
       if (!g_subprocess_wait_check (g_ptr_array_index (workers, i), NULL, &error))
         {
@@ -371,11 +393,12 @@ consume (void)
       g_printerr ("redis-worker: %s\n", error->message);
       return 1;
     }
-  g_print ("redis-worker: %s consuming %s\n", kd_redis_queue_get_consumer_name (queue),
-           kd_redis_queue_get_name (queue));
-
+  /* Handled before it says it consumes: whoever waits for that line may
+   * stop it at once. */
   g_unix_signal_add (SIGINT, quit, loop);
   g_unix_signal_add (SIGTERM, quit, loop);
+  g_print ("redis-worker: %s consuming %s\n", kd_redis_queue_get_consumer_name (queue),
+           kd_redis_queue_get_name (queue));
   g_main_loop_run (loop);
 
   kd_redis_queue_stop (queue);
