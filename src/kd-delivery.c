@@ -25,8 +25,9 @@
  * ready at every iteration would starve. Under a flood of results the
  * application still handles input and paints between slices.
  *
- * Flushing, when the dispatcher is finalized: the tasks still queued must be
- * delivered before the last unref returns. If the flushing thread can
+ * Flushing, in the dispatcher's shutdown (kd_delivery_flush(), after its
+ * jobs ended): the tasks still queued must be delivered before the shutdown
+ * ends, so before the last unref returns when it shuts down at once. If the flushing thread can
  * acquire the context, no other thread is dispatching it, so it delivers
  * them itself, as the context's owner, which is what GLib allows. If another
  * thread owns the context, that thread is iterating it and will deliver

@@ -117,7 +117,7 @@ struct _KdDispatcher
   KdShutdown      shutdown;
   KdAdmission     admission;
 
-  KdKeyTable     *keys;         /* key → KdMailbox: keys with work, and idle keys */
+  KdKeyTable     *keys;         /* key → KdMailbox: keys with work, dormant and idle ones */
 
   /* Set once under @start_lock, then read-only (published atomically).
    * While the workers start (their inits run) @starting is set and

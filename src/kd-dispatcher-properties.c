@@ -7,7 +7,8 @@
  * What can be set and read of a KdDispatcher from outside: the GObject
  * properties, the configuration setters and getters that have no file of
  * their own (failure policies, key states and async submission keep
- * theirs there), and the counters.
+ * theirs there; the cancellable's and kd_dispatcher_start() are the
+ * core's, with cancellation and the start), and the counters.
  *
  * Configuration happens before the first submit, from the thread that
  * configures the dispatcher; then it is final (kd_dispatcher_check_configurable()),

@@ -51,11 +51,13 @@
  *
  * This file holds that path, start, wait, close, cancellation and the last
  * unref. The rest of the dispatcher is in files of its own, listed in
- * kd-dispatcher-internal.h, which run_job() calls at their seams: a
- * handler's failure (retries, dead letters, parked keys:
- * kd-dispatcher-failure.c), a key's state, its idle spell and its bound
- * (kd-dispatcher-keys.c), async submissions waiting for room
- * (kd-dispatcher-async.c, which release_unit() calls while any wait).
+ * kd-dispatcher-internal.h, which the path calls at their seams: run_job()
+ * hands a handler's failure to kd-dispatcher-failure.c (retries, dead
+ * letters, parked keys); run_mailbox() ends a key's state and its idle
+ * spells through kd-dispatcher-keys.c; release_unit() admits the async
+ * submissions waiting for room through kd-dispatcher-async.c while any
+ * wait. A per-key bound (set in kd-dispatcher-keys.c) is the key table's,
+ * which push_job() hands it.
  *
  * Workers never block on their own dispatcher: a submit from one of its own
  * workers that finds the bound reached fails with KD_ERROR_FULL instead of
@@ -72,31 +74,35 @@
  * Threads are made when the workers start (kd_dispatcher_start() or the
  * first submit): the workers, and the timer's if jobs may be retried or key
  * states idle. If one cannot be made, that call fails with the thread
- * error and the dispatcher stays unstarted; nothing later makes a thread
- * that could fail.
+ * error and the dispatcher stays unstarted. Later only a shutdown finished
+ * from a main context makes a thread, and if it cannot, it finishes from an
+ * idle source of that context instead (see kd-shutdown.c).
  *
- * Locks, each named by what it guards; none is held while user code
- * (handler, done callback, item-free, key-state functions, destroy
- * notifies) runs:
+ * Locks. The dispatcher's own are @start_lock (starting the workers,
+ * making the delivery and the counters' notifier; taken here, in
+ * kd-dispatcher-properties.c and kd-dispatcher-stage.c) and @async_lock
+ * (the async submissions waiting for room, kd-dispatcher-async.c). Its
+ * components have theirs; docs/internals.md lists every lock of kdispatch
+ * and every nesting. None is held while a handler, a done callback, an
+ * item-free or a destroy notify runs. Two nestings start here:
  *
- *   @start_lock          starting the workers; making the delivery and the
- *                        counters' notifier (kd-dispatcher.c)
- *   @async_lock          the async submissions waiting for room
- *                        (kd-dispatcher-async.c)
- *   a key shard's lock   its keys' mailboxes (kd-key-table.c)
- *   the parked keys'     which keys are parked (kd-parked-keys.c)
- *   the result registry  the async results' deliveries (kd-submit-result.c)
- *   the scheduler's and  their queues (kd-scheduler.c, kd-timer.c)
- *   the timer's
- *   a delivery's, the    their queues for a main context (kd-delivery.c,
- *   notifier's           kd-notifier.c)
- *   the admission's      its sleeping submitters (kd-admission.c)
- *
- * They nest only two ways: @async_lock is taken before any of the others
- * (admitting or refusing a waiting submission queues its job or its
- * result and counts it), and never while one of them is held; the parked
- * keys' lock is taken before a shard's (dropping a finishing key's queued
- * jobs). Every other lock is taken alone.
+ *  - @async_lock is held while a waiting submission is admitted or
+ *    refused: its job is queued (a shard's lock, the scheduler's), its
+ *    result is queued (a delivery's), it is counted (the notifier's, and
+ *    @start_lock for the first count), a unit it gives back may wake
+ *    blocked submitters (the admission's), and if its unit was the last of a
+ *    closed dispatcher, the dispatcher stops, which closes a pipeline's
+ *    next stage (that stage's @async_lock: stages nest in pipeline order
+ *    only). It is taken under no lock but a cancel watch's and an earlier
+ *    stage's @async_lock.
+ *  - cancel() runs under its cancellable watch's lock (see
+ *    kd-cancel-watch.c), so what it takes nests under that one: @async_lock
+ *    (closing refuses the waiting submissions), the admission's and the
+ *    shards' (closing wakes the blocked submitters), the scheduler's timer
+ *    locks (hurrying the timer), the parked keys' lock with a shard's under
+ *    it (dropping a finishing key's queued jobs). Unparking an empty parked
+ *    key there frees its key state: the one call of application code made
+ *    under a lock of kdispatch's.
  */
 
 #include "config.h"

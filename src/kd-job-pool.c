@@ -16,8 +16,9 @@
  * shared depot, and an allocating thread whose stack is empty takes a whole
  * magazine back from it. The depot lock is thus taken once per
  * MAGAZINE_SIZE records, and only by threads that are out of balance. The
- * depot keeps at most DEPOT_MAX magazines; beyond that, and when a thread
- * exits, records go back to malloc.
+ * depot keeps at most DEPOT_MAX magazines; beyond that records go back to
+ * malloc. An exiting thread gives its full magazines to the depot and the
+ * rest of its records to malloc.
  *
  * All dispatchers share the pool (records are all the same size). Under
  * AddressSanitizer a free record is poisoned, so a use after free is still

@@ -1,4 +1,4 @@
-/* kd-key-table-private.h: the sharded table of keys with work
+/* kd-key-table-private.h: the sharded table of keys and their mailboxes
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */

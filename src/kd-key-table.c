@@ -1,10 +1,12 @@
-/* kd-key-table.c: the sharded table of keys with work
+/* kd-key-table.c: the sharded table of keys and their mailboxes
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
  * DESIGN
  *
- * The key table maps each key that has work to its mailbox. It is split into
+ * The key table maps each key that has work to its mailbox, and keeps a
+ * bounded number of keys whose work ended (dormant or idle, below). It is
+ * split into
  * N_SHARDS shards, each a KdKeyMap with its own lock, chosen by the high
  * bits of the key's hash, so that a producer submitting to one key and a
  * worker reaping another rarely meet on a lock. A key is hashed once per

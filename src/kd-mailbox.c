@@ -7,11 +7,13 @@
  * A mailbox is the per-key "worker" of the actor model without a thread of
  * its own: the key's jobs in submission order (an intrusive list through
  * each job's task link, so queueing a job allocates nothing), plus the task
- * header by which the scheduler runs it. A mailbox exists only while its key
- * has work: the key table (KdKeyTable) creates it at the key's first job and
- * reaps it when it runs empty, so memory follows the keys with work, not the
- * keys ever seen. The table keeps a bounded number of reaped mailboxes
- * dormant, for the next job of their key, and recycles the others.
+ * header by which the scheduler runs it. A mailbox is the key's actor only
+ * while its key has work: the key table (KdKeyTable) creates it at the
+ * key's first job and reaps it when it runs empty. The table keeps a
+ * bounded number of reaped mailboxes dormant, for the next job of their
+ * key, and, with an idle time, a bounded number idle with their key state;
+ * it recycles the others, so memory follows the keys with work, not the
+ * keys ever seen.
  *
  * Threads: the job list is protected by the lock of the key-table shard that
  * holds the mailbox. Producers append under it; only the worker that runs

@@ -23,7 +23,7 @@
  * The source holds no reference to the object: one held while notifying
  * would make another thread's unref, meant as the last one, return at
  * once and leave the object to die in the context's thread. Instead the
- * object's dispose detaches the notifier (kd_notifier_detach()), waiting
+ * object's shutdown detaches the notifier (kd_notifier_detach()), waiting
  * for a notify in progress; a later dispatch finds nothing to notify.
  */
 

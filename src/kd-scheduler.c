@@ -65,8 +65,11 @@
  * waits for all of them. The owner
  * shuts down only when nothing is pending, so no task is left behind.
  *
- * Lock order: a thread holds at most one of a group lock and idle_lock at a
- * time.
+ * Locks: a group's lock guards its queue, idle_lock the parked workers,
+ * start_lock the start barrier, timer_lock the timer and the hurry flag,
+ * join_lock the join. A thread holds at most one of a group lock and
+ * idle_lock at a time; the timer's own lock is taken under timer_lock, and
+ * timer_lock under join_lock, which is held while the threads are joined.
  */
 
 #include "config.h"

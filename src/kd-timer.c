@@ -22,8 +22,9 @@
  * kd_timer_hurry() makes every call due now, and every call added later
  * too: once a dispatcher is cancelled, its waiting retries end (cancelled)
  * at once, and once it stops, idle key states go. kd_timer_stop() lets the
- * thread exit once the heap is empty and kd_timer_free() joins it; the
- * owner stops it only when nothing can be added any more.
+ * thread exit once the heap is empty, kd_timer_join() joins it, and
+ * kd_timer_free() frees a joined timer; the owner stops it only when
+ * nothing can be added any more.
  */
 
 #include "config.h"
