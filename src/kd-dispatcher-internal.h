@@ -206,6 +206,7 @@ void        kd_dispatcher_release_unit        (KdDispatcher      *self,
                                                guint              releaser,
                                                guint              epoch);
 void        kd_dispatcher_shutdown_scheduler  (KdDispatcher      *self);
+void        kd_dispatcher_on_cancelled        (gpointer           user_data);
 
 /* kd-dispatcher-properties.c */
 void        kd_dispatcher_install_properties  (GObjectClass      *object_class);

@@ -7,8 +7,7 @@
  * What can be set and read of a KdDispatcher from outside: the GObject
  * properties, the configuration setters and getters that have no file of
  * their own (failure policies, key states and async submission keep
- * theirs there; the cancellable's and kd_dispatcher_start() are the
- * core's, with cancellation and the start), and the counters.
+ * theirs there; kd_dispatcher_start() is the core's), and the counters.
  *
  * Configuration happens before the first submit, from the thread that
  * configures the dispatcher; then it is final (kd_dispatcher_check_configurable()),
@@ -672,6 +671,58 @@ kd_dispatcher_set_worker_funcs (KdDispatcher         *self,
   self->worker_finalize = finalize;
   self->worker_data = user_data;
   self->worker_data_free = user_data_free;
+}
+
+/**
+ * kd_dispatcher_set_cancellable:
+ * @self: a dispatcher
+ * @cancellable: the cancellable that shuts the dispatcher down
+ *
+ * Replaces the dispatcher's own cancellable, for example to share one among
+ * several dispatchers. Cancelling it closes the dispatcher, ends every job
+ * that has not started with %G_IO_ERROR_CANCELLED (through the done callback
+ * and the item-free function) and lets running handlers see it through
+ * kd_job_get_cancellable(). If @cancellable is already cancelled, the
+ * dispatcher is closed at once.
+ *
+ * Call before the first submit, from the thread that configures the
+ * dispatcher.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_set_cancellable (KdDispatcher *self,
+                               GCancellable *cancellable)
+{
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (G_IS_CANCELLABLE (cancellable));
+
+  if (!kd_dispatcher_check_configurable (self, G_STRFUNC) || cancellable == self->cancellable)
+    return;
+
+  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
+  g_set_object (&self->cancellable, cancellable);
+  self->cancel_watch = kd_cancel_watch_new (cancellable, kd_dispatcher_on_cancelled, self);
+  g_object_notify_by_pspec (G_OBJECT (self), kd_dispatcher_properties[PROP_CANCELLABLE]);
+}
+
+/**
+ * kd_dispatcher_get_cancellable:
+ * @self: a dispatcher
+ *
+ * Gets the cancellable that shuts the dispatcher down. Thread-safe once
+ * configuration is over.
+ *
+ * Returns: (transfer none): the cancellable, never %NULL
+ *
+ * Since: 0.1
+ */
+GCancellable *
+kd_dispatcher_get_cancellable (KdDispatcher *self)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
+
+  return self->cancellable;
 }
 
 /**

@@ -784,8 +784,9 @@ cancel (KdDispatcher *self)
   kd_dispatcher_drop_parked (self);
 }
 
-static void
-on_cancelled (gpointer user_data)
+/* The cancel watch's function. */
+void
+kd_dispatcher_on_cancelled (gpointer user_data)
 {
   cancel (user_data);
 }
@@ -960,7 +961,7 @@ kd_dispatcher_init (KdDispatcher *self)
   g_cond_init (&self->start_cond);
   self->keys = kd_key_table_new ();
   self->cancellable = g_cancellable_new ();
-  self->cancel_watch = kd_cancel_watch_new (self->cancellable, on_cancelled, self);
+  self->cancel_watch = kd_cancel_watch_new (self->cancellable, kd_dispatcher_on_cancelled, self);
   g_mutex_init (&self->async_lock);
   self->results = kd_result_registry_new ();
   self->creation_context = g_main_context_ref_thread_default ();
@@ -1030,58 +1031,6 @@ kd_dispatcher_start (KdDispatcher  *self,
   g_return_val_if_fail (self->handler != NULL, FALSE);
 
   return ensure_started (self, error);
-}
-
-/**
- * kd_dispatcher_set_cancellable:
- * @self: a dispatcher
- * @cancellable: the cancellable that shuts the dispatcher down
- *
- * Replaces the dispatcher's own cancellable, for example to share one among
- * several dispatchers. Cancelling it closes the dispatcher, ends every job
- * that has not started with %G_IO_ERROR_CANCELLED (through the done callback
- * and the item-free function) and lets running handlers see it through
- * kd_job_get_cancellable(). If @cancellable is already cancelled, the
- * dispatcher is closed at once.
- *
- * Call before the first submit, from the thread that configures the
- * dispatcher.
- *
- * Since: 0.1
- */
-void
-kd_dispatcher_set_cancellable (KdDispatcher *self,
-                               GCancellable *cancellable)
-{
-  g_return_if_fail (KD_IS_DISPATCHER (self));
-  g_return_if_fail (G_IS_CANCELLABLE (cancellable));
-
-  if (!kd_dispatcher_check_configurable (self, G_STRFUNC) || cancellable == self->cancellable)
-    return;
-
-  g_clear_pointer (&self->cancel_watch, kd_cancel_watch_free);
-  g_set_object (&self->cancellable, cancellable);
-  self->cancel_watch = kd_cancel_watch_new (cancellable, on_cancelled, self);
-  g_object_notify_by_pspec (G_OBJECT (self), kd_dispatcher_properties[PROP_CANCELLABLE]);
-}
-
-/**
- * kd_dispatcher_get_cancellable:
- * @self: a dispatcher
- *
- * Gets the cancellable that shuts the dispatcher down. Thread-safe once
- * configuration is over.
- *
- * Returns: (transfer none): the cancellable, never %NULL
- *
- * Since: 0.1
- */
-GCancellable *
-kd_dispatcher_get_cancellable (KdDispatcher *self)
-{
-  g_return_val_if_fail (KD_IS_DISPATCHER (self), NULL);
-
-  return self->cancellable;
 }
 
 /**
