@@ -188,6 +188,15 @@ kd_test_hold_release (KdTestHold *hold)
   kd_test_gate_open (&hold->gate);
 }
 
+/* A KdHandlerFunc that does nothing and succeeds. */
+static inline gboolean
+kd_test_noop_handler (KdJob    *job,
+                      gpointer  user_data,
+                      GError  **error)
+{
+  return TRUE;
+}
+
 /* What a test's jobs did: kd_test_recorder_handler() notes each job's key
  * and item, in the order the handlers ran, then holds the job in @hold
  * (every job, or only the one whose item is @hold_only); and

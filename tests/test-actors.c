@@ -455,14 +455,6 @@ ref_state_free (gpointer state)
   g_object_unref (state);
 }
 
-static gboolean
-noop_handler (KdJob    *job,
-              gpointer  user_data,
-              GError  **error)
-{
-  return TRUE;
-}
-
 /* The handler data's destroy notify: the dispatcher's finalize runs it
  * last, after every thread of its but the one finalizing was joined. */
 static void
@@ -484,7 +476,7 @@ test_key_idle_last_unref (void)
                   "itself");
 
   kd_test_counter_init (&last.finalized);
-  last.dispatcher = kd_dispatcher_new (2, noop_handler, &last, dispatcher_finalized);
+  last.dispatcher = kd_dispatcher_new (2, kd_test_noop_handler, &last, dispatcher_finalized);
   kd_dispatcher_set_key_state_funcs (last.dispatcher, ref_state_new, ref_state_free, &last, NULL);
   kd_dispatcher_set_key_idle_time (last.dispatcher, G_TIME_SPAN_MILLISECOND);
 
@@ -679,7 +671,7 @@ test_key_idle_sweep_meets_shutdown (void)
   kd_test_gate_init (&s.release);
   kd_test_counter_init (&s.entered);
   kd_test_counter_init (&s.finalized);
-  dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  dispatcher = kd_dispatcher_new (2, kd_test_noop_handler, NULL, NULL);
   kd_dispatcher_set_key_state_funcs (dispatcher, slow_state_new, slow_state_free, NULL, NULL);
   kd_dispatcher_set_key_idle_time (dispatcher, 20 * G_TIME_SPAN_MILLISECOND);
   kd_dispatcher_set_worker_funcs (dispatcher, count_init, count_finalize, NULL, NULL);
@@ -731,7 +723,7 @@ submitting_init (KdDispatcher  *dispatcher,
 static void
 test_worker_init_uses_dispatcher (void)
 {
-  KdDispatcher *dispatcher = kd_dispatcher_new (2, noop_handler, NULL, NULL);
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, kd_test_noop_handler, NULL, NULL);
   GError *error = NULL;
 
   g_test_summary ("A worker init that submits to, or starts, its own dispatcher is "

@@ -1839,14 +1839,6 @@ test_reorder_forgets_idle_keys (void)
 /* ------------------------------------------------------------------------ */
 /* Bad input                                                                */
 
-static gboolean
-noop_handler (KdJob    *job,
-              gpointer  user_data,
-              GError  **error)
-{
-  return TRUE;
-}
-
 static void
 test_bad_input (void)
 {
@@ -1869,8 +1861,8 @@ test_bad_input (void)
   g_object_unref (empty);
 
   pipeline = kd_pipeline_new ();
-  stage = kd_pipeline_add_stage (pipeline, "only", 1, noop_handler, NULL, NULL);
-  stranger = kd_dispatcher_new (1, noop_handler, NULL, NULL);
+  stage = kd_pipeline_add_stage (pipeline, "only", 1, kd_test_noop_handler, NULL, NULL);
+  stranger = kd_dispatcher_new (1, kd_test_noop_handler, NULL, NULL);
 
   g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*found != NULL*");
   kd_pipeline_set_stage_mode (pipeline, stranger, KD_STAGE_ORDERED);
@@ -1879,7 +1871,7 @@ test_bad_input (void)
   g_assert_true (kd_pipeline_submit (pipeline, "k", NULL, NULL));
 
   g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
-  g_assert_null (kd_pipeline_add_stage (pipeline, "late", 1, noop_handler, NULL, NULL));
+  g_assert_null (kd_pipeline_add_stage (pipeline, "late", 1, kd_test_noop_handler, NULL, NULL));
   g_test_assert_expected_messages ();
 
   g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*before its first submit*");
