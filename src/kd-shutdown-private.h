@@ -15,8 +15,7 @@ typedef void (*KdShutdownFunc) (GObject *object);
 /* How far an object's shutdown got; zero-initialised with the object. */
 typedef struct
 {
-  gint            state;    /* atomic */
-  KdShutdownFunc  finish;
+  gint state;   /* atomic */
 } KdShutdown;
 
 void     kd_shutdown_dispose      (KdShutdown     *shutdown,

@@ -48,6 +48,7 @@ struct _Deferred
   Deferred       *next;
   GObject        *object;   /* a reference */
   KdShutdown     *shutdown; /* the object's */
+  KdShutdownFunc  finish;
 };
 
 enum
@@ -62,30 +63,33 @@ enum
 static KD_THREAD_LOCAL gboolean  runs_deferred;
 static KD_THREAD_LOCAL Deferred *deferred;
 
-/* Runs @object's finish and records its shutdown done. */
+/* Runs @object's @finish and records its shutdown done. */
 static void
-run_finish (KdShutdown *shutdown,
-            GObject    *object)
+run_finish (KdShutdown     *shutdown,
+            KdShutdownFunc  finish,
+            GObject        *object)
 {
-  shutdown->finish (object);
+  finish (object);
   g_atomic_int_set (&shutdown->state, SHUTDOWN_DONE);
 }
 
 static Deferred *
-deferred_new (GObject    *object,
-              KdShutdown *shutdown)
+deferred_new (GObject        *object,
+              KdShutdown     *shutdown,
+              KdShutdownFunc  finish)
 {
   Deferred *d = g_new0 (Deferred, 1);
 
   d->object = g_object_ref (object);
   d->shutdown = shutdown;
+  d->finish = finish;
   return d;
 }
 
 static void
 deferred_run (Deferred *d)
 {
-  run_finish (d->shutdown, d->object);
+  run_finish (d->shutdown, d->finish, d->object);
   g_object_unref (d->object);
   g_free (d);
 }
@@ -104,16 +108,17 @@ finish_in_idle (gpointer data)
   return G_SOURCE_REMOVE;
 }
 
-/* Takes a reference to @object, runs its finish where it may wait for
+/* Takes a reference to @object, runs @finish where it may wait for
  * @object's threads (see the design above), then drops the reference.
  * @dispatching: the main context whose dispatch dropped the last
  * reference; NULL if it went on one of the object's own workers or timer. */
 static void
-shutdown_later (KdShutdown   *shutdown,
-                GObject      *object,
-                GMainContext *dispatching)
+shutdown_later (KdShutdown     *shutdown,
+                KdShutdownFunc  finish,
+                GObject        *object,
+                GMainContext   *dispatching)
 {
-  Deferred *d = deferred_new (object, shutdown);
+  Deferred *d = deferred_new (object, shutdown, finish);
   g_autoptr (GError) error = NULL;
   GThread *thread;
   GSource *idle;
@@ -179,18 +184,17 @@ kd_shutdown_dispose (KdShutdown     *shutdown,
   if (g_atomic_int_get (&shutdown->state) != SHUTDOWN_NONE)
     return;
 
-  shutdown->finish = finish;
   if (on_own_thread || dispatching != NULL)
     {
       g_debug ("%s %p: last unref on its own thread, shutting down in the background",
                G_OBJECT_TYPE_NAME (object), (gpointer) object);
       g_atomic_int_set (&shutdown->state, SHUTDOWN_ASYNC);
       close (object);
-      shutdown_later (shutdown, object, dispatching);
+      shutdown_later (shutdown, finish, object, dispatching);
     }
   else
     {
-      run_finish (shutdown, object);
+      run_finish (shutdown, finish, object);
     }
 }
 

@@ -60,9 +60,9 @@ struct _KdSubmitResult
 {
   GObject              parent_instance;
 
-  KdTask               task;         /* link in the waiting queue, then in @delivery */
+  KdTask               task;         /* in the waiting queue, then in @target's delivery */
   KdDispatcher        *dispatcher;   /* a reference */
-  ResultDelivery      *delivery;     /* the caller's context's, in the dispatcher's registry */
+  ResultDelivery      *target;       /* the caller's context's, in the dispatcher's registry */
   GCancellable        *cancellable;  /* nullable */
   GAsyncReadyCallback  callback;     /* nullable */
   gpointer             user_data;
@@ -219,7 +219,7 @@ kd_submit_result_new (KdDispatcher        *dispatcher,
   GMainContext *context = g_main_context_ref_thread_default ();
 
   self->dispatcher = g_object_ref (dispatcher);
-  self->delivery = result_delivery_take (results, context);
+  self->target = result_delivery_take (results, context);
   g_main_context_unref (context);
   self->item = item;
   if (cancellable != NULL)
@@ -281,7 +281,7 @@ kd_submit_result_complete (KdSubmitResult *self,
 
   g_assert (first);
   self->error = error;
-  kd_delivery_push (self->delivery->delivery, &self->task);
+  kd_delivery_push (self->target->delivery, &self->task);
 }
 
 /* The delivery's function (@user_data: its ResultDelivery): runs the
