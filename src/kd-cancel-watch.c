@@ -8,11 +8,16 @@
  * another thread, and deadlocks if the emission runs in this one: dropping
  * the last reference to a dispatcher or pipeline inside another ::cancelled
  * handler of its cancellable would hang. So the signal handler holds a link
- * instead of the object: freeing the watch clears the link under its lock,
- * which waits for a call in progress on another thread, then disconnects
- * with g_signal_handler_disconnect(), which never waits; the link itself
- * goes when the handler's closure does. Runs @func at once if the
- * cancellable is already cancelled.
+ * instead of the object, and @func runs outside the link's lock, with the
+ * calling thread marked on the link. Freeing the watch clears the link's
+ * @func and waits for a call in progress on another thread, never for one
+ * in its own: @func itself may drop the object's last reference (through
+ * application code it calls), and the object's dispose frees the watch.
+ * Then it disconnects with g_signal_handler_disconnect(), which never
+ * waits; the link itself goes when the handler's closure does. Calls of
+ * one link never overlap: GCancellable emits ::cancelled once per
+ * cancellation, and g_cancellable_reset() waits for an emission to end.
+ * Runs @func at once if the cancellable is already cancelled.
  */
 
 #include "config.h"
@@ -24,8 +29,10 @@ typedef struct
 {
   gint          ref_count;
   GMutex        lock;
+  GCond         call_ended;
   KdCancelFunc  func;       /* protected by @lock; NULL once freed */
   gpointer      user_data;
+  GThread      *calling;    /* protected by @lock: the thread running @func */
 } Link;
 
 struct _KdCancelWatch
@@ -43,6 +50,7 @@ link_unref (gpointer data)
   if (g_atomic_int_dec_and_test (&link->ref_count))
     {
       g_mutex_clear (&link->lock);
+      g_cond_clear (&link->call_ended);
       g_free (link);
     }
 }
@@ -52,12 +60,26 @@ on_cancelled (GCancellable *cancellable,
               gpointer      data)
 {
   Link *link = data;
+  KdCancelFunc func;
 
   (void) cancellable;
 
   kd_mutex_lock (&link->lock);
-  if (link->func != NULL)
-    link->func (link->user_data);
+  func = link->func;
+  if (func != NULL)
+    link->calling = g_thread_self ();
+  kd_mutex_unlock (&link->lock);
+
+  if (func == NULL)
+    return;
+
+  /* The handler's reference keeps @link alive, even if @func frees the
+   * watch. */
+  func (link->user_data);
+
+  kd_mutex_lock (&link->lock);
+  link->calling = NULL;
+  g_cond_broadcast (&link->call_ended);
   kd_mutex_unlock (&link->lock);
 }
 
@@ -71,6 +93,7 @@ kd_cancel_watch_new (GCancellable *cancellable,
 
   link->ref_count = 2;  /* the watch's and the handler's */
   g_mutex_init (&link->lock);
+  g_cond_init (&link->call_ended);
   link->func = func;
   link->user_data = user_data;
 
@@ -82,13 +105,18 @@ kd_cancel_watch_new (GCancellable *cancellable,
   return self;
 }
 
-/* Once this returns, @func is not running and will not run again. */
+/* Once this returns, @func will not run again, and is not running but in
+ * the calling thread (when @func led to this free). */
 void
 kd_cancel_watch_free (KdCancelWatch *self)
 {
-  kd_mutex_lock (&self->link->lock);
-  self->link->func = NULL;
-  kd_mutex_unlock (&self->link->lock);
+  Link *link = self->link;
+
+  kd_mutex_lock (&link->lock);
+  link->func = NULL;
+  while (link->calling != NULL && link->calling != g_thread_self ())
+    kd_cond_wait (&link->call_ended, &link->lock);
+  kd_mutex_unlock (&link->lock);
 
   if (self->handler_id != 0)
     g_signal_handler_disconnect (self->cancellable, self->handler_id);

@@ -84,7 +84,7 @@
  * (the async submissions waiting for room, kd-dispatcher-async.c). Its
  * components have theirs; docs/internals.md lists every lock of kdispatch
  * and every nesting. None is held while a handler, a done callback, an
- * item-free or a destroy notify runs. Two nestings start here:
+ * item-free or a destroy notify runs. One nesting starts here:
  *
  *  - @async_lock is held while a waiting submission is admitted or
  *    refused: its job is queued (a shard's lock, the scheduler's), its
@@ -93,16 +93,12 @@
  *    blocked submitters (the admission's), and if its unit was the last of a
  *    closed dispatcher, the dispatcher stops, which closes a pipeline's
  *    next stage (that stage's @async_lock: stages nest in pipeline order
- *    only). It is taken under no lock but a cancel watch's and an earlier
- *    stage's @async_lock.
- *  - cancel() runs under its cancellable watch's lock (see
- *    kd-cancel-watch.c), so what it takes nests under that one: @async_lock
- *    (closing refuses the waiting submissions), the admission's and the
- *    shards' (closing wakes the blocked submitters), the scheduler's timer
- *    locks (hurrying the timer), the parked keys' lock with a shard's under
- *    it (dropping a finishing key's queued jobs). Unparking an empty parked
- *    key there frees its key state: the one call of application code made
- *    under a lock of kdispatch's.
+ *    only). It is taken under no lock but an earlier stage's @async_lock.
+ *
+ * cancel() runs in the thread that cancels, under no lock (see
+ * kd-cancel-watch.c). Unparking an empty parked key there frees its key
+ * state; if that drops the last reference, the dispatcher is disposed in
+ * that thread once cancel() returned.
  */
 
 #include "config.h"
@@ -784,11 +780,17 @@ cancel (KdDispatcher *self)
   kd_dispatcher_drop_parked (self);
 }
 
-/* The cancel watch's function. */
+/* The cancel watch's function. Dropping a parked key may free its key
+ * state, and so run application code that drops the last reference: the
+ * dispatcher stays alive until cancel() returned, and is disposed here,
+ * outside every lock of kdispatch's, if that was the last one. */
 void
 kd_dispatcher_on_cancelled (gpointer user_data)
 {
-  cancel (user_data);
+  KdDispatcher *self = g_object_ref (user_data);
+
+  cancel (self);
+  g_object_unref (self);
 }
 
 /* Close, let every accepted job end, join the workers, deliver what waits

@@ -826,6 +826,56 @@ test_park_key_state_resume_race (void)
   log_clear (&log);
 }
 
+/* The state's free drops the last reference to the dispatcher: the
+ * dispatcher is disposed from inside its own cancellation. */
+static KdDispatcher *last_ref;
+
+static void
+drop_last_ref (void)
+{
+  g_clear_object (&last_ref);
+}
+
+static void
+test_park_key_state_last_ref (void)
+{
+  Log log;
+  KdDispatcher *dispatcher = log_dispatcher_new (&log, 2);
+  GCancellable *cancellable = g_cancellable_new ();
+  KdStats stats;
+
+  g_test_summary ("Cancelling drops an empty parked key, whose state's free drops the "
+                  "last reference to the dispatcher: the dispatcher is disposed inside "
+                  "its own cancellation, in the cancelling thread, without deadlock");
+
+  memset (&states, 0, sizeof states);
+  kd_dispatcher_set_failure_policy (dispatcher, KD_FAILURE_PARK);
+  kd_dispatcher_set_key_state_funcs (dispatcher, state_new, state_free, NULL, NULL);
+  kd_dispatcher_set_cancellable (dispatcher, cancellable);
+
+  submit (dispatcher, TRUE, 1, 0, 1);   /* parks with no job left */
+  wait_for_stat (dispatcher, pending, 0);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.parked_keys, ==, 1);
+
+  last_ref = dispatcher;
+  g_object_add_weak_pointer (G_OBJECT (dispatcher), (gpointer *) &dispatcher);
+  states.on_free = drop_last_ref;
+  g_cancellable_cancel (cancellable);
+
+  g_assert_null (last_ref);
+  g_assert_null (dispatcher);
+  g_assert_cmpint (states.made, ==, 1);
+  g_assert_cmpint (states.freed, ==, 1);
+  g_assert_cmpuint (log.ends->len, ==, 1);
+  g_assert_cmpuint (log.freed, ==, 1);
+  g_assert_cmpuint (kd_test_threads_settle (0), ==, 0);
+
+  states.on_free = NULL;
+  g_object_unref (cancellable);
+  log_clear (&log);
+}
+
 static void
 test_main_context (void)
 {
@@ -909,6 +959,7 @@ main (int   argc,
   g_test_add_func ("/kd/failure/park-cancel-and-unref", test_park_cancel_and_unref);
   g_test_add_func ("/kd/failure/park-key-state", test_park_key_state);
   g_test_add_func ("/kd/failure/park-key-state-resume-race", test_park_key_state_resume_race);
+  g_test_add_func ("/kd/failure/park-key-state-last-ref", test_park_key_state_last_ref);
   g_test_add_func ("/kd/failure/main-context", test_main_context);
   g_test_add_func ("/kd/failure/bad-input", test_bad_input);
 
