@@ -85,6 +85,12 @@ gboolean kd_admission_acquire        (KdAdmission  *self,
                                       gint64        deadline,
                                       guint        *epoch,
                                       GError      **error);
+guint    kd_admission_acquire_many   (KdAdmission  *self,
+                                      KdAdmitMode   mode,
+                                      gint64        deadline,
+                                      guint         want,
+                                      guint        *epoch,
+                                      GError      **error);
 gboolean kd_admission_release        (KdAdmission  *self,
                                       guint         releaser,
                                       guint         epoch);

@@ -18,7 +18,9 @@
  *
  *    A unit is acquired by one compare-and-swap on @grant, which also checks
  *    CLOSED: a closed admission refuses even when it is also full, and once
- *    close() returned nothing more is accepted.
+ *    close() returned nothing more is accepted. A batch takes as many units
+ *    as there is room for in the same one compare-and-swap
+ *    (kd_admission_acquire_many()); they are released one by one.
  *
  *  - Releasers (the dispatcher's workers, plus one shared slot for any other
  *    thread) each count their own releases, in total and per epoch slot, on
@@ -288,6 +290,70 @@ sleep_until_room (KdAdmission *self,
   return in_time;
 }
 
+/* Takes between 1 and @want units in one compare-and-swap, as many as
+ * there is room for, or refuses (see kd_admission_acquire()). Returns how
+ * many it took: 0 when refused. Inlined into both callers, so the single
+ * acquire pays nothing for the batch. */
+G_ALWAYS_INLINE static inline guint
+acquire_upto (KdAdmission  *self,
+              KdAdmitMode   mode,
+              gint64        deadline,
+              guint         want,
+              guint        *epoch,
+              GError      **error)
+{
+  guint64 grant = __atomic_load_n (&self->grant, __ATOMIC_RELAXED);
+  gboolean timed_out = FALSE;
+
+  for (;;)
+    {
+      guint64 view, pending;
+
+      if (grant & CLOSED_BIT)
+        {
+          g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
+                               "The dispatcher no longer accepts jobs");
+          return 0;
+        }
+
+      view = __atomic_load_n (&self->released_view, __ATOMIC_RELAXED);
+      pending = pending_by (acquired_of (grant), view);
+      if (pending + want > self->capacity)
+        pending = pending_by (acquired_of (grant), refresh_view (self));
+
+      if (pending < self->capacity)
+        {
+          guint take = (guint) MIN ((guint64) want, self->capacity - pending);
+
+          if (__atomic_compare_exchange_n (&self->grant, &grant, grant + take, TRUE,
+                                           __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            {
+              *epoch = slot_of (grant);
+              return take;
+            }
+          continue;
+        }
+
+      if (mode == KD_ADMIT_TRY)
+        {
+          g_set_error (error, KD_ERROR, KD_ERROR_FULL,
+                       "The dispatcher already holds %u pending jobs", self->capacity);
+          return 0;
+        }
+
+      if (timed_out || (mode == KD_ADMIT_DEADLINE && g_get_monotonic_time () >= deadline))
+        {
+          g_set_error (error, KD_ERROR, KD_ERROR_TIMEOUT,
+                       "The dispatcher still held %u pending jobs at the deadline",
+                       self->capacity);
+          return 0;
+        }
+
+      timed_out = !sleep_until_room (self, mode == KD_ADMIT_DEADLINE ? deadline : 0);
+      grant = __atomic_load_n (&self->grant, __ATOMIC_RELAXED);
+    }
+}
+
 /*
  * kd_admission_acquire:
  * @epoch: (out): the slot of the epoch the unit joined; pass it to release
@@ -303,53 +369,30 @@ kd_admission_acquire (KdAdmission  *self,
                       guint        *epoch,
                       GError      **error)
 {
-  guint64 grant = __atomic_load_n (&self->grant, __ATOMIC_RELAXED);
-  gboolean timed_out = FALSE;
+  return acquire_upto (self, mode, deadline, 1, epoch, error) == 1;
+}
 
-  for (;;)
-    {
-      guint64 view;
+/*
+ * kd_admission_acquire_many:
+ * @want: at least 1
+ * @epoch: (out): the slot of the epoch every unit taken joined
+ *
+ * Like kd_admission_acquire(), but takes up to @want units at once: as many
+ * as there is room for, waiting (as @mode says) only while there is none.
+ * Returns how many it took, 0 if it refused; each unit is released on its
+ * own.
+ */
+guint
+kd_admission_acquire_many (KdAdmission  *self,
+                           KdAdmitMode   mode,
+                           gint64        deadline,
+                           guint         want,
+                           guint        *epoch,
+                           GError      **error)
+{
+  g_assert (want > 0);
 
-      if (grant & CLOSED_BIT)
-        {
-          g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
-                               "The dispatcher no longer accepts jobs");
-          return FALSE;
-        }
-
-      view = __atomic_load_n (&self->released_view, __ATOMIC_RELAXED);
-      if (pending_by (acquired_of (grant), view) >= self->capacity)
-        view = refresh_view (self);
-
-      if (pending_by (acquired_of (grant), view) < self->capacity)
-        {
-          if (__atomic_compare_exchange_n (&self->grant, &grant, grant + 1, TRUE,
-                                           __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
-            {
-              *epoch = slot_of (grant);
-              return TRUE;
-            }
-          continue;
-        }
-
-      if (mode == KD_ADMIT_TRY)
-        {
-          g_set_error (error, KD_ERROR, KD_ERROR_FULL,
-                       "The dispatcher already holds %u pending jobs", self->capacity);
-          return FALSE;
-        }
-
-      if (timed_out || (mode == KD_ADMIT_DEADLINE && g_get_monotonic_time () >= deadline))
-        {
-          g_set_error (error, KD_ERROR, KD_ERROR_TIMEOUT,
-                       "The dispatcher still held %u pending jobs at the deadline",
-                       self->capacity);
-          return FALSE;
-        }
-
-      timed_out = !sleep_until_room (self, mode == KD_ADMIT_DEADLINE ? deadline : 0);
-      grant = __atomic_load_n (&self->grant, __ATOMIC_RELAXED);
-    }
+  return acquire_upto (self, mode, deadline, want, epoch, error);
 }
 
 /* The epoch numbered @seq has drained. With @lock held, so the epoch's

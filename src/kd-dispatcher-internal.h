@@ -264,11 +264,19 @@ kd_dispatcher_counters_changed (KdDispatcher *self)
   kd_notifier_arm (notifier);
 }
 
+/* @n submits refused: a batch counts each item it did not take. */
+static inline void
+kd_dispatcher_count_rejected_n (KdDispatcher *self,
+                                guint         n)
+{
+  __atomic_fetch_add (&self->rejected, n, __ATOMIC_RELAXED);
+  kd_dispatcher_counters_changed (self);
+}
+
 static inline void
 kd_dispatcher_count_rejected (KdDispatcher *self)
 {
-  __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
-  kd_dispatcher_counters_changed (self);
+  kd_dispatcher_count_rejected_n (self, 1);
 }
 
 /* One more job ended, in a worker's own counter. */

@@ -764,6 +764,131 @@ submit_job (KdDispatcher  *self,
   return TRUE;
 }
 
+/* The second half of a batch: queues @n_items items as jobs, each holding
+ * one of the @n_items units taken in @epoch. Keyed items join their keys'
+ * mailboxes in order; the unkeyed jobs and the mailboxes that became
+ * active reach the scheduler together, in one push. Returns how many were
+ * queued: fewer only if a per-key bound gave up on one (with @error set),
+ * and the caller still holds the units of those not queued. */
+static guint
+push_jobs (KdDispatcher       *self,
+           const char * const *keys,
+           gpointer           *items,
+           guint               n_items,
+           guint               epoch,
+           KdAdmitMode         mode,
+           gint64              deadline,
+           GError            **error)
+{
+  KdTask *newest = NULL, *oldest = NULL;
+  guint i;
+
+  /* Waiting for room in a key: one by one, each job reaching the scheduler
+   * before the next one may wait (the key it waits for may be this
+   * batch's). */
+  if (G_UNLIKELY (self->key_capacity > 0 && keys != NULL))
+    {
+      for (i = 0; i < n_items; i++)
+        {
+          KdKeyBound bound;
+
+          if (!push_job (self, keys[i], NULL, NULL, NULL, items[i], epoch,
+                         kd_dispatcher_key_bound (self, keys[i], mode, deadline, &bound),
+                         error))
+            return i;
+        }
+      return n_items;
+    }
+
+  /* Counted before any of them can end. */
+  __atomic_fetch_add (&self->submitted, n_items, __ATOMIC_RELAXED);
+  kd_dispatcher_counters_changed (self);
+
+  for (i = 0; i < n_items; i++)
+    {
+      const char *key = keys != NULL ? keys[i] : NULL;
+      KdJob *job = kd_job_new (self, items[i], epoch);
+      KdTask *task;
+
+      KD_TRACE3 (job_submit, self->name, key, job);
+      if (key == NULL)
+        {
+          task = &job->task;
+        }
+      else
+        {
+          KdMailbox *mailbox = kd_key_table_push (self->keys, key, job, FALSE);
+
+          /* Active already: scheduled or running. */
+          if (mailbox == NULL)
+            continue;
+          task = kd_mailbox_get_task (mailbox);
+        }
+
+      task->next = newest;
+      newest = task;
+      if (oldest == NULL)
+        oldest = task;
+    }
+
+  if (newest != NULL)
+    kd_scheduler_push_chain (g_atomic_pointer_get (&self->scheduler), newest, oldest);
+  return n_items;
+}
+
+/* Takes the items in chunks, each as many as there is room for, until all
+ * are taken or the admission refuses. Returns how many were taken; @error
+ * is set if that is fewer than @n_items, whose items from there on are
+ * still the caller's. */
+static guint
+submit_many (KdDispatcher       *self,
+             const char * const *keys,
+             gpointer           *items,
+             guint               n_items,
+             KdAdmitMode         mode,
+             gint64              deadline,
+             GError            **error)
+{
+  guint taken = 0;
+
+  g_return_val_if_fail (self->handler != NULL, 0);
+
+  if (n_items == 0)
+    return 0;
+
+  mode = kd_dispatcher_submit_mode (self, mode);
+  if (!ensure_started (self, error))
+    {
+      kd_dispatcher_count_rejected_n (self, n_items);
+      return 0;
+    }
+
+  while (taken < n_items)
+    {
+      guint epoch, admitted, queued;
+
+      kd_dispatcher_refuse_if_cancelled (self);
+      admitted = kd_admission_acquire_many (&self->admission, mode, deadline,
+                                            n_items - taken, &epoch, error);
+      if (admitted == 0)
+        break;
+
+      queued = push_jobs (self, keys != NULL ? keys + taken : NULL, items + taken, admitted,
+                          epoch, mode, deadline, error);
+      taken += queued;
+      if (queued < admitted)
+        {
+          for (; queued < admitted; queued++)
+            release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
+          break;
+        }
+    }
+
+  if (taken < n_items)
+    kd_dispatcher_count_rejected_n (self, n_items - taken);
+  return taken;
+}
+
 /* Every job not started ends cancelled: the queued ones as workers reach
  * them, those waiting for a retry at once, those of parked keys too. */
 static void
@@ -1140,6 +1265,138 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
 
   return submit_job (self, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
                      error);
+}
+
+/**
+ * kd_dispatcher_submit_many:
+ * @self: a dispatcher
+ * @keys: (array length=n_items) (nullable): the items' keys, one per item
+ *   (an element may be %NULL for an unkeyed item), or %NULL if every item
+ *   is unkeyed
+ * @items: (array length=n_items): the items, one job each
+ * @n_items: how many items
+ * @error: return location for a #GError
+ *
+ * Submits a batch of jobs in one call, as kd_dispatcher_submit() would one
+ * by one, in array order: each key's items run in that order, after the
+ * key's jobs submitted earlier and before those submitted later. The batch
+ * pays the cost of a submit once per chunk rather than once per item: its
+ * units of admission are taken as many at a time as there is room for,
+ * and its jobs reach the workers together.
+ *
+ * The bound holds as for single submits: each item takes one unit, and at
+ * the bound the call waits for room, again and again until every item is
+ * taken (a per-key bound, kd_dispatcher_set_key_capacity(), waits item by
+ * item). Called from one of this dispatcher's own workers it never waits,
+ * as kd_dispatcher_try_submit_many().
+ *
+ * The items taken are the first ones of the array, and the return value
+ * says how many: the dispatcher owns those until their jobs ended; the
+ * rest are still the caller's, and no callback runs for them. Fewer than
+ * @n_items are taken only if the dispatcher is closed or cancelled during
+ * the call (%KD_ERROR_CLOSED), if a per-key bound gives up, or from a
+ * worker (%KD_ERROR_FULL). @error is set exactly when the return value is
+ * less than @n_items (a binding that turns errors into exceptions loses
+ * the count: read #KdStats:submitted before and after). Each item not
+ * taken counts as one refused submit in #KdStats:rejected.
+ *
+ * Thread-safe.
+ *
+ * Returns: how many items were taken, from the first one on
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_submit_many (KdDispatcher       *self,
+                           const char * const *keys,
+                           gpointer           *items,
+                           guint               n_items,
+                           GError            **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+  g_return_val_if_fail (items != NULL || n_items == 0, 0);
+  g_return_val_if_fail (error == NULL || *error == NULL, 0);
+
+  return submit_many (self, keys, items, n_items, KD_ADMIT_BLOCK, 0, error);
+}
+
+/**
+ * kd_dispatcher_try_submit_many:
+ * @self: a dispatcher
+ * @keys: (array length=n_items) (nullable): the items' keys, one per item
+ *   (an element may be %NULL for an unkeyed item), or %NULL if every item
+ *   is unkeyed
+ * @items: (array length=n_items): the items, one job each
+ * @n_items: how many items
+ * @error: return location for a #GError
+ *
+ * Like kd_dispatcher_submit_many(), but never waits: takes as many items,
+ * from the first one on, as there is room for now, and fails with
+ * %KD_ERROR_FULL for the rest. An item whose key is at its per-key bound
+ * (kd_dispatcher_set_key_capacity()) ends the batch there, with
+ * %KD_ERROR_FULL too.
+ *
+ * Thread-safe.
+ *
+ * Returns: how many items were taken, from the first one on
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_try_submit_many (KdDispatcher       *self,
+                               const char * const *keys,
+                               gpointer           *items,
+                               guint               n_items,
+                               GError            **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+  g_return_val_if_fail (items != NULL || n_items == 0, 0);
+  g_return_val_if_fail (error == NULL || *error == NULL, 0);
+
+  return submit_many (self, keys, items, n_items, KD_ADMIT_TRY, 0, error);
+}
+
+/**
+ * kd_dispatcher_submit_many_timeout:
+ * @self: a dispatcher
+ * @keys: (array length=n_items) (nullable): the items' keys, one per item
+ *   (an element may be %NULL for an unkeyed item), or %NULL if every item
+ *   is unkeyed
+ * @items: (array length=n_items): the items, one job each
+ * @n_items: how many items
+ * @timeout_us: how long the whole call may wait for room, in microseconds;
+ *   0 or less does not wait
+ * @error: return location for a #GError
+ *
+ * Like kd_dispatcher_submit_many(), but gives up once @timeout_us passed:
+ * the items taken by then stay taken, and the call fails with
+ * %KD_ERROR_TIMEOUT for the rest.
+ *
+ * Thread-safe.
+ *
+ * Returns: how many items were taken, from the first one on
+ *
+ * Since: 0.1
+ */
+guint
+kd_dispatcher_submit_many_timeout (KdDispatcher       *self,
+                                   const char * const *keys,
+                                   gpointer           *items,
+                                   guint               n_items,
+                                   gint64              timeout_us,
+                                   GError            **error)
+{
+  gint64 now = g_get_monotonic_time ();
+
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
+  g_return_val_if_fail (items != NULL || n_items == 0, 0);
+  g_return_val_if_fail (error == NULL || *error == NULL, 0);
+
+  if (timeout_us > G_MAXINT64 - now)
+    return submit_many (self, keys, items, n_items, KD_ADMIT_BLOCK, 0, error);
+
+  return submit_many (self, keys, items, n_items, KD_ADMIT_DEADLINE,
+                      now + MAX (timeout_us, 0), error);
 }
 
 /**

@@ -39,6 +39,9 @@ KdScheduler *kd_scheduler_new        (guint              n_workers,
                                       GError           **error);
 void         kd_scheduler_push       (KdScheduler *self,
                                       KdTask      *task);
+void         kd_scheduler_push_chain (KdScheduler *self,
+                                      KdTask      *newest,
+                                      KdTask      *oldest);
 void         kd_scheduler_push_at    (KdScheduler *self,
                                       KdTask      *task,
                                       gint64       due_time);

@@ -13,7 +13,7 @@
  * fan-out, kd_dispatcher_set_fanout()): each group has its own queue
  * feeding its own workers. The input queue is a
  * lock-free stack: a producer pushes with one compare-and-swap and never
- * waits for a worker. A worker whose group queue is empty feeds its group
+ * waits for a worker (a batch pushes its whole chain of tasks with one). A worker whose group queue is empty feeds its group
  * from the input: it takes the whole stack with one atomic exchange,
  * puts it back in arrival order, runs the first task and leaves the rest in
  * its group queue for its group mates. Nobody pops single tasks off the
@@ -648,19 +648,41 @@ kd_scheduler_new (guint              n_workers,
   return self;
 }
 
+/* Puts a chain of tasks on the input stack in one compare-and-swap: @newest
+ * links through ->next down to @oldest, as the stack itself does. */
+G_ALWAYS_INLINE static inline void
+push_chain (KdScheduler *self,
+            KdTask      *newest,
+            KdTask      *oldest)
+{
+  KdTask *head = __atomic_load_n (&self->input, __ATOMIC_RELAXED);
+
+  do
+    oldest->next = head;
+  while (!__atomic_compare_exchange_n (&self->input, &head, newest, TRUE,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+
+  wake_if_useful (self);
+}
+
 /* Any thread. */
 void
 kd_scheduler_push (KdScheduler *self,
                    KdTask      *task)
 {
-  KdTask *head = __atomic_load_n (&self->input, __ATOMIC_RELAXED);
+  push_chain (self, task, task);
+}
 
-  do
-    task->next = head;
-  while (!__atomic_compare_exchange_n (&self->input, &head, task, TRUE,
-                                       __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-
-  wake_if_useful (self);
+/* Any thread: pushes a chain of tasks that run as if pushed one by one
+ * from @oldest to @newest, with one compare-and-swap and one wake-up
+ * decision. The chain links newest first, as the input stack does: from
+ * @newest through ->next down to @oldest. */
+void
+kd_scheduler_push_chain (KdScheduler *self,
+                         KdTask      *newest,
+                         KdTask      *oldest)
+{
+  push_chain (self, newest, oldest);
 }
 
 static void

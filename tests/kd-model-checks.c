@@ -20,7 +20,8 @@
  *    (cancellation hands back a suffix of a key's queue, never a hole). The
  *    order of two submits that overlapped in time is whichever the
  *    dispatcher accepted first, which the model cannot see, so it does not
- *    check it;
+ *    check it. Within one batch (kd_dispatcher_submit_many()), an item
+ *    comes before those after it in the array;
  *  - no submit called after a close() or cancel returned was accepted, and
  *    such a refusal is CLOSED even when the bound is also reached; a CLOSED
  *    refusal only after some close, cancel or pre-cancelled cancellable; no
@@ -429,11 +430,14 @@ kd_model_check_items (KdModel *model)
         {
           KdModelItem *y = &model->items[j];
 
-          if (y->status != ITEM_ACCEPTED || y->key != x->key || x->after >= y->before)
+          if (y->status != ITEM_ACCEPTED || y->key != x->key ||
+              !(x->after < y->before ||
+                (x->batch != 0 && x->batch == y->batch && x->batch_index < y->batch_index)))
             continue;
 
-          /* x was accepted before y's submit was called: x ended (its last
-           * attempt returned) before y's first started. */
+          /* x was accepted before y's submit was called, or before y in
+           * one batch: x ended (its last attempt returned) before y's
+           * first started. */
           if (y->handler_runs != 0)
             {
               CHECK (model, x->handler_runs != 0 || model->key_drops[x->key] != 0,

@@ -106,6 +106,32 @@ describe_submit_timeout (GString              *out,
   g_string_append_printf (out, " timeout=%" G_GINT64_FORMAT "us", timeouts_us[op->arg]);
 }
 
+/* The model's side of a submit that took @item. */
+static void
+note_accepted (ModelThread *thread,
+               KdModelItem *item)
+{
+  KdModel *model = thread->model;
+
+  thread->accepted++;
+  g_atomic_int_set (&item->status, ITEM_ACCEPTED);
+  if (item->key < model->n_keys &&
+      g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 1))
+    g_atomic_int_inc (&model->key_pending[item->key]);
+}
+
+/* ... and of one that refused it: @token is still ours, untouched. */
+static void
+note_refused (ModelThread *thread,
+              KdModelItem *item,
+              Token       *token)
+{
+  CHECK (thread->model, token->magic == TOKEN_LIVE, "item %u: refused but freed", item->id);
+  g_free (token);
+  thread->refused++;
+  g_atomic_int_set (&item->status, ITEM_REFUSED);
+}
+
 static gboolean
 run_submits (ModelThread     *thread,
              const KdModelOp *op,
@@ -163,11 +189,7 @@ run_submits (ModelThread     *thread,
         {
           CHECK (model, error == NULL, "item %u accepted with an error", item->id);
           g_clear_error (&error);
-          thread->accepted++;
-          g_atomic_int_set (&item->status, ITEM_ACCEPTED);
-          if (item->key < model->n_keys &&
-              g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 1))
-            g_atomic_int_inc (&model->key_pending[item->key]);
+          note_accepted (thread, item);
         }
       else
         {
@@ -187,12 +209,7 @@ run_submits (ModelThread     *thread,
           CHECK (model, right_code, "item %u: %s refused it with \"%s\"", item->id, calls[how],
                  error != NULL ? error->message : "no error");
           g_clear_error (&error);
-
-          /* Still ours: untouched, and ours to free. */
-          CHECK (model, token->magic == TOKEN_LIVE, "item %u: refused but freed", item->id);
-          g_free (token);
-          thread->refused++;
-          g_atomic_int_set (&item->status, ITEM_REFUSED);
+          note_refused (thread, item, token);
         }
       g_atomic_int_set (&item->after, after);
       if (item->key < model->n_keys)
@@ -212,6 +229,130 @@ run_submits (ModelThread     *thread,
         }
     }
 
+  return TRUE;
+}
+
+#define KEY_BUFFER 128
+
+/* The *_MANY ops: the burst's items in one call. Their keys alternate
+ * between the op's key and the next one (see kd_model_op_is_batch()); the
+ * items taken are a prefix, the rest refused with the call's error. */
+static gboolean
+run_batch (ModelThread     *thread,
+           const KdModelOp *op,
+           guint            how)
+{
+  static const char *const calls[] = { "submit_many", "try_submit_many",
+                                       "submit_many_timeout" };
+  KdModel *model = thread->model;
+  guint key_capacity = model->program->key_capacity;
+  char *buffers = g_malloc ((gsize) op->count * KEY_BUFFER);
+  const char **keys = g_new0 (const char *, op->count);
+  gpointer *tokens = g_new (gpointer, op->count);
+  const char *call = calls[how - HOW_MANY];
+  GError *error = NULL;
+  guint taken, i;
+  gint before, after;
+
+  for (i = 0; i < op->count; i++)
+    {
+      KdModelItem *item = &model->items[op->first_item + i];
+      Token *token = g_new (Token, 1);
+
+      token->magic = TOKEN_LIVE;
+      token->model = model;
+      token->item = item;
+      tokens[i] = token;
+      item->how = how;
+      /* Copied by the dispatcher: scribbled over once the call returns. */
+      if (item->key < model->n_keys)
+        {
+          keys[i] = buffers + i * KEY_BUFFER;
+          g_strlcpy (buffers + i * KEY_BUFFER, kd_model_keys[item->key], KEY_BUFFER);
+          g_atomic_int_inc (&model->key_submitting[item->key]);
+        }
+    }
+
+  before = kd_model_tick (model);
+  for (i = 0; i < op->count; i++)
+    g_atomic_int_set (&model->items[op->first_item + i].before, before);
+  switch (how)
+    {
+    case HOW_MANY:
+      taken = kd_dispatcher_submit_many (thread->dispatcher, keys, tokens, op->count, &error);
+      break;
+    case HOW_TRY_MANY:
+      taken = kd_dispatcher_try_submit_many (thread->dispatcher, keys, tokens, op->count,
+                                             &error);
+      break;
+    case HOW_TIMEOUT_MANY:
+    default:
+      taken = kd_dispatcher_submit_many_timeout (thread->dispatcher, keys, tokens, op->count,
+                                                 timeouts_us[op->arg], &error);
+      break;
+    }
+  after = kd_model_tick (model);
+  for (i = 0; i < op->count; i++)
+    memset (buffers + i * KEY_BUFFER, 'X', KEY_BUFFER - 1);
+
+  CHECK (model, taken <= op->count, "%s took %u of %u items", call, taken, op->count);
+  CHECK (model, (error != NULL) == (taken < op->count),
+         "%s took %u of %u items, %s", call, taken, op->count,
+         error != NULL ? error->message : "without an error");
+  if (error != NULL)
+    {
+      gboolean right_code = error->domain == KD_ERROR &&
+                            (error->code == KD_ERROR_CLOSED ||
+                             (error->code == KD_ERROR_FULL && how != HOW_TIMEOUT_MANY) ||
+                             (error->code == KD_ERROR_TIMEOUT && how == HOW_TIMEOUT_MANY));
+
+      CHECK (model, right_code, "items %u..: %s refused them with \"%s\"",
+             op->first_item + taken, call, error->message);
+    }
+
+  for (i = 0; i < op->count; i++)
+    {
+      KdModelItem *item = &model->items[op->first_item + i];
+      Token *token = tokens[i];
+
+      if (i < taken)
+        {
+          note_accepted (thread, item);
+        }
+      else
+        {
+          if (error != NULL && error->domain == KD_ERROR)
+            item->refused_code = error->code;
+          note_refused (thread, item, token);
+        }
+      g_atomic_int_set (&item->after, after);
+    }
+  g_clear_error (&error);
+
+  for (i = 0; i < op->count; i++)
+    {
+      KdModelItem *item = &model->items[op->first_item + i];
+
+      if (item->key < model->n_keys)
+        g_atomic_int_add (&model->key_submitting[item->key], -1);
+    }
+  /* As for single submits: once the call returned, a key holds at most its
+   * capacity plus the submits to it still in progress elsewhere. */
+  for (i = 0; i < op->count; i++)
+    {
+      KdModelItem *item = &model->items[op->first_item + i];
+
+      if (key_capacity > 0 && item->key < model->n_keys && !kd_model_may_skip (model, item))
+        CHECK (model, g_atomic_int_get (&model->key_pending[item->key]) <=
+                      (gint) key_capacity + g_atomic_int_get (&model->key_submitting[item->key]),
+               "key %u: %d pending after %s returned (%d others in progress) for a key "
+               "capacity of %u", item->key, g_atomic_int_get (&model->key_pending[item->key]),
+               call, g_atomic_int_get (&model->key_submitting[item->key]), key_capacity);
+    }
+
+  g_free (tokens);
+  g_free (keys);
+  g_free (buffers);
   return TRUE;
 }
 
@@ -575,7 +716,7 @@ run_parked (ModelThread     *thread,
  * op with probability weight/256. Close, cancel and unref are rare: each
  * ends the interesting part of a run. */
 static const OpClass op_table[] = {
-  { "submit",         64, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "submit",         48, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
   { "submit_async",   24, decode_async_submit,   run_async_submits, describe_submit,   HOW_ASYNC },
   { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
   { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
@@ -588,7 +729,19 @@ static const OpClass op_table[] = {
   { "unref",           6, NULL,                  run_unref,   NULL,                    0 },
   { "resume",          6, decode_resume,         run_resume,  describe_resume,         0 },
   { "parked",          4, NULL,                  run_parked,  NULL,                    0 },
+  { "submit_many",     8, decode_submit,         run_batch,   describe_submit,         HOW_MANY },
+  { "try_submit_many", 4, decode_submit,         run_batch,   describe_submit,         HOW_TRY_MANY },
+  { "submit_many_timeout", 4, decode_submit_timeout, run_batch, describe_submit_timeout,
+    HOW_TIMEOUT_MANY },
 };
+
+/* Whether @op submits its burst in one batch: its items' keys then
+ * alternate between the op's key and the next one. */
+gboolean
+kd_model_op_is_batch (const KdModelOp *op)
+{
+  return op_table[op->kind].run == run_batch;
+}
 
 static guint
 select_op (guint8 selector)

@@ -34,6 +34,9 @@ typedef enum
   HOW_TRY,
   HOW_TIMEOUT,
   HOW_ASYNC,
+  HOW_MANY,
+  HOW_TRY_MANY,
+  HOW_TIMEOUT_MANY,
 } SubmitHow;
 
 typedef struct
@@ -51,6 +54,8 @@ typedef struct
    * if it was, before that) */
   SubmitHow  how;
   gpointer   async_token;   /* HOW_ASYNC: the item given, until the callback */
+  guint      batch;         /* the *_MANY ops: its op's index + 1; 0 for others */
+  guint      batch_index;   /* its place in the batch */
   gint       before;
   gint       status;
   gint       refused_code;
@@ -284,5 +289,6 @@ void     kd_model_submit_one             (ModelThread     *thread,
 /* Iterates @thread's context until each of its async submissions called
  * back. */
 void     kd_model_drain_async            (ModelThread     *thread);
+gboolean kd_model_op_is_batch            (const KdModelOp *op);
 
 G_END_DECLS

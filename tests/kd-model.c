@@ -1037,6 +1037,14 @@ setup_items (KdModel *model)
 
           item->id = id;
           item->key = op->key;
+          if (kd_model_op_is_batch (op))
+            {
+              /* Two keys (or one and none) interleaved in one call. */
+              item->batch = i + 1;
+              item->batch_index = j;
+              if (j % 2 == 1)
+                item->key = (op->key + 1) % (program->n_keys + 1);
+            }
           item->fail = (hash & 7) < op->fail_rate;
           /* With retries, most failing items succeed on a later attempt. */
           if (!item->fail)

@@ -304,6 +304,25 @@ gboolean      kd_dispatcher_submit_timeout   (KdDispatcher   *self,
                                               gint64          timeout_us,
                                               GError        **error);
 KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_submit_many      (KdDispatcher       *self,
+                                              const char * const *keys,
+                                              gpointer           *items,
+                                              guint               n_items,
+                                              GError            **error);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_try_submit_many  (KdDispatcher       *self,
+                                              const char * const *keys,
+                                              gpointer           *items,
+                                              guint               n_items,
+                                              GError            **error);
+KD_AVAILABLE_IN_ALL
+guint         kd_dispatcher_submit_many_timeout (KdDispatcher       *self,
+                                                 const char * const *keys,
+                                                 gpointer           *items,
+                                                 guint               n_items,
+                                                 gint64              timeout_us,
+                                                 GError            **error);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_submit_async     (KdDispatcher        *self,
                                               const char          *key,
                                               gpointer             item,
