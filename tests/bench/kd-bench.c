@@ -29,6 +29,18 @@
  *       H1i the same with key states kept for a 30 s idle time. The ratio
  *       is the colliding keys' time over the random keys'.
  *
+ * The Go anchor: W1, W2 and W3 are also run by kd-bench-go
+ * (tests/bench/go/kd-bench-go.go, standard library only), written as a Go
+ * programmer would write them: W1 one channel buffered to 1024 and 4 worker
+ * goroutines; W2 and W3 a goroutine and a channel buffered to 64 per key,
+ * made at the key's first job, found by the producer in a map. Meson builds
+ * it when it finds `go`, and this program runs it as a subprocess in every
+ * repetition of those workloads (after kdispatch and the baseline, before
+ * them in odd rounds), reads its one result line and reports its median and
+ * the ratio kdispatch / Go. Absolute figures on a shared host move by 2x and
+ * more from one hour to the next; a ratio measured in the same rounds is the
+ * one to compare. --no-go skips it; a failed Go check fails the run too.
+ *
  * Timing runs from just before the first submit until every job has ended;
  * creating the dispatcher or pool is outside it. Keys ("k%u") are formatted
  * before timing, and the benchmark allocates nothing per job (the job index
@@ -84,6 +96,7 @@ typedef struct
   guint    n_workers;     /* 0: the workload's own count */
   guint    capacity;
   gboolean baseline;
+  const char *go_program;  /* kd-bench-go, or NULL: no Go anchor */
 
   /* W2's measured kdispatch and baseline capacity, for L1 */
   double   w2_kd_rate;
@@ -98,6 +111,7 @@ typedef struct
   const char *title;
   gboolean  (*run_kd)   (Bench *bench, RunResult *result);
   gboolean  (*run_glib) (Bench *bench, RunResult *result);
+  gboolean    go;          /* kd-bench-go has this workload */
 } Workload;
 
 /* ------------------------------------------------------------------------ */
@@ -1377,12 +1391,91 @@ p1_run_serial (Bench     *bench,
 }
 
 /* ------------------------------------------------------------------------ */
+/* The Go anchor                                                             */
+
+/* The value of " @name=" in kd-bench-go's result line, or NULL. */
+static const char *
+go_field (const char *line,
+          const char *name)
+{
+  g_autofree char *needle = g_strdup_printf (" %s=", name);
+  const char *field = strstr (line, needle);
+
+  return field != NULL ? field + strlen (needle) : NULL;
+}
+
+/* Runs @id once in kd-bench-go, with kd-bench's sizes, and reads its line:
+ *
+ *   W1 seconds=0.030623 jobs=1000000 ok=1 check="0 of 1000000 slots != 1" peak_rss_kib=2872 ...
+ *
+ * The program times itself, so starting the process is not in the figure. */
+static gboolean
+go_run (Bench      *bench,
+        const char *id,
+        RunResult  *result)
+{
+  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  g_autofree char *output = NULL;
+  g_auto (GStrv) lines = NULL;
+  g_autofree char *prefix = g_strconcat (id, " ", NULL);
+  g_autoptr (GError) error = NULL;
+  const char *line = NULL;
+  const char *seconds, *jobs, *ok, *check, *rss;
+  gint status = 0;
+
+  g_ptr_array_add (argv, g_strdup (bench->go_program));
+  g_ptr_array_add (argv, g_strdup ("-w"));
+  g_ptr_array_add (argv, g_strdup (id));
+  if (bench->n_jobs)
+    g_ptr_array_add (argv, g_strdup_printf ("-j=%u", bench->n_jobs));
+  /* W2's and W3's goroutine per key has no worker count or bound to set. */
+  if (g_str_equal (id, "W1") && bench->n_workers)
+    g_ptr_array_add (argv, g_strdup_printf ("-n=%u", bench->n_workers));
+  if (g_str_equal (id, "W1") && bench->capacity)
+    g_ptr_array_add (argv, g_strdup_printf ("-c=%u", bench->capacity));
+  g_ptr_array_add (argv, NULL);
+
+  result->ok = FALSE;
+  if (!g_spawn_sync (NULL, (char **) argv->pdata, NULL, G_SPAWN_DEFAULT, NULL, NULL, &output,
+                     NULL, &status, &error))
+    {
+      g_snprintf (result->check, sizeof result->check, "kd-bench-go: %s", error->message);
+      return FALSE;
+    }
+
+  lines = g_strsplit (output, "\n", -1);
+  for (char **l = lines; *l != NULL && line == NULL; l++)
+    if (g_str_has_prefix (*l, prefix))
+      line = *l;
+  seconds = line != NULL ? go_field (line, "seconds") : NULL;
+  jobs = line != NULL ? go_field (line, "jobs") : NULL;
+  ok = line != NULL ? go_field (line, "ok") : NULL;
+  check = line != NULL ? go_field (line, "check") : NULL;
+  rss = line != NULL ? go_field (line, "peak_rss_kib") : NULL;
+  if (seconds == NULL || jobs == NULL || ok == NULL || check == NULL || check[0] != '"')
+    {
+      g_spawn_check_wait_status (status, &error);
+      g_snprintf (result->check, sizeof result->check, "no result line from %s (%s)",
+                  bench->go_program, error != NULL ? error->message : "exited normally");
+      return FALSE;
+    }
+
+  result->seconds = g_ascii_strtod (seconds, NULL);
+  result->rate = result->seconds > 0 ? g_ascii_strtoull (jobs, NULL, 10) / result->seconds : 0;
+  result->peak_rss_kib = rss != NULL ? g_ascii_strtoull (rss, NULL, 10) : 0;
+  g_snprintf (result->check, sizeof result->check, "%.*s",
+              (int) strcspn (check + 1, "\""), check + 1);
+  result->ok = ok[0] == '1' && g_spawn_check_wait_status (status, NULL);
+  return result->ok;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Driver                                                                    */
 
 static const Workload workloads[] = {
-  { "W1", "fan-out, 1M unkeyed, bound 1024, 2x2 workers", w1_run_kd, w1_run_glib },
-  { "W2", "keyed, 1M jobs over 1,000 keys, 4 workers", w2_run_kd, w2_run_glib },
-  { "W3", "key churn, 100,000 keys x 10, 4 workers", w3_run_kd, w3_run_glib },
+  { "W1", "fan-out, 1M unkeyed, bound 1024, 2x2 workers", w1_run_kd, w1_run_glib, TRUE },
+  { "W2", "keyed, 1M jobs over 1,000 keys, 4 workers", w2_run_kd, w2_run_glib, TRUE },
+  { "W3", "key churn, 100,000 keys x 10, 4 workers", w3_run_kd, w3_run_glib, TRUE },
   { "W4", "CPU-bound, 20,000 x 50 us, 2 workers", w4_run_kd, w4_run_glib },
   { "L1", "latency, 200,000 keyed at 50% of W2 capacity", l1_run_kd, l1_run_glib },
   { "P1", "pipeline, ordered parse > keyed > ordered sink", p1_run_kd, p1_run_serial },
@@ -1425,6 +1518,7 @@ typedef struct
   const Workload *workload;
   GArray         *kd;    /* RunResult per repetition */
   GArray         *glib;
+  GArray         *go;    /* empty if kd-bench-go did not run */
   gboolean        ok;
   char            failed_check[160];
 } Summary;
@@ -1462,17 +1556,30 @@ print_table (Summary *summaries,
              guint    n,
              guint    repetitions)
 {
+  gboolean with_go = FALSE;
   guint i;
 
-  g_print ("\n%-3s %-46s %12s %12s %7s %9s %9s  %s\n", "id", "workload", "kdispatch", "plain GLib",
-           "ratio", "kd RSS", "GLib RSS", "check");
+  /* The Go columns appear when kd-bench-go ran, with '-' in the rows of
+   * the workloads it does not have. */
+  for (i = 0; i < n; i++)
+    with_go |= summaries[i].go->len > 0;
+
+  g_print ("\n%-3s %-46s %12s %12s %7s", "id", "workload", "kdispatch", "plain GLib", "ratio");
+  if (with_go)
+    g_print (" %12s %7s", "Go", "kd/Go");
+  g_print (" %9s %9s", "kd RSS", "GLib RSS");
+  if (with_go)
+    g_print (" %9s", "Go RSS");
+  g_print ("  %s\n", "check");
   for (i = 0; i < n; i++)
     {
       Summary *s = &summaries[i];
       const char *id = s->workload->id;
       double kd_rate = MEDIAN (s->kd, rate);
       double glib_rate = s->glib->len ? MEDIAN (s->glib, rate) : 0;
+      double go_rate = s->go->len ? MEDIAN (s->go, rate) : 0;
       char kd_cell[32], glib_cell[32], ratio_cell[16];
+      char go_cell[32] = "-", go_ratio_cell[16] = "-", go_rss_cell[16] = "-";
 
       if (g_str_equal (id, "W4"))
         {
@@ -1501,9 +1608,23 @@ print_table (Summary *summaries,
       else
         g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx", glib_rate > 0 ? kd_rate / glib_rate : 0);
 
-      g_print ("%-3s %-46s %12s %12s %7s %6.1f MiB %5.1f MiB  %s\n", id, s->workload->title,
-               kd_cell, glib_cell, s->glib->len ? ratio_cell : "-", max_rss_mib (s->kd),
-               s->glib->len ? max_rss_mib (s->glib) : 0.0, s->ok ? "ok" : "FAILED");
+      if (s->go->len)
+        {
+          g_snprintf (go_cell, sizeof go_cell, "%.2f M/s", go_rate / 1e6);
+          g_snprintf (go_ratio_cell, sizeof go_ratio_cell, "%.2fx",
+                      go_rate > 0 ? kd_rate / go_rate : 0);
+          g_snprintf (go_rss_cell, sizeof go_rss_cell, "%.1f MiB", max_rss_mib (s->go));
+        }
+
+      g_print ("%-3s %-46s %12s %12s %7s", id, s->workload->title, kd_cell, glib_cell,
+               s->glib->len ? ratio_cell : "-");
+      if (with_go)
+        g_print (" %12s %7s", go_cell, go_ratio_cell);
+      g_print (" %6.1f MiB %5.1f MiB", max_rss_mib (s->kd),
+               s->glib->len ? max_rss_mib (s->glib) : 0.0);
+      if (with_go)
+        g_print (" %9s", go_rss_cell);
+      g_print ("  %s\n", s->ok ? "ok" : "FAILED");
 
       if (g_str_equal (id, "L1"))
         {
@@ -1521,6 +1642,8 @@ print_table (Summary *summaries,
     }
   g_print ("\nmedians of %u repetitions; ratio = kdispatch / plain GLib (for L1: GLib p99 / "
            "kdispatch p99; for H1: colliding / random keys' time)\n", repetitions);
+  if (with_go)
+    g_print ("kd/Go = kdispatch / Go channels (kd-bench-go, run in the same rounds)\n");
 }
 
 static void
@@ -1570,10 +1693,18 @@ print_json (Summary *summaries,
       if (s->glib->len)
         g_string_append_printf (json, ", \"glib_median_jobs_per_s\": %.1f, \"ratio\": %.3f",
                                 MEDIAN (s->glib, rate), MEDIAN (s->kd, rate) / MEDIAN (s->glib, rate));
+      if (s->go->len)
+        g_string_append_printf (json, ", \"go_median_jobs_per_s\": %.1f, \"kd_go_ratio\": %.3f",
+                                MEDIAN (s->go, rate), MEDIAN (s->kd, rate) / MEDIAN (s->go, rate));
       g_string_append (json, ", \"kdispatch\": ");
       json_runs (json, s->kd);
       g_string_append (json, ", \"glib\": ");
       json_runs (json, s->glib);
+      if (s->go->len)
+        {
+          g_string_append (json, ", \"go\": ");
+          json_runs (json, s->go);
+        }
       g_string_append (json, "}");
     }
   g_string_append (json, "]}\n");
@@ -1593,6 +1724,7 @@ main (int    argc,
   gboolean json = FALSE;
   double rate = 0;
   gboolean no_baseline = FALSE;
+  gboolean no_go = FALSE;
   gint p1_rounds = 0;
   GOptionEntry entries[] = {
     { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
@@ -1604,6 +1736,7 @@ main (int    argc,
     { "rate", 0, 0, G_OPTION_ARG_DOUBLE, &rate, "L1's offered load in jobs/s, the same for both (default: half of each one's W2 capacity)", "R" },
     { "parse-rounds", 0, 0, G_OPTION_ARG_INT, &p1_rounds, "P1's work per item in its parse stage, in xorshift rounds (default 16)", "N" },
     { "no-baseline", 0, 0, G_OPTION_ARG_NONE, &no_baseline, "Skip the plain-GLib baseline", NULL },
+    { "no-go", 0, 0, G_OPTION_ARG_NONE, &no_go, "Skip the Go anchor (kd-bench-go) in W1, W2 and W3", NULL },
     { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print JSON instead of a table", NULL },
     { NULL },
   };
@@ -1613,6 +1746,7 @@ main (int    argc,
   Summary summaries[G_N_ELEMENTS (workloads)];
   guint n_summaries = 0;
   gboolean all_ok = TRUE;
+  gboolean wants_go = FALSE;
   char **wanted;
   guint w;
 
@@ -1650,6 +1784,20 @@ main (int    argc,
         }
     }
 
+  for (w = 0; w < G_N_ELEMENTS (workloads); w++)
+    wants_go |= workloads[w].go && g_strv_contains ((const char * const *) wanted, workloads[w].id);
+  if (wants_go && !no_go)
+    {
+#ifdef KD_BENCH_GO
+      if (g_file_test (KD_BENCH_GO, G_FILE_TEST_IS_EXECUTABLE))
+        bench.go_program = KD_BENCH_GO;
+      else
+        g_printerr ("kd-bench: no Go anchor: %s is missing (ninja builds it)\n", KD_BENCH_GO);
+#else
+      g_printerr ("kd-bench: no Go anchor: go was not found when this build was configured\n");
+#endif
+    }
+
   if (!json)
     g_print ("kd-bench: %u processors, %d repetitions\n", g_get_num_processors (), repetitions);
 
@@ -1657,6 +1805,7 @@ main (int    argc,
     {
       const Workload *workload = &workloads[w];
       Summary *s;
+      gboolean with_go;
       gint r;
 
       if (!g_strv_contains ((const char * const *) wanted, workload->id))
@@ -1680,24 +1829,34 @@ main (int    argc,
       s->workload = workload;
       s->kd = g_array_new (FALSE, TRUE, sizeof (RunResult));
       s->glib = g_array_new (FALSE, TRUE, sizeof (RunResult));
+      s->go = g_array_new (FALSE, TRUE, sizeof (RunResult));
       s->ok = TRUE;
+      with_go = bench.go_program != NULL && workload->go;
 
       for (r = 0; r < repetitions; r++)
         {
-          RunResult kd = { 0 }, glib = { 0 };
+          RunResult kd = { 0 }, glib = { 0 }, go = { 0 };
+          char glib_note[48] = "", go_note[48] = "";
 
-          /* Alternate which one goes first, so neither always runs on a
-           * warmer or cooler machine. */
-          if (r % 2 == 0 || !bench.baseline)
+          /* Alternate the order, so that none of them always runs on a
+           * warmer or cooler machine: kdispatch, the baseline, Go in even
+           * rounds, the reverse in odd ones. */
+          if (r % 2 == 0)
             workload->run_kd (&bench, &kd);
+          else if (with_go)
+            go_run (&bench, workload->id, &go);
           if (bench.baseline)
             workload->run_glib (&bench, &glib);
-          if (r % 2 == 1 && bench.baseline)
+          if (r % 2 == 1)
             workload->run_kd (&bench, &kd);
+          else if (with_go)
+            go_run (&bench, workload->id, &go);
 
           g_array_append_val (s->kd, kd);
           if (bench.baseline)
             g_array_append_val (s->glib, glib);
+          if (with_go)
+            g_array_append_val (s->go, go);
 
           if (!kd.ok || (bench.baseline && !glib.ok))
             {
@@ -1705,12 +1864,18 @@ main (int    argc,
               g_strlcpy (s->failed_check, !kd.ok ? kd.check : glib.check,
                          sizeof s->failed_check);
             }
-          if (!json && bench.baseline)
-            g_printerr ("  %s run %d: kdispatch %.3f s, plain GLib %.3f s (%s)\n",
-                        workload->id, r + 1, kd.seconds, glib.seconds, kd.check);
-          else if (!json)
-            g_printerr ("  %s run %d: kdispatch %.3f s (%s)\n", workload->id, r + 1,
-                        kd.seconds, kd.check);
+          else if (with_go && !go.ok)
+            {
+              s->ok = FALSE;
+              g_snprintf (s->failed_check, sizeof s->failed_check, "Go: %s", go.check);
+            }
+          if (bench.baseline)
+            g_snprintf (glib_note, sizeof glib_note, ", plain GLib %.3f s", glib.seconds);
+          if (with_go)
+            g_snprintf (go_note, sizeof go_note, ", Go %.3f s", go.seconds);
+          if (!json)
+            g_printerr ("  %s run %d: kdispatch %.3f s%s%s (%s)\n", workload->id, r + 1,
+                        kd.seconds, glib_note, go_note, kd.check);
         }
       all_ok &= s->ok;
 

@@ -1,0 +1,3 @@
+module kdispatch/tests/bench/kd-bench-go
+
+go 1.19
