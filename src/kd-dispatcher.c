@@ -1273,7 +1273,8 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
  * @keys: (array length=n_items) (nullable): the items' keys, one per item
  *   (an element may be %NULL for an unkeyed item), or %NULL if every item
  *   is unkeyed
- * @items: (array length=n_items): the items, one job each
+ * @items: (array length=n_items) (element-type guintptr): the items, one job
+ *   each
  * @n_items: how many items
  * @error: return location for a #GError
  *
@@ -1326,7 +1327,8 @@ kd_dispatcher_submit_many (KdDispatcher       *self,
  * @keys: (array length=n_items) (nullable): the items' keys, one per item
  *   (an element may be %NULL for an unkeyed item), or %NULL if every item
  *   is unkeyed
- * @items: (array length=n_items): the items, one job each
+ * @items: (array length=n_items) (element-type guintptr): the items, one job
+ *   each
  * @n_items: how many items
  * @error: return location for a #GError
  *
@@ -1362,7 +1364,8 @@ kd_dispatcher_try_submit_many (KdDispatcher       *self,
  * @keys: (array length=n_items) (nullable): the items' keys, one per item
  *   (an element may be %NULL for an unkeyed item), or %NULL if every item
  *   is unkeyed
- * @items: (array length=n_items): the items, one job each
+ * @items: (array length=n_items) (element-type guintptr): the items, one job
+ *   each
  * @n_items: how many items
  * @timeout_us: how long the whole call may wait for room, in microseconds;
  *   0 or less does not wait

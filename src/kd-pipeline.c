@@ -743,6 +743,55 @@ kd_pipeline_submit (KdPipeline  *self,
 }
 
 /**
+ * kd_pipeline_submit_many:
+ * @self: a pipeline
+ * @keys: (array length=n_items) (nullable): the items' keys, one per item
+ *   (an element may be %NULL), or %NULL if no item has a key
+ * @items: (array length=n_items) (element-type guintptr): the items
+ * @n_items: how many items
+ * @error: return location for a #GError
+ *
+ * Submits a batch of items to the first stage, as kd_pipeline_submit()
+ * would one after another, in array order (so each key's items keep that
+ * order through the pipeline), blocking while the first stage is at its
+ * bound. Each item enters the first stage on its own: the batch saves the
+ * calls, not the admission of each item.
+ *
+ * The items taken are the first ones of the array, and the return value
+ * says how many: the pipeline owns those; the rest are still the
+ * caller's. Fewer than @n_items are taken only if the pipeline is closed
+ * or cancelled during the call (%KD_ERROR_CLOSED), or from a thread of
+ * the first stage at its bound (%KD_ERROR_FULL); @error is set exactly
+ * then.
+ *
+ * Thread-safe.
+ *
+ * Returns: how many items were taken, from the first one on
+ *
+ * Since: 0.1
+ */
+guint
+kd_pipeline_submit_many (KdPipeline          *self,
+                         const char * const  *keys,
+                         gpointer            *items,
+                         guint                n_items,
+                         GError             **error)
+{
+  guint i;
+
+  g_return_val_if_fail (KD_IS_PIPELINE (self), 0);
+  g_return_val_if_fail (items != NULL || n_items == 0, 0);
+  g_return_val_if_fail (error == NULL || *error == NULL, 0);
+  g_return_val_if_fail (self->stages->len > 0, 0);
+
+  for (i = 0; i < n_items; i++)
+    if (!enter_stage (stage_at (self, 0), kd_label_new (keys != NULL ? keys[i] : NULL),
+                      items[i], error))
+      break;
+  return i;
+}
+
+/**
  * kd_pipeline_close:
  * @self: a pipeline
  *

@@ -255,6 +255,67 @@ test_order_end_to_end (void)
   kd_test_counter_clear (&order.parsed);
 }
 
+static void
+test_order_submit_many (void)
+{
+  Order order = { 0 };
+  KdPipeline *pipeline;
+  guint n_items = kd_test_size (20000, 400000);
+  guint seq[ORDER_KEYS] = { 0 };
+  char *names[ORDER_KEYS];
+  /* More than ORDER_KEYS: a batch holds several items of some keys. */
+  const char *keys[64];
+  gpointer items[64];
+  GError *error = NULL;
+  guint i, j, n;
+
+  g_test_summary ("Items submitted in batches keep their per-key order end to end, "
+                  "inside and across batches; a batch after close takes nothing, "
+                  "fails with CLOSED and leaves every item the caller's");
+
+  ledger_reset (n_items + 2);
+  kd_test_counter_init (&order.parsed);
+  pipeline = order_pipeline_new (&order);
+  for (i = 0; i < ORDER_KEYS; i++)
+    names[i] = key_name (i);
+
+  for (i = 0; i < n_items; i += n)
+    {
+      n = MIN (G_N_ELEMENTS (items), n_items - i);
+      for (j = 0; j < n; j++)
+        {
+          guint key = ((i + j) * 7919u) % ORDER_KEYS;
+
+          keys[j] = names[key];
+          items[j] = item_new (i + j, key, seq[key]++);
+        }
+      g_assert_cmpuint (kd_pipeline_submit_many (pipeline, keys, items, n, &error), ==, n);
+      g_assert_no_error (error);
+    }
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpint (order.reached_sink, ==, n_items);
+  g_assert_cmpint (order.aggregate_violations, ==, 0);
+  g_assert_cmpint (order.sink_violations, ==, 0);
+  for (i = 0; i < ORDER_KEYS; i++)
+    g_assert_cmpuint (order.next_at_sink[i], ==, seq[i]);
+
+  kd_pipeline_close (pipeline);
+  items[0] = item_new (n_items, 0, 0);
+  items[1] = item_new (n_items + 1, 0, 0);
+  g_assert_cmpuint (kd_pipeline_submit_many (pipeline, NULL, items, 2, &error), ==, 0);
+  g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+  g_clear_error (&error);
+  item_free (items[0]);
+  item_free (items[1]);
+
+  g_object_unref (pipeline);
+  ledger_check_all_freed_once ();
+  kd_test_counter_clear (&order.parsed);
+  for (i = 0; i < ORDER_KEYS; i++)
+    g_free (names[i]);
+}
+
 /* ------------------------------------------------------------------------ */
 /* An ordered stage holds a key back, not the other keys                    */
 
@@ -2145,6 +2206,7 @@ main (int    argc,
   g_test_init (&argc, &argv, NULL);
 
   g_test_add_func ("/kd/pipeline/order-end-to-end", test_order_end_to_end);
+  g_test_add_func ("/kd/pipeline/order-submit-many", test_order_submit_many);
   g_test_add_func ("/kd/pipeline/ordered-per-key", test_ordered_per_key);
   g_test_add_func ("/kd/pipeline/backpressure", test_backpressure);
   g_test_add_func ("/kd/pipeline/fan-out-filter-fail", test_fan_out_filter_fail);

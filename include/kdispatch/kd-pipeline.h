@@ -91,6 +91,12 @@ gboolean      kd_pipeline_submit          (KdPipeline      *self,
                                            gpointer         item,
                                            GError         **error);
 KD_AVAILABLE_IN_ALL
+guint         kd_pipeline_submit_many     (KdPipeline          *self,
+                                           const char * const  *keys,
+                                           gpointer            *items,
+                                           guint                n_items,
+                                           GError             **error);
+KD_AVAILABLE_IN_ALL
 void          kd_pipeline_close           (KdPipeline      *self);
 KD_AVAILABLE_IN_ALL
 void          kd_pipeline_wait            (KdPipeline      *self);

@@ -23,13 +23,16 @@
  *       parse stage, a keyed aggregate stage, an ordered sink stage, 2
  *       workers each; per-key order checked at the aggregate and the sink;
  *       baseline: the same steps in a loop on one thread
+ *   W5  W1 with its jobs submitted 64 at a time (kd_dispatcher_submit_many());
+ *       W5k W2 the same way; baselines: W1's and W2's, which have no batch
  *   H1  hostile keys: W3's shape with 20,000 keys x 10 jobs, the keys built
  *       to share the hash kdispatch used before (FNV-1a multicollisions,
  *       tests/kd-collide.h), against random keys of the same length;
  *       H1i the same with key states kept for a 30 s idle time. The ratio
  *       is the colliding keys' time over the random keys'.
  *
- * The Go anchor: W1, W2 and W3 are also run by kd-bench-go
+ * The Go anchor: W1, W2 and W3 are also run by kd-bench-go (W5 and W5k
+ * against Go's W1 and W2: Go has no batch send)
  * (tests/bench/go/kd-bench-go.go, standard library only), written as a Go
  * programmer would write them: W1 one channel buffered to 1024 and 4 worker
  * goroutines; W2 and W3 a goroutine and a channel buffered to 64 per key,
@@ -111,7 +114,7 @@ typedef struct
   const char *title;
   gboolean  (*run_kd)   (Bench *bench, RunResult *result);
   gboolean  (*run_glib) (Bench *bench, RunResult *result);
-  gboolean    go;          /* kd-bench-go has this workload */
+  const char *go_id;       /* the kd-bench-go workload run as its anchor, or NULL */
 } Workload;
 
 /* ------------------------------------------------------------------------ */
@@ -471,6 +474,44 @@ w1_run_glib (Bench     *bench,
   return result->ok;
 }
 
+/* W5: W1's jobs submitted W5_BATCH at a time. The item array is filled
+ * inside the timing: it is the producer's part of the work. */
+#define W5_BATCH 64
+
+static gboolean
+w5_run_kd (Bench     *bench,
+           RunResult *result)
+{
+  guint n_jobs = bench->n_jobs ? bench->n_jobs : W1_JOBS;
+  W1 w1 = { g_new0 (guint8, n_jobs) };
+  gpointer items[W5_BATCH];
+  KdDispatcher *dispatcher;
+  gint64 start;
+  guint i, j, n;
+
+  dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, w1_handler, &w1, NULL);
+  kd_dispatcher_set_fanout (dispatcher, 2);
+  kd_dispatcher_set_capacity (dispatcher, bench->capacity ? bench->capacity : 1024);
+  start_workers (dispatcher);
+  reset_peak_rss ();
+
+  start = now_ns ();
+  for (i = 0; i < n_jobs; i += n)
+    {
+      n = MIN (W5_BATCH, n_jobs - i);
+      for (j = 0; j < n; j++)
+        items[j] = GUINT_TO_POINTER (i + j);
+      kd_dispatcher_submit_many (dispatcher, NULL, items, n, NULL);
+    }
+  kd_dispatcher_wait (dispatcher);
+  finish_run (result, start, now_ns (), n_jobs);
+
+  g_object_unref (dispatcher);
+  result->ok = w1_check (&w1, n_jobs, result);
+  g_free (w1.slots);
+  return result->ok;
+}
+
 /* ------------------------------------------------------------------------ */
 /* W2 and W3: keyed                                                          */
 
@@ -481,6 +522,7 @@ typedef struct
   char      **keys;
   gboolean    own_keys;    /* H1's: a g_strfreev() vector, not format_keys()'s */
   gint64      idle_us;     /* H1i: keep key states idle this long */
+  guint       batch;       /* W5k: items per submit_many(); 0: one submit each */
   PaddedLast *last;
   gint        violations;
 } Keyed;
@@ -525,6 +567,7 @@ keyed_init (Keyed *keyed,
   keyed->keys = format_keys (n_keys);
   keyed->own_keys = FALSE;
   keyed->idle_us = 0;
+  keyed->batch = 0;
   keyed->last = g_new (PaddedLast, n_keys);
   for (i = 0; i < n_keys; i++)
     keyed->last[i].value = -1;
@@ -577,10 +620,12 @@ keyed_run_kd_with (Bench     *bench,
                    Keyed     *keyed)
 {
   guint n_keys = keyed->n_keys, n_jobs = keyed->n_jobs;
+  const char *keys[W5_BATCH];
+  gpointer items[W5_BATCH];
   KdDispatcher *dispatcher;
   KdStats stats;
   gint64 start;
-  guint i;
+  guint i, j, n;
 
   dispatcher = kd_dispatcher_new (bench->n_workers ? bench->n_workers : 4, keyed_handler,
                                   keyed, NULL);
@@ -595,8 +640,20 @@ keyed_run_kd_with (Bench     *bench,
   reset_peak_rss ();
 
   start = now_ns ();
-  for (i = 0; i < n_jobs; i++)
-    kd_dispatcher_submit (dispatcher, keyed->keys[i % n_keys], GUINT_TO_POINTER (i), NULL);
+  if (keyed->batch == 0)
+    for (i = 0; i < n_jobs; i++)
+      kd_dispatcher_submit (dispatcher, keyed->keys[i % n_keys], GUINT_TO_POINTER (i), NULL);
+  else
+    for (i = 0; i < n_jobs; i += n)
+      {
+        n = MIN (keyed->batch, n_jobs - i);
+        for (j = 0; j < n; j++)
+          {
+            keys[j] = keyed->keys[(i + j) % n_keys];
+            items[j] = GUINT_TO_POINTER (i + j);
+          }
+        kd_dispatcher_submit_many (dispatcher, keys, items, n, NULL);
+      }
   kd_dispatcher_wait (dispatcher);
   finish_run (result, start, now_ns (), n_jobs);
 
@@ -664,6 +721,17 @@ w2_run_kd (Bench     *bench,
            RunResult *result)
 {
   return keyed_run_kd (bench, result, W2_KEYS, bench->n_jobs ? bench->n_jobs : W2_JOBS);
+}
+
+static gboolean
+w5k_run_kd (Bench     *bench,
+            RunResult *result)
+{
+  Keyed keyed;
+
+  keyed_init (&keyed, W2_KEYS, bench->n_jobs ? bench->n_jobs : W2_JOBS);
+  keyed.batch = W5_BATCH;
+  return keyed_run_kd_with (bench, result, &keyed);
 }
 
 static gboolean
@@ -1473,10 +1541,12 @@ go_run (Bench      *bench,
 /* Driver                                                                    */
 
 static const Workload workloads[] = {
-  { "W1", "fan-out, 1M unkeyed, bound 1024, 2x2 workers", w1_run_kd, w1_run_glib, TRUE },
-  { "W2", "keyed, 1M jobs over 1,000 keys, 4 workers", w2_run_kd, w2_run_glib, TRUE },
-  { "W3", "key churn, 100,000 keys x 10, 4 workers", w3_run_kd, w3_run_glib, TRUE },
+  { "W1", "fan-out, 1M unkeyed, bound 1024, 2x2 workers", w1_run_kd, w1_run_glib, "W1" },
+  { "W2", "keyed, 1M jobs over 1,000 keys, 4 workers", w2_run_kd, w2_run_glib, "W2" },
+  { "W3", "key churn, 100,000 keys x 10, 4 workers", w3_run_kd, w3_run_glib, "W3" },
   { "W4", "CPU-bound, 20,000 x 50 us, 2 workers", w4_run_kd, w4_run_glib },
+  { "W5", "W1 submitted in batches of 64", w5_run_kd, w1_run_glib, "W1" },
+  { "W5k", "W2 submitted in batches of 64", w5k_run_kd, w2_run_glib, "W2" },
   { "L1", "latency, 200,000 keyed at 50% of W2 capacity", l1_run_kd, l1_run_glib },
   { "P1", "pipeline, ordered parse > keyed > ordered sink", p1_run_kd, p1_run_serial },
   { "H1", "hostile keys, 20,000 x 10 (vs random keys)", h1_run_colliding, h1_run_random },
@@ -1728,7 +1798,7 @@ main (int    argc,
   gint p1_rounds = 0;
   GOptionEntry entries[] = {
     { "workload", 'w', 0, G_OPTION_ARG_STRING, &workload_list,
-      "Workloads to run, comma-separated (W1,W2,W3,W4,L1,P1,H1,H1i; default all)", "LIST" },
+      "Workloads to run, comma-separated (W1,W2,W3,W4,W5,W5k,L1,P1,H1,H1i; default all)", "LIST" },
     { "repetitions", 'r', 0, G_OPTION_ARG_INT, &repetitions, "Runs per workload (median reported)", "N" },
     { "workers", 'n', 0, G_OPTION_ARG_INT, &n_workers, "Worker count (default: the workload's)", "N" },
     { "capacity", 'c', 0, G_OPTION_ARG_INT, &capacity, "Admission bound (default: the workload's)", "N" },
@@ -1785,7 +1855,7 @@ main (int    argc,
     }
 
   for (w = 0; w < G_N_ELEMENTS (workloads); w++)
-    wants_go |= workloads[w].go && g_strv_contains ((const char * const *) wanted, workloads[w].id);
+    wants_go |= workloads[w].go_id != NULL && g_strv_contains ((const char * const *) wanted, workloads[w].id);
   if (wants_go && !no_go)
     {
 #ifdef KD_BENCH_GO
@@ -1831,7 +1901,7 @@ main (int    argc,
       s->glib = g_array_new (FALSE, TRUE, sizeof (RunResult));
       s->go = g_array_new (FALSE, TRUE, sizeof (RunResult));
       s->ok = TRUE;
-      with_go = bench.go_program != NULL && workload->go;
+      with_go = bench.go_program != NULL && workload->go_id != NULL;
 
       for (r = 0; r < repetitions; r++)
         {
@@ -1844,13 +1914,13 @@ main (int    argc,
           if (r % 2 == 0)
             workload->run_kd (&bench, &kd);
           else if (with_go)
-            go_run (&bench, workload->id, &go);
+            go_run (&bench, workload->go_id, &go);
           if (bench.baseline)
             workload->run_glib (&bench, &glib);
           if (r % 2 == 1)
             workload->run_kd (&bench, &kd);
           else if (with_go)
-            go_run (&bench, workload->id, &go);
+            go_run (&bench, workload->go_id, &go);
 
           g_array_append_val (s->kd, kd);
           if (bench.baseline)

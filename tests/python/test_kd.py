@@ -154,7 +154,57 @@ def test_cancel():
           dispatcher.props.submitted == 10 and dispatcher.props.rejected == 1)
 
 
+def test_submit_many():
+    n_keys, per_key, batch = 10, 100, 64
+    next_seq = {}
+    violations = []
+    ran = []
+    lock = threading.Lock()
+
+    def handler(job):
+        key, item = job.get_key(), job.get_item()
+        with lock:
+            ran.append(item)
+        if key is not None:
+            seq = item % per_key
+            if next_seq.get(key, 0) != seq:
+                violations.append((key, seq))
+            next_seq[key] = seq + 1
+        return True
+
+    dispatcher = Kd.Dispatcher.new(4, handler)
+    dispatcher.set_capacity(32)
+    keys, items = [], []
+    for seq in range(per_key):
+        for k in range(n_keys):
+            keys.append('k%d' % k)
+            items.append(k * per_key + seq)
+    taken = 0
+    for i in range(0, len(items), batch):
+        taken += dispatcher.submit_many(keys[i:i + batch], items[i:i + batch])
+    unkeyed = list(range(10000, 10100))
+    taken += dispatcher.submit_many(None, unkeyed)
+    dispatcher.wait()
+
+    n = n_keys * per_key + len(unkeyed)
+    check('submit_many: every item taken', taken == n, '%d of %d' % (taken, n))
+    check('submit_many: every item ran once', sorted(ran) == sorted(items + unkeyed))
+    check('submit_many: per-key order inside and across batches', not violations,
+          str(violations[:5]))
+
+    dispatcher.close()
+    try:
+        dispatcher.try_submit_many(None, [1, 2, 3])
+        refused = False
+    except GLib.Error as error:
+        refused = error.matches(Kd.error_quark(), Kd.Error.CLOSED)
+    check('submit_many: a closed dispatcher refuses the batch with CLOSED', refused)
+    check('submit_many: refused items count as rejected', dispatcher.props.rejected == 3,
+          str(dispatcher.props.rejected))
+
+
 test_order_and_errors()
+test_submit_many()
 test_async()
 test_cancel()
 gc.collect()
