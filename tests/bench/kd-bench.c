@@ -1839,7 +1839,7 @@ main (int    argc,
   bench.baseline = !no_baseline;
   bench.l1_rate = rate;
   bench.p1_rounds = (guint) p1_rounds;
-  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,L1,P1,H1,H1i", ",", -1);
+  wanted = g_strsplit (workload_list != NULL ? workload_list : "W1,W2,W3,W4,W5,W5k,L1,P1,H1,H1i", ",", -1);
 
   for (char **id = wanted; *id != NULL; id++)
     {
