@@ -323,7 +323,9 @@ acquire_upto (KdAdmission  *self,
 
       if (pending < self->capacity)
         {
-          guint take = (guint) MIN ((guint64) want, self->capacity - pending);
+          /* (A constant 1 for the single acquire, which then computes
+           * nothing here.) */
+          guint take = want == 1 ? 1 : (guint) MIN ((guint64) want, self->capacity - pending);
 
           if (__atomic_compare_exchange_n (&self->grant, &grant, grant + take, TRUE,
                                            __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
