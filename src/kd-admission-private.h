@@ -37,6 +37,20 @@ typedef struct
 
 typedef struct _KdAdmission KdAdmission;
 
+typedef void (*KdDrainedFunc) (gpointer user_data);
+
+/* An async barrier waiter (kd_admission_wait_async()): the caller's
+ * memory, linked into the admission while registered. */
+typedef struct _KdDrainWaiter KdDrainWaiter;
+
+struct _KdDrainWaiter
+{
+  KdDrainWaiter *next;
+  guint64        seq;        /* its epoch; G_MAXUINT64 until it is sealed */
+  KdDrainedFunc  func;
+  gpointer       user_data;
+};
+
 struct _KdAdmission
 {
   /* Atomic, written by acquirers and close: the acquired count, the current
@@ -68,6 +82,8 @@ struct _KdAdmission
   guint64     acquired_at_seal;                      /* grant's count at the last seal */
   guint64     epoch_jobs[KD_ADMISSION_EPOCHS];      /* units acquired in each sealed epoch */
   guint64     epoch_base[KD_ADMISSION_EPOCHS];      /* each slot's releases before its epoch */
+  KdDrainWaiter *drain_waiters;  /* the async waiters whose epoch has not drained */
+  KdDrainWaiter *notify;         /* those whose epoch drained, to call once unlocked */
 };
 
 typedef void (*KdSealedFunc) (gpointer user_data);
@@ -100,6 +116,12 @@ guint    kd_admission_get_pending    (KdAdmission  *self);
 void     kd_admission_wait           (KdAdmission  *self,
                                       KdSealedFunc  sealed,
                                       gpointer      user_data);
+gboolean kd_admission_wait_until     (KdAdmission  *self,
+                                      KdSealedFunc  sealed,
+                                      gpointer      user_data,
+                                      gint64        end_time);
+gboolean kd_admission_wait_async     (KdAdmission   *self,
+                                      KdDrainWaiter *waiter);
 void     kd_admission_wait_sleepers  (KdAdmission  *self,
                                       guint         n_sleeping);
 

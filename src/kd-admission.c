@@ -42,7 +42,15 @@
  * any thread after the seal cannot delay it, and any number of waiters can
  * overlap, each sealing its own epoch. The ring has 32 slots; a slot is
  * reused only once its old epoch drained, so its release count at reuse is
- * a stable base for the new epoch.
+ * a stable base for the new epoch. A waiter may give up at a deadline
+ * (kd_admission_wait_until()): its epoch stays sealed and drains like any.
+ * An async waiter (kd_admission_wait_async(), a KdDrainWaiter of the
+ * caller's) seals its epoch without sleeping; whoever sees its epoch drain
+ * (advance_drained_locked(), in a release) calls its function once the
+ * lock is released (unlock_and_notify()). With the ring full, an async
+ * waiter waits unsealed, and the first drain that makes room seals one
+ * epoch for all such waiters. Once every sealed epoch has drained nobody
+ * can be waiting, and DRAIN_WAITERS is cleared.
  *
  * Waking sleepers. @flags, read by every release and written only when a
  * sleeper starts or stops waiting, says whether a release has to look
@@ -213,6 +221,8 @@ kd_admission_init (KdAdmission *self,
   self->n_sleeping = 0;
   self->sealed_seq = 0;
   self->drained_seq = 0;
+  self->drain_waiters = NULL;
+  self->notify = NULL;
   self->acquired_at_seal = 0;
   memset (self->epoch_jobs, 0, sizeof self->epoch_jobs);
   memset (self->epoch_base, 0, sizeof self->epoch_base);
@@ -228,6 +238,7 @@ kd_admission_clear (KdAdmission *self)
 {
   g_assert_cmpuint (pending_at_most (self), ==, 0);
   g_assert_cmpuint (self->n_sleeping, ==, 0);
+  g_assert (self->drain_waiters == NULL && self->notify == NULL);
 
   g_aligned_free (self->releasers);
   g_mutex_clear (&self->lock);
@@ -408,6 +419,61 @@ epoch_has_drained_locked (KdAdmission *self,
   return sum_released_in (self, slot) - self->epoch_base[slot] == self->epoch_jobs[slot];
 }
 
+/* A drain waiter's epoch before it could be sealed (the ring was full). */
+#define UNSEALED G_MAXUINT64
+
+static guint64 seal_locked (KdAdmission *self);
+
+/* With @lock held, after drained_seq moved: the async waiters whose epoch
+ * drained move to @notify, for unlock_and_notify(); those not sealed yet
+ * share a new epoch if the ring has room now. Returns whether it sealed
+ * one (which may have drained already). */
+static gboolean
+collect_drained_locked (KdAdmission *self)
+{
+  KdDrainWaiter **link = &self->drain_waiters;
+  guint64 seq = UNSEALED;
+
+  while (*link != NULL)
+    {
+      KdDrainWaiter *waiter = *link;
+
+      if (waiter->seq == UNSEALED && self->sealed_seq + 1 - self->drained_seq < KD_ADMISSION_EPOCHS)
+        waiter->seq = seq = (seq == UNSEALED ? seal_locked (self) : seq);
+
+      if (waiter->seq != UNSEALED && waiter->seq < self->drained_seq)
+        {
+          *link = waiter->next;
+          waiter->next = self->notify;
+          self->notify = waiter;
+        }
+      else
+        {
+          link = &waiter->next;
+        }
+    }
+
+  return seq != UNSEALED;
+}
+
+/* Unlocks @lock, then calls the functions of the async waiters whose epoch
+ * drained. */
+static void
+unlock_and_notify (KdAdmission *self)
+{
+  KdDrainWaiter *waiter = g_steal_pointer (&self->notify);
+
+  kd_mutex_unlock (&self->lock);
+
+  while (waiter != NULL)
+    {
+      KdDrainWaiter *next = waiter->next;
+
+      waiter->func (waiter->user_data);
+      waiter = next;
+    }
+}
+
 /* Moves drained_seq past every sealed epoch that has drained, oldest first,
  * and wakes the waiters if it moved. Whoever moves it must wake them: once
  * an epoch drained, a sealer may reuse its slot at once, and the release
@@ -417,12 +483,22 @@ advance_drained_locked (KdAdmission *self)
 {
   guint64 before = self->drained_seq;
 
-  while (self->drained_seq < self->sealed_seq &&
-         epoch_has_drained_locked (self, self->drained_seq))
-    self->drained_seq++;
+  do
+    while (self->drained_seq < self->sealed_seq &&
+           epoch_has_drained_locked (self, self->drained_seq))
+      self->drained_seq++;
+  while (self->drained_seq != before && self->drain_waiters != NULL &&
+         collect_drained_locked (self));
 
-  if (self->drained_seq != before)
-    g_cond_broadcast (&self->drained_cond);
+  if (self->drained_seq == before)
+    return;
+
+  g_cond_broadcast (&self->drained_cond);
+  /* Every sealed epoch drained: nobody waits, releases stop looking. (A
+   * waiter still sleeping waits for an epoch not sealed yet, which it
+   * seals, and announces itself again, under this lock.) */
+  if (self->drained_seq == self->sealed_seq)
+    __atomic_fetch_and (&self->flags, ~FLAG_DRAIN_WAITERS, __ATOMIC_SEQ_CST);
 }
 
 /* A release found someone waiting: wake what it may concern. */
@@ -442,7 +518,7 @@ release_slow (KdAdmission *self,
         {
           kd_mutex_lock (&self->lock);
           advance_drained_locked (self);
-          kd_mutex_unlock (&self->lock);
+          unlock_and_notify (self);
         }
     }
 
@@ -553,26 +629,32 @@ kd_admission_get_pending (KdAdmission *self)
   return (guint) pending_at_most (self);
 }
 
-/* Sleeps on @drained_cond until @done holds; called with @lock held. */
-static void
+/* Sleeps on @drained_cond until @done holds, or @end_time (0: never)
+ * passed; called with @lock held. Returns whether @done holds. */
+static gboolean
 sleep_until_drained_locked (KdAdmission *self,
                             gboolean   (*done) (KdAdmission *self, guint64 seq),
-                            guint64      seq)
+                            guint64      seq,
+                            gint64       end_time)
 {
   for (;;)
     {
       advance_drained_locked (self);
       if (done (self, seq))
-        return;
+        return TRUE;
 
       /* Announce first, then look again: a release that emptied an epoch
        * in between saw no flag, but its count is visible now. */
       __atomic_fetch_or (&self->flags, FLAG_DRAIN_WAITERS, __ATOMIC_SEQ_CST);
       advance_drained_locked (self);
       if (done (self, seq))
-        return;
+        return TRUE;
 
-      kd_cond_wait (&self->drained_cond, &self->lock);
+      if (end_time == 0)
+        kd_cond_wait (&self->drained_cond, &self->lock);
+      else if (!kd_cond_wait_until (&self->drained_cond, &self->lock, end_time) &&
+               g_get_monotonic_time () >= end_time)
+        return done (self, seq);
     }
 }
 
@@ -592,29 +674,18 @@ epoch_drained (KdAdmission *self,
   return self->drained_seq > seq;
 }
 
-/*
- * kd_admission_wait:
- * @sealed: (nullable): called once the epoch is sealed, before sleeping
- *
- * Returns once every unit acquired before the call has been released.
- */
-void
-kd_admission_wait (KdAdmission  *self,
-                   KdSealedFunc  sealed,
-                   gpointer      user_data)
+/* With @lock held and room in the ring: seals the current epoch, whose
+ * number it returns, and makes the next one current. The next epoch reuses
+ * a slot, whose old epoch has drained: its release count is the new
+ * epoch's base. No unit can join the new epoch before the seal makes it
+ * current. */
+static guint64
+seal_locked (KdAdmission *self)
 {
+  guint64 seq = self->sealed_seq;
+  guint next_slot = (seq + 1) % KD_ADMISSION_EPOCHS;
   guint64 grant;
-  guint64 seq;
-  guint next_slot;
 
-  kd_mutex_lock (&self->lock);
-
-  /* The epoch after ours reuses a slot: wait until its old epoch drained,
-   * then take the slot's release count as the new epoch's base. No unit
-   * can join the new epoch before the seal below makes it current. */
-  sleep_until_drained_locked (self, ring_has_room, 0);
-  seq = self->sealed_seq;
-  next_slot = (seq + 1) % KD_ADMISSION_EPOCHS;
   self->epoch_base[next_slot] = sum_released_in (self, next_slot);
 
   grant = __atomic_load_n (&self->grant, __ATOMIC_RELAXED);
@@ -628,17 +699,98 @@ kd_admission_wait (KdAdmission  *self,
   self->acquired_at_seal = acquired_of (grant);
   self->sealed_seq++;
 
-  kd_mutex_unlock (&self->lock);
+  return seq;
+}
 
-  if (sealed != NULL)
-    sealed (user_data);
+/*
+ * kd_admission_wait_until:
+ * @sealed: (nullable): called once the epoch is sealed, before sleeping
+ * @end_time: a g_get_monotonic_time() to give up at; 0 for never
+ *
+ * Returns TRUE once every unit acquired before the call has been released,
+ * FALSE if @end_time came first (@sealed may not have been called then).
+ */
+gboolean
+kd_admission_wait_until (KdAdmission  *self,
+                         KdSealedFunc  sealed,
+                         gpointer      user_data,
+                         gint64        end_time)
+{
+  gboolean drained = FALSE;
+  guint64 seq;
 
   kd_mutex_lock (&self->lock);
-  sleep_until_drained_locked (self, epoch_drained, seq);
-  /* The last waiter out stops releases from looking for it. */
-  if (self->drained_seq == self->sealed_seq)
-    __atomic_fetch_and (&self->flags, ~FLAG_DRAIN_WAITERS, __ATOMIC_SEQ_CST);
-  kd_mutex_unlock (&self->lock);
+  if (sleep_until_drained_locked (self, ring_has_room, 0, end_time))
+    {
+      seq = seal_locked (self);
+      unlock_and_notify (self);
+
+      if (sealed != NULL)
+        sealed (user_data);
+
+      kd_mutex_lock (&self->lock);
+      drained = sleep_until_drained_locked (self, epoch_drained, seq, end_time);
+    }
+  unlock_and_notify (self);
+
+  return drained;
+}
+
+/*
+ * kd_admission_wait:
+ * @sealed: (nullable): called once the epoch is sealed, before sleeping
+ *
+ * Returns once every unit acquired before the call has been released.
+ */
+void
+kd_admission_wait (KdAdmission  *self,
+                   KdSealedFunc  sealed,
+                   gpointer      user_data)
+{
+  kd_admission_wait_until (self, sealed, user_data, 0);
+}
+
+/*
+ * kd_admission_wait_async:
+ * @waiter: the caller's, with its @func and @user_data set; it stays the
+ *   caller's
+ *
+ * Registers @waiter to be called once every unit acquired before the call
+ * has been released, without waiting. Returns FALSE, with nothing
+ * registered, if they have been already. Otherwise @waiter->func runs once
+ * later, on whichever thread sees the epoch drain (a releasing one), with
+ * no lock held; @waiter must live until then.
+ * With KD_ADMISSION_EPOCHS - 1 epochs sealed and not yet drained, the seal
+ * waits for the oldest to drain, and then also covers the units acquired
+ * meanwhile.
+ */
+gboolean
+kd_admission_wait_async (KdAdmission   *self,
+                         KdDrainWaiter *waiter)
+{
+  gboolean registered = TRUE;
+
+  kd_mutex_lock (&self->lock);
+  waiter->seq = ring_has_room (self, 0) ? seal_locked (self) : UNSEALED;
+  waiter->next = self->drain_waiters;
+  self->drain_waiters = waiter;
+  /* Announce first, then look again (see sleep_until_drained_locked()). */
+  __atomic_fetch_or (&self->flags, FLAG_DRAIN_WAITERS, __ATOMIC_SEQ_CST);
+  advance_drained_locked (self);
+
+  /* Drained already: not for a release to report. */
+  if (waiter->seq != UNSEALED && waiter->seq < self->drained_seq)
+    {
+      KdDrainWaiter **link = &self->notify;
+
+      while (*link != waiter)
+        link = &(*link)->next;
+      *link = waiter->next;
+      registered = FALSE;
+    }
+  unlock_and_notify (self);
+
+  return registered;
 }
 
 /* Sleeps until at least @n_sleeping submitters are asleep waiting for room.

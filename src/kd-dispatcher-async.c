@@ -1,4 +1,4 @@
-/* kd-dispatcher-async.c: submitting from a main loop, without blocking
+/* kd-dispatcher-async.c: submitting and waiting from a main loop, without blocking
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
@@ -19,6 +19,18 @@
  * of the caller's thread-default context (the dispatcher's
  * KdResultRegistry, see kd-submit-result.c), which runs the callback
  * there. Closing refuses the waiting ones with KD_ERROR_CLOSED.
+ *
+ * kd_dispatcher_wait_async() is the barrier without a thread: it seals an
+ * epoch of the admission as kd_dispatcher_wait() does, and registers a
+ * KdDrainWaiter that the release draining that epoch calls, on a worker
+ * (kd_admission_wait_async()). Its result is a KdSubmitResult without a
+ * job, delivered like a submission's, in the caller's context, never
+ * from the releasing thread (a release may run in that context, under
+ * @async_lock). An AsyncWait is shared by the call that set it up, the
+ * waiter and the cancellable's watch; whichever of the drain and the
+ * cancellation takes the result first completes it, once. A cancelled
+ * waiter stays registered until its epoch drains (at the latest when the
+ * dispatcher shuts down): cancelling touches only the AsyncWait.
  */
 
 #include "config.h"
@@ -210,7 +222,8 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
   g_return_if_fail (self->handler != NULL);
   g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
 
-  result = kd_submit_result_new (self, self->results, item, cancellable, callback, user_data);
+  result = kd_submit_result_new (self, self->results, KD_SUBMIT_RESULT_TAG, item, cancellable,
+                                 callback, user_data);
 
   if (G_UNLIKELY (!kd_dispatcher_ensure_started (self, &error)))
     {
@@ -293,6 +306,144 @@ kd_dispatcher_submit_finish (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (KD_IS_SUBMIT_RESULT (result), FALSE);
   g_return_val_if_fail (g_async_result_is_tagged (result, KD_SUBMIT_RESULT_TAG), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return kd_submit_result_propagate (KD_SUBMIT_RESULT (result), error);
+}
+
+/* The source tag of kd_dispatcher_wait_async()'s results. */
+#define ASYNC_WAIT_TAG ((gpointer) (guintptr) kd_dispatcher_wait_async)
+
+/* A kd_dispatcher_wait_async() in progress. */
+typedef struct
+{
+  KdDrainWaiter   waiter;
+  gint            ref_count;   /* the setup's, and the waiter's until it is called */
+  KdSubmitResult *result;      /* until completed, by whoever takes it */
+  KdCancelWatch  *watch;       /* NULL without a cancellable */
+} AsyncWait;
+
+static void
+async_wait_unref (AsyncWait *wait)
+{
+  if (!g_atomic_int_dec_and_test (&wait->ref_count))
+    return;
+
+  /* Not in a cancel call on another thread once this returns. */
+  g_clear_pointer (&wait->watch, kd_cancel_watch_free);
+  g_free (wait);
+}
+
+/* Completes the result with @error (transfer full; NULL: the jobs ended),
+ * unless the drain or the cancellation did already. The result goes
+ * through the delivery of the caller's context, never straight from here
+ * (a release may run in that context, under @async_lock). */
+static void
+async_wait_complete (AsyncWait *wait,
+                     GError    *error)
+{
+  KdSubmitResult *result = g_atomic_pointer_exchange (&wait->result, NULL);
+
+  if (result != NULL)
+    kd_submit_result_complete (result, error);
+  else
+    g_clear_error (&error);
+}
+
+/* The waiter's epoch drained: on the releasing thread, or in the setup. */
+static void
+async_wait_drained (gpointer user_data)
+{
+  AsyncWait *wait = user_data;
+
+  async_wait_complete (wait, NULL);
+  async_wait_unref (wait);
+}
+
+/* The cancellable's watch. The waiter stays registered until its epoch
+ * drains (touching only @wait, which lives until then), so that this
+ * touches neither the admission nor the dispatcher, whose last reference
+ * the delivered result may drop. */
+static void
+async_wait_cancelled (gpointer user_data)
+{
+  async_wait_complete (user_data, g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+                                                       "The wait was cancelled"));
+}
+
+/**
+ * kd_dispatcher_wait_async:
+ * @self: a dispatcher
+ * @cancellable: (nullable): stops waiting (the jobs are not touched)
+ * @callback: (scope async) (closure user_data): called in the caller's
+ *   thread-default main context once every job accepted before the call
+ *   has ended
+ * @user_data: data for @callback
+ *
+ * The barrier of kd_dispatcher_wait() without blocking: @callback runs in
+ * the thread-default main context of the caller once every job accepted
+ * before the call has ended (their done callbacks and item-free functions
+ * ran; with a main context, their handlers returned). Jobs accepted during
+ * or after the call do not delay it. Finish with
+ * kd_dispatcher_wait_finish().
+ *
+ * Cancelling @cancellable before then completes the wait at once with
+ * %G_IO_ERROR_CANCELLED; the jobs go on as before. Unlike
+ * kd_dispatcher_wait(), it does not join the worker threads of a closed
+ * dispatcher (they exit by themselves once it drained), and it may be
+ * called from anywhere, the dispatcher's own handlers included.
+ *
+ * Holds a reference to @self until @callback ran.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_wait_async (KdDispatcher        *self,
+                          GCancellable        *cancellable,
+                          GAsyncReadyCallback  callback,
+                          gpointer             user_data)
+{
+  AsyncWait *wait;
+
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
+
+  wait = g_new0 (AsyncWait, 1);
+  wait->result = kd_submit_result_new (self, self->results, ASYNC_WAIT_TAG, NULL, NULL,
+                                       callback, user_data);
+  wait->waiter.func = async_wait_drained;
+  wait->waiter.user_data = wait;
+  wait->ref_count = 2;
+
+  if (!kd_admission_wait_async (&self->admission, &wait->waiter))
+    async_wait_drained (wait);
+  else if (cancellable != NULL)
+    wait->watch = kd_cancel_watch_new (cancellable, async_wait_cancelled, wait);
+  async_wait_unref (wait);
+}
+
+/**
+ * kd_dispatcher_wait_finish:
+ * @self: a dispatcher
+ * @result: the #GAsyncResult given to the callback of
+ *   kd_dispatcher_wait_async()
+ * @error: return location for a #GError
+ *
+ * Tells how an async wait ended.
+ *
+ * Returns: %TRUE once every job it waited for had ended; %FALSE with
+ *   %G_IO_ERROR_CANCELLED if it was cancelled first
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_wait_finish (KdDispatcher  *self,
+                           GAsyncResult  *result,
+                           GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (KD_IS_SUBMIT_RESULT (result), FALSE);
+  g_return_val_if_fail (g_async_result_is_tagged (result, ASYNC_WAIT_TAG), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
   return kd_submit_result_propagate (KD_SUBMIT_RESULT (result), error);

@@ -12,7 +12,7 @@
  *   kd-dispatcher-failure.c     retries, dead letters, parked keys
  *   kd-dispatcher-keys.c        key states, idle expiry, the per-key bound
  *   kd-dispatcher-async.c       kd_dispatcher_submit_async() and its
- *                               waiting FIFO
+ *                               waiting FIFO; kd_dispatcher_wait_async()
  *   kd-dispatcher-stage.c       what a pipeline reaches of a stage
  *                               (kd-dispatcher-stage-private.h)
  */

@@ -1432,6 +1432,22 @@ kd_dispatcher_wait (KdDispatcher *self)
   kd_dispatcher_wait_sealed (self, NULL, NULL);
 }
 
+/* After a wait: a closed dispatcher with nothing pending has stopped its
+ * workers; join them, so that they have exited when the wait returns. */
+static void
+join_if_drained (KdDispatcher *self)
+{
+  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+
+  if (scheduler != NULL &&
+      kd_admission_is_closed (&self->admission) &&
+      kd_admission_get_pending (&self->admission) == 0)
+    {
+      kd_scheduler_shutdown (scheduler);
+      kd_scheduler_join (scheduler);
+    }
+}
+
 /* kd_dispatcher_wait(), calling @sealed once the jobs to wait for are fixed:
  * a job accepted after @sealed was called is not waited for. */
 void
@@ -1439,8 +1455,6 @@ kd_dispatcher_wait_sealed (KdDispatcher *self,
                            KdSealedFunc  sealed,
                            gpointer      user_data)
 {
-  KdScheduler *scheduler;
-
   if (kd_dispatcher_runs_here (self))
     {
       g_critical ("kd_dispatcher_wait: called from one of the dispatcher's own "
@@ -1450,15 +1464,51 @@ kd_dispatcher_wait_sealed (KdDispatcher *self,
     }
 
   kd_admission_wait (&self->admission, sealed, user_data);
+  join_if_drained (self);
+}
 
-  scheduler = g_atomic_pointer_get (&self->scheduler);
-  if (scheduler != NULL &&
-      kd_admission_is_closed (&self->admission) &&
-      kd_admission_get_pending (&self->admission) == 0)
+/**
+ * kd_dispatcher_wait_until:
+ * @self: a dispatcher
+ * @end_time: the monotonic time to give up at, as g_get_monotonic_time()
+ *   counts it
+ *
+ * Like kd_dispatcher_wait(), but gives up at @end_time: returns %TRUE once
+ * every job accepted before the call has ended, %FALSE if @end_time came
+ * first (at once if it has passed, unless they had all ended). Giving up
+ * changes nothing for the jobs.
+ *
+ * ```c
+ * if (!kd_dispatcher_wait_until (d, g_get_monotonic_time () + 5 * G_TIME_SPAN_SECOND))
+ *   g_warning ("still busy after 5 s");
+ * ```
+ *
+ * Thread-safe, but not from the dispatcher's own threads, as
+ * kd_dispatcher_wait(): from there it logs a critical and returns %FALSE.
+ *
+ * Returns: whether every job accepted before the call has ended
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_wait_until (KdDispatcher *self,
+                          gint64        end_time)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+
+  if (kd_dispatcher_runs_here (self))
     {
-      kd_scheduler_shutdown (scheduler);
-      kd_scheduler_join (scheduler);
+      g_critical ("kd_dispatcher_wait_until: called from one of the dispatcher's own "
+                  "threads (a worker, its timer or its shutdown), which would wait "
+                  "for itself");
+      return FALSE;
     }
+
+  /* 0 means "never" below; a time in the past is 1 as well as any. */
+  if (!kd_admission_wait_until (&self->admission, NULL, NULL, MAX (end_time, 1)))
+    return FALSE;
+  join_if_drained (self);
+  return TRUE;
 }
 
 /**

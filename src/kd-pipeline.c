@@ -63,6 +63,9 @@
 #include "kd-shutdown-private.h"
 #include "kd-sync-private.h"
 
+/* The source tag of kd_pipeline_wait_async()'s tasks. */
+#define PIPELINE_WAIT_TAG ((gpointer) (guintptr) kd_pipeline_wait_async)
+
 typedef struct
 {
   KdPipeline   *pipeline;     /* not a reference: the pipeline outlives its stages' jobs */
@@ -847,6 +850,153 @@ kd_pipeline_wait (KdPipeline *self)
    * before its last job ends), so waiting stage after stage covers all. */
   for (i = 0; i < self->stages->len; i++)
     kd_dispatcher_wait (stage_at (self, i)->dispatcher);
+}
+
+/**
+ * kd_pipeline_wait_until:
+ * @self: a pipeline
+ * @end_time: the monotonic time to give up at, as g_get_monotonic_time()
+ *   counts it
+ *
+ * Like kd_pipeline_wait(), but gives up at @end_time: returns %TRUE once
+ * every item submitted before the call has left the pipeline, %FALSE if
+ * @end_time came first. Giving up changes nothing for the items.
+ *
+ * Thread-safe, but not from the threads of the pipeline's stages, as
+ * kd_pipeline_wait(): from there it logs a critical and returns %FALSE.
+ *
+ * Returns: whether every item submitted before the call has left the
+ *   pipeline
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_pipeline_wait_until (KdPipeline *self,
+                        gint64      end_time)
+{
+  guint i;
+
+  g_return_val_if_fail (KD_IS_PIPELINE (self), FALSE);
+
+  if (runs_on_a_stage (self))
+    {
+      g_critical ("kd_pipeline_wait_until: called from one of the pipeline's own threads, "
+                  "which would wait for itself");
+      return FALSE;
+    }
+
+  /* Stage after stage, as kd_pipeline_wait(). */
+  for (i = 0; i < self->stages->len; i++)
+    if (!kd_dispatcher_wait_until (stage_at (self, i)->dispatcher, end_time))
+      return FALSE;
+  return TRUE;
+}
+
+static void wait_stage_async (GTask *task);
+
+/* A stage's jobs from before the wait ended: on to the next stage. */
+static void
+stage_waited (GObject      *source,
+              GAsyncResult *result,
+              gpointer      user_data)
+{
+  GTask *task = user_data;
+  GMainContext *context = g_task_get_context (task);
+  GError *error = NULL;
+
+  if (!kd_dispatcher_wait_finish (KD_DISPATCHER (source), result, &error))
+    {
+      g_task_return_error (task, error);
+      g_object_unref (task);
+      return;
+    }
+
+  /* The next stage's wait completes in the same context. The push holds
+   * it: the task may be gone when wait_stage_async() returns. */
+  g_main_context_push_thread_default (context);
+  wait_stage_async (task);
+  g_main_context_pop_thread_default (context);
+}
+
+/* Waits for the stage the task's data numbers, or returns. */
+static void
+wait_stage_async (GTask *task)
+{
+  KdPipeline *self = g_task_get_source_object (task);
+  guint stage = GPOINTER_TO_UINT (g_task_get_task_data (task));
+
+  if (stage == self->stages->len)
+    {
+      g_task_return_boolean (task, TRUE);
+      g_object_unref (task);
+      return;
+    }
+
+  g_task_set_task_data (task, GUINT_TO_POINTER (stage + 1), NULL);
+  kd_dispatcher_wait_async (stage_at (self, stage)->dispatcher, g_task_get_cancellable (task),
+                            stage_waited, task);
+}
+
+/**
+ * kd_pipeline_wait_async:
+ * @self: a pipeline
+ * @cancellable: (nullable): stops waiting (the items are not touched)
+ * @callback: (scope async) (closure user_data): called in the caller's
+ *   thread-default main context once every item submitted before the call
+ *   has left the pipeline
+ * @user_data: data for @callback
+ *
+ * The barrier of kd_pipeline_wait() without blocking, stage after stage
+ * as kd_dispatcher_wait_async() waits for one dispatcher. Cancelling
+ * @cancellable completes it with %G_IO_ERROR_CANCELLED. Finish with
+ * kd_pipeline_wait_finish(). Holds a reference to @self until @callback
+ * ran.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_wait_async (KdPipeline          *self,
+                        GCancellable        *cancellable,
+                        GAsyncReadyCallback  callback,
+                        gpointer             user_data)
+{
+  GTask *task;
+
+  g_return_if_fail (KD_IS_PIPELINE (self));
+  g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
+
+  task = g_task_new (self, cancellable, callback, user_data);
+  g_task_set_source_tag (task, PIPELINE_WAIT_TAG);
+  g_task_set_name (task, "kd_pipeline_wait_async");
+  g_task_set_task_data (task, GUINT_TO_POINTER (0), NULL);
+  wait_stage_async (task);
+}
+
+/**
+ * kd_pipeline_wait_finish:
+ * @self: a pipeline
+ * @result: the #GAsyncResult given to the callback of
+ *   kd_pipeline_wait_async()
+ * @error: return location for a #GError
+ *
+ * Tells how an async wait ended.
+ *
+ * Returns: %TRUE once every item it waited for had left the pipeline;
+ *   %FALSE with %G_IO_ERROR_CANCELLED if it was cancelled first
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_pipeline_wait_finish (KdPipeline    *self,
+                         GAsyncResult  *result,
+                         GError       **error)
+{
+  g_return_val_if_fail (KD_IS_PIPELINE (self), FALSE);
+  g_return_val_if_fail (g_task_is_valid (result, self), FALSE);
+  g_return_val_if_fail (g_async_result_is_tagged (result, PIPELINE_WAIT_TAG), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return g_task_propagate_boolean (G_TASK (result), error);
 }
 
 /* For tests: sleeps until @n_sleeping threads wait for a ticket of the

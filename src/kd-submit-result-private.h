@@ -1,4 +1,4 @@
-/* kd-submit-result-private.h: the GAsyncResult of kd_dispatcher_submit_async()
+/* kd-submit-result-private.h: the GAsyncResult of the dispatcher's async calls
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -29,6 +29,7 @@ void              kd_result_registry_free (KdResultRegistry *self);
 
 KdSubmitResult *kd_submit_result_new          (KdDispatcher        *dispatcher,
                                                KdResultRegistry    *results,
+                                               gpointer             source_tag,
                                                gpointer             item,
                                                GCancellable        *cancellable,
                                                GAsyncReadyCallback  callback,

@@ -1,10 +1,12 @@
-/* kd-submit-result.c: the GAsyncResult of kd_dispatcher_submit_async()
+/* kd-submit-result.c: the GAsyncResult of the dispatcher's async calls
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
  * DESIGN
  *
- * One result per async submission, alive from the call until its callback
+ * One result per async submission (or async wait, kd-dispatcher-async.c,
+ * which has no item, key or job: it is completed when its barrier holds or
+ * it is cancelled), alive from the call until its callback
  * returned (longer only if the application keeps a reference). It holds
  * what the callback needs (a reference to the dispatcher, the source object;
  * the callback and its data), what admission needs while the submission
@@ -61,6 +63,7 @@ struct _KdSubmitResult
   GObject              parent_instance;
 
   KdTask               task;         /* in the waiting queue, then in @target's delivery */
+  gpointer             source_tag;   /* the call it is the result of */
   KdDispatcher        *dispatcher;   /* a reference */
   ResultDelivery      *target;       /* the caller's context's, in the dispatcher's registry */
   GCancellable        *cancellable;  /* nullable */
@@ -94,9 +97,7 @@ static gboolean
 kd_submit_result_is_tagged (GAsyncResult *result,
                             gpointer      source_tag)
 {
-  (void) result;
-
-  return source_tag == KD_SUBMIT_RESULT_TAG;
+  return source_tag == KD_SUBMIT_RESULT (result)->source_tag;
 }
 
 static void
@@ -205,11 +206,13 @@ result_delivered (ResultDelivery *done)
     }
 }
 
-/* A result for a submission made now, whose callback runs in the calling
- * thread's thread-default context, through @results. */
+/* A result for a call of @source_tag's (a submission with its @item, or an
+ * async wait) made now, whose callback runs in the calling thread's
+ * thread-default context, through @results. */
 KdSubmitResult *
 kd_submit_result_new (KdDispatcher        *dispatcher,
                       KdResultRegistry    *results,
+                      gpointer             source_tag,
                       gpointer             item,
                       GCancellable        *cancellable,
                       GAsyncReadyCallback  callback,
@@ -218,6 +221,7 @@ kd_submit_result_new (KdDispatcher        *dispatcher,
   KdSubmitResult *self = g_object_new (KD_TYPE_SUBMIT_RESULT, NULL);
   GMainContext *context = g_main_context_ref_thread_default ();
 
+  self->source_tag = source_tag;
   self->dispatcher = g_object_ref (dispatcher);
   self->target = result_delivery_take (results, context);
   g_main_context_unref (context);
@@ -299,7 +303,7 @@ deliver (KdTask   *task,
   g_object_unref (self);
 }
 
-/* For kd_dispatcher_submit_finish(). */
+/* For kd_dispatcher_submit_finish() and kd_dispatcher_wait_finish(). */
 gboolean
 kd_submit_result_propagate (KdSubmitResult  *self,
                             GError         **error)

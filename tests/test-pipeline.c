@@ -703,6 +703,96 @@ test_close_drains (void)
   kd_test_hold_clear (&drain.hold);
 }
 
+/* wait_until and wait_async: the barrier with a deadline, and without
+ * blocking. */
+typedef struct
+{
+  gboolean called;
+  gboolean waited;
+  GError  *error;
+  gint     reached;   /* items at the sink when the callback ran */
+  Drain   *drain;
+} PipelineWaited;
+
+static void
+on_pipeline_waited (GObject      *source,
+                    GAsyncResult *result,
+                    gpointer      user_data)
+{
+  PipelineWaited *waited = user_data;
+
+  g_assert_false (waited->called);
+  waited->called = TRUE;
+  waited->waited = kd_pipeline_wait_finish (KD_PIPELINE (source), result, &waited->error);
+  waited->reached = g_atomic_int_get (&waited->drain->reached);
+}
+
+static gboolean
+pipeline_waited_called (gpointer user_data)
+{
+  return ((PipelineWaited *) user_data)->called;
+}
+
+static void
+test_wait_until_and_async (void)
+{
+  GMainContext *context = g_main_context_new ();
+  Drain drain = { 0 };
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *second;
+  GCancellable *cancellable = g_cancellable_new ();
+  PipelineWaited waited = { 0 }, cancelled = { 0 };
+  guint n_items = 20;
+  gint64 end_time;
+  guint i;
+
+  g_test_summary ("A pipeline's wait_until gives up, not early, while an item is held "
+                  "in its first stage; its wait_async completes in the caller's context "
+                  "only once every item reached the sink, and a cancelled one completes "
+                  "with CANCELLED at once");
+
+  g_main_context_push_thread_default (context);
+  ledger_reset (n_items);
+  kd_test_hold_init (&drain.hold);
+  waited.drain = cancelled.drain = &drain;
+  first = kd_pipeline_add_stage (pipeline, "first", 2, drain_first, &drain, NULL);
+  kd_pipeline_set_stage_mode (pipeline, first, KD_STAGE_PARALLEL);
+  kd_dispatcher_set_item_free (first, item_free);
+  second = kd_pipeline_add_stage (pipeline, "second", 2, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (second, item_free);
+  kd_pipeline_set_sink (pipeline, drain_sink, &drain, NULL);
+
+  for (i = 0; i < n_items; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, "k", item_new (i, 0, i), NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&drain.hold, 2));
+
+  end_time = g_get_monotonic_time () + 2 * G_TIME_SPAN_MILLISECOND;
+  g_assert_false (kd_pipeline_wait_until (pipeline, end_time));
+  g_assert_cmpint (g_get_monotonic_time (), >=, end_time);
+
+  kd_pipeline_wait_async (pipeline, NULL, on_pipeline_waited, &waited);
+  kd_pipeline_wait_async (pipeline, cancellable, on_pipeline_waited, &cancelled);
+  g_cancellable_cancel (cancellable);
+  g_assert_true (kd_test_iterate_until (context, pipeline_waited_called, &cancelled));
+  g_assert_error (cancelled.error, G_IO_ERROR, G_IO_ERROR_CANCELLED);
+  g_clear_error (&cancelled.error);
+  g_assert_false (waited.called);
+
+  kd_test_hold_release (&drain.hold);
+  g_assert_true (kd_test_iterate_until (context, pipeline_waited_called, &waited));
+  g_assert_true (waited.waited);
+  g_assert_no_error (waited.error);
+  g_assert_cmpint (waited.reached, ==, n_items);
+  g_assert_true (kd_pipeline_wait_until (pipeline, g_get_monotonic_time () + KD_TEST_DEADLINE_US));
+
+  g_object_unref (pipeline);
+  g_object_unref (cancellable);
+  ledger_check_all_freed_once ();
+  kd_test_hold_clear (&drain.hold);
+  g_main_context_pop_thread_default (context);
+  g_main_context_unref (context);
+}
+
 /* ------------------------------------------------------------------------ */
 /* What an ordered stage's items emit behind the head counts                */
 
@@ -2211,6 +2301,7 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/backpressure", test_backpressure);
   g_test_add_func ("/kd/pipeline/fan-out-filter-fail", test_fan_out_filter_fail);
   g_test_add_func ("/kd/pipeline/close-drains", test_close_drains);
+  g_test_add_func ("/kd/pipeline/wait-until-and-async", test_wait_until_and_async);
   g_test_add_func ("/kd/pipeline/ordered-emit-bounded", test_ordered_emit_bounded);
   g_test_add_func ("/kd/pipeline/ordered-emit-stress", test_ordered_emit_stress);
   g_test_add_func ("/kd/pipeline/ordered-retry-waits-on-worker", test_ordered_retry_waits_on_worker);

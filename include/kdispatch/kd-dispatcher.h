@@ -336,6 +336,18 @@ gboolean      kd_dispatcher_submit_finish    (KdDispatcher   *self,
 KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_wait             (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_wait_until       (KdDispatcher   *self,
+                                              gint64          end_time);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_wait_async       (KdDispatcher        *self,
+                                              GCancellable        *cancellable,
+                                              GAsyncReadyCallback  callback,
+                                              gpointer             user_data);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_wait_finish      (KdDispatcher   *self,
+                                              GAsyncResult   *result,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_close            (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 gboolean      kd_dispatcher_resume_key       (KdDispatcher   *self,

@@ -100,5 +100,17 @@ KD_AVAILABLE_IN_ALL
 void          kd_pipeline_close           (KdPipeline      *self);
 KD_AVAILABLE_IN_ALL
 void          kd_pipeline_wait            (KdPipeline      *self);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_pipeline_wait_until      (KdPipeline      *self,
+                                           gint64           end_time);
+KD_AVAILABLE_IN_ALL
+void          kd_pipeline_wait_async      (KdPipeline          *self,
+                                           GCancellable        *cancellable,
+                                           GAsyncReadyCallback  callback,
+                                           gpointer             user_data);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_pipeline_wait_finish     (KdPipeline      *self,
+                                           GAsyncResult    *result,
+                                           GError         **error);
 
 G_END_DECLS

@@ -111,6 +111,41 @@ def test_async():
     check('async callbacks on the main loop thread', not wrong_thread)
 
 
+def test_wait_async():
+    loop = GLib.MainLoop()
+    gate = threading.Event()
+    ended = []
+    outcome = {}
+
+    def handler(job):
+        if job.get_item() == 0:
+            gate.wait(DEADLINE_S)
+        return True
+
+    def done(job, error):
+        ended.append(job.get_item())
+
+    def on_waited(dispatcher, result, name):
+        outcome[name] = (dispatcher.wait_finish(result), len(ended))
+        if 'all' in outcome:
+            loop.quit()
+
+    dispatcher = Kd.Dispatcher.new(2, handler)
+    dispatcher.set_done_func(done)
+    for i in range(10):
+        dispatcher.submit('k', i)
+    check('wait_until gives up while a job is held',
+          not dispatcher.wait_until(GLib.get_monotonic_time() + 1000))
+    dispatcher.wait_async(None, on_waited, 'all')
+    GLib.idle_add(gate.set)
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    check('wait_async completes after every job ended', outcome.get('all') == (True, 10),
+          str(outcome))
+    check('wait_until succeeds once they have',
+          dispatcher.wait_until(GLib.get_monotonic_time() + DEADLINE_S * 1000000))
+
+
 def test_cancel():
     release = threading.Event()
     started = threading.Event()
@@ -206,6 +241,7 @@ def test_submit_many():
 test_order_and_errors()
 test_submit_many()
 test_async()
+test_wait_async()
 test_cancel()
 gc.collect()
 print('1..%d' % len(results))
