@@ -46,7 +46,7 @@ typedef struct _KdDrainWaiter KdDrainWaiter;
 struct _KdDrainWaiter
 {
   KdDrainWaiter *next;
-  guint64        seq;        /* its epoch; G_MAXUINT64 until it is sealed */
+  guint64        seq;        /* its epoch: the one current at its call */
   KdDrainedFunc  func;
   gpointer       user_data;
 };

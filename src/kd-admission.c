@@ -47,9 +47,11 @@
  * An async waiter (kd_admission_wait_async(), a KdDrainWaiter of the
  * caller's) seals its epoch without sleeping; whoever sees its epoch drain
  * (advance_drained_locked(), in a release) calls its function once the
- * lock is released (unlock_and_notify()). With the ring full, an async
- * waiter waits unsealed, and the first drain that makes room seals one
- * epoch for all such waiters. Once every sealed epoch has drained nobody
+ * lock is released (unlock_and_notify()). A waiter's epoch is the one
+ * current at its call, and any seal of it after the call will do: with
+ * the ring full, a waiter waits until someone sealed it or the ring has
+ * room, and the first drain that makes room seals it for every async
+ * waiter that waits for it. Once every sealed epoch has drained nobody
  * can be waiting, and DRAIN_WAITERS is cleared.
  *
  * Waking sleepers. @flags, read by every release and written only when a
@@ -419,29 +421,33 @@ epoch_has_drained_locked (KdAdmission *self,
   return sum_released_in (self, slot) - self->epoch_base[slot] == self->epoch_jobs[slot];
 }
 
-/* A drain waiter's epoch before it could be sealed (the ring was full). */
-#define UNSEALED G_MAXUINT64
-
 static guint64 seal_locked (KdAdmission *self);
 
 /* With @lock held, after drained_seq moved: the async waiters whose epoch
- * drained move to @notify, for unlock_and_notify(); those not sealed yet
- * share a new epoch if the ring has room now. Returns whether it sealed
- * one (which may have drained already). */
+ * drained move to @notify, for unlock_and_notify(). The waiters that found
+ * the ring full wait for the current epoch: it is sealed once for all of
+ * them if the ring has room now. Returns whether it sealed it (it may have
+ * drained already). */
 static gboolean
 collect_drained_locked (KdAdmission *self)
 {
-  KdDrainWaiter **link = &self->drain_waiters;
-  guint64 seq = UNSEALED;
+  KdDrainWaiter **link;
+  gboolean sealed = FALSE;
 
+  if (self->sealed_seq + 1 - self->drained_seq < KD_ADMISSION_EPOCHS)
+    for (link = &self->drain_waiters; *link != NULL && !sealed; link = &(*link)->next)
+      if ((*link)->seq == self->sealed_seq)
+        {
+          seal_locked (self);
+          sealed = TRUE;
+        }
+
+  link = &self->drain_waiters;
   while (*link != NULL)
     {
       KdDrainWaiter *waiter = *link;
 
-      if (waiter->seq == UNSEALED && self->sealed_seq + 1 - self->drained_seq < KD_ADMISSION_EPOCHS)
-        waiter->seq = seq = (seq == UNSEALED ? seal_locked (self) : seq);
-
-      if (waiter->seq != UNSEALED && waiter->seq < self->drained_seq)
+      if (waiter->seq < self->drained_seq)
         {
           *link = waiter->next;
           waiter->next = self->notify;
@@ -453,7 +459,7 @@ collect_drained_locked (KdAdmission *self)
         }
     }
 
-  return seq != UNSEALED;
+  return sealed;
 }
 
 /* Unlocks @lock, then calls the functions of the async waiters whose epoch
@@ -658,12 +664,12 @@ sleep_until_drained_locked (KdAdmission *self,
     }
 }
 
-/* The slot after the current one is free for a new epoch. */
+/* The epoch @seq has been sealed, or can be: the slot after it is free. */
 static gboolean
-ring_has_room (KdAdmission *self,
-               guint64      seq)
+sealed_or_room (KdAdmission *self,
+                guint64      seq)
 {
-  return self->sealed_seq + 1 - self->drained_seq < KD_ADMISSION_EPOCHS;
+  return self->sealed_seq > seq || self->sealed_seq + 1 - self->drained_seq < KD_ADMISSION_EPOCHS;
 }
 
 /* The epoch @seq and every older one have drained. */
@@ -719,10 +725,15 @@ kd_admission_wait_until (KdAdmission  *self,
   gboolean drained = FALSE;
   guint64 seq;
 
+  /* The units acquired before the call are in the current epoch, @seq:
+   * whoever seals it after the call seals them all. With the ring full,
+   * wait until someone did, or the ring has room for this call to. */
   kd_mutex_lock (&self->lock);
-  if (sleep_until_drained_locked (self, ring_has_room, 0, end_time))
+  seq = self->sealed_seq;
+  if (sleep_until_drained_locked (self, sealed_or_room, seq, end_time))
     {
-      seq = seal_locked (self);
+      if (self->sealed_seq == seq)
+        seal_locked (self);
       unlock_and_notify (self);
 
       if (sealed != NULL)
@@ -760,9 +771,9 @@ kd_admission_wait (KdAdmission  *self,
  * registered, if they have been already. Otherwise @waiter->func runs once
  * later, on whichever thread sees the epoch drain (a releasing one), with
  * no lock held; @waiter must live until then.
- * With KD_ADMISSION_EPOCHS - 1 epochs sealed and not yet drained, the seal
- * waits for the oldest to drain, and then also covers the units acquired
- * meanwhile.
+ * With KD_ADMISSION_EPOCHS - 1 epochs sealed and not yet drained, its
+ * epoch is sealed once the oldest drained (or by another waiter's seal),
+ * and then also holds the units acquired meanwhile.
  */
 gboolean
 kd_admission_wait_async (KdAdmission   *self,
@@ -771,7 +782,11 @@ kd_admission_wait_async (KdAdmission   *self,
   gboolean registered = TRUE;
 
   kd_mutex_lock (&self->lock);
-  waiter->seq = ring_has_room (self, 0) ? seal_locked (self) : UNSEALED;
+  /* The current epoch, as for kd_admission_wait_until(): sealed now, or
+   * by collect_drained_locked() once the ring has room. */
+  waiter->seq = self->sealed_seq;
+  if (sealed_or_room (self, waiter->seq))
+    seal_locked (self);
   waiter->next = self->drain_waiters;
   self->drain_waiters = waiter;
   /* Announce first, then look again (see sleep_until_drained_locked()). */
@@ -779,7 +794,7 @@ kd_admission_wait_async (KdAdmission   *self,
   advance_drained_locked (self);
 
   /* Drained already: not for a release to report. */
-  if (waiter->seq != UNSEALED && waiter->seq < self->drained_seq)
+  if (waiter->seq < self->drained_seq)
     {
       KdDrainWaiter **link = &self->notify;
 

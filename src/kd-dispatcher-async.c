@@ -22,8 +22,8 @@
  *
  * kd_dispatcher_wait_async() is the barrier without a thread: it seals an
  * epoch of the admission as kd_dispatcher_wait() does, and registers a
- * KdDrainWaiter that the release draining that epoch calls, on a worker
- * (kd_admission_wait_async()). Its result is a KdSubmitResult without a
+ * KdDrainWaiter that the release draining that epoch calls, on whichever
+ * thread sees it drain (kd_admission_wait_async()), under no lock. Its result is a KdSubmitResult without a
  * job, delivered like a submission's, in the caller's context, never
  * from the releasing thread (a release may run in that context, under
  * @async_lock). An AsyncWait is shared by the call that set it up, the
@@ -56,9 +56,13 @@ refuse_result (KdDispatcher   *self,
 /* With @async_lock held: admits waiting submissions, first come first
  * served, while there is room. Admitting and queueing under the lock keeps
  * them in call order, hence a key's jobs in order. Once the dispatcher is
- * closed, refuses them all. */
+ * closed, refuses them all. A submission refused because its key is full
+ * leaves its unit in @unreleased (a count per epoch), which the caller
+ * releases once it let go of the lock: a release may end a barrier's epoch
+ * and complete an async wait. */
 static void
-admit_waiting_locked (KdDispatcher *self)
+admit_waiting_locked (KdDispatcher *self,
+                      guint        *unreleased)
 {
   while (self->waiting.length > 0)
     {
@@ -92,22 +96,35 @@ admit_waiting_locked (KdDispatcher *self)
                                    epoch, kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
                                    &error))
         {
-          /* Its key is full. (Not kd_dispatcher_release_unit(): we hold
-           * @async_lock.) */
-          if (kd_admission_release (&self->admission, KD_ADMISSION_ANY_RELEASER, epoch))
-            kd_dispatcher_shutdown_scheduler (self);
+          /* Its key is full. */
+          unreleased[epoch]++;
           refuse_result (self, result, g_steal_pointer (&error));
         }
       __atomic_sub_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
     }
 }
 
+/* Releases what admit_waiting_locked() left in @unreleased. */
+static void
+release_unreleased (KdDispatcher *self,
+                    const guint  *unreleased)
+{
+  guint epoch, i;
+
+  for (epoch = 0; epoch < KD_ADMISSION_EPOCHS; epoch++)
+    for (i = 0; i < unreleased[epoch]; i++)
+      kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
+}
+
 void
 kd_dispatcher_admit_waiting (KdDispatcher *self)
 {
+  guint unreleased[KD_ADMISSION_EPOCHS] = { 0 };
+
   kd_mutex_lock (&self->async_lock);
-  admit_waiting_locked (self);
+  admit_waiting_locked (self, unreleased);
   kd_mutex_unlock (&self->async_lock);
+  release_unreleased (self, unreleased);
 }
 
 void
@@ -216,6 +233,7 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
 {
   KdSubmitResult *result;
   GError *error = NULL;
+  guint unreleased[KD_ADMISSION_EPOCHS] = { 0 };
   guint epoch;
 
   g_return_if_fail (KD_IS_DISPATCHER (self));
@@ -276,8 +294,9 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
     }
   kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
   __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
-  admit_waiting_locked (self);
+  admit_waiting_locked (self, unreleased);
   kd_mutex_unlock (&self->async_lock);
+  release_unreleased (self, unreleased);
   kd_dispatcher_counters_changed (self);
 }
 
@@ -384,8 +403,10 @@ async_wait_cancelled (gpointer user_data)
  * the thread-default main context of the caller once every job accepted
  * before the call has ended (their done callbacks and item-free functions
  * ran; with a main context, their handlers returned). Jobs accepted during
- * or after the call do not delay it. Finish with
- * kd_dispatcher_wait_finish().
+ * or after the call do not delay it, as long as fewer than 31 waits of
+ * this dispatcher (of any kind) are outstanding at once; beyond that, a
+ * wait also covers the jobs accepted until an older wait's jobs ended.
+ * Finish with kd_dispatcher_wait_finish().
  *
  * Cancelling @cancellable before then completes the wait at once with
  * %G_IO_ERROR_CANCELLED; the jobs go on as before. Unlike

@@ -89,11 +89,10 @@
  *  - @async_lock is held while a waiting submission is admitted or
  *    refused: its job is queued (a shard's lock, the scheduler's), its
  *    result is queued (a delivery's), it is counted (the notifier's, and
- *    @start_lock for the first count), a unit it gives back may wake
- *    blocked submitters (the admission's), and if its unit was the last of a
- *    closed dispatcher, the dispatcher stops, which closes a pipeline's
- *    next stage (that stage's @async_lock: stages nest in pipeline order
- *    only). It is taken under no lock but an earlier stage's @async_lock.
+ *    @start_lock for the first count). A unit it gives back is released
+ *    once the lock is let go: a release may wake submitters and waiters,
+ *    complete an async wait, or stop the dispatcher and so close a
+ *    pipeline's next stage. @async_lock is taken under no other lock.
  *
  * cancel() runs in the thread that cancels, under no lock (see
  * kd-cancel-watch.c). Unparking an empty parked key there frees its key
@@ -1411,7 +1410,9 @@ kd_dispatcher_submit_many_timeout (KdDispatcher       *self,
  * handler returned; the deliveries follow when the context is iterated).
  * Jobs submitted by other threads during the call do not delay it (but for
  * a submit that was blocked on its key's bound before the call, see
- * kd_dispatcher_set_key_capacity()). It can be called any number of times:
+ * kd_dispatcher_set_key_capacity(); and with 31 waits or more of this
+ * dispatcher outstanding at once, a wait also covers the jobs accepted
+ * until an older wait's jobs ended). It can be called any number of times:
  * batch, wait, next batch.
  *
  * If the dispatcher is closed and nothing is pending when the wait ends,

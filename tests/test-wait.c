@@ -355,6 +355,114 @@ test_async_many (void)
   g_main_context_unref (context);
 }
 
+/* Items that end one at a time, as the test lets them: item i waits
+ * until @released reached i. */
+typedef struct
+{
+  KdTestCounter released;
+  KdTestCounter ended;
+} LockStep;
+
+static gboolean
+lock_step_handler (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  LockStep *step = user_data;
+
+  g_assert_true (kd_test_counter_wait (&step->released,
+                                       GPOINTER_TO_UINT (kd_job_get_item (job))));
+  return TRUE;
+}
+
+static void
+lock_step_done (KdJob        *job,
+                const GError *error,
+                gpointer      user_data)
+{
+  kd_test_counter_add (&((LockStep *) user_data)->ended, 1);
+}
+
+/* An async wait in the lock step: when its callback ran, how many items
+ * had ended. */
+typedef struct
+{
+  LockStep *step;
+  gint      ended_then;   /* -1 until called */
+} StepWait;
+
+static void
+on_step_waited (GObject      *source,
+                GAsyncResult *result,
+                gpointer      user_data)
+{
+  StepWait *wait = user_data;
+
+  g_assert_true (kd_dispatcher_wait_finish (KD_DISPATCHER (source), result, NULL));
+  g_assert_cmpint (wait->ended_then, ==, -1);
+  wait->ended_then = kd_test_counter_get (&wait->step->ended);
+}
+
+#define STEP_ITEMS 80
+
+static gboolean
+all_steps_called (gpointer user_data)
+{
+  StepWait *waits = user_data;
+  guint i;
+
+  for (i = 0; i < STEP_ITEMS; i++)
+    if (waits[i].ended_then < 0)
+      return FALSE;
+  return TRUE;
+}
+
+static void
+test_async_never_early (void)
+{
+  GMainContext *context = g_main_context_new ();
+  LockStep step;
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, lock_step_handler, &step, NULL);
+  StepWait waits[STEP_ITEMS];
+  guint i;
+
+  g_test_summary ("Eighty async waits, each after one more item of one key, more than the "
+                  "admission has epochs, with the items ending one at a time: no wait "
+                  "completes before every item accepted before it ended, and all complete");
+
+  g_main_context_push_thread_default (context);
+  kd_test_counter_init (&step.released);
+  kd_test_counter_init (&step.ended);
+  kd_dispatcher_set_capacity (dispatcher, 2 * STEP_ITEMS);
+  kd_dispatcher_set_done_func (dispatcher, lock_step_done, &step, NULL);
+
+  for (i = 0; i < STEP_ITEMS; i++)
+    {
+      g_assert_true (kd_dispatcher_submit (dispatcher, "k", GUINT_TO_POINTER (i + 1), NULL));
+      waits[i].step = &step;
+      waits[i].ended_then = -1;
+      kd_dispatcher_wait_async (dispatcher, NULL, on_step_waited, &waits[i]);
+    }
+
+  for (i = 1; i <= STEP_ITEMS; i++)
+    {
+      kd_test_counter_add (&step.released, 1);
+      g_assert_true (kd_test_counter_wait (&step.ended, i));
+      while (g_main_context_iteration (context, FALSE))
+        ;
+    }
+  g_assert_true (kd_test_iterate_until (context, all_steps_called, waits));
+  for (i = 0; i < STEP_ITEMS; i++)
+    g_assert_cmpint (waits[i].ended_then, >=, (gint) i + 1);
+
+  kd_dispatcher_wait (dispatcher);
+  g_object_unref (dispatcher);
+  kd_test_counter_clear (&step.released);
+  kd_test_counter_clear (&step.ended);
+  g_main_context_pop_thread_default (context);
+  g_main_context_unref (context);
+}
+
 static void
 on_finalized (gpointer  user_data,
               GObject  *where_the_object_was)
@@ -407,6 +515,7 @@ main (int    argc,
   g_test_add_func ("/kd/wait/async-not-delayed", test_async_not_delayed);
   g_test_add_func ("/kd/wait/async-cancel", test_async_cancel);
   g_test_add_func ("/kd/wait/async-many", test_async_many);
+  g_test_add_func ("/kd/wait/async-never-early", test_async_never_early);
   g_test_add_func ("/kd/wait/async-holds-dispatcher", test_async_holds_dispatcher);
 
   return g_test_run ();
