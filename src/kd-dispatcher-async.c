@@ -369,7 +369,7 @@ async_wait_complete (AsyncWait *wait,
     g_clear_error (&error);
 }
 
-/* The waiter's epoch drained: on the releasing thread, or in the setup. */
+/* The waiter's epoch drained: on the thread that saw it drain. */
 static void
 async_wait_drained (gpointer user_data)
 {
@@ -437,8 +437,14 @@ kd_dispatcher_wait_async (KdDispatcher        *self,
   wait->ref_count = 2;
 
   if (!kd_admission_wait_async (&self->admission, &wait->waiter))
-    async_wait_drained (wait);
-  else if (cancellable != NULL)
+    {
+      /* Drained already, and never registered: nobody else has it. */
+      kd_submit_result_complete (g_steal_pointer (&wait->result), NULL);
+      g_free (wait);
+      return;
+    }
+
+  if (cancellable != NULL)
     wait->watch = kd_cancel_watch_new (cancellable, async_wait_cancelled, wait);
   async_wait_unref (wait);
 }
