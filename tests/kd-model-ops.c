@@ -480,21 +480,17 @@ kd_model_submit_one (ModelThread *thread,
   run_submits (thread, &op, HOW_SUBMIT);
 }
 
-static gboolean
-run_wait (ModelThread     *thread,
-          const KdModelOp *op,
-          guint            variant)
+/* After a barrier called at tick @called held at tick @held: every item
+ * accepted before the call has ended. */
+static void
+check_waited (ModelThread *thread,
+              gint         called,
+              gint         held)
 {
   KdModel *model = thread->model;
   const KdModelProgram *program = model->program;
-  gint called, returned;
   guint i;
 
-  called = kd_model_tick (model);
-  kd_dispatcher_wait (thread->dispatcher);
-  returned = kd_model_tick (model);
-
-  /* Every item accepted before the call has ended. */
   for (i = 0; i < model->n_items; i++)
     {
       KdModelItem *item = &model->items[i];
@@ -509,29 +505,132 @@ run_wait (ModelThread     *thread,
                       ((guint) g_atomic_int_get (&item->handler_runs) > item->fail_attempts ||
                        kd_model_item_failed (model, item) ||
                        g_atomic_int_get (&model->cancel_started) != 0),
-               "item %u: its handler still runs or will run again after wait returned",
+               "item %u: its handler still runs or will run again after a wait held",
                item->id);
       else
         {
           cancel_started = g_atomic_int_get (&model->cancel_started);
-          CHECK (model, (cancel_started != 0 && cancel_started < returned) ||
+          CHECK (model, (cancel_started != 0 && cancel_started < held) ||
                         (item->key < model->n_keys &&
                          g_atomic_int_get (&model->key_drops[item->key]) != 0),
-                 "item %u: accepted before wait, not run when it returned, and not cancelled "
+                 "item %u: accepted before a wait, not run when it held, and not cancelled "
                  "or dropped", item->id);
         }
 
       if (program->context_mode == KD_MODEL_CONTEXT_NONE)
         {
           CHECK (model, g_atomic_int_get (&item->free_calls) == 1,
-                 "item %u: accepted before wait, not freed when it returned", item->id);
+                 "item %u: accepted before a wait, not freed when it held", item->id);
           if (!program->no_done)
             CHECK (model, g_atomic_int_get (&item->done_calls) == 1,
-                   "item %u: accepted before wait, no done callback when it returned", item->id);
+                   "item %u: accepted before a wait, no done callback when it held", item->id);
         }
     }
+}
+
+static gboolean
+run_wait (ModelThread     *thread,
+          const KdModelOp *op,
+          guint            variant)
+{
+  KdModel *model = thread->model;
+  gint called;
+
+  called = kd_model_tick (model);
+  kd_dispatcher_wait (thread->dispatcher);
+  check_waited (thread, called, kd_model_tick (model));
 
   return TRUE;
+}
+
+/* wait_until with a timeout class: it holds (and then as wait does), or it
+ * gave up no earlier than its end time. */
+static gboolean
+run_wait_until (ModelThread     *thread,
+                const KdModelOp *op,
+                guint            variant)
+{
+  KdModel *model = thread->model;
+  gint64 end_time = g_get_monotonic_time () + timeouts_us[op->arg];
+  gint called = kd_model_tick (model);
+
+  if (kd_dispatcher_wait_until (thread->dispatcher, end_time))
+    check_waited (thread, called, kd_model_tick (model));
+  else
+    CHECK (model, g_get_monotonic_time () >= end_time,
+           "wait_until gave up before its end time");
+
+  return TRUE;
+}
+
+static gboolean
+decode_wait_until (Reader         *reader,
+                   KdModelProgram *program,
+                   KdModelOp      *op)
+{
+  op->arg = read_byte (reader) % G_N_ELEMENTS (timeouts_us);
+  return TRUE;
+}
+
+static void
+describe_wait_until (GString              *out,
+                     const KdModelProgram *program,
+                     const KdModelOp      *op)
+{
+  g_string_append_printf (out, " timeout=%" G_GINT64_FORMAT "us", timeouts_us[op->arg]);
+}
+
+/* What an async wait's callback is given. */
+typedef struct
+{
+  ModelThread *thread;
+  gint         called;
+} WaitCall;
+
+static void
+wait_async_done (GObject      *source,
+                 GAsyncResult *result,
+                 gpointer      user_data)
+{
+  WaitCall *call = user_data;
+  ModelThread *thread = call->thread;
+  KdModel *model = thread->model;
+  GError *error = NULL;
+
+  CHECK (model, thread->thread == g_thread_self () && thread->async_pending > 0,
+         "an async wait's callback ran on another thread");
+  thread->async_pending--;
+  CHECK (model, kd_dispatcher_wait_finish (KD_DISPATCHER (source), result, &error),
+         "an async wait failed: %s", error != NULL ? error->message : "no error");
+  g_clear_error (&error);
+  check_waited (thread, call->called, kd_model_tick (model));
+  g_free (call);
+}
+
+static gboolean
+run_wait_async (ModelThread     *thread,
+                const KdModelOp *op,
+                guint            variant)
+{
+  WaitCall *call = g_new (WaitCall, 1);
+
+  call->thread = thread;
+  call->called = kd_model_tick (thread->model);
+  thread->async_pending++;
+  kd_dispatcher_wait_async (thread->dispatcher, NULL, wait_async_done, call);
+
+  return TRUE;
+}
+
+/* As for async submissions: a parked key's or a huge retry's jobs could
+ * keep the wait for ever, and so could the ITERATE op's context. */
+static gboolean
+decode_wait_async (Reader         *reader,
+                   KdModelProgram *program,
+                   KdModelOp      *op)
+{
+  return !(program->park || program->retry_huge ||
+           program->context_mode == KD_MODEL_CONTEXT_ITERATE);
 }
 
 static gboolean
@@ -716,7 +815,7 @@ run_parked (ModelThread     *thread,
  * op with probability weight/256. Close, cancel and unref are rare: each
  * ends the interesting part of a run. */
 static const OpClass op_table[] = {
-  { "submit",         48, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "submit",         42, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
   { "submit_async",   24, decode_async_submit,   run_async_submits, describe_submit,   HOW_ASYNC },
   { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
   { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
@@ -733,6 +832,8 @@ static const OpClass op_table[] = {
   { "try_submit_many", 4, decode_submit,         run_batch,   describe_submit,         HOW_TRY_MANY },
   { "submit_many_timeout", 4, decode_submit_timeout, run_batch, describe_submit_timeout,
     HOW_TIMEOUT_MANY },
+  { "wait_until",      3, decode_wait_until,     run_wait_until, describe_wait_until,   0 },
+  { "wait_async",      3, decode_wait_async,     run_wait_async, NULL,                  0 },
 };
 
 /* Whether @op submits its burst in one batch: its items' keys then

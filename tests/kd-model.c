@@ -28,9 +28,12 @@
  *  - a refused submit returns FALSE with an error of the right code for the
  *    call (submit: CLOSED; try_submit: FULL or CLOSED; submit_timeout:
  *    TIMEOUT or CLOSED) and the item stays the caller's;
- *  - when wait() returns, every item accepted before it was called (by any
- *    thread: its submit returned before the wait began) has ended: its done
- *    callback and item_free ran, or with a main context its handler is over;
+ *  - when wait() returns (or wait_until() returns TRUE, or wait_async()'s
+ *    callback runs in the thread's context), every item accepted before it
+ *    was called (by any thread: its submit returned before the wait began)
+ *    has ended: its done callback and item_free ran, or with a main context
+ *    its handler is over; a wait_until() that gives up does so no earlier
+ *    than its end time;
  *  - every stats snapshot: submitted == completed + failed + cancelled +
  *    pending, counters that only grow, at least the calling thread's own
  *    accepted and refused submits;
