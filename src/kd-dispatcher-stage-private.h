@@ -62,6 +62,7 @@ gboolean kd_dispatcher_emit_job         (KdJob              *job,
 gpointer kd_dispatcher_get_worker_data  (KdDispatcher       *self);
 /* kd-dispatcher.c */
 gboolean kd_dispatcher_runs_here        (KdDispatcher       *self);
+GMainContext *kd_dispatcher_dispatching_here (KdDispatcher  *self);
 void     kd_dispatcher_wait_sealed      (KdDispatcher       *self,
                                          KdSealedFunc        sealed,
                                          gpointer            user_data);

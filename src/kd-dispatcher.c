@@ -975,8 +975,8 @@ finish_shutdown (GObject *object)
 
 /* The main context whose dispatch of our delivery or our counters' notify
  * runs on this thread, if any. */
-static GMainContext *
-dispatching_here (KdDispatcher *self)
+GMainContext *
+kd_dispatcher_dispatching_here (KdDispatcher *self)
 {
   if (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery))
     return self->context;
@@ -994,7 +994,8 @@ kd_dispatcher_dispose (GObject *object)
   KdDispatcher *self = KD_DISPATCHER (object);
 
   kd_shutdown_dispose (&self->shutdown, object, kd_dispatcher_runs_here (self),
-                       dispatching_here (self), close_for_shutdown, finish_shutdown);
+                       kd_dispatcher_dispatching_here (self), close_for_shutdown,
+                       finish_shutdown);
 
   G_OBJECT_CLASS (kd_dispatcher_parent_class)->dispose (object);
 }

@@ -409,6 +409,21 @@ runs_on_a_stage (KdPipeline *self)
   return FALSE;
 }
 
+/* The main context whose dispatch of a stage's done callbacks (or
+ * counters' notify) runs on this thread, if any: a last unref there must
+ * not wait for the stages (see kd-shutdown.c). */
+static GMainContext *
+dispatching_for_a_stage (KdPipeline *self)
+{
+  GMainContext *context = NULL;
+  guint i;
+
+  for (i = 0; i < self->stages->len && context == NULL; i++)
+    context = kd_dispatcher_dispatching_here (stage_at (self, i)->dispatcher);
+
+  return context;
+}
+
 static void
 close_for_shutdown (GObject *object)
 {
@@ -433,7 +448,8 @@ kd_pipeline_dispose (GObject *object)
 
   /* On one of our own threads, which cannot wait for itself, the shutdown
    * finishes later (see kd-shutdown.c). */
-  kd_shutdown_dispose (&self->shutdown, object, runs_on_a_stage (self), NULL,
+  kd_shutdown_dispose (&self->shutdown, object, runs_on_a_stage (self),
+                       dispatching_for_a_stage (self),
                        close_for_shutdown, finish_shutdown);
 
   G_OBJECT_CLASS (kd_pipeline_parent_class)->dispose (object);

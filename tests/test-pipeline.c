@@ -1271,6 +1271,106 @@ test_hand_back_on_context (void)
   g_main_context_unref (context);
 }
 
+/* The last reference to a pipeline goes in a stage's done callback, in
+ * that stage's main context, while an item is still held in the first
+ * stage. */
+typedef struct
+{
+  KdTestHold  hold;          /* item 0, in the first stage */
+  KdPipeline *pipeline;      /* the test's reference, dropped in the callback */
+  gboolean    unref_returned;
+  KdTestGate  finished;      /* the sink's data freed: the shutdown finished */
+} LastUnref;
+
+static gboolean
+last_unref_first (KdJob    *job,
+                  gpointer  user_data,
+                  GError  **error)
+{
+  LastUnref *lu = user_data;
+  Item *item = kd_job_get_item (job);
+
+  if (item->id == 0)
+    g_assert_true (kd_test_hold_enter (&lu->hold));
+  return kd_job_emit (job, kd_job_get_key (job), item, error);
+}
+
+static void
+last_unref_done (KdJob        *job,
+                 const GError *error,
+                 gpointer      user_data)
+{
+  LastUnref *lu = user_data;
+
+  if (lu->pipeline != NULL)
+    {
+      g_clear_object (&lu->pipeline);
+      lu->unref_returned = TRUE;
+    }
+}
+
+static void
+last_unref_finished (gpointer user_data)
+{
+  kd_test_gate_open (user_data);
+}
+
+static void
+last_unref_sink (const char *key,
+                 gpointer    data,
+                 gpointer    user_data)
+{
+  item_free (data);
+}
+
+static gboolean
+last_unref_returned (gpointer user_data)
+{
+  return ((LastUnref *) user_data)->unref_returned;
+}
+
+static void
+test_last_unref_in_stage_context (void)
+{
+  GMainContext *context = g_main_context_new ();
+  LastUnref lu = { 0 };
+  KdDispatcher *first, *second;
+
+  g_test_summary ("The pipeline's last unref in a stage's done callback, in that stage's "
+                  "main context, returns at once while an item is still held: the "
+                  "shutdown finishes elsewhere, and every item still reaches the sink");
+
+  ledger_reset (2);
+  kd_test_hold_init (&lu.hold);
+  kd_test_gate_init (&lu.finished);
+  lu.pipeline = kd_pipeline_new ();
+  first = kd_pipeline_add_stage (lu.pipeline, "first", 2, last_unref_first, &lu, NULL);
+  kd_pipeline_set_stage_mode (lu.pipeline, first, KD_STAGE_PARALLEL);
+  kd_dispatcher_set_item_free (first, item_free);
+  second = kd_pipeline_add_stage (lu.pipeline, "second", 1, pass_handler, NULL, NULL);
+  kd_dispatcher_set_item_free (second, item_free);
+  kd_dispatcher_set_main_context (second, context);
+  kd_dispatcher_set_done_func (second, last_unref_done, &lu, NULL);
+  kd_pipeline_set_sink (lu.pipeline, last_unref_sink, &lu.finished, last_unref_finished);
+
+  g_assert_true (kd_pipeline_submit (lu.pipeline, "a", item_new (0, 0, 0), NULL));
+  g_assert_true (kd_pipeline_submit (lu.pipeline, "b", item_new (1, 1, 0), NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&lu.hold, 1));
+
+  /* Item 1's done callback drops the last reference; item 0 is held until
+   * the iteration that ran it returns. */
+  g_assert_true (kd_test_iterate_until (context, last_unref_returned, &lu));
+  g_assert_false (kd_test_gate_wait_for (&lu.finished, 0));
+
+  kd_test_hold_release (&lu.hold);
+  g_assert_true (kd_test_gate_wait (&lu.finished));
+  ledger_check_all_freed_once ();
+
+  kd_test_hold_clear (&lu.hold);
+  kd_test_gate_clear (&lu.finished);
+  g_main_context_unref (context);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Cancel at random moments                                                 */
 
@@ -2301,6 +2401,7 @@ main (int    argc,
   g_test_add_func ("/kd/pipeline/backpressure", test_backpressure);
   g_test_add_func ("/kd/pipeline/fan-out-filter-fail", test_fan_out_filter_fail);
   g_test_add_func ("/kd/pipeline/close-drains", test_close_drains);
+  g_test_add_func ("/kd/pipeline/last-unref-in-stage-context", test_last_unref_in_stage_context);
   g_test_add_func ("/kd/pipeline/wait-until-and-async", test_wait_until_and_async);
   g_test_add_func ("/kd/pipeline/ordered-emit-bounded", test_ordered_emit_bounded);
   g_test_add_func ("/kd/pipeline/ordered-emit-stress", test_ordered_emit_stress);
