@@ -37,16 +37,21 @@
 
 #include "kd-dispatcher-internal.h"
 #include "kd-error.h"
+#include "kd-group-private.h"
 
 /* A submission that was never accepted: its callback sees @error
  * (transfer full; NULL for KD_ERROR_CLOSED) and the item is still the
- * caller's. */
+ * caller's. It counts as refused in its group too. */
 static void
 refuse_result (KdDispatcher   *self,
                KdSubmitResult *result,
                GError         *error)
 {
+  KdGroup *group = kd_submit_result_get_group (result);
+
   kd_dispatcher_count_rejected (self);
+  if (group != NULL)
+    kd_group_count_rejected (group);
   if (error == NULL)
     error = g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
                                  "The dispatcher was closed before the submission was accepted");
@@ -92,8 +97,9 @@ admit_waiting_locked (KdDispatcher *self,
        * the thread that made this one must not overtake it. */
       kd_task_list_take (&self->waiting, 1, &n, &last);
       key = kd_submit_result_get_key (result);
-      if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, kd_submit_result_get_item (result),
-                                   epoch, kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
+      if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, kd_submit_result_get_group (result),
+                                   kd_submit_result_get_item (result), epoch,
+                                   kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
                                    &error))
         {
           /* Its key is full. */
@@ -184,6 +190,76 @@ kd_dispatcher_get_max_waiting (KdDispatcher *self)
   return self->max_waiting != 0 ? self->max_waiting : self->admission.capacity;
 }
 
+/* kd_dispatcher_submit_async() and a group's: admits @result's submission
+ * at once, or queues it behind those waiting for room, or refuses it. */
+static void
+submit_async (KdDispatcher   *self,
+              const char     *key,
+              gpointer        item,
+              KdSubmitResult *result)
+{
+  GError *error = NULL;
+  guint unreleased[KD_ADMISSION_EPOCHS] = { 0 };
+  guint epoch;
+
+  if (G_UNLIKELY (!kd_dispatcher_ensure_started (self, &error)))
+    {
+      refuse_result (self, result, g_steal_pointer (&error));
+      return;
+    }
+
+  /* Nobody waits: straight in if there is room. */
+  kd_dispatcher_refuse_if_cancelled (self);
+  if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) == 0)
+    {
+      if (kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
+        {
+          KdKeyBound bound;
+
+          /* A full key does not wait: the submission is refused. */
+          if (!kd_dispatcher_push_job (self, key, NULL, NULL, result,
+                                       kd_submit_result_get_group (result), item, epoch,
+                                       kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
+                                       &error))
+            {
+              kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
+              refuse_result (self, result, g_steal_pointer (&error));
+            }
+          return;
+        }
+      if (kd_admission_is_closed (&self->admission))
+        {
+          refuse_result (self, result, NULL);
+          return;
+        }
+    }
+
+  /* Behind those who wait, if there is room among them. Counted before
+   * looking for room again: a unit released meanwhile either is seen here
+   * or sees this submission (see kd_dispatcher_release_unit()). */
+  kd_submit_result_keep_key (result, key);
+  kd_mutex_lock (&self->async_lock);
+  if (self->waiting.length >= kd_dispatcher_get_max_waiting (self))
+    {
+      kd_mutex_unlock (&self->async_lock);
+      /* Closed before full, as for any submit. */
+      refuse_result (self, result,
+                     kd_admission_is_closed (&self->admission)
+                       ? NULL
+                       : g_error_new (KD_ERROR, KD_ERROR_FULL,
+                                      "%u async submissions already wait for room (see "
+                                      "kd_dispatcher_set_max_waiting())",
+                                      kd_dispatcher_get_max_waiting (self)));
+      return;
+    }
+  kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
+  __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
+  admit_waiting_locked (self, unreleased);
+  kd_mutex_unlock (&self->async_lock);
+  release_unreleased (self, unreleased);
+  kd_dispatcher_counters_changed (self);
+}
+
 /**
  * kd_dispatcher_submit_async:
  * @self: a dispatcher
@@ -231,73 +307,56 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
                             GAsyncReadyCallback  callback,
                             gpointer             user_data)
 {
-  KdSubmitResult *result;
-  GError *error = NULL;
-  guint unreleased[KD_ADMISSION_EPOCHS] = { 0 };
-  guint epoch;
-
   g_return_if_fail (KD_IS_DISPATCHER (self));
   g_return_if_fail (self->handler != NULL);
   g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
 
-  result = kd_submit_result_new (self, self->results, KD_SUBMIT_RESULT_TAG, item, cancellable,
-                                 callback, user_data);
+  submit_async (self, key, item,
+                kd_submit_result_new (self, self->results, KD_SUBMIT_RESULT_TAG, item, cancellable,
+                                      callback, user_data));
+}
 
-  if (G_UNLIKELY (!kd_dispatcher_ensure_started (self, &error)))
-    {
-      refuse_result (self, result, g_steal_pointer (&error));
-      return;
-    }
+/* A result for a call made on @group, delivered through the dispatcher's
+ * registry (so a group's results and the dispatcher's share their
+ * caller's FIFO). */
+KdSubmitResult *
+kd_dispatcher_new_group_result (KdDispatcher        *self,
+                                KdGroup             *group,
+                                gpointer             source_tag,
+                                gpointer             item,
+                                GCancellable        *cancellable,
+                                GAsyncReadyCallback  callback,
+                                gpointer             user_data)
+{
+  KdSubmitResult *result = kd_submit_result_new (self, self->results, source_tag, item, cancellable,
+                                                 callback, user_data);
 
-  /* Nobody waits: straight in if there is room. */
-  kd_dispatcher_refuse_if_cancelled (self);
-  if (__atomic_load_n (&self->n_waiting, __ATOMIC_SEQ_CST) == 0)
-    {
-      if (kd_admission_acquire (&self->admission, KD_ADMIT_TRY, 0, &epoch, NULL))
-        {
-          KdKeyBound bound;
+  kd_submit_result_set_group (result, group);
+  return result;
+}
 
-          /* A full key does not wait: the submission is refused. */
-          if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, item, epoch,
-                                       kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
-                                       &error))
-            {
-              kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
-              refuse_result (self, result, g_steal_pointer (&error));
-            }
-          return;
-        }
-      if (kd_admission_is_closed (&self->admission))
-        {
-          refuse_result (self, result, NULL);
-          return;
-        }
-    }
+/* kd_group_submit_async(): a submission whose job is @group's. A
+ * cancelled group refuses it, counted as any refusal. */
+void
+kd_dispatcher_submit_async_in_group (KdDispatcher        *self,
+                                     KdGroup             *group,
+                                     const char          *key,
+                                     gpointer             item,
+                                     GCancellable        *cancellable,
+                                     GAsyncReadyCallback  callback,
+                                     gpointer             user_data)
+{
+  KdSubmitResult *result;
+  GError *error = NULL;
 
-  /* Behind those who wait, if there is room among them. Counted before
-   * looking for room again: a unit released meanwhile either is seen here
-   * or sees this submission (see kd_dispatcher_release_unit()). */
-  kd_submit_result_keep_key (result, key);
-  kd_mutex_lock (&self->async_lock);
-  if (self->waiting.length >= kd_dispatcher_get_max_waiting (self))
-    {
-      kd_mutex_unlock (&self->async_lock);
-      /* Closed before full, as for any submit. */
-      refuse_result (self, result,
-                     kd_admission_is_closed (&self->admission)
-                       ? NULL
-                       : g_error_new (KD_ERROR, KD_ERROR_FULL,
-                                      "%u async submissions already wait for room (see "
-                                      "kd_dispatcher_set_max_waiting())",
-                                      kd_dispatcher_get_max_waiting (self)));
-      return;
-    }
-  kd_task_list_push (&self->waiting, kd_submit_result_get_task (result));
-  __atomic_add_fetch (&self->n_waiting, 1, __ATOMIC_SEQ_CST);
-  admit_waiting_locked (self, unreleased);
-  kd_mutex_unlock (&self->async_lock);
-  release_unreleased (self, unreleased);
-  kd_dispatcher_counters_changed (self);
+  g_return_if_fail (self->handler != NULL);
+
+  result = kd_dispatcher_new_group_result (self, group, KD_GROUP_SUBMIT_TAG, item, cancellable,
+                                           callback, user_data);
+  if (!kd_group_check_open (group, &error))
+    refuse_result (self, result, g_steal_pointer (&error));
+  else
+    submit_async (self, key, item, result);
 }
 
 /**
@@ -353,29 +412,15 @@ async_wait_unref (AsyncWait *wait)
   g_free (wait);
 }
 
-/* Completes the result with @error (transfer full; NULL: the jobs ended),
- * unless the drain or the cancellation did already. The result goes
- * through the delivery of the caller's context, never straight from here
- * (a release may run in that context, under @async_lock). */
-static void
-async_wait_complete (AsyncWait *wait,
-                     GError    *error)
-{
-  KdSubmitResult *result = g_atomic_pointer_exchange (&wait->result, NULL);
-
-  if (result != NULL)
-    kd_submit_result_complete (result, error);
-  else
-    g_clear_error (&error);
-}
-
-/* The waiter's epoch drained: on the thread that saw it drain. */
+/* The waiter's epoch drained: on the thread that saw it drain. The result
+ * goes through the delivery of the caller's context, never straight from
+ * here (a release may run in that context, under @async_lock). */
 static void
 async_wait_drained (gpointer user_data)
 {
   AsyncWait *wait = user_data;
 
-  async_wait_complete (wait, NULL);
+  kd_submit_result_complete_once (&wait->result, NULL);
   async_wait_unref (wait);
 }
 
@@ -386,7 +431,10 @@ async_wait_drained (gpointer user_data)
 static void
 async_wait_cancelled (gpointer user_data)
 {
-  async_wait_complete (user_data, g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+  AsyncWait *wait = user_data;
+
+  kd_submit_result_complete_once (&wait->result,
+                                  g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
                                                        "The wait was cancelled"));
 }
 

@@ -15,6 +15,9 @@
  *                               waiting FIFO; kd_dispatcher_wait_async()
  *   kd-dispatcher-stage.c       what a pipeline reaches of a stage
  *                               (kd-dispatcher-stage-private.h)
+ *
+ * The submits of a KdGroup (kd-group.c) come in through its own door, in
+ * kd-dispatcher.c and kd-dispatcher-async.c (kd-group-private.h).
  */
 
 #pragma once
@@ -195,6 +198,7 @@ gboolean    kd_dispatcher_push_job            (KdDispatcher      *self,
                                                char              *label,
                                                gpointer           ticket,
                                                KdSubmitResult    *result,
+                                               KdGroup           *group,
                                                gpointer           item,
                                                guint              epoch,
                                                const KdKeyBound  *bound,

@@ -52,7 +52,8 @@ kd_dispatcher_push_admitted (KdDispatcher *self,
                              guint         epoch)
 {
   /* A stage's key bound does not apply to what the stage before emits. */
-  kd_dispatcher_push_job (self, keyed ? label : NULL, label, ticket, NULL, item, epoch, NULL, NULL);
+  kd_dispatcher_push_job (self, keyed ? label : NULL, label, ticket, NULL, NULL, item, epoch, NULL,
+                          NULL);
 }
 
 /* ...or the unit given back: the submit is refused after all (counted as

@@ -39,6 +39,10 @@
  *    Running handlers see the cancellable cancelled at once.
  *  - Once the dispatcher is closed and nothing is pending, the workers exit;
  *    wait() and the last unref join them.
+ *  - A job submitted through a KdGroup is a job like any other that also
+ *    tells its group (kd-group-private.h) when it is about to be queued and
+ *    when it ended, and ends cancelled, as workers reach it, if its group
+ *    was cancelled before it started.
  *
  * The life of a keyed job: submit acquires a unit of admission, and the key
  * table appends the job to the key's mailbox under the key's shard lock,
@@ -106,6 +110,7 @@
 
 #include "kd-dispatcher-internal.h"
 #include "kd-error.h"
+#include "kd-group-private.h"
 #include "kd-trace-private.h"
 
 /* The most jobs of one key a worker runs before other tasks go first. */
@@ -265,6 +270,7 @@ run_job (KdDispatcher  *self,
          guint          n_behind)
 {
   KdMailbox *mailbox = job->mailbox;
+  KdGroup *group = job->group;
   JobOutcome outcome = JOB_ENDED;
   gboolean parked = FALSE;
   GError *error = NULL;
@@ -286,6 +292,15 @@ run_job (KdDispatcher  *self,
     {
       error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
                                    "The submission was cancelled before the job ran");
+      counter = &stats->cancelled;
+    }
+  else if (G_UNLIKELY (group != NULL && kd_group_is_cancelled (group)))
+    {
+      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+                                   job->attempt == 0
+                                     ? "The job's group was cancelled before it ran"
+                                     : "The job's group was cancelled while the job waited "
+                                       "for a retry");
       counter = &stats->cancelled;
     }
   else if (G_UNLIKELY (job->dropped))
@@ -335,6 +350,8 @@ run_job (KdDispatcher  *self,
              counter == &stats->completed ? 0 : counter == &stats->failed ? 1 : 2);
   if (self->stage_hooks.ended != NULL)
     self->stage_hooks.ended (job, self->stage_data);
+  if (G_UNLIKELY (group != NULL && error != NULL))
+    kd_group_note_error (group, error);
 
   if (self->delivery != NULL)
     {
@@ -349,6 +366,12 @@ run_job (KdDispatcher  *self,
       finish_job (self, job, error);
       kd_dispatcher_count_ended (counter);
     }
+
+  /* The job's reference to its group goes last. */
+  if (G_UNLIKELY (group != NULL))
+    kd_group_job_ended (group, counter == &stats->completed ? KD_GROUP_COMPLETED
+                               : counter == &stats->failed ? KD_GROUP_FAILED
+                               : KD_GROUP_CANCELLED);
 
   /* Before the mailbox can be reaped: its count must be right if a
    * producer revives it. */
@@ -639,8 +662,8 @@ admit_job (KdDispatcher  *self,
 
 /* The second half: queues @item as a job holding the unit admit_job() took
  * in @epoch, after waiting for room in its key if there is a per-key
- * @bound. FALSE with @error set if it gave up waiting: nothing was queued
- * and the caller still holds the unit. @label (transfer full) (nullable):
+ * @bound, and counts it in its @group, if any. FALSE with @error set if it
+ * gave up waiting: nothing was queued and the caller still holds the unit. @label (transfer full) (nullable):
  * a kd_label_new() label the job keeps for a pipeline: for an unkeyed job,
  * the key it carries without being ordered by it; for a keyed job, a copy
  * of @key that the job's handler can pass on without copying it again.
@@ -651,6 +674,7 @@ push_job (KdDispatcher      *self,
           char              *label,
           gpointer           ticket,
           KdSubmitResult    *result,
+          KdGroup           *group,
           gpointer           item,
           guint              epoch,
           const KdKeyBound  *bound,
@@ -666,6 +690,11 @@ push_job (KdDispatcher      *self,
   job->ticket = ticket;
   job->label = label;
   job->result = result;
+  if (G_UNLIKELY (group != NULL))
+    {
+      job->group = group;
+      kd_group_enter (group);
+    }
   KD_TRACE3 (job_submit, self->name, key != NULL ? key : label, job);
 
   if (G_UNLIKELY (bound != NULL))
@@ -676,6 +705,8 @@ push_job (KdDispatcher      *self,
         {
           job->result = NULL;
           kd_job_free (job);
+          if (group != NULL)
+            kd_group_unqueued (group);
           return FALSE;
         }
       kd_dispatcher_counters_changed (self);
@@ -727,16 +758,19 @@ kd_dispatcher_push_job (KdDispatcher      *self,
                         char              *label,
                         gpointer           ticket,
                         KdSubmitResult    *result,
+                        KdGroup           *group,
                         gpointer           item,
                         guint              epoch,
                         const KdKeyBound  *bound,
                         GError           **error)
 {
-  return push_job (self, key, label, ticket, result, item, epoch, bound, error);
+  return push_job (self, key, label, ticket, result, group, item, epoch, bound, error);
 }
 
-static gboolean
+/* Inlined: on the hot path, @group is NULL at compile time. */
+G_ALWAYS_INLINE static inline gboolean
 submit_job (KdDispatcher  *self,
+            KdGroup       *group,
             const char    *key,
             gpointer       item,
             KdAdmitMode    mode,
@@ -753,7 +787,7 @@ submit_job (KdDispatcher  *self,
   if (!admit_job (self, mode, deadline, &epoch, error))
     return FALSE;
 
-  if (!push_job (self, key, NULL, NULL, NULL, item, epoch,
+  if (!push_job (self, key, NULL, NULL, NULL, group, item, epoch,
                  kd_dispatcher_key_bound (self, key, mode, deadline, &bound), error))
     {
       kd_dispatcher_count_rejected (self);
@@ -761,6 +795,26 @@ submit_job (KdDispatcher  *self,
       return FALSE;
     }
   return TRUE;
+}
+
+/* kd_group_submit() and its variants: a submit counted in @group too. A
+ * cancelled group refuses, counted as any refusal. */
+gboolean
+kd_dispatcher_submit_in_group (KdDispatcher  *self,
+                               KdGroup       *group,
+                               const char    *key,
+                               gpointer       item,
+                               KdAdmitMode    mode,
+                               gint64         deadline,
+                               GError       **error)
+{
+  if (!kd_group_check_open (group, error))
+    kd_dispatcher_count_rejected (self);
+  else if (submit_job (self, group, key, item, mode, deadline, error))
+    return TRUE;
+
+  kd_group_count_rejected (group);
+  return FALSE;
 }
 
 /* The second half of a batch: queues @n_items items as jobs, each holding
@@ -791,7 +845,7 @@ push_jobs (KdDispatcher       *self,
         {
           KdKeyBound bound;
 
-          if (!push_job (self, keys[i], NULL, NULL, NULL, items[i], epoch,
+          if (!push_job (self, keys[i], NULL, NULL, NULL, NULL, items[i], epoch,
                          kd_dispatcher_key_bound (self, keys[i], mode, deadline, &bound),
                          error))
             return i;
@@ -1195,7 +1249,7 @@ kd_dispatcher_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
+  return submit_job (self, NULL, key, item, KD_ADMIT_BLOCK, 0, error);
 }
 
 /**
@@ -1223,7 +1277,7 @@ kd_dispatcher_try_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, key, item, KD_ADMIT_TRY, 0, error);
+  return submit_job (self, NULL, key, item, KD_ADMIT_TRY, 0, error);
 }
 
 /**
@@ -1261,9 +1315,9 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
 
   /* A deadline past the end of time is no deadline. */
   if (timeout_us > G_MAXINT64 - now)
-    return submit_job (self, key, item, KD_ADMIT_BLOCK, 0, error);
+    return submit_job (self, NULL, key, item, KD_ADMIT_BLOCK, 0, error);
 
-  return submit_job (self, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
+  return submit_job (self, NULL, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
                      error);
 }
 

@@ -27,6 +27,8 @@ struct _KdJob
                               * its key's queue in the reorder (a KdOrderKey);
                               * then the ticket of the item it runs */
   KdSubmitResult *result;    /* kd_dispatcher_submit_async()'s, until the job ended */
+  KdGroup      *group;       /* the group it was submitted through, or NULL; the
+                              * group's reference is its own until it ended */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */
   guint         epoch;       /* the admission epoch it joined */

@@ -37,6 +37,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->label = NULL;
   job->ticket = NULL;
   job->result = NULL;
+  job->group = NULL;
   job->item = item;
   job->handed_over = FALSE;
   job->dropped = FALSE;
@@ -120,6 +121,30 @@ kd_job_get_cancellable (KdJob *job)
   g_return_val_if_fail (job != NULL, NULL);
 
   return kd_dispatcher_get_cancellable (job->dispatcher);
+}
+
+/**
+ * kd_job_get_group:
+ * @job: a job, as passed to a handler or done callback
+ *
+ * Gets the group the job was submitted through (kd_group_submit() and its
+ * variants). A handler of a group's job can watch the group's cancellable
+ * (kd_group_get_cancellable()) to stop early when the group is cancelled
+ * or, in fail-fast mode, another of its jobs failed.
+ *
+ * Thread-safe while @job is valid.
+ *
+ * Returns: (transfer none) (nullable): the job's group, or %NULL if it was
+ *   not submitted through one
+ *
+ * Since: 0.1
+ */
+KdGroup *
+kd_job_get_group (KdJob *job)
+{
+  g_return_val_if_fail (job != NULL, NULL);
+
+  return job->group;
 }
 
 /**

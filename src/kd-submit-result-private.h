@@ -9,6 +9,7 @@
 
 #include "kd-delivery-private.h"
 #include "kd-dispatcher.h"
+#include "kd-group.h"
 #include "kd-task-private.h"
 
 G_BEGIN_DECLS
@@ -34,6 +35,9 @@ KdSubmitResult *kd_submit_result_new          (KdDispatcher        *dispatcher,
                                                GCancellable        *cancellable,
                                                GAsyncReadyCallback  callback,
                                                gpointer             user_data);
+void            kd_submit_result_set_group    (KdSubmitResult      *self,
+                                               KdGroup             *group);
+KdGroup        *kd_submit_result_get_group    (KdSubmitResult      *self);
 KdTask         *kd_submit_result_get_task     (KdSubmitResult      *self);
 KdSubmitResult *kd_submit_result_from_task    (KdTask              *task);
 void            kd_submit_result_keep_key     (KdSubmitResult      *self,
@@ -43,6 +47,8 @@ gpointer        kd_submit_result_get_item     (KdSubmitResult      *self);
 gboolean        kd_submit_result_is_cancelled (KdSubmitResult      *self);
 void            kd_submit_result_complete     (KdSubmitResult      *self,
                                                GError              *error);
+void            kd_submit_result_complete_once (KdSubmitResult    **slot,
+                                                GError             *error);
 gboolean        kd_submit_result_propagate    (KdSubmitResult      *self,
                                                GError             **error);
 

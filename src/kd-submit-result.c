@@ -4,14 +4,15 @@
  *
  * DESIGN
  *
- * One result per async submission (or async wait, kd-dispatcher-async.c,
- * which has no item, key or job: it is completed when its barrier holds or
- * it is cancelled), alive from the call until its callback
- * returned (longer only if the application keeps a reference). It holds
- * what the callback needs (a reference to the dispatcher, the source object;
- * the callback and its data), what admission needs while the submission
- * waits for room (its key, its item, the per-call cancellable), and, once
- * the job ended, how it ended.
+ * One result per async submission (or async wait, kd-dispatcher-async.c
+ * and kd-group.c, which has no item, key or job: it is completed when its
+ * barrier holds or it is cancelled), alive from the call until its
+ * callback returned (longer only if the application keeps a reference). It
+ * holds what the callback needs (a reference to the dispatcher, and to the
+ * group for a call made on a KdGroup, which is then the source object; the
+ * callback and its data), what admission needs while the submission waits
+ * for room (its key, its item, its group, the per-call cancellable), and,
+ * once the job ended, how it ended.
  *
  * It is completed exactly once, from any thread: by the worker (or main
  * context) that ends its job, or by the dispatcher when the submission is
@@ -65,6 +66,7 @@ struct _KdSubmitResult
   KdTask               task;         /* in the waiting queue, then in @target's delivery */
   gpointer             source_tag;   /* the call it is the result of */
   KdDispatcher        *dispatcher;   /* a reference */
+  KdGroup             *group;        /* a reference, for a group's calls; their source */
   ResultDelivery      *target;       /* the caller's context's, in the dispatcher's registry */
   GCancellable        *cancellable;  /* nullable */
   GAsyncReadyCallback  callback;     /* nullable */
@@ -87,10 +89,17 @@ kd_submit_result_get_user_data (GAsyncResult *result)
   return KD_SUBMIT_RESULT (result)->user_data;
 }
 
+/* The object the call was made on: the group, or else the dispatcher. */
+static GObject *
+source_object (KdSubmitResult *self)
+{
+  return self->group != NULL ? G_OBJECT (self->group) : G_OBJECT (self->dispatcher);
+}
+
 static GObject *
 kd_submit_result_get_source_object (GAsyncResult *result)
 {
-  return g_object_ref (G_OBJECT (KD_SUBMIT_RESULT (result)->dispatcher));
+  return g_object_ref (source_object (KD_SUBMIT_RESULT (result)));
 }
 
 static gboolean
@@ -116,7 +125,9 @@ kd_submit_result_finalize (GObject *object)
   g_clear_error (&self->error);
   g_clear_object (&self->cancellable);
   g_free (self->key);
-  /* Last: this may be the dispatcher's last reference. */
+  /* Last: this may be the dispatcher's last reference (the group holds
+   * one too). */
+  g_clear_object (&self->group);
   g_clear_object (&self->dispatcher);
 
   G_OBJECT_CLASS (kd_submit_result_parent_class)->finalize (object);
@@ -234,6 +245,22 @@ kd_submit_result_new (KdDispatcher        *dispatcher,
   return self;
 }
 
+/* A call made on @group, one of the dispatcher's groups: the group is its
+ * source object, and a submission's job is the group's. */
+void
+kd_submit_result_set_group (KdSubmitResult *self,
+                            KdGroup        *group)
+{
+  self->group = g_object_ref (group);
+}
+
+/* The group of a submission made through one, or NULL. */
+KdGroup *
+kd_submit_result_get_group (KdSubmitResult *self)
+{
+  return self->group;
+}
+
 KdTask *
 kd_submit_result_get_task (KdSubmitResult *self)
 {
@@ -288,22 +315,37 @@ kd_submit_result_complete (KdSubmitResult *self,
   kd_delivery_push (self->target->delivery, &self->task);
 }
 
+/* Completes the result in *@slot, unless another thread took it first:
+ * an async wait's result, which its drain and its cancellation race to
+ * complete. @error: transfer full (NULL: the wait held). Any thread. */
+void
+kd_submit_result_complete_once (KdSubmitResult **slot,
+                                GError          *error)
+{
+  KdSubmitResult *self = g_atomic_pointer_exchange (slot, NULL);
+
+  if (self != NULL)
+    kd_submit_result_complete (self, error);
+  else
+    g_clear_error (&error);
+}
+
 /* The delivery's function (@user_data: its ResultDelivery): runs the
  * callback on the caller's context and drops the reference the submission
  * held. */
 static void
 deliver (KdTask   *task,
-                          gpointer  user_data)
+         gpointer  user_data)
 {
   KdSubmitResult *self = kd_submit_result_from_task (task);
 
   if (self->callback != NULL)
-    self->callback (G_OBJECT (self->dispatcher), G_ASYNC_RESULT (self), self->user_data);
+    self->callback (source_object (self), G_ASYNC_RESULT (self), self->user_data);
   result_delivered (user_data);
   g_object_unref (self);
 }
 
-/* For kd_dispatcher_submit_finish() and kd_dispatcher_wait_finish(). */
+/* For the finish functions of the dispatcher's and its groups' calls. */
 gboolean
 kd_submit_result_propagate (KdSubmitResult  *self,
                             GError         **error)

@@ -175,6 +175,9 @@ run_submits (ModelThread     *thread,
         case HOW_TRY:
           accepted = kd_dispatcher_try_submit (thread->dispatcher, key, token, &error);
           break;
+        case HOW_GROUP:
+          accepted = kd_group_submit (thread->group, key, token, &error);
+          break;
         case HOW_TIMEOUT:
         default:
           accepted = kd_dispatcher_submit_timeout (thread->dispatcher, key, token,
@@ -193,11 +196,13 @@ run_submits (ModelThread     *thread,
         }
       else
         {
-          static const char *const calls[] = { "submit", "try_submit", "submit_timeout" };
+          const char *call = how == HOW_GROUP ? "group_submit" :
+                             how == HOW_TRY ? "try_submit" :
+                             how == HOW_TIMEOUT ? "submit_timeout" : "submit";
           gboolean right_code = FALSE;
 
           CHECK (model, error != NULL && error->domain == KD_ERROR,
-                 "item %u refused by %s with %s", item->id, calls[how],
+                 "item %u refused by %s with %s", item->id, call,
                  error != NULL ? error->message : "no error");
           if (error != NULL && error->domain == KD_ERROR)
             {
@@ -206,7 +211,7 @@ run_submits (ModelThread     *thread,
                            (how == HOW_TIMEOUT && error->code == KD_ERROR_TIMEOUT);
               item->refused_code = error->code;
             }
-          CHECK (model, right_code, "item %u: %s refused it with \"%s\"", item->id, calls[how],
+          CHECK (model, right_code, "item %u: %s refused it with \"%s\"", item->id, call,
                  error != NULL ? error->message : "no error");
           g_clear_error (&error);
           note_refused (thread, item, token);
@@ -481,17 +486,21 @@ kd_model_submit_one (ModelThread *thread,
 }
 
 /* After a barrier called at tick @called held at tick @held: every item
- * accepted before the call has ended. */
+ * accepted before the call has ended (of those of @burst, a group's, if
+ * not NULL; all the items otherwise). */
 static void
-check_waited (ModelThread *thread,
-              gint         called,
-              gint         held)
+check_waited (ModelThread     *thread,
+              gint             called,
+              gint             held,
+              const KdModelOp *burst)
 {
   KdModel *model = thread->model;
   const KdModelProgram *program = model->program;
+  guint first = burst != NULL ? burst->first_item : 0;
+  guint end = burst != NULL ? burst->first_item + burst->count : model->n_items;
   guint i;
 
-  for (i = 0; i < model->n_items; i++)
+  for (i = first; i < end; i++)
     {
       KdModelItem *item = &model->items[i];
       gint after = g_atomic_int_get (&item->after);
@@ -538,7 +547,7 @@ run_wait (ModelThread     *thread,
 
   called = kd_model_tick (model);
   kd_dispatcher_wait (thread->dispatcher);
-  check_waited (thread, called, kd_model_tick (model));
+  check_waited (thread, called, kd_model_tick (model), NULL);
 
   return TRUE;
 }
@@ -555,7 +564,7 @@ run_wait_until (ModelThread     *thread,
   gint called = kd_model_tick (model);
 
   if (kd_dispatcher_wait_until (thread->dispatcher, end_time))
-    check_waited (thread, called, kd_model_tick (model));
+    check_waited (thread, called, kd_model_tick (model), NULL);
   else
     CHECK (model, g_get_monotonic_time () >= end_time,
            "wait_until gave up before its end time");
@@ -603,7 +612,7 @@ wait_async_done (GObject      *source,
   CHECK (model, kd_dispatcher_wait_finish (KD_DISPATCHER (source), result, &error),
          "an async wait failed: %s", error != NULL ? error->message : "no error");
   g_clear_error (&error);
-  check_waited (thread, call->called, kd_model_tick (model));
+  check_waited (thread, call->called, kd_model_tick (model), NULL);
   g_free (call);
 }
 
@@ -618,6 +627,95 @@ run_wait_async (ModelThread     *thread,
   call->called = kd_model_tick (thread->model);
   thread->async_pending++;
   kd_dispatcher_wait_async (thread->dispatcher, NULL, wait_async_done, call);
+
+  return TRUE;
+}
+
+/* A group's data freed: the last thing its finalize does, after it let
+ * its dispatcher go (weak references are notified earlier, at dispose). */
+static void
+group_finalized (gpointer user_data)
+{
+  kd_test_gate_open (user_data);
+}
+
+/* Whether @item ran to completion: its last run returned and succeeded. */
+static gboolean
+item_completed (KdModelItem *item)
+{
+  return g_atomic_int_get (&item->handler_returned) &&
+         (guint) g_atomic_int_get (&item->handler_runs) > item->fail_attempts;
+}
+
+/* A burst submitted through a group of its own (kd_group_submit()), then
+ * the group's wait: it holds for the burst's accepted items (as wait does
+ * for the dispatcher's), reports an error exactly when one of them did not
+ * complete, and the group's counters are the burst's. The group is gone
+ * (its jobs let it go) before the op returns, so that it never holds the
+ * dispatcher's last reference. */
+static gboolean
+run_group (ModelThread     *thread,
+           const KdModelOp *op,
+           guint            variant)
+{
+  KdModel *model = thread->model;
+  KdGroup *group = kd_group_new (thread->dispatcher);
+  guint64 accepted = thread->accepted, refused = thread->refused;
+  gboolean all_completed = TRUE, waited;
+  GError *error = NULL;
+  KdTestGate gone;
+  KdStats stats;
+  gint called;
+  guint i;
+
+  thread->group = group;
+  run_submits (thread, op, HOW_GROUP);
+  thread->group = NULL;
+  accepted = thread->accepted - accepted;
+  refused = thread->refused - refused;
+
+  called = kd_model_tick (model);
+  waited = kd_group_wait (group, &error);
+  check_waited (thread, called, kd_model_tick (model), op);
+
+  for (i = op->first_item; i < op->first_item + op->count; i++)
+    if (g_atomic_int_get (&model->items[i].status) == ITEM_ACCEPTED &&
+        !item_completed (&model->items[i]))
+      all_completed = FALSE;
+  CHECK (model, waited == all_completed,
+         "group of items %u..%u: its wait returned %s (%s), but %s its accepted items "
+         "completed", op->first_item, op->first_item + op->count - 1,
+         waited ? "TRUE" : "FALSE", error != NULL ? error->message : "no error",
+         all_completed ? "all" : "not all");
+  CHECK (model, waited || error != NULL, "a group's wait failed without an error");
+  g_clear_error (&error);
+
+  kd_group_get_stats (group, &stats);
+  CHECK (model, stats.submitted == accepted && stats.rejected == refused && stats.pending == 0 &&
+                stats.completed + stats.failed + stats.cancelled == stats.submitted,
+         "group of items %u..%u: submitted %" G_GUINT64_FORMAT " (the model %" G_GUINT64_FORMAT
+         "), rejected %" G_GUINT64_FORMAT " (%" G_GUINT64_FORMAT "), pending %" G_GUINT64_FORMAT
+         " after its wait", op->first_item, op->first_item + op->count - 1, stats.submitted,
+         accepted, stats.rejected, refused, stats.pending);
+  if (g_atomic_int_get (&model->cancel_started) == 0)
+    {
+      guint64 completed = 0;
+
+      for (i = op->first_item; i < op->first_item + op->count; i++)
+        if (g_atomic_int_get (&model->items[i].status) == ITEM_ACCEPTED &&
+            item_completed (&model->items[i]))
+          completed++;
+      CHECK (model, stats.completed == completed,
+             "group of items %u..%u: %" G_GUINT64_FORMAT " completed, the model saw %"
+             G_GUINT64_FORMAT, op->first_item, op->first_item + op->count - 1, stats.completed,
+             completed);
+    }
+
+  kd_test_gate_init (&gone);
+  g_object_set_data_full (G_OBJECT (group), "kd-model-gone", &gone, group_finalized);
+  g_object_unref (group);
+  CHECK (model, kd_test_gate_wait (&gone), "a group outlived its jobs");
+  kd_test_gate_clear (&gone);
 
   return TRUE;
 }
@@ -815,7 +913,7 @@ run_parked (ModelThread     *thread,
  * op with probability weight/256. Close, cancel and unref are rare: each
  * ends the interesting part of a run. */
 static const OpClass op_table[] = {
-  { "submit",         42, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
+  { "submit",         38, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
   { "submit_async",   24, decode_async_submit,   run_async_submits, describe_submit,   HOW_ASYNC },
   { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
   { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
@@ -834,6 +932,7 @@ static const OpClass op_table[] = {
     HOW_TIMEOUT_MANY },
   { "wait_until",      3, decode_wait_until,     run_wait_until, describe_wait_until,   0 },
   { "wait_async",      3, decode_wait_async,     run_wait_async, NULL,                  0 },
+  { "group",           4, decode_submit,         run_group,   describe_submit,         0 },
 };
 
 /* Whether @op submits its burst in one batch: its items' keys then

@@ -37,6 +37,7 @@ typedef enum
   HOW_MANY,
   HOW_TRY_MANY,
   HOW_TIMEOUT_MANY,
+  HOW_GROUP,
 } SubmitHow;
 
 typedef struct
@@ -98,6 +99,7 @@ typedef struct
   guint         async_pending; /* async submissions whose callback did not run */
   KdStats       last_stats;
   gboolean      has_stats;
+  KdGroup      *group;         /* during a group op: the group it submits through */
 } ModelThread;
 
 struct _KdModel

@@ -16,6 +16,7 @@
 G_BEGIN_DECLS
 
 typedef struct _KdJob KdJob;
+typedef struct _KdGroup KdGroup;
 
 KD_AVAILABLE_IN_ALL
 const char   *kd_job_get_key         (KdJob *job);
@@ -23,6 +24,8 @@ KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_item        (KdJob *job);
 KD_AVAILABLE_IN_ALL
 GCancellable *kd_job_get_cancellable (KdJob *job);
+KD_AVAILABLE_IN_ALL
+KdGroup      *kd_job_get_group       (KdJob *job);
 KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_key_state   (KdJob *job);
 KD_AVAILABLE_IN_ALL

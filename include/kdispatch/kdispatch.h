@@ -10,6 +10,7 @@
 # include "kd-error.h"
 # include "kd-job.h"
 # include "kd-dispatcher.h"
+# include "kd-group.h"
 # include "kd-pipeline.h"
 # include "kd-features.h"
 # ifdef KD_HAS_REDIS

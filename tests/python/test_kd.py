@@ -238,10 +238,84 @@ def test_submit_many():
           str(dispatcher.props.rejected))
 
 
+def test_group():
+    loop = GLib.MainLoop()
+    gate = threading.Event()
+    lock = threading.Lock()
+    ended = {}
+    seen_group = []
+    outcome = {}
+
+    def handler(job):
+        item = job.get_item()
+        seen_group.append(job.get_group())
+        if item == 1000:
+            gate.wait(DEADLINE_S)
+        if item == 3:
+            raise GLib.Error('item 3 failed')
+        return True
+
+    def done(job, error):
+        with lock:
+            ended[job.get_item()] = error.message if error else None
+
+    dispatcher = Kd.Dispatcher.new(1, handler)
+    dispatcher.set_done_func(done)
+    outside = Kd.Group.new(dispatcher)
+    group = Kd.Group.new(dispatcher)
+    group.set_fail_fast(True)
+    check('group: fail-fast is a property', group.props.fail_fast)
+    outside.submit('held', 1000)     # holds the one worker until released
+    for i in range(10):
+        group.submit('k', i)
+
+    def on_waited(source, result, name):
+        try:
+            outcome[name] = source.wait_finish(result)
+        except GLib.Error as error:
+            outcome[name] = error.message
+        loop.quit()
+
+    check('group: wait_until gives up while its jobs are queued',
+          not wait_until(group, GLib.get_monotonic_time() + 1000))
+    group.wait_async(None, on_waited, 'group')
+    GLib.idle_add(gate.set)
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    check('group: wait_async reports the first failure', outcome.get('group') == 'item 3 failed',
+          str(outcome))
+    check('group: the failure cancelled the jobs after it',
+          all(ended.get(i) is not None for i in range(4, 10)) and
+          all(ended.get(i) is None for i in range(3)),
+          str(ended))
+    stats = group.get_stats()
+    check('group: counters are the group\'s own',
+          (stats.submitted, stats.completed, stats.failed, stats.cancelled, stats.pending) ==
+          (10, 3, 1, 6, 0), '%d %d %d %d %d' % (stats.submitted, stats.completed, stats.failed,
+                                              stats.cancelled, stats.pending))
+    check('group: a handler sees its job\'s group', seen_group[0] == outside and group in seen_group)
+    try:
+        group.try_submit(None, 99)
+        refused = False
+    except GLib.Error as error:
+        refused = error.matches(Gio.io_error_quark(), Gio.IOErrorEnum.CANCELLED)
+    check('group: a cancelled group refuses with CANCELLED', refused)
+    check('group: the other group is untouched', outside.wait())
+    dispatcher.wait()
+
+
+def wait_until(group, end_time):
+    try:
+        return group.wait_until(end_time)
+    except GLib.Error:
+        return False
+
+
 test_order_and_errors()
 test_submit_many()
 test_async()
 test_wait_async()
+test_group()
 test_cancel()
 gc.collect()
 print('1..%d' % len(results))

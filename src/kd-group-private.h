@@ -1,0 +1,68 @@
+/* kd-group-private.h: where a group and its dispatcher meet
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * A group's job is a dispatcher's job with @group set (kd-job-private.h).
+ * The group submits through the dispatcher's own paths (the first half
+ * below, in kd-dispatcher.c and kd-dispatcher-async.c); the dispatcher
+ * tells the group about each of its jobs (the second half, kd-group.c):
+ * entered once it is about to be queued, then exactly one of unqueued
+ * (its key gave up waiting for room: it never existed) or ended.
+ */
+
+#pragma once
+
+#include "kd-admission-private.h"
+#include "kd-group.h"
+#include "kd-submit-result-private.h"
+
+G_BEGIN_DECLS
+
+/* The source tags of a group's async calls' results. */
+#define KD_GROUP_SUBMIT_TAG ((gpointer) (guintptr) kd_group_submit_async)
+#define KD_GROUP_WAIT_TAG   ((gpointer) (guintptr) kd_group_wait_async)
+
+/* What ended a job, for the group's counters. */
+typedef enum
+{
+  KD_GROUP_COMPLETED,
+  KD_GROUP_FAILED,
+  KD_GROUP_CANCELLED,
+} KdGroupEnd;
+
+/* kd-dispatcher.c and kd-dispatcher-async.c */
+gboolean kd_dispatcher_submit_in_group       (KdDispatcher        *dispatcher,
+                                              KdGroup             *group,
+                                              const char          *key,
+                                              gpointer             item,
+                                              KdAdmitMode          mode,
+                                              gint64               deadline,
+                                              GError             **error);
+void     kd_dispatcher_submit_async_in_group (KdDispatcher        *dispatcher,
+                                              KdGroup             *group,
+                                              const char          *key,
+                                              gpointer             item,
+                                              GCancellable        *cancellable,
+                                              GAsyncReadyCallback  callback,
+                                              gpointer             user_data);
+KdSubmitResult *kd_dispatcher_new_group_result (KdDispatcher        *dispatcher,
+                                                KdGroup             *group,
+                                                gpointer             source_tag,
+                                                gpointer             item,
+                                                GCancellable        *cancellable,
+                                                GAsyncReadyCallback  callback,
+                                                gpointer             user_data);
+
+/* kd-group.c */
+gboolean kd_group_check_open     (KdGroup      *self,
+                                  GError      **error);
+void     kd_group_count_rejected (KdGroup      *self);
+void     kd_group_enter          (KdGroup      *self);
+void     kd_group_unqueued       (KdGroup      *self);
+gboolean kd_group_is_cancelled   (KdGroup      *self);
+void     kd_group_note_error     (KdGroup      *self,
+                                  const GError *error);
+void     kd_group_job_ended      (KdGroup      *self,
+                                  KdGroupEnd    end);
+
+G_END_DECLS
