@@ -37,7 +37,6 @@
 
 #include "kd-dispatcher-internal.h"
 #include "kd-error.h"
-#include "kd-group-private.h"
 
 /* A submission that was never accepted: its callback sees @error
  * (transfer full; NULL for KD_ERROR_CLOSED) and the item is still the
@@ -51,11 +50,20 @@ refuse_result (KdDispatcher   *self,
 
   kd_dispatcher_count_rejected (self);
   if (group != NULL)
-    kd_group_count_rejected (group);
+    kd_group_state_count_rejected (kd_group_get_state (group));
   if (error == NULL)
     error = g_error_new_literal (KD_ERROR, KD_ERROR_CLOSED,
                                  "The dispatcher was closed before the submission was accepted");
   kd_submit_result_complete (result, error);
+}
+
+/* The state of the group a submission was made through, or NULL. */
+static KdGroupState *
+result_group_state (KdSubmitResult *result)
+{
+  KdGroup *group = kd_submit_result_get_group (result);
+
+  return group != NULL ? kd_group_get_state (group) : NULL;
 }
 
 /* With @async_lock held: admits waiting submissions, first come first
@@ -97,7 +105,7 @@ admit_waiting_locked (KdDispatcher *self,
        * the thread that made this one must not overtake it. */
       kd_task_list_take (&self->waiting, 1, &n, &last);
       key = kd_submit_result_get_key (result);
-      if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, kd_submit_result_get_group (result),
+      if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, result_group_state (result),
                                    kd_submit_result_get_item (result), epoch,
                                    kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
                                    &error))
@@ -217,8 +225,8 @@ submit_async (KdDispatcher   *self,
           KdKeyBound bound;
 
           /* A full key does not wait: the submission is refused. */
-          if (!kd_dispatcher_push_job (self, key, NULL, NULL, result,
-                                       kd_submit_result_get_group (result), item, epoch,
+          if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, result_group_state (result),
+                                       item, epoch,
                                        kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
                                        &error))
             {
@@ -353,7 +361,7 @@ kd_dispatcher_submit_async_in_group (KdDispatcher        *self,
 
   result = kd_dispatcher_new_group_result (self, group, KD_GROUP_SUBMIT_TAG, item, cancellable,
                                            callback, user_data);
-  if (!kd_group_check_open (group, &error))
+  if (!kd_group_state_check_open (kd_group_get_state (group), &error))
     refuse_result (self, result, g_steal_pointer (&error));
   else
     submit_async (self, key, item, result);

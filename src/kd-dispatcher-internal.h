@@ -13,6 +13,8 @@
  *   kd-dispatcher-keys.c        key states, idle expiry, the per-key bound
  *   kd-dispatcher-async.c       kd_dispatcher_submit_async() and its
  *                               waiting FIFO; kd_dispatcher_wait_async()
+ *   kd-dispatcher-delay.c       delayed jobs: kd_dispatcher_submit_after()
+ *                               and kd_dispatcher_submit_at()
  *   kd-dispatcher-stage.c       what a pipeline reaches of a stage
  *                               (kd-dispatcher-stage-private.h)
  *
@@ -28,6 +30,7 @@
 #include "kd-cancel-watch-private.h"
 #include "kd-delivery-private.h"
 #include "kd-dispatcher-stage-private.h"
+#include "kd-group-private.h"
 #include "kd-job-private.h"
 #include "kd-key-table-private.h"
 #include "kd-mailbox-private.h"
@@ -198,7 +201,7 @@ gboolean    kd_dispatcher_push_job            (KdDispatcher      *self,
                                                char              *label,
                                                gpointer           ticket,
                                                KdSubmitResult    *result,
-                                               KdGroup           *group,
+                                               KdGroupState      *group,
                                                gpointer           item,
                                                guint              epoch,
                                                const KdKeyBound  *bound,

@@ -15,6 +15,8 @@ G_BEGIN_DECLS
 void  kd_dispatcher_wait_blocked_submitters (KdDispatcher *self,
                                              guint         n_blocked);
 guint kd_dispatcher_get_admitted            (KdDispatcher *self);
+guint kd_dispatcher_count_key_jobs          (KdDispatcher *self,
+                                             const char   *key);
 void  kd_dispatcher_wait_blocked_on_key     (KdDispatcher *self,
                                              const char   *key,
                                              guint         n_blocked);

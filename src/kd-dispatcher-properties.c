@@ -867,6 +867,14 @@ kd_dispatcher_wait_blocked_on_key (KdDispatcher *self,
   kd_key_table_wait_blocked (self->keys, key, n_blocked);
 }
 
+/* How many of @key's jobs count against the per-key bound right now. */
+guint
+kd_dispatcher_count_key_jobs (KdDispatcher *self,
+                              const char   *key)
+{
+  return kd_key_table_count_jobs (self->keys, key);
+}
+
 /* The exact number of jobs holding a unit of admission right now. */
 guint
 kd_dispatcher_get_admitted (KdDispatcher *self)

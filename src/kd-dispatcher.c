@@ -110,7 +110,6 @@
 
 #include "kd-dispatcher-internal.h"
 #include "kd-error.h"
-#include "kd-group-private.h"
 #include "kd-trace-private.h"
 
 /* The most jobs of one key a worker runs before other tasks go first. */
@@ -270,7 +269,7 @@ run_job (KdDispatcher  *self,
          guint          n_behind)
 {
   KdMailbox *mailbox = job->mailbox;
-  KdGroup *group = job->group;
+  KdGroupState *group = job->group;
   JobOutcome outcome = JOB_ENDED;
   gboolean parked = FALSE;
   GError *error = NULL;
@@ -294,7 +293,7 @@ run_job (KdDispatcher  *self,
                                    "The submission was cancelled before the job ran");
       counter = &stats->cancelled;
     }
-  else if (G_UNLIKELY (group != NULL && kd_group_is_cancelled (group)))
+  else if (G_UNLIKELY (group != NULL && kd_group_state_is_cancelled (group)))
     {
       error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
                                    job->attempt == 0
@@ -351,7 +350,7 @@ run_job (KdDispatcher  *self,
   if (self->stage_hooks.ended != NULL)
     self->stage_hooks.ended (job, self->stage_data);
   if (G_UNLIKELY (group != NULL && error != NULL))
-    kd_group_note_error (group, error);
+    kd_group_state_note_error (group, error);
 
   if (self->delivery != NULL)
     {
@@ -369,9 +368,9 @@ run_job (KdDispatcher  *self,
 
   /* The job's reference to its group goes last. */
   if (G_UNLIKELY (group != NULL))
-    kd_group_job_ended (group, counter == &stats->completed ? KD_GROUP_COMPLETED
-                               : counter == &stats->failed ? KD_GROUP_FAILED
-                               : KD_GROUP_CANCELLED);
+    kd_group_state_job_ended (group, counter == &stats->completed ? KD_GROUP_COMPLETED
+                                     : counter == &stats->failed ? KD_GROUP_FAILED
+                                     : KD_GROUP_CANCELLED);
 
   /* Before the mailbox can be reaped: its count must be right if a
    * producer revives it. */
@@ -674,7 +673,7 @@ push_job (KdDispatcher      *self,
           char              *label,
           gpointer           ticket,
           KdSubmitResult    *result,
-          KdGroup           *group,
+          KdGroupState      *group,
           gpointer           item,
           guint              epoch,
           const KdKeyBound  *bound,
@@ -693,7 +692,7 @@ push_job (KdDispatcher      *self,
   if (G_UNLIKELY (group != NULL))
     {
       job->group = group;
-      kd_group_enter (group);
+      kd_group_state_enter (group);
     }
   KD_TRACE3 (job_submit, self->name, key != NULL ? key : label, job);
 
@@ -706,7 +705,7 @@ push_job (KdDispatcher      *self,
           job->result = NULL;
           kd_job_free (job);
           if (group != NULL)
-            kd_group_unqueued (group);
+            kd_group_state_unqueued (group);
           return FALSE;
         }
       kd_dispatcher_counters_changed (self);
@@ -758,7 +757,7 @@ kd_dispatcher_push_job (KdDispatcher      *self,
                         char              *label,
                         gpointer           ticket,
                         KdSubmitResult    *result,
-                        KdGroup           *group,
+                        KdGroupState      *group,
                         gpointer           item,
                         guint              epoch,
                         const KdKeyBound  *bound,
@@ -770,7 +769,7 @@ kd_dispatcher_push_job (KdDispatcher      *self,
 /* Inlined: on the hot path, @group is NULL at compile time. */
 G_ALWAYS_INLINE static inline gboolean
 submit_job (KdDispatcher  *self,
-            KdGroup       *group,
+            KdGroupState  *group,
             const char    *key,
             gpointer       item,
             KdAdmitMode    mode,
@@ -801,19 +800,19 @@ submit_job (KdDispatcher  *self,
  * cancelled group refuses, counted as any refusal. */
 gboolean
 kd_dispatcher_submit_in_group (KdDispatcher  *self,
-                               KdGroup       *group,
+                               KdGroupState  *group,
                                const char    *key,
                                gpointer       item,
                                KdAdmitMode    mode,
                                gint64         deadline,
                                GError       **error)
 {
-  if (!kd_group_check_open (group, error))
+  if (!kd_group_state_check_open (group, error))
     kd_dispatcher_count_rejected (self);
   else if (submit_job (self, group, key, item, mode, deadline, error))
     return TRUE;
 
-  kd_group_count_rejected (group);
+  kd_group_state_count_rejected (group);
   return FALSE;
 }
 

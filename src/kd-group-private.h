@@ -2,12 +2,16 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
- * A group's job is a dispatcher's job with @group set (kd-job-private.h).
- * The group submits through the dispatcher's own paths (the first half
- * below, in kd-dispatcher.c and kd-dispatcher-async.c); the dispatcher
- * tells the group about each of its jobs (the second half, kd-group.c):
- * entered once it is about to be queued, then exactly one of unqueued
- * (its key gave up waiting for room: it never existed) or ended.
+ * A group's job is a dispatcher's job with @group set (kd-job-private.h)
+ * to the group's KdGroupState: what its jobs share with it (counters,
+ * barrier, first error, cancellable), which the jobs keep alive rather
+ * than the KdGroup, so that the group, and the reference it holds to its
+ * dispatcher, go where the application drops them. The group submits
+ * through the dispatcher's own paths (the first half below, in
+ * kd-dispatcher.c and kd-dispatcher-async.c); the dispatcher tells the
+ * state about each of its jobs (the second half, kd-group.c): entered once
+ * it is about to be queued, then exactly one of unqueued (its key gave up
+ * waiting for room: it never existed) or ended.
  */
 
 #pragma once
@@ -22,6 +26,8 @@ G_BEGIN_DECLS
 #define KD_GROUP_SUBMIT_TAG ((gpointer) (guintptr) kd_group_submit_async)
 #define KD_GROUP_WAIT_TAG   ((gpointer) (guintptr) kd_group_wait_async)
 
+typedef struct _KdGroupState KdGroupState;
+
 /* What ended a job, for the group's counters. */
 typedef enum
 {
@@ -32,7 +38,7 @@ typedef enum
 
 /* kd-dispatcher.c and kd-dispatcher-async.c */
 gboolean kd_dispatcher_submit_in_group       (KdDispatcher        *dispatcher,
-                                              KdGroup             *group,
+                                              KdGroupState        *group,
                                               const char          *key,
                                               gpointer             item,
                                               KdAdmitMode          mode,
@@ -54,15 +60,17 @@ KdSubmitResult *kd_dispatcher_new_group_result (KdDispatcher        *dispatcher,
                                                 gpointer             user_data);
 
 /* kd-group.c */
-gboolean kd_group_check_open     (KdGroup      *self,
-                                  GError      **error);
-void     kd_group_count_rejected (KdGroup      *self);
-void     kd_group_enter          (KdGroup      *self);
-void     kd_group_unqueued       (KdGroup      *self);
-gboolean kd_group_is_cancelled   (KdGroup      *self);
-void     kd_group_note_error     (KdGroup      *self,
-                                  const GError *error);
-void     kd_group_job_ended      (KdGroup      *self,
-                                  KdGroupEnd    end);
+KdGroupState *kd_group_get_state            (KdGroup      *group);
+GCancellable *kd_group_state_get_cancellable (KdGroupState *self);
+gboolean kd_group_state_check_open     (KdGroupState  *self,
+                                        GError       **error);
+void     kd_group_state_count_rejected (KdGroupState  *self);
+void     kd_group_state_enter          (KdGroupState  *self);
+void     kd_group_state_unqueued       (KdGroupState  *self);
+gboolean kd_group_state_is_cancelled   (KdGroupState  *self);
+void     kd_group_state_note_error     (KdGroupState  *self,
+                                        const GError  *error);
+void     kd_group_state_job_ended      (KdGroupState  *self,
+                                        KdGroupEnd     end);
 
 G_END_DECLS

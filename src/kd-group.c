@@ -10,13 +10,20 @@
  * alone: their counters, their barrier, their first error and a
  * cancellable of their own.
  *
- * Each job of the group holds a reference to it from the moment it is
- * about to be queued (kd_group_enter()) until it ended (kd_group_job_ended(),
- * called by the worker that ended it, after its done callback and
- * item-free ran, as the dispatcher releases its unit) or turned out never
- * to be queued (kd_group_unqueued(): its key gave up waiting for room).
- * @pending counts them. The dispatcher's worker asks
- * kd_group_is_cancelled() before it runs a job of the group: once the
+ * What the jobs share with the group is its KdGroupState (the counters,
+ * the barrier, the first error, the cancellable); the KdGroup object adds
+ * the reference to the dispatcher and the API. Each job of the group holds
+ * a reference to the state, not to the group, from the moment it is about
+ * to be queued (kd_group_state_enter()) until it ended
+ * (kd_group_state_job_ended(), called by the worker that ended it, after
+ * its done callback and item-free ran, as the dispatcher releases its unit)
+ * or turned out never to be queued (kd_group_state_unqueued(): its key gave
+ * up waiting for room). So the group, and the dispatcher's reference it
+ * holds, go where the application drops them, never implicitly on a
+ * worker as a job ends: the dispatcher's last unref, which waits for its
+ * jobs and runs its destroy notifies, stays where the application makes
+ * it. @pending counts the jobs. The dispatcher's worker asks
+ * kd_group_state_is_cancelled() before it runs a job of the group: once the
  * group's cancellable is cancelled, by the application or by the first
  * failure of a fail-fast group, its jobs that have not started end
  * cancelled as workers reach them, in their keys' order, through the done
@@ -57,6 +64,12 @@ struct _KdGroup
   GObject       parent_instance;
 
   KdDispatcher *dispatcher;      /* a reference; set at construction */
+  KdGroupState *state;           /* a reference */
+};
+
+struct _KdGroupState
+{
+  gint          ref_count;       /* the group's, its pending jobs', its async waits' */
   GCancellable *cancellable;
   gint          fail_fast;       /* atomic */
 
@@ -88,10 +101,41 @@ enum
 
 static GParamSpec *properties[N_PROPS];
 
+static KdGroupState *
+kd_group_state_new (void)
+{
+  KdGroupState *self = g_new0 (KdGroupState, 1);
+
+  self->ref_count = 1;
+  self->cancellable = g_cancellable_new ();
+  g_mutex_init (&self->lock);
+  g_cond_init (&self->drained);
+  g_queue_init (&self->waits);
+  return self;
+}
+
+/* The last reference goes with the group, its last pending job or its
+ * last async wait, whichever goes last, on any thread: every pending job
+ * and async wait held one, so nothing is pending. */
+static void
+kd_group_state_unref (KdGroupState *self)
+{
+  if (!g_atomic_int_dec_and_test (&self->ref_count))
+    return;
+
+  g_assert (self->pending == 0);
+  g_assert (g_queue_is_empty (&self->waits));
+  g_clear_error (&self->first_error);
+  g_object_unref (self->cancellable);
+  g_mutex_clear (&self->lock);
+  g_cond_clear (&self->drained);
+  g_free (self);
+}
+
 /* A kd_group_wait_async() in progress. */
 typedef struct
 {
-  KdGroup        *group;      /* a reference */
+  KdGroupState   *state;      /* a reference */
   gint            ref_count;  /* the setup's, and @waits' until drained or cancelled */
   KdSubmitResult *result;     /* until completed, by whoever takes it */
   KdCancelWatch  *watch;      /* NULL without a cancellable */
@@ -105,8 +149,7 @@ group_wait_unref (GroupWait *wait)
 
   /* Not in a cancel call on another thread once this returns. */
   g_clear_pointer (&wait->watch, kd_cancel_watch_free);
-  /* Last: this may be the group's last reference. */
-  g_object_unref (wait->group);
+  kd_group_state_unref (wait->state);
   g_free (wait);
 }
 
@@ -116,7 +159,7 @@ static void
 group_wait_cancelled (gpointer user_data)
 {
   GroupWait *wait = user_data;
-  KdGroup *self = wait->group;
+  KdGroupState *self = wait->state;
   gboolean listed;
 
   kd_submit_result_complete_once (&wait->result,
@@ -131,7 +174,7 @@ group_wait_cancelled (gpointer user_data)
 
 /* A copy of the group's first error, or NULL; with @lock held. */
 static GError *
-copy_first_error_locked (KdGroup *self)
+copy_first_error_locked (KdGroupState *self)
 {
   return self->first_error != NULL ? g_error_copy (self->first_error) : NULL;
 }
@@ -139,7 +182,7 @@ copy_first_error_locked (KdGroup *self)
 /* @pending fell to zero: wakes the blocking waits and completes the async
  * ones. */
 static void
-drain (KdGroup *self)
+drain (KdGroupState *self)
 {
   GList *waits, *l;
   GError *error;
@@ -164,20 +207,20 @@ drain (KdGroup *self)
 }
 
 /* One job of the group fewer: the last one drains it. Drops the job's
- * reference, which may be the group's last. */
+ * reference, which may be the state's last. */
 static void
-leave (KdGroup *self)
+leave (KdGroupState *self)
 {
   if (__atomic_sub_fetch (&self->pending, 1, __ATOMIC_ACQ_REL) == 0)
     drain (self);
-  g_object_unref (self);
+  kd_group_state_unref (self);
 }
 
 /* Whether submits through the group are still taken: not once its
  * cancellable is cancelled. */
 gboolean
-kd_group_check_open (KdGroup  *self,
-                     GError  **error)
+kd_group_state_check_open (KdGroupState  *self,
+                           GError       **error)
 {
   if (G_LIKELY (!g_cancellable_is_cancelled (self->cancellable)))
     return TRUE;
@@ -187,30 +230,30 @@ kd_group_check_open (KdGroup  *self,
 }
 
 void
-kd_group_count_rejected (KdGroup *self)
+kd_group_state_count_rejected (KdGroupState *self)
 {
   __atomic_fetch_add (&self->rejected, 1, __ATOMIC_RELAXED);
 }
 
 /* A job of the group is about to be queued: counted before it can end. */
 void
-kd_group_enter (KdGroup *self)
+kd_group_state_enter (KdGroupState *self)
 {
-  g_object_ref (self);
+  g_atomic_int_inc (&self->ref_count);
   __atomic_fetch_add (&self->pending, 1, __ATOMIC_RELAXED);
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELEASE);
 }
 
 /* The job kd_group_enter() counted was never queued. */
 void
-kd_group_unqueued (KdGroup *self)
+kd_group_state_unqueued (KdGroupState *self)
 {
   __atomic_fetch_sub (&self->submitted, 1, __ATOMIC_RELAXED);
   leave (self);
 }
 
 gboolean
-kd_group_is_cancelled (KdGroup *self)
+kd_group_state_is_cancelled (KdGroupState *self)
 {
   return g_cancellable_is_cancelled (self->cancellable);
 }
@@ -218,8 +261,8 @@ kd_group_is_cancelled (KdGroup *self)
 /* A job of the group is ending with @error (failed or cancelled): the
  * first such error is the group's. Before the done callback takes it. */
 void
-kd_group_note_error (KdGroup      *self,
-                     const GError *error)
+kd_group_state_note_error (KdGroupState *self,
+                           const GError *error)
 {
   if (g_atomic_pointer_get (&self->first_error) != NULL)
     return;
@@ -233,8 +276,8 @@ kd_group_note_error (KdGroup      *self,
 /* A job of the group ended: its done callback and item-free ran (with a
  * main context, its handler returned). On the worker that ended it. */
 void
-kd_group_job_ended (KdGroup    *self,
-                    KdGroupEnd  end)
+kd_group_state_job_ended (KdGroupState *self,
+                          KdGroupEnd    end)
 {
   switch (end)
     {
@@ -270,7 +313,7 @@ kd_group_get_property (GObject    *object,
       g_value_set_object (value, self->dispatcher);
       break;
     case PROP_CANCELLABLE:
-      g_value_set_object (value, self->cancellable);
+      g_value_set_object (value, self->state->cancellable);
       break;
     case PROP_FAIL_FAST:
       g_value_set_boolean (value, kd_group_get_fail_fast (self));
@@ -313,18 +356,16 @@ kd_group_constructed (GObject *object)
     g_critical ("KdGroup: made without a dispatcher (see kd_group_new())");
 }
 
-/* Every job and every async wait held a reference: nothing is pending. */
+/* Where the application (or an async call's result, in its context) drops
+ * the last reference: the jobs still pending keep the state, not the
+ * group, so the dispatcher's last reference never goes implicitly on one
+ * of its own workers. */
 static void
 kd_group_finalize (GObject *object)
 {
   KdGroup *self = KD_GROUP (object);
 
-  g_assert (self->pending == 0);
-  g_assert (g_queue_is_empty (&self->waits));
-  g_clear_error (&self->first_error);
-  g_object_unref (self->cancellable);
-  g_mutex_clear (&self->lock);
-  g_cond_clear (&self->drained);
+  kd_group_state_unref (self->state);
   /* Last: this may be the dispatcher's last reference. */
   g_clear_object (&self->dispatcher);
 
@@ -381,10 +422,20 @@ kd_group_class_init (KdGroupClass *klass)
 static void
 kd_group_init (KdGroup *self)
 {
-  self->cancellable = g_cancellable_new ();
-  g_mutex_init (&self->lock);
-  g_cond_init (&self->drained);
-  g_queue_init (&self->waits);
+  self->state = kd_group_state_new ();
+}
+
+/* What the group's jobs share with it (kd-group-private.h). */
+KdGroupState *
+kd_group_get_state (KdGroup *self)
+{
+  return self->state;
+}
+
+GCancellable *
+kd_group_state_get_cancellable (KdGroupState *self)
+{
+  return self->cancellable;
 }
 
 /**
@@ -406,8 +457,8 @@ kd_group_init (KdGroup *self)
  * fail-fast mode ([method@Kd.Group.set_fail_fast]) the group's first failed
  * job cancels it.
  *
- * A handler finds its job's group with [method@Kd.Job.get_group]. See
- * [Groups](groups.html).
+ * A handler finds its group's cancellable with
+ * [method@Kd.Job.get_group_cancellable]. See [Groups](groups.html).
  *
  * Since: 0.1
  */
@@ -458,7 +509,8 @@ kd_group_get_dispatcher (KdGroup *self)
  * in their keys' order, through the done callback; a job waiting for a
  * retry, when its retry comes), and refuses further submits through the
  * group with %G_IO_ERROR_CANCELLED. Running handlers may watch it (see
- * kd_job_get_group()). The dispatcher and its other jobs are not touched.
+ * kd_job_get_group_cancellable()). The dispatcher and its other jobs are not
+ * touched.
  *
  * Returns: (transfer none): the group's cancellable
  *
@@ -469,7 +521,7 @@ kd_group_get_cancellable (KdGroup *self)
 {
   g_return_val_if_fail (KD_IS_GROUP (self), NULL);
 
-  return self->cancellable;
+  return self->state->cancellable;
 }
 
 /**
@@ -495,7 +547,7 @@ kd_group_set_fail_fast (KdGroup  *self,
   g_return_if_fail (KD_IS_GROUP (self));
 
   fail_fast = !!fail_fast;
-  if (g_atomic_int_exchange (&self->fail_fast, fail_fast) != fail_fast)
+  if (g_atomic_int_exchange (&self->state->fail_fast, fail_fast) != fail_fast)
     g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_FAIL_FAST]);
 }
 
@@ -515,7 +567,7 @@ kd_group_get_fail_fast (KdGroup *self)
 {
   g_return_val_if_fail (KD_IS_GROUP (self), FALSE);
 
-  return g_atomic_int_get (&self->fail_fast);
+  return g_atomic_int_get (&self->state->fail_fast);
 }
 
 /**
@@ -549,7 +601,7 @@ kd_group_submit (KdGroup     *self,
   g_return_val_if_fail (self->dispatcher != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return kd_dispatcher_submit_in_group (self->dispatcher, self, key, item, KD_ADMIT_BLOCK, 0,
+  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_BLOCK, 0,
                                         error);
 }
 
@@ -579,7 +631,7 @@ kd_group_try_submit (KdGroup     *self,
   g_return_val_if_fail (self->dispatcher != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return kd_dispatcher_submit_in_group (self->dispatcher, self, key, item, KD_ADMIT_TRY, 0,
+  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_TRY, 0,
                                         error);
 }
 
@@ -614,9 +666,9 @@ kd_group_submit_timeout (KdGroup     *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
   if (timeout_us > G_MAXINT64 - now)
-    return kd_dispatcher_submit_in_group (self->dispatcher, self, key, item, KD_ADMIT_BLOCK, 0,
+    return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_BLOCK, 0,
                                           error);
-  return kd_dispatcher_submit_in_group (self->dispatcher, self, key, item, KD_ADMIT_DEADLINE,
+  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_DEADLINE,
                                         now + MAX (timeout_us, 0), error);
 }
 
@@ -690,9 +742,9 @@ drained_result (KdGroup  *self,
 {
   GError *first;
 
-  kd_mutex_lock (&self->lock);
-  first = copy_first_error_locked (self);
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_lock (&self->state->lock);
+  first = copy_first_error_locked (self->state);
+  kd_mutex_unlock (&self->state->lock);
 
   if (first == NULL)
     return TRUE;
@@ -749,18 +801,18 @@ kd_group_wait_until (KdGroup  *self,
       return FALSE;
     }
 
-  kd_mutex_lock (&self->lock);
-  generation = self->generation;
-  while (drained && __atomic_load_n (&self->pending, __ATOMIC_ACQUIRE) > 0 &&
-         self->generation == generation)
+  kd_mutex_lock (&self->state->lock);
+  generation = self->state->generation;
+  while (drained && __atomic_load_n (&self->state->pending, __ATOMIC_ACQUIRE) > 0 &&
+         self->state->generation == generation)
     {
       if (end_time == G_MAXINT64)
-        kd_cond_wait (&self->drained, &self->lock);
-      else if (!kd_cond_wait_until (&self->drained, &self->lock, end_time))
-        drained = self->generation != generation ||
-                  __atomic_load_n (&self->pending, __ATOMIC_ACQUIRE) == 0;
+        kd_cond_wait (&self->state->drained, &self->state->lock);
+      else if (!kd_cond_wait_until (&self->state->drained, &self->state->lock, end_time))
+        drained = self->state->generation != generation ||
+                  __atomic_load_n (&self->state->pending, __ATOMIC_ACQUIRE) == 0;
     }
-  kd_mutex_unlock (&self->lock);
+  kd_mutex_unlock (&self->state->lock);
 
   if (!drained)
     {
@@ -835,23 +887,24 @@ kd_group_wait_async (KdGroup             *self,
   result = kd_dispatcher_new_group_result (self->dispatcher, self, KD_GROUP_WAIT_TAG, NULL, NULL,
                                            callback, user_data);
 
-  kd_mutex_lock (&self->lock);
-  if (__atomic_load_n (&self->pending, __ATOMIC_ACQUIRE) == 0)
+  kd_mutex_lock (&self->state->lock);
+  if (__atomic_load_n (&self->state->pending, __ATOMIC_ACQUIRE) == 0)
     {
-      GError *first = copy_first_error_locked (self);
+      GError *first = copy_first_error_locked (self->state);
 
       /* Drained already: never listed, nobody else has it. */
-      kd_mutex_unlock (&self->lock);
+      kd_mutex_unlock (&self->state->lock);
       kd_submit_result_complete (result, first);
       return;
     }
 
   wait = g_new0 (GroupWait, 1);
-  wait->group = g_object_ref (self);
+  wait->state = self->state;
+  g_atomic_int_inc (&self->state->ref_count);
   wait->result = result;
   wait->ref_count = 2;
-  g_queue_push_tail (&self->waits, wait);
-  kd_mutex_unlock (&self->lock);
+  g_queue_push_tail (&self->state->waits, wait);
+  kd_mutex_unlock (&self->state->lock);
 
   /* Runs group_wait_cancelled() at once if already cancelled. */
   if (cancellable != NULL)
@@ -910,12 +963,12 @@ kd_group_get_stats (KdGroup *self,
   g_return_if_fail (stats != NULL);
 
   memset (stats, 0, sizeof *stats);
-  stats->completed = __atomic_load_n (&self->completed, __ATOMIC_ACQUIRE);
-  stats->failed = __atomic_load_n (&self->failed, __ATOMIC_ACQUIRE);
-  stats->cancelled = __atomic_load_n (&self->cancelled, __ATOMIC_ACQUIRE);
+  stats->completed = __atomic_load_n (&self->state->completed, __ATOMIC_ACQUIRE);
+  stats->failed = __atomic_load_n (&self->state->failed, __ATOMIC_ACQUIRE);
+  stats->cancelled = __atomic_load_n (&self->state->cancelled, __ATOMIC_ACQUIRE);
   /* Read after the ended counters: every job counted as ended was counted
    * as submitted before, so pending cannot go negative. */
-  stats->submitted = __atomic_load_n (&self->submitted, __ATOMIC_ACQUIRE);
+  stats->submitted = __atomic_load_n (&self->state->submitted, __ATOMIC_ACQUIRE);
   stats->pending = stats->submitted - stats->completed - stats->failed - stats->cancelled;
-  stats->rejected = __atomic_load_n (&self->rejected, __ATOMIC_RELAXED);
+  stats->rejected = __atomic_load_n (&self->state->rejected, __ATOMIC_RELAXED);
 }

@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include "kd-dispatcher-stage-private.h"
+#include "kd-group-private.h"
 #include "kd-job-pool-private.h"
 #include "kd-job-private.h"
 #include "kd-mailbox-private.h"
@@ -41,6 +42,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->item = item;
   job->handed_over = FALSE;
   job->dropped = FALSE;
+  job->room_checks = 0;
   job->attempt = 0;
   job->error = NULL;
   job->epoch = epoch;
@@ -124,27 +126,28 @@ kd_job_get_cancellable (KdJob *job)
 }
 
 /**
- * kd_job_get_group:
+ * kd_job_get_group_cancellable:
  * @job: a job, as passed to a handler or done callback
  *
- * Gets the group the job was submitted through (kd_group_submit() and its
- * variants). A handler of a group's job can watch the group's cancellable
- * (kd_group_get_cancellable()) to stop early when the group is cancelled
- * or, in fail-fast mode, another of its jobs failed.
+ * Gets the cancellable of the group the job was submitted through
+ * (kd_group_submit() and its variants; see kd_group_get_cancellable()). A
+ * handler can poll it, or pass it to GIO calls, to stop early when the
+ * group is cancelled or, in fail-fast mode, another of its jobs failed. It
+ * stays valid while the job is, even if the application dropped the group.
  *
  * Thread-safe while @job is valid.
  *
- * Returns: (transfer none) (nullable): the job's group, or %NULL if it was
- *   not submitted through one
+ * Returns: (transfer none) (nullable): the cancellable of the job's group,
+ *   or %NULL if it was not submitted through one
  *
  * Since: 0.1
  */
-KdGroup *
-kd_job_get_group (KdJob *job)
+GCancellable *
+kd_job_get_group_cancellable (KdJob *job)
 {
   g_return_val_if_fail (job != NULL, NULL);
 
-  return job->group;
+  return job->group != NULL ? kd_group_state_get_cancellable (job->group) : NULL;
 }
 
 /**

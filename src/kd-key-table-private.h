@@ -21,7 +21,8 @@ typedef struct
   guint        capacity;
   KdAdmitMode  mode;
   gint64       deadline;    /* KD_ADMIT_DEADLINE: g_get_monotonic_time() */
-  KdAdmission *admission;   /* a push stops waiting once it is closed */
+  KdAdmission *admission;   /* a push stops waiting once it is closed; NULL
+                             * for a job accepted already (a delayed one) */
 } KdKeyBound;
 
 KdKeyTable *kd_key_table_new   (void);
@@ -40,6 +41,8 @@ gboolean    kd_key_table_push_bounded (KdKeyTable        *self,
 void        kd_key_table_job_ended    (KdKeyTable        *self,
                                        KdMailbox         *mailbox);
 void        kd_key_table_wake_bounded (KdKeyTable        *self);
+guint       kd_key_table_count_jobs   (KdKeyTable        *self,
+                                       const char        *key);
 void        kd_key_table_wait_blocked (KdKeyTable        *self,
                                        const char        *key,
                                        guint              n);

@@ -315,7 +315,7 @@ wait_for_room_locked (Shard            *shard,
     {
       KdMailbox *mailbox;
 
-      if (kd_admission_is_closed (bound->admission))
+      if (bound->admission != NULL && kd_admission_is_closed (bound->admission))
         {
           g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
                                "The dispatcher was closed while the submit waited for "
@@ -440,6 +440,29 @@ kd_key_table_wait_blocked (KdKeyTable *self,
   while ((guint) __atomic_load_n (&shard->n_bound_waiters, __ATOMIC_SEQ_CST) < n)
     kd_cond_wait (&shard->blocked_cond, &shard->lock);
   kd_mutex_unlock (&shard->lock);
+}
+
+/* For tests: how many of @key's jobs count against the per-key bound. */
+guint
+kd_key_table_count_jobs (KdKeyTable *self,
+                         const char *string)
+{
+  KdKey key;
+  KdMailbox *mailbox;
+  Shard *shard;
+  guint n = 0;
+
+  key.string = string;
+  key.hash = kd_key_hash (string, &key.length);
+  shard = shard_of (self, key.hash);
+
+  kd_mutex_lock (&shard->lock);
+  mailbox = kd_key_map_lookup (&shard->map, &key);
+  if (mailbox != NULL)
+    n = (guint) __atomic_load_n (&mailbox->n_jobs, __ATOMIC_SEQ_CST);
+  kd_mutex_unlock (&shard->lock);
+
+  return n;
 }
 
 /* Wakes every push waiting for room in a key (the dispatcher closed). */

@@ -45,6 +45,8 @@ void         kd_scheduler_push_chain (KdScheduler *self,
 void         kd_scheduler_push_at    (KdScheduler *self,
                                       KdTask      *task,
                                       gint64       due_time);
+gboolean     kd_scheduler_ensure_timer (KdScheduler *self,
+                                        GError     **error);
 gboolean     kd_scheduler_call_at    (KdScheduler *self,
                                       gint64       due_time,
                                       KdTimerFunc  func,

@@ -96,13 +96,13 @@ typedef struct
   GMutex     lock;
   KdTaskList tasks;    /* protected by @lock */
   gint       n_tasks;  /* atomic copy of tasks.length, read without the lock */
-} __attribute__ ((aligned (64))) KdGroup;   /* a cache line each: groups do not share one */
+} __attribute__ ((aligned (64))) KdWorkerGroup;   /* a cache line each: groups do not share one */
 
 struct _KdWorker
 {
   /* Immutable */
   KdScheduler *scheduler;
-  KdGroup     *group;
+  KdWorkerGroup     *group;
   guint        index;
   GThread     *thread;
   gpointer     data;        /* set by the start hook, on the worker's thread */
@@ -124,7 +124,7 @@ struct _KdScheduler
   guint       n_groups;
   guint       n_processors;
   KdWorker   *workers;
-  KdGroup    *groups;
+  KdWorkerGroup    *groups;
 
   /* Tier 1: atomic, a stack of tasks linked through task->next, newest first */
   KdTask     *input;
@@ -147,7 +147,9 @@ struct _KdScheduler
   gint        start_verdict;
 
   /* Delayed tasks (kd_scheduler_push_at()): a timer thread, made with
-   * the scheduler if asked for; taken out under @timer_lock when joined.
+   * the scheduler if asked for, or at the owner's first delay
+   * (kd_scheduler_ensure_timer()), under @timer_lock; taken out under it
+   * when joined.
    * Once @hurried, every delay is over (kd_scheduler_sleep_until() too). */
   GMutex      timer_lock;
   GCond       hurry_cond;
@@ -242,7 +244,7 @@ wake_if_useful (KdScheduler *self)
 }
 
 static KdTask *
-group_pop (KdGroup *group)
+group_pop (KdWorkerGroup *group)
 {
   KdTask *task;
   KdTask *last;
@@ -263,7 +265,7 @@ group_pop (KdGroup *group)
 /* Keeps the first task of @chain (@n tasks, the last one @last) and queues
  * the rest in @group. */
 static KdTask *
-keep_first (KdGroup *group,
+keep_first (KdWorkerGroup *group,
             KdTask  *chain,
             KdTask  *last,
             guint    n)
@@ -284,7 +286,7 @@ keep_first (KdGroup *group,
  * order. */
 static KdTask *
 fetch_input (KdScheduler *self,
-             KdGroup     *group)
+             KdWorkerGroup     *group)
 {
   KdTask *newest;
   KdTask *chain = NULL;
@@ -318,7 +320,7 @@ steal (KdScheduler *self,
 
   for (i = 1; i < self->n_groups; i++)
     {
-      KdGroup *victim = &self->groups[(own + i) % self->n_groups];
+      KdWorkerGroup *victim = &self->groups[(own + i) % self->n_groups];
       KdTask *chain;
       KdTask *last;
       guint n;
@@ -588,7 +590,7 @@ kd_scheduler_new (guint              n_workers,
   self->n_groups = CLAMP (n_groups, 1, n_workers);
   self->n_processors = g_get_num_processors ();
   self->workers = g_new0 (KdWorker, n_workers);
-  self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdGroup), G_ALIGNOF (KdGroup));
+  self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdWorkerGroup), G_ALIGNOF (KdWorkerGroup));
   g_mutex_init (&self->idle_lock);
   g_mutex_init (&self->join_lock);
   g_mutex_init (&self->start_lock);
@@ -690,6 +692,38 @@ push_due_task (gpointer owner,
                gpointer task)
 {
   kd_scheduler_push (owner, task);
+}
+
+/* Any thread, while the owner has tasks pending (so before the shutdown):
+ * makes the timer's thread if the scheduler was made without one, for an
+ * owner that delays its first task later. FALSE with the thread error if
+ * it cannot be made. */
+gboolean
+kd_scheduler_ensure_timer (KdScheduler  *self,
+                           GError      **error)
+{
+  gboolean ok = TRUE;
+
+  kd_mutex_lock (&self->timer_lock);
+  if (self->timer == NULL)
+    {
+      KdTimer *timer = kd_timer_new ("kd-timer", error);
+
+      if (timer == NULL)
+        {
+          g_prefix_error (error, "Could not start the timer thread: ");
+          ok = FALSE;
+        }
+      else
+        {
+          if (self->hurried)
+            kd_timer_hurry (timer);
+          __atomic_store_n (&self->timer, timer, __ATOMIC_RELAXED);
+        }
+    }
+  kd_mutex_unlock (&self->timer_lock);
+
+  return ok;
 }
 
 /* Any thread: calls @func (@owner, @data) on the timer's thread once

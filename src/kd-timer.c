@@ -5,10 +5,11 @@
  * DESIGN
  *
  * A job that failed and will be retried waits out its backoff here, not on
- * a worker, and so do the idle keys' states: the timer holds calls (a
- * function and its data: the scheduler's push of the job, or of its key's
- * mailbox with the job back at its head; the dispatcher's sweep of its
- * idle keys, one call however many keys are idle) in a binary min-heap
+ * a worker, and so do the idle keys' states and delayed jobs: the timer
+ * holds calls (a function and its data: the scheduler's push of the job,
+ * or of its key's mailbox with the job back at its head; the dispatcher's
+ * sweep of its idle keys, one call however many keys are idle; a delayed
+ * job's entry into its key) in a binary min-heap
  * ordered by due time, and its one
  * thread sleeps until the earliest is due, then makes the call outside the
  * lock. Calls due at the same time are made in the order they came. The
@@ -16,8 +17,9 @@
  * a burst of waiting calls does not keep its peak size.
  *
  * The thread is made with the timer, and kd_timer_new() fails with the
- * thread error if it cannot be: its owner makes it when it starts, where
- * the failure can be reported, never when a call is added.
+ * thread error if it cannot be: its owner makes it where the failure can
+ * be reported (when it starts, or at the first delayed job, whose submit
+ * then fails), never when a call is added.
  *
  * kd_timer_hurry() makes every call due now, and every call added later
  * too: once a dispatcher is cancelled, its waiting retries end (cancelled)

@@ -21,7 +21,10 @@
  *    order of two submits that overlapped in time is whichever the
  *    dispatcher accepted first, which the model cannot see, so it does not
  *    check it. Within one batch (kd_dispatcher_submit_many()), an item
- *    comes before those after it in the array;
+ *    comes before those after it in the array. A delayed item
+ *    (kd_dispatcher_submit_at()) takes its place at its due time, which
+ *    the model does not see: it is left out of this order, and its handler
+ *    checks that it runs no earlier than its due time;
  *  - no submit called after a close() or cancel returned was accepted, and
  *    such a refusal is CLOSED even when the bound is also reached; a CLOSED
  *    refusal only after some close, cancel or pre-cancelled cancellable; no
@@ -405,8 +408,10 @@ kd_model_check_items (KdModel *model)
       KdModelItem *item = &model->items[i];
       GArray *drops;
 
+      /* A delayed item joins its key at its due time, which the model does
+       * not see. */
       if (item->status != ITEM_ACCEPTED || item->key >= model->n_keys ||
-          (drops = model->drop_ticks[item->key]) == NULL)
+          item->how == HOW_AFTER || (drops = model->drop_ticks[item->key]) == NULL)
         continue;
       for (j = 0; j < drops->len; j++)
         {
@@ -424,13 +429,15 @@ kd_model_check_items (KdModel *model)
     {
       KdModelItem *x = &model->items[i];
 
-      if (x->status != ITEM_ACCEPTED || x->key >= model->n_keys)
+      /* A delayed item takes its place in its key at its due time, which
+       * the model does not see: it only checks that it ran no earlier. */
+      if (x->status != ITEM_ACCEPTED || x->key >= model->n_keys || x->how == HOW_AFTER)
         continue;
       for (j = 0; j < model->n_items; j++)
         {
           KdModelItem *y = &model->items[j];
 
-          if (y->status != ITEM_ACCEPTED || y->key != x->key ||
+          if (y->status != ITEM_ACCEPTED || y->key != x->key || y->how == HOW_AFTER ||
               !(x->after < y->before ||
                 (x->batch != 0 && x->batch == y->batch && x->batch_index < y->batch_index)))
             continue;

@@ -98,6 +98,15 @@ describe_submit (GString              *out,
 }
 
 static void
+describe_submit_after (GString              *out,
+                       const KdModelProgram *program,
+                       const KdModelOp      *op)
+{
+  describe_submit (out, program, op);
+  g_string_append_printf (out, " delay=%" G_GINT64_FORMAT "us", timeouts_us[op->arg]);
+}
+
+static void
 describe_submit_timeout (GString              *out,
                          const KdModelProgram *program,
                          const KdModelOp      *op)
@@ -115,8 +124,13 @@ note_accepted (ModelThread *thread,
 
   thread->accepted++;
   g_atomic_int_set (&item->status, ITEM_ACCEPTED);
-  if (item->key < model->n_keys &&
-      g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 1))
+  /* A delayed item counts against its key's bound from its due time, which
+   * the model does not see: it never counts it (the model's count is then a
+   * lower bound, and its checks of the key's bound still hold). */
+  if (item->how == HOW_AFTER)
+    g_atomic_int_set (&item->pending_counted, 2);
+  else if (item->key < model->n_keys &&
+           g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 1))
     g_atomic_int_inc (&model->key_pending[item->key]);
 }
 
@@ -178,6 +192,11 @@ run_submits (ModelThread     *thread,
         case HOW_GROUP:
           accepted = kd_group_submit (thread->group, key, token, &error);
           break;
+        case HOW_AFTER:
+          item->due_us = g_get_monotonic_time () + timeouts_us[op->arg];
+          accepted = kd_dispatcher_submit_at (thread->dispatcher, key, token, item->due_us,
+                                              &error);
+          break;
         case HOW_TIMEOUT:
         default:
           accepted = kd_dispatcher_submit_timeout (thread->dispatcher, key, token,
@@ -197,6 +216,7 @@ run_submits (ModelThread     *thread,
       else
         {
           const char *call = how == HOW_GROUP ? "group_submit" :
+                             how == HOW_AFTER ? "submit_at" :
                              how == HOW_TRY ? "try_submit" :
                              how == HOW_TIMEOUT ? "submit_timeout" : "submit";
           gboolean right_code = FALSE;
@@ -207,7 +227,7 @@ run_submits (ModelThread     *thread,
           if (error != NULL && error->domain == KD_ERROR)
             {
               right_code = error->code == KD_ERROR_CLOSED ||
-                           (how == HOW_TRY && error->code == KD_ERROR_FULL) ||
+                           ((how == HOW_TRY || how == HOW_AFTER) && error->code == KD_ERROR_FULL) ||
                            (how == HOW_TIMEOUT && error->code == KD_ERROR_TIMEOUT);
               item->refused_code = error->code;
             }
@@ -915,7 +935,7 @@ run_parked (ModelThread     *thread,
 static const OpClass op_table[] = {
   { "submit",         38, decode_submit,         run_submits, describe_submit,         HOW_SUBMIT },
   { "submit_async",   24, decode_async_submit,   run_async_submits, describe_submit,   HOW_ASYNC },
-  { "try_submit",     48, decode_submit,         run_submits, describe_submit,         HOW_TRY },
+  { "try_submit",     44, decode_submit,         run_submits, describe_submit,         HOW_TRY },
   { "submit_timeout", 40, decode_submit_timeout, run_submits, describe_submit_timeout, HOW_TIMEOUT },
   { "wait",           24, NULL,                  run_wait,    NULL,                    0 },
   { "stats",          12, NULL,                  run_stats,   NULL,                    0 },
@@ -933,6 +953,7 @@ static const OpClass op_table[] = {
   { "wait_until",      3, decode_wait_until,     run_wait_until, describe_wait_until,   0 },
   { "wait_async",      3, decode_wait_async,     run_wait_async, NULL,                  0 },
   { "group",           4, decode_submit,         run_group,   describe_submit,         0 },
+  { "submit_after",    4, decode_submit_timeout, run_submits, describe_submit_after,   HOW_AFTER },
 };
 
 /* Whether @op submits its burst in one batch: its items' keys then

@@ -38,6 +38,7 @@ typedef enum
   HOW_TRY_MANY,
   HOW_TIMEOUT_MANY,
   HOW_GROUP,
+  HOW_AFTER,     /* kd_dispatcher_submit_at(): joins its key at @due_us */
 } SubmitHow;
 
 typedef struct
@@ -54,6 +55,7 @@ typedef struct
    * status (an async submission's when its callback ran: it was accepted,
    * if it was, before that) */
   SubmitHow  how;
+  gint64     due_us;        /* HOW_AFTER: its due time (monotonic), set before the call */
   gpointer   async_token;   /* HOW_ASYNC: the item given, until the callback */
   guint      batch;         /* the *_MANY ops: its op's index + 1; 0 for others */
   guint      batch_index;   /* its place in the batch */

@@ -329,6 +329,9 @@ model_handler (KdJob    *job,
   g_atomic_int_set (&item->run_tick, tick);
   if (runs == 0)
     g_atomic_int_set (&item->first_run_tick, tick);
+  if (runs == 0 && item->how == HOW_AFTER)
+    CHECK (model, g_get_monotonic_time () >= item->due_us,
+           "item %u: delayed, ran before its due time", item->id);
   g_atomic_int_set (&item->handler_returned, 0);
   check_worker_data (model, job, item->id, "the handler");
 

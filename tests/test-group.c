@@ -42,7 +42,7 @@ fixture_handler (KdJob    *job,
 {
   Fixture *f = user_data;
   gpointer item = kd_job_get_item (job);
-  KdGroup *group = kd_job_get_group (job);
+  GCancellable *group_cancellable = kd_job_get_group_cancellable (job);
   gboolean hold, fail;
   guint n = GPOINTER_TO_UINT (item);
 
@@ -64,7 +64,7 @@ fixture_handler (KdJob    *job,
     {
       kd_test_counter_add (&f->arrived, 1);
       g_assert_true (kd_test_gate_wait (&f->gate));
-      if (group != NULL && g_cancellable_is_cancelled (kd_group_get_cancellable (group)))
+      if (group_cancellable != NULL && g_cancellable_is_cancelled (group_cancellable))
         g_atomic_int_inc (&f->saw_group_cancelled);
     }
 
@@ -808,28 +808,34 @@ test_refused (void)
   fixture_clear (&f);
 }
 
-/* Object data freed: the end of the object's finalize (weak references
- * are notified earlier, at dispose, before a deferred shutdown ran). */
+/* Object data freed at the end of the object's finalize: notes the thread. */
 static void
 finalized (gpointer user_data)
 {
-  kd_test_gate_open (user_data);
+  *(GThread **) user_data = g_thread_self ();
+}
+
+static gpointer
+unref_thread (gpointer object)
+{
+  g_object_unref (object);
+  return NULL;
 }
 
 static void
-test_last_refs_on_worker (void)
+test_dropped_early (void)
 {
   Fixture f;
   KdDispatcher *dispatcher = fixture_init (&f, 2);
   KdGroup *group = kd_group_new (dispatcher);
-  KdTestGate group_gone, dispatcher_gone;
+  GThread *group_gone = NULL, *dispatcher_gone = NULL, *dropper;
 
-  g_test_summary ("A group lives while its jobs are pending: the caller may drop it and "
-                  "the dispatcher at once, the last job lets both go on its worker, and "
-                  "every job ends once");
+  g_test_summary ("The application may drop a group while its jobs are pending: they "
+                  "end once each all the same; the group goes at once, and the "
+                  "dispatcher's last reference, if the group held it, goes on the thread "
+                  "that dropped the group, which waits there for the jobs, never on a "
+                  "worker");
 
-  kd_test_gate_init (&group_gone);
-  kd_test_gate_init (&dispatcher_gone);
   g_object_set_data_full (G_OBJECT (group), "gone", &group_gone, finalized);
   g_object_set_data_full (G_OBJECT (dispatcher), "gone", &dispatcher_gone, finalized);
 
@@ -838,19 +844,51 @@ test_last_refs_on_worker (void)
   group_submit (group, "a", 2);
   group_submit (group, NULL, 3);
   g_assert_true (kd_test_counter_wait (&f.arrived, 1));
-  g_object_unref (dispatcher);
-  g_object_unref (group);
-  g_assert_false (kd_test_gate_wait_for (&group_gone, 0));
 
+  /* The group held the dispatcher's last reference: dropping the group on
+   * another thread shuts the dispatcher down there, once the jobs ended. */
+  g_object_unref (dispatcher);
+  dropper = g_thread_new ("dropper", unref_thread, group);
   kd_test_gate_open (&f.gate);
-  g_assert_true (kd_test_gate_wait (&group_gone));
-  g_assert_true (kd_test_gate_wait (&dispatcher_gone));
+  g_thread_join (dropper);
+
+  g_assert_true (group_gone == dropper);
+  g_assert_true (dispatcher_gone == dropper);
   g_assert_cmpuint (ends_of (&f, 1), ==, 1);
   g_assert_cmpuint (ends_of (&f, 2), ==, 1);
   g_assert_cmpuint (ends_of (&f, 3), ==, 1);
+  fixture_clear (&f);
+}
 
-  kd_test_gate_clear (&group_gone);
-  kd_test_gate_clear (&dispatcher_gone);
+static void
+test_group_gone_first (void)
+{
+  Fixture f;
+  KdDispatcher *dispatcher = fixture_init (&f, 2);
+  KdGroup *group = kd_group_new (dispatcher);
+  GThread *group_gone = NULL;
+
+  g_test_summary ("A group dropped while its jobs are pending goes at once; its jobs "
+                  "end once each, and their handlers still see the group's "
+                  "cancellable");
+
+  g_object_set_data_full (G_OBJECT (group), "gone", &group_gone, finalized);
+  hold (&f, 1);
+  group_submit (group, "a", 1);
+  group_submit (group, "a", 2);
+  g_assert_true (kd_test_counter_wait (&f.arrived, 1));
+  g_cancellable_cancel (kd_group_get_cancellable (group));
+  g_object_unref (group);
+  g_assert_true (group_gone == g_thread_self ());
+
+  kd_test_gate_open (&f.gate);
+  kd_dispatcher_wait (dispatcher);
+  g_assert_cmpint (f.saw_group_cancelled, ==, 1);
+  g_assert_cmpuint (ends_of (&f, 1), ==, 1);
+  g_assert_cmpuint (ends_of (&f, 2), ==, 1);
+  g_assert_cmpint (f.cancelled, ==, 1);
+
+  g_object_unref (dispatcher);
   fixture_clear (&f);
 }
 
@@ -871,7 +909,8 @@ main (int   argc,
   g_test_add_func ("/group/submit-async", test_submit_async);
   g_test_add_func ("/group/wait-from-worker", test_wait_from_worker);
   g_test_add_func ("/group/refused", test_refused);
-  g_test_add_func ("/group/last-refs-on-worker", test_last_refs_on_worker);
+  g_test_add_func ("/group/dropped-early", test_dropped_early);
+  g_test_add_func ("/group/group-gone-first", test_group_gone_first);
 
   return g_test_run ();
 }

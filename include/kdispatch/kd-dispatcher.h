@@ -304,6 +304,18 @@ gboolean      kd_dispatcher_submit_timeout   (KdDispatcher   *self,
                                               gint64          timeout_us,
                                               GError        **error);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_after     (KdDispatcher   *self,
+                                              const char     *key,
+                                              gpointer        item,
+                                              gint64          delay_us,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_at        (KdDispatcher   *self,
+                                              const char     *key,
+                                              gpointer        item,
+                                              gint64          due_time,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_submit_many      (KdDispatcher       *self,
                                               const char * const *keys,
                                               gpointer           *items,

@@ -16,7 +16,6 @@
 G_BEGIN_DECLS
 
 typedef struct _KdJob KdJob;
-typedef struct _KdGroup KdGroup;
 
 KD_AVAILABLE_IN_ALL
 const char   *kd_job_get_key         (KdJob *job);
@@ -25,7 +24,7 @@ gpointer      kd_job_get_item        (KdJob *job);
 KD_AVAILABLE_IN_ALL
 GCancellable *kd_job_get_cancellable (KdJob *job);
 KD_AVAILABLE_IN_ALL
-KdGroup      *kd_job_get_group       (KdJob *job);
+GCancellable *kd_job_get_group_cancellable (KdJob *job);
 KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_key_state   (KdJob *job);
 KD_AVAILABLE_IN_ALL

@@ -248,7 +248,7 @@ def test_group():
 
     def handler(job):
         item = job.get_item()
-        seen_group.append(job.get_group())
+        seen_group.append(job.get_group_cancellable())
         if item == 1000:
             gate.wait(DEADLINE_S)
         if item == 3:
@@ -293,7 +293,8 @@ def test_group():
           (stats.submitted, stats.completed, stats.failed, stats.cancelled, stats.pending) ==
           (10, 3, 1, 6, 0), '%d %d %d %d %d' % (stats.submitted, stats.completed, stats.failed,
                                               stats.cancelled, stats.pending))
-    check('group: a handler sees its job\'s group', seen_group[0] == outside and group in seen_group)
+    check('group: a handler sees its job\'s group\'s cancellable',
+          seen_group[0] == outside.get_cancellable() and group.get_cancellable() in seen_group)
     try:
         group.try_submit(None, 99)
         refused = False
