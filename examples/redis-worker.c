@@ -11,6 +11,12 @@
  *   redis-worker --port 6379 --produce 100000 --keys 1000  # a producer
  *   redis-worker --port 6379 --bench 1000000 --name bench  # a benchmark
  *
+ * --url takes the server as Redis clients do (redis://[user@]host:port/db,
+ * unix:///path/to/redis.sock). A password comes from --password-file
+ * (its first line), else from the REDISCLI_AUTH environment variable, as
+ * redis-cli reads it, else from the URL: never from an option of its own,
+ * which any user of the machine could read in the process list.
+ *
  * The benchmark adds its jobs to an empty queue, then starts --consumers
  * workers (this program again) and waits until they have finished every
  * job: it prints the rate of each phase.
@@ -45,6 +51,9 @@ typedef struct
   gint        jobs_run;   /* atomic */
 } Worker;
 
+static char   *opt_url = NULL;
+static char   *opt_user = NULL;
+static char   *opt_password_file = NULL;
 static char   *opt_host = NULL;
 static int     opt_port = 6379;
 static char   *opt_name = NULL;
@@ -65,6 +74,12 @@ static int     opt_consumers = 2;
 static int     opt_stop_at = 0;
 
 static GOptionEntry options[] = {
+  { "url", 0, 0, G_OPTION_ARG_STRING, &opt_url, "Redis server as a URL (instead of --host and --port)",
+    "redis://[USER@]HOST[:PORT][/DB]" },
+  { "user", 0, 0, G_OPTION_ARG_STRING, &opt_user, "Redis ACL user (the password from "
+    "--password-file or REDISCLI_AUTH)", "USER" },
+  { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file, "Read the Redis password from "
+    "the first line of FILE (else REDISCLI_AUTH, else the URL's)", "FILE" },
   { "host", 0, 0, G_OPTION_ARG_STRING, &opt_host, "Redis host (127.0.0.1)", "HOST" },
   { "port", 0, 0, G_OPTION_ARG_INT, &opt_port, "Redis port (6379)", "PORT" },
   { "name", 0, 0, G_OPTION_ARG_STRING, &opt_name, "Queue name (jobs)", "NAME" },
@@ -178,12 +193,52 @@ quit (gpointer loop)
   return G_SOURCE_REMOVE;
 }
 
+/* The password from --password-file or REDISCLI_AUTH, or NULL; exits on a
+ * file that cannot be read. */
+static char *
+read_password (void)
+{
+  g_autofree char *contents = NULL;
+  g_autoptr (GError) error = NULL;
+
+  if (opt_password_file == NULL)
+    return g_strdup (g_getenv ("REDISCLI_AUTH"));
+  if (!g_file_get_contents (opt_password_file, &contents, NULL, &error))
+    {
+      g_printerr ("redis-worker: %s\n", error->message);
+      exit (2);
+    }
+  contents[strcspn (contents, "\r\n")] = '\0';
+  return g_steal_pointer (&contents);
+}
+
 static KdRedisQueue *
 open_queue (void)
 {
   KdRedisQueue *queue = kd_redis_queue_new (opt_name != NULL ? opt_name : "jobs");
+  g_autofree char *password = read_password ();
+  g_autoptr (GError) error = NULL;
 
-  kd_redis_queue_set_address (queue, opt_host != NULL ? opt_host : "127.0.0.1", (guint) opt_port);
+  if (opt_url != NULL)
+    {
+      if (!kd_redis_queue_set_url (queue, opt_url, &error))
+        {
+          g_printerr ("redis-worker: --url: %s\n", error->message);
+          exit (2);
+        }
+    }
+  else
+    {
+      kd_redis_queue_set_address (queue, opt_host != NULL ? opt_host : "127.0.0.1",
+                                  (guint) opt_port);
+    }
+  if (password != NULL)
+    kd_redis_queue_set_credentials (queue, opt_user, password);
+  else if (opt_user != NULL)
+    {
+      g_printerr ("redis-worker: --user needs a password (--password-file or REDISCLI_AUTH)\n");
+      exit (2);
+    }
   kd_redis_queue_set_n_shards (queue, (guint) opt_shards);
   kd_redis_queue_set_lease_time (queue, (gint64) opt_lease_ms * 1000);
   kd_redis_queue_set_batch_size (queue, (guint) opt_batch);
@@ -316,15 +371,32 @@ bench (const char *program)
   start = g_get_monotonic_time ();
   for (i = 0; i < opt_consumers; i++)
     {
-      g_autofree char *host = g_strdup_printf ("--host=%s", opt_host != NULL ? opt_host : "127.0.0.1");
-      g_autofree char *port = g_strdup_printf ("--port=%d", opt_port);
-      g_autofree char *name = g_strdup_printf ("--name=%s", kd_redis_queue_get_name (queue));
-      g_autofree char *shards = g_strdup_printf ("--shards=%d", opt_shards);
-      g_autofree char *lease = g_strdup_printf ("--lease-ms=%d", opt_lease_ms);
-      g_autofree char *batch = g_strdup_printf ("--batch=%d", opt_batch);
-      g_autofree char *threads = g_strdup_printf ("--workers=%d", opt_workers);
-      GSubprocess *worker = g_subprocess_new (G_SUBPROCESS_FLAGS_STDOUT_PIPE, &error, program, host,
-                                              port, name, shards, lease, batch, threads, NULL);
+      g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+      GSubprocess *worker;
+
+      /* The same server and login: the password through the environment
+       * (inherited) or the same file, never on the command line. */
+      g_ptr_array_add (args, g_strdup (program));
+      if (opt_url != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--url=%s", opt_url));
+      else
+        {
+          g_ptr_array_add (args, g_strdup_printf ("--host=%s",
+                                                  opt_host != NULL ? opt_host : "127.0.0.1"));
+          g_ptr_array_add (args, g_strdup_printf ("--port=%d", opt_port));
+        }
+      if (opt_user != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--user=%s", opt_user));
+      if (opt_password_file != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--password-file=%s", opt_password_file));
+      g_ptr_array_add (args, g_strdup_printf ("--name=%s", kd_redis_queue_get_name (queue)));
+      g_ptr_array_add (args, g_strdup_printf ("--shards=%d", opt_shards));
+      g_ptr_array_add (args, g_strdup_printf ("--lease-ms=%d", opt_lease_ms));
+      g_ptr_array_add (args, g_strdup_printf ("--batch=%d", opt_batch));
+      g_ptr_array_add (args, g_strdup_printf ("--workers=%d", opt_workers));
+      g_ptr_array_add (args, NULL);
+      worker = g_subprocess_newv ((const char * const *) args->pdata,
+                                  G_SUBPROCESS_FLAGS_STDOUT_PIPE, &error);
 
       if (worker == NULL)
         {

@@ -106,6 +106,14 @@ void          kd_redis_queue_set_address     (KdRedisQueue    *self,
                                               const char      *host,
                                               guint            port);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_redis_queue_set_url         (KdRedisQueue    *self,
+                                              const char      *url,
+                                              GError         **error);
+KD_AVAILABLE_IN_ALL
+void          kd_redis_queue_set_credentials (KdRedisQueue    *self,
+                                              const char      *user,
+                                              const char      *password);
+KD_AVAILABLE_IN_ALL
 void          kd_redis_queue_set_n_shards    (KdRedisQueue    *self,
                                               guint            n_shards);
 KD_AVAILABLE_IN_ALL

@@ -250,7 +250,7 @@ kd_redis_acker_main (gpointer data)
   gint64 retry_at = 0;
 
   kd_redis_sigpipe_block_thread ();
-  kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
+  kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
   kd_redis_conn_set_name (&conn, self->config.name, "acker", self->member);
 
   for (;;)

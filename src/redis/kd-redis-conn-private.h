@@ -9,6 +9,8 @@
 #include <hiredis/hiredis.h>
 #include <signal.h>
 
+#include "kd-redis-server-private.h"
+
 G_BEGIN_DECLS
 
 /* The consumer group every process of a queue reads its streams with. */
@@ -35,8 +37,8 @@ const char  *kd_redis_script_source    (KdRedisScript  script);
 typedef struct
 {
   redisContext *context;         /* NULL while disconnected */
-  char         *host;
-  guint         port;
+  KdRedisServer server;          /* a copy: where, and how to log in */
+  char         *where;           /* the server, for messages (no credentials) */
   gint64        timeout_us;      /* connect, read and write timeout */
   char         *name;            /* CLIENT SETNAME's, or NULL */
   char          sha[KD_REDIS_N_SCRIPTS][41];
@@ -54,8 +56,7 @@ typedef struct
 } KdRedisArgs;
 
 void         kd_redis_conn_init        (KdRedisConn   *conn,
-                                        const char    *host,
-                                        guint          port,
+                                        const KdRedisServer *server,
                                         gint64         timeout_us);
 void         kd_redis_conn_set_name    (KdRedisConn   *conn,
                                         const char    *queue,

@@ -376,14 +376,13 @@ kd_redis_args_add_script (KdRedisArgs   *args,
 }
 
 void
-kd_redis_conn_init (KdRedisConn *conn,
-                    const char  *host,
-                    guint        port,
-                    gint64       timeout_us)
+kd_redis_conn_init (KdRedisConn         *conn,
+                    const KdRedisServer *server,
+                    gint64               timeout_us)
 {
   memset (conn, 0, sizeof *conn);
-  conn->host = g_strdup (host);
-  conn->port = port;
+  kd_redis_server_copy (&conn->server, server);
+  conn->where = kd_redis_server_describe (server);
   conn->timeout_us = timeout_us;
 }
 
@@ -409,7 +408,8 @@ void
 kd_redis_conn_clear (KdRedisConn *conn)
 {
   kd_redis_conn_close (conn);
-  g_clear_pointer (&conn->host, g_free);
+  kd_redis_server_clear (&conn->server);
+  g_clear_pointer (&conn->where, g_free);
   g_clear_pointer (&conn->name, g_free);
 }
 
@@ -424,14 +424,16 @@ set_io_error (KdRedisConn  *conn,
               GError      **error)
 {
   g_set_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_CLOSED,
-               "Redis at %s:%u: %s", conn->host, conn->port,
+               "Redis at %s: %s", conn->where,
                conn->context != NULL && conn->context->errstr[0] != '\0' ?
                conn->context->errstr : "connection lost");
   kd_redis_conn_close (conn);
 }
 
 /* An error reply leaves the connection usable, except NOSCRIPT: the server
- * lost the scripts (a restart, SCRIPT FLUSH), and reconnecting loads them. */
+ * lost the scripts (a restart, SCRIPT FLUSH), and reconnecting loads them.
+ * A refusal for want of a login or a permission (NOAUTH, NOPERM,
+ * WRONGPASS) is G_IO_ERROR_PERMISSION_DENIED. */
 static redisReply *
 check_reply (KdRedisConn  *conn,
              redisReply   *reply,
@@ -444,14 +446,87 @@ check_reply (KdRedisConn  *conn,
     }
   if (reply->type == REDIS_REPLY_ERROR)
     {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "Redis at %s:%u: %s",
-                   conn->host, conn->port, reply->str);
+      gboolean denied = g_str_has_prefix (reply->str, "NOAUTH") ||
+                        g_str_has_prefix (reply->str, "NOPERM") ||
+                        g_str_has_prefix (reply->str, "WRONGPASS");
+
+      g_set_error (error, G_IO_ERROR, denied ? G_IO_ERROR_PERMISSION_DENIED : G_IO_ERROR_FAILED,
+                   "Redis at %s: %s", conn->where, reply->str);
       if (g_str_has_prefix (reply->str, "NOSCRIPT"))
         kd_redis_conn_close (conn);
       kd_redis_reply_free (reply);
       return NULL;
     }
   return reply;
+}
+
+/* Sends one command of @argc strings on a fresh connection and checks that
+ * it succeeded; FALSE with @error set otherwise. */
+static gboolean
+run_setup_command (KdRedisConn  *conn,
+                   int           argc,
+                   const char  **argv,
+                   GError      **error)
+{
+  size_t argvlen[3];
+  redisReply *reply;
+  int i;
+
+  g_assert (argc <= (int) G_N_ELEMENTS (argvlen));
+  for (i = 0; i < argc; i++)
+    argvlen[i] = strlen (argv[i]);
+  reply = check_reply (conn, redisCommandArgv (conn->context, argc, argv, argvlen), error);
+  if (reply == NULL)
+    return FALSE;
+  kd_redis_reply_free (reply);
+  return TRUE;
+}
+
+/* AUTH, with the ACL user if there is one, and SELECT, on every connect: a
+ * refusal is G_IO_ERROR_PERMISSION_DENIED (the server's reason, never the
+ * password, in the message). */
+static gboolean
+log_in (KdRedisConn  *conn,
+        GError      **error)
+{
+  GError *local_error = NULL;
+
+  if (conn->server.password != NULL)
+    {
+      const char *argv[] = { "AUTH", conn->server.user, conn->server.password };
+      gboolean ok;
+
+      if (conn->server.user != NULL)
+        ok = run_setup_command (conn, 3, argv, &local_error);
+      else
+        {
+          argv[1] = conn->server.password;
+          ok = run_setup_command (conn, 2, argv, &local_error);
+        }
+      if (!ok)
+        {
+          /* The reply's text, without check_reply()'s prefix. */
+          g_set_error (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED,
+                       "Redis at %s refused the credentials%s%s (%s)", conn->where,
+                       conn->server.user != NULL ? " of user " : "",
+                       conn->server.user != NULL ? conn->server.user : "",
+                       local_error->message);
+          g_error_free (local_error);
+          return FALSE;
+        }
+    }
+
+  if (conn->server.db != 0)
+    {
+      char db[16];
+      const char *argv[] = { "SELECT", db };
+
+      g_snprintf (db, sizeof db, "%u", conn->server.db);
+      if (!run_setup_command (conn, 2, argv, error))
+        return FALSE;
+    }
+
+  return TRUE;
 }
 
 gboolean
@@ -466,11 +541,14 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
 
   tv.tv_sec = conn->timeout_us / G_USEC_PER_SEC;
   tv.tv_usec = conn->timeout_us % G_USEC_PER_SEC;
-  conn->context = redisConnectWithTimeout (conn->host, (int) conn->port, tv);
+  if (conn->server.socket_path != NULL)
+    conn->context = redisConnectUnixWithTimeout (conn->server.socket_path, tv);
+  else
+    conn->context = redisConnectWithTimeout (conn->server.host, (int) conn->server.port, tv);
   if (conn->context == NULL || conn->context->err != 0)
     {
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED,
-                   "Cannot connect to Redis at %s:%u: %s", conn->host, conn->port,
+                   "Cannot connect to Redis at %s: %s", conn->where,
                    conn->context != NULL ? conn->context->errstr : "out of memory");
       kd_redis_conn_close (conn);
       return FALSE;
@@ -481,20 +559,24 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
       set_io_error (conn, error);
       return FALSE;
     }
-  redisEnableKeepAlive (conn->context);
+  if (conn->server.socket_path == NULL)
+    redisEnableKeepAlive (conn->context);
+
+  if (!log_in (conn, error))
+    {
+      kd_redis_conn_close (conn);
+      return FALSE;
+    }
 
   if (conn->name != NULL)
     {
       const char *argv[] = { "CLIENT", "SETNAME", conn->name };
-      size_t argvlen[] = { 6, 7, strlen (conn->name) };
-      redisReply *reply = check_reply (conn, redisCommandArgv (conn->context, 3, argv, argvlen), error);
 
-      if (reply == NULL)
+      if (!run_setup_command (conn, 3, argv, error))
         {
           kd_redis_conn_close (conn);
           return FALSE;
         }
-      kd_redis_reply_free (reply);
     }
 
   for (i = 0; i < KD_REDIS_N_SCRIPTS; i++)
@@ -557,7 +639,7 @@ kd_redis_conn_read (KdRedisConn  *conn,
   if (conn->context == NULL)
     {
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_NOT_CONNECTED,
-                   "Redis at %s:%u: connection lost", conn->host, conn->port);
+                   "Redis at %s: connection lost", conn->where);
       return NULL;
     }
   if (redisGetReply (conn->context, &reply) != REDIS_OK)
@@ -597,7 +679,7 @@ kd_redis_conn_read_until (KdRedisConn  *conn,
     return check_reply (conn, reply, error);
   if (deadline >= 0 && left <= 0)
     {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s:%u: timed out", conn->host, conn->port);
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s: timed out", conn->where);
       kd_redis_conn_close (conn);
       return NULL;
     }
@@ -608,7 +690,7 @@ kd_redis_conn_read_until (KdRedisConn  *conn,
     }
   reply = kd_redis_conn_read (conn, &local_error);
   if (reply == NULL && deadline >= 0 && g_get_monotonic_time () >= deadline)
-    g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s:%u: timed out", conn->host, conn->port);
+    g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s: timed out", conn->where);
   else if (reply == NULL)
     g_propagate_error (error, g_steal_pointer (&local_error));
   return reply;
@@ -685,14 +767,14 @@ kd_redis_conn_transaction (KdRedisConn  *conn,
     for (i = 0; i < reply->elements && ok; i++)
       if (reply->element[i]->type == REDIS_REPLY_ERROR)
         {
-          g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "Redis at %s:%u: %s",
-                       conn->host, conn->port, reply->element[i]->str);
+          g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "Redis at %s: %s", conn->where,
+                       reply->element[i]->str);
           ok = FALSE;
         }
   if (reply != NULL && reply->type != REDIS_REPLY_ARRAY && reply->type != REDIS_REPLY_NIL)
     {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "Redis at %s:%u: unexpected reply to EXEC",
-                   conn->host, conn->port);
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                   "Redis at %s: unexpected reply to EXEC", conn->where);
       ok = FALSE;
     }
   if (!ok || reply == NULL)

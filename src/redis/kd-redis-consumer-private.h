@@ -21,8 +21,7 @@ G_BEGIN_DECLS
 /* A queue's settings, fixed once it produces or consumes. */
 typedef struct
 {
-  char   *host;
-  guint   port;
+  KdRedisServer server;
   char   *name;
   guint   n_shards;
   gint64  lease_us;

@@ -80,7 +80,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
 
   self->ref_count = 1;
   self->config = *config;
-  self->config.host = g_strdup (config->host);
+  kd_redis_server_copy (&self->config.server, &config->server);
   self->config.name = g_strdup (config->name);
   self->member = g_strdup (member);
   self->members_key = g_strdup_printf ("%s:members", config->name);
@@ -148,7 +148,7 @@ kd_redis_consumer_unref (KdRedisConsumer *self)
     }
   g_free (self->shards);
   g_hash_table_unref (self->unkeyed_ids);
-  g_free (self->config.host);
+  kd_redis_server_clear (&self->config.server);
   g_free (self->config.name);
   g_free (self->member);
   g_free (self->members_key);
@@ -460,7 +460,7 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
   /* Fails early, with a useful error, if Redis cannot be reached or the
    * queue has another number of shards. */
   kd_redis_sigpipe_guard_enter (&guard);
-  kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
+  kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
   ok = kd_redis_conn_ensure (&conn, error) &&
        kd_redis_conn_create_groups (&conn, self->config.name, self->config.n_shards, error);
   kd_redis_conn_clear (&conn);

@@ -370,7 +370,7 @@ kd_redis_lease_main (gpointer data)
   KdRedisConn conn;
 
   kd_redis_sigpipe_block_thread ();
-  kd_redis_conn_init (&conn, self->config.host, self->config.port, self->config.lease_us);
+  kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
   kd_redis_conn_set_name (&conn, self->config.name, "lease", self->member);
 
   kd_mutex_lock (&self->lock);

@@ -48,9 +48,9 @@ producer_ready_locked (KdRedisQueue  *self,
 {
   gint shard;
 
-  if (self->producer.host == NULL)
+  if (self->producer.where == NULL)
     {
-      kd_redis_conn_init (&self->producer, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+      kd_redis_conn_init (&self->producer, &self->config.server, 10 * G_TIME_SPAN_SECOND);
       kd_redis_conn_set_name (&self->producer, self->config.name, "producer", self->member);
       self->streams = g_ptr_array_new_with_free_func (g_free);
       for (shard = 0; shard < (gint) self->config.n_shards; shard++)
@@ -326,8 +326,8 @@ count_backlog_locked (KdRedisQueue  *self,
     return FALSE;
   if (reply->type != REDIS_REPLY_INTEGER || reply->integer < 0)
     {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "Redis at %s:%u: unexpected reply to a count",
-                   self->config.host, self->config.port);
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                   "Redis at %s: unexpected reply to a count", self->producer.where);
       kd_redis_reply_free (reply);
       return FALSE;
     }
@@ -417,7 +417,7 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
 
   kd_redis_sigpipe_guard_enter (&guard);
   channel = kd_redis_progress_channel (self->config.name);
-  kd_redis_conn_init (&subscriber, self->config.host, self->config.port, 10 * G_TIME_SPAN_SECOND);
+  kd_redis_conn_init (&subscriber, &self->config.server, 10 * G_TIME_SPAN_SECOND);
   kd_redis_args_init (&args);
   kd_redis_args_add_string (&args, "SUBSCRIBE");
   kd_redis_args_add_string (&args, channel);

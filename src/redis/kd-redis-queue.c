@@ -183,7 +183,7 @@ kd_redis_queue_finalize (GObject *object)
   g_mutex_clear (&self->producer_lock);
   g_free (self->producer_id);
   g_free (self->member);
-  g_free (self->config.host);
+  kd_redis_server_clear (&self->config.server);
   g_free (self->config.name);
 
   G_OBJECT_CLASS (kd_redis_queue_parent_class)->finalize (object);
@@ -198,8 +198,7 @@ kd_redis_queue_class_init (KdRedisQueueClass *klass)
 static void
 kd_redis_queue_init (KdRedisQueue *self)
 {
-  self->config.host = g_strdup ("127.0.0.1");
-  self->config.port = 6379;
+  kd_redis_server_init (&self->config.server);
   self->config.n_shards = 64;
   self->config.lease_us = 5 * G_TIME_SPAN_SECOND;
   self->config.batch_size = 1024;
@@ -255,7 +254,9 @@ check_configurable (KdRedisQueue *self,
  * @host: the Redis server's host name or IP address
  * @port: its TCP port
  *
- * Sets the Redis server the queue lives in. Default: 127.0.0.1, 6379.
+ * Sets the Redis server the queue lives in, over TCP. Default: 127.0.0.1,
+ * 6379. The credentials and database (kd_redis_queue_set_url(),
+ * kd_redis_queue_set_credentials()) stay as they were.
  *
  * Call before the first add and before kd_redis_queue_new_dispatcher().
  *
@@ -272,9 +273,97 @@ kd_redis_queue_set_address (KdRedisQueue *self,
 
   if (!check_configurable (self, G_STRFUNC))
     return;
-  g_free (self->config.host);
-  self->config.host = g_strdup (host);
-  self->config.port = port;
+  g_free (self->config.server.host);
+  g_clear_pointer (&self->config.server.socket_path, g_free);
+  self->config.server.host = g_strdup (host);
+  self->config.server.port = port;
+}
+
+/**
+ * kd_redis_queue_set_url:
+ * @self: a queue
+ * @url: the Redis server as a URL:
+ *   `redis://[[user][:password]@]host[:port][/db]` or
+ *   `unix://[[user][:password]@]/path/to/redis.sock[?db=N]`
+ * @error: return location for a #GError
+ *
+ * Sets the Redis server the queue lives in, and how to log in to it, the
+ * way Redis clients take them. With a password every connection the queue
+ * opens (to read, acknowledge, keep leases, produce) sends AUTH, with the
+ * user if there is one (an ACL user; `redis://:password@host` or
+ * `redis://password@host` is the default user), each time it connects or
+ * reconnects; with a database number other than 0, SELECT. User and
+ * password may be percent-encoded; an IPv6 address goes in brackets. The
+ * URL replaces the address, credentials and database set before;
+ * kd_redis_queue_set_credentials() can replace the credentials after it,
+ * so that a password need not be part of a URL that is logged or shown.
+ *
+ * A refusal at login (a wrong password, an unknown user) fails the
+ * queue's calls with %G_IO_ERROR_PERMISSION_DENIED; the messages never
+ * show the password.
+ *
+ * Call before the first add and before kd_redis_queue_new_dispatcher().
+ *
+ * Returns: %TRUE if the URL was taken; %FALSE with
+ *   %G_IO_ERROR_INVALID_ARGUMENT if it is not a Redis URL, or
+ *   %G_IO_ERROR_NOT_SUPPORTED for `rediss://` (TLS), and the settings
+ *   unchanged
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_set_url (KdRedisQueue  *self,
+                        const char    *url,
+                        GError       **error)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (url != NULL, FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  if (g_atomic_int_get (&self->frozen))
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_BUSY,
+                           "The queue is already in use: set its URL before the first add "
+                           "and before kd_redis_queue_new_dispatcher()");
+      return FALSE;
+    }
+  return kd_redis_server_parse_url (&self->config.server, url, error);
+}
+
+/**
+ * kd_redis_queue_set_credentials:
+ * @self: a queue
+ * @user: (nullable): the ACL user, or %NULL for the default user
+ * @password: (nullable): the password, or %NULL to send no AUTH
+ *
+ * Sets how the queue's connections log in to Redis (see
+ * kd_redis_queue_set_url()), replacing what a URL said: AUTH @user
+ * @password, or AUTH @password without a user. Read a password from a
+ * file or an environment variable (as `redis-worker` does with
+ * `REDISCLI_AUTH` and `--password-file`) rather than from the command line.
+ *
+ * Call before the first add and before kd_redis_queue_new_dispatcher().
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_credentials (KdRedisQueue *self,
+                                const char   *user,
+                                const char   *password)
+{
+  KdRedisServer *server;
+
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  server = &self->config.server;
+  g_free (server->user);
+  server->user = g_strdup (user);
+  if (server->password != NULL)
+    memset (server->password, 0, strlen (server->password));
+  g_free (server->password);
+  server->password = g_strdup (password);
 }
 
 /**

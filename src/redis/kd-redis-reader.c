@@ -497,7 +497,7 @@ kd_redis_reader_main (gpointer data)
   KdRedisConn conn;
 
   kd_redis_sigpipe_block_thread ();
-  kd_redis_conn_init (&conn, self->config.host, self->config.port,
+  kd_redis_conn_init (&conn, &self->config.server,
                       self->config.lease_us + self->tick_us);
   kd_redis_conn_set_name (&conn, self->config.name, "reader", self->member);
 

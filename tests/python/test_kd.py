@@ -305,6 +305,43 @@ def test_group():
     dispatcher.wait()
 
 
+def test_delayed():
+    ran = []
+    lock = threading.Lock()
+
+    def handler(job):
+        with lock:
+            ran.append((job.get_item(), GLib.get_monotonic_time()))
+        return True
+
+    dispatcher = Kd.Dispatcher.new(2, handler)
+    due = GLib.get_monotonic_time() + 2000
+    dispatcher.submit_at('k', 1, due)
+    dispatcher.submit_after('k', 2, 2000)
+    dispatcher.submit_after(None, 3, 0)
+    dispatcher.wait()
+    times = dict(ran)
+    check('delayed: every delayed job ran', sorted(times) == [1, 2, 3], str(ran))
+    check('delayed: none before its due time', times.get(1, 0) >= due and times.get(2, 0) >= due,
+          str(ran))
+    keyed = [item for item, _ in ran if item != 3]
+    check('delayed: one key\'s jobs due in call order run in it', keyed == [1, 2], str(keyed))
+
+    small = Kd.Dispatcher.new(1, handler)
+    small.set_capacity(1)
+    small.submit_after('k', 4, 3600 * 1000000)
+    try:
+        small.submit_after('k', 5, 0)
+        refused = False
+    except GLib.Error as error:
+        refused = error.matches(Kd.error_quark(), Kd.Error.FULL)
+    check('delayed: a waiting job holds its unit: the next is refused FULL', refused)
+    small.get_cancellable().cancel()
+    small.wait()
+    check('delayed: cancelling ends the waiting job without running it',
+          4 not in dict(ran) and small.props.cancelled == 1, str(small.props.cancelled))
+
+
 def wait_until(group, end_time):
     try:
         return group.wait_until(end_time)
@@ -317,6 +354,7 @@ test_submit_many()
 test_async()
 test_wait_async()
 test_group()
+test_delayed()
 test_cancel()
 gc.collect()
 print('1..%d' % len(results))

@@ -125,12 +125,24 @@ server_launch (Server *server)
 
   g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
   g_subprocess_launcher_setenv (launcher, "NOTIFY_SOCKET", notify_path, TRUE);
-  server->process = g_subprocess_launcher_spawn (launcher, &error, redis_server_path,
-                                                 "--port", port, "--bind", "127.0.0.1",
-                                                 "--dir", server->dir, "--appendonly", "yes",
-                                                 "--appendfsync", server->fsync_always ? "always" : "everysec",
-                                                 "--notify-keyspace-events", "Et", "--save", "",
-                                                 "--supervised", "systemd", "--logfile", log, NULL);
+  {
+    const char *fixed[] = { redis_server_path,
+                            "--port", port, "--bind", "127.0.0.1",
+                            "--dir", server->dir, "--appendonly", "yes",
+                            "--appendfsync", server->fsync_always ? "always" : "everysec",
+                            "--notify-keyspace-events", "Et", "--save", "",
+                            "--supervised", "systemd", "--logfile", log };
+    g_autoptr (GPtrArray) argv = g_ptr_array_new ();
+    guint i;
+
+    for (i = 0; i < G_N_ELEMENTS (fixed); i++)
+      g_ptr_array_add (argv, (gpointer) fixed[i]);
+    for (i = 0; server->extra_args != NULL && server->extra_args[i] != NULL; i++)
+      g_ptr_array_add (argv, (gpointer) server->extra_args[i]);
+    g_ptr_array_add (argv, NULL);
+    server->process = g_subprocess_launcher_spawnv (launcher, (const char * const *) argv->pdata,
+                                                    &error);
+  }
   g_assert_no_error (error);
 
   for (;;)
@@ -228,6 +240,80 @@ open_queue (Server     *server,
   kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
   kd_redis_queue_set_n_shards (queue, n_shards);
   return queue;
+}
+
+/* ---- Running a queue's jobs in this process ------------------------------ */
+
+void
+seen_init (Seen *seen)
+{
+  memset (seen, 0, sizeof *seen);
+  g_mutex_init (&seen->lock);
+  seen->last = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+}
+
+void
+seen_clear (Seen *seen)
+{
+  g_hash_table_unref (seen->last);
+  g_mutex_clear (&seen->lock);
+}
+
+/* A handler (its data a Seen): checks the entry, and that each key's
+ * numbers come in order. */
+gboolean
+seen_record (KdJob    *job,
+             gpointer  user_data,
+             GError  **error)
+{
+  Seen *seen = user_data;
+  KdRedisEntry *entry = kd_job_get_item (job);
+  const char *key = kd_job_get_key (job);
+  gsize len;
+  guint seq = (guint) atoi ((const char *) kd_redis_entry_get_payload (entry, &len));
+
+  g_assert_cmpstr (key, ==, kd_redis_entry_get_key (entry));
+  g_assert_cmpstr (kd_redis_entry_get_producer (entry), !=, "");
+  g_assert_cmpuint (kd_redis_entry_get_sequence (entry), >, 0);
+  if (seen == NULL)
+    return TRUE;
+  kd_mutex_lock (&seen->lock);
+  if (key != NULL)
+    {
+      guint last = GPOINTER_TO_UINT (g_hash_table_lookup (seen->last, key));
+
+      g_assert_cmpint (kd_redis_entry_get_shard (entry), >=, 0);
+      if (seq != last + 1)
+        seen->out_of_order = TRUE;
+      g_hash_table_insert (seen->last, g_strdup (key), GUINT_TO_POINTER (seq));
+      seen->keyed++;
+    }
+  else
+    {
+      g_assert_cmpint (kd_redis_entry_get_shard (entry), ==, -1);
+      seen->unkeyed++;
+    }
+  kd_mutex_unlock (&seen->lock);
+  return TRUE;
+}
+
+/* Runs @queue's jobs in this process with seen_record() until none is
+ * left, then stops it and waits for its dispatcher. */
+void
+run_until_done (KdRedisQueue *queue,
+                guint         n_workers,
+                Seen         *seen)
+{
+  g_autoptr (KdDispatcher) dispatcher = kd_redis_queue_new_dispatcher (queue, n_workers,
+                                                                      seen_record, seen, NULL);
+  g_autoptr (GError) error = NULL;
+
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
+  g_assert_no_error (error);
+  kd_redis_queue_stop (queue);
+  kd_dispatcher_wait (dispatcher);
 }
 
 /* ---- What the queue holds ---------------------------------------------- */

@@ -29,6 +29,7 @@ typedef struct
   char        *dir;
   guint        port;
   gboolean     fsync_always;
+  const char * const *extra_args;   /* more redis-server arguments, NULL-terminated */
   GSubprocess *process;
 } Server;
 
@@ -43,6 +44,28 @@ void           server_stop        (Server     *server);
 KdRedisQueue  *open_queue         (Server     *server,
                                    const char *name,
                                    guint       n_shards);
+
+/* ---- Running a queue's jobs in this process ------------------------------ */
+
+/* What seen_record(), a handler, saw: a keyed job's payload is its number
+ * within its key, counting from 1. */
+typedef struct
+{
+  GMutex      lock;
+  GHashTable *last;    /* key → last number run */
+  guint       keyed;
+  guint       unkeyed;
+  gboolean    out_of_order;
+} Seen;
+
+void           seen_init          (Seen         *seen);
+void           seen_clear         (Seen         *seen);
+gboolean       seen_record        (KdJob        *job,
+                                   gpointer      user_data,
+                                   GError      **error);
+void           run_until_done     (KdRedisQueue *queue,
+                                   guint         n_workers,
+                                   Seen         *seen);
 
 /* ---- What the queue holds ---------------------------------------------- */
 

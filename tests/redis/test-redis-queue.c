@@ -30,54 +30,12 @@
 
 /* ---- In one process ---------------------------------------------------- */
 
-typedef struct
-{
-  GMutex      lock;
-  GHashTable *last;    /* key → last number run */
-  guint       keyed;
-  guint       unkeyed;
-  gboolean    out_of_order;
-} Seen;
-
-static gboolean
-record_job (KdJob    *job,
-            gpointer  user_data,
-            GError  **error)
-{
-  Seen *seen = user_data;
-  KdRedisEntry *entry = kd_job_get_item (job);
-  const char *key = kd_job_get_key (job);
-  gsize len;
-  guint seq = (guint) atoi ((const char *) kd_redis_entry_get_payload (entry, &len));
-
-  g_assert_cmpstr (key, ==, kd_redis_entry_get_key (entry));
-  g_assert_cmpstr (kd_redis_entry_get_producer (entry), !=, "");
-  g_assert_cmpuint (kd_redis_entry_get_sequence (entry), >, 0);
-  kd_mutex_lock (&seen->lock);
-  if (key != NULL)
-    {
-      guint last = GPOINTER_TO_UINT (g_hash_table_lookup (seen->last, key));
-
-      g_assert_cmpint (kd_redis_entry_get_shard (entry), >=, 0);
-      if (seq != last + 1)
-        seen->out_of_order = TRUE;
-      g_hash_table_insert (seen->last, g_strdup (key), GUINT_TO_POINTER (seq));
-      seen->keyed++;
-    }
-  else
-    {
-      g_assert_cmpint (kd_redis_entry_get_shard (entry), ==, -1);
-      seen->unkeyed++;
-    }
-  kd_mutex_unlock (&seen->lock);
-  return TRUE;
-}
 
 static void
 test_in_process (void)
 {
   Server server = { 0 };
-  Seen seen = { 0 };
+  Seen seen;
   g_autoptr (KdRedisQueue) queue = NULL;
   g_autoptr (KdDispatcher) dispatcher = NULL;
   g_autoptr (GError) error = NULL;
@@ -93,8 +51,7 @@ test_in_process (void)
     return;
 
   server_start (&server);
-  g_mutex_init (&seen.lock);
-  seen.last = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  seen_init (&seen);
 
   produce (&server, "inproc", 8, 2000, 20, &jobs);
   queue = open_queue (&server, "inproc", 8);
@@ -125,7 +82,7 @@ test_in_process (void)
   g_assert_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT);
   g_clear_error (&error);
 
-  dispatcher = kd_redis_queue_new_dispatcher (queue, 4, record_job, &seen, NULL);
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 4, seen_record, &seen, NULL);
   g_assert_true (kd_redis_queue_start (queue, &error));
   g_assert_no_error (error);
 
@@ -154,8 +111,7 @@ test_in_process (void)
 
   g_clear_object (&dispatcher);
   g_clear_object (&queue);
-  g_hash_table_unref (seen.last);
-  g_mutex_clear (&seen.lock);
+  seen_clear (&seen);
   g_free (jobs.count);
   server_stop (&server);
 }
@@ -165,7 +121,8 @@ test_in_process (void)
 static void
 test_deadline_fence (void)
 {
-  KdRedisConfig config = { (char *) "127.0.0.1", 6379, (char *) "fence", 4, G_USEC_PER_SEC, 16, 3, 0, 0 };
+  KdRedisConfig config = { { (char *) "127.0.0.1", 6379, NULL, NULL, NULL, 0 }, (char *) "fence", 4,
+                           G_USEC_PER_SEC, 16, 3, 0, 0 };
   KdRedisConsumer *consumer;
   KdRedisShard *shard;
   KdRedisEntry *first, *second;
@@ -662,7 +619,7 @@ test_other_shards (void)
   g_assert_false (kd_redis_queue_add (other, "a", payload, &error));
   g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
   g_clear_error (&error);
-  dispatcher = kd_redis_queue_new_dispatcher (other, 1, record_job, NULL, NULL);
+  dispatcher = kd_redis_queue_new_dispatcher (other, 1, seen_record, NULL, NULL);
   g_assert_false (kd_redis_queue_start (other, &error));
   g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
 
@@ -771,26 +728,17 @@ run_all_once (Server            *server,
               Jobs              *jobs,
               KdRedisQueueStats *stats)
 {
-  Seen seen = { 0 };
+  Seen seen;
   g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
-  g_autoptr (KdDispatcher) dispatcher = NULL;
-  g_autoptr (GError) error = NULL;
 
-  g_mutex_init (&seen.lock);
-  seen.last = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
-  dispatcher = kd_redis_queue_new_dispatcher (queue, 4, record_job, &seen, NULL);
-  g_assert_true (kd_redis_queue_start (queue, &error));
-  g_assert_no_error (error);
-  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
-  g_assert_no_error (error);
-  kd_redis_queue_stop (queue);
+  seen_init (&seen);
+  run_until_done (queue, 4, &seen);
   kd_redis_queue_get_stats (queue, stats);
 
   g_assert_false (seen.out_of_order);
   g_assert_cmpuint (seen.keyed, ==, jobs->total);
   g_assert_cmpuint (stats->acked, ==, jobs->total);
-  g_hash_table_unref (seen.last);
-  g_mutex_clear (&seen.lock);
+  seen_clear (&seen);
 }
 
 static void

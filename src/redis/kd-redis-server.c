@@ -1,0 +1,202 @@
+/* kd-redis-server.c: where a Redis server is, and how to log in to it
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * A queue's KdRedisServer is what kd_redis_queue_set_url(),
+ * kd_redis_queue_set_address() and kd_redis_queue_set_credentials() said;
+ * every connection the queue opens (reader, acker, lease keeper, producer,
+ * subscriber) copies it and logs in with it each time it connects
+ * (kd-redis-conn.c). URLs are the forms Redis clients share:
+ *
+ *   redis://[[user][:password]@]host[:port][/db]
+ *   unix://[[user][:password]@]/path/to/redis.sock[?db=N]
+ *
+ * parsed by GUri, so user and password may be percent-encoded and an IPv6
+ * address goes in brackets. rediss:// (TLS) is refused as not supported. A
+ * password is never part of a description, nor of an error message.
+ */
+
+#include "config.h"
+
+#include <string.h>
+
+#include "kd-redis-server-private.h"
+
+void
+kd_redis_server_init (KdRedisServer *server)
+{
+  memset (server, 0, sizeof *server);
+  server->host = g_strdup ("127.0.0.1");
+  server->port = 6379;
+}
+
+void
+kd_redis_server_copy (KdRedisServer       *dest,
+                      const KdRedisServer *src)
+{
+  dest->host = g_strdup (src->host);
+  dest->port = src->port;
+  dest->socket_path = g_strdup (src->socket_path);
+  dest->user = g_strdup (src->user);
+  dest->password = g_strdup (src->password);
+  dest->db = src->db;
+}
+
+void
+kd_redis_server_clear (KdRedisServer *server)
+{
+  g_clear_pointer (&server->host, g_free);
+  g_clear_pointer (&server->socket_path, g_free);
+  g_clear_pointer (&server->user, g_free);
+  if (server->password != NULL)
+    memset (server->password, 0, strlen (server->password));
+  g_clear_pointer (&server->password, g_free);
+}
+
+/* A database number: digits only, below 2^31. */
+static gboolean
+parse_db (const char  *text,
+          guint       *db,
+          const char  *url_kind,
+          GError     **error)
+{
+  guint64 value;
+
+  if (!g_ascii_string_to_unsigned (text, 10, 0, G_MAXINT32, &value, NULL))
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                   "The %s names database \"%s\", not a number", url_kind, text);
+      return FALSE;
+    }
+  *db = (guint) value;
+  return TRUE;
+}
+
+/* The db=N of a query, if any. */
+static gboolean
+parse_query (const char  *query,
+             guint       *db,
+             GError     **error)
+{
+  g_autoptr (GHashTable) params = NULL;
+  GError *local_error = NULL;
+  const char *value;
+
+  if (query == NULL)
+    return TRUE;
+  params = g_uri_parse_params (query, -1, "&", G_URI_PARAMS_NONE, &local_error);
+  if (params == NULL)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                   "The Redis URL's query is not valid: %s", local_error->message);
+      g_error_free (local_error);
+      return FALSE;
+    }
+  value = g_hash_table_lookup (params, "db");
+  return value == NULL || parse_db (value, db, "Redis URL's query", error);
+}
+
+/* Fills @server from @url, replacing what it held, or leaves it untouched
+ * and fails with G_IO_ERROR_INVALID_ARGUMENT (or G_IO_ERROR_NOT_SUPPORTED
+ * for TLS). */
+gboolean
+kd_redis_server_parse_url (KdRedisServer  *server,
+                           const char     *url,
+                           GError        **error)
+{
+  g_autoptr (GUri) uri = NULL;
+  KdRedisServer parsed = { 0 };
+  GError *local_error = NULL;
+  const char *scheme, *path;
+
+  uri = g_uri_parse (url, G_URI_FLAGS_HAS_PASSWORD, &local_error);
+  if (uri == NULL)
+    {
+      /* GLib's message quotes the URL, password included. */
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                   "Not a valid Redis URL (%s)",
+                   local_error->domain == G_URI_ERROR && local_error->code == G_URI_ERROR_BAD_PORT
+                     ? "bad port" : "see redis://[[user][:password]@]host[:port][/db]");
+      g_error_free (local_error);
+      return FALSE;
+    }
+
+  scheme = g_uri_get_scheme (uri);
+  path = g_uri_get_path (uri);
+  parsed.user = g_strdup (g_uri_get_user (uri));
+  parsed.password = g_strdup (g_uri_get_password (uri));
+  /* "redis://user@host": a user alone is a password, as redis-cli reads it. */
+  if (parsed.password == NULL && parsed.user != NULL)
+    {
+      parsed.password = g_steal_pointer (&parsed.user);
+    }
+  if (parsed.user != NULL && parsed.user[0] == '\0')
+    g_clear_pointer (&parsed.user, g_free);
+
+  if (g_ascii_strcasecmp (scheme, "redis") == 0)
+    {
+      if (g_uri_get_host (uri) == NULL || g_uri_get_host (uri)[0] == '\0')
+        {
+          g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                               "The Redis URL has no host");
+          goto fail;
+        }
+      parsed.host = g_strdup (g_uri_get_host (uri));
+      parsed.port = g_uri_get_port (uri) > 0 ? (guint) g_uri_get_port (uri) : 6379;
+      if (path[0] == '/')
+        path++;
+      if (path[0] != '\0' && !parse_db (path, &parsed.db, "Redis URL's path", error))
+        goto fail;
+    }
+  else if (g_ascii_strcasecmp (scheme, "unix") == 0)
+    {
+      if (path[0] != '/')
+        {
+          g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                               "A unix:// Redis URL needs an absolute socket path "
+                               "(unix:///path/to/redis.sock)");
+          goto fail;
+        }
+      parsed.socket_path = g_strdup (path);
+    }
+  else if (g_ascii_strcasecmp (scheme, "rediss") == 0)
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                           "TLS (rediss://) is not supported yet");
+      goto fail;
+    }
+  else
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                   "Not a Redis URL: scheme \"%s\" (redis:// or unix://)", scheme);
+      goto fail;
+    }
+  if (!parse_query (g_uri_get_query (uri), &parsed.db, error))
+    goto fail;
+
+  kd_redis_server_clear (server);
+  *server = parsed;
+  return TRUE;
+
+fail:
+  kd_redis_server_clear (&parsed);
+  return FALSE;
+}
+
+/* "host:port", "[v6]:port" or the socket's path, and the database if not
+ * 0; never the credentials. Free with g_free(). */
+char *
+kd_redis_server_describe (const KdRedisServer *server)
+{
+  GString *out = g_string_new (NULL);
+
+  if (server->socket_path != NULL)
+    g_string_append (out, server->socket_path);
+  else if (strchr (server->host, ':') != NULL)
+    g_string_append_printf (out, "[%s]:%u", server->host, server->port);
+  else
+    g_string_append_printf (out, "%s:%u", server->host, server->port);
+  if (server->db != 0)
+    g_string_append_printf (out, " db %u", server->db);
+  return g_string_free (out, FALSE);
+}
