@@ -74,6 +74,10 @@ G_DECLARE_FINAL_TYPE (KdRedisQueue, kd_redis_queue, KD, REDIS_QUEUE, GObject)
  *   this process read before (same producer id and sequence)
  * @shards_owned: shards whose lease this process holds right now
  * @in_flight: entries read and not yet acknowledged, refused or skipped
+ * @streams_set_aside: the queue's streams this process sets aside right now
+ *   because Redis refuses them (a key of another type where a shard's
+ *   stream should be, say): they are neither leased nor read, the others
+ *   go on, and they are looked at again every sixth of the lease time
  *
  * A snapshot of a queue's consumer counters, filled by
  * kd_redis_queue_get_stats(). As #KdStats, it keeps its size and the
@@ -93,9 +97,10 @@ typedef struct
   guint64 duplicates;
   guint   shards_owned;
   guint   in_flight;
+  guint64 streams_set_aside;
 
   /*< private >*/
-  guint64 reserved[8];
+  guint64 reserved[7];
 } KdRedisQueueStats;
 
 KD_AVAILABLE_IN_ALL

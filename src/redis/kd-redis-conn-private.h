@@ -94,6 +94,7 @@ gboolean     kd_redis_conn_trim        (KdRedisConn   *conn,
 gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
                                           const char  *name,
                                           guint        n_shards,
+                                          char       **unusable,
                                           GError     **error);
 
 void         kd_redis_reply_free       (redisReply    *reply);

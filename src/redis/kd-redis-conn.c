@@ -818,11 +818,15 @@ kd_redis_conn_trim (KdRedisConn  *conn,
 /* Creates the consumer group on every stream of the queue, from the
  * stream's start so that jobs added before any consumer ran are read; and
  * checks that the queue's number of shards is the one it was created with.
- * Safe to repeat. */
+ * Safe to repeat. A stream that refuses (a key of another type, say) does
+ * not fail the rest: @unusable (n_shards + 1 entries, the keyed shards'
+ * then the unkeyed stream's) gets Redis's reason for it, and NULL for the
+ * others (the caller frees them). */
 gboolean
 kd_redis_conn_create_groups (KdRedisConn  *conn,
                              const char   *name,
                              guint         n_shards,
+                             char        **unusable,
                              GError      **error)
 {
   g_autofree char *meta = g_strdup_printf ("%s:meta", name);
@@ -889,15 +893,13 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
           g_propagate_error (error, local_error);
           return FALSE;
         }
+      /* The replies come in the order sent: the unkeyed stream (-1) first. */
+      g_clear_pointer (&unusable[i == 0 ? n_shards : i - 1], g_free);
       if (reply == NULL)
         {
-          /* The group exists already. */
-          if (strstr (local_error->message, "BUSYGROUP") == NULL && ok)
-            {
-              g_propagate_error (error, local_error);
-              local_error = NULL;
-              ok = FALSE;
-            }
+          /* BUSYGROUP: the group exists already. */
+          if (strstr (local_error->message, "BUSYGROUP") == NULL)
+            unusable[i == 0 ? n_shards : i - 1] = g_strdup (local_error->message);
           g_clear_error (&local_error);
           continue;
         }

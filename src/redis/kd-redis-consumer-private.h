@@ -55,6 +55,7 @@ typedef struct
   gboolean           wanted;       /* ours by rendezvous */
   char               cursor[64];   /* XAUTOCLAIM's, while CLAIMING */
   char               last_id[64];  /* while idle: XREAD waits for entries after it */
+  char              *unusable;     /* why Redis refused its group: set aside; or NULL */
 
   /* Used by the reader thread only */
   GHashTable        *producers;    /* producer id → guint64 *: the highest sequence read */
@@ -144,6 +145,9 @@ void             kd_redis_consumer_wake_reader_locked (KdRedisConsumer *self);
 void             kd_redis_consumer_wake_acker         (KdRedisConsumer *self);
 void             kd_redis_consumer_unblock_reader     (KdRedisConsumer *self,
                                                        KdRedisConn     *conn);
+gboolean         kd_redis_consumer_check_streams      (KdRedisConsumer *self,
+                                                       KdRedisConn     *conn,
+                                                       GError         **error);
 gboolean         kd_redis_consumer_watch_leases       (KdRedisConsumer *self,
                                                        KdRedisConn     *conn,
                                                        const guint     *streams,

@@ -144,6 +144,7 @@ kd_redis_consumer_unref (KdRedisConsumer *self)
     {
       g_free (self->shards[i].stream);
       g_free (self->shards[i].lease);
+      g_free (self->shards[i].unusable);
       g_hash_table_unref (self->shards[i].producers);
     }
   g_free (self->shards);
@@ -273,6 +274,53 @@ kd_redis_consumer_get_stats (KdRedisConsumer   *self,
     if (kd_redis_shard_owned (&self->shards[i]))
       stats->shards_owned++;
   kd_mutex_unlock (&self->lock);
+}
+
+/* Makes the group of every stream, and sets aside, or takes back, the
+ * streams Redis refuses one for (a key of another type where the stream
+ * should be, say): a stream set aside is neither leased nor read, and the
+ * others go on; the reader looks again once a tick. Each change is logged
+ * and counted in
+ * KdRedisQueueStats.streams_set_aside. FALSE only if the connection failed
+ * or the queue has another number of shards. On any thread, with a
+ * connection of its own. */
+gboolean
+kd_redis_consumer_check_streams (KdRedisConsumer  *self,
+                                 KdRedisConn      *conn,
+                                 GError          **error)
+{
+  char **unusable = g_new0 (char *, self->n_streams);
+  gboolean ok;
+  guint i;
+
+  ok = kd_redis_conn_create_groups (conn, self->config.name, self->config.n_shards, unusable, error);
+  kd_mutex_lock (&self->lock);
+  for (i = 0; ok && i < self->n_streams; i++)
+    {
+      KdRedisShard *shard = &self->shards[i];
+
+      if (unusable[i] != NULL && shard->unusable == NULL)
+        {
+          g_message ("redis queue %s: %s: stream %s is set aside, the others go on: %s",
+                     self->config.name, self->member, shard->stream, unusable[i]);
+          self->stats.streams_set_aside++;
+        }
+      else if (unusable[i] == NULL && shard->unusable != NULL)
+        {
+          g_message ("redis queue %s: %s: stream %s is usable again", self->config.name,
+                     self->member, shard->stream);
+          self->stats.streams_set_aside--;
+          kd_redis_consumer_wake_reader_locked (self);
+        }
+      g_free (shard->unusable);
+      shard->unusable = g_steal_pointer (&unusable[i]);
+    }
+  kd_mutex_unlock (&self->lock);
+
+  for (i = 0; i < self->n_streams; i++)
+    g_free (unusable[i]);
+  g_free (unusable);
+  return ok;
 }
 
 KdRedisShard *
@@ -461,8 +509,7 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
    * queue has another number of shards. */
   kd_redis_sigpipe_guard_enter (&guard);
   kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
-  ok = kd_redis_conn_ensure (&conn, error) &&
-       kd_redis_conn_create_groups (&conn, self->config.name, self->config.n_shards, error);
+  ok = kd_redis_conn_ensure (&conn, error) && kd_redis_consumer_check_streams (self, &conn, error);
   kd_redis_conn_clear (&conn);
   kd_redis_sigpipe_guard_leave (&guard);
   if (!ok)

@@ -177,7 +177,7 @@ lease_tick (KdRedisConsumer *self,
         g_array_append_val (release, i);
       else if (kd_redis_shard_owned (shard))
         g_array_append_val (renew, i);
-      else if (shard->wanted && shard->in_flight == 0 && !shard->reading)
+      else if (shard->wanted && shard->in_flight == 0 && !shard->reading && shard->unusable == NULL)
         g_array_append_val (acquire, i);
     }
   for (i = 0; i < self->config.n_shards; i++)

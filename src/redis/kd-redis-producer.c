@@ -10,7 +10,10 @@
  * under @producer_lock by whichever thread calls, opened at the first use
  * and again after a failure; each time it opens, it creates the streams'
  * consumer group, from the streams' start, and checks the queue's number
- * of shards (kd_redis_conn_create_groups()).
+ * of shards (kd_redis_conn_create_groups()). A stream Redis refuses (a key
+ * of another type, say) is noted in @unusable: an add to it fails at once,
+ * nothing sent, after one more look, and the adds to the other streams go
+ * on.
  *
  * Adding. A job is an XADD to its key's shard (or the unkeyed stream) with
  * its key, its payload, the producer's id and its next sequence, which
@@ -53,6 +56,7 @@ producer_ready_locked (KdRedisQueue  *self,
       kd_redis_conn_init (&self->producer, &self->config.server, 10 * G_TIME_SPAN_SECOND);
       kd_redis_conn_set_name (&self->producer, self->config.name, "producer", self->member);
       self->streams = g_ptr_array_new_with_free_func (g_free);
+      self->unusable = g_new0 (char *, self->config.n_shards + 1);
       for (shard = 0; shard < (gint) self->config.n_shards; shard++)
         g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, shard));
       g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, -1));
@@ -60,12 +64,56 @@ producer_ready_locked (KdRedisQueue  *self,
   if (self->producer_ready && self->producer.context != NULL)
     return TRUE;
   if (!kd_redis_conn_ensure (&self->producer, error) ||
-      !kd_redis_conn_create_groups (&self->producer, self->config.name, self->config.n_shards, error))
+      !kd_redis_conn_create_groups (&self->producer, self->config.name, self->config.n_shards,
+                                    self->unusable, error))
     {
       kd_redis_conn_close (&self->producer);
       return FALSE;
     }
   self->producer_ready = TRUE;
+  return TRUE;
+}
+
+/* The stream a job of @key goes to: its shard's, or the unkeyed one. */
+static guint
+stream_of (KdRedisQueue *self,
+           const char   *key)
+{
+  return key != NULL ? kd_redis_queue_shard_for_key (self, key) : self->config.n_shards;
+}
+
+/* Whether every job's stream is usable; if one was set aside, looks at the
+ * streams once more first (it may have been repaired). FALSE with
+ * G_IO_ERROR_INVALID_DATA naming the stream and Redis's reason. */
+static gboolean
+check_streams_usable_locked (KdRedisQueue  *self,
+                             guint          n_jobs,
+                             const char   **keys,
+                             GError       **error)
+{
+  gboolean looked_again = FALSE;
+  guint i;
+
+  for (i = 0; i < n_jobs; i++)
+    {
+      guint stream = stream_of (self, keys[i]);
+
+      if (self->unusable[stream] == NULL)
+        continue;
+      if (!looked_again)
+        {
+          looked_again = TRUE;
+          if (!kd_redis_conn_create_groups (&self->producer, self->config.name,
+                                            self->config.n_shards, self->unusable, error))
+            return FALSE;
+          if (self->unusable[stream] == NULL)
+            continue;
+        }
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                   "Stream %s cannot take jobs, nothing was added: %s",
+                   (const char *) g_ptr_array_index (self->streams, stream), self->unusable[stream]);
+      return FALSE;
+    }
   return TRUE;
 }
 
@@ -80,8 +128,7 @@ add_xadd (KdRedisQueue *self,
   gconstpointer data;
   gsize len;
 
-  stream = g_ptr_array_index (self->streams, key != NULL ? kd_redis_queue_shard_for_key (self, key) :
-                                                           self->config.n_shards);
+  stream = g_ptr_array_index (self->streams, stream_of (self, key));
   data = g_bytes_get_data (payload, &len);
   kd_redis_args_reset (args);
   kd_redis_args_add_string (args, "XADD");
@@ -272,6 +319,14 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   first_sequence = self->sequence + 1;
   self->sequence += n_jobs;
   ok = producer_ready_locked (self, &local_error);
+  if (ok && !check_streams_usable_locked (self, n_jobs, keys, &local_error))
+    {
+      /* Nothing was sent: the connection stays as it is. */
+      kd_mutex_unlock (&self->producer_lock);
+      kd_redis_sigpipe_guard_leave (&guard);
+      g_propagate_error (error, g_steal_pointer (&local_error));
+      return FALSE;
+    }
   if (ok && !send_jobs_locked (self, n_jobs, keys, payloads, first_sequence, 0, &confirmed, &local_error))
     {
       ok = FALSE;

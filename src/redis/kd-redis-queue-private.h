@@ -35,6 +35,7 @@ struct _KdRedisQueue
   KdRedisConn      producer;
   gboolean         producer_ready;
   GPtrArray       *streams;      /* char *: each shard's stream, then the unkeyed one */
+  char           **unusable;     /* the same: why Redis refuses it, or NULL */
   char            *producer_id;
   guint64          sequence;
 

@@ -37,6 +37,14 @@
  * pending, once a takeover claimed what they held: the groups list the
  * live consumers and few others.
  *
+ * Streams Redis refuses. Every connection that makes the streams' groups
+ * (kd_redis_conn_create_groups()) learns which streams Redis refuses (a key
+ * of another type where a stream should be): the consumer sets them aside
+ * (kd_redis_consumer_check_streams(): neither leased nor read, logged,
+ * counted) and its reader looks at them again once a tick; the producer
+ * refuses adds to them after one more look. The scripts that count and trim
+ * over every stream skip a key that is not one.
+ *
  * Ownership. Each consumer process is a member named host-pid-random. It
  * beats every sixth of the lease time in the sorted set N:members, scored
  * with the server's clock (TIME, inside the script), so that members' clocks
@@ -179,6 +187,14 @@ kd_redis_queue_finalize (GObject *object)
   g_clear_object (&self->dispatcher);
   g_clear_pointer (&self->consumer, kd_redis_consumer_unref);
   kd_redis_conn_clear (&self->producer);
+  if (self->unusable != NULL)
+    {
+      guint i;
+
+      for (i = 0; i <= self->config.n_shards; i++)
+        g_free (self->unusable[i]);
+      g_free (self->unusable);
+    }
   g_clear_pointer (&self->streams, g_ptr_array_unref);
   g_mutex_clear (&self->producer_lock);
   g_free (self->producer_id);

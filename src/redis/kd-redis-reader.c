@@ -188,8 +188,13 @@ static void
 reader_lost_connection (KdRedisConsumer *self,
                         const GError    *error)
 {
-  g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member,
-           error != NULL ? error->message : "server error");
+  /* A login or a permission refused lasts until an operator acts: said
+   * where an operator looks; anything else is a passing failure. */
+  if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED))
+    g_message ("redis queue %s: %s: reader: %s", self->config.name, self->member, error->message);
+  else
+    g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member,
+             error != NULL ? error->message : "server error");
   kd_mutex_lock (&self->lock);
   kd_redis_consumer_fence_all_locked (self);
   g_strlcpy (self->wake_last_id, "0-0", sizeof self->wake_last_id);
@@ -209,8 +214,7 @@ reader_connect (KdRedisConsumer  *self,
 {
   if (conn->context != NULL)
     return TRUE;
-  if (!kd_redis_conn_ensure (conn, error) ||
-      !kd_redis_conn_create_groups (conn, self->config.name, self->config.n_shards, error))
+  if (!kd_redis_conn_ensure (conn, error) || !kd_redis_consumer_check_streams (self, conn, error))
     {
       kd_redis_conn_close (conn);
       return FALSE;
@@ -494,6 +498,7 @@ kd_redis_reader_main (gpointer data)
   g_autoptr (GArray) generations = g_array_new (FALSE, FALSE, sizeof (guint));
   guint unkeyed = self->config.n_shards;
   gint64 next_unkeyed_claim = g_get_monotonic_time () + self->claim_idle_us;
+  gint64 next_stream_check = 0;
   KdRedisConn conn;
 
   kd_redis_sigpipe_block_thread ();
@@ -506,6 +511,7 @@ kd_redis_reader_main (gpointer data)
       g_autoptr (GError) error = NULL;
       gint claiming = -1;
       guint claim_generation = 0;
+      gboolean unkeyed_usable, set_aside;
       char cursor[64] = "0-0";
       guint budget = 0;
       gboolean ok;
@@ -534,7 +540,7 @@ kd_redis_reader_main (gpointer data)
       /* What changed until now is seen in this round. */
       self->wake_pending = FALSE;
       for (i = 0; i < self->config.n_shards && claiming < 0; i++)
-        if (self->shards[i].state == KD_REDIS_SHARD_CLAIMING)
+        if (self->shards[i].state == KD_REDIS_SHARD_CLAIMING && self->shards[i].unusable == NULL)
           {
             claiming = (gint) i;
             claim_generation = self->shards[i].generation;
@@ -551,7 +557,8 @@ kd_redis_reader_main (gpointer data)
             {
               guint index = (i + self->read_offset) % self->n_streams;
 
-              if (index == unkeyed || self->shards[index].state == KD_REDIS_SHARD_READING)
+              if (self->shards[index].unusable == NULL &&
+                  (index == unkeyed || self->shards[index].state == KD_REDIS_SHARD_READING))
                 {
                   g_array_append_val (streams, index);
                   g_array_append_val (generations, self->shards[index].generation);
@@ -560,6 +567,8 @@ kd_redis_reader_main (gpointer data)
         }
       for (i = 0; i < streams->len; i++)
         self->shards[g_array_index (streams, guint, i)].reading = TRUE;
+      unkeyed_usable = self->shards[unkeyed].unusable == NULL;
+      set_aside = self->stats.streams_set_aside > 0;
       kd_mutex_unlock (&self->lock);
 
       if (!reader_connect (self, &conn, &error))
@@ -567,6 +576,19 @@ kd_redis_reader_main (gpointer data)
           reader_done_reading (self, streams);
           reader_lost_connection (self, error);
           continue;
+        }
+      /* Streams set aside are looked at again once a tick (a sixth of the
+       * lease time). */
+      if (set_aside && g_get_monotonic_time () >= next_stream_check)
+        {
+          next_stream_check = g_get_monotonic_time () + self->tick_us;
+          if (!kd_redis_consumer_check_streams (self, &conn, &error))
+            {
+              reader_done_reading (self, streams);
+              kd_redis_conn_close (&conn);
+              reader_lost_connection (self, error);
+              continue;
+            }
         }
 
       if (claiming >= 0)
@@ -577,7 +599,7 @@ kd_redis_reader_main (gpointer data)
           if (ok && !submit_entries (self, entries))
             break;
         }
-      else if (g_get_monotonic_time () >= next_unkeyed_claim)
+      else if (g_get_monotonic_time () >= next_unkeyed_claim && unkeyed_usable)
         {
           /* Unkeyed entries pending for long with a consumer that went
            * away: any consumer takes them over. */

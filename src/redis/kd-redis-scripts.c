@@ -100,11 +100,14 @@ static const char script_dead[] =
 /* How many of the queue's jobs are unfinished: pending (read and not
  * acknowledged) or not yet read by the group. KEYS: the streams; ARGV[1]
  * the group. Redis may not know the lag of a group (after a restart from
- * the AOF): the entries after the last one delivered are counted then. */
+ * the AOF): the entries after the last one delivered are counted then. A
+ * key that is not a stream (one the consumers set aside) holds no job. */
 static const char script_backlog[] =
   "local n = 0\n"
   "for _, s in ipairs(KEYS) do\n"
-  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
+  "  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', s)\n"
+  "  if not ok then groups = {} end\n"
+  "  for _, g in ipairs(groups) do\n"
   "    local f = {}\n"
   "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
   "    if f['name'] == ARGV[1] then\n"
@@ -120,7 +123,8 @@ static const char script_backlog[] =
  * acknowledged, never further: a group's bound is its oldest pending entry
  * (read, not acknowledged), or, with none pending, the entry after the
  * last one it was delivered (the ones after it are not read yet). XTRIM
- * MINID removes the entries before the lowest bound. KEYS: the streams.
+ * MINID removes the entries before the lowest bound. KEYS: the streams (a
+ * key that is not one, set aside by the consumers, is left alone).
  * Returns how many entries were removed. */
 static const char script_trim[] =
   "local function parse(id)\n"
@@ -130,7 +134,9 @@ static const char script_trim[] =
   "local trimmed = 0\n"
   "for _, s in ipairs(KEYS) do\n"
   "  local min_ms, min_seq\n"
-  "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do\n"
+  "  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', s)\n"
+  "  if not ok then groups = {} end\n"
+  "  for _, g in ipairs(groups) do\n"
   "    local f = {}\n"
   "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
   "    local ms, seq\n"

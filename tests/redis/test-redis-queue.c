@@ -636,6 +636,111 @@ test_other_shards (void)
   server_stop (&server);
 }
 
+/* Adds, through @queue, the jobs numbered @from to @to of each key in
+ * @keys (payload: the number). */
+static void
+add_numbers (KdRedisQueue *queue,
+             GPtrArray    *keys,
+             guint         from,
+             guint         to)
+{
+  g_autoptr (GError) error = NULL;
+  guint i, n;
+
+  for (n = from; n <= to; n++)
+    for (i = 0; i < keys->len; i++)
+      {
+        g_autofree char *text = g_strdup_printf ("%u", n);
+        g_autoptr (GBytes) payload = g_bytes_new (text, strlen (text));
+
+        g_assert_true (kd_redis_queue_add (queue, g_ptr_array_index (keys, i), payload, &error));
+        g_assert_no_error (error);
+      }
+}
+
+static void
+test_bad_stream (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) producer = NULL;
+  g_autoptr (KdRedisQueue) consumer = NULL;
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GPtrArray) good = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GPtrArray) bad = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GBytes) payload = g_bytes_new_static ("1", 1);
+  g_autoptr (GError) error = NULL;
+  KdRedisQueueStats stats;
+  Seen seen;
+  guint64 backlog;
+  redisContext *c;
+  redisReply *reply;
+  guint i;
+
+  g_test_summary ("A shard's stream that is a key of another type is set aside: adds to it fail "
+                  "at once with an error naming it, nothing sent, while adds to the other shards "
+                  "work; the consumer runs the other shards' jobs in order and counts the stream "
+                  "set aside; once the key is gone the stream is taken back, by the producer at "
+                  "its next add and by the running consumer, and its jobs run");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  producer = open_queue (&server, "bad", 8);
+  for (i = 0; good->len < 20 || bad->len < 2; i++)
+    {
+      char *key = g_strdup_printf ("client-%u", i);
+
+      g_ptr_array_add (kd_redis_queue_shard_for_key (producer, key) == 3 ? bad : good, key);
+    }
+  c = server_connect (&server);
+  reply = redisCommand (c, "SET bad:{3} x");
+  freeReplyObject (reply);
+
+  add_numbers (producer, good, 1, 10);
+  g_assert_false (kd_redis_queue_add (producer, g_ptr_array_index (bad, 0), payload, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA);
+  g_assert_nonnull (strstr (error->message, "bad:{3}"));
+  g_assert_nonnull (strstr (error->message, "WRONGTYPE"));
+  g_clear_error (&error);
+  g_assert_true (kd_redis_queue_get_backlog (producer, &backlog, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (backlog, ==, 10 * good->len);
+
+  /* The consumer goes on with the other shards. */
+  consumer = open_queue (&server, "bad", 8);
+  kd_redis_queue_set_lease_time (consumer, 10 * G_USEC_PER_SEC);
+  seen_init (&seen);
+  dispatcher = kd_redis_queue_new_dispatcher (consumer, 2, seen_record, &seen, NULL);
+  g_assert_true (kd_redis_queue_start (consumer, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_wait_backlog (producer, 0, KD_REDIS_TEST_DEADLINE_US, &error));
+  g_assert_no_error (error);
+  kd_redis_queue_get_stats (consumer, &stats);
+  g_assert_cmpuint (stats.streams_set_aside, ==, 1);
+
+  /* Repaired: the producer looks again, and the consumer, within a tick. */
+  reply = redisCommand (c, "DEL bad:{3}");
+  freeReplyObject (reply);
+  add_numbers (producer, bad, 1, 5);
+  add_numbers (producer, good, 11, 12);
+  g_assert_true (kd_redis_queue_wait_backlog (producer, 0, KD_REDIS_TEST_DEADLINE_US, &error));
+  g_assert_no_error (error);
+  kd_redis_queue_stop (consumer);
+  kd_dispatcher_wait (dispatcher);
+  kd_redis_queue_get_stats (consumer, &stats);
+  g_assert_cmpuint (stats.streams_set_aside, ==, 0);
+  g_assert_cmpuint (stats.acked, ==, 12 * good->len + 5 * bad->len);
+
+  kd_mutex_lock (&seen.lock);
+  g_assert_false (seen.out_of_order);
+  g_assert_cmpuint (seen.keyed, ==, 12 * good->len + 5 * bad->len);
+  kd_mutex_unlock (&seen.lock);
+  seen_clear (&seen);
+  redisFree (c);
+  g_clear_object (&dispatcher);
+  server_stop (&server);
+}
+
 /* ---- Producers that send a job twice ----------------------------------- */
 
 static guint
@@ -1561,6 +1666,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/producer-retry", test_producer_retry);
   g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
   g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
+  g_test_add_func ("/kd/redis-queue/bad-stream", test_bad_stream);
   g_test_add_func ("/kd/redis-queue/long-log-line", test_long_log_line);
   g_test_add_func ("/kd/redis-queue/out-of-range", test_out_of_range);
   g_test_add_func ("/kd/redis-queue/thread-limit", test_thread_limit);
