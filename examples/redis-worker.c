@@ -11,11 +11,13 @@
  *   redis-worker --port 6379 --produce 100000 --keys 1000  # a producer
  *   redis-worker --port 6379 --bench 1000000 --name bench  # a benchmark
  *
- * --url takes the server as Redis clients do (redis://[user@]host:port/db,
- * unix:///path/to/redis.sock). A password comes from --password-file
- * (its first line), else from the REDISCLI_AUTH environment variable, as
- * redis-cli reads it, else from the URL: never from an option of its own,
- * which any user of the machine could read in the process list.
+ * --url takes the server as Redis clients do
+ * (redis://[[user]:password@]host:port/db, unix:///path/to/redis.sock). A
+ * password comes from --password-file (its first line), else from the
+ * REDISCLI_AUTH environment variable, as redis-cli reads it, else from the
+ * URL: never from an option of its own, which any user of the machine
+ * could read in the process list. The user comes from --user, else from
+ * the URL. The benchmark passes them on to its workers the same way.
  *
  * The benchmark adds its jobs to an empty queue, then starts --consumers
  * workers (this program again) and waits until they have finished every
@@ -75,7 +77,7 @@ static int     opt_stop_at = 0;
 
 static GOptionEntry options[] = {
   { "url", 0, 0, G_OPTION_ARG_STRING, &opt_url, "Redis server as a URL (instead of --host and --port)",
-    "redis://[USER@]HOST[:PORT][/DB]" },
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]" },
   { "user", 0, 0, G_OPTION_ARG_STRING, &opt_user, "Redis ACL user (the password from "
     "--password-file or REDISCLI_AUTH)", "USER" },
   { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file, "Read the Redis password from "
@@ -193,31 +195,44 @@ quit (gpointer loop)
   return G_SOURCE_REMOVE;
 }
 
-/* The password from --password-file or REDISCLI_AUTH, or NULL; exits on a
- * file that cannot be read. */
-static char *
-read_password (void)
+/* The login to use: the password from --password-file, else
+ * REDISCLI_AUTH, else the URL's; the user from --user, else the URL's
+ * (redis://user:password@host). Exits on a file that cannot be read. */
+static void
+resolve_login (char **user,
+               char **password)
 {
-  g_autofree char *contents = NULL;
-  g_autoptr (GError) error = NULL;
+  g_autoptr (GUri) uri = opt_url != NULL ? g_uri_parse (opt_url, G_URI_FLAGS_HAS_PASSWORD, NULL) : NULL;
+  const char *url_user = uri != NULL && g_uri_get_password (uri) != NULL ? g_uri_get_user (uri) : NULL;
 
-  if (opt_password_file == NULL)
-    return g_strdup (g_getenv ("REDISCLI_AUTH"));
-  if (!g_file_get_contents (opt_password_file, &contents, NULL, &error))
+  *user = g_strdup (opt_user != NULL ? opt_user : url_user != NULL && url_user[0] != '\0' ? url_user : NULL);
+  if (opt_password_file != NULL)
     {
-      g_printerr ("redis-worker: %s\n", error->message);
-      exit (2);
+      g_autoptr (GError) error = NULL;
+      char *contents = NULL;
+
+      if (!g_file_get_contents (opt_password_file, &contents, NULL, &error))
+        {
+          g_printerr ("redis-worker: %s\n", error->message);
+          exit (2);
+        }
+      contents[strcspn (contents, "\r\n")] = '\0';
+      *password = contents;
     }
-  contents[strcspn (contents, "\r\n")] = '\0';
-  return g_steal_pointer (&contents);
+  else if (g_getenv ("REDISCLI_AUTH") != NULL)
+    *password = g_strdup (g_getenv ("REDISCLI_AUTH"));
+  else
+    *password = uri != NULL ? g_strdup (g_uri_get_password (uri)) : NULL;
 }
 
 static KdRedisQueue *
 open_queue (void)
 {
   KdRedisQueue *queue = kd_redis_queue_new (opt_name != NULL ? opt_name : "jobs");
-  g_autofree char *password = read_password ();
+  g_autofree char *user = NULL, *password = NULL;
   g_autoptr (GError) error = NULL;
+
+  resolve_login (&user, &password);
 
   if (opt_url != NULL)
     {
@@ -233,8 +248,8 @@ open_queue (void)
                                   (guint) opt_port);
     }
   if (password != NULL)
-    kd_redis_queue_set_credentials (queue, opt_user, password);
-  else if (opt_user != NULL)
+    kd_redis_queue_set_credentials (queue, user, password);
+  else if (user != NULL)
     {
       g_printerr ("redis-worker: --user needs a password (--password-file or REDISCLI_AUTH)\n");
       exit (2);
@@ -372,31 +387,40 @@ bench (const char *program)
   for (i = 0; i < opt_consumers; i++)
     {
       g_autoptr (GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+      g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_STDOUT_PIPE);
+      g_autofree char *user = NULL, *password = NULL;
       GSubprocess *worker;
 
-      /* The same server and login: the password through the environment
-       * (inherited) or the same file, never on the command line. */
+      /* The same server and login: the URL without its credentials, the
+       * user as an option, the password through the environment, never on
+       * the command line. */
+      resolve_login (&user, &password);
       g_ptr_array_add (args, g_strdup (program));
       if (opt_url != NULL)
-        g_ptr_array_add (args, g_strdup_printf ("--url=%s", opt_url));
+        {
+          g_autoptr (GUri) uri = g_uri_parse (opt_url, G_URI_FLAGS_HAS_PASSWORD, NULL);
+          g_autofree char *bare = uri != NULL ? g_uri_to_string_partial (uri, G_URI_HIDE_USERINFO)
+                                              : g_strdup (opt_url);
+
+          g_ptr_array_add (args, g_strdup_printf ("--url=%s", bare));
+        }
       else
         {
           g_ptr_array_add (args, g_strdup_printf ("--host=%s",
                                                   opt_host != NULL ? opt_host : "127.0.0.1"));
           g_ptr_array_add (args, g_strdup_printf ("--port=%d", opt_port));
         }
-      if (opt_user != NULL)
-        g_ptr_array_add (args, g_strdup_printf ("--user=%s", opt_user));
-      if (opt_password_file != NULL)
-        g_ptr_array_add (args, g_strdup_printf ("--password-file=%s", opt_password_file));
+      if (user != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--user=%s", user));
+      if (password != NULL)
+        g_subprocess_launcher_setenv (launcher, "REDISCLI_AUTH", password, TRUE);
       g_ptr_array_add (args, g_strdup_printf ("--name=%s", kd_redis_queue_get_name (queue)));
       g_ptr_array_add (args, g_strdup_printf ("--shards=%d", opt_shards));
       g_ptr_array_add (args, g_strdup_printf ("--lease-ms=%d", opt_lease_ms));
       g_ptr_array_add (args, g_strdup_printf ("--batch=%d", opt_batch));
       g_ptr_array_add (args, g_strdup_printf ("--workers=%d", opt_workers));
       g_ptr_array_add (args, NULL);
-      worker = g_subprocess_newv ((const char * const *) args->pdata,
-                                  G_SUBPROCESS_FLAGS_STDOUT_PIPE, &error);
+      worker = g_subprocess_launcher_spawnv (launcher, (const char * const *) args->pdata, &error);
 
       if (worker == NULL)
         {

@@ -26,10 +26,14 @@
  * order. The waiting keyed job keeps its key as a label (kd-label.c) until
  * then.
  *
- * With a per-key bound, a keyed job that comes due while its key is full
- * does not wait on the timer's thread: it goes back into the timer and
- * looks again, after a delay that doubles from KD_ROOM_RECHECK_MIN_US up to
- * KD_ROOM_RECHECK_MAX_US; the key's jobs that find room meanwhile go first.
+ * With a per-key bound (kd_dispatcher_set_key_capacity()), a key takes at
+ * most that many delayed jobs waiting at once: one more is refused with
+ * KD_ERROR_FULL at its call (@delayed_per_key counts them, an entry per key
+ * with any waiting, so at most the capacity's worth). A job that comes due
+ * joins its key at once, counted against the bound but never waiting for
+ * room, which on the timer's thread would hold up every other delayed job
+ * and retry: a key then holds at most twice its bound, its own jobs and the
+ * delayed ones that came due.
  *
  * Cancelling the dispatcher hurries the timer (kd_scheduler_hurry()): every
  * waiting job is due at once, joins its key without looking at the bound,
@@ -44,15 +48,48 @@
 #include "kd-label-private.h"
 #include "kd-trace-private.h"
 
-/* How long a due job whose key is full waits before it looks again. */
-static gint64
-room_recheck_us (KdJob *job)
+/* With a per-key bound: takes a place among @key's waiting delayed jobs,
+ * or fails with KD_ERROR_FULL if they are as many as the bound. */
+static gboolean
+reserve_key_place (KdDispatcher  *self,
+                   const char    *key,
+                   GError       **error)
 {
-  return MIN ((gint64) KD_ROOM_RECHECK_MIN_US << MIN (job->room_checks, 8),
-              (gint64) KD_ROOM_RECHECK_MAX_US);
+  guint waiting;
+
+  kd_mutex_lock (&self->delayed_lock);
+  if (self->delayed_per_key == NULL)
+    self->delayed_per_key = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  waiting = GPOINTER_TO_UINT (g_hash_table_lookup (self->delayed_per_key, key));
+  if (waiting < self->key_capacity)
+    g_hash_table_insert (self->delayed_per_key, g_strdup (key), GUINT_TO_POINTER (waiting + 1));
+  kd_mutex_unlock (&self->delayed_lock);
+
+  if (waiting < self->key_capacity)
+    return TRUE;
+  g_set_error (error, KD_ERROR, KD_ERROR_FULL,
+               "The key already has %u delayed jobs waiting, its bound", waiting);
+  return FALSE;
 }
 
-/* On the timer's thread: a delayed keyed job is due, and joins its key. */
+static void
+release_key_place (KdDispatcher *self,
+                   const char   *key)
+{
+  guint waiting;
+
+  kd_mutex_lock (&self->delayed_lock);
+  waiting = GPOINTER_TO_UINT (g_hash_table_lookup (self->delayed_per_key, key));
+  g_assert (waiting > 0);
+  if (waiting == 1)
+    g_hash_table_remove (self->delayed_per_key, key);
+  else
+    g_hash_table_insert (self->delayed_per_key, g_strdup (key), GUINT_TO_POINTER (waiting - 1));
+  kd_mutex_unlock (&self->delayed_lock);
+}
+
+/* On the timer's thread: a delayed keyed job is due, and joins its key
+ * (counted against a per-key bound, without waiting for room). */
 static void
 delayed_job_due (gpointer owner,
                  gpointer data)
@@ -63,30 +100,9 @@ delayed_job_due (gpointer owner,
   char *key = g_steal_pointer (&job->label);
   KdMailbox *mailbox;
 
-  if (self->key_capacity == 0 || g_cancellable_is_cancelled (self->cancellable))
-    {
-      mailbox = kd_key_table_push (self->keys, key, job, self->key_capacity > 0);
-    }
-  else
-    {
-      /* Accepted already: a close does not refuse it. */
-      KdKeyBound bound = { self->key_capacity, KD_ADMIT_TRY, 0, NULL };
-      guint64 counted = 0;   /* it was counted as submitted when accepted */
-
-      if (!kd_key_table_push_bounded (self->keys, key, job, &bound, &counted, &mailbox, NULL))
-        {
-          gboolean added;
-
-          job->label = key;
-          added = kd_scheduler_call_at (scheduler, kd_due_time_after (room_recheck_us (job)),
-                                        delayed_job_due, self, job);
-          job->room_checks++;
-          /* The job holds its unit: the scheduler was not shut down. */
-          g_assert (added);
-          return;
-        }
-    }
-
+  if (self->key_capacity > 0)
+    release_key_place (self, key);
+  mailbox = kd_key_table_push (self->keys, key, job, self->key_capacity > 0);
   kd_label_unref (key);
   if (mailbox != NULL)
     kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
@@ -110,7 +126,8 @@ submit_delayed (KdDispatcher  *self,
     return FALSE;
 
   scheduler = g_atomic_pointer_get (&self->scheduler);
-  if (!kd_scheduler_ensure_timer (scheduler, error))
+  if (!kd_scheduler_ensure_timer (scheduler, error) ||
+      (key != NULL && self->key_capacity > 0 && !reserve_key_place (self, key, error)))
     {
       kd_dispatcher_count_rejected (self);
       kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
@@ -163,9 +180,10 @@ submit_delayed (KdDispatcher  *self,
  * A waiting job is pending: kd_dispatcher_wait() and the last unref wait
  * for it. Cancelling the dispatcher ends the waiting jobs at once,
  * cancelled, in their keys' order, through the done callback. With a
- * per-key bound (kd_dispatcher_set_key_capacity()), a job that comes due
- * while its key is full waits for room, looking again every few
- * milliseconds; the key's jobs that find room first go before it.
+ * per-key bound (kd_dispatcher_set_key_capacity()), at most that many
+ * delayed jobs of a key wait at once (one more is refused with
+ * %KD_ERROR_FULL), and a job that comes due joins its key without waiting
+ * for room: the key then holds at most twice its bound.
  *
  * The first delayed job of a dispatcher without retries or idle key states
  * starts the timer's thread; if it cannot be made, the call fails with that

@@ -152,6 +152,11 @@ struct _KdDispatcher
 
   /* Keys parked after a failure (its own lock) */
   KdParkedKeys    parked;
+
+  /* With a per-key bound: how many delayed jobs wait for each key (key →
+   * count, made at the first), under @delayed_lock (kd-dispatcher-delay.c) */
+  GMutex          delayed_lock;
+  GHashTable     *delayed_per_key;
 };
 
 /* A job's key, or the key its item carries in a pipeline stage, for the

@@ -84,8 +84,10 @@
  *
  * Locks. The dispatcher's own are @start_lock (starting the workers,
  * making the delivery and the counters' notifier; taken here, in
- * kd-dispatcher-properties.c and kd-dispatcher-stage.c) and @async_lock
- * (the async submissions waiting for room, kd-dispatcher-async.c). Its
+ * kd-dispatcher-properties.c and kd-dispatcher-stage.c), @async_lock
+ * (the async submissions waiting for room, kd-dispatcher-async.c) and
+ * @delayed_lock (how many delayed jobs wait for each key, with a per-key
+ * bound, kd-dispatcher-delay.c; taken alone). Its
  * components have theirs; docs/internals.md lists every lock of kdispatch
  * and every nesting. None is held while a handler, a done callback, an
  * item-free or a destroy notify runs. One nesting starts here:
@@ -250,10 +252,24 @@ deliver_job (KdTask   *task,
 {
   KdDispatcher *self = user_data;
   KdJob *job = (KdJob *) task;
+  KdGroupState *group = job->group;
   GError *error = g_steal_pointer (&job->error);
 
   KD_TRACE3 (job_deliver, self->name, KD_TRACE_KEY (job), job);
   finish_job (self, job, error);
+  /* Its done callback may have looked at the group's cancellable. */
+  if (G_UNLIKELY (group != NULL))
+    kd_group_state_unref (group);
+}
+
+/* How a job that ended counts in its group. */
+static KdGroupEnd
+group_end (KdWorkerStats *stats,
+           guint64       *counter)
+{
+  return counter == &stats->completed ? KD_GROUP_COMPLETED
+         : counter == &stats->failed ? KD_GROUP_FAILED
+         : KD_GROUP_CANCELLED;
 }
 
 /* Runs @job's handler, or ends it cancelled if the dispatcher was cancelled
@@ -358,19 +374,23 @@ run_job (KdDispatcher  *self,
       if (job->mailbox != NULL)
         kd_mailbox_ref (job->mailbox);
       kd_dispatcher_count_ended (counter);
+      /* Ended for its group once its handler returned; the job keeps its
+       * reference to the group for its done callback (deliver_job()). */
+      if (G_UNLIKELY (group != NULL))
+        kd_group_state_job_ended (group, group_end (stats, counter));
       kd_delivery_push (self->delivery, &job->task);
     }
   else
     {
       finish_job (self, job, error);
       kd_dispatcher_count_ended (counter);
+      /* Once its done callback ran; then the job's reference goes. */
+      if (G_UNLIKELY (group != NULL))
+        {
+          kd_group_state_job_ended (group, group_end (stats, counter));
+          kd_group_state_unref (group);
+        }
     }
-
-  /* The job's reference to its group goes last. */
-  if (G_UNLIKELY (group != NULL))
-    kd_group_state_job_ended (group, counter == &stats->completed ? KD_GROUP_COMPLETED
-                                     : counter == &stats->failed ? KD_GROUP_FAILED
-                                     : KD_GROUP_CANCELLED);
 
   /* Before the mailbox can be reaped: its count must be right if a
    * producer revives it. */
@@ -705,7 +725,10 @@ push_job (KdDispatcher      *self,
           job->result = NULL;
           kd_job_free (job);
           if (group != NULL)
-            kd_group_state_unqueued (group);
+            {
+              kd_group_state_unqueued (group);
+              kd_group_state_unref (group);
+            }
           return FALSE;
         }
       kd_dispatcher_counters_changed (self);
@@ -1073,6 +1096,8 @@ kd_dispatcher_finalize (GObject *object)
   g_assert (self->waiting.length == 0);
   kd_result_registry_free (self->results);
   g_mutex_clear (&self->async_lock);
+  g_mutex_clear (&self->delayed_lock);
+  g_clear_pointer (&self->delayed_per_key, g_hash_table_unref);
 
   kd_parked_keys_clear (&self->parked);
   kd_key_table_free (self->keys);
@@ -1136,6 +1161,7 @@ kd_dispatcher_init (KdDispatcher *self)
   self->max_idle_keys = DEFAULT_MAX_IDLE_KEYS;
   self->failure_policy = KD_FAILURE_CONTINUE;
   kd_parked_keys_init (&self->parked);
+  g_mutex_init (&self->delayed_lock);
   kd_admission_init (&self->admission, DEFAULT_CAPACITY, 0);
   g_mutex_init (&self->start_lock);
   g_cond_init (&self->start_cond);

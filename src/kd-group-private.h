@@ -61,6 +61,7 @@ KdSubmitResult *kd_dispatcher_new_group_result (KdDispatcher        *dispatcher,
 
 /* kd-group.c */
 KdGroupState *kd_group_get_state            (KdGroup      *group);
+void          kd_group_state_unref          (KdGroupState *self);
 GCancellable *kd_group_state_get_cancellable (KdGroupState *self);
 gboolean kd_group_state_check_open     (KdGroupState  *self,
                                         GError       **error);

@@ -14,10 +14,13 @@
  * the barrier, the first error, the cancellable); the KdGroup object adds
  * the reference to the dispatcher and the API. Each job of the group holds
  * a reference to the state, not to the group, from the moment it is about
- * to be queued (kd_group_state_enter()) until it ended
- * (kd_group_state_job_ended(), called by the worker that ended it, after
- * its done callback and item-free ran, as the dispatcher releases its unit)
- * or turned out never to be queued (kd_group_state_unqueued(): its key gave
+ * to be queued (kd_group_state_enter()) until its record is freed, after
+ * its done callback (which may run later in a main context, and may look
+ * at the group's cancellable). It counts as pending in the group until it
+ * ended (kd_group_state_job_ended(), called by the worker that ended it,
+ * as the dispatcher releases its unit: after its done callback and
+ * item-free ran, or, with a main context, once its handler returned) or
+ * turned out never to be queued (kd_group_state_unqueued(): its key gave
  * up waiting for room). So the group, and the dispatcher's reference it
  * holds, go where the application drops them, never implicitly on a
  * worker as a job ends: the dispatcher's last unref, which waits for its
@@ -114,10 +117,10 @@ kd_group_state_new (void)
   return self;
 }
 
-/* The last reference goes with the group, its last pending job or its
- * last async wait, whichever goes last, on any thread: every pending job
- * and async wait held one, so nothing is pending. */
-static void
+/* The last reference goes with the group, its last job record or its last
+ * async wait, whichever goes last, on any thread: every job and async wait
+ * held one, so nothing is pending. */
+void
 kd_group_state_unref (KdGroupState *self)
 {
   if (!g_atomic_int_dec_and_test (&self->ref_count))
@@ -188,6 +191,13 @@ drain (KdGroupState *self)
   GError *error;
 
   kd_mutex_lock (&self->lock);
+  /* A job submitted since @pending fell to zero: no drain after all (a wait
+   * that began meanwhile must wait for it). */
+  if (__atomic_load_n (&self->pending, __ATOMIC_ACQUIRE) != 0)
+    {
+      kd_mutex_unlock (&self->lock);
+      return;
+    }
   self->generation++;
   g_cond_broadcast (&self->drained);
   waits = g_steal_pointer (&self->waits.head);
@@ -206,14 +216,14 @@ drain (KdGroupState *self)
   g_clear_error (&error);
 }
 
-/* One job of the group fewer: the last one drains it. Drops the job's
- * reference, which may be the state's last. */
+/* One job of the group fewer: the last one drains it. The job's reference
+ * goes after its done callback (kd-dispatcher.c), which may yet run in a
+ * main context. */
 static void
 leave (KdGroupState *self)
 {
   if (__atomic_sub_fetch (&self->pending, 1, __ATOMIC_ACQ_REL) == 0)
     drain (self);
-  kd_group_state_unref (self);
 }
 
 /* Whether submits through the group are still taken: not once its
@@ -533,7 +543,9 @@ kd_group_get_cancellable (KdGroup *self)
  * its last attempt, see kd_dispatcher_set_retry()) cancels the group's
  * cancellable (see kd_group_get_cancellable()): the group's jobs that have
  * not started end cancelled, and the group's waits report that failure.
- * It cancels the group once its done callback ran. Off by default; it can
+ * It cancels the group as that job ends: after its done callback ran, or,
+ * with a main context on the dispatcher, once its handler returned (the
+ * done callback follows there). Off by default; it can
  * be changed at any time, and applies to the failures from then on.
  *
  * Thread-safe.

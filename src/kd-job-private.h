@@ -29,14 +29,14 @@ struct _KdJob
   KdSubmitResult *result;    /* kd_dispatcher_submit_async()'s, until the job ended */
   struct _KdGroupState *group; /* the state of the group it was submitted
                               * through, or NULL; a reference of its own from
-                              * just before it is queued until it ended */
+                              * just before it is queued until its done
+                              * callback ran */
   gpointer      item;
   GError       *error;       /* how it ended, kept until a main context delivers it */
   guint         epoch;       /* the admission epoch it joined */
   guint         attempt;     /* runs so far, this one included */
   gboolean      handed_over; /* kd_job_emit() passed the item on: do not free it */
   gboolean      dropped;     /* its parked key was dropped: end it cancelled */
-  guint         room_checks; /* a delayed keyed job: times it came due with its key full */
 };
 
 /* A job is its task: queues link jobs through their task header. */

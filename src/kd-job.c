@@ -42,7 +42,6 @@ kd_job_new (KdDispatcher *dispatcher,
   job->item = item;
   job->handed_over = FALSE;
   job->dropped = FALSE;
-  job->room_checks = 0;
   job->attempt = 0;
   job->error = NULL;
   job->epoch = epoch;

@@ -21,8 +21,7 @@ typedef struct
   guint        capacity;
   KdAdmitMode  mode;
   gint64       deadline;    /* KD_ADMIT_DEADLINE: g_get_monotonic_time() */
-  KdAdmission *admission;   /* a push stops waiting once it is closed; NULL
-                             * for a job accepted already (a delayed one) */
+  KdAdmission *admission;   /* a push stops waiting once it is closed */
 } KdKeyBound;
 
 KdKeyTable *kd_key_table_new   (void);

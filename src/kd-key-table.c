@@ -315,7 +315,7 @@ wait_for_room_locked (Shard            *shard,
     {
       KdMailbox *mailbox;
 
-      if (bound->admission != NULL && kd_admission_is_closed (bound->admission))
+      if (kd_admission_is_closed (bound->admission))
         {
           g_set_error_literal (error, KD_ERROR, KD_ERROR_CLOSED,
                                "The dispatcher was closed while the submit waited for "

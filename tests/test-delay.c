@@ -275,30 +275,48 @@ test_key_bound (void)
   Fixture f;
   KdDispatcher *dispatcher = fixture_init (&f, 2);
   gint64 now = g_get_monotonic_time ();
+  GError *error = NULL;
 
-  g_test_summary ("With a per-key bound, a delayed job that comes due while its key is "
-                  "full waits for room without blocking the timer, then runs after the "
-                  "job that filled the key, even once the dispatcher is closed");
+  g_test_summary ("With a per-key bound of n, at most n delayed jobs of a key wait at once "
+                  "(one more is refused FULL, the item left to the caller); one that comes "
+                  "due joins its full key at once, never holding up the timer, so the key "
+                  "holds at most twice its bound; and it runs after the job before it, even "
+                  "once the dispatcher is closed");
 
   kd_dispatcher_set_key_capacity (dispatcher, 1);
+
+  /* Key w: one delayed job waits (for an hour); a second is refused. */
+  g_assert_true (kd_dispatcher_submit_after (dispatcher, "w", GUINT_TO_POINTER (21), HOUR_US,
+                                             NULL));
+  g_assert_false (kd_dispatcher_submit_after (dispatcher, "w", GUINT_TO_POINTER (22), HOUR_US,
+                                              &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_FULL);
+  g_clear_error (&error);
+
+  /* Key k is full with HELD running; 20 comes due and joins it at once. */
   g_assert_true (kd_dispatcher_submit (dispatcher, "k", GUINT_TO_POINTER (HELD), NULL));
   g_assert_true (kd_test_counter_wait (&f.arrived, 1));
   g_assert_true (kd_dispatcher_submit_at (dispatcher, "k", GUINT_TO_POINTER (20), now, NULL));
-  /* The timer is not held up by the full key: a later delayed job runs. */
   g_assert_true (kd_dispatcher_submit_at (dispatcher, NULL, GUINT_TO_POINTER (SIGNAL), now + 1,
                                           NULL));
   g_assert_true (kd_test_gate_wait (&f.signalled));
-  g_assert_cmpint (g_atomic_int_get (&f.ends[20]), ==, 0);
-  /* 20 came due and waits outside its key: the key holds HELD only. */
-  g_assert_cmpuint (kd_dispatcher_count_key_jobs (dispatcher, "k"), ==, 1);
+  g_assert_cmpuint (kd_dispatcher_count_key_jobs (dispatcher, "k"), ==, 2);
+  /* Its place given back: another delayed job of k may wait. */
+  g_assert_true (kd_dispatcher_submit_after (dispatcher, "k", GUINT_TO_POINTER (23), HOUR_US,
+                                             NULL));
 
-  /* Accepted already: closing does not refuse it room. */
   kd_dispatcher_close (dispatcher);
   kd_test_gate_open (&f.gate);
-  g_assert_true (kd_dispatcher_wait_until (dispatcher,
-                                           g_get_monotonic_time () + KD_TEST_DEADLINE_US));
+  g_assert_true (kd_test_counter_wait (&f.ended, 3));
   g_assert_cmpint (f.ends[20], ==, 1);
   g_assert_cmpint (f.started[20], >=, f.finished[HELD]);
+  g_assert_cmpint (f.ends[22], ==, 0);
+
+  /* The ones due in an hour end cancelled. */
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
+  g_assert_true (kd_dispatcher_wait_until (dispatcher,
+                                           g_get_monotonic_time () + KD_TEST_DEADLINE_US));
+  g_assert_cmpint (f.cancelled, ==, 2);
 
   g_object_unref (dispatcher);
   fixture_clear (&f);

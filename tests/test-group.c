@@ -892,6 +892,67 @@ test_group_gone_first (void)
   fixture_clear (&f);
 }
 
+/* A done callback in a main context: notes whether the job's group
+ * cancellable was there, and cancelled. */
+typedef struct
+{
+  gint seen;
+  gint cancelled;
+} ContextDone;
+
+static void
+context_done (KdJob        *job,
+              const GError *error,
+              gpointer      user_data)
+{
+  ContextDone *done = user_data;
+  GCancellable *cancellable = kd_job_get_group_cancellable (job);
+
+  g_assert_nonnull (cancellable);
+  if (g_cancellable_is_cancelled (cancellable))
+    done->cancelled++;
+  done->seen++;
+}
+
+static gboolean
+all_done (gpointer user_data)
+{
+  return ((ContextDone *) user_data)->seen == 3;
+}
+
+static void
+test_main_context (void)
+{
+  GMainContext *context = g_main_context_new ();
+  Fixture f;
+  KdDispatcher *dispatcher = fixture_init (&f, 2);
+  KdGroup *group = kd_group_new (dispatcher);
+  ContextDone done = { 0 };
+
+  g_test_summary ("With done callbacks in a main context, a group's wait holds once the "
+                  "handlers returned, and the done callbacks, run later, still see the "
+                  "group's cancellable though the application dropped the group (run "
+                  "under ASan or valgrind: no use after free)");
+
+  kd_dispatcher_set_main_context (dispatcher, context);
+  kd_dispatcher_set_done_func (dispatcher, context_done, &done, NULL);
+  group_submit (group, "a", 1);
+  group_submit (group, "a", 2);
+  group_submit (group, NULL, 3);
+  g_assert_true (kd_group_wait_until (group, deadline (), NULL));
+  g_cancellable_cancel (kd_group_get_cancellable (group));
+  g_object_unref (group);
+  g_assert_cmpint (done.seen, ==, 0);
+
+  g_assert_true (kd_test_iterate_until (context, all_done, &done));
+  g_assert_cmpint (done.cancelled, ==, 3);
+
+  kd_dispatcher_wait (dispatcher);
+  g_object_unref (dispatcher);
+  fixture_clear (&f);
+  g_main_context_unref (context);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -911,6 +972,7 @@ main (int   argc,
   g_test_add_func ("/group/refused", test_refused);
   g_test_add_func ("/group/dropped-early", test_dropped_early);
   g_test_add_func ("/group/group-gone-first", test_group_gone_first);
+  g_test_add_func ("/group/main-context", test_main_context);
 
   return g_test_run ();
 }

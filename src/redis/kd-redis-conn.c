@@ -503,14 +503,26 @@ log_in (KdRedisConn  *conn,
           argv[1] = conn->server.password;
           ok = run_setup_command (conn, 2, argv, &local_error);
         }
+      if (!ok && conn->context == NULL)
+        {
+          /* The connection failed: not a refusal. */
+          g_propagate_error (error, local_error);
+          return FALSE;
+        }
       if (!ok)
         {
-          /* The reply's text, without check_reply()'s prefix. */
+          /* Only the reply's error code (WRONGPASS, ERR...): a server that
+           * does not know AUTH (renamed, or a proxy) echoes its arguments,
+           * the password among them. */
+          const char *reply = strstr (local_error->message, ": ");
+          g_autofree char *code = g_strndup (reply != NULL ? reply + 2 : "",
+                                             reply != NULL ? strcspn (reply + 2, " ") : 0);
+
           g_set_error (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED,
                        "Redis at %s refused the credentials%s%s (%s)", conn->where,
                        conn->server.user != NULL ? " of user " : "",
                        conn->server.user != NULL ? conn->server.user : "",
-                       local_error->message);
+                       code[0] != '\0' ? code : "error");
           g_error_free (local_error);
           return FALSE;
         }

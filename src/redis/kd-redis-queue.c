@@ -350,7 +350,8 @@ kd_redis_queue_set_url (KdRedisQueue  *self,
  * kd_redis_queue_set_credentials:
  * @self: a queue
  * @user: (nullable): the ACL user, or %NULL for the default user
- * @password: (nullable): the password, or %NULL to send no AUTH
+ * @password: (nullable): the password, or %NULL to send no AUTH (then
+ *   @user must be %NULL too)
  *
  * Sets how the queue's connections log in to Redis (see
  * kd_redis_queue_set_url()), replacing what a URL said: AUTH @user
@@ -370,6 +371,7 @@ kd_redis_queue_set_credentials (KdRedisQueue *self,
   KdRedisServer *server;
 
   g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (user == NULL || password != NULL);
 
   if (!check_configurable (self, G_STRFUNC))
     return;

@@ -53,11 +53,12 @@ kd_redis_server_clear (KdRedisServer *server)
   g_clear_pointer (&server->password, g_free);
 }
 
-/* A database number: digits only, below 2^31. */
+/* A database number: digits only, below 2^31. The text is not quoted in
+ * the error: a password with an unencoded '/' or '?' ends up here. */
 static gboolean
 parse_db (const char  *text,
           guint       *db,
-          const char  *url_kind,
+          const char  *url_part,
           GError     **error)
 {
   guint64 value;
@@ -65,7 +66,8 @@ parse_db (const char  *text,
   if (!g_ascii_string_to_unsigned (text, 10, 0, G_MAXINT32, &value, NULL))
     {
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
-                   "The %s names database \"%s\", not a number", url_kind, text);
+                   "The Redis URL's %s is not a database number (a password with '/', '?' "
+                   "or '@' must be percent-encoded)", url_part);
       return FALSE;
     }
   *db = (guint) value;
@@ -93,7 +95,15 @@ parse_query (const char  *query,
       return FALSE;
     }
   value = g_hash_table_lookup (params, "db");
-  return value == NULL || parse_db (value, db, "Redis URL's query", error);
+  if (value == NULL)
+    return TRUE;
+  if (*db != 0)
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                           "The Redis URL names its database twice");
+      return FALSE;
+    }
+  return parse_db (value, db, "query", error);
 }
 
 /* Fills @server from @url, replacing what it held, or leaves it untouched
@@ -141,15 +151,27 @@ kd_redis_server_parse_url (KdRedisServer  *server,
                                "The Redis URL has no host");
           goto fail;
         }
+      if (g_uri_get_port (uri) == 0)
+        {
+          g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                               "The Redis URL's port is 0");
+          goto fail;
+        }
       parsed.host = g_strdup (g_uri_get_host (uri));
       parsed.port = g_uri_get_port (uri) > 0 ? (guint) g_uri_get_port (uri) : 6379;
       if (path[0] == '/')
         path++;
-      if (path[0] != '\0' && !parse_db (path, &parsed.db, "Redis URL's path", error))
+      if (path[0] != '\0' && !parse_db (path, &parsed.db, "path", error))
         goto fail;
     }
   else if (g_ascii_strcasecmp (scheme, "unix") == 0)
     {
+      if (g_uri_get_host (uri) != NULL && g_uri_get_host (uri)[0] != '\0')
+        {
+          g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                               "A unix:// Redis URL takes no host (unix:///path/to/redis.sock)");
+          goto fail;
+        }
       if (path[0] != '/')
         {
           g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,

@@ -135,6 +135,11 @@ test_parse_url (void)
     { "unix://relative.sock", G_IO_ERROR_INVALID_ARGUMENT },
     { "rediss://h", G_IO_ERROR_NOT_SUPPORTED },
     { "not a url", G_IO_ERROR_INVALID_ARGUMENT },
+    { "redis://secret/secret@h", G_IO_ERROR_INVALID_ARGUMENT },
+    { "redis://u:secret?db=secret@h", G_IO_ERROR_INVALID_ARGUMENT },
+    { "redis://h/1?db=2", G_IO_ERROR_INVALID_ARGUMENT },
+    { "redis://h:0", G_IO_ERROR_INVALID_ARGUMENT },
+    { "unix://host/tmp/r.sock", G_IO_ERROR_INVALID_ARGUMENT },
   };
   guint i;
 
@@ -230,6 +235,29 @@ test_password (void)
   kd_redis_queue_set_credentials (worker, NULL, PASSWORD);
   consume_all (worker, 310);
 
+  server_stop (&server);
+}
+
+static void
+test_auth_unknown (void)
+{
+  const char *extra[] = { "--rename-command", "AUTH", "", NULL };
+  Server server = { .extra_args = extra };
+  g_autoptr (KdRedisQueue) queue = new_queue ("q");
+  g_autoptr (GError) error = NULL;
+
+  g_test_summary ("A server that does not know AUTH (renamed, or a proxy) echoes its "
+                  "arguments in its error: the queue's error gives its code only, never "
+                  "the password");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  kd_redis_queue_set_address (queue, "127.0.0.1", server.port);
+  kd_redis_queue_set_credentials (queue, "someone", PASSWORD);
+  g_assert_false (add_jobs (queue, 1, &error));
+  assert_denied_without_password (error);
+  g_assert_nonnull (strstr (error->message, "(ERR)"));
   server_stop (&server);
 }
 
@@ -373,33 +401,35 @@ test_acl (void)
 static void
 test_worker_process (void)
 {
-  const char *extra[] = { "--requirepass", PASSWORD, NULL };
+  const char *extra[] = { "--user", "default", "off", "--user", "kd-w", "on", ">" PASSWORD,
+                          "~*", "&*", "+@all", NULL };
   Server server = { .extra_args = extra };
   g_autoptr (KdRedisQueue) producer = new_queue ("q");
   g_autoptr (GError) error = NULL;
-  g_autofree char *url = NULL, *url_arg = NULL, *file_arg = NULL, *file = NULL;
+  g_autofree char *bare_url = NULL, *user_url = NULL, *file = NULL, *file_arg = NULL;
   Worker *from_env, *from_file;
 
   g_test_summary ("redis-worker logs in with --url and the password from REDISCLI_AUTH or "
-                  "--password-file, never from its command line: two such workers run "
-                  "every job");
+                  "--password-file, never from its command line, and the user from --user "
+                  "or from the URL (whose password the file's replaces): two such workers, "
+                  "as an ACL user, run every job");
   if (!need_redis ())
     return;
 
   server_start (&server);
-  url = g_strdup_printf ("redis://127.0.0.1:%u", server.port);
-  url_arg = g_strdup_printf ("--url=%s", url);
+  bare_url = g_strdup_printf ("--url=redis://127.0.0.1:%u", server.port);
+  user_url = g_strdup_printf ("--url=redis://kd-w:not-this@127.0.0.1:%u", server.port);
   file = g_build_filename (server.dir, "password", NULL);
   g_assert_true (g_file_set_contents (file, PASSWORD "\n", -1, NULL));
   file_arg = g_strdup_printf ("--password-file=%s", file);
 
   g_setenv ("REDISCLI_AUTH", PASSWORD, TRUE);
-  from_env = worker_start (&server, "q", 0, url_arg, "--lease-ms=10000", NULL);
+  from_env = worker_start (&server, "q", 0, bare_url, "--user=kd-w", "--lease-ms=10000", NULL);
   g_unsetenv ("REDISCLI_AUTH");
-  from_file = worker_start (&server, "q", 1, url_arg, file_arg, "--lease-ms=10000", NULL);
+  from_file = worker_start (&server, "q", 1, user_url, file_arg, "--lease-ms=10000", NULL);
 
-  g_assert_true (kd_redis_queue_set_url (producer, url, &error));
-  kd_redis_queue_set_credentials (producer, NULL, PASSWORD);
+  kd_redis_queue_set_address (producer, "127.0.0.1", server.port);
+  kd_redis_queue_set_credentials (producer, "kd-w", PASSWORD);
   g_assert_true (add_jobs (producer, 2000, &error));
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_wait_backlog (producer, 0, KD_REDIS_TEST_DEADLINE_US, &error));
@@ -422,6 +452,7 @@ main (int   argc,
 
   g_test_add_func ("/kd/redis-auth/parse-url", test_parse_url);
   g_test_add_func ("/kd/redis-auth/password", test_password);
+  g_test_add_func ("/kd/redis-auth/auth-unknown", test_auth_unknown);
   g_test_add_func ("/kd/redis-auth/unix-socket-db", test_unix_socket_db);
   g_test_add_func ("/kd/redis-auth/acl", test_acl);
   g_test_add_func ("/kd/redis-auth/worker-process", test_worker_process);
