@@ -95,7 +95,9 @@
  *  - @async_lock is held while a waiting submission is admitted or
  *    refused: its job is queued (a shard's lock, the scheduler's), its
  *    result is queued (a delivery's), it is counted (the notifier's, and
- *    @start_lock for the first count). A unit it gives back is released
+ *    @start_lock for the first count); a group's submission its key
+ *    refuses is taken back from the group (the group's lock). A unit it
+ *    gives back is released
  *    once the lock is let go: a release may wake submitters and waiters,
  *    complete an async wait, or stop the dispatcher and so close a
  *    pipeline's next stage. @async_lock is taken under no other lock.

@@ -49,7 +49,10 @@
  *
  * Locks. @lock guards @generation, @first_error and @waits; the drain takes
  * it once per drain, not once per job. No callback, cancellation or
- * unref runs under it, and it is taken under no other lock: a wait's
+ * unref runs under it, and nothing is taken under it. It is taken alone,
+ * but for one nesting: a waiting async submission of the group that its
+ * key refuses is taken back (kd_group_state_unqueued()) under the
+ * dispatcher's @async_lock, and may drain the group there. A wait's
  * cancellation (a ::cancelled handler, under none of ours) takes it alone.
  */
 
@@ -959,7 +962,10 @@ kd_group_wait_finish (KdGroup       *self,
  *
  * Takes a snapshot of the group's counters: the jobs submitted through it
  * and accepted, how they ended (completed, failed, cancelled), those
- * pending, and the submits through it that were refused. In every snapshot
+ * pending, and the submits through it that were refused. (A submit waiting
+ * for room in its key, kd_dispatcher_set_key_capacity(), counts as
+ * submitted and pending while it waits; if it gives up, it is taken back
+ * and counted as refused.) In every snapshot
  * `submitted == completed + failed + cancelled + pending`. The dispatcher's
  * other counters (running, live keys, retried, parked keys) are 0 here.
  *
