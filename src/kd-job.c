@@ -218,7 +218,9 @@ kd_job_get_attempt (KdJob *job)
  * kd_job_emit:
  * @job: a job of a pipeline stage, as passed to the stage's handler
  * @key: (nullable): the emitted item's key
- * @item: (transfer full) (nullable): the item to pass on
+ * @item: (transfer none) (nullable): the item to pass on; the pipeline
+ *   owns it from then on (the next stage's item-free function, or the
+ *   sink, takes it), unless the call fails
  * @error: return location for a #GError
  *
  * Passes @item on to the pipeline's next stage, or to its sink after the

@@ -153,7 +153,9 @@ typedef void (*KdDeadLetterFunc) (KdJob        *job,
  * Creates the state of a key's actor, on the worker about to run the key's
  * first job since the key had no work.
  *
- * Returns: (transfer full) (nullable): the key's state
+ * Returns: (transfer none) (nullable): the key's state, the dispatcher's
+ *   until its #GDestroyNotify (kd_dispatcher_set_key_state_funcs()) frees
+ *   it
  *
  * Since: 0.1
  */
@@ -170,9 +172,10 @@ typedef gpointer (*KdKeyStateNewFunc) (const char *key,
  * Prepares one worker thread, on that thread, before it runs any job: opens
  * a database connection for it, for example.
  *
- * Returns: (transfer full) (nullable): the worker's data, which its handlers
- *   get with kd_job_get_worker_data(); %NULL with @error set if the worker
- *   cannot run (%NULL without an error is valid data)
+ * Returns: (transfer none) (nullable): the worker's data, which its handlers
+ *   get with kd_job_get_worker_data(), until the #KdWorkerFinalizeFunc
+ *   gets it back; %NULL with @error set if the worker cannot run (%NULL
+ *   without an error is valid data)
  *
  * Since: 0.1
  */
@@ -185,7 +188,8 @@ typedef gpointer (*KdWorkerInitFunc) (KdDispatcher  *dispatcher,
  * KdWorkerFinalizeFunc:
  * @dispatcher: the dispatcher whose worker exits
  * @worker_index: the worker's index
- * @worker_data: (transfer full) (nullable): what the #KdWorkerInitFunc returned
+ * @worker_data: (transfer none) (nullable): what the #KdWorkerInitFunc
+ *   returned, the finalize's to free
  * @user_data: the data given to kd_dispatcher_set_worker_funcs()
  *
  * Cleans up one worker thread, on that thread, as it exits.

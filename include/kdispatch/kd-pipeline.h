@@ -44,12 +44,14 @@ typedef enum
 /**
  * KdSinkFunc:
  * @key: (nullable): the item's key
- * @item: (transfer full) (nullable): an item the last stage emitted
+ * @item: (transfer none) (nullable): an item the last stage emitted
  * @user_data: the data given to kd_pipeline_set_sink()
  *
  * Receives what the last stage emits, on the worker that emitted it (so it
  * may run on several threads at once, unless the last stage is keyed or
- * ordered, where one key's items arrive in order).
+ * ordered, where one key's items arrive in order). The item is the sink's
+ * from then on: the pipeline does not free it. (For bindings, which pass
+ * items as integers, there is nothing to free.)
  *
  * Since: 0.1
  */

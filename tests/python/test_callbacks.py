@@ -1,0 +1,148 @@
+#!/usr/bin/python3
+# test_callbacks.py: every kdispatch call that takes a callback or an item,
+# from Python, under G_DEBUG=fatal-warnings (meson sets it): a wrong
+# annotation makes PyGObject warn, and the warning aborts. Prints TAP.
+#
+# SPDX-License-Identifier: LGPL-2.1-or-later
+
+import sys
+import threading
+
+import gi
+
+gi.require_version('Kd', '1')
+from gi.repository import GLib, Kd  # noqa: E402
+
+DEADLINE_S = 60
+results = []
+
+
+def check(name, condition, detail=''):
+    results.append(condition)
+    print('%s %d %s%s' % ('ok' if condition else 'not ok', len(results), name,
+                          '' if condition else ' # ' + detail))
+    sys.stdout.flush()
+
+
+def test_pipeline_emit_and_sink():
+    out = []
+    lock = threading.Lock()
+
+    def double(job):
+        job.emit(job.get_key(), job.get_item() * 2)
+        return True
+
+    def sink(key, item):
+        with lock:
+            out.append((key, item))
+
+    pipeline = Kd.Pipeline.new()
+    pipeline.add_stage('double', 2, double)
+    pipeline.set_sink(sink)
+    for i in range(200):
+        pipeline.submit('k%d' % (i % 4), i)
+    pipeline.submit_many(['k0', None], [1000, 1001])
+    pipeline.wait()
+    check('pipeline: every emitted item reaches the sink, doubled',
+          sorted(item for _, item in out) == sorted([2 * i for i in range(200)] + [2000, 2002]),
+          str(len(out)))
+    in_order = all([item for key, item in out if key == 'k%d' % k] ==
+                   sorted(item for key, item in out if key == 'k%d' % k) for k in range(1, 4))
+    check('pipeline: a key\'s items reach the sink in order', in_order)
+
+
+def test_workers():
+    inits, finals, seen = [], [], []
+    lock = threading.Lock()
+
+    def init(dispatcher, index):
+        with lock:
+            inits.append(index)
+        return 100 + index
+
+    def finalize(dispatcher, index, data):
+        with lock:
+            finals.append((index, data))
+
+    def handler(job):
+        with lock:
+            seen.append((job.get_worker_data(), job.get_attempt()))
+        return True
+
+    dispatcher = Kd.Dispatcher.new(2, handler)
+    dispatcher.set_worker_funcs(init, finalize)
+    for i in range(40):
+        dispatcher.submit('key-%d' % (i % 5), i)
+    dispatcher.close()
+    dispatcher.wait()
+    # (A gpointer a Python callback returns does not come back as the same
+    # integer: the worker data's value is not checked here.)
+    check('worker funcs: init and finalize run once on each worker, around its jobs',
+          sorted(inits) == [0, 1] and sorted(index for index, _ in finals) == [0, 1] and
+          len(seen) == 40 and all(attempt == 1 for _, attempt in seen),
+          '%s %s' % (inits, finals))
+
+
+def test_failure_callbacks():
+    dead = []
+
+    def handler(job):
+        raise GLib.Error('always fails')
+
+    def dead_letter(job, error):
+        dead.append((job.get_item(), error.message, job.get_attempt()))
+
+    dispatcher = Kd.Dispatcher.new(1, handler)
+    dispatcher.set_retry(2, 100, 100)
+    dispatcher.set_dead_letter_func(dead_letter)
+    dispatcher.submit('k', 7)
+    dispatcher.wait()
+    check('dead letter: the failed job after its last attempt',
+          dead == [(7, 'always fails', 2)], str(dead))
+
+
+def test_groups_and_delays():
+    loop = GLib.MainLoop()
+    outcome = {}
+    cancellables = []
+
+    def handler(job):
+        cancellables.append(job.get_group_cancellable())
+        return True
+
+    dispatcher = Kd.Dispatcher.new(2, handler)
+    group = Kd.Group.new(dispatcher)
+
+    def submitted(source, result, name):
+        outcome[name] = source.submit_finish(result)
+
+    def waited(source, result, name):
+        outcome[name] = source.wait_finish(result)
+        loop.quit()
+
+    group.submit('a', 1)
+    group.try_submit('a', 2)
+    group.submit_timeout(None, 3, 1000000)
+    group.submit_async('a', 4, None, submitted, 'async')
+    dispatcher.submit_after('b', 5, 1000)
+    dispatcher.submit_at('b', 6, GLib.get_monotonic_time())
+    group.wait_async(None, waited, 'wait')
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    dispatcher.wait()
+    stats = group.get_stats()
+    check('group: async submit and wait through a main loop',
+          outcome == {'async': True, 'wait': True}, str(outcome))
+    check('group: its four jobs counted', stats.submitted == 4 and stats.completed == 4,
+          '%d %d' % (stats.submitted, stats.completed))
+    check('group: handlers see its cancellable',
+          cancellables.count(group.get_cancellable()) == 4 and cancellables.count(None) == 2,
+          str(cancellables))
+
+
+test_pipeline_emit_and_sink()
+test_workers()
+test_failure_callbacks()
+test_groups_and_delays()
+print('1..%d' % len(results))
+sys.exit(0 if all(results) else 1)
