@@ -35,6 +35,8 @@ const guint8  *kd_redis_entry_get_payload  (KdRedisEntry *entry,
 KD_AVAILABLE_IN_ALL
 const char    *kd_redis_entry_get_producer (KdRedisEntry *entry);
 KD_AVAILABLE_IN_ALL
+guint64        kd_redis_entry_get_fencing_token (KdRedisEntry *entry);
+KD_AVAILABLE_IN_ALL
 guint64        kd_redis_entry_get_sequence (KdRedisEntry *entry);
 KD_AVAILABLE_IN_ALL
 gint           kd_redis_entry_get_shard    (KdRedisEntry *entry);

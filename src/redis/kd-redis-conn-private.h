@@ -132,6 +132,8 @@ char        *kd_redis_stream_name      (const char    *name,
                                         gint           shard);
 char        *kd_redis_lease_name       (const char    *name,
                                         gint           shard);
+char        *kd_redis_fence_name       (const char    *name,
+                                        gint           shard);
 char        *kd_redis_progress_channel (const char    *name);
 guint32      kd_redis_fnv1a32          (const char    *data,
                                         gsize          len);

@@ -277,6 +277,14 @@ kd_redis_lease_name (const char *name,
   return g_strdup_printf ("%s:{%d}:lease", name, shard);
 }
 
+/* The key of a shard's fencing token, in its lease's slot. */
+char *
+kd_redis_fence_name (const char *name,
+                     gint        shard)
+{
+  return g_strdup_printf ("%s:{%d}:fence", name, shard);
+}
+
 void
 kd_redis_args_init (KdRedisArgs *args)
 {

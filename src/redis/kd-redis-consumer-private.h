@@ -44,11 +44,13 @@ typedef struct
   /* Immutable after construction */
   char              *stream;
   char              *lease;
+  char              *fence;        /* its fencing token's key; NULL for the unkeyed stream */
   gint               index;        /* -1: the unkeyed stream */
 
   /* Protected by the consumer's lock */
   KdRedisShardState  state;
   guint              generation;
+  guint64            token;        /* its fencing token while this member holds it */
   gint64             deadline;     /* monotonic: no job of the shard starts from then on */
   guint              in_flight;    /* read and not yet acknowledged, refused or skipped */
   gboolean           reading;      /* the reader is reading it: what it gets is not counted yet */

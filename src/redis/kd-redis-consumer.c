@@ -96,6 +96,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
       shard->index = i < config->n_shards ? (gint) i : -1;
       shard->stream = kd_redis_stream_name (config->name, shard->index);
       shard->lease = kd_redis_lease_name (config->name, shard->index);
+      shard->fence = shard->index >= 0 ? kd_redis_fence_name (config->name, shard->index) : NULL;
       shard->state = KD_REDIS_SHARD_FREE;
       shard->producers = g_hash_table_new_full (kd_key_str_hash, g_str_equal, g_free, g_free);
       g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
@@ -144,6 +145,7 @@ kd_redis_consumer_unref (KdRedisConsumer *self)
     {
       g_free (self->shards[i].stream);
       g_free (self->shards[i].lease);
+      g_free (self->shards[i].fence);
       g_free (self->shards[i].unusable);
       g_hash_table_unref (self->shards[i].producers);
     }

@@ -35,6 +35,7 @@ struct _KdRedisEntry
   gsize            payload_len;
   const char      *producer;
   guint64          sequence;
+  guint64          fencing_token;  /* its shard's, when it was read; 0 unkeyed */
 
   /* Written by the job's worker once it ended (or by the reader, for a
    * copy it does not submit); read by the acker thread

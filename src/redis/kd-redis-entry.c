@@ -79,6 +79,7 @@ kd_redis_entry_new (KdRedisConsumer *consumer,
   entry->shard = shard;
   entry->generation = generation;
   entry->sequence = sequence;
+  entry->fencing_token = 0;
   entry->outcome = KD_REDIS_OUTCOME_NONE;
   entry->reported = FALSE;
   entry->attempts = 0;
@@ -198,6 +199,33 @@ kd_redis_entry_get_payload (KdRedisEntry *entry,
   if (length != NULL)
     *length = entry->payload_len;
   return entry->payload;
+}
+
+/**
+ * kd_redis_entry_get_fencing_token:
+ * @entry: an entry
+ *
+ * Gets the fencing token of the entry's shard when this process read it: a
+ * number that goes up each time the shard changes owner, so a later owner's
+ * entries always carry a higher token than an earlier one's.
+ *
+ * A handler with effects outside the queue can pass it along with each
+ * write (and the shard, kd_redis_entry_get_shard()), and the store can
+ * refuse a write whose token is lower than one it has already seen for the
+ * shard. Then the job of a process that froze past its lease (see "At least
+ * once" in the scaling-out guide), and ran on after the shard's next owner
+ * started, cannot overwrite what that owner wrote.
+ *
+ * Returns: the token, from 1; 0 for an unkeyed entry, which no lease orders
+ *
+ * Since: 0.1
+ */
+guint64
+kd_redis_entry_get_fencing_token (KdRedisEntry *entry)
+{
+  g_return_val_if_fail (entry != NULL, 0);
+
+  return entry->fencing_token;
 }
 
 /**

@@ -105,9 +105,14 @@ add_lease_script (KdRedisArgs     *args,
   guint i;
 
   kd_redis_args_reset (args);
-  kd_redis_args_add_script (args, conn, script, shards->len);
+  /* Taking a lease also moves the shard's fencing token. */
+  kd_redis_args_add_script (args, conn, script,
+                            script == KD_REDIS_SCRIPT_ACQUIRE ? 2 * shards->len : shards->len);
   for (i = 0; i < shards->len; i++)
     kd_redis_args_add_string (args, self->shards[g_array_index (shards, guint, i)].lease);
+  if (script == KD_REDIS_SCRIPT_ACQUIRE)
+    for (i = 0; i < shards->len; i++)
+      kd_redis_args_add_string (args, self->shards[g_array_index (shards, guint, i)].fence);
   kd_redis_args_add_string (args, self->member);
   if (script != KD_REDIS_SCRIPT_RELEASE)
     kd_redis_args_add_printf (args, "%" G_GINT64_FORMAT, self->config.lease_us / 1000);
@@ -215,9 +220,10 @@ lease_tick (KdRedisConsumer *self,
           guint index = g_array_index (lists[k], guint, i);
           KdRedisShard *shard = &self->shards[index];
           gboolean same = shard->generation == g_array_index (generations, guint, index);
+          /* RENEW answers 1 or 0; ACQUIRE the shard's fencing token, or 0. */
           gboolean granted = kinds[k] == KD_REDIS_SCRIPT_RELEASE ||
                              (replies[k]->type == REDIS_REPLY_ARRAY && i < replies[k]->elements &&
-                              replies[k]->element[i]->integer == 1);
+                              replies[k]->element[i]->integer > 0);
 
           if (!same)
             continue;
@@ -241,6 +247,7 @@ lease_tick (KdRedisConsumer *self,
               g_debug ("redis queue %s: %s took shard %d", self->config.name, self->member, index);
               shard->state = KD_REDIS_SHARD_CLAIMING;
               shard->generation++;
+              shard->token = (guint64) replies[k]->element[i]->integer;
               shard->deadline = sent + self->config.lease_us - self->margin_us;
               g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
               kd_redis_consumer_wake_reader_locked (self);

@@ -84,7 +84,11 @@
  * dispatcher are skipped (left pending, for the next owner, which may be
  * this member again, after a new takeover). A job that started in time and
  * runs longer than the margin may overlap its rerun by the next owner: jobs
- * should be much shorter than a third of the lease.
+ * should be much shorter than a third of the lease. Taking a free lease
+ * (the ACQUIRE script) also increments the shard's fencing token (the key
+ * N:{shard}:fence), and every entry read under that lease carries it
+ * (kd_redis_entry_get_fencing_token()): a store the handlers write to can
+ * refuse a stale owner's writes by their lower token.
  *
  * Execution. Entries feed a KdDispatcher created by
  * kd_redis_queue_new_dispatcher(), keyed by the entry's key, so one process

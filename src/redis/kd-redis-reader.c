@@ -117,6 +117,7 @@ parse_entries_locked (KdRedisConsumer  *self,
                                   producer != NULL ? producer->str : "",
                                   producer != NULL ? producer->len : 0,
                                   sequence != NULL ? g_ascii_strtoull (sequence->str, NULL, 10) : 0);
+      entry->fencing_token = shard->index >= 0 ? shard->token : 0;
       if (is_copy_locked (shard, generation, claimed, entry))
         entry->outcome = KD_REDIS_OUTCOME_DUPLICATE;
       g_ptr_array_add (out, entry);

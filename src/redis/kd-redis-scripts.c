@@ -25,14 +25,21 @@ static const char script_heartbeat[] =
   "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 100 * live)\n"
   "return redis.call('ZRANGEBYSCORE', KEYS[1], now - live, '+inf')\n";
 
-/* Takes leases. KEYS: lease keys; ARGV[1] this member, ARGV[2] the lease
- * time (ms). A free lease is taken with SET NX PX; one this member still
- * holds is renewed. Returns 1 or 0 per key. */
+/* Takes leases. KEYS: n lease keys, then their n fencing-token keys;
+ * ARGV[1] this member, ARGV[2] the lease time (ms). A free lease is taken
+ * with SET NX PX, and its shard's fencing token goes up by one; one this
+ * member still holds is renewed, its token unchanged. Returns per lease the
+ * shard's token (from 1) if this member holds it, or 0. */
 static const char script_acquire[] =
+  "local n = #KEYS / 2\n"
   "local r = {}\n"
-  "for i, k in ipairs(KEYS) do\n"
-  "  if redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then r[i] = 1\n"
-  "  elseif redis.call('GET', k) == ARGV[1] then redis.call('PEXPIRE', k, ARGV[2]) r[i] = 1\n"
+  "for i = 1, n do\n"
+  "  local k = KEYS[i]\n"
+  "  if redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then\n"
+  "    r[i] = redis.call('INCR', KEYS[n + i])\n"
+  "  elseif redis.call('GET', k) == ARGV[1] then\n"
+  "    redis.call('PEXPIRE', k, ARGV[2])\n"
+  "    r[i] = tonumber(redis.call('GET', KEYS[n + i]) or redis.call('INCR', KEYS[n + i]))\n"
   "  else r[i] = 0 end\n"
   "end\n"
   "return r\n";

@@ -25,7 +25,7 @@
   "+xgroup|delconsumer", "+xinfo|groups", "+xinfo|consumers", "+xautoclaim",   \
   "+xpending", "+xrange", "+xtrim", "+hsetnx", "+hget", "+pexpire", "+get",    \
   "+set", "+del", "+zadd", "+zrem", "+zremrangebyscore", "+zrangebyscore",     \
-  "+zscore", "+time", "+publish", "+subscribe", "+watch", "+mget"
+  "+zscore", "+time", "+publish", "+subscribe", "+watch", "+mget", "+incr"
 #define PRODUCER_COMMANDS                                                      \
   "+client|setname", "+script|load", "+evalsha", "+xadd", "+xgroup|create",    \
   "+xinfo|groups", "+xrange", "+hsetnx", "+hget", "+subscribe",                \

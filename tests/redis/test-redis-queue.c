@@ -746,6 +746,109 @@ test_bad_stream (void)
   server_stop (&server);
 }
 
+/* Notes the highest fencing token each shard's jobs carried, and that an
+ * unkeyed job carries 0. */
+typedef struct
+{
+  GMutex  lock;
+  guint64 tokens[8];
+  guint64 lowest[8];
+  gint    unkeyed_nonzero;
+  guint   ran;
+} Tokens;
+
+static gboolean
+record_token (KdJob    *job,
+              gpointer  user_data,
+              GError  **error)
+{
+  Tokens *tokens = user_data;
+  KdRedisEntry *entry = kd_job_get_item (job);
+  gint shard = kd_redis_entry_get_shard (entry);
+  guint64 token = kd_redis_entry_get_fencing_token (entry);
+
+  kd_mutex_lock (&tokens->lock);
+  if (shard < 0)
+    tokens->unkeyed_nonzero += token != 0;
+  else
+    {
+      tokens->tokens[shard] = MAX (tokens->tokens[shard], token);
+      tokens->lowest[shard] = tokens->lowest[shard] == 0 ? token : MIN (tokens->lowest[shard], token);
+    }
+  tokens->ran++;
+  kd_mutex_unlock (&tokens->lock);
+  return TRUE;
+}
+
+/* Runs @name's jobs with a consumer of its own until none is left. */
+static void
+run_recording_tokens (Server     *server,
+                      const char *name,
+                      Tokens     *tokens)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue (server, name, 8);
+  g_autoptr (KdDispatcher) dispatcher = NULL;
+  g_autoptr (GError) error = NULL;
+
+  kd_redis_queue_set_lease_time (queue, 10 * G_USEC_PER_SEC);
+  dispatcher = kd_redis_queue_new_dispatcher (queue, 2, record_token, tokens, NULL);
+  g_assert_true (kd_redis_queue_start (queue, &error));
+  g_assert_no_error (error);
+  g_assert_true (kd_redis_queue_wait_backlog (queue, 0, KD_REDIS_TEST_DEADLINE_US, &error));
+  g_assert_no_error (error);
+  kd_redis_queue_stop (queue);
+  kd_dispatcher_wait (dispatcher);
+}
+
+static void
+test_fencing_tokens (void)
+{
+  Server server = { 0 };
+  g_autoptr (KdRedisQueue) producer = NULL;
+  g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GBytes) payload = g_bytes_new_static ("1", 1);
+  g_autoptr (GError) error = NULL;
+  Tokens first = { 0 }, second = { 0 };
+  guint i, shard, shards_seen = 0;
+
+  g_test_summary ("Each shard's jobs carry the shard's fencing token: one value per owner, "
+                  "higher for every later owner of the shard; unkeyed jobs carry 0");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  producer = open_queue (&server, "fence", 8);
+  for (i = 0; i < 64; i++)
+    g_ptr_array_add (keys, g_strdup_printf ("client-%u", i));
+  add_numbers (producer, keys, 1, 5);
+  g_assert_true (kd_redis_queue_add (producer, NULL, payload, &error));
+  g_assert_no_error (error);
+
+  g_mutex_init (&first.lock);
+  run_recording_tokens (&server, "fence", &first);
+  /* A second owner, after the first let its shards go. */
+  add_numbers (producer, keys, 6, 10);
+  g_mutex_init (&second.lock);
+  run_recording_tokens (&server, "fence", &second);
+
+  g_assert_cmpuint (first.ran, ==, 64 * 5 + 1);
+  g_assert_cmpuint (second.ran, ==, 64 * 5);
+  g_assert_cmpint (first.unkeyed_nonzero, ==, 0);
+  for (shard = 0; shard < 8; shard++)
+    {
+      if (first.tokens[shard] == 0 && second.tokens[shard] == 0)
+        continue;   /* no key of this shard */
+      shards_seen++;
+      g_assert_cmpuint (first.lowest[shard], >=, 1);
+      g_assert_cmpuint (first.lowest[shard], ==, first.tokens[shard]);
+      g_assert_cmpuint (second.lowest[shard], >, first.tokens[shard]);
+    }
+  g_assert_cmpuint (shards_seen, >=, 4);
+  g_mutex_clear (&first.lock);
+  g_mutex_clear (&second.lock);
+  server_stop (&server);
+}
+
 /* ---- Producers that send a job twice ----------------------------------- */
 
 static guint
@@ -1672,6 +1775,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
   g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
   g_test_add_func ("/kd/redis-queue/bad-stream", test_bad_stream);
+  g_test_add_func ("/kd/redis-queue/fencing-tokens", test_fencing_tokens);
   g_test_add_func ("/kd/redis-queue/long-log-line", test_long_log_line);
   g_test_add_func ("/kd/redis-queue/out-of-range", test_out_of_range);
   g_test_add_func ("/kd/redis-queue/thread-limit", test_thread_limit);
