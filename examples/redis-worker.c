@@ -26,7 +26,7 @@
  * A job's payload is its number among its key's jobs, counting from 1; a
  * worker logs one line per job it runs (with --log), as the job ends:
  *
- *   <start, us> <end, us> <key> <number> <attempt> <ok|fail>
+ *   <start, us> <end, us> <key> <number> <attempt> <ok|fail> <fencing token>
  *
  * (monotonic times) so that the per-key order, and that a key's runs never
  * overlap, can be checked across the workers' logs (the monotonic clock is
@@ -170,9 +170,10 @@ run_job (KdJob    *job,
       gssize written;
 
       /* Keys and payloads of any size: the line grows to fit them. */
-      g_string_printf (line, "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %s %s %u %s\n",
+      g_string_printf (line, "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %s %s %u %s %" G_GUINT64_FORMAT "\n",
                        start, g_get_monotonic_time (), key != NULL ? key : "-", payload,
-                       kd_job_get_attempt (job), fail ? "fail" : "ok");
+                       kd_job_get_attempt (job), fail ? "fail" : "ok",
+                       kd_redis_entry_get_fencing_token (entry));
       g_mutex_lock (&worker->log_lock);
       written = write_all (worker->log_fd, line->str, line->len);
       g_mutex_unlock (&worker->log_lock);

@@ -840,6 +840,7 @@ typedef struct
   guint    seq;
   guint    attempt;
   gboolean ok;
+  guint64  token;      /* its shard's fencing token */
   gboolean rerun;      /* the job ran again later, in another worker */
 } Run;
 
@@ -893,13 +894,14 @@ check_logs (Worker  **workers,
       lines = g_strsplit (text, "\n", -1);
       for (i = 0; lines[i] != NULL; i++)
         {
-          Run run = { 0, 0, w, i, 0, 0, 0, FALSE, FALSE };
+          Run run = { 0, 0, w, i, 0, 0, 0, FALSE, 0, FALSE };
           char key[64], status[8];
 
           if (lines[i][0] == '\0')
             continue;
-          g_assert_cmpint (sscanf (lines[i], "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %63s %u %u %7s",
-                                   &run.time, &run.end, key, &run.seq, &run.attempt, status), ==, 6);
+          g_assert_cmpint (sscanf (lines[i], "%" G_GINT64_FORMAT " %" G_GINT64_FORMAT " %63s %u %u %7s %"
+                                   G_GUINT64_FORMAT, &run.time, &run.end, key, &run.seq, &run.attempt,
+                                   status, &run.token), ==, 7);
           g_assert_cmpint (run.end, >=, run.time);
           g_assert_true (g_str_has_prefix (key, "key-"));
           run.key = (guint) atoi (key + 4);
@@ -913,14 +915,23 @@ check_logs (Worker  **workers,
   g_array_sort (runs, run_compare);
   verdict->runs = runs->len;
 
-  /* The runs taken over: a later run of the same job in another worker. */
+  /* The runs taken over: a later run of the same job in another worker,
+   * which the shard's next owner made, under a higher fencing token. */
   for (i = 0; i < runs->len; i++)
     {
       Run *run = &g_array_index (runs, Run, i);
 
       for (k = i + 1; k < runs->len && g_array_index (runs, Run, k).key == run->key && !run->rerun; k++)
         if (g_array_index (runs, Run, k).seq == run->seq && g_array_index (runs, Run, k).file != run->file)
-          run->rerun = TRUE;
+          {
+            run->rerun = TRUE;
+            if (g_array_index (runs, Run, k).token <= run->token)
+              g_error ("key-%u: job %u ran again (worker %u) under fencing token %" G_GUINT64_FORMAT
+                       ", not above the first run's %" G_GUINT64_FORMAT, run->key, run->seq,
+                       g_array_index (runs, Run, k).file, g_array_index (runs, Run, k).token,
+                       run->token);
+            verdict->fenced_reruns++;
+          }
     }
 
   /* Per key, a bitmap of completed jobs, at first[key]. */

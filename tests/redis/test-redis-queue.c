@@ -1412,7 +1412,7 @@ test_freeze (void)
 
   g_test_summary ("A worker frozen (SIGSTOP) past its lease, then resumed: the other takes its "
                   "shards over, its late acknowledgements are refused, it starts nothing more, "
-                  "nothing is lost");
+                  "nothing is lost, and the reruns carry a higher fencing token");
   if (!need_redis ())
     return;
 
@@ -1446,6 +1446,9 @@ test_freeze (void)
   g_assert_cmpuint (late, <=, 1);
   g_assert_cmpuint (refused, >, 0);
   g_assert_cmpuint (verdict.duplicates, <=, 256);
+  /* The job under way when it froze ran again on the next owner, under a
+   * higher fencing token (check_logs() checks every such pair). */
+  g_assert_cmpuint (verdict.fenced_reruns, >=, 1);
 
   for (w = 0; w < 2; w++)
     worker_free (workers[w]);
@@ -1590,12 +1593,13 @@ test_long_log_line (void)
   log[length - 1] = '\0';
   g_assert_null (strchr (log, '\n'));   /* one line */
   fields = g_strsplit (log, " ", -1);
-  g_assert_cmpuint (g_strv_length (fields), ==, 6);
+  g_assert_cmpuint (g_strv_length (fields), ==, 7);
   g_assert_cmpstr (fields[2], ==, key);
   g_assert_cmpuint (strlen (fields[3]), ==, size);
   g_assert_true (strspn (fields[3], "p") == size);
   g_assert_cmpstr (fields[4], ==, "1");
   g_assert_cmpstr (fields[5], ==, "ok");
+  g_assert_cmpuint (g_ascii_strtoull (fields[6], NULL, 10), >=, 1);
 
   worker_free (workers[0]);
   g_clear_object (&queue);
