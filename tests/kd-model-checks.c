@@ -367,7 +367,10 @@ kd_model_check_items (KdModel *model)
                  item->status == ITEM_REFUSED ? "refused" : "never submitted",
                  item->handler_runs, item->done_calls, item->free_calls);
         }
-      if (item->status == ITEM_REFUSED)
+      if (item->status == ITEM_REFUSED && item->refused_code == REFUSED_GROUP_CANCELLED)
+        CHECK (model, item->group_fail_fast, "item %u refused by a group not failing fast",
+               item->id);
+      else if (item->status == ITEM_REFUSED)
         {
           if (item->refused_code == KD_ERROR_CLOSED)
             CHECK (model, close_started != 0 && close_started < item->after,
@@ -447,7 +450,10 @@ kd_model_check_items (KdModel *model)
            * first started. */
           if (y->handler_runs != 0)
             {
-              CHECK (model, x->handler_runs != 0 || model->key_drops[x->key] != 0,
+              /* (A fail-fast group's cancel takes its own jobs out of their
+               * keys, whatever comes after them.) */
+              CHECK (model, x->handler_runs != 0 || model->key_drops[x->key] != 0 ||
+                            x->group_fail_fast,
                      "key %u: item %u ran though the earlier item %u was cancelled",
                      x->key, y->id, x->id);
               if (x->handler_runs != 0)

@@ -221,6 +221,21 @@ run_submits (ModelThread     *thread,
                              how == HOW_TIMEOUT ? "submit_timeout" : "submit";
           gboolean right_code = FALSE;
 
+          /* A fail-fast group cancelled by an earlier item's failure. */
+          if (how == HOW_GROUP && g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
+            {
+              CHECK (model, item->group_fail_fast &&
+                            g_cancellable_is_cancelled (kd_group_get_cancellable (thread->group)),
+                     "item %u: its group refused it CANCELLED, not cancelled", item->id);
+              g_clear_error (&error);
+              item->refused_code = REFUSED_GROUP_CANCELLED;
+              note_refused (thread, item, token);
+              g_atomic_int_set (&item->after, after);
+              if (item->key < model->n_keys)
+                g_atomic_int_add (&model->key_submitting[item->key], -1);
+              continue;
+            }
+
           CHECK (model, error != NULL && error->domain == KD_ERROR,
                  "item %u refused by %s with %s", item->id, call,
                  error != NULL ? error->message : "no error");
@@ -243,7 +258,7 @@ run_submits (ModelThread     *thread,
 
           /* Counted before the end of this submit: an item accepted is
            * pending or ended in the model before it leaves submitting. */
-          if (key_capacity > 0 && !kd_model_may_skip (model, item))
+          if (key_capacity > 0 && kd_model_key_count_exact (model, item))
             CHECK (model, g_atomic_int_get (&model->key_pending[item->key]) <=
                           (gint) key_capacity + g_atomic_int_get (&model->key_submitting[item->key]) - 1,
                    "key %u: %d pending after a submit returned (%d others in progress) for a "
@@ -367,7 +382,7 @@ run_batch (ModelThread     *thread,
     {
       KdModelItem *item = &model->items[op->first_item + i];
 
-      if (key_capacity > 0 && item->key < model->n_keys && !kd_model_may_skip (model, item))
+      if (key_capacity > 0 && item->key < model->n_keys && kd_model_key_count_exact (model, item))
         CHECK (model, g_atomic_int_get (&model->key_pending[item->key]) <=
                       (gint) key_capacity + g_atomic_int_get (&model->key_submitting[item->key]),
                "key %u: %d pending after %s returned (%d others in progress) for a key "
@@ -539,7 +554,7 @@ check_waited (ModelThread     *thread,
       else
         {
           cancel_started = g_atomic_int_get (&model->cancel_started);
-          CHECK (model, (cancel_started != 0 && cancel_started < held) ||
+          CHECK (model, (cancel_started != 0 && cancel_started < held) || item->group_fail_fast ||
                         (item->key < model->n_keys &&
                          g_atomic_int_get (&model->key_drops[item->key]) != 0),
                  "item %u: accepted before a wait, not run when it held, and not cancelled "
@@ -653,6 +668,29 @@ run_wait_async (ModelThread     *thread,
 
 /* A group's data freed: the last thing its finalize does, after it let
  * its dispatcher go (weak references are notified earlier, at dispose). */
+/* A group's burst; fail-fast (op->arg) only without retries, whose
+ * cancellation while a retry waits the model does not follow for groups. */
+static gboolean
+decode_group (Reader         *reader,
+              KdModelProgram *program,
+              KdModelOp      *op)
+{
+  if (!decode_submit (reader, program, op))
+    return FALSE;
+  op->arg = program->max_attempts <= 1 && read_byte (reader) % 2 == 1;
+  return TRUE;
+}
+
+static void
+describe_group (GString              *out,
+                const KdModelProgram *program,
+                const KdModelOp      *op)
+{
+  describe_submit (out, program, op);
+  if (op->arg)
+    g_string_append (out, " fail-fast");
+}
+
 static void
 group_finalized (gpointer user_data)
 {
@@ -688,6 +726,13 @@ run_group (ModelThread     *thread,
   gint called;
   guint i;
 
+  if (op->arg)
+    {
+      g_atomic_int_inc (&model->fail_fast_groups);
+      kd_group_set_fail_fast (group, TRUE);
+      for (i = op->first_item; i < op->first_item + op->count; i++)
+        model->items[i].group_fail_fast = TRUE;
+    }
   thread->group = group;
   run_submits (thread, op, HOW_GROUP);
   thread->group = NULL;
@@ -708,6 +753,20 @@ run_group (ModelThread     *thread,
          waited ? "TRUE" : "FALSE", error != NULL ? error->message : "no error",
          all_completed ? "all" : "not all");
   CHECK (model, waited || error != NULL, "a group's wait failed without an error");
+  /* Fail-fast: a failure cancelled the group. Its items have all ended:
+   * none counts against its key any more. */
+  if (op->arg)
+    {
+      for (i = op->first_item; i < op->first_item + op->count; i++)
+        {
+          if (g_atomic_int_get (&model->items[i].status) == ITEM_ACCEPTED &&
+              kd_model_item_failed (model, &model->items[i]))
+            CHECK (model, g_cancellable_is_cancelled (kd_group_get_cancellable (group)),
+                   "item %u failed in a fail-fast group, which is not cancelled", i);
+          kd_model_item_uncount (model, &model->items[i]);
+        }
+      g_atomic_int_add (&model->fail_fast_groups, -1);
+    }
   g_clear_error (&error);
 
   kd_group_get_stats (group, &stats);
@@ -952,7 +1011,7 @@ static const OpClass op_table[] = {
     HOW_TIMEOUT_MANY },
   { "wait_until",      3, decode_wait_until,     run_wait_until, describe_wait_until,   0 },
   { "wait_async",      3, decode_wait_async,     run_wait_async, NULL,                  0 },
-  { "group",           4, decode_submit,         run_group,   describe_submit,         0 },
+  { "group",           4, decode_group,          run_group,   describe_group,          0 },
   { "submit_after",    4, decode_submit_timeout, run_submits, describe_submit_after,   HOW_AFTER },
 };
 

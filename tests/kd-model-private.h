@@ -13,6 +13,9 @@
 G_BEGIN_DECLS
 
 #define TOKEN_LIVE 0x6b646d6cu
+
+/* KdModelItem.refused_code of an item its cancelled group refused */
+#define REFUSED_GROUP_CANCELLED (-1)
 #define TOKEN_DEAD 0xdeadf7eeu
 
 /* Any byte string decodes to a valid program, so the keys and tables are
@@ -55,6 +58,7 @@ typedef struct
    * status (an async submission's when its callback ran: it was accepted,
    * if it was, before that) */
   SubmitHow  how;
+  gboolean   group_fail_fast; /* HOW_GROUP: its group fails fast; it may end cancelled */
   gint64     due_us;        /* HOW_AFTER: its due time (monotonic), set before the call */
   gpointer   async_token;   /* HOW_ASYNC: the item given, until the callback */
   guint      batch;         /* the *_MANY ops: its op's index + 1; 0 for others */
@@ -173,6 +177,9 @@ struct _KdModel
    * ended, and submits in progress, per key */
   gint            key_pending[KD_MODEL_MAX_KEYS];
   gint            key_submitting[KD_MODEL_MAX_KEYS];
+  /* Fail-fast group ops under way: their cancelled items may free their
+   * keys' room before the model uncounts them (atomic) */
+  gint            fail_fast_groups;
 
   /* Worker funcs */
   gint            worker_inits[8];
@@ -268,6 +275,13 @@ gboolean kd_model_item_failed            (KdModel       *model,
 /* Whether a handler run of @item may be missing: a cancel started, or its
  * key was dropped. */
 gboolean kd_model_may_skip               (KdModel       *model,
+                                          KdModelItem   *item);
+/* Whether the model's count of the keys' pending items is exact, for the
+ * checks of the key capacity around @item. */
+gboolean kd_model_key_count_exact        (KdModel       *model,
+                                          KdModelItem   *item);
+/* @item ended: it no longer counts against its key's capacity. */
+void     kd_model_item_uncount           (KdModel       *model,
                                           KdModelItem   *item);
 
 /* kd-model-checks.c */

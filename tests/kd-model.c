@@ -278,14 +278,21 @@ gboolean
 kd_model_may_skip (KdModel     *model,
                    KdModelItem *item)
 {
-  return g_atomic_int_get (&model->cancel_started) != 0 ||
+  return g_atomic_int_get (&model->cancel_started) != 0 || item->group_fail_fast ||
          (item->key < model->n_keys && g_atomic_int_get (&model->key_drops[item->key]) != 0);
 }
 
+gboolean
+kd_model_key_count_exact (KdModel     *model,
+                          KdModelItem *item)
+{
+  return !kd_model_may_skip (model, item) && g_atomic_int_get (&model->fail_fast_groups) == 0;
+}
+
 /* The item no longer counts against its key's capacity. */
-static void
-item_uncount (KdModel     *model,
-              KdModelItem *item)
+void
+kd_model_item_uncount (KdModel     *model,
+                       KdModelItem *item)
 {
   if (item->key >= model->n_keys ||
       g_atomic_int_compare_and_exchange (&item->pending_counted, 0, 2))
@@ -341,7 +348,7 @@ model_handler (KdJob    *job,
       CHECK (model, exclusive, "item %u: a handler of key %u was already running", item->id, key);
       CHECK (model, g_atomic_int_get (&model->key_parked[key]) == 0,
              "item %u: runs (attempt %u) while its key %u is parked", item->id, attempt, key);
-      if (runs == 0 && model->program->key_capacity > 0 && !kd_model_may_skip (model, item))
+      if (runs == 0 && model->program->key_capacity > 0 && kd_model_key_count_exact (model, item))
         CHECK (model, g_atomic_int_get (&model->key_pending[key]) <=
                       (gint) model->program->key_capacity + g_atomic_int_get (&model->key_submitting[key]),
                "item %u: key %u has %d pending (%d submits in progress) for a key capacity of %u",
@@ -392,7 +399,7 @@ model_handler (KdJob    *job,
   if (fails && g_cancellable_is_cancelled (cancellable))
     g_atomic_int_set (&item->failed_cancelled, 1);
   if (!fails || attempt >= max_attempts)
-    item_uncount (model, item);
+    kd_model_item_uncount (model, item);
   else
     {
       gboolean first;
@@ -539,7 +546,7 @@ model_done (KdJob        *job,
   if (runs == 0 || !kd_model_item_failed (model, item))
     CHECK (model, g_atomic_int_get (&item->dead_letters) == 0,
            "item %u: a dead letter, but it did not fail for good", item->id);
-  item_uncount (model, item);
+  kd_model_item_uncount (model, item);
 
   if (model->program->park && item->key < model->n_keys && kd_model_item_failed (model, item))
     item_parked (model, item);
@@ -562,7 +569,7 @@ model_item_free (gpointer data)
 
   model = token->model;
   item = token->item;
-  item_uncount (model, item);
+  kd_model_item_uncount (model, item);
   CHECK (model, g_atomic_int_add (&item->free_calls, 1) == 0, "item %u: freed twice", item->id);
   if (!model->program->no_done)
     CHECK (model, g_atomic_int_get (&item->done_calls) == 1,
