@@ -753,10 +753,19 @@ run_group (ModelThread     *thread,
          waited ? "TRUE" : "FALSE", error != NULL ? error->message : "no error",
          all_completed ? "all" : "not all");
   CHECK (model, waited || error != NULL, "a group's wait failed without an error");
-  /* Fail-fast: a failure cancelled the group. Its items have all ended:
-   * none counts against its key any more. */
+  /* Fail-fast: a failure cancelled the group, and only a failure. Its items
+   * have all ended: none counts against its key any more. */
   if (op->arg)
     {
+      gboolean any_failed = FALSE;
+
+      for (i = op->first_item; i < op->first_item + op->count; i++)
+        if (g_atomic_int_get (&model->items[i].status) == ITEM_ACCEPTED &&
+            kd_model_item_failed (model, &model->items[i]))
+          any_failed = TRUE;
+      CHECK (model, any_failed || !g_cancellable_is_cancelled (kd_group_get_cancellable (group)),
+             "group of items %u..%u: cancelled, but none of its items failed", op->first_item,
+             op->first_item + op->count - 1);
       for (i = op->first_item; i < op->first_item + op->count; i++)
         {
           if (g_atomic_int_get (&model->items[i].status) == ITEM_ACCEPTED &&

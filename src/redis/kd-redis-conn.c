@@ -917,9 +917,16 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
       g_clear_pointer (&unusable[i == 0 ? n_shards : i - 1], g_free);
       if (reply == NULL)
         {
-          /* BUSYGROUP: the group exists already. */
-          if (strstr (local_error->message, "BUSYGROUP") == NULL)
+          /* BUSYGROUP: the group exists already. WRONGTYPE: the key is not
+           * a stream, this stream's problem alone. Anything else (a
+           * permission, memory, a read-only replica) is the connection's. */
+          if (strstr (local_error->message, "WRONGTYPE") != NULL)
             unusable[i == 0 ? n_shards : i - 1] = g_strdup (local_error->message);
+          else if (strstr (local_error->message, "BUSYGROUP") == NULL && ok)
+            {
+              g_propagate_error (error, g_steal_pointer (&local_error));
+              ok = FALSE;
+            }
           g_clear_error (&local_error);
           continue;
         }

@@ -29,18 +29,26 @@ static const char script_heartbeat[] =
  * ARGV[1] this member, ARGV[2] the lease time (ms). A free lease is taken
  * with SET NX PX, and its shard's fencing token goes up by one; one this
  * member still holds is renewed, its token unchanged. Returns per lease the
- * shard's token (from 1) if this member holds it, or 0. */
+ * shard's token (from 1) if this member holds it, or 0. A token key that
+ * is not a number (another application's key) costs only its own shard:
+ * the lease is let go and the answer is 0 (a script is not rolled back,
+ * so an error here would leave earlier leases held and unknown). */
 static const char script_acquire[] =
   "local n = #KEYS / 2\n"
   "local r = {}\n"
   "for i = 1, n do\n"
   "  local k = KEYS[i]\n"
+  "  local ok, t = true, 0\n"
   "  if redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then\n"
-  "    r[i] = redis.call('INCR', KEYS[n + i])\n"
+  "    ok, t = pcall(redis.call, 'INCR', KEYS[n + i])\n"
   "  elseif redis.call('GET', k) == ARGV[1] then\n"
   "    redis.call('PEXPIRE', k, ARGV[2])\n"
-  "    r[i] = tonumber(redis.call('GET', KEYS[n + i]) or redis.call('INCR', KEYS[n + i]))\n"
-  "  else r[i] = 0 end\n"
+  "    ok, t = pcall(redis.call, 'GET', KEYS[n + i])\n"
+  "    if ok and not t then ok, t = pcall(redis.call, 'INCR', KEYS[n + i]) end\n"
+  "  end\n"
+  "  t = ok and tonumber(t) or nil\n"
+  "  if t == nil then redis.call('DEL', k) t = 0 end\n"
+  "  r[i] = t\n"
   "end\n"
   "return r\n";
 
@@ -112,8 +120,8 @@ static const char script_dead[] =
 static const char script_backlog[] =
   "local n = 0\n"
   "for _, s in ipairs(KEYS) do\n"
-  "  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', s)\n"
-  "  if not ok then groups = {} end\n"
+  "  local groups = {}\n"
+  "  if redis.call('TYPE', s).ok == 'stream' then groups = redis.call('XINFO', 'GROUPS', s) end\n"
   "  for _, g in ipairs(groups) do\n"
   "    local f = {}\n"
   "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
@@ -141,8 +149,8 @@ static const char script_trim[] =
   "local trimmed = 0\n"
   "for _, s in ipairs(KEYS) do\n"
   "  local min_ms, min_seq\n"
-  "  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', s)\n"
-  "  if not ok then groups = {} end\n"
+  "  local groups = {}\n"
+  "  if redis.call('TYPE', s).ok == 'stream' then groups = redis.call('XINFO', 'GROUPS', s) end\n"
   "  for _, g in ipairs(groups) do\n"
   "    local f = {}\n"
   "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"

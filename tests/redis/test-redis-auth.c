@@ -25,10 +25,10 @@
   "+xgroup|delconsumer", "+xinfo|groups", "+xinfo|consumers", "+xautoclaim",   \
   "+xpending", "+xrange", "+xtrim", "+hsetnx", "+hget", "+pexpire", "+get",    \
   "+set", "+del", "+zadd", "+zrem", "+zremrangebyscore", "+zrangebyscore",     \
-  "+zscore", "+time", "+publish", "+subscribe", "+watch", "+mget", "+incr"
+  "+zscore", "+time", "+publish", "+subscribe", "+watch", "+mget", "+incr", "+type"
 #define PRODUCER_COMMANDS                                                      \
   "+client|setname", "+script|load", "+evalsha", "+xadd", "+xgroup|create",    \
-  "+xinfo|groups", "+xrange", "+hsetnx", "+hget", "+subscribe",                \
+  "+xinfo|groups", "+xrange", "+hsetnx", "+hget", "+subscribe", "+type",       \
   "+xpending", "+xtrim"
 
 #define PASSWORD "s3:cr@t/%"              /* percent-encoded below */

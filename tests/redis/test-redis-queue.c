@@ -680,7 +680,8 @@ test_bad_stream (void)
   redisReply *reply;
   guint i;
 
-  g_test_summary ("A shard's stream that is a key of another type is set aside: adds to it fail "
+  g_test_summary ("A shard's stream that is a key of another type is set aside (and a shard whose "
+                  "fencing-token key is one is never leased): adds to it fail "
                   "at once with an error naming it, nothing sent, while adds to the other shards "
                   "work; the consumer runs the other shards' 10,000 jobs over 100 keys in order "
                   "and counts the stream "
@@ -694,11 +695,19 @@ test_bad_stream (void)
   for (i = 0; good->len < 100 || bad->len < 2; i++)
     {
       char *key = g_strdup_printf ("client-%u", i);
+      guint shard = kd_redis_queue_shard_for_key (producer, key);
 
-      g_ptr_array_add (kd_redis_queue_shard_for_key (producer, key) == 3 ? bad : good, key);
+      if (shard == 5)
+        g_free (key);
+      else
+        g_ptr_array_add (shard == 3 ? bad : good, key);
     }
   c = server_connect (&server);
   reply = redisCommand (c, "SET bad:{3} x");
+  freeReplyObject (reply);
+  /* Shard 5's fencing token is a list: only shard 5 (which has no job here)
+   * cannot be leased. */
+  reply = redisCommand (c, "LPUSH bad:{5}:fence x");
   freeReplyObject (reply);
 
   add_numbers (producer, good, 1, 100);
