@@ -264,6 +264,18 @@ deliver_job (KdTask   *task,
     kd_group_state_unref (group);
 }
 
+/* Why @job ends without running: @who ("The dispatcher", ...) was
+ * cancelled before its first attempt, or while it waited for a retry. */
+static GError *
+cancelled_error (KdJob      *job,
+                 const char *who)
+{
+  return g_error_new (G_IO_ERROR, G_IO_ERROR_CANCELLED,
+                      job->attempt == 0 ? "%s was cancelled before the job ran"
+                                        : "%s was cancelled while the job waited for a retry",
+                      who);
+}
+
 /* How a job that ended counts in its group. */
 static KdGroupEnd
 group_end (KdWorkerStats *stats,
@@ -298,11 +310,7 @@ run_job (KdDispatcher  *self,
    * ::cancelled handlers run before ours. */
   if (G_UNLIKELY (g_cancellable_is_cancelled (self->cancellable)))
     {
-      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
-                                   job->attempt == 0
-                                     ? "The dispatcher was cancelled before the job ran"
-                                     : "The dispatcher was cancelled while the job waited "
-                                       "for a retry");
+      error = cancelled_error (job, "The dispatcher");
       counter = &stats->cancelled;
     }
   else if (G_UNLIKELY (job->result != NULL && kd_submit_result_is_cancelled (job->result)))
@@ -313,11 +321,7 @@ run_job (KdDispatcher  *self,
     }
   else if (G_UNLIKELY (group != NULL && kd_group_state_is_cancelled (group)))
     {
-      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED,
-                                   job->attempt == 0
-                                     ? "The job's group was cancelled before it ran"
-                                     : "The job's group was cancelled while the job waited "
-                                       "for a retry");
+      error = cancelled_error (job, "The job's group");
       counter = &stats->cancelled;
     }
   else if (G_UNLIKELY (job->dropped))
@@ -377,7 +381,8 @@ run_job (KdDispatcher  *self,
         kd_mailbox_ref (job->mailbox);
       kd_dispatcher_count_ended (counter);
       /* Ended for its group once its handler returned; the job keeps its
-       * reference to the group for its done callback (deliver_job()). */
+       * reference to the group's state for its done callback
+       * (deliver_job()). */
       if (G_UNLIKELY (group != NULL))
         kd_group_state_job_ended (group, group_end (stats, counter));
       kd_delivery_push (self->delivery, &job->task);

@@ -481,7 +481,9 @@ kd_group_state_get_cancellable (KdGroupState *self)
  * @dispatcher: the dispatcher to run the group's jobs
  *
  * Creates a group of jobs of @dispatcher. It holds a reference to the
- * dispatcher, and each of its pending jobs holds one to the group.
+ * dispatcher; its jobs hold references to what they share with the group
+ * (its counters, barrier and cancellable), not to the group itself, so the
+ * group goes when the application drops it.
  *
  * Returns: (transfer full): a new group
  *
