@@ -916,7 +916,11 @@ check_logs (Worker  **workers,
   verdict->runs = runs->len;
 
   /* The runs taken over: a later run of the same job in another worker,
-   * which the shard's next owner made, under a higher fencing token. */
+   * which another owner of the shard made, under another fencing token
+   * (not necessarily a higher one by these stamps: a run is stamped as its
+   * handler starts, after the library let it start, and a thread may stall
+   * in between, so a stale owner's run can be stamped after its
+   * successor's). */
   for (i = 0; i < runs->len; i++)
     {
       Run *run = &g_array_index (runs, Run, i);
@@ -925,9 +929,9 @@ check_logs (Worker  **workers,
         if (g_array_index (runs, Run, k).seq == run->seq && g_array_index (runs, Run, k).file != run->file)
           {
             run->rerun = TRUE;
-            if (g_array_index (runs, Run, k).token <= run->token)
+            if (g_array_index (runs, Run, k).token == run->token)
               g_error ("key-%u: job %u ran again (worker %u) under fencing token %" G_GUINT64_FORMAT
-                       ", not above the first run's %" G_GUINT64_FORMAT, run->key, run->seq,
+                       ", the first run's %" G_GUINT64_FORMAT, run->key, run->seq,
                        g_array_index (runs, Run, k).file, g_array_index (runs, Run, k).token,
                        run->token);
             verdict->fenced_reruns++;

@@ -150,7 +150,7 @@ typedef struct
 {
   guint64 runs;
   guint64 duplicates;  /* runs of a job that had completed already */
-  guint64 fenced_reruns;  /* runs taken over, each rerun under a higher token */
+  guint64 fenced_reruns;  /* runs taken over, each rerun under another token */
 } Verdict;
 
 void           check_logs         (Worker    **workers,

@@ -1421,7 +1421,7 @@ test_freeze (void)
 
   g_test_summary ("A worker frozen (SIGSTOP) past its lease, then resumed: the other takes its "
                   "shards over, its late acknowledgements are refused, it starts nothing more, "
-                  "nothing is lost, and the reruns carry a higher fencing token");
+                  "nothing is lost, and the reruns carry another fencing token");
   if (!need_redis ())
     return;
 
@@ -1455,8 +1455,8 @@ test_freeze (void)
   g_assert_cmpuint (late, <=, 1);
   g_assert_cmpuint (refused, >, 0);
   g_assert_cmpuint (verdict.duplicates, <=, 256);
-  /* The job under way when it froze ran again on the next owner, under a
-   * higher fencing token (check_logs() checks every such pair). */
+  /* The job under way when it froze ran again on the next owner, under
+   * another fencing token (check_logs() checks every such pair). */
   g_assert_cmpuint (verdict.fenced_reruns, >=, 1);
 
   for (w = 0; w < 2; w++)
