@@ -7,6 +7,8 @@
 
 #include <glib.h>
 
+#include "kd-slots-private.h"
+
 G_BEGIN_DECLS
 
 /* The largest bound the admission counts. */
@@ -26,8 +28,8 @@ typedef enum
   KD_ADMIT_DEADLINE,  /* sleep until there is room or the deadline passed */
 } KdAdmitMode;
 
-/* One releaser's counts, written only by that releaser (the shared one,
- * last in the array, with atomic additions). */
+/* One releaser's counts, written only by that releaser (the shared one
+ * with atomic additions). */
 typedef struct
 {
   guint64 released;                            /* units it released */
@@ -66,8 +68,8 @@ struct _KdAdmission
   /* Set before the first acquire, read-only afterwards */
   guint       capacity;
   guint       slack;         /* free units that make a release wake submitters */
-  guint       n_releasers;   /* plus the shared one */
-  KdReleaser *releasers;
+  KdSlots     releasers;     /* KdReleaser, each a worker's; grows at run time */
+  KdReleaser  shared;        /* any other thread's */
 
   gint        drain_claimed; /* atomic: the drain was reported */
 
@@ -93,7 +95,7 @@ void     kd_admission_init           (KdAdmission  *self,
                                       guint         n_releasers);
 void     kd_admission_set_capacity   (KdAdmission  *self,
                                       guint         capacity);
-void     kd_admission_set_releasers  (KdAdmission  *self,
+void     kd_admission_add_releasers  (KdAdmission  *self,
                                       guint         n_releasers);
 void     kd_admission_clear          (KdAdmission  *self);
 gboolean kd_admission_acquire        (KdAdmission  *self,

@@ -24,7 +24,9 @@
  *
  *  - Releasers (the dispatcher's workers, plus one shared slot for any other
  *    thread) each count their own releases, in total and per epoch slot, on
- *    a cache line nobody else writes (KdReleaser).
+ *    a cache line nobody else writes (KdReleaser). The workers' counters
+ *    are KdSlots: a resize adds more while others read them, and a worker
+ *    index keeps its counter when a new thread takes it (one at a time).
  *
  * The bound: pending = acquired - (sum of all releases). An acquirer checks
  * the bound against @released_view, a lower bound of that sum, and adds up
@@ -135,6 +137,13 @@ load_flags (KdAdmission *self)
   return __atomic_load_n (&self->flags, __ATOMIC_SEQ_CST);
 }
 
+static inline KdReleaser *
+releaser_at (KdAdmission *self,
+             guint        index)
+{
+  return kd_slots_get (&self->releasers, index);
+}
+
 /* The sum of all releases, as of a moment during the call. Counters only
  * grow, so a sum read while they move is a lower bound. */
 static guint64
@@ -143,8 +152,11 @@ sum_released (KdAdmission *self)
   guint64 sum = 0;
   guint i;
 
-  for (i = 0; i <= self->n_releasers; i++)
-    sum += __atomic_load_n (&self->releasers[i].released, __ATOMIC_SEQ_CST);
+  guint n = kd_slots_length (&self->releasers);
+
+  for (i = 0; i < n; i++)
+    sum += __atomic_load_n (&releaser_at (self, i)->released, __ATOMIC_SEQ_CST);
+  sum += __atomic_load_n (&self->shared.released, __ATOMIC_SEQ_CST);
 
   return sum;
 }
@@ -156,8 +168,11 @@ sum_released_in (KdAdmission *self,
   guint64 sum = 0;
   guint i;
 
-  for (i = 0; i <= self->n_releasers; i++)
-    sum += __atomic_load_n (&self->releasers[i].released_in[slot], __ATOMIC_SEQ_CST);
+  guint n = kd_slots_length (&self->releasers);
+
+  for (i = 0; i < n; i++)
+    sum += __atomic_load_n (&releaser_at (self, i)->released_in[slot], __ATOMIC_SEQ_CST);
+  sum += __atomic_load_n (&self->shared.released_in[slot], __ATOMIC_SEQ_CST);
 
   return sum;
 }
@@ -196,17 +211,15 @@ kd_admission_set_capacity (KdAdmission *self,
   self->slack = MAX (1, self->capacity / 16);
 }
 
-/* Before the first acquire: @n_releasers threads get a counter of their
- * own, numbered from 0; any other thread releases as
- * KD_ADMISSION_ANY_RELEASER. */
+/* Up to @n_releasers threads get a counter of their own, numbered from 0;
+ * any other thread releases as KD_ADMISSION_ANY_RELEASER. At any time, by
+ * one caller at a time, before the new releasers release: their counters
+ * start at zero, and every sum reads them from then on. Never fewer. */
 void
-kd_admission_set_releasers (KdAdmission *self,
+kd_admission_add_releasers (KdAdmission *self,
                             guint        n_releasers)
 {
-  g_aligned_free (self->releasers);
-  self->n_releasers = n_releasers;
-  self->releasers = g_aligned_alloc0 (n_releasers + 1, sizeof (KdReleaser),
-                                      G_ALIGNOF (KdReleaser));
+  kd_slots_grow (&self->releasers, n_releasers);
 }
 
 void
@@ -218,8 +231,9 @@ kd_admission_init (KdAdmission *self,
   self->released_view = 0;
   self->flags = 0;
   self->drain_claimed = FALSE;
-  self->releasers = NULL;
-  kd_admission_set_releasers (self, n_releasers);
+  kd_slots_init (&self->releasers, sizeof (KdReleaser));
+  memset (&self->shared, 0, sizeof self->shared);
+  kd_admission_add_releasers (self, n_releasers);
   self->n_sleeping = 0;
   self->sealed_seq = 0;
   self->drained_seq = 0;
@@ -242,7 +256,7 @@ kd_admission_clear (KdAdmission *self)
   g_assert_cmpuint (self->n_sleeping, ==, 0);
   g_assert (self->drain_waiters == NULL && self->notify == NULL);
 
-  g_aligned_free (self->releasers);
+  kd_slots_clear (&self->releasers);
   g_mutex_clear (&self->lock);
   g_cond_clear (&self->room_cond);
   g_cond_clear (&self->drained_cond);
@@ -530,8 +544,8 @@ release_slow (KdAdmission *self,
 
   if (flags & FLAG_ROOM_WAITERS)
     {
-      guint share = MAX (1, self->slack / (self->n_releasers + 1));
-      gboolean shared = releaser == &self->releasers[self->n_releasers];
+      guint share = MAX (1, self->slack / (kd_slots_length (&self->releasers) + 1));
+      gboolean shared = releaser == &self->shared;
 
       /* A releaser of its own looks at the room now and then, not on every
        * release: adding up the releasers reads every worker's line. The
@@ -570,9 +584,9 @@ kd_admission_release (KdAdmission *self,
   KdReleaser *mine;
   gint flags;
 
-  if (releaser < self->n_releasers)
+  if (releaser < kd_slots_length (&self->releasers))
     {
-      mine = &self->releasers[releaser];
+      mine = releaser_at (self, releaser);
       /* Only this releaser writes its counters: a load and a store, no
        * read-modify-write. The stores are sequentially consistent, so that
        * the flags read below is ordered after them (the Dekker pattern).
@@ -586,7 +600,7 @@ kd_admission_release (KdAdmission *self,
     }
   else
     {
-      mine = &self->releasers[self->n_releasers];
+      mine = &self->shared;
       __atomic_fetch_add (&mine->released, 1, __ATOMIC_SEQ_CST);
       __atomic_fetch_add (&mine->released_in[epoch], 1, __ATOMIC_SEQ_CST);
     }

@@ -39,6 +39,7 @@
 #include "kd-scheduler-private.h"
 #include "kd-shutdown-private.h"
 #include "kd-submit-result-private.h"
+#include "kd-slots-private.h"
 #include "kd-sync-private.h"
 
 G_BEGIN_DECLS
@@ -50,8 +51,8 @@ G_BEGIN_DECLS
 #define DEFAULT_MAX_IDLE_KEYS 65536
 
 /* Counters of the jobs one worker ended. Written only by that worker, read
- * by get_stats; a cache line each so workers do not share lines. The slot
- * after the workers' counts, with atomic additions, what other threads end
+ * by get_stats; a cache line each so workers do not share lines. One more
+ * (@other_stats) counts, with atomic additions, what other threads end
  * (items a pipeline hands back, see kd_dispatcher_hand_back()). */
 typedef struct
 {
@@ -78,8 +79,16 @@ struct _KdDispatcher
   KdHandlerFunc   handler;
   gpointer        handler_data;
   GDestroyNotify  handler_data_free;
+  KdSlots         worker_stats;   /* KdWorkerStats by worker index; grows with resizes */
+  KdWorkerStats  *other_stats;
+
+  /* n-workers (the scheduler's once it started), changed under
+   * @resize_lock; the idle workers' exit, under @start_lock (see
+   * kd-dispatcher-workers.c) */
+  GMutex          resize_lock;
   guint           n_workers;
-  KdWorkerStats  *worker_stats;
+  gint64          worker_idle_us;    /* 0: idle workers stay */
+  guint           min_workers;       /* workers kept when idle, at least 1 */
 
   /* Configuration: set before the first submit, read-only afterwards */
   guint           fanout;
@@ -219,6 +228,14 @@ void        kd_dispatcher_release_unit        (KdDispatcher      *self,
                                                guint              epoch);
 void        kd_dispatcher_shutdown_scheduler  (KdDispatcher      *self);
 void        kd_dispatcher_on_cancelled        (gpointer           user_data);
+gboolean    kd_dispatcher_in_worker_init      (KdDispatcher      *self);
+
+/* kd-dispatcher-workers.c */
+void        kd_dispatcher_add_worker_slots    (KdDispatcher      *self,
+                                               guint              n_workers);
+void        kd_dispatcher_set_n_workers_property (KdDispatcher   *self,
+                                                  guint           n_workers);
+guint       kd_dispatcher_count_threads       (KdDispatcher      *self);
 
 /* kd-dispatcher-properties.c */
 void        kd_dispatcher_install_properties  (GObjectClass      *object_class);

@@ -136,7 +136,7 @@ kd_dispatcher_get_property (GObject    *object,
   switch (prop_id)
     {
     case PROP_N_WORKERS:
-      g_value_set_uint (value, self->n_workers);
+      g_value_set_uint (value, kd_dispatcher_get_n_workers (self));
       break;
     case PROP_FANOUT:
       g_value_set_uint (value, kd_dispatcher_get_fanout (self));
@@ -205,7 +205,7 @@ kd_dispatcher_set_property (GObject      *object,
   switch (prop_id)
     {
     case PROP_N_WORKERS:
-      self->n_workers = g_value_get_uint (value);
+      kd_dispatcher_set_n_workers_property (self, g_value_get_uint (value));
       break;
     case PROP_FANOUT:
       kd_dispatcher_set_fanout (self, g_value_get_uint (value));
@@ -257,15 +257,16 @@ kd_dispatcher_install_properties (GObjectClass *object_class)
   /**
    * KdDispatcher:n-workers:
    *
-   * The number of worker threads, at most %KD_DISPATCHER_MAX_WORKERS; 0 at
-   * construction means one per processor (at most
-   * %KD_DISPATCHER_MAX_WORKERS).
+   * The number of worker threads, at most %KD_DISPATCHER_MAX_WORKERS; 0
+   * means one per processor (at most %KD_DISPATCHER_MAX_WORKERS).
+   * Writable at any time: on a running dispatcher, setting it is
+   * kd_dispatcher_set_n_workers(), with a warning if that fails.
    *
    * Since: 0.1
    */
   kd_dispatcher_properties[PROP_N_WORKERS] =
     g_param_spec_uint ("n-workers", NULL, NULL, 0, KD_DISPATCHER_MAX_WORKERS, 0,
-                       G_PARAM_READWRITE | G_PARAM_CONSTRUCT_ONLY | G_PARAM_STATIC_STRINGS);
+                       G_PARAM_READWRITE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS);
 
   /**
    * KdDispatcher:fanout:
@@ -481,7 +482,8 @@ kd_dispatcher_set_fanout (KdDispatcher *self,
  * @self: a dispatcher
  *
  * Gets the number of worker groups, after clamping to the number of
- * workers.
+ * workers (the number when the workers started, once they did: a resize
+ * keeps the groups).
  *
  * Returns: the fan-out
  *
@@ -492,26 +494,11 @@ kd_dispatcher_get_fanout (KdDispatcher *self)
 {
   g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
 
-  return MIN (self->fanout, self->n_workers);
+  return g_atomic_pointer_get (&self->scheduler) != NULL
+         ? self->fanout
+         : MIN (self->fanout, kd_dispatcher_get_n_workers (self));
 }
 
-/**
- * kd_dispatcher_get_n_workers:
- * @self: a dispatcher
- *
- * Gets the number of worker threads the dispatcher runs jobs on.
- *
- * Returns: the number of workers
- *
- * Since: 0.1
- */
-guint
-kd_dispatcher_get_n_workers (KdDispatcher *self)
-{
-  g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
-
-  return self->n_workers;
-}
 
 /**
  * kd_dispatcher_set_capacity:
@@ -803,19 +790,22 @@ kd_dispatcher_get_stats (KdDispatcher *self,
 {
   guint64 ended_before = 0;
   guint attempt;
-  guint i;
+  guint i, n_slots;
 
   g_return_if_fail (KD_IS_DISPATCHER (self));
   g_return_if_fail (stats != NULL);
+
+  n_slots = kd_slots_length (&self->worker_stats);
 
   for (attempt = 0; attempt < STATS_ATTEMPTS; attempt++)
     {
       guint64 ended_after = 0;
 
       memset (stats, 0, sizeof *stats);
-      for (i = 0; i <= self->n_workers; i++)
+      for (i = 0; i <= n_slots; i++)
         {
-          KdWorkerStats *worker = &self->worker_stats[i];
+          KdWorkerStats *worker = i < n_slots ? kd_slots_get (&self->worker_stats, i)
+                                              : self->other_stats;
 
           stats->completed += __atomic_load_n (&worker->completed, __ATOMIC_ACQUIRE);
           stats->failed += __atomic_load_n (&worker->failed, __ATOMIC_ACQUIRE);
@@ -826,9 +816,10 @@ kd_dispatcher_get_stats (KdDispatcher *self,
        * counted as submitted before, so pending cannot go negative. */
       stats->submitted = __atomic_load_n (&self->submitted, __ATOMIC_ACQUIRE);
 
-      for (i = 0; i <= self->n_workers; i++)
+      for (i = 0; i <= n_slots; i++)
         {
-          KdWorkerStats *worker = &self->worker_stats[i];
+          KdWorkerStats *worker = i < n_slots ? kd_slots_get (&self->worker_stats, i)
+                                              : self->other_stats;
 
           ended_after += __atomic_load_n (&worker->completed, __ATOMIC_ACQUIRE) +
                          __atomic_load_n (&worker->failed, __ATOMIC_ACQUIRE) +
@@ -844,9 +835,11 @@ kd_dispatcher_get_stats (KdDispatcher *self,
   stats->rejected = __atomic_load_n (&self->rejected, __ATOMIC_RELAXED);
 
   stats->live_keys = kd_key_table_count (self->keys);
-  for (i = 0; i <= self->n_workers; i++)
-    stats->retried += __atomic_load_n (&self->worker_stats[i].retried, __ATOMIC_RELAXED);
+  for (i = 0; i < n_slots; i++)
+    stats->retried += __atomic_load_n (&((KdWorkerStats *) kd_slots_get (&self->worker_stats, i))->retried,
+                                       __ATOMIC_RELAXED);
   stats->parked_keys = kd_parked_keys_count (&self->parked);
+  stats->threads = kd_dispatcher_count_threads (self);
 }
 
 /* Sleeps until @n_blocked submitters are blocked waiting for room. */

@@ -85,7 +85,7 @@ kd_dispatcher_hand_back (KdDispatcher *self,
                          gpointer      item,
                          const GError *error)
 {
-  KdWorkerStats *others = &self->worker_stats[self->n_workers];
+  KdWorkerStats *others = self->other_stats;
   KdDelivery *delivery = NULL;
   KdJob *job = kd_job_new (self, item, 0);
 

@@ -78,9 +78,13 @@
  * Threads are made when the workers start (kd_dispatcher_start() or the
  * first submit): the workers, and the timer's if jobs may be retried or key
  * states idle. If one cannot be made, that call fails with the thread
- * error and the dispatcher stays unstarted. Later only a shutdown finished
- * from a main context makes a thread, and if it cannot, it finishes from an
- * idle source of that context instead (see kd-shutdown.c).
+ * error and the dispatcher stays unstarted. Later, a resize makes threads
+ * and reports a failure to its caller; a start on demand after idle
+ * workers exited costs only parallelism if it fails, since one worker
+ * always stays (kd-dispatcher-workers.c); a delayed job's first submit
+ * makes the timer's and fails if it cannot; a shutdown finished from a
+ * main context makes one, and if it cannot, finishes from an idle source
+ * of that context instead (see kd-shutdown.c).
  *
  * Locks. The dispatcher's own are @start_lock (starting the workers,
  * making the delivery and the counters' notifier; taken here, in
@@ -505,7 +509,7 @@ run_task (KdTask   *task,
           gpointer  user_data)
 {
   KdDispatcher *self = user_data;
-  KdWorkerStats *stats = &self->worker_stats[kd_worker_get_index (worker)];
+  KdWorkerStats *stats = kd_slots_get (&self->worker_stats, kd_worker_get_index (worker));
   KdMailbox *mailbox = kd_mailbox_from_task (task);
 
   if (mailbox != NULL)
@@ -554,6 +558,13 @@ kd_dispatcher_ensure_delivery_locked (KdDispatcher *self)
 
 /* The dispatcher whose worker init runs on this thread, if any. */
 static KD_THREAD_LOCAL KdDispatcher *initializing;
+
+/* Whether one of @self's worker inits runs on this thread. */
+gboolean
+kd_dispatcher_in_worker_init (KdDispatcher *self)
+{
+  return initializing == self;
+}
 
 /* On a new worker's thread: the application's worker init. */
 static gboolean
@@ -607,6 +618,7 @@ ensure_started (KdDispatcher  *self,
                 GError       **error)
 {
   KdScheduler *scheduler;
+  guint n_workers;
 
   if (G_LIKELY (g_atomic_pointer_get (&self->scheduler) != NULL))
     return TRUE;
@@ -639,18 +651,28 @@ ensure_started (KdDispatcher  *self,
       self->starting = TRUE;
 
       /* Not under the lock: the inits (and finalizes, if one failed) are
-       * the application's code. */
+       * the application's code. Under @resize_lock: n-workers holds still
+       * until the scheduler has it. */
       kd_mutex_unlock (&self->start_lock);
-      scheduler = kd_scheduler_new (self->n_workers, self->fanout, needs_timer (self), run_task,
+      kd_mutex_lock (&self->resize_lock);
+      n_workers = self->n_workers;
+      self->fanout = MIN (self->fanout, n_workers);
+      kd_dispatcher_add_worker_slots (self, n_workers);
+      scheduler = kd_scheduler_new (n_workers, self->fanout, needs_timer (self), run_task,
                                     self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
+      kd_mutex_unlock (&self->resize_lock);
       kd_mutex_lock (&self->start_lock);
+
+      /* The idle exit, as last set (under @start_lock, see
+       * kd_dispatcher_set_worker_idle_time()). */
+      if (scheduler != NULL)
+        kd_scheduler_set_idle_exit (scheduler, self->worker_idle_us, self->min_workers);
 
       if (scheduler != NULL)
         g_debug ("dispatcher %p: started %u workers in %u groups, capacity %u",
-                 (gpointer) self, self->n_workers, kd_dispatcher_get_fanout (self),
-                 self->admission.capacity);
+                 (gpointer) self, n_workers, self->fanout, self->admission.capacity);
       g_atomic_pointer_set (&self->scheduler, scheduler);
       self->starting = FALSE;
       g_cond_broadcast (&self->start_cond);
@@ -1114,7 +1136,9 @@ kd_dispatcher_finalize (GObject *object)
   g_clear_object (&self->cancellable);
   g_clear_pointer (&self->context, g_main_context_unref);
   g_free (self->name);
-  g_aligned_free (self->worker_stats);
+  kd_slots_clear (&self->worker_stats);
+  g_aligned_free (self->other_stats);
+  g_mutex_clear (&self->resize_lock);
 
   /* Last: once the application's notifies run, the dispatcher holds
    * nothing of the application's any more (its context, its cancellable),
@@ -1141,12 +1165,11 @@ kd_dispatcher_constructed (GObject *object)
 
   G_OBJECT_CLASS (kd_dispatcher_parent_class)->constructed (object);
 
-  if (self->n_workers == 0)
-    self->n_workers = MIN (g_get_num_processors (), KD_DISPATCHER_MAX_WORKERS);
-  self->worker_stats = g_aligned_alloc0 (self->n_workers + 1, sizeof (KdWorkerStats),
-                                         G_ALIGNOF (KdWorkerStats));
-  /* Each worker counts the jobs it ends on a cache line of its own. */
-  kd_admission_set_releasers (&self->admission, self->n_workers);
+  /* Each worker counts the jobs it ends, and releases their units, on
+   * cache lines of its own: made for the workers that start (and for
+   * those a resize adds, kd_dispatcher_add_worker_slots()). */
+  kd_slots_init (&self->worker_stats, sizeof (KdWorkerStats));
+  self->other_stats = g_aligned_alloc0 (1, sizeof (KdWorkerStats), G_ALIGNOF (KdWorkerStats));
 }
 
 static void
@@ -1164,6 +1187,9 @@ static void
 kd_dispatcher_init (KdDispatcher *self)
 {
   self->fanout = 1;
+  self->n_workers = MIN (g_get_num_processors (), KD_DISPATCHER_MAX_WORKERS);
+  self->min_workers = 1;
+  g_mutex_init (&self->resize_lock);
   self->max_attempts = 1;
   self->max_idle_keys = DEFAULT_MAX_IDLE_KEYS;
   self->failure_policy = KD_FAILURE_CONTINUE;

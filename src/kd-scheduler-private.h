@@ -55,6 +55,14 @@ gboolean     kd_scheduler_call_at    (KdScheduler *self,
 void         kd_scheduler_hurry      (KdScheduler *self);
 void         kd_scheduler_sleep_until (KdScheduler *self,
                                        gint64       due_time);
+gboolean     kd_scheduler_resize     (KdScheduler  *self,
+                                      guint         n_workers,
+                                      GError      **error);
+void         kd_scheduler_set_idle_exit (KdScheduler *self,
+                                         gint64       idle_us,
+                                         guint        min_ready);
+guint        kd_scheduler_get_n_workers (KdScheduler *self);
+guint        kd_scheduler_get_n_threads (KdScheduler *self);
 void         kd_scheduler_shutdown   (KdScheduler *self);
 void         kd_scheduler_join       (KdScheduler *self);
 gboolean     kd_scheduler_runs_here  (KdScheduler *self);

@@ -5,8 +5,8 @@
  * DESIGN
  *
  * The scheduler runs tasks (KdTask: an unkeyed job, or a keyed mailbox that
- * is ready) on a fixed set of worker threads. It knows nothing about jobs or
- * keys: its owner gives it a function that runs one task.
+ * is ready) on a bounded set of worker threads. It knows nothing about jobs
+ * or keys: its owner gives it a function that runs one task.
  *
  * Tier 1 is the input queue: every task pushed from outside the workers
  * enters it. Tier 2 is the worker groups (as many as the dispatcher's
@@ -53,6 +53,34 @@
  * barrier for all of them; if one fails, all exit and kd_scheduler_new()
  * fails with its error. A worker runs the stop hook as it exits.
  *
+ * The set of threads changes at run time. Workers live in slots (KdSlots:
+ * never moved, so other threads read them without a lock); n_target is how
+ * many should run (n-workers), n_threads how many slots run one, n_ready
+ * how many of those passed their start hook. kd_scheduler_resize() raises
+ * n_target and starts a thread in each vacant slot below it, waiting for
+ * their start hooks; or lowers it, and each worker at or above it exits
+ * after the task it runs (over_target(), one atomic load per task). With
+ * an idle time (kd_scheduler_set_idle_exit()) a parked worker sleeps with
+ * a deadline and exits when it passes unwoken. A pusher that finds no
+ * parked worker and fewer threads than n_target starts one in the lowest
+ * vacant slot (start_on_demand()), in the pusher's thread, without waiting
+ * for its start hook. Three rules keep this safe:
+ *
+ *  - The last ready worker never exits early (retire()): with at least one
+ *    ready worker, every visible task is taken by the usual wake-up
+ *    protocol, so an accepted task never depends on a thread that cannot
+ *    be made, and a failed start costs parallelism only.
+ *  - A slot has one thread at a time: a thread started in a slot joins the
+ *    slot's previous thread before its start hook, so the owner's
+ *    per-worker state (indexed by slot) never has two owners, and the
+ *    retiring thread is never waited for where it could be waiting itself.
+ *  - Nothing starts after the shutdown (checked under spawn_lock, where it
+ *    is set), and kd_scheduler_join() joins each slot's last thread, which
+ *    joined the ones before.
+ *
+ * A worker that shutdowns were left to (kd-shutdown.c) does not exit
+ * early: it finishes them as it exits at the shutdown.
+ *
  * Delayed tasks (a retry waiting out its backoff) wait in a KdTimer, whose
  * thread is made with the workers if the owner will delay tasks, and
  * pushes each when it is due;
@@ -66,16 +94,20 @@
  * shuts down only when nothing is pending, so no task is left behind.
  *
  * Locks: a group's lock guards its queue, idle_lock the parked workers,
- * start_lock the start barrier, timer_lock the timer and the hurry flag,
- * join_lock the join. A thread holds at most one of a group lock and
- * idle_lock at a time; the timer's own lock is taken under timer_lock, and
- * timer_lock under join_lock, which is held while the threads are joined.
+ * spawn_lock the slots' threads and counts, start_lock the start barrier
+ * and late starts' results, timer_lock the timer and the hurry flag,
+ * join_lock the join. A thread holds at most one of a group lock,
+ * idle_lock and spawn_lock at a time, but start_lock may be taken under
+ * spawn_lock; the timer's own lock is taken under timer_lock, and
+ * timer_lock (and spawn_lock, briefly) under join_lock, which is held
+ * while the threads are joined.
  */
 
 #include "config.h"
 
 #include "kd-scheduler-private.h"
 #include "kd-shutdown-private.h"
+#include "kd-slots-private.h"
 #include "kd-sync-private.h"
 #include "kd-timer-private.h"
 
@@ -98,20 +130,43 @@ typedef struct
   gint       n_tasks;  /* atomic copy of tasks.length, read without the lock */
 } __attribute__ ((aligned (64))) KdWorkerGroup;   /* a cache line each: groups do not share one */
 
+/* A worker slot's state, under spawn_lock: a thread runs in it (RUNNING),
+ * or none does, or one is on its way out (VACANT). A thread started in a
+ * slot first joins the slot's previous thread, so that one index never
+ * has two threads (two worker inits) at once. */
+enum
+{
+  SLOT_VACANT,
+  SLOT_RUNNING,
+};
+
 struct _KdWorker
 {
-  /* Immutable */
+  /* Immutable once the slot is made */
   KdScheduler *scheduler;
-  KdWorkerGroup     *group;
+  KdWorkerGroup *group;
   guint        index;
-  GThread     *thread;
+
+  /* Protected by scheduler->spawn_lock */
+  GThread     *thread;      /* the slot's last thread, until joined */
+  GThread     *previous;    /* the one before, for @thread to join first */
+  gint         state;
+  gboolean     late;        /* started after kd_scheduler_new() returned */
+
+  /* Its thread's own */
   gpointer     data;        /* set by the start hook, on the worker's thread */
+
+  /* Protected by scheduler->start_lock: a late start's outcome, for the
+   * resize that waits for it (@awaited) */
+  gboolean     awaited;
+  gint         start_result;
+  GError      *start_error;
 
   /* Protected by scheduler->idle_lock */
   GCond        cond;
   KdWorker    *next_idle;
   gboolean     woken;
-};
+} __attribute__ ((aligned (64)));
 
 struct _KdScheduler
 {
@@ -120,11 +175,14 @@ struct _KdScheduler
   KdWorkerStartFunc start;
   KdWorkerStopFunc  stop;
   gpointer    user_data;
-  guint       n_workers;
+  guint       n_initial;   /* the workers kd_scheduler_new() started */
   guint       n_groups;
   guint       n_processors;
-  KdWorker   *workers;
   KdWorkerGroup    *groups;
+
+  /* Worker slots (KdWorker), made by kd_scheduler_new() and resizes under
+   * @spawn_lock, never moved */
+  KdSlots     workers;
 
   /* Tier 1: atomic, a stack of tasks linked through task->next, newest first */
   KdTask     *input;
@@ -135,11 +193,25 @@ struct _KdScheduler
   gint        n_idle;      /* atomic: workers on the stack */
   gint        n_spinning;  /* atomic: workers awake and looking for a task */
   gint64      spin_stamp;  /* atomic: when a spinner last ran, or was woken */
-  gint        shutting_down; /* atomic */
+  gint        shutting_down; /* atomic; set under @spawn_lock */
+
+  /* The set of threads, written under @spawn_lock, read atomically:
+   * how many should run (n-workers), how many slots run a thread (some
+   * maybe still in their start hook), how many of those are ready (their
+   * start hook returned TRUE), and when an idle one exits: after
+   * @idle_exit_us parked (0: never), while more than @min_ready are ready */
+  GMutex      spawn_lock;
+  gint        n_target;
+  gint        n_threads;
+  gint        n_ready;
+  gint64      idle_exit_us;
+  gint        min_ready;
+  gboolean    warned_start; /* a start on demand failed: said once */
 
   /* The start barrier (with start hooks only), protected by @start_lock:
    * workers that ran their start hook, the first failure, and whether they
-   * may go on (START_GO) or must stop (START_ABORT) */
+   * may go on (START_GO) or must stop (START_ABORT); late starts report
+   * here too */
   GMutex      start_lock;
   GCond       start_cond;
   guint       n_started;
@@ -168,6 +240,15 @@ enum
   START_ABORT,
 };
 
+static void start_on_demand (KdScheduler *self);
+
+static inline KdWorker *
+worker_at (KdScheduler *self,
+           guint        index)
+{
+  return kd_slots_get (&self->workers, index);
+}
+
 /* The worker running on this thread: compiler TLS, read on every submit. */
 static KD_THREAD_LOCAL KdWorker *current_worker;
 
@@ -192,7 +273,8 @@ work_visible (KdScheduler *self)
 static gboolean
 spinners_stalled (KdScheduler *self)
 {
-  return self->n_workers - (guint) g_atomic_int_get (&self->n_idle) < self->n_processors &&
+  return g_atomic_int_get (&self->n_threads) - g_atomic_int_get (&self->n_idle) <
+           (gint) self->n_processors &&
          g_get_monotonic_time () - __atomic_load_n (&self->spin_stamp, __ATOMIC_RELAXED) > STALL_US;
 }
 
@@ -236,11 +318,21 @@ wake_one (KdScheduler *self)
     }
 }
 
+/* After making work visible: wakes a parked worker for it, or, with none
+ * parked and fewer threads than wanted (idle ones exited), starts one. */
 static void
 wake_if_useful (KdScheduler *self)
 {
-  if (g_atomic_int_get (&self->n_idle) > 0 && work_visible (self))
-    wake_one (self);
+  if (g_atomic_int_get (&self->n_idle) > 0)
+    {
+      if (work_visible (self))
+        wake_one (self);
+    }
+  else if (G_UNLIKELY (g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target)) &&
+           work_visible (self))
+    {
+      start_on_demand (self);
+    }
 }
 
 static KdTask *
@@ -380,14 +472,27 @@ spin_for_task (KdWorker *worker)
   return NULL;
 }
 
+/* Whether an idle worker may exit now: more workers are ready than the
+ * minimum kept. */
+static gboolean
+may_exit_idle (KdScheduler *self)
+{
+  return __atomic_load_n (&self->idle_exit_us, __ATOMIC_RELAXED) > 0 &&
+         g_atomic_int_get (&self->n_ready) > g_atomic_int_get (&self->min_ready);
+}
+
 /* Sleeps until woken. On return *spinning says whether the waker counted
- * this worker as spinning. */
+ * this worker as spinning; *expired, that it slept its idle time out
+ * unwoken (it is off the idle stack then, and may exit). */
 static void
 park (KdWorker *worker,
-      gboolean *spinning)
+      gboolean *spinning,
+      gboolean *expired)
 {
   KdScheduler *self = worker->scheduler;
+  gboolean leave = FALSE;
 
+  *expired = FALSE;
   kd_mutex_lock (&self->idle_lock);
   worker->woken = FALSE;
   worker->next_idle = self->idle;
@@ -406,19 +511,39 @@ park (KdWorker *worker,
       (work_visible (self) || g_atomic_int_get (&self->shutting_down)))
     {
       /* A task arrived (or shutdown began) while we were announcing
-       * ourselves: take ourselves off the stack and look again. */
+       * ourselves: look again. */
+      leave = TRUE;
+    }
+  else
+    {
+      gint64 until = may_exit_idle (self)
+                     ? g_get_monotonic_time () + __atomic_load_n (&self->idle_exit_us, __ATOMIC_RELAXED)
+                     : -1;
+
+      while (!worker->woken)
+        {
+          if (until < 0)
+            kd_cond_wait (&worker->cond, &self->idle_lock);
+          else if (!kd_cond_wait_until (&worker->cond, &self->idle_lock, until) &&
+                   !worker->woken && g_get_monotonic_time () >= until)
+            {
+              leave = *expired = TRUE;
+              break;
+            }
+        }
+      if (!leave)
+        *spinning = TRUE;
+    }
+
+  if (leave)
+    {
+      /* Not woken: take ourselves off the stack. */
       KdWorker **link = &self->idle;
 
       while (*link != worker)
         link = &(*link)->next_idle;
       *link = worker->next_idle;
       g_atomic_int_add (&self->n_idle, -1);
-    }
-  else
-    {
-      while (!worker->woken)
-        kd_cond_wait (&worker->cond, &self->idle_lock);
-      *spinning = TRUE;
     }
   kd_mutex_unlock (&self->idle_lock);
 }
@@ -454,18 +579,110 @@ start_worker (KdWorker *worker)
   return FALSE;
 }
 
+/* A worker started after kd_scheduler_new() runs the start hook with
+ * nobody waiting at a barrier. If it fails, the worker gives its slot back
+ * and the scheduler keeps the threads it has: n-workers falls to their
+ * number, so that no later start tries again in vain. The resize that
+ * started it gets the error; a start on demand has nobody to tell, and
+ * says it in a warning. FALSE if the worker must exit. */
+static gboolean
+start_late_worker (KdWorker *worker)
+{
+  KdScheduler *self = worker->scheduler;
+  GError *error = NULL;
+  gboolean started = self->start == NULL || self->start (worker, self->user_data, &error);
+
+  kd_mutex_lock (&self->spawn_lock);
+  if (started)
+    {
+      g_atomic_int_inc (&self->n_ready);
+    }
+  else
+    {
+      worker->state = SLOT_VACANT;
+      g_atomic_int_add (&self->n_threads, -1);
+      g_atomic_int_set (&self->n_target, MIN (g_atomic_int_get (&self->n_target),
+                                              g_atomic_int_get (&self->n_threads)));
+    }
+  kd_mutex_unlock (&self->spawn_lock);
+
+  kd_mutex_lock (&self->start_lock);
+  if (worker->awaited)
+    {
+      worker->start_result = started ? START_GO : START_ABORT;
+      worker->start_error = g_steal_pointer (&error);
+      g_cond_broadcast (&self->start_cond);
+    }
+  kd_mutex_unlock (&self->start_lock);
+
+  if (error != NULL)
+    g_warning ("A kdispatch worker started on demand could not start, and the "
+               "dispatcher keeps %d workers: %s", g_atomic_int_get (&self->n_threads),
+               error->message);
+  g_clear_error (&error);
+  return started;
+}
+
+/* Whether @worker should exit early: its slot is above n-workers, or
+ * (@idle) it slept its idle time out. The last ready worker never does,
+ * nor one that shutdowns were left to (kd-shutdown.c), nor any once the
+ * scheduler shuts down (they exit then anyway). If it does, its slot is
+ * vacant at once: a thread started there joins this one first. */
+static gboolean
+retire (KdScheduler *self,
+        KdWorker    *worker,
+        gboolean     idle)
+{
+  gboolean retiring = FALSE;
+
+  if (kd_shutdown_thread_has_finishes ())
+    return FALSE;
+
+  kd_mutex_lock (&self->spawn_lock);
+  if (!g_atomic_int_get (&self->shutting_down))
+    {
+      gint ready = g_atomic_int_get (&self->n_ready);
+
+      if ((gint) worker->index >= g_atomic_int_get (&self->n_target)
+          ? ready > 1
+          : idle && ready > g_atomic_int_get (&self->min_ready))
+        {
+          worker->state = SLOT_VACANT;
+          g_atomic_int_add (&self->n_ready, -1);
+          g_atomic_int_add (&self->n_threads, -1);
+          retiring = TRUE;
+        }
+    }
+  kd_mutex_unlock (&self->spawn_lock);
+
+  return retiring;
+}
+
+/* The slot is above n-workers and another worker is ready to go on. */
+static inline gboolean
+over_target (KdScheduler *self,
+             KdWorker    *worker)
+{
+  return G_UNLIKELY ((gint) worker->index >= g_atomic_int_get (&self->n_target)) &&
+         g_atomic_int_get (&self->n_ready) > 1;
+}
+
 static gpointer
 worker_main (gpointer data)
 {
   KdWorker *worker = data;
   KdScheduler *self = worker->scheduler;
-  gboolean spinning = FALSE;
+  gboolean spinning = FALSE, retired = FALSE;
 
   kd_tsan_acquire (worker);
+  /* The slot's previous thread is gone before this one starts. */
+  if (worker->previous != NULL)
+    g_thread_join (g_steal_pointer (&worker->previous));
   current_worker = worker;
   kd_shutdown_thread_enter ();
 
-  if (self->start != NULL && !start_worker (worker))
+  if (worker->late ? !start_late_worker (worker)
+                   : self->start != NULL && !start_worker (worker))
     {
       current_worker = NULL;
       kd_tsan_release (worker);
@@ -475,8 +692,13 @@ worker_main (gpointer data)
 
   for (;;)
     {
-      KdTask *task = find_task (worker);
+      KdTask *task;
 
+      /* A shrink: the worker finished its task (a key's batch) first. */
+      if (over_target (self, worker) && (retired = retire (self, worker, FALSE)))
+        break;
+
+      task = find_task (worker);
       if (task == NULL && !spinning &&
           g_atomic_int_compare_and_exchange (&self->n_spinning, 0, 1))
         spinning = TRUE;
@@ -486,9 +708,13 @@ worker_main (gpointer data)
 
       if (task == NULL)
         {
+          gboolean expired;
+
           if (g_atomic_int_get (&self->shutting_down))
             break;
-          park (worker, &spinning);
+          park (worker, &spinning, &expired);
+          if (expired && (retired = retire (self, worker, TRUE)))
+            break;
           continue;
         }
 
@@ -505,11 +731,21 @@ worker_main (gpointer data)
   if (spinning)
     g_atomic_int_add (&self->n_spinning, -1);
 
+  /* Once it no longer counts as spinning: others take what it leaves in
+   * its group, and the task it may have been woken for. */
+  if (retired)
+    wake_if_useful (self);
+
   if (self->stop != NULL)
     self->stop (worker, self->user_data);
 
   current_worker = NULL;
   kd_tsan_release (worker);
+  if (!retired)
+    {
+      g_atomic_int_add (&self->n_ready, -1);
+      g_atomic_int_add (&self->n_threads, -1);
+    }
 
   /* Last: a shutdown left to this thread may free the scheduler. */
   kd_shutdown_thread_exit ();
@@ -525,7 +761,7 @@ await_start (KdScheduler  *self,
   gboolean started;
 
   kd_mutex_lock (&self->start_lock);
-  while (self->n_started < self->n_workers)
+  while (self->n_started < self->n_initial)
     kd_cond_wait (&self->start_cond, &self->start_lock);
   started = self->start_error == NULL;
   self->start_verdict = started ? START_GO : START_ABORT;
@@ -551,6 +787,107 @@ abort_start (KdScheduler *self)
   kd_scheduler_shutdown (self);
   kd_scheduler_join (self);
   kd_scheduler_free (self);
+}
+
+/* Makes worker slots up to @n_slots (under @spawn_lock, or before any
+ * thread runs). The first kd_scheduler_new() made go to group
+ * i * n_groups / n_initial, contiguous runs whose sizes differ by at most
+ * one; later ones take the groups in turn. */
+static void
+add_slots (KdScheduler *self,
+           guint        n_slots)
+{
+  guint i;
+
+  for (i = kd_slots_length (&self->workers), kd_slots_grow (&self->workers, n_slots);
+       i < n_slots; i++)
+    {
+      KdWorker *worker = worker_at (self, i);
+
+      worker->scheduler = self;
+      worker->group = &self->groups[i < self->n_initial
+                                    ? (guint64) i * self->n_groups / self->n_initial
+                                    : i % self->n_groups];
+      worker->index = i;
+      g_cond_init (&worker->cond);
+    }
+}
+
+/* With @spawn_lock held: starts a thread in a vacant slot, counted in
+ * n_threads (a @late one counts as ready once its start hook returned).
+ * The slot's last thread, if any, is on its way out: the new one joins it
+ * first. FALSE with the thread error if no thread can be made. */
+static gboolean
+spawn_locked (KdScheduler  *self,
+              KdWorker     *worker,
+              gboolean      late,
+              GError      **error)
+{
+  char name[16];
+
+  g_assert (worker->state == SLOT_VACANT && worker->previous == NULL);
+  worker->previous = g_steal_pointer (&worker->thread);
+  worker->late = late;
+  worker->state = SLOT_RUNNING;
+  if (late)
+    g_atomic_int_inc (&self->n_threads);
+  g_snprintf (name, sizeof name, "kd-worker-%u", worker->index);
+  kd_tsan_release (worker);
+  worker->thread = g_thread_try_new (name, worker_main, worker, error);
+  if (worker->thread != NULL)
+    return TRUE;
+
+  worker->state = SLOT_VACANT;
+  worker->thread = g_steal_pointer (&worker->previous);
+  if (late)
+    g_atomic_int_add (&self->n_threads, -1);
+  return FALSE;
+}
+
+/* With @spawn_lock held: the lowest vacant slot below n-workers, or NULL. */
+static KdWorker *
+vacant_slot_locked (KdScheduler *self)
+{
+  guint i, n = (guint) g_atomic_int_get (&self->n_target);
+
+  for (i = 0; i < n; i++)
+    if (worker_at (self, i)->state == SLOT_VACANT)
+      return worker_at (self, i);
+  return NULL;
+}
+
+/* A pusher found work, no parked worker and fewer threads than n-workers
+ * (idle ones exited): starts one, unless a spinner will take the work. A
+ * thread that cannot be made costs only parallelism: at least one ready
+ * worker always runs (see retire()). */
+static void
+start_on_demand (KdScheduler *self)
+{
+  GError *error = NULL;
+  gboolean warn = FALSE;
+
+  if (g_atomic_int_get (&self->n_spinning) > 0 && !spinners_stalled (self))
+    return;
+
+  kd_mutex_lock (&self->spawn_lock);
+  if (!g_atomic_int_get (&self->shutting_down) &&
+      g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target))
+    {
+      KdWorker *worker = vacant_slot_locked (self);
+
+      if (worker != NULL && !spawn_locked (self, worker, TRUE, &error))
+        {
+          warn = !self->warned_start;
+          self->warned_start = TRUE;
+        }
+    }
+  kd_mutex_unlock (&self->spawn_lock);
+
+  if (warn)
+    g_warning ("A kdispatch worker could not be started on demand; the dispatcher "
+               "runs on with %d workers: %s", g_atomic_int_get (&self->n_threads),
+               error->message);
+  g_clear_error (&error);
 }
 
 /*
@@ -586,12 +923,15 @@ kd_scheduler_new (guint              n_workers,
   self->start = start;
   self->stop = stop;
   self->user_data = user_data;
-  self->n_workers = n_workers;
+  self->n_initial = n_workers;
   self->n_groups = CLAMP (n_groups, 1, n_workers);
   self->n_processors = g_get_num_processors ();
-  self->workers = g_new0 (KdWorker, n_workers);
+  self->n_target = self->n_threads = self->n_ready = (gint) n_workers;
+  self->min_ready = 1;
+  kd_slots_init (&self->workers, sizeof (KdWorker));
   self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdWorkerGroup), G_ALIGNOF (KdWorkerGroup));
   g_mutex_init (&self->idle_lock);
+  g_mutex_init (&self->spawn_lock);
   g_mutex_init (&self->join_lock);
   g_mutex_init (&self->start_lock);
   g_cond_init (&self->start_cond);
@@ -601,17 +941,7 @@ kd_scheduler_new (guint              n_workers,
   for (i = 0; i < self->n_groups; i++)
     g_mutex_init (&self->groups[i].lock);
 
-  for (i = 0; i < n_workers; i++)
-    {
-      KdWorker *worker = &self->workers[i];
-
-      worker->scheduler = self;
-      /* Worker i goes to group i * n_groups / n_workers: contiguous runs
-       * whose sizes differ by at most one. */
-      worker->group = &self->groups[(guint64) i * self->n_groups / n_workers];
-      worker->index = i;
-      g_cond_init (&worker->cond);
-    }
+  add_slots (self, n_workers);
 
   if (with_timer)
     {
@@ -624,21 +954,16 @@ kd_scheduler_new (guint              n_workers,
         }
     }
 
+  kd_mutex_lock (&self->spawn_lock);
   for (i = 0; i < n_workers; i++)
-    {
-      KdWorker *worker = &self->workers[i];
-      char name[16];
-
-      g_snprintf (name, sizeof name, "kd-worker-%u", i);
-      kd_tsan_release (worker);
-      worker->thread = g_thread_try_new (name, worker_main, worker, error);
-      if (worker->thread == NULL)
-        {
-          g_prefix_error (error, "Could not start worker thread %u of %u: ", i + 1, n_workers);
-          abort_start (self);
-          return NULL;
-        }
-    }
+    if (!spawn_locked (self, worker_at (self, i), FALSE, error))
+      {
+        kd_mutex_unlock (&self->spawn_lock);
+        g_prefix_error (error, "Could not start worker thread %u of %u: ", i + 1, n_workers);
+        abort_start (self);
+        return NULL;
+      }
+  kd_mutex_unlock (&self->spawn_lock);
 
   if (start != NULL && !await_start (self, error))
     {
@@ -787,11 +1112,33 @@ kd_scheduler_sleep_until (KdScheduler *self,
   kd_mutex_unlock (&self->timer_lock);
 }
 
+/* Wakes every parked worker (each counts as spinning until it finds a
+ * task or parks again). */
+static void
+wake_all_parked (KdScheduler *self)
+{
+  kd_mutex_lock (&self->idle_lock);
+  while (self->idle != NULL)
+    {
+      KdWorker *worker = self->idle;
+
+      self->idle = worker->next_idle;
+      g_atomic_int_add (&self->n_idle, -1);
+      g_atomic_int_add (&self->n_spinning, 1);
+      worker->woken = TRUE;
+      g_cond_signal (&worker->cond);
+    }
+  kd_mutex_unlock (&self->idle_lock);
+}
+
 /* Any thread, idempotent: workers exit once they find no task. */
 void
 kd_scheduler_shutdown (KdScheduler *self)
 {
+  /* Under @spawn_lock: no thread starts from now on. */
+  kd_mutex_lock (&self->spawn_lock);
   g_atomic_int_set (&self->shutting_down, TRUE);
+  kd_mutex_unlock (&self->spawn_lock);
 
   /* No task is pending any more: what is left in the timer is the owner's
    * other calls (idle key states), which go now. */
@@ -805,18 +1152,7 @@ kd_scheduler_shutdown (KdScheduler *self)
     }
   kd_mutex_unlock (&self->timer_lock);
 
-  kd_mutex_lock (&self->idle_lock);
-  while (self->idle != NULL)
-    {
-      KdWorker *worker = self->idle;
-
-      self->idle = worker->next_idle;
-      g_atomic_int_add (&self->n_idle, -1);
-      g_atomic_int_add (&self->n_spinning, 1);
-      worker->woken = TRUE;
-      g_cond_signal (&worker->cond);
-    }
-  kd_mutex_unlock (&self->idle_lock);
+  wake_all_parked (self);
 }
 
 /* Waits until every worker exited; after kd_scheduler_shutdown(), from any
@@ -836,19 +1172,25 @@ kd_scheduler_join (KdScheduler *self)
     {
       KdTimer *timer;
 
-      for (i = 0; i < self->n_workers; i++)
+      /* No slot is made or started any more: the shutdown came first. */
+      for (i = 0; i < kd_slots_length (&self->workers); i++)
         {
-          GThread *thread = g_steal_pointer (&self->workers[i].thread);
+          KdWorker *worker = worker_at (self, i);
+          GThread *thread;
+
+          kd_mutex_lock (&self->spawn_lock);
+          thread = g_steal_pointer (&worker->thread);
+          kd_mutex_unlock (&self->spawn_lock);
 
           if (thread == NULL)
-            continue;   /* never made: the start failed */
+            continue;   /* never made: the start failed, or nobody started it */
           if (thread == g_thread_self ())
             {
               g_thread_unref (thread);
               continue;
             }
           g_thread_join (thread);
-          kd_tsan_acquire (&self->workers[i]);
+          kd_tsan_acquire (worker);
         }
 
       /* Stopped by the shutdown: once its thread exited, its calls were
@@ -883,18 +1225,131 @@ kd_scheduler_free (KdScheduler *self)
       g_assert (self->groups[i].tasks.length == 0);
       g_mutex_clear (&self->groups[i].lock);
     }
-  for (i = 0; i < self->n_workers; i++)
-    g_cond_clear (&self->workers[i].cond);
+  for (i = 0; i < kd_slots_length (&self->workers); i++)
+    {
+      KdWorker *worker = worker_at (self, i);
+
+      g_clear_error (&worker->start_error);
+      g_cond_clear (&worker->cond);
+    }
+  kd_slots_clear (&self->workers);
 
   g_mutex_clear (&self->idle_lock);
+  g_mutex_clear (&self->spawn_lock);
   g_mutex_clear (&self->join_lock);
   g_mutex_clear (&self->start_lock);
   g_cond_clear (&self->start_cond);
   g_mutex_clear (&self->timer_lock);
   g_cond_clear (&self->hurry_cond);
   g_aligned_free (self->groups);
-  g_free (self->workers);
   g_free (self);
+}
+
+/* Any thread but a worker of @self's, one at a time (the owner's lock),
+ * before the shutdown: n-workers becomes @n_workers. Growing starts a
+ * thread in each vacant slot below it and waits for their start hooks;
+ * if a thread cannot be made or a start hook fails, the scheduler keeps
+ * the workers that started (n-workers falls to their number) and returns
+ * FALSE with the first error. Shrinking returns at once: each worker above
+ * the count exits once its task is done (the last ready one only once
+ * another runs), leaving its queued tasks to the others. */
+gboolean
+kd_scheduler_resize (KdScheduler  *self,
+                     guint         n_workers,
+                     GError      **error)
+{
+  GError *local_error = NULL;
+  gboolean ok = TRUE;
+  guint i;
+
+  g_assert (n_workers > 0);
+
+  kd_mutex_lock (&self->spawn_lock);
+  if (g_atomic_int_get (&self->shutting_down))
+    {
+      kd_mutex_unlock (&self->spawn_lock);
+      return TRUE;
+    }
+  add_slots (self, n_workers);
+  g_atomic_int_set (&self->n_target, (gint) n_workers);
+  for (i = 0; i < n_workers; i++)
+    {
+      KdWorker *worker = worker_at (self, i);
+
+      if (worker->state != SLOT_VACANT)
+        continue;
+      kd_mutex_lock (&self->start_lock);
+      worker->awaited = TRUE;
+      worker->start_result = START_PENDING;
+      kd_mutex_unlock (&self->start_lock);
+      if (!spawn_locked (self, worker, TRUE, &local_error))
+        {
+          worker->awaited = FALSE;
+          g_prefix_error (&local_error, "Could not start worker thread %u of %u: ",
+                          i + 1, n_workers);
+          g_atomic_int_set (&self->n_target, g_atomic_int_get (&self->n_threads));
+          break;
+        }
+    }
+  kd_mutex_unlock (&self->spawn_lock);
+
+  /* The workers that started report how it went. */
+  kd_mutex_lock (&self->start_lock);
+  for (i = 0; i < n_workers; i++)
+    {
+      KdWorker *worker = worker_at (self, i);
+
+      if (!worker->awaited)
+        continue;
+      while (worker->start_result == START_PENDING)
+        kd_cond_wait (&self->start_cond, &self->start_lock);
+      worker->awaited = FALSE;
+      if (worker->start_result == START_ABORT && local_error == NULL)
+        local_error = g_steal_pointer (&worker->start_error);
+      g_clear_error (&worker->start_error);
+    }
+  kd_mutex_unlock (&self->start_lock);
+
+  if (local_error != NULL)
+    {
+      g_propagate_error (error, local_error);
+      ok = FALSE;
+    }
+
+  /* Parked workers look at the count again (and a shrink's go). */
+  wake_all_parked (self);
+  return ok;
+}
+
+/* Any thread: an idle worker exits after @idle_us parked (0: never) while
+ * more than @min_ready workers are ready (at least 1); a pusher starts one
+ * again on demand. */
+void
+kd_scheduler_set_idle_exit (KdScheduler *self,
+                            gint64       idle_us,
+                            guint        min_ready)
+{
+  kd_mutex_lock (&self->spawn_lock);
+  __atomic_store_n (&self->idle_exit_us, MAX (idle_us, 0), __ATOMIC_RELAXED);
+  g_atomic_int_set (&self->min_ready, (gint) MAX (min_ready, 1));
+  kd_mutex_unlock (&self->spawn_lock);
+
+  /* Parked workers sleep again with the new time. */
+  wake_all_parked (self);
+}
+
+/* n-workers: the threads the scheduler runs when busy. */
+guint
+kd_scheduler_get_n_workers (KdScheduler *self)
+{
+  return (guint) g_atomic_int_get (&self->n_target);
+}
+
+/* The worker threads running right now (some maybe still starting). */
+guint
+kd_scheduler_get_n_threads (KdScheduler *self)
+{
+  return (guint) g_atomic_int_get (&self->n_threads);
 }
 
 /* Whether the calling thread is one of @self's: a worker or its timer's. */

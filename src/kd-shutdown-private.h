@@ -27,5 +27,6 @@ void     kd_shutdown_dispose      (KdShutdown     *shutdown,
 gboolean kd_shutdown_is_done      (KdShutdown     *shutdown);
 void     kd_shutdown_thread_enter (void);
 void     kd_shutdown_thread_exit  (void);
+gboolean kd_shutdown_thread_has_finishes (void);
 
 G_END_DECLS

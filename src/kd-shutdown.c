@@ -213,6 +213,14 @@ kd_shutdown_thread_enter (void)
   runs_deferred = TRUE;
 }
 
+/* Whether shutdowns were left to this thread: it must not exit before its
+ * object drained (a worker retiring early keeps running). */
+gboolean
+kd_shutdown_thread_has_finishes (void)
+{
+  return deferred != NULL;
+}
+
 /* As that thread exits, after its last look at its scheduler or timer:
  * finishes the shutdowns left to it, which may free them. */
 void

@@ -21,6 +21,8 @@ static const guint fail_rates[] = { 0, 0, 0, 1, 1, 2, 4, 8 };   /* in eighths */
 static const gint64 timeouts_us[] = { 0, 100, 2000, 50000 };
 static const gint64 retry_delays_us[] = { 0, 20, 100, 500 };
 static const gint64 idle_times_us[] = { 100, 1000, 5000, 20000 };
+/* Idle workers' exit: mostly off. */
+static const gint64 worker_idle_times_us[] = { 0, 0, 0, 0, 0, 50, 500, 3000 };
 
 typedef struct
 {
@@ -869,8 +871,12 @@ run_stats (ModelThread     *thread,
   CHECK (model, stats.rejected >= thread->refused,
          "snapshot: rejected %" G_GUINT64_FORMAT " < this thread's %" G_GUINT64_FORMAT,
          stats.rejected, thread->refused);
-  CHECK (model, stats.running <= model->program->n_workers, "snapshot: %u running on %u workers",
-         stats.running, model->program->n_workers);
+  CHECK (model, stats.running <= (guint) g_atomic_int_get (&model->max_workers),
+         "snapshot: %u running on at most %d workers", stats.running,
+         g_atomic_int_get (&model->max_workers));
+  CHECK (model, stats.threads <= (guint) g_atomic_int_get (&model->max_workers),
+         "snapshot: %u threads for at most %d workers", stats.threads,
+         g_atomic_int_get (&model->max_workers));
   CHECK (model, stats.live_keys <= model->n_keys, "snapshot: %u live keys of %u",
          stats.live_keys, model->n_keys);
   if (thread->has_stats)
@@ -910,6 +916,52 @@ run_iterate (ModelThread     *thread,
     }
 
   kd_model_iterate_context (model);
+  return TRUE;
+}
+
+static gboolean
+decode_resize (Reader         *reader,
+               KdModelProgram *program,
+               KdModelOp      *op)
+{
+  op->arg = 1 + read_byte (reader) % KD_MODEL_MAX_WORKERS;
+  return TRUE;
+}
+
+static void
+describe_resize (GString              *out,
+                 const KdModelProgram *program,
+                 const KdModelOp      *op)
+{
+  g_string_append_printf (out, " n-workers=%u", op->arg);
+}
+
+/* kd_dispatcher_set_n_workers() while jobs run: it succeeds unless the
+ * dispatcher was closed (by a close or cancel op, which the model notes
+ * before it calls). Concurrent resizes may each win, so only the range of
+ * the count is checked; the other checks (order, exactly once, the
+ * worker data on its own thread) hold across resizes. */
+static gboolean
+run_resize (ModelThread     *thread,
+            const KdModelOp *op,
+            guint            variant)
+{
+  KdModel *model = thread->model;
+  GError *error = NULL;
+  gint most = g_atomic_int_get (&model->max_workers);
+  guint n;
+
+  while (op->arg > most && !g_atomic_int_compare_and_exchange (&model->max_workers, most, op->arg))
+    most = g_atomic_int_get (&model->max_workers);
+
+  if (!kd_dispatcher_set_n_workers (thread->dispatcher, op->arg, &error))
+    CHECK (model, g_error_matches (error, KD_ERROR, KD_ERROR_CLOSED) &&
+                  g_atomic_int_get (&model->close_started) != 0,
+           "resize to %u: %s", op->arg, error->message);
+  g_clear_error (&error);
+  n = kd_dispatcher_get_n_workers (thread->dispatcher);
+  CHECK (model, n >= 1 && n <= (guint) g_atomic_int_get (&model->max_workers),
+         "resize to %u: n-workers %u", op->arg, n);
   return TRUE;
 }
 
@@ -1020,7 +1072,8 @@ static const OpClass op_table[] = {
     HOW_TIMEOUT_MANY },
   { "wait_until",      3, decode_wait_until,     run_wait_until, describe_wait_until,   0 },
   { "wait_async",      3, decode_wait_async,     run_wait_async, NULL,                  0 },
-  { "group",           4, decode_group,          run_group,   describe_group,          0 },
+  { "group",           2, decode_group,          run_group,   describe_group,          0 },
+  { "resize",          2, decode_resize,         run_resize,  describe_resize,         0 },
   { "submit_after",    4, decode_submit_timeout, run_submits, describe_submit_after,   HOW_AFTER },
 };
 
@@ -1082,7 +1135,7 @@ kd_model_program_decode (KdModelProgram *program,
   guint8 flags, rare, features, retry, params;
 
   memset (program, 0, sizeof *program);
-  program->n_workers = 1 + read_byte (&reader) % 6;
+  program->n_workers = 1 + read_byte (&reader) % KD_MODEL_MAX_WORKERS;
   program->fanout = 1 + read_byte (&reader) % 4;
   program->capacity = capacities[read_byte (&reader) % G_N_ELEMENTS (capacities)];
   program->n_threads = 1 + read_byte (&reader) % KD_MODEL_MAX_THREADS;
@@ -1110,6 +1163,8 @@ kd_model_program_decode (KdModelProgram *program,
   rare = read_byte (&reader);
   program->pre_cancelled = program->own_cancellable && (rare & 0x1f) == 0x1f;
   program->no_done = (rare & 0xe0) == 0xe0;
+  program->worker_idle_us = worker_idle_times_us[(rare >> 2) & 7];
+  program->min_workers = 1 + (rare >> 5) % program->n_workers;
 
   features = read_byte (&reader);
   retry = read_byte (&reader);
@@ -1165,7 +1220,8 @@ kd_model_program_describe (const KdModelProgram *program)
   g_string_append_printf (out, "workers=%u fanout=%u capacity=%u threads=%u keys=%u "
                           "context=%s%s%s%s%s%s%s%s; %u ops, %u items\n"
                           "  attempts=%u delay=%" G_GINT64_FORMAT "us..%" G_GINT64_FORMAT "us%s%s "
-                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us max-idle=%u max-waiting=%u%s%s\n",
+                          "key-capacity=%u idle=%" G_GINT64_FORMAT "us max-idle=%u max-waiting=%u%s%s "
+                          "worker-idle=%" G_GINT64_FORMAT "us min-workers=%u\n",
                           program->n_workers, program->fanout, program->capacity,
                           program->n_threads, program->n_keys, contexts[program->context_mode],
                           program->key_states ? " key-states" : "",
@@ -1181,7 +1237,8 @@ kd_model_program_describe (const KdModelProgram *program)
                           program->park ? " park" : "", program->key_capacity,
                           program->key_idle_us, program->max_idle_keys, program->max_waiting,
                           program->worker_funcs ? " worker-funcs" : "",
-                          program->start ? " start" : "");
+                          program->start ? " start" : "", program->worker_idle_us,
+                          program->min_workers);
   for (i = 0; i < program->n_ops; i++)
     {
       const KdModelOp *op = &program->ops[i];

@@ -182,6 +182,7 @@ struct _KdModel
   gint            fail_fast_groups;
 
   /* Worker funcs */
+  gint            max_workers;       /* atomic: the most n-workers set so far */
   gint            worker_inits[8];
   gint            worker_finalizes[8];
   gint            worker_data_freed;

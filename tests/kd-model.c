@@ -606,11 +606,15 @@ model_worker_init (KdDispatcher  *dispatcher,
   KdModel *model = user_data;
   WorkerData *data;
 
-  CHECK (model, worker_index < model->program->n_workers, "worker index %u of %u workers",
-         worker_index, model->program->n_workers);
+  CHECK (model, worker_index < (guint) g_atomic_int_get (&model->max_workers),
+         "worker index %u of at most %d workers", worker_index,
+         g_atomic_int_get (&model->max_workers));
   worker_index = MIN (worker_index, G_N_ELEMENTS (model->worker_inits) - 1);
-  CHECK (model, g_atomic_int_add (&model->worker_inits[worker_index], 1) == 0,
-         "worker %u: init ran twice", worker_index);
+  /* An index starts again (a resize, an idle exit) only once the worker
+   * that had it finalized. */
+  CHECK (model, g_atomic_int_add (&model->worker_inits[worker_index], 1) ==
+                g_atomic_int_get (&model->worker_finalizes[worker_index]),
+         "worker %u: init while the index's previous worker is live", worker_index);
 
   data = g_new0 (WorkerData, 1);
   data->magic = WORKER_LIVE;
@@ -638,8 +642,9 @@ model_worker_finalize (KdDispatcher *dispatcher,
          worker_index, data->index);
   CHECK (model, data->thread == g_thread_self (), "worker %u: finalize on another thread",
          worker_index);
-  CHECK (model, g_atomic_int_add (&model->worker_finalizes[data->index], 1) == 0,
-         "worker %u: finalize ran twice", data->index);
+  CHECK (model, g_atomic_int_add (&model->worker_finalizes[data->index], 1) <
+                g_atomic_int_get (&model->worker_inits[data->index]),
+         "worker %u: finalize ran more often than init", data->index);
   data->magic = WORKER_DEAD;
   g_free (data);
 }
@@ -1213,6 +1218,7 @@ kd_model_run (const KdModelProgram *program,
 
   model->program = program;
   model->n_keys = program->n_keys;
+  model->max_workers = (gint) program->n_workers;
   model->clock = 16;
   model->refs = (gint) program->n_threads + 1;
   model->n_items = program->n_items;
@@ -1273,6 +1279,8 @@ kd_model_run (const KdModelProgram *program,
     kd_dispatcher_set_max_idle_keys (dispatcher, program->max_idle_keys);
   if (program->max_waiting > 0)
     kd_dispatcher_set_max_waiting (dispatcher, program->max_waiting);
+  if (program->worker_idle_us > 0)
+    kd_dispatcher_set_worker_idle_time (dispatcher, program->worker_idle_us, program->min_workers);
   if (program->worker_funcs)
     {
       GError *error = NULL;

@@ -36,6 +36,7 @@
 G_BEGIN_DECLS
 
 #define KD_MODEL_MAX_THREADS 4
+#define KD_MODEL_MAX_WORKERS 6
 #define KD_MODEL_MAX_KEYS    8
 #define KD_MODEL_MAX_OPS     256
 #define KD_MODEL_MAX_ITEMS   768
@@ -92,6 +93,8 @@ typedef struct
   guint              max_waiting;       /* async submissions waiting; 0: the default */
   gboolean           worker_funcs;      /* kd_dispatcher_set_worker_funcs() */
   gboolean           start;             /* ... and kd_dispatcher_start() */
+  gint64             worker_idle_us;    /* kd_dispatcher_set_worker_idle_time(); 0: none */
+  guint              min_workers;       /* ... keeping that many */
 
   guint              n_ops;
   guint              n_items;           /* items over every submit op */

@@ -81,6 +81,9 @@ typedef void (*KdDoneFunc) (KdJob        *job,
  * @retried: failed attempts that were to run again, counted when the retry
  *   is scheduled (see kd_dispatcher_set_retry())
  * @parked_keys: keys parked after a failure (see #KdFailurePolicy)
+ * @threads: worker threads running now (fewer than n-workers once idle ones
+ *   exited, see kd_dispatcher_set_worker_idle_time(); 0 before the start
+ *   and after the shutdown)
  *
  * A snapshot of a dispatcher's counters, filled by kd_dispatcher_get_stats().
  * In every snapshot @submitted == @completed + @failed + @cancelled + @pending.
@@ -104,6 +107,7 @@ typedef struct
   guint   live_keys;
   guint64 retried;
   guint   parked_keys;
+  guint   threads;
 
   /*< private >*/
   guint64 reserved[8];
@@ -165,12 +169,16 @@ typedef gpointer (*KdKeyStateNewFunc) (const char *key,
 /**
  * KdWorkerInitFunc:
  * @dispatcher: the dispatcher whose worker starts
- * @worker_index: the worker's index, from 0 to the number of workers - 1
+ * @worker_index: the worker's index, from 0 to the largest number of
+ *   workers the dispatcher had - 1
  * @user_data: the data given to kd_dispatcher_set_worker_funcs()
  * @error: return location for the reason the worker cannot run
  *
  * Prepares one worker thread, on that thread, before it runs any job: opens
- * a database connection for it, for example.
+ * a database connection for it, for example. A worker started by a resize
+ * or again after an idle exit (see kd_dispatcher_set_n_workers() and
+ * kd_dispatcher_set_worker_idle_time()) runs it too, only once the
+ * finalize of the index's previous worker returned.
  *
  * Returns: (transfer none) (nullable): the worker's data, which its handlers
  *   get with kd_job_get_worker_data(), until the #KdWorkerFinalizeFunc
@@ -192,7 +200,9 @@ typedef gpointer (*KdWorkerInitFunc) (KdDispatcher  *dispatcher,
  *   returned, the finalize's to free
  * @user_data: the data given to kd_dispatcher_set_worker_funcs()
  *
- * Cleans up one worker thread, on that thread, as it exits.
+ * Cleans up one worker thread, on that thread, as it exits: at the
+ * dispatcher's shutdown, or earlier when a resize or its idle time lets it
+ * go.
  *
  * Since: 0.1
  */
@@ -283,6 +293,17 @@ KD_AVAILABLE_IN_ALL
 const char   *kd_dispatcher_get_name         (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_get_n_workers    (KdDispatcher   *self);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_set_n_workers    (KdDispatcher   *self,
+                                              guint           n_workers,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_worker_idle_time (KdDispatcher *self,
+                                                  gint64        idle_us,
+                                                  guint         min_workers);
+KD_AVAILABLE_IN_ALL
+gint64        kd_dispatcher_get_worker_idle_time (KdDispatcher *self,
+                                                  guint        *min_workers);
 KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_get_fanout       (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL

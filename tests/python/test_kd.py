@@ -342,6 +342,38 @@ def test_delayed():
           4 not in dict(ran) and small.props.cancelled == 1, str(small.props.cancelled))
 
 
+def test_workers():
+    inits = []
+    lock = threading.Lock()
+
+    def worker_init(dispatcher, index):
+        with lock:
+            inits.append(index)
+        return None
+
+    def worker_finalize(dispatcher, index, data):
+        pass
+
+    dispatcher = Kd.Dispatcher.new(1, lambda job: True)
+    dispatcher.set_worker_funcs(worker_init, worker_finalize)
+    dispatcher.start()
+    dispatcher.set_n_workers(3)
+    stats = dispatcher.get_stats()
+    check('workers: growing starts the new workers and their inits',
+          dispatcher.get_n_workers() == 3 and stats.threads == 3 and sorted(inits) == [0, 1, 2],
+          '%d %d %s' % (dispatcher.get_n_workers(), stats.threads, inits))
+    dispatcher.props.n_workers = 2
+    check('workers: the property resizes', dispatcher.get_n_workers() == 2)
+    dispatcher.set_worker_idle_time(5000, 1)
+    idle_us, min_workers = dispatcher.get_worker_idle_time()
+    check('workers: the idle time reads back', (idle_us, min_workers) == (5000, 1),
+          str((idle_us, min_workers)))
+    for i in range(20):
+        dispatcher.submit(None, i)
+    dispatcher.wait()
+    check('workers: jobs run after resizes', dispatcher.props.completed == 20)
+
+
 def wait_until(group, end_time):
     try:
         return group.wait_until(end_time)
@@ -355,6 +387,7 @@ test_async()
 test_wait_async()
 test_group()
 test_delayed()
+test_workers()
 test_cancel()
 gc.collect()
 print('1..%d' % len(results))
