@@ -141,7 +141,7 @@ static inline KdReleaser *
 releaser_at (KdAdmission *self,
              guint        index)
 {
-  return kd_slots_get (&self->releasers, index);
+  return KD_SLOTS_GET (&self->releasers, index, KdReleaser);
 }
 
 /* The sum of all releases, as of a moment during the call. Counters only

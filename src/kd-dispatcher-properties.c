@@ -804,7 +804,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
       memset (stats, 0, sizeof *stats);
       for (i = 0; i <= n_slots; i++)
         {
-          KdWorkerStats *worker = i < n_slots ? kd_slots_get (&self->worker_stats, i)
+          KdWorkerStats *worker = i < n_slots ? KD_SLOTS_GET (&self->worker_stats, i, KdWorkerStats)
                                               : self->other_stats;
 
           stats->completed += __atomic_load_n (&worker->completed, __ATOMIC_ACQUIRE);
@@ -818,7 +818,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
 
       for (i = 0; i <= n_slots; i++)
         {
-          KdWorkerStats *worker = i < n_slots ? kd_slots_get (&self->worker_stats, i)
+          KdWorkerStats *worker = i < n_slots ? KD_SLOTS_GET (&self->worker_stats, i, KdWorkerStats)
                                               : self->other_stats;
 
           ended_after += __atomic_load_n (&worker->completed, __ATOMIC_ACQUIRE) +
@@ -836,7 +836,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
 
   stats->live_keys = kd_key_table_count (self->keys);
   for (i = 0; i < n_slots; i++)
-    stats->retried += __atomic_load_n (&((KdWorkerStats *) kd_slots_get (&self->worker_stats, i))->retried,
+    stats->retried += __atomic_load_n (&KD_SLOTS_GET (&self->worker_stats, i, KdWorkerStats)->retried,
                                        __ATOMIC_RELAXED);
   stats->parked_keys = kd_parked_keys_count (&self->parked);
   stats->threads = kd_dispatcher_count_threads (self);

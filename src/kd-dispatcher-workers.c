@@ -19,9 +19,10 @@
  * and fewer threads than n-workers starts one again, whose worker init
  * runs anew. At least one worker always stays ready, so an accepted job
  * never waits for a thread that cannot be made: a start on demand that
- * fails costs parallelism only (a warning says so once).
+ * fails costs parallelism only (a warning says so, and n-workers falls to
+ * the threads running, so that later submits do not try again).
  *
- * Worker indices (kd_job_get_worker_index() and the worker functions')
+ * Worker indices (the worker functions')
  * stay below the largest n-workers the dispatcher had; each index has at
  * most one thread at a time, so per-worker state indexed by it stays the
  * worker's own. The per-worker counters (KdWorkerStats, the admission's

@@ -509,7 +509,8 @@ run_task (KdTask   *task,
           gpointer  user_data)
 {
   KdDispatcher *self = user_data;
-  KdWorkerStats *stats = kd_slots_get (&self->worker_stats, kd_worker_get_index (worker));
+  KdWorkerStats *stats = KD_SLOTS_GET (&self->worker_stats, kd_worker_get_index (worker),
+                                       KdWorkerStats);
   KdMailbox *mailbox = kd_mailbox_from_task (task);
 
   if (mailbox != NULL)
@@ -741,6 +742,7 @@ push_job (KdDispatcher      *self,
   if (G_UNLIKELY (group != NULL))
     {
       job->group = group;
+      job->task.band = kd_group_state_get_band (group);
       kd_group_state_enter (group);
     }
   KD_TRACE3 (job_submit, self->name, key != NULL ? key : label, job);

@@ -69,6 +69,7 @@ void     kd_group_state_count_rejected (KdGroupState  *self);
 void     kd_group_state_enter          (KdGroupState  *self);
 void     kd_group_state_unqueued       (KdGroupState  *self);
 gboolean kd_group_state_is_cancelled   (KdGroupState  *self);
+guint    kd_group_state_get_band       (KdGroupState  *self);
 void     kd_group_state_note_error     (KdGroupState  *self,
                                         const GError  *error);
 void     kd_group_state_job_ended      (KdGroupState  *self,

@@ -64,6 +64,7 @@
 #include "kd-group-private.h"
 #include "kd-submit-result-private.h"
 #include "kd-sync-private.h"
+#include "kd-task-private.h"
 
 struct _KdGroup
 {
@@ -78,6 +79,7 @@ struct _KdGroupState
   gint          ref_count;       /* the group's, its pending jobs', its async waits' */
   GCancellable *cancellable;
   gint          fail_fast;       /* atomic */
+  gint          priority;        /* atomic: its jobs' (kd_group_set_priority()) */
 
   /* Atomic counters */
   guint64       submitted;
@@ -102,6 +104,7 @@ enum
   PROP_DISPATCHER,
   PROP_CANCELLABLE,
   PROP_FAIL_FAST,
+  PROP_PRIORITY,
   N_PROPS
 };
 
@@ -331,6 +334,9 @@ kd_group_get_property (GObject    *object,
     case PROP_FAIL_FAST:
       g_value_set_boolean (value, kd_group_get_fail_fast (self));
       break;
+    case PROP_PRIORITY:
+      g_value_set_int (value, kd_group_get_priority (self));
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -351,6 +357,9 @@ kd_group_set_property (GObject      *object,
       break;
     case PROP_FAIL_FAST:
       kd_group_set_fail_fast (self, g_value_get_boolean (value));
+      break;
+    case PROP_PRIORITY:
+      kd_group_set_priority (self, g_value_get_int (value));
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -428,6 +437,18 @@ kd_group_class_init (KdGroupClass *klass)
   properties[PROP_FAIL_FAST] =
     g_param_spec_boolean ("fail-fast", NULL, NULL, FALSE,
                           G_PARAM_READWRITE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS);
+
+  /**
+   * KdGroup:priority:
+   *
+   * The priority of the jobs submitted through the group, on GLib's scale
+   * (see kd_group_set_priority()).
+   *
+   * Since: 0.1
+   */
+  properties[PROP_PRIORITY] =
+    g_param_spec_int ("priority", NULL, NULL, G_MININT, G_MAXINT, G_PRIORITY_DEFAULT,
+                      G_PARAM_READWRITE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS);
 
   g_object_class_install_properties (object_class, N_PROPS, properties);
 }
@@ -585,6 +606,66 @@ kd_group_get_fail_fast (KdGroup *self)
   g_return_val_if_fail (KD_IS_GROUP (self), FALSE);
 
   return g_atomic_int_get (&self->state->fail_fast);
+}
+
+/**
+ * kd_group_set_priority:
+ * @self: a group
+ * @priority: the priority of the group's jobs, on GLib's scale:
+ *   %G_PRIORITY_HIGH, %G_PRIORITY_DEFAULT (the default),
+ *   %G_PRIORITY_HIGH_IDLE, %G_PRIORITY_DEFAULT_IDLE, %G_PRIORITY_LOW
+ *
+ * Sets the priority of the jobs submitted through the group from now on:
+ * where they wait among the dispatcher's ready work. A dispatcher has
+ * three classes of ready work: above the default (a priority below 0),
+ * the default (0 to 99), and idle (100 and above); jobs submitted without
+ * a group are of the default class. Workers take ready work of the highest
+ * class first, in arrival order within a class; so that no class starves,
+ * a worker takes at least one of every 24 tasks from each class that has
+ * ready work (see [Priorities](priorities.html)).
+ *
+ * A keyed job's priority counts when its key becomes ready: the key waits
+ * among the ready work of that job's class, and then runs its jobs in
+ * their order, whatever their priorities. A key that is already waiting or
+ * running keeps its place. Per-key order never changes.
+ *
+ * Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_group_set_priority (KdGroup *self,
+                       gint     priority)
+{
+  g_return_if_fail (KD_IS_GROUP (self));
+
+  if (g_atomic_int_exchange (&self->state->priority, priority) != priority)
+    g_object_notify_by_pspec (G_OBJECT (self), properties[PROP_PRIORITY]);
+}
+
+/**
+ * kd_group_get_priority:
+ * @self: a group
+ *
+ * Gets the priority of the group's jobs (see kd_group_set_priority()).
+ *
+ * Returns: the priority, on GLib's scale
+ *
+ * Since: 0.1
+ */
+gint
+kd_group_get_priority (KdGroup *self)
+{
+  g_return_val_if_fail (KD_IS_GROUP (self), G_PRIORITY_DEFAULT);
+
+  return g_atomic_int_get (&self->state->priority);
+}
+
+/* The class of ready work the group's jobs wait in. */
+guint
+kd_group_state_get_band (KdGroupState *self)
+{
+  return kd_band_for_priority (g_atomic_int_get (&self->priority));
 }
 
 /**

@@ -33,6 +33,7 @@ kd_job_new (KdDispatcher *dispatcher,
 
   job->task.next = NULL;
   job->task.kind = KD_TASK_JOB;
+  job->task.band = KD_BAND_DEFAULT;
   job->dispatcher = dispatcher;
   job->mailbox = NULL;
   job->label = NULL;

@@ -262,7 +262,11 @@ push_locked (KdKeyTable  *self,
       activated = TRUE;
     }
   if (activated)
-    __atomic_store_n (&shard->count, shard->count + 1, __ATOMIC_RELEASE);
+    {
+      __atomic_store_n (&shard->count, shard->count + 1, __ATOMIC_RELEASE);
+      /* Ready, the key waits where the job that made it so would. */
+      mailbox->task.band = job->task.band;
+    }
   job->mailbox = mailbox;
   kd_mailbox_push_locked (mailbox, job);
 

@@ -23,6 +23,17 @@
  * input, whose tasks are newer: no task waits behind a busy group while
  * another group's worker is idle, however much fresh input arrives.
  *
+ * Priority classes (KdBand, from a task's band): the input and the group
+ * queues hold the default class. The high and idle classes have a locked
+ * queue each (@high, @low), and @attention counts their tasks: a worker
+ * reads it on every look for a task and, while it is zero, looks only as
+ * above. Otherwise it takes from the highest class with a task, but every
+ * FAIR_EVERY-th such take looks at the classes in turn, one class further
+ * each time, so that each class with work gets at least one task in every
+ * FAIR_EVERY * 3 a worker takes (find_task_by_class()). A mailbox carries
+ * the class of the job that made it ready (kd-key-table.c), and keeps it
+ * until it is reaped.
+ *
  * Waking a sleeping thread costs microseconds, so it is done only when it
  * buys parallelism. Idle workers first spin for SPIN_US (normally one at a
  * time), then park on their own GCond. Whoever makes a task visible wakes one
@@ -59,12 +70,17 @@
  * how many of those passed their start hook. kd_scheduler_resize() raises
  * n_target and starts a thread in each vacant slot below it, waiting for
  * their start hooks; or lowers it, and each worker at or above it exits
- * after the task it runs (over_target(), one atomic load per task). With
- * an idle time (kd_scheduler_set_idle_exit()) a parked worker sleeps with
- * a deadline and exits when it passes unwoken. A pusher that finds no
- * parked worker and fewer threads than n_target starts one in the lowest
- * vacant slot (start_on_demand()), in the pusher's thread, without waiting
- * for its start hook. Three rules keep this safe:
+ * after the task it runs (over_target()). With an idle time
+ * (kd_scheduler_set_idle_exit()) a parked worker sleeps with a deadline
+ * and exits when it passes unwoken. A pusher that finds no parked worker
+ * and fewer threads than n_target starts one in the lowest vacant slot
+ * (start_on_demand()), in the pusher's thread, without waiting for its
+ * start hook. The common path pays one bit test for each: a worker reads
+ * @attention on every look for a task anyway (the priority classes, below),
+ * and SHRINKING there says a worker runs above n_target; a pusher reads
+ * @n_idle anyway, and IDLE_WANTED there says fewer threads run than
+ * n_target (update_wanted_locked() keeps both, under spawn_lock). Three
+ * rules keep this safe:
  *
  *  - The last ready worker never exits early (retire()): with at least one
  *    ready worker, every visible task is taken by the usual wake-up
@@ -123,12 +139,30 @@
  * it: a pass takes a microsecond or two when its thread runs. */
 #define STALL_US 20
 
+/* How often a worker's take looks at the priority classes in turn rather
+ * than highest first (see find_task_by_class()). */
+#define FAIR_EVERY 8
+
+/* In @attention: a worker runs above n_target, and should go (a shrink). */
+#define SHRINKING (1 << 30)
+
+/* In @n_idle: fewer threads run than n_target (idle ones exited), so a
+ * pusher that finds no parked worker may start one. One load tells a
+ * pusher whether to look further for either reason. */
+#define IDLE_WANTED (1 << 20)
+
+static inline gint
+idle_count (gint n_idle)
+{
+  return n_idle & (IDLE_WANTED - 1);
+}
+
 typedef struct
 {
   GMutex     lock;
   KdTaskList tasks;    /* protected by @lock */
   gint       n_tasks;  /* atomic copy of tasks.length, read without the lock */
-} __attribute__ ((aligned (64))) KdWorkerGroup;   /* a cache line each: groups do not share one */
+} __attribute__ ((aligned (64))) KdTaskQueue;   /* a cache line each: queues do not share one */
 
 /* A worker slot's state, under spawn_lock: a thread runs in it (RUNNING),
  * or none does, or one is on its way out (VACANT). A thread started in a
@@ -144,7 +178,7 @@ struct _KdWorker
 {
   /* Immutable once the slot is made */
   KdScheduler *scheduler;
-  KdWorkerGroup *group;
+  KdTaskQueue *group;
   guint        index;
 
   /* Protected by scheduler->spawn_lock */
@@ -155,6 +189,8 @@ struct _KdWorker
 
   /* Its thread's own */
   gpointer     data;        /* set by the start hook, on the worker's thread */
+  guint        takes;       /* tasks taken while other classes had some */
+  guint        fair_band;   /* the class its last fair take looked at first */
 
   /* Protected by scheduler->start_lock: a late start's outcome, for the
    * resize that waits for it (@awaited) */
@@ -178,7 +214,10 @@ struct _KdScheduler
   guint       n_initial;   /* the workers kd_scheduler_new() started */
   guint       n_groups;
   guint       n_processors;
-  KdWorkerGroup    *groups;
+  KdTaskQueue    *groups;
+  /* The other classes' queues (KdBand): after the groups, in their array */
+  KdTaskQueue    *high;
+  KdTaskQueue    *low;
 
   /* Worker slots (KdWorker), made by kd_scheduler_new() and resizes under
    * @spawn_lock, never moved */
@@ -187,10 +226,15 @@ struct _KdScheduler
   /* Tier 1: atomic, a stack of tasks linked through task->next, newest first */
   KdTask     *input;
 
+  /* Atomic, read on every look for a task: the tasks in @high and @low,
+   * plus SHRINKING while a worker runs in a slot at or above n_target */
+  gint        attention;
+
   /* Idle workers */
   GMutex      idle_lock;
   KdWorker   *idle;        /* stack of parked workers, protected by @idle_lock */
-  gint        n_idle;      /* atomic: workers on the stack */
+  gint        n_idle;      /* atomic: workers on the stack (idle_count()), plus
+                            * IDLE_WANTED while fewer threads run than n_target */
   gint        n_spinning;  /* atomic: workers awake and looking for a task */
   gint64      spin_stamp;  /* atomic: when a spinner last ran, or was woken */
   gint        shutting_down; /* atomic; set under @spawn_lock */
@@ -203,10 +247,10 @@ struct _KdScheduler
   GMutex      spawn_lock;
   gint        n_target;
   gint        n_threads;
+  gboolean    wanted;       /* IDLE_WANTED is in n_idle */
   gint        n_ready;
   gint64      idle_exit_us;
   gint        min_ready;
-  gboolean    warned_start; /* a start on demand failed: said once */
 
   /* The start barrier (with start hooks only), protected by @start_lock:
    * workers that ran their start hook, the first failure, and whether they
@@ -246,7 +290,7 @@ static inline KdWorker *
 worker_at (KdScheduler *self,
            guint        index)
 {
-  return kd_slots_get (&self->workers, index);
+  return KD_SLOTS_GET (&self->workers, index, KdWorker);
 }
 
 /* The worker running on this thread: compiler TLS, read on every submit. */
@@ -262,7 +306,8 @@ work_visible (KdScheduler *self)
   for (i = 0; i < self->n_groups; i++)
     if (g_atomic_int_get (&self->groups[i].n_tasks) > 0)
       return TRUE;
-  return FALSE;
+  /* The other classes' tasks, last: the default class is the common one. */
+  return (g_atomic_int_get (&self->attention) & ~SHRINKING) > 0;
 }
 
 /* Whether the workers counted as spinning have not run for STALL_US while
@@ -273,7 +318,7 @@ work_visible (KdScheduler *self)
 static gboolean
 spinners_stalled (KdScheduler *self)
 {
-  return g_atomic_int_get (&self->n_threads) - g_atomic_int_get (&self->n_idle) <
+  return g_atomic_int_get (&self->n_threads) - idle_count (g_atomic_int_get (&self->n_idle)) <
            (gint) self->n_processors &&
          g_get_monotonic_time () - __atomic_load_n (&self->spin_stamp, __ATOMIC_RELAXED) > STALL_US;
 }
@@ -288,7 +333,7 @@ wake_one (KdScheduler *self)
       KdWorker *worker;
       gint spinning = g_atomic_int_get (&self->n_spinning);
 
-      if (g_atomic_int_get (&self->n_idle) == 0 ||
+      if (idle_count (g_atomic_int_get (&self->n_idle)) == 0 ||
           (spinning > 0 && !spinners_stalled (self)))
         return;
       if (!g_atomic_int_compare_and_exchange (&self->n_spinning, spinning, spinning + 1))
@@ -318,25 +363,65 @@ wake_one (KdScheduler *self)
     }
 }
 
+/* The halves of wake_if_useful() that look further, out of line. */
+__attribute__ ((noinline)) static void
+wake_for_work (KdScheduler *self)
+{
+  if (work_visible (self))
+    wake_one (self);
+}
+
+__attribute__ ((noinline)) static void
+start_for_work (KdScheduler *self)
+{
+  if (work_visible (self))
+    start_on_demand (self);
+}
+
 /* After making work visible: wakes a parked worker for it, or, with none
- * parked and fewer threads than wanted (idle ones exited), starts one. */
-static void
+ * parked and fewer threads than n-workers (idle ones exited), starts one.
+ * One load when neither is the case, which is every push and every take
+ * of a busy dispatcher. */
+static inline void
 wake_if_useful (KdScheduler *self)
 {
-  if (g_atomic_int_get (&self->n_idle) > 0)
+  gint n_idle = g_atomic_int_get (&self->n_idle);
+
+  if (G_LIKELY (n_idle == 0))
+    return;
+  if (idle_count (n_idle) > 0)
+    wake_for_work (self);
+  else
+    start_for_work (self);
+}
+
+/* With @spawn_lock held, after n_target or n_threads changed: whether a
+ * pusher may start a thread (IDLE_WANTED), and whether a worker runs above
+ * n_target (SHRINKING). The scan is over the slots, on these rare paths. */
+static void
+update_wanted_locked (KdScheduler *self)
+{
+  gboolean wanted = g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target);
+  gboolean shrinking = FALSE;
+  guint i;
+
+  if (wanted != self->wanted)
     {
-      if (work_visible (self))
-        wake_one (self);
+      self->wanted = wanted;
+      g_atomic_int_add (&self->n_idle, wanted ? IDLE_WANTED : -IDLE_WANTED);
     }
-  else if (G_UNLIKELY (g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target)) &&
-           work_visible (self))
-    {
-      start_on_demand (self);
-    }
+
+  for (i = (guint) g_atomic_int_get (&self->n_target); i < kd_slots_length (&self->workers); i++)
+    if (worker_at (self, i)->state == SLOT_RUNNING)
+      shrinking = TRUE;
+  if (shrinking)
+    g_atomic_int_or ((guint *) &self->attention, SHRINKING);
+  else
+    g_atomic_int_and ((guint *) &self->attention, ~(guint) SHRINKING);
 }
 
 static KdTask *
-group_pop (KdWorkerGroup *group)
+group_pop (KdTaskQueue *group)
 {
   KdTask *task;
   KdTask *last;
@@ -357,7 +442,7 @@ group_pop (KdWorkerGroup *group)
 /* Keeps the first task of @chain (@n tasks, the last one @last) and queues
  * the rest in @group. */
 static KdTask *
-keep_first (KdWorkerGroup *group,
+keep_first (KdTaskQueue *group,
             KdTask  *chain,
             KdTask  *last,
             guint    n)
@@ -378,7 +463,7 @@ keep_first (KdWorkerGroup *group,
  * order. */
 static KdTask *
 fetch_input (KdScheduler *self,
-             KdWorkerGroup     *group)
+             KdTaskQueue     *group)
 {
   KdTask *newest;
   KdTask *chain = NULL;
@@ -412,7 +497,7 @@ steal (KdScheduler *self,
 
   for (i = 1; i < self->n_groups; i++)
     {
-      KdWorkerGroup *victim = &self->groups[(own + i) % self->n_groups];
+      KdTaskQueue *victim = &self->groups[(own + i) % self->n_groups];
       KdTask *chain;
       KdTask *last;
       guint n;
@@ -433,8 +518,10 @@ steal (KdScheduler *self,
   return NULL;
 }
 
+/* A task of the default class: from the worker's group, another group or
+ * the input. */
 static KdTask *
-find_task (KdWorker *worker)
+find_default_task (KdWorker *worker)
 {
   KdScheduler *self = worker->scheduler;
   KdTask *task;
@@ -447,6 +534,47 @@ find_task (KdWorker *worker)
   if ((task = steal (self, worker)) != NULL)
     return task;
   return fetch_input (self, worker->group);
+}
+
+/* The oldest task of class @band. */
+static KdTask *
+take_class (KdWorker *worker,
+            KdBand    band)
+{
+  KdScheduler *self = worker->scheduler;
+  KdTask *task;
+
+  if (band == KD_BAND_DEFAULT)
+    return find_default_task (worker);
+  task = group_pop (band == KD_BAND_HIGH ? self->high : self->low);
+  if (task != NULL)
+    g_atomic_int_add (&self->attention, -1);
+  return task;
+}
+
+/* Tasks of another class than the default wait: the highest class with a
+ * task goes first. But every FAIR_EVERY-th task a worker takes this way,
+ * it looks at the classes in turn, starting one class further than at its
+ * last such take: in every FAIR_EVERY * 3 tasks it takes, each class with
+ * a task ready gets at least one, so no class starves. */
+static KdTask *
+find_task_by_class (KdWorker *worker)
+{
+  static const KdBand by_priority[] = { KD_BAND_HIGH, KD_BAND_DEFAULT, KD_BAND_LOW };
+  gboolean fair = (worker->takes + 1) % FAIR_EVERY == 0;
+  guint first = fair ? (worker->fair_band + 1) % G_N_ELEMENTS (by_priority) : 0;
+  KdTask *task = NULL;
+  guint i;
+
+  for (i = 0; i < G_N_ELEMENTS (by_priority) && task == NULL; i++)
+    task = take_class (worker, by_priority[(first + i) % G_N_ELEMENTS (by_priority)]);
+  if (task != NULL)
+    {
+      worker->takes++;
+      if (fair)
+        worker->fair_band = first;
+    }
+  return task;
 }
 
 static KdTask *
@@ -464,7 +592,8 @@ spin_for_task (KdWorker *worker)
       if (g_atomic_int_get (&self->shutting_down))
         return NULL;
       g_thread_yield ();
-      if ((task = find_task (worker)) != NULL)
+      if ((task = g_atomic_int_get (&self->attention) == 0 ? find_default_task (worker)
+                                                             : find_task_by_class (worker)) != NULL)
         return task;
     }
   while ((now = g_get_monotonic_time ()) < until);
@@ -603,6 +732,7 @@ start_late_worker (KdWorker *worker)
       g_atomic_int_add (&self->n_threads, -1);
       g_atomic_int_set (&self->n_target, MIN (g_atomic_int_get (&self->n_target),
                                               g_atomic_int_get (&self->n_threads)));
+      update_wanted_locked (self);
     }
   kd_mutex_unlock (&self->spawn_lock);
 
@@ -650,6 +780,7 @@ retire (KdScheduler *self,
           worker->state = SLOT_VACANT;
           g_atomic_int_add (&self->n_ready, -1);
           g_atomic_int_add (&self->n_threads, -1);
+          update_wanted_locked (self);
           retiring = TRUE;
         }
     }
@@ -658,12 +789,13 @@ retire (KdScheduler *self,
   return retiring;
 }
 
-/* The slot is above n-workers and another worker is ready to go on. */
-static inline gboolean
+/* With SHRINKING set: the slot is above n-workers and another worker is
+ * ready to go on. */
+static gboolean
 over_target (KdScheduler *self,
              KdWorker    *worker)
 {
-  return G_UNLIKELY ((gint) worker->index >= g_atomic_int_get (&self->n_target)) &&
+  return (gint) worker->index >= g_atomic_int_get (&self->n_target) &&
          g_atomic_int_get (&self->n_ready) > 1;
 }
 
@@ -692,13 +824,21 @@ worker_main (gpointer data)
 
   for (;;)
     {
+      gint attention = g_atomic_int_get (&self->attention);
       KdTask *task;
 
-      /* A shrink: the worker finished its task (a key's batch) first. */
-      if (over_target (self, worker) && (retired = retire (self, worker, FALSE)))
-        break;
-
-      task = find_task (worker);
+      if (G_LIKELY (attention == 0))
+        {
+          task = find_default_task (worker);
+        }
+      else
+        {
+          /* A shrink: the worker finished its task (a key's batch) first. */
+          if ((attention & SHRINKING) && over_target (self, worker) &&
+              (retired = retire (self, worker, FALSE)))
+            break;
+          task = find_task_by_class (worker);
+        }
       if (task == NULL && !spinning &&
           g_atomic_int_compare_and_exchange (&self->n_spinning, 0, 1))
         spinning = TRUE;
@@ -830,7 +970,10 @@ spawn_locked (KdScheduler  *self,
   worker->late = late;
   worker->state = SLOT_RUNNING;
   if (late)
-    g_atomic_int_inc (&self->n_threads);
+    {
+      g_atomic_int_inc (&self->n_threads);
+      update_wanted_locked (self);
+    }
   g_snprintf (name, sizeof name, "kd-worker-%u", worker->index);
   kd_tsan_release (worker);
   worker->thread = g_thread_try_new (name, worker_main, worker, error);
@@ -840,7 +983,10 @@ spawn_locked (KdScheduler  *self,
   worker->state = SLOT_VACANT;
   worker->thread = g_steal_pointer (&worker->previous);
   if (late)
-    g_atomic_int_add (&self->n_threads, -1);
+    {
+      g_atomic_int_add (&self->n_threads, -1);
+      update_wanted_locked (self);
+    }
   return FALSE;
 }
 
@@ -859,12 +1005,13 @@ vacant_slot_locked (KdScheduler *self)
 /* A pusher found work, no parked worker and fewer threads than n-workers
  * (idle ones exited): starts one, unless a spinner will take the work. A
  * thread that cannot be made costs only parallelism: at least one ready
- * worker always runs (see retire()). */
+ * worker always runs (see retire()); n_target falls to the threads that
+ * run, so that later pushes do not try again. */
 static void
 start_on_demand (KdScheduler *self)
 {
   GError *error = NULL;
-  gboolean warn = FALSE;
+  gint n_threads = 0;
 
   if (g_atomic_int_get (&self->n_spinning) > 0 && !spinners_stalled (self))
     return;
@@ -875,18 +1022,20 @@ start_on_demand (KdScheduler *self)
     {
       KdWorker *worker = vacant_slot_locked (self);
 
+      /* No thread: n-workers falls to what runs, so that pushes stop
+       * trying (a resize may raise it again). */
       if (worker != NULL && !spawn_locked (self, worker, TRUE, &error))
         {
-          warn = !self->warned_start;
-          self->warned_start = TRUE;
+          n_threads = g_atomic_int_get (&self->n_threads);
+          g_atomic_int_set (&self->n_target, n_threads);
+          update_wanted_locked (self);
         }
     }
   kd_mutex_unlock (&self->spawn_lock);
 
-  if (warn)
+  if (error != NULL)
     g_warning ("A kdispatch worker could not be started on demand; the dispatcher "
-               "runs on with %d workers: %s", g_atomic_int_get (&self->n_threads),
-               error->message);
+               "runs on with %d workers: %s", n_threads, error->message);
   g_clear_error (&error);
 }
 
@@ -929,7 +1078,9 @@ kd_scheduler_new (guint              n_workers,
   self->n_target = self->n_threads = self->n_ready = (gint) n_workers;
   self->min_ready = 1;
   kd_slots_init (&self->workers, sizeof (KdWorker));
-  self->groups = g_aligned_alloc0 (self->n_groups, sizeof (KdWorkerGroup), G_ALIGNOF (KdWorkerGroup));
+  self->groups = g_aligned_alloc0 (self->n_groups + 2, sizeof (KdTaskQueue), G_ALIGNOF (KdTaskQueue));
+  self->high = &self->groups[self->n_groups];
+  self->low = &self->groups[self->n_groups + 1];
   g_mutex_init (&self->idle_lock);
   g_mutex_init (&self->spawn_lock);
   g_mutex_init (&self->join_lock);
@@ -938,7 +1089,7 @@ kd_scheduler_new (guint              n_workers,
   g_mutex_init (&self->timer_lock);
   g_cond_init (&self->hurry_cond);
 
-  for (i = 0; i < self->n_groups; i++)
+  for (i = 0; i < self->n_groups + 2; i++)
     g_mutex_init (&self->groups[i].lock);
 
   add_slots (self, n_workers);
@@ -992,18 +1143,40 @@ push_chain (KdScheduler *self,
   wake_if_useful (self);
 }
 
-/* Any thread. */
+/* A task of another class than the default: to its class's queue. Out of
+ * line: the default class's push stays a compare-and-swap and two loads. */
+__attribute__ ((noinline)) static void
+push_band (KdScheduler *self,
+           KdTask      *task)
+{
+  KdTaskQueue *queue = task->band == KD_BAND_HIGH ? self->high : self->low;
+
+  kd_mutex_lock (&queue->lock);
+  kd_task_list_push (&queue->tasks, task);
+  g_atomic_int_inc (&queue->n_tasks);
+  kd_mutex_unlock (&queue->lock);
+  g_atomic_int_inc (&self->attention);
+
+  wake_if_useful (self);
+}
+
+/* Any thread: @task waits for a worker among the tasks of its class
+ * (task->band). */
 void
 kd_scheduler_push (KdScheduler *self,
                    KdTask      *task)
 {
-  push_chain (self, task, task);
+  if (G_UNLIKELY (task->band != KD_BAND_DEFAULT))
+    push_band (self, task);
+  else
+    push_chain (self, task, task);
 }
 
 /* Any thread: pushes a chain of tasks that run as if pushed one by one
  * from @oldest to @newest, with one compare-and-swap and one wake-up
  * decision. The chain links newest first, as the input stack does: from
- * @newest through ->next down to @oldest. */
+ * @newest through ->next down to @oldest. Its tasks are of the default
+ * class. */
 void
 kd_scheduler_push_chain (KdScheduler *self,
                          KdTask      *newest,
@@ -1220,7 +1393,7 @@ kd_scheduler_free (KdScheduler *self)
   g_assert (self->joined);
   g_assert (self->input == NULL);
 
-  for (i = 0; i < self->n_groups; i++)
+  for (i = 0; i < self->n_groups + 2; i++)
     {
       g_assert (self->groups[i].tasks.length == 0);
       g_mutex_clear (&self->groups[i].lock);
@@ -1272,6 +1445,7 @@ kd_scheduler_resize (KdScheduler  *self,
     }
   add_slots (self, n_workers);
   g_atomic_int_set (&self->n_target, (gint) n_workers);
+  update_wanted_locked (self);
   for (i = 0; i < n_workers; i++)
     {
       KdWorker *worker = worker_at (self, i);
@@ -1288,6 +1462,7 @@ kd_scheduler_resize (KdScheduler  *self,
           g_prefix_error (&local_error, "Could not start worker thread %u of %u: ",
                           i + 1, n_workers);
           g_atomic_int_set (&self->n_target, g_atomic_int_get (&self->n_threads));
+          update_wanted_locked (self);
           break;
         }
     }

@@ -38,14 +38,18 @@ kd_slots_length (const KdSlots *self)
 
 /* Element @index, below kd_slots_length() as the caller saw it: in the
  * first chunk (the elements of the first growth, the common case) with
- * one comparison. */
+ * one comparison. @element_size is the one the slots were made with, as a
+ * constant (see KD_SLOTS_GET()). */
 G_ALWAYS_INLINE static inline gpointer
 kd_slots_get (const KdSlots *self,
-              guint          index)
+              guint          index,
+              gsize          element_size)
 {
   if (G_LIKELY (index < self->first_length))
-    return (guint8 *) self->chunks[0] + (gsize) index * self->element_size;
+    return (guint8 *) self->chunks[0] + (gsize) index * element_size;
   return kd_slots_get_later (self, index);
 }
+
+#define KD_SLOTS_GET(slots, index, Type) ((Type *) kd_slots_get ((slots), (index), sizeof (Type)))
 
 G_END_DECLS

@@ -17,7 +17,26 @@ struct _KdTask
 {
   KdTask *next;
   guint   kind;  /* a KdTaskKind */
+  guint   band;  /* a KdBand: where it waits among ready tasks */
 };
+
+/* The priority classes of ready tasks, from GLib's priorities
+ * (kd_band_for_priority()). KD_BAND_DEFAULT is 0, so a task that sets none
+ * has it. */
+typedef enum
+{
+  KD_BAND_DEFAULT,  /* 0 to 99: G_PRIORITY_DEFAULT */
+  KD_BAND_HIGH,     /* below 0: G_PRIORITY_HIGH */
+  KD_BAND_LOW,      /* 100 and above: G_PRIORITY_HIGH_IDLE, _DEFAULT_IDLE, G_PRIORITY_LOW */
+} KdBand;
+
+static inline KdBand
+kd_band_for_priority (gint priority)
+{
+  return priority < G_PRIORITY_DEFAULT ? KD_BAND_HIGH
+         : priority < G_PRIORITY_HIGH_IDLE ? KD_BAND_DEFAULT
+         : KD_BAND_LOW;
+}
 
 typedef enum
 {

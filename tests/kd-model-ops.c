@@ -670,16 +670,24 @@ run_wait_async (ModelThread     *thread,
 
 /* A group's data freed: the last thing its finalize does, after it let
  * its dispatcher go (weak references are notified earlier, at dispose). */
-/* A group's burst; fail-fast (op->arg) only without retries, whose
- * cancellation while a retry waits the model does not follow for groups. */
+/* A group's jobs run at one of these priorities (op->arg >> 1). */
+static const gint group_priorities[] = { G_PRIORITY_DEFAULT, G_PRIORITY_HIGH, G_PRIORITY_LOW };
+
+/* A group's burst at a priority; fail-fast (op->arg & 1) only without
+ * retries, whose cancellation while a retry waits the model does not
+ * follow for groups. */
 static gboolean
 decode_group (Reader         *reader,
               KdModelProgram *program,
               KdModelOp      *op)
 {
+  guint8 byte;
+
   if (!decode_submit (reader, program, op))
     return FALSE;
-  op->arg = program->max_attempts <= 1 && read_byte (reader) % 2 == 1;
+  byte = read_byte (reader);
+  op->arg = (program->max_attempts <= 1 && byte % 2 == 1) |
+            ((byte >> 1) % G_N_ELEMENTS (group_priorities)) << 1;
   return TRUE;
 }
 
@@ -689,8 +697,9 @@ describe_group (GString              *out,
                 const KdModelOp      *op)
 {
   describe_submit (out, program, op);
-  if (op->arg)
+  if (op->arg & 1)
     g_string_append (out, " fail-fast");
+  g_string_append_printf (out, " priority=%d", group_priorities[op->arg >> 1]);
 }
 
 static void
@@ -728,7 +737,11 @@ run_group (ModelThread     *thread,
   gint called;
   guint i;
 
-  if (op->arg)
+  kd_group_set_priority (group, group_priorities[op->arg >> 1]);
+  CHECK (model, kd_group_get_priority (group) == group_priorities[op->arg >> 1],
+         "group: priority %d set, %d read", group_priorities[op->arg >> 1],
+         kd_group_get_priority (group));
+  if (op->arg & 1)
     {
       g_atomic_int_inc (&model->fail_fast_groups);
       kd_group_set_fail_fast (group, TRUE);
@@ -757,7 +770,7 @@ run_group (ModelThread     *thread,
   CHECK (model, waited || error != NULL, "a group's wait failed without an error");
   /* Fail-fast: a failure cancelled the group, and only a failure. Its items
    * have all ended: none counts against its key any more. */
-  if (op->arg)
+  if (op->arg & 1)
     {
       gboolean any_failed = FALSE;
 

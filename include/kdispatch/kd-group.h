@@ -32,6 +32,11 @@ void          kd_group_set_fail_fast    (KdGroup             *self,
                                          gboolean             fail_fast);
 KD_AVAILABLE_IN_ALL
 gboolean      kd_group_get_fail_fast    (KdGroup             *self);
+KD_AVAILABLE_IN_ALL
+void          kd_group_set_priority     (KdGroup             *self,
+                                         gint                 priority);
+KD_AVAILABLE_IN_ALL
+gint          kd_group_get_priority     (KdGroup             *self);
 
 KD_AVAILABLE_IN_ALL
 gboolean      kd_group_submit           (KdGroup             *self,

@@ -342,6 +342,33 @@ def test_delayed():
           4 not in dict(ran) and small.props.cancelled == 1, str(small.props.cancelled))
 
 
+def test_priority():
+    ran = []
+    gate = threading.Event()
+    arrived = threading.Event()
+
+    def handler(job):
+        if job.get_item() == 0:
+            arrived.set()
+            gate.wait(DEADLINE_S)
+        ran.append(job.get_item())
+        return True
+
+    dispatcher = Kd.Dispatcher.new(1, handler)
+    urgent = Kd.Group.new(dispatcher)
+    urgent.set_priority(GLib.PRIORITY_HIGH)
+    check('priority: reads back', urgent.get_priority() == GLib.PRIORITY_HIGH
+          and urgent.props.priority == GLib.PRIORITY_HIGH)
+    dispatcher.submit(None, 0)
+    arrived.wait(DEADLINE_S)
+    for i in range(1, 21):
+        dispatcher.submit(None, i)
+    urgent.submit(None, 100)
+    gate.set()
+    dispatcher.wait()
+    check('priority: the urgent job overtakes the queued ones', ran[:2] == [0, 100], str(ran[:5]))
+
+
 def test_workers():
     inits = []
     lock = threading.Lock()
@@ -388,6 +415,7 @@ test_wait_async()
 test_group()
 test_delayed()
 test_workers()
+test_priority()
 test_cancel()
 gc.collect()
 print('1..%d' % len(results))
