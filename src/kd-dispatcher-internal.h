@@ -228,7 +228,7 @@ void        kd_dispatcher_release_unit        (KdDispatcher      *self,
                                                guint              epoch);
 void        kd_dispatcher_shutdown_scheduler  (KdDispatcher      *self);
 void        kd_dispatcher_on_cancelled        (gpointer           user_data);
-gboolean    kd_dispatcher_in_worker_init      (KdDispatcher      *self);
+gboolean    kd_dispatcher_in_worker_hook      (KdDispatcher      *self);
 
 /* kd-dispatcher-workers.c */
 void        kd_dispatcher_add_worker_slots    (KdDispatcher      *self,

@@ -19,8 +19,8 @@
  * and fewer threads than n-workers starts one again, whose worker init
  * runs anew. At least one worker always stays ready, so an accepted job
  * never waits for a thread that cannot be made: a start on demand that
- * fails costs parallelism only (a warning says so, and n-workers falls to
- * the threads running, so that later submits do not try again).
+ * fails costs parallelism only (a warning says so, and no start on demand
+ * is tried again until the next resize).
  *
  * Worker indices (the worker functions')
  * stay below the largest n-workers the dispatcher had; each index has at
@@ -69,16 +69,18 @@ workers_for (guint n_workers)
  * start this is configuration, like #KdDispatcher:n-workers. On a running
  * dispatcher it resizes it without losing or reordering a job: growing
  * starts the new workers at once (their worker init runs, see
- * kd_dispatcher_set_worker_funcs()) and returns once each started;
- * shrinking returns at once, and each worker above the new count exits
- * once the task it runs ended (a key's batch), its worker finalize run,
- * leaving its queued jobs to the others.
+ * kd_dispatcher_set_worker_funcs()) and returns once each started (those
+ * that idle workers left below the old count start again on demand);
+ * shrinking returns at once and starts nothing, and each worker above the
+ * new count exits once the task it runs ended (a key's batch), its worker
+ * finalize run, leaving its queued jobs to the others.
  *
  * If a thread cannot be made or a worker init fails, the dispatcher keeps
- * the workers that started, n-workers becomes their number, and the call
- * fails with that error. A closed dispatcher refuses with
- * %KD_ERROR_CLOSED. Calling it from a worker init fails with
- * %G_IO_ERROR_WOULD_BLOCK.
+ * the workers that started (n-workers stops after the last of them),
+ * starts none on demand until the next call, and the call fails with that
+ * error. A closed dispatcher refuses with
+ * %KD_ERROR_CLOSED. Calling it from a worker init or finalize fails with
+ * %G_IO_ERROR_WOULD_BLOCK: the resize could wait for that very worker.
  *
  * Worker indices stay below the largest n-workers the dispatcher had.
  *
@@ -98,10 +100,10 @@ kd_dispatcher_set_n_workers (KdDispatcher  *self,
   g_return_val_if_fail (n_workers <= KD_DISPATCHER_MAX_WORKERS, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  if (kd_dispatcher_in_worker_init (self))
+  if (kd_dispatcher_in_worker_hook (self))
     {
       g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK,
-                           "A worker's init cannot resize its own dispatcher");
+                           "A worker's init or finalize cannot resize its own dispatcher");
       return FALSE;
     }
   n_workers = workers_for (n_workers);

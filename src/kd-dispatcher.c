@@ -557,14 +557,16 @@ kd_dispatcher_ensure_delivery_locked (KdDispatcher *self)
   return self->delivery;
 }
 
-/* The dispatcher whose worker init runs on this thread, if any. */
+/* The dispatcher whose worker init runs on this thread, if any; and the
+ * one whose worker finalize does. */
 static KD_THREAD_LOCAL KdDispatcher *initializing;
+static KD_THREAD_LOCAL KdDispatcher *finalizing;
 
-/* Whether one of @self's worker inits runs on this thread. */
+/* Whether one of @self's worker inits or finalizes runs on this thread. */
 gboolean
-kd_dispatcher_in_worker_init (KdDispatcher *self)
+kd_dispatcher_in_worker_hook (KdDispatcher *self)
 {
-  return initializing == self;
+  return initializing == self || finalizing == self;
 }
 
 /* On a new worker's thread: the application's worker init. */
@@ -597,8 +599,10 @@ stop_worker (KdWorker *worker,
 {
   KdDispatcher *self = user_data;
 
+  finalizing = self;
   self->worker_finalize (self, kd_worker_get_index (worker), kd_worker_get_data (worker),
                          self->worker_data);
+  finalizing = NULL;
 }
 
 /* Whether jobs or key states will wait for their time: failed jobs for
@@ -653,7 +657,8 @@ ensure_started (KdDispatcher  *self,
 
       /* Not under the lock: the inits (and finalizes, if one failed) are
        * the application's code. Under @resize_lock: n-workers holds still
-       * until the scheduler has it. */
+       * until the scheduler is published (a resize meanwhile waits, and
+       * then resizes it). */
       kd_mutex_unlock (&self->start_lock);
       kd_mutex_lock (&self->resize_lock);
       n_workers = self->n_workers;
@@ -663,7 +668,6 @@ ensure_started (KdDispatcher  *self,
                                     self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
-      kd_mutex_unlock (&self->resize_lock);
       kd_mutex_lock (&self->start_lock);
 
       /* The idle exit, as last set (under @start_lock, see
@@ -677,6 +681,8 @@ ensure_started (KdDispatcher  *self,
       g_atomic_pointer_set (&self->scheduler, scheduler);
       self->starting = FALSE;
       g_cond_broadcast (&self->start_cond);
+      /* Published: a resize waiting meanwhile now resizes it. */
+      kd_mutex_unlock (&self->resize_lock);
     }
   kd_mutex_unlock (&self->start_lock);
 

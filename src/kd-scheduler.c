@@ -68,8 +68,9 @@
  * never moved, so other threads read them without a lock); n_target is how
  * many should run (n-workers), n_threads how many slots run one, n_ready
  * how many of those passed their start hook. kd_scheduler_resize() raises
- * n_target and starts a thread in each vacant slot below it, waiting for
- * their start hooks; or lowers it, and each worker at or above it exits
+ * n_target and starts a thread in each vacant slot from the old count to
+ * the new one, waiting for their start hooks (vacant slots below the old
+ * count start on demand); or lowers it, and each worker at or above it exits
  * after the task it runs (over_target()). With an idle time
  * (kd_scheduler_set_idle_exit()) a parked worker sleeps with a deadline
  * and exits when it passes unwoken. A pusher that finds no parked worker
@@ -88,14 +89,25 @@
  *    be made, and a failed start costs parallelism only.
  *  - A slot has one thread at a time: a thread started in a slot joins the
  *    slot's previous thread before its start hook, so the owner's
- *    per-worker state (indexed by slot) never has two owners, and the
- *    retiring thread is never waited for where it could be waiting itself.
+ *    per-worker state (indexed by slot) never has two owners. So that this
+ *    join never closes a cycle, a thread that leaves early (retired, or
+ *    its late start hook failed) never finishes a shutdown itself, which
+ *    would join the slot's next thread: shutdowns begun on it go to a
+ *    thread of their own (kd_shutdown_thread_leave(); a late worker
+ *    enters only once its start hook succeeded), and the owner refuses a
+ *    resize from its start and stop hooks.
+ *  - A failed late start (no thread, or its start hook) stops the starts
+ *    on demand until the next resize (@starts_failed), so that pushes do
+ *    not try again and again, and leaves the workers that run alone.
  *  - Nothing starts after the shutdown (checked under spawn_lock, where it
  *    is set), and kd_scheduler_join() joins each slot's last thread, which
- *    joined the ones before.
+ *    joined the ones before. The other classes' counts in @attention
+ *    change under their queue's lock with the queue, so they never go
+ *    below zero into the SHRINKING bit.
  *
- * A worker that shutdowns were left to (kd-shutdown.c) does not exit
- * early: it finishes them as it exits at the shutdown.
+ * A worker that shutdowns were left to (kd-shutdown.c) before it would
+ * retire does not exit early: it finishes them as it exits at the
+ * shutdown.
  *
  * Delayed tasks (a retry waiting out its backoff) wait in a KdTimer, whose
  * thread is made with the workers if the owner will delay tasks, and
@@ -248,6 +260,7 @@ struct _KdScheduler
   gint        n_target;
   gint        n_threads;
   gboolean    wanted;       /* IDLE_WANTED is in n_idle */
+  gboolean    starts_failed; /* a late start failed: none on demand until a resize */
   gint        n_ready;
   gint64      idle_exit_us;
   gint        min_ready;
@@ -401,7 +414,8 @@ wake_if_useful (KdScheduler *self)
 static void
 update_wanted_locked (KdScheduler *self)
 {
-  gboolean wanted = g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target);
+  gboolean wanted = !self->starts_failed &&
+                    g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target);
   gboolean shrinking = FALSE;
   guint i;
 
@@ -542,13 +556,24 @@ take_class (KdWorker *worker,
             KdBand    band)
 {
   KdScheduler *self = worker->scheduler;
-  KdTask *task;
+  KdTaskQueue *queue;
+  KdTask *task, *last;
+  guint n;
 
   if (band == KD_BAND_DEFAULT)
     return find_default_task (worker);
-  task = group_pop (band == KD_BAND_HIGH ? self->high : self->low);
-  if (task != NULL)
-    g_atomic_int_add (&self->attention, -1);
+
+  queue = band == KD_BAND_HIGH ? self->high : self->low;
+  if (g_atomic_int_get (&queue->n_tasks) == 0)
+    return NULL;
+  kd_mutex_lock (&queue->lock);
+  task = kd_task_list_take (&queue->tasks, 1, &n, &last);
+  if (n > 0)
+    {
+      g_atomic_int_add (&queue->n_tasks, -1);
+      g_atomic_int_add (&self->attention, -1);
+    }
+  kd_mutex_unlock (&queue->lock);
   return task;
 }
 
@@ -710,10 +735,10 @@ start_worker (KdWorker *worker)
 
 /* A worker started after kd_scheduler_new() runs the start hook with
  * nobody waiting at a barrier. If it fails, the worker gives its slot back
- * and the scheduler keeps the threads it has: n-workers falls to their
- * number, so that no later start tries again in vain. The resize that
- * started it gets the error; a start on demand has nobody to tell, and
- * says it in a warning. FALSE if the worker must exit. */
+ * and the scheduler keeps the threads it has, starting none on demand
+ * until the next resize, so that no later start tries again in vain. The
+ * resize that started it gets the error; a start on demand has nobody to
+ * tell, and says it in a warning. FALSE if the worker must exit. */
 static gboolean
 start_late_worker (KdWorker *worker)
 {
@@ -721,7 +746,11 @@ start_late_worker (KdWorker *worker)
   GError *error = NULL;
   gboolean started = self->start == NULL || self->start (worker, self->user_data, &error);
 
+  /* The slot's state and the report in one step: a resize that reuses the
+   * slot once it is vacant waits for its own thread's report, not this
+   * one's. */
   kd_mutex_lock (&self->spawn_lock);
+  kd_mutex_lock (&self->start_lock);
   if (started)
     {
       g_atomic_int_inc (&self->n_ready);
@@ -730,13 +759,9 @@ start_late_worker (KdWorker *worker)
     {
       worker->state = SLOT_VACANT;
       g_atomic_int_add (&self->n_threads, -1);
-      g_atomic_int_set (&self->n_target, MIN (g_atomic_int_get (&self->n_target),
-                                              g_atomic_int_get (&self->n_threads)));
+      self->starts_failed = TRUE;
       update_wanted_locked (self);
     }
-  kd_mutex_unlock (&self->spawn_lock);
-
-  kd_mutex_lock (&self->start_lock);
   if (worker->awaited)
     {
       worker->start_result = started ? START_GO : START_ABORT;
@@ -744,12 +769,19 @@ start_late_worker (KdWorker *worker)
       g_cond_broadcast (&self->start_cond);
     }
   kd_mutex_unlock (&self->start_lock);
+  kd_mutex_unlock (&self->spawn_lock);
 
   if (error != NULL)
-    g_warning ("A kdispatch worker started on demand could not start, and the "
-               "dispatcher keeps %d workers: %s", g_atomic_int_get (&self->n_threads),
-               error->message);
+    g_warning ("A kdispatch worker started on demand could not start: no more start "
+               "on demand until the next resize, and %d workers run: %s",
+               g_atomic_int_get (&self->n_threads), error->message);
   g_clear_error (&error);
+
+  /* Only now may shutdowns be left to this thread: one left while its
+   * start hook ran, had it failed, would make it join the slot's next
+   * thread, which joins it first. */
+  if (started)
+    kd_shutdown_thread_enter ();
   return started;
 }
 
@@ -811,7 +843,8 @@ worker_main (gpointer data)
   if (worker->previous != NULL)
     g_thread_join (g_steal_pointer (&worker->previous));
   current_worker = worker;
-  kd_shutdown_thread_enter ();
+  if (!worker->late)
+    kd_shutdown_thread_enter ();
 
   if (worker->late ? !start_late_worker (worker)
                    : self->start != NULL && !start_worker (worker))
@@ -872,9 +905,14 @@ worker_main (gpointer data)
     g_atomic_int_add (&self->n_spinning, -1);
 
   /* Once it no longer counts as spinning: others take what it leaves in
-   * its group, and the task it may have been woken for. */
+   * its group, and the task it may have been woken for. A shutdown its
+   * stop hook begins goes to a thread of its own (kd-shutdown.c): this one
+   * would join the slot's next thread, which joins it first. */
   if (retired)
-    wake_if_useful (self);
+    {
+      wake_if_useful (self);
+      kd_shutdown_thread_leave ();
+    }
 
   if (self->stop != NULL)
     self->stop (worker, self->user_data);
@@ -1005,8 +1043,8 @@ vacant_slot_locked (KdScheduler *self)
 /* A pusher found work, no parked worker and fewer threads than n-workers
  * (idle ones exited): starts one, unless a spinner will take the work. A
  * thread that cannot be made costs only parallelism: at least one ready
- * worker always runs (see retire()); n_target falls to the threads that
- * run, so that later pushes do not try again. */
+ * worker always runs (see retire()); later pushes do not try again until
+ * a resize (@starts_failed). */
 static void
 start_on_demand (KdScheduler *self)
 {
@@ -1017,25 +1055,25 @@ start_on_demand (KdScheduler *self)
     return;
 
   kd_mutex_lock (&self->spawn_lock);
-  if (!g_atomic_int_get (&self->shutting_down) &&
+  if (!g_atomic_int_get (&self->shutting_down) && !self->starts_failed &&
       g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target))
     {
       KdWorker *worker = vacant_slot_locked (self);
 
-      /* No thread: n-workers falls to what runs, so that pushes stop
-       * trying (a resize may raise it again). */
+      /* No thread: pushes stop trying until a resize. */
       if (worker != NULL && !spawn_locked (self, worker, TRUE, &error))
         {
           n_threads = g_atomic_int_get (&self->n_threads);
-          g_atomic_int_set (&self->n_target, n_threads);
+          self->starts_failed = TRUE;
           update_wanted_locked (self);
         }
     }
   kd_mutex_unlock (&self->spawn_lock);
 
   if (error != NULL)
-    g_warning ("A kdispatch worker could not be started on demand; the dispatcher "
-               "runs on with %d workers: %s", n_threads, error->message);
+    g_warning ("A kdispatch worker could not be started on demand: no more start on "
+               "demand until the next resize, and %d workers run: %s", n_threads,
+               error->message);
   g_clear_error (&error);
 }
 
@@ -1151,11 +1189,13 @@ push_band (KdScheduler *self,
 {
   KdTaskQueue *queue = task->band == KD_BAND_HIGH ? self->high : self->low;
 
+  /* Counted in @attention with the queue, under its lock: a pop counts
+   * it out only after this. */
   kd_mutex_lock (&queue->lock);
   kd_task_list_push (&queue->tasks, task);
   g_atomic_int_inc (&queue->n_tasks);
-  kd_mutex_unlock (&queue->lock);
   g_atomic_int_inc (&self->attention);
+  kd_mutex_unlock (&queue->lock);
 
   wake_if_useful (self);
 }
@@ -1419,21 +1459,23 @@ kd_scheduler_free (KdScheduler *self)
 }
 
 /* Any thread but a worker of @self's, one at a time (the owner's lock),
- * before the shutdown: n-workers becomes @n_workers. Growing starts a
- * thread in each vacant slot below it and waits for their start hooks;
- * if a thread cannot be made or a start hook fails, the scheduler keeps
- * the workers that started (n-workers falls to their number) and returns
- * FALSE with the first error. Shrinking returns at once: each worker above
- * the count exits once its task is done (the last ready one only once
- * another runs), leaving its queued tasks to the others. */
+ * before the shutdown: n-workers becomes @n_workers, and starts on demand
+ * are allowed again. Growing starts a thread in each vacant slot from the
+ * old count up to the new one and waits for their start hooks (slots
+ * below the old count that idle workers left start on demand); if a
+ * thread cannot be made or a start hook fails, the scheduler keeps the
+ * workers that started (n-workers stops after the last of them), starts
+ * none on demand until the next resize, and returns FALSE with the first
+ * error. Shrinking returns at once: each worker above the count exits once
+ * its task is done (the last ready one only once another runs), leaving
+ * its queued tasks to the others. */
 gboolean
 kd_scheduler_resize (KdScheduler  *self,
                      guint         n_workers,
                      GError      **error)
 {
   GError *local_error = NULL;
-  gboolean ok = TRUE;
-  guint i;
+  guint i, old, kept;
 
   g_assert (n_workers > 0);
 
@@ -1443,34 +1485,36 @@ kd_scheduler_resize (KdScheduler  *self,
       kd_mutex_unlock (&self->spawn_lock);
       return TRUE;
     }
+  old = (guint) g_atomic_int_get (&self->n_target);
   add_slots (self, n_workers);
   g_atomic_int_set (&self->n_target, (gint) n_workers);
-  update_wanted_locked (self);
-  for (i = 0; i < n_workers; i++)
+  self->starts_failed = FALSE;
+  for (i = old; i < n_workers; i++)
     {
       KdWorker *worker = worker_at (self, i);
 
       if (worker->state != SLOT_VACANT)
-        continue;
+        continue;   /* still running from before a shrink */
       kd_mutex_lock (&self->start_lock);
       worker->awaited = TRUE;
       worker->start_result = START_PENDING;
       kd_mutex_unlock (&self->start_lock);
       if (!spawn_locked (self, worker, TRUE, &local_error))
         {
+          kd_mutex_lock (&self->start_lock);
           worker->awaited = FALSE;
+          kd_mutex_unlock (&self->start_lock);
           g_prefix_error (&local_error, "Could not start worker thread %u of %u: ",
                           i + 1, n_workers);
-          g_atomic_int_set (&self->n_target, g_atomic_int_get (&self->n_threads));
-          update_wanted_locked (self);
           break;
         }
     }
+  update_wanted_locked (self);
   kd_mutex_unlock (&self->spawn_lock);
 
   /* The workers that started report how it went. */
   kd_mutex_lock (&self->start_lock);
-  for (i = 0; i < n_workers; i++)
+  for (i = old; i < n_workers; i++)
     {
       KdWorker *worker = worker_at (self, i);
 
@@ -1487,13 +1531,22 @@ kd_scheduler_resize (KdScheduler  *self,
 
   if (local_error != NULL)
     {
+      /* n-workers stops after the last worker that runs, at least the
+       * old count. */
+      kd_mutex_lock (&self->spawn_lock);
+      for (kept = old, i = old; i < n_workers; i++)
+        if (worker_at (self, i)->state == SLOT_RUNNING)
+          kept = i + 1;
+      g_atomic_int_set (&self->n_target, (gint) kept);
+      self->starts_failed = TRUE;
+      update_wanted_locked (self);
+      kd_mutex_unlock (&self->spawn_lock);
       g_propagate_error (error, local_error);
-      ok = FALSE;
     }
 
   /* Parked workers look at the count again (and a shrink's go). */
   wake_all_parked (self);
-  return ok;
+  return local_error == NULL;
 }
 
 /* Any thread: an idle worker exits after @idle_us parked (0: never) while

@@ -28,5 +28,6 @@ gboolean kd_shutdown_is_done      (KdShutdown     *shutdown);
 void     kd_shutdown_thread_enter (void);
 void     kd_shutdown_thread_exit  (void);
 gboolean kd_shutdown_thread_has_finishes (void);
+void     kd_shutdown_thread_leave (void);
 
 G_END_DECLS

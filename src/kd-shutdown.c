@@ -221,6 +221,16 @@ kd_shutdown_thread_has_finishes (void)
   return deferred != NULL;
 }
 
+/* On a worker leaving before the shutdown (without finishes left to it,
+ * see kd_shutdown_thread_has_finishes()): shutdowns that begin on it from
+ * now on go to a thread of their own, as elsewhere. */
+void
+kd_shutdown_thread_leave (void)
+{
+  g_assert (deferred == NULL);
+  runs_deferred = FALSE;
+}
+
 /* As that thread exits, after its last look at its scheduler or timer:
  * finishes the shutdowns left to it, which may free them. */
 void

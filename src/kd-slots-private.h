@@ -9,8 +9,8 @@
 
 G_BEGIN_DECLS
 
-/* After the first chunk, chunk c holds 2^c elements: 11 more chunks hold
- * 4094 elements, more than KD_DISPATCHER_MAX_WORKERS + 1. */
+/* After the first chunk, chunk c holds 2^(c-1) elements: 11 more chunks
+ * hold 2047 elements, more than KD_DISPATCHER_MAX_WORKERS + 1. */
 #define KD_SLOTS_MAX_CHUNKS 12
 
 typedef struct

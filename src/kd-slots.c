@@ -12,8 +12,8 @@
  * lock: it reads kd_slots_length() (acquire) and then any element below
  * it. The first chunk holds the first growth's elements (a dispatcher's
  * workers at its start), found with one comparison; after it, chunk c
- * holds 2^c elements, so the memory of the later ones is at most twice
- * what they need. Growing is the owner's, one grower at a time.
+ * holds 2^(c-1) elements, so the memory of the later ones is at most
+ * twice what they need. Growing is the owner's, one grower at a time.
  */
 
 #include "config.h"

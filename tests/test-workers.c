@@ -527,9 +527,10 @@ test_resize_from_init (void)
   g_object_unref (dispatcher);
 }
 
-/* No thread can be made: a grow fails with the thread error and keeps what
- * runs; once idle workers exited, a start on demand that fails costs only
- * parallelism (a warning, once), and every job still ends. */
+/* No thread can be made: a grow fails with the thread error and keeps
+ * what runs, and starts nothing on demand until the next resize; after
+ * that, a start on demand that fails costs only parallelism (a warning)
+ * and stops the starts on demand again; every job still ends. */
 static void
 test_thread_limit (void)
 {
@@ -545,28 +546,26 @@ test_thread_limit (void)
       kd_dispatcher_set_worker_idle_time (dispatcher, 1000, 1);
       g_assert_true (kd_dispatcher_start (dispatcher, &error));
       g_assert_true (kd_test_counter_wait (&f.finalizes, 1));
+      g_assert_cmpuint (threads_of (dispatcher), ==, 1);
 
       kd_test_limit_threads (0);
       g_assert_false (kd_dispatcher_set_n_workers (dispatcher, 3, &error));
       g_assert_error (error, G_THREAD_ERROR, G_THREAD_ERROR_AGAIN);
       g_clear_error (&error);
-      g_assert_cmpuint (kd_dispatcher_get_n_workers (dispatcher), ==, 1);
+      g_assert_cmpuint (kd_dispatcher_get_n_workers (dispatcher), ==, 2);
 
-      /* n-workers is 1 now: back to 2, with the start left to demand. */
-      kd_test_unlimit_threads ();
-      kd_dispatcher_set_worker_idle_time (dispatcher, 0, 1);
+      /* No start on demand is tried (it would warn) until a resize. */
+      for (i = 0; i < 50; i++)
+        g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
+      kd_dispatcher_wait (dispatcher);
+
       g_assert_true (kd_dispatcher_set_n_workers (dispatcher, 2, &error));
-      kd_dispatcher_set_worker_idle_time (dispatcher, 1000, 1);
-      g_assert_true (kd_test_counter_wait (&f.finalizes, 2));
-      g_assert_cmpuint (threads_of (dispatcher), ==, 1);
-
-      kd_test_limit_threads (0);
       g_test_expect_message ("kdispatch", G_LOG_LEVEL_WARNING, "*could not be started on demand*");
-      for (i = 0; i < 100; i++)
+      for (i = 50; i < 150; i++)
         g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
       kd_dispatcher_wait (dispatcher);
       g_test_assert_expected_messages ();
-      g_assert_cmpint (g_atomic_int_get (&f.completed), ==, 100);
+      g_assert_cmpint (g_atomic_int_get (&f.completed), ==, 150);
       g_assert_cmpuint (threads_of (dispatcher), ==, 1);
       kd_test_unlimit_threads ();
 
@@ -576,6 +575,82 @@ test_thread_limit (void)
 
   g_test_trap_subprocess (NULL, 0, G_TEST_SUBPROCESS_INHERIT_STDERR);
   g_test_trap_assert_passed ();
+}
+
+/* Shrinking a dispatcher whose idle workers left starts nothing: it only
+ * lowers the count. Growing starts the slots above the old count; the
+ * ones idle workers left start on demand. */
+static void
+test_resize_with_idle_gaps (void)
+{
+  Fixture f;
+  KdDispatcher *dispatcher;
+  GError *error = NULL;
+  guint i;
+
+  fixture_init (&f);
+  dispatcher = fixture_dispatcher (&f, 4);
+  kd_dispatcher_set_worker_idle_time (dispatcher, 1000, 1);
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_true (kd_test_counter_wait (&f.finalizes, 3));
+  g_assert_cmpuint (threads_of (dispatcher), ==, 1);
+
+  g_assert_true (kd_dispatcher_set_n_workers (dispatcher, 3, &error));
+  g_assert_cmpuint (kd_test_counter_get (&f.inits), ==, 4);
+  g_assert_cmpuint (threads_of (dispatcher), ==, 1);
+  g_assert_true (kd_dispatcher_set_n_workers (dispatcher, 3, &error));
+  g_assert_cmpuint (kd_test_counter_get (&f.inits), ==, 4);
+
+  /* The one left keeps running (the last ready worker stays, even above
+   * the count); growing to 5 starts slots 3 and 4 unless it is one. */
+  kd_dispatcher_set_worker_idle_time (dispatcher, 0, 1);
+  for (i = 0; i < 4 && !g_atomic_int_get (&f.live_data[i]); i++)
+    ;
+  g_assert_cmpuint (i, <, 4);
+  g_assert_true (kd_dispatcher_set_n_workers (dispatcher, 5, &error));
+  g_assert_cmpuint (kd_test_counter_get (&f.inits), ==, i >= 3 ? 5 : 6);
+  g_assert_cmpuint (threads_of (dispatcher), ==, i >= 3 ? 2 : 3);
+
+  fixture_finish (&f, dispatcher);
+}
+
+/* From a worker finalize, a resize could wait for a worker that waits for
+ * that finalize's thread. */
+static void
+resizing_finalize (KdDispatcher *dispatcher,
+                   guint         worker_index,
+                   gpointer      worker_data,
+                   gpointer      user_data)
+{
+  GError **seen = user_data;
+
+  if (*seen == NULL)
+    g_assert_false (kd_dispatcher_set_n_workers (dispatcher, 4, seen));
+}
+
+static gpointer
+noop_init (KdDispatcher  *dispatcher,
+           guint          worker_index,
+           gpointer       user_data,
+           GError       **error)
+{
+  return NULL;
+}
+
+static void
+test_resize_from_finalize (void)
+{
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, kd_test_noop_handler, NULL, NULL);
+  GError *seen = NULL, *error = NULL;
+
+  kd_dispatcher_set_worker_funcs (dispatcher, noop_init, resizing_finalize, &seen, NULL);
+  g_assert_true (kd_dispatcher_start (dispatcher, &error));
+  g_assert_true (kd_dispatcher_set_n_workers (dispatcher, 1, &error));
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, NULL, &error));
+  kd_dispatcher_wait (dispatcher);
+  g_object_unref (dispatcher);
+  g_assert_error (seen, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK);
+  g_clear_error (&seen);
 }
 
 int
@@ -594,6 +669,8 @@ main (int   argc,
   g_test_add_func ("/workers/grow-init-fails", test_grow_init_fails);
   g_test_add_func ("/workers/resize-from-init", test_resize_from_init);
   g_test_add_func ("/workers/thread-limit", test_thread_limit);
+  g_test_add_func ("/workers/resize-with-idle-gaps", test_resize_with_idle_gaps);
+  g_test_add_func ("/workers/resize-from-finalize", test_resize_from_finalize);
 
   return g_test_run ();
 }
