@@ -154,7 +154,8 @@ kd_dispatcher_set_n_workers_property (KdDispatcher *self,
  *
  * Gets the number of worker threads the dispatcher runs when it is busy
  * (see kd_dispatcher_set_n_workers(); idle ones may have exited, see
- * kd_dispatcher_set_worker_idle_time()).
+ * kd_dispatcher_set_worker_idle_time(), and after a failed start on
+ * demand none is started again until the next resize).
  *
  * Returns: the number of workers
  *
@@ -167,7 +168,7 @@ kd_dispatcher_get_n_workers (KdDispatcher *self)
 
   g_return_val_if_fail (KD_IS_DISPATCHER (self), 0);
 
-  /* Once started, the scheduler's: a failed start on demand lowers it. */
+  /* Once started, the scheduler's: a failed grow lowers it. */
   scheduler = g_atomic_pointer_get (&self->scheduler);
   if (scheduler != NULL)
     return kd_scheduler_get_n_workers (scheduler);

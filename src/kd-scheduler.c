@@ -99,6 +99,14 @@
  *  - A failed late start (no thread, or its start hook) stops the starts
  *    on demand until the next resize (@starts_failed), so that pushes do
  *    not try again and again, and leaves the workers that run alone.
+ *  - A worker left above n_target as the only thread (a shrink after
+ *    idle exits) starts one below n_target (replace_self(); it does not
+ *    park while it should), and once that one is ready the parked
+ *    workers are woken, so the one above retires.
+ *
+ * A late worker's start hook that drops the owner's last reference leaves
+ * the shutdown to a thread of its own (kd-shutdown.c; a critical if none
+ * can be made).
  *  - Nothing starts after the shutdown (checked under spawn_lock, where it
  *    is set), and kd_scheduler_join() joins each slot's last thread, which
  *    joined the ones before. The other classes' counts in @attention
@@ -260,7 +268,8 @@ struct _KdScheduler
   gint        n_target;
   gint        n_threads;
   gboolean    wanted;       /* IDLE_WANTED is in n_idle */
-  gboolean    starts_failed; /* a late start failed: none on demand until a resize */
+  gint        starts_failed; /* atomic, set under @spawn_lock: a late start failed,
+                              * none on demand until a resize */
   gint        n_ready;
   gint64      idle_exit_us;
   gint        min_ready;
@@ -298,6 +307,8 @@ enum
 };
 
 static void start_on_demand (KdScheduler *self);
+static void replace_self (KdScheduler *self);
+static void wake_all_parked (KdScheduler *self);
 
 static inline KdWorker *
 worker_at (KdScheduler *self,
@@ -408,26 +419,33 @@ wake_if_useful (KdScheduler *self)
     start_for_work (self);
 }
 
-/* With @spawn_lock held, after n_target or n_threads changed: whether a
- * pusher may start a thread (IDLE_WANTED), and whether a worker runs above
+/* With @spawn_lock held, after a slot's state, n_target or starts_failed
+ * changed: whether a pusher may start a thread (IDLE_WANTED: fewer slots
+ * below n_target run than n_target, so a worker left above it after a
+ * shrink is replaced, and then retires), and whether a worker runs above
  * n_target (SHRINKING). The scan is over the slots, on these rare paths. */
 static void
 update_wanted_locked (KdScheduler *self)
 {
-  gboolean wanted = !self->starts_failed &&
-                    g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target);
-  gboolean shrinking = FALSE;
-  guint i;
+  guint target = (guint) g_atomic_int_get (&self->n_target);
+  guint running_below = 0, i;
+  gboolean shrinking = FALSE, wanted;
 
+  for (i = 0; i < kd_slots_length (&self->workers); i++)
+    if (worker_at (self, i)->state == SLOT_RUNNING)
+      {
+        if (i < target)
+          running_below++;
+        else
+          shrinking = TRUE;
+      }
+
+  wanted = !g_atomic_int_get (&self->starts_failed) && running_below < target;
   if (wanted != self->wanted)
     {
       self->wanted = wanted;
       g_atomic_int_add (&self->n_idle, wanted ? IDLE_WANTED : -IDLE_WANTED);
     }
-
-  for (i = (guint) g_atomic_int_get (&self->n_target); i < kd_slots_length (&self->workers); i++)
-    if (worker_at (self, i)->state == SLOT_RUNNING)
-      shrinking = TRUE;
   if (shrinking)
     g_atomic_int_or ((guint *) &self->attention, SHRINKING);
   else
@@ -626,6 +644,28 @@ spin_for_task (KdWorker *worker)
   return NULL;
 }
 
+/* With SHRINKING set: the slot is above n-workers and another worker is
+ * ready to go on. */
+static gboolean
+over_target (KdScheduler *self,
+             KdWorker    *worker)
+{
+  return (gint) worker->index >= g_atomic_int_get (&self->n_target) &&
+         g_atomic_int_get (&self->n_ready) > 1;
+}
+
+/* With SHRINKING set: the slot is above n-workers and its thread is the
+ * only one, so it must have one started below n-workers before it can go
+ * (replace_self()); unless starts failed. */
+static gboolean
+must_replace_self (KdScheduler *self,
+                   KdWorker    *worker)
+{
+  return (gint) worker->index >= g_atomic_int_get (&self->n_target) &&
+         g_atomic_int_get (&self->n_threads) == 1 &&
+         !g_atomic_int_get (&self->starts_failed);
+}
+
 /* Whether an idle worker may exit now: more workers are ready than the
  * minimum kept. */
 static gboolean
@@ -662,10 +702,15 @@ park (KdWorker *worker,
 
   kd_mutex_lock (&self->idle_lock);
   if (!worker->woken &&
-      (work_visible (self) || g_atomic_int_get (&self->shutting_down)))
+      (work_visible (self) || g_atomic_int_get (&self->shutting_down) ||
+       ((g_atomic_int_get (&self->attention) & SHRINKING) &&
+        (over_target (self, worker) || must_replace_self (self, worker)))))
     {
-      /* A task arrived (or shutdown began) while we were announcing
-       * ourselves: look again. */
+      /* A task arrived (or shutdown began, or another worker became ready
+       * while this one is above n_target: it retires) while we were
+       * announcing ourselves: look again. A worker that becomes ready
+       * counts itself before it wakes the parked ones, so one of the two
+       * sees the other. */
       leave = TRUE;
     }
   else
@@ -745,6 +790,7 @@ start_late_worker (KdWorker *worker)
   KdScheduler *self = worker->scheduler;
   GError *error = NULL;
   gboolean started = self->start == NULL || self->start (worker, self->user_data, &error);
+  gboolean wake_all = FALSE;
 
   /* The slot's state and the report in one step: a resize that reuses the
    * slot once it is vacant waits for its own thread's report, not this
@@ -754,15 +800,21 @@ start_late_worker (KdWorker *worker)
   if (started)
     {
       g_atomic_int_inc (&self->n_ready);
+      /* A worker left above n_target by a shrink may retire now: parked as
+       * the last ready one, it sleeps without a deadline. */
+      if (g_atomic_int_get (&self->attention) & SHRINKING)
+        wake_all = TRUE;
     }
   else
     {
       worker->state = SLOT_VACANT;
       g_atomic_int_add (&self->n_threads, -1);
-      self->starts_failed = TRUE;
+      g_atomic_int_set (&self->starts_failed, TRUE);
       update_wanted_locked (self);
     }
-  if (worker->awaited)
+  /* Awaited and not reported yet: this thread is the one the resize
+   * started (a thread started later in the slot reports to nobody). */
+  if (worker->awaited && worker->start_result == START_PENDING)
     {
       worker->start_result = started ? START_GO : START_ABORT;
       worker->start_error = g_steal_pointer (&error);
@@ -771,6 +823,8 @@ start_late_worker (KdWorker *worker)
   kd_mutex_unlock (&self->start_lock);
   kd_mutex_unlock (&self->spawn_lock);
 
+  if (wake_all)
+    wake_all_parked (self);
   if (error != NULL)
     g_warning ("A kdispatch worker started on demand could not start: no more start "
                "on demand until the next resize, and %d workers run: %s",
@@ -818,18 +872,15 @@ retire (KdScheduler *self,
     }
   kd_mutex_unlock (&self->spawn_lock);
 
+  /* From now on a shutdown begun on this thread goes to a thread of its
+   * own (kd-shutdown.c): this one would join the slot's next thread,
+   * which joins it first. */
+  if (retiring)
+    kd_shutdown_thread_leave ();
+
   return retiring;
 }
 
-/* With SHRINKING set: the slot is above n-workers and another worker is
- * ready to go on. */
-static gboolean
-over_target (KdScheduler *self,
-             KdWorker    *worker)
-{
-  return (gint) worker->index >= g_atomic_int_get (&self->n_target) &&
-         g_atomic_int_get (&self->n_ready) > 1;
-}
 
 static gpointer
 worker_main (gpointer data)
@@ -866,10 +917,21 @@ worker_main (gpointer data)
         }
       else
         {
-          /* A shrink: the worker finished its task (a key's batch) first. */
-          if ((attention & SHRINKING) && over_target (self, worker) &&
-              (retired = retire (self, worker, FALSE)))
-            break;
+          /* A shrink: the worker finished its task (a key's batch) first.
+           * The last ready worker, above n_target, first has one started
+           * below it (it may be the only one that runs, and busy). */
+          if (attention & SHRINKING)
+            {
+              if (over_target (self, worker))
+                {
+                  if ((retired = retire (self, worker, FALSE)))
+                    break;
+                }
+              else if (must_replace_self (self, worker))
+                {
+                  replace_self (self);
+                }
+            }
           task = find_task_by_class (worker);
         }
       if (task == NULL && !spinning &&
@@ -905,14 +967,9 @@ worker_main (gpointer data)
     g_atomic_int_add (&self->n_spinning, -1);
 
   /* Once it no longer counts as spinning: others take what it leaves in
-   * its group, and the task it may have been woken for. A shutdown its
-   * stop hook begins goes to a thread of its own (kd-shutdown.c): this one
-   * would join the slot's next thread, which joins it first. */
+   * its group, and the task it may have been woken for. */
   if (retired)
-    {
-      wake_if_useful (self);
-      kd_shutdown_thread_leave ();
-    }
+    wake_if_useful (self);
 
   if (self->stop != NULL)
     self->stop (worker, self->user_data);
@@ -1040,23 +1097,18 @@ vacant_slot_locked (KdScheduler *self)
   return NULL;
 }
 
-/* A pusher found work, no parked worker and fewer threads than n-workers
- * (idle ones exited): starts one, unless a spinner will take the work. A
- * thread that cannot be made costs only parallelism: at least one ready
- * worker always runs (see retire()); later pushes do not try again until
- * a resize (@starts_failed). */
+/* Starts a thread in the lowest vacant slot below n_target if one is
+ * wanted (IDLE_WANTED). A thread that cannot be made costs only
+ * parallelism: at least one ready worker always runs (see retire());
+ * later pushes do not try again until a resize (@starts_failed). */
 static void
-start_on_demand (KdScheduler *self)
+start_wanted (KdScheduler *self)
 {
   GError *error = NULL;
   gint n_threads = 0;
 
-  if (g_atomic_int_get (&self->n_spinning) > 0 && !spinners_stalled (self))
-    return;
-
   kd_mutex_lock (&self->spawn_lock);
-  if (!g_atomic_int_get (&self->shutting_down) && !self->starts_failed &&
-      g_atomic_int_get (&self->n_threads) < g_atomic_int_get (&self->n_target))
+  if (!g_atomic_int_get (&self->shutting_down) && self->wanted)
     {
       KdWorker *worker = vacant_slot_locked (self);
 
@@ -1064,7 +1116,7 @@ start_on_demand (KdScheduler *self)
       if (worker != NULL && !spawn_locked (self, worker, TRUE, &error))
         {
           n_threads = g_atomic_int_get (&self->n_threads);
-          self->starts_failed = TRUE;
+          g_atomic_int_set (&self->starts_failed, TRUE);
           update_wanted_locked (self);
         }
     }
@@ -1075,6 +1127,44 @@ start_on_demand (KdScheduler *self)
                "demand until the next resize, and %d workers run: %s", n_threads,
                error->message);
   g_clear_error (&error);
+}
+
+/* On the only thread, above n-workers after a shrink: starts one worker
+ * below n-workers (one only: the rest start on demand), which wakes the
+ * parked ones once it is ready, so that this one retires. */
+static void
+replace_self (KdScheduler *self)
+{
+  GError *error = NULL;
+
+  kd_mutex_lock (&self->spawn_lock);
+  if (!g_atomic_int_get (&self->shutting_down) && !g_atomic_int_get (&self->starts_failed) &&
+      g_atomic_int_get (&self->n_threads) == 1)
+    {
+      KdWorker *worker = vacant_slot_locked (self);
+
+      if (worker != NULL && !spawn_locked (self, worker, TRUE, &error))
+        {
+          g_atomic_int_set (&self->starts_failed, TRUE);
+          update_wanted_locked (self);
+        }
+    }
+  kd_mutex_unlock (&self->spawn_lock);
+
+  if (error != NULL)
+    g_warning ("A kdispatch worker could not be started below the new count: "
+               "the one above it stays: %s", error->message);
+  g_clear_error (&error);
+}
+
+/* A pusher found work, no parked worker and fewer threads than n-workers
+ * (idle ones exited): starts one, unless a spinner will take the work. */
+static void
+start_on_demand (KdScheduler *self)
+{
+  if (g_atomic_int_get (&self->n_spinning) > 0 && !spinners_stalled (self))
+    return;
+  start_wanted (self);
 }
 
 /*
@@ -1488,7 +1578,7 @@ kd_scheduler_resize (KdScheduler  *self,
   old = (guint) g_atomic_int_get (&self->n_target);
   add_slots (self, n_workers);
   g_atomic_int_set (&self->n_target, (gint) n_workers);
-  self->starts_failed = FALSE;
+  g_atomic_int_set (&self->starts_failed, FALSE);
   for (i = old; i < n_workers; i++)
     {
       KdWorker *worker = worker_at (self, i);
@@ -1506,6 +1596,7 @@ kd_scheduler_resize (KdScheduler  *self,
           kd_mutex_unlock (&self->start_lock);
           g_prefix_error (&local_error, "Could not start worker thread %u of %u: ",
                           i + 1, n_workers);
+          g_atomic_int_set (&self->starts_failed, TRUE);
           break;
         }
     }
@@ -1538,7 +1629,7 @@ kd_scheduler_resize (KdScheduler  *self,
         if (worker_at (self, i)->state == SLOT_RUNNING)
           kept = i + 1;
       g_atomic_int_set (&self->n_target, (gint) kept);
-      self->starts_failed = TRUE;
+      g_atomic_int_set (&self->starts_failed, TRUE);
       update_wanted_locked (self);
       kd_mutex_unlock (&self->spawn_lock);
       g_propagate_error (error, local_error);
