@@ -1648,7 +1648,7 @@ print_table (Summary *summaries,
       double kd_rate = MEDIAN (s->kd, rate);
       double glib_rate = s->glib->len ? MEDIAN (s->glib, rate) : 0;
       double go_rate = s->go->len ? MEDIAN (s->go, rate) : 0;
-      char kd_cell[32], glib_cell[32], ratio_cell[16];
+      char kd_cell[32], glib_cell[32], ratio_cell[16], glib_rss_cell[16] = "-";
       char go_cell[32] = "-", go_ratio_cell[16] = "-", go_rss_cell[16] = "-";
 
       if (g_str_equal (id, "W4"))
@@ -1678,6 +1678,12 @@ print_table (Summary *summaries,
       else
         g_snprintf (ratio_cell, sizeof ratio_cell, "%.2fx", glib_rate > 0 ? kd_rate / glib_rate : 0);
 
+      /* No baseline ran (--no-baseline): its cells say so rather than 0. */
+      if (s->glib->len)
+        g_snprintf (glib_rss_cell, sizeof glib_rss_cell, "%.1f MiB", max_rss_mib (s->glib));
+      else
+        g_strlcpy (glib_cell, "-", sizeof glib_cell);
+
       if (s->go->len)
         {
           g_snprintf (go_cell, sizeof go_cell, "%.2f M/s", go_rate / 1e6);
@@ -1690,8 +1696,7 @@ print_table (Summary *summaries,
                s->glib->len ? ratio_cell : "-");
       if (with_go)
         g_print (" %12s %7s", go_cell, go_ratio_cell);
-      g_print (" %6.1f MiB %5.1f MiB", max_rss_mib (s->kd),
-               s->glib->len ? max_rss_mib (s->glib) : 0.0);
+      g_print (" %6.1f MiB %9s", max_rss_mib (s->kd), glib_rss_cell);
       if (with_go)
         g_print (" %9s", go_rss_cell);
       g_print ("  %s\n", s->ok ? "ok" : "FAILED");
