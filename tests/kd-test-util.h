@@ -384,15 +384,19 @@ kd_test_threads_settle (guint expected)
 
 /* Thread limits, for the tests of what happens when no thread can be made.
  * RLIMIT_NPROC bounds the tasks (threads) of a real user, but not root's:
- * as root, the process becomes "nobody" for its real and effective user,
- * keeping root as its saved one to come back. Every thread of the process
- * moves with it, so the limit counts them. Only in a subprocess
- * (g_test_trap_subprocess()): other threads of the user elsewhere, or
- * threads this process starts meanwhile, would make the count wrong. */
+ * as root, the process becomes a user of its own for its real and
+ * effective user (KD_TEST_UID_BASE plus its process id, so that test
+ * programs running side by side never count each other's threads), keeping
+ * root as its saved one to come back. Every thread of the process moves
+ * with it, so the limit counts them. Where that user cannot exist (a user
+ * namespace that maps fewer ids), it becomes "nobody", which other
+ * processes may share. Only in a subprocess (g_test_trap_subprocess()):
+ * threads this process starts meanwhile would make the count wrong. */
+#define KD_TEST_UID_BASE 0x40000000
 #define KD_TEST_NOBODY 65534
 
-/* Whether kd_test_limit_threads() made this process "nobody". */
-static gboolean kd_test_became_nobody;
+/* Whether kd_test_limit_threads() made this process another user. */
+static gboolean kd_test_became_other_user;
 
 /* The tasks of user @uid on the machine, from /proc. */
 static inline guint
@@ -441,9 +445,13 @@ kd_test_limit_threads (guint extra)
 
   if (uid == 0)
     {
-      g_assert_cmpint (setresuid (KD_TEST_NOBODY, KD_TEST_NOBODY, 0), ==, 0);
-      kd_test_became_nobody = TRUE;
-      uid = KD_TEST_NOBODY;
+      uid = KD_TEST_UID_BASE + (uid_t) getpid ();
+      if (setresuid (uid, uid, 0) != 0)
+        {
+          uid = KD_TEST_NOBODY;
+          g_assert_cmpint (setresuid (uid, uid, 0), ==, 0);
+        }
+      kd_test_became_other_user = TRUE;
     }
   g_assert_cmpint (getrlimit (RLIMIT_NPROC, &limit), ==, 0);
   limit.rlim_cur = kd_test_count_user_tasks (uid) + extra;
@@ -459,9 +467,9 @@ kd_test_unlimit_threads (void)
   g_assert_cmpint (getrlimit (RLIMIT_NPROC, &limit), ==, 0);
   limit.rlim_cur = limit.rlim_max;
   g_assert_cmpint (setrlimit (RLIMIT_NPROC, &limit), ==, 0);
-  if (kd_test_became_nobody)
+  if (kd_test_became_other_user)
     g_assert_cmpint (setresuid (0, 0, 0), ==, 0);
-  kd_test_became_nobody = FALSE;
+  kd_test_became_other_user = FALSE;
 }
 
 /* A small, fast, per-thread pseudo-random generator for job lengths. */
