@@ -12,7 +12,10 @@
  *   redis-worker --port 6379 --bench 1000000 --name bench  # a benchmark
  *
  * --url takes the server as Redis clients do
- * (redis://[[user]:password@]host:port/db, unix:///path/to/redis.sock). A
+ * (redis://[[user]:password@]host:port/db, rediss://... for TLS,
+ * unix:///path/to/redis.sock). --tls (implied by rediss://) with --cacert,
+ * and --cert and --key for a client certificate, as redis-cli takes them,
+ * set up TLS. A
  * password comes from --password-file (its first line), else from the
  * REDISCLI_AUTH environment variable, as redis-cli reads it, else from the
  * URL: never from an option of its own, which any user of the machine
@@ -56,6 +59,10 @@ typedef struct
 static char   *opt_url = NULL;
 static char   *opt_user = NULL;
 static char   *opt_password_file = NULL;
+static gboolean opt_tls = FALSE;
+static char   *opt_cacert = NULL;
+static char   *opt_cert = NULL;
+static char   *opt_key = NULL;
 static char   *opt_host = NULL;
 static int     opt_port = 6379;
 static char   *opt_name = NULL;
@@ -82,6 +89,11 @@ static GOptionEntry options[] = {
     "--password-file or REDISCLI_AUTH)", "USER" },
   { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file, "Read the Redis password from "
     "the first line of FILE (else REDISCLI_AUTH, else the URL's)", "FILE" },
+  { "tls", 0, 0, G_OPTION_ARG_NONE, &opt_tls, "Connect with TLS (as rediss:// does)", NULL },
+  { "cacert", 0, 0, G_OPTION_ARG_FILENAME, &opt_cacert, "TLS: trust the CAs of FILE (PEM) instead "
+    "of the system's", "FILE" },
+  { "cert", 0, 0, G_OPTION_ARG_FILENAME, &opt_cert, "TLS: the client certificate (PEM)", "FILE" },
+  { "key", 0, 0, G_OPTION_ARG_FILENAME, &opt_key, "TLS: the client certificate's key (PEM)", "FILE" },
   { "host", 0, 0, G_OPTION_ARG_STRING, &opt_host, "Redis host (127.0.0.1)", "HOST" },
   { "port", 0, 0, G_OPTION_ARG_INT, &opt_port, "Redis port (6379)", "PORT" },
   { "name", 0, 0, G_OPTION_ARG_STRING, &opt_name, "Queue name (jobs)", "NAME" },
@@ -255,6 +267,17 @@ open_queue (void)
       g_printerr ("redis-worker: --user needs a password (--password-file or REDISCLI_AUTH)\n");
       exit (2);
     }
+  if (opt_key != NULL && opt_cert == NULL)
+    {
+      g_printerr ("redis-worker: --key needs --cert\n");
+      exit (2);
+    }
+  if ((opt_tls || opt_cacert != NULL || opt_cert != NULL) &&
+      !kd_redis_queue_set_tls (queue, opt_cacert, opt_cert, opt_key, &error))
+    {
+      g_printerr ("redis-worker: TLS: %s\n", error->message);
+      exit (2);
+    }
   kd_redis_queue_set_n_shards (queue, (guint) opt_shards);
   kd_redis_queue_set_lease_time (queue, (gint64) opt_lease_ms * 1000);
   kd_redis_queue_set_batch_size (queue, (guint) opt_batch);
@@ -413,6 +436,14 @@ bench (const char *program)
         }
       if (user != NULL)
         g_ptr_array_add (args, g_strdup_printf ("--user=%s", user));
+      if (opt_tls)
+        g_ptr_array_add (args, g_strdup ("--tls"));
+      if (opt_cacert != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--cacert=%s", opt_cacert));
+      if (opt_cert != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--cert=%s", opt_cert));
+      if (opt_key != NULL)
+        g_ptr_array_add (args, g_strdup_printf ("--key=%s", opt_key));
       if (password != NULL)
         g_subprocess_launcher_setenv (launcher, "REDISCLI_AUTH", password, TRUE);
       g_ptr_array_add (args, g_strdup_printf ("--name=%s", kd_redis_queue_get_name (queue)));

@@ -115,6 +115,12 @@ gboolean      kd_redis_queue_set_url         (KdRedisQueue    *self,
                                               const char      *url,
                                               GError         **error);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_redis_queue_set_tls         (KdRedisQueue    *self,
+                                              const char      *ca_file,
+                                              const char      *cert_file,
+                                              const char      *key_file,
+                                              GError         **error);
+KD_AVAILABLE_IN_ALL
 void          kd_redis_queue_set_credentials (KdRedisQueue    *self,
                                               const char      *user,
                                               const char      *password);

@@ -249,7 +249,6 @@ kd_redis_acker_main (gpointer data)
   KdRedisConn conn;
   gint64 retry_at = 0;
 
-  kd_redis_sigpipe_block_thread ();
   kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
   kd_redis_conn_set_name (&conn, self->config.name, "acker", self->member);
 

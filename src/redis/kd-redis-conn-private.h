@@ -1,4 +1,4 @@
-/* kd-redis-conn-private.h: one blocking hiredis connection with kdispatch's scripts
+/* kd-redis-conn-private.h: one blocking Redis connection with kdispatch's scripts
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -7,9 +7,9 @@
 
 #include <gio/gio.h>
 #include <hiredis/hiredis.h>
-#include <signal.h>
 
 #include "kd-redis-server-private.h"
+#include "kd-redis-transport-private.h"
 
 G_BEGIN_DECLS
 
@@ -33,10 +33,13 @@ typedef enum
 
 const char  *kd_redis_script_source    (KdRedisScript  script);
 
+/* What a connection has while connected (kd-redis-conn.c). */
+typedef struct _KdRedisLink KdRedisLink;
+
 /* A connection used by one thread at a time: not thread-safe. */
 typedef struct
 {
-  redisContext *context;         /* NULL while disconnected */
+  KdRedisLink  *link;            /* NULL while disconnected */
   KdRedisServer server;          /* a copy: where, and how to log in */
   char         *where;           /* the server, for messages (no credentials) */
   gint64        timeout_us;      /* connect, read and write timeout */
@@ -66,6 +69,7 @@ void         kd_redis_conn_clear       (KdRedisConn   *conn);
 gboolean     kd_redis_conn_ensure      (KdRedisConn   *conn,
                                         GError       **error);
 void         kd_redis_conn_close       (KdRedisConn   *conn);
+gboolean     kd_redis_conn_is_connected (KdRedisConn  *conn);
 redisReply  *kd_redis_conn_run         (KdRedisConn   *conn,
                                         KdRedisArgs   *args,
                                         GError       **error);
@@ -98,19 +102,6 @@ gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
                                           GError     **error);
 
 void         kd_redis_reply_free       (redisReply    *reply);
-
-/* SIGPIPE around calls from the application's threads (see
- * kd-redis-conn.c). */
-typedef struct
-{
-  sigset_t      old_mask;
-  gboolean      blocked;         /* it was not blocked before */
-  gboolean      was_pending;
-} KdRedisSigpipeGuard;
-
-void         kd_redis_sigpipe_block_thread (void);
-void         kd_redis_sigpipe_guard_enter  (KdRedisSigpipeGuard *guard);
-void         kd_redis_sigpipe_guard_leave  (KdRedisSigpipeGuard *guard);
 
 void         kd_redis_args_init        (KdRedisArgs   *args);
 void         kd_redis_args_clear       (KdRedisArgs   *args);

@@ -1,8 +1,11 @@
-/* kd-redis-conn.c: one blocking hiredis connection with kdispatch's scripts
+/* kd-redis-conn.c: one blocking Redis connection with kdispatch's scripts
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
- * The steps of the protocol that must be atomic and carry few entries are
+ * hiredis formats the commands and parses the replies; the bytes go
+ * through a transport (kd-redis-transport.c: TCP, a Unix socket, TLS).
+ * Appended commands wait in @out until a reply is read, so a pipeline is
+ * one write. The steps of the protocol that must be atomic and carry few entries are
  * Lua scripts (kd-redis-scripts.c), loaded when the connection opens and
  * run with EVALSHA; the ones that carry many run in MULTI transactions
  * (kd_redis_conn_transaction()). A connection that fails (an I/O error, a
@@ -16,6 +19,17 @@
 #include <string.h>
 
 #include "kd-redis-conn-private.h"
+
+/* What one read from the transport takes at most. */
+#define READ_SIZE ((gsize) 64 * 1024)
+
+struct _KdRedisLink
+{
+  KdRedisTransport *transport;
+  redisReader      *reader;      /* the replies received */
+  GByteArray       *out;         /* commands appended, not yet sent */
+  guint8            in[READ_SIZE];
+};
 
 /* Replies in arenas. hiredis builds a reply as a tree of redisReply
  * objects, with an allocation for each object and each string: a read of
@@ -186,53 +200,6 @@ void
 kd_redis_reply_free (redisReply *reply)
 {
   arena_free (reply);
-}
-
-/* hiredis writes with write(): writing to a connection Redis closed raises
- * SIGPIPE, which kills the process unless it is handled. A library must not
- * ignore it for the whole process (the application may rely on it), so the
- * queue's own threads keep it blocked: a SIGPIPE one of their writes raises
- * stays pending on that thread, unseen, until the thread exits, and the
- * write fails with EPIPE, which is handled as a lost connection. Calls made
- * from the application's threads block it for their duration and take the
- * one they raised, if any, before unblocking it. */
-void
-kd_redis_sigpipe_block_thread (void)
-{
-  sigset_t pipe_set;
-
-  sigemptyset (&pipe_set);
-  sigaddset (&pipe_set, SIGPIPE);
-  pthread_sigmask (SIG_BLOCK, &pipe_set, NULL);
-}
-
-void
-kd_redis_sigpipe_guard_enter (KdRedisSigpipeGuard *guard)
-{
-  sigset_t pipe_set, pending;
-
-  sigemptyset (&pipe_set);
-  sigaddset (&pipe_set, SIGPIPE);
-  pthread_sigmask (SIG_BLOCK, &pipe_set, &guard->old_mask);
-  guard->blocked = !sigismember (&guard->old_mask, SIGPIPE);
-  sigpending (&pending);
-  guard->was_pending = sigismember (&pending, SIGPIPE);
-}
-
-void
-kd_redis_sigpipe_guard_leave (KdRedisSigpipeGuard *guard)
-{
-  const struct timespec no_wait = { 0, 0 };
-  sigset_t pipe_set, pending;
-
-  if (!guard->blocked)
-    return;
-  sigemptyset (&pipe_set);
-  sigaddset (&pipe_set, SIGPIPE);
-  sigpending (&pending);
-  if (!guard->was_pending && sigismember (&pending, SIGPIPE))
-    sigtimedwait (&pipe_set, NULL, &no_wait);
-  pthread_sigmask (SIG_SETMASK, &guard->old_mask, NULL);
 }
 
 guint32
@@ -421,21 +388,27 @@ kd_redis_conn_clear (KdRedisConn *conn)
   g_clear_pointer (&conn->name, g_free);
 }
 
+static void
+link_free (KdRedisLink *link)
+{
+  kd_redis_transport_free (link->transport);
+  redisReaderFree (link->reader);
+  g_byte_array_unref (link->out);
+  g_free (link);
+}
+
+/* Drops the connection, with the replies not read and the commands not
+ * sent. */
 void
 kd_redis_conn_close (KdRedisConn *conn)
 {
-  g_clear_pointer (&conn->context, redisFree);
+  g_clear_pointer (&conn->link, link_free);
 }
 
-static void
-set_io_error (KdRedisConn  *conn,
-              GError      **error)
+gboolean
+kd_redis_conn_is_connected (KdRedisConn *conn)
 {
-  g_set_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_CLOSED,
-               "Redis at %s: %s", conn->where,
-               conn->context != NULL && conn->context->errstr[0] != '\0' ?
-               conn->context->errstr : "connection lost");
-  kd_redis_conn_close (conn);
+  return conn->link != NULL;
 }
 
 /* An error reply leaves the connection usable, except NOSCRIPT: the server
@@ -447,12 +420,7 @@ check_reply (KdRedisConn  *conn,
              redisReply   *reply,
              GError      **error)
 {
-  if (reply == NULL)
-    {
-      set_io_error (conn, error);
-      return NULL;
-    }
-  if (reply->type == REDIS_REPLY_ERROR)
+  if (reply != NULL && reply->type == REDIS_REPLY_ERROR)
     {
       gboolean denied = g_str_has_prefix (reply->str, "NOAUTH") ||
                         g_str_has_prefix (reply->str, "NOPERM") ||
@@ -466,6 +434,130 @@ check_reply (KdRedisConn  *conn,
       return NULL;
     }
   return reply;
+}
+
+/* Sets *@reply to a reply already received, or NULL: none, or not
+ * connected. An unreadable one closes the connection: FALSE, with @error
+ * set. */
+static gboolean
+take_received (KdRedisConn  *conn,
+               redisReply  **reply,
+               GError      **error)
+{
+  void *received = NULL;
+
+  *reply = NULL;
+  if (conn->link == NULL)
+    return TRUE;
+  if (redisReaderGetReply (conn->link->reader, &received) != REDIS_OK)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "Redis at %s: %s", conn->where,
+                   conn->link->reader->errstr[0] != '\0' ? conn->link->reader->errstr
+                                                         : "unreadable reply");
+      kd_redis_conn_close (conn);
+      return FALSE;
+    }
+  *reply = received;
+  return TRUE;
+}
+
+/* Sends the commands appended. */
+static gboolean
+flush (KdRedisConn  *conn,
+       KdRedisLink  *link,
+       GError      **error)
+{
+  if (link->out->len == 0)
+    return TRUE;
+  if (!kd_redis_transport_write_all (link->transport, link->out->data, link->out->len,
+                                     conn->timeout_us, error))
+    {
+      kd_redis_conn_close (conn);
+      return FALSE;
+    }
+  g_byte_array_set_size (link->out, 0);
+  return TRUE;
+}
+
+/* Receives what arrived, waiting until @wait_until at most, and gives it to
+ * the reader; on failure, closes the connection. */
+static gboolean
+receive (KdRedisConn  *conn,
+         KdRedisLink  *link,
+         gint64        wait_until,
+         GError      **error)
+{
+  gsize n = kd_redis_transport_read (link->transport, link->in, READ_SIZE, wait_until, error);
+
+  if (n == 0)
+    {
+      kd_redis_conn_close (conn);
+      return FALSE;
+    }
+  if (redisReaderFeed (link->reader, (const char *) link->in, n) != REDIS_OK)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "Redis at %s: %s", conn->where,
+                   link->reader->errstr);
+      kd_redis_conn_close (conn);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* The next reply: sends what was appended, then reads until a whole reply
+ * arrived, waiting until @deadline at most (-1: none), and, with
+ * @idle_timeout, no more than the connection's timeout for each part of
+ * it. Any failure but an error reply closes the connection. */
+static redisReply *
+read_reply (KdRedisConn  *conn,
+            gint64        deadline,
+            gboolean      idle_timeout,
+            GError      **error)
+{
+  KdRedisLink *link = conn->link;
+  redisReply *reply;
+
+  if (link == NULL)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_NOT_CONNECTED,
+                   "Redis at %s: connection lost", conn->where);
+      return NULL;
+    }
+  if (!take_received (conn, &reply, error))
+    return NULL;
+  if (reply == NULL && !flush (conn, link, error))
+    return NULL;
+  while (reply == NULL)
+    {
+      gint64 wait_until = idle_timeout ? g_get_monotonic_time () + conn->timeout_us : -1;
+
+      if (deadline >= 0)
+        wait_until = wait_until >= 0 ? MIN (deadline, wait_until) : deadline;
+      if (!receive (conn, link, wait_until, error) || !take_received (conn, &reply, error))
+        return NULL;
+    }
+  return check_reply (conn, reply, error);
+}
+
+/* Appends one command of @argc strings. */
+static gboolean
+append_argv (KdRedisConn  *conn,
+             int           argc,
+             const char  **argv,
+             const size_t *argvlen,
+             GError      **error)
+{
+  char *command = NULL;
+  int len = redisFormatCommandArgv (&command, argc, argv, argvlen);
+
+  if (len < 0)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "Redis at %s: out of memory", conn->where);
+      return FALSE;
+    }
+  g_byte_array_append (conn->link->out, (const guint8 *) command, (guint) len);
+  redisFreeCommand (command);
+  return TRUE;
 }
 
 /* Sends one command of @argc strings on a fresh connection and checks that
@@ -483,7 +575,9 @@ run_setup_command (KdRedisConn  *conn,
   g_assert (argc <= (int) G_N_ELEMENTS (argvlen));
   for (i = 0; i < argc; i++)
     argvlen[i] = strlen (argv[i]);
-  reply = check_reply (conn, redisCommandArgv (conn->context, argc, argv, argvlen), error);
+  if (!append_argv (conn, argc, argv, argvlen, error))
+    return FALSE;
+  reply = read_reply (conn, -1, TRUE, error);
   if (reply == NULL)
     return FALSE;
   kd_redis_reply_free (reply);
@@ -511,7 +605,7 @@ log_in (KdRedisConn  *conn,
           argv[1] = conn->server.password;
           ok = run_setup_command (conn, 2, argv, &local_error);
         }
-      if (!ok && conn->context == NULL)
+      if (!ok && conn->link == NULL)
         {
           /* The connection failed: not a refusal. */
           g_propagate_error (error, local_error);
@@ -553,34 +647,19 @@ gboolean
 kd_redis_conn_ensure (KdRedisConn  *conn,
                       GError      **error)
 {
-  struct timeval tv;
+  KdRedisTransport *transport;
   guint i;
 
-  if (conn->context != NULL)
+  if (conn->link != NULL)
     return TRUE;
 
-  tv.tv_sec = conn->timeout_us / G_USEC_PER_SEC;
-  tv.tv_usec = conn->timeout_us % G_USEC_PER_SEC;
-  if (conn->server.socket_path != NULL)
-    conn->context = redisConnectUnixWithTimeout (conn->server.socket_path, tv);
-  else
-    conn->context = redisConnectWithTimeout (conn->server.host, (int) conn->server.port, tv);
-  if (conn->context == NULL || conn->context->err != 0)
-    {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_REFUSED,
-                   "Cannot connect to Redis at %s: %s", conn->where,
-                   conn->context != NULL ? conn->context->errstr : "out of memory");
-      kd_redis_conn_close (conn);
-      return FALSE;
-    }
-  conn->context->reader->fn = &arena_functions;
-  if (redisSetTimeout (conn->context, tv) != REDIS_OK)
-    {
-      set_io_error (conn, error);
-      return FALSE;
-    }
-  if (conn->server.socket_path == NULL)
-    redisEnableKeepAlive (conn->context);
+  transport = kd_redis_transport_connect (&conn->server, conn->where, conn->timeout_us, error);
+  if (transport == NULL)
+    return FALSE;
+  conn->link = g_new (KdRedisLink, 1);
+  conn->link->transport = transport;
+  conn->link->reader = redisReaderCreateWithFunctions (&arena_functions);
+  conn->link->out = g_byte_array_new ();
 
   if (!log_in (conn, error))
     {
@@ -603,9 +682,10 @@ kd_redis_conn_ensure (KdRedisConn  *conn,
     {
       const char *argv[] = { "SCRIPT", "LOAD", kd_redis_script_source (i) };
       size_t argvlen[] = { 6, 4, strlen (argv[2]) };
-      redisReply *reply;
+      redisReply *reply = NULL;
 
-      reply = check_reply (conn, redisCommandArgv (conn->context, 3, argv, argvlen), error);
+      if (append_argv (conn, 3, argv, argvlen, error))
+        reply = read_reply (conn, -1, TRUE, error);
       if (reply == NULL)
         {
           kd_redis_conn_close (conn);
@@ -624,14 +704,12 @@ kd_redis_conn_run (KdRedisConn  *conn,
                    KdRedisArgs  *args,
                    GError      **error)
 {
-  if (!kd_redis_conn_ensure (conn, error))
+  if (!kd_redis_conn_append (conn, args, error))
     return NULL;
-  return check_reply (conn,
-                      redisCommandArgv (conn->context, (int) args->offsets->len, args_argv (args),
-                                        (const size_t *) (gpointer) args->lengths->data),
-                      error);
+  return read_reply (conn, -1, TRUE, error);
 }
 
+/* Appends a command, sent with the next read. */
 gboolean
 kd_redis_conn_append (KdRedisConn  *conn,
                       KdRedisArgs  *args,
@@ -639,13 +717,8 @@ kd_redis_conn_append (KdRedisConn  *conn,
 {
   if (!kd_redis_conn_ensure (conn, error))
     return FALSE;
-  if (redisAppendCommandArgv (conn->context, (int) args->offsets->len, args_argv (args),
-                              (const size_t *) (gpointer) args->lengths->data) != REDIS_OK)
-    {
-      set_io_error (conn, error);
-      return FALSE;
-    }
-  return TRUE;
+  return append_argv (conn, (int) args->offsets->len, args_argv (args),
+                      (const size_t *) (gpointer) args->lengths->data, error);
 }
 
 /* Reads the reply of the oldest appended command. After an I/O error the
@@ -654,27 +727,16 @@ redisReply *
 kd_redis_conn_read (KdRedisConn  *conn,
                     GError      **error)
 {
-  void *reply = NULL;
-
-  if (conn->context == NULL)
-    {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_NOT_CONNECTED,
-                   "Redis at %s: connection lost", conn->where);
-      return NULL;
-    }
-  if (redisGetReply (conn->context, &reply) != REDIS_OK)
-    reply = NULL;
-  return check_reply (conn, reply, error);
+  return read_reply (conn, -1, TRUE, error);
 }
 
 /* A reply already received, or NULL: never waits. */
 redisReply *
 kd_redis_conn_read_received (KdRedisConn *conn)
 {
-  void *reply = NULL;
+  redisReply *reply;
 
-  if (conn->context == NULL || redisReaderGetReply (conn->context->reader, &reply) != REDIS_OK)
-    return NULL;
+  take_received (conn, &reply, NULL);
   return reply;
 }
 
@@ -686,34 +748,7 @@ kd_redis_conn_read_until (KdRedisConn  *conn,
                           gint64        deadline,
                           GError      **error)
 {
-  g_autoptr (GError) local_error = NULL;
-  gint64 left = deadline < 0 ? 0 : deadline - g_get_monotonic_time ();
-  struct timeval tv = { (time_t) (left / G_USEC_PER_SEC), (suseconds_t) (left % G_USEC_PER_SEC) };
-  void *reply = NULL;
-
-  if (conn->context == NULL)
-    return kd_redis_conn_read (conn, error);
-  /* One already received needs no wait. */
-  reply = kd_redis_conn_read_received (conn);
-  if (reply != NULL)
-    return check_reply (conn, reply, error);
-  if (deadline >= 0 && left <= 0)
-    {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s: timed out", conn->where);
-      kd_redis_conn_close (conn);
-      return NULL;
-    }
-  if (redisSetTimeout (conn->context, tv) != REDIS_OK)
-    {
-      set_io_error (conn, error);
-      return NULL;
-    }
-  reply = kd_redis_conn_read (conn, &local_error);
-  if (reply == NULL && deadline >= 0 && g_get_monotonic_time () >= deadline)
-    g_set_error (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s: timed out", conn->where);
-  else if (reply == NULL)
-    g_propagate_error (error, g_steal_pointer (&local_error));
-  return reply;
+  return read_reply (conn, deadline, FALSE, error);
 }
 
 /* Sends @n_commands commands in one round trip and reads their replies.
@@ -908,7 +943,7 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
       GError *local_error = NULL;
       redisReply *reply = kd_redis_conn_read (conn, &local_error);
 
-      if (reply == NULL && conn->context == NULL)
+      if (reply == NULL && conn->link == NULL)
         {
           g_propagate_error (error, local_error);
           return FALSE;

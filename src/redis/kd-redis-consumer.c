@@ -496,7 +496,6 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
                          KdDispatcher     *dispatcher,
                          GError          **error)
 {
-  KdRedisSigpipeGuard guard;
   KdRedisConn conn;
   gboolean ok;
 
@@ -509,11 +508,9 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
 
   /* Fails early, with a useful error, if Redis cannot be reached or the
    * queue has another number of shards. */
-  kd_redis_sigpipe_guard_enter (&guard);
   kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
   ok = kd_redis_conn_ensure (&conn, error) && kd_redis_consumer_check_streams (self, &conn, error);
   kd_redis_conn_clear (&conn);
-  kd_redis_sigpipe_guard_leave (&guard);
   if (!ok)
     return FALSE;
 

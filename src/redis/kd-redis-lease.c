@@ -376,7 +376,6 @@ kd_redis_lease_main (gpointer data)
   gint64 next_tidy = g_get_monotonic_time () + self->tick_us;
   KdRedisConn conn;
 
-  kd_redis_sigpipe_block_thread ();
   kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
   kd_redis_conn_set_name (&conn, self->config.name, "lease", self->member);
 

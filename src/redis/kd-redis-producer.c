@@ -61,7 +61,7 @@ producer_ready_locked (KdRedisQueue  *self,
         g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, shard));
       g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, -1));
     }
-  if (self->producer_ready && self->producer.context != NULL)
+  if (self->producer_ready && kd_redis_conn_is_connected (&self->producer))
     return TRUE;
   if (!kd_redis_conn_ensure (&self->producer, error) ||
       !kd_redis_conn_create_groups (&self->producer, self->config.name, self->config.n_shards,
@@ -300,7 +300,6 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
                          GError       **error)
 {
   g_autoptr (GError) local_error = NULL;
-  KdRedisSigpipeGuard guard;
   guint64 first_sequence;
   guint confirmed = 0, i;
   gboolean ok;
@@ -313,7 +312,6 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   if (!check_job_sizes (n_jobs, keys, payloads, error))
     return FALSE;
 
-  kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
   g_atomic_int_set (&self->frozen, TRUE);
   first_sequence = self->sequence + 1;
@@ -323,7 +321,6 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
     {
       /* Nothing was sent: the connection stays as it is. */
       kd_mutex_unlock (&self->producer_lock);
-      kd_redis_sigpipe_guard_leave (&guard);
       g_propagate_error (error, g_steal_pointer (&local_error));
       return FALSE;
     }
@@ -334,7 +331,7 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
        * yet confirmed with it: Redis may have stored them or not. They are
        * sent once more, under the same producer id and sequences, so that
        * a consumer that reads both copies runs each job once. */
-      if (self->producer.context == NULL)
+      if (!kd_redis_conn_is_connected (&self->producer))
         {
           g_debug ("redis queue %s: adding again %u jobs whose replies were lost: %s", self->config.name,
                    n_jobs - confirmed, local_error->message);
@@ -352,7 +349,6 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
       g_propagate_error (error, g_steal_pointer (&local_error));
     }
   kd_mutex_unlock (&self->producer_lock);
-  kd_redis_sigpipe_guard_leave (&guard);
 
   return ok;
 }
@@ -411,19 +407,16 @@ kd_redis_queue_get_backlog (KdRedisQueue  *self,
                             guint64       *backlog,
                             GError       **error)
 {
-  KdRedisSigpipeGuard guard;
   gboolean ok;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (backlog != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
   g_atomic_int_set (&self->frozen, TRUE);
   ok = count_backlog_locked (self, backlog, error);
   kd_mutex_unlock (&self->producer_lock);
-  kd_redis_sigpipe_guard_leave (&guard);
 
   return ok;
 }
@@ -460,7 +453,6 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
   gint64 now = g_get_monotonic_time ();
   /* A deadline past the end of time is no deadline. */
   gint64 deadline = timeout_us < 0 || timeout_us > G_MAXINT64 - now ? -1 : now + timeout_us;
-  KdRedisSigpipeGuard guard;
   KdRedisConn subscriber;
   KdRedisArgs args;
   redisReply *reply;
@@ -470,7 +462,6 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  kd_redis_sigpipe_guard_enter (&guard);
   channel = kd_redis_progress_channel (self->config.name);
   kd_redis_conn_init (&subscriber, &self->config.server, 10 * G_TIME_SPAN_SECOND);
   kd_redis_args_init (&args);
@@ -497,7 +488,6 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
         g_clear_pointer (&reply, kd_redis_reply_free);
     }
   kd_redis_conn_clear (&subscriber);
-  kd_redis_sigpipe_guard_leave (&guard);
 
   return ok;
 }
@@ -526,19 +516,16 @@ kd_redis_queue_trim (KdRedisQueue  *self,
                      guint64       *trimmed,
                      GError       **error)
 {
-  KdRedisSigpipeGuard guard;
   guint64 count = 0;
   gboolean ok;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  kd_redis_sigpipe_guard_enter (&guard);
   kd_mutex_lock (&self->producer_lock);
   g_atomic_int_set (&self->frozen, TRUE);
   ok = producer_ready_locked (self, error) && kd_redis_conn_trim (&self->producer, self->streams, &count, error);
   kd_mutex_unlock (&self->producer_lock);
-  kd_redis_sigpipe_guard_leave (&guard);
   if (ok && trimmed != NULL)
     *trimmed = count;
 

@@ -111,8 +111,8 @@
  * entries, and releases every lease at once, so other members take the
  * shards without waiting for the leases to expire.
  *
- * Threads. hiredis's blocking API on three dedicated threads, each with
- * its own connection, rather than the asynchronous API on a main loop:
+ * Threads. Blocking connections (kd-redis-conn.c) on three dedicated
+ * threads, each with its own, rather than asynchronous ones on a main loop:
  * every step of the protocol is then a plain sequence (claim, read, submit;
  * beat, renew; acknowledge) whose failure handling reads top to bottom, and
  * nothing depends on a main loop the application may not run. The lease
@@ -303,7 +303,8 @@ kd_redis_queue_set_address (KdRedisQueue *self,
  * kd_redis_queue_set_url:
  * @self: a queue
  * @url: the Redis server as a URL:
- *   `redis://[[user][:password]@]host[:port][/db]` or
+ *   `redis://[[user][:password]@]host[:port][/db]`,
+ *   `rediss://[[user][:password]@]host[:port][/db]` (TLS) or
  *   `unix://[[user][:password]@]/path/to/redis.sock[?db=N]`
  * @error: return location for a #GError
  *
@@ -317,6 +318,9 @@ kd_redis_queue_set_address (KdRedisQueue *self,
  * URL replaces the address, credentials and database set before;
  * kd_redis_queue_set_credentials() can replace the credentials after it,
  * so that a password need not be part of a URL that is logged or shown.
+ * With `rediss://` every connection uses TLS, verified against the
+ * system's certificate authorities unless kd_redis_queue_set_tls() gave a
+ * CA file (see there).
  *
  * A refusal at login (a wrong password, an unknown user) fails the
  * queue's calls with %G_IO_ERROR_PERMISSION_DENIED; the messages never
@@ -326,8 +330,8 @@ kd_redis_queue_set_address (KdRedisQueue *self,
  *
  * Returns: %TRUE if the URL was taken; %FALSE with
  *   %G_IO_ERROR_INVALID_ARGUMENT if it is not a Redis URL, or
- *   %G_IO_ERROR_NOT_SUPPORTED for `rediss://` (TLS), and the settings
- *   unchanged
+ *   %G_IO_ERROR_NOT_SUPPORTED for `rediss://` without a TLS backend
+ *   (glib-networking), and the settings unchanged
  *
  * Since: 0.1
  */
@@ -386,6 +390,58 @@ kd_redis_queue_set_credentials (KdRedisQueue *self,
     memset (server->password, 0, strlen (server->password));
   g_free (server->password);
   server->password = g_strdup (password);
+}
+
+/**
+ * kd_redis_queue_set_tls:
+ * @self: a queue
+ * @ca_file: (nullable) (type filename): a PEM file of the certificate
+ *   authorities to trust, or %NULL for the system's
+ * @cert_file: (nullable) (type filename): a PEM file with the client's
+ *   certificate (and its key, without @key_file), for a server that asks
+ *   for one (`tls-auth-clients`), or %NULL
+ * @key_file: (nullable) (type filename): a PEM file with the key of
+ *   @cert_file, or %NULL
+ * @error: return location for a #GError
+ *
+ * Makes every connection of the queue use TLS, as a `rediss://` URL does,
+ * and sets what it trusts and presents. The server's certificate must be
+ * signed by one of the CAs and name the host connected to (a `127.0.0.1`
+ * address must be in its subject alternative names); otherwise the queue's
+ * calls fail with %G_TLS_ERROR_BAD_CERTIFICATE, saying why. The files are
+ * read now: a file that cannot be read or holds no certificate or key is
+ * this call's error. A URL set afterwards keeps these files, and its
+ * scheme says whether TLS is on.
+ *
+ * TLS comes from GIO: it needs glib-networking installed.
+ *
+ * Call before the first add and before kd_redis_queue_new_dispatcher().
+ *
+ * Returns: %TRUE if TLS is on with these settings; %FALSE with @error set
+ *   (%G_IO_ERROR_NOT_SUPPORTED without a TLS backend, %G_IO_ERROR_BUSY if
+ *   the queue is in use, or the file's error), the settings unchanged
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_redis_queue_set_tls (KdRedisQueue  *self,
+                        const char    *ca_file,
+                        const char    *cert_file,
+                        const char    *key_file,
+                        GError       **error)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
+  g_return_val_if_fail (key_file == NULL || cert_file != NULL, FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  if (g_atomic_int_get (&self->frozen))
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_BUSY,
+                           "The queue is already in use: set its TLS before the first add "
+                           "and before kd_redis_queue_new_dispatcher()");
+      return FALSE;
+    }
+  return kd_redis_server_set_tls (&self->config.server, ca_file, cert_file, key_file, error);
 }
 
 /**

@@ -189,9 +189,11 @@ static void
 reader_lost_connection (KdRedisConsumer *self,
                         const GError    *error)
 {
-  /* A login or a permission refused lasts until an operator acts: said
-   * where an operator looks; anything else is a passing failure. */
-  if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED))
+  /* A login, a permission or a TLS certificate refused lasts until an
+   * operator acts: said where an operator looks; anything else is a
+   * passing failure. */
+  if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED) ||
+      g_error_matches (error, G_TLS_ERROR, G_TLS_ERROR_BAD_CERTIFICATE))
     g_message ("redis queue %s: %s: reader: %s", self->config.name, self->member, error->message);
   else
     g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member,
@@ -213,7 +215,7 @@ reader_connect (KdRedisConsumer  *self,
                 KdRedisConn      *conn,
                 GError          **error)
 {
-  if (conn->context != NULL)
+  if (kd_redis_conn_is_connected (conn))
     return TRUE;
   if (!kd_redis_conn_ensure (conn, error) || !kd_redis_consumer_check_streams (self, conn, error))
     {
@@ -502,7 +504,6 @@ kd_redis_reader_main (gpointer data)
   gint64 next_stream_check = 0;
   KdRedisConn conn;
 
-  kd_redis_sigpipe_block_thread ();
   kd_redis_conn_init (&conn, &self->config.server,
                       self->config.lease_us + self->tick_us);
   kd_redis_conn_set_name (&conn, self->config.name, "reader", self->member);

@@ -17,6 +17,9 @@ typedef struct
   char  *user;         /* an ACL user, or NULL: AUTH with the password alone */
   char  *password;     /* NULL: no AUTH */
   guint  db;           /* SELECTed on every connection when not 0 */
+  gboolean         tls;              /* rediss://, or kd_redis_queue_set_tls() */
+  GTlsDatabase    *tls_database;     /* the CAs trusted, or NULL: the system's */
+  GTlsCertificate *tls_certificate;  /* the client's, with its key, or NULL */
 } KdRedisServer;
 
 void     kd_redis_server_init      (KdRedisServer       *server);
@@ -27,5 +30,10 @@ gboolean kd_redis_server_parse_url (KdRedisServer       *server,
                                     const char          *url,
                                     GError             **error);
 char    *kd_redis_server_describe  (const KdRedisServer *server);
+gboolean kd_redis_server_set_tls   (KdRedisServer       *server,
+                                    const char          *ca_file,
+                                    const char          *cert_file,
+                                    const char          *key_file,
+                                    GError             **error);
 
 G_END_DECLS

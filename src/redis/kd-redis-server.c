@@ -9,11 +9,15 @@
  * (kd-redis-conn.c). URLs are the forms Redis clients share:
  *
  *   redis://[[user][:password]@]host[:port][/db]
+ *   rediss://[[user][:password]@]host[:port][/db]     (TLS)
  *   unix://[[user][:password]@]/path/to/redis.sock[?db=N]
  *
  * parsed by GUri, so user and password may be percent-encoded and an IPv6
- * address goes in brackets. rediss:// (TLS) is refused as not supported. A
- * password is never part of a description, nor of an error message.
+ * address goes in brackets. A URL's scheme says whether the connections
+ * use TLS; the CAs and client certificate (kd_redis_server_set_tls()) are
+ * loaded once, when they are set, so that a bad file is the setter's
+ * error, and every connection shares them. A password is never part of a
+ * description, nor of an error message.
  */
 
 #include "config.h"
@@ -40,6 +44,9 @@ kd_redis_server_copy (KdRedisServer       *dest,
   dest->user = g_strdup (src->user);
   dest->password = g_strdup (src->password);
   dest->db = src->db;
+  dest->tls = src->tls;
+  dest->tls_database = src->tls_database != NULL ? g_object_ref (src->tls_database) : NULL;
+  dest->tls_certificate = src->tls_certificate != NULL ? g_object_ref (src->tls_certificate) : NULL;
 }
 
 void
@@ -51,6 +58,88 @@ kd_redis_server_clear (KdRedisServer *server)
   if (server->password != NULL)
     memset (server->password, 0, strlen (server->password));
   g_clear_pointer (&server->password, g_free);
+  g_clear_object (&server->tls_database);
+  g_clear_object (&server->tls_certificate);
+}
+
+/* Whether GIO can make TLS connections: glib-networking is installed. */
+static gboolean
+check_tls_available (GError **error)
+{
+  if (g_tls_backend_supports_tls (g_tls_backend_get_default ()))
+    return TRUE;
+  g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
+                       "TLS is not available: GIO has no TLS backend (install glib-networking)");
+  return FALSE;
+}
+
+/* A certificate from a file without its key would be presented, and the
+ * handshake would fail. */
+static gboolean
+has_private_key (GTlsCertificate *certificate)
+{
+  g_autoptr (GByteArray) key = NULL;
+
+  g_object_get (certificate, "private-key", &key, NULL);
+  return key != NULL;
+}
+
+/* Turns TLS on, trusting the CAs of @ca_file (PEM) or the system's, and
+ * presenting the client certificate of @cert_file with the key of
+ * @key_file (or of @cert_file), if given. On failure (a file that cannot
+ * be read or holds no certificate or key, no TLS backend) @server is
+ * unchanged. */
+gboolean
+kd_redis_server_set_tls (KdRedisServer  *server,
+                         const char     *ca_file,
+                         const char     *cert_file,
+                         const char     *key_file,
+                         GError        **error)
+{
+  g_autoptr (GTlsDatabase) database = NULL;
+  g_autoptr (GTlsCertificate) certificate = NULL;
+  GError *local_error = NULL;
+
+  if (!check_tls_available (error))
+    return FALSE;
+  if (ca_file != NULL)
+    {
+      database = g_tls_file_database_new (ca_file, &local_error);
+      if (database == NULL)
+        {
+          g_set_error (error, local_error->domain, local_error->code,
+                       "Cannot use the CA file %s: %s", ca_file, local_error->message);
+          g_error_free (local_error);
+          return FALSE;
+        }
+    }
+  if (cert_file != NULL)
+    {
+      certificate = key_file != NULL ? g_tls_certificate_new_from_files (cert_file, key_file, &local_error)
+                                     : g_tls_certificate_new_from_file (cert_file, &local_error);
+      if (certificate != NULL && !has_private_key (certificate))
+        {
+          g_set_error_literal (&local_error, G_TLS_ERROR, G_TLS_ERROR_BAD_CERTIFICATE,
+                               "no private key (give the key's file)");
+          g_clear_object (&certificate);
+        }
+      if (certificate == NULL)
+        {
+          g_set_error (error, local_error->domain, local_error->code,
+                       "Cannot use the client certificate %s%s%s: %s", cert_file,
+                       key_file != NULL ? " with the key " : "", key_file != NULL ? key_file : "",
+                       local_error->message);
+          g_error_free (local_error);
+          return FALSE;
+        }
+    }
+
+  server->tls = TRUE;
+  g_clear_object (&server->tls_database);
+  server->tls_database = g_steal_pointer (&database);
+  g_clear_object (&server->tls_certificate);
+  server->tls_certificate = g_steal_pointer (&certificate);
+  return TRUE;
 }
 
 /* A database number: digits only, below 2^31. The text is not quoted in
@@ -106,9 +195,10 @@ parse_query (const char  *query,
   return parse_db (value, db, "query", error);
 }
 
-/* Fills @server from @url, replacing what it held, or leaves it untouched
- * and fails with G_IO_ERROR_INVALID_ARGUMENT (or G_IO_ERROR_NOT_SUPPORTED
- * for TLS). */
+/* Fills @server from @url, replacing what it held but its CAs and client
+ * certificate, or leaves it untouched and fails with
+ * G_IO_ERROR_INVALID_ARGUMENT (or G_IO_ERROR_NOT_SUPPORTED for rediss://
+ * without a TLS backend). */
 gboolean
 kd_redis_server_parse_url (KdRedisServer  *server,
                            const char     *url,
@@ -143,8 +233,11 @@ kd_redis_server_parse_url (KdRedisServer  *server,
   if (parsed.user != NULL && parsed.user[0] == '\0')
     g_clear_pointer (&parsed.user, g_free);
 
-  if (g_ascii_strcasecmp (scheme, "redis") == 0)
+  if (g_ascii_strcasecmp (scheme, "redis") == 0 || g_ascii_strcasecmp (scheme, "rediss") == 0)
     {
+      parsed.tls = g_ascii_strcasecmp (scheme, "rediss") == 0;
+      if (parsed.tls && !check_tls_available (error))
+        goto fail;
       if (g_uri_get_host (uri) == NULL || g_uri_get_host (uri)[0] == '\0')
         {
           g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
@@ -181,21 +274,19 @@ kd_redis_server_parse_url (KdRedisServer  *server,
         }
       parsed.socket_path = g_strdup (path);
     }
-  else if (g_ascii_strcasecmp (scheme, "rediss") == 0)
-    {
-      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_NOT_SUPPORTED,
-                           "TLS (rediss://) is not supported yet");
-      goto fail;
-    }
   else
     {
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
-                   "Not a Redis URL: scheme \"%s\" (redis:// or unix://)", scheme);
+                   "Not a Redis URL: scheme \"%s\" (redis://, rediss:// or unix://)", scheme);
       goto fail;
     }
   if (!parse_query (g_uri_get_query (uri), &parsed.db, error))
     goto fail;
 
+  /* The URL replaces where and how to log in; the CAs and client
+   * certificate stay, for rediss://. */
+  parsed.tls_database = g_steal_pointer (&server->tls_database);
+  parsed.tls_certificate = g_steal_pointer (&server->tls_certificate);
   kd_redis_server_clear (server);
   *server = parsed;
   return TRUE;

@@ -21,6 +21,12 @@
  * trim is a keyspace event; a worker's end is waitpid(). Each wait has a
  * deadline, KD_REDIS_TEST_DEADLINE_US (kd-redis-harness.h), past which the test
  * fails.
+ *
+ * A server with @tls also listens with TLS on a port of its own, with
+ * certificates openssl makes for it (a CA, the server's, a client's), and
+ * asks clients for theirs: the queues open_queue() makes and the worker
+ * processes connect there, the harness's own looks at the server keep to
+ * the plain port.
  */
 
 #include "config.h"
@@ -40,6 +46,116 @@
 
 #include "kd-redis-harness.h"
 #include "kd-test-util.h"
+
+/* ---- Certificates made with openssl ------------------------------------ */
+
+gboolean
+need_openssl (void)
+{
+  g_autofree char *openssl = g_find_program_in_path ("openssl");
+
+  if (openssl == NULL)
+    {
+      g_test_skip ("openssl is not installed (Debian: apt-get install openssl)");
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static void
+run_openssl (const char *dir,
+             const char *first,
+             ...)
+{
+  g_autoptr (GPtrArray) argv = g_ptr_array_new ();
+  g_autofree char *err = NULL;
+  g_autoptr (GError) error = NULL;
+  const char *arg;
+  gint status;
+  va_list ap;
+
+  g_ptr_array_add (argv, (gpointer) "openssl");
+  va_start (ap, first);
+  for (arg = first; arg != NULL; arg = va_arg (ap, const char *))
+    g_ptr_array_add (argv, (gpointer) arg);
+  va_end (ap);
+  g_ptr_array_add (argv, NULL);
+  g_spawn_sync (dir, (char **) argv->pdata, NULL, G_SPAWN_SEARCH_PATH | G_SPAWN_STDOUT_TO_DEV_NULL,
+                NULL, NULL, NULL, &err, &status, &error);
+  g_assert_no_error (error);
+  if (!g_spawn_check_wait_status (status, NULL))
+    g_error ("openssl %s failed: %s", first, err);
+}
+
+/* A key and a certificate signed by @ca (its .crt and .key) with the
+ * extensions @ext, named NAME.crt and NAME.key in @dir. */
+static void
+make_signed (const char *dir,
+             const char *name,
+             const char *ca,
+             const char *ext)
+{
+  g_autofree char *key = g_strdup_printf ("%s.key", name);
+  g_autofree char *csr = g_strdup_printf ("%s.csr", name);
+  g_autofree char *crt = g_strdup_printf ("%s.crt", name);
+  g_autofree char *ca_crt = g_strdup_printf ("%s.crt", ca);
+  g_autofree char *ca_key = g_strdup_printf ("%s.key", ca);
+  g_autofree char *ext_file = g_build_filename (dir, "ext.cnf", NULL);
+  g_autofree char *subject = g_strdup_printf ("/CN=kdispatch test %s", name);
+  g_autoptr (GError) error = NULL;
+
+  g_file_set_contents (ext_file, ext, -1, &error);
+  g_assert_no_error (error);
+  run_openssl (dir, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+               "-keyout", key, "-out", csr, "-subj", subject, NULL);
+  run_openssl (dir, "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial",
+               "-out", crt, "-days", "2", "-extfile", "ext.cnf", NULL);
+}
+
+static void
+make_ca (const char *dir,
+         const char *name)
+{
+  g_autofree char *key = g_strdup_printf ("%s.key", name);
+  g_autofree char *crt = g_strdup_printf ("%s.crt", name);
+  g_autofree char *subject = g_strdup_printf ("/CN=kdispatch test %s", name);
+
+  run_openssl (dir, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+               "-nodes", "-keyout", key, "-out", crt, "-days", "2", "-subj", subject,
+               "-addext", "basicConstraints=critical,CA:TRUE",
+               "-addext", "keyUsage=critical,keyCertSign,cRLSign", NULL);
+}
+
+/* Makes the files of @files in @dir. */
+void
+tls_files_make (TlsFiles   *files,
+                const char *dir)
+{
+  make_ca (dir, "ca");
+  make_ca (dir, "other-ca");
+  make_signed (dir, "server", "ca",
+               "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+               "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n");
+  make_signed (dir, "client", "ca",
+               "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n");
+  files->ca = g_build_filename (dir, "ca.crt", NULL);
+  files->other_ca = g_build_filename (dir, "other-ca.crt", NULL);
+  files->server_cert = g_build_filename (dir, "server.crt", NULL);
+  files->server_key = g_build_filename (dir, "server.key", NULL);
+  files->client_cert = g_build_filename (dir, "client.crt", NULL);
+  files->client_key = g_build_filename (dir, "client.key", NULL);
+}
+
+void
+tls_files_clear (TlsFiles *files)
+{
+  g_clear_pointer (&files->ca, g_free);
+  g_clear_pointer (&files->other_ca, g_free);
+  g_clear_pointer (&files->server_cert, g_free);
+  g_clear_pointer (&files->server_key, g_free);
+  g_clear_pointer (&files->client_cert, g_free);
+  g_clear_pointer (&files->client_key, g_free);
+}
 
 /* ---- A redis-server of our own ----------------------------------------- */
 
@@ -111,6 +227,7 @@ server_launch (Server *server)
   g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_NONE);
   g_autoptr (GError) error = NULL;
   g_autofree char *port = g_strdup_printf ("%u", server->port);
+  g_autofree char *tls_port = g_strdup_printf ("%u", server->tls_port);
   g_autofree char *log = g_build_filename (server->dir, "redis.log", NULL);
   g_autofree char *notify_path = g_build_filename (server->dir, "notify.sock", NULL);
   struct sockaddr_un address = { .sun_family = AF_UNIX };
@@ -137,6 +254,19 @@ server_launch (Server *server)
 
     for (i = 0; i < G_N_ELEMENTS (fixed); i++)
       g_ptr_array_add (argv, (gpointer) fixed[i]);
+    if (server->tls)
+      {
+        g_ptr_array_add (argv, (gpointer) "--tls-port");
+        g_ptr_array_add (argv, tls_port);
+        g_ptr_array_add (argv, (gpointer) "--tls-cert-file");
+        g_ptr_array_add (argv, server->tls_files.server_cert);
+        g_ptr_array_add (argv, (gpointer) "--tls-key-file");
+        g_ptr_array_add (argv, server->tls_files.server_key);
+        g_ptr_array_add (argv, (gpointer) "--tls-ca-cert-file");
+        g_ptr_array_add (argv, server->tls_files.ca);
+        g_ptr_array_add (argv, (gpointer) "--tls-auth-clients");
+        g_ptr_array_add (argv, (gpointer) "yes");
+      }
     for (i = 0; server->extra_args != NULL && server->extra_args[i] != NULL; i++)
       g_ptr_array_add (argv, (gpointer) server->extra_args[i]);
     g_ptr_array_add (argv, NULL);
@@ -173,6 +303,13 @@ server_start (Server *server)
   server->dir = g_dir_make_tmp ("kd-redis-XXXXXX", &error);
   g_assert_no_error (error);
   server->port = free_port ();
+  if (server->tls)
+    {
+      tls_files_make (&server->tls_files, server->dir);
+      do
+        server->tls_port = free_port ();
+      while (server->tls_port == server->port);
+    }
   server_launch (server);
 }
 
@@ -199,14 +336,15 @@ server_kill (Server *server)
   g_clear_object (&server->process);
 }
 
+/* Removes @path and what it holds, two levels deep (Redis 7 keeps its AOF
+ * in a directory of its own). */
 void
-server_stop (Server *server)
+remove_dir (const char *path)
 {
-  g_autoptr (GFile) dir = g_file_new_for_path (server->dir);
+  g_autoptr (GFile) dir = g_file_new_for_path (path);
   g_autoptr (GFileEnumerator) children = NULL;
   GFileInfo *info;
 
-  server_kill (server);
   children = g_file_enumerate_children (dir, G_FILE_ATTRIBUTE_STANDARD_NAME, G_FILE_QUERY_INFO_NONE, NULL, NULL);
   while (children != NULL && (info = g_file_enumerator_next_file (children, NULL, NULL)) != NULL)
     {
@@ -215,7 +353,6 @@ server_stop (Server *server)
                                                                      G_FILE_QUERY_INFO_NONE, NULL, NULL);
       GFileInfo *sub;
 
-      /* Redis 7 keeps its AOF in a directory of its own. */
       while (grand != NULL && (sub = g_file_enumerator_next_file (grand, NULL, NULL)) != NULL)
         {
           g_autoptr (GFile) file = g_file_get_child (child, g_file_info_get_name (sub));
@@ -227,7 +364,15 @@ server_stop (Server *server)
       g_object_unref (info);
     }
   g_file_delete (dir, NULL, NULL);
+}
+
+void
+server_stop (Server *server)
+{
+  server_kill (server);
+  remove_dir (server->dir);
   g_free (server->dir);
+  tls_files_clear (&server->tls_files);
 }
 
 KdRedisQueue *
@@ -237,7 +382,17 @@ open_queue (Server     *server,
 {
   KdRedisQueue *queue = kd_redis_queue_new (name);
 
-  kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
+  if (server->tls)
+    {
+      g_autoptr (GError) error = NULL;
+
+      kd_redis_queue_set_address (queue, "127.0.0.1", server->tls_port);
+      g_assert_true (kd_redis_queue_set_tls (queue, server->tls_files.ca, server->tls_files.client_cert,
+                                             server->tls_files.client_key, &error));
+      g_assert_no_error (error);
+    }
+  else
+    kd_redis_queue_set_address (queue, "127.0.0.1", server->port);
   kd_redis_queue_set_n_shards (queue, n_shards);
   return queue;
 }
@@ -747,7 +902,15 @@ worker_start (Server     *server,
 
   worker->log = g_strdup_printf ("%s/worker-%u.log", server->dir, index);
   g_ptr_array_add (argv, g_strdup (g_getenv ("KD_REDIS_WORKER")));
-  g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->port));
+  if (server->tls)
+    {
+      g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->tls_port));
+      g_ptr_array_add (argv, g_strdup_printf ("--cacert=%s", server->tls_files.ca));
+      g_ptr_array_add (argv, g_strdup_printf ("--cert=%s", server->tls_files.client_cert));
+      g_ptr_array_add (argv, g_strdup_printf ("--key=%s", server->tls_files.client_key));
+    }
+  else
+    g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->port));
   g_ptr_array_add (argv, g_strdup_printf ("--name=%s", name));
   g_ptr_array_add (argv, g_strdup_printf ("--log=%s", worker->log));
   va_start (ap, index);

@@ -22,6 +22,25 @@ G_BEGIN_DECLS
  * program in about four minutes. */
 #define KD_REDIS_TEST_DEADLINE_US (2 * KD_TEST_DEADLINE_US)
 
+/* ---- Certificates made with openssl ------------------------------------ */
+
+/* A CA, the server's certificate from it (for 127.0.0.1 and localhost),
+ * a client's, and another CA that signed none of them: PEM files. */
+typedef struct
+{
+  char *ca;
+  char *server_cert;
+  char *server_key;
+  char *client_cert;
+  char *client_key;
+  char *other_ca;
+} TlsFiles;
+
+gboolean       need_openssl       (void);
+void           tls_files_make     (TlsFiles   *files,
+                                   const char *dir);
+void           tls_files_clear    (TlsFiles   *files);
+
 /* ---- A redis-server of our own ----------------------------------------- */
 
 typedef struct
@@ -30,6 +49,9 @@ typedef struct
   guint        port;
   gboolean     fsync_always;
   const char * const *extra_args;   /* more redis-server arguments, NULL-terminated */
+  gboolean     tls;                 /* also a TLS port, which queues and workers use */
+  TlsFiles     tls_files;           /* with @tls: made in @dir by server_start() */
+  guint        tls_port;
   GSubprocess *process;
 } Server;
 
@@ -41,6 +63,7 @@ void           server_start       (Server     *server);
 void           server_freeze      (Server     *server);
 void           server_kill        (Server     *server);
 void           server_stop        (Server     *server);
+void           remove_dir         (const char *path);
 KdRedisQueue  *open_queue         (Server     *server,
                                    const char *name,
                                    guint       n_shards);

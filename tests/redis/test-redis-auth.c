@@ -133,7 +133,6 @@ test_parse_url (void)
     { "redis://:secret@h:99999", G_IO_ERROR_INVALID_ARGUMENT },
     { "redis://h/99999999999", G_IO_ERROR_INVALID_ARGUMENT },
     { "unix://relative.sock", G_IO_ERROR_INVALID_ARGUMENT },
-    { "rediss://h", G_IO_ERROR_NOT_SUPPORTED },
     { "not a url", G_IO_ERROR_INVALID_ARGUMENT },
     { "redis://secret/secret@h", G_IO_ERROR_INVALID_ARGUMENT },
     { "redis://u:secret?db=secret@h", G_IO_ERROR_INVALID_ARGUMENT },

@@ -1239,22 +1239,18 @@ test_workers (void)
   server_stop (&server);
 }
 
+/* 3 workers run 100,000 jobs over 1,000 keys, one killed in the middle,
+ * on a server of their own (over TLS with @tls). */
 static void
-test_kill (void)
+kill_one_worker (gboolean tls)
 {
-  Server server = { 0 };
+  Server server = { .tls = tls };
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
   guint64 refused, skipped, claimed = 0, held;
   const guint batch = 256;
   guint w;
-
-  g_test_summary ("A worker killed with SIGKILL in the middle: its shards are taken over, nothing "
-                  "is lost, each key keeps its order, at most a batch of jobs runs twice, and the "
-                  "dead worker is forgotten in every group");
-  if (!need_redis ())
-    return;
 
   server_start (&server);
   produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
@@ -1291,6 +1287,28 @@ test_kill (void)
     worker_free (workers[w]);
   g_free (jobs.count);
   server_stop (&server);
+}
+
+static void
+test_kill (void)
+{
+  g_test_summary ("A worker killed with SIGKILL in the middle: its shards are taken over, nothing "
+                  "is lost, each key keeps its order, at most a batch of jobs runs twice, and the "
+                  "dead worker is forgotten in every group");
+  if (!need_redis ())
+    return;
+  kill_one_worker (FALSE);
+}
+
+static void
+test_kill_over_tls (void)
+{
+  g_test_summary ("The same over TLS, with client certificates: 3 worker processes run 100,000 "
+                  "jobs, one killed in the middle, nothing lost, each key in order, at most a "
+                  "batch of duplicates");
+  if (!need_redis () || !need_openssl ())
+    return;
+  kill_one_worker (TRUE);
 }
 
 /* Counts, from the workers' logs, the runs of unkeyed jobs numbered 1 to
@@ -1775,6 +1793,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/closed", test_closed);
   g_test_add_func ("/kd/redis-queue/workers", test_workers);
   g_test_add_func ("/kd/redis-queue/kill", test_kill);
+  g_test_add_func ("/kd/redis-queue/kill-over-tls", test_kill_over_tls);
   g_test_add_func ("/kd/redis-queue/kill-unkeyed", test_kill_unkeyed);
   g_test_add_func ("/kd/redis-queue/freeze", test_freeze);
   g_test_add_func ("/kd/redis-queue/redis-restart", test_redis_restart);
