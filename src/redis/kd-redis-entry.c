@@ -207,7 +207,12 @@ kd_redis_entry_get_payload (KdRedisEntry *entry,
  *
  * Gets the fencing token of the entry's shard when this process read it: a
  * number that goes up each time the shard changes owner, so a later owner's
- * entries always carry a higher token than an earlier one's.
+ * entries always carry a higher token than an earlier one's. It is the
+ * Redis server's time in microseconds when the owner took the shard, or
+ * one more than the token before if that is higher, so it still goes up
+ * after Redis lost the last token's write (a restart from an append-only
+ * file a second behind, a failover to a replica that lagged), unless the
+ * server's clock went back by more than it lost.
  *
  * A handler with effects outside the queue can pass it along with each
  * write (and the shard, kd_redis_entry_get_shard()), and the store can
@@ -216,7 +221,8 @@ kd_redis_entry_get_payload (KdRedisEntry *entry,
  * once" in the scaling-out guide), and ran on after the shard's next owner
  * started, cannot overwrite what that owner wrote.
  *
- * Returns: the token, from 1; 0 for an unkeyed entry, which no lease orders
+ * Returns: the token, a positive number; 0 for an unkeyed entry, which no
+ *   lease orders
  *
  * Since: 0.1
  */

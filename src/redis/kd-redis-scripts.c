@@ -27,24 +27,37 @@ static const char script_heartbeat[] =
 
 /* Takes leases. KEYS: n lease keys, then their n fencing-token keys;
  * ARGV[1] this member, ARGV[2] the lease time (ms). A free lease is taken
- * with SET NX PX, and its shard's fencing token goes up by one; one this
- * member still holds is renewed, its token unchanged. Returns per lease the
- * shard's token (from 1) if this member holds it, or 0. A token key that
+ * with SET NX PX, and its shard's fencing token goes up; one this member
+ * still holds is renewed, its token unchanged. Returns per lease the
+ * shard's token if this member holds it, or 0. A new token is the server's
+ * time in microseconds, or the last token plus one if that is higher: so
+ * it goes up even when Redis lost the write of the last one (restarted
+ * from an append-only file a second behind, or failed over to a replica
+ * that lagged), as long as its clock does not go back by more. Formatted
+ * with %.0f: Lua's tostring() keeps 14 digits of the 16. A token key that
  * is not a number (another application's key) costs only its own shard:
  * the lease is let go and the answer is 0 (a script is not rolled back,
  * so an error here would leave earlier leases held and unknown). */
 static const char script_acquire[] =
+  "local function next_token(fk)\n"
+  "  local last = redis.call('GET', fk)\n"
+  "  if last and not tonumber(last) then return nil end\n"
+  "  local t = redis.call('TIME')\n"
+  "  local token = math.max((tonumber(last) or 0) + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))\n"
+  "  redis.call('SET', fk, string.format('%.0f', token))\n"
+  "  return token\n"
+  "end\n"
   "local n = #KEYS / 2\n"
   "local r = {}\n"
   "for i = 1, n do\n"
   "  local k = KEYS[i]\n"
   "  local ok, t = true, 0\n"
   "  if redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then\n"
-  "    ok, t = pcall(redis.call, 'INCR', KEYS[n + i])\n"
+  "    ok, t = pcall(next_token, KEYS[n + i])\n"
   "  elseif redis.call('GET', k) == ARGV[1] then\n"
   "    redis.call('PEXPIRE', k, ARGV[2])\n"
   "    ok, t = pcall(redis.call, 'GET', KEYS[n + i])\n"
-  "    if ok and not t then ok, t = pcall(redis.call, 'INCR', KEYS[n + i]) end\n"
+  "    if ok and not t then ok, t = pcall(next_token, KEYS[n + i]) end\n"
   "  end\n"
   "  t = ok and tonumber(t) or nil\n"
   "  if t == nil then redis.call('DEL', k) t = 0 end\n"
