@@ -100,6 +100,11 @@ gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
                                           guint        n_shards,
                                           char       **unusable,
                                           GError     **error);
+gboolean     kd_redis_conn_create_groups_again (KdRedisConn *conn,
+                                                const char  *name,
+                                                guint        n_shards,
+                                                char       **unusable,
+                                                GError     **error);
 
 void         kd_redis_reply_free       (redisReply    *reply);
 

@@ -515,6 +515,7 @@ read_reply (KdRedisConn  *conn,
             GError      **error)
 {
   KdRedisLink *link = conn->link;
+  GError *local_error = NULL;
   redisReply *reply;
 
   if (link == NULL)
@@ -533,7 +534,19 @@ read_reply (KdRedisConn  *conn,
 
       if (deadline >= 0)
         wait_until = wait_until >= 0 ? MIN (deadline, wait_until) : deadline;
-      if (!receive (conn, link, wait_until, error) || !take_received (conn, &reply, error))
+      if (!receive (conn, link, wait_until, &local_error))
+        {
+          /* The caller's deadline is the caller's to know. */
+          if (deadline >= 0 && g_get_monotonic_time () >= deadline)
+            {
+              g_clear_error (&local_error);
+              g_set_error (&local_error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "Redis at %s: timed out",
+                           conn->where);
+            }
+          g_propagate_error (error, local_error);
+          return NULL;
+        }
+      if (!take_received (conn, &reply, error))
         return NULL;
     }
   return check_reply (conn, reply, error);
@@ -870,30 +883,21 @@ kd_redis_conn_trim (KdRedisConn  *conn,
   return TRUE;
 }
 
-/* Creates the consumer group on every stream of the queue, from the
- * stream's start so that jobs added before any consumer ran are read; and
- * checks that the queue's number of shards is the one it was created with.
- * Safe to repeat. A stream that refuses (a key of another type, say) does
- * not fail the rest: @unusable (n_shards + 1 entries, the keyed shards'
- * then the unkeyed stream's) gets Redis's reason for it, and NULL for the
- * others (the caller frees them). */
-gboolean
-kd_redis_conn_create_groups (KdRedisConn  *conn,
-                             const char   *name,
-                             guint         n_shards,
-                             char        **unusable,
-                             GError      **error)
+/* Checks that queue @name has @n_shards shards, noting it if the queue is
+ * new: a process configured with another number must fail before it
+ * creates streams of its own. */
+static gboolean
+check_n_shards (KdRedisConn  *conn,
+                const char   *name,
+                guint         n_shards,
+                GError      **error)
 {
   g_autofree char *meta = g_strdup_printf ("%s:meta", name);
   redisReply *replies[2] = { NULL, NULL };
   KdRedisArgs commands[2];
-  KdRedisArgs args;
   gboolean ok;
-  gint shard;
-  guint i, k;
+  guint k;
 
-  /* The number of shards first: a process configured with another number
-   * must fail before it creates streams of its own. */
   for (k = 0; k < 2; k++)
     kd_redis_args_init (&commands[k]);
   kd_redis_args_add_string (&commands[0], "HSETNX");
@@ -917,13 +921,30 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
     }
   for (k = 0; k < 2; k++)
     g_clear_pointer (&replies[k], kd_redis_reply_free);
-  if (!ok)
-    return FALSE;
+  return ok;
+}
+
+/* Creates the consumer group, from the stream's start, on each stream of
+ * queue @name whose index (a shard, or @n_shards for the unkeyed stream) is
+ * in @streams, in one round trip; sets each one's @unusable entry to
+ * Redis's reason if it refuses (a key of another type), NULL otherwise. */
+static gboolean
+create_groups_on (KdRedisConn  *conn,
+                  const char   *name,
+                  guint         n_shards,
+                  GArray       *streams,
+                  char        **unusable,
+                  GError      **error)
+{
+  KdRedisArgs args;
+  gboolean ok = TRUE;
+  guint i;
 
   kd_redis_args_init (&args);
-  for (shard = -1; ok && shard < (gint) n_shards; shard++)
+  for (i = 0; ok && i < streams->len; i++)
     {
-      g_autofree char *stream = kd_redis_stream_name (name, shard);
+      guint index = g_array_index (streams, guint, i);
+      g_autofree char *stream = kd_redis_stream_name (name, index == n_shards ? -1 : (gint) index);
 
       kd_redis_args_reset (&args);
       kd_redis_args_add_string (&args, "XGROUP");
@@ -938,8 +959,9 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
   if (!ok)
     return FALSE;
 
-  for (i = 0; i < n_shards + 1; i++)
+  for (i = 0; i < streams->len; i++)
     {
+      guint index = g_array_index (streams, guint, i);
       GError *local_error = NULL;
       redisReply *reply = kd_redis_conn_read (conn, &local_error);
 
@@ -948,15 +970,14 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
           g_propagate_error (error, local_error);
           return FALSE;
         }
-      /* The replies come in the order sent: the unkeyed stream (-1) first. */
-      g_clear_pointer (&unusable[i == 0 ? n_shards : i - 1], g_free);
+      g_clear_pointer (&unusable[index], g_free);
       if (reply == NULL)
         {
           /* BUSYGROUP: the group exists already. WRONGTYPE: the key is not
            * a stream, this stream's problem alone. Anything else (a
            * permission, memory, a read-only replica) is the connection's. */
           if (strstr (local_error->message, "WRONGTYPE") != NULL)
-            unusable[i == 0 ? n_shards : i - 1] = g_strdup (local_error->message);
+            unusable[index] = g_strdup (local_error->message);
           else if (strstr (local_error->message, "BUSYGROUP") == NULL && ok)
             {
               g_propagate_error (error, g_steal_pointer (&local_error));
@@ -969,4 +990,46 @@ kd_redis_conn_create_groups (KdRedisConn  *conn,
     }
 
   return ok;
+}
+
+/* Creates the consumer group on every stream of the queue, from the
+ * stream's start so that jobs added before any consumer ran are read; and
+ * checks that the queue's number of shards is the one it was created with.
+ * Safe to repeat. A stream that refuses (a key of another type, say) does
+ * not fail the rest: @unusable (n_shards + 1 entries, the keyed shards'
+ * then the unkeyed stream's) gets Redis's reason for it, and NULL for the
+ * others (the caller frees them). */
+gboolean
+kd_redis_conn_create_groups (KdRedisConn  *conn,
+                             const char   *name,
+                             guint         n_shards,
+                             char        **unusable,
+                             GError      **error)
+{
+  g_autoptr (GArray) streams = g_array_sized_new (FALSE, FALSE, sizeof (guint), n_shards + 1);
+  guint i;
+
+  if (!check_n_shards (conn, name, n_shards, error))
+    return FALSE;
+  for (i = 0; i <= n_shards; i++)
+    g_array_append_val (streams, i);
+  return create_groups_on (conn, name, n_shards, streams, unusable, error);
+}
+
+/* As kd_redis_conn_create_groups(), on the streams @unusable says Redis
+ * refused only: one command each, to see whether they were repaired. */
+gboolean
+kd_redis_conn_create_groups_again (KdRedisConn  *conn,
+                                   const char   *name,
+                                   guint         n_shards,
+                                   char        **unusable,
+                                   GError      **error)
+{
+  g_autoptr (GArray) streams = g_array_new (FALSE, FALSE, sizeof (guint));
+  guint i;
+
+  for (i = 0; i <= n_shards; i++)
+    if (unusable[i] != NULL)
+      g_array_append_val (streams, i);
+  return create_groups_on (conn, name, n_shards, streams, unusable, error);
 }

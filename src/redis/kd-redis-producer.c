@@ -12,8 +12,8 @@
  * consumer group, from the streams' start, and checks the queue's number
  * of shards (kd_redis_conn_create_groups()). A stream Redis refuses (a key
  * of another type, say) is noted in @unusable: an add to it fails at once,
- * nothing sent, after one more look, and the adds to the other streams go
- * on.
+ * nothing sent, after one more look at the streams set aside (one command
+ * each), and the adds to the other streams go on.
  *
  * Adding. A job is an XADD to its key's shard (or the unkeyed stream) with
  * its key, its payload, the producer's id and its next sequence, which
@@ -83,7 +83,7 @@ stream_of (KdRedisQueue *self,
 }
 
 /* Whether every job's stream is usable; if one was set aside, looks at the
- * streams once more first (it may have been repaired). FALSE with
+ * streams set aside once more first (it may have been repaired). FALSE with
  * G_IO_ERROR_INVALID_DATA naming the stream and Redis's reason. */
 static gboolean
 check_streams_usable_locked (KdRedisQueue  *self,
@@ -103,8 +103,8 @@ check_streams_usable_locked (KdRedisQueue  *self,
       if (!looked_again)
         {
           looked_again = TRUE;
-          if (!kd_redis_conn_create_groups (&self->producer, self->config.name,
-                                            self->config.n_shards, self->unusable, error))
+          if (!kd_redis_conn_create_groups_again (&self->producer, self->config.name,
+                                                  self->config.n_shards, self->unusable, error))
             return FALSE;
           if (self->unusable[stream] == NULL)
             continue;

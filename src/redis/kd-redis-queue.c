@@ -410,8 +410,9 @@ kd_redis_queue_set_credentials (KdRedisQueue *self,
  * address must be in its subject alternative names); otherwise the queue's
  * calls fail with %G_TLS_ERROR_BAD_CERTIFICATE, saying why. The files are
  * read now: a file that cannot be read or holds no certificate or key is
- * this call's error. A URL set afterwards keeps these files, and its
- * scheme says whether TLS is on.
+ * this call's error. TLS stays on for good: a URL set afterwards replaces
+ * the address and credentials, keeps these files, and even as `redis://`
+ * does not turn TLS off.
  *
  * TLS comes from GIO: it needs glib-networking installed.
  *

@@ -193,7 +193,7 @@ reader_lost_connection (KdRedisConsumer *self,
    * operator acts: said where an operator looks; anything else is a
    * passing failure. */
   if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED) ||
-      g_error_matches (error, G_TLS_ERROR, G_TLS_ERROR_BAD_CERTIFICATE))
+      (error != NULL && error->domain == G_TLS_ERROR))
     g_message ("redis queue %s: %s: reader: %s", self->config.name, self->member, error->message);
   else
     g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member,

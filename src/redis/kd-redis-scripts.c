@@ -189,14 +189,17 @@ static const char script_trim[] =
  * time of their last beat; live: a beat within ARGV[2] ms), idle for longer
  * than ARGV[3] ms, and holding no pending entry (XGROUP DELCONSUMER drops a
  * consumer's pending entries with it: those are left for a takeover to
- * claim first). KEYS[2...] the streams; ARGV[1] the group. Returns how many
- * were deleted. */
+ * claim first). KEYS[2...] the streams; ARGV[1] the group. A stream Redis
+ * refuses (a key of another type since the round began) is passed over,
+ * not the others. Returns how many were deleted. */
 static const char script_forget[] =
   "local t = redis.call('TIME')\n"
   "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
   "local n = 0\n"
   "for i = 2, #KEYS do\n"
-  "  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[i], ARGV[1])) do\n"
+  "  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[i], ARGV[1])\n"
+  "  if not ok then consumers = {} end\n"
+  "  for _, c in ipairs(consumers) do\n"
   "    local f = {}\n"
   "    for j = 1, #c, 2 do f[c[j]] = c[j + 1] end\n"
   "    if f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then\n"

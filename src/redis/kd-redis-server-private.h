@@ -18,6 +18,7 @@ typedef struct
   char  *password;     /* NULL: no AUTH */
   guint  db;           /* SELECTed on every connection when not 0 */
   gboolean         tls;              /* rediss://, or kd_redis_queue_set_tls() */
+  gboolean         tls_set;          /* kd_redis_queue_set_tls() was called: TLS for good */
   GTlsDatabase    *tls_database;     /* the CAs trusted, or NULL: the system's */
   GTlsCertificate *tls_certificate;  /* the client's, with its key, or NULL */
 } KdRedisServer;

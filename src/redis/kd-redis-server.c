@@ -13,10 +13,12 @@
  *   unix://[[user][:password]@]/path/to/redis.sock[?db=N]
  *
  * parsed by GUri, so user and password may be percent-encoded and an IPv6
- * address goes in brackets. A URL's scheme says whether the connections
- * use TLS; the CAs and client certificate (kd_redis_server_set_tls()) are
- * loaded once, when they are set, so that a bad file is the setter's
- * error, and every connection shares them. A password is never part of a
+ * address goes in brackets. rediss:// turns TLS on, and so does
+ * kd_redis_server_set_tls(), for good: a redis:// URL set after it does not
+ * turn it off, so that a password never goes out in clear by a later
+ * setting. The CAs and client certificate are loaded once, when they are
+ * set, so that a bad file is the setter's error, and every connection
+ * shares them. A password is never part of a
  * description, nor of an error message.
  */
 
@@ -45,6 +47,7 @@ kd_redis_server_copy (KdRedisServer       *dest,
   dest->password = g_strdup (src->password);
   dest->db = src->db;
   dest->tls = src->tls;
+  dest->tls_set = src->tls_set;
   dest->tls_database = src->tls_database != NULL ? g_object_ref (src->tls_database) : NULL;
   dest->tls_certificate = src->tls_certificate != NULL ? g_object_ref (src->tls_certificate) : NULL;
 }
@@ -135,6 +138,7 @@ kd_redis_server_set_tls (KdRedisServer  *server,
     }
 
   server->tls = TRUE;
+  server->tls_set = TRUE;
   g_clear_object (&server->tls_database);
   server->tls_database = g_steal_pointer (&database);
   g_clear_object (&server->tls_certificate);
@@ -235,7 +239,7 @@ kd_redis_server_parse_url (KdRedisServer  *server,
 
   if (g_ascii_strcasecmp (scheme, "redis") == 0 || g_ascii_strcasecmp (scheme, "rediss") == 0)
     {
-      parsed.tls = g_ascii_strcasecmp (scheme, "rediss") == 0;
+      parsed.tls = g_ascii_strcasecmp (scheme, "rediss") == 0 || server->tls_set;
       if (parsed.tls && !check_tls_available (error))
         goto fail;
       if (g_uri_get_host (uri) == NULL || g_uri_get_host (uri)[0] == '\0')
@@ -283,8 +287,11 @@ kd_redis_server_parse_url (KdRedisServer  *server,
   if (!parse_query (g_uri_get_query (uri), &parsed.db, error))
     goto fail;
 
-  /* The URL replaces where and how to log in; the CAs and client
-   * certificate stay, for rediss://. */
+  /* The URL replaces where and how to log in; TLS set by
+   * kd_redis_server_set_tls() stays on, with its CAs and client
+   * certificate: a redis:// URL never turns it off. */
+  parsed.tls_set = server->tls_set;
+  parsed.tls = parsed.tls || server->tls_set;
   parsed.tls_database = g_steal_pointer (&server->tls_database);
   parsed.tls_certificate = g_steal_pointer (&server->tls_certificate);
   kd_redis_server_clear (server);

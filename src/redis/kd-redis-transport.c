@@ -19,8 +19,9 @@
  * pollable calls, and a call that would block waits on the socket's
  * condition for what is left of the time. (TLS decrypts what is buffered
  * before the socket is asked again, so waiting on the socket never misses
- * a reply.) The connect and the TLS handshake wait for the connection's
- * timeout too; GIO's blocking handshake counts it in whole seconds.
+ * a reply.) The connect waits for the connection's timeout too, and so
+ * does each read and write of the TLS handshake, which GIO makes on a
+ * thread of its own and times in whole seconds.
  *
  * GSocket sends with MSG_NOSIGNAL, so a write to a connection Redis closed
  * fails with EPIPE and raises no SIGPIPE, whatever the application does
@@ -41,6 +42,13 @@ struct _KdRedisTransport
   const char   *where;       /* the server, for messages */
 };
 
+/* hiredis's keepalive interval (REDIS_KEEPALIVE_INTERVAL). */
+#define KEEPALIVE_IDLE_S 15
+
+/* The longest single wait on a socket: GLib hands poll() milliseconds as
+ * an int, which a wait of 25 days would overflow. */
+#define MAX_WAIT_US ((gint64) 3600 * G_USEC_PER_SEC)
+
 /* Waits until @socket is ready for @condition or @deadline (monotonic,
  * or -1: none) passed. */
 static gboolean
@@ -49,14 +57,28 @@ wait_for (GSocket       *socket,
           gint64         deadline,
           GError       **error)
 {
-  gint64 left = deadline < 0 ? -1 : deadline - g_get_monotonic_time ();
-
-  if (deadline >= 0 && left <= 0)
+  for (;;)
     {
-      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "timed out");
-      return FALSE;
+      gint64 left = deadline < 0 ? MAX_WAIT_US : deadline - g_get_monotonic_time ();
+      GError *local_error = NULL;
+
+      if (left <= 0)
+        {
+          g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT, "timed out");
+          return FALSE;
+        }
+      /* Whole milliseconds, rounded up (poll()'s unit): never back before
+       * the deadline. */
+      left = MIN ((left + 999) / 1000 * 1000, MAX_WAIT_US);
+      if (g_socket_condition_timed_wait (socket, condition, left, NULL, &local_error))
+        return TRUE;
+      if (!g_error_matches (local_error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT))
+        {
+          g_propagate_error (error, local_error);
+          return FALSE;
+        }
+      g_error_free (local_error);
     }
-  return g_socket_condition_timed_wait (socket, condition, left, NULL, error);
 }
 
 /* Connects @socket, made non-blocking, to @address within @deadline. */
@@ -204,7 +226,8 @@ start_tls (GIOStream            *base,
     }
   if (!ok)
     {
-      g_set_error (error, local_error->domain, local_error->code,
+      g_set_error (error, local_error->domain,
+                   local_error->domain == G_TLS_ERROR ? local_error->code : G_IO_ERROR_CONNECTION_CLOSED,
                    "Redis at %s: TLS handshake failed: %s", where, local_error->message);
       g_error_free (local_error);
       return NULL;
@@ -246,11 +269,17 @@ kd_redis_transport_connect (const KdRedisServer  *server,
       return NULL;
     }
   /* As hiredis does: a command goes out at once, never held back for the
-   * acknowledgement of the one before (Nagle). */
+   * acknowledgement of the one before (Nagle), and a peer gone without a
+   * word is found within about 30 s by keepalive probes (idle 15 s, then
+   * every 5 s, 3 unanswered), not the system's two hours: a wait for the
+   * backlog with no deadline reads with no timeout of its own. */
   if (server->socket_path == NULL)
     {
-      g_socket_set_keepalive (socket, TRUE);
       g_socket_set_option (socket, IPPROTO_TCP, TCP_NODELAY, 1, NULL);
+      g_socket_set_keepalive (socket, TRUE);
+      g_socket_set_option (socket, IPPROTO_TCP, TCP_KEEPIDLE, KEEPALIVE_IDLE_S, NULL);
+      g_socket_set_option (socket, IPPROTO_TCP, TCP_KEEPINTVL, KEEPALIVE_IDLE_S / 3, NULL);
+      g_socket_set_option (socket, IPPROTO_TCP, TCP_KEEPCNT, 3, NULL);
     }
 
   stream = G_IO_STREAM (g_socket_connection_factory_create_connection (socket));
@@ -282,23 +311,29 @@ kd_redis_transport_free (KdRedisTransport *self)
   g_free (self);
 }
 
+/* An I/O failure is G_IO_ERROR_CONNECTION_CLOSED, as for hiredis's own
+ * I/O (a wait for a deadline of the caller's says TIMED_OUT itself), but
+ * a TLS error (such as a server that refused the client's certificate,
+ * which TLS 1.3 says only after the handshake) keeps its G_TLS_ERROR: it
+ * lasts until an operator acts. */
 static void
 set_io_error (KdRedisTransport  *self,
               GError            *cause,
               GError           **error)
 {
-  gint code = g_error_matches (cause, G_IO_ERROR, G_IO_ERROR_TIMED_OUT) ? G_IO_ERROR_TIMED_OUT
-                                                                         : G_IO_ERROR_CONNECTION_CLOSED;
-
-  g_set_error (error, G_IO_ERROR, code, "Redis at %s: %s", self->where, cause->message);
+  if (cause->domain == G_TLS_ERROR)
+    g_set_error (error, G_TLS_ERROR, cause->code, "Redis at %s: %s", self->where, cause->message);
+  else
+    g_set_error (error, G_IO_ERROR, G_IO_ERROR_CONNECTION_CLOSED, "Redis at %s: %s", self->where,
+                 cause->message);
   g_error_free (cause);
 }
 
 /*
  * kd_redis_transport_write_all:
  *
- * Writes all of @data, or fails with G_IO_ERROR_TIMED_OUT (the socket took
- * nothing for @timeout_us) or G_IO_ERROR_CONNECTION_CLOSED; what was
+ * Writes all of @data, or fails with G_IO_ERROR_CONNECTION_CLOSED (also
+ * when the socket took nothing for @timeout_us) or a G_TLS_ERROR; what was
  * written is then unknown.
  */
 gboolean
@@ -342,9 +377,9 @@ kd_redis_transport_write_all (KdRedisTransport  *self,
  * kd_redis_transport_read:
  *
  * Reads what arrived, at most @len bytes, waiting until @deadline (or -1:
- * for ever) for some; returns how many (at least 1), or 0 with G_IO_ERROR_TIMED_OUT or
- * G_IO_ERROR_CONNECTION_CLOSED (Redis closed the connection, or an I/O
- * error).
+ * for ever) for some; returns how many (at least 1), or 0 with
+ * G_IO_ERROR_CONNECTION_CLOSED (Redis closed the connection, an I/O error,
+ * or the deadline passed) or a G_TLS_ERROR.
  */
 gsize
 kd_redis_transport_read (KdRedisTransport  *self,

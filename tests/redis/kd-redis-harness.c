@@ -62,6 +62,21 @@ need_openssl (void)
   return TRUE;
 }
 
+/* What a TLS server of these tests needs: redis-server, openssl and GIO's
+ * TLS backend. */
+gboolean
+need_tls (void)
+{
+  if (!need_redis () || !need_openssl ())
+    return FALSE;
+  if (!g_tls_backend_supports_tls (g_tls_backend_get_default ()))
+    {
+      g_test_skip ("GIO has no TLS backend (Debian: apt-get install glib-networking)");
+      return FALSE;
+    }
+  return TRUE;
+}
+
 static void
 run_openssl (const char *dir,
              const char *first,

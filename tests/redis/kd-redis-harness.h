@@ -37,6 +37,7 @@ typedef struct
 } TlsFiles;
 
 gboolean       need_openssl       (void);
+gboolean       need_tls           (void);
 void           tls_files_make     (TlsFiles   *files,
                                    const char *dir);
 void           tls_files_clear    (TlsFiles   *files);

@@ -662,6 +662,25 @@ add_numbers (KdRedisQueue *queue,
   g_assert_no_error (error);
 }
 
+/* How many times Redis ran @command (as INFO commandstats names it). */
+static guint64
+command_calls (redisContext *c,
+               const char   *command)
+{
+  g_autofree char *field = g_strdup_printf ("cmdstat_%s:calls=", command);
+  redisReply *reply = redisCommand (c, "INFO commandstats");
+  const char *at;
+  guint64 calls = 0;
+
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_STRING);
+  at = strstr (reply->str, field);
+  if (at != NULL)
+    calls = g_ascii_strtoull (at + strlen (field), NULL, 10);
+  freeReplyObject (reply);
+  return calls;
+}
+
 static void
 test_bad_stream (void)
 {
@@ -675,14 +694,15 @@ test_bad_stream (void)
   g_autoptr (GError) error = NULL;
   KdRedisQueueStats stats;
   Seen seen;
-  guint64 backlog;
+  guint64 backlog, groups_created;
   redisContext *c;
   redisReply *reply;
   guint i;
 
   g_test_summary ("A shard's stream that is a key of another type is set aside (and a shard whose "
                   "fencing-token key is one is never leased): adds to it fail "
-                  "at once with an error naming it, nothing sent, while adds to the other shards "
+                  "at once with an error naming it, nothing sent, each after one look at that stream "
+                  "alone, while adds to the other shards "
                   "work; the consumer runs the other shards' 10,000 jobs over 100 keys in order "
                   "and counts the stream "
                   "set aside; once the key is gone the stream is taken back, by the producer at "
@@ -716,6 +736,15 @@ test_bad_stream (void)
   g_assert_nonnull (strstr (error->message, "bad:{3}"));
   g_assert_nonnull (strstr (error->message, "WRONGTYPE"));
   g_clear_error (&error);
+  /* Each add to it looks at the stream set aside again, and at it alone. */
+  groups_created = command_calls (c, "xgroup|create");
+  for (i = 0; i < 10; i++)
+    {
+      g_assert_false (kd_redis_queue_add (producer, g_ptr_array_index (bad, 0), payload, &error));
+      g_assert_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA);
+      g_clear_error (&error);
+    }
+  g_assert_cmpuint (command_calls (c, "xgroup|create") - groups_created, ==, 10);
   g_assert_true (kd_redis_queue_get_backlog (producer, &backlog, &error));
   g_assert_no_error (error);
   g_assert_cmpuint (backlog, ==, 100 * good->len);
@@ -752,6 +781,48 @@ test_bad_stream (void)
   seen_clear (&seen);
   redisFree (c);
   g_clear_object (&dispatcher);
+  server_stop (&server);
+}
+
+static void
+test_forget_past_refused_stream (void)
+{
+  Server server = { 0 };
+  redisContext *c;
+  redisReply *reply;
+
+  g_test_summary ("The script that forgets the consumers of members gone passes over a stream "
+                  "Redis refuses (a key of another type since the round began) and forgets "
+                  "them on the others");
+  if (!need_redis ())
+    return;
+
+  server_start (&server);
+  c = server_connect (&server);
+  g_assert_nonnull (c);
+  reply = redisCommand (c, "XGROUP CREATE q:{1} " KD_REDIS_GROUP " 0 MKSTREAM");
+  freeReplyObject (reply);
+  reply = redisCommand (c, "XGROUP CREATECONSUMER q:{1} " KD_REDIS_GROUP " gone");
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->integer, ==, 1);
+  freeReplyObject (reply);
+  reply = redisCommand (c, "SET q:{0} x");
+  freeReplyObject (reply);
+
+  /* Live: a beat within 1000 ms (there is none); gone: idle for more than
+   * -1 ms. The refused stream first. */
+  reply = redisCommand (c, "EVAL %s 3 q:members q:{0} q:{1} " KD_REDIS_GROUP " 1000 -1",
+                        kd_redis_script_source (KD_REDIS_SCRIPT_FORGET));
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+  g_assert_cmpint (reply->integer, ==, 1);
+  freeReplyObject (reply);
+  reply = redisCommand (c, "XINFO CONSUMERS q:{1} " KD_REDIS_GROUP);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+  g_assert_cmpuint (reply->elements, ==, 0);
+  freeReplyObject (reply);
+
+  redisFree (c);
   server_stop (&server);
 }
 
@@ -1332,7 +1403,7 @@ test_kill_over_tls (void)
   g_test_summary ("The same over TLS, with client certificates: 3 worker processes run 100,000 "
                   "jobs, one killed in the middle, nothing lost, each key in order, at most a "
                   "batch of duplicates");
-  if (!need_redis () || !need_openssl ())
+  if (!need_tls ())
     return;
   kill_one_worker (TRUE);
 }
@@ -1833,6 +1904,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-queue/oversized", test_oversized);
   g_test_add_func ("/kd/redis-queue/other-shards", test_other_shards);
   g_test_add_func ("/kd/redis-queue/bad-stream", test_bad_stream);
+  g_test_add_func ("/kd/redis-queue/forget-past-refused-stream", test_forget_past_refused_stream);
   g_test_add_func ("/kd/redis-queue/fencing-tokens", test_fencing_tokens);
   g_test_add_func ("/kd/redis-queue/long-log-line", test_long_log_line);
   g_test_add_func ("/kd/redis-queue/out-of-range", test_out_of_range);
