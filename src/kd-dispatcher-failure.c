@@ -65,7 +65,7 @@ kd_dispatcher_job_failed (KdDispatcher   *self,
                (gpointer) self, job->attempt, (*error)->message);
       KD_TRACE4 (job_retry, self->name, KD_TRACE_KEY (job), job, job->attempt);
       g_clear_error (error);
-      kd_dispatcher_count_ended (&stats->retried);
+      kd_dispatcher_count (self, stats, &stats->retried);
       return JOB_RETRY;
     }
 

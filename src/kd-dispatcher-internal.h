@@ -69,6 +69,8 @@ typedef enum
   JOB_ENDED,   /* it ended: its unit may be released */
   JOB_RETRY,   /* it failed with attempts left: it waits and runs again */
   JOB_PARK,    /* it ended failed, and its key parks */
+  JOB_DEFERRED, /* its handler deferred it: it ends when returned, holding
+                 * its key and its unit until then */
 } JobOutcome;
 
 struct _KdDispatcher
@@ -166,6 +168,14 @@ struct _KdDispatcher
    * count, made at the first), under @delayed_lock (kd-dispatcher-delay.c) */
   GMutex          delayed_lock;
   GHashTable     *delayed_per_key;
+
+  /* Deferred jobs (kd-dispatcher-defer.c): how many are out (atomic), and
+   * the threads that return one, which the shutdown waits for (under
+   * @returning_lock) */
+  gint            n_deferred;
+  GMutex          returning_lock;
+  GCond           returning_cond;
+  guint           n_returning;
 };
 
 /* A job's key, or the key its item carries in a pipeline stage, for the
@@ -226,6 +236,10 @@ void        kd_dispatcher_finish_job          (KdDispatcher      *self,
 void        kd_dispatcher_release_unit        (KdDispatcher      *self,
                                                guint              releaser,
                                                guint              epoch);
+JobOutcome  kd_dispatcher_job_returned        (KdDispatcher      *self,
+                                               KdJob             *job,
+                                               gboolean           completed,
+                                               GError            *error);
 void        kd_dispatcher_shutdown_scheduler  (KdDispatcher      *self);
 void        kd_dispatcher_on_cancelled        (gpointer           user_data);
 gboolean    kd_dispatcher_in_worker_hook      (KdDispatcher      *self);
@@ -266,6 +280,13 @@ void        kd_dispatcher_end_idle_spell      (KdDispatcher      *self,
                                                gpointer           state);
 void        kd_dispatcher_arm_idle_sweep      (KdDispatcher      *self,
                                                KdScheduler       *scheduler);
+
+/* kd-dispatcher-defer.c */
+gboolean    kd_dispatcher_settle_deferred     (KdDispatcher      *self,
+                                               KdJob             *job,
+                                               gboolean          *completed,
+                                               GError           **error);
+void        kd_dispatcher_wait_returners      (KdDispatcher      *self);
 
 /* kd-dispatcher-async.c */
 void        kd_dispatcher_admit_waiting       (KdDispatcher      *self);
@@ -315,6 +336,19 @@ kd_dispatcher_count_ended (guint64 *counter)
   /* Only the owning worker writes; the release store publishes the count
    * before the job's unit of admission is released. */
   __atomic_store_n (counter, *counter + 1, __ATOMIC_RELEASE);
+}
+
+/* One more job ended, in @stats: a worker's own, or @other_stats, which
+ * other threads add to atomically (a deferred job's return). */
+static inline void
+kd_dispatcher_count (KdDispatcher  *self,
+                     KdWorkerStats *stats,
+                     guint64       *counter)
+{
+  if (G_UNLIKELY (stats == self->other_stats))
+    __atomic_fetch_add (counter, 1, __ATOMIC_RELEASE);
+  else
+    kd_dispatcher_count_ended (counter);
 }
 
 /* @time plus @delay_us, at most G_MAXINT64: never. */

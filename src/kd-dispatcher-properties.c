@@ -838,6 +838,7 @@ kd_dispatcher_get_stats (KdDispatcher *self,
   for (i = 0; i < n_slots; i++)
     stats->retried += __atomic_load_n (&KD_SLOTS_GET (&self->worker_stats, i, KdWorkerStats)->retried,
                                        __ATOMIC_RELAXED);
+  stats->retried += __atomic_load_n (&self->other_stats->retried, __ATOMIC_RELAXED);
   stats->parked_keys = kd_parked_keys_count (&self->parked);
   stats->threads = kd_dispatcher_count_threads (self);
 }

@@ -28,7 +28,9 @@
  *    KD_ERROR_CLOSED. A refused item stays the caller's: nothing is queued
  *    and no callback runs for it.
  *  - Every accepted job ends exactly once: completed, failed (the handler's
- *    GError reaches the done callback) or cancelled. Then the done callback
+ *    GError reaches the done callback) or cancelled; a job its handler
+ *    deferred ends when the application returns it, its key held and its
+ *    unit taken until then (kd-dispatcher-defer.c). Then the done callback
  *    runs, then the item-free function, then the job's unit of admission is
  *    released. With a main context set, the done callback and item-free run
  *    there (KdDelivery), in per-key order, and the unit is released as soon
@@ -57,7 +59,9 @@
  * unref. The rest of the dispatcher is in files of its own, listed in
  * kd-dispatcher-internal.h, which the path calls at their seams: run_job()
  * hands a handler's failure to kd-dispatcher-failure.c (retries, dead
- * letters, parked keys); run_mailbox() ends a key's state and its idle
+ * letters, parked keys), and a deferred job to kd-dispatcher-defer.c
+ * (settle_deferred(); run_mailbox() releases the unit a returned one's
+ * mailbox carries); run_mailbox() ends a key's state and its idle
  * spells through kd-dispatcher-keys.c; release_unit() admits the async
  * submissions waiting for room through kd-dispatcher-async.c while any
  * wait. A per-key bound (set in kd-dispatcher-keys.c) is the key table's,
@@ -89,9 +93,11 @@
  * Locks. The dispatcher's own are @start_lock (starting the workers,
  * making the delivery and the counters' notifier; taken here, in
  * kd-dispatcher-properties.c and kd-dispatcher-stage.c), @async_lock
- * (the async submissions waiting for room, kd-dispatcher-async.c) and
+ * (the async submissions waiting for room, kd-dispatcher-async.c),
  * @delayed_lock (how many delayed jobs wait for each key, with a per-key
- * bound, kd-dispatcher-delay.c; taken alone). Its
+ * bound, kd-dispatcher-delay.c; taken alone) and @returning_lock (the
+ * threads ending a returned deferred job, kd-dispatcher-defer.c; taken
+ * alone). Its
  * components have theirs; docs/internals.md lists every lock of kdispatch
  * and every nesting. None is held while a handler, a done callback, an
  * item-free or a destroy notify runs. One nesting starts here:
@@ -290,11 +296,155 @@ group_end (KdWorkerStats *stats,
          : KD_GROUP_CANCELLED;
 }
 
+/* One more job ended: in @stats, a worker's own, or (@shared) the
+ * dispatcher's @other_stats, for a job returned on another thread. Inlined
+ * where the caller says which, so that a worker pays no test. */
+G_ALWAYS_INLINE static inline void
+count_ended (KdWorkerStats *stats,
+             guint64       *counter,
+             gboolean       shared)
+{
+  if (shared)
+    __atomic_fetch_add (counter, 1, __ATOMIC_RELEASE);
+  else
+    kd_dispatcher_count_ended (counter);
+}
+
+/* Ends @job: the end probe and hook, its group, its done callback and
+ * item-free (or their delivery to the main context), its key's count; a
+ * key that parks is settled. @error: transfer full; @shared as for
+ * count_ended(). Inlined: it is on every job's path. */
+G_ALWAYS_INLINE static inline void
+end_job (KdDispatcher  *self,
+         KdWorkerStats *stats,
+         KdJob         *job,
+         GError        *error,
+         guint64       *counter,
+         JobOutcome     outcome,
+         gboolean       parked,
+         gboolean       shared)
+{
+  KdMailbox *mailbox = job->mailbox;
+  KdGroupState *group = job->group;
+
+  KD_TRACE4 (job_end, self->name, KD_TRACE_KEY (job), job,
+             counter == &stats->completed ? 0 : counter == &stats->failed ? 1 : 2);
+  if (self->stage_hooks.ended != NULL)
+    self->stage_hooks.ended (job, self->stage_data);
+  if (G_UNLIKELY (group != NULL && error != NULL))
+    kd_group_state_note_error (group, error);
+
+  if (self->delivery != NULL)
+    {
+      job->error = error;
+      if (job->mailbox != NULL)
+        kd_mailbox_ref (job->mailbox);
+      count_ended (stats, counter, shared);
+      /* Ended for its group once its handler returned; the job keeps its
+       * reference to the group's state for its done callback
+       * (deliver_job()). */
+      if (G_UNLIKELY (group != NULL))
+        kd_group_state_job_ended (group, group_end (stats, counter));
+      kd_delivery_push (self->delivery, &job->task);
+    }
+  else
+    {
+      finish_job (self, job, error);
+      count_ended (stats, counter, shared);
+      /* Once its done callback ran; then the job's reference goes. */
+      if (G_UNLIKELY (group != NULL))
+        {
+          kd_group_state_job_ended (group, group_end (stats, counter));
+          kd_group_state_unref (group);
+        }
+    }
+
+  /* Before the mailbox can be reaped: its count must be right if a
+   * producer revives it. */
+  if (mailbox != NULL && self->key_capacity > 0)
+    kd_key_table_job_ended (self->keys, mailbox);
+
+  if (outcome == JOB_PARK)
+    {
+      g_assert (mailbox != NULL);   /* only keyed jobs park */
+      kd_dispatcher_park_end (self, mailbox, parked);
+    }
+}
+
+/* @job ran: its handler returned @completed, or failed with @error
+ * (transfer full), which the failure policy judges. Ends it, unless it will
+ * be retried; @behind as for run_job(), @shared as for count_ended().
+ * Inlined: it is on every job's path. */
+G_ALWAYS_INLINE static inline JobOutcome
+job_returned (KdDispatcher  *self,
+              KdWorkerStats *stats,
+              KdJob         *job,
+              gboolean       completed,
+              GError        *error,
+              KdJob        **behind,
+              guint          n_behind,
+              gboolean       shared)
+{
+  JobOutcome outcome = JOB_ENDED;
+  gboolean parked = FALSE;
+  guint64 *counter;
+
+  if (completed)
+    {
+      if (G_UNLIKELY (error != NULL))
+        {
+          g_critical ("A kdispatch handler returned TRUE but set an error: %s", error->message);
+          g_clear_error (&error);
+        }
+      counter = &stats->completed;
+    }
+  else
+    {
+      outcome = kd_dispatcher_job_failed (self, stats, job, &error, behind, n_behind, &parked);
+      if (outcome == JOB_RETRY)
+        return JOB_RETRY;
+      counter = &stats->failed;
+    }
+
+  end_job (self, stats, job, error, counter, outcome, parked, shared);
+  return outcome;
+}
+
+/* job_returned(), for a deferred job's return on another thread
+ * (kd-dispatcher-defer.c), counted in @other_stats. */
+JobOutcome
+kd_dispatcher_job_returned (KdDispatcher  *self,
+                            KdJob         *job,
+                            gboolean       completed,
+                            GError        *error)
+{
+  return job_returned (self, self->other_stats, job, completed, error, NULL, 0, TRUE);
+}
+
+/* @job's handler deferred it, and what its key needs is done (the rest of
+ * its batch put back): unless it was returned already, it is out, and
+ * whoever returns it ends it (JOB_DEFERRED). If it was, it ends here, as
+ * if its handler had returned so. */
+__attribute__ ((noinline)) static JobOutcome
+settle_deferred (KdDispatcher  *self,
+                 KdWorkerStats *stats,
+                 KdJob         *job)
+{
+  GError *error = NULL;
+  gboolean completed;
+
+  if (!kd_dispatcher_settle_deferred (self, job, &completed, &error))
+    return JOB_DEFERRED;
+  return job_returned (self, stats, job, completed, error, NULL, 0, FALSE);
+}
+
 /* Runs @job's handler, or ends it cancelled if the dispatcher was cancelled
- * before it started; then ends it, unless it will be retried. @behind: the
- * jobs of @job's batch after it, which go back to the mailbox if the key
- * parks. The caller releases its unit of admission (saved beforehand: @job
- * may be gone on return) unless it will be retried. */
+ * before it started; then ends it, unless it will be retried or its handler
+ * deferred it (JOB_DEFERRED: the caller settles it, see settle_deferred()).
+ * @behind: the jobs of @job's batch after it, which go back to the mailbox
+ * if the key parks. The caller releases its unit of admission (saved
+ * beforehand: @job may be gone on return) unless it will be retried or is
+ * deferred. */
 static JobOutcome
 run_job (KdDispatcher  *self,
          KdWorkerStats *stats,
@@ -302,12 +452,10 @@ run_job (KdDispatcher  *self,
          KdJob        **behind,
          guint          n_behind)
 {
-  KdMailbox *mailbox = job->mailbox;
   KdGroupState *group = job->group;
-  JobOutcome outcome = JOB_ENDED;
-  gboolean parked = FALSE;
   GError *error = NULL;
   guint64 *counter;
+  gboolean completed;
 
   /* The cancellable itself, not our handler's flag: cancellation counts
    * from the moment g_cancellable_cancel() marks it, even while other
@@ -336,8 +484,6 @@ run_job (KdDispatcher  *self,
     }
   else
     {
-      gboolean completed;
-
       /* A key's actor state is made when the key's first job runs. */
       if (self->key_state_new != NULL && job->mailbox != NULL && !job->mailbox->has_state)
         {
@@ -352,69 +498,73 @@ run_job (KdDispatcher  *self,
       completed = self->handler (job, self->handler_data, &error);
       __atomic_store_n (&stats->running, 0, __ATOMIC_RELAXED);
 
-      if (completed)
+      /* Deferred: it ends when returned (the caller settles it). */
+      if (G_UNLIKELY (g_atomic_int_get (&job->defer) != 0))
         {
-          if (G_UNLIKELY (error != NULL))
+          if (G_UNLIKELY (!completed || error != NULL))
             {
-              g_critical ("A kdispatch handler returned TRUE but set an error: %s",
-                          error->message);
+              g_critical ("A kdispatch handler that deferred its job must return TRUE without "
+                          "an error: the job ends when it is returned");
               g_clear_error (&error);
             }
-          counter = &stats->completed;
+          return JOB_DEFERRED;
         }
-      else
-        {
-          outcome = kd_dispatcher_job_failed (self, stats, job, &error, behind, n_behind, &parked);
-          if (outcome == JOB_RETRY)
-            return JOB_RETRY;
-          counter = &stats->failed;
-        }
+
+      return job_returned (self, stats, job, completed, error, behind, n_behind, FALSE);
     }
 
-  KD_TRACE4 (job_end, self->name, KD_TRACE_KEY (job), job,
-             counter == &stats->completed ? 0 : counter == &stats->failed ? 1 : 2);
-  if (self->stage_hooks.ended != NULL)
-    self->stage_hooks.ended (job, self->stage_data);
-  if (G_UNLIKELY (group != NULL && error != NULL))
-    kd_group_state_note_error (group, error);
+  end_job (self, stats, job, error, counter, JOB_ENDED, FALSE, FALSE);
+  return JOB_ENDED;
+}
 
-  if (self->delivery != NULL)
+/* After run_mailbox() ran jobs[@i] of its batch of *@n, which did not end
+ * (@outcome): FALSE if the mailbox is no longer the caller's (the job is
+ * deferred, retried or its key parked); TRUE if the job, deferred, was
+ * returned already and ended, and the batch ends with it (*@n). Out of
+ * line: the common path only tests @outcome. */
+__attribute__ ((noinline)) static gboolean
+run_job_aftermath (KdDispatcher  *self,
+                   KdWorker      *worker,
+                   KdWorkerStats *stats,
+                   KdMailbox     *mailbox,
+                   KdJob        **jobs,
+                   guint          i,
+                   guint         *n,
+                   JobOutcome     outcome,
+                   guint          epoch)
+{
+  if (outcome == JOB_DEFERRED)
     {
-      job->error = error;
-      if (job->mailbox != NULL)
-        kd_mailbox_ref (job->mailbox);
-      kd_dispatcher_count_ended (counter);
-      /* Ended for its group once its handler returned; the job keeps its
-       * reference to the group's state for its done callback
-       * (deliver_job()). */
-      if (G_UNLIKELY (group != NULL))
-        kd_group_state_job_ended (group, group_end (stats, counter));
-      kd_delivery_push (self->delivery, &job->task);
+      /* The key waits for the job's return, holding its unit, with the
+       * rest of the batch back in the mailbox, out of the scheduler: the
+       * return schedules it again. Returned already, it ended here, and
+       * the batch ends with it (a retry or a park as below). */
+      kd_key_table_put_back (self->keys, mailbox, jobs + i + 1, *n - i - 1);
+      outcome = settle_deferred (self, stats, jobs[i]);
+      if (outcome == JOB_DEFERRED)
+        return FALSE;
+      *n = i + 1;
     }
-  else
+  if (outcome == JOB_RETRY)
     {
-      finish_job (self, job, error);
-      kd_dispatcher_count_ended (counter);
-      /* Once its done callback ran; then the job's reference goes. */
-      if (G_UNLIKELY (group != NULL))
-        {
-          kd_group_state_job_ended (group, group_end (stats, counter));
-          kd_group_state_unref (group);
-        }
+      /* The job goes back to the head of its key, the key's later jobs
+       * wait behind it, and no worker waits with them: the mailbox leaves
+       * the scheduler until the retry is due. */
+      gint64 due_time = kd_dispatcher_retry_due_time (self, jobs[i]);
+
+      kd_key_table_put_back (self->keys, mailbox, jobs + i, *n - i);
+      kd_scheduler_push_at (kd_worker_get_scheduler (worker), kd_mailbox_get_task (mailbox),
+                            due_time);
+      return FALSE;
     }
-
-  /* Before the mailbox can be reaped: its count must be right if a
-   * producer revives it. */
-  if (mailbox != NULL && self->key_capacity > 0)
-    kd_key_table_job_ended (self->keys, mailbox);
-
   if (outcome == JOB_PARK)
     {
-      g_assert (mailbox != NULL);   /* only keyed jobs park */
-      kd_dispatcher_park_end (self, mailbox, parked);
+      /* The rest of the batch went back to the parked mailbox, which is
+       * no longer ours. */
+      release_job (self, worker, epoch);
+      return FALSE;
     }
-
-  return outcome;
+  return TRUE;
 }
 
 /* Holds @mailbox: runs its jobs in order, up to MAILBOX_BUDGET, then reaps
@@ -428,13 +578,24 @@ run_mailbox (KdDispatcher  *self,
   KdJob *jobs[MAILBOX_BUDGET];
   guint n = kd_key_table_pop (self->keys, mailbox, jobs, MAILBOX_BUDGET);
   guint ran = 0;
+  guint last_epoch = 0;
+
+  /* Scheduled by the return of its deferred job, whose unit it carries:
+   * released now if jobs keep the key pending, or after the reaping. */
+  if (G_UNLIKELY (mailbox->carries_unit))
+    {
+      mailbox->carries_unit = FALSE;
+      if (n > 0)
+        release_job (self, worker, mailbox->carried_epoch);
+      else
+        last_epoch = mailbox->carried_epoch;
+    }
 
   for (;;)
     {
       gboolean reaped, keep_state;
       KdMailbox *evicted;
       gpointer evicted_state = NULL;
-      guint last_epoch = 0;
       guint i;
 
       for (i = 0; i < n; i++)
@@ -442,25 +603,9 @@ run_mailbox (KdDispatcher  *self,
           guint epoch = jobs[i]->epoch;
           JobOutcome outcome = run_job (self, stats, jobs[i], jobs + i + 1, n - i - 1);
 
-          if (G_UNLIKELY (outcome == JOB_RETRY))
-            {
-              /* The job goes back to the head of its key, the key's later
-               * jobs wait behind it, and no worker waits with them: the
-               * mailbox leaves the scheduler until the retry is due. */
-              gint64 due_time = kd_dispatcher_retry_due_time (self, jobs[i]);
-
-              kd_key_table_put_back (self->keys, mailbox, jobs + i, n - i);
-              kd_scheduler_push_at (kd_worker_get_scheduler (worker),
-                                    kd_mailbox_get_task (mailbox), due_time);
-              return;
-            }
-          if (G_UNLIKELY (outcome == JOB_PARK))
-            {
-              /* The rest of the batch went back to the parked mailbox,
-               * which is no longer ours. */
-              release_job (self, worker, epoch);
-              return;
-            }
+          if (G_UNLIKELY (outcome != JOB_ENDED) &&
+              !run_job_aftermath (self, worker, stats, mailbox, jobs, i, &n, outcome, epoch))
+            return;
 
           /* The batch's last unit goes after the reaping, below. */
           if (i + 1 < n)
@@ -520,16 +665,26 @@ run_task (KdTask   *task,
   else
     {
       KdJob *job = (KdJob *) task;
+      JobOutcome outcome;
       guint epoch;
 
       if (G_UNLIKELY (job->ticket != NULL && job->attempt == 0))
         self->stage_hooks.claim (job, self->stage_data);
       epoch = job->epoch;
 
-      while (G_UNLIKELY (run_job (self, stats, job, NULL, 0) == JOB_RETRY))
+      for (;;)
         {
-          KdScheduler *scheduler = kd_worker_get_scheduler (worker);
+          KdScheduler *scheduler;
 
+          outcome = run_job (self, stats, job, NULL, 0);
+          if (G_LIKELY (outcome == JOB_ENDED))
+            break;
+          if (outcome == JOB_DEFERRED)
+            outcome = settle_deferred (self, stats, job);
+          if (outcome != JOB_RETRY)
+            break;
+
+          scheduler = kd_worker_get_scheduler (worker);
           if (job->ticket == NULL)
             {
               kd_scheduler_push_at (scheduler, task, kd_dispatcher_retry_due_time (self, job));
@@ -541,7 +696,9 @@ run_task (KdTask   *task,
            * a worker (see kd-reorder.c). */
           kd_scheduler_sleep_until (scheduler, kd_dispatcher_retry_due_time (self, job));
         }
-      release_job (self, worker, epoch);
+      /* A deferred job keeps its unit until it is returned. */
+      if (G_LIKELY (outcome != JOB_DEFERRED))
+        release_job (self, worker, epoch);
     }
 }
 
@@ -1047,7 +1204,13 @@ shutdown_sync (KdDispatcher *self)
   kd_dispatcher_close (self);
   /* Nobody can resume a parked key any more. */
   kd_dispatcher_drop_parked (self);
+  if (g_atomic_int_get (&self->n_deferred) > 0)
+    g_warning ("kdispatch: the last unref of dispatcher %s waits for %d deferred jobs to be "
+               "returned (kd_job_return_success() or kd_job_return_error())",
+               self->name != NULL ? self->name : "(unnamed)", g_atomic_int_get (&self->n_deferred));
   kd_admission_wait (&self->admission, NULL, NULL);
+  /* The threads that returned the last jobs are done with us. */
+  kd_dispatcher_wait_returners (self);
 
   /* Closed and drained. (Telling the workers again is harmless, and needed
    * if they were started by kd_dispatcher_start() while the close that
@@ -1134,6 +1297,8 @@ kd_dispatcher_finalize (GObject *object)
   kd_result_registry_free (self->results);
   g_mutex_clear (&self->async_lock);
   g_mutex_clear (&self->delayed_lock);
+  g_mutex_clear (&self->returning_lock);
+  g_cond_clear (&self->returning_cond);
   g_clear_pointer (&self->delayed_per_key, g_hash_table_unref);
 
   kd_parked_keys_clear (&self->parked);
@@ -1203,6 +1368,8 @@ kd_dispatcher_init (KdDispatcher *self)
   self->failure_policy = KD_FAILURE_CONTINUE;
   kd_parked_keys_init (&self->parked);
   g_mutex_init (&self->delayed_lock);
+  g_mutex_init (&self->returning_lock);
+  g_cond_init (&self->returning_cond);
   kd_admission_init (&self->admission, DEFAULT_CAPACITY, 0);
   g_mutex_init (&self->start_lock);
   g_cond_init (&self->start_cond);

@@ -37,6 +37,17 @@ struct _KdJob
   guint         attempt;     /* runs so far, this one included */
   gboolean      handed_over; /* kd_job_emit() passed the item on: do not free it */
   gboolean      dropped;     /* its parked key was dropped: end it cancelled */
+  gint          defer;       /* atomic: KD_DEFER_* (kd-dispatcher-defer.c) */
+};
+
+/* A deferred job's progress: its handler deferred it, its handler
+ * returned, it was returned. Whoever sets the last of the two latter ends
+ * it. */
+enum
+{
+  KD_DEFER_ASKED = 1 << 0,
+  KD_DEFER_HANDLER_DONE = 1 << 1,
+  KD_DEFER_RETURNED = 1 << 2,
 };
 
 /* A job is its task: queues link jobs through their task header. */

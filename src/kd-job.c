@@ -19,7 +19,8 @@
  * [method@Kd.Job.emit] to pass items on.
  *
  * A job belongs to the dispatcher; it is valid only during the handler or
- * the done callback it was given to.
+ * the done callback it was given to, or, once its handler deferred it
+ * ([method@Kd.Job.defer]), until it is returned.
  *
  * Since: 0.1
  */
@@ -43,6 +44,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->item = item;
   job->handed_over = FALSE;
   job->dropped = FALSE;
+  job->defer = 0;
   job->attempt = 0;
   job->error = NULL;
   job->epoch = epoch;

@@ -53,6 +53,12 @@ struct _KdMailbox
   gpointer   state;
   gboolean   has_state;
 
+  /* The unit of a deferred job returned while the mailbox waited for it
+   * out of the scheduler: set by the return before it schedules the
+   * mailbox, released by the next run (kd-dispatcher-defer.c) */
+  gboolean   carries_unit;
+  guint      carried_epoch;
+
   /* With a per-key bound: jobs queued or running (added under the shard
    * lock, taken away atomically by the runner) */
   guint      n_jobs;

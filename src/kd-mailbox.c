@@ -66,6 +66,7 @@ kd_mailbox_set_key (KdMailbox   *self,
   self->head = NULL;
   self->tail = NULL;
   self->dormant = FALSE;
+  self->carries_unit = FALSE;
   self->dormant_link = (KdLruLink) { NULL, NULL };
   self->ref_count = 1;
 }

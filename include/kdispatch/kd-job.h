@@ -32,6 +32,18 @@ gpointer      kd_job_get_worker_data (KdJob *job);
 KD_AVAILABLE_IN_ALL
 guint         kd_job_get_attempt     (KdJob *job);
 KD_AVAILABLE_IN_ALL
+void          kd_job_defer           (KdJob       *job);
+KD_AVAILABLE_IN_ALL
+void          kd_job_return_success  (KdJob       *job);
+KD_AVAILABLE_IN_ALL
+void          kd_job_return_error    (KdJob       *job,
+                                      GError      *error);
+KD_AVAILABLE_IN_ALL
+void          kd_job_return_error_literal (KdJob      *job,
+                                           GQuark      domain,
+                                           gint        code,
+                                           const char *message);
+KD_AVAILABLE_IN_ALL
 gboolean      kd_job_emit            (KdJob       *job,
                                       const char  *key,
                                       gpointer     item,

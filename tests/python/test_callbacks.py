@@ -140,9 +140,58 @@ def test_groups_and_delays():
           str(cancellables))
 
 
+def test_deferred():
+    loop = GLib.MainLoop()
+    lock = threading.Lock()
+    last = {}
+    state = {'out_of_order': 0, 'ended': 0, 'failed': 0}
+    total = 60
+
+    def return_it(job):
+        # On the main loop: item 1003 fails, the others complete.
+        if job.get_item() == 1003:
+            job.return_error_literal(GLib.quark_from_string('test'), 1, 'refused')
+        else:
+            job.return_success()
+        return GLib.SOURCE_REMOVE
+
+    def handler(job):
+        key, item = job.get_key(), job.get_item()
+        with lock:
+            if item % 1000 != last.get(key, 0) + 1:
+                state['out_of_order'] += 1
+            last[key] = item % 1000
+        job.defer()
+        GLib.timeout_add(1, return_it, job)
+        return True
+
+    def done(job, error):
+        state['ended'] += 1
+        if error is not None:
+            state['failed'] += 1
+        if state['ended'] == total:
+            loop.quit()
+
+    dispatcher = Kd.Dispatcher.new(1, handler)
+    dispatcher.set_done_func(done)
+    for n in range(1, total // 3 + 1):
+        for k in range(3):
+            dispatcher.submit('k%d' % k, k * 1000 + n)
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    dispatcher.wait()
+    stats = dispatcher.get_stats()
+    check('deferred: jobs returned from GLib.timeout_add callbacks end in per-key order',
+          state['ended'] == total and state['out_of_order'] == 0, str(state))
+    check('deferred: a job returned with an error fails, the others complete',
+          state['failed'] == 1 and stats.completed == total - 1 and stats.failed == 1,
+          '%s %d %d' % (state, stats.completed, stats.failed))
+
+
 test_pipeline_emit_and_sink()
 test_workers()
 test_failure_callbacks()
 test_groups_and_delays()
+test_deferred()
 print('1..%d' % len(results))
 sys.exit(0 if all(results) else 1)

@@ -1,0 +1,259 @@
+/* kd-dispatcher-defer.c: jobs that end later than their handler returns
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * DESIGN
+ *
+ * A handler that starts asynchronous work (a socket write, a D-Bus call)
+ * calls kd_job_defer() and returns: the job does not end then, and its
+ * worker goes on with other tasks. The job ends when the application
+ * returns it (kd_job_return_success() or _error(), from any thread), as a
+ * handler's return would have ended it: the failure policy judges an
+ * error, then the done callback, the item-free and the release of its
+ * unit. Until then it is pending: its unit counts in the bound, wait()
+ * waits for it, and its key stays held (the mailbox waits out of the
+ * scheduler with the rest of its batch put back, as for a retry).
+ *
+ * The handler's return and the application's can come in either order,
+ * on different threads: each sets its bit in the job's @defer word, and
+ * whoever sets the second ends the job. A job returned before its handler
+ * returned ends on its worker, as any job does; one returned later ends
+ * on the returning thread (end_returned()). There its key's mailbox is
+ * scheduled again carrying the job's unit, which the next worker to run
+ * it releases once the mailbox was reaped or its next jobs taken
+ * (run_mailbox()), so that a wait() that returns never sees the key live;
+ * an unkeyed job's unit is released at once. A retry puts the job back at
+ * the head of its key (or alone) in the scheduler's timer.
+ *
+ * A returning thread may hold no reference to the dispatcher, whose last
+ * unref waits for every pending job: the return counts itself in
+ * @n_returning before the job's unit can be released, and the shutdown
+ * waits for it to finish touching the dispatcher
+ * (kd_dispatcher_wait_returners()). A last unref that finds deferred jobs
+ * out says so in a warning before it waits for them.
+ *
+ * Not in a pipeline's stages: a stage's jobs may emit until they end, in
+ * order for an ordered stage, which this does not handle yet.
+ */
+
+#include "config.h"
+
+#include "kd-dispatcher-internal.h"
+
+/* The application returned @job after its handler returned: it ends here,
+ * on the returning thread. */
+static void
+end_returned (KdDispatcher *self,
+              KdJob        *job)
+{
+  KdMailbox *mailbox = job->mailbox;
+  guint epoch = job->epoch;
+  GError *error = g_steal_pointer (&job->error);
+  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+  JobOutcome outcome;
+
+  kd_mutex_lock (&self->returning_lock);
+  self->n_returning++;
+  kd_mutex_unlock (&self->returning_lock);
+
+  job->defer = 0;
+  g_atomic_int_add (&self->n_deferred, -1);
+  outcome = kd_dispatcher_job_returned (self, job, error == NULL, error);
+
+  if (outcome == JOB_RETRY)
+    {
+      gint64 due_time = kd_dispatcher_retry_due_time (self, job);
+
+      if (mailbox != NULL)
+        {
+          kd_key_table_put_back (self->keys, mailbox, &job, 1);
+          kd_scheduler_push_at (scheduler, kd_mailbox_get_task (mailbox), due_time);
+        }
+      else
+        kd_scheduler_push_at (scheduler, &job->task, due_time);
+    }
+  else if (outcome == JOB_ENDED && mailbox != NULL)
+    {
+      mailbox->carries_unit = TRUE;
+      mailbox->carried_epoch = epoch;
+      kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
+    }
+  else
+    {
+      /* Unkeyed, or its key parked (the mailbox is no longer ours). */
+      kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
+    }
+
+  kd_mutex_lock (&self->returning_lock);
+  if (--self->n_returning == 0)
+    g_cond_broadcast (&self->returning_cond);
+  kd_mutex_unlock (&self->returning_lock);
+}
+
+/* By @job's worker once its handler returned, having deferred it, and its
+ * key's later jobs are back in the mailbox: FALSE if the job is still out
+ * (the return will end it, and may schedule the mailbox at once); TRUE if
+ * it was returned already, with *@completed and *@error (transfer full)
+ * set from the return, for the worker to end it. */
+gboolean
+kd_dispatcher_settle_deferred (KdDispatcher  *self,
+                               KdJob         *job,
+                               gboolean      *completed,
+                               GError       **error)
+{
+  gint was;
+
+  was = g_atomic_int_or (&job->defer, KD_DEFER_HANDLER_DONE);
+  if (!(was & KD_DEFER_RETURNED))
+    return FALSE;
+
+  job->defer = 0;
+  g_atomic_int_add (&self->n_deferred, -1);
+  *error = g_steal_pointer (&job->error);
+  *completed = *error == NULL;
+  return TRUE;
+}
+
+/* Before the shutdown lets the workers go and frees the dispatcher: the
+ * threads still ending a returned job are done with it. */
+void
+kd_dispatcher_wait_returners (KdDispatcher *self)
+{
+  kd_mutex_lock (&self->returning_lock);
+  while (self->n_returning > 0)
+    kd_cond_wait (&self->returning_cond, &self->returning_lock);
+  kd_mutex_unlock (&self->returning_lock);
+}
+
+/**
+ * kd_job_defer:
+ * @job: a job, as passed to its handler
+ *
+ * Makes the job end later than its handler returns: when it is returned
+ * with kd_job_return_success() or kd_job_return_error(), from any thread,
+ * exactly once. Call it from the handler, which then returns %TRUE at
+ * once, leaving its worker free for other jobs while, say, an asynchronous
+ * write or D-Bus call the handler started is under way.
+ *
+ * Until it is returned the job is pending as if it were running: its key's
+ * later jobs wait (per-key order holds), its unit counts in the bound,
+ * kd_dispatcher_wait() waits for it, and its item and key state stay
+ * valid. Cancelling the dispatcher does not end it: its cancellable
+ * (kd_job_get_cancellable()) is cancelled, and the job is returned, say
+ * with the %G_IO_ERROR_CANCELLED its operation failed with. The last
+ * unref of the dispatcher waits for every deferred job, and says so in a
+ * warning if some are out.
+ *
+ * Not for the jobs of a pipeline's stages.
+ *
+ * Since: 0.1
+ */
+void
+kd_job_defer (KdJob *job)
+{
+  KdDispatcher *self;
+
+  g_return_if_fail (job != NULL);
+  self = job->dispatcher;
+  if (self->stage_hooks.ended != NULL)
+    {
+      g_critical ("kd_job_defer: a pipeline stage's job cannot be deferred");
+      return;
+    }
+  if (g_atomic_int_get (&job->defer) != 0)
+    {
+      g_critical ("kd_job_defer: the job is deferred already");
+      return;
+    }
+
+  g_atomic_int_inc (&self->n_deferred);
+  g_atomic_int_set (&job->defer, KD_DEFER_ASKED);
+}
+
+/* Returns @job with @error (transfer full; NULL: it completed). */
+static void
+return_job (KdJob  *job,
+            GError *error)
+{
+  gint was;
+
+  if (g_atomic_int_get (&job->defer) != KD_DEFER_ASKED &&
+      g_atomic_int_get (&job->defer) != (KD_DEFER_ASKED | KD_DEFER_HANDLER_DONE))
+    {
+      g_critical ("A kdispatch job was returned that was not deferred, or returned twice");
+      g_clear_error (&error);
+      return;
+    }
+
+  /* Published to the handler's worker, or to ourselves, by the atomic or. */
+  job->error = error;
+  was = g_atomic_int_or (&job->defer, KD_DEFER_RETURNED);
+  if (was & KD_DEFER_HANDLER_DONE)
+    end_returned (job->dispatcher, job);
+}
+
+/**
+ * kd_job_return_success:
+ * @job: a deferred job (kd_job_defer())
+ *
+ * Ends a deferred job as completed, as a handler returning %TRUE does: its
+ * done callback and item-free run (on this thread, or in the dispatcher's
+ * main context), its unit is released, and its key's next job may start.
+ * Any thread; once per deferred job. @job is not valid afterwards.
+ *
+ * Since: 0.1
+ */
+void
+kd_job_return_success (KdJob *job)
+{
+  g_return_if_fail (job != NULL);
+
+  return_job (job, NULL);
+}
+
+/**
+ * kd_job_return_error:
+ * @job: a deferred job (kd_job_defer())
+ * @error: (transfer full): why it failed
+ *
+ * Ends a deferred job as failed with @error, as a handler returning %FALSE
+ * does: the dispatcher's failure policy applies (a retry runs the handler
+ * again, in the key's order; a dead letter; a parked key), then the done
+ * callback sees @error. Any thread; once per deferred job. @job is not
+ * valid afterwards.
+ *
+ * Since: 0.1
+ */
+void
+kd_job_return_error (KdJob  *job,
+                     GError *error)
+{
+  g_return_if_fail (job != NULL);
+  g_return_if_fail (error != NULL);
+
+  return_job (job, error);
+}
+
+/**
+ * kd_job_return_error_literal:
+ * @job: a deferred job (kd_job_defer())
+ * @domain: the error's domain
+ * @code: its code
+ * @message: its message
+ *
+ * kd_job_return_error() with an error made of @domain, @code and
+ * @message, for language bindings.
+ *
+ * Since: 0.1
+ */
+void
+kd_job_return_error_literal (KdJob      *job,
+                             GQuark      domain,
+                             gint        code,
+                             const char *message)
+{
+  g_return_if_fail (job != NULL);
+  g_return_if_fail (message != NULL);
+
+  return_job (job, g_error_new_literal (domain, code, message));
+}

@@ -1,0 +1,545 @@
+/* test-defer.c: jobs that end when the application returns them
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+
+#include "config.h"
+
+#include <kdispatch/kdispatch.h>
+#include <string.h>
+
+#include "kd-sync-private.h"
+#include "kd-test-util.h"
+
+#define N_KEYS 16
+
+/* Items: key * 100000 + number within the key (from 1); key N_KEYS: no
+ * key. The handler checks each key's order and that no two of a key's jobs
+ * are out at once, then defers the job to @out, for the test or a returner
+ * thread; items listed in @fail_first fail their first attempts. */
+typedef struct
+{
+  GMutex         lock;
+  KdDispatcher  *dispatcher;
+  GAsyncQueue   *out;
+  guint          next[N_KEYS];
+  gboolean       busy[N_KEYS];
+  gint           out_of_order;
+  gint           overlap;
+  gint           in_handler_returns;  /* 1: return success inside the handler; 2: an error */
+  KdTestGate    *returned_gate;       /* the handler waits here after handing the job out */
+  guint          fail_attempts;       /* the returner fails attempts below this */
+  KdTestCounter  deferred;
+  KdTestCounter  ended;
+  gint           completed;
+  gint           failed;
+  gint           cancelled;
+  gint           started_key0;        /* jobs of key 0 whose handler started */
+} Fixture;
+
+static char *
+key_of (guint item)
+{
+  return item / 100000 < N_KEYS ? g_strdup_printf ("k%u", item / 100000) : NULL;
+}
+
+static gboolean
+handler (KdJob    *job,
+         gpointer  user_data,
+         GError  **error)
+{
+  Fixture *f = user_data;
+  guint item = GPOINTER_TO_UINT (kd_job_get_item (job));
+  guint key = item / 100000;
+
+  if (key < N_KEYS)
+    {
+      kd_mutex_lock (&f->lock);
+      if (kd_job_get_attempt (job) == 1)
+        {
+          if (item % 100000 != f->next[key] + 1)
+            f->out_of_order++;
+          f->next[key] = item % 100000;
+        }
+      if (f->busy[key])
+        f->overlap++;
+      f->busy[key] = TRUE;
+      if (key == 0)
+        f->started_key0++;
+      kd_mutex_unlock (&f->lock);
+    }
+
+  kd_job_defer (job);
+  kd_test_counter_add (&f->deferred, 1);
+  if (f->in_handler_returns == 1)
+    kd_job_return_success (job);
+  else if (f->in_handler_returns == 2)
+    kd_job_return_error_literal (job, G_IO_ERROR, G_IO_ERROR_FAILED, "failed at once");
+  else
+    {
+      /* Handed over through GLib's queue, which TSan does not see. */
+      kd_tsan_release (job);
+      g_async_queue_push (f->out, job);
+    }
+  if (f->returned_gate != NULL)
+    g_assert_true (kd_test_gate_wait (f->returned_gate));
+  return TRUE;
+}
+
+static void
+done (KdJob        *job,
+      const GError *error,
+      gpointer      user_data)
+{
+  Fixture *f = user_data;
+
+  if (error == NULL)
+    g_atomic_int_inc (&f->completed);
+  else if (g_error_matches (error, G_IO_ERROR, G_IO_ERROR_CANCELLED))
+    g_atomic_int_inc (&f->cancelled);
+  else
+    g_atomic_int_inc (&f->failed);
+  kd_test_counter_add (&f->ended, 1);
+}
+
+static void
+fixture_init (Fixture *f,
+              guint    n_workers,
+              guint    capacity)
+{
+  memset (f, 0, sizeof *f);
+  g_mutex_init (&f->lock);
+  f->out = g_async_queue_new ();
+  kd_test_counter_init (&f->deferred);
+  kd_test_counter_init (&f->ended);
+  f->dispatcher = kd_dispatcher_new (n_workers, handler, f, NULL);
+  kd_dispatcher_set_capacity (f->dispatcher, capacity);
+  kd_dispatcher_set_done_func (f->dispatcher, done, f, NULL);
+}
+
+static void
+fixture_clear (Fixture *f)
+{
+  g_clear_object (&f->dispatcher);
+  g_assert_cmpint (g_async_queue_length (f->out), ==, 0);
+  g_async_queue_unref (f->out);
+  kd_test_counter_clear (&f->deferred);
+  kd_test_counter_clear (&f->ended);
+  g_mutex_clear (&f->lock);
+}
+
+static void
+submit (Fixture *f,
+        guint    item)
+{
+  g_autofree char *key = key_of (item);
+
+  g_assert_true (kd_dispatcher_submit (f->dispatcher, key, GUINT_TO_POINTER (item), NULL));
+}
+
+/* Returns one job the handler handed out: its key is free again. */
+static void
+return_job (Fixture *f,
+            KdJob   *job,
+            GError  *error)
+{
+  guint item = GPOINTER_TO_UINT (kd_job_get_item (job));
+
+  if (item / 100000 < N_KEYS)
+    {
+      kd_mutex_lock (&f->lock);
+      f->busy[item / 100000] = FALSE;
+      kd_mutex_unlock (&f->lock);
+    }
+  if (error != NULL)
+    kd_job_return_error (job, error);
+  else
+    kd_job_return_success (job);
+}
+
+static KdJob *
+pop_out (Fixture *f)
+{
+  KdJob *job = g_async_queue_timeout_pop (f->out, KD_TEST_DEADLINE_US);
+
+  g_assert_nonnull (job);
+  kd_tsan_acquire (job);
+  return job;
+}
+
+static void
+test_worker_free (void)
+{
+  Fixture f;
+  KdStats stats;
+  guint k;
+
+  g_test_summary ("With one worker, the jobs of 16 keys are all deferred at once: a deferred job "
+                  "holds no worker; they are pending until returned, then end completed");
+
+  fixture_init (&f, 1, 64);
+  for (k = 0; k < N_KEYS; k++)
+    submit (&f, k * 100000 + 1);
+  g_assert_true (kd_test_counter_wait (&f.deferred, N_KEYS));
+  kd_dispatcher_get_stats (f.dispatcher, &stats);
+  g_assert_cmpuint (stats.pending, ==, N_KEYS);
+  g_assert_cmpuint (stats.completed, ==, 0);
+  g_assert_false (kd_dispatcher_wait_until (f.dispatcher, g_get_monotonic_time ()));
+
+  for (k = 0; k < N_KEYS; k++)
+    return_job (&f, pop_out (&f), NULL);
+  kd_dispatcher_wait (f.dispatcher);
+  kd_dispatcher_get_stats (f.dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, N_KEYS);
+  g_assert_cmpuint (stats.pending, ==, 0);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+  g_assert_cmpint (f.completed, ==, N_KEYS);
+  fixture_clear (&f);
+}
+
+typedef struct
+{
+  Fixture *f;
+  guint    total;
+} Returner;
+
+/* Returns the jobs handed out, a few at a time in reverse order. */
+static gpointer
+returner_main (gpointer data)
+{
+  Returner *r = data;
+  guint returned = 0;
+
+  while (returned < r->total)
+    {
+      KdJob *batch[8];
+      guint n = 0, i;
+
+      batch[n++] = pop_out (r->f);
+      while (n < G_N_ELEMENTS (batch) && (batch[n] = g_async_queue_try_pop (r->f->out)) != NULL)
+        kd_tsan_acquire (batch[n++]);
+      for (i = n; i > 0; i--)
+        {
+          KdJob *job = batch[i - 1];
+          GError *error = NULL;
+
+          if (kd_job_get_attempt (job) < r->f->fail_attempts)
+            error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED, "not yet");
+          else
+            returned++;
+          return_job (r->f, job, error);
+        }
+    }
+  return NULL;
+}
+
+static void
+run_with_returner (guint fail_attempts)
+{
+  Fixture f;
+  Returner r;
+  GThread *thread;
+  guint n_per_key = kd_test_size (100, 1000), i, k;
+  KdStats stats;
+
+  fixture_init (&f, 2, 256);
+  f.fail_attempts = fail_attempts;
+  if (fail_attempts > 0)
+    kd_dispatcher_set_retry (f.dispatcher, fail_attempts, 0, 0);
+  r.f = &f;
+  r.total = (N_KEYS + 1) * n_per_key;
+  thread = g_thread_new ("returner", returner_main, &r);
+
+  for (i = 1; i <= n_per_key; i++)
+    for (k = 0; k < N_KEYS; k++)
+      {
+        submit (&f, k * 100000 + i);
+        if (k == 0)
+          submit (&f, N_KEYS * 100000 + i);   /* unkeyed */
+      }
+  kd_dispatcher_wait (f.dispatcher);
+  g_thread_join (thread);
+
+  g_assert_cmpint (f.out_of_order, ==, 0);
+  g_assert_cmpint (f.overlap, ==, 0);
+  g_assert_cmpint (f.completed, ==, (gint) r.total);
+  g_assert_cmpint (f.failed, ==, 0);
+  kd_dispatcher_get_stats (f.dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, r.total);
+  g_assert_cmpuint (stats.retried, ==, (guint64) r.total * (fail_attempts > 0 ? fail_attempts - 1 : 0));
+  g_assert_cmpuint (stats.pending, ==, 0);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+  fixture_clear (&f);
+}
+
+static void
+test_returned_from_thread (void)
+{
+  g_test_summary ("Keyed and unkeyed jobs deferred and returned from another thread, several "
+                  "at a time in reverse order: each key's jobs still run one at a time in order, "
+                  "every job ends once, and the counters add up");
+  run_with_returner (0);
+}
+
+static void
+test_retry (void)
+{
+  g_test_summary ("A deferred job returned with an error is retried by the failure policy, in its "
+                  "key's order: with 3 attempts, each job fails twice and completes the third time");
+  run_with_returner (3);
+}
+
+static void
+test_key_held (void)
+{
+  Fixture f;
+  KdJob *first;
+  guint i;
+
+  g_test_summary ("A key stays held until its deferred job is returned: its next job does not "
+                  "start while 100 jobs of other keys, submitted after it, run; it runs once the "
+                  "first is returned");
+
+  fixture_init (&f, 2, 256);
+  submit (&f, 1);   /* key 0, job 1 */
+  first = pop_out (&f);
+  submit (&f, 2);   /* key 0, job 2: waits */
+  for (i = 1; i <= 100; i++)
+    {
+      submit (&f, 100000 + i);   /* key 1 */
+      return_job (&f, pop_out (&f), NULL);
+    }
+  g_assert_true (kd_test_counter_wait (&f.ended, 100));
+  g_assert_cmpint (g_atomic_int_get (&f.started_key0), ==, 1);
+
+  return_job (&f, first, NULL);
+  return_job (&f, pop_out (&f), NULL);
+  kd_dispatcher_wait (f.dispatcher);
+  g_assert_cmpint (f.started_key0, ==, 2);
+  g_assert_cmpint (f.out_of_order, ==, 0);
+  g_assert_cmpint (f.overlap, ==, 0);
+  g_assert_cmpint (f.completed, ==, 102);
+  fixture_clear (&f);
+}
+
+static void
+test_bound (void)
+{
+  Fixture f;
+  g_autoptr (GError) error = NULL;
+
+  g_test_summary ("A deferred job holds its unit of the bound: at capacity 2 with two deferred, "
+                  "a try_submit is refused with KD_ERROR_FULL; once one is returned, a submit "
+                  "gets its room");
+
+  fixture_init (&f, 1, 2);
+  submit (&f, 1);
+  submit (&f, N_KEYS * 100000 + 1);
+  g_assert_true (kd_test_counter_wait (&f.deferred, 2));
+  g_assert_false (kd_dispatcher_try_submit (f.dispatcher, "k2", GUINT_TO_POINTER (200001), &error));
+  g_assert_error (error, KD_ERROR, KD_ERROR_FULL);
+  g_clear_error (&error);
+
+  return_job (&f, pop_out (&f), NULL);
+  g_assert_true (kd_dispatcher_submit_timeout (f.dispatcher, "k2", GUINT_TO_POINTER (200001),
+                                               KD_TEST_DEADLINE_US, &error));
+  g_assert_no_error (error);
+  return_job (&f, pop_out (&f), NULL);
+  return_job (&f, pop_out (&f), NULL);
+  kd_dispatcher_wait (f.dispatcher);
+  g_assert_cmpint (f.completed, ==, 3);
+  fixture_clear (&f);
+}
+
+static void
+test_returned_in_handler (void)
+{
+  Fixture f;
+  KdStats stats;
+
+  g_test_summary ("A job returned inside its handler, before the handler returned, ends once when "
+                  "the handler returns, with the outcome it was returned with");
+
+  fixture_init (&f, 1, 16);
+  f.in_handler_returns = 1;
+  submit (&f, 1);
+  submit (&f, 2);
+  kd_dispatcher_wait (f.dispatcher);
+  f.in_handler_returns = 2;
+  submit (&f, 3);
+  kd_dispatcher_wait (f.dispatcher);
+  kd_dispatcher_get_stats (f.dispatcher, &stats);
+  g_assert_cmpint (f.completed, ==, 2);
+  g_assert_cmpint (f.failed, ==, 1);
+  g_assert_cmpuint (stats.completed, ==, 2);
+  g_assert_cmpuint (stats.failed, ==, 1);
+  fixture_clear (&f);
+}
+
+typedef struct
+{
+  Fixture    *f;
+  KdTestGate *gate;
+} EarlyReturner;
+
+static gpointer
+early_returner_main (gpointer data)
+{
+  EarlyReturner *r = data;
+
+  return_job (r->f, pop_out (r->f), NULL);
+  kd_test_gate_open (r->gate);
+  return NULL;
+}
+
+static void
+test_returned_while_handler_runs (void)
+{
+  Fixture f;
+  KdTestGate gate;
+  EarlyReturner r = { &f, &gate };
+  GThread *thread;
+
+  g_test_summary ("A job returned by another thread while its handler still runs ends once, on "
+                  "its worker, after the handler returned");
+
+  fixture_init (&f, 1, 16);
+  kd_test_gate_init (&gate);
+  f.returned_gate = &gate;
+  thread = g_thread_new ("early-returner", early_returner_main, &r);
+  submit (&f, 1);
+  g_thread_join (thread);
+  kd_dispatcher_wait (f.dispatcher);
+  g_assert_cmpint (f.completed, ==, 1);
+  g_assert_cmpuint (kd_test_counter_get (&f.ended), ==, 1);
+  f.returned_gate = NULL;
+  fixture_clear (&f);
+  kd_test_gate_clear (&gate);
+}
+
+static void
+test_cancel (void)
+{
+  Fixture f;
+  KdJob *first;
+  KdStats stats;
+
+  g_test_summary ("Cancelling the dispatcher while a job is deferred cancels the job's cancellable "
+                  "and leaves the job to its return; the key's later jobs end cancelled after it");
+
+  fixture_init (&f, 2, 16);
+  submit (&f, 1);
+  first = pop_out (&f);
+  submit (&f, 2);
+  submit (&f, 3);
+  g_cancellable_cancel (kd_dispatcher_get_cancellable (f.dispatcher));
+  g_assert_true (g_cancellable_is_cancelled (kd_job_get_cancellable (first)));
+  g_assert_false (kd_dispatcher_wait_until (f.dispatcher, g_get_monotonic_time ()));
+
+  return_job (&f, first, g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED, "gave up"));
+  kd_dispatcher_wait (f.dispatcher);
+  kd_dispatcher_get_stats (f.dispatcher, &stats);
+  g_assert_cmpint (f.cancelled, ==, 3);
+  g_assert_cmpint (f.started_key0, ==, 1);
+  g_assert_cmpuint (stats.cancelled, ==, 2);
+  g_assert_cmpuint (stats.failed, ==, 1);
+  fixture_clear (&f);
+}
+
+static KdTestGate *warned;
+
+/* The warning of a last unref that waits for a deferred job (not fatal
+ * here: the test expects it). */
+static void
+on_unref_warning (const gchar    *log_domain,
+                  GLogLevelFlags  log_level,
+                  const gchar    *message,
+                  gpointer        user_data)
+{
+  if (strstr (message, "waits for 1 deferred jobs") != NULL)
+    kd_test_gate_open (warned);
+  else
+    g_error ("unexpected warning: %s", message);
+}
+
+static gpointer
+unref_main (gpointer data)
+{
+  g_object_unref (data);
+  return NULL;
+}
+
+static void
+test_last_unref_warns (void)
+{
+  Fixture f;
+  KdTestGate gate;
+  GThread *thread;
+  KdJob *job;
+  GLogLevelFlags fatal;
+  guint handler_id;
+
+  g_test_summary ("A last unref with a deferred job out says so in a warning, then waits for the "
+                  "job's return; the job ends and the unref completes");
+
+  fixture_init (&f, 1, 16);
+  kd_test_gate_init (&gate);
+  warned = &gate;
+  fatal = g_log_set_always_fatal (G_LOG_FATAL_MASK | G_LOG_LEVEL_CRITICAL);
+  handler_id = g_log_set_handler ("kdispatch", G_LOG_LEVEL_WARNING, on_unref_warning, NULL);
+  submit (&f, 1);
+  job = pop_out (&f);
+  thread = g_thread_new ("unref", unref_main, g_steal_pointer (&f.dispatcher));
+  g_assert_true (kd_test_gate_wait (&gate));
+  return_job (&f, job, NULL);
+  g_thread_join (thread);
+  g_log_remove_handler ("kdispatch", handler_id);
+  g_log_set_always_fatal (fatal);
+  g_assert_cmpint (f.completed, ==, 1);
+  fixture_clear (&f);
+  kd_test_gate_clear (&gate);
+}
+
+static gboolean
+deferring_stage (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  kd_job_defer (job);
+  return TRUE;
+}
+
+static void
+test_not_in_stage (void)
+{
+  g_autoptr (KdPipeline) pipeline = kd_pipeline_new ();
+
+  g_test_summary ("A pipeline stage's job cannot be deferred: kd_job_defer() says so and the job "
+                  "ends when its handler returns");
+
+  kd_pipeline_add_stage (pipeline, "deferring", 1, deferring_stage, NULL, NULL);
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*cannot be deferred*");
+  g_assert_true (kd_pipeline_submit (pipeline, NULL, GUINT_TO_POINTER (1), NULL));
+  kd_pipeline_wait (pipeline);
+  g_test_assert_expected_messages ();
+}
+
+int
+main (int   argc,
+      char *argv[])
+{
+  g_test_init (&argc, &argv, NULL);
+
+  g_test_add_func ("/kd/defer/worker-free", test_worker_free);
+  g_test_add_func ("/kd/defer/returned-from-thread", test_returned_from_thread);
+  g_test_add_func ("/kd/defer/retry", test_retry);
+  g_test_add_func ("/kd/defer/key-held", test_key_held);
+  g_test_add_func ("/kd/defer/bound", test_bound);
+  g_test_add_func ("/kd/defer/returned-in-handler", test_returned_in_handler);
+  g_test_add_func ("/kd/defer/returned-while-handler-runs", test_returned_while_handler_runs);
+  g_test_add_func ("/kd/defer/cancel", test_cancel);
+  g_test_add_func ("/kd/defer/last-unref-warns", test_last_unref_warns);
+  g_test_add_func ("/kd/defer/not-in-stage", test_not_in_stage);
+
+  return g_test_run ();
+}
