@@ -34,11 +34,46 @@
  *
  * Not in a pipeline's stages: a stage's jobs may emit until they end, in
  * order for an ordered stage, which this does not handle yet.
+ *
+ * A handler context (kd-dispatcher-context.c) defers every job: its worker
+ * hands it to the context, whose handler's outcome returns it, unless that
+ * handler deferred it in turn (KD_DEFER_BY_HANDLER: the application
+ * returns it).
  */
 
 #include "config.h"
 
 #include "kd-dispatcher-internal.h"
+
+/* The dispatcher whose returned job this thread is ending, if any: its
+ * last unref or a wait there would wait for that job (see
+ * kd_dispatcher_dispose()). */
+static KD_THREAD_LOCAL KdDispatcher *returning_for;
+
+gboolean
+kd_dispatcher_returning_here (KdDispatcher *self)
+{
+  return returning_for == self;
+}
+
+/* Whether @defer is a job a handler deferred, which the application
+ * returns: counted in n_deferred, for the last unref's warning, from the
+ * handler's kd_job_defer() (not the jobs a handler context runs for us). */
+static inline gboolean
+deferred_by_handler (gint defer)
+{
+  return !(defer & KD_DEFER_ON_CONTEXT) || (defer & KD_DEFER_BY_HANDLER);
+}
+
+/* @job ends: no longer deferred, nor counted as out. */
+static void
+uncount_deferred (KdDispatcher *self,
+                  KdJob        *job)
+{
+  if (deferred_by_handler (job->defer))
+    g_atomic_int_add (&self->n_deferred, -1);
+  job->defer = 0;
+}
 
 /* The application returned @job after its handler returned: it ends here,
  * on the returning thread. */
@@ -52,12 +87,14 @@ end_returned (KdDispatcher *self,
   KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
   JobOutcome outcome;
 
+  KdDispatcher *outer = returning_for;
+
   kd_mutex_lock (&self->returning_lock);
   self->n_returning++;
   kd_mutex_unlock (&self->returning_lock);
+  returning_for = self;
 
-  job->defer = 0;
-  g_atomic_int_add (&self->n_deferred, -1);
+  uncount_deferred (self, job);
   outcome = kd_dispatcher_job_returned (self, job, error == NULL, error);
 
   if (outcome == JOB_RETRY)
@@ -84,6 +121,7 @@ end_returned (KdDispatcher *self,
       kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
     }
 
+  returning_for = outer;
   kd_mutex_lock (&self->returning_lock);
   if (--self->n_returning == 0)
     g_cond_broadcast (&self->returning_cond);
@@ -107,8 +145,7 @@ kd_dispatcher_settle_deferred (KdDispatcher  *self,
   if (!(was & KD_DEFER_RETURNED))
     return FALSE;
 
-  job->defer = 0;
-  g_atomic_int_add (&self->n_deferred, -1);
+  uncount_deferred (self, job);
   *error = g_steal_pointer (&job->error);
   *completed = *error == NULL;
   return TRUE;
@@ -153,32 +190,40 @@ kd_job_defer (KdJob *job)
 {
   KdDispatcher *self;
 
+  gint defer;
+
   g_return_if_fail (job != NULL);
   self = job->dispatcher;
+  defer = g_atomic_int_get (&job->defer);
   if (self->stage_hooks.ended != NULL)
     {
       g_critical ("kd_job_defer: a pipeline stage's job cannot be deferred");
       return;
     }
-  if (g_atomic_int_get (&job->defer) != 0)
+  if (!(defer & KD_DEFER_RUNNING) || (defer & (KD_DEFER_BY_HANDLER | KD_DEFER_RETURNED)) ||
+      (defer & (KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT)) == KD_DEFER_ASKED)
     {
-      g_critical ("kd_job_defer: the job is deferred already");
+      g_critical ("kd_job_defer: only a job's handler may defer it, once");
       return;
     }
-
   g_atomic_int_inc (&self->n_deferred);
-  g_atomic_int_set (&job->defer, KD_DEFER_ASKED);
+  /* Its handler runs in the handler context: deferred already, for the
+   * context to return it; now the application will. */
+  if (defer & KD_DEFER_ON_CONTEXT)
+    g_atomic_int_or (&job->defer, KD_DEFER_BY_HANDLER);
+  else
+    g_atomic_int_or (&job->defer, KD_DEFER_ASKED);
 }
 
 /* Returns @job with @error (transfer full; NULL: it completed). */
-static void
-return_job (KdJob  *job,
-            GError *error)
+void
+kd_dispatcher_return_job (KdJob  *job,
+                          GError *error)
 {
+  gint defer = g_atomic_int_get (&job->defer);
   gint was;
 
-  if (g_atomic_int_get (&job->defer) != KD_DEFER_ASKED &&
-      g_atomic_int_get (&job->defer) != (KD_DEFER_ASKED | KD_DEFER_HANDLER_DONE))
+  if (!(defer & KD_DEFER_ASKED) || (defer & KD_DEFER_RETURNED))
     {
       g_critical ("A kdispatch job was returned that was not deferred, or returned twice");
       g_clear_error (&error);
@@ -208,7 +253,7 @@ kd_job_return_success (KdJob *job)
 {
   g_return_if_fail (job != NULL);
 
-  return_job (job, NULL);
+  kd_dispatcher_return_job (job, NULL);
 }
 
 /**
@@ -231,7 +276,7 @@ kd_job_return_error (KdJob  *job,
   g_return_if_fail (job != NULL);
   g_return_if_fail (error != NULL);
 
-  return_job (job, error);
+  kd_dispatcher_return_job (job, error);
 }
 
 /**
@@ -255,5 +300,5 @@ kd_job_return_error_literal (KdJob      *job,
   g_return_if_fail (job != NULL);
   g_return_if_fail (message != NULL);
 
-  return_job (job, g_error_new_literal (domain, code, message));
+  kd_dispatcher_return_job (job, g_error_new_literal (domain, code, message));
 }

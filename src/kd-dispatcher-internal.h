@@ -121,6 +121,7 @@ struct _KdDispatcher
   KdCancelWatch  *cancel_watch;
   GMainContext   *context;
   char           *name;
+  GMainContext   *handler_context;  /* the handler runs there, if set */
   KdStageHooks    stage_hooks;  /* a pipeline's, when the dispatcher is a stage */
   gpointer        stage_data;
 
@@ -144,6 +145,7 @@ struct _KdDispatcher
   gboolean        starting;
   KdScheduler    *scheduler;
   KdDelivery     *delivery;
+  KdDelivery     *handler_delivery;  /* with @handler_context: runs the handlers */
   KdNotifier     *notifier;     /* the counters' notify */
 
   /* The counters' notify: in @context if set, else in the thread-default
@@ -173,6 +175,7 @@ struct _KdDispatcher
    * the threads that return one, which the shutdown waits for (under
    * @returning_lock) */
   gint            n_deferred;
+  gint            drained_on_context;  /* atomic: kd_dispatcher_drain_on_context()'s */
   GMutex          returning_lock;
   GCond           returning_cond;
   guint           n_returning;
@@ -287,6 +290,15 @@ gboolean    kd_dispatcher_settle_deferred     (KdDispatcher      *self,
                                                gboolean          *completed,
                                                GError           **error);
 void        kd_dispatcher_wait_returners      (KdDispatcher      *self);
+gboolean    kd_dispatcher_returning_here      (KdDispatcher      *self);
+void        kd_dispatcher_return_job          (KdJob             *job,
+                                               GError            *error);
+
+/* kd-dispatcher-context.c */
+void        kd_dispatcher_ensure_handler_delivery_locked (KdDispatcher *self);
+void        kd_dispatcher_hand_to_context     (KdDispatcher      *self,
+                                               KdJob             *job);
+void        kd_dispatcher_drain_on_context    (KdDispatcher      *self);
 
 /* kd-dispatcher-async.c */
 void        kd_dispatcher_admit_waiting       (KdDispatcher      *self);

@@ -494,13 +494,22 @@ run_job (KdDispatcher  *self,
 
       job->attempt++;
       KD_TRACE4 (job_start, self->name, KD_TRACE_KEY (job), job, job->attempt);
+      /* Its handler runs in the handler context: the job is deferred to
+       * it (kd-dispatcher-context.c). */
+      if (G_UNLIKELY (self->handler_context != NULL))
+        {
+          kd_dispatcher_hand_to_context (self, job);
+          return JOB_DEFERRED;
+        }
       __atomic_store_n (&stats->running, 1, __ATOMIC_RELAXED);
+      g_atomic_int_set (&job->defer, KD_DEFER_RUNNING);
       completed = self->handler (job, self->handler_data, &error);
       __atomic_store_n (&stats->running, 0, __ATOMIC_RELAXED);
 
       /* Deferred: it ends when returned (the caller settles it). */
-      if (G_UNLIKELY (g_atomic_int_get (&job->defer) != 0))
+      if (G_UNLIKELY (g_atomic_int_get (&job->defer) != KD_DEFER_RUNNING))
         {
+          g_atomic_int_and (&job->defer, ~KD_DEFER_RUNNING);
           if (G_UNLIKELY (!completed || error != NULL))
             {
               g_critical ("A kdispatch handler that deferred its job must return TRUE without "
@@ -509,6 +518,7 @@ run_job (KdDispatcher  *self,
             }
           return JOB_DEFERRED;
         }
+      g_atomic_int_set (&job->defer, 0);
 
       return job_returned (self, stats, job, completed, error, behind, n_behind, FALSE);
     }
@@ -809,6 +819,7 @@ ensure_started (KdDispatcher  *self,
     {
       if (self->context != NULL)
         kd_dispatcher_ensure_delivery_locked (self);
+      kd_dispatcher_ensure_handler_delivery_locked (self);
       kd_key_table_set_max_idle (self->keys, self->max_idle_keys);
       self->starting = TRUE;
 
@@ -1194,6 +1205,7 @@ shutdown_sync (KdDispatcher *self)
 {
   KdDispatcher *outer = shutting_down;
   KdScheduler *scheduler;
+  gint n_deferred;
 
   shutting_down = self;
 
@@ -1204,10 +1216,13 @@ shutdown_sync (KdDispatcher *self)
   kd_dispatcher_close (self);
   /* Nobody can resume a parked key any more. */
   kd_dispatcher_drop_parked (self);
-  if (g_atomic_int_get (&self->n_deferred) > 0)
+  /* Handlers that run in a main context need it: run it here if we can. */
+  kd_dispatcher_drain_on_context (self);
+  n_deferred = g_atomic_int_get (&self->n_deferred);
+  if (n_deferred > 0)
     g_warning ("kdispatch: the last unref of dispatcher %s waits for %d deferred jobs to be "
                "returned (kd_job_return_success() or kd_job_return_error())",
-               self->name != NULL ? self->name : "(unnamed)", g_atomic_int_get (&self->n_deferred));
+               self->name != NULL ? self->name : "(unnamed)", n_deferred);
   kd_admission_wait (&self->admission, NULL, NULL);
   /* The threads that returned the last jobs are done with us. */
   kd_dispatcher_wait_returners (self);
@@ -1256,6 +1271,8 @@ kd_dispatcher_dispatching_here (KdDispatcher *self)
 {
   if (self->delivery != NULL && kd_delivery_is_dispatching (self->delivery))
     return self->context;
+  if (self->handler_delivery != NULL && kd_delivery_is_dispatching (self->handler_delivery))
+    return self->handler_context;
   if (g_atomic_pointer_get (&self->notifier) != NULL && kd_notifier_notifying_here (self->notifier))
     return self->context != NULL ? self->context : self->creation_context;
   return NULL;
@@ -1269,7 +1286,10 @@ kd_dispatcher_dispose (GObject *object)
 {
   KdDispatcher *self = KD_DISPATCHER (object);
 
-  kd_shutdown_dispose (&self->shutdown, object, kd_dispatcher_runs_here (self),
+  kd_shutdown_dispose (&self->shutdown, object,
+                       kd_dispatcher_runs_here (self) ? KD_SHUTDOWN_OWN_THREAD :
+                       kd_dispatcher_returning_here (self) ? KD_SHUTDOWN_ENDING_A_JOB :
+                       KD_SHUTDOWN_ELSEWHERE,
                        kd_dispatcher_dispatching_here (self), close_for_shutdown,
                        finish_shutdown);
 
@@ -1287,6 +1307,8 @@ kd_dispatcher_finalize (GObject *object)
     kd_scheduler_free (self->scheduler);
   if (self->delivery != NULL)
     kd_delivery_destroy (self->delivery);
+  if (self->handler_delivery != NULL)
+    kd_delivery_destroy (self->handler_delivery);
   if (self->notifier != NULL)
     kd_notifier_destroy (self->notifier);
   g_main_context_unref (self->creation_context);
@@ -1308,6 +1330,7 @@ kd_dispatcher_finalize (GObject *object)
   g_cond_clear (&self->start_cond);
   g_clear_object (&self->cancellable);
   g_clear_pointer (&self->context, g_main_context_unref);
+  g_clear_pointer (&self->handler_context, g_main_context_unref);
   g_free (self->name);
   kd_slots_clear (&self->worker_stats);
   g_aligned_free (self->other_stats);
@@ -1744,11 +1767,11 @@ kd_dispatcher_wait_sealed (KdDispatcher *self,
                            KdSealedFunc  sealed,
                            gpointer      user_data)
 {
-  if (kd_dispatcher_runs_here (self))
+  if (kd_dispatcher_runs_here (self) || kd_dispatcher_returning_here (self))
     {
       g_critical ("kd_dispatcher_wait: called from one of the dispatcher's own "
-                  "threads (a worker, its timer or its shutdown), which would wait "
-                  "for itself");
+                  "threads (a worker, its timer or its shutdown) or while one of its "
+                  "jobs is being returned, which would wait for itself");
       return;
     }
 
@@ -1785,11 +1808,11 @@ kd_dispatcher_wait_until (KdDispatcher *self,
 {
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
 
-  if (kd_dispatcher_runs_here (self))
+  if (kd_dispatcher_runs_here (self) || kd_dispatcher_returning_here (self))
     {
       g_critical ("kd_dispatcher_wait_until: called from one of the dispatcher's own "
-                  "threads (a worker, its timer or its shutdown), which would wait "
-                  "for itself");
+                  "threads (a worker, its timer or its shutdown) or while one of its "
+                  "jobs is being returned, which would wait for itself");
       return FALSE;
     }
 

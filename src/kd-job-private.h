@@ -40,14 +40,18 @@ struct _KdJob
   gint          defer;       /* atomic: KD_DEFER_* (kd-dispatcher-defer.c) */
 };
 
-/* A deferred job's progress: its handler deferred it, its handler
- * returned, it was returned. Whoever sets the last of the two latter ends
- * it. */
+/* A deferred job's progress: its handler deferred it (or its worker handed
+ * it to the handler context, whose handler may defer it in turn), its
+ * worker is done with it, it was returned. Whoever sets the last of the
+ * two latter ends it. */
 enum
 {
   KD_DEFER_ASKED = 1 << 0,
   KD_DEFER_HANDLER_DONE = 1 << 1,
   KD_DEFER_RETURNED = 1 << 2,
+  KD_DEFER_ON_CONTEXT = 1 << 3,   /* handed to the handler context */
+  KD_DEFER_BY_HANDLER = 1 << 4,   /* and its handler there deferred it */
+  KD_DEFER_RUNNING = 1 << 5,      /* its handler runs: kd_job_defer() may be called */
 };
 
 /* A job is its task: queues link jobs through their task header. */

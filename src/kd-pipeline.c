@@ -448,7 +448,8 @@ kd_pipeline_dispose (GObject *object)
 
   /* On one of our own threads, which cannot wait for itself, the shutdown
    * finishes later (see kd-shutdown.c). */
-  kd_shutdown_dispose (&self->shutdown, object, runs_on_a_stage (self),
+  kd_shutdown_dispose (&self->shutdown, object,
+                       runs_on_a_stage (self) ? KD_SHUTDOWN_OWN_THREAD : KD_SHUTDOWN_ELSEWHERE,
                        dispatching_for_a_stage (self),
                        close_for_shutdown, finish_shutdown);
 

@@ -18,9 +18,18 @@ typedef struct
   gint state;   /* atomic */
 } KdShutdown;
 
+/* Where an object's last reference went (see kd_shutdown_dispose()). */
+typedef enum
+{
+  KD_SHUTDOWN_ELSEWHERE,      /* a thread that may wait for the object */
+  KD_SHUTDOWN_OWN_THREAD,     /* one of its workers, or its timer's thread */
+  KD_SHUTDOWN_ENDING_A_JOB,   /* a thread ending one of its jobs, which it
+                               * would wait for (a deferred job's return) */
+} KdShutdownPlace;
+
 void     kd_shutdown_dispose      (KdShutdown     *shutdown,
                                    GObject        *object,
-                                   gboolean        on_own_thread,
+                                   KdShutdownPlace place,
                                    GMainContext   *dispatching,
                                    KdShutdownFunc  close,
                                    KdShutdownFunc  finish);

@@ -25,8 +25,9 @@
  *    kd_timer_join()). The thread no longer counts as the object's by
  *    then. No thread is made, so this cannot fail.
  *  - Elsewhere (a main context's thread, even if it is another
- *    dispatcher's worker): on a new thread, so that the context goes on
- *    running while the object drains. If no thread can be
+ *    dispatcher's worker, or a thread that ends one of the object's jobs,
+ *    returning a deferred one, which it would wait for): on a new thread,
+ *    so that the context (or the thread) goes on while the object drains. If no thread can be
  *    made, from an idle source of the context being dispatched, once its
  *    dispatch returned: the context's thread then waits for the object's
  *    jobs. With no such context either (a case no caller of kdispatch can
@@ -113,10 +114,11 @@ finish_in_idle (gpointer data)
  * @dispatching: the main context whose dispatch dropped the last
  * reference; NULL if it went on one of the object's own workers or timer. */
 static void
-shutdown_later (KdShutdown     *shutdown,
-                KdShutdownFunc  finish,
-                GObject        *object,
-                GMainContext   *dispatching)
+shutdown_later (KdShutdown      *shutdown,
+                KdShutdownFunc   finish,
+                GObject         *object,
+                KdShutdownPlace  place,
+                GMainContext    *dispatching)
 {
   Deferred *d = deferred_new (object, shutdown, finish);
   g_autoptr (GError) error = NULL;
@@ -126,7 +128,7 @@ shutdown_later (KdShutdown     *shutdown,
   /* Only the object's own worker or timer finishes it as it exits: one of
    * another dispatcher's, dispatching this object's main context, might
    * never exit. */
-  if (runs_deferred && dispatching == NULL)
+  if (place == KD_SHUTDOWN_OWN_THREAD && runs_deferred && dispatching == NULL)
     {
       d->next = deferred;
       deferred = d;
@@ -162,7 +164,8 @@ shutdown_later (KdShutdown     *shutdown,
  * kd_shutdown_dispose:
  * @shutdown: @object's record, zero-initialised with the object
  * @object: a dispatcher or pipeline in its dispose
- * @on_own_thread: whether the calling thread is one of @object's
+ * @place: where the last reference went: one of @object's threads, a
+ *   thread ending one of its jobs, or another thread
  * @dispatching: (nullable): the main context of @object's whose dispatch
  *   runs on this thread, if any
  * @close: closes @object, so that it drains, without waiting
@@ -174,23 +177,23 @@ shutdown_later (KdShutdown     *shutdown,
  * above).
  */
 void
-kd_shutdown_dispose (KdShutdown     *shutdown,
-                     GObject        *object,
-                     gboolean        on_own_thread,
-                     GMainContext   *dispatching,
-                     KdShutdownFunc  close,
-                     KdShutdownFunc  finish)
+kd_shutdown_dispose (KdShutdown      *shutdown,
+                     GObject         *object,
+                     KdShutdownPlace  place,
+                     GMainContext    *dispatching,
+                     KdShutdownFunc   close,
+                     KdShutdownFunc   finish)
 {
   if (g_atomic_int_get (&shutdown->state) != SHUTDOWN_NONE)
     return;
 
-  if (on_own_thread || dispatching != NULL)
+  if (place != KD_SHUTDOWN_ELSEWHERE || dispatching != NULL)
     {
       g_debug ("%s %p: last unref on its own thread, shutting down in the background",
                G_OBJECT_TYPE_NAME (object), (gpointer) object);
       g_atomic_int_set (&shutdown->state, SHUTDOWN_ASYNC);
       close (object);
-      shutdown_later (shutdown, finish, object, dispatching);
+      shutdown_later (shutdown, finish, object, place, dispatching);
     }
   else
     {

@@ -35,6 +35,8 @@ typedef struct
   gint           failed;
   gint           cancelled;
   gint           started_key0;        /* jobs of key 0 whose handler started */
+  GThread       *done_thread;         /* where the last done callback ran */
+  GThread       *handler_thread;      /* where the last handler ran */
 } Fixture;
 
 static char *
@@ -69,6 +71,7 @@ handler (KdJob    *job,
       kd_mutex_unlock (&f->lock);
     }
 
+  g_atomic_pointer_set (&f->handler_thread, g_thread_self ());
   kd_job_defer (job);
   kd_test_counter_add (&f->deferred, 1);
   if (f->in_handler_returns == 1)
@@ -92,6 +95,8 @@ done (KdJob        *job,
       gpointer      user_data)
 {
   Fixture *f = user_data;
+
+  g_atomic_pointer_set (&f->done_thread, g_thread_self ());
 
   if (error == NULL)
     g_atomic_int_inc (&f->completed);
@@ -412,6 +417,7 @@ test_returned_while_handler_runs (void)
   kd_dispatcher_wait (f.dispatcher);
   g_assert_cmpint (f.completed, ==, 1);
   g_assert_cmpuint (kd_test_counter_get (&f.ended), ==, 1);
+  g_assert_true (f.done_thread == f.handler_thread);
   f.returned_gate = NULL;
   fixture_clear (&f);
   kd_test_gate_clear (&gate);
@@ -424,8 +430,8 @@ test_cancel (void)
   KdJob *first;
   KdStats stats;
 
-  g_test_summary ("Cancelling the dispatcher while a job is deferred cancels the job's cancellable "
-                  "and leaves the job to its return; the key's later jobs end cancelled after it");
+  g_test_summary ("Cancelling the dispatcher while a job is deferred leaves the job to its return, "
+                  "still pending; the key's later jobs end cancelled after it");
 
   fixture_init (&f, 2, 16);
   submit (&f, 1);
@@ -433,8 +439,9 @@ test_cancel (void)
   submit (&f, 2);
   submit (&f, 3);
   g_cancellable_cancel (kd_dispatcher_get_cancellable (f.dispatcher));
-  g_assert_true (g_cancellable_is_cancelled (kd_job_get_cancellable (first)));
+  /* Cancelled, the deferred job is still pending, its key still held. */
   g_assert_false (kd_dispatcher_wait_until (f.dispatcher, g_get_monotonic_time ()));
+  g_assert_cmpint (g_atomic_int_get (&f.started_key0), ==, 1);
 
   return_job (&f, first, g_error_new_literal (G_IO_ERROR, G_IO_ERROR_CANCELLED, "gave up"));
   kd_dispatcher_wait (f.dispatcher);
@@ -491,11 +498,64 @@ test_last_unref_warns (void)
   job = pop_out (&f);
   thread = g_thread_new ("unref", unref_main, g_steal_pointer (&f.dispatcher));
   g_assert_true (kd_test_gate_wait (&gate));
+  /* The unref waits: nothing ended yet. */
+  g_assert_cmpuint (kd_test_counter_get (&f.ended), ==, 0);
   return_job (&f, job, NULL);
   g_thread_join (thread);
   g_log_remove_handler ("kdispatch", handler_id);
   g_log_set_always_fatal (fatal);
   g_assert_cmpint (f.completed, ==, 1);
+  fixture_clear (&f);
+  kd_test_gate_clear (&gate);
+}
+
+
+static KdTestGate *destroyed;
+
+static void
+open_destroyed (gpointer data)
+{
+  kd_test_gate_open (destroyed);
+}
+
+static void
+unref_in_done (KdJob        *job,
+               const GError *error,
+               gpointer      user_data)
+{
+  Fixture *f = user_data;
+
+  g_clear_object (&f->dispatcher);
+}
+
+static void
+test_last_unref_while_returning (void)
+{
+  Fixture f;
+  KdTestGate gate;
+  KdJob *job;
+
+  g_test_summary ("The last unref in the done callback of a job returned on the application's "
+                  "thread does not wait for that job: the return comes back, and the shutdown "
+                  "finishes elsewhere");
+
+  fixture_init (&f, 1, 16);
+  kd_test_gate_init (&gate);
+  destroyed = &gate;
+  g_clear_object (&f.dispatcher);
+  f.dispatcher = kd_dispatcher_new (1, handler, &f, open_destroyed);
+  kd_dispatcher_set_done_func (f.dispatcher, unref_in_done, &f, NULL);
+  submit (&f, 1);
+  submit (&f, 100001);
+  job = pop_out (&f);
+  /* Its worker is done with it once it ran the next job's handler: the
+   * return ends it on this thread, whose done callback drops the last
+   * reference (and a wait there would wait for itself). */
+  g_assert_true (kd_test_counter_wait (&f.deferred, 2));
+  return_job (&f, job, NULL);
+  g_assert_null (f.dispatcher);
+  return_job (&f, pop_out (&f), NULL);
+  g_assert_true (kd_test_gate_wait (&gate));
   fixture_clear (&f);
   kd_test_gate_clear (&gate);
 }
@@ -524,6 +584,180 @@ test_not_in_stage (void)
   g_test_assert_expected_messages ();
 }
 
+
+/* ---- Handlers in a main context ---------------------------------------- */
+
+/* Items: key * 1000 + number within the key (from 1). Items whose number
+ * is a multiple of 3 are deferred and returned from an idle of the same
+ * context; item numbers in @fail fail their first attempt. */
+typedef struct
+{
+  GMainContext *context;
+  GThread      *thread;          /* the context's */
+  guint         next[N_KEYS];
+  gint          out_of_order;
+  gint          wrong_thread;
+  gint          ended;
+  gint          failed;
+  gboolean      fail_first;
+} OnContext;
+
+static gboolean
+return_later (gpointer data)
+{
+  kd_job_return_success (data);
+  return G_SOURCE_REMOVE;
+}
+
+static gboolean
+context_handler (KdJob    *job,
+                 gpointer  user_data,
+                 GError  **error)
+{
+  OnContext *c = user_data;
+  guint item = GPOINTER_TO_UINT (kd_job_get_item (job));
+  guint key = item / 1000;
+
+  if (g_thread_self () != c->thread)
+    c->wrong_thread++;
+  if (c->fail_first && kd_job_get_attempt (job) == 1)
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_FAILED, "first attempt");
+      return FALSE;
+    }
+  if (item % 1000 != c->next[key] + 1)
+    c->out_of_order++;
+  c->next[key] = item % 1000;
+  if (item % 3 == 0)
+    {
+      GSource *idle = g_idle_source_new ();
+
+      kd_job_defer (job);
+      g_source_set_callback (idle, return_later, job, NULL);
+      g_source_attach (idle, c->context);
+      g_source_unref (idle);
+    }
+  return TRUE;
+}
+
+static void
+context_done (KdJob        *job,
+              const GError *error,
+              gpointer      user_data)
+{
+  OnContext *c = user_data;
+
+  if (g_thread_self () != c->thread)
+    g_atomic_int_inc (&c->wrong_thread);
+  if (error != NULL)
+    g_atomic_int_inc (&c->failed);
+  g_atomic_int_inc (&c->ended);
+}
+
+static KdDispatcher *
+context_dispatcher (OnContext *c,
+                    gboolean   fail_first)
+{
+  KdDispatcher *dispatcher = kd_dispatcher_new (2, context_handler, c, NULL);
+
+  memset (c, 0, sizeof *c);
+  c->context = g_main_context_new ();
+  c->thread = g_thread_self ();
+  c->fail_first = fail_first;
+  kd_dispatcher_set_handler_context (dispatcher, c->context);
+  /* Done callbacks there too (a job whose return beats its worker ends on
+   * the worker, as any deferred job does). */
+  kd_dispatcher_set_main_context (dispatcher, c->context);
+  kd_dispatcher_set_done_func (dispatcher, context_done, c, NULL);
+  g_assert_true (kd_dispatcher_get_handler_context (dispatcher) == c->context);
+  if (fail_first)
+    kd_dispatcher_set_retry (dispatcher, 2, 0, 0);
+  return dispatcher;
+}
+
+static void
+submit_per_key (KdDispatcher *dispatcher,
+                guint         n_per_key)
+{
+  guint i, k;
+
+  for (i = 1; i <= n_per_key; i++)
+    for (k = 0; k < N_KEYS; k++)
+      {
+        g_autofree char *key = g_strdup_printf ("k%u", k);
+
+        g_assert_true (kd_dispatcher_submit (dispatcher, key, GUINT_TO_POINTER (k * 1000 + i), NULL));
+      }
+}
+
+static void
+test_context_handlers (void)
+{
+  OnContext c;
+  KdDispatcher *dispatcher = context_dispatcher (&c, FALSE);
+  guint n_per_key = 50, total = N_KEYS * n_per_key;
+  KdStats stats;
+
+  g_test_summary ("With a handler context, every handler runs in that context's thread, each "
+                  "key's jobs in order, and handlers there may defer their jobs and return them "
+                  "from the context later; every job ends once");
+
+  submit_per_key (dispatcher, n_per_key);
+  while (g_atomic_int_get (&c.ended) < (gint) total)
+    g_main_context_iteration (c.context, TRUE);
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpint (c.wrong_thread, ==, 0);
+  g_assert_cmpint (c.out_of_order, ==, 0);
+  g_assert_cmpuint (stats.completed, ==, total);
+  g_assert_cmpuint (stats.live_keys, ==, 0);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (c.ended, ==, (gint) total);
+  g_main_context_unref (c.context);
+}
+
+static void
+test_context_retry (void)
+{
+  OnContext c;
+  KdDispatcher *dispatcher = context_dispatcher (&c, TRUE);
+  guint n_per_key = 10, total = N_KEYS * n_per_key;
+  KdStats stats;
+
+  g_test_summary ("A handler in the context that fails is retried by the failure policy, in its "
+                  "key's order");
+
+  submit_per_key (dispatcher, n_per_key);
+  while (g_atomic_int_get (&c.ended) < (gint) total)
+    g_main_context_iteration (c.context, TRUE);
+  kd_dispatcher_wait (dispatcher);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpint (c.out_of_order, ==, 0);
+  g_assert_cmpint (c.failed, ==, 0);
+  g_assert_cmpuint (stats.completed, ==, total);
+  g_assert_cmpuint (stats.retried, ==, total);
+  g_object_unref (dispatcher);
+  g_main_context_unref (c.context);
+}
+
+static void
+test_context_last_unref (void)
+{
+  OnContext c;
+  KdDispatcher *dispatcher = context_dispatcher (&c, FALSE);
+  guint n_per_key = 20, total = N_KEYS * n_per_key;
+
+  g_test_summary ("The last unref on the thread that can run the handler context (nobody runs "
+                  "it) runs it itself until every job ended, rather than waiting for itself");
+
+  submit_per_key (dispatcher, n_per_key);
+  g_object_unref (dispatcher);
+  g_assert_cmpint (c.ended, ==, (gint) total);
+  g_assert_cmpint (c.out_of_order, ==, 0);
+  g_assert_cmpint (c.wrong_thread, ==, 0);
+  g_main_context_unref (c.context);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -539,7 +773,11 @@ main (int   argc,
   g_test_add_func ("/kd/defer/returned-while-handler-runs", test_returned_while_handler_runs);
   g_test_add_func ("/kd/defer/cancel", test_cancel);
   g_test_add_func ("/kd/defer/last-unref-warns", test_last_unref_warns);
+  g_test_add_func ("/kd/defer/last-unref-while-returning", test_last_unref_while_returning);
   g_test_add_func ("/kd/defer/not-in-stage", test_not_in_stage);
+  g_test_add_func ("/kd/defer/context-handlers", test_context_handlers);
+  g_test_add_func ("/kd/defer/context-retry", test_context_retry);
+  g_test_add_func ("/kd/defer/context-last-unref", test_context_last_unref);
 
   return g_test_run ();
 }

@@ -283,6 +283,11 @@ KD_AVAILABLE_IN_ALL
 void          kd_dispatcher_set_main_context (KdDispatcher   *self,
                                               GMainContext   *context);
 KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_set_handler_context (KdDispatcher *self,
+                                                 GMainContext *context);
+KD_AVAILABLE_IN_ALL
+GMainContext *kd_dispatcher_get_handler_context (KdDispatcher *self);
+KD_AVAILABLE_IN_ALL
 GCancellable *kd_dispatcher_get_cancellable  (KdDispatcher   *self);
 KD_AVAILABLE_IN_ALL
 GMainContext *kd_dispatcher_get_main_context (KdDispatcher   *self);

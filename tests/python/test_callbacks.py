@@ -179,7 +179,9 @@ def test_deferred():
             dispatcher.submit('k%d' % k, k * 1000 + n)
     GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
     loop.run()
-    dispatcher.wait()
+    # (Not wait(): if the deadline stopped the loop, jobs still out could
+    # only be returned by it.)
+    dispatcher.wait_until(GLib.get_monotonic_time() + DEADLINE_S * 1000000)
     stats = dispatcher.get_stats()
     check('deferred: jobs returned from GLib.timeout_add callbacks end in per-key order',
           state['ended'] == total and state['out_of_order'] == 0, str(state))
@@ -188,10 +190,50 @@ def test_deferred():
           '%s %d %d' % (state, stats.completed, stats.failed))
 
 
+def test_handler_context():
+    loop = GLib.MainLoop()
+    main_thread = threading.current_thread()
+    state = {'ended': 0, 'off_main': 0, 'out_of_order': 0}
+    last = {}
+    total = 30
+
+    def handler(job):
+        # On the main loop's thread, as GJS needs its callbacks.
+        if threading.current_thread() is not main_thread:
+            state['off_main'] += 1
+        key, item = job.get_key(), job.get_item()
+        if item % 1000 != last.get(key, 0) + 1:
+            state['out_of_order'] += 1
+        last[key] = item % 1000
+        if item % 2 == 0:
+            job.defer()
+            GLib.idle_add(lambda: job.return_success() or GLib.SOURCE_REMOVE)
+        return True
+
+    def done(job, error):
+        state['ended'] += 1
+        if state['ended'] == total:
+            loop.quit()
+
+    dispatcher = Kd.Dispatcher.new(2, handler)
+    dispatcher.set_handler_context(GLib.MainContext.default())
+    dispatcher.set_main_context(GLib.MainContext.default())
+    dispatcher.set_done_func(done)
+    for n in range(1, total // 3 + 1):
+        for k in range(3):
+            dispatcher.submit('k%d' % k, k * 1000 + n)
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    dispatcher.wait_until(GLib.get_monotonic_time() + DEADLINE_S * 1000000)
+    check('handler context: every handler runs on the main loop\'s thread, in per-key order',
+          state == {'ended': total, 'off_main': 0, 'out_of_order': 0}, str(state))
+
+
 test_pipeline_emit_and_sink()
 test_workers()
 test_failure_callbacks()
 test_groups_and_delays()
 test_deferred()
+test_handler_context()
 print('1..%d' % len(results))
 sys.exit(0 if all(results) else 1)
