@@ -29,8 +29,9 @@
  * unref waits for every pending job: the return counts itself in
  * @n_returning before the job's unit can be released, and the shutdown
  * waits for it to finish touching the dispatcher
- * (kd_dispatcher_wait_returners()). A last unref that finds deferred jobs
- * out says so in a warning before it waits for them.
+ * (kd_dispatcher_wait_returners()). A last unref that still finds
+ * deferred jobs out after two seconds says so in a warning, and goes on
+ * waiting.
  *
  * Not in a pipeline's stages: a stage's jobs may emit until they end, in
  * order for an ordered stage, which this does not handle yet.
@@ -179,7 +180,7 @@ kd_dispatcher_wait_returners (KdDispatcher *self)
  * (kd_job_get_cancellable()) is cancelled, and the job is returned, say
  * with the %G_IO_ERROR_CANCELLED its operation failed with. The last
  * unref of the dispatcher waits for every deferred job, and says so in a
- * warning if some are out.
+ * warning if some are still out after two seconds.
  *
  * Not for the jobs of a pipeline's stages.
  *

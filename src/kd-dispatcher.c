@@ -129,6 +129,9 @@
 /* The most jobs of one key a worker runs before other tasks go first. */
 #define MAILBOX_BUDGET 64
 
+/* How long the last unref waits for deferred jobs before it says so. */
+#define DEFERRED_PATIENCE_US (2 * G_TIME_SPAN_SECOND)
+
 /**
  * KdDispatcher:
  *
@@ -1218,10 +1221,14 @@ shutdown_sync (KdDispatcher *self)
   kd_dispatcher_drop_parked (self);
   /* Handlers that run in a main context need it: run it here if we can. */
   kd_dispatcher_drain_on_context (self);
-  n_deferred = g_atomic_int_get (&self->n_deferred);
-  if (n_deferred > 0)
-    g_warning ("kdispatch: the last unref of dispatcher %s waits for %d deferred jobs to be "
-               "returned (kd_job_return_success() or kd_job_return_error())",
+  /* Deferred jobs that are still out after a while may never be
+   * returned: said, rather than waited for in silence. */
+  if (g_atomic_int_get (&self->n_deferred) > 0 &&
+      !kd_admission_wait_until (&self->admission, NULL, NULL,
+                                g_get_monotonic_time () + DEFERRED_PATIENCE_US) &&
+      (n_deferred = g_atomic_int_get (&self->n_deferred)) > 0)
+    g_warning ("kdispatch: the last unref of dispatcher %s still waits for %d deferred jobs to "
+               "be returned (kd_job_return_success() or kd_job_return_error())",
                self->name != NULL ? self->name : "(unnamed)", n_deferred);
   kd_admission_wait (&self->admission, NULL, NULL);
   /* The threads that returned the last jobs are done with us. */

@@ -184,7 +184,9 @@ kd_job_get_key_state (KdJob *job)
  * Only that worker uses it, so the handler needs no lock.
  *
  * Returns: (transfer none) (nullable): the running worker's data; %NULL
- *   outside a handler of the job's dispatcher or without worker functions
+ *   off the dispatcher's workers (the callbacks of a deferred job returned
+ *   on another thread, a handler in a handler context) or without worker
+ *   functions
  *
  * Since: 0.1
  */

@@ -53,6 +53,7 @@ typedef struct
   guint      fail_attempts; /* its first attempts fail; G_MAXUINT: all */
   guint      spin;
   gboolean   yield;
+  gboolean   deferred;     /* its handler defers it; the returner ends it */
 
   /* The submitting thread; @after is written last and published with the
    * status (an async submission's when its callback ran: it was accepted,
@@ -193,6 +194,12 @@ struct _KdModel
    * else one of its own. @janitor_wake is made ready by whoever has news
    * for it, @janitor_deadline (set by the janitor only) at its next
    * deadline; both live until the end of the run. */
+  /* The returner: ends the jobs whose handlers deferred them, as their
+   * handlers would have, from a thread of its own (returner_main() in
+   * kd-model.c); it runs until the last unref returned. */
+  GThread        *returner;
+  GAsyncQueue    *returns;
+
   GThread        *janitor;
   GMainContext   *janitor_context;
   GSource        *janitor_wake;

@@ -314,6 +314,23 @@ joins_after_drop (KdModel     *model,
   return item->how == HOW_AFTER && g_atomic_int_get (&model->last_unref_started);
 }
 
+/* A deferred job's end, for the returner. */
+typedef struct
+{
+  KdJob       *job;
+  KdModelItem *item;
+  gboolean     exclusive;
+  gboolean     fails;
+  guint        attempt;
+} Return;
+
+static gboolean handler_end (KdModel     *model,
+                             KdModelItem *item,
+                             gboolean     exclusive,
+                             gboolean     fails,
+                             guint        attempt,
+                             GError     **error);
+
 static gboolean
 model_handler (KdJob    *job,
                gpointer  user_data,
@@ -428,9 +445,34 @@ model_handler (KdJob    *job,
         janitor_wake_up (model);
     }
 
+  /* Deferred: the returner ends it, holding the key until then. */
+  if (item->deferred)
+    {
+      Return *r = g_new (Return, 1);
+
+      *r = (Return) { job, item, exclusive, fails, attempt };
+      kd_job_defer (job);
+      kd_tsan_release (r);
+      g_async_queue_push (model->returns, r);
+      return TRUE;
+    }
+
+  return handler_end (model, item, exclusive, fails, attempt, error);
+}
+
+/* The end of a handler's run: on its worker, or on the returner for a
+ * deferred job. */
+static gboolean
+handler_end (KdModel     *model,
+             KdModelItem *item,
+             gboolean     exclusive,
+             gboolean     fails,
+             guint        attempt,
+             GError     **error)
+{
   g_atomic_int_set (&item->return_tick, kd_model_tick (model));
   if (exclusive)
-    g_atomic_int_set (&model->key_running[key], 0);
+    g_atomic_int_set (&model->key_running[item->key], 0);
   g_atomic_int_set (&item->handler_returned, 1);
 
   if (fails)
@@ -440,6 +482,45 @@ model_handler (KdJob    *job,
       return FALSE;
     }
   return TRUE;
+}
+
+/* Ends the deferred jobs as their handlers would have, in the order their
+ * handlers deferred them, until told to stop (the model itself, as the
+ * sentinel). */
+static gpointer
+returner_main (gpointer data)
+{
+  KdModel *model = data;
+  gpointer next;
+
+  while ((next = g_async_queue_pop (model->returns)) != model)
+    {
+      Return *r = next;
+      GError *error = NULL;
+
+      kd_tsan_acquire (r);
+      if (handler_end (model, r->item, r->exclusive, r->fails, r->attempt, &error))
+        kd_job_return_success (r->job);
+      else
+        kd_job_return_error (r->job, error);
+      g_free (r);
+    }
+  return NULL;
+}
+
+static void
+returner_start (KdModel *model)
+{
+  model->returns = g_async_queue_new ();
+  model->returner = g_thread_new ("model-returner", returner_main, model);
+}
+
+static void
+returner_stop (KdModel *model)
+{
+  g_async_queue_push (model->returns, model);
+  g_thread_join (g_steal_pointer (&model->returner));
+  g_clear_pointer (&model->returns, g_async_queue_unref);
 }
 
 static void
@@ -468,7 +549,11 @@ model_dead_letter (KdJob        *job,
          kd_job_get_attempt (job), g_atomic_int_get (&item->handler_runs));
   CHECK (model, g_error_matches (error, model_error_quark (), (gint) item->id),
          "item %u: dead letter with %s", item->id, error != NULL ? error->message : "no error");
-  check_worker_data (model, job, item->id, "the dead letter");
+  /* A deferred job's dead letter runs where it was returned: on its
+   * worker (returned before its handler returned) or on the returner,
+   * which is no worker. */
+  if (!item->deferred || kd_job_get_worker_data (job) != NULL)
+    check_worker_data (model, job, item->id, "the dead letter");
   g_atomic_int_set (&item->ended_failed, 1);
 }
 
@@ -1086,6 +1171,8 @@ setup_items (KdModel *model)
             item->fail_attempts = G_MAXUINT;
           else
             item->fail_attempts = 1 + (hash >> 22) % program->max_attempts;
+          /* A quarter of the items are deferred by their handlers. */
+          item->deferred = (hash >> 28) % 4 == 0;
           switch (op->duration % 4)
             {
             case 1:
@@ -1335,6 +1422,7 @@ kd_model_run (const KdModelProgram *program,
   if (program->park || program->retry_huge)
     janitor_start (model);
 
+  returner_start (model);
   for (i = 0; i < program->n_threads; i++)
     model->threads[i].thread = g_thread_new ("model-thread", model_thread_main, &model->threads[i]);
 
@@ -1351,6 +1439,8 @@ kd_model_run (const KdModelProgram *program,
 
   if (program->main_keeps_ref)
     kd_model_drop_ref (main_thread, TRUE);
+  /* The last unref returned: every deferred job ended. */
+  returner_stop (model);
 
   if (model->loop_thread != NULL)
     {
