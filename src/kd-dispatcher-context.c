@@ -18,13 +18,13 @@
  * widgets wants. The delivery's time slices keep a flood of jobs from
  * starving the context's other sources.
  *
- * The last unref waits for every pending job, and these need the context:
- * on a thread that can acquire it (its owner, or any while nobody runs
- * it), the shutdown runs the context itself until the jobs drained
+ * wait() and the last unref wait for every pending job, and these need
+ * the context: on a thread that can acquire it (its owner, or any while
+ * nobody runs it), they run the context themselves until the jobs drained
  * (kd_dispatcher_drain_on_context()), as a nested main loop would, so
- * that a GTK application's last unref on its main thread does not wait
- * for itself. Otherwise the context's owner runs them, and the shutdown
- * waits.
+ * that a GTK application's wait or last unref on its main thread does not
+ * wait for itself. Otherwise the context's owner runs them, and they
+ * wait.
  */
 
 #include "config.h"
@@ -100,8 +100,9 @@ on_drained (gpointer user_data)
   g_main_context_wakeup (self->handler_context);
 }
 
-/* In the shutdown, closed: if this thread can acquire the handler context,
- * runs it until every pending job ended (their handlers need it). */
+/* In wait() or the shutdown: if this thread can acquire the handler
+ * context, runs it until every job accepted before the call ended (their
+ * handlers need it). */
 void
 kd_dispatcher_drain_on_context (KdDispatcher *self)
 {
@@ -134,11 +135,12 @@ kd_dispatcher_drain_on_context (KdDispatcher *self)
  * milliseconds, so its other sources (input, redraws) still run.
  *
  * The context must be running (a main loop, or the application iterating
- * it) for jobs to end. The last unref waits for them: on a thread that can
- * acquire @context (its owner, say the GTK main thread, or any thread
- * while nobody runs it), it runs the context itself until they ended.
+ * it) for jobs to end. kd_dispatcher_wait() and the last unref wait for
+ * them: on a thread that can acquire @context (its owner, say the GTK main
+ * thread, or any thread while nobody runs it), they run the context
+ * themselves until the jobs ended.
  *
- * Call before the first submit.
+ * Not for a pipeline's stages. Call before the first submit.
  *
  * Since: 0.1
  */
@@ -150,6 +152,11 @@ kd_dispatcher_set_handler_context (KdDispatcher *self,
 
   if (!kd_dispatcher_check_configurable (self, G_STRFUNC))
     return;
+  if (self->stage_hooks.ended != NULL && context != NULL)
+    {
+      g_critical ("%s: a pipeline stage's handler runs on its workers", G_STRFUNC);
+      return;
+    }
   if (context != NULL)
     g_main_context_ref (context);
   g_clear_pointer (&self->handler_context, g_main_context_unref);

@@ -1782,6 +1782,9 @@ kd_dispatcher_wait_sealed (KdDispatcher *self,
       return;
     }
 
+  /* Handlers that run in a main context need it: run it here if we can. */
+  if (sealed == NULL)
+    kd_dispatcher_drain_on_context (self);
   kd_admission_wait (&self->admission, sealed, user_data);
   join_if_drained (self);
 }

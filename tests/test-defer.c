@@ -575,10 +575,18 @@ test_not_in_stage (void)
 {
   g_autoptr (KdPipeline) pipeline = kd_pipeline_new ();
 
-  g_test_summary ("A pipeline stage's job cannot be deferred: kd_job_defer() says so and the job "
-                  "ends when its handler returns");
+  g_test_summary ("A pipeline stage's job cannot be deferred, nor its handler run in a main "
+                  "context: kd_job_defer() and kd_dispatcher_set_handler_context() say so, and the "
+                  "job ends when its handler returns");
 
-  kd_pipeline_add_stage (pipeline, "deferring", 1, deferring_stage, NULL, NULL);
+  KdDispatcher *stage = kd_pipeline_add_stage (pipeline, "deferring", 1, deferring_stage, NULL, NULL);
+
+  /* Nor do its handlers run in a main context. */
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*stage's handler runs on its workers*");
+  kd_dispatcher_set_handler_context (stage, g_main_context_default ());
+  g_test_assert_expected_messages ();
+  g_assert_null (kd_dispatcher_get_handler_context (stage));
+
   g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*cannot be deferred*");
   g_assert_true (kd_pipeline_submit (pipeline, NULL, GUINT_TO_POINTER (1), NULL));
   kd_pipeline_wait (pipeline);
@@ -726,11 +734,9 @@ test_context_retry (void)
   KdStats stats;
 
   g_test_summary ("A handler in the context that fails is retried by the failure policy, in its "
-                  "key's order");
+                  "key's order; a wait on the thread that can run the context runs it");
 
   submit_per_key (dispatcher, n_per_key);
-  while (g_atomic_int_get (&c.ended) < (gint) total)
-    g_main_context_iteration (c.context, TRUE);
   kd_dispatcher_wait (dispatcher);
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpint (c.out_of_order, ==, 0);
@@ -738,6 +744,7 @@ test_context_retry (void)
   g_assert_cmpuint (stats.completed, ==, total);
   g_assert_cmpuint (stats.retried, ==, total);
   g_object_unref (dispatcher);
+  g_assert_cmpint (c.ended, ==, (gint) total);
   g_main_context_unref (c.context);
 }
 
