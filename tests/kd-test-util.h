@@ -426,10 +426,24 @@ kd_test_count_user_tasks (uid_t uid)
   return n;
 }
 
+/* A thread's own id, as /proc/self/task lists it. */
 static inline gpointer
-kd_test_nothing (gpointer data)
+kd_test_own_tid (gpointer data)
 {
-  return data;
+  return GINT_TO_POINTER ((gint) gettid ());
+}
+
+/* Waits until the task @tid of this process is gone from /proc, as
+ * kd_test_threads_settle() does: a joined thread's task lingers a moment. */
+static inline void
+kd_test_task_settle (gint tid)
+{
+  g_autofree char *path = g_strdup_printf ("/proc/self/task/%d", tid);
+  gint64 deadline = g_get_monotonic_time () + KD_TEST_THREADS_DEADLINE_US;
+
+  while (g_file_test (path, G_FILE_TEST_EXISTS) && g_get_monotonic_time () < deadline)
+    g_usleep (200);
+  g_assert_false (g_file_test (path, G_FILE_TEST_EXISTS));
 }
 
 /* From now on, at most @extra more threads can be made. */
@@ -440,8 +454,11 @@ kd_test_limit_threads (guint extra)
   uid_t uid = getuid ();
 
   /* ThreadSanitizer starts a thread of its own at the process's first
-   * pthread_create(): let it, before counting. */
-  g_thread_join (g_thread_new ("kd-test-first", kd_test_nothing, NULL));
+   * pthread_create(): let it, before counting; and let the thread that
+   * made it go, which the count would take for one that stays (its exit
+   * would leave room for one more). */
+  kd_test_task_settle (GPOINTER_TO_INT (g_thread_join (g_thread_new ("kd-test-first",
+                                                                       kd_test_own_tid, NULL))));
 
   if (uid == 0)
     {
