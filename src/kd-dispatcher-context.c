@@ -48,26 +48,9 @@ run_on_context (KdTask   *task,
   g_atomic_int_and (&job->defer, ~KD_DEFER_RUNNING);
 
   if (g_atomic_int_get (&job->defer) & KD_DEFER_BY_HANDLER)
-    {
-      if (G_UNLIKELY (!completed || error != NULL))
-        {
-          g_critical ("A kdispatch handler that deferred its job must return TRUE without "
-                      "an error: the job ends when it is returned");
-          g_clear_error (&error);
-        }
-      return;
-    }
-  if (completed && G_UNLIKELY (error != NULL))
-    {
-      g_critical ("A kdispatch handler returned TRUE but set an error: %s", error->message);
-      g_clear_error (&error);
-    }
-  if (!completed && G_UNLIKELY (error == NULL))
-    {
-      g_critical ("A kdispatch handler returned FALSE without setting an error");
-      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED, "The handler failed without saying why");
-    }
-  kd_dispatcher_return_job (job, error);
+    kd_dispatcher_deferring_handler_returned (completed, error);
+  else
+    kd_dispatcher_return_job (job, kd_dispatcher_handler_outcome (completed, error));
 }
 
 /* With @start_lock held, as the dispatcher starts: the delivery that runs

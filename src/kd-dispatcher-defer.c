@@ -86,9 +86,8 @@ end_returned (KdDispatcher *self,
   guint epoch = job->epoch;
   GError *error = g_steal_pointer (&job->error);
   KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
-  JobOutcome outcome;
-
   KdDispatcher *outer = returning_for;
+  JobOutcome outcome;
 
   kd_mutex_lock (&self->returning_lock);
   self->n_returning++;
@@ -96,20 +95,10 @@ end_returned (KdDispatcher *self,
   returning_for = self;
 
   uncount_deferred (self, job);
-  outcome = kd_dispatcher_job_returned (self, job, error == NULL, error);
+  outcome = kd_dispatcher_job_returned (self, job, error);
 
   if (outcome == JOB_RETRY)
-    {
-      gint64 due_time = kd_dispatcher_retry_due_time (self, job);
-
-      if (mailbox != NULL)
-        {
-          kd_key_table_put_back (self->keys, mailbox, &job, 1);
-          kd_scheduler_push_at (scheduler, kd_mailbox_get_task (mailbox), due_time);
-        }
-      else
-        kd_scheduler_push_at (scheduler, &job->task, due_time);
-    }
+    kd_dispatcher_retry_later (self, scheduler, mailbox, &job, 1);
   else if (outcome == JOB_ENDED && mailbox != NULL)
     {
       mailbox->carries_unit = TRUE;
@@ -129,15 +118,28 @@ end_returned (KdDispatcher *self,
   kd_mutex_unlock (&self->returning_lock);
 }
 
+/* A handler that deferred its job returned: it must say nothing of the
+ * outcome, which is the return's. */
+void
+kd_dispatcher_deferring_handler_returned (gboolean  completed,
+                                          GError   *error)
+{
+  if (G_UNLIKELY (!completed || error != NULL))
+    {
+      g_critical ("A kdispatch handler that deferred its job must return TRUE without an error: "
+                  "the job ends when it is returned");
+      g_clear_error (&error);
+    }
+}
+
 /* By @job's worker once its handler returned, having deferred it, and its
  * key's later jobs are back in the mailbox: FALSE if the job is still out
  * (the return will end it, and may schedule the mailbox at once); TRUE if
- * it was returned already, with *@completed and *@error (transfer full)
+ * it was returned already, with *@error (transfer full; NULL: completed)
  * set from the return, for the worker to end it. */
 gboolean
 kd_dispatcher_settle_deferred (KdDispatcher  *self,
                                KdJob         *job,
-                               gboolean      *completed,
                                GError       **error)
 {
   gint was;
@@ -148,7 +150,6 @@ kd_dispatcher_settle_deferred (KdDispatcher  *self,
 
   uncount_deferred (self, job);
   *error = g_steal_pointer (&job->error);
-  *completed = *error == NULL;
   return TRUE;
 }
 

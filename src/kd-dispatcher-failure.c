@@ -11,7 +11,8 @@
  *    left does not end, and its unit stays taken. A keyed job goes back to
  *    the head of its mailbox with the jobs of its batch behind it, and the
  *    mailbox, out of the scheduler, waits in the scheduler's timer until
- *    the retry is due (kd_dispatcher_retry_due_time(): the initial delay,
+ *    the retry is due (kd_dispatcher_retry_later(), by the job's worker or
+ *    the thread that returned it deferred) (kd_dispatcher_retry_due_time(): the initial delay,
  *    doubled at each attempt, at most the maximum), so the key keeps its
  *    order and no worker waits; an unkeyed job waits there alone, but for
  *    an ordered stage's, which waits on its worker (see run_task()).
@@ -35,7 +36,8 @@
 static gboolean park_begin (KdDispatcher *self,
                             KdMailbox    *mailbox);
 
-/* @job's handler failed with *@error: the failure policy decides. On
+/* @job's handler failed with *@error (never NULL, see
+ * kd_dispatcher_handler_outcome()): the failure policy decides. On
  * JOB_RETRY the error was dropped and the job does not end; otherwise it
  * goes to the dead-letter function, and on JOB_PARK its key parks (*@parked
  * tells whether it did, see park_begin()) with @behind back in its
@@ -49,13 +51,6 @@ kd_dispatcher_job_failed (KdDispatcher   *self,
                           guint           n_behind,
                           gboolean       *parked)
 {
-  if (G_UNLIKELY (*error == NULL))
-    {
-      g_critical ("A kdispatch handler returned FALSE without setting an error");
-      *error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED,
-                                    "The handler failed without saying why");
-    }
-
   /* Not once the dispatcher is cancelled, nor once the handler passed its
    * item on: a retry would run without it. */
   if (job->attempt < self->max_attempts && !job->handed_over &&
@@ -97,6 +92,32 @@ kd_dispatcher_retry_due_time (KdDispatcher *self,
     delay = delay > self->retry_max_us / 2 ? self->retry_max_us : delay * 2;
 
   return kd_due_time_after (MIN (delay, self->retry_max_us));
+}
+
+/* A job that failed with attempts left, @jobs[0], waits for its retry:
+ * keyed, back at the head of its @mailbox with the rest of @jobs (its
+ * batch behind it) ahead of the key's later jobs, the mailbox out of the
+ * scheduler, in its timer until the retry is due, so the key keeps its
+ * order and no worker waits; unkeyed, alone in the timer. By the job's
+ * runner: its worker, or the thread that returned it deferred. */
+void
+kd_dispatcher_retry_later (KdDispatcher *self,
+                           KdScheduler  *scheduler,
+                           KdMailbox    *mailbox,
+                           KdJob       **jobs,
+                           guint         n)
+{
+  gint64 due_time = kd_dispatcher_retry_due_time (self, jobs[0]);
+
+  if (mailbox != NULL)
+    {
+      kd_key_table_put_back (self->keys, mailbox, jobs, n);
+      kd_scheduler_push_at (scheduler, kd_mailbox_get_task (mailbox), due_time);
+    }
+  else
+    {
+      kd_scheduler_push_at (scheduler, &jobs[0]->task, due_time);
+    }
 }
 
 /* Takes a parked mailbox out of parking, which makes the caller its runner:

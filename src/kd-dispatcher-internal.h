@@ -241,7 +241,8 @@ void        kd_dispatcher_release_unit        (KdDispatcher      *self,
                                                guint              epoch);
 JobOutcome  kd_dispatcher_job_returned        (KdDispatcher      *self,
                                                KdJob             *job,
-                                               gboolean           completed,
+                                               GError            *error);
+GError     *kd_dispatcher_handler_outcome     (gboolean           completed,
                                                GError            *error);
 void        kd_dispatcher_shutdown_scheduler  (KdDispatcher      *self);
 void        kd_dispatcher_on_cancelled        (gpointer           user_data);
@@ -270,6 +271,11 @@ JobOutcome  kd_dispatcher_job_failed          (KdDispatcher      *self,
                                                gboolean          *parked);
 gint64      kd_dispatcher_retry_due_time      (KdDispatcher      *self,
                                                KdJob             *job);
+void        kd_dispatcher_retry_later         (KdDispatcher      *self,
+                                               KdScheduler       *scheduler,
+                                               KdMailbox         *mailbox,
+                                               KdJob            **jobs,
+                                               guint              n);
 void        kd_dispatcher_park_end            (KdDispatcher      *self,
                                                KdMailbox         *mailbox,
                                                gboolean           parked);
@@ -287,8 +293,9 @@ void        kd_dispatcher_arm_idle_sweep      (KdDispatcher      *self,
 /* kd-dispatcher-defer.c */
 gboolean    kd_dispatcher_settle_deferred     (KdDispatcher      *self,
                                                KdJob             *job,
-                                               gboolean          *completed,
                                                GError           **error);
+void        kd_dispatcher_deferring_handler_returned (gboolean    completed,
+                                                      GError     *error);
 void        kd_dispatcher_wait_returners      (KdDispatcher      *self);
 gboolean    kd_dispatcher_returning_here      (KdDispatcher      *self);
 void        kd_dispatcher_return_job          (KdJob             *job,

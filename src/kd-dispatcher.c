@@ -374,15 +374,14 @@ end_job (KdDispatcher  *self,
     }
 }
 
-/* @job ran: its handler returned @completed, or failed with @error
- * (transfer full), which the failure policy judges. Ends it, unless it will
- * be retried; @behind as for run_job(), @shared as for count_ended().
- * Inlined: it is on every job's path. */
+/* @job ran and ended with @error (transfer full; NULL: it completed; see
+ * kd_dispatcher_handler_outcome()), which the failure policy judges. Ends
+ * it, unless it will be retried; @behind as for run_job(), @shared as for
+ * count_ended(). Inlined: it is on every job's path. */
 G_ALWAYS_INLINE static inline JobOutcome
 job_returned (KdDispatcher  *self,
               KdWorkerStats *stats,
               KdJob         *job,
-              gboolean       completed,
               GError        *error,
               KdJob        **behind,
               guint          n_behind,
@@ -392,13 +391,8 @@ job_returned (KdDispatcher  *self,
   gboolean parked = FALSE;
   guint64 *counter;
 
-  if (completed)
+  if (G_LIKELY (error == NULL))
     {
-      if (G_UNLIKELY (error != NULL))
-        {
-          g_critical ("A kdispatch handler returned TRUE but set an error: %s", error->message);
-          g_clear_error (&error);
-        }
       counter = &stats->completed;
     }
   else
@@ -418,10 +412,30 @@ job_returned (KdDispatcher  *self,
 JobOutcome
 kd_dispatcher_job_returned (KdDispatcher  *self,
                             KdJob         *job,
-                            gboolean       completed,
                             GError        *error)
 {
-  return job_returned (self, self->other_stats, job, completed, error, NULL, 0, TRUE);
+  return job_returned (self, self->other_stats, job, error, NULL, 0, TRUE);
+}
+
+/* A handler's return (@completed, and @error, transfer full) as the job's
+ * outcome: NULL if it completed, else its error. The two mistakes a
+ * handler can make are said in a critical: TRUE with an error (dropped),
+ * FALSE without one (a generic one stands in). */
+GError *
+kd_dispatcher_handler_outcome (gboolean  completed,
+                               GError   *error)
+{
+  if (completed && G_UNLIKELY (error != NULL))
+    {
+      g_critical ("A kdispatch handler returned TRUE but set an error: %s", error->message);
+      g_clear_error (&error);
+    }
+  else if (!completed && G_UNLIKELY (error == NULL))
+    {
+      g_critical ("A kdispatch handler returned FALSE without setting an error");
+      error = g_error_new_literal (G_IO_ERROR, G_IO_ERROR_FAILED, "The handler failed without saying why");
+    }
+  return error;
 }
 
 /* @job's handler deferred it, and what its key needs is done (the rest of
@@ -434,11 +448,10 @@ settle_deferred (KdDispatcher  *self,
                  KdJob         *job)
 {
   GError *error = NULL;
-  gboolean completed;
 
-  if (!kd_dispatcher_settle_deferred (self, job, &completed, &error))
+  if (!kd_dispatcher_settle_deferred (self, job, &error))
     return JOB_DEFERRED;
-  return job_returned (self, stats, job, completed, error, NULL, 0, FALSE);
+  return job_returned (self, stats, job, error, NULL, 0, FALSE);
 }
 
 /* Runs @job's handler, or ends it cancelled if the dispatcher was cancelled
@@ -513,17 +526,13 @@ run_job (KdDispatcher  *self,
       if (G_UNLIKELY (g_atomic_int_get (&job->defer) != KD_DEFER_RUNNING))
         {
           g_atomic_int_and (&job->defer, ~KD_DEFER_RUNNING);
-          if (G_UNLIKELY (!completed || error != NULL))
-            {
-              g_critical ("A kdispatch handler that deferred its job must return TRUE without "
-                          "an error: the job ends when it is returned");
-              g_clear_error (&error);
-            }
+          kd_dispatcher_deferring_handler_returned (completed, error);
           return JOB_DEFERRED;
         }
       g_atomic_int_set (&job->defer, 0);
 
-      return job_returned (self, stats, job, completed, error, behind, n_behind, FALSE);
+      return job_returned (self, stats, job, kd_dispatcher_handler_outcome (completed, error),
+                           behind, n_behind, FALSE);
     }
 
   end_job (self, stats, job, error, counter, JOB_ENDED, FALSE, FALSE);
@@ -560,14 +569,7 @@ run_job_aftermath (KdDispatcher  *self,
     }
   if (outcome == JOB_RETRY)
     {
-      /* The job goes back to the head of its key, the key's later jobs
-       * wait behind it, and no worker waits with them: the mailbox leaves
-       * the scheduler until the retry is due. */
-      gint64 due_time = kd_dispatcher_retry_due_time (self, jobs[i]);
-
-      kd_key_table_put_back (self->keys, mailbox, jobs + i, *n - i);
-      kd_scheduler_push_at (kd_worker_get_scheduler (worker), kd_mailbox_get_task (mailbox),
-                            due_time);
+      kd_dispatcher_retry_later (self, kd_worker_get_scheduler (worker), mailbox, jobs + i, *n - i);
       return FALSE;
     }
   if (outcome == JOB_PARK)
@@ -700,7 +702,7 @@ run_task (KdTask   *task,
           scheduler = kd_worker_get_scheduler (worker);
           if (job->ticket == NULL)
             {
-              kd_scheduler_push_at (scheduler, task, kd_dispatcher_retry_due_time (self, job));
+              kd_dispatcher_retry_later (self, scheduler, NULL, &job, 1);
               return;
             }
           /* An ordered stage's job waits for its retry here: the items of
