@@ -49,6 +49,7 @@ refuse_result (KdDispatcher   *self,
   KdGroup *group = kd_submit_result_get_group (result);
 
   kd_dispatcher_count_rejected (self);
+  kd_submit_result_refuse_item (result);
   if (group != NULL)
     kd_group_state_count_rejected (kd_group_get_state (group));
   if (error == NULL)
@@ -106,7 +107,8 @@ admit_waiting_locked (KdDispatcher *self,
       kd_task_list_take (&self->waiting, 1, &n, &last);
       key = kd_submit_result_get_key (result);
       if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, result_group_state (result),
-                                   kd_submit_result_get_item (result), epoch,
+                                   kd_submit_result_get_item (result),
+                                   kd_submit_result_get_item_kind (result), epoch,
                                    kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
                                    &error))
         {
@@ -226,7 +228,7 @@ submit_async (KdDispatcher   *self,
 
           /* A full key does not wait: the submission is refused. */
           if (!kd_dispatcher_push_job (self, key, NULL, NULL, result, result_group_state (result),
-                                       item, epoch,
+                                       item, kd_submit_result_get_item_kind (result), epoch,
                                        kd_dispatcher_key_bound (self, key, KD_ADMIT_TRY, 0, &bound),
                                        &error))
             {
@@ -324,6 +326,49 @@ kd_dispatcher_submit_async (KdDispatcher        *self,
                                       callback, user_data));
 }
 
+/**
+ * kd_dispatcher_submit_value_async:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @value: the job's item: any #GValue, copied
+ * @cancellable: (nullable): cancels this submission until its job starts
+ * @callback: (scope async) (nullable) (closure user_data): called once the
+ *   job has ended, or the submission was refused
+ * @user_data: data for @callback
+ *
+ * Like kd_dispatcher_submit_async(), with a value for the item, as
+ * kd_dispatcher_submit_value(): the job holds a copy of @value, freed by
+ * the dispatcher once the job ended, or once the submission was refused.
+ * Call kd_dispatcher_submit_value_finish() (or kd_dispatcher_submit_finish(),
+ * the same) from @callback.
+ *
+ * Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_dispatcher_submit_value_async (KdDispatcher        *self,
+                                  const char          *key,
+                                  const GValue        *value,
+                                  GCancellable        *cancellable,
+                                  GAsyncReadyCallback  callback,
+                                  gpointer             user_data)
+{
+  KdSubmitResult *result;
+  GValue *item;
+
+  g_return_if_fail (KD_IS_DISPATCHER (self));
+  g_return_if_fail (self->handler != NULL);
+  g_return_if_fail (G_IS_VALUE (value));
+  g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
+
+  item = kd_item_new_value (value);
+  result = kd_submit_result_new (self, self->results, KD_SUBMIT_RESULT_TAG, item, cancellable,
+                                 callback, user_data);
+  kd_submit_result_set_value_item (result);
+  submit_async (self, key, item, result);
+}
+
 /* A result for a call made on @group, delivered through the dispatcher's
  * registry (so a group's results and the dispatcher's share their
  * caller's FIFO). */
@@ -395,6 +440,27 @@ kd_dispatcher_submit_finish (KdDispatcher  *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
   return kd_submit_result_propagate (KD_SUBMIT_RESULT (result), error);
+}
+
+/**
+ * kd_dispatcher_submit_value_finish:
+ * @self: a dispatcher
+ * @result: the #GAsyncResult given to the callback of
+ *   kd_dispatcher_submit_value_async()
+ * @error: return location for a #GError
+ *
+ * Tells how a value submission ended, as kd_dispatcher_submit_finish().
+ *
+ * Returns: %TRUE if the job's handler completed
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit_value_finish (KdDispatcher  *self,
+                                   GAsyncResult  *result,
+                                   GError       **error)
+{
+  return kd_dispatcher_submit_finish (self, result, error);
 }
 
 /* The source tag of kd_dispatcher_wait_async()'s results. */

@@ -53,7 +53,7 @@ kd_dispatcher_job_failed (KdDispatcher   *self,
 {
   /* Not once the dispatcher is cancelled, nor once the handler passed its
    * item on: a retry would run without it. */
-  if (job->attempt < self->max_attempts && !job->handed_over &&
+  if (job->attempt < self->max_attempts && job->item_kind != KD_ITEM_HANDED_OVER &&
       !g_cancellable_is_cancelled (self->cancellable))
     {
       g_debug ("dispatcher %p: attempt %u of a job failed, retrying: %s",

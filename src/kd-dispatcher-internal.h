@@ -230,6 +230,7 @@ gboolean    kd_dispatcher_push_job            (KdDispatcher      *self,
                                                KdSubmitResult    *result,
                                                KdGroupState      *group,
                                                gpointer           item,
+                                               KdItemKind         item_kind,
                                                guint              epoch,
                                                const KdKeyBound  *bound,
                                                GError           **error);

@@ -10,6 +10,7 @@
 
 #include "kd-admission-private.h"
 #include "kd-dispatcher.h"
+#include "kd-item-private.h"
 
 G_BEGIN_DECLS
 
@@ -20,6 +21,7 @@ typedef struct
   gboolean (*emit)    (KdJob       *job,
                        const char  *key,
                        gpointer     item,
+                       KdItemKind   kind,
                        GError     **error,
                        gpointer     user_data);
   /* a job queued with a ticket (an ordered stage's), on the worker about
@@ -45,19 +47,23 @@ void     kd_dispatcher_push_admitted    (KdDispatcher       *self,
                                          gboolean            keyed,
                                          char               *label,
                                          gpointer            item,
+                                         KdItemKind          kind,
                                          gpointer            ticket,
                                          guint               epoch);
 void     kd_dispatcher_unadmit          (KdDispatcher       *self,
                                          guint               epoch);
 void     kd_dispatcher_free_item        (KdDispatcher       *self,
-                                         gpointer            item);
+                                         gpointer            item,
+                                         KdItemKind          kind);
 void     kd_dispatcher_hand_back        (KdDispatcher       *self,
                                          const char         *key,
                                          gpointer            item,
+                                         KdItemKind          kind,
                                          const GError       *error);
 gboolean kd_dispatcher_emit_job         (KdJob              *job,
                                          const char         *key,
                                          gpointer            item,
+                                         KdItemKind          kind,
                                          GError            **error);
 gpointer kd_dispatcher_get_worker_data  (KdDispatcher       *self);
 /* kd-dispatcher.c */

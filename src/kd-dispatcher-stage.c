@@ -48,12 +48,13 @@ kd_dispatcher_push_admitted (KdDispatcher *self,
                              gboolean      keyed,
                              char         *label,
                              gpointer      item,
+                             KdItemKind    kind,
                              gpointer      ticket,
                              guint         epoch)
 {
   /* A stage's key bound does not apply to what the stage before emits. */
-  kd_dispatcher_push_job (self, keyed ? label : NULL, label, ticket, NULL, NULL, item, epoch, NULL,
-                          NULL);
+  kd_dispatcher_push_job (self, keyed ? label : NULL, label, ticket, NULL, NULL, item, kind, epoch,
+                          NULL, NULL);
 }
 
 /* ...or the unit given back: the submit is refused after all (counted as
@@ -66,13 +67,13 @@ kd_dispatcher_unadmit (KdDispatcher *self,
   kd_dispatcher_release_unit (self, KD_ADMISSION_ANY_RELEASER, epoch);
 }
 
-/* Frees @item with the item-free function, if any. */
+/* Frees @item of @kind: a pointer with the item-free function, if any. */
 void
 kd_dispatcher_free_item (KdDispatcher *self,
-                         gpointer      item)
+                         gpointer      item,
+                         KdItemKind    kind)
 {
-  if (self->item_free != NULL)
-    self->item_free (item);
+  kd_item_free (kind, item, self->item_free);
 }
 
 /* Ends an item that was meant for this stage but never entered it (a
@@ -83,12 +84,14 @@ void
 kd_dispatcher_hand_back (KdDispatcher *self,
                          const char   *key,
                          gpointer      item,
+                         KdItemKind    kind,
                          const GError *error)
 {
   KdWorkerStats *others = self->other_stats;
   KdDelivery *delivery = NULL;
   KdJob *job = kd_job_new (self, item, 0);
 
+  job->item_kind = kind;
   job->label = kd_label_new (key);
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
 
@@ -119,6 +122,7 @@ gboolean
 kd_dispatcher_emit_job (KdJob       *job,
                         const char  *key,
                         gpointer     item,
+                        KdItemKind   kind,
                         GError     **error)
 {
   KdDispatcher *self = job->dispatcher;
@@ -129,7 +133,7 @@ kd_dispatcher_emit_job (KdJob       *job,
       return FALSE;
     }
 
-  return self->stage_hooks.emit (job, key, item, error, self->stage_data);
+  return self->stage_hooks.emit (job, key, item, kind, error, self->stage_data);
 }
 
 /* The calling worker's data, if it is one of this dispatcher's workers. */

@@ -236,8 +236,7 @@ finish_job (KdDispatcher *self,
   if (self->done != NULL)
     self->done (job, error, self->done_data);
 
-  if (self->item_free != NULL && !job->handed_over)
-    self->item_free (job->item);
+  kd_item_free (job->item_kind, job->item, self->item_free);
 
   /* A job on its way through a main context holds its mailbox, for the key. */
   if (self->delivery != NULL && job->mailbox != NULL)
@@ -904,6 +903,7 @@ push_job (KdDispatcher      *self,
           KdSubmitResult    *result,
           KdGroupState      *group,
           gpointer           item,
+          KdItemKind         item_kind,
           guint              epoch,
           const KdKeyBound  *bound,
           GError           **error)
@@ -915,6 +915,7 @@ push_job (KdDispatcher      *self,
   /* Every way in started the workers before it took the unit. */
   scheduler = g_atomic_pointer_get (&self->scheduler);
   job = kd_job_new (self, item, epoch);
+  job->item_kind = item_kind;
   job->ticket = ticket;
   job->label = label;
   job->result = result;
@@ -992,11 +993,12 @@ kd_dispatcher_push_job (KdDispatcher      *self,
                         KdSubmitResult    *result,
                         KdGroupState      *group,
                         gpointer           item,
+                        KdItemKind         item_kind,
                         guint              epoch,
                         const KdKeyBound  *bound,
                         GError           **error)
 {
-  return push_job (self, key, label, ticket, result, group, item, epoch, bound, error);
+  return push_job (self, key, label, ticket, result, group, item, item_kind, epoch, bound, error);
 }
 
 /* Inlined: on the hot path, @group is NULL at compile time. */
@@ -1005,6 +1007,7 @@ submit_job (KdDispatcher  *self,
             KdGroupState  *group,
             const char    *key,
             gpointer       item,
+            KdItemKind     item_kind,
             KdAdmitMode    mode,
             gint64         deadline,
             GError       **error)
@@ -1019,7 +1022,7 @@ submit_job (KdDispatcher  *self,
   if (!admit_job (self, mode, deadline, &epoch, error))
     return FALSE;
 
-  if (!push_job (self, key, NULL, NULL, NULL, group, item, epoch,
+  if (!push_job (self, key, NULL, NULL, NULL, group, item, item_kind, epoch,
                  kd_dispatcher_key_bound (self, key, mode, deadline, &bound), error))
     {
       kd_dispatcher_count_rejected (self);
@@ -1036,13 +1039,14 @@ kd_dispatcher_submit_in_group (KdDispatcher  *self,
                                KdGroupState  *group,
                                const char    *key,
                                gpointer       item,
+                               KdItemKind     item_kind,
                                KdAdmitMode    mode,
                                gint64         deadline,
                                GError       **error)
 {
   if (!kd_group_state_check_open (group, error))
     kd_dispatcher_count_rejected (self);
-  else if (submit_job (self, group, key, item, mode, deadline, error))
+  else if (submit_job (self, group, key, item, item_kind, mode, deadline, error))
     return TRUE;
 
   kd_group_state_count_rejected (group);
@@ -1077,7 +1081,7 @@ push_jobs (KdDispatcher       *self,
         {
           KdKeyBound bound;
 
-          if (!push_job (self, keys[i], NULL, NULL, NULL, NULL, items[i], epoch,
+          if (!push_job (self, keys[i], NULL, NULL, NULL, NULL, items[i], KD_ITEM_POINTER, epoch,
                          kd_dispatcher_key_bound (self, keys[i], mode, deadline, &bound),
                          error))
             return i;
@@ -1514,7 +1518,7 @@ kd_dispatcher_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, NULL, key, item, KD_ADMIT_BLOCK, 0, error);
+  return submit_job (self, NULL, key, item, KD_ITEM_POINTER, KD_ADMIT_BLOCK, 0, error);
 }
 
 /**
@@ -1542,7 +1546,7 @@ kd_dispatcher_try_submit (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_job (self, NULL, key, item, KD_ADMIT_TRY, 0, error);
+  return submit_job (self, NULL, key, item, KD_ITEM_POINTER, KD_ADMIT_TRY, 0, error);
 }
 
 /**
@@ -1580,10 +1584,90 @@ kd_dispatcher_submit_timeout (KdDispatcher  *self,
 
   /* A deadline past the end of time is no deadline. */
   if (timeout_us > G_MAXINT64 - now)
-    return submit_job (self, NULL, key, item, KD_ADMIT_BLOCK, 0, error);
+    return submit_job (self, NULL, key, item, KD_ITEM_POINTER, KD_ADMIT_BLOCK, 0, error);
 
-  return submit_job (self, NULL, key, item, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
+  return submit_job (self, NULL, key, item, KD_ITEM_POINTER, KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0),
                      error);
+}
+
+/* The value submits: a copy of @value is the job's item, freed again if
+ * the submit is refused. */
+static gboolean
+submit_value (KdDispatcher  *self,
+              const char    *key,
+              const GValue  *value,
+              KdAdmitMode    mode,
+              GError       **error)
+{
+  GValue *item = kd_item_new_value (value);
+
+  if (submit_job (self, NULL, key, item, KD_ITEM_VALUE, mode, 0, error))
+    return TRUE;
+
+  kd_item_free_value (item);
+  return FALSE;
+}
+
+/**
+ * kd_dispatcher_submit_value:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @value: the job's item: any #GValue, copied
+ * @error: return location for a #GError
+ *
+ * Like kd_dispatcher_submit(), with a value for the item: what a language
+ * binding passes (a GObject, a #GVariant, a string, a boxed type, or, from
+ * Python, any object). The job holds a copy of @value, which the handler
+ * and the done callback read with kd_job_get_value(), and which the
+ * dispatcher frees itself once the job ended: the item-free function is
+ * not called for it. A refused submit keeps no copy.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit_value (KdDispatcher  *self,
+                            const char    *key,
+                            const GValue  *value,
+                            GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (G_IS_VALUE (value), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return submit_value (self, key, value, KD_ADMIT_BLOCK, error);
+}
+
+/**
+ * kd_dispatcher_try_submit_value:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @value: the job's item: any #GValue, copied
+ * @error: return location for a #GError
+ *
+ * Like kd_dispatcher_submit_value(), but fails with %KD_ERROR_FULL at once
+ * if the admission bound is reached, as kd_dispatcher_try_submit().
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_try_submit_value (KdDispatcher  *self,
+                                const char    *key,
+                                const GValue  *value,
+                                GError       **error)
+{
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (G_IS_VALUE (value), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  return submit_value (self, key, value, KD_ADMIT_TRY, error);
 }
 
 /**

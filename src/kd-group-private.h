@@ -18,6 +18,7 @@
 
 #include "kd-admission-private.h"
 #include "kd-group.h"
+#include "kd-item-private.h"
 #include "kd-submit-result-private.h"
 
 G_BEGIN_DECLS
@@ -41,6 +42,7 @@ gboolean kd_dispatcher_submit_in_group       (KdDispatcher        *dispatcher,
                                               KdGroupState        *group,
                                               const char          *key,
                                               gpointer             item,
+                                              KdItemKind           item_kind,
                                               KdAdmitMode          mode,
                                               gint64               deadline,
                                               GError             **error);

@@ -699,8 +699,47 @@ kd_group_submit (KdGroup     *self,
   g_return_val_if_fail (self->dispatcher != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_BLOCK, 0,
-                                        error);
+  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ITEM_POINTER,
+                                        KD_ADMIT_BLOCK, 0, error);
+}
+
+/**
+ * kd_group_submit_value:
+ * @self: a group
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @value: the job's item: any #GValue, copied
+ * @error: return location for a #GError
+ *
+ * Like kd_group_submit(), with a value for the item, as
+ * kd_dispatcher_submit_value(): the job holds a copy of @value, which the
+ * dispatcher frees once the job ended. A refused submit keeps no copy.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_group_submit_value (KdGroup       *self,
+                       const char    *key,
+                       const GValue  *value,
+                       GError       **error)
+{
+  GValue *item;
+
+  g_return_val_if_fail (KD_IS_GROUP (self), FALSE);
+  g_return_val_if_fail (self->dispatcher != NULL, FALSE);
+  g_return_val_if_fail (G_IS_VALUE (value), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  item = kd_item_new_value (value);
+  if (kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ITEM_VALUE,
+                                     KD_ADMIT_BLOCK, 0, error))
+    return TRUE;
+
+  kd_item_free_value (item);
+  return FALSE;
 }
 
 /**
@@ -729,8 +768,8 @@ kd_group_try_submit (KdGroup     *self,
   g_return_val_if_fail (self->dispatcher != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_TRY, 0,
-                                        error);
+  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ITEM_POINTER,
+                                        KD_ADMIT_TRY, 0, error);
 }
 
 /**
@@ -764,10 +803,10 @@ kd_group_submit_timeout (KdGroup     *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
   if (timeout_us > G_MAXINT64 - now)
-    return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_BLOCK, 0,
-                                          error);
-  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ADMIT_DEADLINE,
-                                        now + MAX (timeout_us, 0), error);
+    return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item,
+                                          KD_ITEM_POINTER, KD_ADMIT_BLOCK, 0, error);
+  return kd_dispatcher_submit_in_group (self->dispatcher, self->state, key, item, KD_ITEM_POINTER,
+                                        KD_ADMIT_DEADLINE, now + MAX (timeout_us, 0), error);
 }
 
 /**

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "kd-dispatcher.h"
+#include "kd-item-private.h"
 #include "kd-job.h"
 #include "kd-label-private.h"
 #include "kd-task-private.h"
@@ -35,7 +36,7 @@ struct _KdJob
   GError       *error;       /* how it ended, kept until a main context delivers it */
   guint         epoch;       /* the admission epoch it joined */
   guint         attempt;     /* runs so far, this one included */
-  gboolean      handed_over; /* kd_job_emit() passed the item on: do not free it */
+  KdItemKind    item_kind;   /* who frees the item once the job ended */
   gboolean      dropped;     /* its parked key was dropped: end it cancelled */
   gint          defer;       /* atomic: KD_DEFER_* (kd-dispatcher-defer.c) */
 };

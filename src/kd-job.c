@@ -42,7 +42,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->result = NULL;
   job->group = NULL;
   job->item = item;
-  job->handed_over = FALSE;
+  job->item_kind = KD_ITEM_POINTER;
   job->dropped = FALSE;
   job->defer = 0;
   job->attempt = 0;
@@ -89,7 +89,8 @@ kd_job_get_key (KdJob *job)
  *
  * Gets the item the job was submitted with. It still belongs to the
  * dispatcher: it is freed with the item-free function after the done
- * callback returned.
+ * callback returned. (A job submitted with a value carries a #GValue
+ * pointer here, which kd_job_get_value() returns typed.)
  *
  * Thread-safe while @job is valid.
  *
@@ -103,6 +104,32 @@ kd_job_get_item (KdJob *job)
   g_return_val_if_fail (job != NULL, NULL);
 
   return job->item;
+}
+
+/**
+ * kd_job_get_value:
+ * @job: a job, as passed to a handler or done callback
+ *
+ * Gets the value a job was submitted with (kd_dispatcher_submit_value()
+ * and the other value calls, or kd_job_emit_value() into a pipeline
+ * stage). It belongs to the dispatcher, which frees it after the done
+ * callback returned; copy it (or take a reference to what it holds) to
+ * keep it longer. From Python, this is the object that was submitted.
+ *
+ * Thread-safe while @job is valid.
+ *
+ * Returns: (transfer none) (nullable): the job's value, or %NULL if the
+ *   job carries a pointer instead (or passed its value on with
+ *   kd_job_emit())
+ *
+ * Since: 0.1
+ */
+const GValue *
+kd_job_get_value (KdJob *job)
+{
+  g_return_val_if_fail (job != NULL, NULL);
+
+  return job->item_kind == KD_ITEM_VALUE ? job->item : NULL;
 }
 
 /**
@@ -237,7 +264,8 @@ kd_job_get_attempt (KdJob *job)
  *
  * If @item is the job's own item, the job hands it over: the stage's
  * item-free function will not run for it, and kd_job_get_item() returns
- * %NULL from then on.
+ * %NULL from then on. (The job's own item of a job submitted with a value
+ * goes on as that value.)
  *
  * Call only from the stage's handler, on its worker.
  *
@@ -255,5 +283,52 @@ kd_job_emit (KdJob       *job,
   g_return_val_if_fail (job != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return kd_dispatcher_emit_job (job, key, item, error);
+  return kd_dispatcher_emit_job (job, key, item,
+                                 item == job->item && job->item_kind == KD_ITEM_VALUE
+                                   ? KD_ITEM_VALUE
+                                   : KD_ITEM_POINTER,
+                                 error);
+}
+
+/**
+ * kd_job_emit_value:
+ * @job: a job of a pipeline stage, as passed to the stage's handler
+ * @key: (nullable): the emitted value's key
+ * @value: the value to pass on: any #GValue, copied
+ * @error: return location for a #GError
+ *
+ * Like kd_job_emit(), with a value: the next stage's job holds a copy of
+ * @value (kd_job_get_value()), or, after the last stage, the value sink
+ * receives it (kd_pipeline_set_value_sink()). The pipeline frees its copy
+ * itself. Passing on the job's own value (the pointer kd_job_get_value()
+ * returned) hands it over without a copy.
+ *
+ * Call only from the stage's handler, on its worker.
+ *
+ * Returns: %TRUE if the pipeline took the value; %FALSE with
+ *   %KD_ERROR_CLOSED if the pipeline was cancelled (no copy is kept)
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_job_emit_value (KdJob         *job,
+                   const char    *key,
+                   const GValue  *value,
+                   GError       **error)
+{
+  GValue *item;
+
+  g_return_val_if_fail (job != NULL, FALSE);
+  g_return_val_if_fail (G_IS_VALUE (value), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  if (job->item_kind == KD_ITEM_VALUE && value == job->item)
+    return kd_dispatcher_emit_job (job, key, job->item, KD_ITEM_VALUE, error);
+
+  item = kd_item_new_value (value);
+  if (kd_dispatcher_emit_job (job, key, item, KD_ITEM_VALUE, error))
+    return TRUE;
+
+  kd_item_free_value (item);
+  return FALSE;
 }

@@ -43,7 +43,9 @@
  *
  * Ownership: an emitted item belongs to the next stage (freed by its
  * item-free when its job ends there), or to the sink. Emitting a job's own
- * item hands it over: the emitting stage does not free it.
+ * item hands it over: the emitting stage does not free it. A value
+ * (kd-item.c) travels with its kind, the pipeline frees it, and the value
+ * sink only borrows it.
  *
  * Last unref: closes, lets every stage drain in turn, and drops the stages.
  * From one of the stages' own threads it cannot wait for itself: the
@@ -85,6 +87,9 @@ struct _KdPipeline
   KdSinkFunc      sink;
   gpointer        sink_data;
   GDestroyNotify  sink_destroy;
+  KdValueSinkFunc value_sink;
+  gpointer        value_sink_data;
+  GDestroyNotify  value_sink_destroy;
   GCancellable   *cancellable;
   KdCancelWatch  *cancel_watch;
 
@@ -165,10 +170,11 @@ static gboolean ensure_started (KdPipeline  *self,
  * buffered, from the refused caller's thread, possibly after the stage
  * counted as drained, into a stage already closed. */
 static gboolean
-enter_stage (Stage     *stage,
-             char      *key,
-             gpointer   item,
-             GError   **error)
+enter_stage (Stage      *stage,
+             char       *key,
+             gpointer    item,
+             KdItemKind  kind,
+             GError    **error)
 {
   KdOrderKey *order;
   guint epoch;
@@ -190,7 +196,7 @@ enter_stage (Stage     *stage,
        * thread of the stage's own (its handler submitting to the pipeline)
        * does not wait for room that only the stage's items can make, as
        * for its admission (kd_dispatcher_admit()). */
-      order = kd_reorder_enter (stage->reorder, key, item, key, epoch,
+      order = kd_reorder_enter (stage->reorder, key, item, kind, key, epoch,
                                 !kd_dispatcher_runs_here (stage->dispatcher), error);
       if (order == NULL)
         {
@@ -198,32 +204,41 @@ enter_stage (Stage     *stage,
           g_clear_pointer (&key, kd_label_unref);
           return FALSE;
         }
-      kd_dispatcher_push_admitted (stage->dispatcher, FALSE, NULL, NULL, order, epoch);
+      kd_dispatcher_push_admitted (stage->dispatcher, FALSE, NULL, NULL, KD_ITEM_POINTER, order,
+                                   epoch);
       return TRUE;
     }
 
   kd_dispatcher_push_admitted (stage->dispatcher, stage->mode == KD_STAGE_KEYED,
-                               key, item, NULL, epoch);
+                               key, item, kind, NULL, epoch);
   return TRUE;
 }
 
 /* Passes what @stage emitted to the next stage, or to the sink. @key is
- * transfer full (a kd_label_new() label or NULL). */
+ * transfer full (a kd_label_new() label or NULL). A pointer goes to the
+ * sink, which owns it; a value to the value sink, which borrows it. */
 static gboolean
-pass_on (Stage     *stage,
-         char      *key,
-         gpointer   item,
-         GError   **error)
+pass_on (Stage      *stage,
+         char       *key,
+         gpointer    item,
+         KdItemKind  kind,
+         GError    **error)
 {
   KdPipeline *self = stage->pipeline;
 
   if (stage->index + 1 < self->stages->len)
-    return enter_stage (stage_at (self, stage->index + 1), key, item, error);
+    return enter_stage (stage_at (self, stage->index + 1), key, item, kind, error);
 
-  if (self->sink != NULL)
-    self->sink (key, item, self->sink_data);
+  if (kind == KD_ITEM_POINTER && self->sink != NULL)
+    {
+      self->sink (key, item, self->sink_data);
+    }
   else
-    kd_dispatcher_free_item (stage->dispatcher, item);
+    {
+      if (kind == KD_ITEM_VALUE && self->value_sink != NULL)
+        self->value_sink (key, item, self->value_sink_data);
+      kd_dispatcher_free_item (stage->dispatcher, item, kind);
+    }
   g_clear_pointer (&key, kd_label_unref);
 
   return TRUE;
@@ -233,17 +248,18 @@ pass_on (Stage     *stage,
 static gboolean
 reorder_pass (const char  *key,
               gpointer     item,
+              KdItemKind   kind,
               GError     **error,
               gpointer     user_data)
 {
-  return pass_on (user_data, kd_label_ref ((char *) key),
-                  item, error);
+  return pass_on (user_data, kd_label_ref ((char *) key), item, kind, error);
 }
 
 /* ...and hands back, through the next stage, what it could not pass on. */
 static void
 reorder_drop (const char   *key,
               gpointer      item,
+              KdItemKind    kind,
               const GError *error,
               gpointer      user_data)
 {
@@ -252,13 +268,15 @@ reorder_drop (const char   *key,
 
   /* The sink never refuses: only a next stage can. */
   g_assert (stage->index + 1 < self->stages->len);
-  kd_dispatcher_hand_back (stage_at (self, stage->index + 1)->dispatcher, key, item, error);
+  kd_dispatcher_hand_back (stage_at (self, stage->index + 1)->dispatcher, key, item, kind,
+                           error);
 }
 
 static gboolean
 stage_emit (KdJob       *job,
             const char  *key,
             gpointer     item,
+            KdItemKind   kind,
             GError     **error,
             gpointer     user_data)
 {
@@ -281,15 +299,15 @@ stage_emit (KdJob       *job,
 
   /* A job submitted to the stage's dispatcher directly has no ticket. */
   if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
-    taken = kd_reorder_emit (stage->reorder, job->ticket, ref, item, error);
+    taken = kd_reorder_emit (stage->reorder, job->ticket, ref, item, kind, error);
   else
-    taken = pass_on (stage, ref, item, error);
+    taken = pass_on (stage, ref, item, kind, error);
 
   /* The job's own item went on: its stage must not free it. */
-  if (taken && item == job->item && !job->handed_over)
+  if (taken && item == job->item && job->item_kind != KD_ITEM_HANDED_OVER)
     {
       job->item = NULL;
-      job->handed_over = TRUE;
+      job->item_kind = KD_ITEM_HANDED_OVER;
     }
 
   return taken;
@@ -304,8 +322,8 @@ stage_claim (KdJob    *job,
 {
   Stage *stage = user_data;
 
-  job->ticket = kd_reorder_claim (stage->reorder, job->ticket, &job->item, &job->label,
-                                  &job->epoch);
+  job->ticket = kd_reorder_claim (stage->reorder, job->ticket, &job->item, &job->item_kind,
+                                  &job->label, &job->epoch);
 }
 
 static void
@@ -478,6 +496,8 @@ kd_pipeline_finalize (GObject *object)
 
   if (self->sink_destroy != NULL)
     self->sink_destroy (self->sink_data);
+  if (self->value_sink_destroy != NULL)
+    self->value_sink_destroy (self->value_sink_data);
   g_clear_object (&self->cancellable);
   g_mutex_clear (&self->start_lock);
 
@@ -659,7 +679,8 @@ kd_pipeline_get_stage (KdPipeline *self,
  *
  * Sets where the last stage's emitted items go. The sink owns each item it
  * receives. Without a sink, they are freed with the last stage's item-free
- * function. Before the first submit.
+ * function. Values (kd_job_emit_value()) go to the value sink instead (see
+ * kd_pipeline_set_value_sink()). Before the first submit.
  *
  * Since: 0.1
  */
@@ -679,6 +700,41 @@ kd_pipeline_set_sink (KdPipeline     *self,
   self->sink = sink;
   self->sink_data = user_data;
   self->sink_destroy = user_data_free;
+}
+
+/**
+ * kd_pipeline_set_value_sink:
+ * @self: a pipeline
+ * @sink: (nullable) (scope notified) (closure user_data) (destroy user_data_free):
+ *   receives the values the last stage emits
+ * @user_data: data for @sink
+ * @user_data_free: (nullable): frees @user_data once the pipeline is finalized
+ *
+ * Sets where the values the last stage emits go (kd_job_emit_value(), or
+ * kd_job_emit() of a job's own value), as kd_pipeline_set_sink() does for
+ * pointers. The sink borrows each value for the call: the pipeline frees
+ * it when the sink returns, so the sink keeps what it needs (from Python,
+ * the object itself). Without a value sink, values are freed unseen.
+ * Before the first submit.
+ *
+ * Since: 0.1
+ */
+void
+kd_pipeline_set_value_sink (KdPipeline      *self,
+                            KdValueSinkFunc  sink,
+                            gpointer         user_data,
+                            GDestroyNotify   user_data_free)
+{
+  g_return_if_fail (KD_IS_PIPELINE (self));
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+
+  if (self->value_sink_destroy != NULL)
+    self->value_sink_destroy (self->value_sink_data);
+  self->value_sink = sink;
+  self->value_sink_data = user_data;
+  self->value_sink_destroy = user_data_free;
 }
 
 /**
@@ -759,7 +815,48 @@ kd_pipeline_submit (KdPipeline  *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
   g_return_val_if_fail (self->stages->len > 0, FALSE);
 
-  return enter_stage (stage_at (self, 0), kd_label_new (key), item, error);
+  return enter_stage (stage_at (self, 0), kd_label_new (key), item, KD_ITEM_POINTER, error);
+}
+
+/**
+ * kd_pipeline_submit_value:
+ * @self: a pipeline
+ * @key: (nullable): the item's key
+ * @value: the item: any #GValue, copied
+ * @error: return location for a #GError
+ *
+ * Like kd_pipeline_submit(), with a value for the item, as
+ * kd_dispatcher_submit_value(): the first stage's job holds a copy of
+ * @value, which its handler reads with kd_job_get_value() and passes on
+ * with kd_job_emit_value(); a value the last stage emits goes to the value
+ * sink (kd_pipeline_set_value_sink()). The pipeline frees every copy
+ * itself. A refused submit keeps no copy.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the item was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_pipeline_submit_value (KdPipeline    *self,
+                          const char    *key,
+                          const GValue  *value,
+                          GError       **error)
+{
+  GValue *item;
+
+  g_return_val_if_fail (KD_IS_PIPELINE (self), FALSE);
+  g_return_val_if_fail (G_IS_VALUE (value), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+  g_return_val_if_fail (self->stages->len > 0, FALSE);
+
+  item = kd_item_new_value (value);
+  if (enter_stage (stage_at (self, 0), kd_label_new (key), item, KD_ITEM_VALUE, error))
+    return TRUE;
+
+  kd_item_free_value (item);
+  return FALSE;
 }
 
 /**
@@ -806,7 +903,7 @@ kd_pipeline_submit_many (KdPipeline          *self,
 
   for (i = 0; i < n_items; i++)
     if (!enter_stage (stage_at (self, 0), kd_label_new (keys != NULL ? keys[i] : NULL),
-                      items[i], error))
+                      items[i], KD_ITEM_POINTER, error))
       break;
   return i;
 }

@@ -7,6 +7,8 @@
 
 #include <glib.h>
 
+#include "kd-item-private.h"
+
 G_BEGIN_DECLS
 
 typedef struct _KdReorder KdReorder;
@@ -17,12 +19,14 @@ typedef struct _KdOrderKey KdOrderKey;
  * the item is still the caller's. @key is borrowed. */
 typedef gboolean (*KdReorderPassFunc) (const char  *key,
                                        gpointer     item,
+                                       KdItemKind   kind,
                                        GError     **error,
                                        gpointer     user_data);
 
 /* Hands back an item (transfer full) that could not be passed on. */
 typedef void     (*KdReorderDropFunc) (const char   *key,
                                        gpointer      item,
+                                       KdItemKind    kind,
                                        const GError *error,
                                        gpointer      user_data);
 
@@ -35,6 +39,7 @@ void       kd_reorder_close (KdReorder         *self);
 KdOrderKey *kd_reorder_enter (KdReorder       *self,
                              const char        *key,
                              gpointer           item,
+                             KdItemKind         kind,
                              char              *label,
                              guint              epoch,
                              gboolean           may_wait,
@@ -42,12 +47,14 @@ KdOrderKey *kd_reorder_enter (KdReorder       *self,
 KdTicket  *kd_reorder_claim (KdReorder         *self,
                              KdOrderKey        *order,
                              gpointer          *item,
+                             KdItemKind        *kind,
                              char             **label,
                              guint             *epoch);
 gboolean   kd_reorder_emit  (KdReorder         *self,
                              KdTicket          *ticket,
                              char              *key,
                              gpointer           item,
+                             KdItemKind         kind,
                              GError           **error);
 void       kd_reorder_leave (KdReorder         *self,
                              KdTicket          *ticket);

@@ -92,8 +92,9 @@ typedef struct _Emitted Emitted;
 struct _Emitted
 {
   Emitted *next;
-  char    *key;     /* a kd_label_new() label, or NULL */
-  gpointer item;
+  char      *key;   /* a kd_label_new() label, or NULL */
+  gpointer   item;
+  KdItemKind kind;
 };
 
 typedef struct _Shard    Shard;
@@ -114,6 +115,7 @@ struct _KdTicket
   /* The item, until a job claims it (kd_reorder_claim()) */
   gboolean    claimed;
   gpointer    item;
+  KdItemKind  kind;
   char       *label;     /* a kd_label_new() label, or NULL */
   guint       epoch;     /* of the stage's admission unit it holds */
 };
@@ -419,6 +421,7 @@ order_key_locked (KdReorder    *self,
  * kd_reorder_enter:
  * @key: (nullable): the item's key
  * @item: the item, held by the ticket until a job claims it
+ * @kind: what @item is
  * @label: (transfer full) (nullable): the item's label, held likewise
  * @epoch: the epoch of the stage's admission unit the item holds
  * @may_wait: whether to wait for room
@@ -436,6 +439,7 @@ KdOrderKey *
 kd_reorder_enter (KdReorder   *self,
                   const char  *key,
                   gpointer     item,
+                  KdItemKind   kind,
                   char        *label,
                   guint        epoch,
                   gboolean     may_wait,
@@ -481,6 +485,7 @@ kd_reorder_enter (KdReorder   *self,
     }
   ticket->order = order;
   ticket->item = item;
+  ticket->kind = kind;
   ticket->label = label;
   ticket->epoch = epoch;
   if (order->tail != NULL)
@@ -499,6 +504,7 @@ kd_reorder_enter (KdReorder   *self,
  * kd_reorder_claim:
  * @order: the key queue a job of the stage was queued with
  * @item: (out): the claimed item
+ * @kind: (out): what it is
  * @label: (out) (transfer full): its label
  * @epoch: (out): its admission unit's epoch
  *
@@ -511,6 +517,7 @@ KdTicket *
 kd_reorder_claim (KdReorder   *self,
                   KdOrderKey  *order,
                   gpointer    *item,
+                  KdItemKind  *kind,
                   char       **label,
                   guint       *epoch)
 {
@@ -525,6 +532,7 @@ kd_reorder_claim (KdReorder   *self,
   ticket->claimed = TRUE;
   order->unclaimed = ticket->next;
   *item = g_steal_pointer (&ticket->item);
+  *kind = ticket->kind;
   *label = g_steal_pointer (&ticket->label);
   *epoch = ticket->epoch;
   kd_mutex_unlock (&shard->lock);
@@ -603,9 +611,9 @@ pass_list (KdReorder *self,
     {
       GError *error = NULL;
 
-      if (!self->pass (list->key, list->item, &error, self->user_data))
+      if (!self->pass (list->key, list->item, list->kind, &error, self->user_data))
         {
-          self->drop (list->key, list->item, error, self->user_data);
+          self->drop (list->key, list->item, list->kind, error, self->user_data);
           g_clear_error (&error);
         }
       g_clear_pointer (&list->key, kd_label_unref);
@@ -669,6 +677,7 @@ flush_locked (KdReorder  *self,
  * kd_reorder_emit:
  * @key: (transfer full) (nullable): the emitted item's key, a kd_label_new() label
  * @item: (transfer full): the emitted item
+ * @kind: what @item is
  *
  * Passes on, or keeps until its turn, what the item of @ticket emits.
  * Keeping it takes room, so past the bound this blocks until there is some
@@ -682,6 +691,7 @@ kd_reorder_emit (KdReorder   *self,
                  KdTicket    *ticket,
                  char        *key,
                  gpointer     item,
+                 KdItemKind   kind,
                  GError     **error)
 {
   KdOrderKey *order = ticket->order;
@@ -732,6 +742,7 @@ kd_reorder_emit (KdReorder   *self,
       emitted->next = NULL;
       emitted->key = key;
       emitted->item = item;
+      emitted->kind = kind;
       if (ticket->last != NULL)
         ticket->last->next = emitted;
       else
@@ -748,7 +759,7 @@ kd_reorder_emit (KdReorder   *self,
   if (room)
     give_back_room (self);
 
-  passed = self->pass (key, item, error, self->user_data);
+  passed = self->pass (key, item, kind, error, self->user_data);
   g_clear_pointer (&key, kd_label_unref);
 
   kd_mutex_lock (&shard->lock);

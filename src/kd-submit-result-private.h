@@ -10,6 +10,7 @@
 #include "kd-delivery-private.h"
 #include "kd-dispatcher.h"
 #include "kd-group.h"
+#include "kd-item-private.h"
 #include "kd-task-private.h"
 
 G_BEGIN_DECLS
@@ -44,6 +45,9 @@ void            kd_submit_result_keep_key     (KdSubmitResult      *self,
                                                const char          *key);
 const char     *kd_submit_result_get_key      (KdSubmitResult      *self);
 gpointer        kd_submit_result_get_item     (KdSubmitResult      *self);
+void            kd_submit_result_set_value_item (KdSubmitResult    *self);
+KdItemKind      kd_submit_result_get_item_kind (KdSubmitResult     *self);
+void            kd_submit_result_refuse_item  (KdSubmitResult      *self);
 gboolean        kd_submit_result_is_cancelled (KdSubmitResult      *self);
 void            kd_submit_result_complete     (KdSubmitResult      *self,
                                                GError              *error);

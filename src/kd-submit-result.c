@@ -73,6 +73,7 @@ struct _KdSubmitResult
   gpointer             user_data;
   char                *key;          /* while it waits for room; nullable */
   gpointer             item;
+  KdItemKind           item_kind;    /* a value is the result's until a job takes it */
   GError              *error;        /* how the job ended; set once, when completed */
   gint                 completed;    /* atomic */
 };
@@ -292,6 +293,29 @@ gpointer
 kd_submit_result_get_item (KdSubmitResult *self)
 {
   return self->item;
+}
+
+/* The submission's item is a value (kd_item_new_value()), which the
+ * result frees if it is refused. */
+void
+kd_submit_result_set_value_item (KdSubmitResult *self)
+{
+  self->item_kind = KD_ITEM_VALUE;
+}
+
+KdItemKind
+kd_submit_result_get_item_kind (KdSubmitResult *self)
+{
+  return self->item_kind;
+}
+
+/* A refused submission: no job took its item, which stays the caller's,
+ * unless it is a value of kdispatch's own. */
+void
+kd_submit_result_refuse_item (KdSubmitResult *self)
+{
+  if (self->item_kind == KD_ITEM_VALUE)
+    kd_item_free_value (g_steal_pointer (&self->item));
 }
 
 /* Whether the per-call cancellable was cancelled. */

@@ -1836,6 +1836,7 @@ typedef struct
 static gboolean
 record_pass (const char  *key,
              gpointer     item,
+             KdItemKind   kind,
              GError     **error,
              gpointer     user_data)
 {
@@ -1851,6 +1852,7 @@ record_pass (const char  *key,
 static void
 unexpected_drop (const char   *key,
                  gpointer      item,
+                 KdItemKind    kind,
                  const GError *error,
                  gpointer      user_data)
 {
@@ -1867,7 +1869,7 @@ reorder_emit_number (KdReorder  *reorder,
   GError *error = NULL;
 
   g_assert_true (kd_reorder_emit (reorder, ticket, kd_label_new (key),
-                                  GUINT_TO_POINTER (n + 1), &error));
+                                  GUINT_TO_POINTER (n + 1), KD_ITEM_POINTER, &error));
   g_assert_no_error (error);
 }
 
@@ -1877,14 +1879,16 @@ enter_and_claim (KdReorder  *reorder,
                  const char *key)
 {
   GError *error = NULL;
-  KdOrderKey *order = kd_reorder_enter (reorder, key, NULL, NULL, 0, TRUE, &error);
+  KdOrderKey *order = kd_reorder_enter (reorder, key, NULL, KD_ITEM_POINTER, NULL, 0, TRUE,
+                                        &error);
+  KdItemKind kind;
   gpointer item;
   char *label;
   guint epoch;
 
   g_assert_no_error (error);
   g_assert_nonnull (order);
-  return kd_reorder_claim (reorder, order, &item, &label, &epoch);
+  return kd_reorder_claim (reorder, order, &item, &kind, &label, &epoch);
 }
 
 #define LONG_GAP 100
@@ -1942,6 +1946,7 @@ test_reorder_claim_order (void)
   KdOrderKey *first_queued, *second_queued;
   KdTicket *first, *second;
   GError *error = NULL;
+  KdItemKind kind;
   gpointer item;
   char *label;
   guint epoch;
@@ -1949,14 +1954,18 @@ test_reorder_claim_order (void)
   g_test_summary ("A job of an ordered stage runs the oldest item of its key that no job took "
                   "yet, whatever ticket it was queued with: the key's items start in entry order");
 
-  first_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (1), kd_label_new ("k"), 7, TRUE, &error);
-  second_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (2), kd_label_new ("k"), 8, TRUE, &error);
+  /* The second one says it is a value: what an item is travels with it. */
+  first_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (1), KD_ITEM_POINTER,
+                                   kd_label_new ("k"), 7, TRUE, &error);
+  second_queued = kd_reorder_enter (reorder, "k", GUINT_TO_POINTER (2), KD_ITEM_VALUE,
+                                    kd_label_new ("k"), 8, TRUE, &error);
   g_assert_no_error (error);
   g_assert_true (first_queued == second_queued);   /* the key's queue */
 
   /* Whichever job starts first runs the first item. */
-  first = kd_reorder_claim (reorder, second_queued, &item, &label, &epoch);
+  first = kd_reorder_claim (reorder, second_queued, &item, &kind, &label, &epoch);
   g_assert_cmpuint (GPOINTER_TO_UINT (item), ==, 1);
+  g_assert_cmpint (kind, ==, KD_ITEM_POINTER);
   g_assert_cmpstr (label, ==, "k");
   g_assert_cmpuint (epoch, ==, 7);
   kd_label_unref (label);
@@ -1965,8 +1974,9 @@ test_reorder_claim_order (void)
   reorder_emit_number (reorder, first, "k", 0);
   kd_reorder_leave (reorder, first);
 
-  second = kd_reorder_claim (reorder, first_queued, &item, &label, &epoch);
+  second = kd_reorder_claim (reorder, first_queued, &item, &kind, &label, &epoch);
   g_assert_cmpuint (GPOINTER_TO_UINT (item), ==, 2);
+  g_assert_cmpint (kind, ==, KD_ITEM_VALUE);
   g_assert_cmpuint (epoch, ==, 8);
   kd_label_unref (label);
   reorder_emit_number (reorder, second, "k", 1);

@@ -8,15 +8,16 @@
 // main loop (kd_dispatcher_set_handler_context(): GJS runs JavaScript on
 // its own thread only), one message per client at a time, in order, while
 // the workers schedule. Each handler starts an "asynchronous write" (a
-// timeout here) and defers its job; the write's callback returns it. The
-// messages themselves stay in JavaScript, in a queue per client: the
-// handler of a client's n-th job takes its n-th message, which per-key
-// order makes right.
+// timeout here) and defers its job; the write's callback returns it. Each
+// message is a GObject of the example's, with JavaScript fields of its
+// own, submitted as the job's value (kd_dispatcher_submit_value_async())
+// and read back in the handler (kd_job_get_value()).
 //
 // Run from a build tree:
 //   GI_TYPELIB_PATH=build/src LD_LIBRARY_PATH=build/src gjs -m examples/gjs/ordered-clients.js
 
 import GLib from 'gi://GLib';
+import GObject from 'gi://GObject';
 import Kd from 'gi://Kd?version=1';
 import System from 'system';
 
@@ -24,21 +25,31 @@ const N_CLIENTS = 200;
 const N_MESSAGES = 10;
 const total = N_CLIENTS * N_MESSAGES;
 
-const queues = new Map();       // client -> messages not handled yet
-const written = new Map();      // client -> messages handled, in order
+const Message = GObject.registerClass(class Message extends GObject.Object {
+    _init(client, n) {
+        super._init();
+        this.client = client;
+        this.n = n;
+    }
+});
+
+const written = new Map();      // client -> message numbers handled, in order
 let inFlight = 0, maxInFlight = 0, ended = 0, failed = 0;
 const loop = new GLib.MainLoop(null, false);
 
 function handle(job) {
+    const message = job.get_value();
     const client = job.get_key();
-    const message = queues.get(client).shift();
+
+    if (!(message instanceof Message) || message.client !== client)
+        throw new Error(`client ${client} got ${message}`);
 
     inFlight++;
     maxInFlight = Math.max(maxInFlight, inFlight);
     job.defer();
     // The asynchronous write: its callback returns the job.
     GLib.timeout_add(GLib.PRIORITY_DEFAULT, 1, () => {
-        written.get(client).push(message);
+        written.get(client).push(message.n);
         inFlight--;
         job.return_success();
         return GLib.SOURCE_REMOVE;
@@ -63,14 +74,12 @@ function onHandled(source, result) {
         loop.quit();
 }
 
-for (let c = 0; c < N_CLIENTS; c++) {
-    queues.set(`client-${c}`, []);
+for (let c = 0; c < N_CLIENTS; c++)
     written.set(`client-${c}`, []);
-}
 for (let m = 1; m <= N_MESSAGES; m++) {
     for (let c = 0; c < N_CLIENTS; c++) {
-        queues.get(`client-${c}`).push(m);
-        dispatcher.submit_async(`client-${c}`, null, null, onHandled);
+        const client = `client-${c}`;
+        dispatcher.submit_value_async(client, new Message(client, m), null, onHandled);
     }
 }
 

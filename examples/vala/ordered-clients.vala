@@ -4,13 +4,23 @@
  *
  * Many clients send messages; each client's are handled one at a time, in
  * the order they came, while the clients are handled in parallel. The
- * messages are submitted from a main loop with submit_async, which never
- * blocks: past the dispatcher's bound they wait without a thread. The
+ * messages are objects, submitted as values from a main loop with
+ * submit_value_async, which never blocks: past the dispatcher's bound they
+ * wait without a thread. The
  * program checks every message ran once, in its client's order, and that
  * every async callback came back on the main loop's thread.
  *
  *   vala-ordered-clients [CLIENTS] [MESSAGES]
  */
+
+class Message : Object {
+    public string client { get; construct; }
+    public int number { get; construct; }
+
+    public Message (string client, int number) {
+        Object (client: client, number: number);
+    }
+}
 
 int main (string[] args) {
     int n_clients = args.length > 1 ? int.parse (args[1]) : 200;
@@ -28,7 +38,9 @@ int main (string[] args) {
     /* Runs on the workers: one message of a client at a time. */
     var dispatcher = new Kd.Dispatcher (4, (job) => {
         string key = job.get_key ();
-        int message = (int) (intptr) job.get_item ();
+        var value = job.get_value ();
+        var received = value != null ? value.get_object () as Message : null;
+        int message = received != null && received.client == key ? received.number : -1;
 
         mutex.lock ();
         if (next.contains (key) ? next[key] != message : message != 0)
@@ -43,9 +55,10 @@ int main (string[] args) {
 
     for (int m = 0; m < n_messages; m++) {
         for (int c = 0; c < n_clients; c++) {
-            dispatcher.submit_async.begin ("client-%d".printf (c), (void*) (intptr) m, null, (obj, res) => {
+            var client = "client-%d".printf (c);
+            dispatcher.submit_value_async.begin (client, new Message (client, m), null, (obj, res) => {
                 try {
-                    dispatcher.submit_async.end (res);
+                    dispatcher.submit_value_async.end (res);
                 } catch (Error e) {
                     failed++;
                 }

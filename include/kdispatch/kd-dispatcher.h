@@ -334,6 +334,16 @@ gboolean      kd_dispatcher_submit_timeout   (KdDispatcher   *self,
                                               gint64          timeout_us,
                                               GError        **error);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_value     (KdDispatcher   *self,
+                                              const char     *key,
+                                              const GValue   *value,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_try_submit_value (KdDispatcher   *self,
+                                              const char     *key,
+                                              const GValue   *value,
+                                              GError        **error);
+KD_AVAILABLE_IN_ALL
 gboolean      kd_dispatcher_submit_after     (KdDispatcher   *self,
                                               const char     *key,
                                               gpointer        item,
@@ -371,6 +381,17 @@ void          kd_dispatcher_submit_async     (KdDispatcher        *self,
                                               GCancellable        *cancellable,
                                               GAsyncReadyCallback  callback,
                                               gpointer             user_data);
+KD_AVAILABLE_IN_ALL
+void          kd_dispatcher_submit_value_async (KdDispatcher        *self,
+                                                const char          *key,
+                                                const GValue        *value,
+                                                GCancellable        *cancellable,
+                                                GAsyncReadyCallback  callback,
+                                                gpointer             user_data);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_value_finish (KdDispatcher  *self,
+                                                 GAsyncResult  *result,
+                                                 GError       **error);
 KD_AVAILABLE_IN_ALL
 gboolean      kd_dispatcher_submit_finish    (KdDispatcher   *self,
                                               GAsyncResult   *result,

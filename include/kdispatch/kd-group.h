@@ -44,6 +44,11 @@ gboolean      kd_group_submit           (KdGroup             *self,
                                          gpointer             item,
                                          GError             **error);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_group_submit_value     (KdGroup             *self,
+                                         const char          *key,
+                                         const GValue        *value,
+                                         GError             **error);
+KD_AVAILABLE_IN_ALL
 gboolean      kd_group_try_submit       (KdGroup             *self,
                                          const char          *key,
                                          gpointer             item,

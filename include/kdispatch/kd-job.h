@@ -22,6 +22,8 @@ const char   *kd_job_get_key         (KdJob *job);
 KD_AVAILABLE_IN_ALL
 gpointer      kd_job_get_item        (KdJob *job);
 KD_AVAILABLE_IN_ALL
+const GValue *kd_job_get_value       (KdJob *job);
+KD_AVAILABLE_IN_ALL
 GCancellable *kd_job_get_cancellable (KdJob *job);
 KD_AVAILABLE_IN_ALL
 GCancellable *kd_job_get_group_cancellable (KdJob *job);
@@ -48,5 +50,11 @@ gboolean      kd_job_emit            (KdJob       *job,
                                       const char  *key,
                                       gpointer     item,
                                       GError     **error);
+
+KD_AVAILABLE_IN_ALL
+gboolean      kd_job_emit_value      (KdJob        *job,
+                                      const char   *key,
+                                      const GValue *value,
+                                      GError      **error);
 
 G_END_DECLS

@@ -50,14 +50,30 @@ typedef enum
  * Receives what the last stage emits, on the worker that emitted it (so it
  * may run on several threads at once, unless the last stage is keyed or
  * ordered, where one key's items arrive in order). The item is the sink's
- * from then on: the pipeline does not free it. (For bindings, which pass
- * items as integers, there is nothing to free.)
+ * from then on: the pipeline does not free it. Values go to the value sink
+ * instead (#KdValueSinkFunc), which is what bindings use.
  *
  * Since: 0.1
  */
 typedef void (*KdSinkFunc) (const char *key,
                             gpointer    item,
                             gpointer    user_data);
+
+/**
+ * KdValueSinkFunc:
+ * @key: (nullable): the value's key
+ * @value: a value the last stage emitted, borrowed for the call
+ * @user_data: the data given to kd_pipeline_set_value_sink()
+ *
+ * Receives what the last stage emits as a value (see
+ * kd_job_emit_value()), on the worker that emitted it, as a #KdSinkFunc
+ * does. The pipeline frees @value when the sink returns.
+ *
+ * Since: 0.1
+ */
+typedef void (*KdValueSinkFunc) (const char   *key,
+                                 const GValue *value,
+                                 gpointer      user_data);
 
 KD_AVAILABLE_IN_ALL
 KdPipeline   *kd_pipeline_new             (void) G_GNUC_WARN_UNUSED_RESULT;
@@ -83,6 +99,11 @@ void          kd_pipeline_set_sink        (KdPipeline      *self,
                                            gpointer         user_data,
                                            GDestroyNotify   user_data_free);
 KD_AVAILABLE_IN_ALL
+void          kd_pipeline_set_value_sink  (KdPipeline      *self,
+                                           KdValueSinkFunc  sink,
+                                           gpointer         user_data,
+                                           GDestroyNotify   user_data_free);
+KD_AVAILABLE_IN_ALL
 void          kd_pipeline_set_cancellable (KdPipeline      *self,
                                            GCancellable    *cancellable);
 KD_AVAILABLE_IN_ALL
@@ -91,6 +112,11 @@ KD_AVAILABLE_IN_ALL
 gboolean      kd_pipeline_submit          (KdPipeline      *self,
                                            const char      *key,
                                            gpointer         item,
+                                           GError         **error);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_pipeline_submit_value    (KdPipeline      *self,
+                                           const char      *key,
+                                           const GValue    *value,
                                            GError         **error);
 KD_AVAILABLE_IN_ALL
 guint         kd_pipeline_submit_many     (KdPipeline          *self,

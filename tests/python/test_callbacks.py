@@ -11,7 +11,7 @@ import threading
 import gi
 
 gi.require_version('Kd', '1')
-from gi.repository import GLib, Kd  # noqa: E402
+from gi.repository import GLib, GObject, Kd  # noqa: E402
 
 DEADLINE_S = 60
 results = []
@@ -49,6 +49,118 @@ def test_pipeline_emit_and_sink():
     in_order = all([item for key, item in out if key == 'k%d' % k] ==
                    sorted(item for key, item in out if key == 'k%d' % k) for k in range(1, 4))
     check('pipeline: a key\'s items reach the sink in order', in_order)
+
+
+class Thing(GObject.Object):
+    """A GObject of the application's, carrying Python data of its own."""
+
+    def __init__(self, key, n):
+        super().__init__()
+        self.key, self.n = key, n
+
+
+def test_values():
+    # Dicts and GObjects through a dispatcher: the handler and the done
+    # callback get the very object submitted, in each key's order.
+    lock = threading.Lock()
+    seen, done_seen, last = [], [], {}
+    state = {'out_of_order': 0, 'wrong_object': 0}
+    items = {}
+
+    def handler(job):
+        value = job.get_value()
+        if isinstance(value, dict) and 'probe' in value:
+            return True
+        key, n = (value['key'], value['n']) if isinstance(value, dict) else (value.key, value.n)
+        with lock:
+            if items[(key, n)] is not value:
+                state['wrong_object'] += 1
+            if n != last.get(key, 0) + 1:
+                state['out_of_order'] += 1
+            last[key] = n
+            seen.append(value)
+        return True
+
+    def done(job, error):
+        with lock:
+            done_seen.append(job.get_value())
+
+    dispatcher = Kd.Dispatcher.new(3, handler)
+    dispatcher.set_done_func(done)
+    for n in range(1, 101):
+        for k in range(4):
+            key = 'k%d' % k
+            value = {'key': key, 'n': n} if n % 2 else Thing(key, n)
+            items[(key, n)] = value
+            if n % 5 == 0:
+                dispatcher.try_submit_value(key, value)
+            else:
+                dispatcher.submit_value(key, value)
+    dispatcher.wait()
+    check('values: dicts and GObjects reach the handler as the objects submitted, in '
+          'per-key order', len(seen) == 400 and state == {'out_of_order': 0, 'wrong_object': 0},
+          '%d %s' % (len(seen), state))
+    check('values: the done callback gets the same objects',
+          sorted(id(v) for v in done_seen) == sorted(id(v) for v in items.values()))
+
+    # The dispatcher's copies are gone once the jobs ended: only our
+    # references are left.
+    probe = {'probe': True}
+    before = sys.getrefcount(probe)
+    dispatcher.submit_value('k0', probe)
+    dispatcher.wait()
+    del seen[:], done_seen[:]
+    check('values: the dispatcher keeps no reference once the job ended',
+          sys.getrefcount(probe) == before, '%d %d' % (sys.getrefcount(probe), before))
+
+    # Async, with the finish call.
+    loop = GLib.MainLoop()
+    finished = []
+
+    def on_submitted(source, result, value):
+        finished.append((source.submit_finish(result), value))
+        if len(finished) == 2:
+            loop.quit()
+
+    async_items = [{'key': 'k9', 'n': 1}, Thing('k9', 2)]
+    for value in async_items:
+        items[('k9', value['n'] if isinstance(value, dict) else value.n)] = value
+        dispatcher.submit_value_async('k9', value, None, on_submitted, value)
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    check('values: async value submits complete in order', [ok for ok, _ in finished] == [True, True]
+          and [v for _, v in finished] == async_items and state['out_of_order'] == 0, str(finished))
+
+    # Through a pipeline: a new value emitted, the job's own passed on, and
+    # the value sink, in each key's order.
+    out = []
+
+    def wrap(job):
+        value = job.get_value()
+        return job.emit_value(job.get_key(), {'inner': value, 'n': value.n})
+
+    def unwrap(job):
+        return job.emit_value(job.get_key(), job.get_value()['inner'])
+
+    def value_sink(key, value):
+        with lock:
+            out.append((key, value))
+
+    pipeline = Kd.Pipeline.new()
+    pipeline.add_stage('wrap', 2, wrap)
+    pipeline.add_stage('unwrap', 2, unwrap)
+    pipeline.set_value_sink(value_sink)
+    things = [Thing('k%d' % (n % 3), n) for n in range(150)]
+    for thing in things:
+        pipeline.submit_value(thing.key, thing)
+    pipeline.close()
+    pipeline.wait()
+    in_order = all([v.n for k, v in out if k == key] == sorted(v.n for k, v in out if k == key)
+                   for key in ('k0', 'k1', 'k2'))
+    check('values: GObjects wrapped in dicts and unwrapped through a pipeline reach the value '
+          'sink as the objects submitted, in per-key order',
+          sorted(id(v) for _, v in out) == sorted(id(t) for t in things) and in_order,
+          '%d' % len(out))
 
 
 def test_workers():
@@ -230,6 +342,7 @@ def test_handler_context():
 
 
 test_pipeline_emit_and_sink()
+test_values()
 test_workers()
 test_failure_callbacks()
 test_groups_and_delays()
