@@ -84,7 +84,12 @@ void       kd_mailbox_unref       (KdMailbox  *self);
 gboolean   kd_mailbox_drop        (KdMailbox  *self);
 void       kd_mailbox_free        (KdMailbox  *self);
 
-KdMailbox *kd_mailbox_from_task   (KdTask     *task);
+/* The mailbox a scheduler task is, or NULL for a job. */
+static inline KdMailbox *
+kd_mailbox_from_task (KdTask *task)
+{
+  return task->kind == KD_TASK_MAILBOX ? (KdMailbox *) task : NULL;
+}
 
 static inline const char *
 kd_mailbox_get_key (KdMailbox *self)

@@ -100,10 +100,3 @@ kd_mailbox_free (KdMailbox *self)
   g_free (self->heap_key);
   g_free (self);
 }
-
-/* NULL if @task is not a mailbox. */
-KdMailbox *
-kd_mailbox_from_task (KdTask *task)
-{
-  return task->kind == KD_TASK_MAILBOX ? (KdMailbox *) task : NULL;
-}

@@ -32,23 +32,6 @@
 #include "kd-notifier-private.h"
 #include "kd-sync-private.h"
 
-struct _KdNotifier
-{
-  GSource       source;
-
-  /* Immutable */
-  KdNotifyFunc  func;
-  gint64        interval_us;
-
-  gint          armed;    /* atomic */
-
-  /* Under @lock: the object, until kd_notifier_detach(), and whether a
-   * notify is running */
-  GMutex        lock;
-  GCond         idle;
-  GObject      *object;
-  GThread      *busy;     /* the thread notifying, or NULL */
-};
 
 static gboolean
 kd_notifier_dispatch (GSource     *source,
@@ -120,15 +103,11 @@ kd_notifier_new (GObject      *object,
   return self;
 }
 
-/* Something changed: notify within @interval_us. Any thread; after the
- * change is stored. */
+/* kd_notifier_arm(), once it found the notifier not armed yet. */
 void
-kd_notifier_arm (KdNotifier *self)
+kd_notifier_arm_now (KdNotifier *self)
 {
   gint armed = FALSE;
-
-  if (G_LIKELY (__atomic_load_n (&self->armed, __ATOMIC_SEQ_CST)))
-    return;
 
   if (__atomic_compare_exchange_n (&self->armed, &armed, TRUE, FALSE,
                                    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
