@@ -15,7 +15,9 @@
  * counts in the bound; retries, dead letters and parked keys follow the
  * handler's failure. This is what a language whose callbacks must run on
  * one thread (GJS) needs, and what a GTK application whose handlers touch
- * widgets wants. The delivery's time slices keep a flood of jobs from
+ * widgets wants. A pipeline stage's jobs end on a worker even then, as
+ * every returned stage job does (kd-dispatcher-defer.c), so that what
+ * they emitted goes on from there and the context never blocks. The delivery's time slices keep a flood of jobs from
  * starving the context's other sources.
  *
  * wait() and the last unref wait for every pending job, and these need
@@ -71,6 +73,8 @@ kd_dispatcher_hand_to_context (KdDispatcher *self,
                                KdJob        *job)
 {
   g_atomic_int_set (&job->defer, KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT);
+  if (self->stage_hooks.deferring != NULL)
+    self->stage_hooks.deferring (job, self->stage_data);
   kd_delivery_push (self->handler_delivery, &job->task);
 }
 
@@ -123,7 +127,9 @@ kd_dispatcher_drain_on_context (KdDispatcher *self)
  * thread, or any thread while nobody runs it), they run the context
  * themselves until the jobs ended.
  *
- * Not for a pipeline's stages. Call before the first submit.
+ * A pipeline's stage may have one too: what its handlers emit there goes
+ * on from the stage's workers once each job ended, so the context never
+ * blocks at the next stage's bound. Call before the first submit.
  *
  * Since: 0.1
  */
@@ -135,11 +141,6 @@ kd_dispatcher_set_handler_context (KdDispatcher *self,
 
   if (!kd_dispatcher_check_configurable (self, G_STRFUNC))
     return;
-  if (self->stage_hooks.ended != NULL && context != NULL)
-    {
-      g_critical ("%s: a pipeline stage's handler runs on its workers", G_STRFUNC);
-      return;
-    }
   if (context != NULL)
     g_main_context_ref (context);
   g_clear_pointer (&self->handler_context, g_main_context_unref);

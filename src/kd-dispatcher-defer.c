@@ -33,8 +33,12 @@
  * deferred jobs out after two seconds says so in a warning, and goes on
  * waiting.
  *
- * Not in a pipeline's stages: a stage's jobs may emit until they end, in
- * order for an ordered stage, which this does not handle yet.
+ * In a pipeline's stage, a deferred job may emit until it is returned,
+ * from any thread; those emits must not block there (kd-pipeline.c keeps
+ * them with the job), and its end may pass items on, which blocks at the
+ * next stage's bound: so a stage's returned job ends on a worker. The
+ * return schedules the job itself (KD_TASK_RETURNED), and the worker that
+ * takes it ends it as end_returned() says.
  *
  * A handler context (kd-dispatcher-context.c) defers every job: its worker
  * hands it to the context, whose handler's outcome returns it, unless that
@@ -118,6 +122,38 @@ end_returned (KdDispatcher *self,
   kd_mutex_unlock (&self->returning_lock);
 }
 
+/* A stage's job returned after its handler returned: a worker ends it
+ * (kd_dispatcher_end_returned()). Counted as a returner meanwhile, as in
+ * end_returned(): once the task is pushed, the job may end and the last
+ * unref go on while this thread still touches the scheduler. */
+static void
+end_on_worker (KdDispatcher *self,
+               KdJob        *job)
+{
+  KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
+
+  kd_mutex_lock (&self->returning_lock);
+  self->n_returning++;
+  kd_mutex_unlock (&self->returning_lock);
+
+  job->task.kind = KD_TASK_RETURNED;
+  kd_scheduler_push (scheduler, &job->task);
+
+  kd_mutex_lock (&self->returning_lock);
+  if (--self->n_returning == 0)
+    g_cond_broadcast (&self->returning_cond);
+  kd_mutex_unlock (&self->returning_lock);
+}
+
+/* By the worker that took a stage's returned job (KD_TASK_RETURNED). */
+void
+kd_dispatcher_end_returned (KdDispatcher *self,
+                            KdJob        *job)
+{
+  job->task.kind = KD_TASK_JOB;
+  end_returned (self, job);
+}
+
 /* A handler that deferred its job returned: it must say nothing of the
  * outcome, which is the return's. */
 void
@@ -183,7 +219,9 @@ kd_dispatcher_wait_returners (KdDispatcher *self)
  * unref of the dispatcher waits for every deferred job, and says so in a
  * warning if some are still out after two seconds.
  *
- * Not for the jobs of a pipeline's stages.
+ * In a pipeline's stage the job may emit (kd_job_emit()) from any thread
+ * until it is returned; those emits never block: they go on when the
+ * job ends, on one of the stage's workers (see the Pipelines guide).
  *
  * Since: 0.1
  */
@@ -197,11 +235,6 @@ kd_job_defer (KdJob *job)
   g_return_if_fail (job != NULL);
   self = job->dispatcher;
   defer = g_atomic_int_get (&job->defer);
-  if (self->stage_hooks.ended != NULL)
-    {
-      g_critical ("kd_job_defer: a pipeline stage's job cannot be deferred");
-      return;
-    }
   if (!(defer & KD_DEFER_RUNNING) || (defer & (KD_DEFER_BY_HANDLER | KD_DEFER_RETURNED)) ||
       (defer & (KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT)) == KD_DEFER_ASKED)
     {
@@ -209,6 +242,8 @@ kd_job_defer (KdJob *job)
       return;
     }
   g_atomic_int_inc (&self->n_deferred);
+  if (self->stage_hooks.deferring != NULL)
+    self->stage_hooks.deferring (job, self->stage_data);
   /* Its handler runs in the handler context: deferred already, for the
    * context to return it; now the application will. */
   if (defer & KD_DEFER_ON_CONTEXT)
@@ -235,7 +270,11 @@ kd_dispatcher_return_job (KdJob  *job,
   /* Published to the handler's worker, or to ourselves, by the atomic or. */
   job->error = error;
   was = g_atomic_int_or (&job->defer, KD_DEFER_RETURNED);
-  if (was & KD_DEFER_HANDLER_DONE)
+  if (!(was & KD_DEFER_HANDLER_DONE))
+    return;
+  if (job->dispatcher->stage_hooks.ended != NULL)
+    end_on_worker (job->dispatcher, job);
+  else
     end_returned (job->dispatcher, job);
 }
 

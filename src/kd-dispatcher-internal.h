@@ -292,6 +292,8 @@ void        kd_dispatcher_arm_idle_sweep      (KdDispatcher      *self,
                                                KdScheduler       *scheduler);
 
 /* kd-dispatcher-defer.c */
+void        kd_dispatcher_end_returned        (KdDispatcher      *self,
+                                               KdJob             *job);
 gboolean    kd_dispatcher_settle_deferred     (KdDispatcher      *self,
                                                KdJob             *job,
                                                GError           **error);

@@ -555,7 +555,8 @@ kd_dispatcher_get_capacity (KdDispatcher *self)
  * Sets the function that frees each accepted job's item, exactly once, after
  * the job's done callback returned, %NULL items included (as GLib's
  * containers do). It never runs for items whose submit was refused: those
- * stay the caller's.
+ * stay the caller's. Nor for values (kd_dispatcher_submit_value()), which
+ * the dispatcher frees itself.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.

@@ -17,13 +17,21 @@ G_BEGIN_DECLS
 /* What a pipeline adds to a dispatcher it uses as a stage. */
 typedef struct
 {
-  /* kd_job_emit() from one of the stage's handlers */
+  /* kd_job_emit(): from the job's handler on its worker, or (@away) from
+   * anywhere else while the job is deferred or runs in a handler
+   * context, where it must not block */
   gboolean (*emit)    (KdJob       *job,
                        const char  *key,
                        gpointer     item,
                        KdItemKind   kind,
+                       gboolean     away,
                        GError     **error,
                        gpointer     user_data);
+  /* a job of the stage is deferred (kd_job_defer(), or a handler context),
+   * on the thread that defers it, before it can emit away */
+  void     (*deferring) (KdJob     *job,
+                         gpointer   user_data);
+
   /* a job queued with a ticket (an ordered stage's), on the worker about
    * to start it, before anything else: it may take another item and
    * ticket (and with them their unit's epoch) */

@@ -127,13 +127,21 @@ kd_dispatcher_emit_job (KdJob       *job,
 {
   KdDispatcher *self = job->dispatcher;
 
+  gint defer = g_atomic_int_get (&job->defer);
+  gboolean away;
+
   if (self->stage_hooks.emit == NULL)
     {
       g_critical ("kd_job_emit: the job's dispatcher is not a pipeline stage");
       return FALSE;
     }
 
-  return self->stage_hooks.emit (job, key, item, kind, error, self->stage_data);
+  /* Its handler, running on its worker, may block there; anyone else (the
+   * application's thread once the job is deferred, the handler context)
+   * must not. */
+  away = !(defer & KD_DEFER_RUNNING) || (defer & KD_DEFER_ON_CONTEXT) ||
+         !kd_dispatcher_is_own_worker (self);
+  return self->stage_hooks.emit (job, key, item, kind, away, error, self->stage_data);
 }
 
 /* The calling worker's data, if it is one of this dispatcher's workers. */

@@ -692,6 +692,10 @@ run_task (KdTask   *task,
     {
       run_mailbox (self, worker, stats, mailbox);
     }
+  else if (G_UNLIKELY (task->kind == KD_TASK_RETURNED))
+    {
+      kd_dispatcher_end_returned (self, (KdJob *) task);
+    }
   else
     {
       KdJob *job = (KdJob *) task;

@@ -28,6 +28,8 @@ struct _KdJob
                               * its key's queue in the reorder (a KdOrderKey);
                               * then the ticket of the item it runs */
   KdSubmitResult *result;    /* kd_dispatcher_submit_async()'s, until the job ended */
+  gpointer      outbox;      /* a pipeline stage's job: what it emitted off its
+                              * worker, for a worker to pass on (kd-pipeline.c) */
   struct _KdGroupState *group; /* the state of the group it was submitted
                               * through, or NULL; a reference of its own from
                               * just before it is queued until its done

@@ -40,6 +40,7 @@ kd_job_new (KdDispatcher *dispatcher,
   job->label = NULL;
   job->ticket = NULL;
   job->result = NULL;
+  job->outbox = NULL;
   job->group = NULL;
   job->item = item;
   job->item_kind = KD_ITEM_POINTER;
@@ -113,8 +114,10 @@ kd_job_get_item (KdJob *job)
  * Gets the value a job was submitted with (kd_dispatcher_submit_value()
  * and the other value calls, or kd_job_emit_value() into a pipeline
  * stage). It belongs to the dispatcher, which frees it after the done
- * callback returned; copy it (or take a reference to what it holds) to
- * keep it longer. From Python, this is the object that was submitted.
+ * callback returned (or, once kd_job_emit() handed the job's item over,
+ * the pipeline does, at any time); copy it (or take a reference to what it
+ * holds) to keep it longer. From Python, this is the object that was
+ * submitted.
  *
  * Thread-safe while @job is valid.
  *
@@ -267,7 +270,12 @@ kd_job_get_attempt (KdJob *job)
  * %NULL from then on. (The job's own item of a job submitted with a value
  * goes on as that value.)
  *
- * Call only from the stage's handler, on its worker.
+ * Call from the stage's handler, or, once the handler deferred the job
+ * (kd_job_defer()), from any thread until the job is returned. Only the
+ * handler on its worker blocks for room: an emit anywhere else (a deferred
+ * job's, or a handler's in a handler context) never blocks; what it
+ * emits goes on, in order, from one of the stage's workers when the job
+ * ends.
  *
  * Returns: %TRUE if the pipeline took @item; %FALSE with %KD_ERROR_CLOSED if
  *   the pipeline was cancelled, @item still being the caller's
@@ -300,10 +308,11 @@ kd_job_emit (KdJob       *job,
  * Like kd_job_emit(), with a value: the next stage's job holds a copy of
  * @value (kd_job_get_value()), or, after the last stage, the value sink
  * receives it (kd_pipeline_set_value_sink()). The pipeline frees its copy
- * itself. Passing on the job's own value (the pointer kd_job_get_value()
- * returned) hands it over without a copy.
+ * itself. @value stays the caller's, even if it is the job's own value
+ * (kd_job_emit() of the job's own item hands that over without a copy).
  *
- * Call only from the stage's handler, on its worker.
+ * Call from the stage's handler, or from any thread while the job is
+ * deferred, as kd_job_emit().
  *
  * Returns: %TRUE if the pipeline took the value; %FALSE with
  *   %KD_ERROR_CLOSED if the pipeline was cancelled (no copy is kept)
@@ -321,9 +330,6 @@ kd_job_emit_value (KdJob         *job,
   g_return_val_if_fail (job != NULL, FALSE);
   g_return_val_if_fail (G_IS_VALUE (value), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
-
-  if (job->item_kind == KD_ITEM_VALUE && value == job->item)
-    return kd_dispatcher_emit_job (job, key, job->item, KD_ITEM_VALUE, error);
 
   item = kd_item_new_value (value);
   if (kd_dispatcher_emit_job (job, key, item, KD_ITEM_VALUE, error))

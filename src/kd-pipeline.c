@@ -272,11 +272,102 @@ reorder_drop (const char   *key,
                            error);
 }
 
+/* What a deferred job (or one in a handler context) emitted away from its
+ * worker: kept with the job, newest first, until it ends on a worker. */
+typedef struct _Away Away;
+
+struct _Away
+{
+  Away      *next;
+  char      *key;    /* a kd_label_new() label, or NULL */
+  gpointer   item;
+  KdItemKind kind;
+};
+
+static void
+keep_away (KdJob      *job,
+           char       *key,
+           gpointer    item,
+           KdItemKind  kind)
+{
+  Away *away = g_new (Away, 1);
+  Away *head = __atomic_load_n ((Away **) &job->outbox, __ATOMIC_RELAXED);
+
+  away->key = key;
+  away->item = item;
+  away->kind = kind;
+  do
+    away->next = head;
+  while (!__atomic_compare_exchange_n ((Away **) &job->outbox, &head, away, TRUE,
+                                       __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+}
+
+/* What a job emitted away and the pipeline, cancelled, cannot pass on:
+ * handed back through the next stage, or freed after the last one. */
+static void
+drop_away (Stage        *stage,
+           const char   *key,
+           gpointer      item,
+           KdItemKind    kind,
+           const GError *error)
+{
+  KdPipeline *self = stage->pipeline;
+
+  if (stage->index + 1 < self->stages->len)
+    kd_dispatcher_hand_back (stage_at (self, stage->index + 1)->dispatcher, key, item, kind,
+                             error);
+  else
+    kd_dispatcher_free_item (stage->dispatcher, item, kind);
+}
+
+/* On the worker ending @job: passes on what it emitted away, in the order
+ * it emitted it, as its handler's emits would have gone (an ordered
+ * stage's non-head ticket buffers it, without waiting: see
+ * kd_reorder_stop_waiting()). What cannot go on (the pipeline was
+ * cancelled) ends through the next stage's done callback. */
+static void
+pass_on_away (Stage *stage,
+              KdJob *job)
+{
+  Away *list = __atomic_exchange_n ((Away **) &job->outbox, NULL, __ATOMIC_ACQUIRE);
+  Away *ordered = NULL;
+
+  while (list != NULL)
+    {
+      Away *next = list->next;
+
+      list->next = ordered;
+      ordered = list;
+      list = next;
+    }
+
+  while (ordered != NULL)
+    {
+      Away *away = ordered;
+      char *key = away->key != NULL ? kd_label_ref (away->key) : NULL;
+      GError *error = NULL;
+      gboolean passed;
+
+      ordered = away->next;
+      if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
+        passed = kd_reorder_emit (stage->reorder, job->ticket, away->key, away->item, away->kind,
+                                  &error);
+      else
+        passed = pass_on (stage, away->key, away->item, away->kind, &error);
+      if (!passed)
+        drop_away (stage, key, away->item, away->kind, error);
+      g_clear_error (&error);
+      g_clear_pointer (&key, kd_label_unref);
+      g_free (away);
+    }
+}
+
 static gboolean
 stage_emit (KdJob       *job,
             const char  *key,
             gpointer     item,
             KdItemKind   kind,
+            gboolean     away,
             GError     **error,
             gpointer     user_data)
 {
@@ -298,10 +389,19 @@ stage_emit (KdJob       *job,
     ref = kd_label_new (key);
 
   /* A job submitted to the stage's dispatcher directly has no ticket. */
-  if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
-    taken = kd_reorder_emit (stage->reorder, job->ticket, ref, item, kind, error);
+  if (away)
+    {
+      keep_away (job, ref, item, kind);
+      taken = TRUE;
+    }
+  else if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
+    {
+      taken = kd_reorder_emit (stage->reorder, job->ticket, ref, item, kind, error);
+    }
   else
-    taken = pass_on (stage, ref, item, kind, error);
+    {
+      taken = pass_on (stage, ref, item, kind, error);
+    }
 
   /* The job's own item went on: its stage must not free it. */
   if (taken && item == job->item && job->item_kind != KD_ITEM_HANDED_OVER)
@@ -326,12 +426,26 @@ stage_claim (KdJob    *job,
                                   &job->label, &job->epoch);
 }
 
+/* A job of the stage is about to be deferred: an ordered stage's heads
+ * may no longer be running, so its emits stop waiting for room. */
+static void
+stage_deferring (KdJob    *job,
+                 gpointer  user_data)
+{
+  Stage *stage = user_data;
+
+  if (stage->reorder != NULL)
+    kd_reorder_stop_waiting (stage->reorder);
+}
+
 static void
 stage_ended (KdJob    *job,
              gpointer  user_data)
 {
   Stage *stage = user_data;
 
+  if (G_UNLIKELY (job->outbox != NULL))
+    pass_on_away (stage, job);
   if (job->ticket != NULL)
     kd_reorder_leave (stage->reorder, g_steal_pointer (&job->ticket));
 }
@@ -348,6 +462,7 @@ stage_drained (gpointer user_data)
 
 static const KdStageHooks stage_hooks = {
   .emit = stage_emit,
+  .deferring = stage_deferring,
   .claim = stage_claim,
   .ended = stage_ended,
   .drained = stage_drained,

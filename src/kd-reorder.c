@@ -44,6 +44,15 @@
  * stage, which does not wait for this one. Closing the reorder (on
  * cancellation) makes both fail instead of blocking.
  *
+ * Heads need not run once a job of the stage is deferred (kd_job_defer(),
+ * or a handler context): a deferred head ends when the application returns
+ * it, and then on a worker, which every worker waiting for room behind it
+ * would keep busy. So from the stage's first deferred job on
+ * (kd_reorder_stop_waiting()), a ticket that is not its key's head buffers
+ * what it emits without waiting for room, over the bound if need be; the
+ * entries still wait while the room is taken, so what is in flight is at
+ * most the bound plus what the items in the stage emitted.
+ *
  * If passing an item on fails (the pipeline was cancelled meanwhile), the
  * drop function hands it back, so every emitted item ends exactly once.
  *
@@ -162,6 +171,7 @@ struct _KdReorder
   gint              taken;         /* of @room */
   gint              sleepers;      /* someone sleeps in kd_reorder_enter(), or is about to */
   gint              closed;
+  gint              no_waiting;    /* kd_reorder_stop_waiting() */
 
   GMutex            room_lock;
   GCond             room_cond;     /* a ticket went back, or closed */
@@ -320,6 +330,12 @@ take_room (KdReorder *self,
 
       if (waiting != NULL && __atomic_load_n (&waiting->turn, __ATOMIC_ACQUIRE))
         return ROOM_TURN;
+      /* An emit that may not wait takes room over the bound. */
+      if (waiting != NULL && __atomic_load_n (&self->no_waiting, __ATOMIC_ACQUIRE))
+        {
+          __atomic_add_fetch (&self->taken, 1, __ATOMIC_ACQ_REL);
+          return ROOM_TAKEN;
+        }
       if (!may_wait)
         return ROOM_NONE;
 
@@ -335,7 +351,8 @@ take_room (KdReorder *self,
           __atomic_store_n (&self->sleepers, TRUE, __ATOMIC_SEQ_CST);
           if (__atomic_load_n (&self->closed, __ATOMIC_SEQ_CST) ||
               (guint) __atomic_load_n (&self->taken, __ATOMIC_SEQ_CST) < self->room ||
-              (waiting != NULL && __atomic_load_n (&waiting->turn, __ATOMIC_SEQ_CST)))
+              (waiting != NULL && (__atomic_load_n (&waiting->turn, __ATOMIC_SEQ_CST) ||
+                                   __atomic_load_n (&self->no_waiting, __ATOMIC_SEQ_CST))))
             break;
           if (!kd_cond_wait_until (&self->room_cond, &self->room_lock,
                                    g_get_monotonic_time () + recheck_us))
@@ -348,6 +365,19 @@ take_room (KdReorder *self,
 
       n = __atomic_load_n (&self->taken, __ATOMIC_RELAXED);
     }
+}
+
+/* From now on, emits never wait for room (see above); wakes those that
+ * do. Idempotent; any thread. */
+void
+kd_reorder_stop_waiting (KdReorder *self)
+{
+  if (__atomic_load_n (&self->no_waiting, __ATOMIC_ACQUIRE))
+    return;
+  __atomic_store_n (&self->no_waiting, TRUE, __ATOMIC_SEQ_CST);
+  kd_mutex_lock (&self->room_lock);
+  g_cond_broadcast (&self->room_cond);
+  kd_mutex_unlock (&self->room_lock);
 }
 
 /* With the shard lock held: the head @ticket, whose item waits for room

@@ -74,6 +74,7 @@ struct _KdSubmitResult
   char                *key;          /* while it waits for room; nullable */
   gpointer             item;
   KdItemKind           item_kind;    /* a value is the result's until a job takes it */
+  gboolean             refused;      /* no job took the item */
   GError              *error;        /* how the job ended; set once, when completed */
   gint                 completed;    /* atomic */
 };
@@ -310,12 +311,14 @@ kd_submit_result_get_item_kind (KdSubmitResult *self)
 }
 
 /* A refused submission: no job took its item, which stays the caller's,
- * unless it is a value of kdispatch's own. */
+ * unless it is a value of kdispatch's own: deliver() frees that one, on
+ * the caller's context, before the callback. Not here: the refusal may
+ * come under the dispatcher's async_lock, and dropping a value runs
+ * application code (a finalize, a weak notify, a Python __del__). */
 void
 kd_submit_result_refuse_item (KdSubmitResult *self)
 {
-  if (self->item_kind == KD_ITEM_VALUE)
-    kd_item_free_value (g_steal_pointer (&self->item));
+  self->refused = TRUE;
 }
 
 /* Whether the per-call cancellable was cancelled. */
@@ -363,6 +366,8 @@ deliver (KdTask   *task,
 {
   KdSubmitResult *self = kd_submit_result_from_task (task);
 
+  if (self->refused && self->item_kind == KD_ITEM_VALUE)
+    kd_item_free_value (g_steal_pointer (&self->item));
   if (self->callback != NULL)
     self->callback (source_object (self), G_ASYNC_RESULT (self), self->user_data);
   result_delivered (user_data);

@@ -42,6 +42,8 @@ typedef enum
 {
   KD_TASK_JOB,      /* an unkeyed KdJob */
   KD_TASK_MAILBOX,  /* a KdMailbox with work */
+  KD_TASK_RETURNED, /* a pipeline stage's deferred KdJob, returned: a worker
+                     * passes on what it emitted and ends it */
 } KdTaskKind;
 
 /* A FIFO of tasks; not thread-safe, its owner locks. */

@@ -561,38 +561,493 @@ test_last_unref_while_returning (void)
   kd_test_gate_clear (&gate);
 }
 
-static gboolean
-deferring_stage (KdJob    *job,
-                 gpointer  user_data,
-                 GError  **error)
+/* ---- Deferred jobs in a pipeline's stages -------------------------------- */
+
+/* Items: key * 1000 + number within the key (from 1). The first stage
+ * defers every job to @out; a returner thread returns them, a few at a
+ * time in reverse, after emitting item * 10 + 1 and item * 10 + 2 from its
+ * own thread; the second stage passes its items on from its workers; the
+ * sink checks each key's order. */
+#define STAGE_KEYS 4
+
+typedef struct
 {
+  GAsyncQueue  *out;
+  guint         total;        /* jobs the returner returns, then it stops */
+  gboolean      cancel_after; /* the returner cancels @cancellable halfway, */
+  KdTestGate    submitted;    /* once every item was submitted */
+  GCancellable *cancellable;
+  gint          emitted;      /* emits the pipeline took */
+  gint          refused;      /* emits it refused (cancelled) */
+  GMutex        lock;
+  guint         last[STAGE_KEYS];
+  gint          received;
+  gint          out_of_order;
+  gint          second_done;  /* the second stage's done callbacks */
+  guint         per_item;     /* emits per item (from 1 to 9), if not 2 */
+} StageDefer;
+
+static gboolean
+defer_to_returner (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  StageDefer *sd = user_data;
+
   kd_job_defer (job);
+  /* Handed over through GLib's queue, which TSan does not see. */
+  kd_tsan_release (job);
+  g_async_queue_push (sd->out, job);
   return TRUE;
 }
 
 static void
-test_not_in_stage (void)
+emit_two (StageDefer *sd,
+          KdJob      *job)
 {
-  g_autoptr (KdPipeline) pipeline = kd_pipeline_new ();
+  guint item = GPOINTER_TO_UINT (kd_job_get_item (job));
+  guint i;
 
-  g_test_summary ("A pipeline stage's job cannot be deferred, nor its handler run in a main "
-                  "context: kd_job_defer() and kd_dispatcher_set_handler_context() say so, and the "
-                  "job ends when its handler returns");
+  for (i = 1; i <= 2; i++)
+    {
+      GError *error = NULL;
 
-  KdDispatcher *stage = kd_pipeline_add_stage (pipeline, "deferring", 1, deferring_stage, NULL, NULL);
-
-  /* Nor do its handlers run in a main context. */
-  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*stage's handler runs on its workers*");
-  kd_dispatcher_set_handler_context (stage, g_main_context_default ());
-  g_test_assert_expected_messages ();
-  g_assert_null (kd_dispatcher_get_handler_context (stage));
-
-  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*cannot be deferred*");
-  g_assert_true (kd_pipeline_submit (pipeline, NULL, GUINT_TO_POINTER (1), NULL));
-  kd_pipeline_wait (pipeline);
-  g_test_assert_expected_messages ();
+      if (kd_job_emit (job, kd_job_get_key (job), GUINT_TO_POINTER (item * 10 + i), &error))
+        g_atomic_int_inc (&sd->emitted);
+      else
+        g_atomic_int_inc (&sd->refused);
+      g_clear_error (&error);
+    }
 }
 
+/* What the test pushes to @out once the pipeline drained: the returner
+ * stops there. */
+static char stop_returning;
+
+static gpointer
+stage_returner (gpointer data)
+{
+  StageDefer *sd = data;
+  guint returned = 0;
+
+  for (;;)
+    {
+      KdJob *batch[3];
+      guint n = 0;
+
+      batch[n] = g_async_queue_timeout_pop (sd->out, KD_TEST_DEADLINE_US);
+      g_assert_nonnull (batch[n]);
+      if (batch[n] == (gpointer) &stop_returning)
+        return NULL;
+      kd_tsan_acquire (batch[n]);
+      n++;
+      while (n < G_N_ELEMENTS (batch) && (batch[n] = g_async_queue_try_pop (sd->out)) != NULL)
+        {
+          if (batch[n] == (gpointer) &stop_returning)
+            {
+              /* Not yet: it goes back behind the jobs. */
+              g_async_queue_push (sd->out, batch[n]);
+              break;
+            }
+          kd_tsan_acquire (batch[n]);
+          n++;
+        }
+      /* The newest first: the stage's order must not depend on the returns'. */
+      while (n > 0)
+        {
+          KdJob *job = batch[--n];
+
+          /* Halfway, cancelled before this job's emits, which fail. */
+          if (++returned == sd->total / 2 && sd->cancel_after)
+            {
+              g_assert_true (kd_test_gate_wait (&sd->submitted));
+              g_cancellable_cancel (sd->cancellable);
+            }
+          emit_two (sd, job);
+          kd_job_return_success (job);
+        }
+    }
+}
+
+static gboolean
+pass_own (KdJob    *job,
+          gpointer  user_data,
+          GError  **error)
+{
+  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error);
+}
+
+static void
+stage_sink (const char *key,
+            gpointer    item,
+            gpointer    user_data)
+{
+  StageDefer *sd = user_data;
+  guint n = GPOINTER_TO_UINT (item);
+  guint k = n / 10000;
+  /* Each key's emits in order: item 1's, then item 2's, ... */
+  guint rank = (n / 10 % 1000 - 1) * (sd->per_item != 0 ? sd->per_item : 2) + n % 10;
+
+  kd_mutex_lock (&sd->lock);
+  if (rank != sd->last[k] + 1)
+    sd->out_of_order++;
+  sd->last[k] = rank;
+  g_atomic_int_inc (&sd->received);
+  kd_mutex_unlock (&sd->lock);
+}
+
+static void
+count_second_done (KdJob        *job,
+                   const GError *error,
+                   gpointer      user_data)
+{
+  StageDefer *sd = user_data;
+
+  g_atomic_int_inc (&sd->second_done);
+}
+
+static KdPipeline *
+stage_defer_pipeline (StageDefer  *sd,
+                      KdStageMode  mode,
+                      guint        capacity)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *first, *second;
+
+  first = kd_pipeline_add_stage (pipeline, "deferring", 2, defer_to_returner, sd, NULL);
+  kd_pipeline_set_stage_mode (pipeline, first, mode);
+  kd_dispatcher_set_capacity (first, capacity);
+  second = kd_pipeline_add_stage (pipeline, "passing", 2, pass_own, sd, NULL);
+  kd_dispatcher_set_capacity (second, capacity);
+  kd_dispatcher_set_done_func (second, count_second_done, sd, NULL);
+  kd_pipeline_set_sink (pipeline, stage_sink, sd, NULL);
+  if (sd->cancellable != NULL)
+    kd_pipeline_set_cancellable (pipeline, sd->cancellable);
+  return pipeline;
+}
+
+static void
+test_stage_deferred (void)
+{
+  KdStageMode modes[] = { KD_STAGE_ORDERED, KD_STAGE_KEYED };
+  guint per_key = kd_test_size (300, 60);
+  guint m;
+
+  g_test_summary ("A pipeline stage's jobs, deferred and returned out of order by another "
+                  "thread that emits for them first, pass on what they emitted in each key's "
+                  "order, in an ordered and a keyed stage, at a bound of 4 that the emits "
+                  "overrun without a deadlock");
+
+  for (m = 0; m < G_N_ELEMENTS (modes); m++)
+    {
+      StageDefer sd = { 0 };
+      KdPipeline *pipeline;
+      GThread *returner;
+      guint i, k;
+
+      g_mutex_init (&sd.lock);
+      sd.out = g_async_queue_new ();
+      sd.total = per_key * STAGE_KEYS;
+      pipeline = stage_defer_pipeline (&sd, modes[m], 4);
+      returner = g_thread_new ("returner", stage_returner, &sd);
+
+      for (i = 1; i <= per_key; i++)
+        for (k = 0; k < STAGE_KEYS; k++)
+          {
+            g_autofree char *key = g_strdup_printf ("k%u", k);
+            GError *error = NULL;
+
+            g_assert_true (kd_pipeline_submit (pipeline, key, GUINT_TO_POINTER (k * 1000 + i),
+                                               &error));
+            g_assert_no_error (error);
+          }
+      kd_pipeline_close (pipeline);
+      kd_pipeline_wait (pipeline);
+      g_async_queue_push (sd.out, &stop_returning);
+      g_thread_join (returner);
+
+      g_assert_cmpint (sd.emitted, ==, 2 * sd.total);
+      g_assert_cmpint (sd.refused, ==, 0);
+      g_assert_cmpint (sd.received, ==, 2 * sd.total);
+      g_assert_cmpint (sd.out_of_order, ==, 0);
+      g_assert_cmpint (sd.second_done, ==, 2 * sd.total);
+
+      g_object_unref (pipeline);
+      g_async_queue_unref (sd.out);
+      g_mutex_clear (&sd.lock);
+    }
+}
+
+static void
+test_stage_deferred_cancel (void)
+{
+  guint per_key = kd_test_size (200, 50);
+  StageDefer sd = { 0 };
+  KdPipeline *pipeline;
+  GThread *returner;
+  guint i, k;
+
+  g_test_summary ("A pipeline cancelled while its ordered stage's deferred jobs emit: every "
+                  "emit the pipeline took ends exactly once, at the sink or through the next "
+                  "stage's done callback, and the emits after the cancellation are refused");
+
+  g_mutex_init (&sd.lock);
+  kd_test_gate_init (&sd.submitted);
+  sd.out = g_async_queue_new ();
+  sd.cancellable = g_cancellable_new ();
+  sd.cancel_after = TRUE;
+  sd.total = per_key * STAGE_KEYS;
+  /* Room for every item: none is refused, and the returner cancels once
+   * it returned half. */
+  pipeline = stage_defer_pipeline (&sd, KD_STAGE_ORDERED, sd.total);
+  returner = g_thread_new ("returner", stage_returner, &sd);
+
+  for (i = 1; i <= per_key; i++)
+    for (k = 0; k < STAGE_KEYS; k++)
+      {
+        g_autofree char *key = g_strdup_printf ("k%u", k);
+
+        g_assert_true (kd_pipeline_submit (pipeline, key, GUINT_TO_POINTER (k * 1000 + i), NULL));
+      }
+  kd_test_gate_open (&sd.submitted);
+  kd_pipeline_close (pipeline);
+  kd_pipeline_wait (pipeline);
+  g_async_queue_push (sd.out, &stop_returning);
+  g_thread_join (returner);
+
+  /* The jobs that had not started when it was cancelled ended cancelled,
+   * never deferred, so they emitted nothing. */
+  g_assert_cmpint (sd.emitted + sd.refused, <=, 2 * sd.total);
+  g_assert_cmpint (sd.emitted, >=, sd.total - 2);   /* the jobs before the halfway one */
+  g_assert_cmpint (sd.refused, >, 0);
+  g_assert_cmpint (sd.second_done, ==, sd.emitted);
+  g_assert_cmpint (sd.received, <=, sd.emitted);
+  g_assert_cmpint (sd.out_of_order, ==, 0);
+
+  g_object_unref (pipeline);
+  g_object_unref (sd.cancellable);
+  g_async_queue_unref (sd.out);
+  kd_test_gate_clear (&sd.submitted);
+  g_mutex_clear (&sd.lock);
+}
+
+/* The first stage's done callbacks, counted for a test to wait on. */
+static void
+count_first_done (KdJob        *job,
+                  const GError *error,
+                  gpointer      user_data)
+{
+  kd_test_counter_add (user_data, 1);
+}
+
+static void
+test_stage_deferred_overrun (void)
+{
+  StageDefer sd = { 0 };
+  KdTestCounter first_done;
+  KdPipeline *pipeline;
+  KdJob *jobs[4];
+  guint i, j;
+
+  g_test_summary ("In an ordered stage whose head is deferred, the items behind it, returned "
+                  "first, pass what they emitted into the stage's buffer beyond its bound "
+                  "rather than wait for room on the stage's only two workers, which the head's "
+                  "end needs");
+
+  g_mutex_init (&sd.lock);
+  kd_test_counter_init (&first_done);
+  sd.out = g_async_queue_new ();
+  sd.per_item = 8;
+  pipeline = stage_defer_pipeline (&sd, KD_STAGE_ORDERED, 4);
+  kd_dispatcher_set_done_func (kd_pipeline_get_stage (pipeline, 0), count_first_done, &first_done,
+                               NULL);
+
+  for (i = 1; i <= 4; i++)
+    g_assert_true (kd_pipeline_submit (pipeline, "k0", GUINT_TO_POINTER (i), NULL));
+  for (i = 0; i < 4; i++)
+    {
+      jobs[i] = g_async_queue_timeout_pop (sd.out, KD_TEST_DEADLINE_US);
+      g_assert_nonnull (jobs[i]);
+      kd_tsan_acquire (jobs[i]);
+    }
+  /* By item: two workers pushed them in any order. */
+  for (i = 0; i < 4; i++)
+    while (GPOINTER_TO_UINT (kd_job_get_item (jobs[i])) != i + 1)
+      {
+        guint to = GPOINTER_TO_UINT (kd_job_get_item (jobs[i])) - 1;
+        KdJob *other = jobs[to];
+
+        jobs[to] = jobs[i];
+        jobs[i] = other;
+      }
+
+  /* Items 4, 3 and 2 emit 8 each (the stage's room is far smaller), and end
+   * behind the head. */
+  for (i = 3; i >= 1; i--)
+    {
+      guint item = GPOINTER_TO_UINT (kd_job_get_item (jobs[i]));
+
+      for (j = 1; j <= 8; j++)
+        g_assert_true (kd_job_emit (jobs[i], "k0", GUINT_TO_POINTER (item * 10 + j), NULL));
+      kd_job_return_success (jobs[i]);
+    }
+  g_assert_true (kd_test_counter_wait (&first_done, 3));
+
+  for (j = 1; j <= 8; j++)
+    g_assert_true (kd_job_emit (jobs[0], "k0", GUINT_TO_POINTER (10 + j), NULL));
+  kd_job_return_success (jobs[0]);
+  kd_pipeline_close (pipeline);
+  kd_pipeline_wait (pipeline);
+
+  /* Item 1's eight, then item 2's, ...: ranks 1 to 32 in order. */
+  g_assert_cmpint (sd.received, ==, 32);
+  g_assert_cmpint (sd.out_of_order, ==, 0);
+
+  g_object_unref (pipeline);
+  g_async_queue_unref (sd.out);
+  kd_test_counter_clear (&first_done);
+  g_mutex_clear (&sd.lock);
+}
+
+/* A stage whose handlers run in a main context: odd items emit there and
+ * end; even ones are deferred and returned from an idle of the context,
+ * which emits first. */
+typedef struct
+{
+  StageDefer   sd;
+  GMainContext *context;
+  GThread      *context_thread;
+  gint          wrong_thread;
+  guint         per_key;
+} StageContext;
+
+typedef struct
+{
+  StageContext *sc;
+  KdJob        *job;
+} Later;
+
+static gboolean
+emit_and_return (gpointer data)
+{
+  Later *later = data;
+
+  emit_two (&later->sc->sd, later->job);
+  kd_job_return_success (later->job);
+  g_free (later);
+  return G_SOURCE_REMOVE;
+}
+
+static gboolean
+context_stage_handler (KdJob    *job,
+                       gpointer  user_data,
+                       GError  **error)
+{
+  StageContext *sc = user_data;
+  guint item = GPOINTER_TO_UINT (kd_job_get_item (job));
+  Later *later;
+  GSource *idle;
+
+  if (g_thread_self () != sc->context_thread)
+    sc->wrong_thread++;
+  if (item % 2 == 1)
+    {
+      emit_two (&sc->sd, job);
+      return TRUE;
+    }
+  kd_job_defer (job);
+  later = g_new (Later, 1);
+  later->sc = sc;
+  later->job = job;
+  idle = g_idle_source_new ();
+  g_source_set_callback (idle, emit_and_return, later, NULL);
+  g_source_attach (idle, sc->context);
+  g_source_unref (idle);
+  return TRUE;
+}
+
+static gpointer
+submit_stage_items (gpointer data)
+{
+  KdPipeline *pipeline = data;
+  StageContext *sc = g_object_get_data (G_OBJECT (pipeline), "sc");
+  guint i, k;
+
+  for (i = 1; i <= sc->per_key; i++)
+    for (k = 0; k < STAGE_KEYS; k++)
+      {
+        g_autofree char *key = g_strdup_printf ("k%u", k);
+
+        g_assert_true (kd_pipeline_submit (pipeline, key, GUINT_TO_POINTER (k * 1000 + i), NULL));
+      }
+  kd_pipeline_close (pipeline);
+  return NULL;
+}
+
+static gboolean
+all_received (gpointer data)
+{
+  StageContext *sc = data;
+
+  return g_atomic_int_get (&sc->sd.received) == (gint) (2 * sc->sd.total);
+}
+
+static void
+test_stage_context (void)
+{
+  KdStageMode modes[] = { KD_STAGE_ORDERED, KD_STAGE_KEYED };
+  guint m;
+
+  g_test_summary ("Two pipeline stages' handlers run in one main context, the first emitting "
+                  "there and from the context's idles for the jobs it deferred: the context "
+                  "never blocks at the next stage's bound of 4, and each key's emits leave in "
+                  "order");
+
+  for (m = 0; m < G_N_ELEMENTS (modes); m++)
+    {
+      StageContext sc = { { 0 } };
+      KdPipeline *pipeline;
+      KdDispatcher *first, *second;
+      GCancellable *cancellable = g_cancellable_new ();
+      GThread *producer;
+
+      g_mutex_init (&sc.sd.lock);
+      sc.per_key = kd_test_size (300, 60);
+      sc.sd.total = sc.per_key * STAGE_KEYS;
+      sc.context = g_main_context_new ();
+      sc.context_thread = g_thread_self ();
+      g_main_context_push_thread_default (sc.context);
+
+      pipeline = kd_pipeline_new ();
+      kd_pipeline_set_cancellable (pipeline, cancellable);
+      first = kd_pipeline_add_stage (pipeline, "on-context", 2, context_stage_handler, &sc, NULL);
+      kd_pipeline_set_stage_mode (pipeline, first, modes[m]);
+      kd_dispatcher_set_capacity (first, 4);
+      kd_dispatcher_set_handler_context (first, sc.context);
+      /* The next stage's handlers need the context too: nothing of the
+       * first stage may block it. */
+      second = kd_pipeline_add_stage (pipeline, "passing", 2, pass_own, &sc.sd, NULL);
+      kd_dispatcher_set_capacity (second, 4);
+      kd_dispatcher_set_handler_context (second, sc.context);
+      kd_pipeline_set_sink (pipeline, stage_sink, &sc.sd, NULL);
+      g_object_set_data (G_OBJECT (pipeline), "sc", &sc);
+
+      producer = g_thread_new ("producer", submit_stage_items, pipeline);
+      g_assert_true (kd_test_iterate_until (sc.context, all_received, &sc));
+      g_thread_join (producer);
+      kd_pipeline_wait (pipeline);
+
+      g_assert_cmpint (sc.sd.emitted, ==, 2 * sc.sd.total);
+      g_assert_cmpint (sc.sd.out_of_order, ==, 0);
+      g_assert_cmpint (sc.wrong_thread, ==, 0);
+
+      g_object_unref (pipeline);
+      g_main_context_pop_thread_default (sc.context);
+      g_main_context_unref (sc.context);
+      g_object_unref (cancellable);
+      g_mutex_clear (&sc.sd.lock);
+    }
+}
 
 /* ---- Handlers in a main context ---------------------------------------- */
 
@@ -782,7 +1237,10 @@ main (int   argc,
   g_test_add_func ("/kd/defer/cancel", test_cancel);
   g_test_add_func ("/kd/defer/last-unref-warns", test_last_unref_warns);
   g_test_add_func ("/kd/defer/last-unref-while-returning", test_last_unref_while_returning);
-  g_test_add_func ("/kd/defer/not-in-stage", test_not_in_stage);
+  g_test_add_func ("/kd/defer/stage-deferred", test_stage_deferred);
+  g_test_add_func ("/kd/defer/stage-deferred-cancel", test_stage_deferred_cancel);
+  g_test_add_func ("/kd/defer/stage-deferred-overrun", test_stage_deferred_overrun);
+  g_test_add_func ("/kd/defer/stage-context", test_stage_context);
   g_test_add_func ("/kd/defer/context-handlers", test_context_handlers);
   g_test_add_func ("/kd/defer/context-retry", test_context_retry);
   g_test_add_func ("/kd/defer/context-last-unref", test_context_last_unref);

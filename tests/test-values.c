@@ -32,6 +32,7 @@ typedef struct
   gint    cancelled;
   KdTestHold hold;            /* handlers of key 0's first job wait here, if set */
   gboolean   holding;
+  KdTestCounter emitted;      /* emits an ordered stage made */
 } Fixture;
 
 static Fixture *fixture_for_free;
@@ -42,6 +43,7 @@ fixture_init (Fixture *f)
   memset (f, 0, sizeof *f);
   g_mutex_init (&f->lock);
   kd_test_hold_init (&f->hold);
+  kd_test_counter_init (&f->emitted);
   fixture_for_free = f;
 }
 
@@ -49,6 +51,7 @@ static void
 fixture_clear (Fixture *f)
 {
   kd_test_hold_clear (&f->hold);
+  kd_test_counter_clear (&f->emitted);
   g_mutex_clear (&f->lock);
   fixture_for_free = NULL;
 }
@@ -321,7 +324,7 @@ on_value_submitted (GObject      *source,
 {
   GError **error = user_data;
 
-  kd_dispatcher_submit_finish (KD_DISPATCHER (source), result, error);
+  kd_dispatcher_submit_value_finish (KD_DISPATCHER (source), result, error);
   if (*error == NULL)
     g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_EXISTS, "completed");
 }
@@ -379,6 +382,25 @@ test_refused_values (void)
   g_assert_true (kd_test_iterate_until (NULL, error_set, &async_error));
   g_assert_error (async_error, KD_ERROR, KD_ERROR_CLOSED);
   g_clear_error (&async_error);
+  g_assert_cmpuint (thing->ref_count, ==, 2);
+
+  /* A cancelled group and a closed pipeline refuse too. */
+  {
+    KdGroup *group = kd_group_new (d);
+    g_autoptr (KdPipeline) pipeline = kd_pipeline_new ();
+
+    g_cancellable_cancel (kd_group_get_cancellable (group));
+    g_assert_false (kd_group_submit_value (group, "k0", &value, &error));
+    g_assert_error (error, G_IO_ERROR, G_IO_ERROR_CANCELLED);
+    g_clear_error (&error);
+    g_object_unref (group);
+
+    kd_pipeline_add_stage (pipeline, "any", 1, kd_test_noop_handler, NULL, NULL);
+    kd_pipeline_close (pipeline);
+    g_assert_false (kd_pipeline_submit_value (pipeline, "k0", &value, &error));
+    g_assert_error (error, KD_ERROR, KD_ERROR_CLOSED);
+    g_clear_error (&error);
+  }
   g_assert_cmpuint (thing->ref_count, ==, 2);
 
   g_value_unset (&value);
@@ -491,19 +513,18 @@ test_retried_value (void)
 /* ------------------------------------------------------------------------ */
 /* Through a pipeline                                                       */
 
-/* Stage one (keyed) passes its own value on, handed over; stage two
- * (ordered) passes its own on through kd_job_emit() and adds a string
- * naming it; stage three (keyed) copies the object value into a new value
- * and drops the strings after checking them. */
+/* Stage one (keyed) hands its own value over with kd_job_emit(); stage
+ * two (ordered) emits a copy of its own value, twice, the second time
+ * after the first went on, and a string naming it; stage three (keyed)
+ * drops the strings and one of the two copies, and copies the other into
+ * a new value. */
 static gboolean
 hand_over_stage (KdJob    *job,
                  gpointer  user_data,
                  GError  **error)
 {
-  const GValue *value = kd_job_get_value (job);
-
-  g_assert_nonnull (value);
-  if (!kd_job_emit_value (job, kd_job_get_key (job), value, error))
+  g_assert_nonnull (kd_job_get_value (job));
+  if (!kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error))
     return FALSE;
   /* Handed over: the job no longer has it. */
   g_assert_null (kd_job_get_value (job));
@@ -526,9 +547,12 @@ annotate_stage (KdJob    *job,
   g_value_take_string (&name, g_strdup_printf ("%u",
                                                GPOINTER_TO_UINT (g_object_get_data (thing,
                                                                                     "number"))));
-  /* A pointer emit of the job's own item goes on as its value. */
-  return kd_job_emit (job, kd_job_get_key (job), kd_job_get_item (job), error) &&
-         kd_job_emit_value (job, kd_job_get_key (job), &name, error);
+  /* A copy each time: the value stays the job's. */
+  if (!kd_job_emit_value (job, kd_job_get_key (job), value, error) ||
+      !kd_job_emit_value (job, kd_job_get_key (job), &name, error))
+    return FALSE;
+  g_assert_true (kd_job_get_value (job) == value);
+  return kd_job_emit_value (job, "dropped", value, error);
 }
 
 static gboolean
@@ -542,7 +566,7 @@ copy_stage (KdJob    *job,
   guint key, number;
 
   g_assert_nonnull (value);
-  if (G_VALUE_HOLDS_STRING (value))
+  if (G_VALUE_HOLDS_STRING (value) || g_strcmp0 (kd_job_get_key (job), "dropped") == 0)
     return TRUE;
 
   thing = g_value_get_object (value);
@@ -648,10 +672,20 @@ held_annotate_stage (KdJob    *job,
 {
   Fixture *f = user_data;
   GObject *thing = g_value_get_object (kd_job_get_value (job));
+  GError *local_error = NULL;
 
   if (GPOINTER_TO_UINT (g_object_get_data (thing, "number")) == 1)
-    g_assert_true (kd_test_hold_enter (&f->hold));
-  kd_job_emit_value (job, kd_job_get_key (job), kd_job_get_value (job), NULL);
+    {
+      /* Once cancelled, the emit fails and its copy is dropped. */
+      g_assert_true (kd_test_hold_enter (&f->hold));
+      g_assert_false (kd_job_emit_value (job, NULL, kd_job_get_value (job), &local_error));
+      g_assert_error (local_error, KD_ERROR, KD_ERROR_CLOSED);
+      g_clear_error (&local_error);
+      return TRUE;
+    }
+  /* Behind the held head: buffered in the stage. */
+  g_assert_true (kd_job_emit_value (job, NULL, kd_job_get_value (job), NULL));
+  kd_test_counter_add (&f->emitted, 1);
   return TRUE;
 }
 
@@ -697,12 +731,16 @@ test_pipeline_cancelled_values (void)
       g_assert_true (kd_pipeline_submit_value (pipeline, NULL, &value, &error));
       g_assert_no_error (error);
     }
+  /* Every item behind the head has run and emitted, into the buffer. */
   g_assert_true (kd_test_hold_wait_arrived (&f.hold, 1));
+  g_assert_true (kd_test_counter_wait (&f.emitted, n - 1));
   g_cancellable_cancel (cancellable);
   kd_test_hold_release (&f.hold);
   kd_pipeline_wait (pipeline);
 
   g_object_unref (pipeline);
+  /* What was buffered came back through the last stage's done callback. */
+  g_assert_cmpint (f.cancelled, ==, n - 1);
   g_assert_cmpint (g_atomic_int_get (&f.finalized), ==, n);
 
   g_object_unref (cancellable);

@@ -162,6 +162,51 @@ def test_values():
           sorted(id(v) for _, v in out) == sorted(id(t) for t in things) and in_order,
           '%d' % len(out))
 
+    # A stage whose handlers run on the main loop and defer their jobs,
+    # emitting from an idle callback: what they emit leaves in each key's
+    # order, and the main loop never blocks at the next stage's bound.
+    out_async = []
+    main_thread = threading.current_thread()
+    wrong_thread = []
+
+    def later(job):
+        if threading.current_thread() is not main_thread:
+            wrong_thread.append(job)
+        job.defer()
+
+        def emit_and_return():
+            value = job.get_value()
+            job.emit_value(job.get_key(), {'n': value.n, 'thing': value})
+            job.return_success()
+            return GLib.SOURCE_REMOVE
+        GLib.idle_add(emit_and_return)
+        return True
+
+    def async_sink(key, value):
+        out_async.append((key, value['n']))
+        if len(out_async) == len(things):
+            loop.quit()
+
+    pipeline = Kd.Pipeline.new()
+    stage = pipeline.add_stage('on-main-loop', 2, later)
+    stage.set_handler_context(GLib.MainContext.default())
+    stage.set_capacity(4)
+    pipeline.add_stage('pass', 2, lambda job: job.emit_value(job.get_key(), job.get_value()))
+    pipeline.get_stage(1).set_capacity(4)
+    pipeline.set_value_sink(async_sink)
+    feeder = threading.Thread(target=lambda: [pipeline.submit_value(t.key, t) for t in things])
+    feeder.start()
+    GLib.timeout_add_seconds(DEADLINE_S, loop.quit)
+    loop.run()
+    feeder.join()
+    pipeline.close()
+    pipeline.wait()
+    in_order = all([n for k, n in out_async if k == key] == sorted(n for k, n in out_async if k == key)
+                   for key in ('k0', 'k1', 'k2'))
+    check('values: a stage on the main loop defers its jobs and emits from idle callbacks, in '
+          'per-key order', len(out_async) == len(things) and in_order and not wrong_thread,
+          '%d %s' % (len(out_async), wrong_thread[:1]))
+
 
 def test_workers():
     inits, finals, seen = [], [], []
