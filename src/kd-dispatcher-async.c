@@ -395,6 +395,7 @@ kd_dispatcher_submit_async_in_group (KdDispatcher        *self,
                                      KdGroup             *group,
                                      const char          *key,
                                      gpointer             item,
+                                     KdItemKind           item_kind,
                                      GCancellable        *cancellable,
                                      GAsyncReadyCallback  callback,
                                      gpointer             user_data)
@@ -406,6 +407,8 @@ kd_dispatcher_submit_async_in_group (KdDispatcher        *self,
 
   result = kd_dispatcher_new_group_result (self, group, KD_GROUP_SUBMIT_TAG, item, cancellable,
                                            callback, user_data);
+  if (item_kind == KD_ITEM_VALUE)
+    kd_submit_result_set_value_item (result);
   if (!kd_group_state_check_open (kd_group_get_state (group), &error))
     refuse_result (self, result, g_steal_pointer (&error));
   else

@@ -112,6 +112,7 @@ static gboolean
 submit_delayed (KdDispatcher  *self,
                 const char    *key,
                 gpointer       item,
+                KdItemKind     item_kind,
                 gint64         due_time,
                 GError       **error)
 {
@@ -135,6 +136,7 @@ submit_delayed (KdDispatcher  *self,
     }
 
   job = kd_job_new (self, item, epoch);
+  job->item_kind = item_kind;
   KD_TRACE3 (job_submit, self->name, key, job);
   /* Counted before the job can end. */
   __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
@@ -205,7 +207,7 @@ kd_dispatcher_submit_at (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_delayed (self, key, item, due_time, error);
+  return submit_delayed (self, key, item, KD_ITEM_POINTER, due_time, error);
 }
 
 /**
@@ -237,5 +239,48 @@ kd_dispatcher_submit_after (KdDispatcher  *self,
   g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  return submit_delayed (self, key, item, kd_due_time_after (MAX (delay_us, 0)), error);
+  return submit_delayed (self, key, item, KD_ITEM_POINTER,
+                         kd_due_time_after (MAX (delay_us, 0)), error);
+}
+
+/**
+ * kd_dispatcher_submit_value_after:
+ * @self: a dispatcher
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @value: the job's item: any #GValue, copied
+ * @delay_us: how long from now the job waits before it may run, in
+ *   microseconds; 0 or less runs it now
+ * @error: return location for a #GError
+ *
+ * kd_dispatcher_submit_after() with a value for the item, as
+ * kd_dispatcher_submit_value(): the waiting job holds a copy of @value,
+ * which the dispatcher frees once the job ended. A refused submit keeps no
+ * copy.
+ *
+ * Thread-safe.
+ *
+ * Returns: %TRUE if the job was accepted
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_dispatcher_submit_value_after (KdDispatcher  *self,
+                                  const char    *key,
+                                  const GValue  *value,
+                                  gint64         delay_us,
+                                  GError       **error)
+{
+  GValue *item;
+
+  g_return_val_if_fail (KD_IS_DISPATCHER (self), FALSE);
+  g_return_val_if_fail (G_IS_VALUE (value), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  item = kd_item_new_value (value);
+  if (submit_delayed (self, key, item, KD_ITEM_VALUE, kd_due_time_after (MAX (delay_us, 0)),
+                      error))
+    return TRUE;
+
+  kd_item_free_value (item);
+  return FALSE;
 }

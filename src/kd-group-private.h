@@ -50,6 +50,7 @@ void     kd_dispatcher_submit_async_in_group (KdDispatcher        *dispatcher,
                                               KdGroup             *group,
                                               const char          *key,
                                               gpointer             item,
+                                              KdItemKind           item_kind,
                                               GCancellable        *cancellable,
                                               GAsyncReadyCallback  callback,
                                               gpointer             user_data);

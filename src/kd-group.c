@@ -841,8 +841,66 @@ kd_group_submit_async (KdGroup             *self,
   g_return_if_fail (self->dispatcher != NULL);
   g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
 
-  kd_dispatcher_submit_async_in_group (self->dispatcher, self, key, item, cancellable, callback,
-                                       user_data);
+  kd_dispatcher_submit_async_in_group (self->dispatcher, self, key, item, KD_ITEM_POINTER,
+                                       cancellable, callback, user_data);
+}
+
+/**
+ * kd_group_submit_value_async:
+ * @self: a group
+ * @key: (nullable): the job's key, or %NULL for an unkeyed job
+ * @value: the job's item: any #GValue, copied
+ * @cancellable: (nullable): cancels this submission until its job starts
+ * @callback: (scope async) (nullable) (closure user_data): called once the
+ *   job has ended, or the submission was refused
+ * @user_data: data for @callback
+ *
+ * kd_group_submit_async() with a value for the item, as
+ * kd_dispatcher_submit_value_async(): the job holds a copy of @value,
+ * freed once the job ended, or once the submission was refused. Call
+ * kd_group_submit_value_finish() from @callback.
+ *
+ * Thread-safe.
+ *
+ * Since: 0.1
+ */
+void
+kd_group_submit_value_async (KdGroup             *self,
+                             const char          *key,
+                             const GValue        *value,
+                             GCancellable        *cancellable,
+                             GAsyncReadyCallback  callback,
+                             gpointer             user_data)
+{
+  g_return_if_fail (KD_IS_GROUP (self));
+  g_return_if_fail (self->dispatcher != NULL);
+  g_return_if_fail (G_IS_VALUE (value));
+  g_return_if_fail (cancellable == NULL || G_IS_CANCELLABLE (cancellable));
+
+  kd_dispatcher_submit_async_in_group (self->dispatcher, self, key, kd_item_new_value (value),
+                                       KD_ITEM_VALUE, cancellable, callback, user_data);
+}
+
+/**
+ * kd_group_submit_value_finish:
+ * @self: a group
+ * @result: the #GAsyncResult given to the callback of
+ *   kd_group_submit_value_async()
+ * @error: return location for a #GError
+ *
+ * Tells how a value submission through the group ended, as
+ * kd_group_submit_finish().
+ *
+ * Returns: %TRUE if the job ran and completed
+ *
+ * Since: 0.1
+ */
+gboolean
+kd_group_submit_value_finish (KdGroup       *self,
+                              GAsyncResult  *result,
+                              GError       **error)
+{
+  return kd_group_submit_finish (self, result, error);
 }
 
 /**

@@ -33,6 +33,7 @@ typedef struct
   KdTestHold hold;            /* handlers of key 0's first job wait here, if set */
   gboolean   holding;
   KdTestCounter emitted;      /* emits an ordered stage made */
+  KdTestCounter ran;          /* object_handler's runs */
 } Fixture;
 
 static Fixture *fixture_for_free;
@@ -44,6 +45,7 @@ fixture_init (Fixture *f)
   g_mutex_init (&f->lock);
   kd_test_hold_init (&f->hold);
   kd_test_counter_init (&f->emitted);
+  kd_test_counter_init (&f->ran);
   fixture_for_free = f;
 }
 
@@ -52,6 +54,7 @@ fixture_clear (Fixture *f)
 {
   kd_test_hold_clear (&f->hold);
   kd_test_counter_clear (&f->emitted);
+  kd_test_counter_clear (&f->ran);
   g_mutex_clear (&f->lock);
   fixture_for_free = NULL;
 }
@@ -147,6 +150,7 @@ object_handler (KdJob    *job,
   if (f->holding && key == 0 && number == 1)
     g_assert_true (kd_test_hold_enter (&f->hold));
   check_turn (f, key, number, FALSE);
+  kd_test_counter_add (&f->ran, 1);
   return TRUE;
 }
 
@@ -510,6 +514,89 @@ test_retried_value (void)
   fixture_clear (&f);
 }
 
+static void
+on_group_value_submitted (GObject      *source,
+                          GAsyncResult *result,
+                          gpointer      user_data)
+{
+  GError **error = user_data;
+
+  kd_group_submit_value_finish (KD_GROUP (source), result, error);
+  if (*error == NULL)
+    g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_EXISTS, "completed");
+}
+
+static void
+test_delayed_and_group_async_values (void)
+{
+  GCancellable *cancellable = g_cancellable_new ();
+  Fixture f;
+  KdDispatcher *d;
+  KdGroup *group;
+  GValue value = G_VALUE_INIT;
+  GObject *now, *later, *grouped, *refused;
+  GError *error = NULL;
+  GError *async_error = NULL;
+
+  g_test_summary ("A delayed value job runs with its value, or, still waiting when the "
+                  "dispatcher is cancelled, ends cancelled with it; a group's async value "
+                  "submission completes or is refused; every copy is freed once");
+
+  fixture_init (&f);
+  d = object_dispatcher (&f, 2, 16);
+  kd_dispatcher_set_cancellable (d, cancellable);
+  group = kd_group_new (d);
+  g_value_init (&value, G_TYPE_OBJECT);
+
+  now = thing_new (&f, 1, 1);
+  g_value_set_object (&value, now);
+  g_assert_true (kd_dispatcher_submit_value_after (d, "k1", &value, 0, &error));
+  g_assert_no_error (error);
+  later = thing_new (&f, 2, 1);
+  g_value_set_object (&value, later);
+  g_assert_true (kd_dispatcher_submit_value_after (d, "k2", &value, G_TIME_SPAN_HOUR,
+                                                   &error));
+  g_assert_no_error (error);
+
+  grouped = thing_new (&f, 4, 1);
+  g_value_set_object (&value, grouped);
+  kd_group_submit_value_async (group, "k4", &value, NULL, on_group_value_submitted,
+                               &async_error);
+  g_assert_true (kd_test_iterate_until (NULL, error_set, &async_error));
+  g_assert_error (async_error, G_IO_ERROR, G_IO_ERROR_EXISTS);
+  g_clear_error (&async_error);
+
+  refused = thing_new (&f, 3, 1);
+  g_value_set_object (&value, refused);
+  g_cancellable_cancel (kd_group_get_cancellable (group));
+  kd_group_submit_value_async (group, NULL, &value, NULL, on_group_value_submitted,
+                               &async_error);
+  g_assert_true (kd_test_iterate_until (NULL, error_set, &async_error));
+  g_assert_error (async_error, G_IO_ERROR, G_IO_ERROR_CANCELLED);
+  g_clear_error (&async_error);
+  g_assert_cmpuint (refused->ref_count, ==, 2);
+
+  /* The hour-long wait ends now, cancelled, with its value. */
+  g_assert_true (kd_test_counter_wait (&f.ran, 2));
+  g_cancellable_cancel (cancellable);
+  kd_dispatcher_wait (d);
+  g_assert_cmpint (f.values_seen, ==, 2);
+  g_assert_cmpint (f.cancelled, ==, 1);
+  g_assert_cmpint (f.done_with_value, ==, 3);
+  g_assert_cmpint (f.out_of_order, ==, 0);
+
+  g_value_unset (&value);
+  g_object_unref (now);
+  g_object_unref (later);
+  g_object_unref (grouped);
+  g_object_unref (refused);
+  g_object_unref (group);
+  g_object_unref (d);
+  g_object_unref (cancellable);
+  g_assert_cmpint (f.finalized, ==, 4);
+  fixture_clear (&f);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Through a pipeline                                                       */
 
@@ -758,6 +845,7 @@ main (int    argc,
   g_test_add_func ("/values/refused", test_refused_values);
   g_test_add_func ("/values/cancelled", test_cancelled_values);
   g_test_add_func ("/values/retried", test_retried_value);
+  g_test_add_func ("/values/delayed-and-group-async", test_delayed_and_group_async_values);
   g_test_add_func ("/values/pipeline", test_pipeline_values);
   g_test_add_func ("/values/pipeline-cancelled", test_pipeline_cancelled_values);
 

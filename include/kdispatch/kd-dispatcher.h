@@ -356,6 +356,12 @@ gboolean      kd_dispatcher_submit_at        (KdDispatcher   *self,
                                               gint64          due_time,
                                               GError        **error);
 KD_AVAILABLE_IN_ALL
+gboolean      kd_dispatcher_submit_value_after (KdDispatcher  *self,
+                                                const char    *key,
+                                                const GValue  *value,
+                                                gint64         delay_us,
+                                                GError       **error);
+KD_AVAILABLE_IN_ALL
 guint         kd_dispatcher_submit_many      (KdDispatcher       *self,
                                               const char * const *keys,
                                               gpointer           *items,

@@ -67,6 +67,17 @@ void          kd_group_submit_async     (KdGroup             *self,
                                          GAsyncReadyCallback  callback,
                                          gpointer             user_data);
 KD_AVAILABLE_IN_ALL
+void          kd_group_submit_value_async (KdGroup             *self,
+                                           const char          *key,
+                                           const GValue        *value,
+                                           GCancellable        *cancellable,
+                                           GAsyncReadyCallback  callback,
+                                           gpointer             user_data);
+KD_AVAILABLE_IN_ALL
+gboolean      kd_group_submit_value_finish (KdGroup            *self,
+                                            GAsyncResult       *result,
+                                            GError            **error);
+KD_AVAILABLE_IN_ALL
 gboolean      kd_group_submit_finish    (KdGroup             *self,
                                          GAsyncResult        *result,
                                          GError             **error);

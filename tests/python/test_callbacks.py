@@ -131,6 +131,27 @@ def test_values():
     check('values: async value submits complete in order', [ok for ok, _ in finished] == [True, True]
           and [v for _, v in finished] == async_items and state['out_of_order'] == 0, str(finished))
 
+    # A group's async value submit, and a delayed value job.
+    group_done = []
+
+    def on_group_submitted(source, result, value):
+        group_done.append((source.submit_value_finish(result), value))
+        loop.quit()
+
+    delayed = {'key': 'k8', 'n': 1}
+    items[('k8', 1)] = delayed
+    dispatcher.submit_value_after('k8', delayed, 0)
+    grouped = Thing('k7', 1)
+    items[('k7', 1)] = grouped
+    group = Kd.Group.new(dispatcher)
+    group.submit_value_async('k7', grouped, None, on_group_submitted, grouped)
+    loop.run()
+    group.wait()
+    dispatcher.wait()
+    check('values: a group\'s async value submit and a delayed value job reach the handler',
+          group_done == [(True, grouped)] and delayed in seen and grouped in seen
+          and state == {'out_of_order': 0, 'wrong_object': 0}, '%s %s' % (group_done, state))
+
     # Through a pipeline: a new value emitted, the job's own passed on, and
     # the value sink, in each key's order.
     out = []
