@@ -78,7 +78,9 @@ gboolean     kd_redis_conn_append      (KdRedisConn   *conn,
                                         GError       **error);
 redisReply  *kd_redis_conn_read        (KdRedisConn   *conn,
                                         GError       **error);
-redisReply  *kd_redis_conn_read_received (KdRedisConn *conn);
+gboolean     kd_redis_conn_read_received (KdRedisConn  *conn,
+                                          redisReply  **reply,
+                                          GError      **error);
 redisReply  *kd_redis_conn_read_until  (KdRedisConn   *conn,
                                         gint64         deadline,
                                         GError       **error);

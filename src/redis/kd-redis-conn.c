@@ -743,14 +743,14 @@ kd_redis_conn_read (KdRedisConn  *conn,
   return read_reply (conn, -1, TRUE, error);
 }
 
-/* A reply already received, or NULL: never waits. */
-redisReply *
-kd_redis_conn_read_received (KdRedisConn *conn)
+/* Sets *@reply to a reply already received, or NULL; never waits. An
+ * unreadable one fails, the connection closed. */
+gboolean
+kd_redis_conn_read_received (KdRedisConn  *conn,
+                             redisReply  **reply,
+                             GError      **error)
 {
-  redisReply *reply;
-
-  take_received (conn, &reply, NULL);
-  return reply;
+  return take_received (conn, reply, error);
 }
 
 /* Reads the next reply, such as a message on a subscribed connection,

@@ -483,8 +483,10 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
       reply = kd_redis_conn_read_until (&subscriber, deadline, error);
       ok = reply != NULL;
       g_clear_pointer (&reply, kd_redis_reply_free);
-      /* The other messages already received say nothing more. */
-      while (ok && (reply = kd_redis_conn_read_received (&subscriber)) != NULL)
+      /* The other messages already received say nothing more; an
+       * unreadable one fails the wait, as a reply read above would. */
+      while (ok && (ok = kd_redis_conn_read_received (&subscriber, &reply, error)) &&
+             reply != NULL)
         g_clear_pointer (&reply, kd_redis_reply_free);
     }
   kd_redis_conn_clear (&subscriber);
