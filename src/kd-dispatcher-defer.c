@@ -98,6 +98,9 @@ end_returned (KdDispatcher *self,
   kd_mutex_unlock (&self->returning_lock);
   returning_for = self;
 
+  /* A stage's job, on a worker: what it emitted goes on first. */
+  if (self->stage_hooks.returned != NULL)
+    self->stage_hooks.returned (job, self->stage_data);
   uncount_deferred (self, job);
   outcome = kd_dispatcher_job_returned (self, job, error);
 
@@ -184,6 +187,8 @@ kd_dispatcher_settle_deferred (KdDispatcher  *self,
   if (!(was & KD_DEFER_RETURNED))
     return FALSE;
 
+  if (self->stage_hooks.returned != NULL)
+    self->stage_hooks.returned (job, self->stage_data);
   uncount_deferred (self, job);
   *error = g_steal_pointer (&job->error);
   return TRUE;
@@ -284,7 +289,8 @@ kd_dispatcher_return_job (KdJob  *job,
  *
  * Ends a deferred job as completed, as a handler returning %TRUE does: its
  * done callback and item-free run (on this thread, or in the dispatcher's
- * main context), its unit is released, and its key's next job may start.
+ * main context; a pipeline stage's job ends on one of the stage's
+ * workers), its unit is released, and its key's next job may start.
  * Any thread; once per deferred job. @job is not valid afterwards.
  *
  * Since: 0.1

@@ -31,6 +31,10 @@ typedef struct
    * on the thread that defers it, before it can emit away */
   void     (*deferring) (KdJob     *job,
                          gpointer   user_data);
+  /* a deferred job was returned: on a worker, before its outcome is
+   * judged (a retry runs after), it passes on what it emitted away */
+  void     (*returned) (KdJob      *job,
+                        gpointer    user_data);
 
   /* a job queued with a ticket (an ordered stage's), on the worker about
    * to start it, before anything else: it may take another item and

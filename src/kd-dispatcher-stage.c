@@ -135,12 +135,18 @@ kd_dispatcher_emit_job (KdJob       *job,
       g_critical ("kd_job_emit: the job's dispatcher is not a pipeline stage");
       return FALSE;
     }
+  if (!(defer & (KD_DEFER_RUNNING | KD_DEFER_ASKED)) || (defer & KD_DEFER_RETURNED))
+    {
+      g_critical ("kd_job_emit: the job's handler returned without deferring it, or the job "
+                  "was returned: nothing takes what it emits now");
+      return FALSE;
+    }
 
   /* Its handler, running on its worker, may block there; anyone else (the
    * application's thread once the job is deferred, the handler context)
-   * must not. */
-  away = !(defer & KD_DEFER_RUNNING) || (defer & KD_DEFER_ON_CONTEXT) ||
-         !kd_dispatcher_is_own_worker (self);
+   * must not, and once the job is deferred even its handler's emits wait
+   * with the others, in order, for the job's end. */
+  away = (defer & (KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT)) || !kd_dispatcher_is_own_worker (self);
   return self->stage_hooks.emit (job, key, item, kind, away, error, self->stage_data);
 }
 

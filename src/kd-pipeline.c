@@ -16,10 +16,17 @@
  * earlier item of its key still runs waits in the stage's reorder, where it
  * counts against the stage's bound too, so the items in flight are at most
  * the sum of the stage bounds, each ordered stage's counted twice (its
- * items, and what they emitted that waits). Emitting cannot deadlock: a
- * stage's workers only ever wait for stages after it, or, in an ordered
- * stage, for an earlier item of their key, which runs (see kd-reorder.c),
- * and the sink runs on the last stage's worker.
+ * items, and what they emitted that waits), but for what waits behind a
+ * deferred item of its key, which does not wait for room (kd-reorder.c).
+ * Emitting cannot deadlock: a stage's workers only ever wait for stages
+ * after it, or, in an ordered stage, for an earlier item of their key,
+ * which runs (see kd-reorder.c), and the sink runs on the last stage's
+ * worker.
+ *
+ * A deferred job (or one in a handler context) emits from wherever its
+ * work completes: those emits never block there. The job keeps them (an
+ * Away list), and its worker passes them on, in order, when the job was
+ * returned, before its outcome is judged.
  *
  * Order: a KD_STAGE_KEYED stage is a keyed dispatcher (one job of a key at a
  * time, in order), so what it emits for a key leaves in order. A
@@ -302,8 +309,10 @@ keep_away (KdJob      *job,
                                        __ATOMIC_RELEASE, __ATOMIC_RELAXED));
 }
 
-/* What a job emitted away and the pipeline, cancelled, cannot pass on:
- * handed back through the next stage, or freed after the last one. */
+/* What a job emitted away and the pipeline, cancelled, could not pass on
+ * (its ordered stage is closed): handed back through the next stage, or,
+ * after the last one, given to the sink, which never refuses. @key is
+ * borrowed. */
 static void
 drop_away (Stage        *stage,
            const char   *key,
@@ -317,14 +326,16 @@ drop_away (Stage        *stage,
     kd_dispatcher_hand_back (stage_at (self, stage->index + 1)->dispatcher, key, item, kind,
                              error);
   else
-    kd_dispatcher_free_item (stage->dispatcher, item, kind);
+    pass_on (stage, key != NULL ? kd_label_ref ((char *) key) : NULL, item, kind, NULL);
 }
 
-/* On the worker ending @job: passes on what it emitted away, in the order
- * it emitted it, as its handler's emits would have gone (an ordered
- * stage's non-head ticket buffers it, without waiting: see
- * kd_reorder_stop_waiting()). What cannot go on (the pipeline was
- * cancelled) ends through the next stage's done callback. */
+/* On the worker ending @job, before its outcome is judged: passes on what
+ * it emitted away, in the order it emitted it, as its handler's emits
+ * would have gone (behind its key's head, an ordered stage's ticket
+ * buffers it without waiting: the job was deferred, see kd-reorder.c).
+ * The job's own item, emitted, is handed over now, by the only thread
+ * that touches the job. What cannot go on (the pipeline was cancelled)
+ * ends through the next stage's done callback. */
 static void
 pass_on_away (Stage *stage,
               KdJob *job)
@@ -349,6 +360,11 @@ pass_on_away (Stage *stage,
       gboolean passed;
 
       ordered = away->next;
+      if (away->item == job->item && job->item_kind != KD_ITEM_HANDED_OVER)
+        {
+          job->item = NULL;
+          job->item_kind = KD_ITEM_HANDED_OVER;
+        }
       if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
         passed = kd_reorder_emit (stage->reorder, job->ticket, away->key, away->item, away->kind,
                                   &error);
@@ -389,12 +405,16 @@ stage_emit (KdJob       *job,
     ref = kd_label_new (key);
 
   /* A job submitted to the stage's dispatcher directly has no ticket. */
+  /* Kept, the job's own item included: it is handed over when the job's
+   * worker passes it on (pass_on_away()), as other threads may still read
+   * the job's item now. */
   if (away)
     {
       keep_away (job, ref, item, kind);
-      taken = TRUE;
+      return TRUE;
     }
-  else if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
+
+  if (stage->mode == KD_STAGE_ORDERED && job->ticket != NULL)
     {
       taken = kd_reorder_emit (stage->reorder, job->ticket, ref, item, kind, error);
     }
@@ -426,16 +446,24 @@ stage_claim (KdJob    *job,
                                   &job->label, &job->epoch);
 }
 
-/* A job of the stage is about to be deferred: an ordered stage's heads
- * may no longer be running, so its emits stop waiting for room. */
+/* A job of the stage is about to be deferred: in an ordered stage, what
+ * the items of its key emit no longer waits for room (kd-reorder.c). */
 static void
 stage_deferring (KdJob    *job,
                  gpointer  user_data)
 {
   Stage *stage = user_data;
 
-  if (stage->reorder != NULL)
-    kd_reorder_stop_waiting (stage->reorder);
+  if (stage->reorder != NULL && job->ticket != NULL)
+    kd_reorder_deferred (stage->reorder, job->ticket);
+}
+
+static void
+stage_returned (KdJob    *job,
+                gpointer  user_data)
+{
+  if (job->outbox != NULL)
+    pass_on_away (user_data, job);
 }
 
 static void
@@ -463,6 +491,7 @@ stage_drained (gpointer user_data)
 static const KdStageHooks stage_hooks = {
   .emit = stage_emit,
   .deferring = stage_deferring,
+  .returned = stage_returned,
   .claim = stage_claim,
   .ended = stage_ended,
   .drained = stage_drained,

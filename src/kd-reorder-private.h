@@ -36,7 +36,8 @@ KdReorder *kd_reorder_new   (guint              room,
                              gpointer           user_data);
 void       kd_reorder_free  (KdReorder         *self);
 void       kd_reorder_close (KdReorder         *self);
-void       kd_reorder_stop_waiting (KdReorder  *self);
+void       kd_reorder_deferred (KdReorder      *self,
+                                KdTicket       *ticket);
 KdOrderKey *kd_reorder_enter (KdReorder       *self,
                              const char        *key,
                              gpointer           item,

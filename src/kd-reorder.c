@@ -39,19 +39,19 @@
  * behind a slow head. Waiting for room cannot deadlock, whatever the number
  * of workers: room comes back as heads end and their followers are flushed,
  * heads always run (see above; the stage makes a head that will be retried
- * wait on its worker, not in the timer), and a thread passing items on
+ * wait on its worker, not in the timer), or are deferred, and then nothing
+ * behind them waits for room (below), and a thread passing items on
  * (the head, or a flush) never waits for room here, only for the next
  * stage, which does not wait for this one. Closing the reorder (on
  * cancellation) makes both fail instead of blocking.
  *
- * Heads need not run once a job of the stage is deferred (kd_job_defer(),
- * or a handler context): a deferred head ends when the application returns
- * it, and then on a worker, which every worker waiting for room behind it
- * would keep busy. So from the stage's first deferred job on
- * (kd_reorder_stop_waiting()), a ticket that is not its key's head buffers
- * what it emits without waiting for room, over the bound if need be; the
- * entries still wait while the room is taken, so what is in flight is at
- * most the bound plus what the items in the stage emitted.
+ * A deferred item (kd_job_defer(), or a handler context) is not running:
+ * it ends when the application returns it, and then on a worker, which
+ * every worker waiting for room behind it would keep busy. So behind a
+ * deferred item of its key (kd_reorder_deferred() counts them per key), a
+ * ticket buffers what it emits without waiting for room, over the bound if
+ * need be; the entries still wait while the room is taken. What is in
+ * flight is then the bound plus what the items behind deferred ones emit.
  *
  * If passing an item on fails (the pipeline was cancelled meanwhile), the
  * drop function hands it back, so every emitted item ends exactly once.
@@ -125,6 +125,7 @@ struct _KdTicket
   gboolean    claimed;
   gpointer    item;
   KdItemKind  kind;
+  gboolean    deferred;  /* its job was deferred (kd_reorder_deferred()) */
   char       *label;     /* a kd_label_new() label, or NULL */
   guint       epoch;     /* of the stage's admission unit it holds */
 };
@@ -138,6 +139,7 @@ struct _KdOrderKey
   KdTicket *tail;
   KdTicket *unclaimed; /* the oldest ticket whose item no job claimed yet */
   gboolean  flushing;  /* a thread is passing this key's items on */
+  gint      n_deferred;  /* atomic: its tickets whose jobs were deferred */
   gboolean  dormant;   /* idle, kept in the table for the key's next item */
   KdLruLink dormant_link;  /* in the shard's dormant list */
 };
@@ -171,7 +173,6 @@ struct _KdReorder
   gint              taken;         /* of @room */
   gint              sleepers;      /* someone sleeps in kd_reorder_enter(), or is about to */
   gint              closed;
-  gint              no_waiting;    /* kd_reorder_stop_waiting() */
 
   GMutex            room_lock;
   GCond             room_cond;     /* a ticket went back, or closed */
@@ -330,8 +331,8 @@ take_room (KdReorder *self,
 
       if (waiting != NULL && __atomic_load_n (&waiting->turn, __ATOMIC_ACQUIRE))
         return ROOM_TURN;
-      /* An emit that may not wait takes room over the bound. */
-      if (waiting != NULL && __atomic_load_n (&self->no_waiting, __ATOMIC_ACQUIRE))
+      /* Behind a deferred item, an emit takes room over the bound. */
+      if (waiting != NULL && __atomic_load_n (&waiting->order->n_deferred, __ATOMIC_ACQUIRE) > 0)
         {
           __atomic_add_fetch (&self->taken, 1, __ATOMIC_ACQ_REL);
           return ROOM_TAKEN;
@@ -351,8 +352,9 @@ take_room (KdReorder *self,
           __atomic_store_n (&self->sleepers, TRUE, __ATOMIC_SEQ_CST);
           if (__atomic_load_n (&self->closed, __ATOMIC_SEQ_CST) ||
               (guint) __atomic_load_n (&self->taken, __ATOMIC_SEQ_CST) < self->room ||
-              (waiting != NULL && (__atomic_load_n (&waiting->turn, __ATOMIC_SEQ_CST) ||
-                                   __atomic_load_n (&self->no_waiting, __ATOMIC_SEQ_CST))))
+              (waiting != NULL &&
+               (__atomic_load_n (&waiting->turn, __ATOMIC_SEQ_CST) ||
+                __atomic_load_n (&waiting->order->n_deferred, __ATOMIC_SEQ_CST) > 0)))
             break;
           if (!kd_cond_wait_until (&self->room_cond, &self->room_lock,
                                    g_get_monotonic_time () + recheck_us))
@@ -367,17 +369,35 @@ take_room (KdReorder *self,
     }
 }
 
-/* From now on, emits never wait for room (see above); wakes those that
- * do. Idempotent; any thread. */
+/*
+ * kd_reorder_deferred:
+ *
+ * The job of @ticket was deferred: until the ticket goes back, what the
+ * tickets of its key emit never waits for room (see above). Wakes those
+ * that wait. Idempotent; the job's thread.
+ */
 void
-kd_reorder_stop_waiting (KdReorder *self)
+kd_reorder_deferred (KdReorder *self,
+                     KdTicket  *ticket)
 {
-  if (__atomic_load_n (&self->no_waiting, __ATOMIC_ACQUIRE))
-    return;
-  __atomic_store_n (&self->no_waiting, TRUE, __ATOMIC_SEQ_CST);
-  kd_mutex_lock (&self->room_lock);
-  g_cond_broadcast (&self->room_cond);
-  kd_mutex_unlock (&self->room_lock);
+  Shard *shard = ticket->order->shard;
+  gboolean first;
+
+  kd_mutex_lock (&shard->lock);
+  first = !ticket->deferred;
+  if (first)
+    {
+      ticket->deferred = TRUE;
+      __atomic_add_fetch (&ticket->order->n_deferred, 1, __ATOMIC_SEQ_CST);
+    }
+  kd_mutex_unlock (&shard->lock);
+
+  if (first)
+    {
+      kd_mutex_lock (&self->room_lock);
+      g_cond_broadcast (&self->room_cond);
+      kd_mutex_unlock (&self->room_lock);
+    }
 }
 
 /* With the shard lock held: the head @ticket, whose item waits for room
@@ -617,6 +637,8 @@ static void
 recycle_ticket_locked (Shard    *shard,
                        KdTicket *ticket)
 {
+  if (ticket->deferred)
+    __atomic_sub_fetch (&ticket->order->n_deferred, 1, __ATOMIC_SEQ_CST);
   if (shard->n_spare_tickets < SPARE_TICKETS_MAX)
     {
       memset (ticket, 0, sizeof *ticket);

@@ -909,6 +909,201 @@ test_stage_deferred_overrun (void)
   g_mutex_clear (&sd.lock);
 }
 
+/* One stage's deferred jobs, handed to the test through @out. */
+typedef struct
+{
+  GAsyncQueue *out;
+  GMutex       lock;
+  GArray      *received;   /* the sink's items, in order */
+  gint         freed;      /* the stage's item-free calls */
+  gboolean     emit_on_retry; /* a second attempt emits 2 on its worker */
+} OneStage;
+
+static gboolean
+one_stage_handler (KdJob    *job,
+                   gpointer  user_data,
+                   GError  **error)
+{
+  OneStage *os = user_data;
+
+  if (kd_job_get_attempt (job) > 1 && os->emit_on_retry)
+    return kd_job_emit (job, kd_job_get_key (job), GUINT_TO_POINTER (2), error);
+  kd_job_defer (job);
+  kd_tsan_release (job);
+  g_async_queue_push (os->out, job);
+  return TRUE;
+}
+
+static void
+one_stage_sink (const char *key,
+                gpointer    item,
+                gpointer    user_data)
+{
+  OneStage *os = user_data;
+  guint n = GPOINTER_TO_UINT (item);
+
+  kd_mutex_lock (&os->lock);
+  g_array_append_val (os->received, n);
+  kd_mutex_unlock (&os->lock);
+}
+
+static OneStage *one_stage_freeing;
+
+static void
+one_stage_free (gpointer item)
+{
+  g_atomic_int_inc (&one_stage_freeing->freed);
+}
+
+static KdPipeline *
+one_stage_pipeline (OneStage    *os,
+                    KdStageMode  mode)
+{
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *stage = kd_pipeline_add_stage (pipeline, "only", 2, one_stage_handler, os, NULL);
+
+  g_mutex_init (&os->lock);
+  os->out = g_async_queue_new ();
+  os->received = g_array_new (FALSE, FALSE, sizeof (guint));
+  one_stage_freeing = os;
+  kd_pipeline_set_stage_mode (pipeline, stage, mode);
+  kd_dispatcher_set_item_free (stage, one_stage_free);
+  kd_pipeline_set_sink (pipeline, one_stage_sink, os, NULL);
+  return pipeline;
+}
+
+static void
+one_stage_clear (OneStage *os)
+{
+  g_async_queue_unref (os->out);
+  g_array_unref (os->received);
+  g_mutex_clear (&os->lock);
+}
+
+static KdJob *
+pop_job (GAsyncQueue *out)
+{
+  KdJob *job = g_async_queue_timeout_pop (out, KD_TEST_DEADLINE_US);
+
+  g_assert_nonnull (job);
+  kd_tsan_acquire (job);
+  return job;
+}
+
+static void
+test_stage_deferred_last_cancelled (void)
+{
+  OneStage os = { 0 };
+  KdPipeline *pipeline = one_stage_pipeline (&os, KD_STAGE_ORDERED);
+  KdJob *first, *second;
+
+  g_test_summary ("In a pipeline's last stage, ordered, what a deferred job behind its key's "
+                  "head emitted before the pipeline was cancelled still reaches the sink, which "
+                  "owns it; the stage's item-free frees only the stage's own items");
+
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (1), NULL));
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (2), NULL));
+  first = pop_job (os.out);
+  second = pop_job (os.out);
+  if (GPOINTER_TO_UINT (kd_job_get_item (first)) == 2)
+    {
+      KdJob *swap = first;
+
+      first = second;
+      second = swap;
+    }
+
+  g_assert_true (kd_job_emit (second, "k", GUINT_TO_POINTER (200), NULL));
+  g_cancellable_cancel (kd_pipeline_get_cancellable (pipeline));
+  kd_job_return_success (second);
+  kd_job_return_success (first);
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpuint (os.received->len, ==, 1);
+  g_assert_cmpuint (g_array_index (os.received, guint, 0), ==, 200);
+  g_assert_cmpint (os.freed, ==, 2);
+
+  g_object_unref (pipeline);
+  one_stage_clear (&os);
+}
+
+typedef struct
+{
+  KdJob *job;
+  guint  from;
+  guint  n;
+} Emitter;
+
+static gpointer
+emit_for_job (gpointer data)
+{
+  Emitter *e = data;
+  guint i;
+
+  for (i = 0; i < e->n; i++)
+    g_assert_true (kd_job_emit (e->job, kd_job_get_key (e->job),
+                                e->from == 0 ? kd_job_get_item (e->job)
+                                             : GUINT_TO_POINTER (e->from + i),
+                                NULL));
+  return NULL;
+}
+
+static void
+test_stage_deferred_emitters (void)
+{
+  OneStage os = { 0 };
+  KdPipeline *pipeline = one_stage_pipeline (&os, KD_STAGE_KEYED);
+  Emitter own = { NULL, 0, 1 }, many = { NULL, 1000, 1000 };
+  GThread *a, *b;
+  KdJob *job;
+
+  g_test_summary ("Two threads emit for one deferred stage job at once, one of them the job's "
+                  "own item: all of it reaches the sink, and the job's item is handed over, "
+                  "not freed by the stage (ThreadSanitizer sees no race on the job)");
+
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (7), NULL));
+  job = pop_job (os.out);
+  own.job = many.job = job;
+  a = g_thread_new ("own", emit_for_job, &own);
+  b = g_thread_new ("many", emit_for_job, &many);
+  g_thread_join (a);
+  g_thread_join (b);
+  kd_job_return_success (job);
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpuint (os.received->len, ==, 1001);
+  g_assert_cmpint (os.freed, ==, 0);
+
+  g_object_unref (pipeline);
+  one_stage_clear (&os);
+}
+
+static void
+test_stage_deferred_retry (void)
+{
+  OneStage os = { 0 };
+  KdPipeline *pipeline = one_stage_pipeline (&os, KD_STAGE_ORDERED);
+  KdJob *job;
+
+  g_test_summary ("A deferred stage job that emits away and is returned with an error is "
+                  "retried after what it emitted went on: its second attempt's emits follow");
+
+  os.emit_on_retry = TRUE;
+  kd_dispatcher_set_retry (kd_pipeline_get_stage (pipeline, 0), 3, 0, 0);
+  g_assert_true (kd_pipeline_submit (pipeline, "k", GUINT_TO_POINTER (9), NULL));
+  job = pop_job (os.out);
+  g_assert_true (kd_job_emit (job, "k", GUINT_TO_POINTER (1), NULL));
+  kd_job_return_error_literal (job, G_IO_ERROR, G_IO_ERROR_FAILED, "first attempt");
+  kd_pipeline_wait (pipeline);
+
+  g_assert_cmpuint (os.received->len, ==, 2);
+  g_assert_cmpuint (g_array_index (os.received, guint, 0), ==, 1);
+  g_assert_cmpuint (g_array_index (os.received, guint, 1), ==, 2);
+
+  g_object_unref (pipeline);
+  one_stage_clear (&os);
+}
+
 /* A stage whose handlers run in a main context: odd items emit there and
  * end; even ones are deferred and returned from an idle of the context,
  * which emits first. */
@@ -1240,6 +1435,9 @@ main (int   argc,
   g_test_add_func ("/kd/defer/stage-deferred", test_stage_deferred);
   g_test_add_func ("/kd/defer/stage-deferred-cancel", test_stage_deferred_cancel);
   g_test_add_func ("/kd/defer/stage-deferred-overrun", test_stage_deferred_overrun);
+  g_test_add_func ("/kd/defer/stage-deferred-last-cancelled", test_stage_deferred_last_cancelled);
+  g_test_add_func ("/kd/defer/stage-deferred-emitters", test_stage_deferred_emitters);
+  g_test_add_func ("/kd/defer/stage-deferred-retry", test_stage_deferred_retry);
   g_test_add_func ("/kd/defer/stage-context", test_stage_context);
   g_test_add_func ("/kd/defer/context-handlers", test_context_handlers);
   g_test_add_func ("/kd/defer/context-retry", test_context_retry);
