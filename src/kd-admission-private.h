@@ -53,6 +53,14 @@ struct _KdDrainWaiter
   gpointer       user_data;
 };
 
+/* The grant word: 56 bits of acquired count (2^56 jobs is 22 years at 100
+ * million a second, so the count never carries into the slot bits), the
+ * current epoch's slot, and CLOSED. */
+#define ACQUIRED_MASK  ((G_GUINT64_CONSTANT (1) << 56) - 1)
+#define SLOT_SHIFT     56
+#define SLOT_MASK      (G_GUINT64_CONSTANT (KD_ADMISSION_EPOCHS - 1) << SLOT_SHIFT)
+#define CLOSED_BIT     (G_GUINT64_CONSTANT (1) << 61)
+
 struct _KdAdmission
 {
   /* Atomic, written by acquirers and close: the acquired count, the current
@@ -98,7 +106,7 @@ void     kd_admission_set_capacity   (KdAdmission  *self,
 void     kd_admission_add_releasers  (KdAdmission  *self,
                                       guint         n_releasers);
 void     kd_admission_clear          (KdAdmission  *self);
-gboolean kd_admission_acquire        (KdAdmission  *self,
+gboolean kd_admission_acquire_slow   (KdAdmission  *self,
                                       KdAdmitMode   mode,
                                       gint64        deadline,
                                       guint        *epoch,
@@ -126,5 +134,58 @@ gboolean kd_admission_wait_async     (KdAdmission   *self,
                                       KdDrainWaiter *waiter);
 void     kd_admission_wait_sleepers  (KdAdmission  *self,
                                       guint         n_sleeping);
+
+static inline guint64
+acquired_of (guint64 grant)
+{
+  return grant & ACQUIRED_MASK;
+}
+
+static inline guint
+slot_of (guint64 grant)
+{
+  return (guint) ((grant & SLOT_MASK) >> SLOT_SHIFT);
+}
+
+/* Pending units by an acquired count and a release count read at different
+ * moments: a stale acquired count can be below releases of units acquired
+ * since, which must read as no units, not as a huge number. */
+static inline guint64
+pending_by (guint64 acquired,
+            guint64 released)
+{
+  return acquired > released ? acquired - released : 0;
+}
+
+/*
+ * kd_admission_acquire:
+ * @epoch: (out): the slot of the epoch the unit joined; pass it to release
+ *
+ * Accepts one unit, or refuses: KD_ERROR_CLOSED when closed (even if also
+ * full), KD_ERROR_FULL for KD_ADMIT_TRY, KD_ERROR_TIMEOUT when @deadline
+ * (monotonic time) passed with the bound still reached. Inlined: on every
+ * submit, the first look (open, and room by the last view of the releases)
+ * and the unit's compare-and-swap are all it does.
+ */
+static inline gboolean
+kd_admission_acquire (KdAdmission  *self,
+                      KdAdmitMode   mode,
+                      gint64        deadline,
+                      guint        *epoch,
+                      GError      **error)
+{
+  guint64 grant = __atomic_load_n (&self->grant, __ATOMIC_RELAXED);
+  guint64 view = __atomic_load_n (&self->released_view, __ATOMIC_RELAXED);
+
+  if (G_LIKELY (!(grant & CLOSED_BIT) &&
+                pending_by (acquired_of (grant), view) < self->capacity &&
+                __atomic_compare_exchange_n (&self->grant, &grant, grant + 1, FALSE,
+                                             __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)))
+    {
+      *epoch = slot_of (grant);
+      return TRUE;
+    }
+  return kd_admission_acquire_slow (self, mode, deadline, epoch, error);
+}
 
 G_END_DECLS

@@ -87,13 +87,6 @@
 #include "kd-error.h"
 #include "kd-sync-private.h"
 
-/* 56 bits of acquired count: 2^56 jobs is 22 years at 100 million a second,
- * so the count never carries into the slot bits. */
-#define ACQUIRED_MASK  ((G_GUINT64_CONSTANT (1) << 56) - 1)
-#define SLOT_SHIFT     56
-#define SLOT_MASK      (G_GUINT64_CONSTANT (KD_ADMISSION_EPOCHS - 1) << SLOT_SHIFT)
-#define CLOSED_BIT     (G_GUINT64_CONSTANT (1) << 61)
-
 enum
 {
   FLAG_ROOM_WAITERS  = 1 << 0,
@@ -102,28 +95,6 @@ enum
 };
 
 G_STATIC_ASSERT (KD_ADMISSION_EPOCHS == 32);
-
-static inline guint64
-acquired_of (guint64 grant)
-{
-  return grant & ACQUIRED_MASK;
-}
-
-static inline guint
-slot_of (guint64 grant)
-{
-  return (guint) ((grant & SLOT_MASK) >> SLOT_SHIFT);
-}
-
-/* Pending units by an acquired count and a release count read at different
- * moments: a stale acquired count can be below releases of units acquired
- * since, which must read as no units, not as a huge number. */
-static inline guint64
-pending_by (guint64 acquired,
-            guint64 released)
-{
-  return acquired > released ? acquired - released : 0;
-}
 
 static inline guint64
 load_grant (KdAdmission *self)
@@ -383,20 +354,14 @@ acquire_upto (KdAdmission  *self,
     }
 }
 
-/*
- * kd_admission_acquire:
- * @epoch: (out): the slot of the epoch the unit joined; pass it to release
- *
- * Accepts one unit, or refuses: KD_ERROR_CLOSED when closed (even if also
- * full), KD_ERROR_FULL for KD_ADMIT_TRY, KD_ERROR_TIMEOUT when @deadline
- * (monotonic time) passed with the bound still reached.
- */
+/* kd_admission_acquire(), once its first look found no room by the view
+ * it read, or found it closed, or lost the race for the unit. */
 gboolean
-kd_admission_acquire (KdAdmission  *self,
-                      KdAdmitMode   mode,
-                      gint64        deadline,
-                      guint        *epoch,
-                      GError      **error)
+kd_admission_acquire_slow (KdAdmission  *self,
+                           KdAdmitMode   mode,
+                           gint64        deadline,
+                           guint        *epoch,
+                           GError      **error)
 {
   return acquire_upto (self, mode, deadline, 1, epoch, error) == 1;
 }
