@@ -47,12 +47,7 @@ run_on_context (KdTask   *task,
 
   g_atomic_int_or (&job->defer, KD_DEFER_RUNNING);
   completed = self->handler (job, self->handler_data, &error);
-  g_atomic_int_and (&job->defer, ~KD_DEFER_RUNNING);
-
-  if (g_atomic_int_get (&job->defer) & KD_DEFER_BY_HANDLER)
-    kd_dispatcher_deferring_handler_returned (completed, error);
-  else
-    kd_dispatcher_return_job (job, kd_dispatcher_handler_outcome (completed, error));
+  kd_dispatcher_context_handler_returned (job, completed, error);
 }
 
 /* With @start_lock held, as the dispatcher starts: the delivery that runs

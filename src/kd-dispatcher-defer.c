@@ -16,7 +16,13 @@
  *
  * The handler's return and the application's can come in either order,
  * on different threads: each sets its bit in the job's @defer word, and
- * whoever sets the second ends the job. A job returned before its handler
+ * whoever sets the second ends the job (all_done()). A job that went to
+ * the handler context has a third party, its handler there, whose return
+ * sets a bit too: the job ends only once its worker let go of it (its
+ * batch's rest back in the mailbox), its handler in the context returned,
+ * and it was returned (by that handler's outcome, or, if that handler
+ * deferred it, by the application), so a handler that returns its job
+ * before it returns still has it. A job returned before its handler
  * returned ends on its worker, as any job does; one returned later ends
  * on the returning thread (end_returned()). There its key's mailbox is
  * scheduled again carrying the job's unit, which the next worker to run
@@ -171,11 +177,33 @@ kd_dispatcher_deferring_handler_returned (gboolean  completed,
     }
 }
 
+/* Whether @defer, with the bit just set, is a deferred job every party is
+ * done with: its worker, its return, and its handler in the handler
+ * context if it went there. */
+static inline gboolean
+all_done (gint defer)
+{
+  return (defer & KD_DEFER_HANDLER_DONE) && (defer & KD_DEFER_RETURNED) &&
+         (!(defer & KD_DEFER_ON_CONTEXT) || (defer & KD_DEFER_CONTEXT_DONE));
+}
+
+/* Ends @job, which its last party (not its worker) let go of: a stage's
+ * on a worker, any other's here. */
+static void
+end_let_go (KdJob *job)
+{
+  if (job->dispatcher->stage_hooks.ended != NULL)
+    end_on_worker (job->dispatcher, job);
+  else
+    end_returned (job->dispatcher, job);
+}
+
 /* By @job's worker once its handler returned, having deferred it, and its
  * key's later jobs are back in the mailbox: FALSE if the job is still out
- * (the return will end it, and may schedule the mailbox at once); TRUE if
- * it was returned already, with *@error (transfer full; NULL: completed)
- * set from the return, for the worker to end it. */
+ * (its return, or its handler in the handler context, will end it, and may
+ * schedule the mailbox at once); TRUE if the others were done already,
+ * with *@error (transfer full; NULL: completed) set from the return, for
+ * the worker to end it. */
 gboolean
 kd_dispatcher_settle_deferred (KdDispatcher  *self,
                                KdJob         *job,
@@ -184,7 +212,7 @@ kd_dispatcher_settle_deferred (KdDispatcher  *self,
   gint was;
 
   was = g_atomic_int_or (&job->defer, KD_DEFER_HANDLER_DONE);
-  if (!(was & KD_DEFER_RETURNED))
+  if (!all_done (was | KD_DEFER_HANDLER_DONE))
     return FALSE;
 
   if (self->stage_hooks.returned != NULL)
@@ -265,7 +293,8 @@ kd_dispatcher_return_job (KdJob  *job,
   gint defer = g_atomic_int_get (&job->defer);
   gint was;
 
-  if (!(defer & KD_DEFER_ASKED) || (defer & KD_DEFER_RETURNED))
+  if (!(defer & KD_DEFER_ASKED) || (defer & KD_DEFER_RETURNED) ||
+      ((defer & KD_DEFER_ON_CONTEXT) && !(defer & KD_DEFER_BY_HANDLER)))
     {
       g_critical ("A kdispatch job was returned that was not deferred, or returned twice");
       g_clear_error (&error);
@@ -275,12 +304,34 @@ kd_dispatcher_return_job (KdJob  *job,
   /* Published to the handler's worker, or to ourselves, by the atomic or. */
   job->error = error;
   was = g_atomic_int_or (&job->defer, KD_DEFER_RETURNED);
-  if (!(was & KD_DEFER_HANDLER_DONE))
-    return;
-  if (job->dispatcher->stage_hooks.ended != NULL)
-    end_on_worker (job->dispatcher, job);
+  if (all_done (was | KD_DEFER_RETURNED))
+    end_let_go (job);
+}
+
+/* The handler of @job returned in the handler context (@completed, and
+ * @error, transfer full): unless it deferred the job, that is its return.
+ * The job is not to be touched afterwards: it may end at once. */
+void
+kd_dispatcher_context_handler_returned (KdJob    *job,
+                                        gboolean  completed,
+                                        GError   *error)
+{
+  gint defer = g_atomic_int_and (&job->defer, ~KD_DEFER_RUNNING);
+  gint done = KD_DEFER_CONTEXT_DONE;
+  gint was;
+
+  if (defer & KD_DEFER_BY_HANDLER)
+    {
+      kd_dispatcher_deferring_handler_returned (completed, error);
+    }
   else
-    end_returned (job->dispatcher, job);
+    {
+      job->error = kd_dispatcher_handler_outcome (completed, error);
+      done |= KD_DEFER_RETURNED;
+    }
+  was = g_atomic_int_or (&job->defer, done);
+  if (all_done (was | done))
+    end_let_go (job);
 }
 
 /**

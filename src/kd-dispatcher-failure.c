@@ -16,7 +16,8 @@
  *    doubled at each attempt, at most the maximum), so the key keeps its
  *    order and no worker waits; an unkeyed job waits there alone, but for
  *    an ordered stage's, which waits on its worker (see run_task()),
- *    unless it was deferred (nothing waits for room behind it then).
+ *    unless it was returned after its deferring handler returned (nothing
+ *    of its key waits for room then).
  *  - A job that failed for good goes to the dead-letter function, then
  *    ends failed.
  *  - With KD_FAILURE_PARK its key parks: the mailbox, with the rest of its
@@ -224,8 +225,9 @@ kd_dispatcher_drop_parked (KdDispatcher *self)
  * the same way, each on its own, but in a pipeline's %KD_STAGE_ORDERED
  * stage, where a retry waits on its worker: the items of its key that
  * entered after it may be waiting for it to end (see
- * kd_pipeline_set_stage_mode()). A deferred job's retry waits in the timer
- * there too: the items behind a deferred one never wait for room.
+ * kd_pipeline_set_stage_mode()). A deferred job returned after its handler
+ * returned waits for its retry in the timer there too: nothing of its key
+ * waits for room while it is deferred.
  *
  * Once the dispatcher is cancelled no job is retried: those waiting for a
  * retry end at once with %G_IO_ERROR_CANCELLED. A job whose handler passed

@@ -301,6 +301,9 @@ void        kd_dispatcher_deferring_handler_returned (gboolean    completed,
                                                       GError     *error);
 void        kd_dispatcher_wait_returners      (KdDispatcher      *self);
 gboolean    kd_dispatcher_returning_here      (KdDispatcher      *self);
+void        kd_dispatcher_context_handler_returned (KdJob        *job,
+                                                    gboolean      completed,
+                                                    GError       *error);
 void        kd_dispatcher_return_job          (KdJob             *job,
                                                GError            *error);
 

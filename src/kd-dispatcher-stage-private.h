@@ -18,8 +18,9 @@ G_BEGIN_DECLS
 typedef struct
 {
   /* kd_job_emit(): from the job's handler on its worker, or (@away) from
-   * anywhere else while the job is deferred or runs in a handler
-   * context, where it must not block */
+   * anywhere else, or from the handler once it deferred the job, while
+   * the job is deferred or runs in a handler context: that must not
+   * block */
   gboolean (*emit)    (KdJob       *job,
                        const char  *key,
                        gpointer     item,

@@ -45,8 +45,9 @@ struct _KdJob
 
 /* A deferred job's progress: its handler deferred it (or its worker handed
  * it to the handler context, whose handler may defer it in turn), its
- * worker is done with it, it was returned. Whoever sets the last of the
- * two latter ends it. */
+ * worker is done with it, it was returned, and, for a job on the handler
+ * context, the handler there returned. Whoever sets the last of those
+ * (two, or three on the context) ends it. */
 enum
 {
   KD_DEFER_ASKED = 1 << 0,
@@ -55,6 +56,7 @@ enum
   KD_DEFER_ON_CONTEXT = 1 << 3,   /* handed to the handler context */
   KD_DEFER_BY_HANDLER = 1 << 4,   /* and its handler there deferred it */
   KD_DEFER_RUNNING = 1 << 5,      /* its handler runs: kd_job_defer() may be called */
+  KD_DEFER_CONTEXT_DONE = 1 << 6, /* its handler in the handler context returned */
 };
 
 /* A job is its task: queues link jobs through their task header. */

@@ -267,7 +267,8 @@ kd_job_get_attempt (KdJob *job)
  *
  * If @item is the job's own item, the job hands it over: the stage's
  * item-free function will not run for it, and kd_job_get_item() returns
- * %NULL from then on. (The job's own item of a job submitted with a value
+ * %NULL from then on (for an emit a deferred job makes away from its
+ * worker: once its worker passed it on, when the job was returned). (The job's own item of a job submitted with a value
  * goes on as that value.)
  *
  * Call from the stage's handler, or, once the handler deferred the job

@@ -37,7 +37,9 @@
  * parallel, then aggregate per client in order" is correct. An ordered
  * stage's job is a place in the scheduler: it runs the oldest item of its
  * key not yet started (stage_claim()), and a job that will be retried
- * waits for it on its worker, so the earliest item of a key always runs.
+ * waits for it on its worker, so the earliest item of a key always runs,
+ * unless it was deferred: then nothing of its key waits for room
+ * (kd-reorder.c), and a returned job's retry waits in the timer.
  *
  * Shutdown: kd_pipeline_close() closes the first stage; when a closed stage
  * has drained, it closes the next one (the dispatcher's drained hook), so
@@ -752,7 +754,9 @@ kd_pipeline_add_stage (KdPipeline     *self,
  * handler's). This cannot wait for ever, whatever the number of workers:
  * a key's items start in the order they entered, so the item waited for
  * is running (an item that failed and will be retried waits for its retry
- * on its worker, see kd_dispatcher_set_retry()).
+ * on its worker, see kd_dispatcher_set_retry()). While an item of a key is
+ * deferred (kd_job_defer(), or a handler context), what the items of that
+ * key emit does not wait for room: it is buffered beyond the bound.
  *
  * Since: 0.1
  */

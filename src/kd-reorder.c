@@ -47,11 +47,11 @@
  *
  * A deferred item (kd_job_defer(), or a handler context) is not running:
  * it ends when the application returns it, and then on a worker, which
- * every worker waiting for room behind it would keep busy. So behind a
- * deferred item of its key (kd_reorder_deferred() counts them per key), a
- * ticket buffers what it emits without waiting for room, over the bound if
- * need be; the entries still wait while the room is taken. What is in
- * flight is then the bound plus what the items behind deferred ones emit.
+ * every worker waiting for room behind it would keep busy. So while an
+ * item of its key is deferred (kd_reorder_deferred() counts them per key),
+ * a ticket buffers what it emits without waiting for room, over the bound
+ * if need be; the entries still wait while the room is taken. What is in
+ * flight is then the bound plus what the items of such keys emit.
  *
  * If passing an item on fails (the pipeline was cancelled meanwhile), the
  * drop function hands it back, so every emitted item ends exactly once.

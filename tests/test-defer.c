@@ -1416,6 +1416,93 @@ test_context_last_unref (void)
   g_main_context_unref (c.context);
 }
 
+/* In a handler context, the handler defers its job, returns it at once
+ * (emitting first, in a stage), and reads it afterwards, before it
+ * returns: the job must still be its. */
+typedef struct
+{
+  gint ended;
+  gint wrong_item;
+} EarlyReturn;
+
+static gboolean
+return_early_handler (KdJob    *job,
+                      gpointer  user_data,
+                      GError  **error)
+{
+  EarlyReturn *er = user_data;
+  gpointer item = kd_job_get_item (job);
+
+  kd_job_defer (job);
+  if (kd_job_get_key (job) != NULL && g_str_has_prefix (kd_job_get_key (job), "stage"))
+    g_assert_true (kd_job_emit (job, kd_job_get_key (job), item, NULL));
+  kd_job_return_success (job);
+  if (kd_job_get_key (job) == NULL || kd_job_get_attempt (job) != 1)
+    er->wrong_item++;
+  return TRUE;
+}
+
+static void
+count_early_ended (KdJob        *job,
+                   const GError *error,
+                   gpointer      user_data)
+{
+  EarlyReturn *er = user_data;
+
+  if (error == NULL)
+    g_atomic_int_inc (&er->ended);
+}
+
+static gboolean
+early_all_ended (gpointer data)
+{
+  return g_atomic_int_get (&((EarlyReturn *) data)->ended) == 40;
+}
+
+static void
+test_context_returned_in_handler (void)
+{
+  GMainContext *context = g_main_context_new ();
+  EarlyReturn er = { 0 }, stage_er = { 0 };
+  KdDispatcher *d;
+  KdPipeline *pipeline;
+  KdDispatcher *stage;
+  guint i;
+
+  g_test_summary ("A handler in a handler context that defers its job and returns it at once "
+                  "still has the job until it returns, on a dispatcher and in a pipeline stage "
+                  "(the job ended, and was freed, while the handler ran)");
+
+  g_main_context_push_thread_default (context);
+  d = kd_dispatcher_new (2, return_early_handler, &er, NULL);
+  kd_dispatcher_set_handler_context (d, context);
+  kd_dispatcher_set_done_func (d, count_early_ended, &er, NULL);
+  pipeline = kd_pipeline_new ();
+  stage = kd_pipeline_add_stage (pipeline, "early", 2, return_early_handler, &stage_er, NULL);
+  kd_dispatcher_set_handler_context (stage, context);
+  kd_dispatcher_set_done_func (stage, count_early_ended, &stage_er, NULL);
+
+  for (i = 0; i < 40; i++)
+    {
+      g_autofree char *key = g_strdup_printf ("k%u", i % 4);
+      g_autofree char *stage_key = g_strdup_printf ("stage%u", i % 4);
+
+      g_assert_true (kd_dispatcher_submit (d, key, GUINT_TO_POINTER (i + 1), NULL));
+      g_assert_true (kd_pipeline_submit (pipeline, stage_key, GUINT_TO_POINTER (i + 1), NULL));
+    }
+  g_assert_true (kd_test_iterate_until (context, early_all_ended, &er));
+  g_assert_true (kd_test_iterate_until (context, early_all_ended, &stage_er));
+  kd_dispatcher_wait (d);
+  kd_pipeline_wait (pipeline);
+  g_assert_cmpint (er.wrong_item, ==, 0);
+  g_assert_cmpint (stage_er.wrong_item, ==, 0);
+
+  g_object_unref (pipeline);
+  g_object_unref (d);
+  g_main_context_pop_thread_default (context);
+  g_main_context_unref (context);
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -1442,6 +1529,7 @@ main (int   argc,
   g_test_add_func ("/kd/defer/context-handlers", test_context_handlers);
   g_test_add_func ("/kd/defer/context-retry", test_context_retry);
   g_test_add_func ("/kd/defer/context-last-unref", test_context_last_unref);
+  g_test_add_func ("/kd/defer/context-returned-in-handler", test_context_returned_in_handler);
 
   return g_test_run ();
 }
