@@ -146,7 +146,13 @@ kd_dispatcher_emit_job (KdJob       *job,
    * application's thread once the job is deferred, the handler context)
    * must not, and once the job is deferred even its handler's emits wait
    * with the others, in order, for the job's end. */
-  away = (defer & (KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT)) || !kd_dispatcher_is_own_worker (self);
+  away = (defer & (KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT)) != 0;
+  if (!away && !kd_dispatcher_is_own_worker (self))
+    {
+      g_critical ("kd_job_emit: called from another thread while the job's handler runs: "
+                  "defer the job (kd_job_defer()) to emit from elsewhere");
+      return FALSE;
+    }
   return self->stage_hooks.emit (job, key, item, kind, away, error, self->stage_data);
 }
 

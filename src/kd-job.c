@@ -276,9 +276,10 @@ kd_job_get_attempt (KdJob *job)
  * handler of a job it has not deferred, on its worker, blocks for room: an
  * emit anywhere else (a deferred job's, or a handler's in a handler
  * context) never blocks; what it emits goes on, in order, from one of the
- * stage's workers once the job is returned. After that, or from a handler
- * that returned without deferring its job, the call is refused with a
- * critical warning.
+ * stage's workers once the job is returned. After that, from a handler
+ * that returned without deferring its job, or from another thread while
+ * a handler that has not deferred its job runs, the call is refused with
+ * a critical warning.
  *
  * Returns: %TRUE if the pipeline took @item; %FALSE with %KD_ERROR_CLOSED if
  *   the pipeline was cancelled, @item still being the caller's

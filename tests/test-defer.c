@@ -1416,6 +1416,57 @@ test_context_last_unref (void)
   g_main_context_unref (c.context);
 }
 
+static gpointer
+emit_from_thread (gpointer data)
+{
+  return GINT_TO_POINTER (kd_job_emit (data, NULL, GUINT_TO_POINTER (1), NULL));
+}
+
+static gboolean
+emit_elsewhere_handler (KdJob    *job,
+                        gpointer  user_data,
+                        GError  **error)
+{
+  gboolean *emitted = user_data;
+
+  *emitted = GPOINTER_TO_INT (g_thread_join (g_thread_new ("emitter", emit_from_thread, job)));
+  return TRUE;
+}
+
+static void
+emit_in_done (KdJob        *job,
+              const GError *error,
+              gpointer      user_data)
+{
+  gboolean *emitted = user_data;
+
+  *emitted = kd_job_emit (job, NULL, GUINT_TO_POINTER (2), NULL);
+}
+
+static void
+test_stage_emit_refused (void)
+{
+  gboolean from_thread = TRUE, from_done = TRUE;
+  KdPipeline *pipeline = kd_pipeline_new ();
+  KdDispatcher *stage;
+
+  g_test_summary ("Emits nothing would pass on are refused with a critical and FALSE, the "
+                  "item staying the caller's: from another thread while a handler that did "
+                  "not defer its job runs, and from the done callback of a job that ended");
+
+  stage = kd_pipeline_add_stage (pipeline, "only", 1, emit_elsewhere_handler, &from_thread, NULL);
+  kd_dispatcher_set_done_func (stage, emit_in_done, &from_done, NULL);
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*another thread while the job's "
+                         "handler runs*");
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*returned without deferring*");
+  g_assert_true (kd_pipeline_submit (pipeline, NULL, NULL, NULL));
+  kd_pipeline_wait (pipeline);
+  g_test_assert_expected_messages ();
+  g_assert_false (from_thread);
+  g_assert_false (from_done);
+  g_object_unref (pipeline);
+}
+
 /* In a handler context, the handler defers its job, returns it at once
  * (emitting first, in a stage), and reads it afterwards, before it
  * returns: the job must still be its. */
@@ -1525,6 +1576,7 @@ main (int   argc,
   g_test_add_func ("/kd/defer/stage-deferred-last-cancelled", test_stage_deferred_last_cancelled);
   g_test_add_func ("/kd/defer/stage-deferred-emitters", test_stage_deferred_emitters);
   g_test_add_func ("/kd/defer/stage-deferred-retry", test_stage_deferred_retry);
+  g_test_add_func ("/kd/defer/stage-emit-refused", test_stage_emit_refused);
   g_test_add_func ("/kd/defer/stage-context", test_stage_context);
   g_test_add_func ("/kd/defer/context-handlers", test_context_handlers);
   g_test_add_func ("/kd/defer/context-retry", test_context_retry);
