@@ -147,7 +147,12 @@ kd_dispatcher_emit_job (KdJob       *job,
    * must not, and once the job is deferred even its handler's emits wait
    * with the others, in order, for the job's end. */
   away = (defer & (KD_DEFER_ASKED | KD_DEFER_ON_CONTEXT)) != 0;
-  if (!away && !kd_dispatcher_is_own_worker (self))
+  /* A job in the handler context that its handler there did not defer is
+   * as a worker's: only that handler, on the context's thread, emits for
+   * it. */
+  if ((defer & (KD_DEFER_ON_CONTEXT | KD_DEFER_BY_HANDLER)) == KD_DEFER_ON_CONTEXT
+        ? !g_main_context_is_owner (self->handler_context)
+        : !away && !kd_dispatcher_is_own_worker (self))
     {
       g_critical ("kd_job_emit: called from another thread while the job's handler runs: "
                   "defer the job (kd_job_defer()) to emit from elsewhere");

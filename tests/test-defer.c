@@ -1452,7 +1452,8 @@ test_stage_emit_refused (void)
 
   g_test_summary ("Emits nothing would pass on are refused with a critical and FALSE, the "
                   "item staying the caller's: from another thread while a handler that did "
-                  "not defer its job runs, and from the done callback of a job that ended");
+                  "not defer its job runs, on a worker or in a handler context, and from the "
+                  "done callback of a job that ended");
 
   stage = kd_pipeline_add_stage (pipeline, "only", 1, emit_elsewhere_handler, &from_thread, NULL);
   kd_dispatcher_set_done_func (stage, emit_in_done, &from_done, NULL);
@@ -1464,6 +1465,21 @@ test_stage_emit_refused (void)
   g_test_assert_expected_messages ();
   g_assert_false (from_thread);
   g_assert_false (from_done);
+  g_object_unref (pipeline);
+
+  /* The same from another thread while a handler in a handler context runs
+   * (the pipeline's wait runs the context). */
+  from_thread = TRUE;
+  pipeline = kd_pipeline_new ();
+  stage = kd_pipeline_add_stage (pipeline, "on-context", 1, emit_elsewhere_handler, &from_thread,
+                                 NULL);
+  kd_dispatcher_set_handler_context (stage, g_main_context_default ());
+  g_test_expect_message ("kdispatch", G_LOG_LEVEL_CRITICAL, "*another thread while the job's "
+                         "handler runs*");
+  g_assert_true (kd_pipeline_submit (pipeline, NULL, NULL, NULL));
+  kd_pipeline_wait (pipeline);
+  g_test_assert_expected_messages ();
+  g_assert_false (from_thread);
   g_object_unref (pipeline);
 }
 
