@@ -86,6 +86,28 @@ uncount_deferred (KdDispatcher *self,
   job->defer = 0;
 }
 
+/* A thread that ends a returned job, or hands it on, counts itself while it
+ * touches the dispatcher: the shutdown waits for it
+ * (kd_dispatcher_wait_returners()). The count goes down under the lock, so
+ * that the shutdown cannot see it reach zero and free the dispatcher while
+ * this thread still holds the lock. */
+static void
+returner_enter (KdDispatcher *self)
+{
+  kd_mutex_lock (&self->returning_lock);
+  self->n_returning++;
+  kd_mutex_unlock (&self->returning_lock);
+}
+
+static void
+returner_leave (KdDispatcher *self)
+{
+  kd_mutex_lock (&self->returning_lock);
+  if (--self->n_returning == 0)
+    g_cond_broadcast (&self->returning_cond);
+  kd_mutex_unlock (&self->returning_lock);
+}
+
 /* The application returned @job after its handler returned: it ends here,
  * on the returning thread. */
 static void
@@ -99,9 +121,7 @@ end_returned (KdDispatcher *self,
   KdDispatcher *outer = returning_for;
   JobOutcome outcome;
 
-  kd_mutex_lock (&self->returning_lock);
-  self->n_returning++;
-  kd_mutex_unlock (&self->returning_lock);
+  returner_enter (self);
   returning_for = self;
 
   /* A stage's job, on a worker: what it emitted goes on first. */
@@ -125,33 +145,23 @@ end_returned (KdDispatcher *self,
     }
 
   returning_for = outer;
-  kd_mutex_lock (&self->returning_lock);
-  if (--self->n_returning == 0)
-    g_cond_broadcast (&self->returning_cond);
-  kd_mutex_unlock (&self->returning_lock);
+  returner_leave (self);
 }
 
 /* A stage's job returned after its handler returned: a worker ends it
- * (kd_dispatcher_end_returned()). Counted as a returner meanwhile, as in
- * end_returned(): once the task is pushed, the job may end and the last
- * unref go on while this thread still touches the scheduler. */
+ * (kd_dispatcher_end_returned()). Counted as a returner meanwhile: once the
+ * task is pushed, the job may end and the last unref go on while this
+ * thread still touches the scheduler. */
 static void
 end_on_worker (KdDispatcher *self,
                KdJob        *job)
 {
   KdScheduler *scheduler = g_atomic_pointer_get (&self->scheduler);
 
-  kd_mutex_lock (&self->returning_lock);
-  self->n_returning++;
-  kd_mutex_unlock (&self->returning_lock);
-
+  returner_enter (self);
   job->task.kind = KD_TASK_RETURNED;
   kd_scheduler_push (scheduler, &job->task);
-
-  kd_mutex_lock (&self->returning_lock);
-  if (--self->n_returning == 0)
-    g_cond_broadcast (&self->returning_cond);
-  kd_mutex_unlock (&self->returning_lock);
+  returner_leave (self);
 }
 
 /* By the worker that took a stage's returned job (KD_TASK_RETURNED). */

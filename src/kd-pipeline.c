@@ -474,6 +474,8 @@ stage_ended (KdJob    *job,
 {
   Stage *stage = user_data;
 
+  /* Passed on when the job was returned (stage_returned()); only an emit
+   * that raced with the return lands here still. */
   if (G_UNLIKELY (job->outbox != NULL))
     pass_on_away (stage, job);
   if (job->ticket != NULL)
