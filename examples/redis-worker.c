@@ -13,7 +13,8 @@
  *
  * --url takes the server as Redis clients do
  * (redis://[[user]:password@]host:port/db, rediss://... for TLS,
- * unix:///path/to/redis.sock). --tls (implied by rediss://) with --cacert,
+ * unix:///path/to/redis.sock, redis+cluster://host:port for any node of a
+ * Redis Cluster). --tls (implied by rediss://) with --cacert,
  * and --cert and --key for a client certificate, as redis-cli takes them,
  * set up TLS. A
  * password comes from --password-file (its first line), else from the
@@ -83,7 +84,7 @@ static int     opt_consumers = 2;
 static int     opt_stop_at = 0;
 
 static GOptionEntry options[] = {
-  { "url", 0, 0, G_OPTION_ARG_STRING, &opt_url, "Redis server as a URL (instead of --host and --port)",
+  { "url", 0, 0, G_OPTION_ARG_STRING, &opt_url, "Redis server, or a node of a Redis Cluster (redis+cluster://), as a URL (instead of --host and --port)",
     "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]" },
   { "user", 0, 0, G_OPTION_ARG_STRING, &opt_user, "Redis ACL user (the password from "
     "--password-file or REDISCLI_AUTH)", "USER" },

@@ -134,6 +134,9 @@ KD_AVAILABLE_IN_ALL
 void          kd_redis_queue_set_batch_size  (KdRedisQueue    *self,
                                               guint            batch_size);
 KD_AVAILABLE_IN_ALL
+void          kd_redis_queue_set_min_replicas (KdRedisQueue   *self,
+                                              gint             min_replicas);
+KD_AVAILABLE_IN_ALL
 void          kd_redis_queue_set_retry       (KdRedisQueue    *self,
                                               guint            max_attempts,
                                               gint64           initial_delay_us,
@@ -145,6 +148,8 @@ KD_AVAILABLE_IN_ALL
 guint         kd_redis_queue_get_n_shards    (KdRedisQueue    *self);
 KD_AVAILABLE_IN_ALL
 guint         kd_redis_queue_get_batch_size  (KdRedisQueue    *self);
+KD_AVAILABLE_IN_ALL
+guint         kd_redis_queue_get_min_replicas (KdRedisQueue   *self);
 KD_AVAILABLE_IN_ALL
 const char   *kd_redis_queue_get_consumer_name (KdRedisQueue  *self);
 KD_AVAILABLE_IN_ALL

@@ -3,9 +3,10 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  *
  * The thread takes the entries whose jobs ended from the consumer's queue
- * and sends their outcomes in one transaction per round: one XACK per
- * shard, one script per dead letter, fenced by the shards' leases. See
- * kd-redis-consumer.c for how it fits with the other threads.
+ * and sends their outcomes in one transaction per round and group of
+ * shards (all of them on a lone server; each slot's on a Redis Cluster):
+ * one XACK per shard, one script per dead letter, fenced by the shards'
+ * leases. See kd-redis-consumer.c for how it fits with the other threads.
  */
 
 #include "config.h"
@@ -95,39 +96,117 @@ account_outcomes (KdRedisConsumer *self,
   g_ptr_array_set_size (ended, 0);
 }
 
-/* Sends the outcome of @ended's jobs in one transaction, fenced by their
- * shards' leases (see kd_redis_consumer_watch_leases()): per stream, one XACK of its
- * completed entries (in the order they ended, so a key's are acknowledged
- * in order), and a script per dead letter. The entries of a shard whose
- * lease this member no longer holds are refused: the new owner took them
- * over and runs them. Then accounts for them all. Returns FALSE, keeping
- * them, if Redis could not be reached: they are sent again (acknowledging
- * twice is harmless; a dead letter is added once). */
+/* On a cluster, the dead letters of @entries whose shards this member
+ * holds (@ours, by position in @streams: @stream_at) go to N:dead first,
+ * in a command each on that stream's node: a script runs over keys of
+ * one slot only, and N:dead is in another. Acknowledged in the
+ * transaction that follows, a dead letter is added once unless the
+ * transaction is refused or lost, and then again at the next attempt: at
+ * least once. */
 static gboolean
-send_outcomes (KdRedisConsumer *self,
-               KdRedisConn     *conn,
-               GPtrArray       *ended)
+add_dead_letters (KdRedisConsumer *self,
+                  KdRedisRouter   *router,
+                  GPtrArray       *entries,
+                  const guint     *stream_at,
+                  const gboolean  *ours,
+                  GError         **error)
+{
+  g_autoptr (GArray) commands = g_array_new (FALSE, FALSE, sizeof (KdRedisArgs));
+  redisReply **replies;
+  KdRedisConn *conn;
+  gboolean ok;
+  guint i;
+
+  for (i = 0; i < entries->len; i++)
+    {
+      KdRedisEntry *entry = g_ptr_array_index (entries, i);
+      KdRedisShard *shard = kd_redis_consumer_entry_shard (self, entry);
+      KdRedisArgs args;
+
+      if (entry->outcome != KD_REDIS_OUTCOME_DEAD || !ours[stream_at[shard - self->shards] - 1])
+        continue;
+      kd_redis_args_init (&args);
+      kd_redis_args_add_string (&args, "XADD");
+      kd_redis_args_add_string (&args, self->dead_key);
+      kd_redis_args_add_string (&args, "*");
+      kd_redis_args_add_string (&args, "stream");
+      kd_redis_args_add_string (&args, shard->stream);
+      kd_redis_args_add_string (&args, "id");
+      kd_redis_args_add_string (&args, entry->id);
+      if (entry->key != NULL)
+        {
+          kd_redis_args_add_string (&args, "k");
+          kd_redis_args_add_string (&args, entry->key);
+        }
+      kd_redis_args_add_string (&args, "p");
+      kd_redis_args_add (&args, entry->payload, entry->payload_len);
+      kd_redis_args_add_string (&args, "pid");
+      kd_redis_args_add_string (&args, entry->producer);
+      kd_redis_args_add_string (&args, "seq");
+      kd_redis_args_add_printf (&args, "%" G_GUINT64_FORMAT, entry->sequence);
+      kd_redis_args_add_string (&args, "attempts");
+      kd_redis_args_add_printf (&args, "%u", entry->attempts);
+      kd_redis_args_add_string (&args, "error");
+      kd_redis_args_add_string (&args, entry->error_message != NULL ? entry->error_message : "");
+      g_array_append_val (commands, args);
+    }
+  if (commands->len == 0)
+    return TRUE;
+
+  replies = g_new0 (redisReply *, commands->len);
+  conn = kd_redis_router_conn_for (router, self->dead_key, error);
+  ok = conn != NULL &&
+       kd_redis_conn_pipeline (conn, (KdRedisArgs *) (gpointer) commands->data, commands->len, replies, error);
+  if (ok)
+    for (i = 0; i < commands->len; i++)
+      kd_redis_reply_free (replies[i]);
+  else if (conn != NULL)
+    kd_redis_router_failed (router, conn);
+  for (i = 0; i < commands->len; i++)
+    kd_redis_args_clear (&g_array_index (commands, KdRedisArgs, i));
+  g_free (replies);
+  return ok;
+}
+
+/* Sends the outcome of @entries' jobs, none skipped, whose shards are all
+ * of one group (kd_redis_router_group()), in one transaction on @conn,
+ * fenced by their shards' leases (see kd_redis_consumer_watch_leases()):
+ * per stream, one XACK of its completed entries (in the order they ended,
+ * so a key's are acknowledged in order), and per dead letter, on a lone
+ * server, a script that adds it to N:dead and acknowledges it (on a
+ * cluster, add_dead_letters() adds it first). The entries of a shard
+ * whose lease this member no longer holds are refused: the new owner took
+ * them over and runs them. Then accounts for them all. Returns FALSE,
+ * keeping them, if Redis could not be reached: they are sent again
+ * (acknowledging twice is harmless; a dead letter is added once on a lone
+ * server). */
+static gboolean
+send_group_outcomes (KdRedisConsumer *self,
+                     KdRedisRouter   *router,
+                     KdRedisConn     *conn,
+                     GPtrArray       *entries)
 {
   g_autoptr (GError) error = NULL;
   g_autoptr (GArray) streams = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) commands = g_array_new (FALSE, FALSE, sizeof (KdRedisArgs));
+  gboolean cluster = kd_redis_router_is_cluster (router);
   /* Per stream: its position in @streams + 1 (0: no outcome to send), and
    * its XACK's position in @commands + 1 (0: none yet). */
   guint *stream_at = g_new0 (guint, self->n_streams);
   guint *xack_at = g_new0 (guint, self->n_streams);
-  /* Per entry: its command's position + 1 (0: none: skipped or refused). */
-  guint *command_of = g_new0 (guint, ended->len);
+  /* Per entry: its command's position + 1 (0: none: refused). */
+  guint *command_of = g_new0 (guint, entries->len);
   gboolean *ours;
   redisReply *exec = NULL;
   gboolean sent;
   guint attempt, i, n_finishing;
 
-  for (i = 0; i < ended->len; i++)
+  for (i = 0; i < entries->len; i++)
     {
-      KdRedisEntry *entry = g_ptr_array_index (ended, i);
+      KdRedisEntry *entry = g_ptr_array_index (entries, i);
       guint s = (guint) (kd_redis_consumer_entry_shard (self, entry) - self->shards);
 
-      if (entry->outcome != KD_REDIS_OUTCOME_SKIP && stream_at[s] == 0)
+      if (stream_at[s] == 0)
         {
           g_array_append_val (streams, s);
           stream_at[s] = streams->len;
@@ -135,27 +214,30 @@ send_outcomes (KdRedisConsumer *self,
     }
   ours = g_new0 (gboolean, MAX (streams->len, 1));
 
-  for (attempt = 0; attempt < MAX_OUTCOME_ATTEMPTS && streams->len > 0; attempt++)
+  for (attempt = 0; attempt < MAX_OUTCOME_ATTEMPTS; attempt++)
     {
       if (!kd_redis_consumer_watch_leases (self, conn, (const guint *) (gpointer) streams->data, streams->len, ours, &error))
+        break;
+      if (cluster && !add_dead_letters (self, router, entries, stream_at, ours, &error))
         break;
 
       memset (xack_at, 0, self->n_streams * sizeof (guint));
       n_finishing = 0;
-      for (i = 0; i < ended->len; i++)
+      for (i = 0; i < entries->len; i++)
         {
-          KdRedisEntry *entry = g_ptr_array_index (ended, i);
+          KdRedisEntry *entry = g_ptr_array_index (entries, i);
           KdRedisShard *shard = kd_redis_consumer_entry_shard (self, entry);
           guint s = (guint) (shard - self->shards);
+          gboolean script = entry->outcome == KD_REDIS_OUTCOME_DEAD && !cluster;
           KdRedisArgs fresh;
 
           command_of[i] = 0;
-          if (entry->outcome == KD_REDIS_OUTCOME_SKIP || !ours[stream_at[s] - 1])
+          if (!ours[stream_at[s] - 1])
             continue;
-          if (entry->outcome == KD_REDIS_OUTCOME_DEAD || xack_at[s] == 0)
+          if (script || xack_at[s] == 0)
             {
               kd_redis_args_init (&fresh);
-              if (entry->outcome == KD_REDIS_OUTCOME_DEAD)
+              if (script)
                 add_dead_script (&fresh, self, conn, shard, entry);
               else
                 {
@@ -167,7 +249,7 @@ send_outcomes (KdRedisConsumer *self,
               g_array_append_val (commands, fresh);
             }
           n_finishing++;
-          if (entry->outcome == KD_REDIS_OUTCOME_DEAD)
+          if (script)
             command_of[i] = commands->len;
           else
             {
@@ -200,12 +282,18 @@ send_outcomes (KdRedisConsumer *self,
 
   /* Freed by hand on every way out: the analyzer of the CI's clang-tidy
    * does not follow g_autofree out of an early return. */
-  sent = streams->len == 0 || (exec != NULL && exec->type == REDIS_REPLY_ARRAY);
+  sent = exec != NULL && exec->type == REDIS_REPLY_ARRAY;
   if (sent)
-    account_outcomes (self, ended, command_of);
+    account_outcomes (self, entries, command_of);
   else
-    g_debug ("redis queue %s: %s: outcomes not sent: %s", self->config.name, self->member,
-             error != NULL ? error->message : "a lease kept changing");
+    {
+      /* A failure may leave the leases WATCHed on a connection still
+       * open: it starts afresh. */
+      if (error != NULL)
+        kd_redis_router_failed (router, conn);
+      g_debug ("redis queue %s: %s: outcomes not sent: %s", self->config.name, self->member,
+               error != NULL ? error->message : "a lease kept changing");
+    }
   g_clear_pointer (&exec, kd_redis_reply_free);
   g_free (ours);
   g_free (command_of);
@@ -213,6 +301,74 @@ send_outcomes (KdRedisConsumer *self,
   g_free (stream_at);
 
   return sent;
+}
+
+/* Sends the outcome of @ended's jobs, the entries of each group of shards
+ * (one group on a lone server) in a transaction on their node
+ * (send_group_outcomes()); skipped entries need none. Accounts for those
+ * sent, and leaves in @ended those that were not, to be sent again: a node
+ * that fails keeps its own. FALSE if some were not sent. */
+static gboolean
+send_outcomes (KdRedisConsumer *self,
+               KdRedisRouter   *router,
+               GPtrArray       *ended)
+{
+  g_autoptr (GPtrArray) skipped = g_ptr_array_new ();
+  g_autoptr (GPtrArray) group = g_ptr_array_new ();
+  g_autoptr (GPtrArray) unsent = g_ptr_array_new ();
+  guint i;
+
+  /* Skipped: nothing to send. */
+  for (i = 0; i < ended->len; i++)
+    {
+      KdRedisEntry *entry = g_ptr_array_index (ended, i);
+
+      g_ptr_array_add (entry->outcome == KD_REDIS_OUTCOME_SKIP ? skipped : unsent, entry);
+    }
+  if (skipped->len > 0)
+    {
+      guint *no_command = g_new0 (guint, skipped->len);
+
+      account_outcomes (self, skipped, no_command);
+      g_free (no_command);
+    }
+  g_ptr_array_set_size (ended, 0);
+
+  while (unsent->len > 0)
+    {
+      KdRedisEntry *first = g_ptr_array_index (unsent, 0);
+      guint slot = kd_redis_consumer_entry_shard (self, first)->slot;
+      guint id = kd_redis_router_group (router, slot);
+      GError *local_error = NULL;
+      KdRedisConn *conn;
+      guint kept = 0;
+
+      /* The group's entries, in the order they ended; the others stay. */
+      for (i = 0; i < unsent->len; i++)
+        {
+          KdRedisEntry *entry = g_ptr_array_index (unsent, i);
+
+          if (kd_redis_router_group (router, kd_redis_consumer_entry_shard (self, entry)->slot) == id)
+            g_ptr_array_add (group, entry);
+          else
+            unsent->pdata[kept++] = entry;
+        }
+      g_ptr_array_set_size (unsent, (gint) kept);
+
+      conn = kd_redis_router_conn (router, slot, &local_error);
+      if (conn == NULL || !send_group_outcomes (self, router, conn, group))
+        {
+          if (local_error != NULL)
+            g_debug ("redis queue %s: %s: outcomes not sent: %s", self->config.name, self->member,
+                     local_error->message);
+          g_clear_error (&local_error);
+          for (i = 0; i < group->len; i++)
+            g_ptr_array_add (ended, g_ptr_array_index (group, i));
+        }
+      g_ptr_array_set_size (group, 0);
+    }
+
+  return ended->len == 0;
 }
 
 /* Accounts for the ended entries the acker leaves with, their outcomes not
@@ -246,11 +402,11 @@ kd_redis_acker_main (gpointer data)
 {
   KdRedisConsumer *self = data;
   g_autoptr (GPtrArray) ended = g_ptr_array_new ();
-  KdRedisConn conn;
+  KdRedisRouter router;
   gint64 retry_at = 0;
 
-  kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
-  kd_redis_conn_set_name (&conn, self->config.name, "acker", self->member);
+  kd_redis_router_init (&router, &self->config.server, self->config.lease_us);
+  kd_redis_router_set_name (&router, self->config.name, "acker", self->member);
 
   for (;;)
     {
@@ -284,13 +440,14 @@ kd_redis_acker_main (gpointer data)
           item = g_async_queue_try_pop (self->ended);
         }
 
-      if (ended->len > 0 && g_get_monotonic_time () >= retry_at && !send_outcomes (self, &conn, ended))
+      if (ended->len > 0 && g_get_monotonic_time () >= retry_at &&
+          (!kd_redis_router_update (&router, NULL) || !send_outcomes (self, &router, ended)))
         retry_at = g_get_monotonic_time () + self->tick_us;
-      kd_redis_consumer_unblock_reader (self, &conn);
+      kd_redis_consumer_unblock_reader (self, &router);
     }
 
   kd_redis_consumer_drop_unsent (self, ended);
-  kd_redis_conn_clear (&conn);
+  kd_redis_router_clear (&router);
 
   return NULL;
 }

@@ -76,6 +76,8 @@ redisReply  *kd_redis_conn_run         (KdRedisConn   *conn,
 gboolean     kd_redis_conn_append      (KdRedisConn   *conn,
                                         KdRedisArgs   *args,
                                         GError       **error);
+gboolean     kd_redis_conn_flush       (KdRedisConn   *conn,
+                                        GError       **error);
 redisReply  *kd_redis_conn_read        (KdRedisConn   *conn,
                                         GError       **error);
 gboolean     kd_redis_conn_read_received (KdRedisConn  *conn,
@@ -93,22 +95,9 @@ redisReply  *kd_redis_conn_transaction (KdRedisConn   *conn,
                                         KdRedisArgs   *commands,
                                         guint          n_commands,
                                         GError       **error);
-gboolean     kd_redis_conn_trim        (KdRedisConn   *conn,
-                                        GPtrArray     *streams,
-                                        guint64       *trimmed,
-                                        GError       **error);
-gboolean     kd_redis_conn_create_groups (KdRedisConn *conn,
-                                          const char  *name,
-                                          guint        n_shards,
-                                          char       **unusable,
-                                          GError     **error);
-gboolean     kd_redis_conn_create_groups_again (KdRedisConn *conn,
-                                                const char  *name,
-                                                guint        n_shards,
-                                                char       **unusable,
-                                                GError     **error);
 
 void         kd_redis_reply_free       (redisReply    *reply);
+gboolean     kd_redis_error_is_redirection (const GError *error);
 
 void         kd_redis_args_init        (KdRedisArgs   *args);
 void         kd_redis_args_clear       (KdRedisArgs   *args);

@@ -436,6 +436,21 @@ check_reply (KdRedisConn  *conn,
   return reply;
 }
 
+/* Whether @error is a Redis Cluster's refusal of a command sent to a node
+ * that does not serve its slot (MOVED, ASK), or not now (TRYAGAIN while a
+ * slot moves, CLUSTERDOWN): a new map, or a moment, cures it. */
+gboolean
+kd_redis_error_is_redirection (const GError *error)
+{
+  static const char *const codes[] = { ": MOVED ", ": ASK ", ": TRYAGAIN", ": CLUSTERDOWN" };
+  guint i;
+
+  for (i = 0; error != NULL && i < G_N_ELEMENTS (codes); i++)
+    if (strstr (error->message, codes[i]) != NULL)
+      return TRUE;
+  return FALSE;
+}
+
 /* Sets *@reply to a reply already received, or NULL: none, or not
  * connected. An unreadable one closes the connection: FALSE, with @error
  * set. */
@@ -734,6 +749,15 @@ kd_redis_conn_append (KdRedisConn  *conn,
                       (const size_t *) (gpointer) args->lengths->data, error);
 }
 
+/* Sends what was appended, without reading; on failure, closes the
+ * connection. */
+gboolean
+kd_redis_conn_flush (KdRedisConn  *conn,
+                     GError      **error)
+{
+  return conn->link == NULL || flush (conn, conn->link, error);
+}
+
 /* Reads the reply of the oldest appended command. After an I/O error the
  * connection is closed and the other replies are lost. */
 redisReply *
@@ -852,184 +876,4 @@ kd_redis_conn_transaction (KdRedisConn  *conn,
       kd_redis_conn_close (conn);
     }
   return reply;
-}
-
-/* Trims @streams (char *) below what every consumer group of each has
- * acknowledged; adds to @trimmed how many entries went. */
-gboolean
-kd_redis_conn_trim (KdRedisConn  *conn,
-                    GPtrArray    *streams,
-                    guint64      *trimmed,
-                    GError      **error)
-{
-  KdRedisArgs args;
-  redisReply *reply;
-  guint i;
-
-  if (streams->len == 0 || !kd_redis_conn_ensure (conn, error))
-    return streams->len == 0;
-
-  kd_redis_args_init (&args);
-  kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_TRIM, streams->len);
-  for (i = 0; i < streams->len; i++)
-    kd_redis_args_add_string (&args, g_ptr_array_index (streams, i));
-  reply = kd_redis_conn_run (conn, &args, error);
-  kd_redis_args_clear (&args);
-  if (reply == NULL)
-    return FALSE;
-  if (reply->type == REDIS_REPLY_INTEGER && reply->integer > 0)
-    *trimmed += (guint64) reply->integer;
-  kd_redis_reply_free (reply);
-  return TRUE;
-}
-
-/* Checks that queue @name has @n_shards shards, noting it if the queue is
- * new: a process configured with another number must fail before it
- * creates streams of its own. */
-static gboolean
-check_n_shards (KdRedisConn  *conn,
-                const char   *name,
-                guint         n_shards,
-                GError      **error)
-{
-  g_autofree char *meta = g_strdup_printf ("%s:meta", name);
-  redisReply *replies[2] = { NULL, NULL };
-  KdRedisArgs commands[2];
-  gboolean ok;
-  guint k;
-
-  for (k = 0; k < 2; k++)
-    kd_redis_args_init (&commands[k]);
-  kd_redis_args_add_string (&commands[0], "HSETNX");
-  kd_redis_args_add_string (&commands[0], meta);
-  kd_redis_args_add_string (&commands[0], "shards");
-  kd_redis_args_add_printf (&commands[0], "%u", n_shards);
-  kd_redis_args_add_string (&commands[1], "HGET");
-  kd_redis_args_add_string (&commands[1], meta);
-  kd_redis_args_add_string (&commands[1], "shards");
-  ok = kd_redis_conn_pipeline (conn, commands, 2, replies, error);
-  for (k = 0; k < 2; k++)
-    kd_redis_args_clear (&commands[k]);
-  if (!ok)
-    return FALSE;
-  if (replies[1]->type != REDIS_REPLY_STRING || g_ascii_strtoull (replies[1]->str, NULL, 10) != n_shards)
-    {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
-                   "Queue %s was created with %s shards, not %u", name,
-                   replies[1]->type == REDIS_REPLY_STRING ? replies[1]->str : "?", n_shards);
-      ok = FALSE;
-    }
-  for (k = 0; k < 2; k++)
-    g_clear_pointer (&replies[k], kd_redis_reply_free);
-  return ok;
-}
-
-/* Creates the consumer group, from the stream's start, on each stream of
- * queue @name whose index (a shard, or @n_shards for the unkeyed stream) is
- * in @streams, in one round trip; sets each one's @unusable entry to
- * Redis's reason if it refuses (a key of another type), NULL otherwise. */
-static gboolean
-create_groups_on (KdRedisConn  *conn,
-                  const char   *name,
-                  guint         n_shards,
-                  GArray       *streams,
-                  char        **unusable,
-                  GError      **error)
-{
-  KdRedisArgs args;
-  gboolean ok = TRUE;
-  guint i;
-
-  kd_redis_args_init (&args);
-  for (i = 0; ok && i < streams->len; i++)
-    {
-      guint index = g_array_index (streams, guint, i);
-      g_autofree char *stream = kd_redis_stream_name (name, index == n_shards ? -1 : (gint) index);
-
-      kd_redis_args_reset (&args);
-      kd_redis_args_add_string (&args, "XGROUP");
-      kd_redis_args_add_string (&args, "CREATE");
-      kd_redis_args_add_string (&args, stream);
-      kd_redis_args_add_string (&args, KD_REDIS_GROUP);
-      kd_redis_args_add_string (&args, "0");
-      kd_redis_args_add_string (&args, "MKSTREAM");
-      ok = kd_redis_conn_append (conn, &args, error);
-    }
-  kd_redis_args_clear (&args);
-  if (!ok)
-    return FALSE;
-
-  for (i = 0; i < streams->len; i++)
-    {
-      guint index = g_array_index (streams, guint, i);
-      GError *local_error = NULL;
-      redisReply *reply = kd_redis_conn_read (conn, &local_error);
-
-      if (reply == NULL && conn->link == NULL)
-        {
-          g_propagate_error (error, local_error);
-          return FALSE;
-        }
-      g_clear_pointer (&unusable[index], g_free);
-      if (reply == NULL)
-        {
-          /* BUSYGROUP: the group exists already. WRONGTYPE: the key is not
-           * a stream, this stream's problem alone. Anything else (a
-           * permission, memory, a read-only replica) is the connection's. */
-          if (strstr (local_error->message, "WRONGTYPE") != NULL)
-            unusable[index] = g_strdup (local_error->message);
-          else if (strstr (local_error->message, "BUSYGROUP") == NULL && ok)
-            {
-              g_propagate_error (error, g_steal_pointer (&local_error));
-              ok = FALSE;
-            }
-          g_clear_error (&local_error);
-          continue;
-        }
-      kd_redis_reply_free (reply);
-    }
-
-  return ok;
-}
-
-/* Creates the consumer group on every stream of the queue, from the
- * stream's start so that jobs added before any consumer ran are read; and
- * checks that the queue's number of shards is the one it was created with.
- * Safe to repeat. A stream that refuses (a key of another type, say) does
- * not fail the rest: @unusable (n_shards + 1 entries, the keyed shards'
- * then the unkeyed stream's) gets Redis's reason for it, and NULL for the
- * others (the caller frees them). */
-gboolean
-kd_redis_conn_create_groups (KdRedisConn  *conn,
-                             const char   *name,
-                             guint         n_shards,
-                             char        **unusable,
-                             GError      **error)
-{
-  g_autoptr (GArray) streams = g_array_sized_new (FALSE, FALSE, sizeof (guint), n_shards + 1);
-  guint i;
-
-  if (!check_n_shards (conn, name, n_shards, error))
-    return FALSE;
-  for (i = 0; i <= n_shards; i++)
-    g_array_append_val (streams, i);
-  return create_groups_on (conn, name, n_shards, streams, unusable, error);
-}
-
-/* As kd_redis_conn_create_groups(), on the streams @unusable says Redis
- * refused only: one command each, to see whether they were repaired. */
-gboolean
-kd_redis_conn_create_groups_again (KdRedisConn  *conn,
-                                   const char   *name,
-                                   guint         n_shards,
-                                   char        **unusable,
-                                   GError      **error)
-{
-  g_autoptr (GArray) streams = g_array_new (FALSE, FALSE, sizeof (guint));
-  guint i;
-
-  for (i = 0; i <= n_shards; i++)
-    if (unusable[i] != NULL)
-      g_array_append_val (streams, i);
-  return create_groups_on (conn, name, n_shards, streams, unusable, error);
 }

@@ -12,8 +12,8 @@
 #pragma once
 
 #include "kd-dispatcher.h"
-#include "kd-redis-conn-private.h"
 #include "kd-redis-entry-private.h"
+#include "kd-redis-router-private.h"
 #include "kd-redis-queue.h"
 
 G_BEGIN_DECLS
@@ -26,6 +26,7 @@ typedef struct
   guint   n_shards;
   gint64  lease_us;
   guint   batch_size;
+  gint    min_replicas;  /* -1: 1 on a cluster, 0 on a lone server */
   guint   max_attempts;
   gint64  retry_initial_us;
   gint64  retry_max_us;
@@ -46,6 +47,7 @@ typedef struct
   char              *lease;
   char              *fence;        /* its fencing token's key; NULL for the unkeyed stream */
   gint               index;        /* -1: the unkeyed stream */
+  guint              slot;         /* the hash slot of its keys (kd_redis_key_slot()) */
 
   /* Protected by the consumer's lock */
   KdRedisShardState  state;
@@ -112,6 +114,7 @@ struct _KdRedisConsumer
 
   /* Used by the reader thread only */
   char               wake_last_id[64];
+  gint64             poll_us;      /* on a cluster: how long it waits before reading again */
 };
 
 static inline gboolean
@@ -146,9 +149,9 @@ void             kd_redis_consumer_fence_all_locked   (KdRedisConsumer *self);
 void             kd_redis_consumer_wake_reader_locked (KdRedisConsumer *self);
 void             kd_redis_consumer_wake_acker         (KdRedisConsumer *self);
 void             kd_redis_consumer_unblock_reader     (KdRedisConsumer *self,
-                                                       KdRedisConn     *conn);
+                                                       KdRedisRouter   *router);
 gboolean         kd_redis_consumer_check_streams      (KdRedisConsumer *self,
-                                                       KdRedisConn     *conn,
+                                                       KdRedisRouter   *router,
                                                        GError         **error);
 gboolean         kd_redis_consumer_watch_leases       (KdRedisConsumer *self,
                                                        KdRedisConn     *conn,

@@ -9,8 +9,9 @@
  * entries, reads new ones, feeds them to the dispatcher, and acknowledges
  * them once their jobs ended (the design of the whole queue, and its
  * reasons, are in kd-redis-queue.c). Three threads, each with its own
- * blocking connection and its own file, so that none waits for another's
- * round trips:
+ * blocking connections (a router: one to a lone server, or one per master
+ * of a cluster, kd-redis-router.c) and its own file, so that none waits
+ * for another's round trips:
  *
  * - The lease thread (kd-redis-lease.c) beats, decides which shards this
  *   process should own, and takes, renews and releases their leases, every
@@ -21,9 +22,10 @@
  *   each shard just gained, then reads new entries of its shards, within a
  *   budget of batch-size entries in flight, and submits them to the
  *   dispatcher. It blocks in the dispatcher's submit when the dispatcher is
- *   full, and in XREAD BLOCK when there is nothing to read, on its shards'
- *   streams and on its own wake stream (N:wake:member), which the two other
- *   threads add to when something changes.
+ *   full, and when there is nothing to read, on a lone server, in XREAD
+ *   BLOCK on its shards' streams and on its own wake stream
+ *   (N:wake:member), which the two other threads add to when something
+ *   changes; on a cluster, it waits a moment and reads again.
  * - The acker thread (kd-redis-acker.c) sends the outcome of every ended
  *   job (acknowledgement, dead letter) in one transaction per round.
  *
@@ -69,6 +71,7 @@
 
 #include "kd-key-map-private.h"
 #include "kd-redis-consumer-private.h"
+#include "kd-redis-streams-private.h"
 #include "kd-sync-private.h"
 
 KdRedisConsumer *
@@ -97,6 +100,7 @@ kd_redis_consumer_new (const KdRedisConfig *config,
       shard->stream = kd_redis_stream_name (config->name, shard->index);
       shard->lease = kd_redis_lease_name (config->name, shard->index);
       shard->fence = shard->index >= 0 ? kd_redis_fence_name (config->name, shard->index) : NULL;
+      shard->slot = kd_redis_key_slot (shard->stream, strlen (shard->stream));
       shard->state = KD_REDIS_SHARD_FREE;
       shard->producers = g_hash_table_new_full (kd_key_str_hash, g_str_equal, g_free, g_free);
       g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
@@ -282,22 +286,28 @@ kd_redis_consumer_get_stats (KdRedisConsumer   *self,
  * streams Redis refuses one for (a key of another type where the stream
  * should be, say): a stream set aside is neither leased nor read, and the
  * others go on; the reader looks again once a tick. Each change is logged
- * and counted in
- * KdRedisQueueStats.streams_set_aside. FALSE only if the connection failed
- * or the queue has another number of shards. On any thread, with a
- * connection of its own. */
+ * and counted in KdRedisQueueStats.streams_set_aside. FALSE if a node
+ * failed (its streams stay as they were; the others' answers are taken)
+ * or the queue has another number of shards
+ * (G_IO_ERROR_INVALID_ARGUMENT). On any thread, with a router of its
+ * own. */
 gboolean
 kd_redis_consumer_check_streams (KdRedisConsumer  *self,
-                                 KdRedisConn      *conn,
+                                 KdRedisRouter    *router,
                                  GError          **error)
 {
   char **unusable = g_new0 (char *, self->n_streams);
   gboolean ok;
   guint i;
 
-  ok = kd_redis_conn_create_groups (conn, self->config.name, self->config.n_shards, unusable, error);
+  /* What no node answers for stays as it is. */
   kd_mutex_lock (&self->lock);
-  for (i = 0; ok && i < self->n_streams; i++)
+  for (i = 0; i < self->n_streams; i++)
+    unusable[i] = g_strdup (self->shards[i].unusable);
+  kd_mutex_unlock (&self->lock);
+  ok = kd_redis_create_groups (router, self->config.name, self->config.n_shards, unusable, error);
+  kd_mutex_lock (&self->lock);
+  for (i = 0; i < self->n_streams; i++)
     {
       KdRedisShard *shard = &self->shards[i];
 
@@ -403,11 +413,12 @@ kd_redis_consumer_watch_leases (KdRedisConsumer  *self,
  * stream holds one entry, and expires if this process dies. */
 void
 kd_redis_consumer_unblock_reader (KdRedisConsumer *self,
-                                  KdRedisConn     *conn)
+                                  KdRedisRouter   *router)
 {
   g_autoptr (GError) error = NULL;
   redisReply *replies[2] = { NULL, NULL };
   KdRedisArgs commands[2];
+  KdRedisConn *conn;
   gboolean wanted;
   guint k;
 
@@ -417,6 +428,9 @@ kd_redis_consumer_unblock_reader (KdRedisConsumer *self,
   kd_mutex_unlock (&self->lock);
 
   if (!wanted)
+    return;
+  conn = kd_redis_router_conn_for (router, self->wake_key, &error);
+  if (conn == NULL)
     return;
 
   for (k = 0; k < 2; k++)
@@ -434,6 +448,8 @@ kd_redis_consumer_unblock_reader (KdRedisConsumer *self,
   if (kd_redis_conn_pipeline (conn, commands, 2, replies, &error))
     for (k = 0; k < 2; k++)
       kd_redis_reply_free (replies[k]);
+  else
+    kd_redis_router_failed (router, conn);
   for (k = 0; k < 2; k++)
     kd_redis_args_clear (&commands[k]);
 }
@@ -496,7 +512,7 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
                          KdDispatcher     *dispatcher,
                          GError          **error)
 {
-  KdRedisConn conn;
+  KdRedisRouter router;
   gboolean ok;
 
   g_assert (!self->running);
@@ -508,9 +524,9 @@ kd_redis_consumer_start (KdRedisConsumer  *self,
 
   /* Fails early, with a useful error, if Redis cannot be reached or the
    * queue has another number of shards. */
-  kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
-  ok = kd_redis_conn_ensure (&conn, error) && kd_redis_consumer_check_streams (self, &conn, error);
-  kd_redis_conn_clear (&conn);
+  kd_redis_router_init (&router, &self->config.server, self->config.lease_us);
+  ok = kd_redis_router_update (&router, error) && kd_redis_consumer_check_streams (self, &router, error);
+  kd_redis_router_clear (&router);
   if (!ok)
     return FALSE;
 

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "kd-redis-consumer-private.h"
+#include "kd-redis-streams-private.h"
 #include "kd-sync-private.h"
 
 static void
@@ -118,32 +119,134 @@ add_lease_script (KdRedisArgs     *args,
     kd_redis_args_add_printf (args, "%" G_GINT64_FORMAT, self->config.lease_us / 1000);
 }
 
+/* A lease script over the shards of one group, on their node. */
+typedef struct
+{
+  KdRedisScript  script;
+  KdRedisConn   *conn;
+  GArray        *shards;         /* guint: indices of the shards */
+  redisReply    *reply;          /* NULL: no answer */
+} LeaseCall;
+
+static void
+lease_call_clear (gpointer data)
+{
+  LeaseCall *call = data;
+
+  g_array_unref (call->shards);
+  g_clear_pointer (&call->reply, kd_redis_reply_free);
+}
+
+/* Appends @script over @shards, once per group (kd_redis_router_group()),
+ * each on its node, to @calls. A group whose node cannot be reached is
+ * left out: its shards stay as they are this round. */
+static void
+append_lease_calls (KdRedisConsumer *self,
+                    KdRedisRouter   *router,
+                    KdRedisScript    script,
+                    GArray          *shards,
+                    GArray          *calls)
+{
+  gboolean *done = g_new0 (gboolean, MAX (shards->len, 1));
+  KdRedisArgs args;
+  guint i, j;
+
+  kd_redis_args_init (&args);
+  for (i = 0; i < shards->len; i++)
+    {
+      guint slot = self->shards[g_array_index (shards, guint, i)].slot;
+      guint group = kd_redis_router_group (router, slot);
+      g_autoptr (GError) error = NULL;
+      LeaseCall call = { script, NULL, NULL, NULL };
+
+      if (done[i])
+        continue;
+      call.shards = g_array_new (FALSE, FALSE, sizeof (guint));
+      for (j = i; j < shards->len; j++)
+        if (!done[j] && kd_redis_router_group (router, self->shards[g_array_index (shards, guint, j)].slot) == group)
+          {
+            done[j] = TRUE;
+            g_array_append_val (call.shards, g_array_index (shards, guint, j));
+          }
+      call.conn = kd_redis_router_conn (router, slot, &error);
+      if (call.conn != NULL)
+        {
+          add_lease_script (&args, self, call.conn, script, call.shards);
+          if (!kd_redis_conn_append (call.conn, &args, &error))
+            call.conn = NULL;
+        }
+      if (call.conn == NULL)
+        {
+          g_debug ("redis queue %s: %s: %s", self->config.name, self->member, error->message);
+          g_array_unref (call.shards);
+          continue;
+        }
+      g_array_append_val (calls, call);
+    }
+  kd_redis_args_clear (&args);
+  g_free (done);
+}
+
+/* Sends the calls appended and reads their replies; a node that fails
+ * leaves its calls without one. */
+static void
+read_lease_calls (KdRedisConsumer *self,
+                  KdRedisRouter   *router,
+                  GArray          *calls)
+{
+  guint i;
+
+  kd_redis_router_flush (router);
+  for (i = 0; i < calls->len; i++)
+    {
+      LeaseCall *call = &g_array_index (calls, LeaseCall, i);
+      g_autoptr (GError) error = NULL;
+
+      call->reply = kd_redis_conn_read (call->conn, &error);
+      if (call->reply == NULL)
+        {
+          g_debug ("redis queue %s: %s: %s", self->config.name, self->member, error->message);
+          kd_redis_router_failed (router, call->conn);
+        }
+    }
+}
+
+static GArray *
+lease_calls_new (void)
+{
+  GArray *calls = g_array_new (FALSE, FALSE, sizeof (LeaseCall));
+
+  g_array_set_clear_func (calls, lease_call_clear);
+  return calls;
+}
+
 /* One round of membership and leases: beat, compute the shards this
  * process should own, renew the leases it holds, release the ones it
- * drained, take the ones it should have. */
-static void
+ * drained, take the ones it should have. Returns the live members (for
+ * lease_tidy()), or NULL if the beat failed. */
+static GStrv
 lease_tick (KdRedisConsumer *self,
-            KdRedisConn     *conn)
+            KdRedisRouter   *router)
 {
   g_autoptr (GError) error = NULL;
   g_autoptr (GArray) renew = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) release = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) acquire = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) generations = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) calls = lease_calls_new ();
+  g_autoptr (GStrvBuilder) live = g_strv_builder_new ();
   gboolean *wanted;
-  redisReply *members;
-  redisReply *replies[3] = { NULL, NULL, NULL };
-  GArray *lists[3];
-  KdRedisScript kinds[3] = { KD_REDIS_SCRIPT_RENEW, KD_REDIS_SCRIPT_RELEASE, KD_REDIS_SCRIPT_ACQUIRE };
+  redisReply *members = NULL;
+  KdRedisConn *conn = NULL;
   KdRedisArgs args;
   gint64 sent;
-  guint i, k, n_owned = 0;
-  gboolean ok = TRUE;
+  guint i, c, n_owned = 0;
+  gsize m;
 
   kd_redis_args_init (&args);
-  members = NULL;
   /* The script's hash is known once connected. */
-  if (kd_redis_conn_ensure (conn, &error))
+  if (kd_redis_router_update (router, &error) &&
+      (conn = kd_redis_router_conn_for (router, self->members_key, &error)) != NULL)
     {
       kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_HEARTBEAT, 1);
       kd_redis_args_add_string (&args, self->members_key);
@@ -151,19 +254,26 @@ lease_tick (KdRedisConsumer *self,
       kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, self->config.lease_us / 1000);
       kd_redis_args_add_string (&args, "0");
       members = kd_redis_conn_run (conn, &args, &error);
+      if (members == NULL)
+        kd_redis_router_failed (router, conn);
     }
+  kd_redis_args_clear (&args);
   if (members == NULL)
     {
       g_debug ("redis queue %s: %s: %s", self->config.name, self->member, error->message);
       kd_mutex_lock (&self->lock);
       fence_expired_locked (self, g_get_monotonic_time ());
       kd_mutex_unlock (&self->lock);
-      kd_redis_args_clear (&args);
-      return;
+      return NULL;
     }
   wanted = g_new0 (gboolean, self->config.n_shards);
   if (members->type == REDIS_REPLY_ARRAY)
-    compute_wanted (self, members, wanted);
+    {
+      compute_wanted (self, members, wanted);
+      for (m = 0; m < members->elements; m++)
+        if (members->element[m]->type == REDIS_REPLY_STRING)
+          g_strv_builder_add (live, members->element[m]->str);
+    }
   kd_redis_reply_free (members);
 
   kd_mutex_lock (&self->lock);
@@ -190,44 +300,32 @@ lease_tick (KdRedisConsumer *self,
   kd_mutex_unlock (&self->lock);
   g_free (wanted);
 
-  lists[0] = renew;
-  lists[1] = release;
-  lists[2] = acquire;
   sent = g_get_monotonic_time ();
-  for (k = 0; k < 3 && ok; k++)
-    if (lists[k]->len > 0)
-      {
-        add_lease_script (&args, self, conn, kinds[k], lists[k]);
-        ok = kd_redis_conn_append (conn, &args, &error);
-      }
-  for (k = 0; k < 3 && ok; k++)
-    if (lists[k]->len > 0)
-      {
-        replies[k] = kd_redis_conn_read (conn, &error);
-        ok = replies[k] != NULL;
-      }
-  kd_redis_args_clear (&args);
-  if (!ok)
-    g_debug ("redis queue %s: %s: %s", self->config.name, self->member, error->message);
+  append_lease_calls (self, router, KD_REDIS_SCRIPT_RENEW, renew, calls);
+  append_lease_calls (self, router, KD_REDIS_SCRIPT_RELEASE, release, calls);
+  append_lease_calls (self, router, KD_REDIS_SCRIPT_ACQUIRE, acquire, calls);
+  read_lease_calls (self, router, calls);
 
   kd_mutex_lock (&self->lock);
-  for (k = 0; k < 3; k++)
+  for (c = 0; c < calls->len; c++)
     {
-      if (replies[k] == NULL)
+      LeaseCall *call = &g_array_index (calls, LeaseCall, c);
+
+      if (call->reply == NULL)
         continue;
-      for (i = 0; i < lists[k]->len; i++)
+      for (i = 0; i < call->shards->len; i++)
         {
-          guint index = g_array_index (lists[k], guint, i);
+          guint index = g_array_index (call->shards, guint, i);
           KdRedisShard *shard = &self->shards[index];
           gboolean same = shard->generation == g_array_index (generations, guint, index);
           /* RENEW answers 1 or 0; ACQUIRE the shard's fencing token, or 0. */
-          gboolean granted = kinds[k] == KD_REDIS_SCRIPT_RELEASE ||
-                             (replies[k]->type == REDIS_REPLY_ARRAY && i < replies[k]->elements &&
-                              replies[k]->element[i]->integer > 0);
+          gboolean granted = call->script == KD_REDIS_SCRIPT_RELEASE ||
+                             (call->reply->type == REDIS_REPLY_ARRAY && i < call->reply->elements &&
+                              call->reply->element[i]->integer > 0);
 
           if (!same)
             continue;
-          if (kinds[k] == KD_REDIS_SCRIPT_RENEW)
+          if (call->script == KD_REDIS_SCRIPT_RENEW)
             {
               if (!kd_redis_shard_owned (shard))
                 continue;
@@ -236,7 +334,7 @@ lease_tick (KdRedisConsumer *self,
               else
                 kd_redis_consumer_fence_locked (self, shard);
             }
-          else if (kinds[k] == KD_REDIS_SCRIPT_RELEASE)
+          else if (call->script == KD_REDIS_SCRIPT_RELEASE)
             {
               if (shard->state == KD_REDIS_SHARD_DRAINING)
                 kd_redis_consumer_fence_locked (self, shard);
@@ -247,19 +345,20 @@ lease_tick (KdRedisConsumer *self,
               g_debug ("redis queue %s: %s took shard %d", self->config.name, self->member, index);
               shard->state = KD_REDIS_SHARD_CLAIMING;
               shard->generation++;
-              shard->token = (guint64) replies[k]->element[i]->integer;
+              shard->token = (guint64) call->reply->element[i]->integer;
               shard->deadline = sent + self->config.lease_us - self->margin_us;
               g_strlcpy (shard->cursor, "0-0", sizeof shard->cursor);
               kd_redis_consumer_wake_reader_locked (self);
             }
         }
-      kd_redis_reply_free (replies[k]);
     }
   for (i = 0; i < self->config.n_shards; i++)
     if (kd_redis_shard_owned (&self->shards[i]))
       n_owned++;
   self->stats.shards_owned = n_owned;
   kd_mutex_unlock (&self->lock);
+
+  return g_strv_builder_end (live);
 }
 
 /* Leaving: every lease this process holds is released at once, and it
@@ -267,10 +366,12 @@ lease_tick (KdRedisConsumer *self,
  * the leases to expire. */
 static void
 lease_leave (KdRedisConsumer *self,
-             KdRedisConn     *conn)
+             KdRedisRouter   *router)
 {
   g_autoptr (GError) error = NULL;
   g_autoptr (GArray) all = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) calls = lease_calls_new ();
+  KdRedisConn *conn;
   KdRedisArgs args;
   redisReply *reply;
   guint i;
@@ -279,20 +380,20 @@ lease_leave (KdRedisConsumer *self,
   kd_redis_consumer_fence_all_locked (self);
   kd_mutex_unlock (&self->lock);
 
-  if (!kd_redis_conn_ensure (conn, &error))
+  if (!kd_redis_router_update (router, &error))
     return;
   /* Cancelled: the reader may still wait in XREAD. */
-  kd_redis_consumer_unblock_reader (self, conn);
+  kd_redis_consumer_unblock_reader (self, router);
 
   for (i = 0; i < self->config.n_shards; i++)
     g_array_append_val (all, i);
-  kd_redis_args_init (&args);
-  add_lease_script (&args, self, conn, KD_REDIS_SCRIPT_RELEASE, all);
-  reply = kd_redis_conn_run (conn, &args, &error);
-  g_clear_pointer (&reply, kd_redis_reply_free);
-  g_clear_error (&error);
+  append_lease_calls (self, router, KD_REDIS_SCRIPT_RELEASE, all, calls);
+  read_lease_calls (self, router, calls);
 
-  kd_redis_args_reset (&args);
+  conn = kd_redis_router_conn_for (router, self->members_key, &error);
+  if (conn == NULL)
+    return;
+  kd_redis_args_init (&args);
   kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_HEARTBEAT, 1);
   kd_redis_args_add_string (&args, self->members_key);
   kd_redis_args_add_string (&args, self->member);
@@ -301,8 +402,12 @@ lease_leave (KdRedisConsumer *self,
   reply = kd_redis_conn_run (conn, &args, &error);
   g_clear_pointer (&reply, kd_redis_reply_free);
   g_clear_error (&error);
+  kd_redis_args_clear (&args);
 
-  kd_redis_args_reset (&args);
+  conn = kd_redis_router_conn_for (router, self->wake_key, &error);
+  if (conn == NULL)
+    return;
+  kd_redis_args_init (&args);
   kd_redis_args_add_string (&args, "DEL");
   kd_redis_args_add_string (&args, self->wake_key);
   reply = kd_redis_conn_run (conn, &args, &error);
@@ -312,19 +417,20 @@ lease_leave (KdRedisConsumer *self,
 
 /* Tidies the streams of the shards this process reads, and the unkeyed
  * stream if it reads shard 0: trims them below what every consumer group
- * has acknowledged, and forgets the consumers of members gone that hold
- * nothing. Any process could (only acknowledged entries, and consumers
- * with nothing pending, go): the owner does, so that each stream is tidied
- * once per round. */
+ * has acknowledged, and forgets the consumers of members gone (not among
+ * @live, the members that beat within a lease) that hold nothing. Any
+ * process could (only acknowledged entries, and consumers with nothing
+ * pending, go): the owner does, so that each stream is tidied once per
+ * round. Each slot's streams on their node. */
 static void
 lease_tidy (KdRedisConsumer *self,
-            KdRedisConn     *conn)
+            KdRedisRouter   *router,
+            GStrv            live)
 {
   g_autoptr (GPtrArray) streams = g_ptr_array_new ();
+  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GError) error = NULL;
-  KdRedisArgs args;
-  redisReply *reply;
-  guint64 trimmed = 0;
+  guint64 trimmed = 0, forgotten = 0;
   guint i;
 
   kd_mutex_lock (&self->lock);
@@ -334,29 +440,26 @@ lease_tidy (KdRedisConsumer *self,
   if (self->shards[0].state == KD_REDIS_SHARD_READING)
     g_ptr_array_add (streams, self->shards[self->config.n_shards].stream);
   kd_mutex_unlock (&self->lock);
+  if (streams->len == 0)
+    return;
 
-  if (!kd_redis_conn_trim (conn, streams, &trimmed, &error))
+  if (!kd_redis_run_per_slot (router, KD_REDIS_SCRIPT_TRIM, streams, NULL, &trimmed, &error))
     g_debug ("redis queue %s: %s: trim: %s", self->config.name, self->member, error->message);
   kd_mutex_lock (&self->lock);
   self->stats.trimmed += trimmed;
   kd_mutex_unlock (&self->lock);
-  if (streams->len == 0 || error != NULL)
+  if (error != NULL)
     return;
 
   /* Gone: not beating for a lease, and idle for two. */
-  kd_redis_args_init (&args);
-  kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_FORGET, streams->len + 1);
-  kd_redis_args_add_string (&args, self->members_key);
-  for (i = 0; i < streams->len; i++)
-    kd_redis_args_add_string (&args, g_ptr_array_index (streams, i));
-  kd_redis_args_add_string (&args, KD_REDIS_GROUP);
-  kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, self->config.lease_us / 1000);
-  kd_redis_args_add_printf (&args, "%" G_GINT64_FORMAT, 2 * self->config.lease_us / 1000);
-  reply = kd_redis_conn_run (conn, &args, &error);
-  kd_redis_args_clear (&args);
-  if (reply == NULL)
+  g_ptr_array_add (argv, g_strdup (KD_REDIS_GROUP));
+  g_ptr_array_add (argv, g_strdup_printf ("%" G_GINT64_FORMAT, 2 * self->config.lease_us / 1000));
+  for (i = 0; live[i] != NULL; i++)
+    g_ptr_array_add (argv, g_strdup (live[i]));
+  g_ptr_array_add (argv, NULL);
+  if (!kd_redis_run_per_slot (router, KD_REDIS_SCRIPT_FORGET, streams, (const char * const *) argv->pdata,
+                              &forgotten, &error))
     g_debug ("redis queue %s: %s: forgetting consumers: %s", self->config.name, self->member, error->message);
-  g_clear_pointer (&reply, kd_redis_reply_free);
 }
 
 /* The lease thread's loop ends when stop() or a cancellation says so, or
@@ -374,10 +477,10 @@ kd_redis_lease_main (gpointer data)
   KdRedisConsumer *self = data;
   /* The first round takes the shards; tidying waits for the next. */
   gint64 next_tidy = g_get_monotonic_time () + self->tick_us;
-  KdRedisConn conn;
+  KdRedisRouter router;
 
-  kd_redis_conn_init (&conn, &self->config.server, self->config.lease_us);
-  kd_redis_conn_set_name (&conn, self->config.name, "lease", self->member);
+  kd_redis_router_init (&router, &self->config.server, self->config.lease_us);
+  kd_redis_router_set_name (&router, self->config.name, "lease", self->member);
 
   kd_mutex_lock (&self->lock);
   while (!lease_done_locked (self))
@@ -385,13 +488,14 @@ kd_redis_lease_main (gpointer data)
       /* Ticks from the start of each, whatever the round trips took. */
       gint64 now = g_get_monotonic_time ();
       gint64 next_tick = now + self->tick_us;
+      g_auto (GStrv) live = NULL;
 
       kd_mutex_unlock (&self->lock);
-      lease_tick (self, &conn);
-      kd_redis_consumer_unblock_reader (self, &conn);
-      if (now >= next_tidy)
+      live = lease_tick (self, &router);
+      kd_redis_consumer_unblock_reader (self, &router);
+      if (now >= next_tidy && live != NULL)
         {
-          lease_tidy (self, &conn);
+          lease_tidy (self, &router, live);
           next_tidy = now + self->config.lease_us;
         }
       kd_mutex_lock (&self->lock);
@@ -401,8 +505,8 @@ kd_redis_lease_main (gpointer data)
     }
   kd_mutex_unlock (&self->lock);
 
-  lease_leave (self, &conn);
-  kd_redis_conn_clear (&conn);
+  lease_leave (self, &router);
+  kd_redis_router_clear (&router);
 
   return NULL;
 }

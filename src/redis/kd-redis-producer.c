@@ -6,31 +6,41 @@
  *
  * The producer side adds jobs to the queue's streams, and counts, awaits
  * and trims what they hold (the design of the whole queue, and its
- * reasons, are in kd-redis-queue.c). It is one blocking connection, used
- * under @producer_lock by whichever thread calls, opened at the first use
- * and again after a failure; each time it opens, it creates the streams'
- * consumer group, from the streams' start, and checks the queue's number
- * of shards (kd_redis_conn_create_groups()). A stream Redis refuses (a key
- * of another type, say) is noted in @unusable: an add to it fails at once,
- * nothing sent, after one more look at the streams set aside (one command
- * each), and the adds to the other streams go on.
+ * reasons, are in kd-redis-queue.c). It is one router (kd-redis-router.c:
+ * a connection to a lone server, or one per master of a cluster), used
+ * under @producer_lock by whichever thread calls, set up at the first use;
+ * after each new connection it creates the streams' consumer group, from
+ * the streams' start, and checks the queue's number of shards
+ * (kd_redis_create_groups()). A stream Redis refuses (a key of another
+ * type, say) is noted in @unusable: an add to it fails at once, nothing
+ * sent, after one more look at the streams set aside (one command each),
+ * and the adds to the other streams go on.
  *
- * Adding. A job is an XADD to its key's shard (or the unkeyed stream) with
- * its key, its payload, the producer's id and its next sequence, which
- * name it. The XADDs are pipelined ADD_CHUNK at a time: a chunk is
- * appended before the replies of the one before it are read, so that Redis
- * adds a chunk while this thread reads the replies of the one before and
- * formats the next. A connection lost after sending took the replies of
- * the jobs not yet confirmed: they are sent once more on a new connection,
- * under the same producer id and sequences, by which the reader of their
- * shard knows a copy (see "Shards" in kd-redis-queue.c).
+ * Adding. A job is an XADD to its key's shard (or the unkeyed stream),
+ * on that stream's node, with its key, its payload, the producer's id and
+ * its next sequence, which name it. The XADDs are pipelined ADD_CHUNK at a
+ * time: a chunk is appended before the replies of the one before it are
+ * read, so that Redis adds a chunk while this thread reads the replies of
+ * the one before and formats the next. Each node's share of a chunk ends
+ * with WAIT for kd_redis_queue_get_min_replicas() replicas (by default 1
+ * on a cluster): a job counts as stored once that many replicas have it,
+ * as Redis replicates asynchronously and a master's failover loses what it
+ * had not passed on. A connection lost
+ * after sending took the replies of the jobs not yet confirmed: they are
+ * sent once more, under the same producer id and sequences, by which the
+ * reader of their shard knows a copy (see "Shards" in kd-redis-queue.c);
+ * on a cluster, again and again for PRODUCER_TIMEOUT_US, the time a
+ * failover takes, on the new map. Within one attempt, nothing more is sent
+ * to a node once it failed, so that no later job of a key is stored
+ * before an earlier one sent again.
  *
- * Progress. The backlog is counted by a script over every stream, on the
- * producer's connection. Waiting for it subscribes to the queue's progress
- * channel, on a connection of its own, before counting, and counts again
- * at each message, so that it never polls. Trimming runs, on the
- * producer's connection, the script with which the shards' owners trim
- * their streams (kd_redis_conn_trim()).
+ * Progress. The backlog is counted by a script per slot over its streams
+ * (kd_redis_run_per_slot()). Waiting for it subscribes to the queue's
+ * progress channel, on a connection of its own, before counting, and
+ * counts again at each message, so that it never polls; on a cluster, a
+ * message published on any node reaches every node's subscribers, and a
+ * failover is waited through. Trimming runs, per slot, the script with
+ * which the shards' owners trim their streams.
  */
 
 #include "config.h"
@@ -38,10 +48,20 @@
 #include <string.h>
 
 #include "kd-redis-queue-private.h"
+#include "kd-redis-streams-private.h"
 #include "kd-sync-private.h"
 
 /* Jobs per pipelined round trip in kd_redis_queue_add_many(). */
 #define ADD_CHUNK 512
+
+/* The producer's connect, read and write timeout; on a cluster, how long
+ * kd_redis_queue_add_many() sends again what was not stored (a master
+ * that died is replaced by its replica within it); a tenth of it, how
+ * long a node waits for its replicas to confirm what it stored. */
+#define PRODUCER_TIMEOUT_US (10 * G_TIME_SPAN_SECOND)
+
+/* On a cluster, the pause between two attempts at the jobs not stored. */
+#define RESEND_PAUSE_US ((gulong) 100 * 1000)
 
 /* ---- Producing --------------------------------------------------------- */
 
@@ -51,26 +71,24 @@ producer_ready_locked (KdRedisQueue  *self,
 {
   gint shard;
 
-  if (self->producer.where == NULL)
+  if (self->streams == NULL)
     {
-      kd_redis_conn_init (&self->producer, &self->config.server, 10 * G_TIME_SPAN_SECOND);
-      kd_redis_conn_set_name (&self->producer, self->config.name, "producer", self->member);
+      kd_redis_router_init (&self->producer, &self->config.server, PRODUCER_TIMEOUT_US);
+      kd_redis_router_set_name (&self->producer, self->config.name, "producer", self->member);
       self->streams = g_ptr_array_new_with_free_func (g_free);
       self->unusable = g_new0 (char *, self->config.n_shards + 1);
       for (shard = 0; shard < (gint) self->config.n_shards; shard++)
         g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, shard));
       g_ptr_array_add (self->streams, kd_redis_stream_name (self->config.name, -1));
     }
-  if (self->producer_ready && kd_redis_conn_is_connected (&self->producer))
+  if (!kd_redis_router_update (&self->producer, error))
+    return FALSE;
+  if (!kd_redis_router_needs_check (&self->producer))
     return TRUE;
-  if (!kd_redis_conn_ensure (&self->producer, error) ||
-      !kd_redis_conn_create_groups (&self->producer, self->config.name, self->config.n_shards,
-                                    self->unusable, error))
-    {
-      kd_redis_conn_close (&self->producer);
-      return FALSE;
-    }
-  self->producer_ready = TRUE;
+  if (!kd_redis_create_groups (&self->producer, self->config.name, self->config.n_shards,
+                               self->unusable, error))
+    return FALSE;
+  kd_redis_router_checked (&self->producer);
   return TRUE;
 }
 
@@ -103,8 +121,8 @@ check_streams_usable_locked (KdRedisQueue  *self,
       if (!looked_again)
         {
           looked_again = TRUE;
-          if (!kd_redis_conn_create_groups_again (&self->producer, self->config.name,
-                                                  self->config.n_shards, self->unusable, error))
+          if (!kd_redis_create_groups_again (&self->producer, self->config.name,
+                                             self->config.n_shards, self->unusable, error))
             return FALSE;
           if (self->unusable[stream] == NULL)
             continue;
@@ -147,63 +165,189 @@ add_xadd (KdRedisQueue *self,
   kd_redis_args_add_printf (args, "%" G_GUINT64_FORMAT, sequence);
 }
 
-/* Reads @n_replies replies to XADD; counts them in @confirmed. */
-static gboolean
-read_add_replies_locked (KdRedisQueue  *self,
-                         guint          n_replies,
-                         guint         *confirmed,
-                         GError       **error)
+/* One round of kd_redis_queue_add_many(): where each job's XADD went, and
+ * what came back. */
+typedef struct
 {
-  guint i;
+  guint          n_jobs;
+  gboolean      *stored;         /* per job: Redis said it stored it (and a replica has it) */
+  KdRedisConn  **sent_to;        /* per job: its node this round, or NULL */
+  gboolean      *answered;       /* per job: its XADD succeeded this round */
+  GPtrArray     *failed;         /* KdRedisConn *: the nodes that failed this round */
+  GError        *failure;        /* the first failure that sending again may cure */
+  GError        *refusal;        /* the first one it cannot (an error reply) */
+} AddRound;
 
-  for (i = 0; i < n_replies; i++)
-    {
-      redisReply *reply = kd_redis_conn_read (&self->producer, error);
-
-      if (reply == NULL)
-        return FALSE;
-      kd_redis_reply_free (reply);
-      (*confirmed)++;
-    }
-  return TRUE;
+static void
+add_round_fail (GError **where,
+                GError  *error)
+{
+  if (*where == NULL)
+    *where = error;
+  else
+    g_error_free (error);
 }
 
-/* Sends the jobs from @from on, the job i under sequence @first_sequence +
- * i; @confirmed counts the ones Redis said it stored. Each chunk is
- * appended before the replies of the one before it are read (which sends
- * it): Redis adds a chunk while this thread reads the replies of the one
- * before and formats the next. */
-static gboolean
+/* A node failed this round: nothing more is sent to it until the next,
+ * so that no later job of a key is stored before an earlier one that
+ * must be sent again. */
+static void
+add_round_node_failed (KdRedisQueue *self,
+                       AddRound     *round,
+                       KdRedisConn  *conn,
+                       GError       *error)
+{
+  kd_redis_router_failed (&self->producer, conn);
+  if (!g_ptr_array_find (round->failed, conn, NULL))
+    g_ptr_array_add (round->failed, conn);
+  add_round_fail (&round->failure, error);
+}
+
+/* Reads the replies of the jobs at @chunk (indices), then of the WAITs
+ * appended after them on the nodes in @waits: a job is stored once its
+ * XADD succeeded and, if the queue asks for it, enough replicas confirmed
+ * it (kd_redis_queue_set_min_replicas()). */
+static void
+read_chunk_locked (KdRedisQueue *self,
+                   AddRound     *round,
+                   GArray       *chunk,
+                   GPtrArray    *waits)
+{
+  guint i, w;
+
+  for (i = 0; i < chunk->len; i++)
+    {
+      guint job = g_array_index (chunk, guint, i);
+      GError *error = NULL;
+      redisReply *reply = kd_redis_conn_read (round->sent_to[job], &error);
+
+      if (reply != NULL)
+        {
+          round->answered[job] = TRUE;
+          kd_redis_reply_free (reply);
+          continue;
+        }
+      if (!kd_redis_conn_is_connected (round->sent_to[job]) || kd_redis_error_is_redirection (error))
+        add_round_node_failed (self, round, round->sent_to[job], error);
+      else
+        add_round_fail (&round->refusal, error);
+    }
+
+  for (w = 0; w < waits->len; w++)
+    {
+      KdRedisConn *conn = g_ptr_array_index (waits, w);
+      GError *error = NULL;
+      redisReply *reply = kd_redis_conn_read (conn, &error);
+      gboolean replicated = reply != NULL && reply->type == REDIS_REPLY_INTEGER &&
+                            reply->integer >= (long long) kd_redis_queue_get_min_replicas (self);
+
+      if (reply != NULL && !replicated)
+        g_set_error (&error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT,
+                     "Redis at %s: fewer replicas than %u confirmed the jobs it stored in time", conn->where,
+                     kd_redis_queue_get_min_replicas (self));
+      g_clear_pointer (&reply, kd_redis_reply_free);
+      if (error != NULL)
+        add_round_node_failed (self, round, conn, error);
+      for (i = 0; i < chunk->len; i++)
+        {
+          guint job = g_array_index (chunk, guint, i);
+
+          if (round->sent_to[job] == conn && !replicated)
+            round->answered[job] = FALSE;
+        }
+    }
+
+  for (i = 0; i < chunk->len; i++)
+    {
+      guint job = g_array_index (chunk, guint, i);
+
+      if (round->answered[job])
+        round->stored[job] = TRUE;
+    }
+}
+
+/* Sends the jobs not stored yet, the job i under sequence @first_sequence +
+ * i, each to the node of its stream, ADD_CHUNK at a time; each node's
+ * share of a chunk ends with a WAIT for the replicas the queue asks for
+ * (by default one on a cluster, none on a lone server), so that a job
+ * counts as stored only once a failover would keep it. Each chunk is appended before the replies of the one before it
+ * are read (which sends it): Redis adds a chunk while this thread reads
+ * the replies of the one before and formats the next. */
+static void
 send_jobs_locked (KdRedisQueue  *self,
-                  guint          n_jobs,
+                  AddRound      *round,
                   const char   **keys,
                   GBytes       **payloads,
-                  guint64        first_sequence,
-                  guint          from,
-                  guint         *confirmed,
-                  GError       **error)
+                  guint64        first_sequence)
 {
-  KdRedisArgs args;
-  gboolean ok = TRUE;
-  guint start, i, unread = 0;
+  g_autoptr (GArray) chunk = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) unread = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GPtrArray) waits = g_ptr_array_new ();
+  g_autoptr (GPtrArray) unread_waits = g_ptr_array_new ();
+  guint min_replicas = kd_redis_queue_get_min_replicas (self);
+  KdRedisArgs args, wait;
+  guint next = 0, i;
 
   kd_redis_args_init (&args);
-  for (start = from; start < n_jobs && ok; start += ADD_CHUNK)
+  kd_redis_args_init (&wait);
+  kd_redis_args_add_string (&wait, "WAIT");
+  kd_redis_args_add_printf (&wait, "%u", min_replicas);
+  kd_redis_args_add_printf (&wait, "%" G_GINT64_FORMAT, PRODUCER_TIMEOUT_US / 10 / 1000);
+  memset (round->sent_to, 0, round->n_jobs * sizeof (KdRedisConn *));
+  g_ptr_array_set_size (round->failed, 0);
+  memset (round->answered, 0, round->n_jobs * sizeof (gboolean));
+
+  do
     {
-      guint end = MIN (start + ADD_CHUNK, n_jobs);
-
-      for (i = start; i < end && ok; i++)
+      g_array_set_size (chunk, 0);
+      g_ptr_array_set_size (waits, 0);
+      for (; next < round->n_jobs && chunk->len < ADD_CHUNK && round->refusal == NULL; next++)
         {
-          add_xadd (self, &args, keys[i], payloads[i], first_sequence + i);
-          ok = kd_redis_conn_append (&self->producer, &args, error);
-        }
-      ok = ok && read_add_replies_locked (self, unread, confirmed, error);
-      unread = end - start;
-    }
-  ok = ok && read_add_replies_locked (self, unread, confirmed, error);
-  kd_redis_args_clear (&args);
+          const char *stream = g_ptr_array_index (self->streams, stream_of (self, keys[next]));
+          GError *error = NULL;
+          KdRedisConn *node, *conn;
 
-  return ok;
+          if (round->stored[next])
+            continue;
+          node = kd_redis_router_peek (&self->producer, kd_redis_key_slot (stream, strlen (stream)));
+          if (node != NULL && g_ptr_array_find (round->failed, node, NULL))
+            continue;
+          conn = kd_redis_router_conn_for (&self->producer, stream, &error);
+          if (conn != NULL)
+            {
+              add_xadd (self, &args, keys[next], payloads[next], first_sequence + next);
+              if (!kd_redis_conn_append (conn, &args, &error))
+                conn = NULL;
+            }
+          if (conn == NULL)
+            {
+              /* Not connected: nothing more goes to the node this round. */
+              if (node != NULL)
+                g_ptr_array_add (round->failed, node);
+              add_round_fail (&round->failure, error);
+              continue;
+            }
+          round->sent_to[next] = conn;
+          g_array_append_val (chunk, next);
+          if (min_replicas > 0 && !g_ptr_array_find (waits, conn, NULL))
+            g_ptr_array_add (waits, conn);
+        }
+      for (i = 0; i < waits->len; i++)
+        if (!kd_redis_conn_append (g_ptr_array_index (waits, i), &wait, NULL))
+          g_ptr_array_remove_index (waits, i--);
+      kd_redis_router_flush (&self->producer);
+
+      read_chunk_locked (self, round, unread, unread_waits);
+      g_array_set_size (unread, 0);
+      g_array_append_vals (unread, chunk->data, chunk->len);
+      g_ptr_array_set_size (unread_waits, 0);
+      for (i = 0; i < waits->len; i++)
+        g_ptr_array_add (unread_waits, g_ptr_array_index (waits, i));
+    }
+  while (chunk->len > 0);
+
+  kd_redis_args_clear (&args);
+  kd_redis_args_clear (&wait);
 }
 
 /* Redis closes the connection of a client that sends a string longer than
@@ -299,10 +443,12 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
                          GBytes       **payloads,
                          GError       **error)
 {
-  g_autoptr (GError) local_error = NULL;
+  GError *local_error = NULL;
+  AddRound round = { n_jobs, NULL, NULL, NULL, NULL, NULL, NULL };
   guint64 first_sequence;
-  guint confirmed = 0, i;
-  gboolean ok;
+  gint64 give_up;
+  gboolean cluster, ok;
+  guint attempt, i, n_stored;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
   g_return_val_if_fail (n_jobs == 0 || (keys != NULL && payloads != NULL), FALSE);
@@ -316,38 +462,70 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   g_atomic_int_set (&self->frozen, TRUE);
   first_sequence = self->sequence + 1;
   self->sequence += n_jobs;
+  cluster = self->config.server.cluster;
+  give_up = g_get_monotonic_time () + PRODUCER_TIMEOUT_US;
   ok = producer_ready_locked (self, &local_error);
   if (ok && !check_streams_usable_locked (self, n_jobs, keys, &local_error))
     {
-      /* Nothing was sent: the connection stays as it is. */
+      /* Nothing was sent: the connections stay as they are. */
       kd_mutex_unlock (&self->producer_lock);
-      g_propagate_error (error, g_steal_pointer (&local_error));
+      g_propagate_error (error, local_error);
       return FALSE;
     }
-  if (ok && !send_jobs_locked (self, n_jobs, keys, payloads, first_sequence, 0, &confirmed, &local_error))
+
+  round.stored = g_new0 (gboolean, MAX (n_jobs, 1));
+  round.sent_to = g_new0 (KdRedisConn *, MAX (n_jobs, 1));
+  round.answered = g_new0 (gboolean, MAX (n_jobs, 1));
+  round.failed = g_ptr_array_new ();
+  for (attempt = 0;; attempt++)
     {
-      ok = FALSE;
-      /* A connection lost after sending took the replies of the jobs not
-       * yet confirmed with it: Redis may have stored them or not. They are
-       * sent once more, under the same producer id and sequences, so that
-       * a consumer that reads both copies runs each job once. */
-      if (!kd_redis_conn_is_connected (&self->producer))
+      if (ok)
         {
-          g_debug ("redis queue %s: adding again %u jobs whose replies were lost: %s", self->config.name,
-                   n_jobs - confirmed, local_error->message);
-          g_clear_error (&local_error);
-          ok = producer_ready_locked (self, &local_error) &&
-               send_jobs_locked (self, n_jobs, keys, payloads, first_sequence, confirmed, &confirmed,
-                                 &local_error);
+          send_jobs_locked (self, &round, keys, payloads, first_sequence);
+          ok = round.failure == NULL && round.refusal == NULL;
         }
+      if (ok || round.refusal != NULL)
+        break;
+      if (local_error == NULL)
+        local_error = g_steal_pointer (&round.failure);
+      g_clear_error (&round.failure);
+      /* A connection lost after sending took the replies of the jobs not
+       * yet stored with it: Redis may have stored them or not. They are
+       * sent once more, under the same producer id and sequences, so that
+       * a consumer that reads both copies runs each job once; on a
+       * cluster, again and again while a node is replaced, for at most
+       * PRODUCER_TIMEOUT_US. */
+      if (cluster ? g_get_monotonic_time () >= give_up : attempt >= 1)
+        break;
+      for (i = 0, n_stored = 0; i < n_jobs; i++)
+        n_stored += round.stored[i] ? 1 : 0;
+      g_debug ("redis queue %s: adding again %u jobs not stored: %s", self->config.name,
+               n_jobs - n_stored, local_error->message);
+      if (cluster && attempt > 0)
+        g_usleep (RESEND_PAUSE_US);
+      g_clear_error (&local_error);
+      ok = producer_ready_locked (self, &local_error);
     }
-  /* After an error reply the connection may hold replies of commands not
-   * read: start afresh. */
   if (!ok)
     {
-      kd_redis_conn_close (&self->producer);
-      g_propagate_error (error, g_steal_pointer (&local_error));
+      /* After an error reply a connection may hold replies of commands
+       * not read: start afresh. */
+      kd_redis_router_close (&self->producer);
+      if (round.refusal != NULL)
+        {
+          g_clear_error (&local_error);
+          local_error = g_steal_pointer (&round.refusal);
+        }
+      g_propagate_error (error, local_error);
     }
+  else
+    g_clear_error (&local_error);
+  g_clear_error (&round.failure);
+  g_clear_error (&round.refusal);
+  g_free (round.stored);
+  g_free (round.sent_to);
+  g_free (round.answered);
+  g_ptr_array_unref (round.failed);
   kd_mutex_unlock (&self->producer_lock);
 
   return ok;
@@ -360,31 +538,11 @@ count_backlog_locked (KdRedisQueue  *self,
                       guint64       *backlog,
                       GError       **error)
 {
-  KdRedisArgs args;
-  redisReply *reply;
-  guint i;
+  const char *const argv[] = { KD_REDIS_GROUP, NULL };
 
-  if (!producer_ready_locked (self, error))
-    return FALSE;
-  kd_redis_args_init (&args);
-  kd_redis_args_add_script (&args, &self->producer, KD_REDIS_SCRIPT_BACKLOG, self->streams->len);
-  for (i = 0; i < self->streams->len; i++)
-    kd_redis_args_add_string (&args, g_ptr_array_index (self->streams, i));
-  kd_redis_args_add_string (&args, KD_REDIS_GROUP);
-  reply = kd_redis_conn_run (&self->producer, &args, error);
-  kd_redis_args_clear (&args);
-  if (reply == NULL)
-    return FALSE;
-  if (reply->type != REDIS_REPLY_INTEGER || reply->integer < 0)
-    {
-      g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
-                   "Redis at %s: unexpected reply to a count", self->producer.where);
-      kd_redis_reply_free (reply);
-      return FALSE;
-    }
-  *backlog = (guint64) reply->integer;
-  kd_redis_reply_free (reply);
-  return TRUE;
+  *backlog = 0;
+  return producer_ready_locked (self, error) &&
+         kd_redis_run_per_slot (&self->producer, KD_REDIS_SCRIPT_BACKLOG, self->streams, argv, backlog, error);
 }
 
 /**
@@ -421,6 +579,33 @@ kd_redis_queue_get_backlog (KdRedisQueue  *self,
   return ok;
 }
 
+/* A connection subscribed to @channel, on the node of its name's slot. */
+static KdRedisConn *
+subscribe (KdRedisRouter  *router,
+           const char     *channel,
+           GError        **error)
+{
+  KdRedisConn *conn = NULL;
+  KdRedisArgs args;
+  redisReply *reply;
+
+  if (!kd_redis_router_update (router, error) ||
+      (conn = kd_redis_router_conn_for (router, channel, error)) == NULL)
+    return NULL;
+  kd_redis_args_init (&args);
+  kd_redis_args_add_string (&args, "SUBSCRIBE");
+  kd_redis_args_add_string (&args, channel);
+  reply = kd_redis_conn_run (conn, &args, error);
+  kd_redis_args_clear (&args);
+  if (reply == NULL)
+    {
+      kd_redis_router_failed (router, conn);
+      return NULL;
+    }
+  kd_redis_reply_free (reply);
+  return conn;
+}
+
 /**
  * kd_redis_queue_wait_backlog:
  * @self: a queue
@@ -453,8 +638,9 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
   gint64 now = g_get_monotonic_time ();
   /* A deadline past the end of time is no deadline. */
   gint64 deadline = timeout_us < 0 || timeout_us > G_MAXINT64 - now ? -1 : now + timeout_us;
-  KdRedisConn subscriber;
-  KdRedisArgs args;
+  gint64 failing_since = -1;
+  KdRedisRouter router;
+  KdRedisConn *subscriber = NULL;
   redisReply *reply;
   guint64 backlog;
   gboolean ok;
@@ -463,33 +649,56 @@ kd_redis_queue_wait_backlog (KdRedisQueue  *self,
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
   channel = kd_redis_progress_channel (self->config.name);
-  kd_redis_conn_init (&subscriber, &self->config.server, 10 * G_TIME_SPAN_SECOND);
-  kd_redis_args_init (&args);
-  kd_redis_args_add_string (&args, "SUBSCRIBE");
-  kd_redis_args_add_string (&args, channel);
-  reply = kd_redis_conn_run (&subscriber, &args, error);
-  kd_redis_args_clear (&args);
-  ok = reply != NULL;
-  g_clear_pointer (&reply, kd_redis_reply_free);
-
-  /* Subscribed before counting: progress made after a count is published
-   * after it, and wakes the wait that follows. */
-  while (ok)
+  kd_redis_router_init (&router, &self->config.server, PRODUCER_TIMEOUT_US);
+  for (;;)
     {
-      ok = kd_redis_queue_get_backlog (self, &backlog, error);
-      if (!ok || backlog <= at_most)
-        break;
+      GError *local_error = NULL;
 
-      reply = kd_redis_conn_read_until (&subscriber, deadline, error);
-      ok = reply != NULL;
-      g_clear_pointer (&reply, kd_redis_reply_free);
-      /* The other messages already received say nothing more; an
-       * unreadable one fails the wait, as a reply read above would. */
-      while (ok && (ok = kd_redis_conn_read_received (&subscriber, &reply, error)) &&
-             reply != NULL)
-        g_clear_pointer (&reply, kd_redis_reply_free);
+      /* Subscribed before counting: progress made after a count is
+       * published after it, and wakes the wait that follows. On a
+       * cluster, a message published on any node reaches every node's
+       * subscribers. */
+      if (subscriber == NULL)
+        subscriber = subscribe (&router, channel, &local_error);
+      ok = subscriber != NULL && kd_redis_queue_get_backlog (self, &backlog, &local_error);
+      if (ok && backlog <= at_most)
+        break;
+      if (ok)
+        {
+          reply = kd_redis_conn_read_until (subscriber, deadline, &local_error);
+          ok = reply != NULL;
+          g_clear_pointer (&reply, kd_redis_reply_free);
+          /* The other messages already received say nothing more; an
+           * unreadable one fails the wait, as a reply read above would. */
+          while (ok && (ok = kd_redis_conn_read_received (subscriber, &reply, &local_error)) &&
+                 reply != NULL)
+            g_clear_pointer (&reply, kd_redis_reply_free);
+        }
+      if (ok)
+        {
+          failing_since = -1;
+          continue;
+        }
+
+      /* On a cluster, a node that fails is replaced by its replica within
+       * moments: the wait goes on, for PRODUCER_TIMEOUT_US of failures at
+       * most. */
+      now = g_get_monotonic_time ();
+      if (failing_since < 0)
+        failing_since = now;
+      if (!self->config.server.cluster || g_error_matches (local_error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT) ||
+          (deadline >= 0 && now >= deadline) || now - failing_since >= PRODUCER_TIMEOUT_US)
+        {
+          g_propagate_error (error, local_error);
+          break;
+        }
+      g_debug ("redis queue %s: waiting for the backlog: %s", self->config.name, local_error->message);
+      g_error_free (local_error);
+      if (subscriber != NULL)
+        kd_redis_router_failed (&router, g_steal_pointer (&subscriber));
+      g_usleep (RESEND_PAUSE_US);
     }
-  kd_redis_conn_clear (&subscriber);
+  kd_redis_router_clear (&router);
 
   return ok;
 }
@@ -526,7 +735,8 @@ kd_redis_queue_trim (KdRedisQueue  *self,
 
   kd_mutex_lock (&self->producer_lock);
   g_atomic_int_set (&self->frozen, TRUE);
-  ok = producer_ready_locked (self, error) && kd_redis_conn_trim (&self->producer, self->streams, &count, error);
+  ok = producer_ready_locked (self, error) &&
+       kd_redis_run_per_slot (&self->producer, KD_REDIS_SCRIPT_TRIM, self->streams, NULL, &count, error);
   kd_mutex_unlock (&self->producer_lock);
   if (ok && trimmed != NULL)
     *trimmed = count;

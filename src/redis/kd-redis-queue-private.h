@@ -13,7 +13,7 @@
 
 #pragma once
 
-#include "kd-redis-conn-private.h"
+#include "kd-redis-router-private.h"
 #include "kd-redis-consumer-private.h"
 #include "kd-redis-queue.h"
 
@@ -32,8 +32,7 @@ struct _KdRedisQueue
 
   /* Protected by @producer_lock */
   GMutex           producer_lock;
-  KdRedisConn      producer;
-  gboolean         producer_ready;
+  KdRedisRouter    producer;     /* set up at the first use: @streams is then not NULL */
   GPtrArray       *streams;      /* char *: each shard's stream, then the unkeyed one */
   char           **unusable;     /* the same: why Redis refuses it, or NULL */
   char            *producer_id;

@@ -6,8 +6,9 @@
  *
  * A KdRedisQueue carries jobs (a key, or none, and payload bytes) from any
  * number of producer processes to any number of consumer processes, on one
- * machine or many, through one Redis server. It guarantees what a
- * KdDispatcher guarantees inside one process, across all of them: the jobs
+ * machine or many, through one Redis server or a Redis Cluster. It
+ * guarantees what a KdDispatcher guarantees inside one process, across
+ * all of them: the jobs
  * of one key run one at a time, in the order they were added; and no job is
  * lost when a process is killed, frozen, or Redis restarts from its
  * append-only file. Delivery is at least once: a job whose process died
@@ -38,7 +39,7 @@
  * live consumers and few others.
  *
  * Streams Redis refuses. Every connection that makes the streams' groups
- * (kd_redis_conn_create_groups()) learns which streams Redis refuses (a key
+ * (kd_redis_create_groups()) learns which streams Redis refuses (a key
  * of another type where a stream should be): the consumer sets them aside
  * (kd_redis_consumer_check_streams(): neither leased nor read, logged,
  * counted) and its reader looks at them again once a tick; the producer
@@ -112,20 +113,23 @@
  * shards without waiting for the leases to expire.
  *
  * Threads. Blocking connections (kd-redis-conn.c) on three dedicated
- * threads, each with its own, rather than asynchronous ones on a main loop:
+ * threads, each with its own (one per master on a cluster), rather than
+ * asynchronous ones on a main loop:
  * every step of the protocol is then a plain sequence (claim, read, submit;
  * beat, renew; acknowledge) whose failure handling reads top to bottom, and
  * nothing depends on a main loop the application may not run. The lease
  * thread does nothing but membership and leases, so a renewal never waits
  * behind a read (the reader may block in the dispatcher's submit, for
  * backpressure) or an acknowledgement (a large one, on a loaded Redis,
- * took a few hundred milliseconds in tests). The other threads wake the
- * reader from XREAD BLOCK by adding to the member's stream N:wake:member,
+ * took a few hundred milliseconds in tests). On a lone server, the other
+ * threads wake the reader from XREAD BLOCK by adding to the member's
+ * stream N:wake:member,
  * which the XREAD also waits on: unlike CLIENT UNBLOCK, a wake-up sent
  * before the XREAD reaches Redis is not lost. kd-redis-consumer.c tells
  * how the threads fit. The producer side (kd-redis-producer.c) is one more
- * connection, used under a lock by whichever thread adds jobs; it pipelines
- * its XADDs, a chunk in flight while the next is formatted.
+ * connection (per master), used under a lock by whichever thread adds
+ * jobs; it pipelines its XADDs, a chunk in flight while the next is
+ * formatted.
  *
  * Cost. With Redis's append-only file on, most of a job's cost is Redis's
  * own: XREADGROUP records each entry in the pending lists and logs an
@@ -134,13 +138,34 @@
  * allocation per string (kd-redis-conn.c), and commands are formatted into
  * one buffer.
  *
- * Redis Cluster: a shard's stream and lease share a hash tag, but the
- * membership and multi-shard scripts assume one server.
+ * Redis Cluster. A queue may live on a Redis Cluster (redis+cluster://):
+ * its streams are spread over the masters by the slots of their hash tags
+ * (N:{p}), and every thread talks to each master on a connection of its
+ * own, through a router (kd-redis-router.c) that sends each command to
+ * its keys' master and follows the map through failovers and moved
+ * slots. A cluster runs a command, script or transaction over keys of one
+ * slot only: a shard's keys share its tag, the steps that span shards
+ * (reads, acknowledgements, leases, counts, trims) run once per slot,
+ * pipelined per node, and the rest (the members' set, N:meta, N:dead, a
+ * member's wake stream) are keys of their own, used alone. What does not
+ * fit one slot is done otherwise there: the reader, which cannot wait in
+ * one XREAD on streams of many slots, reads again after a short pause
+ * that grows while nothing comes (kd-redis-reader.c); a dead letter is
+ * added to N:dead, on its node, before the transaction that acknowledges
+ * it, so at least once rather than once; the consumers that are gone are
+ * told from the live members the heartbeat listed, passed to the script.
+ * Redis replicates asynchronously: a job the master stored and had not
+ * passed on is lost with it in a failover, so on a cluster the producer
+ * counts a job as added only once a replica confirmed it (WAIT), and a
+ * master's failover, like a Redis restart, reruns at most what each
+ * consumer had read and not acknowledged, plus acknowledgements the old
+ * master had not passed on (each consumer's batch at most).
  *
  * Files. This one holds the object, its configuration and the consumer
  * side's entry points (the dispatcher it feeds, start, stop, stats);
- * kd-redis-producer.c holds the producer side. kd-redis-queue-private.h
- * says which file holds what.
+ * kd-redis-producer.c holds the producer side; kd-redis-streams.c the
+ * steps over every stream; kd-redis-router.c the connections to the
+ * nodes. kd-redis-queue-private.h says which file holds what.
  */
 
 #include "config.h"
@@ -190,7 +215,8 @@ kd_redis_queue_finalize (GObject *object)
     kd_redis_consumer_stop (self->consumer);
   g_clear_object (&self->dispatcher);
   g_clear_pointer (&self->consumer, kd_redis_consumer_unref);
-  kd_redis_conn_clear (&self->producer);
+  if (self->streams != NULL)
+    kd_redis_router_clear (&self->producer);
   if (self->unusable != NULL)
     {
       guint i;
@@ -222,6 +248,7 @@ kd_redis_queue_init (KdRedisQueue *self)
   self->config.n_shards = 64;
   self->config.lease_us = 5 * G_TIME_SPAN_SECOND;
   self->config.batch_size = 1024;
+  self->config.min_replicas = -1;
   self->config.max_attempts = 3;
   self->config.retry_initial_us = 100 * G_TIME_SPAN_MILLISECOND;
   self->config.retry_max_us = 5 * G_TIME_SPAN_SECOND;
@@ -274,8 +301,9 @@ check_configurable (KdRedisQueue *self,
  * @host: the Redis server's host name or IP address
  * @port: its TCP port
  *
- * Sets the Redis server the queue lives in, over TCP. Default: 127.0.0.1,
- * 6379. The credentials and database (kd_redis_queue_set_url(),
+ * Sets the Redis server the queue lives in, over TCP: a lone server, not
+ * a cluster (see kd_redis_queue_set_url()). Default: 127.0.0.1, 6379. The
+ * credentials and database (kd_redis_queue_set_url(),
  * kd_redis_queue_set_credentials()) stay as they were.
  *
  * Call before the first add and before kd_redis_queue_new_dispatcher().
@@ -297,6 +325,7 @@ kd_redis_queue_set_address (KdRedisQueue *self,
   g_clear_pointer (&self->config.server.socket_path, g_free);
   self->config.server.host = g_strdup (host);
   self->config.server.port = port;
+  self->config.server.cluster = FALSE;
 }
 
 /**
@@ -304,8 +333,10 @@ kd_redis_queue_set_address (KdRedisQueue *self,
  * @self: a queue
  * @url: the Redis server as a URL:
  *   `redis://[[user][:password]@]host[:port][/db]`,
- *   `rediss://[[user][:password]@]host[:port][/db]` (TLS) or
- *   `unix://[[user][:password]@]/path/to/redis.sock[?db=N]`
+ *   `rediss://[[user][:password]@]host[:port][/db]` (TLS),
+ *   `unix://[[user][:password]@]/path/to/redis.sock[?db=N]`, or a node
+ *   of a Redis Cluster: `redis+cluster://[[user][:password]@]host[:port]`
+ *   (`rediss+cluster://` with TLS)
  * @error: return location for a #GError
  *
  * Sets the Redis server the queue lives in, and how to log in to it, the
@@ -321,6 +352,15 @@ kd_redis_queue_set_address (KdRedisQueue *self,
  * With `rediss://` every connection uses TLS, verified against the
  * system's certificate authorities unless kd_redis_queue_set_tls() gave a
  * CA file (see there).
+ *
+ * With `redis+cluster://` the queue's streams are spread over the masters
+ * of a Redis Cluster, whose map the queue reads from the node named (any
+ * one of them) and then from the nodes it lists. Every process of the
+ * queue then keeps a connection per master and per role, follows the
+ * cluster through a failover or a slot that moves, and waits for a
+ * replica to confirm each job added (see kd_redis_queue_add_many()). A
+ * cluster has only database 0. The dead letters of a queue on a cluster
+ * are added to `N:dead` at least once (see "Dead letters" in the README).
  *
  * A refusal at login (a wrong password, an unknown user) fails the
  * queue's calls with %G_IO_ERROR_PERMISSION_DENIED; the messages never
@@ -528,6 +568,41 @@ kd_redis_queue_set_batch_size (KdRedisQueue *self,
 }
 
 /**
+ * kd_redis_queue_set_min_replicas:
+ * @self: a queue
+ * @min_replicas: how many replicas must confirm each job added, or -1 for
+ *   the default: 1 on a Redis Cluster, 0 on a lone server
+ *
+ * Sets how many replicas of a job's master must have it before
+ * kd_redis_queue_add() and kd_redis_queue_add_many() count it as added
+ * (Redis's WAIT). Redis replicates asynchronously: a master that dies
+ * takes what it had not passed on with it, and when its replica takes its
+ * place (a Redis Cluster's failover, or Sentinel's), those jobs are lost
+ * though the add succeeded. With 1, an add returns only once a replica
+ * confirmed every job, and what no replica confirmed within a second is
+ * sent again, under the same producer id and sequences (a copy runs
+ * once), for as long as an add tries (see kd_redis_queue_add_many()). A
+ * master with fewer replicas than @min_replicas, or whose replicas are
+ * down, refuses adds to its shards that way (%G_IO_ERROR_TIMED_OUT). 0
+ * waits for no replica.
+ *
+ * Call before the first add.
+ *
+ * Since: 0.1
+ */
+void
+kd_redis_queue_set_min_replicas (KdRedisQueue *self,
+                                 gint          min_replicas)
+{
+  g_return_if_fail (KD_IS_REDIS_QUEUE (self));
+  g_return_if_fail (min_replicas >= -1);
+
+  if (!check_configurable (self, G_STRFUNC))
+    return;
+  self->config.min_replicas = min_replicas;
+}
+
+/**
  * kd_redis_queue_set_retry:
  * @self: a queue
  * @max_attempts: how many times a job may run, at least 1
@@ -616,6 +691,26 @@ kd_redis_queue_get_batch_size (KdRedisQueue *self)
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), 0);
 
   return self->config.batch_size;
+}
+
+/**
+ * kd_redis_queue_get_min_replicas:
+ * @self: a queue
+ *
+ * Returns: how many replicas confirm each job added before an add returns
+ *   (see kd_redis_queue_set_min_replicas()): the number set, or by default
+ *   1 on a Redis Cluster and 0 on a lone server
+ *
+ * Since: 0.1
+ */
+guint
+kd_redis_queue_get_min_replicas (KdRedisQueue *self)
+{
+  g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), 0);
+
+  if (self->config.min_replicas >= 0)
+    return (guint) self->config.min_replicas;
+  return self->config.server.cluster ? 1 : 0;
 }
 
 /**

@@ -6,8 +6,15 @@
  * (XAUTOCLAIM until the cursor returns to 0-0), then reads new entries of
  * the shards it reads and of the unkeyed stream (XREADGROUP ">"), within a
  * budget of batch-size entries in flight, and submits them to the
- * dispatcher, in order. With nothing to read it waits in XREAD BLOCK. See
- * kd-redis-consumer.c for how it fits with the other threads.
+ * dispatcher, in order. With nothing to read it waits in XREAD BLOCK on a
+ * lone server. A Redis Cluster runs no command over keys of several
+ * slots, so no XREAD can wait on all of a member's streams: there the
+ * reader reads each slot's streams in a transaction of their own, and
+ * with nothing to read waits before it reads again, from POLL_MIN_US,
+ * twice as long each time nothing came, up to POLL_MAX_US (or a tick).
+ * A node that fails costs the shards it serves, not the others: their
+ * reads go on, and only a round in which nothing succeeded rests a tick.
+ * See kd-redis-consumer.c for how it fits with the other threads.
  */
 
 #include "config.h"
@@ -16,6 +23,11 @@
 
 #include "kd-redis-consumer-private.h"
 #include "kd-sync-private.h"
+
+/* On a cluster, how long a reader that found nothing waits at first and
+ * at most before it reads again. */
+#define POLL_MIN_US 1000
+#define POLL_MAX_US ((gint64) 32 * 1000)
 
 static const redisReply *
 field_value (const redisReply *fields,
@@ -182,11 +194,14 @@ submit_entries (KdRedisConsumer *self,
   return ok;
 }
 
-/* A connection the reader lost may have taken entries delivered to this
- * consumer with it: every shard starts over from a takeover of its pending
- * entries, once the entries in flight here are done. */
+/* A round in which nothing succeeded: on a lone server, the connection
+ * lost may have taken entries delivered to this consumer with it, and
+ * every shard starts over from a takeover of its pending entries, once the
+ * entries in flight here are done (on a cluster, reader_failed() did that
+ * for the shards of the nodes that failed). The reader rests a tick. */
 static void
 reader_lost_connection (KdRedisConsumer *self,
+                        KdRedisRouter   *router,
                         const GError    *error)
 {
   /* A login, a permission or a TLS certificate refused lasts until an
@@ -199,7 +214,10 @@ reader_lost_connection (KdRedisConsumer *self,
     g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member,
              error != NULL ? error->message : "server error");
   kd_mutex_lock (&self->lock);
-  kd_redis_consumer_fence_all_locked (self);
+  /* On a cluster, reader_failed() fenced the shards of the nodes that
+   * failed. */
+  if (!kd_redis_router_is_cluster (router))
+    kd_redis_consumer_fence_all_locked (self);
   g_strlcpy (self->wake_last_id, "0-0", sizeof self->wake_last_id);
   if (!self->stopping)
     {
@@ -210,20 +228,71 @@ reader_lost_connection (KdRedisConsumer *self,
   kd_mutex_unlock (&self->lock);
 }
 
+/* Before a round: a cluster's map, read again if it changed, and the
+ * consumer groups of every stream made again after a new connection (a
+ * server restarted without its data lost them), at most once a tick while
+ * some node fails. Only a queue with another number of shards, or a
+ * cluster whose map no node gives, fails the round: a node that fails
+ * costs its own shards, in the read. */
 static gboolean
 reader_connect (KdRedisConsumer  *self,
-                KdRedisConn      *conn,
+                KdRedisRouter    *router,
+                gint64           *next_check,
                 GError          **error)
 {
-  if (kd_redis_conn_is_connected (conn))
+  GError *local_error = NULL;
+
+  if (!kd_redis_router_update (router, error))
+    return FALSE;
+  if (!kd_redis_router_needs_check (router) || g_get_monotonic_time () < *next_check)
     return TRUE;
-  if (!kd_redis_conn_ensure (conn, error) || !kd_redis_consumer_check_streams (self, conn, error))
+  if (kd_redis_consumer_check_streams (self, router, &local_error))
     {
-      kd_redis_conn_close (conn);
+      kd_redis_router_checked (router);
+      return TRUE;
+    }
+  *next_check = g_get_monotonic_time () + self->tick_us;
+  if (g_error_matches (local_error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT))
+    {
+      g_propagate_error (error, local_error);
       return FALSE;
     }
-
+  g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member, local_error->message);
+  g_error_free (local_error);
   return TRUE;
+}
+
+/* A read or claim of @streams (indices into the shards) failed on @conn
+ * (NULL: its node could not be reached). On a lone server, the
+ * connection lost may have taken entries delivered to this consumer with
+ * it, and every shard starts over from a takeover; on a cluster, only the
+ * shards whose streams were read there (their generations in
+ * @generations). */
+static void
+reader_failed (KdRedisConsumer *self,
+               KdRedisRouter   *router,
+               KdRedisConn     *conn,
+               const guint     *streams,
+               const guint     *generations,
+               guint            n_streams,
+               const GError    *error)
+{
+  guint i;
+
+  if (conn != NULL)
+    kd_redis_router_failed (router, conn);
+  if (!kd_redis_router_is_cluster (router))
+    return;
+  g_debug ("redis queue %s: %s: reader: %s", self->config.name, self->member, error->message);
+  kd_mutex_lock (&self->lock);
+  for (i = 0; i < n_streams; i++)
+    {
+      KdRedisShard *shard = &self->shards[streams[i]];
+
+      if (shard->generation == generations[i])
+        kd_redis_consumer_fence_locked (self, shard);
+    }
+  kd_mutex_unlock (&self->lock);
 }
 
 /* What a read of @streams got is counted in flight, or it got nothing:
@@ -306,9 +375,49 @@ reader_claim (KdRedisConsumer  *self,
   return TRUE;
 }
 
-/* Waits until one of the idle streams has an entry after the last one seen,
- * for at most a tick, or until another thread wakes it through its
- * wake stream; not at all if something changed since the reader looked. */
+/* reader_claim() on the node of the shard's stream; a failure fails the
+ * shard's node (reader_failed()). */
+static gboolean
+reader_claim_on (KdRedisConsumer  *self,
+                 KdRedisRouter    *router,
+                 guint             index,
+                 guint             generation,
+                 const char       *cursor,
+                 guint             budget,
+                 gint64            min_idle_us,
+                 GPtrArray        *out,
+                 GError          **error)
+{
+  KdRedisConn *conn = kd_redis_router_conn (router, self->shards[index].slot, error);
+
+  if (conn != NULL &&
+      reader_claim (self, conn, index, generation, cursor, budget, min_idle_us, out, error))
+    return TRUE;
+  reader_failed (self, router, conn, &index, &generation, 1, *error);
+  return FALSE;
+}
+
+/* On a cluster: waits POLL_MIN_US, then twice as long after each round
+ * that read nothing, up to POLL_MAX_US or a tick, or until another thread
+ * wakes it; not at all if something changed since the reader looked. */
+static void
+reader_poll_wait (KdRedisConsumer *self)
+{
+  kd_mutex_lock (&self->lock);
+  if (!self->stopping && !self->wake_pending)
+    {
+      self->reader_waiting = TRUE;
+      kd_cond_wait_until (&self->cond, &self->lock, g_get_monotonic_time () + self->poll_us);
+      self->reader_waiting = FALSE;
+    }
+  kd_mutex_unlock (&self->lock);
+  self->poll_us = MIN (self->poll_us * 2, MIN (POLL_MAX_US, self->tick_us));
+}
+
+/* On a lone server: waits until one of the idle streams has an entry after
+ * the last one seen, for at most a tick, or until another thread wakes it
+ * through its wake stream; not at all if something changed since the
+ * reader looked. */
 static gboolean
 reader_wait_for_entries (KdRedisConsumer  *self,
                          KdRedisConn      *conn,
@@ -369,30 +478,34 @@ reader_wait_for_entries (KdRedisConsumer  *self,
   return TRUE;
 }
 
-/* Reads new entries of the shards being read, and of the unkeyed stream,
- * @budget at most in all, fenced by their leases (see
- * kd_redis_consumer_watch_leases()); waits in XREAD BLOCK if none had any.
- * XREADGROUP's COUNT is per stream: the budget is shared evenly among the
- * streams read, and with a budget smaller than the number of streams only
- * that many are read, the next ones in the next round. */
+/* Reads new entries of the first @reading_left of @streams still held,
+ * all of one group (kd_redis_router_group()), @count at most from each,
+ * fenced by their leases (see kd_redis_consumer_watch_leases()), on
+ * @conn; takes the streams read from @reading_left, adds to @idle the
+ * streams held that had no entry, and to @n_got how many had some; sets
+ * @again if a lease changed meanwhile, so that nothing was read and the
+ * reader should read again rather than wait. */
 static gboolean
-reader_read (KdRedisConsumer  *self,
-             KdRedisConn      *conn,
-             GArray           *streams,
-             GArray           *generations,
-             guint             budget,
-             GPtrArray        *out,
-             GError          **error)
+reader_read_group (KdRedisConsumer  *self,
+                   KdRedisConn      *conn,
+                   GArray           *streams,
+                   GArray           *generations,
+                   guint             count,
+                   guint            *reading_left,
+                   GPtrArray        *out,
+                   GArray           *idle,
+                   guint            *n_got,
+                   gboolean         *again,
+                   GError          **error)
 {
   g_autofree gboolean *ours = g_new (gboolean, streams->len);
   /* Positions in @streams: the ones still ours, and the first of them,
    * which are read. */
   g_autoptr (GArray) held = g_array_new (FALSE, FALSE, sizeof (guint));
-  g_autoptr (GArray) idle = g_array_new (FALSE, FALSE, sizeof (guint));
   KdRedisArgs commands[2];
   redisReply *exec;
   const redisReply *got, *delivered;
-  guint i, k, next, n_reading, n_got = 0;
+  guint i, k, next, n_reading;
 
   if (!kd_redis_consumer_watch_leases (self, conn, (const guint *) (gpointer) streams->data, streams->len, ours, error))
     return FALSE;
@@ -409,7 +522,8 @@ reader_read (KdRedisConsumer  *self,
         kd_redis_consumer_fence_locked (self, shard);
     }
   kd_mutex_unlock (&self->lock);
-  n_reading = MIN (held->len, budget);
+  n_reading = MIN (held->len, *reading_left);
+  *reading_left -= n_reading;
 
   /* XREADGROUP ">" on the ones read; then where the group stands on each
    * one held, for XREAD to wait from if nothing came: the entries after it
@@ -421,7 +535,7 @@ reader_read (KdRedisConsumer  *self,
   kd_redis_args_add_string (&commands[0], KD_REDIS_GROUP);
   kd_redis_args_add_string (&commands[0], self->member);
   kd_redis_args_add_string (&commands[0], "COUNT");
-  kd_redis_args_add_printf (&commands[0], "%u", budget / MAX (n_reading, 1));
+  kd_redis_args_add_printf (&commands[0], "%u", count);
   kd_redis_args_add_string (&commands[0], "STREAMS");
   kd_redis_args_add_script (&commands[1], conn, KD_REDIS_SCRIPT_DELIVERED_IDS, held->len);
   for (i = 0; i < held->len; i++)
@@ -444,6 +558,7 @@ reader_read (KdRedisConsumer  *self,
   /* A lease changed after the WATCH: nothing was read; read again. */
   if (exec->type == REDIS_REPLY_NIL || n_reading == 0)
     {
+      *again = *again || n_reading > 0;
       kd_redis_reply_free (exec);
       return TRUE;
     }
@@ -474,7 +589,7 @@ reader_read (KdRedisConsumer  *self,
         {
           parse_entries_locked (self, stream->element[1], shard, g_array_index (generations, guint, at), FALSE, out);
           next++;
-          n_got++;
+          (*n_got)++;
         }
       else if (delivered->element[i]->type == REDIS_REPLY_STRING)
         {
@@ -482,13 +597,103 @@ reader_read (KdRedisConsumer  *self,
           g_array_append_val (idle, index);
         }
     }
-  /* Not while it waits for more. */
-  reader_done_reading_locked (self, streams);
   kd_mutex_unlock (&self->lock);
   kd_redis_reply_free (exec);
+  return TRUE;
+}
 
-  if (n_got == 0)
-    return reader_wait_for_entries (self, conn, idle, error);
+/* Reads new entries of the shards being read, and of the unkeyed stream,
+ * @budget at most in all, each group of streams on its node (all in one
+ * transaction on a lone server); waits for more if none had any.
+ * XREADGROUP's COUNT is per stream: the budget is shared evenly among the
+ * streams read, and with a budget smaller than the number of streams only
+ * that many are read, the next ones in the next round. FALSE if nothing
+ * succeeded: no group could be read, or the wait failed. */
+static gboolean
+reader_read (KdRedisConsumer  *self,
+             KdRedisRouter    *router,
+             GArray           *streams,
+             GArray           *generations,
+             guint             budget,
+             GPtrArray        *out,
+             GError          **error)
+{
+  g_autoptr (GArray) idle = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) group_streams = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) group_generations = g_array_new (FALSE, FALSE, sizeof (guint));
+  gboolean *done;
+  guint reading_left = MIN (streams->len, budget);
+  guint count = budget / MAX (reading_left, 1);
+  guint i, j, n_got = 0, n_groups = 0, n_failed = 0;
+  gboolean again = FALSE;
+  GError *failure = NULL;
+
+  done = g_new0 (gboolean, MAX (streams->len, 1));
+  for (i = 0; i < streams->len; i++)
+    {
+      guint group = kd_redis_router_group (router, self->shards[g_array_index (streams, guint, i)].slot);
+      GError *local_error = NULL;
+      KdRedisConn *conn;
+
+      if (done[i])
+        continue;
+      g_array_set_size (group_streams, 0);
+      g_array_set_size (group_generations, 0);
+      for (j = i; j < streams->len; j++)
+        if (!done[j] && kd_redis_router_group (router, self->shards[g_array_index (streams, guint, j)].slot) == group)
+          {
+            done[j] = TRUE;
+            g_array_append_val (group_streams, g_array_index (streams, guint, j));
+            g_array_append_val (group_generations, g_array_index (generations, guint, j));
+          }
+      /* The budget is spent: the next rounds read these. */
+      if (reading_left == 0)
+        continue;
+      n_groups++;
+      conn = kd_redis_router_conn (router, self->shards[g_array_index (streams, guint, i)].slot, &local_error);
+      if (conn != NULL &&
+          reader_read_group (self, conn, group_streams, group_generations, count, &reading_left, out, idle,
+                             &n_got, &again, &local_error))
+        continue;
+      reader_failed (self, router, conn, (const guint *) (gpointer) group_streams->data,
+                     (const guint *) (gpointer) group_generations->data, group_streams->len, local_error);
+      n_failed++;
+      if (failure == NULL)
+        failure = g_steal_pointer (&local_error);
+      g_clear_error (&local_error);
+    }
+  g_free (done);
+  /* Not while it waits for more. */
+  reader_done_reading (self, streams);
+
+  if (n_groups > 0 && n_failed == n_groups)
+    {
+      g_propagate_error (error, failure);
+      return FALSE;
+    }
+  g_clear_error (&failure);
+  if (again)
+    return TRUE;
+  if (n_got > 0)
+    {
+      self->poll_us = POLL_MIN_US;
+      return TRUE;
+    }
+  if (kd_redis_router_is_cluster (router))
+    {
+      reader_poll_wait (self);
+      return TRUE;
+    }
+  {
+    KdRedisConn *conn = kd_redis_router_conn (router, 0, error);
+
+    if (conn == NULL || !reader_wait_for_entries (self, conn, idle, error))
+      {
+        if (conn != NULL)
+          kd_redis_router_failed (router, conn);
+        return FALSE;
+      }
+  }
   return TRUE;
 }
 
@@ -501,12 +706,12 @@ kd_redis_reader_main (gpointer data)
   g_autoptr (GArray) generations = g_array_new (FALSE, FALSE, sizeof (guint));
   guint unkeyed = self->config.n_shards;
   gint64 next_unkeyed_claim = g_get_monotonic_time () + self->claim_idle_us;
-  gint64 next_stream_check = 0;
-  KdRedisConn conn;
+  gint64 next_stream_check = 0, next_check = 0;
+  KdRedisRouter router;
 
-  kd_redis_conn_init (&conn, &self->config.server,
-                      self->config.lease_us + self->tick_us);
-  kd_redis_conn_set_name (&conn, self->config.name, "reader", self->member);
+  kd_redis_router_init (&router, &self->config.server, self->config.lease_us + self->tick_us);
+  kd_redis_router_set_name (&router, self->config.name, "reader", self->member);
+  self->poll_us = POLL_MIN_US;
 
   for (;;)
     {
@@ -573,10 +778,10 @@ kd_redis_reader_main (gpointer data)
       set_aside = self->stats.streams_set_aside > 0;
       kd_mutex_unlock (&self->lock);
 
-      if (!reader_connect (self, &conn, &error))
+      if (!reader_connect (self, &router, &next_check, &error))
         {
           reader_done_reading (self, streams);
-          reader_lost_connection (self, error);
+          reader_lost_connection (self, &router, error);
           continue;
         }
       /* Streams set aside are looked at again once a tick (a sixth of the
@@ -584,19 +789,21 @@ kd_redis_reader_main (gpointer data)
       if (set_aside && g_get_monotonic_time () >= next_stream_check)
         {
           next_stream_check = g_get_monotonic_time () + self->tick_us;
-          if (!kd_redis_consumer_check_streams (self, &conn, &error))
+          if (!kd_redis_consumer_check_streams (self, &router, &error) &&
+              !kd_redis_router_is_cluster (&router))
             {
               reader_done_reading (self, streams);
-              kd_redis_conn_close (&conn);
-              reader_lost_connection (self, error);
+              kd_redis_router_close (&router);
+              reader_lost_connection (self, &router, error);
               continue;
             }
+          g_clear_error (&error);
         }
 
       if (claiming >= 0)
         {
-          ok = reader_claim (self, &conn, (guint) claiming, claim_generation, cursor, budget,
-                             0, entries, &error);
+          ok = reader_claim_on (self, &router, (guint) claiming, claim_generation, cursor, budget,
+                                0, entries, &error);
           reader_done_reading (self, streams);
           if (ok && !submit_entries (self, entries))
             break;
@@ -608,8 +815,8 @@ kd_redis_reader_main (gpointer data)
           kd_mutex_lock (&self->lock);
           g_strlcpy (cursor, self->shards[unkeyed].cursor, sizeof cursor);
           kd_mutex_unlock (&self->lock);
-          ok = reader_claim (self, &conn, unkeyed, 0, cursor, budget, self->claim_idle_us,
-                             entries, &error);
+          ok = reader_claim_on (self, &router, unkeyed, 0, cursor, budget, self->claim_idle_us,
+                                entries, &error);
           reader_done_reading (self, streams);
           kd_mutex_lock (&self->lock);
           if (ok && strcmp (self->shards[unkeyed].cursor, "0-0") == 0)
@@ -620,7 +827,7 @@ kd_redis_reader_main (gpointer data)
         }
       else
         {
-          ok = reader_read (self, &conn, streams, generations, budget, entries, &error);
+          ok = reader_read (self, &router, streams, generations, budget, entries, &error);
           reader_done_reading (self, streams);
           if (ok && !submit_entries (self, entries))
             break;
@@ -630,8 +837,7 @@ kd_redis_reader_main (gpointer data)
         {
           /* Entries come only with a success. */
           g_assert (entries->len == 0);
-          kd_redis_conn_close (&conn);
-          reader_lost_connection (self, error);
+          reader_lost_connection (self, &router, error);
         }
     }
 
@@ -646,6 +852,6 @@ kd_redis_reader_main (gpointer data)
   self->reader_done = TRUE;
   g_cond_broadcast (&self->lease_cond);
   kd_mutex_unlock (&self->lock);
-  kd_redis_conn_clear (&conn);
+  kd_redis_router_clear (&router);
   return NULL;
 }

@@ -184,30 +184,27 @@ static const char script_trim[] =
   "end\n"
   "return trimmed\n";
 
-/* Deletes from the group of each stream the consumers that are gone: no
- * longer live members (KEYS[1], the members' sorted set, scored with the
- * time of their last beat; live: a beat within ARGV[2] ms), idle for longer
- * than ARGV[3] ms, and holding no pending entry (XGROUP DELCONSUMER drops a
- * consumer's pending entries with it: those are left for a takeover to
- * claim first). KEYS[2...] the streams; ARGV[1] the group. A stream Redis
- * refuses (a key of another type since the round began) is passed over,
- * not the others. Returns how many were deleted. */
+/* Deletes from the group of each stream the consumers that are gone: not
+ * among the live members (ARGV[3...], the members that beat within a lease
+ * time, as the heartbeat listed them), idle for longer than ARGV[2] ms,
+ * and holding no pending entry (XGROUP DELCONSUMER drops a consumer's
+ * pending entries with it: those are left for a takeover to claim first).
+ * KEYS: the streams (of one slot on a cluster); ARGV[1] the group. A
+ * stream Redis refuses (a key of another type since the round began) is
+ * passed over, not the others. Returns how many were deleted. */
 static const char script_forget[] =
-  "local t = redis.call('TIME')\n"
-  "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+  "local live = {}\n"
+  "for i = 3, #ARGV do live[ARGV[i]] = true end\n"
   "local n = 0\n"
-  "for i = 2, #KEYS do\n"
-  "  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[i], ARGV[1])\n"
+  "for _, s in ipairs(KEYS) do\n"
+  "  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', s, ARGV[1])\n"
   "  if not ok then consumers = {} end\n"
   "  for _, c in ipairs(consumers) do\n"
   "    local f = {}\n"
   "    for j = 1, #c, 2 do f[c[j]] = c[j + 1] end\n"
-  "    if f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then\n"
-  "      local beat = redis.call('ZSCORE', KEYS[1], f['name'])\n"
-  "      if not beat or tonumber(beat) < now - tonumber(ARGV[2]) then\n"
-  "        redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], f['name'])\n"
-  "        n = n + 1\n"
-  "      end\n"
+  "    if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and not live[f['name']] then\n"
+  "      redis.call('XGROUP', 'DELCONSUMER', s, ARGV[1], f['name'])\n"
+  "      n = n + 1\n"
   "    end\n"
   "  end\n"
   "end\n"

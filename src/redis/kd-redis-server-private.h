@@ -17,6 +17,7 @@ typedef struct
   char  *user;         /* an ACL user, or NULL: AUTH with the password alone */
   char  *password;     /* NULL: no AUTH */
   guint  db;           /* SELECTed on every connection when not 0 */
+  gboolean cluster;    /* a node of a Redis Cluster, the seed of its map */
   gboolean         tls;              /* rediss://, or kd_redis_queue_set_tls() */
   gboolean         tls_set;          /* kd_redis_queue_set_tls() was called: TLS for good */
   GTlsDatabase    *tls_database;     /* the CAs trusted, or NULL: the system's */

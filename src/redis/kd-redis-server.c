@@ -11,6 +11,8 @@
  *   redis://[[user][:password]@]host[:port][/db]
  *   rediss://[[user][:password]@]host[:port][/db]     (TLS)
  *   unix://[[user][:password]@]/path/to/redis.sock[?db=N]
+ *   redis+cluster://[[user][:password]@]host[:port]   (a Redis Cluster)
+ *   rediss+cluster://[[user][:password]@]host[:port]  (a Redis Cluster, TLS)
  *
  * parsed by GUri, so user and password may be percent-encoded and an IPv6
  * address goes in brackets. rediss:// turns TLS on, and so does
@@ -19,7 +21,9 @@
  * setting. The CAs and client certificate are loaded once, when they are
  * set, so that a bad file is the setter's error, and every connection
  * shares them. A password is never part of a
- * description, nor of an error message.
+ * description, nor of an error message. A cluster's URL names one node,
+ * any of them: the seed from which kd-redis-router.c learns the others;
+ * every node is logged in to the same way.
  */
 
 #include "config.h"
@@ -46,6 +50,7 @@ kd_redis_server_copy (KdRedisServer       *dest,
   dest->user = g_strdup (src->user);
   dest->password = g_strdup (src->password);
   dest->db = src->db;
+  dest->cluster = src->cluster;
   dest->tls = src->tls;
   dest->tls_set = src->tls_set;
   dest->tls_database = src->tls_database != NULL ? g_object_ref (src->tls_database) : NULL;
@@ -237,9 +242,12 @@ kd_redis_server_parse_url (KdRedisServer  *server,
   if (parsed.user != NULL && parsed.user[0] == '\0')
     g_clear_pointer (&parsed.user, g_free);
 
-  if (g_ascii_strcasecmp (scheme, "redis") == 0 || g_ascii_strcasecmp (scheme, "rediss") == 0)
+  parsed.cluster = g_ascii_strcasecmp (scheme, "redis+cluster") == 0 ||
+                   g_ascii_strcasecmp (scheme, "rediss+cluster") == 0;
+  if (g_ascii_strcasecmp (scheme, "redis") == 0 || g_ascii_strcasecmp (scheme, "rediss") == 0 ||
+      parsed.cluster)
     {
-      parsed.tls = g_ascii_strcasecmp (scheme, "rediss") == 0 || server->tls_set;
+      parsed.tls = g_ascii_strncasecmp (scheme, "rediss", 6) == 0 || server->tls_set;
       if (parsed.tls && !check_tls_available (error))
         goto fail;
       if (g_uri_get_host (uri) == NULL || g_uri_get_host (uri)[0] == '\0')
@@ -281,11 +289,18 @@ kd_redis_server_parse_url (KdRedisServer  *server,
   else
     {
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
-                   "Not a Redis URL: scheme \"%s\" (redis://, rediss:// or unix://)", scheme);
+                   "Not a Redis URL: scheme \"%s\" (redis://, rediss://, unix://, "
+                   "redis+cluster:// or rediss+cluster://)", scheme);
       goto fail;
     }
   if (!parse_query (g_uri_get_query (uri), &parsed.db, error))
     goto fail;
+  if (parsed.cluster && parsed.db != 0)
+    {
+      g_set_error_literal (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                           "A Redis Cluster has only database 0");
+      goto fail;
+    }
 
   /* The URL replaces where and how to log in; TLS set by
    * kd_redis_server_set_tls() stays on, with its CAs and client

@@ -196,14 +196,16 @@ need_redis (void)
   return TRUE;
 }
 
-/* Children die with the test, even when an assertion aborts it. */
-static void
+/* Children die with the test, even when an assertion aborts it: a
+ * GSpawnChildSetupFunc. */
+void
 die_with_parent (gpointer data)
 {
   prctl (PR_SET_PDEATHSIG, SIGKILL);
 }
 
-static guint
+/* A TCP port of 127.0.0.1 that nothing listens on right now. */
+guint
 free_port (void)
 {
   g_autoptr (GSocket) socket = NULL;
@@ -865,15 +867,14 @@ wait_forgotten (Server     *server,
 
 /* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
 
+/* Adds @n_jobs jobs over @n_keys keys through @queue, and says in @jobs
+ * how many each key got. */
 void
-produce (Server     *server,
-         const char *name,
-         guint       n_shards,
-         guint       n_jobs,
-         guint       n_keys,
-         Jobs       *jobs)
+produce_into (KdRedisQueue *queue,
+              guint         n_jobs,
+              guint         n_keys,
+              Jobs         *jobs)
 {
-  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
   g_autoptr (GPtrArray) keys = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
   g_autoptr (GError) error = NULL;
@@ -898,13 +899,43 @@ produce (Server     *server,
   g_assert_no_error (error);
 }
 
+void
+produce (Server     *server,
+         const char *name,
+         guint       n_shards,
+         guint       n_jobs,
+         guint       n_keys,
+         Jobs       *jobs)
+{
+  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
+
+  produce_into (queue, n_jobs, n_keys, jobs);
+}
+
+/* @n, times KD_TEST_SCALE (the valgrind setup makes sizes smaller), but at
+ * least 1,000. */
+guint
+scaled (guint n)
+{
+  const char *scale = g_getenv ("KD_TEST_SCALE");
+  double factor = scale != NULL ? g_ascii_strtod (scale, NULL) : 1.0;
+
+  return MAX ((guint) (n * (factor > 0 ? factor : 1.0)), 1000);
+}
+
 /* ---- Worker processes -------------------------------------------------- */
 
+/* Starts a worker process (examples/redis-worker, KD_REDIS_WORKER) on queue
+ * @name, with @connection (NULL-terminated: the options that name the
+ * server and how to reach it) and the options in @ap (NULL-terminated),
+ * logging its runs to @dir/worker-@index.log; returns once it has joined
+ * the queue. */
 Worker *
-worker_start (Server     *server,
-              const char *name,
-              guint       index,
-              ...)
+worker_startv (const char         *dir,
+               const char * const *connection,
+               const char         *name,
+               guint               index,
+               va_list             ap)
 {
   g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_NONE);
   g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
@@ -913,25 +944,16 @@ worker_start (Server     *server,
   g_autofree char *first = NULL;
   char consumer[128];
   const char *arg;
-  va_list ap;
+  guint i;
 
-  worker->log = g_strdup_printf ("%s/worker-%u.log", server->dir, index);
+  worker->log = g_strdup_printf ("%s/worker-%u.log", dir, index);
   g_ptr_array_add (argv, g_strdup (g_getenv ("KD_REDIS_WORKER")));
-  if (server->tls)
-    {
-      g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->tls_port));
-      g_ptr_array_add (argv, g_strdup_printf ("--cacert=%s", server->tls_files.ca));
-      g_ptr_array_add (argv, g_strdup_printf ("--cert=%s", server->tls_files.client_cert));
-      g_ptr_array_add (argv, g_strdup_printf ("--key=%s", server->tls_files.client_key));
-    }
-  else
-    g_ptr_array_add (argv, g_strdup_printf ("--port=%u", server->port));
+  for (i = 0; connection[i] != NULL; i++)
+    g_ptr_array_add (argv, g_strdup (connection[i]));
   g_ptr_array_add (argv, g_strdup_printf ("--name=%s", name));
   g_ptr_array_add (argv, g_strdup_printf ("--log=%s", worker->log));
-  va_start (ap, index);
   while ((arg = va_arg (ap, const char *)) != NULL)
     g_ptr_array_add (argv, g_strdup (arg));
-  va_end (ap);
   g_ptr_array_add (argv, NULL);
 
   g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
@@ -947,6 +969,32 @@ worker_start (Server     *server,
   g_assert_nonnull (first);
   g_assert_cmpint (sscanf (first, "redis-worker: %127s consuming", consumer), ==, 1);
   worker->name = g_strdup (consumer);
+  return worker;
+}
+
+Worker *
+worker_start (Server     *server,
+              const char *name,
+              guint       index,
+              ...)
+{
+  g_autoptr (GPtrArray) connection = g_ptr_array_new_with_free_func (g_free);
+  Worker *worker;
+  va_list ap;
+
+  if (server->tls)
+    {
+      g_ptr_array_add (connection, g_strdup_printf ("--port=%u", server->tls_port));
+      g_ptr_array_add (connection, g_strdup_printf ("--cacert=%s", server->tls_files.ca));
+      g_ptr_array_add (connection, g_strdup_printf ("--cert=%s", server->tls_files.client_cert));
+      g_ptr_array_add (connection, g_strdup_printf ("--key=%s", server->tls_files.client_key));
+    }
+  else
+    g_ptr_array_add (connection, g_strdup_printf ("--port=%u", server->port));
+  g_ptr_array_add (connection, NULL);
+  va_start (ap, index);
+  worker = worker_startv (server->dir, (const char * const *) connection->pdata, name, index, ap);
+  va_end (ap);
   return worker;
 }
 

@@ -57,6 +57,8 @@ typedef struct
 } Server;
 
 void           find_redis_server  (void);
+void           die_with_parent    (gpointer    data);
+guint          free_port          (void);
 gboolean       need_redis         (void);
 redisContext  *server_connect     (Server     *server);
 void           server_launch      (Server     *server);
@@ -144,6 +146,11 @@ void           produce            (Server     *server,
                                    guint       n_jobs,
                                    guint       n_keys,
                                    Jobs       *jobs);
+void           produce_into       (KdRedisQueue *queue,
+                                   guint         n_jobs,
+                                   guint         n_keys,
+                                   Jobs         *jobs);
+guint          scaled             (guint       n);
 
 /* ---- Worker processes -------------------------------------------------- */
 
@@ -160,6 +167,11 @@ Worker        *worker_start       (Server     *server,
                                    const char *name,
                                    guint       index,
                                    ...);
+Worker        *worker_startv      (const char         *dir,
+                                   const char * const *connection,
+                                   const char         *name,
+                                   guint               index,
+                                   va_list             ap);
 void           worker_signal      (Worker     *worker,
                                    int         signum);
 void           worker_finish      (Worker     *worker,

@@ -1,0 +1,1212 @@
+/* kd-redis-cluster-harness.c: a Redis Cluster of our own, its failover, and queues on it, for test-redis-cluster.c
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * A cluster is 3 masters and a replica of each: 6 redis-servers on
+ * 127.0.0.1, started by kd-redis-harness.c's server_launch() (appendonly
+ * yes, each in a directory of its own under the cluster's, on a free port)
+ * with cluster mode on, its bus on a free port too (--cluster-port), and a
+ * node timeout of CLUSTER_NODE_TIMEOUT_MS so that a failover takes seconds.
+ * `redis-cli --cluster create` makes the cluster of them.
+ *
+ * Redis announces no event when its cluster has converged: not when the
+ * slots are assigned and every node agrees on who serves them, not when a
+ * replica's link to its master is up, nor when a replica has taken its
+ * failed master's place. The harness therefore looks (CLUSTER INFO,
+ * CLUSTER SLOTS, INFO replication on every living node) every 20 ms until
+ * the cluster is whole, with the deadline of every wait here,
+ * KD_REDIS_TEST_DEADLINE_US. This is the only polling in the Redis tests,
+ * and it watches the cluster itself: the queue's progress is waited for as
+ * kd-redis-harness.c does, with kd_redis_queue_wait_backlog(), and
+ * trimming and forgetting with keyspace events, here from every master.
+ *
+ * The cluster is whole when every living node says cluster_state:ok with
+ * all 16384 slots ok, every node's CLUSTER SLOTS covers every slot with a
+ * living node and names the same master for each as every other node's,
+ * CLUSTER_MASTERS nodes serve slots, each of them says it is a master, and
+ * every other living node is a replica of one of them whose link is up.
+ *
+ * The queues and worker processes reach the cluster by the URL
+ * redis+cluster://127.0.0.1:PORT, PORT a master's; worker processes log
+ * to the cluster's directory, as kd-redis-harness.c's worker_start() does
+ * to its server's, so that worker_finish(), stat_of() and check_logs()
+ * apply unchanged. The harness's own looks at a queue's streams go to the
+ * master that serves each stream's slot.
+ */
+
+#include "config.h"
+
+#include <errno.h>
+#include <gio/gio.h>
+#include <glib/gstdio.h>
+#include <hiredis/hiredis.h>
+#include <kdispatch/kdispatch.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+
+#include "kd-redis-cluster-harness.h"
+#include "kd-redis-harness.h"
+#include "kd-test-util.h"
+
+#define CLUSTER_SLOTS 16384
+
+/* ---- Looking at the nodes ---------------------------------------------- */
+
+static char *redis_cli_path;
+
+/* What a cluster of these tests needs: redis-server and redis-cli. */
+gboolean
+need_redis_cluster (void)
+{
+  if (!need_redis ())
+    return FALSE;
+  if (redis_cli_path == NULL)
+    redis_cli_path = g_find_program_in_path ("redis-cli");
+  if (redis_cli_path == NULL)
+    {
+      g_test_skip ("redis-cli is not installed (Debian: apt-get install redis-tools)");
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static gboolean
+node_alive (Cluster *cluster,
+            guint    node)
+{
+  return cluster->nodes[node].process != NULL;
+}
+
+/* The node listening on @port, or -1 if none of ours does. */
+static gint
+node_of_port (Cluster   *cluster,
+              long long  port)
+{
+  guint i;
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if ((long long) cluster->nodes[i].port == port)
+      return (gint) i;
+  return -1;
+}
+
+static redisContext *
+node_connect (Cluster *cluster,
+              guint    node)
+{
+  redisContext *c = server_connect (&cluster->nodes[node]);
+
+  if (c == NULL)
+    g_error ("cluster node %u (port %u) does not answer", node, cluster->nodes[node].port);
+  return c;
+}
+
+/* The first living node. */
+static guint
+any_node (Cluster *cluster)
+{
+  guint i;
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i))
+      return i;
+  g_assert_not_reached ();
+}
+
+/* The value of @field in @text, an INFO-like reply of field:value lines;
+ * NULL if it has none. */
+static char *
+info_field (const char *text,
+            const char *field)
+{
+  g_autofree char *needle = g_strdup_printf ("%s:", field);
+  const char *at = text;
+  gsize len = strlen (needle);
+
+  while (at != NULL && *at != '\0')
+    {
+      if (strncmp (at, needle, len) == 0)
+        return g_strndup (at + len, strcspn (at + len, "\r\n"));
+      at = strchr (at, '\n');
+      if (at != NULL)
+        at++;
+    }
+  return NULL;
+}
+
+/* Runs @command (no arguments) on @c and returns its reply's text. */
+static char *
+command_text (redisContext *c,
+              const char   *command)
+{
+  redisReply *reply = redisCommand (c, command);
+  char *text;
+
+  g_assert_nonnull (reply);
+  if (reply->type != REDIS_REPLY_STRING)
+    g_error ("%s: %s", command, reply->type == REDIS_REPLY_ERROR ? reply->str : "not a string");
+  text = g_strndup (reply->str, reply->len);
+  freeReplyObject (reply);
+  return text;
+}
+
+/* What one node says of the cluster. */
+typedef struct
+{
+  gint8    map[CLUSTER_SLOTS];   /* the node serving each slot, -1 for none */
+  gboolean replica;
+  gint     master;               /* with @replica: the node it replicates */
+  gboolean link_up;              /* with @replica: its link to its master */
+  guint64  offset;               /* with @replica, the replication offset it has processed; else the master's */
+} NodeView;
+
+/* Reads @c's CLUSTER SLOTS into @map; FALSE, saying why in @why, if it
+ * names a node that is not ours. */
+static gboolean
+read_slot_map (Cluster      *cluster,
+               redisContext *c,
+               gint8        *map,
+               GString      *why)
+{
+  redisReply *reply = redisCommand (c, "CLUSTER SLOTS");
+  gboolean ok = TRUE;
+  gsize i;
+
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+  memset (map, -1, CLUSTER_SLOTS);
+  /* [[first, last, [ip, port, id, {metadata}], replicas...], ...] */
+  for (i = 0; ok && i < reply->elements; i++)
+    {
+      redisReply *range = reply->element[i];
+      redisReply *master = range->element[2];
+      gint node = node_of_port (cluster, master->element[1]->integer);
+      long long slot;
+
+      g_assert_cmpuint (range->elements, >=, 3);
+      if (node < 0 || strcmp (master->element[0]->str, "127.0.0.1") != 0)
+        {
+          g_string_printf (why, "CLUSTER SLOTS names %s:%lld, not one of our nodes",
+                           master->element[0]->str, master->element[1]->integer);
+          ok = FALSE;
+          break;
+        }
+      for (slot = range->element[0]->integer; slot <= range->element[1]->integer; slot++)
+        map[slot] = (gint8) node;
+    }
+  freeReplyObject (reply);
+  return ok;
+}
+
+/* Fills @view with what node @node says of the cluster: FALSE, saying why
+ * in @why, if it does not say the cluster is ok. */
+static gboolean
+look_at_node (Cluster  *cluster,
+              guint     node,
+              NodeView *view,
+              GString  *why)
+{
+  redisContext *c = node_connect (cluster, node);
+  g_autofree char *info = command_text (c, "CLUSTER INFO");
+  g_autofree char *state = info_field (info, "cluster_state");
+  g_autofree char *slots_ok = info_field (info, "cluster_slots_ok");
+  g_autofree char *replication = command_text (c, "INFO replication");
+  g_autofree char *role = info_field (replication, "role");
+  g_autofree char *master_port = info_field (replication, "master_port");
+  g_autofree char *link = info_field (replication, "master_link_status");
+  g_autofree char *offset = NULL;
+  gboolean ok;
+
+  ok = read_slot_map (cluster, c, view->map, why);
+  redisFree (c);
+  view->replica = g_strcmp0 (role, "slave") == 0;
+  view->master = view->replica && master_port != NULL ? node_of_port (cluster, g_ascii_strtoll (master_port, NULL, 10)) : -1;
+  view->link_up = g_strcmp0 (link, "up") == 0;
+  offset = info_field (replication, view->replica ? "slave_repl_offset" : "master_repl_offset");
+  view->offset = offset != NULL ? g_ascii_strtoull (offset, NULL, 10) : 0;
+  if (!ok)
+    return FALSE;
+  if (g_strcmp0 (state, "ok") != 0 || g_strcmp0 (slots_ok, "16384") != 0)
+    {
+      g_string_printf (why, "node %u (port %u) says cluster_state:%s, cluster_slots_ok:%s", node,
+                       cluster->nodes[node].port, state, slots_ok);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* Whether the cluster is whole (see the top of this file), with every
+ * living node's view in @views; if not, says why in @why. */
+static gboolean
+whole (Cluster  *cluster,
+       NodeView *views,
+       GString  *why)
+{
+  gboolean serves[CLUSTER_NODES] = { FALSE };
+  gint first = -1;
+  guint i, slot, n_masters = 0;
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    {
+      if (!node_alive (cluster, i))
+        continue;
+      if (!look_at_node (cluster, i, &views[i], why))
+        return FALSE;
+      for (slot = 0; slot < CLUSTER_SLOTS; slot++)
+        {
+          gint master = views[i].map[slot];
+
+          if (master < 0)
+            {
+              g_string_printf (why, "node %u: no master for slot %u", i, slot);
+              return FALSE;
+            }
+          if (!node_alive (cluster, (guint) master))
+            {
+              g_string_printf (why, "node %u: slot %u still served by node %d, killed", i, slot, master);
+              return FALSE;
+            }
+          if (first >= 0 && master != views[first].map[slot])
+            {
+              g_string_printf (why, "node %u: slot %u served by node %d, node %d says node %d", i, slot,
+                               master, first, views[first].map[slot]);
+              return FALSE;
+            }
+          serves[master] = TRUE;
+        }
+      if (first < 0)
+        first = (gint) i;
+    }
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    {
+      if (!node_alive (cluster, i))
+        continue;
+      if (serves[i])
+        {
+          n_masters++;
+          if (views[i].replica)
+            {
+              g_string_printf (why, "node %u serves slots but says it is a replica", i);
+              return FALSE;
+            }
+        }
+      else if (!views[i].replica || views[i].master < 0 || !serves[views[i].master] || !views[i].link_up)
+        {
+          g_string_printf (why, "node %u: not a replica of a master with its link up (replica %d, "
+                           "of node %d, link %s)", i, views[i].replica, views[i].master,
+                           views[i].link_up ? "up" : "down");
+          return FALSE;
+        }
+    }
+  if (n_masters != CLUSTER_MASTERS)
+    {
+      g_string_printf (why, "%u masters serve the slots, not %u", n_masters, CLUSTER_MASTERS);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* Looks at the cluster every 20 ms until @done holds, failing at the
+ * deadline with what it last saw. Redis has no event for any of what is
+ * waited for this way (see the top of this file): only the cluster's own
+ * convergence is waited for by looking again. */
+static void
+poll_cluster (Cluster     *cluster,
+              gboolean   (*done) (Cluster  *cluster,
+                                  NodeView *views,
+                                  gpointer  data,
+                                  GString  *why),
+              gpointer     data,
+              const char  *what)
+{
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
+
+  while (!done (cluster, views, data, why))
+    {
+      if (g_get_monotonic_time () > deadline)
+        g_error ("%s: not in %d s: %s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC), why->str);
+      g_usleep (20 * G_TIME_SPAN_MILLISECOND);
+    }
+}
+
+static gboolean
+whole_done (Cluster  *cluster,
+            NodeView *views,
+            gpointer  data,
+            GString  *why)
+{
+  return whole (cluster, views, why);
+}
+
+/* Waits until the cluster is whole: every slot served by a living master
+ * that every node names, every other node a replica with its link up. */
+void
+cluster_wait_converged (Cluster *cluster)
+{
+  poll_cluster (cluster, whole_done, NULL, "the cluster to converge");
+}
+
+static gboolean
+replicated_done (Cluster  *cluster,
+                 NodeView *views,
+                 gpointer  data,
+                 GString  *why)
+{
+  gint64 *targets = data;
+  guint i;
+
+  if (!whole (cluster, views, why))
+    return FALSE;
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i) && !views[i].replica && targets[i] < 0)
+      targets[i] = (gint64) views[i].offset;
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i) && views[i].replica && (gint64) views[i].offset < targets[views[i].master])
+      {
+        g_string_printf (why, "node %u has replicated up to %" G_GUINT64_FORMAT " of node %d's %"
+                         G_GINT64_FORMAT, i, views[i].offset, views[i].master, targets[views[i].master]);
+        return FALSE;
+      }
+  return TRUE;
+}
+
+/* Waits until every replica has processed every write its master had
+ * taken when this was called (Redis replicates asynchronously: a write a
+ * master acknowledged may be lost with it until then). */
+void
+cluster_wait_replicated (Cluster *cluster)
+{
+  gint64 targets[CLUSTER_NODES];
+  guint i;
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    targets[i] = -1;
+  poll_cluster (cluster, replicated_done, targets, "the replicas to catch up");
+}
+
+/* ---- Making and unmaking the cluster ------------------------------------ */
+
+typedef struct
+{
+  GAsyncResult *result;
+} Outcome;
+
+static void
+keep_result (GObject      *source,
+             GAsyncResult *result,
+             gpointer      data)
+{
+  Outcome *outcome = data;
+
+  outcome->result = g_object_ref (result);
+}
+
+static gboolean
+set_flag (gpointer data)
+{
+  *(gboolean *) data = TRUE;
+  return G_SOURCE_REMOVE;
+}
+
+/* Runs redis-cli with @args (NULL-terminated) and returns its output (its
+ * standard error merged in); fails if it does not exit with 0 before the
+ * deadline. Its end is waited for on a main context of our own, with the
+ * deadline as a timeout source. */
+static char *
+run_redis_cli (const char * const *args)
+{
+  g_autoptr (GSubprocessLauncher) launcher = g_subprocess_launcher_new (G_SUBPROCESS_FLAGS_STDOUT_PIPE |
+                                                                        G_SUBPROCESS_FLAGS_STDERR_MERGE);
+  g_autoptr (GPtrArray) argv = g_ptr_array_new ();
+  g_autoptr (GSubprocess) process = NULL;
+  g_autoptr (GMainContext) context = g_main_context_new ();
+  g_autoptr (GSource) timeout = g_timeout_source_new ((guint) (KD_REDIS_TEST_DEADLINE_US / 1000));
+  g_autoptr (GError) error = NULL;
+  Outcome outcome = { NULL };
+  gboolean timed_out = FALSE;
+  char *out = NULL;
+  guint i;
+
+  g_ptr_array_add (argv, redis_cli_path);
+  for (i = 0; args[i] != NULL; i++)
+    g_ptr_array_add (argv, (gpointer) args[i]);
+  g_ptr_array_add (argv, NULL);
+  g_subprocess_launcher_set_child_setup (launcher, die_with_parent, NULL, NULL);
+  process = g_subprocess_launcher_spawnv (launcher, (const char * const *) argv->pdata, &error);
+  g_assert_no_error (error);
+
+  g_main_context_push_thread_default (context);
+  g_source_set_callback (timeout, set_flag, &timed_out, NULL);
+  g_source_attach (timeout, context);
+  g_subprocess_communicate_utf8_async (process, NULL, NULL, keep_result, &outcome);
+  while (outcome.result == NULL && !timed_out)
+    g_main_context_iteration (context, TRUE);
+  g_source_destroy (timeout);
+  if (outcome.result == NULL)
+    {
+      g_subprocess_force_exit (process);
+      g_error ("redis-cli %s: not done in %d s", args[0], (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC));
+    }
+  g_subprocess_communicate_utf8_finish (process, outcome.result, &out, NULL, &error);
+  g_object_unref (outcome.result);
+  g_main_context_pop_thread_default (context);
+  g_assert_no_error (error);
+  g_subprocess_wait (process, NULL, &error);
+  g_assert_no_error (error);
+  if (!g_subprocess_get_if_exited (process) || g_subprocess_get_exit_status (process) != 0)
+    g_error ("redis-cli %s failed:\n%s", args[0], out);
+  return out;
+}
+
+/* A port no other node of @cluster uses (a node's or its bus's). */
+static guint
+unused_port (Cluster *cluster,
+             guint    upto)
+{
+  for (;;)
+    {
+      guint port = free_port ();
+      gboolean used = FALSE;
+      guint i;
+
+      for (i = 0; i < upto; i++)
+        used = used || cluster->nodes[i].port == port || cluster->bus_ports[i] == port;
+      if (!used)
+        return port;
+    }
+}
+
+/* Starts the 6 nodes, makes a cluster of them, and waits until it is
+ * whole. */
+void
+cluster_start (Cluster *cluster)
+{
+  g_autoptr (GPtrArray) create = g_ptr_array_new_with_free_func (g_free);
+  g_autoptr (GError) error = NULL;
+  g_autofree char *out = NULL;
+  gint64 start = g_get_monotonic_time (), created;
+  guint i;
+
+  memset (cluster, 0, sizeof *cluster);
+  cluster->dir = g_dir_make_tmp ("kd-redis-cluster-XXXXXX", &error);
+  g_assert_no_error (error);
+  g_ptr_array_add (create, g_strdup ("--cluster"));
+  g_ptr_array_add (create, g_strdup ("create"));
+  for (i = 0; i < CLUSTER_NODES; i++)
+    {
+      Server *node = &cluster->nodes[i];
+
+      node->dir = g_strdup_printf ("%s/node-%u", cluster->dir, i);
+      g_assert_cmpint (g_mkdir (node->dir, 0700), ==, 0);
+      node->port = unused_port (cluster, i);
+      /* Its own port is set: it must not be taken as a bus port. */
+      cluster->bus_ports[i] = unused_port (cluster, i + 1);
+      /* A master sends its data to a new replica at once, not after the
+       * 5 s Redis waits by default for more replicas to share the
+       * transfer. */
+      cluster->node_args[i] = g_new0 (char *, 11);
+      cluster->node_args[i][0] = g_strdup ("--cluster-enabled");
+      cluster->node_args[i][1] = g_strdup ("yes");
+      cluster->node_args[i][2] = g_strdup ("--cluster-config-file");
+      cluster->node_args[i][3] = g_strdup ("nodes.conf");
+      cluster->node_args[i][4] = g_strdup ("--cluster-node-timeout");
+      cluster->node_args[i][5] = g_strdup_printf ("%u", CLUSTER_NODE_TIMEOUT_MS);
+      cluster->node_args[i][6] = g_strdup ("--cluster-port");
+      cluster->node_args[i][7] = g_strdup_printf ("%u", cluster->bus_ports[i]);
+      cluster->node_args[i][8] = g_strdup ("--repl-diskless-sync-delay");
+      cluster->node_args[i][9] = g_strdup ("0");
+      node->extra_args = (const char * const *) cluster->node_args[i];
+      server_launch (node);
+      g_ptr_array_add (create, g_strdup_printf ("127.0.0.1:%u", node->port));
+    }
+
+  /* The first CLUSTER_MASTERS nodes become the masters, the others their
+   * replicas. */
+  g_ptr_array_add (create, g_strdup ("--cluster-replicas"));
+  g_ptr_array_add (create, g_strdup ("1"));
+  g_ptr_array_add (create, g_strdup ("--cluster-yes"));
+  g_ptr_array_add (create, NULL);
+  out = run_redis_cli ((const char * const *) create->pdata);
+  created = g_get_monotonic_time ();
+  cluster_wait_converged (cluster);
+  g_test_message ("cluster of %u nodes: made by redis-cli in %.2f s, whole %.2f s after its start",
+                  CLUSTER_NODES, (created - start) / 1e6, (g_get_monotonic_time () - start) / 1e6);
+}
+
+/* Starts a killed node again, on its port and directory, and waits until
+ * the cluster is whole again: a master that was replaced comes back as
+ * its replica's replica. */
+void
+cluster_restart_node (Cluster *cluster,
+                      guint    node)
+{
+  gint64 start = g_get_monotonic_time ();
+
+  g_assert_false (node_alive (cluster, node));
+  server_launch (&cluster->nodes[node]);
+  cluster_wait_converged (cluster);
+  g_test_message ("node %u (port %u) restarted: the cluster is whole %.2f s later", node,
+                  cluster->nodes[node].port, (g_get_monotonic_time () - start) / 1e6);
+}
+
+/* Stops every node still running and removes the cluster's directories,
+ * the workers' logs included. */
+void
+cluster_stop (Cluster *cluster)
+{
+  guint i;
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    {
+      if (node_alive (cluster, i))
+        server_kill (&cluster->nodes[i]);
+      remove_dir (cluster->nodes[i].dir);
+      g_clear_pointer (&cluster->nodes[i].dir, g_free);
+      g_clear_pointer (&cluster->node_args[i], g_strfreev);
+      cluster->nodes[i].extra_args = NULL;
+    }
+  remove_dir (cluster->dir);
+  g_clear_pointer (&cluster->dir, g_free);
+}
+
+/* ---- Keys, slots and masters ------------------------------------------- */
+
+/* The slot of @key, as the cluster computes it. */
+static gint
+slot_of (Cluster    *cluster,
+         const char *key)
+{
+  redisContext *c = node_connect (cluster, any_node (cluster));
+  redisReply *reply = redisCommand (c, "CLUSTER KEYSLOT %s", key);
+  gint slot;
+
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+  slot = (gint) reply->integer;
+  freeReplyObject (reply);
+  redisFree (c);
+  return slot;
+}
+
+/* The node serving @key's slot, as a living node says. */
+guint
+cluster_master_of (Cluster    *cluster,
+                   const char *key)
+{
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
+  gint slot = slot_of (cluster, key);
+  redisContext *c = node_connect (cluster, any_node (cluster));
+
+  if (!read_slot_map (cluster, c, map, why))
+    g_error ("%s", why->str);
+  redisFree (c);
+  g_assert_cmpint (map[slot], >=, 0);
+  return (guint) map[slot];
+}
+
+/* A connection to the master serving @key (to look at what it holds);
+ * that master's node in @node unless NULL. */
+redisContext *
+cluster_connect_key (Cluster    *cluster,
+                     const char *key,
+                     guint      *node)
+{
+  guint master = cluster_master_of (cluster, key);
+
+  g_assert_true (node_alive (cluster, master));
+  if (node != NULL)
+    *node = master;
+  return node_connect (cluster, master);
+}
+
+/* The URL of the cluster, naming a living master as the seed: the first
+ * one in the nodes' order. */
+char *
+cluster_url (Cluster *cluster)
+{
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
+  redisContext *c = node_connect (cluster, any_node (cluster));
+  guint i, slot;
+
+  if (!read_slot_map (cluster, c, map, why))
+    g_error ("%s", why->str);
+  redisFree (c);
+  for (i = 0; i < CLUSTER_NODES; i++)
+    for (slot = 0; node_alive (cluster, i) && slot < CLUSTER_SLOTS; slot++)
+      if (map[slot] == (gint8) i)
+        return g_strdup_printf ("redis+cluster://127.0.0.1:%u", cluster->nodes[i].port);
+  g_assert_not_reached ();
+}
+
+typedef struct
+{
+  gint  slot;
+  guint replica;
+} Promotion;
+
+static gboolean
+promoted (Cluster  *cluster,
+          NodeView *views,
+          gpointer  data,
+          GString  *why)
+{
+  Promotion *promotion = data;
+
+  if (!whole (cluster, views, why))
+    return FALSE;
+  if (views[promotion->replica].map[promotion->slot] != (gint8) promotion->replica)
+    {
+      g_string_printf (why, "slot %d not served by node %u", promotion->slot, promotion->replica);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* Kills with SIGKILL the master serving @key's slot, and waits until its
+ * replica has taken its place: the cluster whole again, without it, and
+ * the slot served by the former replica. Returns the node killed.
+ * Meanwhile the nodes first go on naming the dead master for its slots
+ * (CLUSTER SLOTS, MOVED); once they agree that it failed, each says
+ * cluster_state:fail and refuses every command on a key, of any slot,
+ * with CLUSTERDOWN, until the replica is promoted. */
+guint
+cluster_kill_master (Cluster    *cluster,
+                     const char *key)
+{
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
+  Promotion promotion = { slot_of (cluster, key), 0 };
+  guint master, i, n_replicas = 0;
+  gint64 killed;
+
+  if (!whole (cluster, views, why))
+    g_error ("the cluster is not whole before a master is killed: %s", why->str);
+  master = (guint) views[any_node (cluster)].map[promotion.slot];
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) master)
+      {
+        promotion.replica = i;
+        n_replicas++;
+      }
+  g_assert_cmpuint (n_replicas, ==, 1);
+
+  server_kill (&cluster->nodes[master]);
+  killed = g_get_monotonic_time ();
+  poll_cluster (cluster, promoted, &promotion, "a replica to take the killed master's place");
+  g_test_message ("node %u (port %u), master of slot %d, killed: node %u (port %u) serves it %.2f s later",
+                  master, cluster->nodes[master].port, promotion.slot, promotion.replica,
+                  cluster->nodes[promotion.replica].port, (g_get_monotonic_time () - killed) / 1e6);
+  return master;
+}
+
+/* What master_ahead() waits for: the master's replication offset past
+ * @offset. */
+typedef struct
+{
+  guint    master;
+  guint64  offset;
+} Ahead;
+
+/* Looks at the master alone: its replica is frozen, and would not answer. */
+static gboolean
+master_ahead (Cluster  *cluster,
+              NodeView *views,
+              gpointer  data,
+              GString  *why)
+{
+  Ahead *ahead = data;
+  redisContext *c = node_connect (cluster, ahead->master);
+  g_autofree char *replication = command_text (c, "INFO replication");
+  g_autofree char *offset = info_field (replication, "master_repl_offset");
+  guint64 now = offset != NULL ? g_ascii_strtoull (offset, NULL, 10) : 0;
+
+  redisFree (c);
+  g_string_printf (why, "the master's replication offset is %" G_GUINT64_FORMAT ", not past %" G_GUINT64_FORMAT,
+                   now, ahead->offset);
+  return now > ahead->offset;
+}
+
+/* As cluster_kill_master(), but the master dies with writes its replica
+ * never got: the replica is frozen (SIGSTOP) until the master's
+ * replication offset moved @bytes past the replica's (someone wrote that
+ * much to it), then the master is killed and the replica let go on
+ * (SIGCONT), to be promoted without those writes, as after a replication
+ * lag. A frozen replica's socket still takes in what the master sends, up
+ * to the kernel's buffers (megabytes on loopback): only what is past them
+ * is lost. */
+guint
+cluster_kill_master_ahead (Cluster    *cluster,
+                           const char *key,
+                           guint64     bytes)
+{
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
+  Promotion promotion = { slot_of (cluster, key), 0 };
+  Ahead ahead = { 0, 0 };
+  guint i, n_replicas = 0;
+  pid_t replica;
+  gint64 killed;
+
+  if (!whole (cluster, views, why))
+    g_error ("the cluster is not whole before a master is killed: %s", why->str);
+  ahead.master = (guint) views[any_node (cluster)].map[promotion.slot];
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) ahead.master)
+      {
+        promotion.replica = i;
+        n_replicas++;
+      }
+  g_assert_cmpuint (n_replicas, ==, 1);
+
+  server_freeze (&cluster->nodes[promotion.replica]);
+  ahead.offset = views[ahead.master].offset + bytes;
+  poll_cluster (cluster, master_ahead, &ahead, "writes to the master that its frozen replica misses");
+  server_kill (&cluster->nodes[ahead.master]);
+  killed = g_get_monotonic_time ();
+  replica = (pid_t) g_ascii_strtoll (g_subprocess_get_identifier (cluster->nodes[promotion.replica].process),
+                                     NULL, 10);
+  g_assert_cmpint (kill (replica, SIGCONT), ==, 0);
+  poll_cluster (cluster, promoted, &promotion, "a replica to take the killed master's place");
+  g_test_message ("node %u (port %u), master of slot %d, killed ahead of its replica: node %u (port %u) "
+                  "serves it %.2f s later", ahead.master, cluster->nodes[ahead.master].port, promotion.slot,
+                  promotion.replica, cluster->nodes[promotion.replica].port,
+                  (g_get_monotonic_time () - killed) / 1e6);
+  return ahead.master;
+}
+
+/* ---- A queue on the cluster -------------------------------------------- */
+
+KdRedisQueue *
+cluster_open_queue (Cluster    *cluster,
+                    const char *name,
+                    guint       n_shards)
+{
+  KdRedisQueue *queue = kd_redis_queue_new (name);
+  g_autofree char *url = cluster_url (cluster);
+  g_autoptr (GError) error = NULL;
+  gboolean set = kd_redis_queue_set_url (queue, url, &error);
+
+  /* The error first: it says why the URL was refused. */
+  g_assert_no_error (error);
+  g_assert_true (set);
+  kd_redis_queue_set_n_shards (queue, n_shards);
+  return queue;
+}
+
+/* As produce(): @n_jobs jobs over @n_keys keys, each key's numbered from
+ * 1, added to the cluster's queue @name. */
+void
+cluster_produce (Cluster    *cluster,
+                 const char *name,
+                 guint       n_shards,
+                 guint       n_jobs,
+                 guint       n_keys,
+                 Jobs       *jobs)
+{
+  g_autoptr (KdRedisQueue) queue = cluster_open_queue (cluster, name, n_shards);
+
+  produce_into (queue, n_jobs, n_keys, jobs);
+}
+
+/* As worker_start(): a worker process on the cluster's queue @name, with
+ * the options after @index (NULL-terminated), logging to the cluster's
+ * directory. */
+Worker *
+cluster_worker_start (Cluster    *cluster,
+                      const char *name,
+                      guint       index,
+                      ...)
+{
+  g_autofree char *url = cluster_url (cluster);
+  g_autofree char *option = g_strdup_printf ("--url=%s", url);
+  const char *connection[] = { option, NULL };
+  Worker *worker;
+  va_list ap;
+
+  va_start (ap, index);
+  worker = worker_startv (cluster->dir, connection, name, index, ap);
+  va_end (ap);
+  return worker;
+}
+
+/* Connections to the masters serving a queue's streams. */
+typedef struct
+{
+  Cluster      *cluster;
+  gint          master[65537];        /* per stream (the unkeyed one last): its node */
+  redisContext *nodes[CLUSTER_NODES]; /* opened as needed */
+} Router;
+
+static Router *
+router_new (Cluster    *cluster,
+            const char *name,
+            guint       n_shards)
+{
+  Router *router = g_new0 (Router, 1);
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
+  redisContext *c = node_connect (cluster, any_node (cluster));
+  gint shard;
+
+  g_assert_cmpuint (n_shards, <, G_N_ELEMENTS (router->master));
+  router->cluster = cluster;
+  if (!read_slot_map (cluster, c, map, why))
+    g_error ("%s", why->str);
+  for (shard = 0; shard <= (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = stream_name (name, shard == (gint) n_shards ? -1 : shard);
+
+      redisAppendCommand (c, "CLUSTER KEYSLOT %s", stream);
+    }
+  for (shard = 0; shard <= (gint) n_shards; shard++)
+    {
+      redisReply *reply = NULL;
+
+      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+      router->master[shard] = map[reply->integer];
+      g_assert_cmpint (router->master[shard], >=, 0);
+      g_assert_true (node_alive (cluster, (guint) router->master[shard]));
+      freeReplyObject (reply);
+    }
+  redisFree (c);
+  return router;
+}
+
+/* The connection to the master of shard @shard's stream (-1: the unkeyed
+ * one's) of a queue of @n_shards. */
+static redisContext *
+router_stream (Router *router,
+               guint   n_shards,
+               gint    shard)
+{
+  gint node = router->master[shard < 0 ? (gint) n_shards : shard];
+
+  if (router->nodes[node] == NULL)
+    router->nodes[node] = node_connect (router->cluster, (guint) node);
+  return router->nodes[node];
+}
+
+static void
+router_free (Router *router)
+{
+  guint i;
+
+  for (i = 0; i < CLUSTER_NODES; i++)
+    g_clear_pointer (&router->nodes[i], redisFree);
+  g_free (router);
+}
+
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (Router, router_free)
+
+/* Sends @format (a command, with %s for the stream) for each stream of the
+ * queue, the unkeyed one first, to the master serving it, and hands each
+ * reply to @each. */
+static void
+each_stream (Cluster     *cluster,
+             const char  *name,
+             guint        n_shards,
+             const char  *format,
+             void       (*each) (const redisReply *reply,
+                                 gpointer          data),
+             gpointer     data)
+{
+  g_autoptr (Router) router = router_new (cluster, name, n_shards);
+  gint shard;
+
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      g_autofree char *stream = stream_name (name, shard);
+      redisReply *reply = redisCommand (router_stream (router, n_shards, shard), format, stream);
+
+      g_assert_nonnull (reply);
+      if (reply->type == REDIS_REPLY_ERROR)
+        g_error ("%s on %s: %s", format, stream, reply->str);
+      each (reply, data);
+      freeReplyObject (reply);
+    }
+}
+
+/* As queue_progress(), from the masters serving the streams. */
+void
+cluster_queue_progress (Cluster    *cluster,
+                        const char *name,
+                        guint       n_shards,
+                        Progress   *progress)
+{
+  g_autoptr (Router) router = router_new (cluster, name, n_shards);
+  gint shard;
+
+  progress->entries = progress->unfinished = 0;
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    {
+      redisContext *c = router_stream (router, n_shards, shard);
+      g_autofree char *stream = stream_name (name, shard);
+      redisReply *reply = redisCommand (c, "XLEN %s", stream);
+      gsize g, f;
+
+      g_assert_nonnull (reply);
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+      progress->entries += (guint64) reply->integer;
+      freeReplyObject (reply);
+
+      reply = redisCommand (c, "XINFO GROUPS %s", stream);
+      g_assert_nonnull (reply);
+      /* No group yet (no consumer ran): nothing was read. */
+      if (reply->type == REDIS_REPLY_ERROR)
+        {
+          freeReplyObject (reply);
+          continue;
+        }
+      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
+      for (g = 0; g < reply->elements; g++)
+        {
+          redisReply *group = reply->element[g];
+          gboolean lag_known = FALSE;
+          const char *last = "0-0";
+
+          for (f = 0; f + 1 < group->elements; f += 2)
+            {
+              const char *field = group->element[f]->str;
+              redisReply *value = group->element[f + 1];
+
+              if (strcmp (field, "pending") == 0)
+                progress->unfinished += (guint64) value->integer;
+              else if (strcmp (field, "lag") == 0 && value->type == REDIS_REPLY_INTEGER)
+                {
+                  progress->unfinished += (guint64) value->integer;
+                  lag_known = TRUE;
+                }
+              else if (strcmp (field, "last-delivered-id") == 0)
+                last = value->str;
+            }
+          /* Redis does not always know the lag (after a restart from the
+           * AOF, say): count the entries not delivered yet. */
+          if (!lag_known)
+            {
+              redisReply *rest = redisCommand (c, "XRANGE %s (%s +", stream, last);
+
+              g_assert_nonnull (rest);
+              g_assert_cmpint (rest->type, ==, REDIS_REPLY_ARRAY);
+              progress->unfinished += rest->elements;
+              freeReplyObject (rest);
+            }
+        }
+      freeReplyObject (reply);
+    }
+}
+
+/* As wait_finished(), through a queue on the cluster: waits until at least
+ * @done of @total jobs are finished (acknowledged or dead-lettered). */
+void
+cluster_wait_finished (Cluster    *cluster,
+                       const char *name,
+                       guint       n_shards,
+                       guint64     total,
+                       guint64     done)
+{
+  g_autoptr (KdRedisQueue) queue = cluster_open_queue (cluster, name, n_shards);
+  g_autoptr (GError) error = NULL;
+  Progress progress;
+
+  if (!kd_redis_queue_wait_backlog (queue, total - done, KD_REDIS_TEST_DEADLINE_US, &error))
+    {
+      cluster_queue_progress (cluster, name, n_shards, &progress);
+      g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished: %s",
+               total - progress.unfinished, total, error->message);
+    }
+  /* The library's count against the test's own. */
+  cluster_queue_progress (cluster, name, n_shards, &progress);
+  g_assert_cmpuint (progress.entries, <=, total);
+  g_assert_cmpuint (progress.unfinished, <=, total - done);
+}
+
+typedef struct
+{
+  const char *consumer;
+  guint64     count;
+} Counting;
+
+static void
+add_pending (const redisReply *reply,
+             gpointer          data)
+{
+  Counting *counting = data;
+  gsize i;
+
+  /* [count, first id, last id, [[consumer, count], ...]] */
+  if (reply->elements == 4 && reply->element[3]->type == REDIS_REPLY_ARRAY)
+    for (i = 0; i < reply->element[3]->elements; i++)
+      if (strcmp (reply->element[3]->element[i]->element[0]->str, counting->consumer) == 0)
+        counting->count += g_ascii_strtoull (reply->element[3]->element[i]->element[1]->str, NULL, 10);
+}
+
+/* As consumer_pending(): how many entries @consumer holds read and not
+ * acknowledged. */
+guint64
+cluster_consumer_pending (Cluster    *cluster,
+                          const char *name,
+                          guint       n_shards,
+                          const char *consumer)
+{
+  Counting counting = { consumer, 0 };
+
+  each_stream (cluster, name, n_shards, "XPENDING %s kd", add_pending, &counting);
+  return counting.count;
+}
+
+static void
+add_length (const redisReply *reply,
+            gpointer          data)
+{
+  Counting *counting = data;
+
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
+  counting->count += (guint64) reply->integer;
+}
+
+/* As streams_length(): the entries the queue's streams hold. */
+guint64
+cluster_streams_length (Cluster    *cluster,
+                        const char *name,
+                        guint       n_shards)
+{
+  Counting counting = { NULL, 0 };
+
+  each_stream (cluster, name, n_shards, "XLEN %s", add_length, &counting);
+  return counting.count;
+}
+
+static void
+add_if_known (const redisReply *reply,
+              gpointer          data)
+{
+  Counting *counting = data;
+  gsize i, f;
+
+  for (i = 0; i < reply->elements; i++)
+    for (f = 0; f + 1 < reply->element[i]->elements; f += 2)
+      if (strcmp (reply->element[i]->element[f]->str, "name") == 0 &&
+          strcmp (reply->element[i]->element[f + 1]->str, counting->consumer) == 0)
+        counting->count++;
+}
+
+/* Waits until @done (@data) holds, looking again after each keyspace event
+ * @event on any master (each notifies its own keys' events only). */
+static void
+wait_keyevent (Cluster     *cluster,
+               const char  *event,
+               gboolean   (*done) (gpointer data),
+               gpointer     data,
+               const char  *what)
+{
+  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
+  redisContext *subscribed[CLUSTER_NODES] = { NULL };
+  struct pollfd fds[CLUSTER_NODES];
+  redisContext *c = node_connect (cluster, any_node (cluster));
+  guint i, slot, n = 0;
+
+  if (!read_slot_map (cluster, c, map, why))
+    g_error ("%s", why->str);
+  redisFree (c);
+  for (i = 0; i < CLUSTER_NODES; i++)
+    for (slot = 0; slot < CLUSTER_SLOTS; slot++)
+      if (map[slot] == (gint8) i)
+        {
+          redisReply *reply;
+
+          subscribed[n] = node_connect (cluster, i);
+          reply = redisCommand (subscribed[n], "SUBSCRIBE __keyevent@0__:%s", event);
+          g_assert_nonnull (reply);
+          freeReplyObject (reply);
+          fds[n].fd = subscribed[n]->fd;
+          fds[n].events = POLLIN;
+          n++;
+          break;
+        }
+  /* Subscribed before looking: an event after the look wakes the wait. */
+  while (!done (data))
+    {
+      gint64 left = deadline - g_get_monotonic_time ();
+      int ready = left > 0 ? poll (fds, n, (int) (left / 1000) + 1) : 0;
+
+      if (ready < 0 && errno == EINTR)
+        continue;
+      g_assert_cmpint (ready, >=, 0);
+      if (ready == 0)
+        g_error ("%s: not in %d s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC));
+      for (i = 0; i < n; i++)
+        if (fds[i].revents != 0)
+          {
+            redisReply *reply = NULL;
+
+            if (redisBufferRead (subscribed[i]) != REDIS_OK)
+              g_error ("%s: %s", what, subscribed[i]->errstr);
+            while (redisGetReplyFromReader (subscribed[i], (void **) &reply) == REDIS_OK && reply != NULL)
+              g_clear_pointer (&reply, freeReplyObject);
+          }
+    }
+  for (i = 0; i < n; i++)
+    redisFree (subscribed[i]);
+}
+
+typedef struct
+{
+  Cluster    *cluster;
+  const char *name;
+  guint       n_shards;
+  guint64     length;
+  const char *consumer;
+} Looking;
+
+static gboolean
+trimmed_down (gpointer data)
+{
+  Looking *looking = data;
+
+  return cluster_streams_length (looking->cluster, looking->name, looking->n_shards) <= looking->length;
+}
+
+/* As wait_trimmed(): until the consumers have trimmed the queue's streams
+ * down to @length entries. */
+void
+cluster_wait_trimmed (Cluster    *cluster,
+                      const char *name,
+                      guint       n_shards,
+                      guint64     length)
+{
+  Looking looking = { cluster, name, n_shards, length, NULL };
+
+  wait_keyevent (cluster, "xtrim", trimmed_down, &looking, "trimming the streams");
+}
+
+static gboolean
+forgotten (gpointer data)
+{
+  Looking *looking = data;
+  Counting counting = { looking->consumer, 0 };
+
+  each_stream (looking->cluster, looking->name, looking->n_shards, "XINFO CONSUMERS %s kd", add_if_known,
+               &counting);
+  return counting.count == 0;
+}
+
+/* As wait_forgotten(): until no group of the queue knows @consumer. */
+void
+cluster_wait_forgotten (Cluster    *cluster,
+                        const char *name,
+                        guint       n_shards,
+                        const char *consumer)
+{
+  Looking looking = { cluster, name, n_shards, 0, consumer };
+
+  wait_keyevent (cluster, "xgroup-delconsumer", forgotten, &looking, "forgetting a dead consumer");
+}
