@@ -169,7 +169,8 @@ add_dead_letters (KdRedisConsumer *self,
 }
 
 /* Sends the outcome of @entries' jobs, none skipped, whose shards are all
- * of one group (kd_redis_router_group()), in one transaction on @conn,
+ * of one group (kd_redis_router_group()), in one transaction on @conn
+ * (adding to @finished how many it acknowledged or dead-lettered),
  * fenced by their shards' leases (see kd_redis_consumer_watch_leases()):
  * per stream, one XACK of its completed entries (in the order they ended,
  * so a key's are acknowledged in order), and per dead letter, on a lone
@@ -184,7 +185,8 @@ static gboolean
 send_group_outcomes (KdRedisConsumer *self,
                      KdRedisRouter   *router,
                      KdRedisConn     *conn,
-                     GPtrArray       *entries)
+                     GPtrArray       *entries,
+                     guint           *finished)
 {
   g_autoptr (GError) error = NULL;
   g_autoptr (GArray) streams = g_array_new (FALSE, FALSE, sizeof (guint));
@@ -259,9 +261,10 @@ send_group_outcomes (KdRedisConsumer *self,
         }
 
       /* Whoever waits for the queue's backlog to shrink learns it here
-       * (kd_redis_queue_wait_backlog()). With nothing to send, the MULTI
-       * still ends the WATCH. */
-      if (commands->len > 0)
+       * (kd_redis_queue_wait_backlog()); on a cluster, where a message is
+       * sent to every node, once per round (send_outcomes()). With nothing
+       * to send, the MULTI still ends the WATCH. */
+      if (commands->len > 0 && !cluster)
         {
           KdRedisArgs publish;
 
@@ -284,7 +287,10 @@ send_group_outcomes (KdRedisConsumer *self,
    * does not follow g_autofree out of an early return. */
   sent = exec != NULL && exec->type == REDIS_REPLY_ARRAY;
   if (sent)
-    account_outcomes (self, entries, command_of);
+    {
+      *finished += n_finishing;
+      account_outcomes (self, entries, command_of);
+    }
   else
     {
       /* A failure may leave the leases WATCHed on a connection still
@@ -303,6 +309,32 @@ send_group_outcomes (KdRedisConsumer *self,
   return sent;
 }
 
+/* On a cluster: tells whoever waits for the queue's backlog that
+ * @finished more jobs finished, once per round (a message published on
+ * one node is sent to every node). */
+static void
+publish_progress (KdRedisConsumer *self,
+                  KdRedisRouter   *router,
+                  guint            finished)
+{
+  g_autoptr (GError) error = NULL;
+  KdRedisConn *conn = kd_redis_router_conn_for (router, self->progress_channel, &error);
+  redisReply *reply = NULL;
+  KdRedisArgs args;
+
+  if (conn == NULL)
+    return;
+  kd_redis_args_init (&args);
+  kd_redis_args_add_string (&args, "PUBLISH");
+  kd_redis_args_add_string (&args, self->progress_channel);
+  kd_redis_args_add_printf (&args, "%u", finished);
+  reply = kd_redis_conn_run (conn, &args, &error);
+  kd_redis_args_clear (&args);
+  if (reply == NULL)
+    kd_redis_router_failed (router, conn);
+  g_clear_pointer (&reply, kd_redis_reply_free);
+}
+
 /* Sends the outcome of @ended's jobs, the entries of each group of shards
  * (one group on a lone server) in a transaction on their node
  * (send_group_outcomes()); skipped entries need none. Accounts for those
@@ -316,7 +348,7 @@ send_outcomes (KdRedisConsumer *self,
   g_autoptr (GPtrArray) skipped = g_ptr_array_new ();
   g_autoptr (GPtrArray) group = g_ptr_array_new ();
   g_autoptr (GPtrArray) unsent = g_ptr_array_new ();
-  guint i;
+  guint i, finished = 0;
 
   /* Skipped: nothing to send. */
   for (i = 0; i < ended->len; i++)
@@ -356,7 +388,7 @@ send_outcomes (KdRedisConsumer *self,
       g_ptr_array_set_size (unsent, (gint) kept);
 
       conn = kd_redis_router_conn (router, slot, &local_error);
-      if (conn == NULL || !send_group_outcomes (self, router, conn, group))
+      if (conn == NULL || !send_group_outcomes (self, router, conn, group, &finished))
         {
           if (local_error != NULL)
             g_debug ("redis queue %s: %s: outcomes not sent: %s", self->config.name, self->member,
@@ -367,6 +399,8 @@ send_outcomes (KdRedisConsumer *self,
         }
       g_ptr_array_set_size (group, 0);
     }
+  if (finished > 0 && kd_redis_router_is_cluster (router))
+    publish_progress (self, router, finished);
 
   return ended->len == 0;
 }

@@ -481,8 +481,10 @@ reader_wait_for_entries (KdRedisConsumer  *self,
 /* Reads new entries of the first @reading_left of @streams still held,
  * all of one group (kd_redis_router_group()), @count at most from each,
  * fenced by their leases (see kd_redis_consumer_watch_leases()), on
- * @conn; takes the streams read from @reading_left, adds to @idle the
- * streams held that had no entry, and to @n_got how many had some; sets
+ * @conn; takes the streams read from @reading_left, adds to @idle (if not
+ * NULL: on a cluster, the reader does not wait in XREAD) the streams held
+ * that had no entry, with where XREAD waits from, and to @n_got how many
+ * had some; sets
  * @again if a lease changed meanwhile, so that nothing was read and the
  * reader should read again rather than wait. */
 static gboolean
@@ -525,9 +527,9 @@ reader_read_group (KdRedisConsumer  *self,
   n_reading = MIN (held->len, *reading_left);
   *reading_left -= n_reading;
 
-  /* XREADGROUP ">" on the ones read; then where the group stands on each
-   * one held, for XREAD to wait from if nothing came: the entries after it
-   * are the ones not read yet. */
+  /* XREADGROUP ">" on the ones read; then, with @idle, where the group
+   * stands on each one held, for XREAD to wait from if nothing came: the
+   * entries after it are the ones not read yet. */
   for (k = 0; k < 2; k++)
     kd_redis_args_init (&commands[k]);
   kd_redis_args_add_string (&commands[0], "XREADGROUP");
@@ -550,7 +552,7 @@ reader_read_group (KdRedisConsumer  *self,
     kd_redis_args_add_string (&commands[0], ">");
   kd_redis_args_add_string (&commands[1], KD_REDIS_GROUP);
   /* With nothing left to read, the MULTI still ends the WATCH. */
-  exec = kd_redis_conn_transaction (conn, commands, n_reading > 0 ? 2 : 0, error);
+  exec = kd_redis_conn_transaction (conn, commands, n_reading == 0 ? 0 : idle != NULL ? 2 : 1, error);
   for (k = 0; k < 2; k++)
     kd_redis_args_clear (&commands[k]);
   if (exec == NULL)
@@ -563,10 +565,10 @@ reader_read_group (KdRedisConsumer  *self,
       return TRUE;
     }
 
-  got = exec->elements == 2 ? exec->element[0] : NULL;
-  delivered = exec->elements == 2 ? exec->element[1] : NULL;
+  got = exec->elements == (idle != NULL ? 2 : 1) ? exec->element[0] : NULL;
+  delivered = got != NULL && idle != NULL ? exec->element[1] : NULL;
   if (got == NULL || (got->type != REDIS_REPLY_NIL && got->type != REDIS_REPLY_ARRAY) ||
-      delivered->type != REDIS_REPLY_ARRAY || delivered->elements != held->len)
+      (idle != NULL && (delivered->type != REDIS_REPLY_ARRAY || delivered->elements != held->len)))
     {
       kd_redis_reply_free (exec);
       g_set_error (error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA, "unexpected reply to a read");
@@ -591,7 +593,7 @@ reader_read_group (KdRedisConsumer  *self,
           next++;
           (*n_got)++;
         }
-      else if (delivered->element[i]->type == REDIS_REPLY_STRING)
+      else if (delivered != NULL && delivered->element[i]->type == REDIS_REPLY_STRING)
         {
           g_strlcpy (shard->last_id, delivered->element[i]->str, sizeof shard->last_id);
           g_array_append_val (idle, index);
@@ -652,8 +654,8 @@ reader_read (KdRedisConsumer  *self,
       n_groups++;
       conn = kd_redis_router_conn (router, self->shards[g_array_index (streams, guint, i)].slot, &local_error);
       if (conn != NULL &&
-          reader_read_group (self, conn, group_streams, group_generations, count, &reading_left, out, idle,
-                             &n_got, &again, &local_error))
+          reader_read_group (self, conn, group_streams, group_generations, count, &reading_left, out,
+                             kd_redis_router_is_cluster (router) ? NULL : idle, &n_got, &again, &local_error))
         continue;
       reader_failed (self, router, conn, (const guint *) (gpointer) group_streams->data,
                      (const guint *) (gpointer) group_generations->data, group_streams->len, local_error);
