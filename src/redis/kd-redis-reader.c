@@ -317,10 +317,11 @@ reader_done_reading (KdRedisConsumer *self,
 }
 
 /* Takes over up to @budget pending entries of a shard just gained, in id
- * order, from wherever its cursor stands. */
+ * order, from wherever its cursor stands, on the node of its stream; a
+ * failure fails that node (reader_failed()). */
 static gboolean
 reader_claim (KdRedisConsumer  *self,
-              KdRedisConn      *conn,
+              KdRedisRouter    *router,
               guint             index,
               guint             generation,
               const char       *cursor,
@@ -330,9 +331,15 @@ reader_claim (KdRedisConsumer  *self,
               GError          **error)
 {
   KdRedisShard *shard = &self->shards[index];
+  KdRedisConn *conn = kd_redis_router_conn (router, shard->slot, error);
   KdRedisArgs args;
   redisReply *reply;
 
+  if (conn == NULL)
+    {
+      reader_failed (self, router, NULL, &index, &generation, 1, *error);
+      return FALSE;
+    }
   kd_redis_args_init (&args);
   kd_redis_args_add_script (&args, conn, KD_REDIS_SCRIPT_CLAIM, 2);
   kd_redis_args_add_string (&args, shard->lease);
@@ -346,7 +353,10 @@ reader_claim (KdRedisConsumer  *self,
   reply = kd_redis_conn_run (conn, &args, error);
   kd_redis_args_clear (&args);
   if (reply == NULL)
-    return FALSE;
+    {
+      reader_failed (self, router, conn, &index, &generation, 1, *error);
+      return FALSE;
+    }
 
   kd_mutex_lock (&self->lock);
   if (reply->type == REDIS_REPLY_INTEGER)
@@ -373,28 +383,6 @@ reader_claim (KdRedisConsumer  *self,
   kd_redis_reply_free (reply);
 
   return TRUE;
-}
-
-/* reader_claim() on the node of the shard's stream; a failure fails the
- * shard's node (reader_failed()). */
-static gboolean
-reader_claim_on (KdRedisConsumer  *self,
-                 KdRedisRouter    *router,
-                 guint             index,
-                 guint             generation,
-                 const char       *cursor,
-                 guint             budget,
-                 gint64            min_idle_us,
-                 GPtrArray        *out,
-                 GError          **error)
-{
-  KdRedisConn *conn = kd_redis_router_conn (router, self->shards[index].slot, error);
-
-  if (conn != NULL &&
-      reader_claim (self, conn, index, generation, cursor, budget, min_idle_us, out, error))
-    return TRUE;
-  reader_failed (self, router, conn, &index, &generation, 1, *error);
-  return FALSE;
 }
 
 /* On a cluster: waits POLL_MIN_US, then twice as long after each round
@@ -804,8 +792,8 @@ kd_redis_reader_main (gpointer data)
 
       if (claiming >= 0)
         {
-          ok = reader_claim_on (self, &router, (guint) claiming, claim_generation, cursor, budget,
-                                0, entries, &error);
+          ok = reader_claim (self, &router, (guint) claiming, claim_generation, cursor, budget,
+                             0, entries, &error);
           reader_done_reading (self, streams);
           if (ok && !submit_entries (self, entries))
             break;
@@ -817,8 +805,8 @@ kd_redis_reader_main (gpointer data)
           kd_mutex_lock (&self->lock);
           g_strlcpy (cursor, self->shards[unkeyed].cursor, sizeof cursor);
           kd_mutex_unlock (&self->lock);
-          ok = reader_claim_on (self, &router, unkeyed, 0, cursor, budget, self->claim_idle_us,
-                                entries, &error);
+          ok = reader_claim (self, &router, unkeyed, 0, cursor, budget, self->claim_idle_us,
+                             entries, &error);
           reader_done_reading (self, streams);
           kd_mutex_lock (&self->lock);
           if (ok && strcmp (self->shards[unkeyed].cursor, "0-0") == 0)

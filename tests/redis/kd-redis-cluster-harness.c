@@ -16,9 +16,10 @@
  * CLUSTER SLOTS, INFO replication on every living node) every 20 ms until
  * the cluster is whole, with the deadline of every wait here,
  * KD_REDIS_TEST_DEADLINE_US. This is the only polling in the Redis tests,
- * and it watches the cluster itself: the queue's progress is waited for as
- * kd-redis-harness.c does, with kd_redis_queue_wait_backlog(), and
- * trimming and forgetting with keyspace events, here from every master.
+ * and it watches the cluster itself: the queue's progress is waited for by
+ * kd-redis-harness.c's waits, with kd_redis_queue_wait_backlog(), and
+ * trimming and forgetting with keyspace events, here from every master
+ * holding one of the queue's streams.
  *
  * The cluster is whole when every living node says cluster_state:ok with
  * all 16384 slots ok, every node's CLUSTER SLOTS covers every slot with a
@@ -30,18 +31,17 @@
  * redis+cluster://127.0.0.1:PORT, PORT a master's; worker processes log
  * to the cluster's directory, as kd-redis-harness.c's worker_start() does
  * to its server's, so that worker_finish(), stat_of() and check_logs()
- * apply unchanged. The harness's own looks at a queue's streams go to the
- * master that serves each stream's slot.
+ * apply unchanged. The cluster is a Place (kd-redis-harness.h), for
+ * kd-redis-harness.c's looks at what a queue holds: they go to the master
+ * that serves each stream's slot.
  */
 
 #include "config.h"
 
-#include <errno.h>
 #include <gio/gio.h>
 #include <glib/gstdio.h>
 #include <hiredis/hiredis.h>
 #include <kdispatch/kdispatch.h>
-#include <poll.h>
 #include <signal.h>
 #include <string.h>
 
@@ -50,6 +50,14 @@
 #include "kd-test-util.h"
 
 #define CLUSTER_SLOTS 16384
+
+static void          locate_streams   (Place      *place,
+                                       const char *name,
+                                       guint       n_shards,
+                                       gint       *node_of);
+static KdRedisQueue *place_open_queue (Place      *place,
+                                       const char *name,
+                                       guint       n_shards);
 
 /* ---- Looking at the nodes ---------------------------------------------- */
 
@@ -492,6 +500,7 @@ cluster_start (Cluster *cluster)
   guint i;
 
   memset (cluster, 0, sizeof *cluster);
+  cluster->place = (Place) { cluster->nodes, CLUSTER_NODES, locate_streams, place_open_queue };
   cluster->dir = g_dir_make_tmp ("kd-redis-cluster-XXXXXX", &error);
   g_assert_no_error (error);
   g_ptr_array_add (create, g_strdup ("--cluster"));
@@ -592,19 +601,28 @@ slot_of (Cluster    *cluster,
   return slot;
 }
 
-/* The node serving @key's slot, as a living node says. */
-guint
-cluster_master_of (Cluster    *cluster,
-                   const char *key)
+/* The node serving each slot, as a living node says (to free). */
+static gint8 *
+slot_map (Cluster *cluster)
 {
   g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
-  gint slot = slot_of (cluster, key);
+  gint8 *map = g_new (gint8, CLUSTER_SLOTS);
   redisContext *c = node_connect (cluster, any_node (cluster));
 
   if (!read_slot_map (cluster, c, map, why))
     g_error ("%s", why->str);
   redisFree (c);
+  return map;
+}
+
+/* The node serving @key's slot, as a living node says. */
+guint
+cluster_master_of (Cluster    *cluster,
+                   const char *key)
+{
+  g_autofree gint8 *map = slot_map (cluster);
+  gint slot = slot_of (cluster, key);
+
   g_assert_cmpint (map[slot], >=, 0);
   return (guint) map[slot];
 }
@@ -629,14 +647,9 @@ cluster_connect_key (Cluster    *cluster,
 char *
 cluster_url (Cluster *cluster)
 {
-  g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
-  redisContext *c = node_connect (cluster, any_node (cluster));
+  g_autofree gint8 *map = slot_map (cluster);
   guint i, slot;
 
-  if (!read_slot_map (cluster, c, map, why))
-    g_error ("%s", why->str);
-  redisFree (c);
   for (i = 0; i < CLUSTER_NODES; i++)
     for (slot = 0; node_alive (cluster, i) && slot < CLUSTER_SLOTS; slot++)
       if (map[slot] == (gint8) i)
@@ -835,29 +848,19 @@ cluster_worker_start (Cluster    *cluster,
   return worker;
 }
 
-/* Connections to the masters serving a queue's streams. */
-typedef struct
+/* As a Place's locate (kd-redis-harness.h): the master serving each
+ * stream's slot, as a living node says. */
+static void
+locate_streams (Place      *place,
+                const char *name,
+                guint       n_shards,
+                gint       *node_of)
 {
-  Cluster      *cluster;
-  gint          master[65537];        /* per stream (the unkeyed one last): its node */
-  redisContext *nodes[CLUSTER_NODES]; /* opened as needed */
-} Router;
-
-static Router *
-router_new (Cluster    *cluster,
-            const char *name,
-            guint       n_shards)
-{
-  Router *router = g_new0 (Router, 1);
-  g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
+  Cluster *cluster = (Cluster *) place;   /* its first member */
+  g_autofree gint8 *map = slot_map (cluster);
   redisContext *c = node_connect (cluster, any_node (cluster));
   gint shard;
 
-  g_assert_cmpuint (n_shards, <, G_N_ELEMENTS (router->master));
-  router->cluster = cluster;
-  if (!read_slot_map (cluster, c, map, why))
-    g_error ("%s", why->str);
   for (shard = 0; shard <= (gint) n_shards; shard++)
     {
       g_autofree char *stream = stream_name (name, shard == (gint) n_shards ? -1 : shard);
@@ -870,343 +873,18 @@ router_new (Cluster    *cluster,
 
       g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
       g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
-      router->master[shard] = map[reply->integer];
-      g_assert_cmpint (router->master[shard], >=, 0);
-      g_assert_true (node_alive (cluster, (guint) router->master[shard]));
+      node_of[shard] = map[reply->integer];
+      g_assert_cmpint (node_of[shard], >=, 0);
+      g_assert_true (node_alive (cluster, (guint) node_of[shard]));
       freeReplyObject (reply);
     }
   redisFree (c);
-  return router;
 }
 
-/* The connection to the master of shard @shard's stream (-1: the unkeyed
- * one's) of a queue of @n_shards. */
-static redisContext *
-router_stream (Router *router,
-               guint   n_shards,
-               gint    shard)
+static KdRedisQueue *
+place_open_queue (Place      *place,
+                  const char *name,
+                  guint       n_shards)
 {
-  gint node = router->master[shard < 0 ? (gint) n_shards : shard];
-
-  if (router->nodes[node] == NULL)
-    router->nodes[node] = node_connect (router->cluster, (guint) node);
-  return router->nodes[node];
-}
-
-static void
-router_free (Router *router)
-{
-  guint i;
-
-  for (i = 0; i < CLUSTER_NODES; i++)
-    g_clear_pointer (&router->nodes[i], redisFree);
-  g_free (router);
-}
-
-G_DEFINE_AUTOPTR_CLEANUP_FUNC (Router, router_free)
-
-/* Sends @format (a command, with %s for the stream) for each stream of the
- * queue, the unkeyed one first, to the master serving it, and hands each
- * reply to @each. */
-static void
-each_stream (Cluster     *cluster,
-             const char  *name,
-             guint        n_shards,
-             const char  *format,
-             void       (*each) (const redisReply *reply,
-                                 gpointer          data),
-             gpointer     data)
-{
-  g_autoptr (Router) router = router_new (cluster, name, n_shards);
-  gint shard;
-
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      g_autofree char *stream = stream_name (name, shard);
-      redisReply *reply = redisCommand (router_stream (router, n_shards, shard), format, stream);
-
-      g_assert_nonnull (reply);
-      if (reply->type == REDIS_REPLY_ERROR)
-        g_error ("%s on %s: %s", format, stream, reply->str);
-      each (reply, data);
-      freeReplyObject (reply);
-    }
-}
-
-/* As queue_progress(), from the masters serving the streams. */
-void
-cluster_queue_progress (Cluster    *cluster,
-                        const char *name,
-                        guint       n_shards,
-                        Progress   *progress)
-{
-  g_autoptr (Router) router = router_new (cluster, name, n_shards);
-  gint shard;
-
-  progress->entries = progress->unfinished = 0;
-  for (shard = -1; shard < (gint) n_shards; shard++)
-    {
-      redisContext *c = router_stream (router, n_shards, shard);
-      g_autofree char *stream = stream_name (name, shard);
-      redisReply *reply = redisCommand (c, "XLEN %s", stream);
-      gsize g, f;
-
-      g_assert_nonnull (reply);
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
-      progress->entries += (guint64) reply->integer;
-      freeReplyObject (reply);
-
-      reply = redisCommand (c, "XINFO GROUPS %s", stream);
-      g_assert_nonnull (reply);
-      /* No group yet (no consumer ran): nothing was read. */
-      if (reply->type == REDIS_REPLY_ERROR)
-        {
-          freeReplyObject (reply);
-          continue;
-        }
-      g_assert_cmpint (reply->type, ==, REDIS_REPLY_ARRAY);
-      for (g = 0; g < reply->elements; g++)
-        {
-          redisReply *group = reply->element[g];
-          gboolean lag_known = FALSE;
-          const char *last = "0-0";
-
-          for (f = 0; f + 1 < group->elements; f += 2)
-            {
-              const char *field = group->element[f]->str;
-              redisReply *value = group->element[f + 1];
-
-              if (strcmp (field, "pending") == 0)
-                progress->unfinished += (guint64) value->integer;
-              else if (strcmp (field, "lag") == 0 && value->type == REDIS_REPLY_INTEGER)
-                {
-                  progress->unfinished += (guint64) value->integer;
-                  lag_known = TRUE;
-                }
-              else if (strcmp (field, "last-delivered-id") == 0)
-                last = value->str;
-            }
-          /* Redis does not always know the lag (after a restart from the
-           * AOF, say): count the entries not delivered yet. */
-          if (!lag_known)
-            {
-              redisReply *rest = redisCommand (c, "XRANGE %s (%s +", stream, last);
-
-              g_assert_nonnull (rest);
-              g_assert_cmpint (rest->type, ==, REDIS_REPLY_ARRAY);
-              progress->unfinished += rest->elements;
-              freeReplyObject (rest);
-            }
-        }
-      freeReplyObject (reply);
-    }
-}
-
-/* As wait_finished(), through a queue on the cluster: waits until at least
- * @done of @total jobs are finished (acknowledged or dead-lettered). */
-void
-cluster_wait_finished (Cluster    *cluster,
-                       const char *name,
-                       guint       n_shards,
-                       guint64     total,
-                       guint64     done)
-{
-  g_autoptr (KdRedisQueue) queue = cluster_open_queue (cluster, name, n_shards);
-  g_autoptr (GError) error = NULL;
-  Progress progress;
-
-  if (!kd_redis_queue_wait_backlog (queue, total - done, KD_REDIS_TEST_DEADLINE_US, &error))
-    {
-      cluster_queue_progress (cluster, name, n_shards, &progress);
-      g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished: %s",
-               total - progress.unfinished, total, error->message);
-    }
-  /* The library's count against the test's own. */
-  cluster_queue_progress (cluster, name, n_shards, &progress);
-  g_assert_cmpuint (progress.entries, <=, total);
-  g_assert_cmpuint (progress.unfinished, <=, total - done);
-}
-
-typedef struct
-{
-  const char *consumer;
-  guint64     count;
-} Counting;
-
-static void
-add_pending (const redisReply *reply,
-             gpointer          data)
-{
-  Counting *counting = data;
-  gsize i;
-
-  /* [count, first id, last id, [[consumer, count], ...]] */
-  if (reply->elements == 4 && reply->element[3]->type == REDIS_REPLY_ARRAY)
-    for (i = 0; i < reply->element[3]->elements; i++)
-      if (strcmp (reply->element[3]->element[i]->element[0]->str, counting->consumer) == 0)
-        counting->count += g_ascii_strtoull (reply->element[3]->element[i]->element[1]->str, NULL, 10);
-}
-
-/* As consumer_pending(): how many entries @consumer holds read and not
- * acknowledged. */
-guint64
-cluster_consumer_pending (Cluster    *cluster,
-                          const char *name,
-                          guint       n_shards,
-                          const char *consumer)
-{
-  Counting counting = { consumer, 0 };
-
-  each_stream (cluster, name, n_shards, "XPENDING %s kd", add_pending, &counting);
-  return counting.count;
-}
-
-static void
-add_length (const redisReply *reply,
-            gpointer          data)
-{
-  Counting *counting = data;
-
-  g_assert_cmpint (reply->type, ==, REDIS_REPLY_INTEGER);
-  counting->count += (guint64) reply->integer;
-}
-
-/* As streams_length(): the entries the queue's streams hold. */
-guint64
-cluster_streams_length (Cluster    *cluster,
-                        const char *name,
-                        guint       n_shards)
-{
-  Counting counting = { NULL, 0 };
-
-  each_stream (cluster, name, n_shards, "XLEN %s", add_length, &counting);
-  return counting.count;
-}
-
-static void
-add_if_known (const redisReply *reply,
-              gpointer          data)
-{
-  Counting *counting = data;
-  gsize i, f;
-
-  for (i = 0; i < reply->elements; i++)
-    for (f = 0; f + 1 < reply->element[i]->elements; f += 2)
-      if (strcmp (reply->element[i]->element[f]->str, "name") == 0 &&
-          strcmp (reply->element[i]->element[f + 1]->str, counting->consumer) == 0)
-        counting->count++;
-}
-
-/* Waits until @done (@data) holds, looking again after each keyspace event
- * @event on any master (each notifies its own keys' events only). */
-static void
-wait_keyevent (Cluster     *cluster,
-               const char  *event,
-               gboolean   (*done) (gpointer data),
-               gpointer     data,
-               const char  *what)
-{
-  gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
-  g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree gint8 *map = g_new (gint8, CLUSTER_SLOTS);
-  redisContext *subscribed[CLUSTER_NODES] = { NULL };
-  struct pollfd fds[CLUSTER_NODES];
-  redisContext *c = node_connect (cluster, any_node (cluster));
-  guint i, slot, n = 0;
-
-  if (!read_slot_map (cluster, c, map, why))
-    g_error ("%s", why->str);
-  redisFree (c);
-  for (i = 0; i < CLUSTER_NODES; i++)
-    for (slot = 0; slot < CLUSTER_SLOTS; slot++)
-      if (map[slot] == (gint8) i)
-        {
-          redisReply *reply;
-
-          subscribed[n] = node_connect (cluster, i);
-          reply = redisCommand (subscribed[n], "SUBSCRIBE __keyevent@0__:%s", event);
-          g_assert_nonnull (reply);
-          freeReplyObject (reply);
-          fds[n].fd = subscribed[n]->fd;
-          fds[n].events = POLLIN;
-          n++;
-          break;
-        }
-  /* Subscribed before looking: an event after the look wakes the wait. */
-  while (!done (data))
-    {
-      gint64 left = deadline - g_get_monotonic_time ();
-      int ready = left > 0 ? poll (fds, n, (int) (left / 1000) + 1) : 0;
-
-      if (ready < 0 && errno == EINTR)
-        continue;
-      g_assert_cmpint (ready, >=, 0);
-      if (ready == 0)
-        g_error ("%s: not in %d s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC));
-      for (i = 0; i < n; i++)
-        if (fds[i].revents != 0)
-          {
-            redisReply *reply = NULL;
-
-            if (redisBufferRead (subscribed[i]) != REDIS_OK)
-              g_error ("%s: %s", what, subscribed[i]->errstr);
-            while (redisGetReplyFromReader (subscribed[i], (void **) &reply) == REDIS_OK && reply != NULL)
-              g_clear_pointer (&reply, freeReplyObject);
-          }
-    }
-  for (i = 0; i < n; i++)
-    redisFree (subscribed[i]);
-}
-
-typedef struct
-{
-  Cluster    *cluster;
-  const char *name;
-  guint       n_shards;
-  guint64     length;
-  const char *consumer;
-} Looking;
-
-static gboolean
-trimmed_down (gpointer data)
-{
-  Looking *looking = data;
-
-  return cluster_streams_length (looking->cluster, looking->name, looking->n_shards) <= looking->length;
-}
-
-/* As wait_trimmed(): until the consumers have trimmed the queue's streams
- * down to @length entries. */
-void
-cluster_wait_trimmed (Cluster    *cluster,
-                      const char *name,
-                      guint       n_shards,
-                      guint64     length)
-{
-  Looking looking = { cluster, name, n_shards, length, NULL };
-
-  wait_keyevent (cluster, "xtrim", trimmed_down, &looking, "trimming the streams");
-}
-
-static gboolean
-forgotten (gpointer data)
-{
-  Looking *looking = data;
-  Counting counting = { looking->consumer, 0 };
-
-  each_stream (looking->cluster, looking->name, looking->n_shards, "XINFO CONSUMERS %s kd", add_if_known,
-               &counting);
-  return counting.count == 0;
-}
-
-/* As wait_forgotten(): until no group of the queue knows @consumer. */
-void
-cluster_wait_forgotten (Cluster    *cluster,
-                        const char *name,
-                        guint       n_shards,
-                        const char *consumer)
-{
-  Looking looking = { cluster, name, n_shards, 0, consumer };
-
-  wait_keyevent (cluster, "xgroup-delconsumer", forgotten, &looking, "forgetting a dead consumer");
+  return cluster_open_queue ((Cluster *) place, name, n_shards);
 }

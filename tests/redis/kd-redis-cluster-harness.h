@@ -4,7 +4,8 @@
  *
  * kd-redis-cluster-harness.c says how the cluster is made and watched, and
  * what each function does where it defines it. The jobs, the worker
- * processes and their logs are kd-redis-harness.h's.
+ * processes, their logs and the looks at what a queue holds (through the
+ * cluster's @place) are kd-redis-harness.h's.
  */
 
 #pragma once
@@ -28,6 +29,10 @@ G_BEGIN_DECLS
 
 typedef struct
 {
+  /* Where a queue's streams are, for kd-redis-harness.h's looks at what
+   * it holds: on the masters. The first member, so that the harness's
+   * Place * is the Cluster * too. */
+  Place   place;
   char   *dir;                      /* the nodes' directories and the workers' logs */
   Server  nodes[CLUSTER_NODES];     /* a killed node's process is NULL */
   guint   bus_ports[CLUSTER_NODES];
@@ -68,29 +73,5 @@ Worker        *cluster_worker_start    (Cluster     *cluster,
                                         const char  *name,
                                         guint        index,
                                         ...) G_GNUC_NULL_TERMINATED;
-void           cluster_queue_progress  (Cluster     *cluster,
-                                        const char  *name,
-                                        guint        n_shards,
-                                        Progress    *progress);
-void           cluster_wait_finished   (Cluster     *cluster,
-                                        const char  *name,
-                                        guint        n_shards,
-                                        guint64      total,
-                                        guint64      done);
-guint64        cluster_consumer_pending (Cluster    *cluster,
-                                         const char *name,
-                                         guint       n_shards,
-                                         const char *consumer);
-guint64        cluster_streams_length  (Cluster     *cluster,
-                                        const char  *name,
-                                        guint        n_shards);
-void           cluster_wait_trimmed    (Cluster     *cluster,
-                                        const char  *name,
-                                        guint        n_shards,
-                                        guint64      length);
-void           cluster_wait_forgotten  (Cluster     *cluster,
-                                        const char  *name,
-                                        guint        n_shards,
-                                        const char  *consumer);
 
 G_END_DECLS

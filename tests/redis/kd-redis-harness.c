@@ -22,6 +22,11 @@
  * deadline, KD_REDIS_TEST_DEADLINE_US (kd-redis-harness.h), past which the test
  * fails.
  *
+ * The looks at what a queue holds, and the waits on them, go through a
+ * Place (kd-redis-harness.h) to the node holding each stream: a lone
+ * server holds them all, and kd-redis-cluster-harness.c makes a cluster's
+ * masters a Place, so that the same looks serve a cluster's queues.
+ *
  * A server with @tls also listens with TLS on a port of its own, with
  * certificates openssl makes for it (a CA, the server's, a client's), and
  * asks clients for theirs: the queues open_queue() makes and the worker
@@ -31,6 +36,7 @@
 
 #include "config.h"
 
+#include <errno.h>
 #include <gio/gio.h>
 #include <hiredis/hiredis.h>
 #include <kdispatch/kdispatch.h>
@@ -319,6 +325,7 @@ server_start (Server *server)
 
   server->dir = g_dir_make_tmp ("kd-redis-XXXXXX", &error);
   g_assert_no_error (error);
+  server->place = (Place) { .nodes = server, .n_nodes = 1 };
   server->port = free_port ();
   if (server->tls)
     {
@@ -498,11 +505,79 @@ stream_name (const char *name,
   return shard < 0 ? g_strdup_printf ("%s:{u}", name) : g_strdup_printf ("%s:{%d}", name, shard);
 }
 
-/* Sends @format (a command, with %s for the stream) for each stream of the
- * queue, the unkeyed one first, in one round trip, and hands each reply to
- * @each. */
+/* The connections of one look at a queue's streams: per stream (the
+ * shards' in order, then the unkeyed one) the node of @place holding it,
+ * and a connection per node, opened as needed. */
+typedef struct
+{
+  Place         *place;
+  guint          n_shards;
+  gint          *node_of;
+  redisContext **nodes;
+} Route;
+
+static Route *
+route_new (Place      *place,
+           const char *name,
+           guint       n_shards)
+{
+  Route *route = g_new0 (Route, 1);
+
+  route->place = place;
+  route->n_shards = n_shards;
+  route->node_of = g_new0 (gint, n_shards + 1);
+  route->nodes = g_new0 (redisContext *, place->n_nodes);
+  if (place->locate != NULL)
+    place->locate (place, name, n_shards, route->node_of);
+  return route;
+}
+
+/* The connection to the node holding shard @shard's stream (-1: the
+ * unkeyed one's). */
+static redisContext *
+route_stream (Route *route,
+              gint   shard)
+{
+  gint node = route->node_of[shard < 0 ? (gint) route->n_shards : shard];
+
+  if (route->nodes[node] == NULL)
+    {
+      route->nodes[node] = server_connect (&route->place->nodes[node]);
+      if (route->nodes[node] == NULL)
+        g_error ("redis-server on port %u does not answer", route->place->nodes[node].port);
+    }
+  return route->nodes[node];
+}
+
 static void
-each_stream (Server      *server,
+route_free (Route *route)
+{
+  guint i;
+
+  for (i = 0; i < route->place->n_nodes; i++)
+    g_clear_pointer (&route->nodes[i], redisFree);
+  g_free (route->nodes);
+  g_free (route->node_of);
+  g_free (route);
+}
+
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (Route, route_free)
+
+static KdRedisQueue *
+place_open_queue (Place      *place,
+                  const char *name,
+                  guint       n_shards)
+{
+  if (place->open_queue != NULL)
+    return place->open_queue (place, name, n_shards);
+  return open_queue (&place->nodes[0], name, n_shards);
+}
+
+/* Sends @format (a command, with %s for the stream) for each stream of the
+ * queue, the unkeyed one first, to the node holding it, in one round trip
+ * per node, and hands each reply to @each. */
+static void
+each_stream (Place       *place,
              const char  *name,
              guint        n_shards,
              const char  *format,
@@ -510,26 +585,27 @@ each_stream (Server      *server,
                                  gpointer          data),
              gpointer     data)
 {
-  redisContext *c = server_connect (server);
+  g_autoptr (Route) route = route_new (place, name, n_shards);
   gint shard;
 
-  g_assert_nonnull (c);
   for (shard = -1; shard < (gint) n_shards; shard++)
     {
       g_autofree char *stream = stream_name (name, shard);
 
-      redisAppendCommand (c, format, stream);
+      redisAppendCommand (route_stream (route, shard), format, stream);
     }
+  /* Each node answers in the order it was asked. */
   for (shard = -1; shard < (gint) n_shards; shard++)
     {
+      g_autofree char *stream = stream_name (name, shard);
       redisReply *reply = NULL;
 
-      g_assert_cmpint (redisGetReply (c, (void **) &reply), ==, REDIS_OK);
-      g_assert_cmpint (reply->type, !=, REDIS_REPLY_ERROR);
+      g_assert_cmpint (redisGetReply (route_stream (route, shard), (void **) &reply), ==, REDIS_OK);
+      if (reply->type == REDIS_REPLY_ERROR)
+        g_error ("%s on %s: %s", format, stream, reply->str);
       each (reply, data);
       freeReplyObject (reply);
     }
-  redisFree (c);
 }
 
 typedef struct
@@ -539,28 +615,30 @@ typedef struct
 } Counting;
 
 void
-queue_progress (Server     *server,
+queue_progress (Place      *place,
                 const char *name,
                 guint       n_shards,
                 Progress   *progress)
 {
-  redisContext *c = server_connect (server);
+  g_autoptr (Route) route = route_new (place, name, n_shards);
+  /* The groups whose lag Redis does not know: their streams' shards, and
+   * the ids after their last delivered ones. */
+  g_autoptr (GArray) unknown_shards = g_array_new (FALSE, FALSE, sizeof (gint));
   g_autoptr (GPtrArray) unknown = g_ptr_array_new_with_free_func (g_free);
-  g_autoptr (GPtrArray) unknown_streams = g_ptr_array_new_with_free_func (g_free);
   gint shard;
   guint i;
 
-  g_assert_nonnull (c);
   progress->entries = progress->unfinished = 0;
   for (shard = -1; shard < (gint) n_shards; shard++)
     {
       g_autofree char *stream = stream_name (name, shard);
 
-      redisAppendCommand (c, "XLEN %s", stream);
-      redisAppendCommand (c, "XINFO GROUPS %s", stream);
+      redisAppendCommand (route_stream (route, shard), "XLEN %s", stream);
+      redisAppendCommand (route_stream (route, shard), "XINFO GROUPS %s", stream);
     }
   for (shard = -1; shard < (gint) n_shards; shard++)
     {
+      redisContext *c = route_stream (route, shard);
       redisReply *reply = NULL;
       gsize g, f;
 
@@ -601,15 +679,18 @@ queue_progress (Server     *server,
           /* After a restart from the AOF Redis no longer knows the lag:
            * count the entries not delivered yet. */
           if (!lag_known)
-            g_ptr_array_add (unknown, g_strdup_printf ("(%s", last));
-          if (!lag_known)
-            g_ptr_array_add (unknown_streams, stream_name (name, shard));
+            {
+              g_array_append_val (unknown_shards, shard);
+              g_ptr_array_add (unknown, g_strdup_printf ("(%s", last));
+            }
         }
       freeReplyObject (reply);
     }
   for (i = 0; i < unknown->len; i++)
     {
-      redisReply *reply = redisCommand (c, "XRANGE %s %s +", (char *) g_ptr_array_index (unknown_streams, i),
+      gint at = g_array_index (unknown_shards, gint, i);
+      g_autofree char *stream = stream_name (name, at);
+      redisReply *reply = redisCommand (route_stream (route, at), "XRANGE %s %s +", stream,
                                         (char *) g_ptr_array_index (unknown, i));
 
       g_assert_nonnull (reply);
@@ -617,30 +698,29 @@ queue_progress (Server     *server,
       progress->unfinished += reply->elements;
       freeReplyObject (reply);
     }
-  redisFree (c);
 }
 
 /* Waits until at least @done of @total jobs are finished (acknowledged or
  * dead-lettered); all of them if @done is @total. */
 void
-wait_finished (Server     *server,
+wait_finished (Place      *place,
                const char *name,
                guint       n_shards,
                guint64     total,
                guint64     done)
 {
-  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
+  g_autoptr (KdRedisQueue) queue = place_open_queue (place, name, n_shards);
   g_autoptr (GError) error = NULL;
   Progress progress;
 
   if (!kd_redis_queue_wait_backlog (queue, total - done, KD_REDIS_TEST_DEADLINE_US, &error))
     {
-      queue_progress (server, name, n_shards, &progress);
+      queue_progress (place, name, n_shards, &progress);
       g_error ("%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT " jobs finished: %s",
                total - progress.unfinished, total, error->message);
     }
   /* The library's count against the test's own. */
-  queue_progress (server, name, n_shards, &progress);
+  queue_progress (place, name, n_shards, &progress);
   g_assert_cmpuint (progress.entries, <=, total);
   g_assert_cmpuint (progress.unfinished, <=, total - done);
 }
@@ -661,14 +741,14 @@ add_pending (const redisReply *reply,
 
 /* How many entries @consumer holds read and not acknowledged. */
 guint64
-consumer_pending (Server     *server,
+consumer_pending (Place      *place,
                   const char *name,
                   guint       n_shards,
                   const char *consumer)
 {
   Counting counting = { consumer, 0 };
 
-  each_stream (server, name, n_shards, "XPENDING %s kd", add_pending, &counting);
+  each_stream (place, name, n_shards, "XPENDING %s kd", add_pending, &counting);
   return counting.count;
 }
 
@@ -684,13 +764,13 @@ add_length (const redisReply *reply,
 
 /* How many entries the queue's streams hold, the unkeyed one included. */
 guint64
-streams_length (Server     *server,
+streams_length (Place      *place,
                 const char *name,
                 guint       n_shards)
 {
   Counting counting = { NULL, 0 };
 
-  each_stream (server, name, n_shards, "XLEN %s", add_length, &counting);
+  each_stream (place, name, n_shards, "XLEN %s", add_length, &counting);
   return counting.count;
 }
 
@@ -708,17 +788,17 @@ id_after (const char *id,
 /* How many of the entries the streams still hold are unfinished: pending
  * in the group, or after the last one it was delivered. */
 guint64
-unfinished_present (Server     *server,
+unfinished_present (Place      *place,
                     const char *name,
                     guint       n_shards)
 {
-  redisContext *c = server_connect (server);
+  g_autoptr (Route) route = route_new (place, name, n_shards);
   guint64 present = 0;
   gint shard;
 
-  g_assert_nonnull (c);
   for (shard = -1; shard < (gint) n_shards; shard++)
     {
+      redisContext *c = route_stream (route, shard);
       g_autofree char *stream = stream_name (name, shard);
       g_autoptr (GHashTable) pending = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
       g_autofree char *last = NULL;
@@ -754,43 +834,71 @@ unfinished_present (Server     *server,
         }
       freeReplyObject (reply);
     }
-  redisFree (c);
   return present;
 }
 
 /* Waits until @done (@data) holds, looking again after each keyspace event
- * @event (which the test's servers notify). */
+ * @event (which the test's servers notify) on any node holding one of
+ * queue @name's streams: each notifies its own keys' events only. */
 static void
-wait_keyevent (Server      *server,
+wait_keyevent (Place       *place,
+               const char  *name,
+               guint        n_shards,
                const char  *event,
                gboolean   (*done) (gpointer data),
                gpointer     data,
                const char  *what)
 {
   gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
-  redisContext *c = server_connect (server);
-  redisReply *reply = redisCommand (c, "SUBSCRIBE __keyevent@0__:%s", event);
+  /* Connections of its own: a subscribed one takes no other command. */
+  g_autoptr (Route) route = route_new (place, name, n_shards);
+  g_autofree struct pollfd *fds = g_new (struct pollfd, place->n_nodes);
+  g_autofree redisContext **subscribed = g_new (redisContext *, place->n_nodes);
+  guint i, n = 0;
+  gint shard;
 
-  g_assert_nonnull (reply);
-  freeReplyObject (reply);
+  /* A connection to each node holding one of the streams, subscribed. */
+  for (shard = -1; shard < (gint) n_shards; shard++)
+    route_stream (route, shard);
+  for (i = 0; i < place->n_nodes; i++)
+    if (route->nodes[i] != NULL)
+      {
+        redisReply *reply = redisCommand (route->nodes[i], "SUBSCRIBE __keyevent@0__:%s", event);
+
+        g_assert_nonnull (reply);
+        freeReplyObject (reply);
+        subscribed[n] = route->nodes[i];
+        fds[n].fd = route->nodes[i]->fd;
+        fds[n].events = POLLIN;
+        n++;
+      }
   /* Subscribed before looking: an event after the look wakes the wait. */
   while (!done (data))
     {
       gint64 left = deadline - g_get_monotonic_time ();
-      struct timeval tv = { (time_t) (MAX (left, 1) / G_USEC_PER_SEC), (suseconds_t) (MAX (left, 1) % G_USEC_PER_SEC) };
+      int ready = left > 0 ? poll (fds, n, (int) (left / 1000) + 1) : 0;
 
-      g_assert_cmpint (left, >, 0);
-      g_assert_cmpint (redisSetTimeout (c, tv), ==, REDIS_OK);
-      if (redisGetReply (c, (void **) &reply) != REDIS_OK)
-        g_error ("%s: not in %d s: %s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC), c->errstr);
-      freeReplyObject (reply);
+      if (ready < 0 && errno == EINTR)
+        continue;
+      g_assert_cmpint (ready, >=, 0);
+      if (ready == 0)
+        g_error ("%s: not in %d s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC));
+      for (i = 0; i < n; i++)
+        if (fds[i].revents != 0)
+          {
+            redisReply *reply = NULL;
+
+            if (redisBufferRead (subscribed[i]) != REDIS_OK)
+              g_error ("%s: %s", what, subscribed[i]->errstr);
+            while (redisGetReplyFromReader (subscribed[i], (void **) &reply) == REDIS_OK && reply != NULL)
+              g_clear_pointer (&reply, freeReplyObject);
+          }
     }
-  redisFree (c);
 }
 
 typedef struct
 {
-  Server     *server;
+  Place      *place;
   const char *name;
   guint       n_shards;
   guint64     length;
@@ -802,20 +910,20 @@ trimmed_down (gpointer data)
 {
   Looking *looking = data;
 
-  return streams_length (looking->server, looking->name, looking->n_shards) <= looking->length;
+  return streams_length (looking->place, looking->name, looking->n_shards) <= looking->length;
 }
 
 /* Waits until the consumers have trimmed the queue's streams down to
  * @length entries. */
 void
-wait_trimmed (Server     *server,
+wait_trimmed (Place      *place,
               const char *name,
               guint       n_shards,
               guint64     length)
 {
-  Looking looking = { server, name, n_shards, length, NULL };
+  Looking looking = { place, name, n_shards, length, NULL };
 
-  wait_keyevent (server, "xtrim", trimmed_down, &looking, "trimming the streams");
+  wait_keyevent (place, name, n_shards, "xtrim", trimmed_down, &looking, "trimming the streams");
 }
 
 static void
@@ -832,37 +940,29 @@ add_if_known (const redisReply *reply,
         counting->count++;
 }
 
-/* How many of the queue's groups (one per stream) know @consumer. */
-static guint64
-consumer_groups (Server     *server,
-                 const char *name,
-                 guint       n_shards,
-                 const char *consumer)
-{
-  Counting counting = { consumer, 0 };
-
-  each_stream (server, name, n_shards, "XINFO CONSUMERS %s kd", add_if_known, &counting);
-  return counting.count;
-}
-
 static gboolean
 forgotten (gpointer data)
 {
   Looking *looking = data;
+  Counting counting = { looking->consumer, 0 };
 
-  return consumer_groups (looking->server, looking->name, looking->n_shards, looking->consumer) == 0;
+  /* How many of the queue's groups (one per stream) know the consumer. */
+  each_stream (looking->place, looking->name, looking->n_shards, "XINFO CONSUMERS %s kd", add_if_known,
+               &counting);
+  return counting.count == 0;
 }
 
 /* Waits until no group of the queue knows @consumer any more. */
 void
-wait_forgotten (Server     *server,
+wait_forgotten (Place      *place,
                 const char *name,
                 guint       n_shards,
                 const char *consumer)
 {
-  Looking looking = { server, name, n_shards, 0, consumer };
+  Looking looking = { place, name, n_shards, 0, consumer };
 
-  wait_keyevent (server, "xgroup-delconsumer", forgotten, &looking, "forgetting a dead consumer");
+  wait_keyevent (place, name, n_shards, "xgroup-delconsumer", forgotten, &looking,
+                 "forgetting a dead consumer");
 }
 
 /* ---- Jobs: key-K numbered from 1, in a shuffled order of keys ---------- */
@@ -1052,6 +1152,59 @@ stat_of (const char *out,
   const char *at = out != NULL ? strstr (out, needle) : NULL;
 
   return at != NULL ? g_ascii_strtoull (at + strlen (needle), NULL, 10) : 0;
+}
+
+/* Finishes the @n_workers workers (@killed, unless -1, was killed) and
+ * logs each one's output. */
+void
+finish_workers (Worker **workers,
+                guint    n_workers,
+                gint     killed)
+{
+  guint w;
+
+  for (w = 0; w < n_workers; w++)
+    {
+      worker_finish (workers[w], (gint) w == killed);
+      g_test_message ("worker %u (%s): %s", w, workers[w]->name, workers[w]->out);
+    }
+}
+
+/* The sum of the finished workers' stat @name. */
+guint64
+workers_stat (Worker    **workers,
+              guint       n_workers,
+              const char *name)
+{
+  guint64 sum = 0;
+  guint w;
+
+  for (w = 0; w < n_workers; w++)
+    sum += stat_of (workers[w]->out, name);
+  return sum;
+}
+
+/* Waits until @worker holds entries read and not acknowledged, looking
+ * again after each step of the queue's progress. (A broken build that
+ * acknowledges on read never holds any: the test fails at the deadline.) */
+void
+wait_holding (Place      *place,
+              const char *name,
+              guint       n_shards,
+              Worker     *worker)
+{
+  g_autoptr (KdRedisQueue) queue = place_open_queue (place, name, n_shards);
+  g_autoptr (GError) error = NULL;
+  guint64 backlog;
+
+  while (consumer_pending (place, name, n_shards, worker->name) == 0)
+    {
+      g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+      g_assert_no_error (error);
+      g_assert_cmpuint (backlog, >, 0);
+      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, KD_REDIS_TEST_DEADLINE_US, &error));
+      g_assert_no_error (error);
+    }
 }
 
 /* ---- The logs ---------------------------------------------------------- */

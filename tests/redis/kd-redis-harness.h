@@ -44,7 +44,32 @@ void           tls_files_clear    (TlsFiles   *files);
 
 /* ---- A redis-server of our own ----------------------------------------- */
 
-typedef struct
+typedef struct _Server Server;
+typedef struct _Place Place;
+
+/* Where a queue's streams are, for the looks at what it holds (below):
+ * the nodes, which of them holds each stream, and how to open a queue on
+ * them. A lone server is a place of one node, holding every stream: its
+ * @place, which server_start() sets up. A cluster's is its masters
+ * (kd-redis-cluster-harness.c). */
+struct _Place
+{
+  Server        *nodes;
+  guint          n_nodes;
+  /* Fills @node_of with the node holding each stream of queue @name: the
+   * shards' in order, then the unkeyed one's. NULL: the first node holds
+   * every stream. */
+  void         (*locate)     (Place      *place,
+                              const char *name,
+                              guint       n_shards,
+                              gint       *node_of);
+  /* NULL: open_queue() on the first node. */
+  KdRedisQueue *(*open_queue) (Place      *place,
+                               const char *name,
+                               guint       n_shards);
+};
+
+struct _Server
 {
   char        *dir;
   guint        port;
@@ -54,7 +79,8 @@ typedef struct
   TlsFiles     tls_files;           /* with @tls: made in @dir by server_start() */
   guint        tls_port;
   GSubprocess *process;
-} Server;
+  Place        place;               /* the server alone, for the looks at its queues */
+};
 
 void           find_redis_server  (void);
 void           die_with_parent    (gpointer    data);
@@ -103,30 +129,30 @@ typedef struct
 
 char          *stream_name        (const char *name,
                                    gint        shard);
-void           queue_progress     (Server     *server,
+void           queue_progress     (Place      *place,
                                    const char *name,
                                    guint       n_shards,
                                    Progress   *progress);
-void           wait_finished      (Server     *server,
+void           wait_finished      (Place      *place,
                                    const char *name,
                                    guint       n_shards,
                                    guint64     total,
                                    guint64     done);
-guint64        consumer_pending   (Server     *server,
+guint64        consumer_pending   (Place      *place,
                                    const char *name,
                                    guint       n_shards,
                                    const char *consumer);
-guint64        streams_length     (Server     *server,
+guint64        streams_length     (Place      *place,
                                    const char *name,
                                    guint       n_shards);
-guint64        unfinished_present (Server     *server,
+guint64        unfinished_present (Place      *place,
                                    const char *name,
                                    guint       n_shards);
-void           wait_trimmed       (Server     *server,
+void           wait_trimmed       (Place      *place,
                                    const char *name,
                                    guint       n_shards,
                                    guint64     length);
-void           wait_forgotten     (Server     *server,
+void           wait_forgotten     (Place      *place,
                                    const char *name,
                                    guint       n_shards,
                                    const char *consumer);
@@ -179,6 +205,16 @@ void           worker_finish      (Worker     *worker,
 void           worker_free        (Worker     *worker);
 guint64        stat_of            (const char *out,
                                    const char *name);
+void           finish_workers     (Worker    **workers,
+                                   guint       n_workers,
+                                   gint        killed);
+guint64        workers_stat       (Worker    **workers,
+                                   guint       n_workers,
+                                   const char *name);
+void           wait_holding       (Place      *place,
+                                   const char *name,
+                                   guint       n_shards,
+                                   Worker     *worker);
 
 /* ---- The logs ---------------------------------------------------------- */
 

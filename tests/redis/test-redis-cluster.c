@@ -135,7 +135,7 @@ test_in_process (void)
   g_assert_cmpuint (stats.read + stats.claimed, ==, jobs.total + 100);
   g_assert_cmpuint (stats.in_flight, ==, 0);
   g_assert_cmpuint (stats.shards_owned, ==, 0);
-  cluster_queue_progress (&cluster, "inproc", 64, &progress);
+  queue_progress (&cluster.place, "inproc", 64, &progress);
   g_assert_cmpuint (progress.entries, <=, jobs.total + 100);
   g_assert_cmpuint (progress.unfinished, ==, 0);
 
@@ -327,55 +327,13 @@ test_add_during_failover (void)
 /* ---- Across processes -------------------------------------------------- */
 
 static void
-finish_workers (Worker  **workers,
-                guint     n,
-                gint      killed,
-                guint64  *refused,
-                guint64  *claimed)
-{
-  guint w;
-
-  *refused = *claimed = 0;
-  for (w = 0; w < n; w++)
-    {
-      worker_finish (workers[w], (gint) w == killed);
-      g_test_message ("worker %u (%s): %s", w, workers[w]->name, workers[w]->out);
-      *refused += stat_of (workers[w]->out, "refused");
-      *claimed += stat_of (workers[w]->out, "claimed");
-    }
-}
-
-/* Waits until @worker holds entries read and not acknowledged, looking
- * again after each step of the queue's progress. (A broken build that
- * acknowledges on read never holds any: the test fails at the deadline.) */
-static void
-wait_holding (Cluster    *cluster,
-              const char *name,
-              guint       n_shards,
-              Worker     *worker)
-{
-  g_autoptr (KdRedisQueue) queue = cluster_open_queue (cluster, name, n_shards);
-  g_autoptr (GError) error = NULL;
-  guint64 backlog;
-
-  while (cluster_consumer_pending (cluster, name, n_shards, worker->name) == 0)
-    {
-      g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
-      g_assert_no_error (error);
-      g_assert_cmpuint (backlog, >, 0);
-      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, KD_REDIS_TEST_DEADLINE_US, &error));
-      g_assert_no_error (error);
-    }
-}
-
-static void
 test_workers (void)
 {
   Cluster cluster;
   Worker *workers[2];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, claimed, trimmed = 0;
+  guint64 refused, claimed, trimmed;
   guint w;
 
   g_test_summary ("2 worker processes run 100,000 jobs over 1,000 keys on a Redis Cluster: all of "
@@ -394,15 +352,16 @@ test_workers (void)
   for (w = 0; w < 2; w++)
     {
       workers[w] = cluster_worker_start (&cluster, "jobs", w, "--lease-ms=10000", "--batch=256", NULL);
-      cluster_wait_finished (&cluster, "jobs", 64, jobs.total, jobs.total * (w + 1) / 10);
+      wait_finished (&cluster.place, "jobs", 64, jobs.total, jobs.total * (w + 1) / 10);
     }
-  cluster_wait_finished (&cluster, "jobs", 64, jobs.total, jobs.total);
+  wait_finished (&cluster.place, "jobs", 64, jobs.total, jobs.total);
   /* Every job acknowledged: the shards' owners trim their streams empty,
    * on whichever master each stream lives. */
-  cluster_wait_trimmed (&cluster, "jobs", 64, 0);
-  finish_workers (workers, 2, -1, &refused, &claimed);
-  for (w = 0; w < 2; w++)
-    trimmed += stat_of (workers[w]->out, "trimmed");
+  wait_trimmed (&cluster.place, "jobs", 64, 0);
+  finish_workers (workers, 2, -1);
+  refused = workers_stat (workers, 2, "refused");
+  claimed = workers_stat (workers, 2, "claimed");
+  trimmed = workers_stat (workers, 2, "trimmed");
   /* Each entry was trimmed once, by a worker. */
   g_assert_cmpuint (trimmed, ==, jobs.total);
 
@@ -427,7 +386,7 @@ test_kill_worker (void)
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, claimed, held;
+  guint64 claimed, held;
   const guint batch = 256;
   guint w;
 
@@ -442,27 +401,28 @@ test_kill_worker (void)
   for (w = 0; w < 3; w++)
     workers[w] = cluster_worker_start (&cluster, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=20",
                                        NULL);
-  cluster_wait_finished (&cluster, "jobs", 64, jobs.total, jobs.total * 3 / 10);
-  wait_holding (&cluster, "jobs", 64, workers[1]);
+  wait_finished (&cluster.place, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  wait_holding (&cluster.place, "jobs", 64, workers[1]);
   worker_signal (workers[1], SIGKILL);
   /* What the dead worker held when it died, read and not acknowledged:
    * usually some (it held some a moment ago), 0 if it acknowledged them
    * all just before the signal landed. (Waited for: a dead process sends
    * nothing more.) */
   g_subprocess_wait (workers[1]->process, NULL, NULL);
-  held = cluster_consumer_pending (&cluster, "jobs", 64, workers[1]->name);
-  cluster_wait_finished (&cluster, "jobs", 64, jobs.total, jobs.total);
+  held = consumer_pending (&cluster.place, "jobs", 64, workers[1]->name);
+  wait_finished (&cluster.place, "jobs", 64, jobs.total, jobs.total);
   /* Gone, and holding nothing once taken over: the owners forget it in
    * every group, on every master. */
-  cluster_wait_forgotten (&cluster, "jobs", 64, workers[1]->name);
-  finish_workers (workers, 3, 1, &refused, &claimed);
+  wait_forgotten (&cluster.place, "jobs", 64, workers[1]->name);
+  finish_workers (workers, 3, 1);
+  claimed = workers_stat (workers, 3, "claimed");
 
   check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
   g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " held by the killed worker, %"
                   G_GUINT64_FORMAT " taken over, %" G_GUINT64_FORMAT " duplicates after the kill "
                   "(bound: the batch, %u)", verdict.runs, held, claimed, verdict.duplicates, batch);
   /* Everything it held was taken over by the others (had it not been,
-   * cluster_wait_finished() would have failed at its deadline). */
+   * wait_finished() would have failed at its deadline). */
   if (held > 0)
     g_assert_cmpuint (claimed, >, 0);
   g_assert_cmpuint (verdict.duplicates, <=, batch);
@@ -517,11 +477,13 @@ test_kill_master (void)
 
   for (w = 0; w < n_workers; w++)
     workers[w] = cluster_worker_start (&cluster, "jobs", w, "--lease-ms=1000", "--batch=256", NULL);
-  cluster_wait_finished (&cluster, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  wait_finished (&cluster.place, "jobs", 64, jobs.total, jobs.total * 3 / 10);
   killed = cluster_kill_master (&cluster, victim);
   g_assert_cmpuint (cluster_master_of (&cluster, victim), !=, killed);
-  cluster_wait_finished (&cluster, "jobs", 64, jobs.total, jobs.total);
-  finish_workers (workers, n_workers, -1, &refused, &claimed);
+  wait_finished (&cluster.place, "jobs", 64, jobs.total, jobs.total);
+  finish_workers (workers, n_workers, -1);
+  refused = workers_stat (workers, n_workers, "refused");
+  claimed = workers_stat (workers, n_workers, "claimed");
 
   check_logs (workers, n_workers, &jobs, G_MAXUINT, 0, &verdict);
   g_test_message ("master of %s killed: %" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates "

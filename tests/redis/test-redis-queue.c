@@ -105,7 +105,7 @@ test_in_process (void)
   g_assert_cmpuint (stats.read + stats.claimed, ==, jobs.total + 100);
   g_assert_cmpuint (stats.in_flight, ==, 0);
   g_assert_cmpuint (stats.shards_owned, ==, 0);
-  queue_progress (&server, "inproc", 8, &progress);
+  queue_progress (&server.place, "inproc", 8, &progress);
   g_assert_cmpuint (progress.entries, <=, jobs.total + 100);
   g_assert_cmpuint (progress.unfinished, ==, 0);
 
@@ -340,7 +340,7 @@ test_trim (void)
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
   g_assert_no_error (error);
-  g_assert_cmpuint (streams_length (&server, "trim", 4), ==, 0);
+  g_assert_cmpuint (streams_length (&server.place, "trim", 4), ==, 0);
 
   /* The gate's job holds the only worker and the only place in flight:
    * its entry is pending, the ones after it are not read yet. None of them
@@ -360,10 +360,10 @@ test_trim (void)
   g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
   g_assert_no_error (error);
   /* A few jobs may have run before the gate's: only they could go. */
-  queue_progress (&server, "trim", 4, &progress);
+  queue_progress (&server.place, "trim", 4, &progress);
   g_test_message ("%" G_GUINT64_FORMAT " unfinished, %" G_GUINT64_FORMAT " trimmed", progress.unfinished, trimmed);
   g_assert_cmpuint (progress.unfinished, >, keys->len / 2);
-  g_assert_cmpuint (unfinished_present (&server, "trim", 4), ==, progress.unfinished);
+  g_assert_cmpuint (unfinished_present (&server.place, "trim", 4), ==, progress.unfinished);
 
   /* Once they are acknowledged, they go too. */
   kd_mutex_lock (&gate.lock);
@@ -374,7 +374,7 @@ test_trim (void)
   g_assert_no_error (error);
   g_assert_true (kd_redis_queue_trim (queue, NULL, &error));
   g_assert_no_error (error);
-  g_assert_cmpuint (streams_length (&server, "trim", 4), ==, 0);
+  g_assert_cmpuint (streams_length (&server.place, "trim", 4), ==, 0);
 
   kd_redis_queue_stop (queue);
   g_clear_object (&dispatcher);
@@ -1196,7 +1196,7 @@ test_producer_retry (void)
   g_assert_no_error (adding.error);
   g_assert_true (adding.ok);
 
-  copies = streams_length (&server, "retry", 4) - jobs.total;
+  copies = streams_length (&server.place, "retry", 4) - jobs.total;
   g_test_message ("%" G_GUINT64_FORMAT " jobs stored twice", copies);
 
   /* Killed while idle: the next add writes more than the socket takes at
@@ -1232,55 +1232,13 @@ test_producer_retry (void)
 
 
 static void
-finish_workers (Worker  **workers,
-                guint     n,
-                gint      killed,
-                guint64  *refused,
-                guint64  *skipped)
-{
-  guint w;
-
-  *refused = *skipped = 0;
-  for (w = 0; w < n; w++)
-    {
-      worker_finish (workers[w], (gint) w == killed);
-      g_test_message ("worker %u (%s): %s", w, workers[w]->name, workers[w]->out);
-      *refused += stat_of (workers[w]->out, "refused");
-      *skipped += stat_of (workers[w]->out, "skipped");
-    }
-}
-
-/* Waits until @worker holds entries read and not acknowledged, looking
- * again after each step of the queue's progress. (A broken build that
- * acknowledges on read never holds any: the test fails at the deadline.) */
-static void
-wait_holding (Server     *server,
-              const char *name,
-              guint       n_shards,
-              Worker     *worker)
-{
-  g_autoptr (KdRedisQueue) queue = open_queue (server, name, n_shards);
-  g_autoptr (GError) error = NULL;
-  guint64 backlog;
-
-  while (consumer_pending (server, name, n_shards, worker->name) == 0)
-    {
-      g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
-      g_assert_no_error (error);
-      g_assert_cmpuint (backlog, >, 0);
-      g_assert_true (kd_redis_queue_wait_backlog (queue, backlog - 1, KD_REDIS_TEST_DEADLINE_US, &error));
-      g_assert_no_error (error);
-    }
-}
-
-static void
 test_workers (void)
 {
   Server server = { 0 };
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped, claimed = 0, trimmed = 0;
+  guint64 refused, claimed, trimmed;
   guint w;
 
   g_test_summary ("3 worker processes run 100,000 jobs over 1,000 keys: all of them, each key's "
@@ -1298,18 +1256,15 @@ test_workers (void)
   for (w = 0; w < 3; w++)
     {
       workers[w] = worker_start (&server, "jobs", w, "--lease-ms=10000", "--batch=256", NULL);
-      wait_finished (&server, "jobs", 64, jobs.total, jobs.total * (w + 1) / 10);
+      wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total * (w + 1) / 10);
     }
-  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total);
   /* Every job acknowledged: the shards' owners trim their streams empty. */
-  wait_trimmed (&server, "jobs", 64, 0);
-  finish_workers (workers, 3, -1, &refused, &skipped);
-
-  for (w = 0; w < 3; w++)
-    {
-      claimed += stat_of (workers[w]->out, "claimed");
-      trimmed += stat_of (workers[w]->out, "trimmed");
-    }
+  wait_trimmed (&server.place, "jobs", 64, 0);
+  finish_workers (workers, 3, -1);
+  refused = workers_stat (workers, 3, "refused");
+  claimed = workers_stat (workers, 3, "claimed");
+  trimmed = workers_stat (workers, 3, "trimmed");
   /* Each entry was trimmed once, by a worker. */
   g_assert_cmpuint (trimmed, ==, jobs.total);
 
@@ -1340,7 +1295,7 @@ kill_one_worker (gboolean tls)
   Worker *workers[3];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped, claimed = 0, held;
+  guint64 claimed, held;
   const guint batch = 256;
   guint w;
 
@@ -1348,22 +1303,21 @@ kill_one_worker (gboolean tls)
   produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
   for (w = 0; w < 3; w++)
     workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=20", NULL);
-  wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
-  wait_holding (&server, "jobs", 64, workers[1]);
+  wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  wait_holding (&server.place, "jobs", 64, workers[1]);
   worker_signal (workers[1], SIGKILL);
   /* What the dead worker held when it died, read and not acknowledged:
    * usually some (it held some a moment ago), 0 if it acknowledged them
    * all just before the signal landed. (Waited for: a dead process sends
    * nothing more.) */
   g_subprocess_wait (workers[1]->process, NULL, NULL);
-  held = consumer_pending (&server, "jobs", 64, workers[1]->name);
-  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  held = consumer_pending (&server.place, "jobs", 64, workers[1]->name);
+  wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total);
   /* Gone, and holding nothing once taken over: the owners forget it in
    * every group. */
-  wait_forgotten (&server, "jobs", 64, workers[1]->name);
-  finish_workers (workers, 3, 1, &refused, &skipped);
-  for (w = 0; w < 3; w++)
-    claimed += stat_of (workers[w]->out, "claimed");
+  wait_forgotten (&server.place, "jobs", 64, workers[1]->name);
+  finish_workers (workers, 3, 1);
+  claimed = workers_stat (workers, 3, "claimed");
 
   check_logs (workers, 3, &jobs, G_MAXUINT, 0, &verdict);
   g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " held by the killed worker, %"
@@ -1456,7 +1410,7 @@ test_kill_unkeyed (void)
   g_autoptr (GPtrArray) keys = g_ptr_array_new ();
   g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
   g_autoptr (GError) error = NULL;
-  guint64 refused, skipped, held, claimed, duplicates;
+  guint64 held, claimed, duplicates;
   const guint batch = 256;
   guint total = scaled (20000), i, w;
 
@@ -1479,13 +1433,13 @@ test_kill_unkeyed (void)
   g_assert_no_error (error);
   for (w = 0; w < 2; w++)
     workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", "--work-us=50", NULL);
-  wait_finished (&server, "jobs", 64, total, total / 10);
-  wait_holding (&server, "jobs", 64, workers[1]);
+  wait_finished (&server.place, "jobs", 64, total, total / 10);
+  wait_holding (&server.place, "jobs", 64, workers[1]);
   worker_signal (workers[1], SIGKILL);
   g_subprocess_wait (workers[1]->process, NULL, NULL);
-  held = consumer_pending (&server, "jobs", 64, workers[1]->name);
-  wait_finished (&server, "jobs", 64, total, total);
-  finish_workers (workers, 2, 1, &refused, &skipped);
+  held = consumer_pending (&server.place, "jobs", 64, workers[1]->name);
+  wait_finished (&server.place, "jobs", 64, total, total);
+  finish_workers (workers, 2, 1);
   claimed = stat_of (workers[0]->out, "claimed");
 
   duplicates = check_unkeyed_logs (workers, 2, total);
@@ -1547,10 +1501,12 @@ test_freeze (void)
   g_assert_no_error (error);
   g_assert_cmpstr (line, ==, "redis-worker: stopping inside job 2000");
   g_free (line);
-  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
+  wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total);
   resumed = g_get_monotonic_time ();
   worker_signal (workers[0], SIGCONT);
-  finish_workers (workers, 2, -1, &refused, &skipped);
+  finish_workers (workers, 2, -1);
+  refused = workers_stat (workers, 2, "refused");
+  skipped = workers_stat (workers, 2, "skipped");
 
   check_logs (workers, 2, &jobs, G_MAXUINT, 0, &verdict);
   late = runs_started_after (workers[0], resumed);
@@ -1582,7 +1538,6 @@ test_redis_restart (void)
   Worker *workers[2];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped;
   guint w;
 
   g_test_summary ("redis-server killed with SIGKILL in the middle and restarted from its AOF: "
@@ -1594,11 +1549,11 @@ test_redis_restart (void)
   produce (&server, "jobs", 64, scaled (100000), 1000, &jobs);
   for (w = 0; w < 2; w++)
     workers[w] = worker_start (&server, "jobs", w, "--lease-ms=1000", "--batch=256", NULL);
-  wait_finished (&server, "jobs", 64, jobs.total, jobs.total * 3 / 10);
+  wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total * 3 / 10);
   server_kill (&server);
   server_launch (&server);
-  wait_finished (&server, "jobs", 64, jobs.total, jobs.total);
-  finish_workers (workers, 2, -1, &refused, &skipped);
+  wait_finished (&server.place, "jobs", 64, jobs.total, jobs.total);
+  finish_workers (workers, 2, -1);
 
   check_logs (workers, 2, &jobs, G_MAXUINT, 0, &verdict);
   g_test_message ("%" G_GUINT64_FORMAT " runs, %" G_GUINT64_FORMAT " duplicates across the restart",
@@ -1618,7 +1573,6 @@ test_dead_letter (void)
   Worker *workers[1];
   Jobs jobs = { 0 };
   Verdict verdict;
-  guint64 refused, skipped;
   redisContext *c;
   redisReply *reply;
   gsize i, f;
@@ -1632,8 +1586,8 @@ test_dead_letter (void)
   produce (&server, "jobs", 16, 1000, 10, &jobs);
   workers[0] = worker_start (&server, "jobs", 0, "--shards=16", "--lease-ms=2000", "--attempts=3",
                              "--retry-ms=1", "--fail-key=key-3", NULL);
-  wait_finished (&server, "jobs", 16, jobs.total, jobs.total);
-  finish_workers (workers, 1, -1, &refused, &skipped);
+  wait_finished (&server.place, "jobs", 16, jobs.total, jobs.total);
+  finish_workers (workers, 1, -1);
 
   /* key-3's runs are failures: checked apart. */
   check_logs (workers, 1, &jobs, 3, 3, &verdict);
@@ -1684,7 +1638,6 @@ test_long_log_line (void)
   g_autofree char *text = NULL;
   g_autofree char *log = NULL;
   g_auto (GStrv) fields = NULL;
-  guint64 refused, skipped;
   Worker *workers[1];
   gsize size = 1024 * 1024, length;
 
@@ -1702,8 +1655,8 @@ test_long_log_line (void)
   g_assert_no_error (error);
 
   workers[0] = worker_start (&server, "long", 0, "--shards=4", NULL);
-  wait_finished (&server, "long", 4, 1, 1);
-  finish_workers (workers, 1, -1, &refused, &skipped);
+  wait_finished (&server.place, "long", 4, 1, 1);
+  finish_workers (workers, 1, -1);
 
   g_assert_true (g_file_get_contents (workers[0]->log, &log, &length, &error));
   g_assert_no_error (error);
@@ -1851,7 +1804,7 @@ test_bench (void)
   g_assert_cmpint (g_subprocess_get_exit_status (bench), ==, 0);
   g_assert_nonnull (strstr (out, "added 5000 jobs"));
   g_assert_nonnull (strstr (out, "ran 5000 jobs"));
-  queue_progress (&server, "bench", 64, &progress);
+  queue_progress (&server.place, "bench", 64, &progress);
   g_assert_cmpuint (progress.entries, <=, 5000);
   g_assert_cmpuint (progress.unfinished, ==, 0);
 
