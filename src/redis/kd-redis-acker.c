@@ -19,6 +19,10 @@
 /* Ended jobs sent in one round at most. */
 #define MAX_OUTCOMES_PER_ROUND 4096
 
+/* On a cluster, how long outcomes a node did not take wait before they
+ * are sent again. */
+#define CLUSTER_RETRY_US ((gint64) 100 * 1000)
+
 /* Attempts at a transaction of outcomes refused because a lease changed
  * (see kd_redis_consumer_watch_leases()) before waiting for a tick. */
 #define MAX_OUTCOME_ATTEMPTS 3
@@ -474,9 +478,12 @@ kd_redis_acker_main (gpointer data)
           item = g_async_queue_try_pop (self->ended);
         }
 
+      /* On a cluster, what a failed node kept waits less than a tick:
+       * the others' outcomes, sent with it, go on meanwhile. */
       if (ended->len > 0 && g_get_monotonic_time () >= retry_at &&
           (!kd_redis_router_update (&router, NULL) || !send_outcomes (self, &router, ended)))
-        retry_at = g_get_monotonic_time () + self->tick_us;
+        retry_at = g_get_monotonic_time () +
+                   (kd_redis_router_is_cluster (&router) ? MIN (self->tick_us, CLUSTER_RETRY_US) : self->tick_us);
       kd_redis_consumer_unblock_reader (self, &router);
     }
 

@@ -223,7 +223,8 @@ lease_calls_new (void)
 /* One round of membership and leases: beat, compute the shards this
  * process should own, renew the leases it holds, release the ones it
  * drained, take the ones it should have. Returns the live members (for
- * lease_tidy()), or NULL if the beat failed. */
+ * lease_tidy()), or NULL if the beat failed (then the leases held are
+ * renewed all the same, and none is taken). */
 static GStrv
 lease_tick (KdRedisConsumer *self,
             KdRedisRouter   *router)
@@ -235,7 +236,7 @@ lease_tick (KdRedisConsumer *self,
   g_autoptr (GArray) generations = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) calls = lease_calls_new ();
   g_autoptr (GStrvBuilder) live = g_strv_builder_new ();
-  gboolean *wanted;
+  gboolean *wanted, beat;
   redisReply *members = NULL;
   KdRedisConn *conn = NULL;
   KdRedisArgs args;
@@ -257,24 +258,32 @@ lease_tick (KdRedisConsumer *self,
       if (members == NULL)
         kd_redis_router_failed (router, conn);
     }
+  beat = members != NULL;
   kd_redis_args_clear (&args);
+  /* Without a beat on a cluster (the node of the members' set fails), the
+   * leases held are still renewed, on their own nodes, as the last beat
+   * wanted them, and no shard is taken; on a lone server, nothing else
+   * would get through either. */
   if (members == NULL)
     {
       g_debug ("redis queue %s: %s: %s", self->config.name, self->member, error->message);
-      kd_mutex_lock (&self->lock);
-      fence_expired_locked (self, g_get_monotonic_time ());
-      kd_mutex_unlock (&self->lock);
-      return NULL;
+      if (!kd_redis_router_is_cluster (router))
+        {
+          kd_mutex_lock (&self->lock);
+          fence_expired_locked (self, g_get_monotonic_time ());
+          kd_mutex_unlock (&self->lock);
+          return NULL;
+        }
     }
   wanted = g_new0 (gboolean, self->config.n_shards);
-  if (members->type == REDIS_REPLY_ARRAY)
+  if (beat && members->type == REDIS_REPLY_ARRAY)
     {
       compute_wanted (self, members, wanted);
       for (m = 0; m < members->elements; m++)
         if (members->element[m]->type == REDIS_REPLY_STRING)
           g_strv_builder_add (live, members->element[m]->str);
     }
-  kd_redis_reply_free (members);
+  g_clear_pointer (&members, kd_redis_reply_free);
 
   kd_mutex_lock (&self->lock);
   fence_expired_locked (self, g_get_monotonic_time ());
@@ -282,7 +291,10 @@ lease_tick (KdRedisConsumer *self,
     {
       KdRedisShard *shard = &self->shards[i];
 
-      shard->wanted = wanted[i] && !self->stopping;
+      if (beat)
+        shard->wanted = wanted[i] && !self->stopping;
+      else
+        shard->wanted = shard->wanted && !self->stopping;
       if (kd_redis_shard_owned (shard) && !shard->wanted && shard->state != KD_REDIS_SHARD_DRAINING)
         shard->state = KD_REDIS_SHARD_DRAINING;
       /* Released, or taken, only once nothing of it is in flight here, nor
@@ -292,7 +304,7 @@ lease_tick (KdRedisConsumer *self,
         g_array_append_val (release, i);
       else if (kd_redis_shard_owned (shard))
         g_array_append_val (renew, i);
-      else if (shard->wanted && shard->in_flight == 0 && !shard->reading && shard->unusable == NULL)
+      else if (beat && shard->wanted && shard->in_flight == 0 && !shard->reading && shard->unusable == NULL)
         g_array_append_val (acquire, i);
     }
   for (i = 0; i < self->config.n_shards; i++)
@@ -358,7 +370,7 @@ lease_tick (KdRedisConsumer *self,
   self->stats.shards_owned = n_owned;
   kd_mutex_unlock (&self->lock);
 
-  return g_strv_builder_end (live);
+  return beat ? g_strv_builder_end (live) : NULL;
 }
 
 /* Leaving: every lease this process holds is released at once, and it

@@ -19,9 +19,10 @@
  * Adding. A job is an XADD to its key's shard (or the unkeyed stream),
  * on that stream's node, with its key, its payload, the producer's id and
  * its next sequence, which name it. The XADDs are pipelined ADD_CHUNK at a
- * time: a chunk is appended before the replies of the one before it are
- * read, so that Redis adds a chunk while this thread reads the replies of
- * the one before and formats the next. Each node's share of a chunk ends
+ * time; on a lone server, a chunk is appended before the replies of the
+ * one before it are read, so that Redis adds a chunk while this thread
+ * reads the replies of the one before and formats the next. Each node's
+ * share of a chunk ends
  * with WAIT for kd_redis_queue_get_min_replicas() replicas (by default 1
  * on a cluster): a job counts as stored once that many replicas have it,
  * as Redis replicates asynchronously and a master's failover loses what it
@@ -31,8 +32,13 @@
  * reader of their shard knows a copy (see "Shards" in kd-redis-queue.c);
  * on a cluster, again and again for PRODUCER_TIMEOUT_US, the time a
  * failover takes, on the new map. Within one attempt, nothing more is sent
- * to a node once it failed, so that no later job of a key is stored
- * before an earlier one sent again.
+ * to a node once it failed, and a node is never connected again, so that
+ * no later job of a key is stored before an earlier one sent again. For
+ * the same reason, on a cluster, each stream's share of a chunk is one
+ * transaction (all stored or none: a cluster whose state comes back in
+ * the middle of a pipeline would store a key's later jobs and refuse its
+ * earlier ones), and a chunk's replies are read before the next chunk is
+ * sent.
  *
  * Progress. The backlog is counted by a script per slot over its streams
  * (kd_redis_run_per_slot()). Waiting for it subscribes to the queue's
@@ -65,10 +71,22 @@
 
 /* ---- Producing --------------------------------------------------------- */
 
+/* Whether @error lasts until someone acts, so that sending again cannot
+ * cure it: a login or permission refused, a TLS certificate refused, a
+ * queue with another number of shards. */
+static gboolean
+failure_lasts (const GError *error)
+{
+  return g_error_matches (error, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED) ||
+         g_error_matches (error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT) ||
+         error->domain == G_TLS_ERROR;
+}
+
 static gboolean
 producer_ready_locked (KdRedisQueue  *self,
                        GError       **error)
 {
+  GError *local_error = NULL;
   gint shard;
 
   if (self->streams == NULL)
@@ -85,11 +103,22 @@ producer_ready_locked (KdRedisQueue  *self,
     return FALSE;
   if (!kd_redis_router_needs_check (&self->producer))
     return TRUE;
-  if (!kd_redis_create_groups (&self->producer, self->config.name, self->config.n_shards,
-                               self->unusable, error))
-    return FALSE;
-  kd_redis_router_checked (&self->producer);
-  return TRUE;
+  if (kd_redis_create_groups (&self->producer, self->config.name, self->config.n_shards,
+                              self->unusable, &local_error))
+    {
+      kd_redis_router_checked (&self->producer);
+      return TRUE;
+    }
+  /* On a cluster, a node that fails costs the jobs of its own streams,
+   * which fail when sent: the others go on. */
+  if (self->config.server.cluster && !failure_lasts (local_error))
+    {
+      g_debug ("redis queue %s: producer: %s", self->config.name, local_error->message);
+      g_error_free (local_error);
+      return TRUE;
+    }
+  g_propagate_error (error, local_error);
+  return FALSE;
 }
 
 /* The stream a job of @key goes to: its shard's, or the unkeyed one. */
@@ -165,15 +194,16 @@ add_xadd (KdRedisQueue *self,
   kd_redis_args_add_printf (args, "%" G_GUINT64_FORMAT, sequence);
 }
 
-/* One round of kd_redis_queue_add_many(): where each job's XADD went, and
- * what came back. */
+/* One attempt of kd_redis_queue_add_many(): where each job's XADD went,
+ * and what came back. */
 typedef struct
 {
   guint          n_jobs;
-  gboolean      *stored;         /* per job: Redis said it stored it (and a replica has it) */
-  KdRedisConn  **sent_to;        /* per job: its node this round, or NULL */
-  gboolean      *answered;       /* per job: its XADD succeeded this round */
-  GPtrArray     *failed;         /* KdRedisConn *: the nodes that failed this round */
+  gboolean      *stored;         /* per job: Redis said it stored it (and replicas have it) */
+  KdRedisConn  **sent_to;        /* per job: its node this attempt, or NULL */
+  gboolean      *answered;       /* per job: its XADD succeeded this attempt */
+  GPtrArray     *used;           /* KdRedisConn *: the nodes sent to this attempt */
+  GPtrArray     *failed;         /* KdRedisConn *: the nodes that failed this attempt */
   GError        *failure;        /* the first failure that sending again may cure */
   GError        *refusal;        /* the first one it cannot (an error reply) */
 } AddRound;
@@ -188,7 +218,7 @@ add_round_fail (GError **where,
     g_error_free (error);
 }
 
-/* A node failed this round: nothing more is sent to it until the next,
+/* A node failed this attempt: nothing more is sent to it until the next,
  * so that no later job of a key is stored before an earlier one that
  * must be sent again. */
 static void
@@ -203,17 +233,70 @@ add_round_node_failed (KdRedisQueue *self,
   add_round_fail (&round->failure, error);
 }
 
-/* Reads the replies of the jobs at @chunk (indices), then of the WAITs
- * appended after them on the nodes in @waits: a job is stored once its
- * XADD succeeded and, if the queue asks for it, enough replicas confirmed
- * it (kd_redis_queue_set_min_replicas()). */
+/* A reply read on @conn failed with @error: the node failed (an I/O
+ * error, a redirection), or Redis refused the command. */
 static void
-read_chunk_locked (KdRedisQueue *self,
-                   AddRound     *round,
-                   GArray       *chunk,
-                   GPtrArray    *waits)
+add_round_reply_failed (KdRedisQueue *self,
+                        AddRound     *round,
+                        KdRedisConn  *conn,
+                        GError       *error)
 {
-  guint i, w;
+  if (!kd_redis_conn_is_connected (conn) || kd_redis_error_is_redirection (error))
+    add_round_node_failed (self, round, conn, error);
+  else
+    add_round_fail (&round->refusal, error);
+}
+
+/* Picks the next ADD_CHUNK jobs not stored yet, from *@next on, whose node
+ * has not failed this attempt, and connects their nodes. A node already
+ * sent to this attempt is never connected again within it: the replies a
+ * lost connection took would be read on the new one. */
+static void
+pick_chunk_locked (KdRedisQueue  *self,
+                   AddRound      *round,
+                   const char   **keys,
+                   guint         *next,
+                   GArray        *chunk)
+{
+  g_array_set_size (chunk, 0);
+  for (; *next < round->n_jobs && chunk->len < ADD_CHUNK && round->refusal == NULL; (*next)++)
+    {
+      const char *stream = g_ptr_array_index (self->streams, stream_of (self, keys[*next]));
+      KdRedisConn *node = kd_redis_router_peek (&self->producer, kd_redis_key_slot (stream, strlen (stream)));
+      GError *error = NULL;
+      KdRedisConn *conn;
+
+      if (round->stored[*next] || (node != NULL && g_ptr_array_find (round->failed, node, NULL)))
+        continue;
+      if (node != NULL && g_ptr_array_find (round->used, node, NULL) && !kd_redis_conn_is_connected (node))
+        {
+          g_set_error (&error, G_IO_ERROR, G_IO_ERROR_NOT_CONNECTED, "Redis at %s: connection lost", node->where);
+          add_round_node_failed (self, round, node, error);
+          continue;
+        }
+      conn = kd_redis_router_conn_for (&self->producer, stream, &error);
+      if (conn == NULL)
+        {
+          /* Not connected: nothing more goes to the node this attempt. */
+          if (node != NULL)
+            g_ptr_array_add (round->failed, node);
+          add_round_fail (&round->failure, error);
+          continue;
+        }
+      if (!g_ptr_array_find (round->used, conn, NULL))
+        g_ptr_array_add (round->used, conn);
+      round->sent_to[*next] = conn;
+      g_array_append_val (chunk, *next);
+    }
+}
+
+/* A lone server: reads the reply of each plain XADD of @chunk. */
+static void
+read_xadds_locked (KdRedisQueue *self,
+                   AddRound     *round,
+                   GArray       *chunk)
+{
+  guint i;
 
   for (i = 0; i < chunk->len; i++)
     {
@@ -225,13 +308,89 @@ read_chunk_locked (KdRedisQueue *self,
         {
           round->answered[job] = TRUE;
           kd_redis_reply_free (reply);
-          continue;
         }
-      if (!kd_redis_conn_is_connected (round->sent_to[job]) || kd_redis_error_is_redirection (error))
-        add_round_node_failed (self, round, round->sent_to[job], error);
       else
-        add_round_fail (&round->refusal, error);
+        add_round_reply_failed (self, round, round->sent_to[job], error);
     }
+}
+
+/* A cluster: @order holds @chunk's jobs grouped by stream, each group
+ * (@ends: where each ends in @order) sent as one transaction (MULTI, its
+ * XADDs in order, EXEC), so that a stream's jobs of a chunk are stored
+ * all or none: a cluster that says CLUSTERDOWN for some and, its state
+ * back, stores the ones after them would store a key's later jobs before
+ * its earlier ones. Reads the transactions' replies. */
+static void
+read_transactions_locked (KdRedisQueue *self,
+                          AddRound     *round,
+                          GArray       *order,
+                          GArray       *ends)
+{
+  guint t, i, start = 0;
+
+  for (t = 0; t < ends->len; t++)
+    {
+      guint end = g_array_index (ends, guint, t);
+      KdRedisConn *conn = round->sent_to[g_array_index (order, guint, start)];
+      GError *error = NULL;
+      gboolean ok;
+
+      /* +OK, a +QUEUED per XADD, then EXEC's array. */
+      for (i = start; i <= end; i++)
+        {
+          GError *local_error = NULL;
+          redisReply *reply = kd_redis_conn_read (conn, &local_error);
+
+          g_clear_pointer (&reply, kd_redis_reply_free);
+          if (local_error != NULL && error == NULL)
+            error = local_error;
+          else
+            g_clear_error (&local_error);
+        }
+      {
+        GError *local_error = NULL;
+        redisReply *exec = kd_redis_conn_read (conn, &local_error);
+
+        ok = exec != NULL && exec->type == REDIS_REPLY_ARRAY && exec->elements == end - start;
+        /* An XADD that failed inside (a key of another type) fails the
+         * others of its stream too. */
+        for (i = 0; ok && i < exec->elements; i++)
+          if (exec->element[i]->type == REDIS_REPLY_ERROR)
+            {
+              g_set_error (&local_error, G_IO_ERROR, G_IO_ERROR_FAILED, "Redis at %s: %s", conn->where,
+                           exec->element[i]->str);
+              ok = FALSE;
+            }
+        if (exec != NULL && !ok && local_error == NULL)
+          g_set_error (&local_error, G_IO_ERROR, G_IO_ERROR_INVALID_DATA,
+                       "Redis at %s: unexpected reply to EXEC", conn->where);
+        g_clear_pointer (&exec, kd_redis_reply_free);
+        if (local_error != NULL && error == NULL)
+          error = local_error;
+        else
+          g_clear_error (&local_error);
+      }
+      for (i = start; i < end && ok; i++)
+        round->answered[g_array_index (order, guint, i)] = TRUE;
+      if (!ok)
+        add_round_reply_failed (self, round, conn, error);
+      else
+        g_clear_error (&error);
+      start = end;
+    }
+}
+
+/* Reads the WAITs appended on the nodes in @waits after @chunk's jobs: a
+ * job is stored once its XADD succeeded and, if the queue asks for it,
+ * enough replicas confirmed it (kd_redis_queue_set_min_replicas()). */
+static void
+confirm_chunk_locked (KdRedisQueue *self,
+                      AddRound     *round,
+                      GArray       *chunk,
+                      GPtrArray    *waits)
+{
+  guint min_replicas = kd_redis_queue_get_min_replicas (self);
+  guint i, w;
 
   for (w = 0; w < waits->len; w++)
     {
@@ -239,12 +398,12 @@ read_chunk_locked (KdRedisQueue *self,
       GError *error = NULL;
       redisReply *reply = kd_redis_conn_read (conn, &error);
       gboolean replicated = reply != NULL && reply->type == REDIS_REPLY_INTEGER &&
-                            reply->integer >= (long long) kd_redis_queue_get_min_replicas (self);
+                            reply->integer >= (long long) min_replicas;
 
       if (reply != NULL && !replicated)
         g_set_error (&error, G_IO_ERROR, G_IO_ERROR_TIMED_OUT,
                      "Redis at %s: fewer replicas than %u confirmed the jobs it stored in time", conn->where,
-                     kd_redis_queue_get_min_replicas (self));
+                     min_replicas);
       g_clear_pointer (&reply, kd_redis_reply_free);
       if (error != NULL)
         add_round_node_failed (self, round, conn, error);
@@ -266,13 +425,74 @@ read_chunk_locked (KdRedisQueue *self,
     }
 }
 
+/* Appends @chunk's jobs, on a cluster one transaction per stream (see
+ * read_transactions_locked()), filling @order and @ends. */
+static void
+append_chunk_locked (KdRedisQueue  *self,
+                     AddRound      *round,
+                     GArray        *chunk,
+                     const char   **keys,
+                     GBytes       **payloads,
+                     guint64        first_sequence,
+                     GArray        *order,
+                     GArray        *ends)
+{
+  gboolean cluster = kd_redis_router_is_cluster (&self->producer);
+  gboolean *done = g_new0 (gboolean, MAX (chunk->len, 1));
+  KdRedisArgs args, multi, exec;
+  guint i, j;
+
+  kd_redis_args_init (&args);
+  kd_redis_args_init (&multi);
+  kd_redis_args_init (&exec);
+  kd_redis_args_add_string (&multi, "MULTI");
+  kd_redis_args_add_string (&exec, "EXEC");
+  g_array_set_size (order, 0);
+  g_array_set_size (ends, 0);
+  for (i = 0; i < chunk->len; i++)
+    {
+      guint job = g_array_index (chunk, guint, i);
+      guint stream = stream_of (self, keys[job]);
+      KdRedisConn *conn = round->sent_to[job];
+
+      if (done[i])
+        continue;
+      if (cluster)
+        kd_redis_conn_append (conn, &multi, NULL);
+      for (j = i; j < chunk->len; j++)
+        {
+          guint other = g_array_index (chunk, guint, j);
+
+          if (done[j] || (j > i && (!cluster || stream_of (self, keys[other]) != stream)))
+            continue;
+          done[j] = TRUE;
+          add_xadd (self, &args, keys[other], payloads[other], first_sequence + other);
+          kd_redis_conn_append (conn, &args, NULL);
+          g_array_append_val (order, other);
+        }
+      if (cluster)
+        {
+          kd_redis_conn_append (conn, &exec, NULL);
+          g_array_append_val (ends, order->len);
+        }
+    }
+  kd_redis_args_clear (&args);
+  kd_redis_args_clear (&multi);
+  kd_redis_args_clear (&exec);
+  g_free (done);
+}
+
 /* Sends the jobs not stored yet, the job i under sequence @first_sequence +
  * i, each to the node of its stream, ADD_CHUNK at a time; each node's
  * share of a chunk ends with a WAIT for the replicas the queue asks for
  * (by default one on a cluster, none on a lone server), so that a job
- * counts as stored only once a failover would keep it. Each chunk is appended before the replies of the one before it
- * are read (which sends it): Redis adds a chunk while this thread reads
- * the replies of the one before and formats the next. */
+ * counts as stored only once a failover would keep it. On a lone server,
+ * each chunk is appended before the replies of the one before it are read
+ * (which sends it): Redis adds a chunk while this thread reads the replies
+ * of the one before and formats the next. On a cluster, a chunk's replies
+ * are read before the next is sent, and each stream's share of a chunk is
+ * a transaction (read_transactions_locked()): once a node refused a job,
+ * nothing later of its streams is sent before the next attempt. */
 static void
 send_jobs_locked (KdRedisQueue  *self,
                   AddRound      *round,
@@ -282,62 +502,49 @@ send_jobs_locked (KdRedisQueue  *self,
 {
   g_autoptr (GArray) chunk = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GArray) unread = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) order = g_array_new (FALSE, FALSE, sizeof (guint));
+  g_autoptr (GArray) ends = g_array_new (FALSE, FALSE, sizeof (guint));
   g_autoptr (GPtrArray) waits = g_ptr_array_new ();
   g_autoptr (GPtrArray) unread_waits = g_ptr_array_new ();
+  gboolean cluster = kd_redis_router_is_cluster (&self->producer);
   guint min_replicas = kd_redis_queue_get_min_replicas (self);
-  KdRedisArgs args, wait;
+  KdRedisArgs wait;
   guint next = 0, i;
 
-  kd_redis_args_init (&args);
   kd_redis_args_init (&wait);
   kd_redis_args_add_string (&wait, "WAIT");
   kd_redis_args_add_printf (&wait, "%u", min_replicas);
   kd_redis_args_add_printf (&wait, "%" G_GINT64_FORMAT, PRODUCER_TIMEOUT_US / 10 / 1000);
   memset (round->sent_to, 0, round->n_jobs * sizeof (KdRedisConn *));
-  g_ptr_array_set_size (round->failed, 0);
   memset (round->answered, 0, round->n_jobs * sizeof (gboolean));
+  g_ptr_array_set_size (round->used, 0);
+  g_ptr_array_set_size (round->failed, 0);
 
   do
     {
-      g_array_set_size (chunk, 0);
+      pick_chunk_locked (self, round, keys, &next, chunk);
+      append_chunk_locked (self, round, chunk, keys, payloads, first_sequence, order, ends);
       g_ptr_array_set_size (waits, 0);
-      for (; next < round->n_jobs && chunk->len < ADD_CHUNK && round->refusal == NULL; next++)
+      for (i = 0; i < chunk->len && min_replicas > 0; i++)
         {
-          const char *stream = g_ptr_array_index (self->streams, stream_of (self, keys[next]));
-          GError *error = NULL;
-          KdRedisConn *node, *conn;
+          KdRedisConn *conn = round->sent_to[g_array_index (chunk, guint, i)];
 
-          if (round->stored[next])
-            continue;
-          node = kd_redis_router_peek (&self->producer, kd_redis_key_slot (stream, strlen (stream)));
-          if (node != NULL && g_ptr_array_find (round->failed, node, NULL))
-            continue;
-          conn = kd_redis_router_conn_for (&self->producer, stream, &error);
-          if (conn != NULL)
+          if (!g_ptr_array_find (waits, conn, NULL))
             {
-              add_xadd (self, &args, keys[next], payloads[next], first_sequence + next);
-              if (!kd_redis_conn_append (conn, &args, &error))
-                conn = NULL;
+              kd_redis_conn_append (conn, &wait, NULL);
+              g_ptr_array_add (waits, conn);
             }
-          if (conn == NULL)
-            {
-              /* Not connected: nothing more goes to the node this round. */
-              if (node != NULL)
-                g_ptr_array_add (round->failed, node);
-              add_round_fail (&round->failure, error);
-              continue;
-            }
-          round->sent_to[next] = conn;
-          g_array_append_val (chunk, next);
-          if (min_replicas > 0 && !g_ptr_array_find (waits, conn, NULL))
-            g_ptr_array_add (waits, conn);
         }
-      for (i = 0; i < waits->len; i++)
-        if (!kd_redis_conn_append (g_ptr_array_index (waits, i), &wait, NULL))
-          g_ptr_array_remove_index (waits, i--);
       kd_redis_router_flush (&self->producer);
 
-      read_chunk_locked (self, round, unread, unread_waits);
+      if (cluster)
+        {
+          read_transactions_locked (self, round, order, ends);
+          confirm_chunk_locked (self, round, chunk, waits);
+          continue;
+        }
+      read_xadds_locked (self, round, unread);
+      confirm_chunk_locked (self, round, unread, unread_waits);
       g_array_set_size (unread, 0);
       g_array_append_vals (unread, chunk->data, chunk->len);
       g_ptr_array_set_size (unread_waits, 0);
@@ -346,7 +553,6 @@ send_jobs_locked (KdRedisQueue  *self,
     }
   while (chunk->len > 0);
 
-  kd_redis_args_clear (&args);
   kd_redis_args_clear (&wait);
 }
 
@@ -444,10 +650,10 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
                          GError       **error)
 {
   GError *local_error = NULL;
-  AddRound round = { n_jobs, NULL, NULL, NULL, NULL, NULL, NULL };
+  AddRound round = { n_jobs, NULL, NULL, NULL, NULL, NULL, NULL, NULL };
   guint64 first_sequence;
   gint64 give_up;
-  gboolean cluster, ok;
+  gboolean cluster, ok, sent = FALSE;
   guint attempt, i, n_stored;
 
   g_return_val_if_fail (KD_IS_REDIS_QUEUE (self), FALSE);
@@ -476,11 +682,13 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   round.stored = g_new0 (gboolean, MAX (n_jobs, 1));
   round.sent_to = g_new0 (KdRedisConn *, MAX (n_jobs, 1));
   round.answered = g_new0 (gboolean, MAX (n_jobs, 1));
+  round.used = g_ptr_array_new ();
   round.failed = g_ptr_array_new ();
   for (attempt = 0;; attempt++)
     {
       if (ok)
         {
+          sent = TRUE;
           send_jobs_locked (self, &round, keys, payloads, first_sequence);
           ok = round.failure == NULL && round.refusal == NULL;
         }
@@ -489,13 +697,16 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
       if (local_error == NULL)
         local_error = g_steal_pointer (&round.failure);
       g_clear_error (&round.failure);
+      if (failure_lasts (local_error))
+        break;
       /* A connection lost after sending took the replies of the jobs not
        * yet stored with it: Redis may have stored them or not. They are
        * sent once more, under the same producer id and sequences, so that
-       * a consumer that reads both copies runs each job once; on a
-       * cluster, again and again while a node is replaced, for at most
-       * PRODUCER_TIMEOUT_US. */
-      if (cluster ? g_get_monotonic_time () >= give_up : attempt >= 1)
+       * a consumer that reads both copies runs each job once (on a lone
+       * server only if something was sent: a server that cannot be
+       * reached fails the call at once); on a cluster, again and again
+       * while a node is replaced, for at most PRODUCER_TIMEOUT_US. */
+      if (cluster ? g_get_monotonic_time () >= give_up : attempt >= 1 || !sent)
         break;
       for (i = 0, n_stored = 0; i < n_jobs; i++)
         n_stored += round.stored[i] ? 1 : 0;
@@ -525,6 +736,7 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
   g_free (round.stored);
   g_free (round.sent_to);
   g_free (round.answered);
+  g_ptr_array_unref (round.used);
   g_ptr_array_unref (round.failed);
   kd_mutex_unlock (&self->producer_lock);
 

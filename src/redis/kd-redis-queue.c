@@ -145,8 +145,9 @@
  * its keys' master and follows the map through failovers and moved
  * slots. A cluster runs a command, script or transaction over keys of one
  * slot only: a shard's keys share its tag, the steps that span shards
- * (reads, acknowledgements, leases, counts, trims) run once per slot,
- * pipelined per node, and the rest (the members' set, N:meta, N:dead, a
+ * (reads, acknowledgements, leases, counts, trims) run once per slot
+ * (a transaction per slot, one after another, for reads and
+ * acknowledgements; scripts pipelined per node for the rest), and the rest (the members' set, N:meta, N:dead, a
  * member's wake stream) are keys of their own, used alone. What does not
  * fit one slot is done otherwise there: the reader, which cannot wait in
  * one XREAD on streams of many slots, reads again after a short pause

@@ -54,6 +54,7 @@ KdRedisConn  *kd_redis_router_conn_for   (KdRedisRouter       *router,
                                           GError             **error);
 void          kd_redis_router_failed     (KdRedisRouter       *router,
                                           KdRedisConn         *conn);
+void          kd_redis_router_redirected (KdRedisRouter       *router);
 void          kd_redis_router_flush      (KdRedisRouter       *router);
 gboolean      kd_redis_router_needs_check (KdRedisRouter      *router);
 void          kd_redis_router_checked    (KdRedisRouter       *router);

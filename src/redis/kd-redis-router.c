@@ -318,6 +318,8 @@ kd_redis_router_update (KdRedisRouter  *router,
         if (kd_redis_conn_is_connected (&node->conn) != (pass == 0) || now < node->down_until)
           continue;
         g_clear_error (&local_error);
+        /* A connection made here is a new one too. */
+        router->fresh = router->fresh || pass == 1;
         ok = ask_map (router, &node->conn, &local_error);
         if (!ok && !kd_redis_conn_is_connected (&node->conn))
           node->down_until = now + RETRY_DOWN_US;
@@ -441,13 +443,30 @@ kd_redis_router_flush (KdRedisRouter *router)
     }
 }
 
+/* A command was redirected (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) on a
+ * connection that stays open: the map is read again at the next update. */
+void
+kd_redis_router_redirected (KdRedisRouter *router)
+{
+  if (router->server.cluster)
+    router->map_stale = TRUE;
+}
+
 /* Whether a connection was made since the last kd_redis_router_checked()
- * (or ever): the queue's consumer groups are made again on such a one's
- * streams (a server restarted without its data lost them). */
+ * (or ever), or one of the map's nodes is not connected, so that its next
+ * command would make one: the queue's consumer groups are made again on
+ * its streams first (a server restarted without its data lost them). */
 gboolean
 kd_redis_router_needs_check (KdRedisRouter *router)
 {
-  return router->fresh;
+  guint i;
+
+  if (router->fresh)
+    return TRUE;
+  for (i = 0; i < router->nodes->len; i++)
+    if (!kd_redis_conn_is_connected (&((KdRedisNode *) g_ptr_array_index (router->nodes, i))->conn))
+      return TRUE;
+  return FALSE;
 }
 
 void

@@ -116,6 +116,15 @@ create_groups_on (KdRedisRouter  *router,
       if (conns[i] == NULL)
         continue;
       reply = kd_redis_conn_read (conns[i], &local_error);
+      if (reply == NULL && kd_redis_error_is_redirection (local_error))
+        {
+          /* Not the node of the stream's slot (any more): no answer. */
+          kd_redis_router_redirected (router);
+          if (failure == NULL)
+            failure = g_steal_pointer (&local_error);
+          g_clear_error (&local_error);
+          continue;
+        }
       if (reply == NULL && !kd_redis_conn_is_connected (conns[i]))
         {
           /* The node failed: its streams' answers are lost. */
@@ -278,6 +287,8 @@ kd_redis_run_per_slot (KdRedisRouter       *router,
                      "Redis at %s: unexpected reply to a script", conn->where);
       else if (!kd_redis_conn_is_connected (conn))
         kd_redis_router_failed (router, conn);
+      else if (kd_redis_error_is_redirection (local_error))
+        kd_redis_router_redirected (router);
       g_clear_pointer (&reply, kd_redis_reply_free);
       if (local_error != NULL && failure == NULL)
         failure = g_steal_pointer (&local_error);

@@ -1166,10 +1166,12 @@ test_producer_retry (void)
   gboolean killed_idle;
   char *big;
   void (*was) (int);
+  guint i;
 
   g_test_summary ("A producer whose connection is killed while it adds sends again the jobs whose "
                   "replies it lost, under the same ids: each job runs once; writing into a "
-                  "connection Redis closed raises no SIGPIPE that would kill the process");
+                  "connection Redis closed raises no SIGPIPE that would kill the process, nor "
+                  "loses a chunk of a later add");
   if (!need_redis ())
     return;
 
@@ -1196,8 +1198,8 @@ test_producer_retry (void)
   g_assert_no_error (adding.error);
   g_assert_true (adding.ok);
 
-  copies = streams_length (&server.place, "retry", 4) - jobs.total;
-  g_test_message ("%" G_GUINT64_FORMAT " jobs stored twice", copies);
+  g_test_message ("%" G_GUINT64_FORMAT " jobs stored twice",
+                  streams_length (&server.place, "retry", 4) - jobs.total);
 
   /* Killed while idle: the next add writes more than the socket takes at
    * once, into a connection Redis closed (EPIPE, and SIGPIPE). The
@@ -1217,6 +1219,29 @@ test_producer_retry (void)
   g_assert_true (kd_redis_queue_add_many (adding.queue, keys->len, (const char **) keys->pdata,
                                           (GBytes **) payloads->pdata, &adding.error));
   g_assert_no_error (adding.error);
+
+  /* Killed while idle once more, then an add of several chunks whose first
+   * write (4 MiB, more than the socket takes) fails: every job is stored, in its key's order (a connection made
+   * again within the add would read the next chunk's replies as those of
+   * the chunk lost, and count that one stored). */
+  g_assert_true (kill_client (&server, "kd:retry:producer:"));
+  g_ptr_array_set_size (keys, 0);
+  g_ptr_array_set_size (payloads, 0);
+  for (i = 0; i < 2000; i++)
+    {
+      guint k = (guint) g_rand_int_range (rand, 0, (gint32) jobs.n_keys);
+      char *text = g_malloc (8192);
+      gint len = g_snprintf (text, 8192, "%u", ++jobs.count[k]);
+
+      memset (text + len, ' ', 8192 - (gsize) len);
+      g_ptr_array_add (keys, g_strdup_printf ("key-%u", k));
+      g_ptr_array_add (payloads, g_bytes_new_take (text, 8192));
+    }
+  jobs.total += 2000;
+  g_assert_true (kd_redis_queue_add_many (adding.queue, keys->len, (const char **) keys->pdata,
+                                          (GBytes **) payloads->pdata, &adding.error));
+  g_assert_no_error (adding.error);
+  copies = streams_length (&server.place, "retry", 4) - jobs.total;
 
   run_all_once (&server, "retry", 4, &jobs, &stats);
   g_assert_cmpuint (stats.duplicates, ==, copies);
