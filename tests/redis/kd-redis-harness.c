@@ -979,6 +979,7 @@ produce_into (KdRedisQueue *queue,
   g_autoptr (GPtrArray) payloads = g_ptr_array_new_with_free_func ((GDestroyNotify) g_bytes_unref);
   g_autoptr (GError) error = NULL;
   GRand *rand = g_rand_new_with_seed (n_jobs + n_keys);
+  gboolean ok;
   guint i;
 
   jobs->n_keys = n_keys;
@@ -994,9 +995,11 @@ produce_into (KdRedisQueue *queue,
     }
   g_rand_free (rand);
 
-  g_assert_true (kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
-                                          (GBytes **) payloads->pdata, &error));
+  /* The error first: it says why. */
+  ok = kd_redis_queue_add_many (queue, keys->len, (const char **) keys->pdata,
+                                (GBytes **) payloads->pdata, &error);
   g_assert_no_error (error);
+  g_assert_true (ok);
 }
 
 void

@@ -22,6 +22,25 @@ G_BEGIN_DECLS
  * program in about four minutes. */
 #define KD_REDIS_TEST_DEADLINE_US (2 * KD_TEST_DEADLINE_US)
 
+/* ---- Least privilege ---------------------------------------------------- */
+
+/* The commands a worker and a producer need, as docs/scaling-out.md lists
+ * them (on a cluster, with CLUSTER_COMMANDS and, for a producer,
+ * PRODUCER_CLUSTER_COMMANDS too). */
+#define WORKER_COMMANDS                                                        \
+  "+client|setname", "+script|load", "+evalsha", "+multi", "+exec",            \
+  "+xreadgroup", "+xread", "+xack", "+xadd", "+xgroup|create",                 \
+  "+xgroup|delconsumer", "+xinfo|groups", "+xinfo|consumers", "+xautoclaim",   \
+  "+xpending", "+xrange", "+xtrim", "+hsetnx", "+hget", "+pexpire", "+get",    \
+  "+set", "+del", "+zadd", "+zrem", "+zremrangebyscore", "+zrangebyscore",     \
+  "+zscore", "+time", "+publish", "+subscribe", "+watch", "+mget", "+incr", "+type"
+#define PRODUCER_COMMANDS                                                      \
+  "+client|setname", "+script|load", "+evalsha", "+xadd", "+xgroup|create",    \
+  "+xinfo|groups", "+xrange", "+hsetnx", "+hget", "+subscribe", "+type",       \
+  "+xpending", "+xtrim"
+#define CLUSTER_COMMANDS "+cluster|slots"
+#define PRODUCER_CLUSTER_COMMANDS "+wait", "+multi", "+exec"
+
 /* ---- Certificates made with openssl ------------------------------------ */
 
 /* A CA, the server's certificate from it (for 127.0.0.1 and localhost),

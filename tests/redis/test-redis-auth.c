@@ -19,18 +19,6 @@
  * with the commands its code sends (scripts run with their caller's
  * rights, so the commands they call are listed too). The producer's last
  * two are for kd_redis_queue_trim() only. */
-#define WORKER_COMMANDS                                                        \
-  "+client|setname", "+script|load", "+evalsha", "+multi", "+exec",            \
-  "+xreadgroup", "+xread", "+xack", "+xadd", "+xgroup|create",                 \
-  "+xgroup|delconsumer", "+xinfo|groups", "+xinfo|consumers", "+xautoclaim",   \
-  "+xpending", "+xrange", "+xtrim", "+hsetnx", "+hget", "+pexpire", "+get",    \
-  "+set", "+del", "+zadd", "+zrem", "+zremrangebyscore", "+zrangebyscore",     \
-  "+zscore", "+time", "+publish", "+subscribe", "+watch", "+mget", "+incr", "+type"
-#define PRODUCER_COMMANDS                                                      \
-  "+client|setname", "+script|load", "+evalsha", "+xadd", "+xgroup|create",    \
-  "+xinfo|groups", "+xrange", "+hsetnx", "+hget", "+subscribe", "+type",       \
-  "+xpending", "+xtrim"
-
 #define PASSWORD "s3:cr@t/%"              /* percent-encoded below */
 #define PASSWORD_IN_URL "s3%3Acr%40t%2F%25"
 

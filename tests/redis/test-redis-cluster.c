@@ -146,6 +146,85 @@ test_in_process (void)
   cluster_stop (&cluster);
 }
 
+static void
+set_user (redisContext       *c,
+          const char         *user,
+          const char         *password,
+          const char * const *rules,
+          guint               n_rules)
+{
+  g_autoptr (GPtrArray) argv = g_ptr_array_new_with_free_func (g_free);
+  redisReply *reply;
+  guint i;
+
+  g_ptr_array_add (argv, g_strdup ("ACL"));
+  g_ptr_array_add (argv, g_strdup ("SETUSER"));
+  g_ptr_array_add (argv, g_strdup (user));
+  g_ptr_array_add (argv, g_strdup ("on"));
+  g_ptr_array_add (argv, g_strdup_printf (">%s", password));
+  g_ptr_array_add (argv, g_strdup ("resetkeys"));
+  g_ptr_array_add (argv, g_strdup ("~acl:*"));
+  g_ptr_array_add (argv, g_strdup ("resetchannels"));
+  g_ptr_array_add (argv, g_strdup ("&acl:*"));
+  g_ptr_array_add (argv, g_strdup ("-@all"));
+  for (i = 0; i < n_rules; i++)
+    g_ptr_array_add (argv, g_strdup (rules[i]));
+  reply = redisCommandArgv (c, (int) argv->len, (const char **) argv->pdata, NULL);
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_STATUS);
+  freeReplyObject (reply);
+}
+
+static void
+test_acl (void)
+{
+  const char *worker_rules[] = { WORKER_COMMANDS, CLUSTER_COMMANDS };
+  const char *producer_rules[] = { PRODUCER_COMMANDS, CLUSTER_COMMANDS, PRODUCER_CLUSTER_COMMANDS };
+  Cluster cluster;
+  Seen seen;
+  g_autoptr (KdRedisQueue) producer = NULL;
+  g_autoptr (KdRedisQueue) worker = NULL;
+  g_autoptr (GError) error = NULL;
+  Jobs jobs = { 0 };
+  guint node;
+
+  g_test_summary ("On a Redis Cluster, ACL users with exactly the rules the docs list for a "
+                  "producer and a worker on a cluster: the producer adds, waiting for replicas, "
+                  "and the worker runs every job, in order");
+  if (!need_redis_cluster ())
+    return;
+
+  cluster_start (&cluster);
+  /* ACL users are each node's own. */
+  for (node = 0; node < CLUSTER_NODES; node++)
+    {
+      redisContext *c = server_connect (&cluster.nodes[node]);
+
+      g_assert_nonnull (c);
+      set_user (c, "kd-producer", "producer-pw", producer_rules, G_N_ELEMENTS (producer_rules));
+      set_user (c, "kd-worker", "worker-pw", worker_rules, G_N_ELEMENTS (worker_rules));
+      redisFree (c);
+    }
+
+  producer = cluster_open_queue (&cluster, "acl", 16);
+  kd_redis_queue_set_credentials (producer, "kd-producer", "producer-pw");
+  produce_into (producer, 1000, 50, &jobs);
+
+  seen_init (&seen);
+  worker = cluster_open_queue (&cluster, "acl", 16);
+  kd_redis_queue_set_credentials (worker, "kd-worker", "worker-pw");
+  kd_redis_queue_set_lease_time (worker, 10 * G_USEC_PER_SEC);
+  run_until_done (worker, 4, &seen);
+  kd_mutex_lock (&seen.lock);
+  g_assert_false (seen.out_of_order);
+  g_assert_cmpuint (seen.keyed, ==, jobs.total);
+  kd_mutex_unlock (&seen.lock);
+
+  seen_clear (&seen);
+  g_free (jobs.count);
+  cluster_stop (&cluster);
+}
+
 /* Adds jobs of @keys in batches, each key's numbered from 1 (the payload
  * is the number, then spaces up to ADDER_PAYLOAD bytes), until told to
  * stop; counts the batches Redis took, and keeps the first failure. */
@@ -515,6 +594,7 @@ main (int   argc,
 
   g_test_add_func ("/kd/redis-cluster/in-process", test_in_process);
   g_test_add_func ("/kd/redis-cluster/add-during-failover", test_add_during_failover);
+  g_test_add_func ("/kd/redis-cluster/acl", test_acl);
   g_test_add_func ("/kd/redis-cluster/workers", test_workers);
   g_test_add_func ("/kd/redis-cluster/kill-worker", test_kill_worker);
   g_test_add_func ("/kd/redis-cluster/kill-master", test_kill_master);
