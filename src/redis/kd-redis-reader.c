@@ -25,9 +25,12 @@
 #include "kd-sync-private.h"
 
 /* On a cluster, how long a reader that found nothing waits at first and
- * at most before it reads again. */
+ * at most before it reads again. Each look costs two round trips per slot
+ * of the shards it holds: at most, an idle reader makes about 20 a second
+ * per slot, and a job added to an idle queue waits 100 ms before it is
+ * read. */
 #define POLL_MIN_US 1000
-#define POLL_MAX_US ((gint64) 32 * 1000)
+#define POLL_MAX_US ((gint64) 100 * 1000)
 
 static const redisReply *
 field_value (const redisReply *fields,
