@@ -184,7 +184,6 @@ test_acl (void)
   Seen seen;
   g_autoptr (KdRedisQueue) producer = NULL;
   g_autoptr (KdRedisQueue) worker = NULL;
-  g_autoptr (GError) error = NULL;
   Jobs jobs = { 0 };
   guint node;
 
