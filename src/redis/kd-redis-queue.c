@@ -698,6 +698,9 @@ kd_redis_queue_get_batch_size (KdRedisQueue *self)
  * kd_redis_queue_get_min_replicas:
  * @self: a queue
  *
+ * Gets how many replicas of a job's master must have it before an add
+ * counts it as added.
+ *
  * Returns: how many replicas confirm each job added before an add returns
  *   (see kd_redis_queue_set_min_replicas()): the number set, or by default
  *   1 on a Redis Cluster and 0 on a lone server
