@@ -745,6 +745,37 @@ kd_redis_queue_add_many (KdRedisQueue  *self,
 
 /* ---- Progress ---------------------------------------------------------- */
 
+/* Runs @script per slot over the queue's streams (kd_redis_run_per_slot()),
+ * adding what it answers to @sum; once more, on the map read again, if a
+ * node answered that its slots moved (an operator's failover, a reshard):
+ * from zero again if @from_zero (a count), else adding (a trim, which
+ * trims nothing twice). */
+static gboolean
+run_per_slot_locked (KdRedisQueue        *self,
+                     KdRedisScript        script,
+                     const char * const  *argv,
+                     gboolean             from_zero,
+                     guint64             *sum,
+                     GError             **error)
+{
+  GError *local_error = NULL;
+  guint attempt;
+
+  for (attempt = 0; attempt < 2; attempt++)
+    {
+      g_clear_error (&local_error);
+      if (from_zero)
+        *sum = 0;
+      if (producer_ready_locked (self, &local_error) &&
+          kd_redis_run_per_slot (&self->producer, script, self->streams, argv, sum, &local_error))
+        return TRUE;
+      if (!kd_redis_error_is_redirection (local_error))
+        break;
+    }
+  g_propagate_error (error, local_error);
+  return FALSE;
+}
+
 static gboolean
 count_backlog_locked (KdRedisQueue  *self,
                       guint64       *backlog,
@@ -752,9 +783,7 @@ count_backlog_locked (KdRedisQueue  *self,
 {
   const char *const argv[] = { KD_REDIS_GROUP, NULL };
 
-  *backlog = 0;
-  return producer_ready_locked (self, error) &&
-         kd_redis_run_per_slot (&self->producer, KD_REDIS_SCRIPT_BACKLOG, self->streams, argv, backlog, error);
+  return run_per_slot_locked (self, KD_REDIS_SCRIPT_BACKLOG, argv, TRUE, backlog, error);
 }
 
 /**
@@ -947,8 +976,7 @@ kd_redis_queue_trim (KdRedisQueue  *self,
 
   kd_mutex_lock (&self->producer_lock);
   g_atomic_int_set (&self->frozen, TRUE);
-  ok = producer_ready_locked (self, error) &&
-       kd_redis_run_per_slot (&self->producer, KD_REDIS_SCRIPT_TRIM, self->streams, NULL, &count, error);
+  ok = run_per_slot_locked (self, KD_REDIS_SCRIPT_TRIM, NULL, FALSE, &count, error);
   kd_mutex_unlock (&self->producer_lock);
   if (ok && trimmed != NULL)
     *trimmed = count;

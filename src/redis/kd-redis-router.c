@@ -444,12 +444,16 @@ kd_redis_router_flush (KdRedisRouter *router)
 }
 
 /* A command was redirected (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) on a
- * connection that stays open: the map is read again at the next update. */
+ * connection that stays open: the map is read again at the next update,
+ * however recently it was read (the node that said so answers). */
 void
 kd_redis_router_redirected (KdRedisRouter *router)
 {
   if (router->server.cluster)
-    router->map_stale = TRUE;
+    {
+      router->map_stale = TRUE;
+      router->next_map_read = 0;
+    }
 }
 
 /* Whether a connection was made since the last kd_redis_router_checked()

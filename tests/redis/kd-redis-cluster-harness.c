@@ -718,6 +718,42 @@ cluster_kill_master (Cluster    *cluster,
   return master;
 }
 
+/* Hands the slots of @key's master over to its replica, as an operator
+ * does (CLUSTER FAILOVER on the replica: nothing is lost), and waits until
+ * the cluster is whole again, the old master now the replica. Returns
+ * the new master. */
+guint
+cluster_failover (Cluster    *cluster,
+                  const char *key)
+{
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
+  Promotion promotion = { slot_of (cluster, key), 0 };
+  guint master, i, n_replicas = 0;
+  redisContext *c;
+  redisReply *reply;
+
+  if (!whole (cluster, views, why))
+    g_error ("the cluster is not whole before a failover: %s", why->str);
+  master = (guint) views[any_node (cluster)].map[promotion.slot];
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) master)
+      {
+        promotion.replica = i;
+        n_replicas++;
+      }
+  g_assert_cmpuint (n_replicas, ==, 1);
+
+  c = node_connect (cluster, promotion.replica);
+  reply = redisCommand (c, "CLUSTER FAILOVER");
+  g_assert_nonnull (reply);
+  g_assert_cmpint (reply->type, ==, REDIS_REPLY_STATUS);
+  freeReplyObject (reply);
+  redisFree (c);
+  poll_cluster (cluster, promoted, &promotion, "the replica to take its master's slots over");
+  return promotion.replica;
+}
+
 /* What master_ahead() waits for: the master's replication offset past
  * @offset. */
 typedef struct

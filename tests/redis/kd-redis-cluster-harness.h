@@ -46,6 +46,8 @@ void           cluster_wait_converged  (Cluster     *cluster);
 void           cluster_wait_replicated (Cluster     *cluster);
 guint          cluster_kill_master     (Cluster     *cluster,
                                         const char  *key);
+guint          cluster_failover        (Cluster     *cluster,
+                                        const char  *key);
 void           cluster_restart_node    (Cluster     *cluster,
                                         guint        node);
 guint          cluster_kill_master_ahead (Cluster   *cluster,

@@ -147,6 +147,55 @@ test_in_process (void)
 }
 
 static void
+test_manual_failover (void)
+{
+  Cluster cluster;
+  Seen seen;
+  g_autoptr (KdRedisQueue) queue = NULL;
+  g_autoptr (GError) error = NULL;
+  g_autofree char *stream = stream_name ("mf", 0);
+  Jobs jobs = { 0 };
+  guint64 backlog, trimmed;
+  guint promoted;
+
+  g_test_summary ("After an operator hands a master's slots over to its replica (CLUSTER "
+                  "FAILOVER), a queue that knew the old map counts, runs and trims its jobs "
+                  "on the new one: the redirections it gets (MOVED) make it read the map "
+                  "again, not fail");
+  if (!need_redis_cluster ())
+    return;
+
+  cluster_start (&cluster);
+  seen_init (&seen);
+  queue = cluster_open_queue (&cluster, "mf", 64);
+  kd_redis_queue_set_lease_time (queue, 10 * G_USEC_PER_SEC);
+  produce_into (queue, 2000, 20, &jobs);
+  g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (backlog, ==, jobs.total);
+
+  promoted = cluster_failover (&cluster, stream);
+  g_assert_cmpuint (cluster_master_of (&cluster, stream), ==, promoted);
+
+  /* The queue's connections still go to the old master for these slots. */
+  g_assert_true (kd_redis_queue_get_backlog (queue, &backlog, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (backlog, ==, jobs.total);
+  run_until_done (queue, 4, &seen);
+  kd_mutex_lock (&seen.lock);
+  g_assert_false (seen.out_of_order);
+  g_assert_cmpuint (seen.keyed, ==, jobs.total);
+  kd_mutex_unlock (&seen.lock);
+  g_assert_true (kd_redis_queue_trim (queue, &trimmed, &error));
+  g_assert_no_error (error);
+
+  seen_clear (&seen);
+  g_free (jobs.count);
+  g_clear_object (&queue);
+  cluster_stop (&cluster);
+}
+
+static void
 set_user (redisContext       *c,
           const char         *user,
           const char         *password,
@@ -594,6 +643,7 @@ main (int   argc,
   g_test_add_func ("/kd/redis-cluster/in-process", test_in_process);
   g_test_add_func ("/kd/redis-cluster/add-during-failover", test_add_during_failover);
   g_test_add_func ("/kd/redis-cluster/acl", test_acl);
+  g_test_add_func ("/kd/redis-cluster/manual-failover", test_manual_failover);
   g_test_add_func ("/kd/redis-cluster/workers", test_workers);
   g_test_add_func ("/kd/redis-cluster/kill-worker", test_kill_worker);
   g_test_add_func ("/kd/redis-cluster/kill-master", test_kill_master);
