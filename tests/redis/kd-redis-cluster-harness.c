@@ -12,14 +12,18 @@
  * Redis announces no event when its cluster has converged: not when the
  * slots are assigned and every node agrees on who serves them, not when a
  * replica's link to its master is up, nor when a replica has taken its
- * failed master's place. The harness therefore looks (CLUSTER INFO,
- * CLUSTER SLOTS, INFO replication on every living node) every 20 ms until
- * the cluster is whole, with the deadline of every wait here,
- * KD_REDIS_TEST_DEADLINE_US. This is the only polling in the Redis tests,
- * and it watches the cluster itself: the queue's progress is waited for by
- * kd-redis-harness.c's waits, with kd_redis_queue_wait_backlog(), and
- * trimming and forgetting with keyspace events, here from every master
- * holding one of the queue's streams.
+ * failed master's place. But a node changes its view of the cluster only
+ * with a write to a file of its own: its nodes.conf (slots, epochs, a
+ * node marked failed, a master's replicas), its log (the cluster's state
+ * going fail or ok, a replica's sync done, an election won), its
+ * append-only file (the writes a master takes and a replica applies).
+ * So the harness looks (CLUSTER INFO, CLUSTER SLOTS, INFO replication on
+ * every living node, which write nothing) each time a node's directory or
+ * append-only directory changes (inotify), until the cluster is whole,
+ * with the deadline of every wait here, KD_REDIS_TEST_DEADLINE_US. The
+ * queue's progress is waited for by kd-redis-harness.c's waits, with
+ * kd_redis_queue_wait_backlog(), and trimming and forgetting with keyspace
+ * events, here from every master holding one of the queue's streams.
  *
  * The cluster is whole when every living node says cluster_state:ok with
  * all 16384 slots ok, every node's CLUSTER SLOTS covers every slot with a
@@ -42,8 +46,11 @@
 #include <glib/gstdio.h>
 #include <hiredis/hiredis.h>
 #include <kdispatch/kdispatch.h>
+#include <poll.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/inotify.h>
+#include <unistd.h>
 
 #include "kd-redis-cluster-harness.h"
 #include "kd-redis-harness.h"
@@ -316,12 +323,12 @@ whole (Cluster  *cluster,
   return TRUE;
 }
 
-/* Looks at the cluster every 20 ms until @done holds, failing at the
- * deadline with what it last saw. Redis has no event for any of what is
- * waited for this way (see the top of this file): only the cluster's own
- * convergence is waited for by looking again. */
+/* Looks at the cluster until @done holds, again each time a node writes
+ * a file (see the top of this file), failing at the deadline with what it
+ * last saw. The watches are set before the first look, so that a change
+ * made between a look and the wait that follows still wakes it. */
 static void
-poll_cluster (Cluster     *cluster,
+wait_cluster (Cluster     *cluster,
               gboolean   (*done) (Cluster  *cluster,
                                   NodeView *views,
                                   gpointer  data,
@@ -332,13 +339,32 @@ poll_cluster (Cluster     *cluster,
   gint64 deadline = g_get_monotonic_time () + KD_REDIS_TEST_DEADLINE_US;
   g_autoptr (GString) why = g_string_new (NULL);
   g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
+  int watches = inotify_init1 (IN_CLOEXEC | IN_NONBLOCK);
+  guint i;
+
+  g_assert_cmpint (watches, >=, 0);
+  for (i = 0; i < CLUSTER_NODES; i++)
+    {
+      g_autofree char *aof = g_build_filename (cluster->nodes[i].dir, "appendonlydir", NULL);
+      guint32 mask = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE;
+
+      g_assert_cmpint (inotify_add_watch (watches, cluster->nodes[i].dir, mask), >=, 0);
+      /* Made by the server as it starts: a node starting still has none. */
+      inotify_add_watch (watches, aof, mask);
+    }
 
   while (!done (cluster, views, data, why))
     {
-      if (g_get_monotonic_time () > deadline)
+      struct pollfd changed = { watches, POLLIN, 0 };
+      gint64 left = deadline - g_get_monotonic_time ();
+      char events[4096];
+
+      if (left <= 0 || poll (&changed, 1, (int) MAX (left / 1000, 1)) == 0)
         g_error ("%s: not in %d s: %s", what, (int) (KD_REDIS_TEST_DEADLINE_US / G_USEC_PER_SEC), why->str);
-      g_usleep (20 * G_TIME_SPAN_MILLISECOND);
+      while (read (watches, events, sizeof events) > 0)
+        ;
     }
+  close (watches);
 }
 
 static gboolean
@@ -355,7 +381,7 @@ whole_done (Cluster  *cluster,
 void
 cluster_wait_converged (Cluster *cluster)
 {
-  poll_cluster (cluster, whole_done, NULL, "the cluster to converge");
+  wait_cluster (cluster, whole_done, NULL, "the cluster to converge");
 }
 
 static gboolean
@@ -393,7 +419,7 @@ cluster_wait_replicated (Cluster *cluster)
 
   for (i = 0; i < CLUSTER_NODES; i++)
     targets[i] = -1;
-  poll_cluster (cluster, replicated_done, targets, "the replicas to catch up");
+  wait_cluster (cluster, replicated_done, targets, "the replicas to catch up");
 }
 
 /* ---- Making and unmaking the cluster ------------------------------------ */
@@ -681,6 +707,35 @@ promoted (Cluster  *cluster,
   return TRUE;
 }
 
+/* The master of @key's slot, of a whole cluster, the one replica that is
+ * to take its place, and (if @offset is not NULL) the master's
+ * replication offset. */
+static guint
+promotion_of (Cluster    *cluster,
+              const char *key,
+              Promotion  *promotion,
+              guint64    *offset)
+{
+  g_autoptr (GString) why = g_string_new (NULL);
+  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
+  guint master, i, n_replicas = 0;
+
+  if (!whole (cluster, views, why))
+    g_error ("the cluster is not whole before its master changes: %s", why->str);
+  promotion->slot = slot_of (cluster, key);
+  master = (guint) views[any_node (cluster)].map[promotion->slot];
+  for (i = 0; i < CLUSTER_NODES; i++)
+    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) master)
+      {
+        promotion->replica = i;
+        n_replicas++;
+      }
+  g_assert_cmpuint (n_replicas, ==, 1);
+  if (offset != NULL)
+    *offset = views[master].offset;
+  return master;
+}
+
 /* Kills with SIGKILL the master serving @key's slot, and waits until its
  * replica has taken its place: the cluster whole again, without it, and
  * the slot served by the former replica. Returns the node killed.
@@ -692,26 +747,15 @@ guint
 cluster_kill_master (Cluster    *cluster,
                      const char *key)
 {
-  g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
-  Promotion promotion = { slot_of (cluster, key), 0 };
-  guint master, i, n_replicas = 0;
+  Promotion promotion;
+  guint master;
   gint64 killed;
 
-  if (!whole (cluster, views, why))
-    g_error ("the cluster is not whole before a master is killed: %s", why->str);
-  master = (guint) views[any_node (cluster)].map[promotion.slot];
-  for (i = 0; i < CLUSTER_NODES; i++)
-    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) master)
-      {
-        promotion.replica = i;
-        n_replicas++;
-      }
-  g_assert_cmpuint (n_replicas, ==, 1);
+  master = promotion_of (cluster, key, &promotion, NULL);
 
   server_kill (&cluster->nodes[master]);
   killed = g_get_monotonic_time ();
-  poll_cluster (cluster, promoted, &promotion, "a replica to take the killed master's place");
+  wait_cluster (cluster, promoted, &promotion, "a replica to take the killed master's place");
   g_test_message ("node %u (port %u), master of slot %d, killed: node %u (port %u) serves it %.2f s later",
                   master, cluster->nodes[master].port, promotion.slot, promotion.replica,
                   cluster->nodes[promotion.replica].port, (g_get_monotonic_time () - killed) / 1e6);
@@ -726,23 +770,11 @@ guint
 cluster_failover (Cluster    *cluster,
                   const char *key)
 {
-  g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
-  Promotion promotion = { slot_of (cluster, key), 0 };
-  guint master, i, n_replicas = 0;
+  Promotion promotion;
   redisContext *c;
   redisReply *reply;
 
-  if (!whole (cluster, views, why))
-    g_error ("the cluster is not whole before a failover: %s", why->str);
-  master = (guint) views[any_node (cluster)].map[promotion.slot];
-  for (i = 0; i < CLUSTER_NODES; i++)
-    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) master)
-      {
-        promotion.replica = i;
-        n_replicas++;
-      }
-  g_assert_cmpuint (n_replicas, ==, 1);
+  promotion_of (cluster, key, &promotion, NULL);
 
   c = node_connect (cluster, promotion.replica);
   reply = redisCommand (c, "CLUSTER FAILOVER");
@@ -750,7 +782,7 @@ cluster_failover (Cluster    *cluster,
   g_assert_cmpint (reply->type, ==, REDIS_REPLY_STATUS);
   freeReplyObject (reply);
   redisFree (c);
-  poll_cluster (cluster, promoted, &promotion, "the replica to take its master's slots over");
+  wait_cluster (cluster, promoted, &promotion, "the replica to take its master's slots over");
   return promotion.replica;
 }
 
@@ -794,34 +826,22 @@ cluster_kill_master_ahead (Cluster    *cluster,
                            const char *key,
                            guint64     bytes)
 {
-  g_autoptr (GString) why = g_string_new (NULL);
-  g_autofree NodeView *views = g_new0 (NodeView, CLUSTER_NODES);
-  Promotion promotion = { slot_of (cluster, key), 0 };
+  Promotion promotion;
   Ahead ahead = { 0, 0 };
-  guint i, n_replicas = 0;
   pid_t replica;
   gint64 killed;
 
-  if (!whole (cluster, views, why))
-    g_error ("the cluster is not whole before a master is killed: %s", why->str);
-  ahead.master = (guint) views[any_node (cluster)].map[promotion.slot];
-  for (i = 0; i < CLUSTER_NODES; i++)
-    if (node_alive (cluster, i) && views[i].replica && views[i].master == (gint) ahead.master)
-      {
-        promotion.replica = i;
-        n_replicas++;
-      }
-  g_assert_cmpuint (n_replicas, ==, 1);
+  ahead.master = promotion_of (cluster, key, &promotion, &ahead.offset);
+  ahead.offset += bytes;
 
   server_freeze (&cluster->nodes[promotion.replica]);
-  ahead.offset = views[ahead.master].offset + bytes;
-  poll_cluster (cluster, master_ahead, &ahead, "writes to the master that its frozen replica misses");
+  wait_cluster (cluster, master_ahead, &ahead, "writes to the master that its frozen replica misses");
   server_kill (&cluster->nodes[ahead.master]);
   killed = g_get_monotonic_time ();
   replica = (pid_t) g_ascii_strtoll (g_subprocess_get_identifier (cluster->nodes[promotion.replica].process),
                                      NULL, 10);
   g_assert_cmpint (kill (replica, SIGCONT), ==, 0);
-  poll_cluster (cluster, promoted, &promotion, "a replica to take the killed master's place");
+  wait_cluster (cluster, promoted, &promotion, "a replica to take the killed master's place");
   g_test_message ("node %u (port %u), master of slot %d, killed ahead of its replica: node %u (port %u) "
                   "serves it %.2f s later", ahead.master, cluster->nodes[ahead.master].port, promotion.slot,
                   promotion.replica, cluster->nodes[promotion.replica].port,
