@@ -6,8 +6,9 @@
  * its configuration and the consumer side's entry points (the dispatcher it
  * feeds, start, stop, stats), and its DESIGN comment tells the design of
  * the whole queue; kd-redis-producer.c holds the producer side, which works
- * on the producer's connection: adding jobs, counting the backlog and
- * waiting for it, trimming. The consumer side's own object is in
+ * on the producer's connections (a router, kd-redis-router.c: one to a lone
+ * server, or one per master of a cluster): adding jobs, counting the
+ * backlog and waiting for it, trimming. The consumer side's own object is in
  * kd-redis-consumer-private.h.
  */
 
