@@ -87,6 +87,7 @@ struct _KdAdmission
   GCond       drained_cond;  /* barrier waiters, for epochs to drain */
   GCond       sleepers_cond; /* signalled when n_sleeping changes */
   guint       n_sleeping;    /* submitters asleep in room_cond */
+  guint       n_watching;    /* callers of kd_admission_wait_sleepers() */
   guint64     sealed_seq;    /* epochs sealed so far; the current one has this number */
   guint64     drained_seq;   /* every epoch numbered below it has drained */
   guint64     acquired_at_seal;                      /* grant's count at the last seal */

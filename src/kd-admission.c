@@ -72,6 +72,9 @@
  * blocked submitters only once a share of the bound is free (@slack, 1/16 of
  * the capacity; bounds under 32 wake at the first free slot), and each
  * releaser looks at the room only every @slack / releasers of its releases.
+ * The release that wakes them takes ROOM_WAITERS down, and a sleeper sets
+ * it again before it counts again, so the releases made while the woken
+ * submitters are on their way wake nobody (each wake-up is a system call).
  * A submitter asleep behind a smaller gap still notices it by itself: it
  * sleeps at most KD_ROOM_RECHECK_MIN_US at first, doubling up to
  * KD_ROOM_RECHECK_MAX_US while nothing changes, so room is never left unused for
@@ -206,6 +209,7 @@ kd_admission_init (KdAdmission *self,
   memset (&self->shared, 0, sizeof self->shared);
   kd_admission_add_releasers (self, n_releasers);
   self->n_sleeping = 0;
+  self->n_watching = 0;
   self->sealed_seq = 0;
   self->drained_seq = 0;
   self->drain_waiters = NULL;
@@ -243,6 +247,15 @@ has_room (KdAdmission *self,
          pending_by (acquired_of (grant), refresh_view (self)) < self->capacity;
 }
 
+/* With @lock held: n_sleeping changed, which kd_admission_wait_sleepers()
+ * may be waiting to see. Only then a broadcast: it is a system call. */
+static inline void
+announce_sleepers_locked (KdAdmission *self)
+{
+  if (self->n_watching > 0)
+    g_cond_broadcast (&self->sleepers_cond);
+}
+
 /* Sleeps until there is room or CLOSED, or @deadline (monotonic, 0 for none)
  * passed. Returns FALSE if the deadline passed first. */
 static gboolean
@@ -254,7 +267,7 @@ sleep_until_room (KdAdmission *self,
 
   kd_mutex_lock (&self->lock);
   self->n_sleeping++;
-  g_cond_broadcast (&self->sleepers_cond);
+  announce_sleepers_locked (self);
 
   for (;;)
     {
@@ -282,7 +295,7 @@ sleep_until_room (KdAdmission *self,
   self->n_sleeping--;
   if (self->n_sleeping == 0)
     __atomic_fetch_and (&self->flags, ~FLAG_ROOM_WAITERS, __ATOMIC_SEQ_CST);
-  g_cond_broadcast (&self->sleepers_cond);
+  announce_sleepers_locked (self);
   kd_mutex_unlock (&self->lock);
 
   return in_time;
@@ -486,6 +499,25 @@ advance_drained_locked (KdAdmission *self)
     __atomic_fetch_and (&self->flags, ~FLAG_DRAIN_WAITERS, __ATOMIC_SEQ_CST);
 }
 
+/* Wakes the submitters asleep for room, and takes ROOM_WAITERS down
+ * until one of them sleeps again (it sets the flag before it counts
+ * again): the releases in between, which would all find the same room,
+ * need not wake anybody. Under @lock, where sleepers announce
+ * themselves, so none is missed. (Each broadcast is a system call: while
+ * a woken submitter was on its way, the other workers' releases made
+ * 17 of them per sleep, kd-bench W1.) */
+static void
+wake_room_sleepers (KdAdmission *self)
+{
+  kd_mutex_lock (&self->lock);
+  if (load_flags (self) & FLAG_ROOM_WAITERS)
+    {
+      __atomic_fetch_and (&self->flags, ~FLAG_ROOM_WAITERS, __ATOMIC_SEQ_CST);
+      g_cond_broadcast (&self->room_cond);
+    }
+  kd_mutex_unlock (&self->lock);
+}
+
 /* A release found someone waiting: wake what it may concern. */
 static gboolean
 release_slow (KdAdmission *self,
@@ -520,11 +552,7 @@ release_slow (KdAdmission *self,
           if (!shared)
             releaser->since_room_check = 0;
           if (self->capacity - MIN (pending_at_most (self), self->capacity) >= self->slack)
-            {
-              kd_mutex_lock (&self->lock);
-              g_cond_broadcast (&self->room_cond);
-              kd_mutex_unlock (&self->lock);
-            }
+            wake_room_sleepers (self);
         }
     }
 
@@ -794,7 +822,9 @@ kd_admission_wait_sleepers (KdAdmission *self,
                             guint        n_sleeping)
 {
   kd_mutex_lock (&self->lock);
+  self->n_watching++;
   while (self->n_sleeping < n_sleeping)
     kd_cond_wait (&self->sleepers_cond, &self->lock);
+  self->n_watching--;
   kd_mutex_unlock (&self->lock);
 }
