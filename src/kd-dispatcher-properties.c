@@ -458,6 +458,11 @@ kd_dispatcher_install_properties (GObjectClass *object_class)
  * another group's queue, so no job waits behind a busy group. A value
  * above the number of workers is clamped to it. The default is 1.
  *
+ * The groups carry ready keys, jobs of a #KdGroup, async submissions,
+ * retries and a pipeline's items. A plain unkeyed job (kd_dispatcher_submit()
+ * and the like with a %NULL key) waits in a bounded queue of its own that
+ * every worker takes from directly, one job at a time.
+ *
  * Call before the first submit, from the thread that configures the
  * dispatcher.
  *

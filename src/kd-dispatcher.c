@@ -18,9 +18,14 @@
  *    job, and the table bounds how many dormant and idle mailboxes it
  *    keeps (see kd-key-table.c); the thread count never depends on the
  *    number of keys.
- *  - Unkeyed jobs are tasks themselves and fan out over every worker
- *    through the scheduler's input queue and its worker groups
- *    (kd_dispatcher_set_fanout(); see kd-scheduler.c).
+ *  - Unkeyed jobs fan out over every worker. A plain one (no group, no
+ *    async result, no pipeline's label or ticket) travels as its item in
+ *    the scheduler's ring of values, and the worker that takes it makes its
+ *    record (job_for_value()), so the record stays on the processor that
+ *    runs it; with the ring full, or with the job_submit probe on (whose
+ *    argument is the record), it is a record from the start. Records are
+ *    tasks themselves, through the scheduler's input queue and its worker
+ *    groups (kd_dispatcher_set_fanout(); see kd-scheduler.c).
  *  - At most `capacity` jobs are pending (accepted and not yet ended). The
  *    bound, closing and the wait barrier live in one atomic word
  *    (KdAdmission): a submit that finds the bound reached blocks, fails
@@ -736,6 +741,24 @@ run_task (KdTask   *task,
     }
 }
 
+/* A plain unkeyed job in the scheduler's ring of values: its item, and a
+ * tag of its epoch and its item's kind. */
+#define VALUE_TAG(epoch, kind) ((guint32) (epoch) | (guint32) (kind) << 8)
+
+/* On the worker that took it from the ring: the job's record, made here,
+ * where it runs and where it goes back to the pool. */
+static KdTask *
+job_for_value (gpointer  item,
+               guint32   tag,
+               KdWorker *worker,
+               gpointer  user_data)
+{
+  KdJob *job = kd_job_new (user_data, item, tag & 0xff);
+
+  job->item_kind = tag >> 8;
+  return &job->task;
+}
+
 /* With @start_lock held: the delivery of done callbacks to the main
  * context, created when the first job is accepted or handed back. */
 KdDelivery *
@@ -857,7 +880,7 @@ ensure_started (KdDispatcher  *self,
       self->fanout = MIN (self->fanout, n_workers);
       kd_dispatcher_add_worker_slots (self, n_workers);
       scheduler = kd_scheduler_new (n_workers, self->fanout, needs_timer (self), run_task,
-                                    self->worker_init != NULL ? start_worker : NULL,
+                                    job_for_value, self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
       kd_mutex_lock (&self->start_lock);
@@ -907,6 +930,7 @@ admit_job (KdDispatcher  *self,
   return TRUE;
 }
 
+
 /* The second half: queues @item as a job holding the unit admit_job() took
  * in @epoch, after waiting for room in its key if there is a per-key
  * @bound, and counts it in its @group, if any. FALSE with @error set if it
@@ -934,6 +958,22 @@ push_job (KdDispatcher      *self,
 
   /* Every way in started the workers before it took the unit. */
   scheduler = g_atomic_pointer_get (&self->scheduler);
+
+  /* A plain unkeyed job travels as its item, and a worker makes its
+   * record (job_for_value()), unless the ring is full. */
+  if (key == NULL && label == NULL && ticket == NULL && result == NULL && group == NULL &&
+      !KD_TRACING (job_submit))
+    {
+      __atomic_fetch_add (&self->submitted, 1, __ATOMIC_RELAXED);
+      kd_dispatcher_counters_changed (self);
+      if (G_LIKELY (kd_scheduler_push_value (scheduler, item, VALUE_TAG (epoch, item_kind))))
+        return TRUE;
+      job = kd_job_new (self, item, epoch);
+      job->item_kind = item_kind;
+      kd_scheduler_push (scheduler, &job->task);
+      return TRUE;
+    }
+
   job = kd_job_new (self, item, epoch);
   job->item_kind = item_kind;
   job->ticket = ticket;
@@ -1113,7 +1153,14 @@ push_jobs (KdDispatcher       *self,
   __atomic_fetch_add (&self->submitted, n_items, __ATOMIC_RELAXED);
   kd_dispatcher_counters_changed (self);
 
-  for (i = 0; i < n_items; i++)
+  /* Plain unkeyed items travel as themselves (see push_job()), as many as
+   * the ring has room for; the rest as records. */
+  i = 0;
+  if (keys == NULL && !KD_TRACING (job_submit))
+    i = kd_scheduler_push_values (g_atomic_pointer_get (&self->scheduler), items, n_items,
+                                  VALUE_TAG (epoch, KD_ITEM_POINTER));
+
+  for (; i < n_items; i++)
     {
       const char *key = keys != NULL ? keys[i] : NULL;
       KdJob *job = kd_job_new (self, items[i], epoch);

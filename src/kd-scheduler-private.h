@@ -20,6 +20,13 @@ typedef void (*KdTaskFunc) (KdTask   *task,
                             KdWorker *worker,
                             gpointer  user_data);
 
+/* On a worker's thread: the task that runs a value taken from the ring of
+ * values (kd_scheduler_push_value()), with its tag. */
+typedef KdTask  *(*KdValueTaskFunc)   (gpointer   value,
+                                       guint32    tag,
+                                       KdWorker  *worker,
+                                       gpointer   user_data);
+
 /* On a worker's thread, before its first task: FALSE with @error set if
  * the worker cannot run. */
 typedef gboolean (*KdWorkerStartFunc) (KdWorker  *worker,
@@ -33,12 +40,20 @@ KdScheduler *kd_scheduler_new        (guint              n_workers,
                                       guint              n_groups,
                                       gboolean           with_timer,
                                       KdTaskFunc         func,
+                                      KdValueTaskFunc    value_task,
                                       KdWorkerStartFunc  start,
                                       KdWorkerStopFunc   stop,
                                       gpointer           user_data,
                                       GError           **error);
 void         kd_scheduler_push       (KdScheduler *self,
                                       KdTask      *task);
+gboolean     kd_scheduler_push_value (KdScheduler *self,
+                                      gpointer     value,
+                                      guint32      tag);
+guint        kd_scheduler_push_values (KdScheduler    *self,
+                                       gpointer const *values,
+                                       guint           n_values,
+                                       guint32         tag);
 void         kd_scheduler_push_chain (KdScheduler *self,
                                       KdTask      *newest,
                                       KdTask      *oldest);

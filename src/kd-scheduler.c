@@ -13,7 +13,8 @@
  * fan-out, kd_dispatcher_set_fanout()): each group has its own queue
  * feeding its own workers. The input queue is a
  * lock-free stack: a producer pushes with one compare-and-swap and never
- * waits for a worker (a batch pushes its whole chain of tasks with one). A worker whose group queue is empty feeds its group
+ * waits for a worker (a batch pushes its whole chain of tasks with one). A worker whose group
+ * queue is empty feeds its group
  * from the input: it takes the whole stack with one atomic exchange,
  * puts it back in arrival order, runs the first task and leaves the rest in
  * its group queue for its group mates. Nobody pops single tasks off the
@@ -22,6 +23,21 @@
  * queue empty steals half of another group's queue before it looks at the
  * input, whose tasks are newer: no task waits behind a busy group while
  * another group's worker is idle, however much fresh input arrives.
+ *
+ * Beside the input, tier 1 has a ring of values (KdRing, kd-ring-private.h,
+ * with VALUES_SIZE slots): the owner pushes a value and a tag there
+ * instead of a task (kd_scheduler_push_value(), FALSE when the ring is
+ * full), and the worker that pops it makes it a task with the owner's
+ * value_task function, on its own thread. The dispatcher sends its plain
+ * unkeyed jobs this way, as their items: a task record written by the
+ * producer and read by a worker on another processor cost a cache miss per
+ * job, and the stack's compare-and-swap fought the workers' exchange,
+ * while the ring's values are four to a cache line, and pushers and
+ * poppers each have a line of their own. Workers pop the ring one value at
+ * a time, so no value waits behind a busy worker; they have no group
+ * queue to pass through. A worker whose group queues are empty looks at
+ * the ring and at the input in turn, one first on one look and the other
+ * on the next, so that neither starves the other.
  *
  * Priority classes (KdBand, from a task's band): the input and the group
  * queues hold the default class. The high and idle classes have a locked
@@ -54,8 +70,8 @@
  * STALL_US).
  *
  * The "no lost wake-up" argument is the Dekker pattern on sequentially
- * consistent atomics: a pusher publishes its task (the input stack or a
- * group's n_tasks) and then reads n_spinning and n_idle; a worker going to sleep
+ * consistent atomics: a pusher publishes its task (the input stack, the
+ * ring's tail or a group's n_tasks) and then reads n_spinning and n_idle; a worker going to sleep
  * publishes itself (n_idle) and drops n_spinning, and then looks at the
  * queues again. At least one of the two sees the other.
  *
@@ -141,6 +157,7 @@
 
 #include "config.h"
 
+#include "kd-ring-private.h"
 #include "kd-scheduler-private.h"
 #include "kd-shutdown-private.h"
 #include "kd-slots-private.h"
@@ -154,6 +171,9 @@
  * throughput cost). One worker spins at a time, unless it stalled (see
  * STALL_US). */
 #define SPIN_US 60
+
+/* The ring of values' slots: at 16 bytes, 16 KiB. */
+#define VALUES_SIZE 1024
 
 /* How long a spinner may go without a pass before pushers stop counting on
  * it: a pass takes a microsecond or two when its thread runs. */
@@ -211,6 +231,7 @@ struct _KdWorker
   gpointer     data;        /* set by the start hook, on the worker's thread */
   guint        takes;       /* tasks taken while other classes had some */
   guint        fair_band;   /* the class its last fair take looked at first */
+  gboolean     values_first; /* its last look took from the values before the input */
 
   /* Protected by scheduler->start_lock: a late start's outcome, for the
    * resize that waits for it (@awaited) */
@@ -228,6 +249,7 @@ struct _KdScheduler
 {
   /* Immutable */
   KdTaskFunc  func;
+  KdValueTaskFunc value_task;
   KdWorkerStartFunc start;
   KdWorkerStopFunc  stop;
   gpointer    user_data;
@@ -245,6 +267,10 @@ struct _KdScheduler
 
   /* Tier 1: atomic, a stack of tasks linked through task->next, newest first */
   KdTask     *input;
+
+  /* Tier 1 for values (with @value_task only): a worker takes them one by
+   * one and makes each a task */
+  KdRing      values;
 
   /* Atomic, read on every look for a task: the tasks in @high and @low,
    * plus SHRINKING while a worker runs in a slot at or above n_target */
@@ -325,7 +351,7 @@ work_visible (KdScheduler *self)
 {
   guint i;
 
-  if (__atomic_load_n (&self->input, __ATOMIC_SEQ_CST) != NULL)
+  if (__atomic_load_n (&self->input, __ATOMIC_SEQ_CST) != NULL || !kd_ring_is_empty (&self->values))
     return TRUE;
   for (i = 0; i < self->n_groups; i++)
     if (g_atomic_int_get (&self->groups[i].n_tasks) > 0)
@@ -387,10 +413,13 @@ wake_one (KdScheduler *self)
     }
 }
 
-/* The halves of wake_if_useful() that look further, out of line. */
+/* The halves of wake_if_useful() that look further, out of line. A
+ * running spinner will find the work: then the queues are not read. */
 __attribute__ ((noinline)) static void
 wake_for_work (KdScheduler *self)
 {
+  if (g_atomic_int_get (&self->n_spinning) > 0 && !spinners_stalled (self))
+    return;
   if (work_visible (self))
     wake_one (self);
 }
@@ -550,6 +579,19 @@ steal (KdScheduler *self,
   return NULL;
 }
 
+/* The oldest value of the ring, as a task. */
+static KdTask *
+pop_value (KdScheduler *self,
+           KdWorker    *worker)
+{
+  gpointer value;
+  guint32 tag;
+
+  if (!kd_ring_pop (&self->values, &value, &tag))
+    return NULL;
+  return self->value_task (value, tag, worker, self->user_data);
+}
+
 /* A task of the default class: from the worker's group, another group or
  * the input. */
 static KdTask *
@@ -565,7 +607,13 @@ find_default_task (KdWorker *worker)
    * for as long as fresh input keeps coming. */
   if ((task = steal (self, worker)) != NULL)
     return task;
-  return fetch_input (self, worker->group);
+  /* The two inputs in turn, so that neither starves the other. */
+  if (self->value_task == NULL)
+    return fetch_input (self, worker->group);
+  worker->values_first = !worker->values_first;
+  if (worker->values_first)
+    return (task = pop_value (self, worker)) != NULL ? task : fetch_input (self, worker->group);
+  return (task = fetch_input (self, worker->group)) != NULL ? task : pop_value (self, worker);
 }
 
 /* The oldest task of class @band. */
@@ -1185,6 +1233,7 @@ kd_scheduler_new (guint              n_workers,
                   guint              n_groups,
                   gboolean           with_timer,
                   KdTaskFunc         func,
+                  KdValueTaskFunc    value_task,
                   KdWorkerStartFunc  start,
                   KdWorkerStopFunc   stop,
                   gpointer           user_data,
@@ -1195,8 +1244,11 @@ kd_scheduler_new (guint              n_workers,
 
   g_assert (n_workers > 0);
 
-  self = g_new0 (KdScheduler, 1);
+  self = g_aligned_alloc0 (1, sizeof (KdScheduler), G_ALIGNOF (KdScheduler));
   self->func = func;
+  self->value_task = value_task;
+  if (value_task != NULL)
+    kd_ring_init (&self->values, VALUES_SIZE);
   self->start = start;
   self->stop = stop;
   self->user_data = user_data;
@@ -1300,6 +1352,35 @@ kd_scheduler_push (KdScheduler *self,
     push_band (self, task);
   else
     push_chain (self, task, task);
+}
+
+/* Any thread: @value waits in the ring of values, for a worker to make it
+ * a task (the value_task function), with @tag; FALSE if the ring is full. */
+gboolean
+kd_scheduler_push_value (KdScheduler *self,
+                         gpointer     value,
+                         guint32      tag)
+{
+  if (!kd_ring_push (&self->values, value, tag))
+    return FALSE;
+  wake_if_useful (self);
+  return TRUE;
+}
+
+/* Any thread: kd_scheduler_push_value() for each of @values, as many as
+ * the ring has room for (returned), with one compare-and-swap and one
+ * wake-up decision. */
+guint
+kd_scheduler_push_values (KdScheduler    *self,
+                          gpointer const *values,
+                          guint           n_values,
+                          guint32         tag)
+{
+  guint n = kd_ring_push_many (&self->values, values, n_values, tag);
+
+  if (n > 0)
+    wake_if_useful (self);
+  return n;
 }
 
 /* Any thread: pushes a chain of tasks that run as if pushed one by one
@@ -1522,6 +1603,7 @@ kd_scheduler_free (KdScheduler *self)
 
   g_assert (self->joined);
   g_assert (self->input == NULL);
+  g_assert (kd_ring_is_empty (&self->values));
 
   for (i = 0; i < self->n_groups + 2; i++)
     {
@@ -1545,7 +1627,8 @@ kd_scheduler_free (KdScheduler *self)
   g_mutex_clear (&self->timer_lock);
   g_cond_clear (&self->hurry_cond);
   g_aligned_free (self->groups);
-  g_free (self);
+  kd_ring_clear (&self->values);
+  g_aligned_free (self);
 }
 
 /* Any thread but a worker of @self's, one at a time (the owner's lock),

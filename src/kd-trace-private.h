@@ -48,6 +48,7 @@ KD_TRACE_PROBES (KD_TRACE_DECLARE)
 
 #else
 
+# define KD_TRACING(probe)            FALSE
 # define KD_TRACE2(probe, a, b)       G_STMT_START { } G_STMT_END
 # define KD_TRACE3(probe, a, b, c)    G_STMT_START { } G_STMT_END
 # define KD_TRACE4(probe, a, b, c, d) G_STMT_START { } G_STMT_END

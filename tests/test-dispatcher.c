@@ -929,6 +929,7 @@ starve_handler (KdJob    *job,
                 GError  **error)
 {
   Starve *st = user_data;
+  gint fed;
 
   switch (GPOINTER_TO_INT (kd_job_get_item (job)))
     {
@@ -951,10 +952,15 @@ starve_handler (KdJob    *job,
       break;
     case STARVE_FEED:
       /* Fresh input, forever, until B ran (or the limit says it never will). */
-      if (g_atomic_int_add (&st->fed, 1) < STARVE_FEED_LIMIT &&
-          !kd_test_gate_wait_for (&st->b_ran, 0))
-        g_assert_true (kd_dispatcher_submit (st->dispatcher, NULL,
-                                             GINT_TO_POINTER (STARVE_FEED), NULL));
+      fed = g_atomic_int_add (&st->fed, 1);
+      if (fed < STARVE_FEED_LIMIT && !kd_test_gate_wait_for (&st->b_ran, 0))
+        {
+          char key[32];
+
+          g_snprintf (key, sizeof key, "feed-%d", fed);
+          g_assert_true (kd_dispatcher_submit (st->dispatcher, key,
+                                               GINT_TO_POINTER (STARVE_FEED), NULL));
+        }
       break;
     default:
       g_assert_not_reached ();
@@ -984,8 +990,11 @@ test_no_starvation_across_groups (void)
   g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_HOLD_1), NULL));
   g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_HOLD_2), NULL));
   g_assert_true (kd_test_hold_wait_arrived (&st.holds, 2));
-  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_A), NULL));
-  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_B), NULL));
+  /* Keyed, each its own key: a ready key is a task of the input queue and
+   * the groups' (plain unkeyed jobs travel in the ring of values, which
+   * every worker takes from directly). */
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, "a", GINT_TO_POINTER (STARVE_A), NULL));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, "b", GINT_TO_POINTER (STARVE_B), NULL));
 
   /* One worker comes free and takes A and B into its group; A runs and
    * holds it, B waits in that group's queue. */
@@ -993,7 +1002,7 @@ test_no_starvation_across_groups (void)
   g_assert_true (kd_test_gate_wait (&st.a_running));
 
   /* Fresh input keeps coming; only then does the other worker come free. */
-  g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_FEED), NULL));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, "feed", GINT_TO_POINTER (STARVE_FEED), NULL));
   kd_test_gate_open (&st.release_1);
 
   g_assert_true (kd_test_gate_wait (&st.b_ran));
@@ -1006,6 +1015,109 @@ test_no_starvation_across_groups (void)
   kd_test_hold_clear (&st.holds);
   kd_test_gate_clear (&st.a_running);
   kd_test_gate_clear (&st.b_ran);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Plain unkeyed jobs travel in the ring of values                          */
+
+#define RING_HOLDER GUINT_TO_POINTER (G_MAXUINT)
+
+/* More unkeyed jobs waiting than the ring of values holds (1,024): the rest
+ * wait as records in the input queue, and every one runs exactly once. */
+static void
+test_unkeyed_beyond_ring (void)
+{
+  const guint n_jobs = 3000, n_singles = 600;
+  KdTestRecorder recorder;
+  KdDispatcher *dispatcher;
+  guint8 *seen = g_new0 (guint8, n_jobs);
+  gpointer *batch = g_new (gpointer, n_jobs - n_singles);
+  KdStats stats;
+  guint i;
+
+  g_test_summary ("More waiting unkeyed jobs than the ring of values holds, submitted "
+                  "one by one and in a batch, are all accepted without blocking, and "
+                  "each runs exactly once");
+
+  kd_test_recorder_init (&recorder);
+  recorder.hold_only = RING_HOLDER;
+  dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &recorder, NULL);
+  kd_dispatcher_set_capacity (dispatcher, 2 * n_jobs);
+
+  /* The only worker is held, so every job below waits. */
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, RING_HOLDER, NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 1));
+  /* One by one, then a batch that fills the rest of the ring and goes on
+   * as records. */
+  for (i = 0; i < n_singles; i++)
+    g_assert_true (kd_dispatcher_try_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
+  for (i = n_singles; i < n_jobs; i++)
+    batch[i - n_singles] = GUINT_TO_POINTER (i);
+  g_assert_cmpuint (kd_dispatcher_try_submit_many (dispatcher, NULL, batch, n_jobs - n_singles, NULL),
+                    ==, n_jobs - n_singles);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.pending, ==, n_jobs + 1);
+
+  kd_test_hold_release (&recorder.hold);
+  g_assert_true (kd_dispatcher_wait_until (dispatcher, g_get_monotonic_time () + KD_TEST_DEADLINE_US));
+
+  g_assert_cmpuint (recorder.items->len, ==, n_jobs + 1);
+  for (i = 0; i < recorder.items->len; i++)
+    {
+      gpointer item = g_ptr_array_index (recorder.items, i);
+
+      if (item != RING_HOLDER)
+        seen[GPOINTER_TO_UINT (item)]++;
+    }
+  for (i = 0; i < n_jobs; i++)
+    g_assert_cmpuint (seen[i], ==, 1);
+  kd_dispatcher_get_stats (dispatcher, &stats);
+  g_assert_cmpuint (stats.completed, ==, n_jobs + 1);
+  g_assert_cmpuint (stats.pending, ==, 0);
+
+  g_object_unref (dispatcher);
+  kd_test_recorder_clear (&recorder);
+  g_free (seen);
+  g_free (batch);
+}
+
+/* A keyed job (a task of the input queue) behind a ring full of unkeyed
+ * jobs: the worker takes from the two in turn, so it runs second. */
+static void
+test_unkeyed_and_keyed_take_turns (void)
+{
+  const guint n_unkeyed = 500;
+  KdTestRecorder recorder;
+  KdDispatcher *dispatcher;
+  g_autoptr (GPtrArray) keyed = NULL;
+  guint i, position = 0;
+
+  g_test_summary ("A worker takes plain unkeyed jobs and ready keys in turn: a keyed "
+                  "job does not wait behind every unkeyed job submitted before it");
+
+  kd_test_recorder_init (&recorder);
+  recorder.hold_only = RING_HOLDER;
+  dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &recorder, NULL);
+
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, RING_HOLDER, NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 1));
+  for (i = 0; i < n_unkeyed; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", GUINT_TO_POINTER (n_unkeyed), NULL));
+
+  kd_test_hold_release (&recorder.hold);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpuint (recorder.items->len, ==, n_unkeyed + 2);
+  while (g_ptr_array_index (recorder.items, position) != GUINT_TO_POINTER (n_unkeyed))
+    position++;
+  /* The holder ran first; then one unkeyed job at most. */
+  g_assert_cmpuint (position, <=, 2);
+  keyed = kd_test_recorder_items_of (&recorder, "k");
+  g_assert_cmpuint (keyed->len, ==, 1);
+
+  g_object_unref (dispatcher);
+  kd_test_recorder_clear (&recorder);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1294,6 +1406,8 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/submit-from-worker-room", test_submit_from_worker_room);
   g_test_add_func ("/kd/dispatcher/hot-key-fairness", test_hot_key_fairness);
   g_test_add_func ("/kd/dispatcher/no-starvation-across-groups", test_no_starvation_across_groups);
+  g_test_add_func ("/kd/dispatcher/unkeyed-beyond-ring", test_unkeyed_beyond_ring);
+  g_test_add_func ("/kd/dispatcher/unkeyed-and-keyed-take-turns", test_unkeyed_and_keyed_take_turns);
   g_test_add_func ("/kd/dispatcher/bad-input", test_bad_input_preconditions);
   g_test_add_func ("/kd/dispatcher/keys-as-bytes", test_keys_as_bytes);
   g_test_add_func ("/kd/dispatcher/empty-key-order", test_empty_key_order);

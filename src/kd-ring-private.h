@@ -1,0 +1,196 @@
+/* kd-ring-private.h: a bounded ring of values, any thread in, any thread out
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * A fixed array of slots, each a pointer and a 32-bit tag, taken in
+ * order by any number of pushers and poppers (Dmitry Vyukov's bounded MPMC
+ * queue). Each slot has a sequence number that says whose turn it is: a
+ * pusher may fill the slot at position p when its sequence is p, a popper
+ * may empty it when it is p + 1, and emptying it makes it p + size, the
+ * next lap's push. A pusher claims its position with one compare-and-swap
+ * on @tail, a popper with one on @head; the two are on lines of their own,
+ * so pushers and poppers do not fight over one. The values themselves are
+ * 16 bytes, four to a cache line.
+ *
+ * Positions are 32-bit and wrap; they are compared by their signed
+ * difference, which is right while the ring holds fewer than 2^31 values.
+ */
+
+#pragma once
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+typedef struct
+{
+  guint32  seq;   /* atomic: whose turn, see above */
+  guint32  tag;
+  gpointer value;
+} KdRingSlot;
+
+typedef struct
+{
+  KdRingSlot *slots;
+  guint32     mask;   /* size - 1; the size is a power of two */
+  guint32     head __attribute__ ((aligned (64)));  /* atomic: the next position to pop */
+  guint32     tail __attribute__ ((aligned (64)));  /* atomic: the next position to push */
+} __attribute__ ((aligned (64))) KdRing;
+
+/* @size: a power of two. */
+static inline void
+kd_ring_init (KdRing *self,
+              guint32 size)
+{
+  guint32 i;
+
+  g_assert (size > 0 && (size & (size - 1)) == 0);
+  self->slots = g_new (KdRingSlot, size);
+  for (i = 0; i < size; i++)
+    self->slots[i].seq = i;
+  self->mask = size - 1;
+  self->head = 0;
+  self->tail = 0;
+}
+
+static inline void
+kd_ring_clear (KdRing *self)
+{
+  g_clear_pointer (&self->slots, g_free);
+}
+
+/* Any thread: appends @value and @tag, or returns FALSE if the ring is full.
+ * The claim of the position is sequentially consistent: once it returns, a
+ * thread that reads the ring as not empty (kd_ring_is_empty()) after it
+ * reads a flag set before this call is ordered with it (the Dekker pattern
+ * of the scheduler's wake-ups). */
+static inline gboolean
+kd_ring_push (KdRing  *self,
+              gpointer value,
+              guint32  tag)
+{
+  guint32 pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
+  KdRingSlot *slot;
+
+  for (;;)
+    {
+      gint32 diff;
+
+      slot = &self->slots[pos & self->mask];
+      diff = (gint32) (__atomic_load_n (&slot->seq, __ATOMIC_ACQUIRE) - pos);
+      if (diff == 0)
+        {
+          if (__atomic_compare_exchange_n (&self->tail, &pos, pos + 1, TRUE,
+                                           __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            break;
+        }
+      else if (diff < 0)
+        {
+          return FALSE;
+        }
+      else
+        {
+          pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
+        }
+    }
+
+  slot->value = value;
+  slot->tag = tag;
+  __atomic_store_n (&slot->seq, pos + 1, __ATOMIC_RELEASE);
+  return TRUE;
+}
+
+/* Any thread: appends the first of @values, up to @n, for which there is
+ * room, each with @tag, in one compare-and-swap; returns how many. The
+ * slots are checked free before the claim: only the pusher that claims a
+ * free slot's position can fill it, so they are still free once the claim
+ * succeeded. */
+static inline guint
+kd_ring_push_many (KdRing         *self,
+                   gpointer const *values,
+                   guint           n,
+                   guint32         tag)
+{
+  guint32 pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
+  guint32 k, i;
+
+  for (;;)
+    {
+      gint32 diff = 0;
+
+      for (k = 0; k < n; k++)
+        {
+          KdRingSlot *slot = &self->slots[(pos + k) & self->mask];
+
+          diff = (gint32) (__atomic_load_n (&slot->seq, __ATOMIC_ACQUIRE) - (pos + k));
+          if (diff != 0)
+            break;
+        }
+      if (k == 0 && diff < 0)
+        return 0;
+      if (k == 0)
+        pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
+      else if (__atomic_compare_exchange_n (&self->tail, &pos, pos + k, TRUE,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+        break;
+    }
+
+  for (i = 0; i < k; i++)
+    {
+      KdRingSlot *slot = &self->slots[(pos + i) & self->mask];
+
+      slot->value = values[i];
+      slot->tag = tag;
+      __atomic_store_n (&slot->seq, pos + i + 1, __ATOMIC_RELEASE);
+    }
+  return k;
+}
+
+/* Any thread: takes the oldest value and its tag, or returns FALSE if there
+ * is none ready. A value whose pusher claimed its position but has not
+ * filled it yet is not ready, though the ring is not empty any more. */
+static inline gboolean
+kd_ring_pop (KdRing   *self,
+             gpointer *value,
+             guint32  *tag)
+{
+  guint32 pos = __atomic_load_n (&self->head, __ATOMIC_RELAXED);
+  KdRingSlot *slot;
+
+  for (;;)
+    {
+      gint32 diff;
+
+      slot = &self->slots[pos & self->mask];
+      diff = (gint32) (__atomic_load_n (&slot->seq, __ATOMIC_ACQUIRE) - (pos + 1));
+      if (diff == 0)
+        {
+          if (__atomic_compare_exchange_n (&self->head, &pos, pos + 1, TRUE,
+                                           __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            break;
+        }
+      else if (diff < 0)
+        {
+          return FALSE;
+        }
+      else
+        {
+          pos = __atomic_load_n (&self->head, __ATOMIC_RELAXED);
+        }
+    }
+
+  *value = slot->value;
+  *tag = slot->tag;
+  __atomic_store_n (&slot->seq, pos + self->mask + 1, __ATOMIC_RELEASE);
+  return TRUE;
+}
+
+/* Any thread: whether every position pushed so far was popped. */
+static inline gboolean
+kd_ring_is_empty (KdRing *self)
+{
+  return __atomic_load_n (&self->head, __ATOMIC_SEQ_CST) ==
+         __atomic_load_n (&self->tail, __ATOMIC_SEQ_CST);
+}
+
+G_END_DECLS
