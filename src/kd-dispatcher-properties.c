@@ -460,8 +460,10 @@ kd_dispatcher_install_properties (GObjectClass *object_class)
  *
  * The groups carry ready keys, jobs of a #KdGroup, async submissions,
  * retries and a pipeline's items. A plain unkeyed job (kd_dispatcher_submit()
- * and the like with a %NULL key) waits in a bounded queue of its own that
- * every worker takes from directly, one job at a time.
+ * and the like with a %NULL key) waits in a queue of its own that every
+ * worker takes from directly, one job at a time, taking from it and from
+ * its group in turn; that queue holds as many jobs as the capacity, up to
+ * 16,384, and beyond that they go through the groups too.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.

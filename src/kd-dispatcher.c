@@ -880,7 +880,8 @@ ensure_started (KdDispatcher  *self,
       self->fanout = MIN (self->fanout, n_workers);
       kd_dispatcher_add_worker_slots (self, n_workers);
       scheduler = kd_scheduler_new (n_workers, self->fanout, needs_timer (self), run_task,
-                                    job_for_value, self->worker_init != NULL ? start_worker : NULL,
+                                    job_for_value, self->admission.capacity,
+                                    self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
       kd_mutex_lock (&self->start_lock);

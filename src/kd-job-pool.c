@@ -4,10 +4,12 @@
  *
  * DESIGN
  *
- * A job record is allocated by the submitting thread and freed by the worker
- * (or the main-context thread) that ended the job. With malloc that is a
- * cross-thread free on every job: the freeing thread's cache fills up, the
- * submitter's runs dry, and both meet on the allocator's arena lock.
+ * A job record is allocated by the submitting thread (a plain unkeyed
+ * job's by the worker that takes its item from the scheduler's ring) and
+ * freed by the worker (or the main-context thread) that ended the job.
+ * With malloc that is a cross-thread free on most jobs: the freeing
+ * thread's cache fills up, the allocating thread's runs dry, and both meet
+ * on the allocator's arena lock.
  *
  * The pool is a magazine allocator, the design of Bonwick's slab magazines
  * and GLib's old GSlice: each thread keeps a private stack of free records

@@ -12,6 +12,12 @@
  * so pushers and poppers do not fight over one. The values themselves are
  * 16 bytes, four to a cache line.
  *
+ * Values leave in the order their positions were claimed: a pusher that
+ * claimed a position and has not filled it yet (it was preempted between
+ * the two) holds back the values behind it until it runs again. Nobody
+ * waits for it by spinning: the slot is not ready (kd_ring_has_ready()),
+ * so poppers look elsewhere or sleep, and its fill wakes them.
+ *
  * Positions are 32-bit and wrap; they are compared by their signed
  * difference, which is right while the ring holds fewer than 2^31 values.
  */
@@ -96,7 +102,7 @@ kd_ring_push (KdRing  *self,
 
   slot->value = value;
   slot->tag = tag;
-  __atomic_store_n (&slot->seq, pos + 1, __ATOMIC_RELEASE);
+  __atomic_store_n (&slot->seq, pos + 1, __ATOMIC_SEQ_CST);
   return TRUE;
 }
 
@@ -113,6 +119,9 @@ kd_ring_push_many (KdRing         *self,
 {
   guint32 pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
   guint32 k, i;
+
+  if (n == 0)
+    return 0;
 
   for (;;)
     {
@@ -135,13 +144,17 @@ kd_ring_push_many (KdRing         *self,
         break;
     }
 
-  for (i = 0; i < k; i++)
+  /* The first slot last: no popper passes it before it is filled, so the
+   * others may be published with a plain release, and the first one's
+   * sequentially consistent store publishes them all (see
+   * kd_ring_has_ready()). */
+  for (i = k; i-- > 0;)
     {
       KdRingSlot *slot = &self->slots[(pos + i) & self->mask];
 
       slot->value = values[i];
       slot->tag = tag;
-      __atomic_store_n (&slot->seq, pos + i + 1, __ATOMIC_RELEASE);
+      __atomic_store_n (&slot->seq, pos + i + 1, i == 0 ? __ATOMIC_SEQ_CST : __ATOMIC_RELEASE);
     }
   return k;
 }
@@ -183,6 +196,31 @@ kd_ring_pop (KdRing   *self,
   *tag = slot->tag;
   __atomic_store_n (&slot->seq, pos + self->mask + 1, __ATOMIC_RELEASE);
   return TRUE;
+}
+
+/* Any thread: whether the oldest value is ready to pop. Sequentially
+ * consistent, as the store that fills a slot is: a pusher that fills the
+ * oldest slot and then reads a flag, and a thread that sets the flag and
+ * then calls this, cannot both miss each other (the Dekker pattern of the
+ * scheduler's wake-ups). A value behind an oldest slot that is claimed but
+ * not yet filled is not ready: its pusher's fill of the oldest slot will
+ * make both visible. */
+static inline gboolean
+kd_ring_has_ready (KdRing *self)
+{
+  if (self->slots == NULL)
+    return FALSE;
+
+  for (;;)
+    {
+      guint32 pos = __atomic_load_n (&self->head, __ATOMIC_SEQ_CST);
+      gint32 diff = (gint32) (__atomic_load_n (&self->slots[pos & self->mask].seq,
+                                               __ATOMIC_SEQ_CST) - (pos + 1));
+
+      /* Above: popped since @head was read, which has moved on. */
+      if (diff <= 0)
+        return diff == 0;
+    }
 }
 
 /* Any thread: whether every position pushed so far was popped. */

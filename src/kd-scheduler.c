@@ -25,7 +25,8 @@
  * another group's worker is idle, however much fresh input arrives.
  *
  * Beside the input, tier 1 has a ring of values (KdRing, kd-ring-private.h,
- * with VALUES_SIZE slots): the owner pushes a value and a tag there
+ * as many slots as the owner asks for, rounded up to a power of two, at
+ * most VALUES_MAX): the owner pushes a value and a tag there
  * instead of a task (kd_scheduler_push_value(), FALSE when the ring is
  * full), and the worker that pops it makes it a task with the owner's
  * value_task function, on its own thread. The dispatcher sends its plain
@@ -35,9 +36,12 @@
  * while the ring's values are four to a cache line, and pushers and
  * poppers each have a line of their own. Workers pop the ring one value at
  * a time, so no value waits behind a busy worker; they have no group
- * queue to pass through. A worker whose group queues are empty looks at
- * the ring and at the input in turn, one first on one look and the other
- * on the next, so that neither starves the other.
+ * queue to pass through. Every other look for a task takes a value first,
+ * and the others look at the group queues, the other groups and the input
+ * first, so that values and tasks take turns and neither starves the
+ * other. A value counts as visible once its slot is filled, not when its
+ * position is claimed (kd_ring_has_ready()), so a worker never spins on
+ * a pusher preempted between the two: it parks, and the fill wakes it.
  *
  * Priority classes (KdBand, from a task's band): the input and the group
  * queues hold the default class. The high and idle classes have a locked
@@ -71,9 +75,10 @@
  *
  * The "no lost wake-up" argument is the Dekker pattern on sequentially
  * consistent atomics: a pusher publishes its task (the input stack, the
- * ring's tail or a group's n_tasks) and then reads n_spinning and n_idle; a worker going to sleep
- * publishes itself (n_idle) and drops n_spinning, and then looks at the
- * queues again. At least one of the two sees the other.
+ * fill of the ring's oldest slot, or a group's n_tasks) and then reads
+ * n_spinning and n_idle; a worker going to sleep publishes itself (n_idle)
+ * and drops n_spinning, and then looks at the queues again. At least one
+ * of the two sees the other.
  *
  * Start and stop hooks: with a start hook, each worker runs it on its own
  * thread before it takes any task, and kd_scheduler_new() waits at a start
@@ -172,8 +177,8 @@
  * STALL_US). */
 #define SPIN_US 60
 
-/* The ring of values' slots: at 16 bytes, 16 KiB. */
-#define VALUES_SIZE 1024
+/* The most slots the ring of values has: at 16 bytes each, 256 KiB. */
+#define VALUES_MAX 16384
 
 /* How long a spinner may go without a pass before pushers stop counting on
  * it: a pass takes a microsecond or two when its thread runs. */
@@ -231,7 +236,7 @@ struct _KdWorker
   gpointer     data;        /* set by the start hook, on the worker's thread */
   guint        takes;       /* tasks taken while other classes had some */
   guint        fair_band;   /* the class its last fair take looked at first */
-  gboolean     values_first; /* its last look took from the values before the input */
+  gboolean     values_first; /* its last look took from the values before the queues */
 
   /* Protected by scheduler->start_lock: a late start's outcome, for the
    * resize that waits for it (@awaited) */
@@ -351,7 +356,7 @@ work_visible (KdScheduler *self)
 {
   guint i;
 
-  if (__atomic_load_n (&self->input, __ATOMIC_SEQ_CST) != NULL || !kd_ring_is_empty (&self->values))
+  if (__atomic_load_n (&self->input, __ATOMIC_SEQ_CST) != NULL || kd_ring_has_ready (&self->values))
     return TRUE;
   for (i = 0; i < self->n_groups; i++)
     if (g_atomic_int_get (&self->groups[i].n_tasks) > 0)
@@ -600,6 +605,15 @@ find_default_task (KdWorker *worker)
   KdScheduler *self = worker->scheduler;
   KdTask *task;
 
+  /* Every other look takes a value first: values and tasks take turns,
+   * so neither starves the other (an input batch fills the group queue,
+   * which the other looks drain). */
+  if (self->value_task != NULL)
+    {
+      worker->values_first = !worker->values_first;
+      if (worker->values_first && (task = pop_value (self, worker)) != NULL)
+        return task;
+    }
   if ((task = group_pop (worker->group)) != NULL)
     return task;
   /* Other groups' queues hold tasks older than anything in the input: look
@@ -607,13 +621,9 @@ find_default_task (KdWorker *worker)
    * for as long as fresh input keeps coming. */
   if ((task = steal (self, worker)) != NULL)
     return task;
-  /* The two inputs in turn, so that neither starves the other. */
-  if (self->value_task == NULL)
-    return fetch_input (self, worker->group);
-  worker->values_first = !worker->values_first;
-  if (worker->values_first)
-    return (task = pop_value (self, worker)) != NULL ? task : fetch_input (self, worker->group);
-  return (task = fetch_input (self, worker->group)) != NULL ? task : pop_value (self, worker);
+  if ((task = fetch_input (self, worker->group)) != NULL)
+    return task;
+  return self->value_task != NULL ? pop_value (self, worker) : NULL;
 }
 
 /* The oldest task of class @band. */
@@ -1226,7 +1236,9 @@ start_on_demand (KdScheduler *self)
  * succeeded run @stop) and it returns %NULL with the first error. If a
  * thread cannot be made, the threads made so far exit the same way and it
  * returns %NULL with the thread error (%G_THREAD_ERROR_AGAIN). @stop runs
- * on each worker's thread as it exits.
+ * on each worker's thread as it exits. With a @value_task, values may be
+ * pushed too (kd_scheduler_push_value()), into a ring of at least
+ * @n_values slots, up to VALUES_MAX.
  */
 KdScheduler *
 kd_scheduler_new (guint              n_workers,
@@ -1234,6 +1246,7 @@ kd_scheduler_new (guint              n_workers,
                   gboolean           with_timer,
                   KdTaskFunc         func,
                   KdValueTaskFunc    value_task,
+                  guint              n_values,
                   KdWorkerStartFunc  start,
                   KdWorkerStopFunc   stop,
                   gpointer           user_data,
@@ -1248,7 +1261,13 @@ kd_scheduler_new (guint              n_workers,
   self->func = func;
   self->value_task = value_task;
   if (value_task != NULL)
-    kd_ring_init (&self->values, VALUES_SIZE);
+    {
+      guint32 size = 1;
+
+      while (size < MIN (n_values, VALUES_MAX))
+        size <<= 1;
+      kd_ring_init (&self->values, size);
+    }
   self->start = start;
   self->stop = stop;
   self->user_data = user_data;

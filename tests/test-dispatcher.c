@@ -1022,12 +1022,13 @@ test_no_starvation_across_groups (void)
 
 #define RING_HOLDER GUINT_TO_POINTER (G_MAXUINT)
 
-/* More unkeyed jobs waiting than the ring of values holds (1,024): the rest
- * wait as records in the input queue, and every one runs exactly once. */
+/* More unkeyed jobs waiting than the ring of values holds (as many as the
+ * bound, up to 16,384): the rest wait as records in the input queue, and
+ * every one runs exactly once. */
 static void
 test_unkeyed_beyond_ring (void)
 {
-  const guint n_jobs = 3000, n_singles = 600;
+  const guint n_jobs = 20000, n_singles = 10000;
   KdTestRecorder recorder;
   KdDispatcher *dispatcher;
   guint8 *seen = g_new0 (guint8, n_jobs);
@@ -1079,6 +1080,57 @@ test_unkeyed_beyond_ring (void)
   kd_test_recorder_clear (&recorder);
   g_free (seen);
   g_free (batch);
+}
+
+/* Plain unkeyed jobs behind many ready keys, each with more jobs than a
+ * worker runs of a key at a time: the worker takes a value and a task in
+ * turn, so each unkeyed job waits for one key's batch at most. */
+static void
+test_unkeyed_not_behind_keys (void)
+{
+  const guint n_keys = 50, n_per_key = 200, n_unkeyed = 5;
+  KdTestRecorder recorder;
+  KdDispatcher *dispatcher;
+  guint i, j, keyed_before_last = 0;
+  guint unkeyed_seen = 0;
+
+  g_test_summary ("A worker takes plain unkeyed jobs and ready keys in turn: unkeyed jobs "
+                  "do not wait behind every key's jobs submitted before them");
+
+  kd_test_recorder_init (&recorder);
+  recorder.hold_only = RING_HOLDER;
+  dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &recorder, NULL);
+  kd_dispatcher_set_capacity (dispatcher, n_keys * n_per_key + n_unkeyed + 1);
+
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, RING_HOLDER, NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 1));
+  for (j = 0; j < n_per_key; j++)
+    for (i = 0; i < n_keys; i++)
+      {
+        char key[16];
+
+        g_snprintf (key, sizeof key, "k%u", i);
+        g_assert_true (kd_dispatcher_submit (dispatcher, key, GUINT_TO_POINTER (j), NULL));
+      }
+  for (i = 0; i < n_unkeyed; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
+
+  kd_test_hold_release (&recorder.hold);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpuint (recorder.items->len, ==, n_keys * n_per_key + n_unkeyed + 1);
+  for (i = 1; i < recorder.items->len && unkeyed_seen < n_unkeyed; i++)
+    {
+      if (g_ptr_array_index (recorder.keys, i) == NULL)
+        unkeyed_seen++;
+      else
+        keyed_before_last++;
+    }
+  /* A key's batch is at most 64 jobs (MAILBOX_BUDGET). */
+  g_assert_cmpuint (keyed_before_last, <=, n_unkeyed * 64);
+
+  g_object_unref (dispatcher);
+  kd_test_recorder_clear (&recorder);
 }
 
 /* A keyed job (a task of the input queue) behind a ring full of unkeyed
@@ -1408,6 +1460,7 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/no-starvation-across-groups", test_no_starvation_across_groups);
   g_test_add_func ("/kd/dispatcher/unkeyed-beyond-ring", test_unkeyed_beyond_ring);
   g_test_add_func ("/kd/dispatcher/unkeyed-and-keyed-take-turns", test_unkeyed_and_keyed_take_turns);
+  g_test_add_func ("/kd/dispatcher/unkeyed-not-behind-keys", test_unkeyed_not_behind_keys);
   g_test_add_func ("/kd/dispatcher/bad-input", test_bad_input_preconditions);
   g_test_add_func ("/kd/dispatcher/keys-as-bytes", test_keys_as_bytes);
   g_test_add_func ("/kd/dispatcher/empty-key-order", test_empty_key_order);

@@ -375,15 +375,20 @@ test_retry_holds_no_worker (void)
   submit (dispatcher, FALSE, 5, 0, FAIL_ALWAYS);
   for (i = 0; i < 5; i++)
     submit (dispatcher, TRUE, 2, i, 0);
+  /* Both failing jobs ran once and wait for their retries: key 1's and
+   * the unkeyed one, which may run after key 2's jobs. */
   wait_for_stat (dispatcher, completed, 5);
+  wait_for_stat (dispatcher, retried, 2);
 
   kd_dispatcher_get_stats (dispatcher, &stats);
   g_assert_cmpuint (stats.completed, ==, 5);
   g_assert_cmpuint (stats.pending, ==, 3);
   g_assert_cmpuint (stats.retried, ==, 2);
   g_assert_cmpuint (stats.running, ==, 0);
+  kd_mutex_lock (&log.lock);
   assert_seqs (log.ends, 2, "0 1 2 3 4");
   assert_seqs (log.runs, 1, "0");
+  kd_mutex_unlock (&log.lock);
 
   g_cancellable_cancel (kd_dispatcher_get_cancellable (dispatcher));
   kd_dispatcher_wait (dispatcher);
