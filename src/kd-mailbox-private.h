@@ -46,6 +46,12 @@ struct _KdMailbox
                         * list meanwhile): its runner waits */
   KdLruLink  dormant_link;  /* in the shard's dormant or idle list */
 
+  /* The job that made the mailbox ready, when nothing else was queued:
+   * set under the shard lock by the push that made it ready, taken by its
+   * next runner without the lock (the scheduler's hand-off orders the two;
+   * nobody else reads it) */
+  KdJob     *first;
+
   /* The runner's only: the key's actor state, from the first job it ran
    * until it ran empty (freed before it is reaped, unless the dispatcher
    * has an idle time: then an idle mailbox keeps it, under the shard lock,

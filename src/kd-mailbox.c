@@ -19,6 +19,10 @@
  * holds the mailbox. Producers append under it; only the worker that runs
  * the mailbox pops, so the key's jobs run one at a time and in order; and
  * emptiness is decided under the same lock, so no job can slip in unseen.
+ * The job that made the mailbox ready waits in @first instead, when it was
+ * alone: its runner takes it without the lock, before anything else, so
+ * every other look at the list (the reaping, a drop, an unpark) comes
+ * after @first was taken.
  *
  * The reference count covers the key table's reference and one per job
  * whose done callback still waits for a main context: the key string must
@@ -96,7 +100,7 @@ kd_mailbox_unref (KdMailbox *self)
 void
 kd_mailbox_free (KdMailbox *self)
 {
-  g_assert (self->head == NULL);
+  g_assert (self->head == NULL && self->first == NULL);
   g_free (self->heap_key);
   g_free (self);
 }
