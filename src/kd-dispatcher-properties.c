@@ -458,12 +458,11 @@ kd_dispatcher_install_properties (GObjectClass *object_class)
  * another group's queue, so no job waits behind a busy group. A value
  * above the number of workers is clamped to it. The default is 1.
  *
- * The groups carry jobs of a #KdGroup, async submissions, retries, a
- * pipeline's items and keys put back after a batch of their jobs. A plain
- * unkeyed job (kd_dispatcher_submit() and the like with a %NULL key), and a
- * key that a submit made ready, wait in a queue of their own that every
- * worker takes from directly, one at a time, taking from it and from its
- * group in turn; that queue holds as many entries as the capacity, up to
+ * The groups carry ready keys, jobs of a #KdGroup, async submissions,
+ * retries and a pipeline's items. A plain unkeyed job (kd_dispatcher_submit()
+ * and the like with a %NULL key) waits in a queue of its own that every
+ * worker takes from directly, one job at a time, taking from it and from
+ * its group in turn; that queue holds as many jobs as the capacity, up to
  * 16,384, and beyond that they go through the groups too.
  *
  * Call before the first submit, from the thread that configures the

@@ -21,14 +21,11 @@
  *  - Unkeyed jobs fan out over every worker. A plain one (no group, no
  *    async result, no pipeline's label or ticket) travels as its item in
  *    the scheduler's ring of values, and the worker that takes it makes its
- *    record (task_for_value()), so the record stays on the processor that
+ *    record (job_for_value()), so the record stays on the processor that
  *    runs it; with the ring full, or with the job_submit probe on (whose
  *    argument is the record), it is a record from the start. Records are
  *    tasks themselves, through the scheduler's input queue and its worker
- *    groups (kd_dispatcher_set_fanout(); see kd-scheduler.c). A mailbox
- *    that a submit made ready takes the ring too (a key that comes and
- *    goes is made ready once per job); one put back after a batch, a retry
- *    or a deferred job takes the input queue.
+ *    groups (kd_dispatcher_set_fanout(); see kd-scheduler.c).
  *  - At most `capacity` jobs are pending (accepted and not yet ended). The
  *    bound, closing and the wait barrier live in one atomic word
  *    (KdAdmission): a submit that finds the bound reached blocks, fails
@@ -57,9 +54,7 @@
  * The life of a keyed job: submit acquires a unit of admission, and the key
  * table appends the job to the key's mailbox under the key's shard lock,
  * reviving or creating the mailbox if the key had no work; such a mailbox
- * is handed to the scheduler (through its ring of values), the job that
- * made it ready kept beside the list for the runner when it is alone
- * (kd-key-table.c). A worker pops a batch of the mailbox's jobs
+ * is handed to the scheduler. A worker pops a batch of the mailbox's jobs
  * and runs them (run_job()); after the batch, under the shard lock, it
  * reaps the mailbox if it is empty (producers push under the same lock, so
  * no job can slip in unseen), and only then releases the last job's unit,
@@ -746,40 +741,20 @@ run_task (KdTask   *task,
     }
 }
 
-/* What the dispatcher sends through the scheduler's ring of values: a
- * plain unkeyed job as its item, tagged with its epoch and its item's kind,
- * and a mailbox that a submit made ready, tagged VALUE_MAILBOX. */
+/* A plain unkeyed job in the scheduler's ring of values: its item, and a
+ * tag of its epoch and its item's kind. */
 #define VALUE_TAG(epoch, kind) ((guint32) (epoch) | (guint32) (kind) << 8)
-#define VALUE_MAILBOX G_MAXUINT32
 
-/* A mailbox that a submit made ready goes to the scheduler: through the
- * ring if its class is the default one and the ring has room, as a task of
- * the input queue otherwise. (A key that comes and goes is made ready once
- * per job: the ring's hand-off is the cheaper one.) */
-static inline void
-schedule_ready_mailbox (KdScheduler *scheduler,
-                        KdMailbox   *mailbox)
-{
-  if (kd_mailbox_get_task (mailbox)->band != KD_BAND_DEFAULT ||
-      !kd_scheduler_push_value (scheduler, mailbox, VALUE_MAILBOX))
-    kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
-}
-
-/* On the worker that took @value from the ring: the task that runs it. A
- * plain unkeyed job's record is made here, where it runs and where it goes
- * back to the pool. */
+/* On the worker that took it from the ring: the job's record, made here,
+ * where it runs and where it goes back to the pool. */
 static KdTask *
-task_for_value (gpointer  value,
-                guint32   tag,
-                KdWorker *worker,
-                gpointer  user_data)
+job_for_value (gpointer  item,
+               guint32   tag,
+               KdWorker *worker,
+               gpointer  user_data)
 {
-  KdJob *job;
+  KdJob *job = kd_job_new (user_data, item, tag & 0xff);
 
-  if (tag == VALUE_MAILBOX)
-    return kd_mailbox_get_task (value);
-
-  job = kd_job_new (user_data, value, tag & 0xff);
   job->item_kind = tag >> 8;
   return &job->task;
 }
@@ -905,7 +880,7 @@ ensure_started (KdDispatcher  *self,
       self->fanout = MIN (self->fanout, n_workers);
       kd_dispatcher_add_worker_slots (self, n_workers);
       scheduler = kd_scheduler_new (n_workers, self->fanout, needs_timer (self), run_task,
-                                    task_for_value, self->admission.capacity,
+                                    job_for_value, self->admission.capacity,
                                     self->worker_init != NULL ? start_worker : NULL,
                                     self->worker_finalize != NULL ? stop_worker : NULL,
                                     self, error);
@@ -986,7 +961,7 @@ push_job (KdDispatcher      *self,
   scheduler = g_atomic_pointer_get (&self->scheduler);
 
   /* A plain unkeyed job travels as its item, and a worker makes its
-   * record (task_for_value()), unless the ring is full. */
+   * record (job_for_value()), unless the ring is full. */
   if (key == NULL && label == NULL && ticket == NULL && result == NULL && group == NULL &&
       !KD_TRACING (job_submit))
     {
@@ -1048,7 +1023,7 @@ push_job (KdDispatcher      *self,
   /* A mailbox in the table is always scheduled or running; only its
    * creator schedules it. */
   if (mailbox != NULL)
-    schedule_ready_mailbox (scheduler, mailbox);
+    kd_scheduler_push (scheduler, kd_mailbox_get_task (mailbox));
   return TRUE;
 }
 

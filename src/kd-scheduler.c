@@ -30,12 +30,11 @@
  * instead of a task (kd_scheduler_push_value(), FALSE when the ring is
  * full), and the worker that pops it makes it a task with the owner's
  * value_task function, on its own thread. The dispatcher sends its plain
- * unkeyed jobs this way, as their items, and the keys a submit made ready,
- * as their mailboxes: a task record written by the producer and read by a
- * worker on another processor cost a cache miss per job in the walk that
- * puts the input in order, and the stack's compare-and-swap fought the
- * workers' exchange, while the ring's values are four to a cache line, and
- * pushers and poppers each have a line of their own. Workers pop the ring one value at
+ * unkeyed jobs this way, as their items: a task record written by the
+ * producer and read by a worker on another processor cost a cache miss per
+ * job, and the stack's compare-and-swap fought the workers' exchange,
+ * while the ring's values are four to a cache line, and pushers and
+ * poppers each have a line of their own. Workers pop the ring one value at
  * a time, so no value waits behind a busy worker; they have no group
  * queue to pass through. Every other look for a task takes a value first,
  * and the others look at the group queues, the other groups and the input

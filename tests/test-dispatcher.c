@@ -914,7 +914,6 @@ enum { STARVE_HOLD_1, STARVE_HOLD_2, STARVE_A, STARVE_B, STARVE_FEED };
 typedef struct
 {
   KdDispatcher *dispatcher;
-  KdGroup      *group;         /* A, B and the feed: records, through the worker groups */
   KdTestGate    release_1;     /* lets the first holding job end */
   KdTestGate    release_2;
   KdTestHold    holds;         /* both workers busy */
@@ -930,6 +929,7 @@ starve_handler (KdJob    *job,
                 GError  **error)
 {
   Starve *st = user_data;
+  gint fed;
 
   switch (GPOINTER_TO_INT (kd_job_get_item (job)))
     {
@@ -952,9 +952,15 @@ starve_handler (KdJob    *job,
       break;
     case STARVE_FEED:
       /* Fresh input, forever, until B ran (or the limit says it never will). */
-      if (g_atomic_int_add (&st->fed, 1) < STARVE_FEED_LIMIT &&
-          !kd_test_gate_wait_for (&st->b_ran, 0))
-        g_assert_true (kd_group_submit (st->group, NULL, GINT_TO_POINTER (STARVE_FEED), NULL));
+      fed = g_atomic_int_add (&st->fed, 1);
+      if (fed < STARVE_FEED_LIMIT && !kd_test_gate_wait_for (&st->b_ran, 0))
+        {
+          char key[32];
+
+          g_snprintf (key, sizeof key, "feed-%d", fed);
+          g_assert_true (kd_dispatcher_submit (st->dispatcher, key,
+                                               GINT_TO_POINTER (STARVE_FEED), NULL));
+        }
       break;
     default:
       g_assert_not_reached ();
@@ -979,18 +985,16 @@ test_no_starvation_across_groups (void)
   st.dispatcher = kd_dispatcher_new (2, starve_handler, &st, NULL);
   kd_dispatcher_set_fanout (st.dispatcher, 2);
   kd_dispatcher_set_capacity (st.dispatcher, 1 << 20);
-  st.group = kd_group_new (st.dispatcher);
 
   /* Both workers busy, so A and B wait in the input together. */
   g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_HOLD_1), NULL));
   g_assert_true (kd_dispatcher_submit (st.dispatcher, NULL, GINT_TO_POINTER (STARVE_HOLD_2), NULL));
   g_assert_true (kd_test_hold_wait_arrived (&st.holds, 2));
-  /* Unkeyed through a KdGroup: its jobs are records, tasks of the input
-   * queue and the worker groups' (plain jobs and keys made ready by a
-   * submit travel in the ring of values, which every worker takes from
-   * directly). */
-  g_assert_true (kd_group_submit (st.group, NULL, GINT_TO_POINTER (STARVE_A), NULL));
-  g_assert_true (kd_group_submit (st.group, NULL, GINT_TO_POINTER (STARVE_B), NULL));
+  /* Keyed, each its own key: a ready key is a task of the input queue and
+   * the groups' (plain unkeyed jobs travel in the ring of values, which
+   * every worker takes from directly). */
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, "a", GINT_TO_POINTER (STARVE_A), NULL));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, "b", GINT_TO_POINTER (STARVE_B), NULL));
 
   /* One worker comes free and takes A and B into its group; A runs and
    * holds it, B waits in that group's queue. */
@@ -998,14 +1002,13 @@ test_no_starvation_across_groups (void)
   g_assert_true (kd_test_gate_wait (&st.a_running));
 
   /* Fresh input keeps coming; only then does the other worker come free. */
-  g_assert_true (kd_group_submit (st.group, NULL, GINT_TO_POINTER (STARVE_FEED), NULL));
+  g_assert_true (kd_dispatcher_submit (st.dispatcher, "feed", GINT_TO_POINTER (STARVE_FEED), NULL));
   kd_test_gate_open (&st.release_1);
 
   g_assert_true (kd_test_gate_wait (&st.b_ran));
   kd_dispatcher_wait (st.dispatcher);
   g_assert_cmpint (st.fed_when_b_ran, <, STARVE_FEED_LIMIT);
 
-  g_object_unref (st.group);
   g_object_unref (st.dispatcher);
   kd_test_gate_clear (&st.release_1);
   kd_test_gate_clear (&st.release_2);
@@ -1079,67 +1082,94 @@ test_unkeyed_beyond_ring (void)
   g_free (batch);
 }
 
-/* Plain unkeyed jobs wait in the ring of values; a group's jobs are records,
- * tasks of the input queue, which a worker moves into its group's queue a
- * whole batch at a time. One worker, held; then @n_first of one kind and
- * @n_second of the other: the worker takes a value and a task in turn, so
- * the last of the second kind runs after at most @n_second - 1 of the
- * first. Returns how many of the first kind ran before it. */
-static guint
-run_before_last_of_second (gboolean group_first,
-                           guint    n_first,
-                           guint    n_second)
+/* Plain unkeyed jobs behind many ready keys, each with more jobs than a
+ * worker runs of a key at a time: the worker takes a value and a task in
+ * turn, so each unkeyed job waits for one key's batch at most. */
+static void
+test_unkeyed_not_behind_keys (void)
 {
+  const guint n_keys = 50, n_per_key = 200, n_unkeyed = 5;
   KdTestRecorder recorder;
   KdDispatcher *dispatcher;
-  KdGroup *group;
-  guint i, seen_second = 0, first_before = 0;
+  guint i, j, keyed_before_last = 0;
+  guint unkeyed_seen = 0;
+
+  g_test_summary ("A worker takes plain unkeyed jobs and ready keys in turn: unkeyed jobs "
+                  "do not wait behind every key's jobs submitted before them");
 
   kd_test_recorder_init (&recorder);
   recorder.hold_only = RING_HOLDER;
   dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &recorder, NULL);
-  group = kd_group_new (dispatcher);
+  kd_dispatcher_set_capacity (dispatcher, n_keys * n_per_key + n_unkeyed + 1);
 
   g_assert_true (kd_dispatcher_submit (dispatcher, NULL, RING_HOLDER, NULL));
   g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 1));
-  for (i = 0; i < n_first + n_second; i++)
-    {
-      gboolean in_group = (i < n_first) == group_first;
-      gpointer item = GUINT_TO_POINTER (i < n_first ? 0 : 1);
+  for (j = 0; j < n_per_key; j++)
+    for (i = 0; i < n_keys; i++)
+      {
+        char key[16];
 
-      g_assert_true (in_group ? kd_group_submit (group, NULL, item, NULL)
-                              : kd_dispatcher_submit (dispatcher, NULL, item, NULL));
-    }
+        g_snprintf (key, sizeof key, "k%u", i);
+        g_assert_true (kd_dispatcher_submit (dispatcher, key, GUINT_TO_POINTER (j), NULL));
+      }
+  for (i = 0; i < n_unkeyed; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
 
   kd_test_hold_release (&recorder.hold);
   kd_dispatcher_wait (dispatcher);
 
-  g_assert_cmpuint (recorder.items->len, ==, n_first + n_second + 1);
-  for (i = 1; i < recorder.items->len && seen_second < n_second; i++)
+  g_assert_cmpuint (recorder.items->len, ==, n_keys * n_per_key + n_unkeyed + 1);
+  for (i = 1; i < recorder.items->len && unkeyed_seen < n_unkeyed; i++)
     {
-      if (g_ptr_array_index (recorder.items, i) == GUINT_TO_POINTER (1))
-        seen_second++;
+      if (g_ptr_array_index (recorder.keys, i) == NULL)
+        unkeyed_seen++;
       else
-        first_before++;
+        keyed_before_last++;
     }
+  /* A key's batch is at most 64 jobs (MAILBOX_BUDGET). */
+  g_assert_cmpuint (keyed_before_last, <=, n_unkeyed * 64);
 
-  g_object_unref (group);
   g_object_unref (dispatcher);
   kd_test_recorder_clear (&recorder);
-  return first_before;
 }
 
+/* A keyed job (a task of the input queue) behind a ring full of unkeyed
+ * jobs: the worker takes from the two in turn, so it runs second. */
 static void
-test_values_and_tasks_take_turns (void)
+test_unkeyed_and_keyed_take_turns (void)
 {
-  g_test_summary ("A worker takes plain unkeyed jobs (the ring of values) and tasks of "
-                  "its worker group in turn: neither kind waits for all of the other "
-                  "submitted before it");
+  const guint n_unkeyed = 500;
+  KdTestRecorder recorder;
+  KdDispatcher *dispatcher;
+  g_autoptr (GPtrArray) keyed = NULL;
+  guint i, position = 0;
 
-  /* Tasks behind values: before this, a group's queue was looked at first. */
-  g_assert_cmpuint (run_before_last_of_second (FALSE, 500, 1), <=, 1);
-  /* Values behind tasks: a whole input batch in the group's queue. */
-  g_assert_cmpuint (run_before_last_of_second (TRUE, 500, 5), <=, 5);
+  g_test_summary ("A worker takes plain unkeyed jobs and ready keys in turn: a keyed "
+                  "job does not wait behind every unkeyed job submitted before it");
+
+  kd_test_recorder_init (&recorder);
+  recorder.hold_only = RING_HOLDER;
+  dispatcher = kd_dispatcher_new (1, kd_test_recorder_handler, &recorder, NULL);
+
+  g_assert_true (kd_dispatcher_submit (dispatcher, NULL, RING_HOLDER, NULL));
+  g_assert_true (kd_test_hold_wait_arrived (&recorder.hold, 1));
+  for (i = 0; i < n_unkeyed; i++)
+    g_assert_true (kd_dispatcher_submit (dispatcher, NULL, GUINT_TO_POINTER (i), NULL));
+  g_assert_true (kd_dispatcher_submit (dispatcher, "k", GUINT_TO_POINTER (n_unkeyed), NULL));
+
+  kd_test_hold_release (&recorder.hold);
+  kd_dispatcher_wait (dispatcher);
+
+  g_assert_cmpuint (recorder.items->len, ==, n_unkeyed + 2);
+  while (g_ptr_array_index (recorder.items, position) != GUINT_TO_POINTER (n_unkeyed))
+    position++;
+  /* The holder ran first; then one unkeyed job at most. */
+  g_assert_cmpuint (position, <=, 2);
+  keyed = kd_test_recorder_items_of (&recorder, "k");
+  g_assert_cmpuint (keyed->len, ==, 1);
+
+  g_object_unref (dispatcher);
+  kd_test_recorder_clear (&recorder);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1429,7 +1459,8 @@ main (int    argc,
   g_test_add_func ("/kd/dispatcher/hot-key-fairness", test_hot_key_fairness);
   g_test_add_func ("/kd/dispatcher/no-starvation-across-groups", test_no_starvation_across_groups);
   g_test_add_func ("/kd/dispatcher/unkeyed-beyond-ring", test_unkeyed_beyond_ring);
-  g_test_add_func ("/kd/dispatcher/values-and-tasks-take-turns", test_values_and_tasks_take_turns);
+  g_test_add_func ("/kd/dispatcher/unkeyed-and-keyed-take-turns", test_unkeyed_and_keyed_take_turns);
+  g_test_add_func ("/kd/dispatcher/unkeyed-not-behind-keys", test_unkeyed_not_behind_keys);
   g_test_add_func ("/kd/dispatcher/bad-input", test_bad_input_preconditions);
   g_test_add_func ("/kd/dispatcher/keys-as-bytes", test_keys_as_bytes);
   g_test_add_func ("/kd/dispatcher/empty-key-order", test_empty_key_order);
