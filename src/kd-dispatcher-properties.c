@@ -463,7 +463,9 @@ kd_dispatcher_install_properties (GObjectClass *object_class)
  * and the like with a %NULL key) waits in a queue of its own that every
  * worker takes from directly, one job at a time, taking from it and from
  * its group in turn; that queue holds as many jobs as the capacity, up to
- * 16,384, and beyond that they go through the groups too.
+ * 16,384; beyond that, or when the queue refuses for a moment (a worker
+ * that took a job's slot is preempted before it gives the slot back),
+ * they go through the groups too.
  *
  * Call before the first submit, from the thread that configures the
  * dispatcher.

@@ -744,6 +744,7 @@ run_task (KdTask   *task,
 /* A plain unkeyed job in the scheduler's ring of values: its item, and a
  * tag of its epoch and its item's kind. */
 #define VALUE_TAG(epoch, kind) ((guint32) (epoch) | (guint32) (kind) << 8)
+G_STATIC_ASSERT (KD_ADMISSION_EPOCHS <= 256);
 
 /* On the worker that took it from the ring: the job's record, made here,
  * where it runs and where it goes back to the pool. */

@@ -65,7 +65,9 @@ kd_ring_clear (KdRing *self)
   g_clear_pointer (&self->slots, g_free);
 }
 
-/* Any thread: appends @value and @tag, or returns FALSE if the ring is full.
+/* Any thread: appends @value and @tag, or returns FALSE if the ring is full:
+ * the slot at the tail is not free yet, because it holds a value, or a
+ * popper that took its value (a lap ago) has not given it back yet.
  * The claim of the position is sequentially consistent: once it returns, a
  * thread that reads the ring as not empty (kd_ring_is_empty()) after it
  * reads a flag set before this call is ordered with it (the Dekker pattern

@@ -43,8 +43,8 @@
  * position is claimed (kd_ring_has_ready()), so a worker never spins on
  * a pusher preempted between the two: it parks, and the fill wakes it.
  *
- * Priority classes (KdBand, from a task's band): the input and the group
- * queues hold the default class. The high and idle classes have a locked
+ * Priority classes (KdBand, from a task's band): the input, the group
+ * queues and the ring of values hold the default class. The high and idle classes have a locked
  * queue each (@high, @low), and @attention counts their tasks: a worker
  * reads it on every look for a task and, while it is zero, looks only as
  * above. Otherwise it takes from the highest class with a task, but every
