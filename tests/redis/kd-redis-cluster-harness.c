@@ -29,7 +29,9 @@
  * all 16384 slots ok, every node's CLUSTER SLOTS covers every slot with a
  * living node and names the same master for each as every other node's,
  * CLUSTER_MASTERS nodes serve slots, each of them says it is a master, and
- * every other living node is a replica of one of them whose link is up.
+ * every other living node is a replica of one of them whose link is up,
+ * and which every living node's CLUSTER NODES knows as that master's (a
+ * master ignores the manual failover of a replica it does not know yet).
  *
  * The queues and worker processes reach the cluster by the URL
  * redis+cluster://127.0.0.1:PORT, PORT a master's; worker processes log
@@ -174,6 +176,7 @@ typedef struct
   gint     master;               /* with @replica: the node it replicates */
   gboolean link_up;              /* with @replica: its link to its master */
   guint64  offset;               /* with @replica, the replication offset it has processed; else the master's */
+  gint8    replica_of[CLUSTER_NODES];  /* by CLUSTER NODES here: the node each one replicates, -1 for none */
 } NodeView;
 
 /* Reads @c's CLUSTER SLOTS into @map; FALSE, saying why in @why, if it
@@ -214,6 +217,47 @@ read_slot_map (Cluster      *cluster,
   return ok;
 }
 
+/* Reads, from this node's CLUSTER NODES, which node each node replicates
+ * (-1: none, or not known here). A master acts on its replica's manual
+ * failover, and votes in a replica's election, only once its own table
+ * says that the replica is its master's: before that, the replica's
+ * CLUSTER FAILOVER times out unheeded. */
+static void
+read_replicas (Cluster      *cluster,
+               redisContext *c,
+               NodeView     *view)
+{
+  g_autofree char *text = command_text (c, "CLUSTER NODES");
+  g_auto (GStrv) lines = g_strsplit (text, "\n", -1);
+  g_autoptr (GHashTable) node_of_id = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  guint i;
+
+  memset (view->replica_of, -1, sizeof view->replica_of);
+  /* <id> <ip:port@cport[,hostname]> <flags> <master id or -> ... */
+  for (i = 0; lines[i] != NULL; i++)
+    {
+      g_auto (GStrv) fields = g_strsplit (lines[i], " ", 5);
+      const char *colon;
+
+      if (g_strv_length (fields) < 4 || (colon = strrchr (fields[1], ':')) == NULL)
+        continue;
+      g_hash_table_insert (node_of_id, g_strdup (fields[0]),
+                           GINT_TO_POINTER (node_of_port (cluster, g_ascii_strtoll (colon + 1, NULL, 10)) + 1));
+    }
+  for (i = 0; lines[i] != NULL; i++)
+    {
+      g_auto (GStrv) fields = g_strsplit (lines[i], " ", 5);
+      gint node, master;
+
+      if (g_strv_length (fields) < 4 || strstr (fields[2], "slave") == NULL)
+        continue;
+      node = GPOINTER_TO_INT (g_hash_table_lookup (node_of_id, fields[0])) - 1;
+      master = GPOINTER_TO_INT (g_hash_table_lookup (node_of_id, fields[3])) - 1;
+      if (node >= 0)
+        view->replica_of[node] = (gint8) master;
+    }
+}
+
 /* Fills @view with what node @node says of the cluster: FALSE, saying why
  * in @why, if it does not say the cluster is ok. */
 static gboolean
@@ -234,6 +278,7 @@ look_at_node (Cluster  *cluster,
   gboolean ok;
 
   ok = read_slot_map (cluster, c, view->map, why);
+  read_replicas (cluster, c, view);
   redisFree (c);
   view->replica = g_strcmp0 (role, "slave") == 0;
   view->master = view->replica && master_port != NULL ? node_of_port (cluster, g_ascii_strtoll (master_port, NULL, 10)) : -1;
@@ -313,6 +358,18 @@ whole (Cluster  *cluster,
                            "of node %d, link %s)", i, views[i].replica, views[i].master,
                            views[i].link_up ? "up" : "down");
           return FALSE;
+        }
+      else
+        {
+          guint j;
+
+          for (j = 0; j < CLUSTER_NODES; j++)
+            if (node_alive (cluster, j) && views[j].replica_of[i] != views[i].master)
+              {
+                g_string_printf (why, "node %u does not know node %u as node %d's replica yet (it says "
+                                 "node %d's)", j, i, views[i].master, views[j].replica_of[i]);
+                return FALSE;
+              }
         }
     }
   if (n_masters != CLUSTER_MASTERS)
