@@ -277,8 +277,10 @@ run_submits (ModelThread     *thread,
 #define KEY_BUFFER 128
 
 /* The *_MANY ops: the burst's items in one call. Their keys alternate
- * between the op's key and the next one (see kd_model_op_is_batch()); the
- * items taken are a prefix, the rest refused with the call's error. */
+ * between the op's key and the next one (see kd_model_op_is_batch()), or
+ * all have none, and then the call gets no keys array (the dispatcher's
+ * path for a batch of plain unkeyed jobs, its ring of values); the items
+ * taken are a prefix, the rest refused with the call's error. */
 static gboolean
 run_batch (ModelThread     *thread,
            const KdModelOp *op,
@@ -314,6 +316,11 @@ run_batch (ModelThread     *thread,
           g_atomic_int_inc (&model->key_submitting[item->key]);
         }
     }
+
+  for (i = 0; i < op->count && keys[i] == NULL; i++)
+    ;
+  if (i == op->count)
+    g_clear_pointer (&keys, g_free);
 
   before = kd_model_tick (model);
   for (i = 0; i < op->count; i++)

@@ -1157,10 +1157,11 @@ setup_items (KdModel *model)
           item->key = op->key;
           if (kd_model_op_is_batch (op))
             {
-              /* Two keys (or one and none) interleaved in one call. */
+              /* Two keys (or one and none) interleaved in one call; a
+               * batch of the op's key none is all unkeyed. */
               item->batch = i + 1;
               item->batch_index = j;
-              if (j % 2 == 1)
+              if (j % 2 == 1 && op->key != program->n_keys)
                 item->key = (op->key + 1) % (program->n_keys + 1);
             }
           item->fail = (hash & 7) < op->fail_rate;
