@@ -932,7 +932,6 @@ admit_job (KdDispatcher  *self,
   return TRUE;
 }
 
-
 /* The second half: queues @item as a job holding the unit admit_job() took
  * in @epoch, after waiting for room in its key if there is a per-key
  * @bound, and counts it in its @group, if any. FALSE with @error set if it

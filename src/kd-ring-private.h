@@ -8,7 +8,8 @@
  * pusher may fill the slot at position p when its sequence is p, a popper
  * may empty it when it is p + 1, and emptying it makes it p + size, the
  * next lap's push. A pusher claims its position with one compare-and-swap
- * on @tail, a popper with one on @head; the two are on lines of their own,
+ * on @tail, a popper with one on @head (kd_ring_claim()); the two are on
+ * lines of their own,
  * so pushers and poppers do not fight over one. The values themselves are
  * 16 bytes, four to a cache line.
  *
@@ -65,43 +66,59 @@ kd_ring_clear (KdRing *self)
   g_clear_pointer (&self->slots, g_free);
 }
 
+/* Claims the position @counter points at (the tail for a push, the head
+ * for a pop), once the slot there is @ready ahead of it in sequence (0:
+ * free, for a push; 1: filled, for a pop): returns the slot, its position
+ * in *@position; NULL if the slot is not ready (the ring is full, or has
+ * nothing ready). The claim publishes nothing: the slot's sequence, stored
+ * once the slot is filled or emptied, does. */
+static inline KdRingSlot *
+kd_ring_claim (KdRing  *self,
+               guint32 *counter,
+               guint32  ready,
+               guint32 *position)
+{
+  guint32 pos = __atomic_load_n (counter, __ATOMIC_RELAXED);
+
+  for (;;)
+    {
+      KdRingSlot *slot = &self->slots[pos & self->mask];
+      gint32 diff = (gint32) (__atomic_load_n (&slot->seq, __ATOMIC_ACQUIRE) - (pos + ready));
+
+      if (diff == 0)
+        {
+          if (__atomic_compare_exchange_n (counter, &pos, pos + 1, TRUE,
+                                           __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            {
+              *position = pos;
+              return slot;
+            }
+        }
+      else if (diff < 0)
+        {
+          return NULL;
+        }
+      else
+        {
+          pos = __atomic_load_n (counter, __ATOMIC_RELAXED);
+        }
+    }
+}
+
 /* Any thread: appends @value and @tag, or returns FALSE if the ring is full:
  * the slot at the tail is not free yet, because it holds a value, or a
- * popper that took its value (a lap ago) has not given it back yet.
- * The claim of the position is sequentially consistent: once it returns, a
- * thread that reads the ring as not empty (kd_ring_is_empty()) after it
- * reads a flag set before this call is ordered with it (the Dekker pattern
- * of the scheduler's wake-ups). */
+ * popper that took its value (a lap ago) has not given it back yet. The
+ * fill is sequentially consistent (see kd_ring_has_ready()). */
 static inline gboolean
 kd_ring_push (KdRing  *self,
               gpointer value,
               guint32  tag)
 {
-  guint32 pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
-  KdRingSlot *slot;
+  guint32 pos;
+  KdRingSlot *slot = kd_ring_claim (self, &self->tail, 0, &pos);
 
-  for (;;)
-    {
-      gint32 diff;
-
-      slot = &self->slots[pos & self->mask];
-      diff = (gint32) (__atomic_load_n (&slot->seq, __ATOMIC_ACQUIRE) - pos);
-      if (diff == 0)
-        {
-          if (__atomic_compare_exchange_n (&self->tail, &pos, pos + 1, TRUE,
-                                           __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
-            break;
-        }
-      else if (diff < 0)
-        {
-          return FALSE;
-        }
-      else
-        {
-          pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
-        }
-    }
-
+  if (slot == NULL)
+    return FALSE;
   slot->value = value;
   slot->tag = tag;
   __atomic_store_n (&slot->seq, pos + 1, __ATOMIC_SEQ_CST);
@@ -142,7 +159,7 @@ kd_ring_push_many (KdRing         *self,
       if (k == 0)
         pos = __atomic_load_n (&self->tail, __ATOMIC_RELAXED);
       else if (__atomic_compare_exchange_n (&self->tail, &pos, pos + k, TRUE,
-                                            __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED))
         break;
     }
 
@@ -169,31 +186,11 @@ kd_ring_pop (KdRing   *self,
              gpointer *value,
              guint32  *tag)
 {
-  guint32 pos = __atomic_load_n (&self->head, __ATOMIC_RELAXED);
-  KdRingSlot *slot;
+  guint32 pos;
+  KdRingSlot *slot = kd_ring_claim (self, &self->head, 1, &pos);
 
-  for (;;)
-    {
-      gint32 diff;
-
-      slot = &self->slots[pos & self->mask];
-      diff = (gint32) (__atomic_load_n (&slot->seq, __ATOMIC_ACQUIRE) - (pos + 1));
-      if (diff == 0)
-        {
-          if (__atomic_compare_exchange_n (&self->head, &pos, pos + 1, TRUE,
-                                           __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-            break;
-        }
-      else if (diff < 0)
-        {
-          return FALSE;
-        }
-      else
-        {
-          pos = __atomic_load_n (&self->head, __ATOMIC_RELAXED);
-        }
-    }
-
+  if (slot == NULL)
+    return FALSE;
   *value = slot->value;
   *tag = slot->tag;
   __atomic_store_n (&slot->seq, pos + self->mask + 1, __ATOMIC_RELEASE);
@@ -210,9 +207,6 @@ kd_ring_pop (KdRing   *self,
 static inline gboolean
 kd_ring_has_ready (KdRing *self)
 {
-  if (self->slots == NULL)
-    return FALSE;
-
   for (;;)
     {
       guint32 pos = __atomic_load_n (&self->head, __ATOMIC_SEQ_CST);

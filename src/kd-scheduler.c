@@ -11,13 +11,12 @@
  * Tier 1 is the input queue: every task pushed from outside the workers
  * enters it. Tier 2 is the worker groups (as many as the dispatcher's
  * fan-out, kd_dispatcher_set_fanout()): each group has its own queue
- * feeding its own workers. The input queue is a
- * lock-free stack: a producer pushes with one compare-and-swap and never
- * waits for a worker (a batch pushes its whole chain of tasks with one). A worker whose group
- * queue is empty feeds its group
- * from the input: it takes the whole stack with one atomic exchange,
- * puts it back in arrival order, runs the first task and leaves the rest in
- * its group queue for its group mates. Nobody pops single tasks off the
+ * feeding its own workers. The input queue is a lock-free stack: a
+ * producer pushes with one compare-and-swap and never waits for a worker
+ * (a batch pushes its whole chain of tasks with one). A worker whose group
+ * queue is empty feeds its group from the input: it takes the whole stack
+ * with one atomic exchange, puts it back in arrival order, runs the first
+ * task and leaves the rest in its group queue for its group mates. Nobody pops single tasks off the
  * shared stack, so there is no ABA hazard, and the input's cache line moves
  * once per batch rather than once per task. A worker that finds its group
  * queue empty steals half of another group's queue before it looks at the
@@ -26,16 +25,16 @@
  *
  * Beside the input, tier 1 has a ring of values (KdRing, kd-ring-private.h,
  * as many slots as the owner asks for, rounded up to a power of two, at
- * most VALUES_MAX): the owner pushes a value and a tag there
- * instead of a task (kd_scheduler_push_value(), FALSE when the ring is
- * full), and the worker that pops it makes it a task with the owner's
+ * most VALUES_MAX): the owner pushes a value and a tag there instead of a
+ * task (kd_scheduler_push_value(), FALSE when the ring is full), and the
+ * worker that pops it makes it a task with the owner's
  * value_task function, on its own thread. The dispatcher sends its plain
  * unkeyed jobs this way, as their items: a task record written by the
  * producer and read by a worker on another processor cost a cache miss per
  * job, and the stack's compare-and-swap fought the workers' exchange,
  * while the ring's values are four to a cache line, and pushers and
- * poppers each have a line of their own. Workers pop the ring one value at
- * a time, so no value waits behind a busy worker; they have no group
+ * poppers each have a line of their own. Workers pop the ring one value
+ * at a time, so no value waits behind a busy worker; they have no group
  * queue to pass through. Every other look for a task takes a value first,
  * and the others look at the group queues, the other groups and the input
  * first, so that values and tasks take turns and neither starves the
@@ -44,15 +43,15 @@
  * a pusher preempted between the two: it parks, and the fill wakes it.
  *
  * Priority classes (KdBand, from a task's band): the input, the group
- * queues and the ring of values hold the default class. The high and idle classes have a locked
- * queue each (@high, @low), and @attention counts their tasks: a worker
- * reads it on every look for a task and, while it is zero, looks only as
- * above. Otherwise it takes from the highest class with a task, but every
- * FAIR_EVERY-th such take looks at the classes in turn, one class further
- * each time, so that each class with work gets at least one task in every
- * FAIR_EVERY * 3 a worker takes (find_task_by_class()). A mailbox carries
- * the class of the job that made it ready (kd-key-table.c), and keeps it
- * until it is reaped.
+ * queues and the ring of values hold the default class. The high and idle
+ * classes have a locked queue each (@high, @low), and @attention counts
+ * their tasks: a worker reads it on every look for a task and, while it is
+ * zero, looks only as above. Otherwise it takes from the highest class
+ * with a task, but every FAIR_EVERY-th such take looks at the classes in
+ * turn, one class further each time, so that each class with work gets at
+ * least one task in every FAIR_EVERY * 3 a worker takes
+ * (find_task_by_class()). A mailbox carries the class of the job that
+ * made it ready (kd-key-table.c), and keeps it until it is reaped.
  *
  * Waking a sleeping thread costs microseconds, so it is done only when it
  * buys parallelism. Idle workers first spin for SPIN_US (normally one at a
@@ -273,8 +272,8 @@ struct _KdScheduler
   /* Tier 1: atomic, a stack of tasks linked through task->next, newest first */
   KdTask     *input;
 
-  /* Tier 1 for values (with @value_task only): a worker takes them one by
-   * one and makes each a task */
+  /* Tier 1 for values: a worker takes them one by one and makes each a
+   * task with @value_task */
   KdRing      values;
 
   /* Atomic, read on every look for a task: the tasks in @high and @low,
@@ -597,8 +596,8 @@ pop_value (KdScheduler *self,
   return self->value_task (value, tag, worker, self->user_data);
 }
 
-/* A task of the default class: from the worker's group, another group or
- * the input. */
+/* A task of the default class: from the ring of values, the worker's
+ * group, another group or the input. */
 static KdTask *
 find_default_task (KdWorker *worker)
 {
@@ -608,12 +607,9 @@ find_default_task (KdWorker *worker)
   /* Every other look takes a value first: values and tasks take turns,
    * so neither starves the other (an input batch fills the group queue,
    * which the other looks drain). */
-  if (self->value_task != NULL)
-    {
-      worker->values_first = !worker->values_first;
-      if (worker->values_first && (task = pop_value (self, worker)) != NULL)
-        return task;
-    }
+  worker->values_first = !worker->values_first;
+  if (worker->values_first && (task = pop_value (self, worker)) != NULL)
+    return task;
   if ((task = group_pop (worker->group)) != NULL)
     return task;
   /* Other groups' queues hold tasks older than anything in the input: look
@@ -623,7 +619,7 @@ find_default_task (KdWorker *worker)
     return task;
   if ((task = fetch_input (self, worker->group)) != NULL)
     return task;
-  return self->value_task != NULL ? pop_value (self, worker) : NULL;
+  return pop_value (self, worker);
 }
 
 /* The oldest task of class @band. */
@@ -1236,9 +1232,9 @@ start_on_demand (KdScheduler *self)
  * succeeded run @stop) and it returns %NULL with the first error. If a
  * thread cannot be made, the threads made so far exit the same way and it
  * returns %NULL with the thread error (%G_THREAD_ERROR_AGAIN). @stop runs
- * on each worker's thread as it exits. With a @value_task, values may be
- * pushed too (kd_scheduler_push_value()), into a ring of at least
- * @n_values slots, up to VALUES_MAX.
+ * on each worker's thread as it exits. Values may be pushed too
+ * (kd_scheduler_push_value()), into a ring of at least @n_values slots, up
+ * to VALUES_MAX, and @value_task makes each a task.
  */
 KdScheduler *
 kd_scheduler_new (guint              n_workers,
@@ -1253,21 +1249,18 @@ kd_scheduler_new (guint              n_workers,
                   GError           **error)
 {
   KdScheduler *self;
+  guint32 ring_size = 1;
   guint i;
 
   g_assert (n_workers > 0);
+  g_assert (value_task != NULL);
 
   self = g_aligned_alloc0 (1, sizeof (KdScheduler), G_ALIGNOF (KdScheduler));
   self->func = func;
   self->value_task = value_task;
-  if (value_task != NULL)
-    {
-      guint32 size = 1;
-
-      while (size < MIN (n_values, VALUES_MAX))
-        size <<= 1;
-      kd_ring_init (&self->values, size);
-    }
+  while (ring_size < MIN (n_values, VALUES_MAX))
+    ring_size <<= 1;
+  kd_ring_init (&self->values, ring_size);
   self->start = start;
   self->stop = stop;
   self->user_data = user_data;
